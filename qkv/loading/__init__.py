@@ -1,0 +1,51 @@
+"""Model loading: one entry point, ``load``, for every supported source.
+
+``load(name_or_path)`` accepts a named default ("smollm2", "gemma3-270m"), a
+``.gguf`` file or a Hugging Face directory, and returns a ``LoadedModel``:
+a ``ModelConfig``, float32 CPU weights keyed by HF transformers parameter
+names, the tokenizer (None when the source has none) and the resolved path.
+Every failure raises ``LoadError`` whose message names the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from qkv.config import ModelConfig
+
+from .errors import LoadError
+from .models import NAMED, resolve
+from .tokenizer import ChatTemplateError, StreamDecoder, Tokenizer
+
+__all__ = ["load", "LoadedModel", "LoadError", "Tokenizer", "StreamDecoder", "ChatTemplateError", "NAMED"]
+
+
+class LoadedModel(NamedTuple):
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: Tokenizer | None
+    source: str  # the file or directory actually read
+
+
+def load(name_or_path: str | Path) -> LoadedModel:
+    """Load a named default, a ``.gguf`` file or an HF directory."""
+    from .gguf import load_gguf
+    from .hf import load_hf
+
+    name = str(name_or_path)
+    path = resolve(name) if name in NAMED else Path(name).expanduser()
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory (known names: {', '.join(NAMED)})")
+    if path.is_dir():
+        return LoadedModel(*load_hf(path), source=str(path))
+    if path.suffix == ".gguf" or _has_gguf_magic(path):
+        return LoadedModel(*load_gguf(str(path)), source=str(path))
+    raise LoadError(f"{path}: not a .gguf file or a Hugging Face model directory")
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"GGUF"

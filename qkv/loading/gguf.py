@@ -1,0 +1,342 @@
+"""Load a GGUF file: ModelConfig, float32 weights under HF names, and the tokenizer.
+
+The result equals what ``transformers`` makes of the same file
+(``from_pretrained(dir, gguf_file=...)``): llama.cpp's converter changes some
+tensors, and each change is undone here the way transformers undoes it:
+
+* llama: Q and K rows are permuted for llama.cpp's RoPE layout (``_unpermute``).
+* gemma3: RMSNorm weights are stored as ``w + 1``; HF keeps ``w``.
+* gpt2: the Conv1D weights are stored transposed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import torch
+
+from qkv.config import ConfigError, ModelConfig
+
+from .errors import LoadError
+from .tokenizer import Tokenizer
+
+# GGUF ``general.architecture`` -> HF ``model_type``.
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "gpt2": "gpt2"}
+
+_LLAMA_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+_GEMMA3_LAYER = {
+    **_LLAMA_LAYER,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+_GPT2_LAYER = {
+    "attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj",
+}
+_LLAMA_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_GPT2_GLOBAL = {
+    "token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+    "output_norm": "transformer.ln_f", "output": "lm_head",
+}
+# Tensors llama.cpp adds that HF recomputes (llama 3 RoPE frequencies).
+_IGNORED = {"rope_freqs.weight"}
+
+
+def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """Read ``path``; raise LoadError naming it for anything unreadable or unsupported."""
+    reader = open_reader(path)
+    meta = metadata(reader, path)
+    arch = meta.get("general.architecture")
+    if arch not in MODEL_TYPES:
+        raise LoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(MODEL_TYPES)})")
+    names = {t.name for t in reader.tensors}
+    cfg = gguf_config(meta, names, path)
+    weights = {}
+    for t in reader.tensors:
+        if t.name in _IGNORED:
+            continue
+        hf = hf_name(arch, t.name, cfg.model_type)
+        if hf is None:
+            raise LoadError(f"{path}: tensor {t.name!r} has no Hugging Face equivalent for {arch}")
+        weights[hf] = _convert(reader, t, arch, cfg, path)
+    tok = gguf_tokenizer(meta, path) if "tokenizer.ggml.tokens" in meta else None
+    if tok is not None:
+        cfg = cfg.replace(eos_token_ids=list(dict.fromkeys(cfg.eos_token_ids + tok.eos_token_ids)))
+    return cfg, weights, tok
+
+
+def open_reader(path: str):
+    """A ``gguf.GGUFReader`` whose tensors are all checked to lie within the file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises assorted errors on a bad file
+        raise LoadError(f"{path}: not a valid GGUF file ({type(e).__name__}: {e})") from None
+    size = os.path.getsize(path)
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise LoadError(f"{path}: truncated GGUF file: tensor {t.name!r} ends past the end of the file")
+    return reader
+
+
+def metadata(reader, path: str) -> dict:
+    """All key/value fields as plain Python values."""
+    out = {}
+    for key, f in reader.fields.items():
+        try:
+            out[key] = f.contents()
+        except Exception as e:
+            raise LoadError(f"{path}: unreadable GGUF metadata field {key!r}: {e}") from None
+    return out
+
+
+def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
+    """Translate GGUF metadata to an HF-style config dict, then normalize it with ``ModelConfig.from_hf``."""
+    arch = meta["general.architecture"]
+    model_type = MODEL_TYPES[arch]
+    if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
+        model_type = "mistral"  # as transformers does
+
+    def get(key, default=None, required=True):
+        v = meta.get(f"{arch}.{key}", default)
+        if v is None and required:
+            raise LoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        return v
+
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    head_dim = get("attention.key_length", required=False)
+    if head_dim is None and arch == "llama":
+        head_dim = get("rope.dimension_count", required=False)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = get("vocab_size", required=False) or (len(tokens) if tokens else None)
+    if vocab is None:
+        raise LoadError(f"{path}: GGUF metadata gives no vocabulary size")
+    d = {
+        "model_type": model_type,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": heads,
+        "num_key_value_heads": get("attention.head_count_kv", heads, required=False),
+        "head_dim": head_dim or hidden // heads,
+        "intermediate_size": get("feed_forward_length"),
+        "max_position_embeddings": get("context_length", 2048, required=False),
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6, required=False),
+        "rope_theta": get("rope.freq_base", 10000.0, required=False),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
+    }
+    scaling = get("rope.scaling.type", required=False)
+    if scaling not in (None, "none"):
+        d["rope_scaling"] = {"rope_type": scaling, "factor": get("rope.scaling.factor", 1.0, required=False)}
+        if (orig := get("rope.scaling.original_context_length", required=False)) is not None:
+            d["rope_scaling"]["original_max_position_embeddings"] = orig
+    if arch == "gemma3":
+        # The file lacks the local RoPE base and the 5:1 pattern; these are
+        # Gemma 3's fixed values (HF config: rope_local_base_freq, sliding_window_pattern).
+        d.update(
+            sliding_window=get("attention.sliding_window"),
+            rope_local_base_freq=10000.0,
+            sliding_window_pattern=6,
+            query_pre_attn_scalar=d["head_dim"],
+            hidden_activation="gelu_pytorch_tanh",
+            final_logit_softcapping=get("final_logit_softcapping", required=False),
+        )
+    if arch == "gpt2":
+        d = {
+            **{k: d[k] for k in ("model_type", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id")},
+            "n_embd": hidden, "n_layer": d["num_hidden_layers"], "n_head": heads,
+            "n_positions": get("context_length"), "n_inner": d["intermediate_size"],
+            "layer_norm_epsilon": get("attention.layer_norm_epsilon", 1e-5, required=False),
+        }
+    try:
+        cfg = ModelConfig.from_hf(d, source=path)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    if arch != "gpt2":  # biases: trust the tensors present, not per-architecture defaults
+        cfg = cfg.replace(
+            qkv_bias="blk.0.attn_q.bias" in tensor_names,
+            o_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+        )
+    return cfg.replace(extra={**cfg.extra, "gguf_name": meta.get("general.name")})
+
+
+def hf_name(arch: str, name: str, model_type: str = "") -> str | None:
+    """HF parameter name of GGUF tensor ``name``, or None if it has none."""
+    glob, layer, prefix = (
+        (_GPT2_GLOBAL, _GPT2_LAYER, "transformer.h")
+        if arch == "gpt2"
+        else (_LLAMA_GLOBAL, _GEMMA3_LAYER if arch == "gemma3" else _LLAMA_LAYER, "model.layers")
+    )
+    base, _, suffix = name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    if base in glob:
+        return f"{glob[base]}.{suffix}"
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
+    if m and m.group(2) in layer:
+        return f"{prefix}.{m.group(1)}.{layer[m.group(2)]}.{suffix}"
+    return None
+
+
+def _convert(reader, t, arch: str, cfg: ModelConfig, path: str) -> torch.Tensor:
+    from gguf.quants import dequantize
+
+    try:
+        w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    except Exception as e:
+        raise LoadError(f"{path}: cannot dequantize tensor {t.name!r} ({t.tensor_type.name}): {e}") from None
+    kind = t.name.split(".")[-2]
+    if arch == "llama" and kind in ("attn_q", "attn_k"):
+        w = _unpermute(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
+    elif arch == "gemma3" and t.name.endswith("norm.weight"):
+        w = w - 1.0
+    elif arch == "gpt2" and t.name.endswith(".weight") and kind in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+        w = w.T
+    # Copy: F32 tensors are views into the memory-mapped file.
+    return torch.from_numpy(np.ascontiguousarray(w).copy())
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute``: per head, rows interleaved (x0,y0,x1,y1..) back to halves (x..,y..)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+# ---------------------------------------------------------------- tokenizer
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# ``tokenizer.ggml.pre`` -> the split regex the BPE merges were learned with.
+_PRE_SPLITS = {
+    **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"], _LLAMA3_SPLIT),
+    **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
+}
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
+    """Build the tokenizer a GGUF vocabulary describes, as transformers' GGUF converter does.
+
+    ``tokenizer.ggml.model`` "gpt2" is byte-level BPE; "llama" is SentencePiece
+    BPE with byte fallback, whose merges are rebuilt from the token scores
+    (Gemma: from the token order, which is its merge order).
+    """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import Tokenizer as Backend
+
+    kind = meta.get("tokenizer.ggml.model")
+    arch = meta.get("general.architecture")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [])
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    add_bos = meta.get("tokenizer.ggml.add_bos_token")
+    if kind == "gpt2":
+        spelling = _bytes_to_unicode()
+        alphabet = set(spelling.values())
+        vocab = {
+            (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)
+        }
+        backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+    elif kind == "llama":
+        gemma = arch in ("gemma", "gemma2", "gemma3")
+        if gemma:  # multi-space tokens are stored as real spaces, looked up as "▁▁"
+            tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
+            scores = [-i for i in range(len(tokens))]
+        else:
+            scores = list(meta.get("tokenizer.ggml.scores") or [])
+        vocab = {t: i for i, t in enumerate(tokens)}
+        if not merges:
+            merges = _merges_from_scores(vocab, dict(zip(tokens, scores)))
+        unk = tokens[meta["tokenizer.ggml.unknown_token_id"]] if gemma else None
+        backend = Backend(models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=True))
+        dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        if gemma:
+            backend.normalizer = normalizers.Replace(" ", "\u2581")
+            backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+            dec.append(decoders.Strip(content=" ", left=1))
+        backend.decoder = decoders.Sequence(dec)
+        add_bos = True if add_bos is None else add_bos
+    else:
+        raise LoadError(f"{path}: unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
+
+    # Control tokens stay whole and count as special; in a byte-level vocab a
+    # "control" token outside the byte alphabet is a llama.cpp mislabel.
+    alphabet = set(_bytes_to_unicode().values()) if kind == "gpt2" else None
+    raw = meta["tokenizer.ggml.tokens"]
+    backend.add_special_tokens([
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(raw, types) if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)
+    ])
+    vocab_now = backend.get_vocab()
+    backend.add_tokens([
+        AddedToken(t, normalized=False, special=False) for t, ty in zip(raw, types) if ty == _USER_DEFINED and t in vocab_now
+    ])
+    if split := _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre")):
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return raw[i] if i is not None and 0 <= i < len(raw) else None
+
+    bos, eos = tok("bos"), tok("eos")
+    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token")) and eos is not None
+    add_bos = bool(add_bos) and bos is not None
+    single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+    specials = [(t, backend.token_to_id(t)) for t in dict.fromkeys([bos] * add_bos + [eos] * add_eos)]
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=specials)
+    return Tokenizer(
+        backend, bos_token=bos, eos_token=eos, chat_template=meta.get("tokenizer.chat_template"), name=path,
+        eos_token_ids=[meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else [],
+    )
+
+
+def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a SentencePiece vocabulary: every split of a token
+    into two vocabulary pieces, best token score first (transformers' ``generate_merges``)."""
+    merges = []
+    for piece, score in scores.items():
+        local = [(piece[:i], piece[i:], score) for i in range(1, len(piece)) if piece[:i] in vocab and piece[i:] in vocab]
+        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))

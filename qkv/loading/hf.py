@@ -1,0 +1,108 @@
+"""Load a Hugging Face model directory: ``config.json`` + ``*.safetensors`` (+ tokenizer files).
+
+Weights are read with ``safetensors`` only (never pickle), converted to
+float32 and kept under their HF names. Sharded checkpoints are found through
+``model.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from qkv.config import ConfigError, ModelConfig
+
+from .errors import LoadError
+from .tokenizer import Tokenizer
+
+
+def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
+    """Read an HF directory; raise LoadError naming the offending file."""
+    d = Path(path)
+    config_file = d / "config.json"
+    raw = _read_json(config_file, required=True)
+    try:
+        cfg = ModelConfig.from_hf(raw, source=str(config_file))
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    weights: dict[str, torch.Tensor] = {}
+    for f in safetensors_files(d):
+        weights.update(read_safetensors(f))
+    tok = hf_tokenizer(d, cfg.eos_token_ids + _generation_eos(d))
+    if tok is not None:
+        cfg = cfg.replace(eos_token_ids=tok.eos_token_ids)
+    return cfg, weights, tok
+
+
+def safetensors_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json(index, required=True).get("weight_map", {}).values()))
+        missing = [s for s in shards if not (d / s).is_file()]
+        if missing or not shards:
+            raise LoadError(f"{index}: shard files missing: {missing or 'none listed'}")
+        return [d / s for s in shards]
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{d}: no *.safetensors weights (pickle .bin checkpoints are not loaded)")
+    return files
+
+
+def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one file as float32. A truncated or corrupt file raises LoadError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return {k: st.get_tensor(k).to(torch.float32) for k in st.keys()}
+    except Exception as e:  # SafetensorError, OSError, ...: all mean an unreadable file
+        raise LoadError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+
+
+def hf_tokenizer(d: Path, eos_ids: list[int]) -> Tokenizer | None:
+    """The tokenizer from ``tokenizer.json`` (+ ``tokenizer_config.json``), or None if there is none."""
+    import tokenizers
+
+    tj = d / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(tj))
+    except Exception as e:
+        raise LoadError(f"{tj}: unreadable tokenizer ({e})") from None
+    tc = _read_json(d / "tokenizer_config.json", required=False)
+    template = tc.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        template = {t.get("name"): t.get("template") for t in template}.get("default")
+    if (d / "chat_template.jinja").is_file():
+        template = (d / "chat_template.jinja").read_text()
+    return Tokenizer(
+        backend,
+        bos_token=_token_str(tc.get("bos_token")),
+        eos_token=_token_str(tc.get("eos_token")),
+        eos_token_ids=eos_ids,
+        chat_template=template,
+        name=str(tj),
+    )
+
+
+def _generation_eos(d: Path) -> list[int]:
+    eos = _read_json(d / "generation_config.json", required=False).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def _token_str(t) -> str | None:
+    return t.get("content") if isinstance(t, dict) else t
+
+
+def _read_json(f: Path, required: bool) -> dict:
+    if not f.is_file():
+        if required:
+            raise LoadError(f"{f}: file not found")
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise LoadError(f"{f}: invalid JSON ({e})") from None
