@@ -1,0 +1,107 @@
+"""The reference attention backend: textbook softmax(Q K^T * scale) V over the paged cache.
+
+Plain torch, no tricks: it is the correctness oracle every kernel is tested against.
+
+For each sequence it gathers the keys it may see (the cached ones, read from pages, then
+this step's own) into a padded [B, L] batch, masks with the causal mask, the padding
+mask and the optional window, and only then writes this step's K/V into the pages. Reading
+before writing matters for sliding-window rings: a chunk longer than the ring would
+otherwise overwrite keys that its own first queries still need.
+
+Cache layout per layer: ``[2, num_blocks, block_size, kv_heads, head_dim]`` (K plane, V plane).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+
+
+def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None,
+                dilation: int = 1) -> torch.Tensor:
+    """Which keys each query may see: causal, optionally within ``window``.
+
+    With ``dilation`` d > 1 (Longformer's dilated window) a query at i sees i, i-d, ...,
+    i-(window-1)*d. Shapes broadcast: q_pos [..., Q, 1] against k_pos [..., 1, L]."""
+    dist = q_pos - k_pos
+    allowed = dist >= 0
+    if window is not None:
+        allowed &= dist < window * dilation
+        if dilation > 1:
+            allowed &= dist % dilation == 0
+    return allowed
+
+
+def gather_keys(batch: AttentionBatch, group: int, window: int | None):
+    """Where each key a sequence may see lives, padded to [B, L].
+
+    Returns (cache slot, row of this step's k/v, whether it is this step's, key position, valid)."""
+    bs = batch.block_size
+    computed, qlens = batch.num_computed, batch.query_lens
+    tables = batch.block_tables[group]
+    ring = batch.ring_blocks[group]
+    # Keys older than the window are not needed (and a ring no longer has them).
+    kstart = (computed - window).clamp(min=0) if window is not None else torch.zeros_like(computed)
+    n_cached = computed - kstart
+    n_keys = n_cached + qlens
+    L = int(n_keys.max())
+    l_idx = torch.arange(L, device=computed.device)[None, :]
+    kpos = kstart[:, None] + l_idx
+    valid = l_idx < n_keys[:, None]
+    blk = kpos // bs
+    if ring is not None:
+        blk = blk % ring
+    blk = blk.clamp(max=tables.shape[1] - 1)
+    slot = tables.gather(1, blk) * bs + kpos % bs
+    new_row = batch.query_start_loc[:-1, None] + (l_idx - n_cached[:, None])
+    is_new = l_idx >= n_cached[:, None]
+    return slot, new_row, is_new, kpos, valid
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    batch: AttentionBatch, group: int, scale: float, window: int | None = None,
+                    softcap: float | None = None, dilation: int = 1) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] -> out [T, H, Dv]. Writes k/v into ``kv_cache`` pages."""
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
+    v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
+    num_slots = k_flat.shape[0]
+
+    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
+    idx = torch.where(is_new, num_slots + new_row, slot)
+    idx = torch.where(valid, idx, 0)
+    keys = torch.cat([k_flat, k])[idx]  # [B, L, KVH, D]
+    values = torch.cat([v_flat, v])[idx]
+
+    B, Qmax = batch.num_seqs, batch.max_query_len
+    q_idx = torch.arange(Qmax, device=q.device)[None, :]
+    q_valid = q_idx < batch.query_lens[:, None]
+    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
+    qp = q[q_rows]  # [B, Qmax, H, D]
+    q_pos = batch.num_computed[:, None] + q_idx
+
+    g = H // kvh
+    qp = qp.view(B, Qmax, kvh, g, D)
+    scores = torch.einsum("bqhgd,blhd->bhgql", qp.float(), keys.float()) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
+    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked padding rows -> 0
+    out = torch.einsum("bhgql,blhd->bqhgd", probs, values.float()).reshape(B, Qmax, H, -1)
+    out = out[q_valid].to(q.dtype)  # [T, H, Dv] in packed order
+
+    write_kv(kv_cache, k, v, batch.slot_mappings[group])
+    return out
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store this step's K/V at their slots; rows with slot -1 are skipped."""
+    kvh = k.shape[1]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    kv_cache[0].view(-1, kvh, k.shape[2])[slot_mapping] = k.to(kv_cache.dtype)
+    kv_cache[1].view(-1, kvh, v.shape[2])[slot_mapping] = v.to(kv_cache.dtype)

@@ -1,0 +1,227 @@
+"""ModelConfig: one normalized description of every supported model.
+
+HF ``config.json`` files and GGUF metadata both become a ``ModelConfig``; the
+models, the cache specs and the memory tool read nothing else. Every layer
+carries its attention kind (``layer_types``), so a model may mix full and
+sliding-window layers (Gemma 3) and the cache manager sees that per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A model description is incomplete, inconsistent or unsupported."""
+
+
+# HF ``model_type`` -> qkv architecture (the model class that runs it).
+ARCHITECTURES = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "deepseek_v2": "deepseek",
+    "deepseek_v3": "deepseek",
+}
+
+
+@dataclass
+class ModelConfig:
+    model_type: str  # as HF names it: "llama", "qwen2", "gpt2", ...
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int = 2048
+    norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_local_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3, Gemma 3
+    sliding_window: int | None = None
+    # One entry per layer: "full" or "sliding" (or "mla" for DeepSeek).
+    layer_types: list[str] = field(default_factory=list)
+    query_pre_attn_scalar: float | None = None  # Gemma 3 scales q by this^-0.5
+    final_logit_softcapping: float | None = None
+    # MLA (DeepSeek-V2/V3)
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # architecture details (MoE sizes, ...)
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.layer_types:
+            kind = "sliding" if self.sliding_window else "full"
+            self.layer_types = [kind] * self.num_layers
+        if len(self.layer_types) != self.num_layers:
+            raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+
+    @property
+    def arch(self) -> str:
+        return ARCHITECTURES[self.model_type]
+
+    @property
+    def attention_kind(self) -> str:
+        if self.kv_lora_rank:
+            return "MLA"
+        if self.num_kv_heads == 1:
+            return "MQA"
+        return "MHA" if self.num_kv_heads == self.num_heads else "GQA"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Normalize an HF ``config.json`` dict. Raises ConfigError naming ``source``."""
+        model_type = d.get("model_type")
+        if model_type is None:
+            raise ConfigError(f"{source}: no 'model_type' field")
+        if model_type == "gemma3" and "text_config" in d:
+            d = {**d["text_config"], "model_type": "gemma3_text"}
+            model_type = "gemma3_text"
+        if model_type not in ARCHITECTURES:
+            raise ConfigError(
+                f"{source}: unsupported architecture {model_type!r} "
+                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
+            )
+
+        def need(*names: str) -> Any:
+            for n in names:
+                if d.get(n) is not None:
+                    return d[n]
+            raise ConfigError(f"{source}: missing required field {names[0]!r} for {model_type}")
+
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        common = dict(
+            model_type=model_type,
+            vocab_size=need("vocab_size"),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=d.get("pad_token_id"),
+        )
+        if model_type == "gpt2":
+            hidden = need("n_embd", "hidden_size")
+            heads = need("n_head", "num_attention_heads")
+            return cls(
+                **common,
+                hidden_size=hidden,
+                num_layers=need("n_layer", "num_hidden_layers"),
+                num_heads=heads,
+                num_kv_heads=heads,
+                head_dim=hidden // heads,
+                intermediate_size=d.get("n_inner") or 4 * hidden,
+                max_position_embeddings=need("n_positions", "max_position_embeddings"),
+                norm_eps=d.get("layer_norm_epsilon", 1e-5),
+                hidden_act=d.get("activation_function", "gelu_new"),
+                tie_word_embeddings=d.get("tie_word_embeddings", True),
+                qkv_bias=True,
+                o_bias=True,
+                mlp_bias=True,
+            )
+
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = d.get("num_key_value_heads") or heads
+        rope_scaling = d.get("rope_scaling")
+        rope_params = d.get("rope_parameters")  # transformers >= 5 folds theta and scaling here
+        rope_theta = d.get("rope_theta")
+        rope_local = d.get("rope_local_base_freq")
+        if isinstance(rope_params, dict):
+            if "full_attention" in rope_params:  # per-layer-type parameters (Gemma 3)
+                rope_local = rope_params.get("sliding_attention", {}).get("rope_theta", rope_local)
+                rope_params = rope_params["full_attention"]
+            rope_theta = rope_theta or rope_params.get("rope_theta")
+            if rope_params.get("rope_type", "default") != "default":
+                rope_scaling = rope_scaling or rope_params
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
+            rope_scaling = None
+        n_layers = need("num_hidden_layers")
+        cfg = dict(
+            **common,
+            hidden_size=hidden,
+            num_layers=n_layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=d.get("head_dim") or hidden // heads,
+            intermediate_size=need("intermediate_size"),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            hidden_act=d.get("hidden_act") or d.get("hidden_activation") or "silu",
+            rope_theta=float(rope_theta or 10000.0),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=d.get("tie_word_embeddings", False),
+            qkv_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            o_bias=bool(d.get("attention_bias", False)) and model_type == "llama",
+            mlp_bias=bool(d.get("mlp_bias", False)),
+        )
+        if model_type == "qwen3":
+            cfg["qk_norm"] = True
+        if model_type in ("mistral", "qwen2", "qwen3"):
+            window = d.get("sliding_window")
+            use = d.get("use_sliding_window", model_type == "mistral")
+            if window and use:
+                cfg["sliding_window"] = window
+                max_window_layers = d.get("max_window_layers")
+                if model_type != "mistral" and max_window_layers is not None:
+                    cfg["layer_types"] = [
+                        "sliding" if i >= max_window_layers else "full" for i in range(n_layers)
+                    ]
+        if model_type == "gemma3_text":
+            cfg["qk_norm"] = True
+            cfg["sliding_window"] = need("sliding_window")
+            cfg["rope_local_theta"] = float(rope_local or 10000.0)
+            cfg["query_pre_attn_scalar"] = d.get("query_pre_attn_scalar", cfg["head_dim"])
+            cfg["final_logit_softcapping"] = d.get("final_logit_softcapping")
+            cfg["tie_word_embeddings"] = d.get("tie_word_embeddings", True)
+            types = d.get("layer_types")
+            if types:
+                cfg["layer_types"] = ["sliding" if t == "sliding_attention" else "full" for t in types]
+            else:
+                pattern = d.get("sliding_window_pattern", 6)
+                cfg["layer_types"] = [
+                    "full" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)
+                ]
+        if model_type in ("deepseek_v2", "deepseek_v3"):
+            cfg.update(
+                q_lora_rank=d.get("q_lora_rank"),
+                kv_lora_rank=need("kv_lora_rank"),
+                qk_nope_head_dim=need("qk_nope_head_dim"),
+                qk_rope_head_dim=need("qk_rope_head_dim"),
+                v_head_dim=need("v_head_dim"),
+                layer_types=["mla"] * n_layers,
+                head_dim=need("qk_nope_head_dim") + need("qk_rope_head_dim"),
+            )
+            cfg["extra"] = {
+                k: d.get(k)
+                for k in (
+                    "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
+                    "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
+                    "routed_scaling_factor", "topk_method", "n_group", "topk_group",
+                    "norm_topk_prob", "scoring_func",
+                )
+            }
+        return cls(**cfg)

@@ -1,0 +1,220 @@
+"""LLMEngine: the loop request -> scheduler -> cache manager -> runner -> model -> sampler.
+
+``add_request`` queues work, ``step`` runs one forward pass and reports every request that
+got a token or finished, ``abort`` ends a request at any point. It is single-threaded:
+the server drives it from one background thread and talks to it through queues.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qkv.config import ModelConfig
+from qkv.engine import sampler
+from qkv.engine.request import Request, RequestOutput, SamplingParams, Status
+from qkv.engine.runner import ModelRunner
+from qkv.engine.scheduler import ScheduledBatch, Scheduler
+from qkv.kvcache.manager import KVCacheManager, group_layers
+from qkv.kvcache.spec import SlidingWindow, layer_specs
+from qkv.model import build_model
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(DTYPES)})") from None
+
+
+def plan_num_blocks(specs, block_size: int, max_num_seqs: int, budget_bytes: int | None = None,
+                    num_blocks: int | None = None) -> list[int]:
+    """Blocks per layer group. Ring groups get what ``max_num_seqs`` rings need (sliding layers
+    never hold more); full groups get ``num_blocks`` each, or share what is left of ``budget_bytes``."""
+    grouped = group_layers(specs)
+    block_bytes = [s.bytes_per_token * block_size * len(layers) for s, layers in grouped]
+    ring_need = [s.ring_blocks(block_size) * max_num_seqs if isinstance(s, SlidingWindow) else None
+                 for s, _ in grouped]
+    if num_blocks is not None:
+        return [num_blocks if r is None else min(num_blocks, r) for r in ring_need]
+    full_bytes = sum(b for b, r in zip(block_bytes, ring_need) if r is None)
+    if full_bytes == 0:  # every layer slides: one count for all groups
+        n = budget_bytes // sum(block_bytes)
+        return [min(n, r) for r in ring_need]
+    ring_bytes = sum(b * r for b, r in zip(block_bytes, ring_need) if r is not None)
+    n = max(0, budget_bytes - ring_bytes) // full_bytes
+    return [n if r is None else r for r in ring_need]
+
+
+class LLMEngine:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
+                 dtype="float32", device="cpu", block_size: int = 16, num_kv_blocks: int | None = None,
+                 kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
+                 max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
+                 kv_dtype=None):
+        self.config, self.tokenizer = config, tokenizer
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        kv_dtype = resolve_dtype(kv_dtype) if kv_dtype is not None else self.dtype
+        specs = layer_specs(config, torch.finfo(kv_dtype).bits // 8)
+        self.specs = specs
+        n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks)
+        if min(n_blocks) < 1:
+            raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
+        self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
+
+        model = build_model(config, [self._group_of(i) for i in range(config.num_layers)])
+        model.load_weights(weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
+        self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
+        self._requests: dict[str, Request] = {}
+        self._detok: dict[str, object] = {}
+        self.num_generated_tokens = 0
+
+    def _group_of(self, layer: int) -> int:
+        return next(g for g, grp in enumerate(self.kv.groups) if layer in grp.layers)
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    cache_salt: str | None = None) -> list[Request]:
+        """Queue a prompt; returns its n sample requests. Raises ValueError (RequestTooLarge)
+        at once for a request that can never run; nothing is queued then."""
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        bad = [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of the vocabulary (size {self.config.vocab_size}): {bad[:5]}")
+        base_seed = params.seed
+        head = Request(prompt_token_ids, params, request_id, cache_salt, index=0, seed=base_seed)
+        if head.request_id in self._requests:
+            raise ValueError(f"request id {head.request_id!r} is already in use")
+        reqs = [head] + [
+            Request(prompt_token_ids, params, f"{head.request_id}/{i}", cache_salt, index=i,
+                    seed=None if base_seed is None else base_seed + i)
+            for i in range(1, params.n)
+        ]
+        self.scheduler.add(head)
+        head.forks = reqs[1:]
+        for r in reqs:
+            self._requests[r.request_id] = r
+            if self.tokenizer is not None:
+                self._detok[r.request_id] = self.tokenizer.stream()
+        return reqs
+
+    def abort(self, request_id: str) -> None:
+        """End a request (and its sibling samples) now; its blocks go back to the pool."""
+        for rid in [r for r in self._requests if r == request_id or r.startswith(request_id + "/")]:
+            req = self._requests[rid]
+            if not req.finished:
+                self.scheduler.finish(req, "abort")
+            self._forget(req)
+
+    def _forget(self, req: Request) -> None:
+        self._requests.pop(req.request_id, None)
+        self._detok.pop(req.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---------------------------------------------------------------- the step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            return []
+        logits = self.runner.execute(sched)
+        due = self.scheduler.update(sched)
+        rows = list(range(len(due)))
+        for i, req in enumerate(list(due)):  # siblings sample from their parent's prompt logits
+            for child in req.forks:
+                self.scheduler.fork(req, child)
+                due.append(child)
+                rows.append(i)
+            req.forks = []
+        if not due:
+            return []
+        if rows != list(range(len(rows))):
+            logits = logits[torch.tensor(rows, device=logits.device)]
+        tokens = sampler.sample(logits, due).tolist()
+        outputs = []
+        now = time.monotonic()
+        for req, tok in zip(due, tokens):
+            outputs.append(self._append(req, tok, now))
+        return outputs
+
+    def _append(self, req: Request, tok: int, now: float) -> RequestOutput:
+        req.all_token_ids.append(tok)
+        self.num_generated_tokens += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+        p = req.params
+        reason, delta = None, ""
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            reason = "stop"
+        else:
+            detok = self._detok.get(req.request_id)
+            if detok is not None:
+                delta = detok.push(tok)
+                req.text += delta
+                for s in p.stop:
+                    # Only the new text (plus a stop's length of overlap) can complete a stop string.
+                    cut = req.text.find(s, max(0, len(req.text) - len(delta) - len(s)))
+                    if cut >= 0:
+                        delta = delta[:max(0, len(delta) - (len(req.text) - cut))]
+                        req.text = req.text[:cut]
+                        reason = "stop"
+                        break
+        if reason is None and (req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self._forget(req)
+        return RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, req.text, reason,
+                             req.num_cached_tokens, req.index, delta)
+
+    # ---------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def score(self, token_ids: list[int]) -> torch.Tensor:
+        """Float32 logits [len, vocab] of every position, computed through the paged cache in
+        chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps."""
+        req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt="score")
+        prefix = self.kv.enable_prefix_caching
+        self.kv.enable_prefix_caching = False  # every position's logits are wanted
+        try:
+            self.kv.match_prefix(req)  # opens empty block tables
+            chunks = []
+            while req.num_computed_tokens < len(token_ids):
+                n = min(self.scheduler.max_num_batched_tokens, len(token_ids) - req.num_computed_tokens)
+                copies = self.kv.allocate(req, n)
+                if copies is None:
+                    raise RuntimeError(f"{len(token_ids)} tokens do not fit in the free KV blocks")
+                chunks.append(self.runner.execute(ScheduledBatch([req], [n], copies), all_logits=True))
+                req.num_computed_tokens += n
+            return torch.cat(chunks)
+        finally:
+            self.kv.free(req)
+            self.kv.enable_prefix_caching = prefix
+
+    # ---------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        s = self.kv.usage()
+        s.update(
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.scheduler.prefix_cache_hit_rate,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_generated_tokens=self.num_generated_tokens,
+            num_prompt_tokens=self.scheduler.num_prompt_tokens,
+            num_cached_prompt_tokens=self.scheduler.num_hit_tokens,
+            kv_cache_bytes=self.runner.kv_cache_bytes,
+            block_size=self.kv.block_size,
+        )
+        return s

@@ -1,0 +1,132 @@
+"""Request, SamplingParams and RequestOutput: what flows into and out of the engine."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop. ``temperature=0`` is greedy.
+
+    With ``n > 1`` the samples share the prompt's KV blocks; sample ``i`` draws from
+    ``seed + i``, so it equals a single request with that seed.
+    """
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: no top-k
+    seed: int | None = None
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, got {self.n}")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    num_cached_tokens: int = 0
+    index: int = 0  # which of the n samples
+    text_delta: str = ""  # text added by this step (streaming)
+    samples: list["RequestOutput"] = field(default_factory=list)  # all n samples when n > 1
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+class Request:
+    """One sequence being generated. The scheduler moves it between queues; the cache
+    manager owns its block tables (keyed by ``request_id``)."""
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 cache_salt: str | None = None, index: int = 0, seed: int | None = None):
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty: at least one token is needed")
+        self.request_id = request_id if request_id is not None else f"req-{next(_ids)}"
+        # One growing list (prompt, then outputs): the cache manager hashes it block by block.
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.params = params
+        self.cache_salt = cache_salt
+        self.index = index
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
+        self.finish_reason: str | None = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: float | None = None
+        self.text = ""  # detokenized output, kept by the engine for stop strings
+        self.seed = seed if seed is not None else params.seed
+        self.generator: torch.Generator | None = None  # made by the sampler on its device
+        # Parallel sampling: siblings wait here until this request's prompt is computed, then
+        # share its blocks (KVCacheManager.fork) and sample from the same logits row.
+        self.forks: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.all_token_ids[:self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.all_token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_prompt_tokens
+
+    @property
+    def max_total_tokens(self) -> int:
+        return self.num_prompt_tokens + self.params.max_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status == Status.FINISHED
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id}, {self.status.value}, prompt={self.num_prompt_tokens}, "
+                f"out={self.num_output_tokens}, computed={self.num_computed_tokens})")

@@ -1,0 +1,109 @@
+"""ModelRunner: owns the KV cache tensors and turns a ScheduledBatch into one forward pass.
+
+It packs the scheduled tokens of all requests into one flat batch (input ids, positions,
+slot mapping, block tables), performs the copy-on-write block copies the cache manager
+asked for, runs the model and returns float32 logits for the rows that are sampled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+from qkv.engine.scheduler import ScheduledBatch
+from qkv.kvcache.manager import KVCacheManager
+from qkv.model.base import CausalLM
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, kv: KVCacheManager, device: torch.device, kv_dtype: torch.dtype):
+        self.model, self.kv, self.device = model, kv, device
+        self.block_size = kv.block_size
+        # One cache tensor per layer, shaped by its group's spec and sized by its group's pool.
+        self.kv_caches: list[torch.Tensor] = [None] * model.config.num_layers
+        for group in kv.groups:
+            for layer in group.layers:
+                shape = group.spec.cache_shape(group.pool.num_blocks, self.block_size)
+                self.kv_caches[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
+        for module in model.attention_layers():
+            module.kv_cache = self.kv_caches[module.layer]
+        self.layer_group = [0] * model.config.num_layers
+        for g, group in enumerate(kv.groups):
+            for layer in group.layers:
+                self.layer_group[layer] = g
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.kv_caches)
+
+    def _copy_blocks(self, copies: list[tuple[int, int, int]]) -> None:
+        for g, src, dst in copies:
+            for layer in self.kv.groups[g].layers:
+                cache = self.kv_caches[layer]
+                if cache.dim() == 5:  # [2, blocks, ...]: K and V planes
+                    cache[:, dst] = cache[:, src]
+                else:
+                    cache[dst] = cache[src]
+
+    def prepare(self, sched: ScheduledBatch, all_logits: bool = False):
+        bs = self.block_size
+        ids, pos, qsl = [], [], [0]
+        computed, qlens = [], []
+        logits_rows = []
+        groups = range(len(self.kv.groups))
+        slots = [[] for _ in groups]
+        tables = [[] for _ in groups]
+        for req, n in zip(sched.requests, sched.num_new_tokens):
+            start = req.num_computed_tokens
+            end = start + n
+            ids += req.all_token_ids[start:end]
+            pos += range(start, end)
+            computed.append(start)
+            qlens.append(n)
+            qsl.append(qsl[-1] + n)
+            if end == req.num_tokens:
+                logits_rows.append(qsl[-1] - 1)
+            req_tables = self.kv.block_tables(req.request_id)
+            for g in groups:
+                table = req_tables[g]
+                tables[g].append(table)
+                ring = self.kv.ring[g]
+                # In a ring, a token whose slot a later token of this chunk reuses is never stored.
+                first_kept = end - ring * bs if ring is not None else 0
+                slots[g] += [self.kv.slot(g, table, p) if p >= first_kept else -1 for p in range(start, end)]
+        dev = self.device
+
+        def tensor(x):
+            return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+
+        block_tables = []
+        for g in groups:
+            width = max(1, max(len(t) for t in tables[g]))
+            block_tables.append(tensor([t + [0] * (width - len(t)) for t in tables[g]]))
+        batch = AttentionBatch(
+            query_start_loc=tensor(qsl),
+            num_computed=tensor(computed),
+            query_lens=tensor(qlens),
+            max_query_len=max(qlens),
+            max_seq_len=max(c + q for c, q in zip(computed, qlens)),
+            block_size=bs,
+            block_tables=block_tables,
+            slot_mappings=[tensor(s) for s in slots],
+            ring_blocks=list(self.kv.ring),
+            all_logits=all_logits,
+            logits_indices=tensor(logits_rows),
+        )
+        return tensor(ids), tensor(pos), batch
+
+    @torch.inference_mode()
+    def execute(self, sched: ScheduledBatch, all_logits: bool = False) -> torch.Tensor:
+        """Run one step. Returns logits [rows, vocab]: every token's with ``all_logits``,
+        else one row per request whose last known token was computed this step."""
+        self._copy_blocks(sched.copies)
+        input_ids, positions, batch = self.prepare(sched, all_logits)
+        for rope in self.model.rotary_embeddings():
+            rope.ensure(batch.max_seq_len)
+        hidden = self.model(input_ids, positions, batch)
+        if not all_logits:
+            hidden = hidden[batch.logits_indices]
+        return self.model.compute_logits(hidden)

@@ -1,0 +1,168 @@
+"""Scheduler: which requests run this step, and how many of their tokens.
+
+Every step has a token budget (``max_num_batched_tokens``). Running requests go first, in
+admission order, each taking what it still needs (1 token when decoding, the rest of its
+prompt when prefilling) up to the budget: so decodes and prefill chunks share a step, and a
+long prompt is split across steps (chunked prefill). Waiting requests are then admitted in
+arrival order (FCFS) while budget, ``max_num_seqs`` and blocks last; admission first looks
+up the prefix cache, so the cached part of a prompt costs no budget.
+
+When the pool runs dry, the most recently admitted running request is preempted: its
+blocks are freed (full ones stay in the prefix cache) and it goes back to the front of the
+queue to be recomputed later. Its sampled tokens are kept, so its output does not change.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from qkv.engine.request import Request, Status
+from qkv.kvcache.manager import KVCacheManager
+
+
+class RequestTooLarge(ValueError):
+    """A request that can never fit in the KV pool, or past the model's context."""
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (group, src, dst) block copies
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.requests)
+
+
+class Scheduler:
+    def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int):
+        self.kv = kv
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_hit_tokens = 0
+
+    # ---------------------------------------------------------------- queue ops
+    def add(self, req: Request) -> None:
+        """Queue ``req``; reject at once what could never run."""
+        total = req.max_total_tokens
+        if total > self.max_model_len:
+            raise RequestTooLarge(
+                f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.params.max_tokens}) = {total} "
+                f"exceeds the maximum context length of {self.max_model_len} tokens")
+        if not self.kv.can_ever_fit(total):
+            need = self.kv.blocks_needed(total)
+            have = [g.pool.num_blocks for g in self.kv.groups]
+            raise RequestTooLarge(
+                f"prompt + max_tokens = {total} tokens needs {need} KV blocks, but the pool has only "
+                f"{have}; raise num_kv_blocks or lower max_tokens")
+        self.waiting.append(req)
+
+    def finish(self, req: Request, reason: str) -> None:
+        """End ``req`` (stop, length or abort) and give back its blocks."""
+        req.status = Status.FINISHED
+        req.finish_reason = reason
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.kv.free(req)
+        for child in req.forks:  # siblings never forked: they end with it
+            self.finish(child, reason)
+        req.forks = []
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---------------------------------------------------------------- the step
+    def schedule(self) -> ScheduledBatch:
+        out = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            copies = self.kv.allocate(req, n)
+            while copies is None:
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+                copies = self.kv.allocate(req, n)
+            if copies is None:
+                break
+            out.requests.append(req)
+            out.num_new_tokens.append(n)
+            out.copies += copies
+            budget -= n
+            i += 1
+
+        # Admitting while others were just preempted would only thrash.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+            req = self.waiting[0]
+            hit = self.kv.match_prefix(req)
+            req.num_computed_tokens = hit
+            n = min(req.num_tokens - hit, budget)
+            copies = self.kv.allocate(req, n)
+            if copies is None:
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                if not self.running and not out.requests:
+                    # Nothing else holds blocks: only cached ones stand in the way, and
+                    # allocate() evicts those, so this cannot happen unless the pool is tiny.
+                    raise RequestTooLarge(f"{req.request_id} does not fit in an empty KV pool")
+                break
+            self.waiting.popleft()
+            if req.num_preemptions == 0:
+                req.num_cached_tokens = hit
+                self.num_prompt_tokens += req.num_prompt_tokens
+                self.num_hit_tokens += hit
+            req.status = Status.RUNNING
+            self.running.append(req)
+            out.requests.append(req)
+            out.num_new_tokens.append(n)
+            out.copies += copies
+            budget -= n
+        return out
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req)
+        req.status = Status.WAITING
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def update(self, batch: ScheduledBatch) -> list[Request]:
+        """Advance each scheduled request past its computed tokens, key its new full blocks,
+        and return those whose next token is due (their logits rows are sampled)."""
+        due = []
+        for req, n in zip(batch.requests, batch.num_new_tokens):
+            req.num_computed_tokens += n
+            self.kv.cache_blocks(req)
+            if req.num_computed_tokens == req.num_tokens:
+                due.append(req)
+        return due
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """Start sibling ``child`` on ``parent``'s computed prompt blocks."""
+        self.kv.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = Status.RUNNING
+        self.running.append(child)
+
+    # ---------------------------------------------------------------- stats
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_prompt_tokens if self.num_prompt_tokens else 0.0

@@ -1,0 +1,177 @@
+"""KVCacheManager: each request's block tables, prefix hits, and copy-on-write.
+
+Layers with equal cache specs form a *group*; each group has its own BlockPool and every
+request has one block table per group. A full-attention table grows one block per
+``block_size`` tokens. A sliding-window table stops growing at the spec's ring size and
+position ``p`` then lives in ring block ``(p // block_size) % ring_blocks``.
+
+Ownership contract:
+  - ``match_prefix`` and ``allocate`` take references on behalf of the request;
+  - ``free`` gives every one of them back (the scheduler calls it on finish, abort and
+    preemption), so after any run ``free + cached == total`` in every pool;
+  - a block is written only while its request holds the only reference: ``allocate``
+    copies a shared block first and returns the (src, dst) pairs the runner must copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qkv.kvcache.pool import BlockPool
+from qkv.kvcache.prefix import block_key
+from qkv.kvcache.spec import CacheSpec, SlidingWindow, cdiv
+
+
+@dataclass
+class LayerGroup:
+    spec: CacheSpec
+    layers: list[int]
+    pool: BlockPool
+
+
+@dataclass
+class _Seq:
+    tables: list[list[int]]  # one block table per group
+    keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks hashed so far
+
+
+def group_layers(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
+    groups: dict[CacheSpec, list[int]] = {}
+    for i, s in enumerate(specs):
+        groups.setdefault(s, []).append(i)
+    return list(groups.items())
+
+
+class KVCacheManager:
+    def __init__(self, specs: list[CacheSpec], block_size: int, num_blocks: list[int] | int,
+                 enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        grouped = group_layers(specs)
+        if isinstance(num_blocks, int):
+            num_blocks = [num_blocks] * len(grouped)
+        self.groups = [LayerGroup(spec, layers, BlockPool(n)) for (spec, layers), n in zip(grouped, num_blocks)]
+        self.ring = [s.ring_blocks(block_size) if isinstance(s, SlidingWindow) else None for s, _ in grouped]
+        # A prefix hit must restore every layer's KV for the hit tokens; a ring has overwritten
+        # them, so prefix caching serves only models whose groups all keep every token.
+        self.enable_prefix_caching = enable_prefix_caching and all(r is None for r in self.ring)
+        self._seqs: dict[str, _Seq] = {}
+
+    # ---------------------------------------------------------------- queries
+    def block_tables(self, request_id: str) -> list[list[int]]:
+        return self._seqs[request_id].tables
+
+    def blocks_needed(self, num_tokens: int) -> list[int]:
+        return [g.spec.blocks_needed(num_tokens, self.block_size) for g in self.groups]
+
+    def can_ever_fit(self, num_tokens: int) -> bool:
+        return all(n <= g.pool.num_blocks for n, g in zip(self.blocks_needed(num_tokens), self.groups))
+
+    def slot(self, group: int, table: list[int], pos: int) -> int:
+        """Flat cache slot of position ``pos`` in one group's block table."""
+        idx = pos // self.block_size
+        if self.ring[group] is not None:
+            idx %= self.ring[group]
+        return table[idx] * self.block_size + pos % self.block_size
+
+    # ---------------------------------------------------------------- prefix
+    def match_prefix(self, request) -> int:
+        """Open the request's tables with the longest cached prefix of its tokens; return
+        the number of tokens served. Never the whole prompt: the last prompt token is always
+        computed so that there are logits to sample from."""
+        assert request.request_id not in self._seqs, f"{request.request_id} already has blocks"
+        seq = _Seq(tables=[[] for _ in self.groups])
+        self._seqs[request.request_id] = seq
+        if not self.enable_prefix_caching:
+            return 0
+        tokens = request.all_token_ids
+        max_blocks = (len(tokens) - 1) // self.block_size
+        pool = self.groups[0].pool
+        parent = None
+        for i in range(max_blocks):
+            key = block_key(parent, tokens[i * self.block_size:(i + 1) * self.block_size], request.cache_salt)
+            b = pool.lookup(key)
+            if b is None:
+                break
+            pool.ref(b)
+            seq.tables[0].append(b)
+            seq.keys.append(key)
+            parent = key
+        return len(seq.keys) * self.block_size
+
+    def cache_blocks(self, request) -> None:
+        """Key the request's full, computed blocks so that later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        seq = self._seqs[request.request_id]
+        tokens, bs = request.all_token_ids, self.block_size
+        pool, table = self.groups[0].pool, seq.tables[0]
+        for i in range(len(seq.keys), request.num_computed_tokens // bs):
+            key = block_key(seq.keys[-1] if seq.keys else None, tokens[i * bs:(i + 1) * bs], request.cache_salt)
+            pool.set_hash(table[i], key)
+            seq.keys.append(key)
+
+    # ---------------------------------------------------------------- allocation
+    def allocate(self, request, num_new_tokens: int) -> list[tuple[int, int, int]] | None:
+        """Make the tables cover positions ``[num_computed, num_computed + num_new_tokens)``.
+
+        Returns the copies ``(group, src, dst)`` to perform before the forward pass (copy-on-write
+        of shared blocks about to be written), or None when a pool is short: then nothing changed.
+        """
+        seq = self._seqs[request.request_id]
+        start = request.num_computed_tokens
+        end = start + num_new_tokens
+        bs = self.block_size
+        plan = []
+        for g, group in enumerate(self.groups):
+            table = seq.tables[g]
+            grow = group.spec.blocks_needed(end, bs) - len(table)
+            # Blocks already in the table that this step writes and that others also hold.
+            idxs = range(start // bs, cdiv(end, bs))
+            if self.ring[g] is not None:
+                idxs = {i % self.ring[g] for i in idxs}
+            shared = [i for i in idxs if i < len(table) and group.pool.ref_count[table[i]] > 1]
+            if grow + len(shared) > group.pool.num_available:
+                return None
+            plan.append((grow, shared))
+        copies = []
+        for g, (grow, shared) in enumerate(plan):
+            pool, table = self.groups[g].pool, seq.tables[g]
+            table.extend(pool.allocate(grow))
+            for i in shared:
+                (new,) = pool.allocate(1)
+                copies.append((g, table[i], new))
+                pool.release([table[i]])
+                table[i] = new
+        return copies
+
+    def free(self, request) -> None:
+        """Give back every reference the request holds. Tail blocks are released first so
+        the LRU evicts a sequence's tail before the prefix others are more likely to share."""
+        seq = self._seqs.pop(request.request_id, None)
+        if seq is None:
+            return
+        for g, table in enumerate(seq.tables):
+            self.groups[g].pool.release(table[::-1])
+
+    def fork(self, parent, child) -> None:
+        """Let ``child`` share all of ``parent``'s blocks (parallel sampling). Whoever writes
+        a shared block first gets a private copy from ``allocate``."""
+        src = self._seqs[parent.request_id]
+        seq = _Seq(tables=[list(t) for t in src.tables], keys=list(src.keys))
+        for g, table in enumerate(seq.tables):
+            for b in table:
+                self.groups[g].pool.ref(b)
+        self._seqs[child.request_id] = seq
+
+    def has(self, request_id: str) -> bool:
+        return request_id in self._seqs
+
+    # ---------------------------------------------------------------- stats
+    def usage(self) -> dict[str, int]:
+        pools = [g.pool for g in self.groups]
+        return {
+            "num_blocks_total": sum(p.num_blocks for p in pools),
+            "num_blocks_free": sum(p.num_free for p in pools),
+            "num_blocks_cached": sum(p.num_cached for p in pools),
+            "num_blocks_in_use": sum(p.num_in_use for p in pools),
+        }

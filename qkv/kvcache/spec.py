@@ -1,0 +1,114 @@
+"""Cache specs: what one attention layer costs per token, and which tokens it keeps.
+
+This file is where the attention variants differ for memory purposes. The block pool,
+the cache manager, the scheduler and ``qkv memory`` ask a spec; none of them knows
+model names.
+
+bytes per token per layer, element size ``s``:
+  - full attention (MHA/GQA/MQA): ``2 * num_kv_heads * head_dim * s`` (a K and a V vector)
+  - sliding window ``W``: the same per token, but a sequence holds at most
+    ``ceil(W / block_size) + 1`` blocks: a ring, position ``i`` at ring slot ``i mod ring``
+  - MLA: ``(kv_lora_rank + rope_dim) * s``: one latent and one shared RoPE key, no x2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class FullAttention:
+    """MHA, GQA or MQA: every past token's K and V stay cached."""
+
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 4
+    kind = "full"
+
+    @property
+    def entry_shape(self) -> tuple[int, ...]:
+        """Shape of one token's cache entry, [K|V, kv heads, head_dim]."""
+        return (2, self.num_kv_heads, self.head_dim)
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache tensor: a K plane and a V plane of pages."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return math.prod(self.entry_shape) * self.dtype_bytes
+
+    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        return cdiv(num_tokens, block_size)
+
+    def tokens_held(self, num_tokens: int, block_size: int) -> int:
+        """Token slots a sequence of ``num_tokens`` occupies (whole blocks)."""
+        return self.blocks_needed(num_tokens, block_size) * block_size
+
+
+@dataclass(frozen=True)
+class SlidingWindow(FullAttention):
+    """Attention over the last ``window`` tokens only: a rolling buffer of blocks.
+
+    The ring holds ``ceil(window / block_size) + 1`` blocks: the window can straddle
+    one more block boundary than it spans, so one extra block keeps every token the
+    newest query can see while the next block fills.
+    """
+
+    window: int = 0
+    kind = "sliding"
+
+    def ring_blocks(self, block_size: int) -> int:
+        return cdiv(self.window, block_size) + 1
+
+    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        return min(cdiv(num_tokens, block_size), self.ring_blocks(block_size))
+
+
+@dataclass(frozen=True)
+class MLA:
+    """Multi-head latent attention: one compressed latent plus one RoPE key per token."""
+
+    kv_lora_rank: int
+    rope_dim: int
+    dtype_bytes: int = 4
+    kind = "mla"
+
+    @property
+    def entry_shape(self) -> tuple[int, ...]:
+        return (self.kv_lora_rank + self.rope_dim,)
+
+    def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """One layer's cache tensor: pages of [latent | rope key] rows."""
+        return (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return math.prod(self.entry_shape) * self.dtype_bytes
+
+    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        return cdiv(num_tokens, block_size)
+
+    def tokens_held(self, num_tokens: int, block_size: int) -> int:
+        return self.blocks_needed(num_tokens, block_size) * block_size
+
+
+CacheSpec = FullAttention | SlidingWindow | MLA
+
+
+def layer_specs(config, dtype_bytes: int) -> list[CacheSpec]:
+    """One cache spec per layer of ``config`` (a ModelConfig)."""
+    specs: list[CacheSpec] = []
+    for kind in config.layer_types:
+        if kind == "mla":
+            specs.append(MLA(config.kv_lora_rank, config.qk_rope_head_dim, dtype_bytes))
+        elif kind == "sliding":
+            specs.append(SlidingWindow(config.num_kv_heads, config.head_dim, dtype_bytes, window=config.sliding_window))
+        else:
+            specs.append(FullAttention(config.num_kv_heads, config.head_dim, dtype_bytes))
+    return specs

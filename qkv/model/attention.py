@@ -1,0 +1,49 @@
+"""One attention module for MHA, GQA and MQA: the number of KV heads is the only difference.
+
+Q has ``num_heads`` heads, K and V have ``num_kv_heads``; each KV head serves
+``num_heads // num_kv_heads`` query heads (1 for MHA, all of them for MQA). The cache stores
+only the KV heads, which is the whole memory saving of GQA and MQA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkv.attention import backend
+from qkv.attention.batch import AttentionBatch
+from qkv.config import ModelConfig
+from qkv.model.layers import RMSNorm, RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding | None, group: int = 0,
+                 scale: float | None = None, norm_offset: float = 0.0):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, norm_offset)
+        self.rope = rope
+        self.layer, self.group = layer, group
+        self.scale = scale if scale is not None else self.head_dim ** -0.5
+        self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding" else None
+        self.kv_cache: torch.Tensor | None = None  # bound by the runner: [2, blocks, block_size, kvh, d]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(positions, q, k)
+        out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window)
+        return self.o_proj(out.reshape(T, self.q_size))

@@ -1,0 +1,53 @@
+"""The Llama family: Llama, Mistral, Qwen2, Qwen3, SmolLM2. Wiring only; the math is in layers.py."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qkv.attention.batch import AttentionBatch
+from qkv.config import ModelConfig
+from qkv.model.attention import Attention
+from qkv.model.base import CausalLM
+from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+
+
+class LlamaLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding, group: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer, rope, group)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), positions, batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    def __init__(self, cfg: ModelConfig, groups: list[int]):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.layers = nn.ModuleList(LlamaLayer(cfg, i, rope, groups[i]) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class LlamaForCausalLM(CausalLM):
+    def __init__(self, cfg: ModelConfig, groups: list[int]):
+        super().__init__(cfg)
+        self.model = LlamaBody(cfg, groups)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def embedding_weight(self) -> nn.Parameter:
+        return self.model.embed_tokens.weight
+
+    def hf_name(self, name: str) -> str | None:
+        return None if "rotary_emb" in name else name
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, positions, batch)
+        return self.model.norm(x)
