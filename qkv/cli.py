@@ -1,0 +1,148 @@
+"""The ``qkv`` command: generate, chat, and the tools registered in COMMANDS.
+
+Each tool lives in its own module with ``add_arguments(parser)`` and ``run(args)``; this
+file only dispatches, so adding a command never touches another's code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command -> (module, help). Imported only when that command runs.
+COMMANDS = {
+    "generate": ("qkv.cli", "generate text for one prompt, streamed to stdout"),
+    "chat": ("qkv.cli", "multi-turn chat; each turn reuses the KV of the turns before"),
+    "serve": ("qkv.server.cli", "OpenAI-compatible HTTP server"),
+    "bench": ("qkv.tools.bench", "benchmarks: latency, throughput, prefix, serve"),
+    "memory": ("qkv.tools.memory", "exact KV-cache memory arithmetic and plots"),
+    "convert": ("qkv.tools.convert", "MHA -> GQA/MQA by mean-pooling K/V heads"),
+    "perplexity": ("qkv.tools.perplexity", "perplexity over sliding windows"),
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every command that loads a model shares."""
+    p.add_argument("--model", default="smollm2", help="named model, .gguf file or HF directory (default: smollm2)")
+    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_kwargs(args) -> dict:
+    return dict(dtype=args.dtype, device=args.device, threads=args.threads, block_size=args.block_size,
+                num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_params(args):
+    from qkv import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed)
+
+
+def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    add_model_arguments(p)
+    add_sampling_arguments(p)
+    if command == "generate":
+        p.add_argument("prompt")
+        p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+    else:
+        p.add_argument("--verbose", action="store_true", help="show prompt tokens served from the cache")
+        p.add_argument("--system", default=None, help="a system message")
+
+
+def _run_generate(args) -> int:
+    from qkv import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = sampling_params(args)
+    if args.raw or llm.tokenizer is None or not llm.tokenizer.chat_template:
+        prompt = llm.encode(args.prompt)
+    else:
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    for out in llm.stream(prompt, params):
+        sys.stdout.write(out.text_delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def _run_chat(args) -> int:
+    from qkv import LLM
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = sampling_params(args)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    print("qkv chat: empty line or Ctrl-D to quit.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        messages.append({"role": "user", "content": line})
+        answer, last = "", None
+        for out in llm.stream(llm.chat_prompt(messages), params):
+            sys.stdout.write(out.text_delta)
+            sys.stdout.flush()
+            answer, last = out.text, out
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": answer})
+        if args.verbose and last is not None:
+            print(f"[prompt {len(last.prompt_token_ids)} tokens, {last.num_cached_tokens} served from the "
+                  f"KV cache; {len(last.token_ids)} generated]", file=sys.stderr)
+    return 0
+
+
+def run(args) -> int:
+    return _run_generate(args) if args.command == "generate" else _run_chat(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="qkv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        if module == __name__:
+            add_arguments(p, name)
+        else:
+            try:
+                importlib.import_module(module).add_arguments(p)
+            except ImportError as e:
+                p.set_defaults(unavailable=f"qkv {name} is unavailable: {e}")
+        p.set_defaults(module=module)
+    args = parser.parse_args(argv)
+    if getattr(args, "unavailable", None):
+        parser.error(args.unavailable)
+    from qkv.loading import LoadError
+
+    try:
+        if args.module == __name__:
+            return run(args)
+        return importlib.import_module(args.module).run(args) or 0
+    except (LoadError, ValueError, FileNotFoundError) as e:
+        print(f"qkv {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
