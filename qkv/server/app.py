@@ -1,0 +1,345 @@
+"""The OpenAI-compatible HTTP app: ``create_app(llm, ...)`` -> FastAPI.
+
+    POST /v1/completions       POST /v1/chat/completions   (stream, n, stop, seed, top_k, ...)
+    GET  /v1/models            GET  /health                GET  /metrics (Prometheus)
+
+Handlers never touch the engine: they tokenize, submit to the EngineLoop thread and read the
+outputs back from an asyncio queue. Every error, including a client's malformed body, is
+answered in OpenAI's shape ``{"error": {"message", "type", "code", "param"}}``; a client's
+mistake is a 4xx, never a 500. A client that hangs up has its request aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from qkv.engine.request import SamplingParams
+from qkv.engine.scheduler import RequestTooLarge
+from qkv.server import protocol as P
+from qkv.server.engine_loop import EngineLoop, ShuttingDown, Stream
+from qkv.server.metrics import ServerMetrics
+
+log = logging.getLogger("qkv.server")
+
+
+class ServerLimits:
+    """What one request may ask for. ``max_body_bytes`` bounds the raw JSON body."""
+
+    def __init__(self, max_n: int = 16, max_prompts: int = 32, max_body_bytes: int = 1 << 20,
+                 default_max_tokens: int | None = None):
+        self.max_n, self.max_prompts, self.max_body_bytes = max_n, max_prompts, max_body_bytes
+        self.default_max_tokens = default_max_tokens  # chat without max_tokens: None = rest of the context
+
+
+def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
+               limits: ServerLimits | None = None) -> FastAPI:
+    """An app serving ``llm`` (a qkv.LLM) as ``model_name``. The app owns one EngineLoop,
+    started and stopped by its lifespan; nothing else may drive ``llm.engine`` meanwhile."""
+    limits = limits or ServerLimits()
+    engine = llm.engine
+    holder: dict = {}
+    metrics = ServerMetrics(lambda: holder["loop"].stats if "loop" in holder else engine.stats())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = EngineLoop(engine, metrics)
+        holder["loop"] = app.state.engine_loop = loop
+        loop.start()
+        try:
+            yield
+        finally:
+            loop.stop()  # aborts what is left: every block goes back to the pool
+
+    app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.metrics = metrics
+
+    # ---------------------------------------------------------------- errors
+    @app.exception_handler(P.APIError)
+    async def _api_error(request, e: P.APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(P.error_body(str(e.detail), kind, code=str(e.status_code)), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, e: RequestValidationError):
+        return JSONResponse(P.error_body(str(e), "invalid_request_error", "invalid_value"), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def _server_error(request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+
+    # ---------------------------------------------------------------- auth
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise P.APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+                             "authentication_error", "invalid_api_key")
+
+    auth = [Depends(authorize)]
+
+    # ---------------------------------------------------------------- plain endpoints
+    @app.get("/health")
+    async def health():
+        loop: EngineLoop | None = holder.get("loop")
+        if loop is None or not loop.alive:
+            return JSONResponse(P.error_body("engine loop is not running", "server_error"), status_code=503)
+        return {"status": "ok"}
+
+    def model_card() -> dict:
+        return {"id": model_name, "object": "model", "created": 0, "owned_by": "qkv",
+                "max_model_len": engine.max_model_len}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=auth)
+    async def model(name: str):
+        check_model(name)
+        return model_card()
+
+    @app.get("/metrics", dependencies=auth)
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    # ---------------------------------------------------------------- generation
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise P.APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
+                             "not_found_error", "model_not_found", "model")
+
+    def check_request(req: P._Sampling, num_prompts: int) -> None:
+        check_model(req.model)
+        if req.n > limits.max_n:
+            raise P.APIError(400, f"n={req.n} exceeds this server's limit of {limits.max_n}",
+                             code="invalid_value", param="n")
+        if num_prompts > limits.max_prompts:
+            raise P.APIError(400, f"{num_prompts} prompts exceed this server's limit of {limits.max_prompts}",
+                             code="invalid_value", param="prompt")
+        if (msg := req.unsupported()) is not None:
+            raise P.APIError(400, msg, code="unsupported_parameter")
+
+    def sampling(req: P._Sampling, max_tokens: int) -> SamplingParams:
+        return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
+                              ignore_eos=req.ignore_eos)
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(request: Request):
+        req = await parse(request, P.CompletionRequest, limits.max_body_bytes)
+        prompts = req.prompts()
+        check_request(req, len(prompts))
+        ids = [encode(llm, p) for p in prompts]
+        max_tokens = req.max_tokens or 16  # OpenAI's default for completions
+        return await generate(request, req, ids, sampling(req, max_tokens), chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(request: Request):
+        req = await parse(request, P.ChatCompletionRequest, limits.max_body_bytes)
+        check_request(req, 1)
+        if llm.tokenizer is None or not llm.tokenizer.chat_template:
+            raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
+                             code="no_chat_template")
+        try:
+            ids = llm.chat_prompt(req.plain_messages())
+        except ValueError as e:  # ChatTemplateError: the template rejected the messages
+            raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = max(1, engine.max_model_len - len(ids))
+            if limits.default_max_tokens is not None:
+                max_tokens = min(max_tokens, limits.default_max_tokens)
+        return await generate(request, req, [ids], sampling(req, max_tokens), chat=True)
+
+    async def generate(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
+                       chat: bool):
+        loop: EngineLoop = holder["loop"]
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        stream = loop.submit(prompts, params, rid)
+        try:
+            await asyncio.wrap_future(stream.added)
+        except RequestTooLarge as e:
+            raise P.APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
+        except ShuttingDown as e:
+            raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except ValueError as e:
+            raise P.APIError(400, str(e), code="invalid_value") from None
+        except BaseException:
+            loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
+            raise
+        answer = _Answer(rid, model_name, prompts, params.n, stream, chat)
+        if req.stream:
+            return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
+                               headers={"Cache-Control": "no-cache"})
+        return JSONResponse(await answer.collect(loop, request))
+
+    return app
+
+
+# -------------------------------------------------------------------- helpers
+async def parse(request: Request, model: type, max_bytes: int):
+    """The body as ``model``; any problem (size, JSON, types) is a 400 in OpenAI's shape."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise P.APIError(400, f"request body of {declared} bytes exceeds the limit of {max_bytes}",
+                         code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise P.APIError(400, f"request body exceeds the limit of {max_bytes} bytes", code="request_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise P.APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise P.APIError(400, "the JSON body must be an object", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise P.APIError(400, P.validation_message(e), code="invalid_value") from None
+
+
+def encode(llm, prompt: str | list[int]) -> list[int]:
+    try:
+        ids = llm.encode(prompt)
+    except ValueError as e:  # no tokenizer for a text prompt
+        raise P.APIError(400, str(e), code="invalid_value", param="prompt") from None
+    if not ids:
+        raise P.APIError(400, "the prompt is empty: at least one token is needed", code="invalid_value",
+                         param="prompt")
+    return ids
+
+
+class _Answer:
+    """Turns the engine outputs of one submission into an OpenAI response or SSE events.
+    Choice ``p * n + i`` is sample ``i`` of prompt ``p``."""
+
+    def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool):
+        self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
+        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.prompt_of = {h: p for p, h in enumerate(stream.request_ids)}
+        self.completion_tokens = 0
+        self.cached_tokens = 0
+        self.finished = 0
+
+    def _index(self, out) -> int:
+        return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
+
+    def _account(self, out) -> None:
+        if out.finished:
+            self.finished += 1
+            self.completion_tokens += len(out.token_ids)
+            if out.index == 0:  # siblings share their parent's prompt blocks
+                self.cached_tokens += out.num_cached_tokens
+
+    def _usage(self) -> dict:
+        return P.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+    async def _next(self):
+        item = await self.stream.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def collect(self, loop: EngineLoop, request: Request) -> dict:
+        """Wait for every sample; abort them all if the client hangs up first."""
+        texts: dict[int, tuple[str, str]] = {}
+
+        async def gather():
+            while self.finished < self.stream.num_samples:
+                out = await self._next()
+                self._account(out)
+                if out.finished:
+                    texts[self._index(out)] = (out.text, out.finish_reason)
+
+        work = asyncio.ensure_future(gather())
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+                loop.abort(self.stream)
+        if work.cancelled():
+            raise P.APIError(499, "client disconnected", code="client_closed")
+        try:
+            work.result()
+        except ShuttingDown as e:
+            raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except Exception as e:
+            raise P.APIError(500, f"generation failed: {e}", "server_error") from None
+        choices = [P.choice(i, *texts[i], chat=self.chat, chunk=False) for i in sorted(texts)]
+        return P.completion_response(self.rid, self.model, choices, self._usage(), self.chat)
+
+    async def events(self, loop: EngineLoop, include_usage: bool) -> AsyncIterator[str]:
+        """SSE lines ending with ``data: [DONE]``. If the consumer stops early (disconnect),
+        the ``finally`` aborts the request so its blocks return to the pool."""
+
+        def event(choices: list[dict], use: dict | None = None) -> str:
+            body = P.completion_response(self.rid, self.model, choices, use, self.chat, chunk=True)
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            if self.chat:  # the role first, as OpenAI does
+                yield event([P.choice(i, "", None, True, True, first=True)
+                             for i in range(self.stream.num_samples)])
+            while self.finished < self.stream.num_samples:
+                try:
+                    out = await self._next()
+                except Exception as e:
+                    err = P.error_body(str(e), "server_error", "shutting_down" if isinstance(e, ShuttingDown) else None)
+                    yield f"data: {json.dumps(err)}\n\n"
+                    break
+                self._account(out)
+                if out.text_delta or out.finished:
+                    # A chat chunk that only finishes carries an empty delta, not "content": "".
+                    text = out.text_delta if out.text_delta or not self.chat else None
+                    yield event([P.choice(self._index(out), text, out.finish_reason, self.chat, True)])
+            else:
+                if include_usage:
+                    yield event([], self._usage())
+            yield "data: [DONE]\n\n"
+        finally:
+            if self.finished < self.stream.num_samples:
+                loop.abort(self.stream)
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (the body has been read, so only disconnect can come)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, whichever way the response ends,
+    so the generator's ``finally`` (the abort) runs now rather than at garbage collection."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()

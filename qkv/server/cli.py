@@ -1,0 +1,73 @@
+"""``qkv serve``: load a model and serve it over OpenAI's HTTP API with uvicorn.
+
+    qkv serve --model smollm2 --port 8000 [--api-key KEY]
+
+Binds 127.0.0.1 unless told otherwise. Ctrl-C (SIGINT) or SIGTERM shuts down gracefully:
+uvicorn stops accepting, gives open responses ``--shutdown-timeout`` seconds, then the engine
+loop aborts whatever is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from qkv.cli import add_model_arguments, engine_kwargs
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("QKV_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(default: $QKV_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-n", type=int, default=16, help="largest n (samples) per request")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="chat max_tokens when a request gives none (default: the rest of the context)")
+    p.add_argument("--shutdown-timeout", type=float, default=5.0,
+                   help="seconds open responses get to finish on shutdown")
+    p.add_argument("--log-level", default="info")
+
+
+def served_name(model: str) -> str:
+    """``smollm2`` stays ``smollm2``; a path becomes its last component."""
+    return Path(model).name if os.sep in model or model.endswith(".gguf") else model
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from qkv import LLM
+    from qkv.server.app import ServerLimits, create_app
+
+    if not args.api_key and not _is_loopback(args.host):
+        print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    kwargs = engine_kwargs(args)
+    if args.max_model_len:
+        kwargs["max_model_len"] = args.max_model_len
+    llm = LLM(args.model, **kwargs)
+    name = args.served_model_name or served_name(args.model)
+    limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                          default_max_tokens=args.default_max_tokens)
+    app = create_app(llm, name, api_key=args.api_key, limits=limits)
+    print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.shutdown_timeout)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
