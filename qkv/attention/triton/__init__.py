@@ -1,0 +1,28 @@
+"""Triton GPU kernels: paged decode (GQA, split-K), varlen prefill over a paged prefix,
+fused KV write, MLA decode, and the fused norm/RoPE/activation ops of the hot path.
+
+Importing this package needs ``triton``; ``register()`` adds the backend under "triton".
+"""
+
+from __future__ import annotations
+
+
+def available() -> bool:
+    """Whether the Triton backend can run here (triton importable and a CUDA device, or the
+    interpreter switched on with TRITON_INTERPRET=1)."""
+    import os
+
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    import torch
+
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def register() -> None:
+    from qkv.attention import backend
+    from qkv.attention.triton.backend import paged_attention
+
+    backend.register("triton", paged_attention)

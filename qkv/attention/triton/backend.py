@@ -1,0 +1,36 @@
+"""The Triton attention backend: same signature and results as ``reference.paged_attention``.
+
+Decode steps (one new token per sequence) write K/V first and run the split-K GQA decode
+kernel over the pages; every other step runs the varlen prefill kernel (cached prefix from
+pages, new keys from ``k``/``v``) and writes K/V after. Nothing here reads a device value on
+the host, so a decode step can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+from qkv.attention.triton.decode import paged_decode
+from qkv.attention.triton.kv_write import write_kv
+from qkv.attention.triton.prefill import paged_prefill
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                    batch: AttentionBatch, group: int, scale: float, window: int | None = None,
+                    softcap: float | None = None, dilation: int = 1) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] -> out [T, H, D]. Writes k/v into ``kv_cache`` pages."""
+    if dilation != 1:
+        raise NotImplementedError("the Triton backend has no dilated windows; use the reference backend")
+    ring = batch.ring_blocks[group]
+    table = batch.block_tables[group]
+    slots = batch.slot_mappings[group]
+    if batch.is_decode:
+        write_kv(kv_cache, k, v, slots)
+        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
+                            max_seq_len=None if capturing else batch.max_seq_len)
+    out = paged_prefill(q, k, v, kv_cache, table, batch.query_start_loc, batch.num_computed,
+                        batch.max_query_len, scale, window, ring, softcap)
+    write_kv(kv_cache, k, v, slots)
+    return out

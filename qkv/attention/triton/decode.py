@@ -1,0 +1,143 @@
+"""Paged decode attention: one query token per sequence, keys read from cache pages.
+
+Grid ``(B, KVH, S)``: one program per (sequence, KV head, split). It loads each K/V tile
+once and scores it against all ``G = H / KVH`` query heads of the group with one tensor-core
+dot (G padded to 16 rows), so GQA costs the bytes of its KV heads, not of its query heads.
+Long contexts are cut into ``S`` splits that run in parallel (split-K, "flash decoding");
+``_combine_kernel`` merges their partial softmax states. ``S`` depends only on the batch
+shape, never on data, so the launch is the same on every CUDA-graph replay; each program
+reads its sequence length from device memory and finds its own key range.
+
+The caller has already written this step's K/V into the cache (decode writes first: one
+new token never overwrites a key its own query sees, even in a sliding-window ring).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(Q, KC, VC, BT, NC, ACC, ML,
+                   stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+                   sm_scale, softcap, window, ring,
+                   G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                   BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    kstart = 0
+    if HAS_WINDOW:
+        kstart = tl.maximum(seq_len - window, 0)
+    n = seq_len - kstart
+    per_split = tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N
+    lo = kstart + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    g = tl.arange(0, G_PAD)
+    d = tl.arange(0, D_PAD)
+    gmask = g < G
+    dmask = d < D
+    heads = kvh * G + g
+    q = tl.load(Q + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=gmask[:, None] & dmask[None, :], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        page = pos // BS
+        if HAS_RING:
+            page = page % ring
+        blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
+        off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k).to(q.dtype))
+        if HAS_SOFTCAP:
+            s = s * sm_scale
+            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+            s = s * 1.4426950408889634
+        else:
+            s = s * qk_scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+    # Partial state of this split (m in log2 units); empty splits store m = -inf, l = 0.
+    row = (b * (tl.num_programs(1) * G) + heads) * S + split
+    tl.store(ACC + row[:, None] * D_PAD + d[None, :], acc, mask=gmask[:, None])
+    tl.store(ML + row * 2, m_i, mask=gmask)
+    tl.store(ML + row * 2 + 1, l_i, mask=gmask)
+
+
+@triton.jit
+def _combine_kernel(ACC, ML, OUT, stride_ot, stride_oh, H, D: tl.constexpr, D_PAD: tl.constexpr,
+                    S: tl.constexpr, S_PAD: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D_PAD)
+    smask = s < S
+    row = (b * H + h) * S + s
+    m = tl.load(ML + row * 2, mask=smask, other=float("-inf"))
+    l = tl.load(ML + row * 2 + 1, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
+    acc = tl.load(ACC + row[:, None] * D_PAD + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(OUT + b * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+def num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None, block_n: int,
+               num_sms: int = 132) -> int:
+    """Splits per sequence: enough programs to fill the SMs about twice, but no split shorter
+    than one tile. ``max_seq_len=None`` (CUDA-graph capture) assumes long sequences."""
+    target = triton.cdiv(2 * num_sms, batch_size * num_kv_heads)
+    s = min(triton.next_power_of_2(max(target, 1)), 32)
+    if max_seq_len is not None:
+        s = min(s, triton.cdiv(max_seq_len, 4 * block_n))
+    return max(s, 1)
+
+
+def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, num_computed: torch.Tensor,
+                 scale: float, window: int | None = None, ring: int | None = None, softcap: float | None = None,
+                 max_seq_len: int | None = None, splits: int | None = None, block_n: int = 64,
+                 num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """q [B, H, D]; keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached).
+
+    ``kv_cache`` [2, blocks, bs, KVH, D], ``block_table`` [B, max_blocks]. Returns [B, H, D]
+    in q's dtype. Allocates its split buffers per call (from the graph pool when captured)."""
+    B, H, D = q.shape
+    _, _, bs, kvh, _ = kv_cache.shape
+    G = H // kvh
+    D_PAD = triton.next_power_of_2(D)
+    S = splits or num_splits(B, kvh, max_seq_len, block_n)
+    acc = torch.empty((B * H * S, D_PAD), dtype=torch.float32, device=q.device)
+    ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q.device)
+    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    kc, vc = kv_cache[0], kv_cache[1]
+    if q.dtype != kc.dtype:
+        q = q.to(kc.dtype)
+    _decode_kernel[(B, kvh, S)](
+        q, kc, vc, block_table, num_computed, acc, ml,
+        q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0),
+        scale, softcap or 0.0, window or 0, ring or 1,
+        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
+        HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
+        num_warps=num_warps, num_stages=num_stages)
+    _combine_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
+                            S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
+    return out

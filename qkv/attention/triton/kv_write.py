@@ -1,0 +1,37 @@
+"""Fused KV write: store this step's K and V rows at their cache slots in one launch.
+
+Slot ``s`` is flat over ``[num_blocks * block_size]``; ``-1`` means "do not store" (a token a
+later token of the same ring chunk overwrites, or a padding row of a CUDA graph). No host
+synchronization: the -1 rows are skipped inside the kernel, not filtered on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kv_write_kernel(K, V, KC, VC, SLOT, stride_kt, stride_vt, stride_cs, W: tl.constexpr, W_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(SLOT + t)
+    if slot >= 0:
+        offs = tl.arange(0, W_PAD)
+        mask = offs < W
+        k = tl.load(K + t * stride_kt + offs, mask=mask)
+        v = tl.load(V + t * stride_vt + offs, mask=mask)
+        tl.store(KC + slot * stride_cs + offs, k.to(KC.dtype.element_ty), mask=mask)
+        tl.store(VC + slot * stride_cs + offs, v.to(VC.dtype.element_ty), mask=mask)
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """k/v [T, KVH, D] (each token's heads contiguous) -> ``kv_cache`` [2, blocks, bs, KVH, D]."""
+    T = k.shape[0]
+    if T == 0:
+        return
+    W = k.shape[1] * k.shape[2]
+    assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(2) == 1 and v.stride(1) == v.shape[2]
+    kc, vc = kv_cache[0], kv_cache[1]
+    _kv_write_kernel[(T,)](k, v, kc, vc, slot_mapping, k.stride(0), v.stride(0), kc.stride(1),
+                           W=W, W_PAD=triton.next_power_of_2(W), num_warps=4)

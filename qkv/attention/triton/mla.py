@@ -1,0 +1,86 @@
+"""MLA decode as MQA over the latent cache (absorbed weights, DeepSeek-V2/V3).
+
+With ``W_UK`` folded into the query and ``W_UV`` into the output, every head attends over the
+same per-token row ``[c_KV (R) | k_rope (P)]``: keys are the whole row, values its first R
+columns. One program takes ``BLOCK_H`` heads of one sequence and one split of its keys, so each
+cached row is read once for all those heads (for 16 heads: once per sequence). Splits merge
+in the combine kernel of ``decode.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qkv.attention.triton.decode import _combine_kernel
+
+
+@triton.jit
+def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML,
+                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                       H, sm_scale,
+                       R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_N: tl.constexpr, S: tl.constexpr):
+    b = tl.program_id(0)
+    hblk = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    ql = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
+    qr = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        blk = tl.load(BT + b * stride_bt + pos // BS, mask=nmask, other=0).to(tl.int64)
+        off = blk * stride_cb + (pos % BS) * stride_ct
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(ql, tl.trans(lat)) + tl.dot(qr, tl.trans(rope))
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat).to(tl.float32)
+        m_i = m_new
+    row = (b * H + h) * S + split
+    tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+    tl.store(ML + row * 2, m_i, mask=hmask)
+    tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+
+
+def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+               num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int = 32,
+               num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+    """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
+    row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
+    (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek)."""
+    B, H, R = q_lat.shape
+    P = q_rope.shape[2]
+    bs = kv_cache.shape[1]
+    BLOCK_H = min(16, triton.next_power_of_2(H)) if H >= 16 else 16
+    hblocks = triton.cdiv(H, BLOCK_H)
+    S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, B * hblocks))))
+    acc = torch.empty((B * H * S, R), dtype=torch.float32, device=q_lat.device)
+    ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q_lat.device)
+    out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
+    q_lat, q_rope = q_lat.to(kv_cache.dtype), q_rope.to(kv_cache.dtype)
+    _mla_decode_kernel[(B, hblocks, S)](
+        q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+        kv_cache.stride(1), block_table.stride(0), H, scale,
+        R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
+    _combine_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
+                            S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
+    return out

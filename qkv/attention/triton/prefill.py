@@ -1,0 +1,137 @@
+"""Prefill / extend attention over a packed variable-length batch with a paged prefix.
+
+Grid ``(cdiv(max_query_len, BLOCK_M), B, H)``: each program takes ``BLOCK_M`` query rows of
+one sequence and one head. Keys come in two phases, like the reference backend:
+  1. the prefix already in the cache (prefix-cache hits, earlier chunks), read from pages
+     through the block table (ring-indexed for sliding-window groups);
+  2. this step's own keys, read straight from ``k``/``v``, with the causal mask.
+Reading before writing keeps a sliding-window ring correct when one chunk is longer than
+the ring: the caller writes the new K/V into the cache only after this kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
+            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    s = tl.dot(q, tl.trans(k).to(q.dtype))
+    if HAS_SOFTCAP:
+        s = s * sm_scale
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        s = s * 1.4426950408889634
+    else:
+        s = s * (sm_scale * 1.4426950408889634)
+    dist = q_pos[:, None] - k_pos[None, :]
+    allowed = (dist >= 0) & kmask[None, :]
+    if HAS_WINDOW:
+        allowed = allowed & (dist < window)
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                    stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
+                    sm_scale, softcap, window, ring,
+                    G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    mblk = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // G
+    row0 = tl.load(QSL + b).to(tl.int32)
+    qlen = tl.load(QSL + b + 1).to(tl.int32) - row0
+    if mblk * BLOCK_M >= qlen:
+        return
+    nc = tl.load(NC + b).to(tl.int32)
+    m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+    mmask = m < qlen
+    d = tl.arange(0, D_PAD)
+    dmask = d < D
+    q = tl.load(Q + (row0 + m)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=mmask[:, None] & dmask[None, :], other=0.0)
+    q_pos = nc + m
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+
+    # Phase 1: cached keys [lo, nc) from pages.
+    q_lo = nc + mblk * BLOCK_M
+    q_hi = nc + tl.minimum(mblk * BLOCK_M + BLOCK_M, qlen)  # exclusive
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(q_lo - window + 1, 0)
+    lo = (lo // BLOCK_N) * BLOCK_N
+    for start in range(lo, nc, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        kmask = k_pos < nc
+        page = k_pos // BS
+        if HAS_RING:
+            page = page % ring
+        blk = tl.load(BT + b * stride_bt + page, mask=kmask, other=0).to(tl.int64)
+        off = blk * stride_cb + (k_pos % BS) * stride_ct + kvh * stride_ch
+        lmask = kmask[:, None] & dmask[None, :]
+        k = tl.load(KC + off[:, None] + d[None, :], mask=lmask, other=0.0)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=lmask, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
+                                HAS_WINDOW, HAS_SOFTCAP)
+
+    # Phase 2: this step's keys [nc, q_hi) from k/v.
+    lo2 = nc
+    if HAS_WINDOW:
+        lo2 = tl.maximum(nc, q_lo - window + 1)
+    lo2 = nc + ((lo2 - nc) // BLOCK_N) * BLOCK_N
+    for start in range(lo2, q_hi, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)
+        kmask = k_pos < q_hi
+        r = row0 + (k_pos - nc)
+        lmask = kmask[:, None] & dmask[None, :]
+        k = tl.load(K + r[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=lmask, other=0.0)
+        v = tl.load(V + r[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=lmask, other=0.0)
+        m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
+                                HAS_WINDOW, HAS_SOFTCAP)
+
+    out = acc / l_i[:, None]
+    tl.store(OUT + (row0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
+             mask=mmask[:, None] & dmask[None, :])
+
+
+def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                  block_table: torch.Tensor, query_start_loc: torch.Tensor, num_computed: torch.Tensor,
+                  max_query_len: int, scale: float, window: int | None = None, ring: int | None = None,
+                  softcap: float | None = None) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``; returns [T, H, D] (q's dtype).
+    Does not write the cache."""
+    T, H, D = q.shape
+    kc, vc = kv_cache[0], kv_cache[1]
+    bs, kvh = kc.shape[1], kc.shape[2]
+    out = torch.empty_like(q)
+    dt = kc.dtype
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    D_PAD = triton.next_power_of_2(D)
+    big = D_PAD > 128 or dt == torch.float32
+    BLOCK_M, BLOCK_N = (64, 32) if big else (64, 64)
+    B = query_start_loc.shape[0] - 1
+    grid = (triton.cdiv(max_query_len, BLOCK_M), B, H)
+    _prefill_kernel[grid](
+        q, k, v, kc, vc, block_table, query_start_loc, num_computed, out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
+        scale, softcap or 0.0, window or 0, ring or 1,
+        G=H // kvh, D=D, D_PAD=D_PAD, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
+        num_warps=4 if big else 8, num_stages=2)
+    return out
