@@ -1,0 +1,299 @@
+"""``qkv memory``: what a model's KV cache costs, exactly, and what its attention twins would cost.
+
+    qkv memory smollm2 --context 8192 --batch 4
+    qkv memory ./llama-7b-config-dir --context 16384 --kv-bits 4 --json
+    qkv memory gemma3-270m --plot kv.png
+
+The arithmetic is the engine's own: the cache specs of ``qkv.kvcache.spec`` (``layer_specs``,
+``bytes_per_token``, ``blocks_needed``, the sliding-window ring) grouped by
+``qkv.kvcache.manager.group_layers``, counted in whole blocks. There is no second formula
+here, so a prediction equals what ``LLMEngine`` allocates for the same tokens, to the block.
+
+Only the configuration is read: a directory needs just ``config.json``, and of a GGUF file
+only the header (metadata and tensor names) is parsed; weights are never loaded.
+
+Twins. Beside the model's own attention we price the same model with:
+  - MHA: one KV head per query head;
+  - GQA-g: g KV heads (the model's own g if it is GQA, else the largest divisor of the head
+    count that is at most a quarter of it, e.g. 8 of 32; ``--gqa-kv-heads`` overrides);
+  - MQA: one KV head;
+  - MLA: every layer caches one latent of ``kv_lora_rank = 4 * head_dim`` plus a shared RoPE
+    key of ``head_dim / 2``: DeepSeek-V2's ratio (512 + 64 for head_dim 128), scaled. The MLA
+    twin has no sliding windows (DeepSeek-V2 has none).
+For an MLA model the MHA/GQA/MQA twins use ``v_head_dim`` as head_dim, as the DeepSeek-V2
+paper does when it compares with MHA (2 * heads * 128 values per layer-token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from fractions import Fraction
+from pathlib import Path
+from typing import NamedTuple
+
+from qkv.config import ConfigError, ModelConfig
+from qkv.kvcache.manager import group_layers
+from qkv.kvcache.spec import CacheSpec, SlidingWindow, layer_specs
+
+DTYPE_BITS = {"float32": 32, "fp32": 32, "bfloat16": 16, "bf16": 16, "float16": 16, "fp16": 16,
+              "int8": 8, "fp8": 8, "int4": 4}
+
+
+# ---------------------------------------------------------------- config only
+def read_config(model: str) -> ModelConfig:
+    """The ModelConfig of a named model, a GGUF file, a directory or a ``config.json`` file,
+    without loading any weights. Raises LoadError (a ValueError) naming the file."""
+    from qkv.loading import LoadError
+    from qkv.loading.models import NAMED, resolve
+
+    path = resolve(model) if model in NAMED else Path(model).expanduser()
+    if not path.exists():
+        raise LoadError(f"{path}: no such file or directory (known names: {', '.join(NAMED)})")
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json":
+        from qkv.loading.hf import _read_json
+
+        try:
+            return ModelConfig.from_hf(_read_json(path, required=True), source=str(path))
+        except ConfigError as e:
+            raise LoadError(str(e)) from None
+    from qkv.loading.gguf import MODEL_TYPES, gguf_config, read_gguf
+
+    meta, tensors = read_gguf(str(path))  # header only: tensor data stays memory-mapped, unread
+    arch = meta.get("general.architecture")
+    if arch not in MODEL_TYPES:
+        raise LoadError(f"{path}: unsupported GGUF architecture {arch!r}")
+    cfg = gguf_config(meta, {t.name for t in tensors}, str(path))
+    return cfg.replace(extra={**cfg.extra, "name": meta.get("general.name")})
+
+
+# ---------------------------------------------------------------- arithmetic
+def kv_specs(config: ModelConfig, bits: int) -> list[CacheSpec]:
+    """The engine's per-layer cache specs at ``bits`` per element (a Fraction of a byte for
+    4-bit, so every product stays exact)."""
+    return layer_specs(config, Fraction(bits, 8))
+
+
+class GroupFootprint(NamedTuple):
+    spec: CacheSpec
+    layers: list[int]
+    bytes_per_token_per_layer: Fraction
+    blocks_per_sequence: int  # per layer, from spec.blocks_needed (a ring caps it)
+    bytes_per_sequence: Fraction  # whole blocks, all layers of the group
+    block_bytes: Fraction  # one block of this group, all its layers (the engine's pool unit)
+
+
+class Footprint(NamedTuple):
+    config: ModelConfig
+    context: int
+    batch: int
+    bits: int
+    block_size: int
+    groups: list[GroupFootprint]
+
+    @property
+    def bytes_per_token(self) -> Fraction:
+        """What one cached token costs over all layers (before any window drops it)."""
+        return sum((g.bytes_per_token_per_layer * len(g.layers) for g in self.groups), Fraction(0))
+
+    @property
+    def bytes_per_sequence(self) -> Fraction:
+        return sum((g.bytes_per_sequence for g in self.groups), Fraction(0))
+
+    @property
+    def total_bytes(self) -> Fraction:
+        return self.bytes_per_sequence * self.batch
+
+    @property
+    def total_values(self) -> Fraction:
+        return self.total_bytes * 8 / self.bits
+
+
+def footprint(config: ModelConfig, context: int, batch: int = 1, bits: int = 16,
+              block_size: int = 16) -> Footprint:
+    """KV bytes of ``batch`` sequences of ``context`` tokens each, windows applied, whole blocks."""
+    if context < 1 or batch < 1 or block_size < 1:
+        raise ValueError(f"context, batch and block size must be positive (got {context}, {batch}, {block_size})")
+    groups = []
+    for spec, layers in group_layers(kv_specs(config, bits)):
+        blocks = spec.blocks_needed(context, block_size)
+        block_bytes = spec.bytes_per_token * block_size * len(layers)
+        groups.append(GroupFootprint(spec, layers, spec.bytes_per_token, blocks, blocks * block_bytes, block_bytes))
+    return Footprint(config, context, batch, bits, block_size, groups)
+
+
+def pool_bytes(config: ModelConfig, num_blocks: list[int], bits: int, block_size: int = 16) -> int:
+    """Bytes of the cache tensors the engine's runner allocates for pools of ``num_blocks``
+    (one count per layer group): each layer's ``spec.cache_shape`` times the element size."""
+    total = Fraction(0)
+    for (spec, layers), n in zip(group_layers(kv_specs(config, bits)), num_blocks, strict=True):
+        total += math.prod(spec.cache_shape(n, block_size)) * spec.dtype_bytes * len(layers)
+    return exact(total)
+
+
+def exact(x: Fraction) -> int | float:
+    """An int when whole (always, unless 4-bit elements come in odd counts)."""
+    return int(x) if x.denominator == 1 else float(x)
+
+
+# ---------------------------------------------------------------- twins
+def default_gqa_kv_heads(config: ModelConfig) -> int | None:
+    if 1 < config.num_kv_heads < config.num_heads and not config.kv_lora_rank:
+        return config.num_kv_heads
+    divisors = [d for d in range(2, config.num_heads) if config.num_heads % d == 0]
+    quarter = [d for d in divisors if d <= config.num_heads // 4]
+    return (quarter or divisors or [None])[-1]
+
+
+def twins(config: ModelConfig, gqa_kv_heads: int | None = None) -> dict[str, ModelConfig]:
+    """The model under its own attention and as MHA, GQA-g, MQA and MLA (see module doc)."""
+    n = config.num_heads
+    if config.kv_lora_rank:  # an MLA model: its twins cache per-head K and V of v_head_dim
+        base = config.replace(kv_lora_rank=None, q_lora_rank=None, head_dim=config.v_head_dim,
+                              layer_types=["full"] * config.num_layers)
+    else:
+        base = config
+    g = gqa_kv_heads or default_gqa_kv_heads(config)
+    if g is not None and (g < 1 or n % g):
+        raise ValueError(f"--gqa-kv-heads {g} must divide the {n} query heads")
+    out = {f"model ({config.attention_kind})": config, "MHA": base.replace(num_kv_heads=n)}
+    if g is not None and 1 < g < n:
+        out[f"GQA-{g}"] = base.replace(num_kv_heads=g)
+    out["MQA"] = base.replace(num_kv_heads=1)
+    hd = base.head_dim
+    out["MLA"] = base.replace(kv_lora_rank=4 * hd, qk_rope_head_dim=max(1, hd // 2),
+                              layer_types=["mla"] * config.num_layers)
+    return out
+
+
+# ---------------------------------------------------------------- report
+def human(n: float) -> str:
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{float(n):.4g} B"
+
+
+def describe(spec: CacheSpec) -> str:
+    if spec.kind == "mla":
+        return f"mla latent {spec.kv_lora_rank}+rope {spec.rope_dim}"
+    text = f"{spec.kind} {spec.num_kv_heads}x{spec.head_dim}"
+    return text + (f" window {spec.window}" if isinstance(spec, SlidingWindow) else "")
+
+
+def group_dict(g: GroupFootprint) -> dict:
+    d = {"kind": g.spec.kind, "num_layers": len(g.layers), "layers": g.layers,
+         "bytes_per_token_per_layer": exact(g.bytes_per_token_per_layer),
+         "bytes_per_token": exact(g.bytes_per_token_per_layer * len(g.layers)),
+         "blocks_per_sequence": g.blocks_per_sequence, "bytes_per_sequence": exact(g.bytes_per_sequence)}
+    if g.spec.kind == "mla":
+        d.update(kv_lora_rank=g.spec.kv_lora_rank, rope_dim=g.spec.rope_dim)
+    else:
+        d.update(num_kv_heads=g.spec.num_kv_heads, head_dim=g.spec.head_dim)
+    if isinstance(g.spec, SlidingWindow):
+        d["window"] = g.spec.window
+    return d
+
+
+def summary(f: Footprint) -> dict:
+    return {"attention": f.config.attention_kind, "bytes_per_token": exact(f.bytes_per_token),
+            "bytes_per_sequence": exact(f.bytes_per_sequence), "total_bytes": exact(f.total_bytes),
+            "total_values": exact(f.total_values), "groups": [group_dict(g) for g in f.groups]}
+
+
+def report(model: str, config: ModelConfig, context: int, batch: int, bits: int, block_size: int,
+           gqa_kv_heads: int | None = None) -> dict:
+    """Everything ``--json`` prints: the model's footprint at the top level, its twins under ``variants``."""
+    own = footprint(config, context, batch, bits, block_size)
+    out = {"model": model, "name": config.extra.get("name") or config.extra.get("gguf_name"),
+           "model_type": config.model_type, "num_layers": config.num_layers, "num_heads": config.num_heads,
+           "context": context, "batch": batch, "kv_bits": bits, "block_size": block_size, **summary(own)}
+    out["variants"] = {name: summary(footprint(c, context, batch, bits, block_size))
+                       for name, c in twins(config, gqa_kv_heads).items()}
+    return out
+
+
+def print_report(r: dict, file=None) -> None:
+    p = lambda *a: print(*a, file=file or sys.stdout)  # noqa: E731
+    p(f"{r['name'] or r['model']}: {r['model_type']}, {r['num_layers']} layers, {r['num_heads']} heads, "
+      f"{r['attention']}")
+    p(f"context {r['context']:,} tokens x batch {r['batch']}, KV {r['kv_bits']}-bit, blocks of {r['block_size']} tokens")
+    p("")
+    p(f"{'layer group':<36}{'layers':>7}{'B/token/layer':>15}{'B/token':>12}{'blocks/seq':>12}{'bytes/seq':>26}")
+    for g in r["groups"]:
+        label = f"{g['kind']} " + (f"latent {g['kv_lora_rank']}+rope {g['rope_dim']}" if g["kind"] == "mla"
+                                   else f"{g['num_kv_heads']} kv heads x {g['head_dim']}")
+        label += f" window {g['window']}" if "window" in g else ""
+        p(f"{label:<36}{g['num_layers']:>7}{g['bytes_per_token_per_layer']:>15,}{g['bytes_per_token']:>12,}"
+          f"{g['blocks_per_sequence']:>12,}{g['bytes_per_sequence']:>16,} {human(g['bytes_per_sequence']):>9}")
+    p("")
+    p(f"per token (all layers): {r['bytes_per_token']:,} B ({human(r['bytes_per_token'])})")
+    p(f"per sequence:           {r['bytes_per_sequence']:,} B ({human(r['bytes_per_sequence'])})")
+    p(f"total (batch {r['batch']}):        {r['total_bytes']:,} B ({human(r['total_bytes'])}), "
+      f"{r['total_values']:,} values")
+    p("")
+    p(f"{'variant':<16}{'B/token':>12}{'total':>27}{'vs model':>10}")
+    for name, v in r["variants"].items():
+        ratio = v["total_bytes"] / r["total_bytes"]
+        p(f"{name:<16}{v['bytes_per_token']:>12,}{v['total_bytes']:>17,} {human(v['total_bytes']):>9}{ratio:>9.3f}x")
+
+
+def plot(config: ModelConfig, context: int, batch: int, bits: int, block_size: int, out: str,
+         gqa_kv_heads: int | None = None) -> None:
+    """PNG of total KV bytes against context length for the model and its twins."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    xs = sorted({2 ** k for k in range(int(math.log2(max(block_size, 1))), int(math.log2(context)) + 1)} | {context})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in twins(config, gqa_kv_heads).items():
+        ys = [float(footprint(c, x, batch, bits, block_size).total_bytes) / (1 << 30) for x in xs]
+        ax.plot(xs, ys, marker=".", linewidth=2.5 if name.startswith("model") else 1.2, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel(f"KV cache (GiB, batch {batch}, {bits}-bit)")
+    ax.set_title(f"KV cache of {config.extra.get('name') or config.model_type}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="named model, .gguf file, HF directory (config.json is enough) or config.json")
+    p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
+    p.add_argument("--batch", type=int, default=1, help="sequences held at once")
+    p.add_argument("--dtype", default="float16", help="KV element type: float32 | bfloat16 | float16 (default)")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16, 32), default=None, help="overrides --dtype")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's default: 16)")
+    p.add_argument("--gqa-kv-heads", type=int, default=None, help="KV heads of the GQA twin")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="draw KV bytes against context length")
+
+
+def run(args) -> int:
+    config = read_config(args.model)
+    if args.kv_bits is not None:
+        bits = args.kv_bits
+    elif args.dtype in DTYPE_BITS:
+        bits = DTYPE_BITS[args.dtype]
+    else:
+        raise ValueError(f"unknown --dtype {args.dtype!r} (use one of {', '.join(DTYPE_BITS)})")
+    context = args.context or config.max_position_embeddings
+    r = report(args.model, config, context, args.batch, bits, args.block_size, args.gqa_kv_heads)
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print_report(r)
+    if args.plot:
+        plot(config, context, args.batch, bits, args.block_size, args.plot, args.gqa_kv_heads)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
