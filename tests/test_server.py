@@ -357,3 +357,70 @@ def test_concurrent_streams_with_disconnects(server, llm):
     assert m["qkv_num_preemptions_total"] > 0  # the pool was too small for all 64: preemption was exercised
     r = httpx.post(server.url + "/v1/completions", json={"prompt": "still there?", "max_tokens": 3}, timeout=30)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_non_streaming_client_timeout_aborts(server, llm):
+    """A plain (non-streamed) request whose client gives up is aborted, not run to the end."""
+    before = aborted(server.url)
+    body = {"prompt": "hello world", "max_tokens": 240, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    deadline = time.monotonic() + 10
+    while aborted(server.url) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted(server.url) == before + 1
+    deadline = time.monotonic() + 10
+    while metrics(server.url)["qkv_kv_blocks_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert metrics(server.url)["qkv_kv_blocks_in_use"] == 0
+
+
+def test_graceful_shutdown_aborts_open_streams(model_dir):
+    from qkv import LLM
+    from qkv.server import create_app
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=32)
+    s = Server(create_app(llm, "tiny"))
+    lines: list[str] = []
+    started = threading.Event()
+
+    def stream():
+        body = {"prompt": "hello", "max_tokens": 240, "stream": True, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+                for line in r.iter_lines():
+                    lines.append(line)
+                    started.set()
+        except httpx.HTTPError:
+            pass  # the server closed the connection: also an acceptable ending
+
+    t = threading.Thread(target=stream)
+    t.start()
+    assert started.wait(20)
+    s.stop()
+    t.join(15)
+    assert not t.is_alive() and not s.thread.is_alive()
+    assert "data: [DONE]" not in lines or any("shutting down" in ln for ln in lines)
+    assert llm.stats()["num_blocks_in_use"] == 0 and not llm.engine.has_unfinished()
+
+
+@pytest.mark.slow
+def test_smollm2_chat_and_stream(smollm2):
+    """The real SmolLM2 (GGUF, its own template): the server reproduces the offline chat."""
+    from qkv import SamplingParams
+    from qkv.server import create_app
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ref = smollm2.chat(messages, SamplingParams(max_tokens=12, temperature=0))
+    s = Server(create_app(smollm2, "smollm2"))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        r = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0)
+        assert r.choices[0].message.content == ref.text
+        chunks = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=12, temperature=0,
+                                           stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == ref.text
+        assert r.usage.prompt_tokens == len(smollm2.chat_prompt(messages))
+    finally:
+        s.stop()
+    assert smollm2.stats()["num_blocks_in_use"] == 0
