@@ -26,3 +26,17 @@ def register() -> None:
     from qkv.attention.triton.backend import paged_attention
 
     backend.register("triton", paged_attention)
+
+
+_FUSED: list = []
+
+
+def fused_ops():
+    """The fused-op module, or None when triton is missing (checked once)."""
+    if not _FUSED:
+        try:
+            from qkv.attention.triton import fused
+        except ImportError:
+            fused = None
+        _FUSED.append(fused)
+    return _FUSED[0]

@@ -1,0 +1,127 @@
+"""CUDA graphs for decode steps: capture once per padded batch size, replay every step.
+
+At batch 1 an eager Llama-8B step launches about a thousand kernels and spends most of its
+time on the host; a graph replay launches them all at once. One graph is captured for each
+batch size in ``1, 2, 4, 8, ...`` up to ``max_num_seqs``; a decode step of ``n`` sequences
+replays the smallest graph of at least ``n`` rows, the extra rows padded (slot -1: they write
+nothing; block table of zeros, one key: they read garbage that nobody looks at).
+
+Ownership: this object owns the static input buffers, the graphs and their memory pool. The
+runner owns the KV caches the graphs read and write, which therefore must never be
+reallocated after capture; nor may the RoPE tables (``ensure`` runs before capture, up to
+``max_model_len``). Steps that are not pure decodes, or wider than the largest graph, run
+eagerly (the fallback), as does everything when the engine is built with ``enforce_eager``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes, n = [], 1
+    while n < max_num_seqs:
+        sizes.append(n)
+        n *= 2
+    sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, runner, max_num_seqs: int, max_model_len: int):
+        self.runner = runner
+        kv = runner.kv
+        dev = runner.device
+        self.sizes = graph_batch_sizes(max_num_seqs)
+        N = self.sizes[-1]
+        self.block_size = kv.block_size
+        self.max_blocks = [r if r is not None else -(-max_model_len // kv.block_size) for r in kv.ring]
+        i64 = dict(dtype=torch.int64, device=dev)
+        self.input_ids = torch.zeros(N, **i64)
+        self.positions = torch.zeros(N, **i64)
+        self.num_computed = torch.zeros(N, **i64)
+        self.query_lens = torch.ones(N, **i64)
+        self.query_start_loc = torch.arange(N + 1, **i64)
+        self.block_tables = [torch.zeros(N, w, **i64) for w in self.max_blocks]
+        self.slot_mappings = [torch.full((N,), -1, **i64) for _ in self.max_blocks]
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.max_model_len = max_model_len
+
+    def _batch(self, n: int) -> AttentionBatch:
+        return AttentionBatch(
+            query_start_loc=self.query_start_loc[:n + 1], num_computed=self.num_computed[:n],
+            query_lens=self.query_lens[:n], max_query_len=1, max_seq_len=self.max_model_len,
+            block_size=self.block_size, block_tables=[t[:n] for t in self.block_tables],
+            slot_mappings=[s[:n] for s in self.slot_mappings], ring_blocks=list(self.runner.kv.ring),
+            logits_indices=self.query_start_loc[:n])
+
+    def _forward(self, n: int) -> torch.Tensor:
+        model = self.runner.model
+        hidden = model(self.input_ids[:n], self.positions[:n], self._batch(n))
+        return model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def capture(self) -> float:
+        """Capture every batch size (largest first, so the smaller ones reuse its pool).
+        Returns the seconds it took."""
+        t0 = time.perf_counter()
+        for rope in self.runner.model.rotary_embeddings():
+            rope.ensure(self.max_model_len)
+        for n in reversed(self.sizes):
+            for s in self.slot_mappings:
+                s.fill_(-1)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._forward(n)  # warm-up: compiles kernels, sets up cuBLAS workspaces
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.logits[n] = self._forward(n)
+            if self.pool is None:
+                self.pool = graph.pool()
+            self.graphs[n] = graph
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def can_run(self, sched) -> bool:
+        return (bool(self.graphs) and len(sched.requests) <= self.sizes[-1]
+                and all(n == 1 for n in sched.num_new_tokens))
+
+    def run(self, sched) -> torch.Tensor:
+        """Fill the static inputs from a pure decode step, replay, return logits [n, vocab]
+        (a view of the graph's output buffer, valid until the next replay)."""
+        n = len(sched.requests)
+        size = next(s for s in self.sizes if s >= n)
+        kv, bs = self.runner.kv, self.block_size
+        ids, pos = [], []
+        slots = [[] for _ in self.max_blocks]
+        tables = [[] for _ in self.max_blocks]
+        for req in sched.requests:
+            p = req.num_computed_tokens
+            ids.append(req.all_token_ids[p])
+            pos.append(p)
+            req_tables = kv.block_tables(req.request_id)
+            for g in range(len(self.max_blocks)):
+                tables[g].append(req_tables[g])
+                slots[g].append(kv.slot(g, req_tables[g], p))
+        pad = size - n
+        host = torch.tensor([ids + [0] * pad, pos + [0] * pad], dtype=torch.int64)
+        self.input_ids[:size].copy_(host[0], non_blocking=True)
+        self.positions[:size].copy_(host[1], non_blocking=True)
+        self.num_computed[:size].copy_(host[1], non_blocking=True)
+        for g in range(len(self.max_blocks)):
+            self.slot_mappings[g][:size].copy_(torch.tensor(slots[g] + [-1] * pad), non_blocking=True)
+            # Only the used prefix of each row is copied: the kernels never read a row past
+            # its sequence's length, so stale entries from earlier steps are harmless.
+            width = max(len(t) for t in tables[g])
+            rows = [t + [0] * (width - len(t)) for t in tables[g]]
+            self.block_tables[g][:n, :width].copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:n]

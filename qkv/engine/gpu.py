@@ -1,0 +1,125 @@
+"""GPU set-up of an engine: attention backend, building on the card, KV sizing, CUDA graphs.
+
+Called only by ``LLMEngine`` when its device is CUDA; the CPU path never imports this file.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from qkv.attention import backend
+from qkv.attention.batch import AttentionBatch
+from qkv.kvcache.manager import group_layers
+from qkv.kvcache.spec import SlidingWindow
+from qkv.model import build_model
+
+
+def log(msg: str) -> None:
+    print(f"[qkv] {msg}", file=sys.stderr, flush=True)
+
+
+def select_backend(name: str) -> str:
+    """"auto" -> "triton" when triton imports, else "reference". Sets it as the current backend."""
+    from qkv.attention import triton as tri
+
+    if name in ("auto", "triton"):
+        if tri.available():
+            tri.register()
+            name = "triton"
+        elif name == "triton":
+            raise ValueError("attention backend 'triton' needs the triton package")
+        else:
+            name = "reference"
+    backend.set_backend(name)
+    return name
+
+
+@torch.no_grad()
+def build_on_device(config, groups: list[int], weights: dict | None, device: torch.device,
+                    dtype: torch.dtype):
+    """The model built directly on ``device`` in ``dtype``; ``weights=None`` keeps a random
+    init (normal, std 0.02, for matrices) generated on the card."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_model(config, groups)
+    finally:
+        torch.set_default_dtype(prev)
+    if weights is not None:
+        model.load_weights(weights)
+    else:
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+@torch.inference_mode()
+def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_seqs: int,
+                      utilization: float, device: torch.device) -> int:
+    """Bytes left for the KV cache: ``utilization`` of the card, minus what others hold, minus
+    the peak of one forward pass over a full token budget (activations, logits)."""
+    if not 0.0 < utilization <= 1.0:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    grouped = group_layers(specs)
+    rings = [s.ring_blocks(block_size) if isinstance(s, SlidingWindow) else None for s, _ in grouped]
+    layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
+    layers = model.attention_layers()
+    for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
+        m.kv_cache = torch.zeros(specs[m.layer].cache_shape(1, block_size), dtype=next(model.parameters()).dtype,
+                                 device=device)
+    B = max(1, min(max_num_seqs, max_tokens))
+    lens = [max_tokens // B + (i < max_tokens % B) for i in range(B)]
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    i64 = dict(dtype=torch.int64, device=device)
+    T = qsl[-1]
+    batch = AttentionBatch(
+        query_start_loc=torch.tensor(qsl, **i64), num_computed=torch.zeros(B, **i64),
+        query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max(lens),
+        block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in grouped],
+        slot_mappings=[torch.full((T,), -1, **i64) for _ in grouped], ring_blocks=rings,
+        logits_indices=torch.tensor(qsl[1:], **i64) - 1)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) for n in lens]), batch)
+    model.compute_logits(hidden[batch.logits_indices])
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    for m in layers:
+        m.kv_cache = None
+    del hidden
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    others = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
+    graph_reserve = 256 << 20  # graph pools: per-size activations beyond the profiled peak
+    budget = int(total * utilization) - others - peak - graph_reserve
+    log(f"memory: {total / 2**30:.1f} GiB card, weights {before / 2**30:.2f} GiB, forward peak "
+        f"{(peak - before) / 2**30:.2f} GiB over {T} tokens, others {others / 2**30:.2f} GiB -> "
+        f"KV budget {budget / 2**30:.2f} GiB at utilization {utilization}")
+    if budget <= 0:
+        raise ValueError(f"no GPU memory left for the KV cache at gpu_memory_utilization={utilization}")
+    return budget
+
+
+def report_capacity(runner, n_blocks: list[int], block_size: int) -> None:
+    tokens = min(n * block_size for n, r in zip(n_blocks, runner.kv.ring) if r is None) \
+        if any(r is None for r in runner.kv.ring) else None
+    what = f"{tokens} tokens" if tokens is not None else "sliding-window rings only"
+    log(f"KV cache: {runner.kv_cache_bytes / 2**30:.2f} GiB, {sum(n_blocks)} blocks of {block_size} = {what}")
+
+
+def capture_graphs(runner, max_num_seqs: int, max_model_len: int) -> None:
+    from qkv.engine.cuda_graph import DecodeGraphs
+
+    graphs = DecodeGraphs(runner, max_num_seqs, max_model_len)
+    t = graphs.capture()
+    runner.graphs = graphs
+    log(f"captured CUDA graphs for decode batch sizes {graphs.sizes} in {t:.1f} s")
