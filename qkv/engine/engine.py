@@ -57,24 +57,48 @@ class LLMEngine:
                  dtype="float32", device="cpu", block_size: int = 16, num_kv_blocks: int | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
-                 kv_dtype=None):
+                 kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9):
+        """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
+        On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
+        unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
+        takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         kv_dtype = resolve_dtype(kv_dtype) if kv_dtype is not None else self.dtype
         specs = layer_specs(config, torch.finfo(kv_dtype).bits // 8)
         self.specs = specs
+        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        on_gpu = self.device.type == "cuda"
+        if on_gpu:
+            from qkv.engine import gpu
+
+            self.attention_backend = gpu.select_backend(attention_backend)
+        elif attention_backend not in ("auto", "reference"):
+            raise ValueError(f"attention backend {attention_backend!r} needs a CUDA device")
+        grouped = group_layers(specs)
+        layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
+        groups = [layer_group[i] for i in range(config.num_layers)]
+        if on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
+            model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
+        else:
+            model = build_model(config, groups)
+            model.load_weights(weights)
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
+            kv_cache_memory = gpu.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
+                                                    max_num_seqs, gpu_memory_utilization, self.device)
         n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks)
         if min(n_blocks) < 1:
             raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
         self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
-        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
-
-        model = build_model(config, [self._group_of(i) for i in range(config.num_layers)])
-        model.load_weights(weights)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
+        if on_gpu:
+            gpu.report_capacity(self.runner, n_blocks, block_size)
+            if not enforce_eager and self.attention_backend != "reference":
+                gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}

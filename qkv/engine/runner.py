@@ -27,6 +27,7 @@ class ModelRunner:
                 self.kv_caches[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
+        self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
         self.layer_group = [0] * model.config.num_layers
         for g, group in enumerate(kv.groups):
             for layer in group.layers:
@@ -100,6 +101,8 @@ class ModelRunner:
         """Run one step. Returns logits [rows, vocab]: every token's with ``all_logits``,
         else one row per request whose last known token was computed this step."""
         self._copy_blocks(sched.copies)
+        if self.graphs is not None and not all_logits and self.graphs.can_run(sched):
+            return self.graphs.run(sched)
         input_ids, positions, batch = self.prepare(sched, all_logits)
         for rope in self.model.rotary_embeddings():
             rope.ensure(batch.max_seq_len)

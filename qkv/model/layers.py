@@ -9,6 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fused_ops(x: torch.Tensor):
+    """The Triton fused ops (qkv.attention.triton.fused) for a CUDA tensor when triton is
+    installed, else None: the torch code below then runs, as it always does on the CPU."""
+    if not x.is_cuda:
+        return None
+    from qkv.attention.triton import fused_ops as get
+
+    return get()
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. ``offset=1`` is Gemma's ``x * (1 + w)`` form."""
 
@@ -18,6 +28,9 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_ops(x)
+        if fused is not None:
+            return fused.rms_norm(x, self.weight, self.eps, self.offset)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -50,8 +63,12 @@ class GatedMLP(nn.Module):
         self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
         self.down_proj = nn.Linear(inter, hidden, bias=bias)
         self.act = activation(act)
+        self.act_name = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = fused_ops(x) if self.act_name == "silu" else None
+        if fused is not None:
+            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -104,6 +121,9 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Rotate each x [T, heads, dim] by its token's position."""
+        fused = fused_ops(xs[0])
+        if fused is not None:
+            return tuple(fused.rope(positions, self.cos, self.sin, x) for x in xs)
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
         out = []
