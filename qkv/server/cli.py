@@ -57,7 +57,7 @@ def run(args) -> int:
     name = args.served_model_name or served_name(args.model)
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens)
-    app = create_app(llm, name, api_key=args.api_key, limits=limits)
+    app = create_app(llm, name, api_key=args.api_key or None, limits=limits)
     print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.shutdown_timeout)
