@@ -1,0 +1,71 @@
+"""Reference paged MLA attention over the latent cache (DeepSeek-V2/V3).
+
+The cache holds, per token, only ``[c_KV | k_rope]``: the normalized KV latent
+(``kv_lora_rank``) and the one RoPE key shared by all heads (``rope_dim``). Layout per
+layer: ``[num_blocks, block_size, kv_lora_rank + rope_dim]`` (spec ``MLA.cache_shape``).
+
+Two mathematically equal ways to attend, selected by ``absorbed``:
+  - naive: up-project every visible latent to per-head K_nope and V
+    (``W_UK``, ``W_UV`` = the two halves of ``kv_b_proj``), then ordinary MHA;
+  - absorbed: fold ``W_UK`` into the query (``q_lat = q_nope W_UK``, one R-vector per head)
+    and ``W_UV`` into the output (``out = (P c_KV) W_UV^T``), so attention runs as MQA with
+    one shared "KV head" of width R (+ the RoPE part) straight over the cached latents. This
+    is the decode path that keeps MLA's memory advantage: nothing per-head is materialized
+    per cached token.
+
+Like the dense reference, it reads every visible key before writing this step's entries.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+from qkv.attention.reference import gather_keys, window_mask
+
+
+def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                        kv_cache: torch.Tensor, batch: AttentionBatch, group: int, scale: float,
+                        w_uk: torch.Tensor, w_uv: torch.Tensor, absorbed: bool) -> torch.Tensor:
+    """Attention of this step's queries over the cached and new latents; writes the new ones.
+
+    q_nope [T, H, Dn], q_pe [T, H, P] (RoPE applied), c_kv [T, R] (normalized latent),
+    k_pe [T, P] (RoPE applied), w_uk [H, Dn, R], w_uv [H, Dv, R]. Returns [T, H, Dv].
+    """
+    R, P = c_kv.shape[1], k_pe.shape[1]
+    flat = kv_cache.view(-1, R + P)
+    new = torch.cat([c_kv, k_pe], dim=-1).to(flat.dtype)
+    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, None)
+    idx = torch.where(is_new, flat.shape[0] + new_row, slot)
+    idx = torch.where(valid, idx, 0)
+    entries = torch.cat([flat, new])[idx].float()  # [B, L, R + P]
+    lat, rope_k = entries[..., :R], entries[..., R:]
+
+    B, Qmax = batch.num_seqs, batch.max_query_len
+    q_idx = torch.arange(Qmax, device=q_nope.device)[None, :]
+    q_valid = q_idx < batch.query_lens[:, None]
+    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
+    qn, qp = q_nope[q_rows].float(), q_pe[q_rows].float()  # [B, Q, H, *]
+    q_pos = batch.num_computed[:, None] + q_idx
+
+    rope_scores = torch.einsum("bqhp,blp->bhql", qp, rope_k)
+    if absorbed:
+        q_lat = torch.einsum("bqhd,hdr->bqhr", qn, w_uk.float())
+        scores = torch.einsum("bqhr,blr->bhql", q_lat, lat) + rope_scores
+    else:
+        k_nope = torch.einsum("blr,hdr->blhd", lat, w_uk.float())
+        values = torch.einsum("blr,hdr->blhd", lat, w_uv.float())
+        scores = torch.einsum("bqhd,blhd->bhql", qn, k_nope) + rope_scores
+    mask = window_mask(q_pos[:, :, None], kpos[:, None, :]) & valid[:, None, :]
+    scores = scores.masked_fill(~mask[:, None], float("-inf")) * scale
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    if absorbed:
+        o_lat = torch.einsum("bhql,blr->bqhr", probs, lat)
+        out = torch.einsum("bqhr,hvr->bqhv", o_lat, w_uv.float())
+    else:
+        out = torch.einsum("bhql,blhv->bqhv", probs, values)
+    out = out[q_valid].to(q_nope.dtype)
+
+    keep = batch.slot_mappings[group] >= 0
+    flat[batch.slot_mappings[group][keep]] = new[keep]
+    return out
