@@ -221,7 +221,7 @@ class ModelConfig:
                     "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
                     "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
                     "routed_scaling_factor", "topk_method", "n_group", "topk_group",
-                    "norm_topk_prob", "scoring_func",
+                    "norm_topk_prob", "scoring_func", "rope_interleave",
                 )
             }
         return cls(**cfg)
