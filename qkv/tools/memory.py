@@ -172,6 +172,7 @@ def twins(config: ModelConfig, gqa_kv_heads: int | None = None) -> dict[str, Mod
 
 # ---------------------------------------------------------------- report
 def human(n: float) -> str:
+    n = float(n)
     for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.4g} {unit}"
