@@ -235,6 +235,9 @@ def test_cached_tokens_on_repeated_prompt(client, llm):
 
 def test_models_health_metrics(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("other")
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     m = metrics(server.url)
     for name in ["qkv_kv_blocks_total", "qkv_kv_blocks_in_use", "qkv_kv_blocks_cached", "qkv_prefix_cache_hit_rate",
@@ -267,6 +270,7 @@ def test_bad_requests(server):
     _err(post(comp, json={"prompt": "hi", "max_tokens": "many"}), 400, "invalid_value", "max_tokens")
     _err(post(comp, json={"prompt": "hi", "temperature": -1}), 400, "invalid_value", "temperature")
     _err(post(comp, json={"prompt": 12}), 400, "invalid_value")
+    _err(post(comp, json={"prompt": "hi", "seed": 2**70}), 400, "invalid_value", "seed")
     _err(post(comp, json={"prompt": "hi", "model": "gpt-4"}), 404, "model_not_found", "gpt-4")
     e = _err(post(comp, json={"prompt": "hi", "max_tokens": 1000}), 400, "context_length_exceeded")
     assert "1000" in e["message"] and "256" in e["message"]  # the numbers: max_tokens and the context
