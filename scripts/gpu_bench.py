@@ -1,0 +1,258 @@
+"""GPU measurements for issue 6, all in one process: ceilings, kernels, engine end to end.
+
+    PYTHONPATH=. python scripts/gpu_bench.py --out $OUT [--sections ceil,kernels,engine,...]
+
+Prints a table at the end and appends JSON records to OUT/results.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+
+RESULTS = []
+
+
+def record(name, **kw):
+    kw["name"] = name
+    RESULTS.append(kw)
+    print(json.dumps(kw), flush=True)
+
+
+def bench_graph(fn, iters=50):
+    """Median ms of fn replayed through a CUDA graph (launch gaps removed)."""
+    import triton.testing
+
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return triton.testing.do_bench(g.replay, warmup=25, rep=200, return_mode="median")
+
+
+def ceilings():
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    import triton.testing
+
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    bw = 2 * n / (ms / 1e3)  # bytes/s, read + write
+    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    ms2 = triton.testing.do_bench(lambda: x @ x, warmup=25, rep=200, return_mode="median")
+    flops = 2 * 8192 ** 3 / (ms2 / 1e3)  # FLOP/s
+    w = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
+    ms3 = bench_graph(lambda: torch.nn.functional.linear(v, w))
+    record("ceilings", copy_TBps=bw / 1e12, bf16_TFLOPs=flops / 1e12, gemv_4096_us=ms3 * 1e3,
+           gemv_4096_frac=(4096 * 4096 * 2 / (ms3 / 1e3)) / bw)
+    del a, b, x
+    torch.cuda.empty_cache()
+    return bw, flops
+
+
+def kernels(bw):
+    from qkv.attention.triton.decode import paged_decode
+    from qkv.attention.triton.mla import mla_decode
+
+    bs = 16
+    for B, ctx in ((1, 8192), (8, 8192), (32, 8192), (1, 32768), (64, 2048)):
+        H, KVH, D = 32, 8, 128
+        nblk = B * ctx // bs
+        cache = torch.randn(2, nblk, bs, KVH, D, dtype=torch.bfloat16, device="cuda")
+        table = torch.randperm(nblk, device="cuda").view(B, ctx // bs)
+        nc = torch.full((B,), ctx - 1, dtype=torch.int64, device="cuda")
+        q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
+        nbytes = cache.numel() * 2
+        best = None
+        for block_n, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3), (64, 8, 3)):
+            try:
+                ms = bench_graph(lambda: paged_decode(q, cache, table, nc, 0.088, max_seq_len=ctx, block_n=block_n,
+                                                      num_warps=warps, num_stages=stages))
+            except Exception as e:  # a config that does not compile is skipped
+                print("config failed", block_n, warps, stages, repr(e)[:200])
+                continue
+            frac = nbytes / (ms / 1e3) / bw
+            if best is None or frac > best[0]:
+                best = (frac, ms, block_n, warps, stages)
+        record("decode_kernel", B=B, ctx=ctx, us=best[1] * 1e3, bw_frac=best[0], GBps=nbytes / best[1] / 1e6,
+               config=best[2:])
+        del cache
+    for B, ctx in ((1, 8192), (8, 8192), (32, 4096), (64, 8192)):
+        H, R, P = 16, 512, 64
+        nblk = B * ctx // bs
+        cache = torch.randn(nblk, bs, R + P, dtype=torch.bfloat16, device="cuda")
+        table = torch.randperm(nblk, device="cuda").view(B, ctx // bs)
+        nc = torch.full((B,), ctx - 1, dtype=torch.int64, device="cuda")
+        ql = torch.randn(B, H, R, dtype=torch.bfloat16, device="cuda")
+        qr = torch.randn(B, H, P, dtype=torch.bfloat16, device="cuda")
+        nbytes = cache.numel() * 2
+        best = None
+        for block_n, warps, stages in ((32, 8, 2), (32, 4, 2), (64, 8, 2), (16, 4, 3), (32, 8, 3)):
+            try:
+                ms = bench_graph(lambda: mla_decode(ql, qr, cache, table, nc, 0.07, block_n=block_n,
+                                                    num_warps=warps, num_stages=stages))
+            except Exception as e:
+                print("mla config failed", block_n, warps, stages, repr(e)[:200])
+                continue
+            frac = nbytes / (ms / 1e3) / bw
+            if best is None or frac > best[0]:
+                best = (frac, ms, block_n, warps, stages)
+        record("mla_decode_kernel", B=B, ctx=ctx, us=best[1] * 1e3, bw_frac=best[0], config=best[2:])
+        del cache
+    torch.cuda.empty_cache()
+
+
+def engine_bench(bw, flops, args):
+    from qkv.engine.request import SamplingParams
+    from qkv.tools.shapes import random_engine
+
+    t0 = time.perf_counter()
+    eng = random_engine(args.shape, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096,
+                        enforce_eager=args.eager, gpu_memory_utilization=0.9)
+    t_build = time.perf_counter() - t0
+    V = eng.config.vocab_size
+    rng = random.Random(0)
+    prompt = lambda n: [rng.randrange(10, V) for _ in range(n)]  # noqa: E731
+    greedy = lambda n: SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)  # noqa: E731
+    eng.add_request(prompt(8), greedy(1))
+    while eng.has_unfinished():
+        eng.step()
+    torch.cuda.synchronize()
+    record("startup", shape=args.shape, build_s=t_build, first_token_s=time.perf_counter() - t0, eager=args.eager)
+
+    params = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "embed_tokens" not in n)
+    kv_tok = sum(s.bytes_per_token for s in eng.specs)
+
+    # 2k prefill: one step of 2048 tokens.
+    for n in (2048, 512):
+        times = []
+        for _ in range(5):
+            eng.kv.enable_prefix_caching = False
+            eng.add_request(prompt(n), greedy(1))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            while eng.has_unfinished():
+                eng.step()
+        ms = sorted(times)[len(times) // 2] * 1e3
+        fl = 2 * params / 2 * n  # 2 FLOPs per weight (bf16 params: bytes / 2) per token
+        record("prefill", tokens=n, ms=ms, flops_frac=fl / (ms / 1e3) / flops)
+    eng.kv.enable_prefix_caching = True
+
+    # Batch-1 decode latency: 512-token prompt, 200 new tokens (prefill included, like gpt-fast).
+    for plen in (8, 512):
+        runs = []
+        for _ in range(3):
+            (req,) = eng.add_request(prompt(plen), greedy(200))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            eng.step()
+            t1 = time.perf_counter()
+            steps = []
+            while eng.has_unfinished():
+                s = time.perf_counter()
+                eng.step()
+                steps.append(time.perf_counter() - s)
+            total = time.perf_counter() - t
+            runs.append((200 / total, 199 / (total - (t1 - t)), sorted(steps)))
+        best = sorted(runs)[1]
+        st = best[2]
+        step_ms = st[len(st) // 2] * 1e3
+        bytes_step = params + kv_tok * (plen + 100)
+        record("decode_b1", prompt=plen, tok_s_incl_prefill=best[0], tok_s_decode=best[1], step_p50_ms=step_ms,
+               step_p99_ms=st[int(len(st) * 0.99)] * 1e3, bw_frac=bytes_step / (step_ms / 1e3) / bw)
+
+    # Per-kernel profile of one eager batch-1 decode step (same kernels as the graph).
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        graphs, eng.runner.graphs = eng.runner.graphs, None
+        (req,) = eng.add_request(prompt(512), greedy(8))
+        eng.step()
+        eng.step()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eng.step()
+            torch.cuda.synchronize()
+        while eng.has_unfinished():
+            eng.step()
+        eng.runner.graphs = graphs
+        agg = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                k = e.name[:60]
+                c, tt = agg.get(k, (0, 0.0))
+                agg[k] = (c + 1, tt + e.device_time)
+        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:15]
+        total_us = sum(v[1] for v in agg.values())
+        record("decode_b1_profile", total_gpu_us=total_us, kernels=sum(v[0] for v in agg.values()),
+               top=[(k, c, round(t, 1)) for k, (c, t) in top])
+    except Exception as e:
+        print("profile failed", repr(e))
+
+    # Throughput: 256 requests of 512 in / 256 out.
+    def throughput(n_req, plen, olen, label, prefix=None):
+        reqs = []
+        t = time.perf_counter()
+        for _ in range(n_req):
+            p = (prefix or []) + prompt(plen)
+            reqs += eng.add_request(p, greedy(olen))
+        while eng.has_unfinished():
+            eng.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        out = sum(len(r.output_token_ids) for r in reqs)
+        record("throughput", workload=label, requests=n_req, out_tok_s=out / dt, total_tok_s=(out + n_req * (plen + len(prefix or []))) / dt,
+               seconds=dt, preemptions=eng.scheduler.num_preemptions)
+        return out / dt
+
+    throughput(256, 512, 256, "256x512in/256out")
+    if args.long:
+        throughput(512, 1000, 1000, "512x1000in/1000out")
+    # Shared prefix: 256 requests = 2000-token shared prefix + 32 own tokens, 32 out.
+    shared = prompt(2000)
+    eng.kv.enable_prefix_caching = False
+    off = throughput(256, 32, 32, "prefix-cache-off", shared)
+    eng.kv.enable_prefix_caching = True
+    on = throughput(256, 32, 32, "prefix-cache-on", shared)
+    record("prefix_speedup", ratio=on / off)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--sections", default="ceil,kernels,engine")
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--long", action="store_true")
+    args = ap.parse_args()
+    secs = args.sections.split(",")
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    bw, flops = 3.0e12, 785e12
+    try:
+        if "ceil" in secs:
+            bw, flops = ceilings()
+        if "kernels" in secs:
+            kernels(bw)
+        if "engine" in secs:
+            engine_bench(bw, flops, args)
+    finally:
+        with open(os.path.join(args.out, "results.jsonl"), "a") as f:
+            for r in RESULTS:
+                f.write(json.dumps(r) + "\n")
+    print("\n=== summary ===")
+    for r in RESULTS:
+        print(json.dumps(r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
