@@ -231,3 +231,45 @@ def test_gemma_parts_are_joined_once(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     assert models.gemma3_270m().stat().st_mtime_ns == mtime  # reused, not rewritten
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_gpt2_gguf_round_trip(tmp_path):
+    """A GPT-2 GGUF written the way llama.cpp converts it (Conv1D weights transposed)
+    loads back to the HF state dict, Conv1D layout included."""
+    transformers = pytest.importorskip("transformers")
+    gguf = pytest.importorskip("gguf")
+    cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=2, n_head=2)
+    torch.manual_seed(0)
+    state = transformers.GPT2LMHeadModel(cfg).state_dict()
+    f = tmp_path / "tiny-gpt2.gguf"
+    w = gguf.GGUFWriter(str(f), "gpt2")
+    for key, v in [("block_count", 2), ("context_length", 16), ("embedding_length", 8),
+                   ("feed_forward_length", 32), ("attention.head_count", 2), ("vocab_size", 32)]:
+        w.add_uint32(f"gpt2.{key}", v)
+    w.add_float32("gpt2.attention.layer_norm_epsilon", 1e-5)
+    to_gguf = {v: k for k, v in [("token_embd", "transformer.wte"), ("position_embd", "transformer.wpe"),
+                                 ("output_norm", "transformer.ln_f")]}
+    layer = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+             "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    for name, t in state.items():
+        if name == "lm_head.weight" or name.endswith(".attn.bias"):
+            continue  # tied; causal-mask buffer
+        base, suffix = name.rsplit(".", 1)
+        parts = base.split(".")
+        g = to_gguf.get(base) or f"blk.{parts[2]}.{layer['.'.join(parts[3:])]}"
+        arr = t.numpy()
+        if suffix == "weight" and g.split(".")[-1] in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
+            arr = arr.T
+        w.add_tensor(f"{g}.{suffix}", np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    m = load(str(f))
+    assert m.tokenizer is None
+    c = m.config
+    assert (c.model_type, c.num_layers, c.num_heads, c.hidden_size, c.tie_word_embeddings) == ("gpt2", 2, 2, 8, True)
+    expected = {k: v for k, v in state.items() if k != "lm_head.weight" and not k.endswith(".attn.bias")}
+    assert set(m.weights) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(m.weights[k], v), k

@@ -24,7 +24,7 @@ from .errors import LoadError
 from .tokenizer import Tokenizer
 
 # GGUF ``general.architecture`` -> HF ``model_type``.
-MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "gpt2": "gpt2"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "gpt2": "gpt2"}
 
 _LLAMA_LAYER = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -63,7 +63,7 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
     for t in tensors:
         if t.name in _IGNORED:
             continue
-        hf = hf_name(arch, t.name, cfg.model_type)
+        hf = hf_name(arch, t.name)
         if hf is None:
             raise LoadError(f"{path}: tensor {t.name!r} has no Hugging Face equivalent for {arch}")
         weights[hf] = _convert(t, arch, cfg, path)
@@ -241,7 +241,7 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
     return cfg.replace(extra={**cfg.extra, "gguf_name": meta.get("general.name")})
 
 
-def hf_name(arch: str, name: str, model_type: str = "") -> str | None:
+def hf_name(arch: str, name: str) -> str | None:
     """HF parameter name of GGUF tensor ``name``, or None if it has none."""
     glob, layer, prefix = (
         (_GPT2_GLOBAL, _GPT2_LAYER, "transformer.h")
