@@ -38,6 +38,14 @@ class RMSNorm(nn.Module):
             return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
 
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(residual + x), residual + x)``; one fused kernel on the GPU."""
+        fused = fused_ops(x)
+        if fused is not None:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+        residual = residual + x
+        return self(residual), residual
+
 
 ACTIVATIONS = {
     "silu": F.silu,
