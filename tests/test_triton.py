@@ -136,6 +136,10 @@ def test_fused_ops_match_torch():
         norm = RMSNorm(96, 1e-6, offset).to(DEV, dtype)
         norm.weight.data.normal_(generator=None)
         torch.testing.assert_close(fused.rms_norm(x, norm.weight, 1e-6, offset), norm(x), rtol=1e-2, atol=1e-2)
+        r = torch.randn(5, 96, generator=gen).to(DEV, dtype)
+        y, s = fused.add_rms_norm(x, r, norm.weight, 1e-6, offset)
+        torch.testing.assert_close(s, r + x, rtol=0, atol=0)
+        torch.testing.assert_close(y, norm(r + x), rtol=1e-2, atol=1e-2)
     rope = RotaryEmbedding(32, 10000.0).to(DEV)
     qk = torch.randn(5, 10, 32, generator=gen).to(DEV, dtype)
     q = qk[:, :6]  # a strided view, as the model passes it

@@ -40,14 +40,26 @@ class DecodeGraphs:
         N = self.sizes[-1]
         self.block_size = kv.block_size
         self.max_blocks = [r if r is not None else -(-max_model_len // kv.block_size) for r in kv.ring]
-        i64 = dict(dtype=torch.int64, device=dev)
-        self.input_ids = torch.zeros(N, **i64)
-        self.positions = torch.zeros(N, **i64)
-        self.num_computed = torch.zeros(N, **i64)
-        self.query_lens = torch.ones(N, **i64)
-        self.query_start_loc = torch.arange(N + 1, **i64)
-        self.block_tables = [torch.zeros(N, w, **i64) for w in self.max_blocks]
-        self.slot_mappings = [torch.full((N,), -1, **i64) for _ in self.max_blocks]
+        # Every per-step input lives in one flat device buffer, filled from one pinned host
+        # buffer of the same layout by a single copy: [ids | positions | slots per group |
+        # block tables per group]. Positions double as num_computed (a decode token's position
+        # is the number of tokens cached before it).
+        G = len(self.max_blocks)
+        size = 2 * N + G * N + sum(N * w for w in self.max_blocks)
+        self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
+        self.buf = torch.zeros(size, dtype=torch.int64, device=dev)
+        self.input_ids, self.positions = self.buf[:N], self.buf[N:2 * N]
+        self.num_computed = self.positions
+        self.slot_mappings = [self.buf[(2 + g) * N:(3 + g) * N] for g in range(G)]
+        self.block_tables, self._host_tables, off = [], [], (2 + G) * N
+        for w in self.max_blocks:
+            self.block_tables.append(self.buf[off:off + N * w].view(N, w))
+            self._host_tables.append(self.host[off:off + N * w].view(N, w).numpy())
+            off += N * w
+        self._host = self.host.numpy()
+        self._copied = torch.cuda.Event()
+        self.query_lens = torch.ones(N, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.arange(N + 1, dtype=torch.int64, device=dev)
         self.logits: dict[int, torch.Tensor] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -76,6 +88,8 @@ class DecodeGraphs:
         for n in reversed(self.sizes):
             for s in self.slot_mappings:
                 s.fill_(-1)
+            for t in self.block_tables:
+                t.zero_()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -99,29 +113,26 @@ class DecodeGraphs:
         (a view of the graph's output buffer, valid until the next replay)."""
         n = len(sched.requests)
         size = next(s for s in self.sizes if s >= n)
-        kv, bs = self.runner.kv, self.block_size
-        ids, pos = [], []
-        slots = [[] for _ in self.max_blocks]
-        tables = [[] for _ in self.max_blocks]
-        for req in sched.requests:
+        kv = self.runner.kv
+        N, h = self.sizes[-1], self._host
+        G = len(self.max_blocks)
+        self._copied.synchronize()  # the last step's copy has read the pinned buffer
+        h[:2 * N + G * N] = 0
+        h[2 * N:(2 + G) * N] = -1  # padding rows write nothing
+        for i, req in enumerate(sched.requests):
             p = req.num_computed_tokens
-            ids.append(req.all_token_ids[p])
-            pos.append(p)
+            h[i] = req.all_token_ids[p]
+            h[N + i] = p
             req_tables = kv.block_tables(req.request_id)
-            for g in range(len(self.max_blocks)):
-                tables[g].append(req_tables[g])
-                slots[g].append(kv.slot(g, req_tables[g], p))
-        pad = size - n
-        host = torch.tensor([ids + [0] * pad, pos + [0] * pad], dtype=torch.int64)
-        self.input_ids[:size].copy_(host[0], non_blocking=True)
-        self.positions[:size].copy_(host[1], non_blocking=True)
-        self.num_computed[:size].copy_(host[1], non_blocking=True)
-        for g in range(len(self.max_blocks)):
-            self.slot_mappings[g][:size].copy_(torch.tensor(slots[g] + [-1] * pad), non_blocking=True)
-            # Only the used prefix of each row is copied: the kernels never read a row past
-            # its sequence's length, so stale entries from earlier steps are harmless.
-            width = max(len(t) for t in tables[g])
-            rows = [t + [0] * (width - len(t)) for t in tables[g]]
-            self.block_tables[g][:n, :width].copy_(torch.tensor(rows, dtype=torch.int64), non_blocking=True)
+            for g in range(G):
+                t = req_tables[g]
+                h[(2 + g) * N + i] = kv.slot(g, t, p)
+                # Only the used prefix of a row is refreshed: the kernels never read a row past
+                # its sequence's length, so stale entries from earlier steps are harmless.
+                self._host_tables[g][i, :len(t)] = t
+        # One group: copy only the table rows in use (the rest of the buffer holds nothing new).
+        end = (3 * N + size * self.max_blocks[0]) if G == 1 else self.buf.numel()
+        self.buf[:end].copy_(self.host[:end], non_blocking=True)
+        self._copied.record()
         self.graphs[size].replay()
         return self.logits[size][:n]

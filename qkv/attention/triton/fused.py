@@ -44,6 +44,40 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
 
 
 @triton.jit
+def _add_rms_norm_kernel(X, R, W, Y, RO, stride_x, stride_r, stride_y, stride_ro, N, eps, offset,
+                         BLOCK: tl.constexpr, HAS_OFFSET: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(R + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    s = (r + x).to(RO.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
+    tl.store(RO + row * stride_ro + cols, s, mask=mask)
+    s = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(s * s, 0) / N + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0)
+    if HAS_OFFSET:
+        y = s * rstd * (offset + w.to(tl.float32))
+    else:
+        y = (s * rstd).to(Y.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 offset: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(residual + x), residual + x) for 2-D x and residual [T, N]; new tensors."""
+    T, N = x.shape
+    y = torch.empty_like(x)
+    ro = torch.empty_like(residual)
+    BLOCK = triton.next_power_of_2(N)
+    if T:
+        _add_rms_norm_kernel[(T,)](x, residual, weight, y, ro, x.stride(0), residual.stride(0), y.stride(0),
+                                   ro.stride(0), N, eps, offset, BLOCK=BLOCK, HAS_OFFSET=bool(offset),
+                                   num_warps=8 if BLOCK >= 2048 else 4)
+    return y, ro
+
+
+@triton.jit
 def _rope_kernel(X, Y, COS, SIN, POS, stride_xt, stride_xh, stride_yt, stride_yh, stride_c, NH,
                  HALF: tl.constexpr, H_PAD: tl.constexpr):
     t = tl.program_id(0)
