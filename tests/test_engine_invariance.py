@@ -1,0 +1,240 @@
+"""The engine's scheduling never changes an output token (CPU, fp32).
+
+The reference for every run is the same requests generated one at a time with prefix
+caching off: nothing shared, nothing chunked beyond the default budget, nothing preempted.
+Every other configuration (prefix caching on, token budgets {1, 3, 16, 64}, a pool so small
+that preemption is forced, 16 mixed-length requests at once, n=4 parallel sampling) must
+produce exactly the same tokens. After every run no block may be leaked.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from qkv import LLM, SamplingParams
+
+BS = 4  # tiny models use 4-token blocks so that prompts span many blocks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-wait, and on a shared, loaded
+    machine it makes each step ~10x slower."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def assert_no_leak(llm_or_engine) -> dict:
+    engine = getattr(llm_or_engine, "engine", llm_or_engine)
+    s = engine.stats()
+    assert s["num_blocks_in_use"] == 0, s
+    assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"], s
+    assert s["num_running"] == 0 and s["num_waiting"] == 0, s
+    for g in engine.kv.groups:
+        assert all(c == 0 for c in g.pool.ref_count)
+    assert not engine.kv._seqs
+    return s
+
+
+def drive(engine, work: list[tuple[list[int], SamplingParams]], salt: str | None = None) -> list[list[list[int]]]:
+    """Submit every (prompt, params) at once and step until done; returns, per prompt,
+    the token ids of each of its n samples."""
+    heads = [engine.add_request(ids, p, cache_salt=salt) for ids, p in work]
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                got[out.request_id] = out.token_ids
+    return [[got[r.request_id] for r in reqs] for reqs in heads]
+
+
+def one_by_one(engine, work) -> list[list[list[int]]]:
+    return [drive(engine, [w])[0] for w in work]
+
+
+def mixed_work(seed: int, vocab: int, count: int = 16, max_prompt: int = 40, max_out: int = 12):
+    """Mixed-length prompts, some greedy, some seeded sampling, varied output lengths."""
+    rng = random.Random(seed)
+    work = []
+    for i in range(count):
+        ids = [rng.randrange(2, vocab) for _ in range(rng.randint(1, max_prompt))]
+        if i % 2:
+            p = SamplingParams(max_tokens=rng.randint(1, max_out), temperature=0, ignore_eos=True)
+        else:
+            p = SamplingParams(max_tokens=rng.randint(1, max_out), temperature=0.8, seed=rng.randrange(10**6),
+                               ignore_eos=True)
+        work.append((ids, p))
+    # Requests sharing a prefix (with each other and with earlier prompts) exercise prefix hits.
+    base = work[3][0]
+    for j in range(3):
+        ids = base + [rng.randrange(2, vocab) for _ in range(j * 5 + 1)]
+        work.append((ids, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)))
+    return work
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import torch
+    import transformers as tf
+
+    from conftest import tiny_config
+
+    cfg, cls = tiny_config("llama")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "llama"
+    cls(cfg).eval().save_pretrained(path)
+    return str(path)
+
+
+def make(path, **kw) -> LLM:
+    kw.setdefault("block_size", BS)
+    kw.setdefault("num_kv_blocks", 256)
+    return LLM(path, dtype="float32", device="cpu", **kw)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    llm = make(tiny_llama, enable_prefix_caching=False)
+    work = mixed_work(0, llm.config.vocab_size)
+    ref = one_by_one(llm.engine, work)
+    assert_no_leak(llm)
+    return work, ref
+
+
+CONFIGS = {
+    "cache-on": dict(),
+    "cache-off": dict(enable_prefix_caching=False),
+    "budget-1": dict(max_num_batched_tokens=1),
+    "budget-3": dict(max_num_batched_tokens=3),
+    "budget-16": dict(max_num_batched_tokens=16),
+    "budget-64": dict(max_num_batched_tokens=64),
+    "budget-3-cache-off": dict(max_num_batched_tokens=3, enable_prefix_caching=False),
+    "max-seqs-2": dict(max_num_seqs=2),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_tiny_batched_equals_alone(tiny_llama, reference, name):
+    work, ref = reference
+    llm = make(tiny_llama, **CONFIGS[name])
+    assert drive(llm.engine, work) == ref
+    assert_no_leak(llm)
+    # A second pass over a warm prefix cache changes nothing either.
+    assert drive(llm.engine, work) == ref
+    s = assert_no_leak(llm)
+    if CONFIGS[name].get("enable_prefix_caching", True):
+        assert s["prefix_cache_hit_rate"] > 0
+
+
+@pytest.mark.parametrize("budget", [None, 3])
+def test_tiny_forced_preemption(tiny_llama, reference, budget):
+    work, ref = reference
+    longest = max(len(ids) + p.max_tokens for ids, p in work)
+    kw = {} if budget is None else dict(max_num_batched_tokens=budget)
+    llm = make(tiny_llama, num_kv_blocks=-(-longest // BS) + 1, **kw)
+    assert drive(llm.engine, work) == ref
+    s = assert_no_leak(llm)
+    assert s["num_preemptions"] > 0
+
+
+def test_tiny_parallel_sampling_equals_single_seeds(tiny_llama):
+    rng = random.Random(5)
+    llm = make(tiny_llama, max_num_batched_tokens=7)
+    for plen in (6, 8, 13):  # partial last block (copy-on-write) and an exact multiple of the block size
+        prompt = [rng.randrange(2, 256) for _ in range(plen)]
+        s = rng.randrange(1000)
+        p = SamplingParams(n=4, seed=s, temperature=0.8, max_tokens=10, ignore_eos=True)
+        (samples,) = drive(llm.engine, [(prompt, p)])
+        assert_no_leak(llm)
+        singles = [drive(llm.engine, [(prompt, SamplingParams(seed=s + i, temperature=0.8, max_tokens=10,
+                                                               ignore_eos=True))])[0][0] for i in range(4)]
+        assert samples == singles
+        assert len(set(map(tuple, samples))) > 1  # the samples really differ
+        assert_no_leak(llm)
+    # Through the LLM API, mixed with other work and a tight pool that forces preemption.
+    work = mixed_work(3, 256, count=6, max_prompt=20)
+    work.append(([7, 8, 9, 10, 11], SamplingParams(n=4, seed=11, temperature=0.8, max_tokens=12, ignore_eos=True)))
+    ref = one_by_one(make(tiny_llama, enable_prefix_caching=False).engine, work)
+    assert ref[-1] == [drive(llm.engine, [(work[-1][0], SamplingParams(seed=11 + i, temperature=0.8, max_tokens=12,
+                                                                           ignore_eos=True))])[0][0] for i in range(4)]
+    small = make(tiny_llama, num_kv_blocks=10, max_num_batched_tokens=5)
+    assert drive(small.engine, work) == ref
+    assert assert_no_leak(small)["num_preemptions"] > 0
+
+
+def test_tiny_llm_generate_api(tiny_llama, reference):
+    """LLM.generate with one SamplingParams for a batch equals the same prompts alone."""
+    work, _ = reference
+    prompts = [ids for ids, _ in work]
+    p = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    llm = make(tiny_llama, max_num_batched_tokens=16)
+    alone = [llm.generate([ids], p, use_tqdm=False)[0].token_ids for ids in prompts]
+    together = [o.token_ids for o in llm.generate(prompts, p, use_tqdm=False)]
+    assert together == alone
+    assert_no_leak(llm)
+
+
+# ------------------------------------------------------------------------ SmolLM2
+# Short runs (SmolLM2 steps cost ~100x a tiny model's): three prompts, 6-8 new tokens.
+
+SMOL_PROMPTS = ["The capital of France is", "def add(a, b):", "1, 2, 3,"]
+
+
+@pytest.fixture(scope="module")
+def smol_small():
+    """SmolLM2 with 4-token blocks and a pool that holds the longest request but not all three
+    at once: every run on it must preempt. A small pool also keeps each step cheap."""
+    return LLM("smollm2", dtype="float32", device="cpu", block_size=4, num_kv_blocks=7)
+
+
+@pytest.fixture(scope="module")
+def smol_work(smol_small):
+    work = [(smol_small.encode(t), SamplingParams(max_tokens=6 + i, temperature=0.8 if i == 1 else 0, seed=i))
+            for i, t in enumerate(SMOL_PROMPTS)]
+    assert max(len(ids) + p.max_tokens for ids, p in work) <= 7 * 4 - 4  # each alone fits
+    eng = smol_small.engine
+    eng.kv.enable_prefix_caching = False
+    try:
+        ref = one_by_one(eng, work)
+    finally:
+        eng.kv.enable_prefix_caching = True
+    assert assert_no_leak(eng)["num_preemptions"] == 0
+    return work, ref
+
+
+@pytest.mark.parametrize("budget", [1, 3, 16, 64, None])
+def test_smollm2_budgets_cache_preemption(smol_small, smol_work, budget):
+    """All prompts together, prefix cache on, each token budget; the pool forces preemption."""
+    work, ref = smol_work
+    eng = smol_small.engine
+    old, before = eng.scheduler.max_num_batched_tokens, eng.scheduler.num_preemptions
+    if budget is not None:
+        eng.scheduler.max_num_batched_tokens = budget
+    try:
+        assert drive(eng, work) == ref
+    finally:
+        eng.scheduler.max_num_batched_tokens = old
+    preempted = assert_no_leak(eng)["num_preemptions"] > before
+    # A budget of 1 runs one request at a time (the running one takes the whole budget).
+    assert preempted or budget == 1
+
+
+def test_smollm2_session_engine(smollm2, smol_work):
+    """The shared default engine (16-token blocks, large pool): batched, then on a warm cache
+    with prefix caching; n=4 equals four requests with seeds s..s+3."""
+    work, ref = smol_work
+    assert drive(smollm2.engine, work) == ref
+    assert drive(smollm2.engine, work) == ref
+    assert_no_leak(smollm2)
+    prompt = smollm2.encode("My favourite colour is")
+    out = smollm2.generate(prompt, SamplingParams(n=4, seed=7, temperature=0.8, max_tokens=6), use_tqdm=False)[0]
+    singles = drive(smollm2.engine, [(prompt, SamplingParams(seed=7 + i, temperature=0.8, max_tokens=6))
+                                     for i in range(4)])
+    assert [s.token_ids for s in out.samples] == [s[0] for s in singles]
+    assert_no_leak(smollm2)
