@@ -85,6 +85,32 @@ def kernels(bw):
         record("decode_kernel", B=B, ctx=ctx, us=best[1] * 1e3, bw_frac=best[0], GBps=nbytes / best[1] / 1e6,
                config=best[2:])
         del cache
+    from qkv.attention.triton.gemv import gemv
+
+    for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (128256, 4096)):
+        ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") for _ in range(max(1, 600_000_000 // (N * K * 2)))]
+        x = torch.randn(1, K, dtype=torch.bfloat16, device="cuda")
+        it = [0]
+
+        def nxt():
+            it[0] = (it[0] + 1) % len(ws)
+            return ws[it[0]]
+        cub = bench_graph(lambda: [torch.nn.functional.linear(x, w) for w in ws]) / len(ws)
+        best = None
+        for bn, bk, warps, stages in ((16, 512, 4, 3), (8, 512, 4, 3), (16, 256, 4, 4), (32, 256, 8, 3), (8, 1024, 8, 2),
+                                      (4, 1024, 4, 3)):
+            try:
+                ms = bench_graph(lambda: [gemv(x, w, bn, bk, warps, stages) for w in ws]) / len(ws)
+            except Exception as e:
+                print("gemv config failed", bn, bk, repr(e)[:200])
+                continue
+            if best is None or ms < best[0]:
+                best = (ms, bn, bk, warps, stages)
+        ref = torch.nn.functional.linear(x, ws[0]).float()
+        err = ((gemv(x, ws[0], *best[1:]).float() - ref).norm() / ref.norm()).item()
+        record("gemv", N=N, K=K, cublas_us=cub * 1e3, cublas_frac=N * K * 2 / (cub / 1e3) / bw,
+               triton_us=best[0] * 1e3, triton_frac=N * K * 2 / (best[0] / 1e3) / bw, config=best[1:], rel_err=err)
+        del ws
     for B, ctx in ((1, 8192), (8, 8192), (32, 4096), (64, 8192)):
         H, R, P = 16, 512, 64
         nblk = B * ctx // bs
@@ -149,35 +175,47 @@ def engine_bench(bw, flops, args):
         record("prefill", tokens=n, ms=ms, flops_frac=fl / (ms / 1e3) / flops)
     eng.kv.enable_prefix_caching = True
 
-    # Batch-1 decode latency: 512-token prompt, 200 new tokens (prefill included, like gpt-fast).
-    for plen in (8, 512):
-        runs = []
-        for _ in range(3):
-            (req,) = eng.add_request(prompt(plen), greedy(200))
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            eng.step()
-            t1 = time.perf_counter()
-            steps = []
-            while eng.has_unfinished():
-                s = time.perf_counter()
+    # Batch-1 decode latency: 8- and 512-token prompts, 200 new tokens (prefill included, like gpt-fast).
+    def decode_b1(tag):
+        for plen in (8, 512):
+            runs = []
+            for _ in range(3):
+                eng.add_request(prompt(plen), greedy(200))
+                torch.cuda.synchronize()
+                t = time.perf_counter()
                 eng.step()
-                steps.append(time.perf_counter() - s)
-            total = time.perf_counter() - t
-            runs.append((200 / total, 199 / (total - (t1 - t)), sorted(steps)))
-        best = sorted(runs)[1]
-        st = best[2]
-        step_ms = st[len(st) // 2] * 1e3
-        bytes_step = params + kv_tok * (plen + 100)
-        record("decode_b1", prompt=plen, tok_s_incl_prefill=best[0], tok_s_decode=best[1], step_p50_ms=step_ms,
-               step_p99_ms=st[int(len(st) * 0.99)] * 1e3, bw_frac=bytes_step / (step_ms / 1e3) / bw)
+                t1 = time.perf_counter()
+                steps = []
+                while eng.has_unfinished():
+                    s = time.perf_counter()
+                    eng.step()
+                    steps.append(time.perf_counter() - s)
+                total = time.perf_counter() - t
+                runs.append((200 / total, 199 / (total - (t1 - t)), sorted(steps)))
+            best = sorted(runs)[1]
+            st = best[2]
+            step_ms = st[len(st) // 2] * 1e3
+            bytes_step = params + kv_tok * (plen + 100)
+            record("decode_b1", variant=tag, prompt=plen, tok_s_incl_prefill=best[0], tok_s_decode=best[1],
+                   step_p50_ms=step_ms, step_p99_ms=st[int(len(st) * 0.99)] * 1e3,
+                   bw_frac=bytes_step / (step_ms / 1e3) / bw, roofline_tok_s=bw / bytes_step)
+
+    decode_b1("cublas")
+    from qkv.attention.triton import gemv as gemv_mod
+
+    wins = {(r["N"], r["K"]) for r in RESULTS if r["name"] == "gemv" and r["triton_us"] < 0.97 * r["cublas_us"]}
+    if wins:
+        gemv_mod.ENABLED_SHAPES.update(wins)
+        eng.runner.graphs.capture()
+        decode_b1("triton-gemv " + ",".join(f"{n}x{k}" for n, k in sorted(wins)))
+        record("gemv_enabled", shapes=sorted(wins))
 
     # Per-kernel profile of one eager batch-1 decode step (same kernels as the graph).
     try:
         from torch.profiler import ProfilerActivity, profile
 
         graphs, eng.runner.graphs = eng.runner.graphs, None
-        (req,) = eng.add_request(prompt(512), greedy(8))
+        eng.add_request(prompt(512), greedy(8))
         eng.step()
         eng.step()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

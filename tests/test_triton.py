@@ -151,6 +151,18 @@ def test_fused_ops_match_torch():
     torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(g) * u, rtol=1e-2, atol=1e-2)
 
 
+def test_gemv_matches_torch():
+    from qkv.attention.triton.gemv import gemv
+
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    w = torch.randn(64, 1024, generator=gen).to(DEV, dtype)
+    x = torch.randn(1, 1024, generator=gen).to(DEV, dtype)
+    ref = (x.float() @ w.float().T)
+    err = (gemv(x, w).float() - ref).norm() / ref.norm()
+    assert err < (1e-2 if CUDA else 1e-5), f"relative error {err:.2e}"
+
+
 # ------------------------------------------------------------------------------- end to end (GPU)
 @gpu
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

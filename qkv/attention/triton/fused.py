@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.attention.triton.gemv import linear  # noqa: F401  (re-exported for qkv.model.layers)
+
 
 @triton.jit
 def _rms_norm_kernel(X, W, Y, stride_x, stride_y, N, eps, offset,
