@@ -13,7 +13,7 @@ from torch import nn
 from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
-from qkv.model.layers import RMSNorm, RotaryEmbedding
+from qkv.model.layers import RMSNorm, RotaryEmbedding, linear
 
 
 class Attention(nn.Module):
@@ -37,7 +37,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
@@ -46,4 +46,4 @@ class Attention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(positions, q, k)
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window)
-        return self.o_proj(out.reshape(T, self.q_size))
+        return linear(self.o_proj, out.reshape(T, self.q_size))

@@ -19,6 +19,12 @@ def fused_ops(x: torch.Tensor):
     return get()
 
 
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``; on CUDA a one-row x may go through the Triton GEMV (see triton/gemv.py)."""
+    fused = fused_ops(x)
+    return layer(x) if fused is None else fused.linear(x, layer)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. ``offset=1`` is Gemma's ``x * (1 + w)`` form."""
 
@@ -76,7 +82,7 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_ops(x) if self.act_name == "silu" else None
         if fused is not None:
-            return self.down_proj(fused.silu_mul(self.gate_up_proj(x)))
+            return fused.linear(fused.silu_mul(fused.linear(x, self.gate_up_proj)), self.down_proj)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
