@@ -180,6 +180,131 @@ def test_tiny_llm_generate_api(tiny_llama, reference):
     assert_no_leak(llm)
 
 
+# ------------------------------------------------------------------------ prefix caching
+
+def greedy(n: int) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+
+
+@pytest.mark.parametrize("plen", [16, 17, 3, 4])
+def test_prefix_hit_never_covers_whole_prompt(tiny_llama, plen):
+    prompt = random.Random(plen).sample(range(2, 256), plen)
+    ref = drive(make(tiny_llama, enable_prefix_caching=False).engine, [(prompt, greedy(5))])
+    llm = make(tiny_llama)
+    first = llm.generate(prompt, greedy(5), use_tqdm=False)[0]
+    second = llm.generate(prompt, greedy(5), use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    # At least the last prompt token is computed, so an exact multiple of the block size
+    # hits one block less than it holds.
+    assert second.num_cached_tokens == (plen - 1) // BS * BS
+    assert [first.token_ids] == [second.token_ids] == ref[0]
+    assert_no_leak(llm)
+
+
+def test_cache_salt_separates(tiny_llama):
+    prompt = list(range(2, 30))
+    llm = make(tiny_llama)
+    ref = llm.generate(prompt, greedy(4), use_tqdm=False, cache_salt="a")[0]
+    for salt, hit in [("b", 0), (None, 0), ("a", 24), ("b", 24), (None, 24)]:
+        out = llm.generate(prompt, greedy(4), use_tqdm=False, cache_salt=salt)[0]
+        assert (out.num_cached_tokens, out.token_ids) == (hit, ref.token_ids), salt
+    assert_no_leak(llm)
+
+
+def test_lru_eviction_under_pressure(tiny_llama):
+    """Three 20-token prompts through a 12-block pool: the oldest prefix is evicted, the most
+    recent stays, and the outputs never change."""
+    rng = random.Random(9)
+    prompts = [[rng.randrange(2, 256) for _ in range(20)] for _ in range(3)]
+    ref = one_by_one(make(tiny_llama, enable_prefix_caching=False).engine, [(p, greedy(4)) for p in prompts])
+    llm = make(tiny_llama, num_kv_blocks=12)
+    outs = [llm.generate(p, greedy(4), use_tqdm=False)[0] for p in prompts]
+    assert [[o.token_ids] for o in outs] == ref
+    assert_no_leak(llm)
+    again_last = llm.generate(prompts[2], greedy(4), use_tqdm=False)[0]
+    assert again_last.num_cached_tokens == 16 and [again_last.token_ids] == ref[2]
+    again_first = llm.generate(prompts[0], greedy(4), use_tqdm=False)[0]
+    assert again_first.num_cached_tokens < 16 and [again_first.token_ids] == ref[0]
+    # Many requests sharing a prefix, all at once, through the same small pool.
+    shared = [prompts[1][:12] + [rng.randrange(2, 256) for _ in range(rng.randint(1, 8))] for _ in range(8)]
+    ref = one_by_one(make(tiny_llama, enable_prefix_caching=False).engine, [(p, greedy(3)) for p in shared])
+    assert drive(llm.engine, [(p, greedy(3)) for p in shared]) == ref
+    assert assert_no_leak(llm)["num_blocks_cached"] > 0
+
+
+# ------------------------------------------------------------------------ abort and admission
+
+def test_abort_anywhere_frees_everything(tiny_llama):
+    rng = random.Random(4)
+    long = [rng.randrange(2, 256) for _ in range(30)]
+    keep = [rng.randrange(2, 256) for _ in range(9)]
+    (ref,) = drive(make(tiny_llama).engine, [(keep, greedy(10))])
+    llm = make(tiny_llama, max_num_batched_tokens=3)
+    eng = llm.engine
+
+    got = {}
+
+    def steps(k=1):
+        for _ in range(k):
+            for out in eng.step():
+                if out.finished:
+                    got[out.request_id] = out
+
+    (survivor,) = eng.add_request(keep, greedy(10))
+    # waiting
+    (w,) = eng.add_request(long, greedy(5))
+    eng.abort(w.request_id)
+    # mid-prefill (the budget of 3 splits the 30-token prompt over many steps)
+    (pf,) = eng.add_request(long, greedy(5))
+    while pf.num_computed_tokens == 0:
+        steps()
+    steps(2)
+    assert 0 < pf.num_computed_tokens < len(long) and eng.kv.has(pf.request_id)
+    eng.abort(pf.request_id)
+    # mid-decode, with n=4 samples sharing blocks
+    par = eng.add_request(long[:10], SamplingParams(n=4, seed=1, temperature=1.0, max_tokens=20))
+    while par[0].num_output_tokens < 2:
+        steps()
+    eng.abort(par[0].request_id)
+    assert all(r.finished and not eng.kv.has(r.request_id) for r in par)
+    # a sample aborted on its own before its head forked it never runs
+    par = eng.add_request(long, SamplingParams(n=3, seed=2, temperature=1.0, max_tokens=20))
+    eng.abort(par[2].request_id)
+    while par[0].num_output_tokens < 2:
+        steps()
+    assert par[2].finish_reason == "abort" and par[2].num_output_tokens == 0
+    assert par[1].num_output_tokens == 2
+    eng.abort(par[0].request_id)
+    eng.abort("no-such-request")  # unknown ids are ignored
+    while eng.has_unfinished():
+        steps()
+    assert [got[survivor.request_id].token_ids] == ref
+    assert set(got) == {survivor.request_id}
+    assert_no_leak(llm)
+
+
+def test_request_that_never_fits_is_rejected_at_once(tiny_llama):
+    llm = make(tiny_llama, num_kv_blocks=8)  # 32 token slots
+    with pytest.raises(ValueError, match="KV blocks"):
+        llm.engine.add_request(list(range(2, 30)), greedy(8))
+    with pytest.raises(ValueError):
+        llm.generate(list(range(2, 30)), SamplingParams(n=2, max_tokens=8), use_tqdm=False)
+    with pytest.raises(ValueError, match="context length"):
+        llm.engine.add_request(list(range(2, 30)), greedy(1000))
+    assert not llm.engine.has_unfinished()
+    assert_no_leak(llm)
+    # The engine still serves what fits, even when each request needs the whole pool.
+    outs = llm.generate([list(range(2, 26))] * 3, greedy(8), use_tqdm=False)
+    assert all(len(o.token_ids) == 8 for o in outs)
+    assert_no_leak(llm)
+
+
+@pytest.mark.parametrize("kw", [dict(max_num_batched_tokens=0), dict(max_num_seqs=0)])
+def test_knobs_that_would_hang_are_rejected(tiny_llama, kw):
+    with pytest.raises(ValueError):
+        make(tiny_llama, **kw)
+
+
 # ------------------------------------------------------------------------ SmolLM2
 # Short runs (SmolLM2 steps cost ~100x a tiny model's): three prompts, 6-8 new tokens.
 
