@@ -159,6 +159,8 @@ class LLMEngine:
         rows = list(range(len(due)))
         for i, req in enumerate(list(due)):  # siblings sample from their parent's prompt logits
             for child in req.forks:
+                if child.finished:  # aborted on its own before its prompt was computed
+                    continue
                 self.scheduler.fork(req, child)
                 due.append(child)
                 rows.append(i)

@@ -41,6 +41,10 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int):
+        # A zero budget or seat count would schedule nothing, forever: generate() would hang.
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) and max_num_seqs "
+                             f"({max_num_seqs}) must be at least 1")
         self.kv = kv
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_num_seqs = max_num_seqs
