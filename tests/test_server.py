@@ -29,6 +29,7 @@ CORPUS = ["the quick brown fox jumps over the lazy dog", "hello world, how are y
           "a paged kv cache stores keys and values in fixed size blocks", "count: one two three four five six",
           "Streaming tokens over server sent events ends with done."] * 20
 API_KEY = "test-key-123"
+CONTEXT = 4096
 
 
 def make_model_dir(path, seed: int = 0) -> str:
@@ -52,7 +53,7 @@ def make_model_dir(path, seed: int = 0) -> str:
     eos = tok.token_to_id("<|im_end|>")
     cfg = tf.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, bos_token_id=0, eos_token_id=eos)
+                         max_position_embeddings=CONTEXT, bos_token_id=0, eos_token_id=eos)
     torch.manual_seed(seed)
     tf.LlamaForCausalLM(cfg).eval().save_pretrained(path)
     return str(path)
@@ -67,13 +68,13 @@ def free_port() -> int:
 class Server:
     """uvicorn serving ``app`` in a thread of this process, on a free loopback port."""
 
-    def __init__(self, app):
+    def __init__(self, app, grace: float = 2.0):
         import uvicorn
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=grace)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -102,6 +103,15 @@ def llm(model_dir):
 
 
 @pytest.fixture(scope="module")
+def ref_llm(model_dir):
+    """A second engine on the same weights for expected outputs: the served engine belongs to
+    the server's loop thread, and a test thread stepping it too would race that thread."""
+    from qkv import LLM
+
+    return LLM(model_dir, device="cpu", num_kv_blocks=96)
+
+
+@pytest.fixture(scope="module")
 def server(llm):
     from qkv.server import ServerLimits, create_app
 
@@ -117,11 +127,11 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0)
 
 
-def reference(llm, prompt, **kw):
-    """The offline engine's answer. Only safe while the server is idle (tests run serially)."""
+def reference(ref_llm, prompt, **kw):
+    """The offline engine's answer for ``prompt``."""
     from qkv import SamplingParams
 
-    return llm.generate(prompt, SamplingParams(**kw))
+    return ref_llm.generate(prompt, SamplingParams(**kw))
 
 
 def metrics(url: str, headers=None) -> dict[str, float]:
@@ -138,27 +148,27 @@ def aborted(url: str) -> float:
 
 
 # ---------------------------------------------------------------- happy paths
-def test_completion_matches_offline_engine(client, llm):
+def test_completion_matches_offline_engine(client, ref_llm):
     prompt = "the quick brown fox"
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
-    ref = reference(llm, prompt, max_tokens=12, temperature=0)[0]
+    ref = reference(ref_llm, prompt, max_tokens=12, temperature=0)[0]
     assert r.choices[0].text == ref.text
     assert r.choices[0].finish_reason == ref.finish_reason
-    assert r.usage.prompt_tokens == len(llm.encode(prompt))
+    assert r.usage.prompt_tokens == len(ref_llm.encode(prompt))
     assert r.usage.completion_tokens == len(ref.token_ids)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     assert r.model == "tiny" and r.object == "text_completion"
 
 
-def test_chat_uses_model_template(client, llm):
+def test_chat_uses_model_template(client, ref_llm):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello world"}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10, temperature=0)
     from qkv import SamplingParams
 
-    ref = llm.chat(messages, SamplingParams(max_tokens=10, temperature=0))
+    ref = ref_llm.chat(messages, SamplingParams(max_tokens=10, temperature=0))
     assert r.choices[0].message.role == "assistant"
     assert r.choices[0].message.content == ref.text
-    assert r.usage.prompt_tokens == len(llm.chat_prompt(messages))
+    assert r.usage.prompt_tokens == len(ref_llm.chat_prompt(messages))
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -189,13 +199,13 @@ def test_stream_ends_with_done(server):
     assert all(ln.startswith("data: ") for ln in lines)
 
 
-def test_n2_seeded_samples(client, llm):
+def test_n2_seeded_samples(client, ref_llm):
     r = client.completions.create(model="tiny", prompt="hello world", max_tokens=8, temperature=1.0, seed=7, n=2,
                                   extra_body={"ignore_eos": True})
     assert sorted(c.index for c in r.choices) == [0, 1]
     # Sample i draws from seed + i: each equals a single request with that seed.
     for c in r.choices:
-        ref = reference(llm, "hello world", max_tokens=8, temperature=1.0, seed=7 + c.index, ignore_eos=True)[0]
+        ref = reference(ref_llm, "hello world", max_tokens=8, temperature=1.0, seed=7 + c.index, ignore_eos=True)[0]
         assert c.text == ref.text
     assert r.usage.completion_tokens == 16
 
@@ -208,8 +218,8 @@ def test_n2_streaming_covers_both_choices(client):
     assert done == {0, 1}
 
 
-def test_stop_string(client, llm):
-    base = reference(llm, "the lazy dog", max_tokens=24, temperature=0, ignore_eos=True)[0].text
+def test_stop_string(client, ref_llm):
+    base = reference(ref_llm, "the lazy dog", max_tokens=24, temperature=0, ignore_eos=True)[0].text
     assert len(base) > 4
     stop = base[len(base) // 2:len(base) // 2 + 2]
     expect = base[:base.find(stop)]
@@ -272,8 +282,10 @@ def test_bad_requests(server):
     _err(post(comp, json={"prompt": 12}), 400, "invalid_value")
     _err(post(comp, json={"prompt": "hi", "seed": 2**70}), 400, "invalid_value", "seed")
     _err(post(comp, json={"prompt": "hi", "model": "gpt-4"}), 404, "model_not_found", "gpt-4")
-    e = _err(post(comp, json={"prompt": "hi", "max_tokens": 1000}), 400, "context_length_exceeded")
-    assert "1000" in e["message"] and "256" in e["message"]  # the numbers: max_tokens and the context
+    e = _err(post(comp, json={"prompt": "hi", "max_tokens": 5000}), 400, "context_length_exceeded")
+    assert "5000" in e["message"] and str(CONTEXT) in e["message"]  # the numbers: max_tokens and the context
+    e = _err(post(comp, json={"prompt": "hi", "max_tokens": 3000}), 400, "context_length_exceeded")
+    assert "96" in e["message"]  # fits the context, never the 96-block pool: the numbers again
     _err(post(comp, json={"prompt": "hi", "n": 5}), 400, "invalid_value", "n=5")
     _err(post(comp, json={"prompt": "x" * 70_000}), 400, "request_too_large")
     _err(post(comp, json={"prompt": [999999]}), 400, "invalid_value", "vocabulary")
@@ -293,8 +305,8 @@ def test_openai_client_sees_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=500)
-    assert "256" in str(e.value)
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=5000)
+    assert str(CONTEXT) in str(e.value)
 
 
 def test_api_key(model_dir):
@@ -318,7 +330,7 @@ def test_api_key(model_dir):
 
 
 # ---------------------------------------------------------------- load
-def test_concurrent_streams_with_disconnects(server, llm):
+def test_concurrent_streams_with_disconnects(server):
     """64 streaming clients at once, every fourth hanging up after its first tokens: all the
     others finish in full, and afterwards no KV block is held."""
     import asyncio
@@ -363,10 +375,10 @@ def test_concurrent_streams_with_disconnects(server, llm):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
-def test_non_streaming_client_timeout_aborts(server, llm):
+def test_non_streaming_client_timeout_aborts(server):
     """A plain (non-streamed) request whose client gives up is aborted, not run to the end."""
     before = aborted(server.url)
-    body = {"prompt": "hello world", "max_tokens": 240, "ignore_eos": True}
+    body = {"prompt": "hello world", "max_tokens": 1000, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
     deadline = time.monotonic() + 10
@@ -383,13 +395,13 @@ def test_graceful_shutdown_aborts_open_streams(model_dir):
     from qkv import LLM
     from qkv.server import create_app
 
-    llm = LLM(model_dir, device="cpu", num_kv_blocks=32)
-    s = Server(create_app(llm, "tiny"))
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=300)
+    s = Server(create_app(llm, "tiny"), grace=0.3)  # far too short for 4000 tokens
     lines: list[str] = []
     started = threading.Event()
 
     def stream():
-        body = {"prompt": "hello", "max_tokens": 240, "stream": True, "ignore_eos": True}
+        body = {"prompt": "hello", "max_tokens": 4000, "stream": True, "ignore_eos": True}
         try:
             with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
                 for line in r.iter_lines():
@@ -404,7 +416,7 @@ def test_graceful_shutdown_aborts_open_streams(model_dir):
     s.stop()
     t.join(15)
     assert not t.is_alive() and not s.thread.is_alive()
-    assert "data: [DONE]" not in lines or any("shutting down" in ln for ln in lines)
+    assert "data: [DONE]" not in lines or any("shutting down" in ln for ln in lines)  # cut, not finished
     assert llm.stats()["num_blocks_in_use"] == 0 and not llm.engine.has_unfinished()
 
 
