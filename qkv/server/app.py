@@ -299,7 +299,7 @@ class _Answer:
 
         def event(choices: list[dict], use: dict | None = None) -> str:
             body = P.completion_response(self.rid, self.model, choices, use, self.chat, chunk=True)
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
         try:
             if self.chat:  # the role first, as OpenAI does
