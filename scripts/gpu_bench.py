@@ -200,15 +200,39 @@ def engine_bench(bw, flops, args):
                    step_p50_ms=step_ms, step_p99_ms=st[int(len(st) * 0.99)] * 1e3,
                    bw_frac=bytes_step / (step_ms / 1e3) / bw, roofline_tok_s=bw / bytes_step)
 
-    decode_b1("cublas")
     from qkv.attention.triton import gemv as gemv_mod
 
-    wins = {(r["N"], r["K"]) for r in RESULTS if r["name"] == "gemv" and r["triton_us"] < 0.97 * r["cublas_us"]}
-    if wins:
-        gemv_mod.ENABLED_SHAPES.update(wins)
-        eng.runner.graphs.capture()
-        decode_b1("triton-gemv " + ",".join(f"{n}x{k}" for n, k in sorted(wins)))
-        record("gemv_enabled", shapes=sorted(wins))
+    decode_b1("default (Triton GEMV for " + ",".join(f"{n}x{k}" for n, k in sorted(gemv_mod.ENABLED_SHAPES)) + ")")
+    saved = set(gemv_mod.ENABLED_SHAPES)
+    gemv_mod.ENABLED_SHAPES.clear()
+    eng.runner.graphs.capture()
+    decode_b1("cuBLAS only")
+    gemv_mod.ENABLED_SHAPES.update(saved)
+    eng.runner.graphs.capture()
+    if args.eager_too:
+        graphs, eng.runner.graphs = eng.runner.graphs, None
+        decode_b1("eager (no CUDA graphs)")
+        eng.runner.graphs = graphs
+
+    # Decode throughput against batch size (steady state: 512-token prompts, 128 new tokens).
+    for B in (1, 4, 16, 64, 128, 256):
+        reqs = []
+        for _ in range(B):
+            reqs += eng.add_request(prompt(512), greedy(128))
+        eng.step()  # the prefills (B * 512 <= 8192 tokens per step: up to 16 at once)
+        while any(r.num_computed_tokens < 512 for r in reqs):
+            eng.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        n0 = sum(len(r.output_token_ids) for r in reqs)
+        while eng.has_unfinished():
+            eng.step()
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        n = sum(len(r.output_token_ids) for r in reqs) - n0
+        ctx = 512 + 64
+        bytes_step = params + kv_tok * ctx * B
+        record("decode_sweep", batch=B, tok_s=n / dt, roofline_tok_s=B * bw / bytes_step)
 
     # Per-kernel profile of one eager batch-1 decode step (same kernels as the graph).
     try:
@@ -272,6 +296,7 @@ def main():
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--long", action="store_true")
+    ap.add_argument("--eager-too", action="store_true", help="also time batch-1 decode without CUDA graphs")
     args = ap.parse_args()
     secs = args.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)

@@ -29,8 +29,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         write_kv(kv_cache, k, v, slots)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
-                            max_seq_len=None if capturing else batch.max_seq_len)
+                            max_seq_len=None if capturing else batch.max_seq_len,
+                            query_start_loc=batch.query_start_loc)
+    # A mixed step (decodes beside prefill chunks): the prefill kernel takes the multi-token
+    # sequences and reads before the write; the GQA decode kernel takes the one-token ones
+    # after it. Which is which is read on the device, so the host never waits.
+    mixed = batch.num_seqs > 1
     out = paged_prefill(q, k, v, kv_cache, table, batch.query_start_loc, batch.num_computed,
-                        batch.max_query_len, scale, window, ring, softcap)
+                        batch.max_query_len, scale, window, ring, softcap, skip_decode=mixed)
     write_kv(kv_cache, k, v, slots)
+    if mixed:
+        paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
+                     max_seq_len=batch.max_seq_len, query_start_loc=batch.query_start_loc, out=out)
     return out

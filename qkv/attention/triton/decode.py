@@ -22,7 +22,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_kernel(Q, KC, VC, BT, NC, ACC, ML,
+def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML,
                    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
                    sm_scale, softcap, window, ring,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
@@ -31,6 +31,9 @@ def _decode_kernel(Q, KC, VC, BT, NC, ACC, ML,
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    qrow = tl.load(QSL + b)
+    if tl.load(QSL + b + 1) - qrow != 1:  # a prefill row of a mixed batch: the prefill kernel's
+        return
     seq_len = tl.load(NC + b).to(tl.int32) + 1
     kstart = 0
     if HAS_WINDOW:
@@ -45,7 +48,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, ACC, ML,
     gmask = g < G
     dmask = d < D
     heads = kvh * G + g
-    q = tl.load(Q + b * stride_qt + heads[:, None] * stride_qh + d[None, :],
+    q = tl.load(Q + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
@@ -84,10 +87,13 @@ def _decode_kernel(Q, KC, VC, BT, NC, ACC, ML,
 
 
 @triton.jit
-def _combine_kernel(ACC, ML, OUT, stride_ot, stride_oh, H, D: tl.constexpr, D_PAD: tl.constexpr,
+def _combine_kernel(ACC, ML, OUT, QSL, stride_ot, stride_oh, H, D: tl.constexpr, D_PAD: tl.constexpr,
                     S: tl.constexpr, S_PAD: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    qrow = tl.load(QSL + b)
+    if tl.load(QSL + b + 1) - qrow != 1:
+        return
     s = tl.arange(0, S_PAD)
     d = tl.arange(0, D_PAD)
     smask = s < S
@@ -98,7 +104,7 @@ def _combine_kernel(ACC, ML, OUT, stride_ot, stride_oh, H, D: tl.constexpr, D_PA
     w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
     acc = tl.load(ACC + row[:, None] * D_PAD + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(OUT + b * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+    tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
 
 
 def num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None, block_n: int,
@@ -115,29 +121,37 @@ def num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None, bloc
 def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, num_computed: torch.Tensor,
                  scale: float, window: int | None = None, ring: int | None = None, softcap: float | None = None,
                  max_seq_len: int | None = None, splits: int | None = None, block_n: int = 64,
-                 num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """q [B, H, D]; keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached).
+                 num_warps: int = 4, num_stages: int = 3, query_start_loc: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D]; sequence b's query is row ``query_start_loc[b]`` (default: row b) and sees
+    keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached).
 
-    ``kv_cache`` [2, blocks, bs, KVH, D], ``block_table`` [B, max_blocks]. Returns [B, H, D]
-    in q's dtype. Allocates its split buffers per call (from the graph pool when captured)."""
-    B, H, D = q.shape
+    Sequences whose query length is not 1 are skipped (a mixed batch: the prefill kernel
+    fills their rows of ``out``). ``kv_cache`` [2, blocks, bs, KVH, D], ``block_table``
+    [B, max_blocks]. Returns ``out`` [T, H, D] (allocated in q's dtype when not given).
+    Allocates its split buffers per call (from the graph pool when captured)."""
+    B = num_computed.shape[0]
+    _, H, D = q.shape
     _, _, bs, kvh, _ = kv_cache.shape
+    if query_start_loc is None:
+        query_start_loc = torch.arange(B + 1, device=q.device)
     G = H // kvh
     D_PAD = triton.next_power_of_2(D)
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
     acc = torch.empty((B * H * S, D_PAD), dtype=torch.float32, device=q.device)
     ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q.device)
-    out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kc, vc = kv_cache[0], kv_cache[1]
     if q.dtype != kc.dtype:
         q = q.to(kc.dtype)
     _decode_kernel[(B, kvh, S)](
-        q, kc, vc, block_table, num_computed, acc, ml,
+        q, kc, vc, block_table, num_computed, query_start_loc, acc, ml,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0),
         scale, softcap or 0.0, window or 0, ring or 1,
         G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages)
-    _combine_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
+    _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
                             S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
     return out

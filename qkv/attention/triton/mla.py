@@ -81,6 +81,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
         kv_cache.stride(1), block_table.stride(0), H, scale,
         R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
-    _combine_kernel[(B, H)](acc, ml, out, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
+    rows = torch.arange(B + 1, device=q_lat.device)
+    _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
                             S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
     return out

@@ -47,7 +47,8 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
                     sm_scale, softcap, window, ring,
                     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                    SKIP_DECODE: tl.constexpr):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -55,6 +56,8 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
     row0 = tl.load(QSL + b).to(tl.int32)
     qlen = tl.load(QSL + b + 1).to(tl.int32) - row0
     if mblk * BLOCK_M >= qlen:
+        return
+    if SKIP_DECODE and qlen == 1:  # left to the GQA decode kernel
         return
     nc = tl.load(NC + b).to(tl.int32)
     m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -112,9 +115,10 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
 def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   block_table: torch.Tensor, query_start_loc: torch.Tensor, num_computed: torch.Tensor,
                   max_query_len: int, scale: float, window: int | None = None, ring: int | None = None,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, skip_decode: bool = False) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``; returns [T, H, D] (q's dtype).
-    Does not write the cache."""
+    Does not write the cache. With ``skip_decode`` the rows of one-token sequences are left
+    unwritten, for the decode kernel to fill."""
     T, H, D = q.shape
     kc, vc = kv_cache[0], kv_cache[1]
     bs, kvh = kc.shape[1], kc.shape[2]
@@ -133,5 +137,5 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
         scale, softcap or 0.0, window or 0, ring or 1,
         G=H // kvh, D=D, D_PAD=D_PAD, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        num_warps=4 if big else 8, num_stages=2)
+        SKIP_DECODE=skip_decode, num_warps=4 if big else 8, num_stages=2)
     return out
