@@ -149,7 +149,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
         req = await parse(request, P.CompletionRequest, limits.max_body_bytes)
         prompts = req.prompts()
         check_request(req, len(prompts))
-        ids = [encode(llm, p) for p in prompts]
+        # Off the event loop: a long prompt's tokenization must not stall other streams.
+        ids = await asyncio.to_thread(lambda: [encode(llm, p) for p in prompts])
         max_tokens = req.max_tokens or 16  # OpenAI's default for completions
         return await generate(request, req, ids, sampling(req, max_tokens), chat=False)
 
@@ -161,7 +162,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
             raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
                              code="no_chat_template")
         try:
-            ids = llm.chat_prompt(req.plain_messages())
+            ids = await asyncio.to_thread(llm.chat_prompt, req.plain_messages())
         except ValueError as e:  # ChatTemplateError: the template rejected the messages
             raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens

@@ -61,7 +61,7 @@ class EngineLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats: dict = engine.stats()  # a snapshot, replaced (never mutated) by the thread
-        self.error: str | None = None  # the last engine failure, for /health
+        self.error: str | None = None  # the last engine failure (also logged)
 
     # ---------------------------------------------------------------- any thread
     def start(self) -> None:
@@ -110,7 +110,10 @@ class EngineLoop:
                 commands, self._commands = self._commands, []
                 stopping = self._stopping
             for cmd in commands:
-                self._apply(cmd)
+                try:
+                    self._apply(cmd)
+                except Exception:  # never let one command kill the only thread that serves
+                    log.exception("engine command %s failed", cmd[0])
             if stopping:
                 self._fail_all(ShuttingDown("the server is shutting down"))
                 self.stats = self.engine.stats()
@@ -166,7 +169,7 @@ class EngineLoop:
                 if out.finished:
                     self.metrics.finished(out.finish_reason, now - route.submitted)
             route.last[out.request_id] = now
-            route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, out)
+            _deliver(route, out)
             if out.finished:
                 route.done.add(out.request_id)
                 if sum(k.split("/", 1)[0] == head for k in route.done) == route.samples_per_prompt:
@@ -175,5 +178,12 @@ class EngineLoop:
     def _fail_all(self, exc: BaseException) -> None:
         for rid, route in list(self._routes.items()):
             self.engine.abort(rid)
-            route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, exc)
+            _deliver(route, exc)
         self._routes.clear()
+
+
+def _deliver(route: _Route, item) -> None:
+    try:
+        route.loop.call_soon_threadsafe(route.stream.queue.put_nowait, item)
+    except RuntimeError:  # that event loop is closed: nobody is listening any more
+        pass
