@@ -440,3 +440,19 @@ def test_smollm2_chat_and_stream(smollm2):
     finally:
         s.stop()
     assert smollm2.stats()["num_blocks_in_use"] == 0
+
+
+def test_bench_serve_against_running_server(server, capsys):
+    """`qkv bench serve --url` drives a live server and reports every request as finished."""
+    import argparse
+
+    from qkv.server import bench_serve
+
+    p = argparse.ArgumentParser()
+    bench_serve.add_arguments(p)
+    args = p.parse_args(["--url", server.url, "--rates", "20,inf", "--num-requests", "4", "--input-len", "8",
+                         "--output-len", "4"])
+    assert bench_serve.run(args) == 0
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.startswith("| 20 ") or ln.startswith("| inf ")]
+    assert len(rows) == 2 and all(r.split("|")[2:4] == [" 4 ", " 0 "] for r in rows), out
