@@ -325,6 +325,10 @@ def test_api_key(model_dir):
             openai.OpenAI(base_url=s.url + "/v1", api_key="bad", max_retries=0).models.list()
         good = openai.OpenAI(base_url=s.url + "/v1", api_key=API_KEY, max_retries=0)
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+        # No max_tokens on a pool (32 blocks = 512 tokens) smaller than the context: the default
+        # shrinks to what the pool can hold instead of failing the request.
+        r = good.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}])
+        assert r.usage.total_tokens <= 32 * 16 and r.choices[0].finish_reason in ("stop", "length")
     finally:
         s.stop()
 

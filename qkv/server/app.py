@@ -140,9 +140,12 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
             raise P.APIError(400, msg, code="unsupported_parameter")
 
     def sampling(req: P._Sampling, max_tokens: int) -> SamplingParams:
-        return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, seed=req.seed, stop=req.stop, stop_token_ids=req.stop_token_ids,
-                              ignore_eos=req.ignore_eos)
+        try:
+            return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                                  top_k=req.top_k, seed=req.seed, stop=req.stop,
+                                  stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+        except ValueError as e:
+            raise P.APIError(400, str(e), code="invalid_value") from None
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
@@ -167,7 +170,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
             raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
-            max_tokens = max(1, engine.max_model_len - len(ids))
+            max_tokens = default_max_tokens(engine, len(ids))
             if limits.default_max_tokens is not None:
                 max_tokens = min(max_tokens, limits.default_max_tokens)
         return await generate(request, req, [ids], sampling(req, max_tokens), chat=True)
@@ -219,6 +222,20 @@ async def parse(request: Request, model: type, max_bytes: int):
         return model.model_validate(data)
     except ValidationError as e:
         raise P.APIError(400, P.validation_message(e), code="invalid_value") from None
+
+
+def default_max_tokens(engine, prompt_len: int) -> int:
+    """For a chat without max_tokens: the rest of the context, or as much as the KV pool can
+    ever hold when that is less. When nothing fits, a value the engine rejects with numbers.
+    (Reads only the pool's fixed sizes, so it is safe off the engine thread.)"""
+    hi = engine.max_model_len - prompt_len
+    if hi < 1 or not engine.kv.can_ever_fit(prompt_len + 1):
+        return max(1, hi)
+    lo = 1  # fits; find the largest that does
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if engine.kv.can_ever_fit(prompt_len + mid) else (lo, mid - 1)
+    return lo
 
 
 def encode(llm, prompt: str | list[int]) -> list[int]:
