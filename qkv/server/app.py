@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import secrets
-import time
 import uuid
 from typing import AsyncIterator
 

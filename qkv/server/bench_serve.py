@@ -29,12 +29,14 @@ from dataclasses import dataclass, field
 
 from qkv.cli import add_model_arguments
 
-WORDS = ("time year people way day man thing woman life child world school state family student group country "
-         "problem hand part place case week company system program question work government number night point "
-         "home water room mother area money story fact month lot right study book eye job word business issue "
-         "side kind head house service friend father power hour game line end member law car city community name "
-         "president team minute idea kid body information back parent face others level office door health person "
-         "art war history party result change morning reason research girl guy moment air teacher force education").split()
+WORDS = (
+    "time year people way day man thing woman life child world school state family student group country "
+    "problem hand part place case week company system program question work government number night point "
+    "home water room mother area money story fact month lot right study book eye job word business issue "
+    "side kind head house service friend father power hour game line end member law car city community name "
+    "president team minute idea kid body information back parent face others level office door health person "
+    "art war history party result change morning reason research girl guy moment air teacher force education"
+).split()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,11 +163,12 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
 
     port = _free_port()
     # Not `python -m qkv.cli`: run as __main__, qkv.cli would not recognise its own commands.
-    cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve", "--model", args.model, "--port", str(port),
-           "--dtype", args.dtype, "--block-size", str(args.block_size),
+    cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
+           "--model", args.model, "--port", str(port), "--dtype", args.dtype, "--block-size", str(args.block_size),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--max-num-seqs", str(args.max_num_seqs),
            "--log-level", "warning", "--served-model-name", "bench"]
-    for flag, value in (("--device", args.device), ("--threads", args.threads), ("--num-kv-blocks", args.num_kv_blocks)):
+    optional = (("--device", args.device), ("--threads", args.threads), ("--num-kv-blocks", args.num_kv_blocks))
+    for flag, value in optional:
         if value is not None:
             cmd += [flag, str(value)]
     if args.no_prefix_caching:
@@ -225,8 +228,8 @@ def run(args) -> int:
         print(table(rows))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))},
-                           "results": rows}, f, indent=2)
+                plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}
+                json.dump({"args": plain, "results": rows}, f, indent=2)
         return 0
     finally:
         if proc is not None:

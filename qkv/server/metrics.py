@@ -23,7 +23,8 @@ GAUGES = {
     "qkv_kv_blocks_in_use": ("num_blocks_in_use", "KV blocks referenced by running requests"),
     "qkv_kv_blocks_cached": ("num_blocks_cached", "unreferenced KV blocks kept for prefix reuse"),
     "qkv_kv_blocks_free": ("num_blocks_free", "KV blocks holding nothing"),
-    "qkv_prefix_cache_hit_rate": ("prefix_cache_hit_rate", "prompt tokens served from the prefix cache / prompt tokens"),
+    "qkv_prefix_cache_hit_rate": ("prefix_cache_hit_rate",
+                                  "prompt tokens served from the prefix cache / prompt tokens"),
     "qkv_requests_running": ("num_running", "sequences being computed"),
     "qkv_requests_waiting": ("num_waiting", "sequences queued for admission"),
 }
