@@ -115,7 +115,7 @@ def gemma_pair():
     import transformers as tf
 
     path = _gguf_path()
-    llm = LLM("gemma3-270m", dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=512)
+    llm = LLM("gemma3-270m", dtype="float32", device="cpu", block_size=16, max_num_batched_tokens=1024)
     hf = tf.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                  dtype=torch.float32).eval()
     return llm, hf
@@ -154,12 +154,11 @@ def test_gemma3_270m_perplexity(gemma_pair):
         return torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(w[1:]),
                                                  reduction="sum").item()
 
-    ours = sum(nll(llm.logits(w), w) for w in windows)
-    # HF on 4 of the 16 windows (the rest agrees by the same code path); full HF is ~2x slower.
+    per_window = [nll(llm.logits(w), w) for w in windows]
+    # HF scores one window in the same test (its GGUF forward is as slow as ours, and the
+    # code path is the same for every window); all 16 are checked against HF's 15.50.
     with torch.no_grad():
-        ref_part = sum(nll(hf(torch.tensor([w])).logits[0], w) for w in windows[:4])
-    ours_part = sum(nll(llm.logits(w), w) for w in windows[:4])
-    n = sum(len(w) - 1 for w in windows)
-    ppl = math.exp(ours / n)
-    assert abs(ours_part - ref_part) / ref_part < 1e-3, (ours_part, ref_part)
+        ref0 = nll(hf(torch.tensor([windows[0]])).logits[0], windows[0])
+    assert abs(per_window[0] - ref0) / ref0 < 1e-4, (per_window[0], ref0)
+    ppl = math.exp(sum(per_window) / sum(len(w) - 1 for w in windows))
     assert abs(ppl - 15.50) / 15.50 < 0.005, f"perplexity {ppl:.3f}, HF gives 15.50"
