@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_)
-        if module == __name__:
+        if module == "qkv.cli":
             add_arguments(p, name)
         else:
             try:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     from qkv.loading import LoadError
 
     try:
-        if args.module == __name__:
+        if args.module == "qkv.cli":
             return run(args)
         return importlib.import_module(args.module).run(args) or 0
     except (LoadError, ValueError, FileNotFoundError) as e:
