@@ -196,6 +196,22 @@ def test_sliding_and_full_groups(ops, num_blocks, budget, max_seqs):
     run(Sim([SLIDE, FULL, SLIDE], 2, num_blocks, budget, max_seqs, True), ops)
 
 
+def test_prefix_hit_restores_every_group():
+    """Two full-attention groups (different specs): a hit must not leave group 1 unfilled."""
+    sim = Sim([FULL, FullAttention(num_kv_heads=2, head_dim=4)], 2, 24, 64, 4, True)
+    sim.add(STEMS[0], 3, 1, None)
+    sim.add(STEMS[0] + [1], 3, 2, None)
+    sim.step()
+    while sim.sched.has_unfinished():
+        sim.step()
+        sim.check()
+    sim.add(STEMS[0] + [2], 3, 1, None)
+    while sim.sched.has_unfinished():
+        sim.step()  # asserts every group's pages hold the tokens read
+        sim.check()
+    sim.check_no_leak()
+
+
 def test_preempts_most_recent_and_keeps_fcfs():
     sim = Sim([FULL], 2, 8, 64, 8, False)
     for i in range(3):

@@ -52,8 +52,11 @@ class KVCacheManager:
         self.groups = [LayerGroup(spec, layers, BlockPool(n)) for (spec, layers), n in zip(grouped, num_blocks)]
         self.ring = [s.ring_blocks(block_size) if isinstance(s, SlidingWindow) else None for s, _ in grouped]
         # A prefix hit must restore every layer's KV for the hit tokens; a ring has overwritten
-        # them, so prefix caching serves only models whose groups all keep every token.
-        self.enable_prefix_caching = enable_prefix_caching and all(r is None for r in self.ring)
+        # them, so prefix caching serves only models whose groups all keep every token. Hits are
+        # looked up and keyed in group 0's pool only, so a second group would read blocks it
+        # never got: one group only, until hits open every group's table.
+        self.enable_prefix_caching = (enable_prefix_caching and len(self.groups) == 1
+                                      and all(r is None for r in self.ring))
         self._seqs: dict[str, _Seq] = {}
 
     # ---------------------------------------------------------------- queries
