@@ -136,6 +136,64 @@ def kernels(bw):
     torch.cuda.empty_cache()
 
 
+def splits_sweep(bw):
+    """Decode/MLA kernel time against the number of splits at batch 1 (latency-bound regime)."""
+    from qkv.attention.triton.decode import paged_decode
+    from qkv.attention.triton.mla import mla_decode
+
+    bs = 16
+    for ctx in (512, 2048, 8192):
+        nblk = ctx // bs
+        cache = torch.randn(2, nblk, bs, 8, 128, dtype=torch.bfloat16, device="cuda")
+        table = torch.randperm(nblk, device="cuda").view(1, -1)
+        nc = torch.full((1,), ctx - 1, dtype=torch.int64, device="cuda")
+        q = torch.randn(1, 32, 128, dtype=torch.bfloat16, device="cuda")
+        row = {}
+        for S in (4, 8, 16, 32, 64, 128):
+            for bn in (32, 64):
+                ms = bench_graph(lambda: paged_decode(q, cache, table, nc, 0.088, splits=S, block_n=bn))
+                row[f"S{S}/N{bn}"] = round(ms * 1e3, 2)
+        best = min(row, key=row.get)
+        record("decode_splits_b1", ctx=ctx, us=row, best=best, bw_frac=cache.numel() * 2 / (row[best] / 1e6) / bw)
+        mcache = torch.randn(nblk, bs, 576, dtype=torch.bfloat16, device="cuda")
+        ql = torch.randn(1, 16, 512, dtype=torch.bfloat16, device="cuda")
+        qr = torch.randn(1, 16, 64, dtype=torch.bfloat16, device="cuda")
+        row = {}
+        for S in (8, 32, 64, 128):
+            for bn in (16, 32):
+                ms = bench_graph(lambda: mla_decode(ql, qr, mcache, table, nc, 0.07, splits=S, block_n=bn, num_warps=4))
+                row[f"S{S}/N{bn}"] = round(ms * 1e3, 2)
+        best = min(row, key=row.get)
+        record("mla_splits_b1", ctx=ctx, us=row, best=best, bw_frac=mcache.numel() * 2 / (row[best] / 1e6) / bw)
+
+
+def host_overhead(eng, prompt, greedy):
+    """Step wall time against the bare graph replay, at batch 1 and 256."""
+    for B in (1, 256):
+        reqs = []
+        for _ in range(B):
+            reqs += eng.add_request(prompt(512), greedy(64))
+        while any(r.num_computed_tokens < 512 for r in reqs):
+            eng.step()
+        steps = []
+        for _ in range(20):
+            t = time.perf_counter()
+            eng.step()
+            steps.append(time.perf_counter() - t)
+        size = next(s for s in eng.runner.graphs.sizes if s >= B)
+        g = eng.runner.graphs.graphs[size]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            g.replay()
+        torch.cuda.synchronize()
+        replay = (time.perf_counter() - t) / 20
+        while eng.has_unfinished():
+            eng.step()
+        step = sorted(steps)[10]
+        record("host_overhead", batch=B, step_ms=step * 1e3, replay_ms=replay * 1e3, host_ms=(step - replay) * 1e3)
+
+
 def engine_bench(bw, flops, args):
     from qkv.engine.request import SamplingParams
     from qkv.tools.shapes import random_engine
@@ -155,6 +213,9 @@ def engine_bench(bw, flops, args):
     record("startup", shape=args.shape, build_s=t_build, first_token_s=time.perf_counter() - t0, eager=args.eager)
 
     params = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "embed_tokens" not in n)
+    if args.host_only:
+        host_overhead(eng, prompt, greedy)
+        return
     kv_tok = sum(s.bytes_per_token for s in eng.specs)
 
     # 2k prefill: one step of 2048 tokens.
@@ -296,6 +357,7 @@ def main():
     ap.add_argument("--shape", default="llama3-8b")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--long", action="store_true")
+    ap.add_argument("--host-only", action="store_true", help="engine section: only the host-overhead breakdown")
     ap.add_argument("--eager-too", action="store_true", help="also time batch-1 decode without CUDA graphs")
     args = ap.parse_args()
     secs = args.sections.split(",")
@@ -306,6 +368,8 @@ def main():
             bw, flops = ceilings()
         if "kernels" in secs:
             kernels(bw)
+        if "splits" in secs:
+            splits_sweep(bw)
         if "engine" in secs:
             engine_bench(bw, flops, args)
     finally:

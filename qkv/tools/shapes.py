@@ -48,3 +48,16 @@ def random_engine(name: str, device: str = "cuda", dtype: str = "bfloat16", **en
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", metavar="SHAPE", default=None, choices=sorted(SHAPES),
                    help=f"benchmark a named shape with random weights ({', '.join(SHAPES)}); downloads nothing")
+
+
+def random_llm(name: str, device: str = "cuda", dtype: str = "bfloat16", **engine_kwargs):
+    """An ``LLM`` (the offline API) over ``random_engine``: for benchmarks written against LLM.
+    It has no tokenizer, so prompts must be token ids."""
+    from qkv.engine.llm import LLM
+
+    llm = LLM.__new__(LLM)
+    llm.engine = random_engine(name, device, dtype, **engine_kwargs)
+    llm.config = llm.engine.config
+    llm.tokenizer = None
+    llm.source = f"random:{name}"
+    return llm
