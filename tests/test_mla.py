@@ -87,7 +87,7 @@ def test_absorbed_equals_naive_decode(tmp_path):
     path, _ = tiny_deepseek(tmp_path, "v3", q_lora_rank=40, rope_parameters=YARN, **MOE)
     llm = LLM(path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=128)
     prompts = [torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (5, 33, 70)]
-    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     set_mode(llm, "naive")
     naive = [o.token_ids for o in llm.generate(prompts, params)]
     set_mode(llm, "absorbed")
