@@ -67,13 +67,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     kvh = k.shape[1]
     k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
-    num_slots = k_flat.shape[0]
 
     slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
-    idx = torch.where(is_new, num_slots + new_row, slot)
-    idx = torch.where(valid, idx, 0)
-    keys = torch.cat([k_flat, k])[idx]  # [B, L, KVH, D]
-    values = torch.cat([v_flat, v])[idx]
+    # Gather cached keys from the pages and this step's keys from k/v, then pick per position.
+    from_cache = torch.where(valid & ~is_new, slot, 0)
+    from_step = torch.where(valid & is_new, new_row, 0)
+    pick_new = is_new[:, :, None, None]
+    keys = torch.where(pick_new, k[from_step], k_flat[from_cache])  # [B, L, KVH, D]
+    values = torch.where(pick_new, v[from_step], v_flat[from_cache])
 
     B, Qmax = batch.num_seqs, batch.max_query_len
     q_idx = torch.arange(Qmax, device=q.device)[None, :]

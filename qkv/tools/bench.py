@@ -1,0 +1,210 @@
+"""``qkv bench``: latency, throughput, prefix and serve benchmarks, with peers side by side.
+
+    qkv bench latency --model smollm2 --device cpu --threads 2 --peer hf [--no-cache]
+
+latency: one chat prompt, prefill tok/s and decode tok/s. ``--no-cache`` also times
+decoding that recomputes the whole sequence at every step (what a KV cache saves), and
+prints the per-step cost at growing lengths. ``--peer hf`` runs HF transformers on the same
+weights in the same process, right after qkv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+SUBCOMMANDS = ("latency", "throughput", "prefix", "serve")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from qkv.cli import add_model_arguments
+
+    sub = p.add_subparsers(dest="bench", required=True)
+    for name in SUBCOMMANDS:
+        sp = sub.add_parser(name)
+        if name == "serve":
+            from qkv.server import bench_serve
+
+            bench_serve.add_arguments(sp)
+            continue
+        add_model_arguments(sp)
+        sp.add_argument("--peer", choices=["hf", "none"], default="none", help="run HF transformers too")
+        sp.add_argument("--json", default=None, help="also write the results to this file")
+        if name == "latency":
+            sp.add_argument("--prompt", default="What is a KV cache?")
+            sp.add_argument("--max-tokens", type=int, default=128)
+            sp.add_argument("--no-cache", action="store_true", help="also time decoding without a KV cache")
+            sp.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
+        elif name == "throughput":
+            sp.add_argument("--num-requests", type=int, default=16)
+            sp.add_argument("--input-len", default="32:256", help="min:max random prompt length")
+            sp.add_argument("--output-len", default="16:128", help="min:max random output length")
+            sp.add_argument("--seed", type=int, default=0)
+        elif name == "prefix":
+            sp.add_argument("--num-requests", type=int, default=16)
+            sp.add_argument("--system-tokens", type=int, default=512)
+            sp.add_argument("--suffix-tokens", type=int, default=16)
+            sp.add_argument("--output-tokens", type=int, default=16)
+
+
+def run(args) -> int:
+    if args.bench == "serve":
+        from qkv.server import bench_serve
+
+        return bench_serve.run(args)
+    results = {"latency": latency, "throughput": throughput, "prefix": prefix}[args.bench](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def _llm(args, **overrides):
+    from qkv import LLM
+    from qkv.cli import engine_kwargs
+
+    return LLM(args.model, **{**engine_kwargs(args), **overrides})
+
+
+def _sync(device) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------- latency
+def _qkv_latency(llm, ids: list[int], max_tokens: int) -> dict:
+    from qkv import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    t0 = time.perf_counter()
+    stamps = []
+    for _ in llm.stream(ids, params):
+        _sync(llm.engine.device)
+        stamps.append(time.perf_counter())
+    prefill = stamps[0] - t0
+    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return {"prefill_s": prefill, "prefill_tok_s": len(ids) / prefill, "decode_tok_s": decode,
+            "new_tokens": len(stamps)}
+
+
+def _qkv_no_cache(llm, ids: list[int], max_tokens: int) -> dict:
+    """Greedy decoding that recomputes every position at every step: llm.logits of the whole sequence."""
+    seq = list(ids)
+    steps = []
+    for _ in range(max_tokens):
+        t = time.perf_counter()
+        seq.append(int(llm.logits(seq)[-1].argmax()))
+        steps.append((len(seq) - 1, time.perf_counter() - t))
+    return {"decode_tok_s": len(steps) / sum(s for _, s in steps), "step_ms_by_length": _by_length(steps)}
+
+
+def _by_length(steps: list[tuple[int, float]]) -> dict:
+    marks = sorted({steps[0][0], steps[len(steps) // 2][0], steps[-1][0]})
+    return {n: round(1e3 * s, 2) for n, s in steps if n in marks}
+
+
+def _hf_model(llm, dtype):
+    from pathlib import Path
+
+    import transformers
+
+    src = Path(llm.source)
+    kw = dict(dtype=dtype)
+    if src.is_dir():
+        return transformers.AutoModelForCausalLM.from_pretrained(src, **kw).eval().to(llm.engine.device)
+    return transformers.AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, **kw).eval().to(
+        llm.engine.device)
+
+
+@torch.inference_mode()
+def _hf_latency(model, ids: list[int], max_tokens: int, use_cache: bool) -> dict:
+    dev = model.device
+    x = torch.tensor([ids], device=dev)
+    mask = torch.ones_like(x)
+    model.generation_config.eos_token_id = None
+    model(x)  # warm-up
+    _sync(dev)
+    t = time.perf_counter()
+    model(x)
+    _sync(dev)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate(x, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, use_cache=use_cache)
+    _sync(dev)
+    total = time.perf_counter() - t
+    out = {"decode_tok_s": (max_tokens - 1) / max(total - prefill, 1e-9)}
+    if use_cache:
+        out.update(prefill_s=prefill, prefill_tok_s=len(ids) / prefill)
+    return out
+
+
+def latency(args) -> dict:
+    llm = _llm(args)
+    if llm.tokenizer is not None and llm.tokenizer.chat_template:
+        ids = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        ids = llm.encode(args.prompt)
+    _qkv_latency(llm, ids, 8)  # warm-up
+    runs = [_qkv_latency(llm, ids, args.max_tokens) for _ in range(args.repeat)]
+    res = {"qkv": max(runs, key=lambda r: r["decode_tok_s"])}
+    if args.no_cache:
+        res["qkv_no_cache"] = _qkv_no_cache(llm, ids, args.max_tokens)
+    if args.peer == "hf":
+        model = _hf_model(llm, llm.engine.dtype)
+        res["hf"] = max((_hf_latency(model, ids, args.max_tokens, True) for _ in range(args.repeat)),
+                        key=lambda r: r["decode_tok_s"])
+        if args.no_cache:
+            res["hf_no_cache"] = _hf_latency(model, ids, args.max_tokens, False)
+    res["setup"] = {"model": args.model, "device": str(llm.engine.device), "dtype": str(llm.engine.dtype),
+                    "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "new_tokens": args.max_tokens}
+    _print_latency(res)
+    return res
+
+
+def _print_latency(res: dict) -> None:
+    s = res["setup"]
+    print(f"latency: {s['model']} on {s['device']} ({s['dtype']}, {s['threads']} threads), "
+          f"{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens")
+    print(f"{'engine':<16}{'decode tok/s':>14}{'prefill tok/s':>15}")
+    for name in ("qkv", "qkv_no_cache", "hf", "hf_no_cache"):
+        if name in res:
+            r = res[name]
+            pre = f"{r['prefill_tok_s']:.0f}" if "prefill_tok_s" in r else "-"
+            print(f"{name:<16}{r['decode_tok_s']:>14.1f}{pre:>15}")
+    if "qkv_no_cache" in res:
+        steps = res["qkv_no_cache"]["step_ms_by_length"]
+        print("without a cache, ms per step at length: " + ", ".join(f"{n}: {ms}" for n, ms in steps.items()))
+
+
+# ---------------------------------------------------------------------------- throughput / prefix
+def _range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def throughput(args) -> dict:
+    from qkv.tools.bench_engine import bench_throughput
+
+    llm = _llm(args)
+    res = bench_throughput(llm, args.num_requests, _range(args.input_len), _range(args.output_len), args.seed)
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def prefix(args) -> dict:
+    from qkv.tools.bench_engine import bench_prefix
+
+    res = bench_prefix(lambda on: _llm(args, enable_prefix_caching=on), args.num_requests,
+                       args.system_tokens, args.suffix_tokens, args.output_tokens)
+    print(json.dumps(res, indent=2))
+    return res
+
+
+def percentiles(xs: list[float]) -> dict:
+    xs = sorted(xs)
+    pick = lambda q: xs[min(len(xs) - 1, int(q * len(xs)))]  # noqa: E731
+    return {"mean": statistics.fmean(xs), "p50": pick(0.5), "p99": pick(0.99)}
