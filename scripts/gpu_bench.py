@@ -213,13 +213,15 @@ def engine_bench(bw, flops, args):
     record("startup", shape=args.shape, build_s=t_build, first_token_s=time.perf_counter() - t0, eager=args.eager)
 
     params = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "embed_tokens" not in n)
-    if args.host_only:
+    parts = set(args.parts.split(","))
+    if "host" in parts:
         host_overhead(eng, prompt, greedy)
+    if args.host_only:
         return
     kv_tok = sum(s.bytes_per_token for s in eng.specs)
 
     # 2k prefill: one step of 2048 tokens.
-    for n in (2048, 512):
+    for n in ((2048, 512) if "prefill" in parts else ()):
         times = []
         for _ in range(5):
             eng.kv.enable_prefix_caching = False
@@ -263,6 +265,8 @@ def engine_bench(bw, flops, args):
 
     from qkv.attention.triton import gemv as gemv_mod
 
+    if "b1" not in parts:
+        decode_b1 = lambda tag: None  # noqa: E731
     decode_b1("default (Triton GEMV for " + ",".join(f"{n}x{k}" for n, k in sorted(gemv_mod.ENABLED_SHAPES)) + ")")
     saved = set(gemv_mod.ENABLED_SHAPES)
     gemv_mod.ENABLED_SHAPES.clear()
@@ -276,7 +280,7 @@ def engine_bench(bw, flops, args):
         eng.runner.graphs = graphs
 
     # Decode throughput against batch size (steady state: 512-token prompts, 128 new tokens).
-    for B in (1, 4, 16, 64, 128, 256):
+    for B in ((1, 4, 16, 64, 128, 256) if "sweep" in parts else ()):
         reqs = []
         for _ in range(B):
             reqs += eng.add_request(prompt(512), greedy(128))
@@ -297,6 +301,8 @@ def engine_bench(bw, flops, args):
 
     # Per-kernel profile of one eager batch-1 decode step (same kernels as the graph).
     try:
+        if "profile" not in parts:
+            raise RuntimeError("profile skipped")
         from torch.profiler import ProfilerActivity, profile
 
         graphs, eng.runner.graphs = eng.runner.graphs, None
@@ -338,10 +344,13 @@ def engine_bench(bw, flops, args):
                seconds=dt, preemptions=eng.scheduler.num_preemptions)
         return out / dt
 
-    throughput(256, 512, 256, "256x512in/256out")
+    if "tput" in parts:
+        throughput(256, 512, 256, "256x512in/256out")
     if args.long:
         throughput(512, 1000, 1000, "512x1000in/1000out")
     # Shared prefix: 256 requests = 2000-token shared prefix + 32 own tokens, 32 out.
+    if "prefix" not in parts:
+        return
     shared = prompt(2000)
     eng.kv.enable_prefix_caching = False
     off = throughput(256, 32, 32, "prefix-cache-off", shared)
@@ -358,6 +367,8 @@ def main():
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--long", action="store_true")
     ap.add_argument("--host-only", action="store_true", help="engine section: only the host-overhead breakdown")
+    ap.add_argument("--parts", default="prefill,b1,sweep,profile,tput,prefix",
+                    help="engine parts: prefill,b1,sweep,profile,tput,prefix,host")
     ap.add_argument("--eager-too", action="store_true", help="also time batch-1 decode without CUDA graphs")
     args = ap.parse_args()
     secs = args.sections.split(",")

@@ -146,6 +146,11 @@ def test_fused_ops_match_torch():
     pos = torch.tensor([0, 3, 7, 100, 2], device=DEV)
     (ref,) = rope(pos, q)
     torch.testing.assert_close(fused.rope(pos, rope.cos, rope.sin, q), ref, rtol=1e-2, atol=1e-2)
+    k = qk[:, 6:8]
+    ref_q, ref_k = rope(pos, q, k)
+    out_q, out_k = fused.rope_qk(pos, rope.cos, rope.sin, q, k)
+    torch.testing.assert_close(out_q, ref_q, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out_k, ref_k, rtol=1e-2, atol=1e-2)
     gu = torch.randn(5, 64, generator=gen).to(DEV, dtype)
     g, u = gu.chunk(2, -1)
     torch.testing.assert_close(fused.silu_mul(gu), torch.nn.functional.silu(g) * u, rtol=1e-2, atol=1e-2)
@@ -160,6 +165,19 @@ def test_gemv_matches_torch():
     x = torch.randn(1, 1024, generator=gen).to(DEV, dtype)
     ref = (x.float() @ w.float().T)
     err = (gemv(x, w).float() - ref).norm() / ref.norm()
+    assert err < (1e-2 if CUDA else 1e-5), f"relative error {err:.2e}"
+    from qkv.attention.triton import gemv as gemv_mod
+
+    gu = torch.randn(1, 2048, generator=gen).to(DEV, dtype)
+    down = torch.nn.Linear(1024, 64, bias=False).to(DEV, dtype)
+    g, u = gu.chunk(2, -1)
+    ref = down(torch.nn.functional.silu(g) * u).float()
+    gemv_mod.ENABLED_SHAPES.add((64, 1024))
+    try:
+        out = gemv_mod.silu_mul_linear(gu, down)
+    finally:
+        gemv_mod.ENABLED_SHAPES.discard((64, 1024))
+    err = (out.float() - ref).norm() / ref.norm()
     assert err < (1e-2 if CUDA else 1e-5), f"relative error {err:.2e}"
 
 

@@ -58,6 +58,7 @@ class DecodeGraphs:
             off += N * w
         self._host = self.host.numpy()
         self._copied = torch.cuda.Event()
+        self._rows = [[None] * N for _ in self.max_blocks]  # per row: (table, length, last block) last staged
         self.query_lens = torch.ones(N, dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(N + 1, dtype=torch.int64, device=dev)
         self.logits: dict[int, torch.Tensor] = {}
@@ -119,6 +120,7 @@ class DecodeGraphs:
         self._copied.synchronize()  # the last step's copy has read the pinned buffer
         h[:2 * N + G * N] = 0
         h[2 * N:(2 + G) * N] = -1  # padding rows write nothing
+        rows = self._rows
         for i, req in enumerate(sched.requests):
             p = req.num_computed_tokens
             h[i] = req.all_token_ids[p]
@@ -127,9 +129,17 @@ class DecodeGraphs:
             for g in range(G):
                 t = req_tables[g]
                 h[(2 + g) * N + i] = kv.slot(g, t, p)
-                # Only the used prefix of a row is refreshed: the kernels never read a row past
-                # its sequence's length, so stale entries from earlier steps are harmless.
-                self._host_tables[g][i, :len(t)] = t
+                # Refresh a row only when its table may have changed since it was staged: another
+                # table object (another request, or re-admitted after preemption), another length
+                # (grown), or another last block (copy-on-write only ever replaces the blocks
+                # being written, which in a decode step is the last). Usually none of these holds:
+                # a table grows one block per block_size tokens. Entries past a sequence's length
+                # are never read, so stale ones are harmless.
+                key = (t, len(t), t[-1] if t else None)
+                done = rows[g][i]
+                if done is None or done[0] is not t or done[1:] != key[1:] or kv.ring[g] is not None:
+                    self._host_tables[g][i, :len(t)] = t
+                rows[g][i] = key
         # One group: copy only the table rows in use (the rest of the buffer holds nothing new).
         end = (3 * N + size * self.max_blocks[0]) if G == 1 else self.buf.numel()
         self.buf[:end].copy_(self.host[:end], non_blocking=True)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.gemv import linear  # noqa: F401  (re-exported for qkv.model.layers)
+from qkv.attention.triton.gemv import linear, silu_mul_linear  # noqa: F401  (re-exported for qkv.model.layers)
 
 
 @triton.jit
@@ -83,6 +83,20 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def _rope_kernel(X, Y, COS, SIN, POS, stride_xt, stride_xh, stride_yt, stride_yh, stride_c, NH,
                  HALF: tl.constexpr, H_PAD: tl.constexpr):
     t = tl.program_id(0)
+    _rope_rows(X, Y, COS, SIN, POS, t, stride_xt, stride_xh, stride_yt, stride_yh, stride_c, NH, HALF, H_PAD)
+
+
+@triton.jit
+def _rope2_kernel(X1, Y1, X2, Y2, COS, SIN, POS, s1t, s1h, o1t, o1h, s2t, s2h, o2t, o2h, stride_c, NH1, NH2,
+                  HALF: tl.constexpr, H1_PAD: tl.constexpr, H2_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    _rope_rows(X1, Y1, COS, SIN, POS, t, s1t, s1h, o1t, o1h, stride_c, NH1, HALF, H1_PAD)
+    _rope_rows(X2, Y2, COS, SIN, POS, t, s2t, s2h, o2t, o2h, stride_c, NH2, HALF, H2_PAD)
+
+
+@triton.jit
+def _rope_rows(X, Y, COS, SIN, POS, t, stride_xt, stride_xh, stride_yt, stride_yh, stride_c, NH,
+               HALF: tl.constexpr, H_PAD: tl.constexpr):
     pos = tl.load(POS + t)
     h = tl.arange(0, H_PAD)
     i = tl.arange(0, HALF)
@@ -99,6 +113,21 @@ def _rope_kernel(X, Y, COS, SIN, POS, stride_xt, stride_xh, stride_yt, stride_yh
     out = Y + t * stride_yt + h[:, None] * stride_yh + i[None, :]
     tl.store(out, y1.to(Y.dtype.element_ty), mask=hmask)
     tl.store(out + HALF, y2.to(Y.dtype.element_ty), mask=hmask)
+
+
+def rope_qk(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor,
+            k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope`` of q and k in one launch (half the launches of the decode hot path's RoPE)."""
+    T, NH1, D = q.shape
+    NH2 = k.shape[1]
+    yq = torch.empty((T, NH1, D), dtype=q.dtype, device=q.device)
+    yk = torch.empty((T, NH2, D), dtype=k.dtype, device=k.device)
+    if T:
+        _rope2_kernel[(T,)](q, yq, k, yk, cos, sin, positions, q.stride(0), q.stride(1), yq.stride(0), yq.stride(1),
+                            k.stride(0), k.stride(1), yk.stride(0), yk.stride(1), cos.stride(0), NH1, NH2,
+                            HALF=D // 2, H1_PAD=triton.next_power_of_2(NH1), H2_PAD=triton.next_power_of_2(NH2),
+                            num_warps=4)
+    return yq, yk
 
 
 def rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

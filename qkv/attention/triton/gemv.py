@@ -15,7 +15,8 @@ import triton.language as tl
 # (out_features, in_features) where the Triton GEMV replaces cuBLAS at M = 1. Empty = never.
 # H100 (2026-11-22, scripts/gpu_bench.py): only the square o_proj of Llama-8B gained inside the
 # model (cuBLAS 20.7 us, Triton 14.2 us); the larger projections were as fast or faster in cuBLAS.
-ENABLED_SHAPES: set[tuple[int, int]] = {(4096, 4096)}
+# The down projection (4096 x 14336) runs fused with SiLU-and-mul (one launch instead of two).
+ENABLED_SHAPES: set[tuple[int, int]] = {(4096, 4096), (4096, 14336)}
 
 
 @triton.jit
@@ -26,6 +27,24 @@ def _gemv_kernel(X, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.conste
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = tl.load(X + k0 + k).to(tl.float32)
+        w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
+        acc += w * x[None, :]
+    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty))
+
+
+@triton.jit
+def _silu_gemv_kernel(GU, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x,
+    rounded where torch rounds it (silu's output, then the product)."""
+    pid = tl.program_id(0)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        g = tl.load(GU + k0 + k).to(tl.float32)
+        u = tl.load(GU + K + k0 + k)
+        a = (g * tl.sigmoid(g)).to(u.dtype).to(tl.float32)
+        x = (a * u.to(tl.float32)).to(u.dtype).to(tl.float32)
         w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
         acc += w * x[None, :]
     tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty))
@@ -48,3 +67,15 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
             and w.shape[0] % 4 == 0 and w.shape[1] % 1024 == 0):
         return gemv(x, w)
     return layer(x)
+
+
+def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor | None:
+    """``layer(silu(gate) * up)`` for one row in one kernel when the shape is enabled, else None."""
+    w = layer.weight
+    N, K = w.shape
+    if (gate_up.shape[0] != 1 or layer.bias is not None or (N, K) not in ENABLED_SHAPES
+            or not gate_up.is_contiguous() or N % 4 or K % 1024):
+        return None
+    y = torch.empty((1, N), dtype=gate_up.dtype, device=gate_up.device)
+    _silu_gemv_kernel[(N // 4,)](gate_up, w, y, K, w.stride(0), BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=3)
+    return y
