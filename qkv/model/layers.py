@@ -82,7 +82,9 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = fused_ops(x) if self.act_name == "silu" else None
         if fused is not None:
-            return fused.linear(fused.silu_mul(fused.linear(x, self.gate_up_proj)), self.down_proj)
+            gate_up = fused.linear(x, self.gate_up_proj)
+            out = fused.silu_mul_linear(gate_up, self.down_proj)
+            return out if out is not None else fused.linear(fused.silu_mul(gate_up), self.down_proj)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -137,6 +139,8 @@ class RotaryEmbedding(nn.Module):
         """Rotate each x [T, heads, dim] by its token's position."""
         fused = fused_ops(xs[0])
         if fused is not None:
+            if len(xs) == 2:
+                return fused.rope_qk(positions, self.cos, self.sin, *xs)
             return tuple(fused.rope(positions, self.cos, self.sin, x) for x in xs)
         cos = self.cos[positions][:, None, :]
         sin = self.sin[positions][:, None, :]
