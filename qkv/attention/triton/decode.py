@@ -4,7 +4,9 @@ Grid ``(B, KVH, S)``: one program per (sequence, KV head, split). It loads each 
 once and scores it against all ``G = H / KVH`` query heads of the group with one tensor-core
 dot (G padded to 16 rows), so GQA costs the bytes of its KV heads, not of its query heads.
 Long contexts are cut into ``S`` splits that run in parallel (split-K, "flash decoding");
-``_combine_kernel`` merges their partial softmax states. ``S`` depends only on the batch
+the last split to finish merges their partial softmax states (an atomic counter per
+sequence and KV head), so a decode step is one launch; ``_combine_kernel`` does the same
+merge as a second launch for the MLA kernel. ``S`` depends only on the batch
 shape, never on data, so the launch is the same on every CUDA-graph replay; each program
 reads its sequence length from device memory and finds its own key range.
 
@@ -22,8 +24,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML,
-                   stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt,
+def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
+                   stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
                    sm_scale, softcap, window, ring,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
@@ -79,11 +81,36 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m_i = m_new
-    # Partial state of this split (m in log2 units); empty splits store m = -inf, l = 0.
-    row = (b * (tl.num_programs(1) * G) + heads) * S + split
-    tl.store(ACC + row[:, None] * D_PAD + d[None, :], acc, mask=gmask[:, None])
-    tl.store(ML + row * 2, m_i, mask=gmask)
-    tl.store(ML + row * 2 + 1, l_i, mask=gmask)
+    out_ptr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    omask = gmask[:, None] & dmask[None, :]
+    if S == 1:
+        tl.store(out_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=omask)
+    else:
+        # Partial state of this split (m in log2 units); empty splits store m = -inf, l = 0.
+        base = (b * tl.num_programs(1) + kvh) * S
+        row = (base + split) * G_PAD + g
+        tl.store(ACC + row[:, None] * D_PAD + d[None, :], acc)
+        tl.store(ML + row * 2, m_i)
+        tl.store(ML + row * 2 + 1, l_i)
+        # The last split of this (sequence, KV head) to finish merges all of them: no second
+        # launch. The barrier orders every thread's stores before the counter's release; the
+        # merge reads through L2 (.cg) so no stale L1 line from an earlier replay is seen.
+        tl.debug_barrier()
+        done = tl.atomic_add(CNT + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu")
+        if done == S - 1:
+            m_max = tl.full([G_PAD], float("-inf"), tl.float32)
+            for s in range(S):
+                m_max = tl.maximum(m_max, tl.load(ML + ((base + s) * G_PAD + g) * 2, cache_modifier=".cg"))
+            num = tl.zeros([G_PAD, D_PAD], tl.float32)
+            den = tl.zeros([G_PAD], tl.float32)
+            for s in range(S):
+                r = (base + s) * G_PAD + g
+                m_s = tl.load(ML + r * 2, cache_modifier=".cg")
+                w = tl.where(m_s > float("-inf"), tl.exp2(m_s - m_max), 0.0)
+                den += w * tl.load(ML + r * 2 + 1, cache_modifier=".cg")
+                num += w[:, None] * tl.load(ACC + r[:, None] * D_PAD + d[None, :], cache_modifier=".cg")
+            tl.store(out_ptr, (num / den[:, None]).to(OUT.dtype.element_ty), mask=omask)
+            tl.store(CNT + b * tl.num_programs(1) + kvh, 0)  # ready for the next launch or replay
 
 
 @triton.jit
@@ -105,6 +132,20 @@ def _combine_kernel(ACC, ML, OUT, QSL, stride_ot, stride_oh, H, D: tl.constexpr,
     acc = tl.load(ACC + row[:, None] * D_PAD + d[None, :], mask=smask[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
     tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty), mask=d < D)
+
+
+_COUNTERS: dict = {}
+
+
+def split_counters(n: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), shared by every decode launch on
+    ``device`` (launches on one stream never overlap). Each launch leaves them zero again.
+    Allocated outside graph capture by the first (eager warm-up) call; grown, never shrunk."""
+    t = _COUNTERS.get(device)
+    if t is None or t.numel() < n:
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = t
+    return t
 
 
 def num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None, block_n: int,
@@ -138,20 +179,21 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     G = H // kvh
     D_PAD = triton.next_power_of_2(D)
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
-    acc = torch.empty((B * H * S, D_PAD), dtype=torch.float32, device=q.device)
-    ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q.device)
+    G_PAD = max(16, triton.next_power_of_2(G))
+    acc = torch.empty((B * kvh * S * G_PAD if S > 1 else 1, D_PAD), dtype=torch.float32, device=q.device)
+    ml = torch.empty((B * kvh * S * G_PAD if S > 1 else 1, 2), dtype=torch.float32, device=q.device)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kc, vc = kv_cache[0], kv_cache[1]
     if q.dtype != kc.dtype:
         q = q.to(kc.dtype)
+    cnt = split_counters(B * kvh, q.device)
     _decode_kernel[(B, kvh, S)](
-        q, kc, vc, block_table, num_computed, query_start_loc, acc, ml,
+        q, kc, vc, block_table, num_computed, query_start_loc, acc, ml, cnt, out,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0),
+        out.stride(0), out.stride(1),
         scale, softcap or 0.0, window or 0, ring or 1,
-        G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
+        G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         num_warps=num_warps, num_stages=num_stages)
-    _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
-                            S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
     return out
