@@ -51,7 +51,9 @@ class CausalLM(nn.Module):
         return [m for m in self.modules() if isinstance(m, RotaryEmbedding)]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(hidden).float()
+        from qkv.model.layers import linear
+
+        logits = linear(self.lm_head, hidden).float()
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap
