@@ -7,7 +7,7 @@ which are its positions ``num_computed[b] ... num_computed[b] + query_lens[b] - 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,6 +25,8 @@ class AttentionBatch:
     ring_blocks: list[int | None]  # per layer group: ring length in blocks, None = full
     all_logits: bool = False  # compute logits for every token (llm.logits, perplexity)
     logits_indices: torch.Tensor | None = None  # rows whose logits are sampled
+    # Per-step values a backend derives once and every layer reuses (gather indices, masks).
+    scratch: dict = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:

@@ -68,34 +68,39 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
-    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
+    key = ("reference", group, window, dilation)
+    if key not in batch.scratch:  # the same for every layer of the group in this step
+        batch.scratch[key] = _indices(batch, group, window, dilation)
+    from_cache, from_step, pick_new, q_rows, q_valid, mask = batch.scratch[key]
     # Gather cached keys from the pages and this step's keys from k/v, then pick per position.
-    from_cache = torch.where(valid & ~is_new, slot, 0)
-    from_step = torch.where(valid & is_new, new_row, 0)
-    pick_new = is_new[:, :, None, None]
     keys = torch.where(pick_new, k[from_step], k_flat[from_cache])  # [B, L, KVH, D]
     values = torch.where(pick_new, v[from_step], v_flat[from_cache])
 
     B, Qmax = batch.num_seqs, batch.max_query_len
-    q_idx = torch.arange(Qmax, device=q.device)[None, :]
-    q_valid = q_idx < batch.query_lens[:, None]
-    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
-    qp = q[q_rows]  # [B, Qmax, H, D]
-    q_pos = batch.num_computed[:, None] + q_idx
-
     g = H // kvh
-    qp = qp.view(B, Qmax, kvh, g, D)
+    qp = q[q_rows].view(B, Qmax, kvh, g, D)
     scores = torch.einsum("bqhgd,blhd->bhgql", qp.float(), keys.float()) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
-    scores = scores.masked_fill(~mask[:, None, None], float("-inf"))
+    scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked padding rows -> 0
     out = torch.einsum("bhgql,blhd->bqhgd", probs, values.float()).reshape(B, Qmax, H, -1)
     out = out[q_valid].to(q.dtype)  # [T, H, Dv] in packed order
 
     write_kv(kv_cache, k, v, batch.slot_mappings[group])
     return out
+
+
+def _indices(batch: AttentionBatch, group: int, window: int | None, dilation: int):
+    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
+    from_cache = torch.where(valid & ~is_new, slot, 0)
+    from_step = torch.where(valid & is_new, new_row, 0)
+    q_idx = torch.arange(batch.max_query_len, device=slot.device)[None, :]
+    q_valid = q_idx < batch.query_lens[:, None]
+    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
+    q_pos = batch.num_computed[:, None] + q_idx
+    mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
+    return from_cache, from_step, is_new[:, :, None, None], q_rows, q_valid, mask[:, None, None]
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

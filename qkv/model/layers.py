@@ -121,6 +121,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         inv_freq, self.attention_factor = rope_inv_freq(dim, base, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._memo: tuple | None = None  # (positions, cos, sin) of the current step
         self._build(max_positions)
 
     def _build(self, n: int) -> None:
@@ -129,6 +130,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat([freqs, freqs], dim=-1)
         self.register_buffer("cos", emb.cos() * self.attention_factor, persistent=False)
         self.register_buffer("sin", emb.sin() * self.attention_factor, persistent=False)
+        self._memo = None
 
     def ensure(self, max_position: int) -> None:
         """Grow the table past ``max_position`` (called by the runner, never inside a graph)."""
@@ -142,8 +144,10 @@ class RotaryEmbedding(nn.Module):
             if len(xs) == 2:
                 return fused.rope_qk(positions, self.cos, self.sin, *xs)
             return tuple(fused.rope(positions, self.cos, self.sin, x) for x in xs)
-        cos = self.cos[positions][:, None, :]
-        sin = self.sin[positions][:, None, :]
+        # Every layer rotates by the same positions within a step: look them up once.
+        if self._memo is None or self._memo[0] is not positions:
+            self._memo = (positions, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
+        _, cos, sin = self._memo
         out = []
         for x in xs:
             xf = x.float()
