@@ -35,18 +35,14 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     R, P = c_kv.shape[1], k_pe.shape[1]
     flat = kv_cache.view(-1, R + P)
     new = torch.cat([c_kv, k_pe], dim=-1).to(flat.dtype)
-    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, None)
-    idx = torch.where(is_new, flat.shape[0] + new_row, slot)
-    idx = torch.where(valid, idx, 0)
-    entries = torch.cat([flat, new])[idx].float()  # [B, L, R + P]
+    key = ("mla_reference", group)
+    if key not in batch.scratch:  # the same for every layer of the group in this step
+        batch.scratch[key] = _indices(batch, group)
+    from_cache, from_step, pick_new, q_rows, q_valid, mask = batch.scratch[key]
+    # Cached latents come from the pages, this step's from ``new``: no copy of the whole cache.
+    entries = torch.where(pick_new, new[from_step], flat[from_cache]).float()  # [B, L, R + P]
     lat, rope_k = entries[..., :R], entries[..., R:]
-
-    B, Qmax = batch.num_seqs, batch.max_query_len
-    q_idx = torch.arange(Qmax, device=q_nope.device)[None, :]
-    q_valid = q_idx < batch.query_lens[:, None]
-    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
     qn, qp = q_nope[q_rows].float(), q_pe[q_rows].float()  # [B, Q, H, *]
-    q_pos = batch.num_computed[:, None] + q_idx
 
     rope_scores = torch.einsum("bqhp,blp->bhql", qp, rope_k)
     if absorbed:
@@ -56,8 +52,7 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
         k_nope = torch.einsum("blr,hdr->blhd", lat, w_uk.float())
         values = torch.einsum("blr,hdr->blhd", lat, w_uv.float())
         scores = torch.einsum("bqhd,blhd->bhql", qn, k_nope) + rope_scores
-    mask = window_mask(q_pos[:, :, None], kpos[:, None, :]) & valid[:, None, :]
-    scores = scores.masked_fill(~mask[:, None], float("-inf")) * scale
+    scores = scores.masked_fill(~mask, float("-inf")) * scale
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     if absorbed:
         o_lat = torch.einsum("bhql,blr->bqhr", probs, lat)
@@ -69,3 +64,15 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     keep = batch.slot_mappings[group] >= 0
     flat[batch.slot_mappings[group][keep]] = new[keep]
     return out
+
+
+def _indices(batch: AttentionBatch, group: int):
+    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, None)
+    from_cache = torch.where(valid & ~is_new, slot, 0)
+    from_step = torch.where(valid & is_new, new_row, 0)
+    q_idx = torch.arange(batch.max_query_len, device=slot.device)[None, :]
+    q_valid = q_idx < batch.query_lens[:, None]
+    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
+    q_pos = batch.num_computed[:, None] + q_idx
+    mask = window_mask(q_pos[:, :, None], kpos[:, None, :]) & valid[:, None, :]
+    return from_cache, from_step, is_new[:, :, None], q_rows, q_valid, mask[:, None]
