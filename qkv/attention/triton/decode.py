@@ -42,6 +42,9 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         kstart = tl.maximum(seq_len - window, 0)
     n = seq_len - kstart
     per_split = tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N
+    n_active = tl.cdiv(n, per_split)  # splits with keys; graphs size S for long contexts
+    if split >= n_active:
+        return
     lo = kstart + split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
 
@@ -83,7 +86,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         m_i = m_new
     out_ptr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
     omask = gmask[:, None] & dmask[None, :]
-    if S == 1:
+    if S == 1:  # (n_active == 1 with S > 1 still goes through the counter: it is then 0 == 0)
         tl.store(out_ptr, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=omask)
     else:
         # Partial state of this split (m in log2 units); empty splits store m = -inf, l = 0.
@@ -97,13 +100,13 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         # merge reads through L2 (.cg) so no stale L1 line from an earlier replay is seen.
         tl.debug_barrier()
         done = tl.atomic_add(CNT + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu")
-        if done == S - 1:
+        if done == n_active - 1:
             m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-            for s in range(S):
+            for s in range(n_active):
                 m_max = tl.maximum(m_max, tl.load(ML + ((base + s) * G_PAD + g) * 2, cache_modifier=".cg"))
             num = tl.zeros([G_PAD, D_PAD], tl.float32)
             den = tl.zeros([G_PAD], tl.float32)
-            for s in range(S):
+            for s in range(n_active):
                 r = (base + s) * G_PAD + g
                 m_s = tl.load(ML + r * 2, cache_modifier=".cg")
                 w = tl.where(m_s > float("-inf"), tl.exp2(m_s - m_max), 0.0)
