@@ -8,6 +8,13 @@ What differs from Llama, and why each matters for parity with HF:
   - Sliding layers use the local RoPE base (10k); global layers the global base (1M) and
     any RoPE scaling. The window itself lives in the layer's cache spec and ``Attention.window``.
   - The MLP is GeGLU with tanh-approximated GELU; final logits may be soft-capped.
+
+Cache: global layers hold every token (FullAttention); sliding layers hold a ring of
+``ceil(512 / block_size) + 1`` blocks (SlidingWindow), so their KV stays constant however
+long the sequence. Prefix caching is off for such hybrid models (KVCacheManager): a prefix
+hit would have to restore the window layers' last W tokens, which the ring has overwritten,
+so it would serve the global layers only by recomputing the window tokens through every
+layer. Outputs are therefore the same with ``enable_prefix_caching`` on or off.
 """
 
 from __future__ import annotations
