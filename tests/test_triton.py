@@ -97,7 +97,7 @@ def test_matches_reference_bf16(name):
     check(**CASES[name], dtype=torch.bfloat16, seed=1)
 
 
-@pytest.mark.parametrize("splits", [1, 3, 4])
+@pytest.mark.parametrize("splits", [1, 3, 4, 9, 16])
 def test_decode_split_merge(splits):
     """Split-K with the in-kernel merge (last split to finish reduces) equals the reference."""
     from qkv.attention.triton.decode import paged_decode
