@@ -33,12 +33,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--quantization", default=None, choices=["int8"], help="int8 weights (CPU decode path)")
 
 
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, threads=args.threads, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching)
+                max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
+                quantization=args.quantization)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -58,11 +58,12 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
         unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
-        takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs."""
+        takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs.
+        ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py)."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -86,6 +87,10 @@ class LLMEngine:
             model = build_model(config, groups)
             model.load_weights(weights)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        if quantization:
+            from qkv.model.quant import quantize
+
+            self.model = quantize(self.model, quantization, self.device)
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             kv_cache_memory = gpu.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
                                                     max_num_seqs, gpu_memory_utilization, self.device)
@@ -97,7 +102,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
         if on_gpu:
             gpu.report_capacity(self.runner, n_blocks, block_size)
-            if not enforce_eager and self.attention_backend != "reference":
+            graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
+            if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
         self._requests: dict[str, Request] = {}
