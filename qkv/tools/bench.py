@@ -22,6 +22,7 @@ SUBCOMMANDS = ("latency", "throughput", "prefix", "serve")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.cli import add_model_arguments
+    from qkv.tools import bench_gpu
 
     sub = p.add_subparsers(dest="bench", required=True)
     for name in SUBCOMMANDS:
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         add_model_arguments(sp)
         sp.add_argument("--peer", choices=["hf", "none"], default="none", help="run HF transformers too")
         sp.add_argument("--json", default=None, help="also write the results to this file")
+        bench_gpu.add_arguments(sp, name)  # --random-weights, --plot, roofline rates
         if name == "latency":
             sp.add_argument("--prompt", default="What is a KV cache?")
             sp.add_argument("--max-tokens", type=int, default=128)
@@ -66,6 +68,13 @@ def run(args) -> int:
 def _llm(args, **overrides):
     from qkv import LLM
     from qkv.cli import engine_kwargs
+
+    if getattr(args, "random_weights", None):
+        from qkv.tools import bench_gpu
+
+        if args.peer == "hf":  # leave room on the card for HF's copy of the model
+            overrides.setdefault("gpu_memory_utilization", 0.45)
+        return bench_gpu.random_llm(args, **overrides)
 
     return LLM(args.model, **{**engine_kwargs(args), **overrides})
 
@@ -112,6 +121,10 @@ def _hf_model(llm, dtype):
 
     import transformers
 
+    if llm.source.startswith("random:"):
+        from qkv.tools.bench_gpu import hf_random_model
+
+        return hf_random_model(llm)
     src = Path(llm.source)
     kw = dict(dtype=dtype)
     if src.is_dir():
@@ -143,10 +156,13 @@ def _hf_latency(model, ids: list[int], max_tokens: int, use_cache: bool) -> dict
 
 
 def latency(args) -> dict:
+    from qkv.tools import bench_gpu
+
     llm = _llm(args)
-    if llm.tokenizer is not None and llm.tokenizer.chat_template:
+    ids = bench_gpu.prompt_ids(llm, args)  # random ids for a model without a tokenizer
+    if ids is None and llm.tokenizer.chat_template:
         ids = llm.chat_prompt([{"role": "user", "content": args.prompt}])
-    else:
+    elif ids is None:
         ids = llm.encode(args.prompt)
     _qkv_latency(llm, ids, 8)  # warm-up
     runs = [_qkv_latency(llm, ids, args.max_tokens) for _ in range(args.repeat)]
@@ -161,7 +177,14 @@ def latency(args) -> dict:
             res["hf_no_cache"] = _hf_latency(model, ids, args.max_tokens, False)
     res["setup"] = {"model": args.model, "device": str(llm.engine.device), "dtype": str(llm.engine.dtype),
                     "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "new_tokens": args.max_tokens}
+    res["roofline"] = bench_gpu.roofline(llm, args, len(ids), args.max_tokens, res["qkv"])
     _print_latency(res)
+    r = res["roofline"]
+    print(f"roofline: decode at {100 * r['decode_bandwidth_fraction']:.1f}% of {args.bandwidth / 1e12:.2f} TB/s "
+          f"(floor {r['decode_roofline_tok_s']:.0f} tok/s), prefill at "
+          f"{100 * r.get('prefill_matmul_fraction', 0):.1f}% of {args.matmul_flops / 1e12:.0f} TFLOP/s")
+    if args.plot:
+        bench_gpu.plot(res, args.plot, "latency")
     return res
 
 
@@ -191,8 +214,38 @@ def throughput(args) -> dict:
 
     llm = _llm(args)
     res = bench_throughput(llm, args.num_requests, _range(args.input_len), _range(args.output_len), args.seed)
+    if args.peer == "hf":
+        res = {"qkv": res, "hf": _hf_throughput(llm, args)}
+        res["speedup"] = res["qkv"]["output_tok_s"] / res["hf"].get("output_tok_s", float("nan"))
     print(json.dumps(res, indent=2))
+    if args.plot:
+        from qkv.tools.bench_gpu import plot
+
+        plot(res if "qkv" in res else {"qkv": res}, args.plot, "throughput")
     return res
+
+
+def _hf_throughput(llm, args) -> dict:
+    """HF ``generate_batch`` on the same prompts as ``bench_throughput`` (same seed), every
+    request generating the longest output length (one generation config for all)."""
+    import gc
+    import random
+
+    from qkv.tools.bench_engine import _random_ids
+    from qkv.tools.bench_gpu import hf_throughput
+
+    rng = random.Random(args.seed)
+    in_range, out_range = _range(args.input_len), _range(args.output_len)
+    prompts = []
+    for _ in range(args.num_requests):
+        n_in, _n_out = rng.randint(*in_range), rng.randint(*out_range)
+        prompts.append(_random_ids(rng, n_in, llm.config.vocab_size))
+    model = _hf_model(llm, llm.engine.dtype)
+    llm.engine = None  # free qkv's KV pool and graphs before HF allocates its cache
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return hf_throughput(model, prompts, out_range[1])
 
 
 def prefix(args) -> dict:
@@ -201,6 +254,10 @@ def prefix(args) -> dict:
     res = bench_prefix(lambda on: _llm(args, enable_prefix_caching=on), args.num_requests,
                        args.system_tokens, args.suffix_tokens, args.output_tokens)
     print(json.dumps(res, indent=2))
+    if args.plot:
+        from qkv.tools.bench_gpu import plot
+
+        plot(res, args.plot, "prefix")
     return res
 
 
