@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.reference import gather_keys, window_mask
+from qkv.attention.reference import step_indices
 
 
 def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
@@ -35,10 +35,8 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     R, P = c_kv.shape[1], k_pe.shape[1]
     flat = kv_cache.view(-1, R + P)
     new = torch.cat([c_kv, k_pe], dim=-1).to(flat.dtype)
-    key = ("mla_reference", group)
-    if key not in batch.scratch:  # the same for every layer of the group in this step
-        batch.scratch[key] = _indices(batch, group)
-    from_cache, from_step, pick_new, q_rows, q_valid, mask = batch.scratch[key]
+    from_cache, from_step, is_new, q_rows, q_valid, mask = step_indices(batch, group)
+    pick_new, mask = is_new[:, :, None], mask[:, None]
     # Cached latents come from the pages, this step's from ``new``: no copy of the whole cache.
     entries = torch.where(pick_new, new[from_step], flat[from_cache]).float()  # [B, L, R + P]
     lat, rope_k = entries[..., :R], entries[..., R:]
@@ -64,15 +62,3 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     keep = batch.slot_mappings[group] >= 0
     flat[batch.slot_mappings[group][keep]] = new[keep]
     return out
-
-
-def _indices(batch: AttentionBatch, group: int):
-    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, None)
-    from_cache = torch.where(valid & ~is_new, slot, 0)
-    from_step = torch.where(valid & is_new, new_row, 0)
-    q_idx = torch.arange(batch.max_query_len, device=slot.device)[None, :]
-    q_valid = q_idx < batch.query_lens[:, None]
-    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
-    q_pos = batch.num_computed[:, None] + q_idx
-    mask = window_mask(q_pos[:, :, None], kpos[:, None, :]) & valid[:, None, :]
-    return from_cache, from_step, is_new[:, :, None], q_rows, q_valid, mask[:, None]

@@ -68,10 +68,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
-    key = ("reference", group, window, dilation)
-    if key not in batch.scratch:  # the same for every layer of the group in this step
-        batch.scratch[key] = _indices(batch, group, window, dilation)
-    from_cache, from_step, pick_new, q_rows, q_valid, mask = batch.scratch[key]
+    from_cache, from_step, is_new, q_rows, q_valid, mask = step_indices(batch, group, window, dilation)
+    pick_new, mask = is_new[:, :, None, None], mask[:, None, None]
     # Gather cached keys from the pages and this step's keys from k/v, then pick per position.
     keys = torch.where(pick_new, k[from_step], k_flat[from_cache])  # [B, L, KVH, D]
     values = torch.where(pick_new, v[from_step], v_flat[from_cache])
@@ -91,16 +89,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return out
 
 
-def _indices(batch: AttentionBatch, group: int, window: int | None, dilation: int):
-    slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
-    from_cache = torch.where(valid & ~is_new, slot, 0)
-    from_step = torch.where(valid & is_new, new_row, 0)
-    q_idx = torch.arange(batch.max_query_len, device=slot.device)[None, :]
-    q_valid = q_idx < batch.query_lens[:, None]
-    q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
-    q_pos = batch.num_computed[:, None] + q_idx
-    mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
-    return from_cache, from_step, is_new[:, :, None, None], q_rows, q_valid, mask[:, None, None]
+def step_indices(batch: AttentionBatch, group: int, window: int | None = None, dilation: int = 1):
+    """Gather indices and the mask for one layer group, computed once per step (every layer of
+    the group reuses them from ``batch.scratch``).
+
+    Returns (cache slot [B, L], this step's row [B, L], is it this step's [B, L],
+    query rows [B, Q], valid queries [B, Q], mask [B, Q, L])."""
+    key = ("step_indices", group, window, dilation)
+    if key not in batch.scratch:
+        slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
+        from_cache = torch.where(valid & ~is_new, slot, 0)
+        from_step = torch.where(valid & is_new, new_row, 0)
+        q_idx = torch.arange(batch.max_query_len, device=slot.device)[None, :]
+        q_valid = q_idx < batch.query_lens[:, None]
+        q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
+        q_pos = batch.num_computed[:, None] + q_idx
+        mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
+        batch.scratch[key] = (from_cache, from_step, is_new, q_rows, q_valid, mask)
+    return batch.scratch[key]
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:

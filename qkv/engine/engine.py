@@ -13,7 +13,7 @@ import torch
 
 from qkv.config import ModelConfig
 from qkv.engine import sampler
-from qkv.engine.request import Request, RequestOutput, SamplingParams, Status
+from qkv.engine.request import Request, RequestOutput, SamplingParams
 from qkv.engine.runner import ModelRunner
 from qkv.engine.scheduler import ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers

@@ -21,8 +21,23 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class _Paged:
+    """What every spec computes the same way from its per-token ``entry_shape``."""
+
+    @property
+    def bytes_per_token(self) -> int:
+        return math.prod(self.entry_shape) * self.dtype_bytes
+
+    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        return cdiv(num_tokens, block_size)
+
+    def tokens_held(self, num_tokens: int, block_size: int) -> int:
+        """Token slots a sequence of ``num_tokens`` occupies (whole blocks)."""
+        return self.blocks_needed(num_tokens, block_size) * block_size
+
+
 @dataclass(frozen=True)
-class FullAttention:
+class FullAttention(_Paged):
     """MHA, GQA or MQA: every past token's K and V stay cached."""
 
     num_kv_heads: int
@@ -38,17 +53,6 @@ class FullAttention:
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """One layer's cache tensor: a K plane and a V plane of pages."""
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
-
-    @property
-    def bytes_per_token(self) -> int:
-        return math.prod(self.entry_shape) * self.dtype_bytes
-
-    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
-        return cdiv(num_tokens, block_size)
-
-    def tokens_held(self, num_tokens: int, block_size: int) -> int:
-        """Token slots a sequence of ``num_tokens`` occupies (whole blocks)."""
-        return self.blocks_needed(num_tokens, block_size) * block_size
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class SlidingWindow(FullAttention):
 
 
 @dataclass(frozen=True)
-class MLA:
+class MLA(_Paged):
     """Multi-head latent attention: one compressed latent plus one RoPE key per token."""
 
     kv_lora_rank: int
@@ -86,16 +90,6 @@ class MLA:
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """One layer's cache tensor: pages of [latent | rope key] rows."""
         return (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)
-
-    @property
-    def bytes_per_token(self) -> int:
-        return math.prod(self.entry_shape) * self.dtype_bytes
-
-    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
-        return cdiv(num_tokens, block_size)
-
-    def tokens_held(self, num_tokens: int, block_size: int) -> int:
-        return self.blocks_needed(num_tokens, block_size) * block_size
 
 
 CacheSpec = FullAttention | SlidingWindow | MLA

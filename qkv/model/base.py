@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 
 
