@@ -177,12 +177,12 @@ def latency(args) -> dict:
             res["hf_no_cache"] = _hf_latency(model, ids, args.max_tokens, False)
     res["setup"] = {"model": args.model, "device": str(llm.engine.device), "dtype": str(llm.engine.dtype),
                     "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "new_tokens": args.max_tokens}
-    res["roofline"] = bench_gpu.roofline(llm, args, len(ids), args.max_tokens, res["qkv"])
     _print_latency(res)
-    r = res["roofline"]
-    print(f"roofline: decode at {100 * r['decode_bandwidth_fraction']:.1f}% of {args.bandwidth / 1e12:.2f} TB/s "
-          f"(floor {r['decode_roofline_tok_s']:.0f} tok/s), prefill at "
-          f"{100 * r.get('prefill_matmul_fraction', 0):.1f}% of {args.matmul_flops / 1e12:.0f} TFLOP/s")
+    if llm.engine.device.type == "cuda":  # the rates are the H100's; a CPU has its own, unmeasured here
+        res["roofline"] = r = bench_gpu.roofline(llm, args, len(ids), args.max_tokens, res["qkv"])
+        print(f"roofline: decode at {100 * r['decode_bandwidth_fraction']:.1f}% of {args.bandwidth / 1e12:.2f} "
+              f"TB/s (floor {r['decode_roofline_tok_s']:.0f} tok/s), prefill at "
+              f"{100 * r.get('prefill_matmul_fraction', 0):.1f}% of {args.matmul_flops / 1e12:.0f} TFLOP/s")
     if args.plot:
         bench_gpu.plot(res, args.plot, "latency")
     return res
