@@ -199,6 +199,30 @@ def test_gemv_matches_torch():
     assert err < (1e-2 if CUDA else 1e-5), f"relative error {err:.2e}"
 
 
+def test_one_launch_sampler():
+    """Frequencies match softmax(logits / T); a seeded request's token depends only on its seed
+    and position, not on the batch around it."""
+    from types import SimpleNamespace
+
+    from qkv.attention.triton import sampling
+    from qkv.engine.request import SamplingParams
+
+    V, N, T = 8, 2000, 0.7
+    logits = torch.linspace(-2.0, 1.5, V).repeat(N, 1).to(DEV)
+    params = SamplingParams(max_tokens=1, temperature=T)
+    reqs = [SimpleNamespace(params=params, seed=None, num_tokens=5) for _ in range(N)]
+    toks = sampling.sample(logits, reqs, logits.argmax(-1))
+    freq = torch.bincount(toks.cpu(), minlength=V).float() / N
+    want = (logits[0].cpu() / T).softmax(-1)
+    assert (freq - want).abs().max() < 0.04, (freq, want)
+    seeded = SimpleNamespace(params=params, seed=1234, num_tokens=17)
+    alone = sampling.sample(logits[:1], [seeded], logits[:1].argmax(-1))
+    crowd = sampling.sample(logits[:4], reqs[:3] + [seeded], logits[:4].argmax(-1))
+    assert int(alone[0]) == int(crowd[3])
+    top_k = SimpleNamespace(params=SamplingParams(max_tokens=1, temperature=T, top_k=3), seed=None, num_tokens=1)
+    assert sampling.sample(logits[:1], [top_k], logits[:1].argmax(-1)) is None  # left to the sorting path
+
+
 # ------------------------------------------------------------------------------- end to end (GPU)
 @gpu
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

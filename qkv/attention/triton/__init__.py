@@ -40,3 +40,17 @@ def fused_ops():
             fused = None
         _FUSED.append(fused)
     return _FUSED[0]
+
+
+_SAMPLING: list = []
+
+
+def gpu_sampling():
+    """The one-launch GPU sampler module, or None when triton is missing (checked once)."""
+    if not _SAMPLING:
+        try:
+            from qkv.attention.triton import sampling
+        except ImportError:
+            sampling = None
+        _SAMPLING.append(sampling)
+    return _SAMPLING[0]
