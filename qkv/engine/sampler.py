@@ -26,6 +26,13 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     greedy_tokens = logits.argmax(dim=-1)
     if all(r.params.greedy for r in reqs):
         return greedy_tokens
+    if logits.is_cuda:  # one launch for every row's noise instead of one per seeded row
+        from qkv.attention.triton import gpu_sampling
+
+        fast = gpu_sampling()
+        out = fast.sample(logits, reqs, greedy_tokens) if fast is not None else None
+        if out is not None:
+            return out
     device = logits.device
     temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=device, dtype=torch.float32)
     logits = logits / temps[:, None]
