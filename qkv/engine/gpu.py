@@ -116,6 +116,15 @@ def report_capacity(runner, n_blocks: list[int], block_size: int) -> None:
     log(f"KV cache: {runner.kv_cache_bytes / 2**30:.2f} GiB, {sum(n_blocks)} blocks of {block_size} = {what}")
 
 
+def warm_sampler(vocab_size: int, device: torch.device) -> None:
+    """Compile the GPU sampler's kernel at start-up, not inside the first sampled step."""
+    from qkv.attention.triton import gpu_sampling
+
+    fast = gpu_sampling()
+    if fast is not None:
+        fast.exponential_noise(1, vocab_size, torch.zeros(1, dtype=torch.int64, device=device))
+
+
 def capture_graphs(runner, max_num_seqs: int, max_model_len: int) -> None:
     from qkv.engine.cuda_graph import DecodeGraphs
 
