@@ -102,6 +102,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
         if on_gpu:
             gpu.report_capacity(self.runner, n_blocks, block_size)
+            if self.attention_backend == "triton":
+                gpu.warm_sampler(config.vocab_size, self.device)
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
