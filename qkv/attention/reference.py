@@ -13,6 +13,8 @@ Cache layout per layer: ``[2, num_blocks, block_size, kv_heads, head_dim]`` (K p
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from qkv.attention.batch import AttentionBatch
@@ -68,11 +70,16 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
-    from_cache, from_step, is_new, q_rows, q_valid, mask = step_indices(batch, group, window, dilation)
-    pick_new, mask = is_new[:, :, None, None], mask[:, None, None]
-    # Gather cached keys from the pages and this step's keys from k/v, then pick per position.
-    keys = torch.where(pick_new, k[from_step], k_flat[from_cache])  # [B, L, KVH, D]
-    values = torch.where(pick_new, v[from_step], v_flat[from_cache])
+    ix = step_indices(batch, group, window, dilation)
+    q_rows, q_valid, mask = ix.q_rows, ix.q_valid, ix.mask[:, None, None]
+    ring = batch.ring_blocks[group] is not None
+    if ring:  # read before writing: this step may reuse slots its own first queries still read
+        pick_new = ix.is_new[:, :, None, None]
+        keys = torch.where(pick_new, k[ix.from_step], k_flat[ix.from_cache])  # [B, L, KVH, D]
+        values = torch.where(pick_new, v[ix.from_step], v_flat[ix.from_cache])
+    else:  # every position has its own slot: store this step's K/V, then read all keys from pages
+        write_kv(kv_cache, k, v, batch.slot_mappings[group])
+        keys, values = k_flat[ix.from_pages], v_flat[ix.from_pages]
 
     B, Qmax = batch.num_seqs, batch.max_query_len
     g = H // kvh
@@ -85,19 +92,30 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     out = torch.einsum("bhgql,blhd->bqhgd", probs, values.float()).reshape(B, Qmax, H, -1)
     out = out[q_valid].to(q.dtype)  # [T, H, Dv] in packed order
 
-    write_kv(kv_cache, k, v, batch.slot_mappings[group])
+    if ring:
+        write_kv(kv_cache, k, v, batch.slot_mappings[group])
     return out
+
+
+class StepIndices(NamedTuple):
+    from_pages: torch.Tensor  # slot of every key position
+    from_cache: torch.Tensor  # slot of keys cached before this step (0 elsewhere)
+    from_step: torch.Tensor  # row of this step's k/v (0 elsewhere)
+    is_new: torch.Tensor  # the key is this step's
+    q_rows: torch.Tensor  # packed row of each padded query
+    q_valid: torch.Tensor
+    mask: torch.Tensor  # causal & window & padding
 
 
 def step_indices(batch: AttentionBatch, group: int, window: int | None = None, dilation: int = 1):
     """Gather indices and the mask for one layer group, computed once per step (every layer of
     the group reuses them from ``batch.scratch``).
 
-    Returns (cache slot [B, L], this step's row [B, L], is it this step's [B, L],
-    query rows [B, Q], valid queries [B, Q], mask [B, Q, L])."""
+    Key indices are [B, L], query indices [B, Q], the mask [B, Q, L]."""
     key = ("step_indices", group, window, dilation)
     if key not in batch.scratch:
         slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
+        from_pages = torch.where(valid, slot, 0)
         from_cache = torch.where(valid & ~is_new, slot, 0)
         from_step = torch.where(valid & is_new, new_row, 0)
         q_idx = torch.arange(batch.max_query_len, device=slot.device)[None, :]
@@ -105,7 +123,7 @@ def step_indices(batch: AttentionBatch, group: int, window: int | None = None, d
         q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
         q_pos = batch.num_computed[:, None] + q_idx
         mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
-        batch.scratch[key] = (from_cache, from_step, is_new, q_rows, q_valid, mask)
+        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, mask)
     return batch.scratch[key]
 
 
