@@ -211,8 +211,8 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(req, reason)
             self._forget(req)
-        return RequestOutput(req.request_id, req.prompt_token_ids, req.output_token_ids, req.text, reason,
-                             req.num_cached_tokens, req.index, delta)
+        return RequestOutput(req.request_id, req.all_token_ids, req.num_prompt_tokens, req.num_tokens, req.text,
+                             reason, req.num_cached_tokens, req.index, delta)
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()

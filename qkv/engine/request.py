@@ -50,15 +50,27 @@ class SamplingParams:
 
 @dataclass
 class RequestOutput:
+    """One sample's state after a step. The token lists are views of the request's own
+    append-only list cut at this step's length, so making one per token costs O(1)."""
+
     request_id: str
-    prompt_token_ids: list[int]
-    token_ids: list[int]
+    _all_token_ids: list[int] = field(repr=False)
+    num_prompt_tokens: int
+    num_tokens: int
     text: str
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     num_cached_tokens: int = 0
     index: int = 0  # which of the n samples
     text_delta: str = ""  # text added by this step (streaming)
     samples: list["RequestOutput"] = field(default_factory=list)  # all n samples when n > 1
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self._all_token_ids[:self.num_prompt_tokens]
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._all_token_ids[self.num_prompt_tokens:self.num_tokens]
 
     @property
     def finished(self) -> bool:
