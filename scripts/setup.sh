@@ -6,6 +6,8 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# This machine's pip config names local indexes that lack most packages; pip warns about each.
+pip() { command pip "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 # torch first, pinned to the CPU build on this machine's disk when it is there; the
 # project itself only asks for torch>=2.4, so any torch already installed is kept.
 if ! python -c "import torch" 2>/dev/null; then

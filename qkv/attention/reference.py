@@ -71,14 +71,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
     ix = step_indices(batch, group, window, dilation)
-    q_rows, q_valid, mask = ix.q_rows, ix.q_valid, ix.mask[:, None, None]
+    q_rows, mask = ix.q_rows, ix.mask[:, None, None]
     ring = batch.ring_blocks[group] is not None
     if ring:  # read before writing: this step may reuse slots its own first queries still read
         pick_new = ix.is_new[:, :, None, None]
         keys = torch.where(pick_new, k[ix.from_step], k_flat[ix.from_cache])  # [B, L, KVH, D]
         values = torch.where(pick_new, v[ix.from_step], v_flat[ix.from_cache])
     else:  # every position has its own slot: store this step's K/V, then read all keys from pages
-        write_kv(kv_cache, k, v, batch.slot_mappings[group])
+        write_kv(kv_cache, k, v, batch.slot_mappings[group], all_slots=True)
         keys, values = k_flat[ix.from_pages], v_flat[ix.from_pages]
 
     B, Qmax = batch.num_seqs, batch.max_query_len
@@ -88,9 +88,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked padding rows -> 0
+    probs = torch.softmax(scores, dim=-1)  # padding query rows are all -inf (NaN), and dropped below
     out = torch.einsum("bhgql,blhd->bqhgd", probs, values.float()).reshape(B, Qmax, H, -1)
-    out = out[q_valid].to(q.dtype)  # [T, H, Dv] in packed order
+    out = out.reshape(B * Qmax, H, -1).index_select(0, ix.q_packed).to(q.dtype)  # [T, H, Dv], packed order
 
     if ring:
         write_kv(kv_cache, k, v, batch.slot_mappings[group])
@@ -104,6 +104,7 @@ class StepIndices(NamedTuple):
     is_new: torch.Tensor  # the key is this step's
     q_rows: torch.Tensor  # packed row of each padded query
     q_valid: torch.Tensor
+    q_packed: torch.Tensor  # flat [B*Q] index of each valid query, in packed order
     mask: torch.Tensor  # causal & window & padding
 
 
@@ -123,15 +124,19 @@ def step_indices(batch: AttentionBatch, group: int, window: int | None = None, d
         q_rows = torch.where(q_valid, batch.query_start_loc[:-1, None] + q_idx, 0)
         q_pos = batch.num_computed[:, None] + q_idx
         mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
-        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, mask)
+        q_packed = q_valid.flatten().nonzero().squeeze(1)
+        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, q_packed, mask)
     return batch.scratch[key]
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Store this step's K/V at their slots; rows with slot -1 are skipped."""
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             all_slots: bool = False) -> None:
+    """Store this step's K/V at their slots; rows with slot -1 are skipped (only rings have them:
+    ``all_slots`` says there are none, which saves a check)."""
     kvh = k.shape[1]
-    keep = slot_mapping >= 0
-    if not bool(keep.all()):
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    if not all_slots:
+        keep = slot_mapping >= 0
+        if not bool(keep.all()):
+            k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     kv_cache[0].view(-1, kvh, k.shape[2])[slot_mapping] = k.to(kv_cache.dtype)
     kv_cache[1].view(-1, kvh, v.shape[2])[slot_mapping] = v.to(kv_cache.dtype)

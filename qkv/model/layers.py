@@ -38,8 +38,7 @@ class RMSNorm(nn.Module):
         if fused is not None:
             return fused.rms_norm(x, self.weight, self.eps, self.offset)
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one op
         if self.offset:
             return (x * (self.offset + self.weight.float())).to(dtype)
         return self.weight * x.to(dtype)
