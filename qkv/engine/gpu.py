@@ -6,7 +6,6 @@ Called only by ``LLMEngine`` when its device is CUDA; the CPU path never imports
 from __future__ import annotations
 
 import sys
-import time
 
 import torch
 
@@ -67,7 +66,6 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     grouped = group_layers(specs)
     rings = [s.ring_blocks(block_size) if isinstance(s, SlidingWindow) else None for s, _ in grouped]
-    layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
     layers = model.attention_layers()
     for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
         m.kv_cache = torch.zeros(specs[m.layer].cache_shape(1, block_size), dtype=next(model.parameters()).dtype,

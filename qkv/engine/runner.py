@@ -28,10 +28,6 @@ class ModelRunner:
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
         self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
-        self.layer_group = [0] * model.config.num_layers
-        for g, group in enumerate(kv.groups):
-            for layer in group.layers:
-                self.layer_group[layer] = g
 
     @property
     def kv_cache_bytes(self) -> int:
