@@ -112,9 +112,6 @@ class LLMEngine:
         self._detok: dict[str, object] = {}
         self.num_generated_tokens = 0
 
-    def _group_of(self, layer: int) -> int:
-        return next(g for g, grp in enumerate(self.kv.groups) if layer in grp.layers)
-
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None) -> list[Request]:
