@@ -31,10 +31,6 @@ class _Paged:
     def blocks_needed(self, num_tokens: int, block_size: int) -> int:
         return cdiv(num_tokens, block_size)
 
-    def tokens_held(self, num_tokens: int, block_size: int) -> int:
-        """Token slots a sequence of ``num_tokens`` occupies (whole blocks)."""
-        return self.blocks_needed(num_tokens, block_size) * block_size
-
 
 @dataclass(frozen=True)
 class FullAttention(_Paged):
