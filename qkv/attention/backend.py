@@ -11,11 +11,15 @@ from typing import Callable
 from qkv.attention import reference
 
 _BACKENDS: dict[str, Callable] = {"reference": reference.paged_attention}
+_MLA_BACKENDS: dict[str, Callable] = {}  # the reference MLA is imported on first use
 _current = "reference"
 
 
-def register(name: str, fn: Callable) -> None:
+def register(name: str, fn: Callable, mla: Callable | None = None) -> None:
+    """Add a backend; ``mla`` is its MLA attention (same signature as the reference's)."""
     _BACKENDS[name] = fn
+    if mla is not None:
+        _MLA_BACKENDS[name] = mla
 
 
 def set_backend(name: str) -> None:
@@ -32,3 +36,12 @@ def current() -> str:
 def attention(q, k, v, kv_cache, batch, group, scale, window=None, softcap=None):
     """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache`` and returns [T, H, Dv]."""
     return _BACKENDS[_current](q, k, v, kv_cache, batch, group, scale, window, softcap)
+
+
+def mla_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
+    """MLA over the latent cache (see attention/mla_reference.py for the contract); backends
+    without an MLA implementation use the reference."""
+    fn = _MLA_BACKENDS.get(_current)
+    if fn is None:
+        from qkv.attention.mla_reference import mla_paged_attention as fn
+    return fn(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.mla_reference import mla_paged_attention
+from qkv.attention import backend
 from qkv.config import ModelConfig
 from qkv.model.layers import RMSNorm, RotaryEmbedding
 from qkv.model.yarn import softmax_scale_factor
@@ -86,6 +86,6 @@ class MLAAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe, k_pe = self.rope(positions, self._deinterleave(q_pe), self._deinterleave(k_pe)[:, None, :])
         w_uk, w_uv = self.up_weights()
-        out = mla_paged_attention(q_nope, q_pe, c_kv, k_pe[:, 0], self.kv_cache, batch, self.group,
-                                  self.scale, w_uk, w_uv, absorbed=self.mode == "absorbed")
+        out = backend.mla_attention(q_nope, q_pe, c_kv, k_pe[:, 0], self.kv_cache, batch, self.group,
+                                    self.scale, w_uk, w_uv, absorbed=self.mode == "absorbed")
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

@@ -24,8 +24,9 @@ def available() -> bool:
 def register() -> None:
     from qkv.attention import backend
     from qkv.attention.triton.backend import paged_attention
+    from qkv.attention.triton.mla import mla_paged_attention
 
-    backend.register("triton", paged_attention)
+    backend.register("triton", paged_attention, mla=mla_paged_attention)
 
 
 _FUSED: list = []

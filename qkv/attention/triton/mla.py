@@ -85,3 +85,19 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
                             S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
     return out
+
+
+def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
+    """The backend's MLA entry (reference signature). Absorbed decode steps run the kernel
+    above; everything else (prefill, the naive path, non-power-of-two latents) the reference."""
+    R, P = c_kv.shape[1], k_pe.shape[1]
+    pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
+    if not (absorbed and batch.is_decode and pow2):
+        from qkv.attention.mla_reference import mla_paged_attention as reference
+
+        return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
+    # Store this step's rows first: the kernel reads keys [0, num_computed] from the pages.
+    kv_cache.view(-1, R + P)[batch.slot_mappings[group]] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
+    q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into the query
+    o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
+    return torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into the output
