@@ -33,7 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             bench_serve.add_arguments(sp)
             continue
         add_model_arguments(sp)
-        sp.add_argument("--peer", choices=["hf", "none"], default="none", help="run HF transformers too")
+        sp.add_argument("--peer", choices=["hf", "llamacpp", "none"], default="none",
+                        help="run HF transformers too (llamacpp: llama-cpp-python on the same GGUF, latency only)")
         sp.add_argument("--json", default=None, help="also write the results to this file")
         bench_gpu.add_arguments(sp, name)  # --random-weights, --plot, roofline rates
         if name == "latency":
@@ -155,6 +156,26 @@ def _hf_latency(model, ids: list[int], max_tokens: int, use_cache: bool) -> dict
     return out
 
 
+def _llamacpp_latency(gguf: str, ids: list[int], max_tokens: int) -> dict:
+    """llama.cpp (llama-cpp-python, its own quantized kernels) on the same GGUF, same prompt ids."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise ValueError("--peer llamacpp needs llama-cpp-python (pip install llama-cpp-python)") from None
+    if not gguf.endswith(".gguf"):
+        raise ValueError("--peer llamacpp needs a GGUF model")
+    model = Llama(model_path=gguf, n_threads=torch.get_num_threads(), n_ctx=len(ids) + max_tokens + 8,
+                  verbose=False)
+    t0, stamps = time.perf_counter(), []
+    for tok in model.generate(ids, temp=0.0, top_k=1, reset=True):
+        stamps.append(time.perf_counter())
+        if len(stamps) == max_tokens:
+            break
+    prefill = stamps[0] - t0
+    return {"prefill_s": prefill, "prefill_tok_s": len(ids) / prefill,
+            "decode_tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0])}
+
+
 def latency(args) -> dict:
     from qkv.tools import bench_gpu
 
@@ -175,6 +196,9 @@ def latency(args) -> dict:
                         key=lambda r: r["decode_tok_s"])
         if args.no_cache:
             res["hf_no_cache"] = _hf_latency(model, ids, args.max_tokens, False)
+    if args.peer == "llamacpp":
+        res["llama.cpp"] = max((_llamacpp_latency(llm.source, ids, args.max_tokens) for _ in range(args.repeat)),
+                               key=lambda r: r["decode_tok_s"])
     res["setup"] = {"model": args.model, "device": str(llm.engine.device), "dtype": str(llm.engine.dtype),
                     "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "new_tokens": args.max_tokens}
     _print_latency(res)
@@ -193,7 +217,7 @@ def _print_latency(res: dict) -> None:
     print(f"latency: {s['model']} on {s['device']} ({s['dtype']}, {s['threads']} threads), "
           f"{s['prompt_tokens']}-token prompt, {s['new_tokens']} new tokens")
     print(f"{'engine':<16}{'decode tok/s':>14}{'prefill tok/s':>15}")
-    for name in ("qkv", "qkv_no_cache", "hf", "hf_no_cache"):
+    for name in ("qkv", "qkv_no_cache", "hf", "hf_no_cache", "llama.cpp"):
         if name in res:
             r = res[name]
             pre = f"{r['prefill_tok_s']:.0f}" if "prefill_tok_s" in r else "-"
