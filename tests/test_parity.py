@@ -104,3 +104,15 @@ def test_cached_logits_equal_recomputed_logits(tiny_model):
     engine.kv.free(req)
     stepped = torch.cat(rows)
     assert rel_err(stepped, full) < 1e-5
+
+
+def test_directory_without_tokenizer_takes_token_ids(tiny_model):
+    path, _ = tiny_model("llama")
+    llm = LLM(path, device="cpu", block_size=4, num_kv_blocks=32)
+    assert llm.tokenizer is None
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate("some text")
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.chat([{"role": "user", "content": "hi"}])
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3 and out.text == ""
