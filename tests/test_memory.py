@@ -88,7 +88,7 @@ def check_engine_matches(path: str, lengths: list[int], block_size: int = 16, nu
     llm = LLM(path, device="cpu", block_size=block_size, num_kv_blocks=num_kv_blocks, enable_prefix_caching=False)
     cfg, eng = llm.config, llm.engine
     pools = [g.pool.num_blocks for g in eng.kv.groups]
-    assert llm.stats()["kv_cache_bytes"] == pool_bytes(cfg, pools, 32, block_size)
+    assert llm.stats()["kv_cache_bytes"] == pool_bytes(cfg, pools, 32, block_size, prefix_caching=False)
     for n in lengths:
         (req,) = eng.add_request(list(range(2, 2 + n)), SamplingParams(max_tokens=3, ignore_eos=True))
         for cached in (n, n + 1):

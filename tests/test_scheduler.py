@@ -121,7 +121,8 @@ class Sim:
         for seq in self.kv._seqs.values():
             for g, table in enumerate(seq.tables):
                 for b in table:
-                    held[g][b] += 1
+                    if b != self.kv.null[g]:  # the null page stands for blocks out of the window
+                        held[g][b] += 1
         for g, group in enumerate(self.kv.groups):
             pool = group.pool
             assert pool.num_free + pool.num_cached + pool.num_in_use == pool.num_blocks
@@ -192,8 +193,10 @@ def test_full_attention_interleavings(ops, block_size, num_blocks, budget, max_s
 @SETTINGS
 @given(ops=ops, num_blocks=st.integers(8, 24), budget=st.sampled_from([1, 3, 8, 64]), max_seqs=st.integers(1, 4))
 def test_sliding_and_full_groups(ops, num_blocks, budget, max_seqs):
-    """Two groups (a ring and a full table): every pool balances; the ring keeps the window."""
+    """Two groups (a window and a full table), prefix caching on and off (a window table with
+    dropped blocks, or a ring): every pool balances and the window is kept."""
     run(Sim([SLIDE, FULL, SLIDE], 2, num_blocks, budget, max_seqs, True), ops)
+    run(Sim([SLIDE, FULL, SLIDE], 2, num_blocks, budget, max_seqs, False), ops)
 
 
 def test_prefix_hit_restores_every_group():

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 
+import pytest
 import torch
 
 from qkv import LLM, SamplingParams
@@ -46,14 +47,16 @@ def _run_and_watch(llm: LLM, prompt: list[int], n: int) -> tuple[list[int], list
     while not req.finished:
         llm.engine.step()
         if not req.finished:
-            held.append([len(t) for t in llm.engine.kv.block_tables(req.request_id)])
+            kv = llm.engine.kv  # null entries stand for blocks dropped out of the window
+            held.append([sum(b != kv.null[g] for b in t) for g, t in enumerate(kv.block_tables(req.request_id))])
     return list(req.output_token_ids), held
 
 
-def test_rolling_buffer_equals_non_rolling_reference(tiny_model, tmp_path):
+@pytest.mark.parametrize("caching", [False, True], ids=["ring", "window-table"])
+def test_rolling_buffer_equals_non_rolling_reference(tiny_model, tmp_path, caching):
     path, hf = tiny_model("mistral", sliding_window=W)
     prompt, n = _prompt(12, 0), 40  # 52 tokens: 6.5 windows
-    llm = LLM(path, dtype="float32", device="cpu", block_size=BS, num_kv_blocks=64)
+    llm = LLM(path, dtype="float32", device="cpu", block_size=BS, num_kv_blocks=64, enable_prefix_caching=caching)
     (spec,) = llm.engine.specs[:1]
     assert isinstance(spec, SlidingWindow) and spec.ring_blocks(BS) == math.ceil(W / BS) + 1
     ours, held = _run_and_watch(llm, prompt, n)
@@ -93,10 +96,10 @@ def _check_accounting(llm: LLM, prompt: list[int], n: int, expect_kinds: set[typ
     bs = eng.kv.block_size
     assert {type(g.spec) for g in eng.kv.groups} == expect_kinds
     # Bytes: every layer's cache tensor is exactly blocks x block_size x the spec's bytes per token.
-    for g in eng.kv.groups:
+    for gi, g in enumerate(eng.kv.groups):  # num_pages: the pool, plus a window group's null page
         for layer in g.layers:
             t = eng.runner.kv_caches[layer]
-            assert t.numel() * t.element_size() == g.pool.num_blocks * bs * g.spec.bytes_per_token
+            assert t.numel() * t.element_size() == eng.kv.num_pages(gi) * bs * g.spec.bytes_per_token
     (req,) = eng.add_request(prompt, SamplingParams(max_tokens=n, **GREEDY))
     checked_prefill = False
     while not req.finished:
@@ -104,13 +107,14 @@ def _check_accounting(llm: LLM, prompt: list[int], n: int, expect_kinds: set[typ
         if req.finished:
             break
         held = eng.kv.block_tables(req.request_id)
-        for g, table in zip(eng.kv.groups, held):
-            # Cached tokens plus the one token written next step.
+        for gi, (g, table) in enumerate(zip(eng.kv.groups, held)):
+            # Cached tokens plus the one token written next step; null entries are dropped blocks.
+            n_held = sum(b != eng.kv.null[gi] for b in table)
             want = g.spec.blocks_needed(req.num_computed_tokens, bs)
-            assert len(table) == want, (g.spec, req.num_computed_tokens, len(table), want)
-            assert g.pool.num_in_use == len(table)
+            assert n_held == want, (g.spec, req.num_computed_tokens, n_held, want)
+            assert g.pool.num_in_use == n_held
             if isinstance(g.spec, SlidingWindow):
-                assert len(table) <= math.ceil(g.spec.window / bs) + 1
+                assert n_held <= math.ceil(g.spec.window / bs) + 1
         checked_prefill = True
     assert checked_prefill
     assert all(g.pool.num_in_use == 0 for g in eng.kv.groups)
@@ -139,9 +143,12 @@ def test_spec_accounting_mla(tmp_path):
     _check_accounting(llm, _prompt(13, 3), 30, {MLA})
 
 
-def test_prefix_caching_on_off_identical(tmp_path):
-    """Hybrid (ring) models run with prefix caching disabled, so on/off cannot differ; the
-    shared-prefix batch still produces HF-equal, setting-independent outputs."""
+@pytest.mark.parametrize("budget", [3, 64])
+def test_prefix_caching_on_off_identical(tmp_path, budget):
+    """Hybrid Gemma 3 (window 8, block 4): with prefix caching on, a shared 24-token prefix is
+    served to later requests for the global and the window layers alike (the window group
+    keeps its last ceil(8/4) = 2 prefix blocks cached), and every output equals the run
+    with caching off, on a cold and a warm cache, whole prompts or chunks of 3 tokens."""
     from test_gemma3 import tiny_gemma3
 
     path, _ = tiny_gemma3(tmp_path, seed=5)
@@ -150,9 +157,16 @@ def test_prefix_caching_on_off_identical(tmp_path):
     outs = []
     for caching in (True, False):
         llm = LLM(path, dtype="float32", device="cpu", block_size=BS, num_kv_blocks=128,
-                  enable_prefix_caching=caching)
-        a = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))]
-        b = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))]
-        assert a == b
-        outs.append(a)
+                  enable_prefix_caching=caching, max_num_batched_tokens=budget)
+        first = llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
+        again = llm.generate(prompts, SamplingParams(max_tokens=10, **GREEDY))
+        assert [o.token_ids for o in first] == [o.token_ids for o in again]
+        if caching:  # prompt 29 tokens: at most (29 - 1) // 4 = 7 blocks = 28 tokens are served
+            assert all(o.num_cached_tokens == 28 for o in again)
+        else:
+            assert all(o.num_cached_tokens == 0 for o in first + again)
+        stats = llm.stats()
+        assert stats["num_blocks_in_use"] == 0
+        assert stats["num_blocks_free"] + stats["num_blocks_cached"] == stats["num_blocks_total"]
+        outs.append([o.token_ids for o in first])
     assert outs[0] == outs[1]

@@ -279,3 +279,39 @@ def test_engine_mla_triton_decode_matches_reference(tmp_path):
         results[name] = [r.output_token_ids for r in reqs]
     backend.set_backend("reference")
     assert results["triton"] == results["reference"]
+
+
+@gpu
+@pytest.mark.parametrize("caching", [False, True], ids=["ring", "window-table"])
+def test_engine_hybrid_window_triton_matches_reference(tmp_path, caching):
+    """Tiny Gemma 3 (window 8, global every 4th layer): ring or window table with null pages,
+    shared prefixes served from the cache; Triton eager and graphs give the reference's tokens."""
+    from test_gemma3 import tiny_gemma3
+
+    from qkv.attention import backend
+    from qkv.engine.engine import LLMEngine
+    from qkv.engine.request import SamplingParams
+    from qkv.loading import load
+
+    path, _ = tiny_gemma3(tmp_path, seed=3)
+    loaded = load(path)
+    shared = [int(t) for t in torch.randint(2, 250, (40,))]
+    prompts = [shared + [int(t) for t in torch.randint(2, 250, (n,))] for n in (3, 9, 17)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    results = {}
+    for name, kw in {"reference": dict(attention_backend="reference", enforce_eager=True),
+                     "triton-eager": dict(attention_backend="triton", enforce_eager=True),
+                     "triton-graphs": dict(attention_backend="triton", enforce_eager=False)}.items():
+        eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda", block_size=4,
+                        num_kv_blocks=256, max_num_seqs=8, enable_prefix_caching=caching, **kw)
+        outs = []
+        for p in prompts:  # one after another: later prompts hit the shared prefix when caching
+            (req,) = eng.add_request(p, params)
+            while eng.has_unfinished():
+                eng.step()
+            outs.append((req.output_token_ids, req.num_cached_tokens))
+        results[name] = outs
+    backend.set_backend("reference")
+    assert results["triton-eager"] == results["reference"]
+    assert results["triton-graphs"] == results["reference"]
+    assert (results["reference"][2][1] > 0) == caching

@@ -21,9 +21,9 @@ class ModelRunner:
         self.block_size = kv.block_size
         # One cache tensor per layer, shaped by its group's spec and sized by its group's pool.
         self.kv_caches: list[torch.Tensor] = [None] * model.config.num_layers
-        for group in kv.groups:
+        for g, group in enumerate(kv.groups):
             for layer in group.layers:
-                shape = group.spec.cache_shape(group.pool.num_blocks, self.block_size)
+                shape = group.spec.cache_shape(kv.num_pages(g), self.block_size)
                 self.kv_caches[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]

@@ -2,8 +2,15 @@
 
 Layers with equal cache specs form a *group*; each group has its own BlockPool and every
 request has one block table per group. A full-attention table grows one block per
-``block_size`` tokens. A sliding-window table stops growing at the spec's ring size and
-position ``p`` then lives in ring block ``(p // block_size) % ring_blocks``.
+``block_size`` tokens. A sliding-window group keeps only the last ``ring_blocks`` blocks, in
+one of two ways:
+  - without prefix caching, a ring: position ``p`` lives in block ``(p // block_size) % ring``,
+    and blocks are overwritten in place;
+  - with prefix caching, a window: the table is indexed by position like a full one, and after
+    each step the blocks that fell out of the window are released (keyed, so they stay
+    cached) and replaced by the *null page*, a page past the pool that is never written or
+    read. A prefix hit then needs every full group's blocks of the prefix and each window
+    group's last ``ceil(W / block_size)`` of them.
 
 Ownership contract:
   - ``match_prefix`` and ``allocate`` take references on behalf of the request;
@@ -33,6 +40,7 @@ class LayerGroup:
 class _Seq:
     tables: list[list[int]]  # one block table per group
     keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks hashed so far
+    dropped: list[int] = field(default_factory=list)  # per group: table entries before this are null
 
 
 def group_layers(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
@@ -50,18 +58,21 @@ class KVCacheManager:
         if isinstance(num_blocks, int):
             num_blocks = [num_blocks] * len(grouped)
         self.groups = [LayerGroup(spec, layers, BlockPool(n)) for (spec, layers), n in zip(grouped, num_blocks)]
-        self.ring = [s.ring_blocks(block_size) if isinstance(s, SlidingWindow) else None for s, _ in grouped]
-        # A prefix hit must restore every layer's KV for the hit tokens; a ring has overwritten
-        # them, so prefix caching serves only models whose groups all keep every token. Hits are
-        # looked up and keyed in group 0's pool only, so a second group would read blocks it
-        # never got: one group only, until hits open every group's table.
-        self.enable_prefix_caching = (enable_prefix_caching and len(self.groups) == 1
-                                      and all(r is None for r in self.ring))
+        self.enable_prefix_caching = enable_prefix_caching
+        sliding = [isinstance(s, SlidingWindow) for s, _ in grouped]
+        self.ring = [s.ring_blocks(block_size) if w and not enable_prefix_caching else None
+                     for (s, _), w in zip(grouped, sliding)]
+        self.window = [s.window if w and enable_prefix_caching else None for (s, _), w in zip(grouped, sliding)]
+        self.null = [g.pool.num_blocks if w is not None else None for g, w in zip(self.groups, self.window)]
         self._seqs: dict[str, _Seq] = {}
 
     # ---------------------------------------------------------------- queries
     def block_tables(self, request_id: str) -> list[list[int]]:
         return self._seqs[request_id].tables
+
+    def num_pages(self, group: int) -> int:
+        """Pages the group's cache tensor holds: the pool's blocks, plus the null page."""
+        return self.groups[group].pool.num_blocks + (self.null[group] is not None)
 
     def blocks_needed(self, num_tokens: int) -> list[int]:
         return [g.spec.blocks_needed(num_tokens, self.block_size) for g in self.groups]
@@ -82,24 +93,34 @@ class KVCacheManager:
         the number of tokens served. Never the whole prompt: the last prompt token is always
         computed so that there are logits to sample from."""
         assert request.request_id not in self._seqs, f"{request.request_id} already has blocks"
-        seq = _Seq(tables=[[] for _ in self.groups])
+        seq = _Seq(tables=[[] for _ in self.groups], dropped=[0] * len(self.groups))
         self._seqs[request.request_id] = seq
         if not self.enable_prefix_caching:
             return 0
-        tokens = request.all_token_ids
-        max_blocks = (len(tokens) - 1) // self.block_size
-        pool = self.groups[0].pool
-        parent = None
-        for i in range(max_blocks):
-            key = block_key(parent, tokens[i * self.block_size:(i + 1) * self.block_size], request.cache_salt)
-            b = pool.lookup(key)
-            if b is None:
+        tokens, bs = request.all_token_ids, self.block_size
+        full = [g for g, w in enumerate(self.window) if w is None]
+        keys, parent = [], None
+        for i in range((len(tokens) - 1) // bs):
+            parent = block_key(parent, tokens[i * bs:(i + 1) * bs], request.cache_salt)
+            if any(self.groups[g].pool.lookup(parent) is None for g in full):
                 break
-            pool.ref(b)
-            seq.tables[0].append(b)
-            seq.keys.append(key)
-            parent = key
-        return len(seq.keys) * self.block_size
+            keys.append(parent)
+        n = len(keys)  # the longest prefix every window group can also serve
+        while n and not all(self.groups[g].pool.lookup(k) is not None
+                            for g, w in enumerate(self.window) if w is not None
+                            for k in keys[max(0, n - cdiv(w, bs)):n]):
+            n -= 1
+        for g, group in enumerate(self.groups):
+            first = 0 if self.window[g] is None else max(0, n - cdiv(self.window[g], bs))
+            table = seq.tables[g]
+            table += [self.null[g]] * first
+            seq.dropped[g] = first
+            for k in keys[first:n]:
+                b = group.pool.lookup(k)
+                group.pool.ref(b)
+                table.append(b)
+        seq.keys = keys[:n]
+        return n * bs
 
     def cache_blocks(self, request) -> None:
         """Key the request's full, computed blocks so that later requests can reuse them."""
@@ -107,11 +128,22 @@ class KVCacheManager:
             return
         seq = self._seqs[request.request_id]
         tokens, bs = request.all_token_ids, self.block_size
-        pool, table = self.groups[0].pool, seq.tables[0]
         for i in range(len(seq.keys), request.num_computed_tokens // bs):
             key = block_key(seq.keys[-1] if seq.keys else None, tokens[i * bs:(i + 1) * bs], request.cache_salt)
-            pool.set_hash(table[i], key)
+            for g, group in enumerate(self.groups):
+                if seq.tables[g][i] != self.null[g]:
+                    group.pool.set_hash(seq.tables[g][i], key)
             seq.keys.append(key)
+        # Window groups: blocks no later query can see leave the table (keyed, so cached).
+        for g, w in enumerate(self.window):
+            if w is None:
+                continue
+            table, ring = seq.tables[g], self.groups[g].spec.ring_blocks(bs)
+            for i in range(seq.dropped[g], cdiv(request.num_computed_tokens, bs) - ring):
+                if table[i] != self.null[g]:
+                    self.groups[g].pool.release([table[i]])
+                    table[i] = self.null[g]
+                seq.dropped[g] = i + 1
 
     # ---------------------------------------------------------------- allocation
     def allocate(self, request, num_new_tokens: int) -> list[tuple[int, int, int]] | None:
@@ -127,12 +159,14 @@ class KVCacheManager:
         plan = []
         for g, group in enumerate(self.groups):
             table = seq.tables[g]
-            grow = group.spec.blocks_needed(end, bs) - len(table)
+            need = cdiv(end, bs) if self.window[g] is not None else group.spec.blocks_needed(end, bs)
+            grow = need - len(table)
             # Blocks already in the table that this step writes and that others also hold.
             idxs = range(start // bs, cdiv(end, bs))
             if self.ring[g] is not None:
                 idxs = {i % self.ring[g] for i in idxs}
-            shared = [i for i in idxs if i < len(table) and group.pool.ref_count[table[i]] > 1]
+            shared = [i for i in idxs if i < len(table) and table[i] != self.null[g]
+                      and group.pool.ref_count[table[i]] > 1]
             if grow + len(shared) > group.pool.num_available:
                 return None
             plan.append((grow, shared))
@@ -154,16 +188,17 @@ class KVCacheManager:
         if seq is None:
             return
         for g, table in enumerate(seq.tables):
-            self.groups[g].pool.release(table[::-1])
+            self.groups[g].pool.release([b for b in reversed(table) if b != self.null[g]])
 
     def fork(self, parent, child) -> None:
         """Let ``child`` share all of ``parent``'s blocks (parallel sampling). Whoever writes
         a shared block first gets a private copy from ``allocate``."""
         src = self._seqs[parent.request_id]
-        seq = _Seq(tables=[list(t) for t in src.tables], keys=list(src.keys))
+        seq = _Seq(tables=[list(t) for t in src.tables], keys=list(src.keys), dropped=list(src.dropped))
         for g, table in enumerate(seq.tables):
             for b in table:
-                self.groups[g].pool.ref(b)
+                if b != self.null[g]:
+                    self.groups[g].pool.ref(b)
         self._seqs[child.request_id] = seq
 
     def has(self, request_id: str) -> bool:

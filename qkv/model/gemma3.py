@@ -9,12 +9,10 @@ What differs from Llama, and why each matters for parity with HF:
     any RoPE scaling. The window itself lives in the layer's cache spec and ``Attention.window``.
   - The MLP is GeGLU with tanh-approximated GELU; final logits may be soft-capped.
 
-Cache: global layers hold every token (FullAttention); sliding layers hold a ring of
+Cache: global layers hold every token (FullAttention); sliding layers hold at most
 ``ceil(512 / block_size) + 1`` blocks (SlidingWindow), so their KV stays constant however
-long the sequence. Prefix caching is off for such hybrid models (KVCacheManager): a prefix
-hit would have to restore the window layers' last W tokens, which the ring has overwritten,
-so it would serve the global layers only by recomputing the window tokens through every
-layer. Outputs are therefore the same with ``enable_prefix_caching`` on or off.
+long the sequence: a ring without prefix caching, a window table whose old blocks go back to
+the pool (keyed) with it. A prefix hit then serves both kinds of layer (KVCacheManager).
 """
 
 from __future__ import annotations

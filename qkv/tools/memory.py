@@ -126,11 +126,15 @@ def footprint(config: ModelConfig, context: int, batch: int = 1, bits: int = 16,
     return Footprint(config, context, batch, bits, block_size, groups)
 
 
-def pool_bytes(config: ModelConfig, num_blocks: list[int], bits: int, block_size: int = 16) -> int:
+def pool_bytes(config: ModelConfig, num_blocks: list[int], bits: int, block_size: int = 16,
+               prefix_caching: bool = True) -> int:
     """Bytes of the cache tensors the engine's runner allocates for pools of ``num_blocks``
-    (one count per layer group): each layer's ``spec.cache_shape`` times the element size."""
+    (one count per layer group): each layer's ``spec.cache_shape`` times the element size.
+    With prefix caching a sliding-window group has one more page, the null page that stands
+    for blocks dropped out of the window (kvcache/manager.py)."""
     total = Fraction(0)
     for (spec, layers), n in zip(group_layers(kv_specs(config, bits)), num_blocks, strict=True):
+        n += prefix_caching and isinstance(spec, SlidingWindow)
         total += math.prod(spec.cache_shape(n, block_size)) * spec.dtype_bytes * len(layers)
     return exact(total)
 
