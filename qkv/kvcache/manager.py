@@ -123,7 +123,8 @@ class KVCacheManager:
         return n * bs
 
     def cache_blocks(self, request) -> None:
-        """Key the request's full, computed blocks so that later requests can reuse them."""
+        """After a step: key the request's new full, computed blocks so that later requests can
+        reuse them; window groups then release the blocks no later query of it can see."""
         if not self.enable_prefix_caching:
             return
         seq = self._seqs[request.request_id]
