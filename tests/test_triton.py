@@ -224,31 +224,48 @@ def test_one_launch_sampler():
 
 
 # ------------------------------------------------------------------------------- end to end (GPU)
-@gpu
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_engine_triton_and_graphs_match_reference(tiny_model, family):
-    """Greedy tokens of a tiny model: reference backend (eager) == Triton eager == Triton + CUDA graphs."""
+VARIANTS = {"reference": dict(attention_backend="reference", enforce_eager=True),
+            "triton-eager": dict(attention_backend="triton", enforce_eager=True),
+            "triton-graphs": dict(attention_backend="triton", enforce_eager=False)}
+
+
+def greedy_by_variant(path: str, prompts: list[list[int]], max_tokens: int, variants=VARIANTS,
+                      one_by_one: bool = False, **engine_kw) -> dict:
+    """For each engine variant: (greedy tokens, prompt tokens served from the cache) per prompt.
+    ``one_by_one`` runs the prompts in turn, so later ones can hit earlier ones' prefixes."""
     from qkv.attention import backend
     from qkv.engine.engine import LLMEngine
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
 
-    path, _ = tiny_model(family)
     loaded = load(path)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    results = {}
+    try:
+        for name, kw in variants.items():
+            eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda",
+                            **{**engine_kw, **kw})
+            reqs = []
+            for p in prompts:
+                reqs += eng.add_request(p, params)
+                while one_by_one and eng.has_unfinished():
+                    eng.step()
+            while eng.has_unfinished():
+                eng.step()
+            results[name] = [(r.output_token_ids, r.num_cached_tokens) for r in reqs]
+    finally:
+        backend.set_backend("reference")
+    return results
+
+
+@gpu
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_engine_triton_and_graphs_match_reference(tiny_model, family):
+    """Greedy tokens of a tiny model: reference backend (eager) == Triton eager == Triton + CUDA graphs."""
+    path, _ = tiny_model(family)
     prompts = [[int(t) for t in torch.randint(2, 250, (n,))] for n in (5, 23, 40, 7, 64)]
     prompts.append(prompts[1][:20] + [9, 9])  # shares a cached prefix with prompt 1
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    results = {}
-    for name, kw in {"reference": dict(attention_backend="reference", enforce_eager=True),
-                     "triton-eager": dict(attention_backend="triton", enforce_eager=True),
-                     "triton-graphs": dict(attention_backend="triton", enforce_eager=False)}.items():
-        eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda", block_size=16,
-                        num_kv_blocks=64, max_num_seqs=8, **kw)
-        reqs = [eng.add_request(p, params)[0] for p in prompts]
-        while eng.has_unfinished():
-            eng.step()
-        results[name] = [r.output_token_ids for r in reqs]
-    backend.set_backend("reference")
+    results = greedy_by_variant(path, prompts, 24, block_size=16, num_kv_blocks=64, max_num_seqs=8)
     assert results["triton-eager"] == results["reference"]
     assert results["triton-graphs"] == results["reference"]
 
@@ -259,26 +276,12 @@ def test_engine_mla_triton_decode_matches_reference(tmp_path):
     gives the reference backend's greedy tokens."""
     from test_mla import tiny_deepseek
 
-    from qkv.attention import backend
-    from qkv.engine.engine import LLMEngine
-    from qkv.engine.request import SamplingParams
-    from qkv.loading import load
-
     path, _ = tiny_deepseek(tmp_path, "v2", kv_lora_rank=32, qk_rope_head_dim=16, q_lora_rank=None,
                              first_k_dense_replace=2)
-    loaded = load(path)
     prompts = [[int(t) for t in torch.randint(2, 250, (n,))] for n in (5, 23, 40)]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
-    results = {}
-    for name in ("reference", "triton"):
-        eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda", block_size=16,
-                        num_kv_blocks=64, max_num_seqs=4, attention_backend=name, enforce_eager=True)
-        reqs = [eng.add_request(p, params)[0] for p in prompts]
-        while eng.has_unfinished():
-            eng.step()
-        results[name] = [r.output_token_ids for r in reqs]
-    backend.set_backend("reference")
-    assert results["triton"] == results["reference"]
+    variants = {k: VARIANTS[k] for k in ("reference", "triton-eager")}  # DeepSeek runs eagerly
+    results = greedy_by_variant(path, prompts, 16, variants, block_size=16, num_kv_blocks=64, max_num_seqs=4)
+    assert results["triton-eager"] == results["reference"]
 
 
 @gpu
@@ -288,30 +291,11 @@ def test_engine_hybrid_window_triton_matches_reference(tmp_path, caching):
     shared prefixes served from the cache; Triton eager and graphs give the reference's tokens."""
     from test_gemma3 import tiny_gemma3
 
-    from qkv.attention import backend
-    from qkv.engine.engine import LLMEngine
-    from qkv.engine.request import SamplingParams
-    from qkv.loading import load
-
     path, _ = tiny_gemma3(tmp_path, seed=3)
-    loaded = load(path)
     shared = [int(t) for t in torch.randint(2, 250, (40,))]
     prompts = [shared + [int(t) for t in torch.randint(2, 250, (n,))] for n in (3, 9, 17)]
-    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    results = {}
-    for name, kw in {"reference": dict(attention_backend="reference", enforce_eager=True),
-                     "triton-eager": dict(attention_backend="triton", enforce_eager=True),
-                     "triton-graphs": dict(attention_backend="triton", enforce_eager=False)}.items():
-        eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda", block_size=4,
-                        num_kv_blocks=256, max_num_seqs=8, enable_prefix_caching=caching, **kw)
-        outs = []
-        for p in prompts:  # one after another: later prompts hit the shared prefix when caching
-            (req,) = eng.add_request(p, params)
-            while eng.has_unfinished():
-                eng.step()
-            outs.append((req.output_token_ids, req.num_cached_tokens))
-        results[name] = outs
-    backend.set_backend("reference")
+    results = greedy_by_variant(path, prompts, 20, one_by_one=True, block_size=4, num_kv_blocks=256,
+                                max_num_seqs=8, enable_prefix_caching=caching)
     assert results["triton-eager"] == results["reference"]
     assert results["triton-graphs"] == results["reference"]
     assert (results["reference"][2][1] > 0) == caching
