@@ -23,7 +23,6 @@ class AttentionBatch:
     block_tables: list[torch.Tensor]  # per layer group: [B, max_blocks] int64
     slot_mappings: list[torch.Tensor]  # per layer group: [T] int64, -1 = do not write
     ring_blocks: list[int | None]  # per layer group: ring length in blocks, None = full
-    all_logits: bool = False  # compute logits for every token (llm.logits, perplexity)
     logits_indices: torch.Tensor | None = None  # rows whose logits are sampled
     # Per-step values a backend derives once and every layer reuses (gather indices, masks).
     scratch: dict = field(default_factory=dict)

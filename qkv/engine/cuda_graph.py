@@ -84,7 +84,7 @@ class DecodeGraphs:
         """Capture every batch size (largest first, so the smaller ones reuse its pool).
         Returns the seconds it took."""
         t0 = time.perf_counter()
-        for rope in self.runner.model.rotary_embeddings():
+        for rope in self.runner.ropes:
             rope.ensure(self.max_model_len)
         for n in reversed(self.sizes):
             for s in self.slot_mappings:

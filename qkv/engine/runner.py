@@ -27,6 +27,7 @@ class ModelRunner:
                 self.kv_caches[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
+        self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost
         self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
 
     @property
@@ -42,7 +43,7 @@ class ModelRunner:
                 else:
                     cache[dst] = cache[src]
 
-    def prepare(self, sched: ScheduledBatch, all_logits: bool = False):
+    def prepare(self, sched: ScheduledBatch):
         bs = self.block_size
         ids, pos, qsl = [], [], [0]
         computed, qlens = [], []
@@ -87,7 +88,6 @@ class ModelRunner:
             block_tables=block_tables,
             slot_mappings=[tensor(s) for s in slots],
             ring_blocks=list(self.kv.ring),
-            all_logits=all_logits,
             logits_indices=tensor(logits_rows),
         )
         return tensor(ids), tensor(pos), batch
@@ -99,8 +99,8 @@ class ModelRunner:
         self._copy_blocks(sched.copies)
         if self.graphs is not None and not all_logits and self.graphs.can_run(sched):
             return self.graphs.run(sched)
-        input_ids, positions, batch = self.prepare(sched, all_logits)
-        for rope in self.model.rotary_embeddings():
+        input_ids, positions, batch = self.prepare(sched)
+        for rope in self.ropes:
             rope.ensure(batch.max_seq_len)
         hidden = self.model(input_ids, positions, batch)
         if not all_logits:
