@@ -217,10 +217,8 @@ class LLMEngine:
         """Float32 logits [len, vocab] of every position, computed through the paged cache in
         chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps."""
         req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt="score")
-        prefix = self.kv.enable_prefix_caching
-        self.kv.enable_prefix_caching = False  # every position's logits are wanted
         try:
-            self.kv.match_prefix(req)  # opens empty block tables
+            self.kv.match_prefix(req, lookup=False)  # every position's logits are wanted
             chunks = []
             while req.num_computed_tokens < len(token_ids):
                 n = min(self.scheduler.max_num_batched_tokens, len(token_ids) - req.num_computed_tokens)
@@ -229,10 +227,10 @@ class LLMEngine:
                     raise RuntimeError(f"{len(token_ids)} tokens do not fit in the free KV blocks")
                 chunks.append(self.runner.execute(ScheduledBatch([req], [n], copies), all_logits=True))
                 req.num_computed_tokens += n
+                self.kv.cache_blocks(req)  # a window group lets go of what left the window
             return torch.cat(chunks)
         finally:
             self.kv.free(req)
-            self.kv.enable_prefix_caching = prefix
 
     # ---------------------------------------------------------------- stats
     def stats(self) -> dict:

@@ -88,14 +88,14 @@ class KVCacheManager:
         return table[idx] * self.block_size + pos % self.block_size
 
     # ---------------------------------------------------------------- prefix
-    def match_prefix(self, request) -> int:
+    def match_prefix(self, request, lookup: bool = True) -> int:
         """Open the request's tables with the longest cached prefix of its tokens; return
         the number of tokens served. Never the whole prompt: the last prompt token is always
-        computed so that there are logits to sample from."""
+        computed so that there are logits to sample from. ``lookup=False`` opens empty tables."""
         assert request.request_id not in self._seqs, f"{request.request_id} already has blocks"
         seq = _Seq(tables=[[] for _ in self.groups], dropped=[0] * len(self.groups))
         self._seqs[request.request_id] = seq
-        if not self.enable_prefix_caching:
+        if not (self.enable_prefix_caching and lookup):
             return 0
         tokens, bs = request.all_token_ids, self.block_size
         full = [g for g, w in enumerate(self.window) if w is None]
