@@ -24,13 +24,25 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype) -> torch.dtype:
+# KV cache storage may also be fp8 (e4m3): half the bytes of bf16, so twice the tokens.
+KV_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+             "float8_e4m3fn": torch.float8_e4m3fn}
+
+
+def resolve_dtype(dtype, table: dict = DTYPES) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
-        return dtype
+        if dtype in table.values():
+            return dtype
+        raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(table)})")
     try:
-        return DTYPES[str(dtype)]
+        return table[str(dtype)]
     except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(DTYPES)})") from None
+        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(table)})") from None
+
+
+def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype: ``None``/"auto" is the model's."""
+    return dtype if kv_dtype in (None, "auto") else resolve_dtype(kv_dtype, KV_DTYPES)
 
 
 def plan_num_blocks(specs, block_size: int, max_num_seqs: int, budget_bytes: int | None = None,
@@ -67,7 +79,7 @@ class LLMEngine:
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
-        kv_dtype = resolve_dtype(kv_dtype) if kv_dtype is not None else self.dtype
+        self.kv_dtype = kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
         specs = layer_specs(config, torch.finfo(kv_dtype).bits // 8)
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
