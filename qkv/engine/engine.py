@@ -194,7 +194,9 @@ class LLMEngine:
         return outputs
 
     def _append(self, req: Request, tok: int, now: float) -> RequestOutput:
-        req.all_token_ids.append(tok)
+        tokens = req.all_token_ids
+        tokens.append(tok)
+        num_tokens = len(tokens)
         self.num_generated_tokens += 1
         if req.first_token_time is None:
             req.first_token_time = now
@@ -215,12 +217,12 @@ class LLMEngine:
                         req.text = req.text[:cut]
                         reason = "stop"
                         break
-        if reason is None and (req.num_output_tokens >= p.max_tokens or req.num_tokens >= self.max_model_len):
+        if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
             self.scheduler.finish(req, reason)
             self._forget(req)
-        return RequestOutput(req.request_id, req.all_token_ids, req.num_prompt_tokens, req.num_tokens, req.text,
+        return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, num_tokens, req.text,
                              reason, req.num_cached_tokens, req.index, delta)
 
     # ---------------------------------------------------------------- scoring

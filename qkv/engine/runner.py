@@ -7,6 +7,7 @@ asked for, runs the model and returns float32 logits for the rows that are sampl
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from qkv.attention.batch import AttentionBatch
@@ -51,6 +52,7 @@ class ModelRunner:
         groups = range(len(self.kv.groups))
         slots = [[] for _ in groups]
         tables = [[] for _ in groups]
+        rings, total = self.kv.ring, 0
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start = req.num_computed_tokens
             end = start + n
@@ -58,26 +60,32 @@ class ModelRunner:
             pos += range(start, end)
             computed.append(start)
             qlens.append(n)
-            qsl.append(qsl[-1] + n)
+            total += n
+            qsl.append(total)
             if end == req.num_tokens:
-                logits_rows.append(qsl[-1] - 1)
-            req_tables = self.kv.block_tables(req.request_id)
-            for g in groups:
-                table = req_tables[g]
+                logits_rows.append(total - 1)
+            for g, table in enumerate(self.kv.block_tables(req.request_id)):
                 tables[g].append(table)
-                ring = self.kv.ring[g]
-                # In a ring, a token whose slot a later token of this chunk reuses is never stored.
-                first_kept = end - ring * bs if ring is not None else 0
-                slots[g] += [self.kv.slot(g, table, p) if p >= first_kept else -1 for p in range(start, end)]
+                ring = rings[g]
+                if ring is None:  # KVCacheManager.slot, inlined: this loop runs per token
+                    slots[g] += [table[p // bs] * bs + p % bs for p in range(start, end)]
+                else:
+                    # In a ring, a token whose slot a later token of this chunk reuses is never stored.
+                    first_kept = end - ring * bs
+                    slots[g] += [self.kv.slot(g, table, p) if p >= first_kept else -1 for p in range(start, end)]
         dev = self.device
 
+        # Through numpy: torch.tensor on a Python list costs ~5x more per element.
         def tensor(x):
-            return torch.tensor(x, dtype=torch.int64).to(dev, non_blocking=True)
+            return torch.from_numpy(np.array(x, dtype=np.int64)).to(dev, non_blocking=True)
 
         block_tables = []
         for g in groups:
-            width = max(1, max(len(t) for t in tables[g]))
-            block_tables.append(tensor([t + [0] * (width - len(t)) for t in tables[g]]))
+            rows = tables[g]
+            padded = np.zeros((len(rows), max(1, max(map(len, rows)))), dtype=np.int64)
+            for i, t in enumerate(rows):
+                padded[i, :len(t)] = t
+            block_tables.append(torch.from_numpy(padded).to(dev, non_blocking=True))
         batch = AttentionBatch(
             query_start_loc=tensor(qsl),
             num_computed=tensor(computed),

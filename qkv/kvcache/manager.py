@@ -41,6 +41,7 @@ class _Seq:
     tables: list[list[int]]  # one block table per group
     keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks hashed so far
     dropped: list[int] = field(default_factory=list)  # per group: table entries before this are null
+    blocks_seen: int = -1  # cdiv(num_computed_tokens, block_size) at the last cache_blocks
 
 
 def group_layers(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
@@ -129,6 +130,12 @@ class KVCacheManager:
             return
         seq = self._seqs[request.request_id]
         tokens, bs = request.all_token_ids, self.block_size
+        # Nothing filled since the last call and no window group can have lost a block: a
+        # decode step is here bs - 1 times out of bs.
+        blocks = -(-request.num_computed_tokens // bs)
+        if blocks == seq.blocks_seen and request.num_computed_tokens // bs == len(seq.keys):
+            return
+        seq.blocks_seen = blocks
         for i in range(len(seq.keys), request.num_computed_tokens // bs):
             key = block_key(seq.keys[-1] if seq.keys else None, tokens[i * bs:(i + 1) * bs], request.cache_salt)
             for g, group in enumerate(self.groups):
@@ -157,6 +164,8 @@ class KVCacheManager:
         start = request.num_computed_tokens
         end = start + num_new_tokens
         bs = self.block_size
+        if num_new_tokens > 0 and start // bs == (end - 1) // bs and self._covered_and_private(seq, start // bs):
+            return []  # most decode steps: nothing to grow, nothing to copy
         plan = []
         for g, group in enumerate(self.groups):
             table = seq.tables[g]
@@ -181,6 +190,20 @@ class KVCacheManager:
                 pool.release([table[i]])
                 table[i] = new
         return copies
+
+    def _covered_and_private(self, seq: _Seq, block: int) -> bool:
+        """Whether every group's table already holds logical block ``block`` (the only one a
+        step writing inside it touches) as a real block that no one else references. Then
+        ``allocate``'s general path would grow nothing (the table reaches past ``block``) and
+        copy nothing (the block is private), so it may return [] without planning."""
+        for g, table in enumerate(seq.tables):
+            i = block if self.ring[g] is None else block % self.ring[g]
+            if i >= len(table):
+                return False
+            b = table[i]
+            if b == self.null[g] or self.groups[g].pool.ref_count[b] != 1:
+                return False
+        return True
 
     def free(self, request) -> None:
         """Give back every reference the request holds. Tail blocks are released first so
