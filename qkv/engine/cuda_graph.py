@@ -41,17 +41,20 @@ class DecodeGraphs:
         self.block_size = kv.block_size
         self.max_blocks = [r if r is not None else -(-max_model_len // kv.block_size) for r in kv.ring]
         # Every per-step input lives in one flat device buffer, filled from one pinned host
-        # buffer of the same layout by a single copy: [ids | positions | slots per group |
-        # block tables per group]. Positions double as num_computed (a decode token's position
-        # is the number of tokens cached before it).
+        # buffer of the same layout by a single copy: [ids | positions | gather rows | from
+        # previous step | slots per group | block tables per group]. Positions double as
+        # num_computed (a decode token's position is the number of tokens cached before it).
+        # Async scheduling: a row whose "from previous step" flag is 1 takes its input id from
+        # row "gather rows" of the previous step's sampled tokens, on the device.
         G = len(self.max_blocks)
-        size = 2 * N + G * N + sum(N * w for w in self.max_blocks)
+        size = 4 * N + G * N + sum(N * w for w in self.max_blocks)
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
         self.buf = torch.zeros(size, dtype=torch.int64, device=dev)
         self.input_ids, self.positions = self.buf[:N], self.buf[N:2 * N]
         self.num_computed = self.positions
-        self.slot_mappings = [self.buf[(2 + g) * N:(3 + g) * N] for g in range(G)]
-        self.block_tables, self._host_tables, off = [], [], (2 + G) * N
+        self.gather_rows, self.from_prev = self.buf[2 * N:3 * N], self.buf[3 * N:4 * N]
+        self.slot_mappings = [self.buf[(4 + g) * N:(5 + g) * N] for g in range(G)]
+        self.block_tables, self._host_tables, off = [], [], (4 + G) * N
         for w in self.max_blocks:
             self.block_tables.append(self.buf[off:off + N * w].view(N, w))
             self._host_tables.append(self.host[off:off + N * w].view(N, w).numpy())
@@ -109,26 +112,33 @@ class DecodeGraphs:
         return (bool(self.graphs) and len(sched.requests) <= self.sizes[-1]
                 and all(n == 1 for n in sched.num_new_tokens))
 
-    def run(self, sched) -> torch.Tensor:
+    def run(self, sched, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Fill the static inputs from a pure decode step, replay, return logits [n, vocab]
-        (a view of the graph's output buffer, valid until the next replay)."""
+        (a view of the graph's output buffer, valid until the next replay). A request with a
+        pending token (async scheduling) feeds ``prev_tokens[req.pending_row]``."""
         n = len(sched.requests)
         size = next(s for s in self.sizes if s >= n)
         kv = self.runner.kv
         N, h = self.sizes[-1], self._host
         G = len(self.max_blocks)
         self._copied.synchronize()  # the last step's copy has read the pinned buffer
-        h[:2 * N + G * N] = 0
-        h[2 * N:(2 + G) * N] = -1  # padding rows write nothing
+        h[:(4 + G) * N] = 0
+        h[4 * N:(4 + G) * N] = -1  # padding rows write nothing
         rows = self._rows
+        gather = False
         for i, req in enumerate(sched.requests):
             p = req.num_computed_tokens
-            h[i] = req.all_token_ids[p]
+            if req.pending_row is None:
+                h[i] = req.all_token_ids[p]
+            else:  # the host does not know this token yet: it is gathered on the device below
+                h[2 * N + i] = req.pending_row
+                h[3 * N + i] = 1
+                gather = True
             h[N + i] = p
             req_tables = kv.block_tables(req.request_id)
             for g in range(G):
                 t = req_tables[g]
-                h[(2 + g) * N + i] = kv.slot(g, t, p)
+                h[(4 + g) * N + i] = kv.slot(g, t, p)
                 # Refresh a row only when its table may have changed since it was staged: another
                 # table object (another request, or re-admitted after preemption), another length
                 # (grown), or another last block (copy-on-write only ever replaces the blocks
@@ -141,8 +151,11 @@ class DecodeGraphs:
                     self._host_tables[g][i, :len(t)] = t
                 rows[g][i] = key
         # One group: copy only the table rows in use (the rest of the buffer holds nothing new).
-        end = (3 * N + size * self.max_blocks[0]) if G == 1 else self.buf.numel()
+        end = (5 * N + size * self.max_blocks[0]) if G == 1 else self.buf.numel()
         self.buf[:end].copy_(self.host[:end], non_blocking=True)
         self._copied.record()
+        if gather:  # outside the graph, in stream order after the copy and the previous sampling
+            ids = self.input_ids[:n]
+            ids.copy_(torch.where(self.from_prev[:n] == 1, prev_tokens[self.gather_rows[:n]], ids))
         self.graphs[size].replay()
         return self.logits[size][:n]

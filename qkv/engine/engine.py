@@ -13,6 +13,7 @@ import torch
 
 from qkv.config import ModelConfig
 from qkv.engine import sampler
+from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Request, RequestOutput, SamplingParams
 from qkv.engine.runner import ModelRunner
 from qkv.engine.scheduler import ScheduledBatch, Scheduler
@@ -70,12 +71,16 @@ class LLMEngine:
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
-                 gpu_memory_utilization: float = 0.9, quantization: str | None = None):
+                 gpu_memory_utilization: float = 0.9, quantization: str | None = None,
+                 async_scheduling: bool | None = None):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
         unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
         takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs.
-        ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py)."""
+        ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py).
+        ``async_scheduling``: launch each step before reading the previous step's tokens on the
+        host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
+        decode steps replay CUDA graphs (there the host would otherwise idle the GPU)."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -120,6 +125,10 @@ class LLMEngine:
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
+        if async_scheduling is None:
+            async_scheduling = self.runner.graphs is not None
+        self.async_scheduling = bool(async_scheduling)
+        self._pending = PendingTokens(self.device)  # sampled, not yet read on the host
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}
         self.num_generated_tokens = 0
@@ -164,34 +173,57 @@ class LLMEngine:
         self._detok.pop(req.request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Whether ``step`` has more to do or report (a step in flight counts)."""
+        return self.scheduler.has_unfinished() or bool(self._pending)
 
     # ---------------------------------------------------------------- the step
     def step(self) -> list[RequestOutput]:
+        """Run one forward pass; return an output for every request that got a token (or
+        finished) since the last call. With async scheduling those are the tokens of the
+        step launched by the previous call: this call launches its own step before reading
+        them, so the host's work overlaps the device's. The order of tokens is the same."""
         sched = self.scheduler.schedule()
-        if not sched:
-            return []
-        logits = self.runner.execute(sched)
+        logits = rows = None
+        if sched:
+            rows = self._logits_rows(sched)  # decided now: a request may finish before update
+            logits = self.runner.execute(sched, prev_tokens=self._pending.tokens)
+        outputs = self._read_tokens() if self.async_scheduling else []
+        if logits is not None:
+            self._sample(sched, logits, rows)
+        if not self.async_scheduling:
+            outputs = self._read_tokens()
+        return outputs
+
+    @staticmethod
+    def _logits_rows(sched: ScheduledBatch) -> dict[int, int]:
+        """id(request) -> its row in the step's logits: the runner gives one row, in batch
+        order, to each request whose last token is fed this step."""
+        due = (r for r, n in zip(sched.requests, sched.num_new_tokens) if r.num_computed_tokens + n == r.num_tokens)
+        return {id(r): i for i, r in enumerate(due)}
+
+    def _sample(self, sched: ScheduledBatch, logits: torch.Tensor, rows: dict[int, int]) -> None:
+        """Advance the scheduled requests and launch sampling for those whose token is due;
+        the tokens are held in ``self._pending`` until ``_read_tokens``."""
         due = self.scheduler.update(sched)
-        rows = list(range(len(due)))
+        picks = [rows[id(r)] for r in due]
         for i, req in enumerate(list(due)):  # siblings sample from their parent's prompt logits
             for child in req.forks:
                 if child.finished:  # aborted on its own before its prompt was computed
                     continue
                 self.scheduler.fork(req, child)
                 due.append(child)
-                rows.append(i)
+                picks.append(picks[i])
             req.forks = []
         if not due:
-            return []
-        if rows != list(range(len(rows))):
-            logits = logits[torch.tensor(rows, device=logits.device)]
-        tokens = sampler.sample(logits, due).tolist()
-        outputs = []
+            return
+        if picks != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(picks, device=logits.device)]
+        self._pending.push(sampler.sample(logits, due), due)
+
+    def _read_tokens(self) -> list[RequestOutput]:
+        """Read the pending tokens on the host and append them (stop checks, finishing)."""
         now = time.monotonic()
-        for req, tok in zip(due, tokens):
-            outputs.append(self._append(req, tok, now))
-        return outputs
+        return [self._append(req, tok, now) for req, tok in self._pending.pop() if not req.finished]
 
     def _append(self, req: Request, tok: int, now: float) -> RequestOutput:
         tokens = req.all_token_ids

@@ -21,7 +21,7 @@ class LLM:
                  threads: int | None = None, **engine_kwargs):
         """``model``: a named default, a ``.gguf`` file or an HF directory. ``engine_kwargs``:
         block_size, num_kv_blocks, kv_cache_memory, max_num_batched_tokens, max_num_seqs,
-        enable_prefix_caching, max_model_len, kv_dtype."""
+        enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs)."""
         if threads:
             torch.set_num_threads(threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

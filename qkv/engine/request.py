@@ -114,6 +114,10 @@ class Request:
         # share its blocks (KVCacheManager.fork) and sample from the same logits row.
         self.forks: list[Request] = []
         self.num_preemptions = 0
+        # Async scheduling: this request's next token was sampled by the step in flight and is
+        # row ``pending_row`` of its device tensor (engine/pending.py). ``num_tokens`` counts it,
+        # ``all_token_ids`` will hold it once the host has read it.
+        self.pending_row: int | None = None
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -125,10 +129,12 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.all_token_ids)
+        """Tokens of the sequence, a pending one (sampled, not yet read on the host) included."""
+        return len(self.all_token_ids) + (self.pending_row is not None)
 
     @property
     def num_output_tokens(self) -> int:
+        """Output tokens known on the host (a pending one excluded)."""
         return len(self.all_token_ids) - self.num_prompt_tokens
 
     @property

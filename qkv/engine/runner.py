@@ -44,8 +44,12 @@ class ModelRunner:
                 else:
                     cache[dst] = cache[src]
 
-    def prepare(self, sched: ScheduledBatch):
+    def prepare(self, sched: ScheduledBatch, prev_tokens: torch.Tensor | None = None):
+        """Pack ``sched`` into (input ids, positions, AttentionBatch) on the device. A request's
+        pending token (async scheduling, ``Request.pending_row``) is always the last token it
+        feeds: its id is gathered from ``prev_tokens`` on the device, never read on the host."""
         bs = self.block_size
+        gather_at, gather_rows = [], []
         ids, pos, qsl = [], [], [0]
         computed, qlens = [], []
         logits_rows = []
@@ -57,6 +61,10 @@ class ModelRunner:
             start = req.num_computed_tokens
             end = start + n
             ids += req.all_token_ids[start:end]
+            if req.pending_row is not None:
+                ids.append(0)  # placeholder, replaced on the device below
+                gather_at.append(total + n - 1)
+                gather_rows.append(req.pending_row)
             pos += range(start, end)
             computed.append(start)
             qlens.append(n)
@@ -98,16 +106,22 @@ class ModelRunner:
             ring_blocks=list(self.kv.ring),
             logits_indices=tensor(logits_rows),
         )
-        return tensor(ids), tensor(pos), batch
+        input_ids = tensor(ids)
+        if gather_at:
+            input_ids[tensor(gather_at)] = prev_tokens[tensor(gather_rows)]
+        return input_ids, tensor(pos), batch
 
     @torch.inference_mode()
-    def execute(self, sched: ScheduledBatch, all_logits: bool = False) -> torch.Tensor:
+    def execute(self, sched: ScheduledBatch, all_logits: bool = False,
+                prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run one step. Returns logits [rows, vocab]: every token's with ``all_logits``,
-        else one row per request whose last known token was computed this step."""
+        else one row per request whose last token (a pending one included) was computed this
+        step. ``prev_tokens``: the in-flight step's sampled tokens, which pending input ids
+        index (PendingTokens.tokens); only launched here, so the host never waits for them."""
         self._copy_blocks(sched.copies)
         if self.graphs is not None and not all_logits and self.graphs.can_run(sched):
-            return self.graphs.run(sched)
-        input_ids, positions, batch = self.prepare(sched)
+            return self.graphs.run(sched, prev_tokens)
+        input_ids, positions, batch = self.prepare(sched, prev_tokens)
         for rope in self.ropes:
             rope.ensure(batch.max_seq_len)
         hidden = self.model(input_ids, positions, batch)

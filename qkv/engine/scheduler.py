@@ -7,6 +7,9 @@ long prompt is split across steps (chunked prefill). Waiting requests are then a
 arrival order (FCFS) while budget, ``max_num_seqs`` and blocks last; admission first looks
 up the prefix cache, so the cached part of a prompt costs no budget.
 
+With async scheduling (engine/pending.py) a running request may carry a token sampled by the
+step in flight; ``Request.num_tokens`` counts it, so that request is planned as decoding it.
+
 When the pool runs dry, the most recently admitted running request is preempted: its
 blocks are freed (full ones stay in the prefix cache) and it goes back to the front of the
 queue to be recomputed later. Its sampled tokens are kept, so its output does not change.
@@ -95,6 +98,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.pending_row is not None and req.num_tokens >= min(req.max_total_tokens, self.max_model_len):
+                # Async scheduling: the token in flight ends this request by length when it is
+                # read; computing past it would be waste, or past the model's context.
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             copies = self.kv.allocate(req, n)
             while copies is None:
@@ -150,9 +158,13 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch) -> list[Request]:
         """Advance each scheduled request past its computed tokens, key its new full blocks,
-        and return those whose next token is due (their logits rows are sampled)."""
+        and return those whose next token is due (their logits rows are sampled). Requests
+        that finished since the batch was scheduled (async scheduling: their last token was
+        read after this batch was launched; or aborted) are skipped: their blocks are gone."""
         due = []
         for req, n in zip(batch.requests, batch.num_new_tokens):
+            if req.finished:
+                continue
             req.num_computed_tokens += n
             self.kv.cache_blocks(req)
             if req.num_computed_tokens == req.num_tokens:
