@@ -22,6 +22,7 @@ import torch
 
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.reference import step_indices
+from qkv.kvcache.kv_quant import to_cache
 
 
 def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
@@ -34,12 +35,12 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     """
     R, P = c_kv.shape[1], k_pe.shape[1]
     flat = kv_cache.view(-1, R + P)
-    new = torch.cat([c_kv, k_pe], dim=-1).to(flat.dtype)
+    new = to_cache(torch.cat([c_kv, k_pe], dim=-1), flat.dtype)
     ix = step_indices(batch, group)
     from_cache, from_step, q_rows, q_valid = ix.from_cache, ix.from_step, ix.q_rows, ix.q_valid
     pick_new, mask = ix.is_new[:, :, None], ix.mask[:, None]
     # Cached latents come from the pages, this step's from ``new``: no copy of the whole cache.
-    entries = torch.where(pick_new, new[from_step], flat[from_cache]).float()  # [B, L, R + P]
+    entries = torch.where(pick_new, new[from_step].float(), flat[from_cache].float())  # [B, L, R + P]
     lat, rope_k = entries[..., :R], entries[..., R:]
     qn, qp = q_nope[q_rows].float(), q_pe[q_rows].float()  # [B, Q, H, *]
 

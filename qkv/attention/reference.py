@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from qkv.attention.batch import AttentionBatch
+from qkv.kvcache.kv_quant import as_stored, to_cache
 
 
 def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = None,
@@ -67,6 +68,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q [T, H, D], k/v [T, KVH, D] -> out [T, H, Dv]. Writes k/v into ``kv_cache`` pages."""
     T, H, D = q.shape
     kvh = k.shape[1]
+    # Attention sees this step's K/V as the cache will hold them (fp8 rounding included), so
+    # a key gives the same scores whether it was computed in this step or read from a page.
+    k, v = as_stored(k, kv_cache.dtype), as_stored(v, kv_cache.dtype)
     k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
@@ -75,8 +79,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     ring = batch.ring_blocks[group] is not None
     if ring:  # read before writing: this step may reuse slots its own first queries still read
         pick_new = ix.is_new[:, :, None, None]
-        keys = torch.where(pick_new, k[ix.from_step], k_flat[ix.from_cache])  # [B, L, KVH, D]
-        values = torch.where(pick_new, v[ix.from_step], v_flat[ix.from_cache])
+        keys = torch.where(pick_new, k[ix.from_step], k_flat[ix.from_cache].to(k.dtype))  # [B, L, KVH, D]
+        values = torch.where(pick_new, v[ix.from_step], v_flat[ix.from_cache].to(v.dtype))
     else:  # every position has its own slot: store this step's K/V, then read all keys from pages
         write_kv(kv_cache, k, v, batch.slot_mappings[group], all_slots=True)
         keys, values = k_flat[ix.from_pages], v_flat[ix.from_pages]
@@ -138,5 +142,5 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
         keep = slot_mapping >= 0
         if not bool(keep.all()):
             k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    kv_cache[0].view(-1, kvh, k.shape[2])[slot_mapping] = k.to(kv_cache.dtype)
-    kv_cache[1].view(-1, kvh, v.shape[2])[slot_mapping] = v.to(kv_cache.dtype)
+    kv_cache[0].view(-1, kvh, k.shape[2])[slot_mapping] = to_cache(k, kv_cache.dtype)
+    kv_cache[1].view(-1, kvh, v.shape[2])[slot_mapping] = to_cache(v, kv_cache.dtype)

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.kvcache.kv_quant import compute_dtype
+
 LOG2E = 1.4426950408889634
 
 
@@ -70,9 +72,10 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
         off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
         kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k).to(q.dtype))
+        # (an fp8 cache is widened to the query's dtype here: half the bytes, same dot)
+        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+        s = tl.dot(q, tl.trans(k))
         if HAS_SOFTCAP:
             s = s * sm_scale
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
@@ -199,8 +202,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kc, vc = kv_cache[0], kv_cache[1]
-    if q.dtype != kc.dtype:
-        q = q.to(kc.dtype)
+    q = q.to(compute_dtype(q.dtype, kc.dtype))
     cnt = split_counters(B * kvh, q.device)
     _decode_kernel[(B, kvh, S)](
         q, kc, vc, block_table, num_computed, query_start_loc, acc, ml, cnt, out,

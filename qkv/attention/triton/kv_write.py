@@ -11,9 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.kvcache.kv_quant import FP8_MAX, is_fp8
+
 
 @triton.jit
-def _kv_write_kernel(K, V, KC, VC, SLOT, stride_kt, stride_vt, stride_cs, W: tl.constexpr, W_PAD: tl.constexpr):
+def _kv_write_kernel(K, V, KC, VC, SLOT, stride_kt, stride_vt, stride_cs, W: tl.constexpr, W_PAD: tl.constexpr,
+                     FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(SLOT + t)
     if slot >= 0:
@@ -21,6 +24,9 @@ def _kv_write_kernel(K, V, KC, VC, SLOT, stride_kt, stride_vt, stride_cs, W: tl.
         mask = offs < W
         k = tl.load(K + t * stride_kt + offs, mask=mask)
         v = tl.load(V + t * stride_vt + offs, mask=mask)
+        if FP8_MAX > 0:  # saturate, as kv_quant.to_cache does: out-of-range must not become NaN
+            k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)
+            v = tl.minimum(tl.maximum(v.to(tl.float32), -FP8_MAX), FP8_MAX)
         tl.store(KC + slot * stride_cs + offs, k.to(KC.dtype.element_ty), mask=mask)
         tl.store(VC + slot * stride_cs + offs, v.to(VC.dtype.element_ty), mask=mask)
 
@@ -34,4 +40,5 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(2) == 1 and v.stride(1) == v.shape[2]
     kc, vc = kv_cache[0], kv_cache[1]
     _kv_write_kernel[(T,)](k, v, kc, vc, slot_mapping, k.stride(0), v.stride(0), kc.stride(1),
-                           W=W, W_PAD=triton.next_power_of_2(W), num_warps=4)
+                           W=W, W_PAD=triton.next_power_of_2(W), FP8_MAX=FP8_MAX if is_fp8(kc.dtype) else 0.0,
+                           num_warps=4)

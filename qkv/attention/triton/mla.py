@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _combine_kernel
+from qkv.kvcache.kv_quant import compute_dtype, to_cache
 
 
 @triton.jit
@@ -44,8 +45,8 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML,
         nmask = pos < hi
         blk = tl.load(BT + b * stride_bt + pos // BS, mask=nmask, other=0).to(tl.int64)
         off = blk * stride_cb + (pos % BS) * stride_ct
-        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0)
-        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0)
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(ql.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(ql.dtype)
         s = tl.dot(ql, tl.trans(lat)) + tl.dot(qr, tl.trans(rope))
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -75,7 +76,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     acc = torch.empty((B * H * S, R), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q_lat.device)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
-    q_lat, q_rope = q_lat.to(kv_cache.dtype), q_rope.to(kv_cache.dtype)
+    cdt = compute_dtype(q_lat.dtype, kv_cache.dtype)
+    q_lat, q_rope = q_lat.to(cdt), q_rope.to(cdt)
     _mla_decode_kernel[(B, hblocks, S)](
         q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
@@ -97,7 +99,7 @@ def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale,
 
         return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
     # Store this step's rows first: the kernel reads keys [0, num_computed] from the pages.
-    kv_cache.view(-1, R + P)[batch.slot_mappings[group]] = torch.cat([c_kv, k_pe], dim=-1).to(kv_cache.dtype)
+    kv_cache.view(-1, R + P)[batch.slot_mappings[group]] = to_cache(torch.cat([c_kv, k_pe], dim=-1), kv_cache.dtype)
     q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into the query
     o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
     return torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into the output

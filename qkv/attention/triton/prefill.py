@@ -15,11 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.kvcache.kv_quant import as_stored, compute_dtype
+
 
 @triton.jit
 def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
             HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    s = tl.dot(q, tl.trans(k).to(q.dtype))
+    k = k.to(q.dtype)  # an fp8 cache is widened to the query's dtype
+    v = v.to(q.dtype)
+    s = tl.dot(q, tl.trans(k))
     if HAS_SOFTCAP:
         s = s * sm_scale
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
@@ -123,8 +127,9 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     kc, vc = kv_cache[0], kv_cache[1]
     bs, kvh = kc.shape[1], kc.shape[2]
     out = torch.empty_like(q)
-    dt = kc.dtype
-    q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    dt = compute_dtype(q.dtype, kc.dtype)
+    # This step's keys are read from k/v, the prefix's from pages: both must be as stored.
+    q, k, v = q.to(dt), as_stored(k, kc.dtype).to(dt), as_stored(v, kc.dtype).to(dt)
     D_PAD = triton.next_power_of_2(D)
     big = D_PAD > 128 or dt == torch.float32
     BLOCK_M, BLOCK_N = (64, 32) if big else (64, 64)
