@@ -59,7 +59,7 @@ def build_on_device(config, groups: list[int], weights: dict | None, device: tor
 
 @torch.inference_mode()
 def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_seqs: int,
-                      utilization: float, device: torch.device) -> int:
+                      utilization: float, device: torch.device, kv_dtype: torch.dtype | None = None) -> int:
     """Bytes left for the KV cache: ``utilization`` of the card, minus what others hold, minus
     the peak of one forward pass over a full token budget (activations, logits)."""
     if not 0.0 < utilization <= 1.0:
@@ -67,9 +67,9 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     grouped = group_layers(specs)
     rings = [s.ring_blocks(block_size) if isinstance(s, SlidingWindow) else None for s, _ in grouped]
     layers = model.attention_layers()
+    kv_dtype = kv_dtype or next(model.parameters()).dtype
     for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
-        m.kv_cache = torch.zeros(specs[m.layer].cache_shape(1, block_size), dtype=next(model.parameters()).dtype,
-                                 device=device)
+        m.kv_cache = torch.zeros(specs[m.layer].cache_shape(1, block_size), dtype=kv_dtype, device=device)
     B = max(1, min(max_num_seqs, max_tokens))
     lens = [max_tokens // B + (i < max_tokens % B) for i in range(B)]
     qsl = [0]
