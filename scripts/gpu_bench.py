@@ -58,19 +58,21 @@ def ceilings():
     return bw, flops
 
 
-def kernels(bw):
+def kernels(bw, which=("decode", "gemv", "mla")):
     from qkv.attention.triton.decode import paged_decode
     from qkv.attention.triton.mla import mla_decode
 
     bs = 16
-    for B, ctx in ((1, 8192), (8, 8192), (32, 8192), (1, 32768), (64, 2048)):
+    cases = [(B, ctx, torch.bfloat16) for B, ctx in ((1, 8192), (8, 8192), (32, 8192), (1, 32768), (64, 2048))]
+    cases += [(B, ctx, torch.float8_e4m3fn) for B, ctx in ((1, 8192), (8, 8192), (32, 8192), (256, 1024))]
+    for B, ctx, cdt in (cases if "decode" in which else ()):
         H, KVH, D = 32, 8, 128
         nblk = B * ctx // bs
-        cache = torch.randn(2, nblk, bs, KVH, D, dtype=torch.bfloat16, device="cuda")
+        cache = torch.randn(2, nblk, bs, KVH, D, dtype=torch.bfloat16, device="cuda").to(cdt)
         table = torch.randperm(nblk, device="cuda").view(B, ctx // bs)
         nc = torch.full((B,), ctx - 1, dtype=torch.int64, device="cuda")
         q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
-        nbytes = cache.numel() * 2
+        nbytes = cache.numel() * cache.element_size()
         best = None
         for block_n, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3), (64, 8, 3)):
             try:
@@ -82,12 +84,34 @@ def kernels(bw):
             frac = nbytes / (ms / 1e3) / bw
             if best is None or frac > best[0]:
                 best = (frac, ms, block_n, warps, stages)
-        record("decode_kernel", B=B, ctx=ctx, us=best[1] * 1e3, bw_frac=best[0], GBps=nbytes / best[1] / 1e6,
+        record("decode_kernel", B=B, ctx=ctx, kv_dtype=str(cdt).split(".")[-1], us=best[1] * 1e3, bw_frac=best[0], GBps=nbytes / best[1] / 1e6,
                config=best[2:])
+        del cache
+    # fp8 cache: which tile shape and dot dtype (bf16 or fp16: e4m3 widens to fp16 in one cvt)
+    for B, ctx in (((1, 8192), (32, 8192), (256, 1024)) if "fp8sweep" in which else ()):
+        H, KVH, D = 32, 8, 128
+        nblk = B * ctx // bs
+        cache = torch.randn(2, nblk, bs, KVH, D, dtype=torch.bfloat16, device="cuda").to(torch.float8_e4m3fn)
+        table = torch.randperm(nblk, device="cuda").view(B, ctx // bs)
+        nc = torch.full((B,), ctx - 1, dtype=torch.int64, device="cuda")
+        q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
+        nbytes = cache.numel()
+        row = {}
+        for dd in (torch.bfloat16, torch.float16):
+            for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 2), (256, 8, 3), (128, 4, 4)):
+                try:
+                    ms = bench_graph(lambda: paged_decode(q, cache, table, nc, 0.088, max_seq_len=ctx, block_n=block_n,
+                                                          num_warps=warps, num_stages=stages, dot_dtype=dd))
+                except Exception as e:
+                    print("fp8 config failed", block_n, warps, stages, repr(e)[:200])
+                    continue
+                row[f"{str(dd)[6:]}/N{block_n}/w{warps}/s{stages}"] = round(nbytes / (ms / 1e3) / bw, 3)
+        best = max(row, key=row.get)
+        record("decode_fp8_sweep", B=B, ctx=ctx, bw_frac=row, best=best)
         del cache
     from qkv.attention.triton.gemv import gemv
 
-    for N, K in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (128256, 4096)):
+    for N, K in (((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (128256, 4096)) if "gemv" in which else ()):
         ws = [torch.randn(N, K, dtype=torch.bfloat16, device="cuda") for _ in range(max(1, 600_000_000 // (N * K * 2)))]
         x = torch.randn(1, K, dtype=torch.bfloat16, device="cuda")
         it = [0]
@@ -111,7 +135,7 @@ def kernels(bw):
         record("gemv", N=N, K=K, cublas_us=cub * 1e3, cublas_frac=N * K * 2 / (cub / 1e3) / bw,
                triton_us=best[0] * 1e3, triton_frac=N * K * 2 / (best[0] / 1e3) / bw, config=best[1:], rel_err=err)
         del ws
-    for B, ctx in ((1, 8192), (8, 8192), (32, 4096), (64, 8192)):
+    for B, ctx in (((1, 8192), (8, 8192), (32, 4096), (64, 8192)) if "mla" in which else ()):
         H, R, P = 16, 512, 64
         nblk = B * ctx // bs
         cache = torch.randn(nblk, bs, R + P, dtype=torch.bfloat16, device="cuda")
@@ -199,8 +223,10 @@ def engine_bench(bw, flops, args):
     from qkv.tools.shapes import random_engine
 
     t0 = time.perf_counter()
-    eng = random_engine(args.shape, max_num_seqs=256, max_num_batched_tokens=8192, max_model_len=4096,
-                        enforce_eager=args.eager, gpu_memory_utilization=0.9)
+    eng = random_engine(args.shape, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        max_model_len=4096, enforce_eager=args.eager, gpu_memory_utilization=0.9,
+                        kv_dtype=args.kv_dtype, **({} if args.async_scheduling is None else
+                                                   dict(async_scheduling=args.async_scheduling == "on")))
     t_build = time.perf_counter() - t0
     V = eng.config.vocab_size
     rng = random.Random(0)
@@ -335,19 +361,29 @@ def engine_bench(bw, flops, args):
         for _ in range(n_req):
             p = (prefix or []) + prompt(plen)
             reqs += eng.add_request(p, greedy(olen))
+        split = {"prefill": [0, 0.0], "decode": [0, 0.0]}  # steps with prompt tokens vs pure decode
         while eng.has_unfinished():
+            kind = "prefill" if any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs
+                                    if not r.finished) else "decode"
+            s0 = time.perf_counter()
             eng.step()
+            split[kind][0] += 1
+            split[kind][1] += time.perf_counter() - s0
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         out = sum(len(r.output_token_ids) for r in reqs)
-        record("throughput", workload=label, requests=n_req, out_tok_s=out / dt, total_tok_s=(out + n_req * (plen + len(prefix or []))) / dt,
-               seconds=dt, preemptions=eng.scheduler.num_preemptions)
+        record("throughput", workload=label, kv_dtype=args.kv_dtype, max_num_seqs=args.max_num_seqs,
+               budget=args.max_num_batched_tokens, requests=n_req, out_tok_s=out / dt, total_tok_s=(out + n_req * (plen + len(prefix or []))) / dt,
+               seconds=dt, preemptions=eng.scheduler.num_preemptions,
+               steps={k: (n, round(sec, 3)) for k, (n, sec) in split.items()})
         return out / dt
 
+    if "tput" in parts or args.long:  # warm-up: JIT-compile every kernel variant mixed steps use
+        throughput(64, 512, 64, "warm-up")
     if "tput" in parts:
         throughput(256, 512, 256, "256x512in/256out")
     if args.long:
-        throughput(512, 1000, 1000, "512x1000in/1000out")
+        throughput(args.long_requests, 1000, 1000, f"{args.long_requests}x1000in/1000out")
     # Shared prefix: 256 requests = 2000-token shared prefix + 32 own tokens, 32 out.
     if "prefix" not in parts:
         return
@@ -370,6 +406,12 @@ def main():
     ap.add_argument("--parts", default="prefill,b1,sweep,profile,tput,prefix",
                     help="engine parts: prefill,b1,sweep,profile,tput,prefix,host")
     ap.add_argument("--eager-too", action="store_true", help="also time batch-1 decode without CUDA graphs")
+    ap.add_argument("--kv-dtype", default="auto", help="engine KV cache dtype: auto | fp8")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--long-requests", type=int, default=512, help="requests of the 1000 in / 1000 out run")
+    ap.add_argument("--async-scheduling", choices=["on", "off"], default=None, help="default: the engine's")
+    ap.add_argument("--kernels", default="decode,gemv,mla", help="kernels section: decode,gemv,mla")
     args = ap.parse_args()
     secs = args.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -378,7 +420,7 @@ def main():
         if "ceil" in secs:
             bw, flops = ceilings()
         if "kernels" in secs:
-            kernels(bw)
+            kernels(bw, args.kernels.split(","))
         if "splits" in secs:
             splits_sweep(bw)
         if "engine" in secs:
