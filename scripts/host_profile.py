@@ -10,6 +10,7 @@ bookkeeping, input staging, sampling and appending. Run from the repo root:
     python scripts/host_profile.py                      # 256 seqs x 512-token prompts
     python scripts/host_profile.py --keep-forward --seqs 64
     python scripts/host_profile.py --async-scheduling
+    python scripts/host_profile.py --graphs             # DecodeGraphs.run's staging instead of prepare
 """
 
 from __future__ import annotations
@@ -49,6 +50,36 @@ def stub_forward(engine) -> None:
     model.forward = forward
 
 
+def emulate_graphs(engine, max_num_seqs: int) -> None:
+    """Route decode steps through DecodeGraphs.run (the CUDA fast path) on the CPU: pinned
+    buffers become plain ones, CUDA events no-ops, and a replay does nothing (its logits
+    buffer holds fixed random rows). What remains is that path's host work."""
+    from qkv.engine import cuda_graph
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Graph:
+        def replay(self):
+            pass
+
+    zeros = torch.zeros
+    torch.cuda.Event = Event
+    torch.zeros = lambda *a, pin_memory=False, **k: zeros(*a, **k)
+    try:
+        graphs = cuda_graph.DecodeGraphs(engine.runner, max_num_seqs, engine.max_model_len)
+    finally:
+        torch.zeros = zeros
+    for n in graphs.sizes:
+        graphs.logits[n] = torch.randn(n, engine.config.vocab_size)
+        graphs.graphs[n] = Graph()
+    engine.runner.graphs = graphs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seqs", type=int, default=256)
@@ -60,6 +91,7 @@ def main() -> None:
     ap.add_argument("--keep-forward", action="store_true", help="run the real (tiny) forward")
     ap.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--graphs", action="store_true", help="emulate the CUDA-graph decode path (host side only)")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -77,6 +109,8 @@ def main() -> None:
         engine = build_engine(args, d)
     if not args.keep_forward:
         stub_forward(engine)
+    if args.graphs:
+        emulate_graphs(engine, args.seqs)
     g = torch.Generator().manual_seed(1)
     params = SamplingParams(max_tokens=args.steps + args.warmup + 1000, temperature=0, ignore_eos=True)
     for _ in range(args.seqs):
@@ -101,7 +135,7 @@ def main() -> None:
         engine.step()
     prof.disable()
     print(f"{args.seqs} seqs decoding at ~{args.prompt} tokens, {args.layers} layer(s), forward "
-          f"{'kept' if args.keep_forward else 'stubbed'}, async_scheduling="
+          f"{'kept' if args.keep_forward else 'stubbed'}{', CUDA-graph path emulated' if args.graphs else ''}, async_scheduling="
           f"{getattr(engine, 'async_scheduling', None)}")
     print(f"step CPU time without the profiler: min {min(plain) * 1e3:.2f} ms, median "
           f"{sorted(plain)[2] * 1e3:.2f} ms over 5 segments of {seg} steps")

@@ -124,21 +124,24 @@ class DecodeGraphs:
         self._copied.synchronize()  # the last step's copy has read the pinned buffer
         h[:(4 + G) * N] = 0
         h[4 * N:(4 + G) * N] = -1  # padding rows write nothing
-        rows = self._rows
-        gather = False
+        rows, rings, bs = self._rows, kv.ring, self.block_size
+        # Per-row values gathered in lists and written with one slice each: a numpy scalar
+        # store per value costs more than the whole list.
+        ids, pos, from_rows, from_prev = [], [], [], []
+        slots = [[] for _ in range(G)]
         for i, req in enumerate(sched.requests):
             p = req.num_computed_tokens
+            pos.append(p)
             if req.pending_row is None:
-                h[i] = req.all_token_ids[p]
+                ids.append(req.all_token_ids[p])
+                from_rows.append(0)
+                from_prev.append(0)
             else:  # the host does not know this token yet: it is gathered on the device below
-                h[2 * N + i] = req.pending_row
-                h[3 * N + i] = 1
-                gather = True
-            h[N + i] = p
-            req_tables = kv.block_tables(req.request_id)
-            for g in range(G):
-                t = req_tables[g]
-                h[(4 + g) * N + i] = kv.slot(g, t, p)
+                ids.append(0)
+                from_rows.append(req.pending_row)
+                from_prev.append(1)
+            for g, t in enumerate(kv.block_tables(req.request_id)):
+                slots[g].append(t[p // bs] * bs + p % bs if rings[g] is None else kv.slot(g, t, p))
                 # Refresh a row only when its table may have changed since it was staged: another
                 # table object (another request, or re-admitted after preemption), another length
                 # (grown), or another last block (copy-on-write only ever replaces the blocks
@@ -147,9 +150,16 @@ class DecodeGraphs:
                 # are never read, so stale ones are harmless.
                 key = (t, len(t), t[-1] if t else None)
                 done = rows[g][i]
-                if done is None or done[0] is not t or done[1:] != key[1:] or kv.ring[g] is not None:
+                if done is None or done[0] is not t or done[1:] != key[1:] or rings[g] is not None:
                     self._host_tables[g][i, :len(t)] = t
                 rows[g][i] = key
+        h[:n] = ids
+        h[N:N + n] = pos
+        h[2 * N:2 * N + n] = from_rows
+        h[3 * N:3 * N + n] = from_prev
+        for g in range(G):
+            h[(4 + g) * N:(4 + g) * N + n] = slots[g]
+        gather = any(from_prev)
         # One group: copy only the table rows in use (the rest of the buffer holds nothing new).
         end = (5 * N + size * self.max_blocks[0]) if G == 1 else self.buf.numel()
         self.buf[:end].copy_(self.host[:end], non_blocking=True)

@@ -14,7 +14,7 @@ import torch
 from qkv.config import ModelConfig
 from qkv.engine import sampler
 from qkv.engine.pending import PendingTokens
-from qkv.engine.request import Request, RequestOutput, SamplingParams
+from qkv.engine.request import Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
 from qkv.engine.scheduler import ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
@@ -183,29 +183,21 @@ class LLMEngine:
         step launched by the previous call: this call launches its own step before reading
         them, so the host's work overlaps the device's. The order of tokens is the same."""
         sched = self.scheduler.schedule()
-        logits = rows = None
+        logits = None
         if sched:
-            rows = self._logits_rows(sched)  # decided now: a request may finish before update
             logits = self.runner.execute(sched, prev_tokens=self._pending.tokens)
         outputs = self._read_tokens() if self.async_scheduling else []
         if logits is not None:
-            self._sample(sched, logits, rows)
+            self._sample(sched, logits)
         if not self.async_scheduling:
             outputs = self._read_tokens()
         return outputs
 
-    @staticmethod
-    def _logits_rows(sched: ScheduledBatch) -> dict[int, int]:
-        """id(request) -> its row in the step's logits: the runner gives one row, in batch
-        order, to each request whose last token is fed this step."""
-        due = (r for r, n in zip(sched.requests, sched.num_new_tokens) if r.num_computed_tokens + n == r.num_tokens)
-        return {id(r): i for i, r in enumerate(due)}
-
-    def _sample(self, sched: ScheduledBatch, logits: torch.Tensor, rows: dict[int, int]) -> None:
+    def _sample(self, sched: ScheduledBatch, logits: torch.Tensor) -> None:
         """Advance the scheduled requests and launch sampling for those whose token is due;
         the tokens are held in ``self._pending`` until ``_read_tokens``."""
-        due = self.scheduler.update(sched)
-        picks = [rows[id(r)] for r in due]
+        picks: list[int] = []  # each due request's logits row
+        due = self.scheduler.update(sched, picks)
         for i, req in enumerate(list(due)):  # siblings sample from their parent's prompt logits
             for child in req.forks:
                 if child.finished:  # aborted on its own before its prompt was computed
@@ -223,7 +215,8 @@ class LLMEngine:
     def _read_tokens(self) -> list[RequestOutput]:
         """Read the pending tokens on the host and append them (stop checks, finishing)."""
         now = time.monotonic()
-        return [self._append(req, tok, now) for req, tok in self._pending.pop() if not req.finished]
+        finished = Status.FINISHED  # aborted while in flight: nothing to report
+        return [self._append(req, tok, now) for req, tok in self._pending.pop() if req.status is not finished]
 
     def _append(self, req: Request, tok: int, now: float) -> RequestOutput:
         tokens = req.all_token_ids

@@ -156,19 +156,28 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
-    def update(self, batch: ScheduledBatch) -> list[Request]:
+    def update(self, batch: ScheduledBatch, rows: list[int] | None = None) -> list[Request]:
         """Advance each scheduled request past its computed tokens, key its new full blocks,
-        and return those whose next token is due (their logits rows are sampled). Requests
-        that finished since the batch was scheduled (async scheduling: their last token was
-        read after this batch was launched; or aborted) are skipped: their blocks are gone."""
+        and return those whose next token is due (their logits rows are sampled); ``rows``,
+        if given, receives each one's row in the step's logits.
+
+        Requests that finished after the batch was launched (async scheduling: the token they
+        were fed ended them when it was read) are skipped: their blocks are gone. Their logits
+        row still counts: reading a token appends what ``num_tokens`` already counted, so
+        the runner's test (fed its last token) gives the same answer now as at launch."""
         due = []
+        row = 0
+        finished = Status.FINISHED
         for req, n in zip(batch.requests, batch.num_new_tokens):
-            if req.finished:
-                continue
-            req.num_computed_tokens += n
-            self.kv.cache_blocks(req)
-            if req.num_computed_tokens == req.num_tokens:
-                due.append(req)
+            fed_last = req.num_computed_tokens + n == req.num_tokens
+            if req.status is not finished:
+                req.num_computed_tokens += n
+                self.kv.cache_blocks(req)
+                if fed_last:
+                    due.append(req)
+                    if rows is not None:
+                        rows.append(row)
+            row += fed_last
         return due
 
     def fork(self, parent: Request, child: Request) -> None:
