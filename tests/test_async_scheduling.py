@@ -73,9 +73,9 @@ def probe(monkeypatch):
         hits["preempted_pending"] += req.pending_row is not None
         return preempt(self, req)
 
-    def _update(self, batch):
+    def _update(self, batch, rows=None):
         hits["wasted_rows"] += sum(r.finished for r in batch.requests)
-        return update(self, batch)
+        return update(self, batch, rows)
 
     monkeypatch.setattr(Scheduler, "_preempt", _preempt)
     monkeypatch.setattr(Scheduler, "update", _update)
