@@ -32,7 +32,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   MERGE: tl.constexpr):
+                   MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -63,32 +63,63 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        nmask = pos < hi
-        page = pos // BS
-        if HAS_RING:
-            page = page % ring
-        blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
-        off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
-        kv_mask = nmask[:, None] & dmask[None, :]
-        # (an fp8 cache is widened to the query's dtype here: half the bytes, same dot)
-        k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-        s = tl.dot(q, tl.trans(k))
-        if HAS_SOFTCAP:
-            s = s * sm_scale
-            s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-            s = s * 1.4426950408889634
-        else:
-            s = s * qk_scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
-        m_i = m_new
+    if KEYS_ON_M:
+        # Transposed: keys are the MMA's M rows and the group's heads its N columns (padded
+        # to 8, not 16), so a K tile widened from fp8 in registers is the A operand as it is,
+        # with no trip back through shared memory. Scores are [keys, heads] here.
+        qT = tl.trans(q)
+        accT = tl.zeros([D_PAD, G_PAD], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            nmask = pos < hi
+            page = pos // BS
+            if HAS_RING:
+                page = page % ring
+            blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
+            off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
+            k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
+            vT = tl.load(VC + off[None, :] + d[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0).to(q.dtype)
+            s = tl.dot(k, qT)
+            if HAS_SOFTCAP:
+                s = s * sm_scale
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+                s = s * 1.4426950408889634
+            else:
+                s = s * qk_scale
+            s = tl.where(nmask[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            accT = accT * alpha[None, :] + tl.dot(vT, p.to(q.dtype))
+            m_i = m_new
+        acc = tl.trans(accT)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            pos = start + tl.arange(0, BLOCK_N)
+            nmask = pos < hi
+            page = pos // BS
+            if HAS_RING:
+                page = page % ring
+            blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
+            off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
+            kv_mask = nmask[:, None] & dmask[None, :]
+            k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
+            s = tl.dot(q, tl.trans(k))
+            if HAS_SOFTCAP:
+                s = s * sm_scale
+                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+                s = s * 1.4426950408889634
+            else:
+                s = s * qk_scale
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            m_i = m_new
     out_ptr = OUT + qrow * stride_ot + heads[:, None] * stride_oh + d[None, :]
     omask = gmask[:, None] & dmask[None, :]
     if S == 1:  # (n_active == 1 with S > 1 still goes through the counter: it is then 0 == 0)
@@ -188,10 +219,13 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     B = num_computed.shape[0]
     _, H, D = q.shape
     _, _, bs, kvh, _ = kv_cache.shape
-    if is_fp8(kv_cache.dtype):
-        # e4m3 widens to fp16 in one instruction (to bf16 it takes two), and half-size rows
-        # want twice the keys per tile to keep as many bytes in flight (H100 sweep: batch 32
-        # x 8k went from 50% to 73% of the copy bandwidth).
+    keys_on_m = is_fp8(kv_cache.dtype)
+    if keys_on_m:
+        # e4m3 widens to fp16 in one instruction (to bf16 it takes two), half-size rows want
+        # twice the keys per tile to keep as many bytes in flight, and the transposed layout
+        # saves a shared-memory round trip (H100, batch 32 x 8k: 50% of the copy bandwidth
+        # with bf16 and 64-key tiles, 73% with fp16 and 128, 77.5% transposed;
+        # scripts/fp8_decode_experiment.py).
         dot_dtype = dot_dtype or torch.float16
         block_n = block_n or 128
     block_n = block_n or 64
@@ -200,7 +234,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     G = H // kvh
     D_PAD = triton.next_power_of_2(D)
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
-    G_PAD = max(16, triton.next_power_of_2(G))
+    G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     # The in-kernel merge is serial in the splits: it saves a launch for a few splits but at
     # 32 splits (batch 1, 8k keys) it cost 33 us against 26 us with the combine kernel (H100).
     merge = S <= MERGE_MAX_SPLITS
@@ -218,7 +252,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         scale, softcap or 0.0, window or 0, ring or 1,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        MERGE=merge, num_warps=num_warps, num_stages=num_stages)
+        MERGE=merge, KEYS_ON_M=keys_on_m, num_warps=num_warps, num_stages=num_stages)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
