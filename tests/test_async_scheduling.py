@@ -314,3 +314,53 @@ def test_server_loop_with_async_engine(chat_llama):
         loop.stop()
     assert got == expect
     assert_no_leak(asy)
+
+
+# ------------------------------------------------------------------------ the CUDA-graph path, emulated
+@pytest.mark.parametrize("n", [1, 3])
+def test_decode_graph_staging_emulated(tiny_llama, monkeypatch, n):
+    """DecodeGraphs.run (the CUDA decode path) on the CPU: pinned buffers become plain ones,
+    CUDA events no-ops, and a "replay" runs the forward the graph would have captured into
+    its static output buffer. Its staging, padding rows and device gather of pending input
+    ids must give the eager engine's tokens, with async scheduling off and on."""
+    from qkv.engine import cuda_graph
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Replay:
+        def __init__(self, graphs, size):
+            self.graphs, self.size = graphs, size
+
+        def replay(self):
+            with torch.inference_mode():
+                self.graphs.logits[self.size].copy_(self.graphs._forward(self.size))
+
+    zeros = torch.zeros
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: zeros(*a, **k))
+    rng = random.Random(n)
+    prompts = [[rng.randrange(2, VOCAB) for _ in range(rng.randrange(1, 30))] for _ in range(5)]
+    params = SamplingParams(n=n, max_tokens=10, temperature=0.0 if n == 1 else 1.0, seed=5, ignore_eos=True)
+    expect = LLM(tiny_llama, device="cpu", block_size=BS).generate(prompts, params)
+    for mode in (False, True):
+        llm = LLM(tiny_llama, device="cpu", block_size=BS, max_num_seqs=16, async_scheduling=mode)
+        runner = llm.engine.runner
+        graphs = cuda_graph.DecodeGraphs(runner, 16, llm.engine.max_model_len)
+        for rope in runner.ropes:
+            rope.ensure(graphs.max_model_len)
+        for size in graphs.sizes:
+            graphs.logits[size] = torch.zeros(size, VOCAB)
+            graphs.graphs[size] = Replay(graphs, size)
+        runner.graphs = graphs
+        replays = []
+        monkeypatch.setattr(graphs, "run", lambda sched, prev=None, run=graphs.run: replays.append(1) or run(sched, prev))
+        got = llm.generate(prompts, params)
+        assert [[s.token_ids for s in (o.samples or [o])] for o in got] == \
+            [[s.token_ids for s in (o.samples or [o])] for o in expect]
+        assert len(replays) >= 5  # decode steps took the graph path
+        assert_no_leak(llm)
