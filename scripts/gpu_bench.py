@@ -354,6 +354,42 @@ def engine_bench(bw, flops, args):
     except Exception as e:
         print("profile failed", repr(e))
 
+    # Per-kernel GPU time of the two step kinds of the 256 x 512/256 run: one 8192-token
+    # prefill step (16 prompts of 512) and one batch-256 decode step at ~600 tokens of context.
+    def kernel_table(fn):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        agg = {}
+        for e in prof.events():
+            if e.device_type.name == "CUDA":
+                k = e.name[:70]
+                c, tt = agg.get(k, (0, 0.0))
+                agg[k] = (c + 1, tt + e.device_time)
+        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]
+        return sum(v[1] for v in agg.values()), [(k, c, round(t, 1)) for k, (c, t) in top]
+
+    if "profile_big" in parts:
+        graphs, eng.runner.graphs = eng.runner.graphs, None  # eager: the same kernels, one by one
+        reqs = []
+        for _ in range(256):
+            reqs += eng.add_request(prompt(512), greedy(96))
+        for _ in range(3):  # two warm prefill steps, then profile the third
+            eng.step()
+        total, top = kernel_table(eng.step)
+        record("prefill_step_profile", tokens=8192, total_gpu_us=total, top=top)
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
+            eng.step()
+        for _ in range(80):
+            eng.step()
+        total, top = kernel_table(eng.step)
+        record("decode_b256_profile", context=512 + 80, total_gpu_us=total, top=top)
+        while eng.has_unfinished():
+            eng.step()
+        eng.runner.graphs = graphs
+
     # Throughput: 256 requests of 512 in / 256 out.
     def throughput(n_req, plen, olen, label, prefix=None):
         reqs = []

@@ -32,7 +32,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr):
+                   MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -59,6 +59,8 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
     heads = kvh * G + g
     q = tl.load(Q + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
+    if DOT_F16:  # widened here, not by a copy of q per layer on the host side
+        q = q.to(tl.float16)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
@@ -243,7 +245,10 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     kc, vc = kv_cache[0], kv_cache[1]
-    q = q.to(dot_dtype or compute_dtype(q.dtype, kc.dtype))
+    dot_dtype = dot_dtype or compute_dtype(q.dtype, kc.dtype)
+    dot_f16 = dot_dtype == torch.float16 and q.dtype != torch.float16
+    if not dot_f16:
+        q = q.to(dot_dtype)
     cnt = split_counters(B * kvh, q.device)
     _decode_kernel[(B, kvh, S)](
         q, kc, vc, block_table, num_computed, query_start_loc, acc, ml, cnt, out,
@@ -252,7 +257,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         scale, softcap or 0.0, window or 0, ring or 1,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        MERGE=merge, KEYS_ON_M=keys_on_m, num_warps=num_warps, num_stages=num_stages)
+        MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, num_warps=num_warps, num_stages=num_stages)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)

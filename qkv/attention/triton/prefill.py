@@ -15,12 +15,14 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kvcache.kv_quant import as_stored, compute_dtype
+from qkv.kvcache.kv_quant import as_stored, compute_dtype, is_fp8
 
 
 @triton.jit
 def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
-            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr = True):
+    """One key tile of the online softmax. ``MASKED=False``: the caller guarantees every key
+    of the tile is valid and visible to every query row (no causal, window or padding test)."""
     k = k.to(q.dtype)  # an fp8 cache is widened to the query's dtype
     v = v.to(q.dtype)
     s = tl.dot(q, tl.trans(k))
@@ -30,11 +32,12 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
         s = s * 1.4426950408889634
     else:
         s = s * (sm_scale * 1.4426950408889634)
-    dist = q_pos[:, None] - k_pos[None, :]
-    allowed = (dist >= 0) & kmask[None, :]
-    if HAS_WINDOW:
-        allowed = allowed & (dist < window)
-    s = tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        dist = q_pos[:, None] - k_pos[None, :]
+        allowed = (dist >= 0) & kmask[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (dist < window)
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
@@ -45,6 +48,13 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
 
 
 @triton.jit
+def _as_fp8(x, dtype):
+    """``x`` as an fp8 cache stores it (saturated, rounded to e4m3), back in ``dtype``."""
+    x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0)
+    return x.to(tl.float8e4nv).to(dtype)
+
+
+@triton.jit
 def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
@@ -52,7 +62,7 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
                     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    SKIP_DECODE: tl.constexpr):
+                    SKIP_DECODE: tl.constexpr, ROUND_FP8: tl.constexpr):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -82,7 +92,18 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
     if HAS_WINDOW:
         lo = tl.maximum(q_lo - window + 1, 0)
     lo = (lo // BLOCK_N) * BLOCK_N
-    for start in range(lo, nc, BLOCK_N):
+    full_end = lo  # [lo, full_end): whole tiles every query sees (none with a window)
+    if not (HAS_WINDOW or HAS_RING):
+        full_end = (nc // BLOCK_N) * BLOCK_N
+        for start in range(lo, full_end, BLOCK_N):
+            k_pos = start + tl.arange(0, BLOCK_N)
+            blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
+            off = blk * stride_cb + (k_pos % BS) * stride_ct + kvh * stride_ch
+            k = tl.load(KC + off[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+            v = tl.load(VC + off[:, None] + d[None, :], mask=dmask[None, :], other=0.0)
+            m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, k_pos < nc, m_i, l_i, acc, sm_scale, softcap, window,
+                                    HAS_WINDOW, HAS_SOFTCAP, MASKED=False)
+    for start in range(full_end, nc, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         kmask = k_pos < nc
         page = k_pos // BS
@@ -101,13 +122,27 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
     if HAS_WINDOW:
         lo2 = tl.maximum(nc, q_lo - window + 1)
     lo2 = nc + ((lo2 - nc) // BLOCK_N) * BLOCK_N
-    for start in range(lo2, q_hi, BLOCK_N):
+    diag = lo2  # [lo2, diag): tiles wholly before this block's first query (none with a window)
+    if not HAS_WINDOW:
+        diag = nc + ((mblk * BLOCK_M) // BLOCK_N) * BLOCK_N
+        for start in range(lo2, diag, BLOCK_N):
+            k_pos = start + tl.arange(0, BLOCK_N)
+            r = row0 + (k_pos - nc)
+            k = tl.load(K + r[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=dmask[None, :], other=0.0)
+            v = tl.load(V + r[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=dmask[None, :], other=0.0)
+            if ROUND_FP8:
+                k, v = _as_fp8(k, q.dtype), _as_fp8(v, q.dtype)
+            m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, k_pos < q_hi, m_i, l_i, acc, sm_scale, softcap, window,
+                                    HAS_WINDOW, HAS_SOFTCAP, MASKED=False)
+    for start in range(diag, q_hi, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         kmask = k_pos < q_hi
         r = row0 + (k_pos - nc)
         lmask = kmask[:, None] & dmask[None, :]
         k = tl.load(K + r[:, None] * stride_kt + kvh * stride_kh + d[None, :], mask=lmask, other=0.0)
         v = tl.load(V + r[:, None] * stride_vt + kvh * stride_vh + d[None, :], mask=lmask, other=0.0)
+        if ROUND_FP8:
+            k, v = _as_fp8(k, q.dtype), _as_fp8(v, q.dtype)
         m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
                                 HAS_WINDOW, HAS_SOFTCAP)
 
@@ -126,13 +161,19 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
     T, H, D = q.shape
     kc, vc = kv_cache[0], kv_cache[1]
     bs, kvh = kc.shape[1], kc.shape[2]
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, even when q is a view
     dt = compute_dtype(q.dtype, kc.dtype)
     # This step's keys are read from k/v, the prefix's from pages: both must be as stored.
-    q, k, v = q.to(dt), as_stored(k, kc.dtype).to(dt), as_stored(v, kc.dtype).to(dt)
+    # The kernel rounds k/v to fp8 as it loads them (ROUND_FP8) on the GPU; the interpreter
+    # rounds e4m3 wrongly, so there the host does it.
+    round_fp8 = is_fp8(kc.dtype) and q.is_cuda
+    if is_fp8(kc.dtype) and not round_fp8:
+        k, v = as_stored(k, kc.dtype), as_stored(v, kc.dtype)
+    q, k, v = q.to(dt), k.to(dt), v.to(dt)
     D_PAD = triton.next_power_of_2(D)
     big = D_PAD > 128 or dt == torch.float32
-    BLOCK_M, BLOCK_N = (64, 32) if big else (64, 64)
+    # H100: 128-query tiles halve how often each K/V tile is loaded (8 warps, 3 stages).
+    BLOCK_M, BLOCK_N = (64, 32) if big else (128, 64)
     B = query_start_loc.shape[0] - 1
     grid = (triton.cdiv(max_query_len, BLOCK_M), B, H)
     _prefill_kernel[grid](
@@ -142,5 +183,5 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
         scale, softcap or 0.0, window or 0, ring or 1,
         G=H // kvh, D=D, D_PAD=D_PAD, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        SKIP_DECODE=skip_decode, num_warps=4 if big else 8, num_stages=2)
+        SKIP_DECODE=skip_decode, ROUND_FP8=round_fp8, num_warps=4 if big else 8, num_stages=2 if big else 3)
     return out
