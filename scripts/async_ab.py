@@ -23,12 +23,16 @@ def run(eng, prompts, output_len: int) -> tuple[list[list[int]], float, int]:
     torch.cuda.synchronize()
     t = time.perf_counter()
     reqs = [r for p in prompts for r in eng.add_request(p, params)]
-    steps = 0
+    decode = []  # wall time of each step launched while no prompt was left to compute
     while eng.has_unfinished():
+        pure = not eng.scheduler.waiting and all(r.num_computed_tokens >= r.num_prompt_tokens
+                                                 for r in eng.scheduler.running)
+        s = time.perf_counter()
         eng.step()
-        steps += 1
+        if pure:
+            decode.append(time.perf_counter() - s)
     torch.cuda.synchronize()
-    return [r.output_token_ids for r in reqs], time.perf_counter() - t, steps
+    return [r.output_token_ids for r in reqs], time.perf_counter() - t, decode
 
 
 def main() -> None:
@@ -39,29 +43,39 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--long", type=int, default=0, metavar="N", help="also N requests of 1000 in / 1000 out")
     args = ap.parse_args()
     from qkv.tools.shapes import random_engine
 
     eng = random_engine(args.shape, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=4096, gpu_memory_utilization=0.9)
-    rng = random.Random(0)
     V = eng.config.vocab_size
-    prompts = [[rng.randrange(10, V) for _ in range(args.input_len)] for _ in range(args.requests)]
-    run(eng, prompts[:64], 32)  # warm-up: every kernel variant the mixed steps use
+
+    def prompts(n: int, length: int) -> list[list[int]]:  # the same for both modes
+        rng = random.Random(length)
+        return [[rng.randrange(10, V) for _ in range(length)] for _ in range(n)]
+
+    run(eng, prompts(64, args.input_len), 32)  # warm-up: every kernel variant the mixed steps use
     eng.kv.enable_prefix_caching = False  # the second run must not hit the first one's blocks
-    results = {}
-    for mode in (False, True):
-        eng.async_scheduling = mode  # nothing is in flight between runs, so it may be flipped
-        tokens, secs, steps = run(eng, prompts, args.output_len)
-        out = sum(map(len, tokens))
-        results[mode] = tokens
-        s = eng.stats()
-        print(json.dumps(dict(async_scheduling=mode, requests=args.requests, input_len=args.input_len,
-                              output_len=args.output_len, seconds=round(secs, 3), steps=steps,
-                              out_tok_s=round(out / secs, 1), total_tok_s=round((out + args.requests * args.input_len) / secs, 1),
-                              preemptions=s["num_preemptions"], blocks_in_use=s["num_blocks_in_use"])), flush=True)
-    same = results[False] == results[True]
-    print(json.dumps(dict(identical_tokens=same)))
+    workloads = [(args.requests, args.input_len, args.output_len)]
+    if args.long:
+        workloads.append((args.long, 1000, 1000))
+    for n_req, n_in, n_out in workloads:
+        results = {}
+        for mode in (False, True):
+            eng.async_scheduling = mode  # nothing is in flight between runs, so it may be flipped
+            tokens, secs, decode = run(eng, prompts(n_req, n_in), n_out)
+            out = sum(map(len, tokens))
+            results[mode] = tokens
+            s = eng.stats()
+            decode.sort()
+            print(json.dumps(dict(async_scheduling=mode, requests=n_req, input_len=n_in, output_len=n_out,
+                                  seconds=round(secs, 3), out_tok_s=round(out / secs, 1),
+                                  total_tok_s=round((out + n_req * n_in) / secs, 1), decode_steps=len(decode),
+                                  decode_step_ms_median=round(decode[len(decode) // 2] * 1e3, 3) if decode else None,
+                                  decode_seconds=round(sum(decode), 3), preemptions=s["num_preemptions"],
+                                  blocks_in_use=s["num_blocks_in_use"])), flush=True)
+        print(json.dumps(dict(identical_tokens=results[False] == results[True])))
     # Bare replay of the batch-256 graph (or the largest), for the host-overhead comparison.
     graphs = eng.runner.graphs
     if graphs is not None:
