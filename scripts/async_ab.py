@@ -35,6 +35,36 @@ def run(eng, prompts, output_len: int) -> tuple[list[list[int]], float, int]:
     return [r.output_token_ids for r in reqs], time.perf_counter() - t, decode
 
 
+def profile_decode(eng, prompts) -> None:
+    """cProfile of 30 pure decode steps per mode: where the host's time goes (with async
+    scheduling, time spent waiting for the device shows up in PendingTokens.pop)."""
+    import cProfile
+    import pstats
+
+    from qkv.engine.request import SamplingParams
+
+    for mode in (False, True):
+        eng.async_scheduling = mode
+        reqs = [r for p in prompts for r in eng.add_request(p, SamplingParams(max_tokens=64, temperature=0,
+                                                                              ignore_eos=True))]
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
+            eng.step()
+        for _ in range(3):
+            eng.step()
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        prof.enable()
+        for _ in range(30):
+            eng.step()
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- async_scheduling={mode}: {(time.perf_counter() - t) / 30 * 1e3:.2f} ms/step (profiled)")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+        while eng.has_unfinished():
+            eng.step()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama3-8b")
@@ -44,6 +74,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--long", type=int, default=0, metavar="N", help="also N requests of 1000 in / 1000 out")
+    ap.add_argument("--profile", action="store_true", help="cProfile 30 decode steps in each mode")
     args = ap.parse_args()
     from qkv.tools.shapes import random_engine
 
@@ -76,6 +107,8 @@ def main() -> None:
                                   decode_seconds=round(sum(decode), 3), preemptions=s["num_preemptions"],
                                   blocks_in_use=s["num_blocks_in_use"])), flush=True)
         print(json.dumps(dict(identical_tokens=results[False] == results[True])))
+    if args.profile:
+        profile_decode(eng, prompts(args.requests, args.input_len))
     # Bare replay of the batch-256 graph (or the largest), for the host-overhead comparison.
     graphs = eng.runner.graphs
     if graphs is not None:
