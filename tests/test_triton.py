@@ -134,7 +134,8 @@ def test_long_context_split_k():
     check(computed=[1500], qlens=[600], H=32, KVH=8, D=128, dtype=torch.bfloat16)
 
 
-def test_mla_decode_matches_torch():
+@pytest.mark.parametrize("fp8", [False, pytest.param(True, marks=gpu)])
+def test_mla_decode_matches_torch(fp8):
     from qkv.attention.triton.mla import mla_decode
 
     gen = torch.Generator().manual_seed(3)
@@ -143,10 +144,12 @@ def test_mla_decode_matches_torch():
     num_blocks = sum(-(-(c + 1) // bs) for c in computed) + 2
     batch = make_batch(computed, [1] * B, bs, num_blocks, None, gen)
     cache = torch.randn(num_blocks, bs, R + P, generator=gen).to(DEV)
+    if fp8:  # an fp8 latent cache, widened to the query's dtype in the kernel
+        cache = cache.to(torch.float8_e4m3fn)
     q_lat, q_rope = torch.randn(B, H, R, generator=gen).to(DEV), torch.randn(B, H, P, generator=gen).to(DEV)
     scale = 0.1
     out = mla_decode(q_lat, q_rope, cache, batch.block_tables[0], batch.num_computed, scale)
-    flat = cache.view(-1, R + P)
+    flat = cache.view(-1, R + P).float()
     for b, c in enumerate(computed):
         pos = torch.arange(c + 1)
         rows = flat[batch.block_tables[0][b][pos // bs].cpu() * bs + pos % bs]
