@@ -26,6 +26,30 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _tile(BT_ROW, start, hi, ring, stride_cb, stride_ct, head_off, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+          HAS_RING: tl.constexpr):
+    """Keys ``[start, start + BLOCK_N)`` of one sequence: (valid mask, element offset of each
+    key's row for this KV head), through the block table (a ring's when ``HAS_RING``)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    nmask = pos < hi
+    page = pos // BS
+    if HAS_RING:
+        page = page % ring
+    blk = tl.load(BT_ROW + page, mask=nmask, other=0).to(tl.int64)
+    return nmask, blk * stride_cb + (pos % BS) * stride_ct + head_off
+
+
+@triton.jit
+def _scores(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
+    """Raw dot products -> scores in log2 units (softcap * tanh(s / softcap) first, if any)."""
+    if HAS_SOFTCAP:
+        s = s * sm_scale
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
+        return s * 1.4426950408889634
+    return s * (sm_scale * 1.4426950408889634)
+
+
+@triton.jit
 def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
                    sm_scale, softcap, window, ring,
@@ -64,7 +88,6 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
     if KEYS_ON_M:
         # Transposed: keys are the MMA's M rows and the group's heads its N columns (padded
         # to 8, not 16), so a K tile widened from fp8 in registers is the A operand as it is,
@@ -72,22 +95,11 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         qT = tl.trans(q)
         accT = tl.zeros([D_PAD, G_PAD], tl.float32)
         for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            nmask = pos < hi
-            page = pos // BS
-            if HAS_RING:
-                page = page % ring
-            blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
-            off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
+            nmask, off = _tile(BT + b * stride_bt, start, hi, ring, stride_cb, stride_ct, kvh * stride_ch,
+                               BS, BLOCK_N, HAS_RING)
             k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
             vT = tl.load(VC + off[None, :] + d[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0).to(q.dtype)
-            s = tl.dot(k, qT)
-            if HAS_SOFTCAP:
-                s = s * sm_scale
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
-                s = s * 1.4426950408889634
-            else:
-                s = s * qk_scale
+            s = _scores(tl.dot(k, qT), sm_scale, softcap, HAS_SOFTCAP)
             s = tl.where(nmask[:, None], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 0))
             alpha = tl.exp2(m_i - m_new)
@@ -98,23 +110,12 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         acc = tl.trans(accT)
     else:
         for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            nmask = pos < hi
-            page = pos // BS
-            if HAS_RING:
-                page = page % ring
-            blk = tl.load(BT + b * stride_bt + page, mask=nmask, other=0).to(tl.int64)
-            off = blk * stride_cb + (pos % BS) * stride_ct + kvh * stride_ch
+            nmask, off = _tile(BT + b * stride_bt, start, hi, ring, stride_cb, stride_ct, kvh * stride_ch,
+                               BS, BLOCK_N, HAS_RING)
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
-            s = tl.dot(q, tl.trans(k))
-            if HAS_SOFTCAP:
-                s = s * sm_scale
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-                s = s * 1.4426950408889634
-            else:
-                s = s * qk_scale
+            s = _scores(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)
             s = tl.where(nmask[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)

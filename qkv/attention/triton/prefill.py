@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.attention.triton.decode import _scores
 from qkv.kvcache.kv_quant import as_stored, compute_dtype, is_fp8
 
 
@@ -25,13 +26,7 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
     of the tile is valid and visible to every query row (no causal, window or padding test)."""
     k = k.to(q.dtype)  # an fp8 cache is widened to the query's dtype
     v = v.to(q.dtype)
-    s = tl.dot(q, tl.trans(k))
-    if HAS_SOFTCAP:
-        s = s * sm_scale
-        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
-        s = s * 1.4426950408889634
-    else:
-        s = s * (sm_scale * 1.4426950408889634)
+    s = _scores(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)
     if MASKED:
         dist = q_pos[:, None] - k_pos[None, :]
         allowed = (dist >= 0) & kmask[None, :]
