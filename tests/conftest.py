@@ -33,6 +33,16 @@ def tiny_config(family: str, **overrides):
     return cfg_cls(**kw), model_cls
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: a second intra-op thread only adds spin-wait, and on a shared, loaded
+    machine it makes each step ~10x slower. Use with ``pytestmark = pytest.mark.usefixtures``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def tiny_model(tmp_path):
     """Factory: ``tiny_model("llama", num_key_value_heads=1) -> (dir, hf_model)``."""

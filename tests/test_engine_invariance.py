@@ -18,16 +18,7 @@ from qkv import LLM, SamplingParams
 BS = 4  # tiny models use 4-token blocks so that prompts span many blocks
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds spin-wait, and on a shared, loaded
-    machine it makes each step ~10x slower."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_no_leak(llm_or_engine) -> dict:

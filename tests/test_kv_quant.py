@@ -19,14 +19,7 @@ from qkv import LLM, SamplingParams
 from qkv.kvcache.kv_quant import FP8, FP8_MAX, as_stored, to_cache
 
 BS = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_to_cache_saturates_and_rounds():
