@@ -123,6 +123,10 @@ def test_fp8_doubles_the_tokens_of_a_bf16_cache(tiny_model):
         assert eng.runner.kv_cache_bytes <= budget + eng.runner.kv_cache_bytes // caps[kv]  # + the null page at most
         assert eng.specs[0].dtype_bytes == (1 if kv == "fp8" else 2)
     assert caps["fp8"] == 2 * caps["bfloat16"]
+    # `qkv memory`'s arithmetic at 8 bits is the fp8 engine's allocation, to the byte.
+    from qkv.tools.memory import pool_bytes, read_config
+
+    assert eng.runner.kv_cache_bytes == pool_bytes(read_config(path), [caps["fp8"]], 8, 16)
 
 
 def test_fp8_logits_close_to_full_precision(tiny_model):

@@ -276,7 +276,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="named model, .gguf file, HF directory (config.json is enough) or config.json")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
     p.add_argument("--batch", type=int, default=1, help="sequences held at once")
-    p.add_argument("--dtype", default="float16", help="KV element type: float32 | bfloat16 | float16 (default)")
+    p.add_argument("--dtype", default="float16", help="KV element type: float32 | bfloat16 | float16 (default) | fp8 (the engine's kv_dtype='fp8')")
     p.add_argument("--kv-bits", type=int, choices=(4, 8, 16, 32), default=None, help="overrides --dtype")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's default: 16)")
     p.add_argument("--gqa-kv-heads", type=int, default=None, help="KV heads of the GQA twin")
