@@ -65,6 +65,55 @@ def profile_decode(eng, prompts) -> None:
             eng.step()
 
 
+def gpu_timeline(eng, prompts) -> None:
+    """CUDA events around every decode-graph replay for 30 steps per mode: the device time
+    of a replay, and the device time between one replay's end and the next one's start
+    (staging copy, gather, sampling; or idling while the host catches up)."""
+    from qkv.engine.request import SamplingParams
+
+    graphs = eng.runner.graphs
+    marks = []
+    replay = graphs.run.__func__
+
+    def timed(self, sched, prev=None):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        size = next(s for s in self.sizes if s >= len(sched.requests))
+        graph = self.graphs[size]
+        orig = graph.replay
+
+        def rep():
+            start.record()
+            orig()
+            end.record()
+        graph.replay = rep
+        try:
+            return replay(self, sched, *([] if prev is None else [prev]))  # older engines take no prev
+        finally:
+            graph.replay = orig
+            marks.append((start, end))
+
+    graphs.run = timed.__get__(graphs)
+    try:
+        for mode in (False, True):
+            eng.async_scheduling = mode
+            reqs = [r for p in prompts for r in eng.add_request(p, SamplingParams(max_tokens=48, temperature=0,
+                                                                                  ignore_eos=True))]
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
+                eng.step()
+            marks.clear()
+            for _ in range(30):
+                eng.step()
+            torch.cuda.synchronize()
+            inside = [s.elapsed_time(e) for s, e in marks]
+            between = [e.elapsed_time(s2) for (_, e), (s2, _) in zip(marks, marks[1:])]
+            print(json.dumps(dict(async_scheduling=mode, replay_ms_mean=round(sum(inside) / len(inside), 3),
+                                  between_replays_ms_mean=round(sum(between) / len(between), 3))), flush=True)
+            while eng.has_unfinished():
+                eng.step()
+    finally:
+        del graphs.run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="llama3-8b")
@@ -75,6 +124,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--long", type=int, default=0, metavar="N", help="also N requests of 1000 in / 1000 out")
     ap.add_argument("--profile", action="store_true", help="cProfile 30 decode steps in each mode")
+    ap.add_argument("--timeline", action="store_true", help="device time in and between decode replays")
+    ap.add_argument("--skip-runs", action="store_true", help="only --profile / --timeline")
     args = ap.parse_args()
     from qkv.tools.shapes import random_engine
 
@@ -91,7 +142,7 @@ def main() -> None:
     workloads = [(args.requests, args.input_len, args.output_len)]
     if args.long:
         workloads.append((args.long, 1000, 1000))
-    for n_req, n_in, n_out in workloads:
+    for n_req, n_in, n_out in ([] if args.skip_runs else workloads):
         results = {}
         for mode in (False, True):
             eng.async_scheduling = mode  # nothing is in flight between runs, so it may be flipped
@@ -109,6 +160,8 @@ def main() -> None:
         print(json.dumps(dict(identical_tokens=results[False] == results[True])))
     if args.profile:
         profile_decode(eng, prompts(args.requests, args.input_len))
+    if args.timeline:
+        gpu_timeline(eng, prompts(args.requests, args.input_len))
     # Bare replay of the batch-256 graph (or the largest), for the host-overhead comparison.
     graphs = eng.runner.graphs
     if graphs is not None:
