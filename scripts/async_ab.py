@@ -66,7 +66,7 @@ def profile_decode(eng, prompts) -> None:
 
 
 def gpu_timeline(eng, prompts) -> None:
-    """CUDA events around every decode-graph replay for 30 steps per mode: the device time
+    """CUDA events around every decode-graph replay for 50 steps per mode (each mode twice): the device time
     of a replay, and the device time between one replay's end and the next one's start
     (staging copy, gather, sampling; or idling while the host catches up)."""
     from qkv.engine.request import SamplingParams
@@ -94,14 +94,14 @@ def gpu_timeline(eng, prompts) -> None:
 
     graphs.run = timed.__get__(graphs)
     try:
-        for mode in (False, True):
+        for mode in (False, True, False, True):
             eng.async_scheduling = mode
-            reqs = [r for p in prompts for r in eng.add_request(p, SamplingParams(max_tokens=48, temperature=0,
+            reqs = [r for p in prompts for r in eng.add_request(p, SamplingParams(max_tokens=64, temperature=0,
                                                                                   ignore_eos=True))]
             while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
                 eng.step()
             marks.clear()
-            for _ in range(30):
+            for _ in range(50):
                 eng.step()
             torch.cuda.synchronize()
             inside = [s.elapsed_time(e) for s, e in marks]
@@ -127,7 +127,10 @@ def main() -> None:
     ap.add_argument("--timeline", action="store_true", help="device time in and between decode replays")
     ap.add_argument("--skip-runs", action="store_true", help="only --profile / --timeline")
     args = ap.parse_args()
+    import qkv
     from qkv.tools.shapes import random_engine
+
+    print(f"qkv from {qkv.__file__}", flush=True)
 
     eng = random_engine(args.shape, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=4096, gpu_memory_utilization=0.9)
