@@ -134,8 +134,9 @@ def main() -> None:
     for _ in range(args.steps):
         engine.step()
     prof.disable()
+    path = ", CUDA-graph path emulated" if args.graphs else ""
     print(f"{args.seqs} seqs decoding at ~{args.prompt} tokens, {args.layers} layer(s), forward "
-          f"{'kept' if args.keep_forward else 'stubbed'}{', CUDA-graph path emulated' if args.graphs else ''}, async_scheduling="
+          f"{'kept' if args.keep_forward else 'stubbed'}{path}, async_scheduling="
           f"{getattr(engine, 'async_scheduling', None)}")
     print(f"step CPU time without the profiler: min {min(plain) * 1e3:.2f} ms, median "
           f"{sorted(plain)[2] * 1e3:.2f} ms over 5 segments of {seg} steps")

@@ -358,7 +358,8 @@ def test_decode_graph_staging_emulated(tiny_llama, monkeypatch, n):
             graphs.graphs[size] = Replay(graphs, size)
         runner.graphs = graphs
         replays = []
-        monkeypatch.setattr(graphs, "run", lambda sched, prev=None, run=graphs.run: replays.append(1) or run(sched, prev))
+        run = graphs.run
+        monkeypatch.setattr(graphs, "run", lambda sched, prev=None: replays.append(1) or run(sched, prev))
         got = llm.generate(prompts, params)
         assert [[s.token_ids for s in (o.samples or [o])] for o in got] == \
             [[s.token_ids for s in (o.samples or [o])] for o in expect]
