@@ -189,6 +189,20 @@ def test_outputs_come_one_step_late(engines):
     assert_no_leak(engines(True))
 
 
+def test_abort_with_tokens_in_flight_leaves_nothing(engines):
+    """What the server's shutdown does: abort everything between steps while tokens are in
+    flight. Nothing may be left to step, and every block is back."""
+    asy = engines(True).engine
+    reqs = asy.add_request([4, 5, 6], SamplingParams(n=2, max_tokens=50, temperature=1.0, seed=1))
+    asy.step()
+    asy.step()
+    assert all(r.pending_row is not None for r in reqs)
+    asy.abort(reqs[0].request_id)
+    assert all(r.pending_row is None for r in reqs)
+    assert not asy.has_unfinished() and asy.step() == []
+    assert_no_leak(engines(True))
+
+
 def test_default_is_off_on_cpu(engines, tiny_llama):
     assert LLM(tiny_llama, device="cpu", block_size=BS).engine.async_scheduling is False
     assert engines(True).engine.async_scheduling is True

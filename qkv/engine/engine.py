@@ -167,6 +167,7 @@ class LLMEngine:
             if not req.finished:
                 self.scheduler.finish(req, "abort")
             self._forget(req)
+        self._pending.drop_finished()  # an aborted request's token in flight is never read
 
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)

@@ -12,7 +12,9 @@ pending across a step boundary.
 Contract: ``push`` takes the sampled tensor (the device keeps it alive until the gathers of
 the next step are enqueued, which happens before ``pop``); ``pop`` waits only for the copy of
 these tokens to the host, never for work launched after them, clears ``pending_row`` on
-every request it returns, and leaves this object empty.
+every request it returns, and leaves this object empty. ``drop_finished`` (after an abort
+between steps) forgets requests that will never need their token, so that an engine whose
+requests were all aborted has nothing left in flight.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from qkv.engine.request import Request
 class PendingTokens:
     def __init__(self, device: torch.device):
         self.device = device
-        self.requests: list[Request] = []
-        self.tokens: torch.Tensor | None = None  # [len(requests)] int64 on the device
+        self.requests: list[Request] = []  # each reads row ``pending_row`` of ``tokens``
+        self.tokens: torch.Tensor | None = None  # [rows pushed] int64 on the device
         self._host: torch.Tensor | None = None  # pinned copy target on CUDA, reused every step
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
 
@@ -49,17 +51,29 @@ class PendingTokens:
             self._copied.record()
 
     def pop(self) -> list[tuple[Request, int]]:
-        """Read the held tokens on the host: (request, token) pairs in push order, finished
-        (aborted) requests included; the caller skips those."""
+        """Read the held tokens on the host: (request, token) pairs in push order. Requests
+        that finished since (aborted) may be among them; the caller skips those."""
         if not self.requests:
             return []
         if self._copied is not None:
             self._copied.synchronize()
-            values = self._host[:len(self.requests)].tolist()
+            values = self._host[:self.tokens.numel()].tolist()
         else:
             values = self.tokens.tolist()
-        pairs = list(zip(self.requests, values))
+        pairs = [(req, values[req.pending_row]) for req in self.requests]
         for req in self.requests:
             req.pending_row = None
         self.requests, self.tokens = [], None
         return pairs
+
+    def drop_finished(self) -> None:
+        """Forget finished (aborted) requests: their tokens are never read."""
+        live = []
+        for req in self.requests:
+            if req.finished:
+                req.pending_row = None
+            else:
+                live.append(req)
+        self.requests = live
+        if not live:
+            self.tokens = None
