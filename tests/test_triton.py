@@ -287,6 +287,18 @@ def test_engine_triton_and_graphs_match_reference(tiny_model, family):
 
 
 @gpu
+def test_engine_fp8_cache_triton_and_graphs_match_reference(tiny_model):
+    """An fp8 KV cache end to end (tiny GQA Llama): the Triton kernels, eager and in CUDA graphs
+    with async scheduling, give the reference backend's greedy tokens over the same fp8 cache."""
+    path, _ = tiny_model("llama")
+    prompts = [[int(t) for t in torch.randint(2, 250, (n,))] for n in (5, 23, 40, 7, 64)]
+    prompts.append(prompts[1][:20] + [9, 9])
+    results = greedy_by_variant(path, prompts, 24, block_size=16, num_kv_blocks=64, max_num_seqs=8, kv_dtype="fp8")
+    assert results["triton-eager"] == results["reference"]
+    assert results["triton-graphs"] == results["reference"]
+
+
+@gpu
 def test_engine_mla_triton_decode_matches_reference(tmp_path):
     """DeepSeek-V2 (dense, latent 32 + rope 16): absorbed decode through the Triton MLA kernel
     gives the reference backend's greedy tokens."""
