@@ -34,6 +34,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--quantization", default=None, choices=["int8"], help="int8 weights (CPU decode path)")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "bfloat16", "float16", "float32"],
                    help="KV cache storage: auto = the model's dtype; fp8 (e4m3) holds twice the tokens of bf16")
 
@@ -42,7 +44,8 @@ def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, threads=args.threads, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
-                quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"))
+                quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
+                async_scheduling=getattr(args, "async_scheduling", None))
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
