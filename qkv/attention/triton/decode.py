@@ -45,8 +45,10 @@ def _scores(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         s = s * sm_scale
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
-        return s * 1.4426950408889634
-    return s * (sm_scale * 1.4426950408889634)
+        s = s * 1.4426950408889634
+    else:
+        s = s * (sm_scale * 1.4426950408889634)
+    return s
 
 
 @triton.jit
