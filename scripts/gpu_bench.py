@@ -87,6 +87,48 @@ def kernels(bw, which=("decode", "gemv", "mla")):
         record("decode_kernel", B=B, ctx=ctx, kv_dtype=str(cdt).split(".")[-1], us=best[1] * 1e3, bw_frac=best[0], GBps=nbytes / best[1] / 1e6,
                config=best[2:])
         del cache
+    # bf16 cache: the keys-on-M layout (built for fp8) against the default, batch 1-32 at 8k
+    for B, ctx in (((1, 8192), (8, 8192), (32, 8192), (64, 2048)) if "layout" in which else ()):
+        H, KVH, D = 32, 8, 128
+        nblk = B * ctx // bs
+        cache = torch.randn(2, nblk, bs, KVH, D, dtype=torch.bfloat16, device="cuda")
+        table = torch.randperm(nblk, device="cuda").view(B, ctx // bs)
+        nc = torch.full((B,), ctx - 1, dtype=torch.int64, device="cuda")
+        q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
+        ref = paged_decode(q, cache, table, nc, 0.088, max_seq_len=ctx)
+        row = {}
+        for kom in (False, True):
+            for block_n, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (32, 4, 3)):
+                key = f"{'keysM' if kom else 'default'}/N{block_n}/w{warps}/s{stages}"
+                try:
+                    fn = lambda: paged_decode(q, cache, table, nc, 0.088, max_seq_len=ctx, block_n=block_n,  # noqa: E731
+                                              num_warps=warps, num_stages=stages, keys_on_m=kom)
+                    err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
+                    row[key] = round(cache.numel() * 2 / (bench_graph(fn) / 1e3) / bw, 3) if err < 2e-2 else "wrong"
+                except Exception as e:
+                    row[key] = f"failed {type(e).__name__}"
+        best = max((k for k in row if isinstance(row[k], float)), key=row.get)
+        record("decode_layout_bf16", B=B, ctx=ctx, best=best, bw_frac=row)
+        del cache
+    # fp8 cache: stage and tile sweep of the keys-on-M kernel
+    for B, ctx in (((32, 8192), (256, 1024)) if "layout" in which else ()):
+        H, KVH, D = 32, 8, 128
+        nblk = B * ctx // bs
+        cache = torch.randn(2, nblk, bs, KVH, D, dtype=torch.bfloat16, device="cuda").to(torch.float8_e4m3fn)
+        table = torch.randperm(nblk, device="cuda").view(B, ctx // bs)
+        nc = torch.full((B,), ctx - 1, dtype=torch.int64, device="cuda")
+        q = torch.randn(B, H, D, dtype=torch.bfloat16, device="cuda")
+        row = {}
+        for block_n, warps, stages in ((128, 4, 2), (128, 4, 3), (128, 4, 4), (256, 4, 2), (128, 2, 2), (64, 2, 3)):
+            try:
+                ms = bench_graph(lambda: paged_decode(q, cache, table, nc, 0.088, max_seq_len=ctx, block_n=block_n,
+                                                      num_warps=warps, num_stages=stages))
+                row[f"N{block_n}/w{warps}/s{stages}"] = round(cache.numel() / (ms / 1e3) / bw, 3)
+            except Exception as e:
+                row[f"N{block_n}/w{warps}/s{stages}"] = f"failed {type(e).__name__}"
+        best = max((k for k in row if isinstance(row[k], float)), key=row.get)
+        record("decode_layout_fp8", B=B, ctx=ctx, best=best, bw_frac=row)
+        del cache
     # fp8 cache: which tile shape and dot dtype (bf16 or fp16: e4m3 widens to fp16 in one cvt)
     for B, ctx in (((1, 8192), (32, 8192), (256, 1024)) if "fp8sweep" in which else ()):
         H, KVH, D = 32, 8, 128
