@@ -59,7 +59,7 @@ class Sim:
         try:
             self.sched.add(head)
         except RequestTooLarge:
-            assert not self.kv.can_ever_fit(head.max_total_tokens)
+            assert not self.kv.can_ever_fit(head.max_total_tokens) or n > self.sched.max_num_seqs
             return
         head.forks = kids
         self.live += [head] + kids
@@ -91,6 +91,7 @@ class Sim:
                     self.sched.fork(req, child)
                     due.append(child)
             req.forks = []
+        assert len(self.sched.running) <= self.sched.max_num_seqs  # siblings had their seats
         for req in due:
             req.all_token_ids.append(fake_sample(req.all_token_ids))
             if req.num_output_tokens >= req.params.max_tokens:
@@ -232,3 +233,28 @@ def test_preempts_most_recent_and_keeps_fcfs():
         sim.check()
     assert [r.output_token_ids for r in (first, second, third)] == [expected_output([i] * 3, 4) for i in range(3)]
     sim.check_no_leak()
+
+
+def test_parallel_samples_hold_their_seats(tiny_model):
+    """n > 1: the siblings of a request count against max_num_seqs from its admission on, so the
+    running set never exceeds it (CUDA graphs are captured only up to that size); n larger than
+    max_num_seqs is refused at once."""
+    import pytest
+
+    from qkv import LLM
+
+    path, _ = tiny_model("llama")
+    llm = LLM(path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=256, max_num_seqs=5)
+    eng = llm.engine
+    params = SamplingParams(n=3, max_tokens=6, temperature=0.8, seed=1, ignore_eos=True)
+    heads = [eng.add_request([5 + i, 9, 13, 2 + i], params)[0] for i in range(4)]
+    most = 0
+    while eng.has_unfinished():
+        eng.step()
+        most = max(most, len(eng.scheduler.running))
+    assert most == 3  # one request and its two siblings: a second one would need 6 seats
+    assert all(r.finished for r in heads)
+    with pytest.raises(RequestTooLarge, match="max_num_seqs is 5"):
+        eng.add_request([1, 2, 3], SamplingParams(n=6, max_tokens=2))
+    s = eng.stats()
+    assert s["num_blocks_in_use"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0

@@ -66,6 +66,9 @@ class Scheduler:
             raise RequestTooLarge(
                 f"prompt ({req.num_prompt_tokens} tokens) + max_tokens ({req.params.max_tokens}) = {total} "
                 f"exceeds the maximum context length of {self.max_model_len} tokens")
+        if req.params.n > self.max_num_seqs:
+            raise RequestTooLarge(f"n={req.params.n} samples run as {req.params.n} sequences, but "
+                                  f"max_num_seqs is {self.max_num_seqs}")
         if not self.kv.can_ever_fit(total):
             need = self.kv.blocks_needed(total)
             have = [g.pool.num_blocks for g in self.kv.groups]
@@ -120,9 +123,13 @@ class Scheduler:
             budget -= n
             i += 1
 
-        # Admitting while others were just preempted would only thrash.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:
+        # Admitting while others were just preempted would only thrash. A request's unforked
+        # siblings (n > 1) hold seats too: they join ``running`` when its prompt is done.
+        seats = len(self.running) + sum(len(r.forks) for r in self.running)
+        while self.waiting and budget > 0 and not preempted:
             req = self.waiting[0]
+            if seats + 1 + len(req.forks) > self.max_num_seqs:
+                break
             hit = self.kv.match_prefix(req)
             req.num_computed_tokens = hit
             n = min(req.num_tokens - hit, budget)
@@ -142,6 +149,7 @@ class Scheduler:
                 self.num_hit_tokens += hit
             req.status = Status.RUNNING
             self.running.append(req)
+            seats += 1 + len(req.forks)
             out.requests.append(req)
             out.num_new_tokens.append(n)
             out.copies += copies
