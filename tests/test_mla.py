@@ -105,3 +105,20 @@ def test_mla_bad_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("QKV_MLA_MODE", "fast")
     with pytest.raises(ValueError, match="MLA mode"):
         LLM(path, dtype="float32", device="cpu", num_kv_blocks=16)
+
+
+def test_moe_dense_path_equals_sparse_loop(tmp_path):
+    """The graph-safe dense MoE (every expert, unchosen ones weighted 0) gives the sparse loop's
+    output: the same sums in the same expert order."""
+    from qkv.model.moe import MoE
+
+    version, overrides = CASES["v3-moe-yarn"]
+    path, _ = tiny_deepseek(tmp_path, version, **overrides)
+    llm = LLM(path, dtype="float32", device="cpu", block_size=8, num_kv_blocks=16)
+    moe = next(m for m in llm.engine.model.modules() if isinstance(m, MoE))
+    x = torch.randn(7, BASE["hidden_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        sparse = moe(x)
+        w, idx = moe.gate(x)
+        dense = moe.dense(x, w, idx) + moe.shared_experts(x)
+    torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-6)

@@ -299,17 +299,33 @@ def test_engine_fp8_cache_triton_and_graphs_match_reference(tiny_model):
 
 
 @gpu
-def test_engine_mla_triton_decode_matches_reference(tmp_path):
-    """DeepSeek-V2 (dense, latent 32 + rope 16): absorbed decode through the Triton MLA kernel
-    gives the reference backend's greedy tokens."""
-    from test_mla import tiny_deepseek
+@pytest.mark.parametrize("moe", [False, True], ids=["dense-mlp", "moe"])
+def test_engine_mla_triton_decode_matches_reference(tmp_path, moe):
+    """DeepSeek-V2 (latent 32 + rope 16): absorbed decode through the Triton MLA kernel, eager
+    and in CUDA graphs (where the MoE takes its dense, sync-free path), gives the reference
+    backend's greedy tokens."""
+    from test_mla import MOE, tiny_deepseek
 
-    path, _ = tiny_deepseek(tmp_path, "v2", kv_lora_rank=32, qk_rope_head_dim=16, q_lora_rank=None,
-                             first_k_dense_replace=2)
+    extra = dict(MOE, topk_method="greedy") if moe else dict(first_k_dense_replace=2)
+    path, _ = tiny_deepseek(tmp_path, "v2", kv_lora_rank=32, qk_rope_head_dim=16, q_lora_rank=None, **extra)
     prompts = [[int(t) for t in torch.randint(2, 250, (n,))] for n in (5, 23, 40)]
-    variants = {k: VARIANTS[k] for k in ("reference", "triton-eager")}  # DeepSeek runs eagerly
-    results = greedy_by_variant(path, prompts, 16, variants, block_size=16, num_kv_blocks=64, max_num_seqs=4)
+    results = greedy_by_variant(path, prompts, 16, block_size=16, num_kv_blocks=64, max_num_seqs=4)
     assert results["triton-eager"] == results["reference"]
+    assert results["triton-graphs"] == results["reference"]
+
+
+def test_row_write_skips_minus_one_slots():
+    """The MLA latent write: rows land at their slots, slot -1 rows (graph padding) nowhere."""
+    from qkv.attention.triton.kv_write import write_rows
+
+    gen = torch.Generator().manual_seed(6)
+    cache = torch.randn(4, 8, 40, generator=gen).to(DEV)
+    rows = torch.randn(5, 40, generator=gen).to(DEV)
+    slots = torch.tensor([3, -1, 17, 0, -1], device=DEV)
+    ref = cache.clone()
+    ref.view(-1, 40)[slots[slots >= 0]] = rows[slots >= 0]
+    write_rows(cache, rows, slots)
+    assert torch.equal(cache, ref)
 
 
 @gpu

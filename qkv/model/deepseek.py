@@ -50,9 +50,8 @@ class DeepseekBody(nn.Module):
 class DeepseekForCausalLM(CausalLM):
     # MLA keeps q_proj separate (no fused qkv); only the MLPs' gate/up are fused.
     stacked = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
-    # The reference MLA attention and the MoE loop size tensors from data (host syncs), which
-    # CUDA graph capture forbids: decode must run eagerly until a graph-safe MLA kernel exists.
-    supports_cuda_graphs = False
+    # Decode steps are graph-safe: absorbed MLA decode runs the Triton kernel, and under
+    # capture the MoE takes its dense, sync-free path (moe.py).
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)

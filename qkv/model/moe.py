@@ -78,12 +78,27 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.gate(x)
-        out = torch.zeros_like(x)
-        # Loop over the experts that received tokens: plain torch, no grouped GEMM.
-        for e in idx.unique().tolist():
-            tok, slot = torch.where(idx == e)
-            y = self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype)
-            out.index_add_(0, tok, y)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            out = self.dense(x, w, idx)
+        else:
+            out = torch.zeros_like(x)
+            # Loop over the experts that received tokens: plain torch, no grouped GEMM. Which
+            # experts those are is read on the host, so this path cannot be graph-captured.
+            for e in idx.unique().tolist():
+                tok, slot = torch.where(idx == e)
+                y = self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype)
+                out.index_add_(0, tok, y)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        return out
+
+    def dense(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The routed experts without a host sync, for CUDA-graph capture: every expert runs on
+        every token and unchosen ones are weighted 0. It reads every expert's weights each step,
+        which a decode batch of a few dozen tokens mostly does anyway; the sums are the sparse
+        loop's, in the same expert order, plus exact zeros."""
+        weights = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter_(1, idx, w)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            out += expert(x) * weights[:, e, None].to(x.dtype)
         return out

@@ -42,3 +42,29 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     _kv_write_kernel[(T,)](k, v, kc, vc, slot_mapping, k.stride(0), v.stride(0), kc.stride(1),
                            W=W, W_PAD=triton.next_power_of_2(W), FP8_MAX=FP8_MAX if is_fp8(kc.dtype) else 0.0,
                            num_warps=4)
+
+
+@triton.jit
+def _row_write_kernel(X, C, SLOT, stride_xt, stride_cs, W: tl.constexpr, W_PAD: tl.constexpr, FP8_MAX: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(SLOT + t)
+    if slot >= 0:
+        offs = tl.arange(0, W_PAD)
+        mask = offs < W
+        x = tl.load(X + t * stride_xt + offs, mask=mask)
+        if FP8_MAX > 0:
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+        tl.store(C + slot * stride_cs + offs, x.to(C.dtype.element_ty), mask=mask)
+
+
+def write_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """rows [T, W] -> ``cache`` viewed as [slots, W] (an MLA latent cache); slot -1 rows are
+    skipped in the kernel, as in ``write_kv``."""
+    T, W = rows.shape
+    if T == 0:
+        return
+    flat = cache.view(-1, W)
+    assert rows.stride(1) == 1
+    _row_write_kernel[(T,)](rows, flat, slot_mapping, rows.stride(0), flat.stride(0), W=W,
+                            W_PAD=triton.next_power_of_2(W), FP8_MAX=FP8_MAX if is_fp8(flat.dtype) else 0.0,
+                            num_warps=4)

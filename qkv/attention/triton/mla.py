@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _combine_kernel
-from qkv.kvcache.kv_quant import compute_dtype, to_cache
+from qkv.attention.triton.kv_write import write_rows
+from qkv.kvcache.kv_quant import compute_dtype
 
 
 @triton.jit
@@ -99,7 +100,8 @@ def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale,
 
         return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
     # Store this step's rows first: the kernel reads keys [0, num_computed] from the pages.
-    kv_cache.view(-1, R + P)[batch.slot_mappings[group]] = to_cache(torch.cat([c_kv, k_pe], dim=-1), kv_cache.dtype)
+    # (Padding rows of a CUDA graph have slot -1: the kernel skips them.)
+    write_rows(kv_cache, torch.cat([c_kv, k_pe], dim=-1), batch.slot_mappings[group])
     q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into the query
     o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
     return torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into the output
