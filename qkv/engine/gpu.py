@@ -70,30 +70,37 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     kv_dtype = kv_dtype or next(model.parameters()).dtype
     for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
         m.kv_cache = torch.zeros(specs[m.layer].cache_shape(1, block_size), dtype=kv_dtype, device=device)
-    B = max(1, min(max_num_seqs, max_tokens))
-    lens = [max_tokens // B + (i < max_tokens % B) for i in range(B)]
-    qsl = [0]
-    for n in lens:
-        qsl.append(qsl[-1] + n)
     i64 = dict(dtype=torch.int64, device=device)
-    T = qsl[-1]
-    batch = AttentionBatch(
-        query_start_loc=torch.tensor(qsl, **i64), num_computed=torch.zeros(B, **i64),
-        query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max(lens),
-        block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in grouped],
-        slot_mappings=[torch.full((T,), -1, **i64) for _ in grouped], ring_blocks=rings,
-        logits_indices=torch.tensor(qsl[1:], **i64) - 1)
+
+    def forward(lens: list[int]) -> None:
+        qsl = [0]
+        for n in lens:
+            qsl.append(qsl[-1] + n)
+        B, T = len(lens), qsl[-1]
+        batch = AttentionBatch(
+            query_start_loc=torch.tensor(qsl, **i64), num_computed=torch.zeros(B, **i64),
+            query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max(lens),
+            block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in grouped],
+            slot_mappings=[torch.full((T,), -1, **i64) for _ in grouped], ring_blocks=rings,
+            logits_indices=torch.tensor(qsl[1:], **i64) - 1)
+        hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) for n in lens]), batch)
+        model.compute_logits(hidden[batch.logits_indices])
+
+    # Two shapes of a full token budget: many short sequences (the most logits rows) and one
+    # long one (attention that is quadratic in the prompt, as the reference MLA prefill is:
+    # 16 heads x 512^2 fp32 scores per sequence already take 16 MiB).
+    B = max(1, min(max_num_seqs, max_tokens))
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) for n in lens]), batch)
-    model.compute_logits(hidden[batch.logits_indices])
+    forward([max_tokens // B + (i < max_tokens % B) for i in range(B)])
+    forward([max_tokens])
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
+    T = max_tokens
     for m in layers:
         m.kv_cache = None
-    del hidden
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info()
     others = total - free - torch.cuda.memory_reserved()  # CUDA context, other processes
