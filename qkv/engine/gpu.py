@@ -90,6 +90,8 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     # long one (attention that is quadratic in the prompt, as the reference MLA prefill is:
     # 16 heads x 512^2 fp32 scores per sequence already take 16 MiB).
     B = max(1, min(max_num_seqs, max_tokens))
+    for rope in model.rotary_embeddings():  # positions up to max_tokens - 1 (as the runner does)
+        rope.ensure(max_tokens)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
