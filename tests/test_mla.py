@@ -122,3 +122,29 @@ def test_moe_dense_path_equals_sparse_loop(tmp_path):
         w, idx = moe.gate(x)
         dense = moe.dense(x, w, idx) + moe.shared_experts(x)
     torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_steps_split_and_match_one_by_one(tmp_path):
+    """Decodes beside prefill chunks in one step: the reference MLA attends them as two
+    sub-batches (no padding of every decode to the chunk's length), and the tokens equal
+    those of each request run alone."""
+    from qkv.attention import mla_reference
+
+    version, overrides = CASES["v2-moe-greedy"]
+    path, _ = tiny_deepseek(tmp_path, version, **overrides)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(2, 256, (n,), generator=gen).tolist() for n in (30, 5, 47, 12)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = LLM(path, dtype="float32", device="cpu", block_size=8, num_kv_blocks=64)
+    ref = [alone.generate(p, params)[0].token_ids for p in prompts]
+    splits = []
+    real = mla_reference.split_mixed
+    mla_reference.split_mixed = lambda b, g: splits.append(real(b, g)) or splits[-1]
+    try:
+        llm = LLM(path, dtype="float32", device="cpu", block_size=8, num_kv_blocks=64, max_num_batched_tokens=16)
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+    finally:
+        mla_reference.split_mixed = real
+    assert got == ref
+    assert any(s is not None for s in splits)  # mixed steps did happen, and were split
+    assert llm.stats()["num_blocks_in_use"] == 0

@@ -33,6 +33,16 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     q_nope [T, H, Dn], q_pe [T, H, P] (RoPE applied), c_kv [T, R] (normalized latent),
     k_pe [T, P] (RoPE applied), w_uk [H, Dn, R], w_uv [H, Dv, R]. Returns [T, H, Dv].
     """
+    subsets = split_mixed(batch, group)
+    if subsets is not None:
+        out = None
+        for rows, sub in subsets:
+            part = mla_paged_attention(q_nope[rows], q_pe[rows], c_kv[rows], k_pe[rows], kv_cache, sub, group,
+                                       scale, w_uk, w_uv, absorbed)
+            if out is None:
+                out = part.new_empty((q_nope.shape[0],) + part.shape[1:])
+            out[rows] = part
+        return out
     R, P = c_kv.shape[1], k_pe.shape[1]
     flat = kv_cache.view(-1, R + P)
     new = to_cache(torch.cat([c_kv, k_pe], dim=-1), flat.dtype)
@@ -64,3 +74,34 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     keep = batch.slot_mappings[group] >= 0
     flat[batch.slot_mappings[group][keep]] = new[keep]
     return out
+
+
+def split_mixed(batch: AttentionBatch, group: int):
+    """A step that mixes one-token decodes with longer chunks, as two sub-batches: padded
+    together, every decode would carry the longest chunk's query rows ([B, Q, L] scores: 256
+    decodes beside a 512-token chunk take gigabytes). Returns None for a uniform step, else
+    [(token rows, sub-batch)], computed once per step (every layer of the group reuses it)."""
+    if batch.num_seqs < 2 or batch.max_query_len == 1:
+        return None
+    key = ("mla_split", group)
+    if key not in batch.scratch:
+        qlens, computed = batch.query_lens.tolist(), batch.num_computed.tolist()
+        starts = batch.query_start_loc.tolist()
+        kinds = [[b for b, n in enumerate(qlens) if n == 1], [b for b, n in enumerate(qlens) if n > 1]]
+        subsets = None
+        if all(kinds):
+            subsets = []
+            dev = batch.query_lens.device
+            for seqs in kinds:
+                rows = [t for b in seqs for t in range(starts[b], starts[b + 1])]
+                idx, rows_t = torch.tensor(seqs, device=dev), torch.tensor(rows, device=dev)
+                lens = [qlens[b] for b in seqs]
+                qsl = torch.tensor([0] + lens, device=dev).cumsum(0)
+                sub = AttentionBatch(
+                    query_start_loc=qsl, num_computed=batch.num_computed[idx], query_lens=batch.query_lens[idx],
+                    max_query_len=max(lens), max_seq_len=max(computed[b] + qlens[b] for b in seqs),
+                    block_size=batch.block_size, block_tables=[t[idx] for t in batch.block_tables],
+                    slot_mappings=[m[rows_t] for m in batch.slot_mappings], ring_blocks=batch.ring_blocks)
+                subsets.append((rows_t, sub))
+        batch.scratch[key] = subsets
+    return batch.scratch[key]
