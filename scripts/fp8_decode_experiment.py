@@ -71,17 +71,9 @@ def swapped(q, cache, table, nc, scale, g_pad=16, block_n=64, warps=4, stages=3,
 
 
 def main():
-    import triton.testing
+    from gpu_bench import bench_graph as bench  # scripts/ is on sys.path when run as a script
 
     from qkv.attention.triton.decode import paged_decode
-
-    def bench(fn):
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median")
 
     bw = 3.0e12
     for B, ctx in ((32, 8192), (256, 1024), (256, 2048)):
