@@ -38,7 +38,8 @@ def random_llm(args, **overrides):
     kw = dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching, max_model_len=4096,
-              kv_dtype=getattr(args, "kv_cache_dtype", "auto"))
+              kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
+              async_scheduling=getattr(args, "async_scheduling", None))
     kw.update(overrides)
     return build(args.random_weights, device=args.device or "cuda", dtype=dtype, **kw)
 
