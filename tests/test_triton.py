@@ -88,6 +88,8 @@ CASES = {
     "window-ring-prefill": dict(computed=[30, 0], qlens=[45, 26], H=4, KVH=2, D=32, window=20, ring=4, bs=8),
     "softcap": dict(computed=[20, 0], qlens=[1, 12], H=4, KVH=2, D=32, softcap=5.0),
     "head-dim-80": dict(computed=[9, 0], qlens=[1, 21], H=4, KVH=2, D=80),
+    # several query tiles and whole cached tiles: the prefill kernel's unmasked fast paths
+    "long-extend": dict(computed=[130, 0, 7], qlens=[300, 257, 1], H=4, KVH=2, D=32),
 }
 
 
