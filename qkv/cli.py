@@ -96,6 +96,10 @@ def _run_chat(args) -> int:
     llm = LLM(args.model, **engine_kwargs(args))
     params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    try:  # line editing and history for input() where the platform has GNU readline
+        import readline  # noqa: F401
+    except ImportError:
+        pass
     print("qkv chat: empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:
