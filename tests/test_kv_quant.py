@@ -78,10 +78,15 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_fp8_cache_keeps_the_cache_properties(tiny_model, family):
-    fam, over = FAMILIES[family]
-    path = tiny(tiny_model, fam, **over)
+@pytest.mark.parametrize("family", list(FAMILIES) + ["gemma3-hybrid"])
+def test_fp8_cache_keeps_the_cache_properties(tiny_model, tmp_path, family):
+    if family == "gemma3-hybrid":  # sliding and global layer groups, two pools
+        from test_gemma3 import tiny_gemma3
+
+        path, _ = tiny_gemma3(tmp_path)
+    else:
+        fam, over = FAMILIES[family]
+        path = tiny(tiny_model, fam, **over)
     ref_llm = make(path, kv_dtype="fp8", enable_prefix_caching=False)
     assert all(c.dtype == FP8 for c in ref_llm.engine.runner.kv_caches)
     jobs = work(ref_llm.config.vocab_size)
@@ -91,7 +96,7 @@ def test_fp8_cache_keeps_the_cache_properties(tiny_model, family):
                dict(num_kv_blocks=-(-longest // BS) + 1)):
         llm = make(path, kv_dtype="fp8", **kw)
         assert drive(llm.engine, jobs) == ref, kw
-        if "num_kv_blocks" in kw and family != "mistral-window":  # rings of 4 blocks rarely run dry
+        if "num_kv_blocks" in kw and family in ("llama-gqa", "gpt2-mha"):  # rings rarely run dry
             assert llm.engine.scheduler.num_preemptions > 0
 
 
