@@ -367,38 +367,9 @@ def engine_bench(bw, flops, args):
         bytes_step = params + kv_tok * ctx * B
         record("decode_sweep", batch=B, tok_s=n / dt, roofline_tok_s=B * bw / bytes_step)
 
-    # Per-kernel profile of one eager batch-1 decode step (same kernels as the graph).
-    try:
-        if "profile" not in parts:
-            raise RuntimeError("profile skipped")
-        from torch.profiler import ProfilerActivity, profile
-
-        graphs, eng.runner.graphs = eng.runner.graphs, None
-        eng.add_request(prompt(512), greedy(8))
-        eng.step()
-        eng.step()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            eng.step()
-            torch.cuda.synchronize()
-        while eng.has_unfinished():
-            eng.step()
-        eng.runner.graphs = graphs
-        agg = {}
-        for e in prof.events():
-            if e.device_type.name == "CUDA":
-                k = e.name[:60]
-                c, tt = agg.get(k, (0, 0.0))
-                agg[k] = (c + 1, tt + e.device_time)
-        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:15]
-        total_us = sum(v[1] for v in agg.values())
-        record("decode_b1_profile", total_gpu_us=total_us, kernels=sum(v[0] for v in agg.values()),
-               top=[(k, c, round(t, 1)) for k, (c, t) in top])
-    except Exception as e:
-        print("profile failed", repr(e))
-
-    # Per-kernel GPU time of the two step kinds of the 256 x 512/256 run: one 8192-token
-    # prefill step (16 prompts of 512) and one batch-256 decode step at ~600 tokens of context.
-    def kernel_table(fn):
+    def kernel_table(fn, top_n=25):
+        """GPU time per kernel name of ``fn()``: (total us, the ``top_n`` longest as
+        (name, launches, us))."""
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -410,9 +381,27 @@ def engine_bench(bw, flops, args):
                 k = e.name[:70]
                 c, tt = agg.get(k, (0, 0.0))
                 agg[k] = (c + 1, tt + e.device_time)
-        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:25]
+        top = sorted(agg.items(), key=lambda kv: -kv[1][1])[:top_n]
         return sum(v[1] for v in agg.values()), [(k, c, round(t, 1)) for k, (c, t) in top]
 
+    # Per-kernel profile of one eager batch-1 decode step (same kernels as the graph).
+    try:
+        if "profile" not in parts:
+            raise RuntimeError("profile skipped")
+        graphs, eng.runner.graphs = eng.runner.graphs, None
+        eng.add_request(prompt(512), greedy(8))
+        eng.step()
+        eng.step()
+        total_us, top = kernel_table(eng.step, 15)
+        while eng.has_unfinished():
+            eng.step()
+        eng.runner.graphs = graphs
+        record("decode_b1_profile", total_gpu_us=total_us, top=top)
+    except Exception as e:
+        print("profile failed", repr(e))
+
+    # Per-kernel GPU time of the two step kinds of the 256 x 512/256 run: one 8192-token
+    # prefill step (16 prompts of 512) and one batch-256 decode step at ~600 tokens of context.
     if "profile_big" in parts:
         graphs, eng.runner.graphs = eng.runner.graphs, None  # eager: the same kernels, one by one
         reqs = []

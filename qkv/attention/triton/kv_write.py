@@ -15,20 +15,29 @@ from qkv.kvcache.kv_quant import FP8_MAX, is_fp8
 
 
 @triton.jit
+def _store_row(X, C, W: tl.constexpr, W_PAD: tl.constexpr, FP8_MAX: tl.constexpr):
+    """Copy one row of ``W`` elements from ``X`` to ``C`` in the cache's dtype; an fp8 cache
+    (``FP8_MAX > 0``) saturates, as kv_quant.to_cache does: out of range must not become NaN."""
+    offs = tl.arange(0, W_PAD)
+    mask = offs < W
+    x = tl.load(X + offs, mask=mask)
+    if FP8_MAX > 0:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
+    tl.store(C + offs, x.to(C.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _kv_write_kernel(K, V, KC, VC, SLOT, stride_kt, stride_vt, stride_cs, W: tl.constexpr, W_PAD: tl.constexpr,
                      FP8_MAX: tl.constexpr):
     t = tl.program_id(0)
     slot = tl.load(SLOT + t)
     if slot >= 0:
-        offs = tl.arange(0, W_PAD)
-        mask = offs < W
-        k = tl.load(K + t * stride_kt + offs, mask=mask)
-        v = tl.load(V + t * stride_vt + offs, mask=mask)
-        if FP8_MAX > 0:  # saturate, as kv_quant.to_cache does: out-of-range must not become NaN
-            k = tl.minimum(tl.maximum(k.to(tl.float32), -FP8_MAX), FP8_MAX)
-            v = tl.minimum(tl.maximum(v.to(tl.float32), -FP8_MAX), FP8_MAX)
-        tl.store(KC + slot * stride_cs + offs, k.to(KC.dtype.element_ty), mask=mask)
-        tl.store(VC + slot * stride_cs + offs, v.to(VC.dtype.element_ty), mask=mask)
+        _store_row(K + t * stride_kt, KC + slot * stride_cs, W, W_PAD, FP8_MAX)
+        _store_row(V + t * stride_vt, VC + slot * stride_cs, W, W_PAD, FP8_MAX)
+
+
+def _fp8_max(cache: torch.Tensor) -> float:
+    return FP8_MAX if is_fp8(cache.dtype) else 0.0
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -40,8 +49,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     assert k.stride(2) == 1 and k.stride(1) == k.shape[2] and v.stride(2) == 1 and v.stride(1) == v.shape[2]
     kc, vc = kv_cache[0], kv_cache[1]
     _kv_write_kernel[(T,)](k, v, kc, vc, slot_mapping, k.stride(0), v.stride(0), kc.stride(1),
-                           W=W, W_PAD=triton.next_power_of_2(W), FP8_MAX=FP8_MAX if is_fp8(kc.dtype) else 0.0,
-                           num_warps=4)
+                           W=W, W_PAD=triton.next_power_of_2(W), FP8_MAX=_fp8_max(kc), num_warps=4)
 
 
 @triton.jit
@@ -49,12 +57,7 @@ def _row_write_kernel(X, C, SLOT, stride_xt, stride_cs, W: tl.constexpr, W_PAD: 
     t = tl.program_id(0)
     slot = tl.load(SLOT + t)
     if slot >= 0:
-        offs = tl.arange(0, W_PAD)
-        mask = offs < W
-        x = tl.load(X + t * stride_xt + offs, mask=mask)
-        if FP8_MAX > 0:
-            x = tl.minimum(tl.maximum(x.to(tl.float32), -FP8_MAX), FP8_MAX)
-        tl.store(C + slot * stride_cs + offs, x.to(C.dtype.element_ty), mask=mask)
+        _store_row(X + t * stride_xt, C + slot * stride_cs, W, W_PAD, FP8_MAX)
 
 
 def write_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -66,5 +69,4 @@ def write_rows(cache: torch.Tensor, rows: torch.Tensor, slot_mapping: torch.Tens
     flat = cache.view(-1, W)
     assert rows.stride(1) == 1
     _row_write_kernel[(T,)](rows, flat, slot_mapping, rows.stride(0), flat.stride(0), W=W,
-                            W_PAD=triton.next_power_of_2(W), FP8_MAX=FP8_MAX if is_fp8(flat.dtype) else 0.0,
-                            num_warps=4)
+                            W_PAD=triton.next_power_of_2(W), FP8_MAX=_fp8_max(flat), num_warps=4)
