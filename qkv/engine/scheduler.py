@@ -125,7 +125,8 @@ class Scheduler:
 
         # Admitting while others were just preempted would only thrash. A request's unforked
         # siblings (n > 1) hold seats too: they join ``running`` when its prompt is done.
-        seats = len(self.running) + sum(len(r.forks) for r in self.running)
+        # (Counted only when someone waits: a decode-only step skips the walk over ``running``.)
+        seats = len(self.running) + sum(len(r.forks) for r in self.running) if self.waiting else 0
         while self.waiting and budget > 0 and not preempted:
             req = self.waiting[0]
             if seats + 1 + len(req.forks) > self.max_num_seqs:
