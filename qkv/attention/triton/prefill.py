@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.decode import _scores
+from qkv.attention.triton.decode import _scores, _tile
 from qkv.kvcache.kv_quant import as_stored, compute_dtype, is_fp8
 
 
@@ -100,12 +100,8 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
                                     HAS_WINDOW, HAS_SOFTCAP, MASKED=False)
     for start in range(full_end, nc, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
-        kmask = k_pos < nc
-        page = k_pos // BS
-        if HAS_RING:
-            page = page % ring
-        blk = tl.load(BT + b * stride_bt + page, mask=kmask, other=0).to(tl.int64)
-        off = blk * stride_cb + (k_pos % BS) * stride_ct + kvh * stride_ch
+        kmask, off = _tile(BT + b * stride_bt, start, nc, ring, stride_cb, stride_ct, kvh * stride_ch,
+                           BS, BLOCK_N, HAS_RING)
         lmask = kmask[:, None] & dmask[None, :]
         k = tl.load(KC + off[:, None] + d[None, :], mask=lmask, other=0.0)
         v = tl.load(VC + off[:, None] + d[None, :], mask=lmask, other=0.0)
