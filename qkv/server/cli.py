@@ -61,9 +61,9 @@ def run(args) -> int:
     except ValueError as e:
         print(f"qkv serve: {e}", file=sys.stderr)
         return 2
-    for flag in ("max_n", "max_waiting_requests", "max_body_bytes"):
-        if getattr(args, flag) < (0 if flag == "max_waiting_requests" else 1):
-            print(f"qkv serve: --{flag.replace('_', '-')} must be at least 1", file=sys.stderr)
+    for flag, least in (("max_n", 1), ("max_body_bytes", 1), ("max_waiting_requests", 0)):
+        if getattr(args, flag) < least:
+            print(f"qkv serve: --{flag.replace('_', '-')} must be at least {least}", file=sys.stderr)
             return 2
     if not keys and not _is_loopback(args.host):
         print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
