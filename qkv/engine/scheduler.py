@@ -164,6 +164,8 @@ class Scheduler:
         last cap is why a request ``add`` accepted always fits once the others are preempted."""
         n = min(req.num_tokens - req.num_computed_tokens, budget)
         limit = self.kv.chunk_limit(req)
+        if limit is not None and limit < 1:  # add() admits no such request; never spin on 0 tokens
+            raise RuntimeError(f"bug: {req.request_id} can take no token in its window pools")
         return n if limit is None else min(n, limit)
 
     def _preempt(self, req: Request) -> None:
