@@ -57,6 +57,8 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
     arch = meta.get("general.architecture")
     if arch not in MODEL_TYPES:
         raise LoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(MODEL_TYPES)})")
+    if "tokenizer.ggml.tokens" in meta:  # before the slow weight conversion
+        _check_tokenizer_meta(meta, path)
     names = {t.name for t in tensors}
     cfg = gguf_config(meta, names, path)
     weights = {}
@@ -106,13 +108,18 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         pos += struct.calcsize(fmt)
         return v
 
+    key = "the header"  # what is being read, for the error message
+
     def string() -> str:
         nonlocal pos
         n = take("<Q")
         if pos + n > len(raw):
             raise struct.error("string runs past the end of the file")
         pos += n
-        return bytes(raw[pos - n : pos]).decode("utf-8", errors="replace")
+        try:  # GGUF strings are UTF-8; a corrupt byte must not become a silently different token
+            return bytes(raw[pos - n : pos]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{key}: a string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
     def value(vtype: int):
         nonlocal pos
@@ -141,16 +148,20 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
             raise ValueError(f"unsupported GGUF version {version}")
         meta = {}
         for _ in range(n_kv):
+            key = "a metadata key"
             key = string()
             meta[key] = value(take("<I"))
         infos = []
+        key = "the tensor table"
         for _ in range(n_tensors):
             name, ndim = string(), take("<I")
             dims = [take("<Q") for _ in range(ndim)]
             infos.append((name, dims, GGMLQuantizationType(take("<I")), take("<Q")))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+    except (struct.error, ValueError) as e:
         raise LoadError(f"{path}: not a valid GGUF file ({e})") from None
     align = meta.get("general.alignment", 32)
+    if type(align) is not int or align < 1:
+        raise LoadError(f"{path}: general.alignment must be a positive integer, got {align!r}")
     start = (pos + align - 1) // align * align
     tensors = []
     for name, dims, qtype, offset in infos:
@@ -297,7 +308,58 @@ _PRE_SPLITS = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"], _LLAMA3_SPLIT),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
 }
+# Byte-level vocabularies whose split is GPT-2's own (ByteLevel's built-in regex). SmolLM:
+# llama.cpp splits digits one by one, but its vocabulary has no multi-digit token, so
+# GPT-2's split gives the same ids (tests/test_tokenizer.py::test_smollm2_parity).
+_GPT2_SPLIT_PRES = ("default", "gpt-2", "gpt2", "smollm")
 _CONTROL, _USER_DEFINED = 3, 4
+
+
+def _check_tokenizer_meta(meta: dict, path: str) -> None:
+    """Refuse tokenizer metadata of the wrong shape with a LoadError naming the key.
+
+    llama.cpp refuses an unknown byte-level pre-tokenizer rather than guess its split,
+    since a wrong split loads fine and tokenizes wrongly; so do we.
+    """
+
+    def bad(key: str, problem: str):
+        raise LoadError(f"{path}: malformed GGUF tokenizer metadata: tokenizer.ggml.{key} {problem}")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens:
+        bad("tokens", "must be a non-empty array of strings")
+    if not all(isinstance(t, str) for t in tokens):
+        bad("tokens", "must hold strings only")
+    n = len(tokens)
+    for key, kind in (("token_type", int), ("scores", (int, float))):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is None:
+            continue
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+            bad(key, f"must be an array of {n} numbers, one per token")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None:
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            bad("merges", "must be an array of strings")
+        wrong = next((m for m in merges if not all(m.partition(" ")[::2]) or " " not in m), None)
+        if wrong is not None:
+            bad("merges", f"holds {wrong!r}; each merge is two tokens joined by one space")
+    for key in ("bos", "eos", "unknown", "padding"):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and (type(i) is not int or not 0 <= i < n):
+            bad(f"{key}_token_id", f"is {i!r}, not a token id below {n}")
+    for key in ("model", "pre", "chat_template"):
+        v = meta.get(f"tokenizer.ggml.{key}" if key != "chat_template" else "tokenizer.chat_template")
+        if v is not None and not isinstance(v, str):
+            bad(key, f"must be a string, got {type(v).__name__}")
+    for key in ("add_bos_token", "add_eos_token"):
+        if not isinstance(meta.get(f"tokenizer.ggml.{key}", False), bool):
+            bad(key, "must be a boolean")
+    pre = meta.get("tokenizer.ggml.pre")
+    if meta.get("tokenizer.ggml.model") == "gpt2" and pre is not None and pre not in (*_GPT2_SPLIT_PRES, *_PRE_SPLITS):
+        raise LoadError(f"{path}: unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}; its split is "
+                        f"unknown, so text would tokenize wrongly (supported: "
+                        f"{', '.join([*_GPT2_SPLIT_PRES, *_PRE_SPLITS])})")
 
 
 def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
@@ -307,6 +369,17 @@ def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
     BPE with byte fallback, whose merges are rebuilt from the token scores
     (Gemma: from the token order, which is its merge order).
     """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    _check_tokenizer_meta(meta, path)
+    try:
+        return _build_tokenizer(meta, path)
+    except LoadError:
+        raise
+    except Exception as e:  # the tokenizers library raises bare Exception for an inconsistent vocabulary
+        raise LoadError(f"{path}: malformed GGUF tokenizer metadata ({type(e).__name__}: {e})") from None
+
+
+def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
 

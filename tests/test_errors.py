@@ -1,0 +1,78 @@
+"""Bad input gets a clear error naming the file or field, never a raw TypeError/IndexError:
+malformed GGUF tokenizer metadata, unknown pre-tokenizers, corrupt headers (fuzzed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qkv.loading import LoadError, load
+
+gguf = pytest.importorskip("gguf")
+
+TOKENS = ["<s>", "</s>", "a", "b", "ab", "zq\u00e9"]
+
+
+def write_gguf(path, *, tokens=TOKENS, merges=("a b",), pre="gpt-2", model="gpt2", extra=None):
+    """A one-layer llama GGUF with a tiny byte-level BPE vocabulary; ``extra`` overrides
+    metadata: {key: (kind, value)} with kind one of GGUFWriter's ``add_*`` suffixes."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    for key, v in [("block_count", 1), ("context_length", 32), ("embedding_length", 8),
+                   ("feed_forward_length", 16), ("attention.head_count", 2)]:
+        w.add_uint32(f"llama.{key}", v)
+    meta = {"tokenizer.ggml.model": ("string", model), "tokenizer.ggml.tokens": ("array", list(tokens)),
+            "tokenizer.ggml.merges": ("array", list(merges)), "tokenizer.ggml.bos_token_id": ("uint32", 0),
+            "tokenizer.ggml.eos_token_id": ("uint32", 1)}
+    if pre is not None:
+        meta["tokenizer.ggml.pre"] = ("string", pre)
+    meta.update(extra or {})
+    for key, (kind, v) in meta.items():
+        if v is not None:
+            getattr(w, f"add_{kind}")(key, v)
+    w.add_tensor("token_embd.weight", np.zeros((len(TOKENS), 8), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_synthetic_gguf_loads(tmp_path):
+    m = load(write_gguf(tmp_path / "ok.gguf"))
+    assert m.tokenizer.encode("ab", add_special_tokens=False) == [4]
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"tokenizer.ggml.tokens": ("array", [1, 2, 3])}, "tokenizer.ggml.tokens must hold strings"),
+    ({"tokenizer.ggml.tokens": ("array", [])}, "tokenizer.ggml.tokens must be a non-empty array"),
+    ({"tokenizer.ggml.merges": ("array", ["ab"])}, "tokenizer.ggml.merges holds 'ab'"),
+    ({"tokenizer.ggml.merges": ("array", [1, 2])}, "tokenizer.ggml.merges must be an array of strings"),
+    ({"tokenizer.ggml.merges": ("array", ["a c"])}, "malformed GGUF tokenizer metadata"),  # c: no such token
+    ({"tokenizer.ggml.token_type": ("array", [1, 1])}, "token_type must be an array of 6"),
+    ({"tokenizer.ggml.eos_token_id": ("uint32", 99)}, "eos_token_id is 99"),
+    ({"tokenizer.ggml.model": ("string", "wordpiece")}, "unsupported GGUF tokenizer model 'wordpiece'"),
+])
+def test_malformed_tokenizer_metadata_is_a_load_error(tmp_path, extra, match):
+    f = write_gguf(tmp_path / "bad.gguf", extra=extra)
+    with pytest.raises(LoadError, match=f"bad.gguf: .*{match}"):
+        load(f)
+
+
+@pytest.mark.parametrize("old,new,match", [
+    (b"zq\xc3\xa9", b"zq\xc3\x28", "not valid UTF-8"),  # a flipped byte breaks the UTF-8
+    (b"\x02\x00\x00\x00\x00\x00\x00\x00ab", b"\x02\x00\x00\x00\x00\x00\x00\x00ac", "malformed GGUF tokenizer"),
+])
+def test_flipped_byte_in_a_token(tmp_path, old, new, match):
+    f = write_gguf(tmp_path / "flip.gguf")
+    data = f.read_bytes()
+    assert data.count(old) == 1
+    f.write_bytes(data.replace(old, new))
+    with pytest.raises(LoadError, match=f"flip.gguf: .*{match}"):
+        load(f)
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path):
+    with pytest.raises(LoadError, match="tokenizer.ggml.pre='tekken'.*supported: default, gpt-2.*llama3"):
+        load(write_gguf(tmp_path / "tekken.gguf", pre="tekken"))
+    assert load(write_gguf(tmp_path / "none.gguf", pre=None)).tokenizer is not None  # no value: GPT-2's split
+    assert load(write_gguf(tmp_path / "l3.gguf", pre="llama-bpe")).tokenizer is not None
