@@ -44,7 +44,6 @@ def test_synthetic_gguf_loads(tmp_path):
 
 @pytest.mark.parametrize("extra,match", [
     ({"tokenizer.ggml.tokens": ("array", [1, 2, 3])}, "tokenizer.ggml.tokens must hold strings"),
-    ({"tokenizer.ggml.tokens": ("array", [])}, "tokenizer.ggml.tokens must be a non-empty array"),
     ({"tokenizer.ggml.merges": ("array", ["ab"])}, "tokenizer.ggml.merges holds 'ab'"),
     ({"tokenizer.ggml.merges": ("array", [1, 2])}, "tokenizer.ggml.merges must be an array of strings"),
     ({"tokenizer.ggml.merges": ("array", ["a c"])}, "malformed GGUF tokenizer metadata"),  # c: no such token
@@ -56,6 +55,14 @@ def test_malformed_tokenizer_metadata_is_a_load_error(tmp_path, extra, match):
     f = write_gguf(tmp_path / "bad.gguf", extra=extra)
     with pytest.raises(LoadError, match=f"bad.gguf: .*{match}"):
         load(f)
+
+
+def test_empty_vocabulary():
+    from qkv.loading.gguf import gguf_tokenizer
+
+    with pytest.raises(LoadError, match="x.gguf: .*tokenizer.ggml.tokens must be a non-empty array"):
+        gguf_tokenizer({"general.architecture": "llama", "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": []},
+                       "x.gguf")
 
 
 @pytest.mark.parametrize("old,new,match", [
