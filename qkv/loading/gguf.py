@@ -21,7 +21,7 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
-from .tokenizer import Tokenizer
+from .tokenizer import ChatTemplateError, Tokenizer
 
 # GGUF ``general.architecture`` -> HF ``model_type``.
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "gpt2": "gpt2"}
@@ -375,6 +375,8 @@ def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
         return _build_tokenizer(meta, path)
     except LoadError:
         raise
+    except ChatTemplateError as e:
+        raise LoadError(str(e)) from None
     except Exception as e:  # the tokenizers library raises bare Exception for an inconsistent vocabulary
         raise LoadError(f"{path}: malformed GGUF tokenizer metadata ({type(e).__name__}: {e})") from None
 
@@ -457,6 +459,7 @@ def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
     return Tokenizer(
         backend, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids,
         chat_template=meta.get("tokenizer.chat_template"), name=path,
+        template_source=f"{path}: tokenizer.chat_template",
     )
 
 

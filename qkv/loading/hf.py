@@ -15,7 +15,7 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
-from .tokenizer import Tokenizer
+from .tokenizer import ChatTemplateError, Tokenizer
 
 
 def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
@@ -73,28 +73,46 @@ def hf_tokenizer(d: Path, eos_ids: list[int]) -> Tokenizer | None:
     except Exception as e:
         raise LoadError(f"{tj}: unreadable tokenizer ({e})") from None
     tc = _read_json(d / "tokenizer_config.json", required=False)
-    template = tc.get("chat_template")
+    template, template_file = tc.get("chat_template"), d / "tokenizer_config.json"
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        template = {t.get("name"): t.get("template") for t in template}.get("default")
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
     if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text()
-    return Tokenizer(
-        backend,
-        bos_token=_token_str(tc.get("bos_token")),
-        eos_token=_token_str(tc.get("eos_token")),
-        eos_token_ids=eos_ids,
-        chat_template=template,
-        name=str(tj),
-    )
+        template_file = d / "chat_template.jinja"
+        template = _read_text(template_file)
+    if template is not None and not isinstance(template, str):
+        raise LoadError(f"{template_file}: chat_template must be a string, got {type(template).__name__}")
+    try:
+        return Tokenizer(
+            backend,
+            bos_token=_token_str(tc.get("bos_token")),
+            eos_token=_token_str(tc.get("eos_token")),
+            eos_token_ids=eos_ids,
+            chat_template=template,
+            name=str(tj),
+            template_source=str(template_file),
+        )
+    except ChatTemplateError as e:
+        raise LoadError(str(e)) from None
 
 
 def _generation_eos(d: Path) -> list[int]:
-    eos = _read_json(d / "generation_config.json", required=False).get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    f = d / "generation_config.json"
+    eos = _read_json(f, required=False).get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        raise LoadError(f"{f}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return ids
 
 
 def _token_str(t) -> str | None:
     return t.get("content") if isinstance(t, dict) else t
+
+
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{f}: unreadable ({e})") from None
 
 
 def _read_json(f: Path, required: bool) -> dict:
@@ -103,6 +121,9 @@ def _read_json(f: Path, required: bool) -> dict:
             raise LoadError(f"{f}: file not found")
         return {}
     try:
-        return json.loads(f.read_text())
+        data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LoadError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    return data
