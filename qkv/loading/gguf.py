@@ -54,6 +54,9 @@ _IGNORED = {"rope_freqs.weight"}
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
     """Read ``path``; raise LoadError naming it for anything unreadable or unsupported."""
     meta, tensors = read_gguf(path)
+    if meta.get("split.count", 1) != 1:  # a part names its siblings; we read one file only
+        raise LoadError(f"{path}: part of a split GGUF ({meta.get('split.count')} parts); merge them first "
+                        f"(llama-gguf-split --merge FIRST-PART OUT.gguf)")
     arch = meta.get("general.architecture")
     if arch not in MODEL_TYPES:
         raise LoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(MODEL_TYPES)})")
