@@ -83,3 +83,61 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
         load(write_gguf(tmp_path / "tekken.gguf", pre="tekken"))
     assert load(write_gguf(tmp_path / "none.gguf", pre=None)).tokenizer is not None  # no value: GPT-2's split
     assert load(write_gguf(tmp_path / "l3.gguf", pre="llama-bpe")).tokenizer is not None
+
+
+# ------------------------------------------------------------------ corrupt headers (fuzzed)
+def _mutate(data: bytes, limit: int, seed: int) -> bytes:
+    """One to three random byte changes (a new value or a flipped bit) in ``data[:limit]``."""
+    rng = np.random.default_rng(seed)
+    b = bytearray(data)
+    for _ in range(rng.integers(1, 4)):
+        i = rng.integers(0, limit)
+        b[i] = rng.integers(0, 256) if rng.random() < 0.7 else b[i] ^ (1 << rng.integers(0, 8))
+    return bytes(b)
+
+
+SEEDS = [*range(40), 238, 262]  # 238, 262: a 0-dim tensor and an absurd dimension, found by this fuzz
+
+
+def test_fuzzed_gguf_header_is_loaded_or_a_load_error(tmp_path):
+    data = write_gguf(tmp_path / "base.gguf").read_bytes()
+    header = len(data) - len(TOKENS) * 8 * 4  # all but the one F32 tensor's data
+    for seed in SEEDS:
+        f = tmp_path / f"fuzz{seed}.gguf"
+        f.write_bytes(_mutate(data, header, seed))
+        try:
+            load(f)
+        except LoadError as e:
+            assert f"fuzz{seed}.gguf" in str(e)
+
+
+def test_fuzzed_safetensors_header_is_read_or_a_load_error(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from qkv.loading.hf import read_safetensors
+
+    f = tmp_path / "base.safetensors"
+    save_file({"a": torch.randn(4, 3), "b": torch.ones(5)}, str(f))
+    data = f.read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    cases = [_mutate(data, header, seed) for seed in SEEDS]
+    cases.append((1 << 60).to_bytes(8, "little") + data[8:])  # a header claiming an exabyte
+    cases.append(data.replace(b'"data_offsets":[0,48]', b'"data_offsets":[0,9999999999999]'))
+    assert cases[-1] != data
+    for i, case in enumerate(cases):
+        g = tmp_path / f"fuzz{i}.safetensors"
+        g.write_bytes(case)
+        try:
+            read_safetensors(g)
+        except LoadError as e:
+            assert f"fuzz{i}.safetensors" in str(e)
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"model": {"type": "BPE", "vocab": 5}}', '{"version": "1.0"}'])
+def test_malformed_tokenizer_json_is_a_load_error(tmp_path, text):
+    from qkv.loading.hf import hf_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(text)
+    with pytest.raises(LoadError, match="tokenizer.json: unreadable tokenizer"):
+        hf_tokenizer(tmp_path, [])

@@ -11,6 +11,7 @@ tensors, and each change is undone here the way transformers undoes it:
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from typing import NamedTuple
@@ -158,8 +159,15 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         key = "the tensor table"
         for _ in range(n_tensors):
             name, ndim = string(), take("<I")
+            if not 1 <= ndim <= 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name!r} has {ndim} dimensions (1 to 4 allowed)")
             dims = [take("<Q") for _ in range(ndim)]
-            infos.append((name, dims, GGMLQuantizationType(take("<I")), take("<Q")))
+            qtype = GGMLQuantizationType(take("<I"))
+            if qtype not in GGML_QUANT_SIZES:
+                raise ValueError(f"tensor {name!r} has type {qtype.name}, which has no known block size")
+            if min(dims) < 1 or dims[0] % GGML_QUANT_SIZES[qtype][0]:
+                raise ValueError(f"tensor {name!r} has impossible dimensions {dims} for {qtype.name}")
+            infos.append((name, dims, qtype, take("<Q")))
     except (struct.error, ValueError) as e:
         raise LoadError(f"{path}: not a valid GGUF file ({e})") from None
     align = meta.get("general.alignment", 32)
@@ -170,7 +178,7 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
     for name, dims, qtype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[qtype]
         row_bytes = dims[0] // block * type_size
-        n_bytes = row_bytes * int(np.prod(dims[1:], dtype=np.int64))
+        n_bytes = row_bytes * math.prod(dims[1:])  # Python ints: a corrupt header cannot overflow
         begin = start + offset
         if begin + n_bytes > len(buf):
             raise LoadError(f"{path}: truncated GGUF file: tensor {name!r} ends past the end of the file")
