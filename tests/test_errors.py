@@ -85,6 +85,21 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
     assert load(write_gguf(tmp_path / "l3.gguf", pre="llama-bpe")).tokenizer is not None
 
 
+@pytest.mark.parametrize("key,kind,value,match", [
+    ("llama.block_count", "string", "2", "llama.block_count must be a positive integer, got '2'"),
+    ("llama.attention.head_count", "uint32", 0, "head_count must be a positive integer, got 0"),
+    ("llama.attention.head_count", "array", [2, 2], "head_count must be a positive integer"),
+    ("llama.attention.head_count", "uint32", 3, "embedding_length 8 is not a multiple of"),
+    ("llama.rope.freq_base", "string", "x", "llama.rope.freq_base must be a positive number"),
+    ("llama.rope.scaling.type", "uint32", 1, "llama.rope.scaling.type must be a string"),
+    ("general.alignment", "uint32", 0, "general.alignment must be a positive integer"),
+])
+def test_model_metadata_of_the_wrong_type_is_a_load_error(tmp_path, key, kind, value, match):
+    f = write_gguf(tmp_path / "meta.gguf", extra={key: (kind, value)})
+    with pytest.raises(LoadError, match=f"meta.gguf: .*{match}"):
+        load(f)
+
+
 # ------------------------------------------------------------------ corrupt headers (fuzzed)
 def _mutate(data: bytes, limit: int, seed: int) -> bytes:
     """One to three random byte changes (a new value or a flipped bit) in ``data[:limit]``."""

@@ -59,7 +59,7 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
         raise LoadError(f"{path}: part of a split GGUF ({meta.get('split.count')} parts); merge them first "
                         f"(llama-gguf-split --merge FIRST-PART OUT.gguf)")
     arch = meta.get("general.architecture")
-    if arch not in MODEL_TYPES:
+    if not isinstance(arch, str) or arch not in MODEL_TYPES:
         raise LoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(MODEL_TYPES)})")
     if "tokenizer.ggml.tokens" in meta:  # before the slow weight conversion
         _check_tokenizer_meta(meta, path)
@@ -194,10 +194,26 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
     if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
         model_type = "mistral"  # as transformers does
 
+    floats = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
+              "rope.scaling.factor", "final_logit_softcapping")
+
     def get(key, default=None, required=True):
+        """``{arch}.{key}``, checked: a positive int, a positive finite float (``floats``) or,
+        for the RoPE scaling type, a string. A wrong type is a LoadError naming the key."""
         v = meta.get(f"{arch}.{key}", default)
-        if v is None and required:
-            raise LoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        if v is None:
+            if required:
+                raise LoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+            return None
+        if key == "rope.scaling.type":
+            ok = isinstance(v, str)
+        elif key in floats:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        else:
+            ok = type(v) is int and v > 0
+        if not ok:
+            want = "a string" if key == "rope.scaling.type" else "a positive number" if key in floats else "a positive integer"
+            raise LoadError(f"{path}: GGUF metadata {arch}.{key} must be {want}, got {v!r}")
         return v
 
     heads = get("attention.head_count")
@@ -205,6 +221,9 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
     head_dim = get("attention.key_length", required=False)
     if head_dim is None and arch == "llama":
         head_dim = get("rope.dimension_count", required=False)
+    if head_dim is None and hidden % heads:
+        raise LoadError(f"{path}: {arch}.embedding_length {hidden} is not a multiple of "
+                        f"{arch}.attention.head_count {heads}, and no head size is given")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", required=False) or (len(tokens) if tokens else None)
     if vocab is None:
