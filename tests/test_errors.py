@@ -156,3 +156,15 @@ def test_malformed_tokenizer_json_is_a_load_error(tmp_path, text):
     (tmp_path / "tokenizer.json").write_text(text)
     with pytest.raises(LoadError, match="tokenizer.json: unreadable tokenizer"):
         hf_tokenizer(tmp_path, [])
+
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", "2"), ("num_attention_heads", 0),
+                                         ("rope_theta", "x"), ("rope_scaling", "x")])
+def test_hf_config_field_of_the_wrong_type_is_a_load_error(tmp_path, field, value):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": 16, "hidden_size": 8, "num_attention_heads": 2,
+        "num_hidden_layers": 1, "intermediate_size": 8, field: value}))
+    with pytest.raises(LoadError, match="config.json: invalid field value"):
+        load(tmp_path)

@@ -272,6 +272,8 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
         cfg = ModelConfig.from_hf(d, source=path)
     except ConfigError as e:
         raise LoadError(str(e)) from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+        raise LoadError(f"{path}: invalid GGUF metadata ({type(e).__name__}: {e})") from None
     if arch != "gpt2":  # biases: trust the tensors present, not per-architecture defaults
         cfg = cfg.replace(
             qkv_bias="blk.0.attn_q.bias" in tensor_names,

@@ -27,6 +27,9 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tok
         cfg = ModelConfig.from_hf(raw, source=str(config_file))
     except ConfigError as e:
         raise LoadError(str(e)) from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+        # from_hf does arithmetic on fields it does not type-check ("2" layers, 0 heads)
+        raise LoadError(f"{config_file}: invalid field value ({type(e).__name__}: {e})") from None
     weights: dict[str, torch.Tensor] = {}
     for f in safetensors_files(d):
         weights.update(read_safetensors(f))
@@ -126,7 +129,10 @@ def _generation_eos(d: Path) -> list[int]:
 
 
 def _token_str(t) -> str | None:
-    return t.get("content") if isinstance(t, dict) else t
+    t = t.get("content") if isinstance(t, dict) else t
+    if t is not None and not isinstance(t, str):
+        raise LoadError(f"tokenizer_config.json: a special token must be a string or {{'content': ...}}, got {t!r}")
+    return t
 
 
 def _read_text(f: Path) -> str:
