@@ -137,8 +137,9 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None) -> list[Request]:
-        """Queue a prompt; returns its n sample requests. Raises ValueError (RequestTooLarge)
-        at once for a request that can never run; nothing is queued then."""
+        """Queue a prompt; returns its n sample requests. Raises ValueError at once, with
+        nothing queued, for out-of-vocabulary ids, an id in use (samples are ``id/1..n-1``)
+        and (RequestTooLarge) a request that can never run."""
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         prompt_token_ids = self._check_token_ids(prompt_token_ids, "prompt")
