@@ -277,6 +277,7 @@ class LLMEngine:
             chunks = []
             while req.num_computed_tokens < len(token_ids):
                 n = min(self.scheduler.max_num_batched_tokens, len(token_ids) - req.num_computed_tokens)
+                n = min(n, self.kv.chunk_limit(req) or n)  # a window table holds chunk + window
                 copies = self.kv.allocate(req, n)
                 if copies is None:
                     raise RuntimeError(f"{len(token_ids)} tokens do not fit in the free KV blocks")
