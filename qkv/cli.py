@@ -45,26 +45,6 @@ EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "promethe
           "matplotlib": "plot"}
 
 
-def check_device(device: str | None) -> None:
-    """Refuse a device the engine cannot use before anything is loaded (ValueError, one line)."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {device!r} is not a device name; use cpu or cuda (cuda:N for one GPU)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r} is not supported; use cpu or cuda (cuda:N for one GPU)")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise ValueError(f"--device {device}: {why}; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-
-
 def engine_kwargs(args) -> dict:
     return dict(dtype=args.dtype, device=args.device, threads=args.threads, block_size=args.block_size,
                 num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -172,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     # User-facing errors (LoadError and ConfigError are ValueErrors, as are the validation
     # errors of SamplingParams and the engine) print one line; anything else is a bug: traceback.
     try:
-        check_device(getattr(args, "device", None))  # before the load, which may take minutes
+        from qkv.engine.llm import check_device
+
+        check_device(getattr(args, "device", None), "--device")  # before the load, which may take minutes
         if args.module == "qkv.cli":
             return run(args)
         return importlib.import_module(args.module).run(args) or 0

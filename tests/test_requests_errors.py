@@ -92,3 +92,9 @@ def test_duplicate_request_id_raises_without_side_effects(llm):
     assert outs["a"].token_ids == alone[0].token_ids  # the first copy ran unchanged
     assert first.finished and not eng._requests
     assert _usage(llm)["num_blocks_in_use"] == before["num_blocks_in_use"] == 0  # no leaked blocks
+
+
+def test_llm_refuses_a_device_before_loading(tmp_path):
+    missing = str(tmp_path / "missing.gguf")  # the device is checked first, so no load error
+    with pytest.raises(ValueError, match=r"^device 'gpu' is not a device name; use cpu or cuda"):
+        LLM(missing, device="gpu")
