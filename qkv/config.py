@@ -174,37 +174,47 @@ class ModelConfig:
             rope_theta=float(rope_theta or 10000.0),
             rope_scaling=rope_scaling,
             tie_word_embeddings=d.get("tie_word_embeddings", False),
-            qkv_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-            o_bias=bool(d.get("attention_bias", False)) and model_type == "llama",
-            mlp_bias=bool(d.get("mlp_bias", False)),
+            **_biases(d, model_type),
         )
-        if model_type == "qwen3":
+        if model_type in ("qwen3", "gemma3_text"):
             cfg["qk_norm"] = True
-        if model_type in ("mistral", "qwen2", "qwen3"):
-            window = d.get("sliding_window")
-            use = d.get("use_sliding_window", model_type == "mistral")
-            if window and use:
+        if model_type == "mistral":
+            # MistralConfig has no use_sliding_window or layer_types: a window, when set, is
+            # every layer's (HF only warns about a layer_types field, and ignores it).
+            if d.get("sliding_window") is not None:
+                cfg["sliding_window"] = d["sliding_window"]
+        if model_type in ("qwen2", "qwen3"):
+            # As Qwen2Config.__post_init__: the window exists only with use_sliding_window;
+            # an explicit layer_types wins over max_window_layers (default 28).
+            window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+            types = d.get("layer_types")
+            if types is None:
+                mwl = d.get("max_window_layers", 28)
+                types = ["sliding_attention" if window is not None and i >= mwl else "full_attention"
+                         for i in range(n_layers)]
+            cfg["layer_types"] = _layer_types(types, n_layers, source)
+            if "sliding" in cfg["layer_types"]:
+                if window is None:
+                    raise ConfigError(
+                        f"{source}: layer_types has sliding_attention layers but no sliding window "
+                        f"(sliding_window={d.get('sliding_window')!r}, "
+                        f"use_sliding_window={d.get('use_sliding_window', False)!r})"
+                    )
                 cfg["sliding_window"] = window
-                max_window_layers = d.get("max_window_layers")
-                if model_type != "mistral" and max_window_layers is not None:
-                    cfg["layer_types"] = [
-                        "sliding" if i >= max_window_layers else "full" for i in range(n_layers)
-                    ]
         if model_type == "gemma3_text":
-            cfg["qk_norm"] = True
+            if d.get("use_bidirectional_attention"):
+                raise ConfigError(f"{source}: use_bidirectional_attention=True is not supported")
             cfg["sliding_window"] = need("sliding_window")
             cfg["rope_local_theta"] = float(rope_local or 10000.0)
             cfg["query_pre_attn_scalar"] = d.get("query_pre_attn_scalar", cfg["head_dim"])
             cfg["final_logit_softcapping"] = d.get("final_logit_softcapping")
             cfg["tie_word_embeddings"] = d.get("tie_word_embeddings", True)
             types = d.get("layer_types")
-            if types:
-                cfg["layer_types"] = ["sliding" if t == "sliding_attention" else "full" for t in types]
-            else:
+            if not types:
                 pattern = d.get("sliding_window_pattern", 6)
-                cfg["layer_types"] = [
-                    "full" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)
-                ]
+                types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                         for i in range(n_layers)]
+            cfg["layer_types"] = _layer_types(types, n_layers, source)
         if model_type in ("deepseek_v2", "deepseek_v3"):
             cfg.update(
                 q_lora_rank=d.get("q_lora_rank"),
@@ -225,3 +235,39 @@ class ModelConfig:
                 )
             }
         return cls(**cfg)
+
+
+# HF layer type names qkv runs, and the legacy name transformers still remaps.
+_LAYER_TYPES = {"full_attention": "full", "sliding_attention": "sliding", "attention": "full"}
+
+
+def _layer_types(types: Any, n_layers: int, source: str) -> list[str]:
+    """HF ``layer_types`` -> qkv's ("full"/"sliding"); refuses any other kind by name."""
+    if not isinstance(types, list) or len(types) != n_layers:
+        raise ConfigError(f"{source}: layer_types must list one type per layer ({n_layers}), got {types!r}")
+    for i, t in enumerate(types):
+        if t not in _LAYER_TYPES:
+            raise ConfigError(
+                f"{source}: layer_types[{i}]={t!r} is not supported "
+                f"(supported: full_attention, sliding_attention)"
+            )
+    return [_LAYER_TYPES[t] for t in types]
+
+
+def _biases(d: dict, model_type: str) -> dict[str, bool]:
+    """Which projections carry a bias, exactly as each HF modeling file builds them."""
+    attn = bool(d.get("attention_bias", False))
+    mlp = bool(d.get("mlp_bias", False))
+    if model_type == "llama":
+        return dict(qkv_bias=attn, o_bias=attn, mlp_bias=mlp)
+    if model_type == "mistral":  # hard-coded bias=False everywhere
+        return dict(qkv_bias=False, o_bias=False, mlp_bias=False)
+    if model_type == "qwen2":  # hard-coded: q/k/v always, o and MLP never
+        return dict(qkv_bias=True, o_bias=False, mlp_bias=False)
+    if model_type in ("qwen3", "gemma3_text"):  # attention_bias on q/k/v/o, MLP never
+        return dict(qkv_bias=attn, o_bias=attn, mlp_bias=False)
+    if model_type == "deepseek_v2":  # attention_bias on q_a/kv_a/o; mlp_bias on dense and shared MLPs
+        return dict(qkv_bias=attn, o_bias=attn, mlp_bias=mlp)
+    if model_type == "deepseek_v3":
+        return dict(qkv_bias=attn, o_bias=attn, mlp_bias=False)
+    raise AssertionError(model_type)

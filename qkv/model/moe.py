@@ -74,7 +74,8 @@ class MoE(nn.Module):
         self.gate = Router(cfg, n)
         self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, inter, cfg.hidden_act) for _ in range(n))
         shared = ex.get("n_shared_experts") or 0
-        self.shared_experts = GatedMLP(cfg.hidden_size, inter * shared, cfg.hidden_act) if shared else None
+        self.shared_experts = (GatedMLP(cfg.hidden_size, inter * shared, cfg.hidden_act, cfg.mlp_bias)
+                               if shared else None)  # HF: DeepseekV2MLP, so mlp_bias applies
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.gate(x)

@@ -1,0 +1,114 @@
+"""Config corners where qkv must read ``config.json`` exactly as HF transformers does.
+
+Each parity test builds a tiny random HF model, saves it, loads it with qkv and compares
+fp32 logits (1e-4 relative) over a prompt longer than any sliding window.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from qkv import LLM
+from qkv.config import ConfigError, ModelConfig
+
+from conftest import tiny_config
+
+PROMPT = torch.randint(2, 256, (24,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def build(tmp_path, family: str, seed: int = 0, **overrides):
+    cfg, cls = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    model = cls(cfg).eval()
+    with torch.no_grad():  # HF initializes biases to zero: random ones prove they are loaded
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.5)
+    path = tmp_path / family
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def assert_logits_match(path: str, hf) -> LLM:
+    llm = LLM(path, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64)
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPT])).logits[0]
+    assert rel_err(llm.logits(PROMPT), ref) < 1e-4
+    return llm
+
+
+# ------------------------------------------------------------------ layer_types
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_layer_types_win_over_max_window_layers(tmp_path, family):
+    """max_window_layers=2 alone would make layers 2, 3 sliding; layer_types says 0 and 2."""
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    path, hf = build(tmp_path, family, use_sliding_window=True, sliding_window=8, max_window_layers=2,
+                     layer_types=types, num_hidden_layers=4)
+    llm = assert_logits_match(path, hf)
+    assert llm.config.layer_types == ["sliding", "full", "sliding", "full"]
+
+
+def test_qwen2_window_without_use_sliding_window_is_off(tmp_path):
+    path, hf = build(tmp_path, "qwen2", use_sliding_window=False, sliding_window=8, max_window_layers=0)
+    llm = assert_logits_match(path, hf)
+    assert llm.config.layer_types == ["full", "full"] and llm.config.sliding_window is None
+
+
+def test_qwen2_max_window_layers_defaults_like_hf():
+    d = dict(model_type="qwen2", vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+             num_hidden_layers=30, use_sliding_window=True, sliding_window=16)
+    cfg = ModelConfig.from_hf(d)  # HF's default max_window_layers is 28
+    assert cfg.layer_types == ["full"] * 28 + ["sliding"] * 2
+
+
+def test_mistral_ignores_use_sliding_window_and_layer_types():
+    """MistralConfig has neither field: the window applies to every layer, as HF runs it."""
+    d = dict(model_type="mistral", vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+             num_hidden_layers=2, sliding_window=16, use_sliding_window=False,
+             layer_types=["full_attention", "full_attention"])
+    assert ModelConfig.from_hf(d).layer_types == ["sliding", "sliding"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gemma3_text"])
+def test_unknown_layer_type_is_refused_by_name(family):
+    d = dict(model_type=family, vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+             num_hidden_layers=2, use_sliding_window=True, sliding_window=16,
+             layer_types=["full_attention", "linear_attention"])
+    with pytest.raises(ConfigError, match=r"layer_types\[1\]='linear_attention'"):
+        ModelConfig.from_hf(d, source="x/config.json")
+
+
+def test_sliding_layer_without_window_is_refused():
+    d = dict(model_type="qwen2", vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+             num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(ConfigError, match="x/config.json: layer_types has sliding_attention"):
+        ModelConfig.from_hf(d, source="x/config.json")
+
+
+# ------------------------------------------------------------------ biases
+@pytest.mark.parametrize("family,overrides", [
+    ("qwen3", {"attention_bias": True}),  # q/k/v *and* o_proj
+    ("llama", {"attention_bias": True, "mlp_bias": True}),
+    ("qwen2", {}),  # q/k/v only, always
+])
+def test_bias_flags_load_and_match(tmp_path, family, overrides):
+    path, hf = build(tmp_path, family, **overrides)
+    assert_logits_match(path, hf)
+
+
+def test_biases_follow_each_modeling_file():
+    base = dict(vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1,
+                attention_bias=True, mlp_bias=True)
+    got = {t: ModelConfig.from_hf({**base, "model_type": t}) for t in ("llama", "mistral", "qwen2", "qwen3")}
+    flags = {t: (c.qkv_bias, c.o_bias, c.mlp_bias) for t, c in got.items()}
+    assert flags == {"llama": (True, True, True), "mistral": (False, False, False),
+                     "qwen2": (True, False, False), "qwen3": (True, True, False)}
+    # Qwen2's q/k/v bias is hard-coded: attention_bias=False in the file does not remove it.
+    assert ModelConfig.from_hf({**base, "model_type": "qwen2", "attention_bias": False}).qkv_bias
