@@ -30,6 +30,9 @@ ARCHITECTURES = {
     "deepseek_v3": "deepseek",
 }
 
+# RoPE scaling types qkv implements (qkv/model/rope.py), as HF's ``rope_type`` names them.
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3", "longrope")
+
 
 @dataclass
 class ModelConfig:
@@ -152,13 +155,16 @@ class ModelConfig:
         rope_local = d.get("rope_local_base_freq")
         if isinstance(rope_params, dict):
             if "full_attention" in rope_params:  # per-layer-type parameters (Gemma 3)
-                rope_local = rope_params.get("sliding_attention", {}).get("rope_theta", rope_local)
+                local = rope_params.get("sliding_attention") or {}
+                if local.get("rope_type", local.get("type")) not in (None, "default"):
+                    raise ConfigError(f"{source}: RoPE scaling of the sliding_attention layers is not supported "
+                                      f"(rope_parameters.sliding_attention={local})")
+                rope_local = local.get("rope_theta", rope_local)
                 rope_params = rope_params["full_attention"]
             rope_theta = rope_theta or rope_params.get("rope_theta")
             if rope_params.get("rope_type", "default") != "default":
                 rope_scaling = rope_scaling or rope_params
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
-            rope_scaling = None
+        rope_scaling = _rope_scaling(rope_scaling, d, source)
         n_layers = need("num_hidden_layers")
         cfg = dict(
             **common,
@@ -271,3 +277,31 @@ def _biases(d: dict, model_type: str) -> dict[str, bool]:
     if model_type == "deepseek_v3":
         return dict(qkv_bias=attn, o_bias=attn, mlp_bias=False)
     raise AssertionError(model_type)
+
+
+def _rope_scaling(scaling: dict | None, d: dict, source: str) -> dict | None:
+    """HF's ``standardize_rope_params`` for the scaled variants: ``rope_type`` set, and
+    ``original_max_position_embeddings`` (a top-level field wins, as for Phi-3) and ``factor``
+    (YaRN/LongRoPE default: max_position_embeddings / original) filled in."""
+    partial = (scaling or {}).get("partial_rotary_factor", d.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        raise ConfigError(f"{source}: partial_rotary_factor={partial} is not supported")
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type")) or "default"
+    if kind == "default":
+        return None
+    if kind not in ROPE_SCALINGS:
+        raise ConfigError(f"{source}: unsupported RoPE scaling {kind!r} (supported: {', '.join(ROPE_SCALINGS)})")
+    out = {**scaling, "rope_type": kind}
+    max_pos = d.get("max_position_embeddings", 2048)
+    if kind in ("llama3", "yarn", "longrope"):
+        if d.get("original_max_position_embeddings") is not None:
+            out["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        out.setdefault("original_max_position_embeddings", max_pos)
+    if kind in ("yarn", "longrope") and out.get("factor") is None:
+        out["factor"] = max_pos / out["original_max_position_embeddings"]
+    needs = {"linear": ("factor",), "dynamic": ("factor",), "yarn": (),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "longrope": ("short_factor", "long_factor")}
+    for key in needs[kind]:
+        if out.get(key) is None:
+            raise ConfigError(f"{source}: rope_scaling of type {kind!r} needs {key!r}")
+    return out

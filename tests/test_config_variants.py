@@ -112,3 +112,53 @@ def test_biases_follow_each_modeling_file():
                      "qwen2": (True, False, False), "qwen3": (True, True, False)}
     # Qwen2's q/k/v bias is hard-coded: attention_bias=False in the file does not remove it.
     assert ModelConfig.from_hf({**base, "model_type": "qwen2", "attention_bias": False}).qkv_bias
+
+
+# ------------------------------------------------------------------ RoPE scaling
+SHORT = [1.0 + 0.1 * i for i in range(8)]  # head_dim 16 -> 8 frequencies
+LONG = [1.0 + 0.5 * i for i in range(8)]
+
+
+@pytest.mark.parametrize("family,overrides", [
+    # 24-token prompt past max_position_embeddings=16: HF rescales the base for the whole call.
+    ("llama", {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 3.0}}),
+    ("qwen2", {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    # longrope past its original length (long_factor), and within it (short_factor).
+    ("llama", {"max_position_embeddings": 64, "rope_scaling": {
+        "rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG, "original_max_position_embeddings": 16}}),
+    ("llama", {"max_position_embeddings": 64, "rope_scaling": {
+        "rope_type": "longrope", "factor": 2.0, "short_factor": SHORT, "long_factor": LONG,
+        "original_max_position_embeddings": 32}}),
+    ("llama", {"max_position_embeddings": 64, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
+], ids=["llama-dynamic", "qwen2-dynamic", "longrope-long", "longrope-short", "llama-yarn"])
+def test_rope_scaling_matches_hf(tmp_path, family, overrides):
+    path, hf = build(tmp_path, family, **overrides)
+    llm = assert_logits_match(path, hf)
+    if llm.config.max_position_embeddings >= len(PROMPT) + 6:
+        # Cached decode past the longrope threshold equals HF's cached decode (generate).
+        from qkv import SamplingParams
+
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(PROMPT):].tolist()
+        out = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+        assert out.token_ids == ref
+
+
+def test_unknown_rope_scaling_is_refused_by_name():
+    d = dict(model_type="llama", vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+             num_hidden_layers=1, rope_scaling={"rope_type": "su", "factor": 2.0})
+    with pytest.raises(ConfigError, match="x/config.json: unsupported RoPE scaling 'su'"):
+        ModelConfig.from_hf(d, source="x/config.json")
+
+
+def test_longrope_top_level_original_length_wins():
+    """Phi-3 style: a top-level original_max_position_embeddings overrides the one in rope_scaling,
+    and a missing factor is max_position_embeddings / original, as HF standardizes them."""
+    d = dict(model_type="llama", vocab_size=64, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+             num_hidden_layers=1, max_position_embeddings=128, original_max_position_embeddings=32,
+             rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                           "original_max_position_embeddings": 64})
+    s = ModelConfig.from_hf(d).rope_scaling
+    assert (s["rope_type"], s["original_max_position_embeddings"], s["factor"]) == ("longrope", 32, 4.0)
