@@ -162,3 +162,75 @@ def test_longrope_top_level_original_length_wins():
                            "original_max_position_embeddings": 64})
     s = ModelConfig.from_hf(d).rope_scaling
     assert (s["rope_type"], s["original_max_position_embeddings"], s["factor"]) == ("longrope", 32, 4.0)
+
+
+# ------------------------------------------------------------------ validation at load
+GOOD = dict(model_type="llama", vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, num_hidden_layers=2)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"num_attention_heads": 0}, "num_attention_heads"),  # was ZeroDivisionError
+    ({"num_attention_heads": -4}, "num_attention_heads"),
+    ({"num_key_value_heads": 0}, "num_kv_heads"),
+    ({"num_key_value_heads": 3}, "num_kv_heads"),  # 4 heads do not split into 3 groups
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"num_hidden_layers": 1e9}, "num_layers"),  # a float, and absurd
+    ({"num_hidden_layers": 10**9}, "num_layers"),
+    ({"vocab_size": 2**62}, "vocab_size"),
+    ({"hidden_size": 2**40}, "hidden_size"),
+    ({"intermediate_size": -1}, "intermediate_size"),
+    ({"head_dim": -8}, "head_dim"),
+    ({"rope_theta": float("nan")}, "rope_theta"),
+    ({"rope_theta": float("inf")}, "rope_theta"),
+    ({"rope_theta": -10000.0}, "rope_theta"),
+    ({"rms_norm_eps": float("nan")}, "norm_eps"),
+    ({"rms_norm_eps": -1e-6}, "norm_eps"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("inf")}}, "rope_scaling.factor"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window"),
+    ({"model_type": "mistral", "sliding_window": -4}, "sliding_window"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 0, "max_window_layers": 0},
+     "sliding_window"),
+    # Every size within bounds, the product absurd: 10^4 layers of hidden 131072.
+    ({"num_hidden_layers": 10_000, "hidden_size": 1 << 17, "intermediate_size": 1 << 19,
+      "num_attention_heads": 128, "num_key_value_heads": 8}, "parameters"),
+])
+def test_bad_config_is_refused_naming_field_and_file(change, field):
+    with pytest.raises(ConfigError) as e:
+        ModelConfig.from_hf({**GOOD, **change}, source="m/config.json")
+    assert str(e.value).startswith("m/config.json: ") and field in str(e.value)
+
+
+def test_gpt2_heads_must_divide_hidden():
+    d = dict(model_type="gpt2", vocab_size=64, n_embd=30, n_head=4, n_layer=1, n_positions=64)
+    with pytest.raises(ConfigError, match="m/config.json: n_embd=30 is not a multiple of n_head=4"):
+        ModelConfig.from_hf(d, source="m/config.json")
+
+
+def test_bad_gguf_metadata_is_refused_naming_the_file(tmp_path):
+    """GGUF metadata becomes a ModelConfig too: a zero KV head count names the .gguf file.
+    (A zero *query* head count still divides by zero inside qkv/loading/gguf.py, before
+    ModelConfig sees it; that file is not this change's.)"""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from qkv.loading import load
+
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_block_count(1)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(0)
+    w.add_vocab_size(64)
+    w.add_tensor("token_embd.weight", np.zeros((64, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(Exception) as e:
+        load(str(path))
+    assert "bad.gguf" in str(e.value) and "num_kv_heads=0" in str(e.value)
