@@ -9,6 +9,8 @@ sliding-window layers (Gemma 3) and the cache manager sees that per layer.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +31,35 @@ ARCHITECTURES = {
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
 }
+
+# Largest value each size field may take: far above any released model, far below what
+# would exhaust memory (a typo like num_hidden_layers=1e9 is refused, not allocated).
+_INT_BOUNDS = {
+    "vocab_size": 1 << 24, "hidden_size": 1 << 17, "num_layers": 10_000, "num_heads": 1 << 12,
+    "num_kv_heads": 1 << 12, "head_dim": 1 << 12, "intermediate_size": 1 << 20,
+    "max_position_embeddings": 1 << 26,
+}
+MAX_PARAMS = 10**13
+
+
+def bounded_int(name: str, value: Any, hi: int) -> int:
+    """``value`` as an int in 1..hi, else ConfigError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    if not 0 < value <= hi:
+        raise ConfigError(f"{name}={value} is out of range (1..{hi})")
+    return int(value)
+
+
+def _finite(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name} must be a finite {'non-negative' if allow_zero else 'positive'} number, "
+                          f"got {value!r}")
+
+
+# RoPE scaling types qkv implements (qkv/model/rope.py), as HF's ``rope_type`` names them.
+ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 @dataclass
@@ -69,13 +100,46 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        """Validate before anything is allocated: a bad field raises ConfigError naming it
+        (``from_hf`` prefixes the source file). Covers HF and GGUF, which both end here."""
+        for name, hi in _INT_BOUNDS.items():
+            setattr(self, name, bounded_int(name, getattr(self, name), hi))
+        for name in ("sliding_window", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                     "v_head_dim"):
+            if getattr(self, name) is not None:
+                setattr(self, name, bounded_int(name, getattr(self, name), 1 << 20))
+        _finite("norm_eps", self.norm_eps, allow_zero=True)
+        _finite("rope_theta", self.rope_theta)
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
+            if getattr(self, name) is not None:
+                _finite(name, getattr(self, name))
+        for key in ("factor", "attention_factor"):
+            if self.rope_scaling and self.rope_scaling.get(key) is not None:
+                _finite(f"rope_scaling.{key}", self.rope_scaling[key])
         if not self.layer_types:
             kind = "sliding" if self.sliding_window else "full"
             self.layer_types = [kind] * self.num_layers
         if len(self.layer_types) != self.num_layers:
             raise ConfigError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
+        if bad := sorted(set(self.layer_types) - {"full", "sliding", "mla"}):
+            raise ConfigError(f"layer_types: unsupported kinds {bad} (supported: full, sliding, mla)")
+        if "sliding" in self.layer_types and self.sliding_window is None:
+            raise ConfigError("layer_types has sliding layers but sliding_window is not set")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if (n := self.approx_num_params()) > MAX_PARAMS:
+            raise ConfigError(f"implies ~{n:.3g} parameters (num_hidden_layers={self.num_layers}, "
+                              f"hidden_size={self.hidden_size}, vocab_size={self.vocab_size}); limit {MAX_PARAMS:.0e}")
+
+    def approx_num_params(self) -> int:
+        """Weights the description implies (exact ints, no allocation): the bound that stops a
+        typo'd size before any tensor exists."""
+        h, d = self.hidden_size, self.head_dim
+        attn = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)
+        mlp = 3 * h * self.intermediate_size
+        ex = self.extra or {}
+        experts = int(ex.get("n_routed_experts") or 0) * 3 * h * int(ex.get("moe_intermediate_size") or 0)
+        return self.num_layers * (attn + mlp + experts) + 2 * self.vocab_size * h
 
     @property
     def arch(self) -> str:
@@ -96,132 +160,12 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         """Normalize an HF ``config.json`` dict. Raises ConfigError naming ``source``."""
-        model_type = d.get("model_type")
-        if model_type is None:
-            raise ConfigError(f"{source}: no 'model_type' field")
-        if model_type == "gemma3" and "text_config" in d:
-            d = {**d["text_config"], "model_type": "gemma3_text"}
-            model_type = "gemma3_text"
-        if model_type not in ARCHITECTURES:
-            raise ConfigError(
-                f"{source}: unsupported architecture {model_type!r} "
-                f"(supported: {', '.join(sorted(ARCHITECTURES))})"
-            )
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        from qkv.config_hf import hf_fields  # HF's reading rules, kept in their own file
 
-        def need(*names: str) -> Any:
-            for n in names:
-                if d.get(n) is not None:
-                    return d[n]
-            raise ConfigError(f"{source}: missing required field {names[0]!r} for {model_type}")
-
-        eos = d.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        common = dict(
-            model_type=model_type,
-            vocab_size=need("vocab_size"),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=d.get("pad_token_id"),
-        )
-        if model_type == "gpt2":
-            hidden = need("n_embd", "hidden_size")
-            heads = need("n_head", "num_attention_heads")
-            return cls(
-                **common,
-                hidden_size=hidden,
-                num_layers=need("n_layer", "num_hidden_layers"),
-                num_heads=heads,
-                num_kv_heads=heads,
-                head_dim=hidden // heads,
-                intermediate_size=d.get("n_inner") or 4 * hidden,
-                max_position_embeddings=need("n_positions", "max_position_embeddings"),
-                norm_eps=d.get("layer_norm_epsilon", 1e-5),
-                hidden_act=d.get("activation_function", "gelu_new"),
-                tie_word_embeddings=d.get("tie_word_embeddings", True),
-                qkv_bias=True,
-                o_bias=True,
-                mlp_bias=True,
-            )
-
-        hidden = need("hidden_size")
-        heads = need("num_attention_heads")
-        kv_heads = d.get("num_key_value_heads") or heads
-        rope_scaling = d.get("rope_scaling")
-        rope_params = d.get("rope_parameters")  # transformers >= 5 folds theta and scaling here
-        rope_theta = d.get("rope_theta")
-        rope_local = d.get("rope_local_base_freq")
-        if isinstance(rope_params, dict):
-            if "full_attention" in rope_params:  # per-layer-type parameters (Gemma 3)
-                rope_local = rope_params.get("sliding_attention", {}).get("rope_theta", rope_local)
-                rope_params = rope_params["full_attention"]
-            rope_theta = rope_theta or rope_params.get("rope_theta")
-            if rope_params.get("rope_type", "default") != "default":
-                rope_scaling = rope_scaling or rope_params
-        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) in (None, "default"):
-            rope_scaling = None
-        n_layers = need("num_hidden_layers")
-        cfg = dict(
-            **common,
-            hidden_size=hidden,
-            num_layers=n_layers,
-            num_heads=heads,
-            num_kv_heads=kv_heads,
-            head_dim=d.get("head_dim") or hidden // heads,
-            intermediate_size=need("intermediate_size"),
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            norm_eps=d.get("rms_norm_eps", 1e-6),
-            hidden_act=d.get("hidden_act") or d.get("hidden_activation") or "silu",
-            rope_theta=float(rope_theta or 10000.0),
-            rope_scaling=rope_scaling,
-            tie_word_embeddings=d.get("tie_word_embeddings", False),
-            qkv_bias=bool(d.get("attention_bias", model_type == "qwen2")),
-            o_bias=bool(d.get("attention_bias", False)) and model_type == "llama",
-            mlp_bias=bool(d.get("mlp_bias", False)),
-        )
-        if model_type == "qwen3":
-            cfg["qk_norm"] = True
-        if model_type in ("mistral", "qwen2", "qwen3"):
-            window = d.get("sliding_window")
-            use = d.get("use_sliding_window", model_type == "mistral")
-            if window and use:
-                cfg["sliding_window"] = window
-                max_window_layers = d.get("max_window_layers")
-                if model_type != "mistral" and max_window_layers is not None:
-                    cfg["layer_types"] = [
-                        "sliding" if i >= max_window_layers else "full" for i in range(n_layers)
-                    ]
-        if model_type == "gemma3_text":
-            cfg["qk_norm"] = True
-            cfg["sliding_window"] = need("sliding_window")
-            cfg["rope_local_theta"] = float(rope_local or 10000.0)
-            cfg["query_pre_attn_scalar"] = d.get("query_pre_attn_scalar", cfg["head_dim"])
-            cfg["final_logit_softcapping"] = d.get("final_logit_softcapping")
-            cfg["tie_word_embeddings"] = d.get("tie_word_embeddings", True)
-            types = d.get("layer_types")
-            if types:
-                cfg["layer_types"] = ["sliding" if t == "sliding_attention" else "full" for t in types]
-            else:
-                pattern = d.get("sliding_window_pattern", 6)
-                cfg["layer_types"] = [
-                    "full" if (i + 1) % pattern == 0 else "sliding" for i in range(n_layers)
-                ]
-        if model_type in ("deepseek_v2", "deepseek_v3"):
-            cfg.update(
-                q_lora_rank=d.get("q_lora_rank"),
-                kv_lora_rank=need("kv_lora_rank"),
-                qk_nope_head_dim=need("qk_nope_head_dim"),
-                qk_rope_head_dim=need("qk_rope_head_dim"),
-                v_head_dim=need("v_head_dim"),
-                layer_types=["mla"] * n_layers,
-                head_dim=need("qk_nope_head_dim") + need("qk_rope_head_dim"),
-            )
-            cfg["extra"] = {
-                k: d.get(k)
-                for k in (
-                    "n_routed_experts", "n_shared_experts", "num_experts_per_tok",
-                    "moe_intermediate_size", "first_k_dense_replace", "moe_layer_freq",
-                    "routed_scaling_factor", "topk_method", "n_group", "topk_group",
-                    "norm_topk_prob", "scoring_func", "rope_interleave",
-                )
-            }
-        return cls(**cfg)
+        fields = hf_fields(d, source)
+        try:
+            return cls(**fields)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None

@@ -44,6 +44,6 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
-            q, k = self.rope(positions, q, k)
+            q, k = self.rope(positions, q, k, batch=batch)
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window)
         return linear(self.o_proj, out.reshape(T, self.q_size))

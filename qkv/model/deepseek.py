@@ -42,7 +42,8 @@ class DeepseekBody(nn.Module):
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
+        rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling,
+                               max_position_embeddings=cfg.max_position_embeddings)
         self.layers = nn.ModuleList(DeepseekLayer(cfg, i, rope, groups[i]) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
 

@@ -49,7 +49,8 @@ class Gemma3Body(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         # RoPE tables are shared by all layers of a kind: two tables, not one per layer.
-        global_rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        global_rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                      max_position_embeddings=cfg.max_position_embeddings)
         local_rope = RotaryEmbedding(cfg.head_dim, cfg.rope_local_theta or 10000.0, None)
         self.layers = nn.ModuleList(
             Gemma3Layer(cfg, i, local_rope if cfg.layer_types[i] == "sliding" else global_rope, groups[i])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -89,38 +87,24 @@ class GatedMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------- RoPE
-def rope_inv_freq(dim: int, base: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and the cos/sin scale (attention factor) for a RoPE variant."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind == "default":
-        return inv_freq, 1.0
-    if kind == "linear":
-        return inv_freq / scaling["factor"], 1.0
-    if kind == "llama3":
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old / lo, inv_freq / factor, inv_freq)
-        smooth = (old / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
-        return torch.where(medium, smoothed, scaled), 1.0
-    if kind == "yarn":
-        from qkv.model.yarn import yarn_inv_freq
-
-        return yarn_inv_freq(dim, base, scaling)
-    raise ValueError(f"unsupported RoPE scaling {kind!r}")
+from qkv.model.rope import length_threshold, long_inv_freq, rope_inv_freq  # noqa: E402  (re-exported)
 
 
 class RotaryEmbedding(nn.Module):
-    """Neox-style rotary embedding (rotate halves) with a cos/sin table grown on demand."""
+    """Neox-style rotary embedding (rotate halves) with a cos/sin table grown on demand.
 
-    def __init__(self, dim: int, base: float, scaling: dict | None = None, max_positions: int = 4096):
+    ``dynamic`` and ``longrope`` scaling change the frequencies with the sequence length
+    (see qkv/model/rope.py); those need ``batch`` in ``forward`` to know each token's
+    sequence length, and compute cos/sin per token instead of reading the table."""
+
+    def __init__(self, dim: int, base: float, scaling: dict | None = None, max_positions: int = 4096,
+                 max_position_embeddings: int = 2048):
         super().__init__()
-        inv_freq, self.attention_factor = rope_inv_freq(dim, base, scaling)
+        inv_freq, self.attention_factor = rope_inv_freq(dim, base, scaling, max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._memo: tuple | None = None  # (positions, cos, sin) of the current step
+        self.threshold = length_threshold(scaling, max_position_embeddings)
+        self._long_args = (dim, base, scaling, max_position_embeddings)
+        self._memo: tuple | None = None  # (positions, index, cos, sin) of the current step
         self._build(max_positions)
 
     def _build(self, n: int) -> None:
@@ -136,17 +120,50 @@ class RotaryEmbedding(nn.Module):
         if max_position >= self.cos.shape[0]:
             self._build(max(2 * self.cos.shape[0], max_position + 1))
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def _per_length(self, positions: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row index, cos [T, dim], sin [T, dim]) with each token's frequencies chosen by its
+        sequence's length after this step; no host sync, so it may run inside a CUDA graph."""
+        if batch is None:
+            raise ValueError("dynamic/longrope RoPE needs the AttentionBatch (sequence lengths)")
+        T = positions.shape[0]
+        rows = torch.arange(T, device=positions.device)
+        if batch.is_decode:
+            seq_len = positions + 1
+        else:
+            seq = torch.searchsorted(batch.query_start_loc[1:], rows, right=True).clamp(max=batch.num_seqs - 1)
+            seq_len = (batch.num_computed + batch.query_lens)[seq]
+        long = long_inv_freq(*self._long_args, seq_len)
+        inv = torch.where((seq_len > self.threshold)[:, None], long, self.inv_freq[None])
+        freqs = positions.float()[:, None] * inv
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return rows, emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+    def _tables(self, positions: torch.Tensor, batch) -> list:
+        """[positions, index, cos table, sin table, gathered cos, gathered sin] of this step.
+        Every layer rotates by the same positions within a step: computed once per step."""
+        if positions.is_cuda and self.threshold is not None:
+            # Not memoized: a memo made by a warm-up step on the same static buffers would be
+            # skipped when a CUDA graph is captured, and replays would reuse stale frequencies.
+            return [positions, *self._per_length(positions, batch), None, None]
+        if self._memo is None or self._memo[0] is not positions:
+            if self.threshold is None:
+                self._memo = [positions, positions, self.cos, self.sin, None, None]
+            else:
+                self._memo = [positions, *self._per_length(positions, batch), None, None]
+        return self._memo
+
+    def forward(self, positions: torch.Tensor, *xs: torch.Tensor, batch=None) -> tuple[torch.Tensor, ...]:
         """Rotate each x [T, heads, dim] by its token's position."""
+        memo = self._tables(positions, batch)
+        _, index, cos_t, sin_t = memo[:4]
         fused = fused_ops(xs[0])
         if fused is not None:
             if len(xs) == 2:
-                return fused.rope_qk(positions, self.cos, self.sin, *xs)
-            return tuple(fused.rope(positions, self.cos, self.sin, x) for x in xs)
-        # Every layer rotates by the same positions within a step: look them up once.
-        if self._memo is None or self._memo[0] is not positions:
-            self._memo = (positions, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
-        _, cos, sin = self._memo
+                return fused.rope_qk(index, cos_t, sin_t, *xs)
+            return tuple(fused.rope(index, cos_t, sin_t, x) for x in xs)
+        if memo[4] is None:
+            memo[4], memo[5] = cos_t[index][:, None, :], sin_t[index][:, None, :]
+        cos, sin = memo[4], memo[5]
         out = []
         for x in xs:
             xf = x.float()

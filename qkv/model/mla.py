@@ -84,7 +84,8 @@ class MLAAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        q_pe, k_pe = self.rope(positions, self._deinterleave(q_pe), self._deinterleave(k_pe)[:, None, :])
+        q_pe, k_pe = self.rope(positions, self._deinterleave(q_pe), self._deinterleave(k_pe)[:, None, :],
+                               batch=batch)
         w_uk, w_uv = self.up_weights()
         out = backend.mla_attention(q_nope, q_pe, c_kv, k_pe[:, 0], self.kv_cache, batch, self.group,
                                     self.scale, w_uk, w_uv, absorbed=self.mode == "absorbed")

@@ -73,8 +73,12 @@ class MoE(nn.Module):
             raise ValueError("MoE layer needs n_routed_experts, moe_intermediate_size and num_experts_per_tok")
         self.gate = Router(cfg, n)
         self.experts = nn.ModuleList(GatedMLP(cfg.hidden_size, inter, cfg.hidden_act) for _ in range(n))
-        shared = ex.get("n_shared_experts") or 0
-        self.shared_experts = GatedMLP(cfg.hidden_size, inter * shared, cfg.hidden_act) if shared else None
+        shared = ex.get("n_shared_experts")
+        # As HF: built whenever the field is set, even 0 (a zero-width MLP whose checkpoint still
+        # holds its empty weights and, with mlp_bias, a bias that is added); mlp_bias applies
+        # because HF builds it as a dense MLP.
+        self.shared_experts = (GatedMLP(cfg.hidden_size, inter * shared, cfg.hidden_act, cfg.mlp_bias)
+                               if shared is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.gate(x)
