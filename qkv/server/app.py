@@ -3,10 +3,13 @@
     POST /v1/completions       POST /v1/chat/completions   (stream, n, stop, seed, top_k, ...)
     GET  /v1/models            GET  /health                GET  /metrics (Prometheus)
 
-Handlers never touch the engine: they tokenize, submit to the EngineLoop thread and read the
-outputs back from an asyncio queue. Every error, including a client's malformed body, is
-answered in OpenAI's shape ``{"error": {"message", "type", "code", "param"}}``; a client's
-mistake is a 4xx, never a 500. A client that hangs up has its request aborted.
+Handlers never touch the engine: they parse, tokenize and check the request against the
+context and the pool's fixed sizes themselves (so a request that can never run is refused at
+once, even while the engine thread is deep in a long prefill), then submit it to the
+EngineLoop thread and read the outputs back from an asyncio queue. Every error, including a
+client's malformed body, is answered in OpenAI's shape ``{"error": {"message", "type",
+"code", "param"}}``; a client's mistake is a 4xx, never a 500. A client that hangs up has its
+request aborted. ``app.state.drain(timeout)`` is the graceful shutdown (see cli.py).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
+import time
 import uuid
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,33 +32,43 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from qkv.engine.request import SamplingParams
 from qkv.engine.scheduler import RequestTooLarge
 from qkv.server import protocol as P
-from qkv.server.engine_loop import EngineLoop, ShuttingDown, Stream
+from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.metrics import ServerMetrics
+from qkv.server.tenants import KeyRing, request_salt
 
 log = logging.getLogger("qkv.server")
 
 
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+
+
 class ServerLimits:
-    """What one request may ask for. ``max_body_bytes`` bounds the raw JSON body."""
+    """What one request may ask for. ``max_body_bytes`` bounds the raw JSON body;
+    ``max_waiting`` the sequences queued for a seat (beyond it: 429), None for no bound."""
 
     def __init__(self, max_n: int = 16, max_prompts: int = 32, max_body_bytes: int = 1 << 20,
-                 default_max_tokens: int | None = None):
+                 default_max_tokens: int | None = None, max_waiting: int | None = 256):
         self.max_n, self.max_prompts, self.max_body_bytes = max_n, max_prompts, max_body_bytes
         self.default_max_tokens = default_max_tokens  # chat without max_tokens: None = rest of the context
+        self.max_waiting = max_waiting
 
 
-def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
+def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None = None,
                limits: ServerLimits | None = None) -> FastAPI:
     """An app serving ``llm`` (a qkv.LLM) as ``model_name``. The app owns one EngineLoop,
-    started and stopped by its lifespan; nothing else may drive ``llm.engine`` meanwhile."""
+    started and stopped by its lifespan; nothing else may drive ``llm.engine`` meanwhile.
+    ``api_key``: one key or several; with several, each key is a tenant whose prompts never
+    share prefix-cache blocks with another key's (tenants.py)."""
     limits = limits or ServerLimits()
     engine = llm.engine
+    keys = KeyRing([api_key] if isinstance(api_key, str) else list(api_key or []))
     holder: dict = {}
     metrics = ServerMetrics(lambda: holder["loop"].stats if "loop" in holder else engine.stats())
+    state = {"draining": False, "inflight": 0}  # generation responses not yet fully sent
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = EngineLoop(engine, metrics)
+        loop = EngineLoop(engine, metrics, max_waiting=limits.max_waiting)
         holder["loop"] = app.state.engine_loop = loop
         loop.start()
         try:
@@ -66,10 +79,28 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
     app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
 
+    async def drain(timeout: float) -> None:
+        """Graceful shutdown, part one: from now on new generation requests get 503
+        ``shutting_down`` (and /health 503); open responses get ``timeout`` seconds to finish,
+        then the engine aborts them (streams end with an error event and ``data: [DONE]``).
+        Returns once every response has been sent; the caller then stops the HTTP server."""
+        state["draining"] = True
+        deadline = time.monotonic() + timeout
+        while state["inflight"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if state["inflight"]:
+            log.warning("shutdown: aborting %d open responses after %.1f s", state["inflight"], timeout)
+            holder["loop"].request_stop()
+            deadline = time.monotonic() + 5  # they only have their last events left to write
+            while state["inflight"] and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+
+    app.state.drain = drain
+
     # ---------------------------------------------------------------- errors
     @app.exception_handler(P.APIError)
     async def _api_error(request, e: P.APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, e: StarletteHTTPException):
@@ -87,12 +118,16 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
 
     # ---------------------------------------------------------------- auth
     async def authorize(request: Request) -> None:
-        if api_key is None:
+        """Checks the bearer key; leaves its tenant salt in ``request.state.tenant``."""
+        request.state.tenant = None
+        if not keys:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        index = keys.match(token.strip()) if scheme.lower() == "bearer" else None
+        if index is None:
             raise P.APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
                              "authentication_error", "invalid_api_key")
+        request.state.tenant = keys.salt(index)
 
     auth = [Depends(authorize)]
 
@@ -102,6 +137,9 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
         loop: EngineLoop | None = holder.get("loop")
         if loop is None or not loop.alive:
             return JSONResponse(P.error_body("engine loop is not running", "server_error"), status_code=503)
+        if state["draining"]:
+            return JSONResponse(P.error_body("the server is shutting down", "server_error", "shutting_down"),
+                                status_code=503)
         return {"status": "ok"}
 
     def model_card() -> dict:
@@ -128,6 +166,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
                              "not_found_error", "model_not_found", "model")
 
     def check_request(req: P._Sampling, num_prompts: int) -> None:
+        if state["draining"]:
+            raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
         check_model(req.model)
         if req.n > limits.max_n:
             raise P.APIError(400, f"n={req.n} exceeds this server's limit of {limits.max_n}",
@@ -156,6 +196,18 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
         max_tokens = req.max_tokens or 16  # OpenAI's default for completions
         return await generate(request, req, ids, sampling(req, max_tokens), chat=False)
 
+    def render_chat(messages: list[dict]) -> list[int]:
+        """The chat prompt's ids. The messages' fault (the template refused them) is a 400;
+        a template that breaks on its own is the model's fault, a 500 that says so."""
+        try:
+            return llm.chat_prompt(messages)
+        except ValueError as e:  # ChatTemplateError: the template rejected the messages
+            raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
+        except Exception as e:  # jinja2 syntax errors, a TypeError inside the template, ...
+            log.warning("chat template of %s failed: %s: %s", model_name, type(e).__name__, e)
+            raise P.APIError(500, f"the model's chat template failed to render: {type(e).__name__}: {e}",
+                             "server_error", "chat_template_error") from None
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         req = await parse(request, P.ChatCompletionRequest, limits.max_body_bytes)
@@ -163,10 +215,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
         if llm.tokenizer is None or not llm.tokenizer.chat_template:
             raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
                              code="no_chat_template")
-        try:
-            ids = await asyncio.to_thread(llm.chat_prompt, req.plain_messages())
-        except ValueError as e:  # ChatTemplateError: the template rejected the messages
-            raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
+        ids = await asyncio.to_thread(render_chat, req.plain_messages())
+        if not ids:
+            raise P.APIError(400, "the chat prompt is empty: at least one token is needed", code="invalid_value",
+                             param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = default_max_tokens(engine, len(ids))
@@ -177,8 +229,28 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
     async def generate(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
                        chat: bool):
         loop: EngineLoop = holder["loop"]
+        check_fits(engine, prompts, params)  # here, not behind whatever the engine is computing
+        if state["draining"]:  # it may have begun while this request was tokenized
+            raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        stream = loop.submit(prompts, params, rid)
+        try:
+            stream = loop.submit(prompts, params, rid, request_salt(request.state.tenant, req.cache_salt))
+        except QueueFull as e:
+            raise P.APIError(429, str(e), "server_error", "queue_full",
+                             headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        state["inflight"] += 1
+        try:
+            return await respond(request, req, prompts, params, chat, loop, rid, stream)
+        except BaseException:
+            state["inflight"] -= 1
+            raise
+
+    def done() -> None:
+        state["inflight"] -= 1
+
+    async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
+                      chat: bool, loop: EngineLoop, rid: str, stream: Stream):
+        """The response; ``done`` is called once it has been sent (a stream: when it closes)."""
         try:
             await asyncio.wrap_future(stream.added)
         except RequestTooLarge as e:
@@ -193,8 +265,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | None = None,
         answer = _Answer(rid, model_name, prompts, params.n, stream, chat)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
-                               headers={"Cache-Control": "no-cache"})
-        return JSONResponse(await answer.collect(loop, request))
+                               headers={"Cache-Control": "no-cache"}, on_close=done)
+        body = await answer.collect(loop, request)
+        done()
+        return JSONResponse(body)
 
     return app
 
@@ -215,12 +289,41 @@ async def parse(request: Request, model: type, max_bytes: int):
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise P.APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    except RecursionError:  # the parser's own depth limit: no OpenAI field nests that deep
+        raise P.APIError(400, "the JSON body nests too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise P.APIError(400, "the JSON body must be an object", code="invalid_json")
+    if (where := P.bad_string(data)) is not None:
+        raise P.APIError(400, f"{where}: not valid Unicode text (a lone surrogate escape such as \\ud800?)",
+                         code="invalid_value", param=where)
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise P.APIError(400, P.validation_message(e), code="invalid_value") from None
+    except RecursionError:
+        raise P.APIError(400, "the JSON body nests too deeply", code="invalid_json") from None
+
+
+def check_fits(engine, prompts: list[list[int]], params: SamplingParams) -> None:
+    """Refuse, in the handler, what the scheduler would refuse on the engine thread: a request
+    past the context, with more samples than seats, or larger than the KV pool could ever hold.
+    Reads only fixed sizes, so it is safe off the engine thread; the scheduler checks again."""
+    limit = engine.max_model_len
+    for ids in prompts:
+        total = len(ids) + params.max_tokens
+        if total > limit:
+            raise P.APIError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                             f"exceeds the maximum context length of {limit} tokens",
+                             code="context_length_exceeded", param="max_tokens")
+        if not engine.kv.can_ever_fit(total):
+            have = [g.pool.num_blocks for g in engine.kv.groups]
+            raise P.APIError(400, f"prompt + max_tokens = {total} tokens needs {engine.kv.blocks_needed(total)} "
+                             f"KV blocks, but the pool has only {have}; lower max_tokens",
+                             code="context_length_exceeded", param="max_tokens")
+    seats = engine.scheduler.max_num_seqs
+    if params.n > seats:
+        raise P.APIError(400, f"n={params.n} samples run as {params.n} sequences, but this server runs at most "
+                         f"{seats} at once", code="invalid_value", param="n")
 
 
 def default_max_tokens(engine, prompt_len: int) -> int:
@@ -244,6 +347,10 @@ def encode(llm, prompt: str | list[int]) -> list[int]:
         raise P.APIError(400, str(e), code="invalid_value", param="prompt") from None
     if not ids:
         raise P.APIError(400, "the prompt is empty: at least one token is needed", code="invalid_value",
+                         param="prompt")
+    vocab = llm.engine.config.vocab_size
+    if bad := [t for t in ids if not 0 <= t < vocab]:
+        raise P.APIError(400, f"token ids out of the vocabulary (size {vocab}): {bad[:5]}", code="invalid_value",
                          param="prompt")
     return ids
 
@@ -353,10 +460,20 @@ async def _disconnected(request: Request) -> None:
 
 class SSEResponse(StreamingResponse):
     """A StreamingResponse that always closes its generator, whichever way the response ends,
-    so the generator's ``finally`` (the abort) runs now rather than at garbage collection."""
+    so the generator's ``finally`` (the abort) runs now rather than at garbage collection;
+    then it calls ``on_close`` (once)."""
+
+    def __init__(self, *args, on_close=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self._on_close is not None:
+                    self._on_close()
+                    self._on_close = None

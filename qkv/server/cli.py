@@ -1,10 +1,12 @@
 """``qkv serve``: load a model and serve it over OpenAI's HTTP API with uvicorn.
 
-    qkv serve --model smollm2 --port 8000 [--api-key KEY]
+    qkv serve --model smollm2 --port 8000 [--api-key KEY ...] [--api-key-file FILE]
 
-Binds 127.0.0.1 unless told otherwise. Ctrl-C (SIGINT) or SIGTERM shuts down gracefully:
-uvicorn stops accepting, gives open responses ``--shutdown-timeout`` seconds, then the engine
-loop aborts whatever is left.
+Binds 127.0.0.1 unless told otherwise. Ctrl-C (SIGINT) or SIGTERM shuts down gracefully: the
+app drains first (new requests get 503 ``shutting_down`` while open responses get
+``--shutdown-timeout`` seconds to finish; what is left is aborted, streams ending with an
+error event and ``data: [DONE]``), then uvicorn stops accepting and exits. A second signal
+stops at once.
 """
 
 from __future__ import annotations
@@ -22,17 +24,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("QKV_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
-                        "(default: $QKV_API_KEY)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health; repeat for "
+                        "several keys (each one a tenant: no prefix-cache sharing between keys). "
+                        "$QKV_API_KEY adds one more")
+    p.add_argument("--api-key-file", default=None, help="a file of API keys, one per line ('#' comments)")
     p.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-n", type=int, default=16, help="largest n (samples) per request")
+    p.add_argument("--max-waiting-requests", type=int, default=256,
+                   help="sequences that may wait for a seat; beyond it requests get 429 (0: no bound)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="chat max_tokens when a request gives none (default: the rest of the context)")
-    p.add_argument("--shutdown-timeout", type=float, default=5.0,
-                   help="seconds open responses get to finish on shutdown")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds open responses get to finish on SIGTERM/SIGINT before they are aborted")
     p.add_argument("--log-level", default="info")
 
 
@@ -46,8 +52,20 @@ def run(args) -> int:
 
     from qkv import LLM
     from qkv.server.app import ServerLimits, create_app
+    from qkv.server.draining import DrainingServer
 
-    if not args.api_key and not _is_loopback(args.host):
+    from qkv.server.tenants import read_keys
+
+    try:
+        keys = read_keys(args.api_key, args.api_key_file)
+    except ValueError as e:
+        print(f"qkv serve: {e}", file=sys.stderr)
+        return 2
+    for flag, least in (("max_n", 1), ("max_body_bytes", 1), ("max_waiting_requests", 0)):
+        if getattr(args, flag) < least:
+            print(f"qkv serve: --{flag.replace('_', '-')} must be at least {least}", file=sys.stderr)
+            return 2
+    if not keys and not _is_loopback(args.host):
         print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     kwargs = engine_kwargs(args)
@@ -56,11 +74,15 @@ def run(args) -> int:
     llm = LLM(args.model, **kwargs)
     name = args.served_model_name or served_name(args.model)
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
-                          default_max_tokens=args.default_max_tokens)
-    app = create_app(llm, name, api_key=args.api_key or None, limits=limits)
-    print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.shutdown_timeout)
+                          default_max_tokens=args.default_max_tokens,
+                          max_waiting=args.max_waiting_requests or None)
+    app = create_app(llm, name, api_key=keys, limits=limits)
+    print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1"
+          f"{f' ({len(keys)} API keys)' if keys else ''}", file=sys.stderr, flush=True)
+    # After the drain every response has been sent: uvicorn's own grace period is a formality.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=3)
+    DrainingServer(config, app.state.drain, args.shutdown_timeout).run()
     return 0
 
 

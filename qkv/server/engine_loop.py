@@ -10,6 +10,10 @@ Contract: a submitted stream receives every output of each of its samples, the l
 with ``finish_reason`` set, or one exception (add rejected, engine failure, shutdown) after
 which nothing more arrives. A consumer that stops listening must call ``abort``: that is
 what returns the blocks of a request whose client hung up.
+
+Admission: ``submit`` refuses (QueueFull) a submission that would take the sequences waiting
+for a seat (queued commands plus the scheduler's waiting queue) beyond ``max_waiting``; an
+empty queue always takes one submission, however large, so nothing is refused forever.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ log = logging.getLogger("qkv.server")
 
 class ShuttingDown(RuntimeError):
     """The server is stopping: the request was aborted."""
+
+
+class QueueFull(RuntimeError):
+    """Too many sequences wait already: try again later."""
+
+    def __init__(self, waiting: int, asked: int, limit: int):
+        super().__init__(f"the server is busy: {waiting} sequences wait for a seat and this request adds "
+                         f"{asked}, beyond the limit of {limit}; retry later")
 
 
 @dataclass
@@ -51,10 +63,14 @@ class _Route:
 
 
 class EngineLoop:
-    def __init__(self, engine, metrics=None):
-        """``metrics``: a ServerMetrics (or None) that the thread reports latencies to."""
+    def __init__(self, engine, metrics=None, max_waiting: int | None = None):
+        """``metrics``: a ServerMetrics (or None) that the thread reports latencies to.
+        ``max_waiting``: sequences allowed to wait for a seat (None: unbounded)."""
         self.engine = engine
         self.metrics = metrics
+        self.max_waiting = max_waiting
+        self._queued = 0  # sequences in add commands not applied yet; under _cond
+        self._waiting = 0  # sequences in the scheduler's waiting queue; written under _cond
         self._cond = threading.Condition()
         self._commands: list[tuple] = []
         self._routes: dict[str, _Route] = {}  # engine request id (head) -> route; loop thread only
@@ -70,23 +86,35 @@ class EngineLoop:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Abort every request (consumers get ShuttingDown) and join the thread."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def request_stop(self) -> None:
+        """``stop`` without the join: safe to call from the event loop, which must not block."""
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for a seat: queued commands plus the scheduler's waiting queue."""
+        with self._cond:
+            return self._queued + self._waiting
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str) -> Stream:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
+               cache_salt: str | None = None) -> Stream:
         """Queue prompts on the calling asyncio loop's behalf. Await ``stream.added`` (wrapped)
-        to learn whether the engine took them: it raises the engine's ValueError if not."""
+        to learn whether the engine took them: it raises the engine's ValueError if not.
+        Raises QueueFull at once (nothing queued) when the waiting queue is full."""
         loop = asyncio.get_running_loop()
         ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
         stream = Stream(ids, asyncio.Queue(), len(prompts) * params.n)
-        self._send(("add", prompts, params, _Route(loop, stream, params.n, time.monotonic())))
+        self._send(("add", prompts, params, _Route(loop, stream, params.n, time.monotonic()), cache_salt))
         return stream
 
     def abort(self, stream: Stream) -> None:
@@ -98,6 +126,12 @@ class EngineLoop:
                 if cmd[0] == "add":
                     cmd[3].stream.added.set_exception(ShuttingDown("the server is shutting down"))
                 return
+            if cmd[0] == "add":
+                asked = cmd[3].stream.num_samples
+                waiting = self._queued + self._waiting
+                if self.max_waiting is not None and waiting and waiting + asked > self.max_waiting:
+                    raise QueueFull(waiting, asked, self.max_waiting)
+                self._queued += asked
             self._commands.append(cmd)
             self._cond.notify()
 
@@ -114,6 +148,8 @@ class EngineLoop:
                     self._apply(cmd)
                 except Exception:  # never let one command kill the only thread that serves
                     log.exception("engine command %s failed", cmd[0])
+            applied = sum(c[3].stream.num_samples for c in commands if c[0] == "add")
+            self._count_waiting(applied)
             if stopping:
                 self._fail_all(ShuttingDown("the server is shutting down"))
                 self.stats = self.engine.stats()
@@ -127,7 +163,15 @@ class EngineLoop:
                     self._fail_all(e)
                     outputs = []
                 self._dispatch(outputs)
+                self._count_waiting(0)
             self.stats = self.engine.stats()
+
+    def _count_waiting(self, applied: int) -> None:
+        # Unforked siblings wait with their head: n=4 waits as 4 sequences.
+        waiting = sum(1 + len(r.forks) for r in self.engine.scheduler.waiting)
+        with self._cond:
+            self._queued -= applied
+            self._waiting = waiting
 
     def _apply(self, cmd: tuple) -> None:
         if cmd[0] == "abort":
@@ -135,14 +179,13 @@ class EngineLoop:
                 route = self._routes.pop(rid, None)
                 if route is not None:
                     self.engine.abort(rid)
-                    if self.metrics is not None:
-                        self.metrics.requests.labels(finish_reason="abort").inc()
+                    self._count_aborted(rid, route)
             return
-        _, prompts, params, route = cmd
+        _, prompts, params, route, salt = cmd
         added: list[str] = []
         try:
             for rid, ids in zip(route.stream.request_ids, prompts):
-                self.engine.add_request(ids, params, request_id=rid)
+                self.engine.add_request(ids, params, request_id=rid, cache_salt=salt)
                 added.append(rid)
         except Exception as e:  # ValueError for a request that can never run: nothing stays queued
             for rid in added:
@@ -178,8 +221,18 @@ class EngineLoop:
     def _fail_all(self, exc: BaseException) -> None:
         for rid, route in list(self._routes.items()):
             self.engine.abort(rid)
+            self._count_aborted(rid, route)
             _deliver(route, exc)
         self._routes.clear()
+
+    def _count_aborted(self, head: str, route: _Route) -> None:
+        """The finished-sequences counter counts sequences: an aborted n=4 prompt whose
+        samples all ran adds 4, less those that had finished on their own."""
+        if self.metrics is None:
+            return
+        done = sum(k.split("/", 1)[0] == head for k in route.done)
+        if route.samples_per_prompt > done:
+            self.metrics.requests.labels(finish_reason="abort").inc(route.samples_per_prompt - done)
 
 
 def _deliver(route: _Route, item) -> None:

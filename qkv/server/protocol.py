@@ -3,25 +3,33 @@
 Requests are parsed by hand from the raw body (see app.py) so that every failure, from
 malformed JSON to a wrong type, comes back in OpenAI's error shape with status 400, never
 FastAPI's default 422 body. Unknown fields are ignored, as OpenAI clients send many.
+Numbers and booleans are strict, as OpenAI's own API is: ``"max_tokens": "5"`` or
+``"n": true`` is a 400, never silently coerced (an int is still a valid float).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 MAX_STOP = 16  # stop strings per request
+MAX_SALT = 1024  # characters of cache_salt
+
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # strict float still takes an int: temperature=1 is fine
+Bool = Annotated[bool, Strict()]
 
 
 class APIError(Exception):
     """A failure to report to the client as ``{"error": {"message", "type", "code", "param"}}``."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 code: str | None = None, param: str | None = None):
+                 code: str | None = None, param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = headers  # e.g. Retry-After on a 429
 
     def body(self) -> dict:
         return error_body(self.message, self.type, self.code, self.param)
@@ -47,22 +55,24 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=False)
 
     model: str | None = None
-    n: int = Field(1, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1, le=2**31 - 1)
+    n: Int = Field(1, ge=1)
+    max_tokens: Int | None = Field(None, ge=1)
+    temperature: Float = Field(1.0, ge=0.0, le=2.0)
+    top_p: Float = Field(1.0, gt=0.0, le=1.0)
+    top_k: Int = Field(0, ge=-1, le=2**31 - 1)
     # Sample i seeds with seed + i: the whole range must stay within torch's 64-bit seeds.
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] = Field(default_factory=list)
-    ignore_eos: bool = False
-    stream: bool = False
+    stop_token_ids: list[Int] = Field(default_factory=list)
+    ignore_eos: Bool = False
+    stream: Bool = False
     stream_options: dict[str, Any] | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    frequency_penalty: Float = 0.0
+    presence_penalty: Float = 0.0
     logprobs: Any = None
     user: str | None = None
+    # vLLM's field: requests share prefix-cache blocks only when their salts are equal.
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT)
 
     @field_validator("stop")
     @classmethod
@@ -88,10 +98,10 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    echo: bool = False
+    prompt: str | list[Int] | list[str] | list[list[Int]]
+    echo: Bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -135,7 +145,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     # A template from the request would run attacker-chosen Jinja: refused, never rendered.
     chat_template: Any = None
     chat_template_kwargs: Any = None
@@ -154,6 +164,33 @@ class ChatCompletionRequest(_Sampling):
         if self.chat_template is not None or self.chat_template_kwargs is not None:
             return "a request cannot supply a chat template; the model's own template is used"
         return super().unsupported()
+
+
+def bad_string(data: Any) -> str | None:
+    """The path (``messages.0.content``) of the first string in parsed JSON that is not valid
+    Unicode text (a lone surrogate such as ``"\\ud800"``), or None. Iterative: the depth of
+    ``data`` is bounded only by the JSON parser's recursion limit."""
+    todo: list[tuple[Any, str]] = [(data, "")]
+    while todo:
+        x, path = todo.pop()
+        if isinstance(x, str) and not _is_text(x):
+            return path or "body"
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if not _is_text(k):
+                    return f"{path or 'body'} (a key)"
+                todo.append((v, f"{path}.{k}" if path else k))
+        elif isinstance(x, list):
+            todo.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(x))
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- responses
