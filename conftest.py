@@ -83,7 +83,7 @@ def evaluate_console(example) -> str | None:
         r = _run_bash(example, cmd)
         if r.returncode:
             return f"`{cmd}` exited {r.returncode}:\n{r.stdout}"
-        want = "\n".join(expected_lines).replace("\n...\n", "\n...") + "\n"
+        want = "\n".join(expected_lines) + "\n"
         if not checker.check_output(want, r.stdout, flags):
             return f"`{cmd}` printed something else:\n" + checker.output_difference(
                 doctest.Example(cmd, want), r.stdout, flags)
