@@ -7,6 +7,7 @@ the server drives it from one background thread and talks to it through queues.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import torch
@@ -18,7 +19,8 @@ from qkv.engine.request import Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
 from qkv.engine.scheduler import ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
-from qkv.kvcache.spec import SlidingWindow, layer_specs
+from qkv.kvcache.plan import capacity_line, plan_num_blocks  # noqa: F401 (plan_num_blocks: re-exported)
+from qkv.kvcache.spec import layer_specs
 from qkv.model import build_model
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -46,28 +48,9 @@ def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
     return dtype if kv_dtype in (None, "auto") else resolve_dtype(kv_dtype, KV_DTYPES)
 
 
-def plan_num_blocks(specs, block_size: int, max_num_seqs: int, budget_bytes: int | None = None,
-                    num_blocks: int | None = None) -> list[int]:
-    """Blocks per layer group. Ring groups get what ``max_num_seqs`` rings need (sliding layers
-    never hold more); full groups get ``num_blocks`` each, or share what is left of ``budget_bytes``."""
-    grouped = group_layers(specs)
-    block_bytes = [s.bytes_per_token * block_size * len(layers) for s, layers in grouped]
-    ring_need = [s.ring_blocks(block_size) * max_num_seqs if isinstance(s, SlidingWindow) else None
-                 for s, _ in grouped]
-    if num_blocks is not None:
-        return [num_blocks if r is None else min(num_blocks, r) for r in ring_need]
-    full_bytes = sum(b for b, r in zip(block_bytes, ring_need) if r is None)
-    if full_bytes == 0:  # every layer slides: one count for all groups
-        n = budget_bytes // sum(block_bytes)
-        return [min(n, r) for r in ring_need]
-    ring_bytes = sum(b * r for b, r in zip(block_bytes, ring_need) if r is not None)
-    n = max(0, budget_bytes - ring_bytes) // full_bytes
-    return [n if r is None else r for r in ring_need]
-
-
 class LLMEngine:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
-                 dtype="float32", device="cpu", block_size: int = 16, num_kv_blocks: int | None = None,
+                 dtype="float32", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
@@ -77,6 +60,9 @@ class LLMEngine:
         On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
         unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
         takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs.
+        KV pools (kvcache/plan.py): ``num_kv_blocks`` an int gives every full-attention group
+        that many blocks and each sliding group at most that many; a list gives each layer
+        group's count; else the budget (``kv_cache_memory``, 1 GiB on the CPU) is split.
         ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
@@ -111,14 +97,17 @@ class LLMEngine:
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             kv_cache_memory = gpu.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
                                                     max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
-        n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks)
+        n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks,
+                                   prefix_caching=enable_prefix_caching,
+                                   max_num_batched_tokens=max_num_batched_tokens)
         if min(n_blocks) < 1:
             raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
         self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
         self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
+        print(f"[qkv] {capacity_line(self.kv, self.max_model_len, self.runner.kv_cache_bytes)}",
+              file=sys.stderr, flush=True)
         if on_gpu:
-            gpu.report_capacity(self.runner, n_blocks, block_size)
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out

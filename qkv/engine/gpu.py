@@ -116,13 +116,6 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     return budget
 
 
-def report_capacity(runner, n_blocks: list[int], block_size: int) -> None:
-    tokens = min(n * block_size for n, r in zip(n_blocks, runner.kv.ring) if r is None) \
-        if any(r is None for r in runner.kv.ring) else None
-    what = f"{tokens} tokens" if tokens is not None else "sliding-window rings only"
-    log(f"KV cache: {runner.kv_cache_bytes / 2**30:.2f} GiB, {sum(n_blocks)} blocks of {block_size} = {what}")
-
-
 def warm_sampler(vocab_size: int, device: torch.device) -> None:
     """Compile the GPU sampler's kernel at start-up, not inside the first sampled step."""
     from qkv.attention.triton import gpu_sampling

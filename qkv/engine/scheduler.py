@@ -106,7 +106,7 @@ class Scheduler:
                 # read; computing past it would be waste, or past the model's context.
                 i += 1
                 continue
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = self._chunk(req, budget)
             copies = self.kv.allocate(req, n)
             while copies is None:
                 victim = self.running.pop()  # the most recently admitted
@@ -133,15 +133,16 @@ class Scheduler:
                 break
             hit = self.kv.match_prefix(req)
             req.num_computed_tokens = hit
-            n = min(req.num_tokens - hit, budget)
+            n = self._chunk(req, budget)
             copies = self.kv.allocate(req, n)
             if copies is None:
                 self.kv.free(req)
                 req.num_computed_tokens = 0
-                if not self.running and not out.requests:
+                if not self.running:
                     # Nothing else holds blocks: only cached ones stand in the way, and
-                    # allocate() evicts those, so this cannot happen unless the pool is tiny.
-                    raise RequestTooLarge(f"{req.request_id} does not fit in an empty KV pool")
+                    # allocate() evicts those. add() and _chunk() make this unreachable.
+                    raise RuntimeError(f"bug: admitted request {req.request_id} does not fit "
+                                       f"in an empty KV pool ({n} new tokens)")
                 break
             self.waiting.popleft()
             if req.num_preemptions == 0:
@@ -156,6 +157,16 @@ class Scheduler:
             out.copies += copies
             budget -= n
         return out
+
+    def _chunk(self, req: Request, budget: int) -> int:
+        """Tokens ``req`` computes this step: what it still needs, within the token budget and
+        within what its window groups' pools hold during one step (``kv.chunk_limit``). That
+        last cap is why a request ``add`` accepted always fits once the others are preempted."""
+        n = min(req.num_tokens - req.num_computed_tokens, budget)
+        limit = self.kv.chunk_limit(req)
+        if limit is not None and limit < 1:  # add() admits no such request; never spin on 0 tokens
+            raise RuntimeError(f"bug: {req.request_id} can take no token in its window pools")
+        return n if limit is None else min(n, limit)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)

@@ -76,10 +76,39 @@ class KVCacheManager:
         return self.groups[group].pool.num_blocks + (self.null[group] is not None)
 
     def blocks_needed(self, num_tokens: int) -> list[int]:
-        return [g.spec.blocks_needed(num_tokens, self.block_size) for g in self.groups]
+        """Per group: the most blocks a sequence of ``num_tokens`` tokens holds at once when
+        it runs alone, one token per step at worst. A window table holds one block more than
+        a ring: it lets go of a block only after the step that left it (``cache_blocks``),
+        so crossing into a new block briefly holds ``ring_blocks + 1``."""
+        bs = self.block_size
+        return [min(cdiv(num_tokens, bs), g.spec.ring_blocks(bs) + 1) if w is not None
+                else g.spec.blocks_needed(num_tokens, bs) for g, w in zip(self.groups, self.window)]
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         return all(n <= g.pool.num_blocks for n, g in zip(self.blocks_needed(num_tokens), self.groups))
+
+    def max_tokens(self) -> int | None:
+        """The longest sequence ``can_ever_fit`` admits (None: any length, every group slides
+        and its pool holds a whole ring). This is the context one sequence can reach."""
+        bs, limits = self.block_size, []
+        for g, w in zip(self.groups, self.window):
+            n = g.pool.num_blocks
+            if isinstance(g.spec, SlidingWindow) and n >= g.spec.ring_blocks(bs) + (w is not None):
+                continue  # the group never holds more than its pool
+            limits.append(n * bs)
+        return min(limits, default=None)
+
+    def chunk_limit(self, request) -> int | None:
+        """The most new tokens ``request`` can take in one step and still fit each window
+        group's pool on its own (None: no limit). A window table holds every block of the
+        chunk plus the window before it until the step ends, so a chunk of C tokens needs
+        about ``ring_blocks + C / block_size`` blocks: a long prefill chunk can outgrow a pool
+        that the sequence's length fits. For a request that ``can_ever_fit`` this is at least
+        1, so capping the chunk by it lets an admitted request always run once alone."""
+        seq, bs, start = self._seqs[request.request_id], self.block_size, request.num_computed_tokens
+        limits = [(self.groups[g].pool.num_blocks + seq.dropped[g]) * bs - start
+                  for g, w in enumerate(self.window) if w is not None]
+        return min(limits, default=None)
 
     def slot(self, group: int, table: list[int], pos: int) -> int:
         """Flat cache slot of position ``pos`` in one group's block table."""

@@ -3,6 +3,11 @@
     qkv memory smollm2 --context 8192 --batch 4
     qkv memory ./llama-7b-config-dir --context 16384 --kv-bits 4 --json
     qkv memory gemma3-270m --plot kv.png
+    qkv memory gemma3-270m --dtype float32 --kv-cache-memory 1073741824 --max-num-seqs 64
+
+The last lines print the pools ``LLMEngine`` would build for a budget (``kvcache/plan.py``)
+and the context they buy: tokens one sequence can reach, and tokens of global context all
+sequences hold together.
 
 The arithmetic is the engine's own: the cache specs of ``qkv.kvcache.spec`` (``layer_specs``,
 ``bytes_per_token``, ``blocks_needed``, the sliding-window ring) grouped by
@@ -139,6 +144,26 @@ def pool_bytes(config: ModelConfig, num_blocks: list[int], bits: int, block_size
     return exact(total)
 
 
+def engine_pools(config: ModelConfig, bits: int, block_size: int = 16, budget: int = 1 << 30,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048, prefix_caching: bool = True,
+                 max_model_len: int | None = None) -> dict:
+    """What the engine's pools would be for ``budget`` bytes (``LLMEngine``'s own split,
+    kvcache/plan.py) and the context they buy: tokens one sequence can reach, and tokens of
+    global context all sequences hold together."""
+    from qkv.kvcache.manager import KVCacheManager
+    from qkv.kvcache.plan import context_capacity, plan_num_blocks
+
+    specs = kv_specs(config, bits)
+    n = plan_num_blocks(specs, block_size, max_num_seqs, budget, prefix_caching=prefix_caching,
+                        max_num_batched_tokens=max_num_batched_tokens)
+    kv = KVCacheManager(specs, block_size, n, prefix_caching)
+    one, together = context_capacity(kv, max_model_len or config.max_position_embeddings)
+    return {"budget": budget, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
+            "prefix_caching": prefix_caching, "blocks": {g.spec.kind: b for g, b in zip(kv.groups, n)},
+            "bytes": pool_bytes(config, n, bits, block_size, prefix_caching),
+            "context_per_sequence": one, "global_context_all_sequences": together}
+
+
 def exact(x: Fraction) -> int | float:
     """An int when whole (always, unless 4-bit elements come in odd counts)."""
     return int(x) if x.denominator == 1 else float(x)
@@ -211,14 +236,16 @@ def summary(f: Footprint) -> dict:
 
 
 def report(model: str, config: ModelConfig, context: int, batch: int, bits: int, block_size: int,
-           gqa_kv_heads: int | None = None) -> dict:
-    """Everything ``--json`` prints: the model's footprint at the top level, its twins under ``variants``."""
+           gqa_kv_heads: int | None = None, pools: dict | None = None) -> dict:
+    """Everything ``--json`` prints: the model's footprint at the top level, its twins under
+    ``variants``, and the engine's pools for a budget under ``pools`` (``engine_pools`` kwargs)."""
     own = footprint(config, context, batch, bits, block_size)
     out = {"model": model, "name": config.extra.get("name") or config.extra.get("gguf_name"),
            "model_type": config.model_type, "num_layers": config.num_layers, "num_heads": config.num_heads,
            "context": context, "batch": batch, "kv_bits": bits, "block_size": block_size, **summary(own)}
     out["variants"] = {name: summary(footprint(c, context, batch, bits, block_size))
                        for name, c in twins(config, gqa_kv_heads).items()}
+    out["pools"] = engine_pools(config, bits, block_size, **(pools or {}))
     return out
 
 
@@ -240,6 +267,15 @@ def print_report(r: dict, file=None) -> None:
     p(f"per sequence:           {r['bytes_per_sequence']:,} B ({human(r['bytes_per_sequence'])})")
     p(f"total (batch {r['batch']}):        {r['total_bytes']:,} B ({human(r['total_bytes'])}), "
       f"{r['total_values']:,} values")
+    q = r["pools"]
+    together = q["global_context_all_sequences"]
+    p("")
+    p(f"engine pools for a {human(q['budget'])} budget, max_num_seqs {q['max_num_seqs']}, prefix caching "
+      f"{'on' if q['prefix_caching'] else 'off'}: " + ", ".join(f"{k} {v:,} blocks" for k, v in q["blocks"].items())
+      + f" ({human(q['bytes'])})")
+    p(f"context capacity: one sequence up to {q['context_per_sequence']:,} tokens; "
+      + (f"{together:,} tokens of global context for all sequences together" if together is not None
+         else "sliding windows only"))
     p("")
     p(f"{'variant':<16}{'B/token':>12}{'total':>27}{'vs model':>10}")
     for name, v in r["variants"].items():
@@ -280,6 +316,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-bits", type=int, choices=(4, 8, 16, 32), default=None, help="overrides --dtype")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's default: 16)")
     p.add_argument("--gqa-kv-heads", type=int, default=None, help="KV heads of the GQA twin")
+    p.add_argument("--kv-cache-memory", type=int, default=1 << 30, metavar="BYTES",
+                   help="the engine's KV budget to split into pools (default: 1 GiB, the CPU default)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's max_num_seqs (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's token budget per step")
+    p.add_argument("--no-prefix-caching", action="store_true", help="size the pools for ring buffers")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw KV bytes against context length")
 
@@ -293,7 +334,9 @@ def run(args) -> int:
     else:
         raise ValueError(f"unknown --dtype {args.dtype!r} (use one of {', '.join(DTYPE_BITS)})")
     context = args.context or config.max_position_embeddings
-    r = report(args.model, config, context, args.batch, bits, args.block_size, args.gqa_kv_heads)
+    pools = dict(budget=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+                 max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
+    r = report(args.model, config, context, args.batch, bits, args.block_size, args.gqa_kv_heads, pools)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
