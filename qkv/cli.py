@@ -26,7 +26,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Options every command that loads a model shares."""
     p.add_argument("--model", default="smollm2", help="named model, .gguf file or HF directory (default: smollm2)")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -38,6 +38,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "bfloat16", "float16", "float32"],
                    help="KV cache storage: auto = the model's dtype; fp8 (e4m3) holds twice the tokens of bf16")
+
+
+# Modules that only an optional extra installs -> the extra that brings them.
+EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
+          "matplotlib": "plot"}
 
 
 def engine_kwargs(args) -> dict:
@@ -137,19 +142,31 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 importlib.import_module(module).add_arguments(p)
             except ImportError as e:
-                p.set_defaults(unavailable=f"qkv {name} is unavailable: {e}")
+                top = (getattr(e, "name", None) or "").partition(".")[0]
+                hint = f"; pip install 'qkv[{EXTRAS[top]}]'" if top in EXTRAS else ""
+                p.set_defaults(unavailable=f"qkv {name} is unavailable: {e}{hint}")
         p.set_defaults(module=module)
     args = parser.parse_args(argv)
     if getattr(args, "unavailable", None):
         parser.error(args.unavailable)
-    from qkv.loading import LoadError
-
+    # User-facing errors (LoadError and ConfigError are ValueErrors, as are the validation
+    # errors of SamplingParams and the engine) print one line; anything else is a bug: traceback.
     try:
+        from qkv.engine.llm import check_device
+
+        check_device(getattr(args, "device", None), "--device")  # before the load, which may take minutes
         if args.module == "qkv.cli":
             return run(args)
         return importlib.import_module(args.module).run(args) or 0
-    except (LoadError, ValueError, FileNotFoundError) as e:
-        print(f"qkv {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"qkv: error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        top = (e.name or "").partition(".")[0]
+        if top not in EXTRAS:
+            raise
+        print(f"qkv: error: qkv {args.command} needs {top}, which is not installed: "
+              f"pip install 'qkv[{EXTRAS[top]}]'", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

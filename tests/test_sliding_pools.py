@@ -157,3 +157,18 @@ def test_reported_capacity_is_what_admission_enforces(models, capsys):
     llm.engine.add_request(BASE[:6], SamplingParams(max_tokens=6))
     with pytest.raises(RequestTooLarge):
         llm.engine.add_request(BASE[:6], SamplingParams(max_tokens=7))
+
+
+def test_logits_of_a_long_input_fit_a_small_sliding_pool(models):
+    """``llm.logits`` chunks by the token budget; with the sliding pool at ring + 1 blocks a
+    64-token chunk's window table does not fit, so scoring must shrink its chunks as the
+    scheduler does (it raised "do not fit in the free KV blocks")."""
+    path, _ = models
+    prompt = BASE[:40]
+    small = LLM(path(8), dtype="float32", device="cpu", block_size=4, num_kv_blocks=[4, 64],
+                max_num_batched_tokens=64)
+    roomy = LLM(path(8), dtype="float32", device="cpu", block_size=4, num_kv_blocks=256,
+                enable_prefix_caching=False, max_num_batched_tokens=64)
+    torch.testing.assert_close(small.logits(prompt), roomy.logits(prompt), rtol=1e-5, atol=1e-5)
+    u = small.stats()
+    assert u["num_blocks_free"] + u["num_blocks_cached"] == u["num_blocks_total"]

@@ -7,6 +7,7 @@ the server drives it from one background thread and talks to it through queues.
 
 from __future__ import annotations
 
+import numbers
 import sys
 import time
 
@@ -125,17 +126,15 @@ class LLMEngine:
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     cache_salt: str | None = None) -> list[Request]:
-        """Queue a prompt; returns its n sample requests. Raises ValueError (RequestTooLarge)
-        at once for a request that can never run; nothing is queued then."""
+        """Queue a prompt; returns its n sample requests. Raises ValueError at once, with
+        nothing queued, for out-of-vocabulary ids, an id in use (samples are ``id/1..n-1``)
+        and (RequestTooLarge) a request that can never run."""
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
-        bad = [t for t in prompt_token_ids if not 0 <= t < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids out of the vocabulary (size {self.config.vocab_size}): {bad[:5]}")
+        prompt_token_ids = self._check_token_ids(prompt_token_ids, "prompt")
         base_seed = params.seed
         head = Request(prompt_token_ids, params, request_id, cache_salt, index=0, seed=base_seed)
-        if head.request_id in self._requests:
-            raise ValueError(f"request id {head.request_id!r} is already in use")
+        self._check_new_id(head.request_id, params.n)
         reqs = [head] + [
             Request(prompt_token_ids, params, f"{head.request_id}/{i}", cache_salt, index=i,
                     seed=None if base_seed is None else base_seed + i)
@@ -148,6 +147,27 @@ class LLMEngine:
             if self.tokenizer is not None:
                 self._detok[r.request_id] = self.tokenizer.stream()
         return reqs
+
+    def _check_token_ids(self, ids, what: str) -> list[int]:
+        """``ids`` as a list of Python ints; ValueError unless it is a non-empty sequence of
+        in-vocabulary integers (numpy ints count, bools do not)."""
+        ids = list(ids)
+        if not ids:
+            raise ValueError(f"the {what} is empty: at least one token id is needed")
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{what} token ids out of the vocabulary (integers in [0, {vocab})): {bad[:5]}")
+        return [int(t) for t in ids]
+
+    def _check_new_id(self, request_id: str, n: int) -> None:
+        """Refuse an id that is live, or that shares the ``id/i`` sample namespace with a live
+        one: ``abort(id)`` ends ``id/*``, so a clash would end or overwrite another request."""
+        new = [request_id] + [f"{request_id}/{i}" for i in range(1, n)]
+        clash = next((r for r in self._requests if r in new or r.startswith(request_id + "/")
+                      or request_id.startswith(r + "/")), None)
+        if clash is not None:
+            raise ValueError(f"request id {request_id!r} is already in use (clashes with live request {clash!r})")
 
     def abort(self, request_id: str) -> None:
         """End a request (and its sibling samples) now; its blocks go back to the pool."""
@@ -244,13 +264,20 @@ class LLMEngine:
     @torch.inference_mode()
     def score(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [len, vocab] of every position, computed through the paged cache in
-        chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps."""
+        chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps.
+        Raises ValueError for empty or out-of-vocabulary ids and for more than ``max_model_len``
+        tokens (positions past the model's context have no embedding)."""
+        token_ids = self._check_token_ids(token_ids, "scored sequence")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(f"{len(token_ids)} tokens exceed the maximum context length of "
+                             f"{self.max_model_len} tokens (max_model_len); score at most that many")
         req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt="score")
         try:
             self.kv.match_prefix(req, lookup=False)  # every position's logits are wanted
             chunks = []
             while req.num_computed_tokens < len(token_ids):
                 n = min(self.scheduler.max_num_batched_tokens, len(token_ids) - req.num_computed_tokens)
+                n = min(n, self.kv.chunk_limit(req) or n)  # a window table holds chunk + window
                 copies = self.kv.allocate(req, n)
                 if copies is None:
                     raise RuntimeError(f"{len(token_ids)} tokens do not fit in the free KV blocks")

@@ -16,6 +16,27 @@ from qkv.engine.request import RequestOutput, SamplingParams
 from qkv.loading import load
 
 
+def check_device(device: str | None, name: str = "device") -> None:
+    """Refuse a device the engine cannot use before anything is loaded (ValueError, one line)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{name} {device!r} is not a device name; use cpu or cuda (cuda:N for one GPU)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} {device!r} is not supported; use cpu or cuda (cuda:N for one GPU)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"{name} {device}: {why}; use {name} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+
+
+
 class LLM:
     def __init__(self, model: str = "smollm2", dtype="float32", device: str | None = None, *,
                  threads: int | None = None, **engine_kwargs):
@@ -24,6 +45,7 @@ class LLM:
         enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs)."""
         if threads:
             torch.set_num_threads(threads)
+        check_device(device)  # before the load, which may take minutes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load(model)
         self.source = loaded.source

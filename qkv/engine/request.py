@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -29,23 +31,55 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        """Validate every field; a wrong type or range is a ValueError naming the field."""
+        self.n = _int("n", self.n, low=1)
+        self.max_tokens = _int("max_tokens", self.max_tokens, low=1)
+        self.temperature = _real("temperature", self.temperature)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        self.top_p = _real("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
-            raise ValueError(f"top_k must be -1, 0 or positive, got {self.top_k}")
+        self.top_k = _int("top_k", self.top_k, low=-1)
+        if self.seed is not None:
+            # Sample i draws from seed + i; torch generators take seeds in [-2**63, 2**64).
+            self.seed = _int("seed", self.seed, low=-(1 << 63))
+            if self.seed + self.n - 1 >= 1 << 64:
+                raise ValueError(f"seed must be below 2**64 - n + 1 (sample i uses seed + i), got {self.seed}")
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        if stop is None:
+            stop = []
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop must be a non-empty string or a list of non-empty strings, got {self.stop!r}")
+        self.stop = list(stop)
+        ids = [] if self.stop_token_ids is None else self.stop_token_ids
+        if not isinstance(ids, (list, tuple)):
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
+        self.stop_token_ids = [_int("stop_token_ids", t, low=0) for t in ids]
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+def _int(name: str, v, low: int) -> int:
+    """``v`` as an int >= ``low``; numpy ints count, bools and floats (even 2.0) do not."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {v!r}")
+    if v < low:
+        raise ValueError(f"{name} must be at least {low}, got {v}")
+    return int(v)
+
+
+def _real(name: str, v) -> float:
+    """``v`` as a finite float: nan or inf would make every probability nan."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return float(v)
 
 
 @dataclass

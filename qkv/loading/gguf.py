@@ -11,6 +11,7 @@ tensors, and each change is undone here the way transformers undoes it:
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from typing import NamedTuple
@@ -21,7 +22,7 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
-from .tokenizer import Tokenizer
+from .tokenizer import ChatTemplateError, Tokenizer
 
 # GGUF ``general.architecture`` -> HF ``model_type``.
 MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text", "gpt2": "gpt2"}
@@ -54,9 +55,14 @@ _IGNORED = {"rope_freqs.weight"}
 def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
     """Read ``path``; raise LoadError naming it for anything unreadable or unsupported."""
     meta, tensors = read_gguf(path)
+    if meta.get("split.count", 1) != 1:  # a part names its siblings; we read one file only
+        raise LoadError(f"{path}: part of a split GGUF ({meta.get('split.count')} parts); merge them first "
+                        f"(llama-gguf-split --merge FIRST-PART OUT.gguf)")
     arch = meta.get("general.architecture")
-    if arch not in MODEL_TYPES:
+    if not isinstance(arch, str) or arch not in MODEL_TYPES:
         raise LoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: {', '.join(MODEL_TYPES)})")
+    if "tokenizer.ggml.tokens" in meta:  # before the slow weight conversion
+        _check_tokenizer_meta(meta, path)
     names = {t.name for t in tensors}
     cfg = gguf_config(meta, names, path)
     weights = {}
@@ -106,13 +112,18 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         pos += struct.calcsize(fmt)
         return v
 
+    key = "the header"  # what is being read, for the error message
+
     def string() -> str:
         nonlocal pos
         n = take("<Q")
         if pos + n > len(raw):
             raise struct.error("string runs past the end of the file")
         pos += n
-        return bytes(raw[pos - n : pos]).decode("utf-8", errors="replace")
+        try:  # GGUF strings are UTF-8; a corrupt byte must not become a silently different token
+            return bytes(raw[pos - n : pos]).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{key}: a string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
     def value(vtype: int):
         nonlocal pos
@@ -141,22 +152,33 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
             raise ValueError(f"unsupported GGUF version {version}")
         meta = {}
         for _ in range(n_kv):
+            key = "a metadata key"
             key = string()
             meta[key] = value(take("<I"))
         infos = []
+        key = "the tensor table"
         for _ in range(n_tensors):
             name, ndim = string(), take("<I")
+            if not 1 <= ndim <= 4:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name!r} has {ndim} dimensions (1 to 4 allowed)")
             dims = [take("<Q") for _ in range(ndim)]
-            infos.append((name, dims, GGMLQuantizationType(take("<I")), take("<Q")))
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
+            qtype = GGMLQuantizationType(take("<I"))
+            if qtype not in GGML_QUANT_SIZES:
+                raise ValueError(f"tensor {name!r} has type {qtype.name}, which has no known block size")
+            if min(dims) < 1 or dims[0] % GGML_QUANT_SIZES[qtype][0]:
+                raise ValueError(f"tensor {name!r} has impossible dimensions {dims} for {qtype.name}")
+            infos.append((name, dims, qtype, take("<Q")))
+    except (struct.error, ValueError) as e:
         raise LoadError(f"{path}: not a valid GGUF file ({e})") from None
     align = meta.get("general.alignment", 32)
+    if type(align) is not int or align < 1:
+        raise LoadError(f"{path}: general.alignment must be a positive integer, got {align!r}")
     start = (pos + align - 1) // align * align
     tensors = []
     for name, dims, qtype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[qtype]
         row_bytes = dims[0] // block * type_size
-        n_bytes = row_bytes * int(np.prod(dims[1:], dtype=np.int64))
+        n_bytes = row_bytes * math.prod(dims[1:])  # Python ints: a corrupt header cannot overflow
         begin = start + offset
         if begin + n_bytes > len(buf):
             raise LoadError(f"{path}: truncated GGUF file: tensor {name!r} ends past the end of the file")
@@ -172,10 +194,26 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
     if arch == "llama" and "mistral" in str(meta.get("general.name", "")).lower():
         model_type = "mistral"  # as transformers does
 
+    floats = ("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
+              "rope.scaling.factor", "final_logit_softcapping")
+
     def get(key, default=None, required=True):
+        """``{arch}.{key}``, checked: a positive int, a positive finite float (``floats``) or,
+        for the RoPE scaling type, a string. A wrong type is a LoadError naming the key."""
         v = meta.get(f"{arch}.{key}", default)
-        if v is None and required:
-            raise LoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+        if v is None:
+            if required:
+                raise LoadError(f"{path}: GGUF metadata lacks {arch}.{key}")
+            return None
+        if key == "rope.scaling.type":
+            ok = isinstance(v, str)
+        elif key in floats:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+        else:
+            ok = type(v) is int and v > 0
+        if not ok:
+            want = "a string" if key == "rope.scaling.type" else "a positive number" if key in floats else "a positive integer"
+            raise LoadError(f"{path}: GGUF metadata {arch}.{key} must be {want}, got {v!r}")
         return v
 
     heads = get("attention.head_count")
@@ -183,6 +221,9 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
     head_dim = get("attention.key_length", required=False)
     if head_dim is None and arch == "llama":
         head_dim = get("rope.dimension_count", required=False)
+    if head_dim is None and hidden % heads:
+        raise LoadError(f"{path}: {arch}.embedding_length {hidden} is not a multiple of "
+                        f"{arch}.attention.head_count {heads}, and no head size is given")
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = get("vocab_size", required=False) or (len(tokens) if tokens else None)
     if vocab is None:
@@ -231,6 +272,8 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
         cfg = ModelConfig.from_hf(d, source=path)
     except ConfigError as e:
         raise LoadError(str(e)) from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+        raise LoadError(f"{path}: invalid GGUF metadata ({type(e).__name__}: {e})") from None
     if arch != "gpt2":  # biases: trust the tensors present, not per-architecture defaults
         cfg = cfg.replace(
             qkv_bias="blk.0.attn_q.bias" in tensor_names,
@@ -297,7 +340,58 @@ _PRE_SPLITS = {
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"], _LLAMA3_SPLIT),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen"], _QWEN2_SPLIT),
 }
+# Byte-level vocabularies whose split is GPT-2's own (ByteLevel's built-in regex). SmolLM:
+# llama.cpp splits digits one by one, but its vocabulary has no multi-digit token, so
+# GPT-2's split gives the same ids (tests/test_tokenizer.py::test_smollm2_parity).
+_GPT2_SPLIT_PRES = ("default", "gpt-2", "gpt2", "smollm")
 _CONTROL, _USER_DEFINED = 3, 4
+
+
+def _check_tokenizer_meta(meta: dict, path: str) -> None:
+    """Refuse tokenizer metadata of the wrong shape with a LoadError naming the key.
+
+    llama.cpp refuses an unknown byte-level pre-tokenizer rather than guess its split,
+    since a wrong split loads fine and tokenizes wrongly; so do we.
+    """
+
+    def bad(key: str, problem: str):
+        raise LoadError(f"{path}: malformed GGUF tokenizer metadata: tokenizer.ggml.{key} {problem}")
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not tokens:
+        bad("tokens", "must be a non-empty array of strings")
+    if not all(isinstance(t, str) for t in tokens):
+        bad("tokens", "must hold strings only")
+    n = len(tokens)
+    for key, kind in (("token_type", int), ("scores", (int, float))):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is None:
+            continue
+        if not isinstance(v, list) or len(v) != n or not all(isinstance(x, kind) and not isinstance(x, bool) for x in v):
+            bad(key, f"must be an array of {n} numbers, one per token")
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is not None:
+        if not isinstance(merges, list) or not all(isinstance(m, str) for m in merges):
+            bad("merges", "must be an array of strings")
+        wrong = next((m for m in merges if not all(m.partition(" ")[::2]) or " " not in m), None)
+        if wrong is not None:
+            bad("merges", f"holds {wrong!r}; each merge is two tokens joined by one space")
+    for key in ("bos", "eos", "unknown", "padding"):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        if i is not None and (type(i) is not int or not 0 <= i < n):
+            bad(f"{key}_token_id", f"is {i!r}, not a token id below {n}")
+    for key in ("model", "pre", "chat_template"):
+        v = meta.get(f"tokenizer.ggml.{key}" if key != "chat_template" else "tokenizer.chat_template")
+        if v is not None and not isinstance(v, str):
+            bad(key, f"must be a string, got {type(v).__name__}")
+    for key in ("add_bos_token", "add_eos_token"):
+        if not isinstance(meta.get(f"tokenizer.ggml.{key}", False), bool):
+            bad(key, "must be a boolean")
+    pre = meta.get("tokenizer.ggml.pre")
+    if meta.get("tokenizer.ggml.model") == "gpt2" and pre is not None and pre not in (*_GPT2_SPLIT_PRES, *_PRE_SPLITS):
+        raise LoadError(f"{path}: unsupported GGUF pre-tokenizer tokenizer.ggml.pre={pre!r}; its split is "
+                        f"unknown, so text would tokenize wrongly (supported: "
+                        f"{', '.join([*_GPT2_SPLIT_PRES, *_PRE_SPLITS])})")
 
 
 def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
@@ -307,6 +401,19 @@ def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
     BPE with byte fallback, whose merges are rebuilt from the token scores
     (Gemma: from the token order, which is its merge order).
     """
+    from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+    _check_tokenizer_meta(meta, path)
+    try:
+        return _build_tokenizer(meta, path)
+    except LoadError:
+        raise
+    except ChatTemplateError as e:
+        raise LoadError(str(e)) from None
+    except Exception as e:  # the tokenizers library raises bare Exception for an inconsistent vocabulary
+        raise LoadError(f"{path}: malformed GGUF tokenizer metadata ({type(e).__name__}: {e})") from None
+
+
+def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
 
@@ -384,6 +491,7 @@ def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
     return Tokenizer(
         backend, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids,
         chat_template=meta.get("tokenizer.chat_template"), name=path,
+        template_source=f"{path}: tokenizer.chat_template",
     )
 
 

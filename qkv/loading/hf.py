@@ -15,18 +15,21 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
-from .tokenizer import Tokenizer
+from .tokenizer import ChatTemplateError, Tokenizer
 
 
 def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
     """Read an HF directory; raise LoadError naming the offending file."""
     d = Path(path)
-    config_file = d / "config.json"
+    config_file = model_file(d, "config.json")
     raw = _read_json(config_file, required=True)
     try:
         cfg = ModelConfig.from_hf(raw, source=str(config_file))
     except ConfigError as e:
         raise LoadError(str(e)) from None
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
+        # from_hf does arithmetic on fields it does not type-check ("2" layers, 0 heads)
+        raise LoadError(f"{config_file}: invalid field value ({type(e).__name__}: {e})") from None
     weights: dict[str, torch.Tensor] = {}
     for f in safetensors_files(d):
         weights.update(read_safetensors(f))
@@ -36,15 +39,35 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tok
     return cfg, weights, tok
 
 
+def model_file(d: Path, name: str) -> Path:
+    """``d / name``, refused (LoadError) unless it resolves inside ``d``, symlinks followed.
+
+    A model directory is untrusted input: an index naming "../../x" or "/etc/x", or a
+    symlink pointing out, must not make us open files elsewhere. One exception: in the
+    Hugging Face hub cache, ``snapshots/<rev>/*`` are symlinks to ``../../blobs/<hash>``.
+    """
+    root = d.resolve()
+    f = d / name
+    target = f.resolve()
+    allowed = [root] + ([root.parent.parent / "blobs"] if root.parent.name == "snapshots" else [])
+    if not any(target.is_relative_to(a) for a in allowed):
+        raise LoadError(f"{f}: resolves to {target}, outside the model directory {root}")
+    return f
+
+
 def safetensors_files(d: Path) -> list[Path]:
-    index = d / "model.safetensors.index.json"
+    index = model_file(d, "model.safetensors.index.json")
     if index.is_file():
-        shards = sorted(set(_read_json(index, required=True).get("weight_map", {}).values()))
-        missing = [s for s in shards if not (d / s).is_file()]
+        weight_map = _read_json(index, required=True).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise LoadError(f"{index}: weight_map must map tensor names to shard file names")
+        names = sorted(set(weight_map.values()))
+        shards = [model_file(d, s) for s in names]
+        missing = [n for n, s in zip(names, shards) if not s.is_file()]
         if missing or not shards:
             raise LoadError(f"{index}: shard files missing: {missing or 'none listed'}")
-        return [d / s for s in shards]
-    files = sorted(d.glob("*.safetensors"))
+        return shards
+    files = [model_file(d, f.name) for f in sorted(d.glob("*.safetensors"))]
     if not files:
         raise LoadError(f"{d}: no *.safetensors weights (pickle .bin checkpoints are not loaded)")
     return files
@@ -65,36 +88,58 @@ def hf_tokenizer(d: Path, eos_ids: list[int]) -> Tokenizer | None:
     """The tokenizer from ``tokenizer.json`` (+ ``tokenizer_config.json``), or None if there is none."""
     import tokenizers
 
-    tj = d / "tokenizer.json"
+    tj = model_file(d, "tokenizer.json")
     if not tj.is_file():
         return None
     try:
         backend = tokenizers.Tokenizer.from_file(str(tj))
     except Exception as e:
         raise LoadError(f"{tj}: unreadable tokenizer ({e})") from None
-    tc = _read_json(d / "tokenizer_config.json", required=False)
-    template = tc.get("chat_template")
+    tc_file = model_file(d, "tokenizer_config.json")
+    tc = _read_json(tc_file, required=False)
+    template, template_file = tc.get("chat_template"), tc_file
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        template = {t.get("name"): t.get("template") for t in template}.get("default")
-    if (d / "chat_template.jinja").is_file():
-        template = (d / "chat_template.jinja").read_text()
-    return Tokenizer(
-        backend,
-        bos_token=_token_str(tc.get("bos_token")),
-        eos_token=_token_str(tc.get("eos_token")),
-        eos_token_ids=eos_ids,
-        chat_template=template,
-        name=str(tj),
-    )
+        template = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}.get("default")
+    if (jinja := model_file(d, "chat_template.jinja")).is_file():
+        template_file = jinja
+        template = _read_text(template_file)
+    if template is not None and not isinstance(template, str):
+        raise LoadError(f"{template_file}: chat_template must be a string, got {type(template).__name__}")
+    try:
+        return Tokenizer(
+            backend,
+            bos_token=_token_str(tc.get("bos_token")),
+            eos_token=_token_str(tc.get("eos_token")),
+            eos_token_ids=eos_ids,
+            chat_template=template,
+            name=str(tj),
+            template_source=str(template_file),
+        )
+    except ChatTemplateError as e:
+        raise LoadError(str(e)) from None
 
 
 def _generation_eos(d: Path) -> list[int]:
-    eos = _read_json(d / "generation_config.json", required=False).get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    f = model_file(d, "generation_config.json")
+    eos = _read_json(f, required=False).get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(type(i) is int and i >= 0 for i in ids):
+        raise LoadError(f"{f}: eos_token_id must be a token id or a list of them, got {eos!r}")
+    return ids
 
 
 def _token_str(t) -> str | None:
-    return t.get("content") if isinstance(t, dict) else t
+    t = t.get("content") if isinstance(t, dict) else t
+    if t is not None and not isinstance(t, str):
+        raise LoadError(f"tokenizer_config.json: a special token must be a string or {{'content': ...}}, got {t!r}")
+    return t
+
+
+def _read_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LoadError(f"{f}: unreadable ({e})") from None
 
 
 def _read_json(f: Path, required: bool) -> dict:
@@ -103,6 +148,9 @@ def _read_json(f: Path, required: bool) -> dict:
             raise LoadError(f"{f}: file not found")
         return {}
     try:
-        return json.loads(f.read_text())
+        data = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise LoadError(f"{f}: invalid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise LoadError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -39,7 +39,11 @@ class Tokenizer:
         eos_token_ids: list[int] | tuple[int, ...] = (),
         chat_template: str | None = None,
         name: str = "tokenizer",
+        template_source: str | None = None,
     ) -> None:
+        """``name`` labels errors; ``template_source`` (default ``name``) is where the chat
+        template came from. A template with a syntax error raises ChatTemplateError naming
+        ``template_source`` and the template's line."""
         self.backend = backend
         self.bos_token = bos_token
         self.eos_token = eos_token
@@ -51,7 +55,9 @@ class Tokenizer:
             if tid is not None:
                 ids.append(tid)
         self._eos_ids = list(dict.fromkeys(ids))  # dedupe, keep order
-        self._template = None
+        # Compiled now: a template with a syntax error fails the load once, with its line,
+        # rather than every chat request.
+        self._template = _compile(chat_template, template_source or name) if chat_template else None
 
     # ------------------------------------------------------------ ids
     @property
@@ -93,8 +99,6 @@ class Tokenizer:
             raise ChatTemplateError(f"{self.name}: this model has no chat template; use plain text prompts")
         import jinja2
 
-        if self._template is None:
-            self._template = _compile(self.chat_template)
         try:
             return self._template.render(
                 messages=json.loads(json.dumps(messages)),  # plain data only into the sandbox
@@ -107,8 +111,30 @@ class Tokenizer:
             raise ChatTemplateError(f"{self.name}: chat template error: {e}") from e
 
 
-def _compile(template: str):
-    """Compile a chat template in a sandbox with transformers' globals and filters."""
+def _generation_extension():
+    """``{% generation %}...{% endgeneration %}``: transformers' marker around assistant text
+    (it returns assistant-token masks from it). We render the body unchanged and drop the
+    marker, which is what transformers renders when no mask is asked for."""
+    import jinja2.ext
+    import jinja2.nodes
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return Generation
+
+
+def _compile(template: str, name: str = "tokenizer"):
+    """Compile a chat template in a sandbox with transformers' globals, filters and
+    ``{% generation %}`` tag. A syntax error raises ChatTemplateError with the template line."""
     import jinja2
     import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -120,11 +146,15 @@ def _compile(template: str):
         # Jinja's own tojson escapes HTML characters; templates expect plain JSON.
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[jinja2.ext.loopcontrols, _generation_extension()])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(template)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"{name}: chat template syntax error at line {e.lineno}: {e.message}") from None
 
 
 class StreamDecoder:
