@@ -17,16 +17,21 @@ import time
 
 import torch
 
-SUBCOMMANDS = ("latency", "throughput", "prefix", "serve")
+SUBCOMMANDS = {
+    "latency": "one prompt: prefill and decode tok/s (--no-cache: also without a KV cache)",
+    "throughput": "many random-length requests at once: output tok/s under continuous batching",
+    "prefix": "requests sharing a long system prompt, prefix caching on vs off",
+    "serve": "a live qkv serve under Poisson load: TTFT, inter-token latency, throughput",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qkv.cli import add_model_arguments
+    from qkv.cli import HelpFormatter, add_model_arguments
     from qkv.tools import bench_gpu
 
-    sub = p.add_subparsers(dest="bench", required=True)
-    for name in SUBCOMMANDS:
-        sp = sub.add_parser(name)
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for name, help_ in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if name == "serve":
             from qkv.server import bench_serve
 
