@@ -78,3 +78,18 @@ def test_generate_says_when_it_used_plain_text_and_why_it_stopped(capsys):
     err = capsys.readouterr().err
     assert "gemma3-270m has no chat template: the prompt is sent as plain text" in err
     assert "[qkv] stopped after 3 tokens at --max-tokens 3, not at the end of the answer" in err
+
+
+def test_bench_checks_its_peer_before_measuring(capsys, monkeypatch, tmp_path):
+    """The peer is checked before qkv's half runs (it used to fail after 17 s of measuring)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else real(name, *a))
+    missing = str(tmp_path / "missing.gguf")  # would be a load error if the model were loaded first
+    assert cli.main(["bench", "latency", "--model", missing, "--device", "cpu", "--peer", "llamacpp"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("qkv: error: --peer llamacpp needs llama_cpp, which is not installed: "
+                           "pip install llama-cpp-python")
+    assert cli.main(["bench", "throughput", "--model", missing, "--device", "cpu", "--peer", "hf"]) == 2
+    assert "missing.gguf" in capsys.readouterr().err  # hf is installed: on to the load, which fails

@@ -64,11 +64,37 @@ def run(args) -> int:
         from qkv.server import bench_serve
 
         return bench_serve.run(args)
+    check_peer(args)
     results = {"latency": latency, "throughput": throughput, "prefix": prefix}[args.bench](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+PEERS = {"hf": ("transformers", "pip install transformers"),
+         "llamacpp": ("llama_cpp", "pip install llama-cpp-python")}
+
+
+def check_peer(args) -> None:
+    """Refuse a peer that cannot run before qkv's half is measured (and thrown away)."""
+    import importlib.util
+
+    if args.peer in PEERS:
+        module, fix = PEERS[args.peer]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--peer {args.peer} needs {module}, which is not installed: {fix}")
+    if args.peer == "llamacpp":
+        if args.bench != "latency":
+            raise ValueError("--peer llamacpp measures latency only: use qkv bench latency")
+        if getattr(args, "random_weights", None) or not _is_gguf(args.model):
+            raise ValueError("--peer llamacpp needs a GGUF model (a named default or a .gguf file)")
+
+
+def _is_gguf(model: str) -> bool:
+    from qkv.loading.models import NAMED
+
+    return model in NAMED or model.endswith(".gguf")
 
 
 def _llm(args, **overrides):
