@@ -10,6 +10,26 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = ("qkv: an LLM inference engine built around the KV cache. "
+               "Run 'qkv COMMAND --help' for a command's options.")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default, also those without a help text; None and False
+    defaults (unset options, off switches) show none, and a help text that already speaks of
+    its default is left as written."""
+
+    def _format_action(self, action):
+        if action.help is None and action.option_strings and action.default not in (None, False):
+            action.help = "default: %(default)s"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help  # unset, off, or the help already says what the default is
+        return super()._get_help_string(action)
+
+
 # command -> (module, help). Imported only when that command runs.
 COMMANDS = {
     "generate": ("qkv.cli", "generate text for one prompt, streamed to stdout"),
@@ -22,17 +42,20 @@ COMMANDS = {
 }
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """Options every command that loads a model shares."""
-    p.add_argument("--model", default="smollm2", help="named model, .gguf file or HF directory (default: smollm2)")
+def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> None:
+    """Options every command that loads a model shares (``model_flag=False``: the command
+    names its model with a positional argument instead of ``--model``)."""
+    if model_flag:
+        p.add_argument("--model", default="smollm2", help="named model, .gguf file or HF directory")
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--num-kv-blocks", type=int, default=None,
+                   help="KV blocks in the pool (default: as many as 1 GiB holds on a CPU; on CUDA, what memory profiling leaves)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prefill chunk size)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
+    p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     p.add_argument("--quantization", default=None, choices=["int8"], help="int8 weights (CPU decode path)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
@@ -84,15 +107,31 @@ def _run_generate(args) -> int:
 
     llm = LLM(args.model, **engine_kwargs(args))
     params = sampling_params(args)
-    if args.raw or llm.tokenizer is None or not llm.tokenizer.chat_template:
+    if args.raw:
+        prompt = llm.encode(args.prompt)
+    elif llm.tokenizer is None or not llm.tokenizer.chat_template:
+        print(f"[qkv] {args.model} has no chat template: the prompt is sent as plain text (as with --raw)",
+              file=sys.stderr)
         prompt = llm.encode(args.prompt)
     else:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
-    for out in llm.stream(prompt, params):
-        sys.stdout.write(out.text_delta)
+    last = None
+    for last in llm.stream(prompt, params):
+        sys.stdout.write(last.text_delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _say_why_it_ended(last, params)
     return 0
+
+
+def _say_why_it_ended(out, params) -> None:
+    """An answer cut by the token limit looks like one that ended: say which it was."""
+    if out is None or out.finish_reason != "length":
+        return
+    limit = (f"--max-tokens {params.max_tokens}" if len(out.token_ids) >= params.max_tokens
+             else "the model's context length")
+    print(f"[qkv] stopped after {len(out.token_ids)} tokens at {limit}, not at the end of the answer",
+          file=sys.stderr)
 
 
 def _run_chat(args) -> int:
@@ -120,6 +159,7 @@ def _run_chat(args) -> int:
             sys.stdout.flush()
             answer, last = out.text, out
         sys.stdout.write("\n")
+        _say_why_it_ended(last, params)
         messages.append({"role": "assistant", "content": answer})
         if args.verbose and last is not None:
             print(f"[prompt {len(last.prompt_token_ids)} tokens, {last.num_cached_tokens} served from the "
@@ -132,10 +172,10 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qkv", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="qkv", description=DESCRIPTION, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if module == "qkv.cli":
             add_arguments(p, name)
         else:

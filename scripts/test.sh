@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests README.md docs

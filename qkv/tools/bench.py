@@ -17,16 +17,21 @@ import time
 
 import torch
 
-SUBCOMMANDS = ("latency", "throughput", "prefix", "serve")
+SUBCOMMANDS = {
+    "latency": "one prompt: prefill and decode tok/s (--no-cache: also without a KV cache)",
+    "throughput": "many random-length requests at once: output tok/s under continuous batching",
+    "prefix": "requests sharing a long system prompt, prefix caching on vs off",
+    "serve": "a live qkv serve under Poisson load: TTFT, inter-token latency, throughput",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from qkv.cli import add_model_arguments
+    from qkv.cli import HelpFormatter, add_model_arguments
     from qkv.tools import bench_gpu
 
-    sub = p.add_subparsers(dest="bench", required=True)
-    for name in SUBCOMMANDS:
-        sp = sub.add_parser(name)
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCHMARK")
+    for name, help_ in SUBCOMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
         if name == "serve":
             from qkv.server import bench_serve
 
@@ -59,11 +64,37 @@ def run(args) -> int:
         from qkv.server import bench_serve
 
         return bench_serve.run(args)
+    check_peer(args)
     results = {"latency": latency, "throughput": throughput, "prefix": prefix}[args.bench](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+PEERS = {"hf": ("transformers", "pip install transformers"),
+         "llamacpp": ("llama_cpp", "pip install llama-cpp-python")}
+
+
+def check_peer(args) -> None:
+    """Refuse a peer that cannot run before qkv's half is measured (and thrown away)."""
+    import importlib.util
+
+    if args.peer in PEERS:
+        module, fix = PEERS[args.peer]
+        if importlib.util.find_spec(module) is None:
+            raise ValueError(f"--peer {args.peer} needs {module}, which is not installed: {fix}")
+    if args.peer == "llamacpp":
+        if args.bench != "latency":
+            raise ValueError("--peer llamacpp measures latency only: use qkv bench latency")
+        if getattr(args, "random_weights", None) or not _is_gguf(args.model):
+            raise ValueError("--peer llamacpp needs a GGUF model (a named default or a .gguf file)")
+
+
+def _is_gguf(model: str) -> bool:
+    from qkv.loading.models import NAMED
+
+    return model in NAMED or model.endswith(".gguf")
 
 
 def _llm(args, **overrides):

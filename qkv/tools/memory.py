@@ -308,12 +308,22 @@ def plot(config: ModelConfig, context: int, batch: int, bits: int, block_size: i
 
 
 # ---------------------------------------------------------------- CLI
+class _DeprecatedDtype(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("qkv memory: --dtype is deprecated, use --kv-dtype (the KV element type)", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="named model, .gguf file, HF directory (config.json is enough) or config.json")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
     p.add_argument("--batch", type=int, default=1, help="sequences held at once")
-    p.add_argument("--dtype", default="float16", help="KV element type: float32 | bfloat16 | float16 (default) | fp8 (the engine's kv_dtype='fp8')")
-    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16, 32), default=None, help="overrides --dtype")
+    p.add_argument("--kv-dtype", default="float16", choices=list(DTYPE_BITS),
+                   help="KV element type (fp8: the engine's kv_dtype='fp8')")
+    # Every other command's --dtype is the model's compute dtype; here it meant the KV element.
+    p.add_argument("--dtype", dest="kv_dtype", choices=list(DTYPE_BITS), action=_DeprecatedDtype,
+                   help=argparse.SUPPRESS)
+    p.add_argument("--kv-bits", type=int, choices=(4, 8, 16, 32), default=None, help="overrides --kv-dtype")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (the engine's default: 16)")
     p.add_argument("--gqa-kv-heads", type=int, default=None, help="KV heads of the GQA twin")
     p.add_argument("--kv-cache-memory", type=int, default=1 << 30, metavar="BYTES",
@@ -327,12 +337,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     config = read_config(args.model)
-    if args.kv_bits is not None:
-        bits = args.kv_bits
-    elif args.dtype in DTYPE_BITS:
-        bits = DTYPE_BITS[args.dtype]
-    else:
-        raise ValueError(f"unknown --dtype {args.dtype!r} (use one of {', '.join(DTYPE_BITS)})")
+    bits = args.kv_bits if args.kv_bits is not None else DTYPE_BITS[args.kv_dtype]
     context = args.context or config.max_position_embeddings
     pools = dict(budget=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)

@@ -80,9 +80,8 @@ def perplexity(logits_fn, ids: list[int], window: int = 512, max_tokens: int | N
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from qkv.cli import add_model_arguments
 
-    p.add_argument("model_path", nargs="?", default=None, metavar="MODEL",
-                   help="named model, .gguf file or HF directory (or --model)")
-    add_model_arguments(p)
+    p.add_argument("model", metavar="MODEL", help="named model, .gguf file or HF directory")
+    add_model_arguments(p, model_flag=False)
     p.add_argument("--text", default=None, help="a UTF-8 text file (default: CPython's pydoc_data.topics)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (0: all; default 8192)")
@@ -94,7 +93,7 @@ def run(args) -> int:
     from qkv import LLM
     from qkv.cli import engine_kwargs
 
-    model = args.model_path or args.model
+    model = args.model
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
     kw = engine_kwargs(args)
     # One window is scored at a time: it must fit in one chunk and in the cache.
