@@ -75,10 +75,11 @@ _WIDTH = re.compile(r"%[-+ #0]*(\d{8,}|\*)|%[-+ #0]*\d*\.\d{8,}|\{[^{}]*:[^{}]*\
 def _precheck_args(b: _Budget, args: tuple, kwargs: dict, name: str) -> None:
     """Refuse arguments that make a C-level function build a huge value: widths, counts."""
     for a in (*args, *kwargs.values()):
+        b.check(a, f"an argument of {name}")
         if isinstance(a, int) and not isinstance(a, bool) and abs(a) > b.max_chars:
             raise ChatTemplateLimitError(f"chat template passes {a:,} to {name}, over the limit of {b.max_chars:,}")
-        if isinstance(a, str) and _WIDTH.search(a) and name in ("format", "format_map"):
-            raise ChatTemplateLimitError(f"chat template formats with a width over 7 digits")
+        if isinstance(a, str) and _WIDTH.search(a) and name == "format":  # the format filter's pattern
+            raise ChatTemplateLimitError("chat template formats with a width over 7 digits")
 
 
 def _replace_size(s: Any, old: Any, new: Any, count: Any = -1) -> int:
@@ -172,6 +173,9 @@ def _bounded_environment():
             return b.check(super().call(__context, __obj, *args, **kwargs), f"the result of {name}()")
 
         def getattr(self, obj, attribute):
+            # str.format is wrapped by the sandbox at access, so its pattern is checked here.
+            if attribute in ("format", "format_map") and isinstance(obj, str) and _WIDTH.search(obj):
+                raise ChatTemplateLimitError("chat template formats with a width over 7 digits")
             return _budget().check(super().getattr(obj, attribute), f"attribute {attribute}")
 
         def getitem(self, obj, argument):
