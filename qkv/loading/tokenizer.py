@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import secrets
 from typing import Any
 
 import tokenizers
@@ -59,6 +60,8 @@ class Tokenizer:
         # rather than every chat request.
         self._template = compile_template(chat_template, template_source or name) if chat_template else None
         self._plain_backend: tokenizers.Tokenizer | None = None  # built on first need
+        self._specials: dict[str, int] | None = None
+        self._special_pattern: re.Pattern | None = None
 
     # ------------------------------------------------------------ ids
     @property
@@ -127,19 +130,28 @@ class Tokenizer:
         Ids equal that of transformers whenever no content holds a special token's text.
         """
         specials = self._special_tokens()
-        marked, found = messages, False
+        marked, nonce = messages, None
         if not special_tokens_in_content and specials:
-            marked, found = _mark_specials(messages, specials)
+            marked, nonce = _mark_specials(messages, specials)
         text = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
-        if not found:
+        if nonce is None:  # no content holds a special token's text
             return self.encode(text, add_special_tokens=False)
-        return self._encode_marked(text, specials)
+        return self._encode_marked(text, specials, nonce)
 
     def _special_tokens(self) -> dict[str, int]:
         """Text -> id of the tokens the backend matches as control tokens before tokenizing."""
-        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        if self._specials is None:
+            self._specials = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return self._specials
 
-    def _encode_marked(self, text: str, specials: dict[str, int]) -> list[int]:
+    def _special_re(self) -> re.Pattern:
+        """Any special token's text, the longest first (as the backend matches)."""
+        if self._special_pattern is None:
+            names = sorted(self._special_tokens(), key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(re.escape(n) for n in names))
+        return self._special_pattern
+
+    def _encode_marked(self, text: str, specials: dict[str, int], nonce: str = "") -> list[int]:
         """Encode rendered text whose content-born specials are markers (``_mark_specials``):
         split at the template's special tokens, as the backend does (with their lstrip/rstrip),
         and encode each run between them with special-token matching off, the markers turned
@@ -152,7 +164,7 @@ class Tokenizer:
         names = list(specials)
         pieces: list[str | int] = []  # runs of text and special ids
         pos = 0
-        for m in _alternation(names).finditer(text):
+        for m in self._special_re().finditer(text):
             tok = added[specials[m.group(0)]]
             run = text[pos : m.start()]
             pieces += [run.rstrip() if tok.lstrip else run, specials[m.group(0)]]
@@ -166,27 +178,33 @@ class Tokenizer:
             if isinstance(p, int):
                 ids.append(p)
             elif p:
-                p = _MARKER.sub(lambda k: names[int(k.group(1))], p)
+                p = _unmark(p, names, nonce)
                 ids += self._plain_backend.encode(p, add_special_tokens=False).ids
         return ids
 
 
-def _alternation(names: list[str]) -> re.Pattern:
-    """A regex matching any of ``names``, the longest first (as the backend matches)."""
-    return re.compile("|".join(re.escape(s) for s in sorted(names, key=len, reverse=True)))
-
-
 # A special token's text inside message content, while the template renders it: private-use
-# characters that no tokenizer treats specially and no template looks for.
-_MARKER = re.compile("\ue000([0-9]+)\ue001")
+# characters that no tokenizer treats specially and no template looks for, with a nonce so that
+# content cannot write a marker of its own.
+def _marker(nonce: str, i: int) -> str:
+    return f"\ue000{nonce}:{i}\ue001"
 
 
-def _mark_specials(messages: list[dict], specials: dict[str, int]) -> tuple[list[dict], bool]:
-    """``messages`` with each special token's text in a content string replaced by a marker;
-    and whether there was any."""
+def _unmark(text: str, names: list[str], nonce: str) -> str:
+    def back(m: re.Match) -> str:
+        i = int(m.group(1))
+        return names[i] if i < len(names) else m.group(0)
+
+    return re.sub(f"\ue000{nonce}:([0-9]+)\ue001", back, text)
+
+
+def _mark_specials(messages: list[dict], specials: dict[str, int]) -> tuple[list[dict], str | None]:
+    """``messages`` with each special token's text in a content string replaced by a marker
+    (``_marker``); and the markers' nonce, None if no content held special text."""
     names = list(specials)
-    pattern = _alternation(names)
-    index = {s: i for i, s in enumerate(names)}
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+    index = {n: i for i, n in enumerate(names)}
+    nonce = secrets.token_hex(8)
     found = False
 
     def mark(s: Any) -> Any:
@@ -194,7 +212,7 @@ def _mark_specials(messages: list[dict], specials: dict[str, int]) -> tuple[list
         if not isinstance(s, str) or not pattern.search(s):
             return s
         found = True
-        return pattern.sub(lambda m: f"\ue000{index[m.group(0)]}\ue001", s)
+        return pattern.sub(lambda m: _marker(nonce, index[m.group(0)]), s)
 
     out = []
     for msg in messages:
@@ -208,7 +226,7 @@ def _mark_specials(messages: list[dict], specials: dict[str, int]) -> tuple[list
         else:
             msg["content"] = mark(content)
         out.append(msg)
-    return out, found
+    return out, nonce if found else None
 
 
 class StreamDecoder:
