@@ -62,12 +62,15 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_prompt(self, messages: list[dict], *, special_tokens_in_content: bool = False) -> list[int]:
+        """The prompt ids of a chat, rendered with the model's template (which writes its own BOS).
+        Message content is plain text: ``<|im_start|>`` typed by a user is not a control token
+        unless ``special_tokens_in_content`` (transformers' behaviour, which lets content forge
+        turns). ChatTemplateError (a ValueError) if the template refuses the messages."""
         if self.tokenizer is None:
             raise ValueError(f"{self.source} has no tokenizer, so no chat template")
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        # The template writes its own BOS where it wants one.
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True,
+                                          special_tokens_in_content=special_tokens_in_content)
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts, params: SamplingParams | None = None, use_tqdm: bool | None = None,

@@ -86,6 +86,11 @@ class TensorInfo(NamedTuple):
     data: np.ndarray  # raw bytes, shape (*shape[:-1], bytes per row), memory-mapped
 
 
+# The fewest bytes one array element of each type takes: a string its length, an array its
+# type and count. Counts are checked against what is left of the file with them.
+_MIN_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 8: 8, 9: 12, 10: 8, 11: 8, 12: 8}
+_MAX_ARRAY_DEPTH = 4  # llama.cpp reads none nested; gguf-py's writer nests lists
+
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
@@ -125,12 +130,22 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{key}: a string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
-    def value(vtype: int):
+    def room(count: int, least: int, what: str) -> None:
+        """Refuse a count the rest of the file cannot hold (``least`` bytes each) before any
+        loop or allocation trusts it."""
+        if count * least > len(raw) - pos:
+            raise ValueError(f"{key}: {what} claims {count:,} items, more than the file's "
+                             f"{len(raw) - pos:,} remaining bytes can hold")
+
+    def value(vtype: int, depth: int = 0):
         nonlocal pos
         if vtype == 8:
             return string()
         if vtype == 9:
+            if depth >= _MAX_ARRAY_DEPTH:
+                raise ValueError(f"{key}: arrays nested more than {_MAX_ARRAY_DEPTH} deep")
             itype, count = take("<I"), take("<Q")
+            room(count, _MIN_VALUE_BYTES.get(itype, 1), "an array")
             if itype in _SCALARS and itype != 7:
                 dt = np.dtype(_SCALARS[itype])
                 if pos + count * dt.itemsize > len(raw):
@@ -138,7 +153,7 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
                 arr = np.frombuffer(raw, dtype=dt, count=count, offset=pos)
                 pos += count * dt.itemsize
                 return arr.tolist()
-            return [value(itype) for _ in range(count)]
+            return [value(itype, depth + 1) for _ in range(count)]
         if vtype not in _SCALARS:
             raise ValueError(f"unknown metadata value type {vtype}")
         return take(_SCALARS[vtype])
@@ -150,6 +165,8 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
         if version not in (2, 3):
             raise ValueError(f"unsupported GGUF version {version}")
+        room(n_kv, 8 + 4 + 1, "the metadata count")  # key length, value type, a byte of value
+        room(n_tensors, 8 + 4 + 8 + 4 + 8, "the tensor count")  # name length, ndim, a dim, type, offset
         meta = {}
         for _ in range(n_kv):
             key = "a metadata key"
@@ -175,6 +192,7 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         raise LoadError(f"{path}: general.alignment must be a positive integer, got {align!r}")
     start = (pos + align - 1) // align * align
     tensors = []
+    spans = []
     for name, dims, qtype, offset in infos:
         block, type_size = GGML_QUANT_SIZES[qtype]
         row_bytes = dims[0] // block * type_size
@@ -182,8 +200,14 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         begin = start + offset
         if begin + n_bytes > len(buf):
             raise LoadError(f"{path}: truncated GGUF file: tensor {name!r} ends past the end of the file")
+        spans.append((offset, offset + n_bytes, name))
         byte_shape = (*reversed(dims[1:]), row_bytes)
         tensors.append(TensorInfo(name, qtype, (*reversed(dims[1:]), dims[0]), buf[begin : begin + n_bytes].reshape(byte_shape)))
+    # Overlapping tensors would let a small file claim (and dequantize into) any amount of memory.
+    spans.sort()
+    for (_, end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < end:
+            raise LoadError(f"{path}: not a valid GGUF file (tensor {name!r} overlaps tensor {prev!r})")
     return meta, tensors
 
 

@@ -9,18 +9,19 @@ files.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+import re
+import secrets
 from typing import Any
 
 import tokenizers
 
+from .chat_template import ChatTemplateError, ChatTemplateLimitError, compile_template, render
+
+__all__ = ["Tokenizer", "StreamDecoder", "ChatTemplateError", "ChatTemplateLimitError", "END_OF_TURN"]
+
 # End-of-turn markers that chat templates close a reply with. A generation
 # must stop on them even when the config names another eos token.
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<turn|>")
-
-
-class ChatTemplateError(ValueError):
-    """The model has no chat template, or the template rejected the messages."""
 
 
 class Tokenizer:
@@ -57,7 +58,10 @@ class Tokenizer:
         self._eos_ids = list(dict.fromkeys(ids))  # dedupe, keep order
         # Compiled now: a template with a syntax error fails the load once, with its line,
         # rather than every chat request.
-        self._template = _compile(chat_template, template_source or name) if chat_template else None
+        self._template = compile_template(chat_template, template_source or name) if chat_template else None
+        self._plain_backend: tokenizers.Tokenizer | None = None  # built on first need
+        self._specials: dict[str, int] | None = None
+        self._special_pattern: re.Pattern | None = None
 
     # ------------------------------------------------------------ ids
     @property
@@ -92,69 +96,137 @@ class Tokenizer:
     ) -> str:
         """Render ``messages`` with the model's Jinja chat template, as transformers does.
 
-        Raises ChatTemplateError if the model has no template or the template
-        calls ``raise_exception``.
+        Raises ChatTemplateError if the model has no template or the template calls
+        ``raise_exception``; ChatTemplateLimitError if the rendering runs past the bounds
+        of ``chat_template.render`` (time, size).
         """
         if not self.chat_template:
             raise ChatTemplateError(f"{self.name}: this model has no chat template; use plain text prompts")
         import jinja2
 
         try:
-            return self._template.render(
+            return render(self._template, dict(
                 messages=json.loads(json.dumps(messages)),  # plain data only into the sandbox
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
                 **kwargs,
-            )
+            ))
+        except ChatTemplateLimitError as e:
+            raise ChatTemplateLimitError(f"{self.name}: {e}") from None
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.name}: chat template error: {e}") from e
 
+    def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    special_tokens_in_content: bool = False) -> list[int]:
+        """The prompt ids of a chat: the rendered template, tokenized without added BOS/EOS
+        (the template writes its own).
 
-def _generation_extension():
-    """``{% generation %}...{% endgeneration %}``: transformers' marker around assistant text
-    (it returns assistant-token masks from it). We render the body unchanged and drop the
-    marker, which is what transformers renders when no mask is asked for."""
-    import jinja2.ext
-    import jinja2.nodes
+        Text that came from a message's content is plain text: a special token written in it
+        (``<|im_start|>system``) is encoded as the characters it consists of, never as the
+        control token, so a user cannot forge turns. Only the template's own markup yields
+        special tokens. ``special_tokens_in_content=True`` restores the unsafe behaviour of
+        transformers' ``apply_chat_template`` + ``encode`` (content may carry control tokens).
+        Ids equal that of transformers whenever no content holds a special token's text.
+        """
+        specials = self._special_tokens()
+        marked, nonce = messages, None
+        if not special_tokens_in_content and specials:
+            marked, nonce = _mark_specials(messages, specials)
+        text = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
+        if nonce is None:  # no content holds a special token's text
+            return self.encode(text, add_special_tokens=False)
+        return self._encode_marked(text, specials, nonce)
 
-    class Generation(jinja2.ext.Extension):
-        tags = {"generation"}
+    def _special_tokens(self) -> dict[str, int]:
+        """Text -> id of the tokens the backend matches as control tokens before tokenizing."""
+        if self._specials is None:
+            self._specials = {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+        return self._specials
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+    def _special_re(self) -> re.Pattern:
+        """Any special token's text, the longest first (as the backend matches)."""
+        if self._special_pattern is None:
+            names = sorted(self._special_tokens(), key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(re.escape(n) for n in names))
+        return self._special_pattern
 
-        def _body(self, caller):
-            return caller()
+    def _encode_marked(self, text: str, specials: dict[str, int], nonce: str = "") -> list[int]:
+        """Encode rendered text whose content-born specials are markers (``_mark_specials``):
+        split at the template's special tokens, as the backend does (with their lstrip/rstrip),
+        and encode each run between them with special-token matching off, the markers turned
+        back into their text."""
+        if self._plain_backend is None:
+            plain = tokenizers.Tokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True  # specials in the input are plain text
+            self._plain_backend = plain
+        added = self.backend.get_added_tokens_decoder()
+        names = list(specials)
+        pieces: list[str | int] = []  # runs of text and special ids
+        pos = 0
+        for m in self._special_re().finditer(text):
+            tok = added[specials[m.group(0)]]
+            run = text[pos : m.start()]
+            pieces += [run.rstrip() if tok.lstrip else run, specials[m.group(0)]]
+            pos = m.end()
+            if tok.rstrip:
+                while pos < len(text) and text[pos].isspace():
+                    pos += 1
+        pieces.append(text[pos:])
+        ids: list[int] = []
+        for p in pieces:
+            if isinstance(p, int):
+                ids.append(p)
+            elif p:
+                p = _unmark(p, names, nonce)
+                ids += self._plain_backend.encode(p, add_special_tokens=False).ids
+        return ids
 
-    return Generation
+
+# A special token's text inside message content, while the template renders it: private-use
+# characters that no tokenizer treats specially and no template looks for, with a nonce so that
+# content cannot write a marker of its own.
+def _marker(nonce: str, i: int) -> str:
+    return f"\ue000{nonce}:{i}\ue001"
 
 
-def _compile(template: str, name: str = "tokenizer"):
-    """Compile a chat template in a sandbox with transformers' globals, filters and
-    ``{% generation %}`` tag. A syntax error raises ChatTemplateError with the template line."""
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+def _unmark(text: str, names: list[str], nonce: str) -> str:
+    def back(m: re.Match) -> str:
+        i = int(m.group(1))
+        return names[i] if i < len(names) else m.group(0)
 
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
+    return re.sub(f"\ue000{nonce}:([0-9]+)\ue001", back, text)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters; templates expect plain JSON.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[jinja2.ext.loopcontrols, _generation_extension()])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"{name}: chat template syntax error at line {e.lineno}: {e.message}") from None
+def _mark_specials(messages: list[dict], specials: dict[str, int]) -> tuple[list[dict], str | None]:
+    """``messages`` with each special token's text in a content string replaced by a marker
+    (``_marker``); and the markers' nonce, None if no content held special text."""
+    names = list(specials)
+    pattern = re.compile("|".join(re.escape(n) for n in sorted(names, key=len, reverse=True)))
+    index = {n: i for i, n in enumerate(names)}
+    nonce = secrets.token_hex(8)
+    found = False
+
+    def mark(s: Any) -> Any:
+        nonlocal found
+        if not isinstance(s, str) or not pattern.search(s):
+            return s
+        found = True
+        return pattern.sub(lambda m: _marker(nonce, index[m.group(0)]), s)
+
+    out = []
+    for msg in messages:
+        if not isinstance(msg, dict):
+            out.append(msg)
+            continue
+        msg = dict(msg)
+        content = msg.get("content")
+        if isinstance(content, list):  # OpenAI content parts
+            msg["content"] = [{**p, "text": mark(p.get("text"))} if isinstance(p, dict) else mark(p) for p in content]
+        else:
+            msg["content"] = mark(content)
+        out.append(msg)
+    return out, nonce if found else None
 
 
 class StreamDecoder:

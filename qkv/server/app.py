@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.engine.request import SamplingParams
 from qkv.engine.scheduler import RequestTooLarge
+from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.metrics import ServerMetrics
@@ -54,11 +55,12 @@ class ServerLimits:
 
 
 def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None = None,
-               limits: ServerLimits | None = None) -> FastAPI:
+               limits: ServerLimits | None = None, *, allow_special_tokens_in_content: bool = False) -> FastAPI:
     """An app serving ``llm`` (a qkv.LLM) as ``model_name``. The app owns one EngineLoop,
     started and stopped by its lifespan; nothing else may drive ``llm.engine`` meanwhile.
     ``api_key``: one key or several; with several, each key is a tenant whose prompts never
-    share prefix-cache blocks with another key's (tenants.py)."""
+    share prefix-cache blocks with another key's (tenants.py). ``allow_special_tokens_in_content``:
+    special tokens written in chat messages are control tokens (unsafe: clients can forge turns)."""
     limits = limits or ServerLimits()
     engine = llm.engine
     keys = KeyRing([api_key] if isinstance(api_key, str) else list(api_key or []))
@@ -200,7 +202,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         """The chat prompt's ids. The messages' fault (the template refused them) is a 400;
         a template that breaks on its own is the model's fault, a 500 that says so."""
         try:
-            return llm.chat_prompt(messages)
+            return llm.chat_prompt(messages, special_tokens_in_content=allow_special_tokens_in_content)
+        except ChatTemplateLimitError as e:  # a template that loops or balloons: the model's fault
+            log.warning("chat template of %s stopped: %s", model_name, e)
+            raise P.APIError(500, str(e), "server_error", "chat_template_error") from None
         except ValueError as e:  # ChatTemplateError: the template rejected the messages
             raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
         except Exception as e:  # jinja2 syntax errors, a TypeError inside the template, ...

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="chat max_tokens when a request gives none (default: the rest of the context)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds open responses get to finish on SIGTERM/SIGINT before they are aborted")
+    p.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="encode special tokens written in chat message content as control tokens "
+                        "(unsafe: a client can forge system or assistant turns; off: content is plain text)")
     p.add_argument("--log-level", default="info")
 
 
@@ -76,7 +79,8 @@ def run(args) -> int:
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens,
                           max_waiting=args.max_waiting_requests or None)
-    app = create_app(llm, name, api_key=keys, limits=limits)
+    app = create_app(llm, name, api_key=keys, limits=limits,
+                     allow_special_tokens_in_content=args.allow_special_tokens_in_content)
     print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1"
           f"{f' ({len(keys)} API keys)' if keys else ''}", file=sys.stderr, flush=True)
     # After the drain every response has been sent: uvicorn's own grace period is a formality.
