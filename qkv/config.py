@@ -146,6 +146,16 @@ class ModelConfig:
         return ARCHITECTURES[self.model_type]
 
     @property
+    def max_context(self) -> int:
+        """Positions the model encodes: ``max_position_embeddings``, times the factor under
+        dynamic NTK scaling, whose point is to stretch past that length (vLLM derives its
+        ``max_model_len`` the same way)."""
+        scaling = self.rope_scaling or {}
+        if scaling.get("rope_type", scaling.get("type")) == "dynamic":
+            return int(self.max_position_embeddings * scaling.get("factor", 1.0))
+        return self.max_position_embeddings
+
+    @property
     def attention_kind(self) -> str:
         if self.kv_lora_rank:
             return "MLA"

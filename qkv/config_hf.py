@@ -38,6 +38,12 @@ def hf_fields(d: dict, source: str) -> dict:
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
 
+    def number(name: str, value: Any) -> float:
+        """A float field (ModelConfig checks its range; this keeps float() from guessing)."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {name} must be a number, got {value!r}")
+        return float(value)
+
     eos = d.get("eos_token_id")
     eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
     common = dict(
@@ -101,7 +107,7 @@ def hf_fields(d: dict, source: str) -> dict:
         max_position_embeddings=d.get("max_position_embeddings", 2048),
         norm_eps=d.get("rms_norm_eps", 1e-6),
         hidden_act=d.get("hidden_act") or d.get("hidden_activation") or "silu",
-        rope_theta=float(rope_theta or 10000.0),
+        rope_theta=number("rope_theta", rope_theta or 10000.0),
         rope_scaling=rope_scaling,
         tie_word_embeddings=d.get("tie_word_embeddings", False),
         **_biases(d, model_type),
@@ -135,7 +141,7 @@ def hf_fields(d: dict, source: str) -> dict:
         if d.get("use_bidirectional_attention"):
             raise ConfigError(f"{source}: use_bidirectional_attention=True is not supported")
         cfg["sliding_window"] = need("sliding_window")
-        cfg["rope_local_theta"] = float(rope_local or 10000.0)
+        cfg["rope_local_theta"] = number("rope_local_base_freq", rope_local or 10000.0)
         cfg["query_pre_attn_scalar"] = d.get("query_pre_attn_scalar", cfg["head_dim"])
         cfg["final_logit_softcapping"] = d.get("final_logit_softcapping")
         cfg["tie_word_embeddings"] = d.get("tie_word_embeddings", True)

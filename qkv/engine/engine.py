@@ -74,7 +74,7 @@ class LLMEngine:
         self.kv_dtype = kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
         specs = layer_specs(config, torch.finfo(kv_dtype).bits // 8)
         self.specs = specs
-        self.max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
         if on_gpu:
             from qkv.engine import gpu

@@ -157,7 +157,7 @@ def engine_pools(config: ModelConfig, bits: int, block_size: int = 16, budget: i
     n = plan_num_blocks(specs, block_size, max_num_seqs, budget, prefix_caching=prefix_caching,
                         max_num_batched_tokens=max_num_batched_tokens)
     kv = KVCacheManager(specs, block_size, n, prefix_caching)
-    one, together = context_capacity(kv, max_model_len or config.max_position_embeddings)
+    one, together = context_capacity(kv, max_model_len or config.max_context)
     return {"budget": budget, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
             "prefix_caching": prefix_caching, "blocks": {g.spec.kind: b for g, b in zip(kv.groups, n)},
             "bytes": pool_bytes(config, n, bits, block_size, prefix_caching),
@@ -338,7 +338,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     config = read_config(args.model)
     bits = args.kv_bits if args.kv_bits is not None else DTYPE_BITS[args.kv_dtype]
-    context = args.context or config.max_position_embeddings
+    context = args.context or config.max_context
     pools = dict(budget=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
     r = report(args.model, config, context, args.batch, bits, args.block_size, args.gqa_kv_heads, pools)
