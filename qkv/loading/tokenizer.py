@@ -105,7 +105,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
-                **kwargs,
+                **json.loads(json.dumps(kwargs)),  # extra variables (chat_template_kwargs): plain data too
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.name}: chat template error: {e}") from e
