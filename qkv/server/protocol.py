@@ -364,7 +364,12 @@ def completion_logprobs(tokens: list[int], entries: list[dict | None], offset: i
         text = e[t].decoded_token if e else None
         out["tokens"].append(text or "")
         out["token_logprobs"].append(e[t].logprob if e else None)
-        out["top_logprobs"].append({(lp.decoded_token or ""): lp.logprob for lp in e.values()} if e else None)
+        top = None
+        if e:  # tokens with equal text (partial UTF-8) share a key: the likeliest keeps it
+            top = {}
+            for lp in sorted(e.values(), key=lambda lp: lp.rank):
+                top.setdefault(lp.decoded_token or "", lp.logprob)
+        out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         offset += len(text or "")
     return out
