@@ -291,19 +291,20 @@ def test_streamed_logprobs_equal_non_streamed(client):
     ({"temperature": 0.7, "seed": 3}, dict(temperature=0.7, seed=3)),
     ({"top_k": 2, "temperature": 1.0, "seed": 3}, dict(top_k=2, temperature=1.0, seed=3)),
     ({"top_p": 0.5, "temperature": 1.0, "seed": 3}, dict(top_p=0.5, temperature=1.0, seed=3)),
-    ({"min_p": 0.5, "temperature": 1.5, "seed": 3}, dict(min_p=0.5, temperature=1.5, seed=3)),
+    ({"min_p": 0.95, "temperature": 1.0, "seed": 3}, dict(min_p=0.95, temperature=1.0, seed=3)),
     ({"repetition_penalty": 2.0}, dict(repetition_penalty=2.0)),
     ({"frequency_penalty": 1.5}, dict(frequency_penalty=1.5)),
     ({"presence_penalty": 1.5}, dict(presence_penalty=1.5)),
     ({"logit_bias": {"7": 100}}, dict(logit_bias={7: 100})),
     ({"allowed_token_ids": [5, 6, 7]}, dict(allowed_token_ids=[5, 6, 7])),
-    ({"stop_token_ids": [5]}, dict(stop_token_ids=[5])),
+    ({"stop_token_ids": [200]}, dict(stop_token_ids=[200])),  # greedy's 4th token
     ({"skip_special_tokens": False, "allowed_token_ids": [0, 1, 2, 40]},
      dict(skip_special_tokens=False, allowed_token_ids=[0, 1, 2, 40])),
     ({"n": 2, "temperature": 1.0, "seed": 9}, dict(n=2, temperature=1.0, seed=9)),
 ])
 def test_sampling_reaches_the_engine(server, ref_llm, extra, params):
-    """The server's answer equals the offline engine's with the same SamplingParams."""
+    """The server's answer equals the offline engine's with the same SamplingParams, and
+    differs from its answer without the option (the first key): the option was applied."""
     from qkv import SamplingParams
 
     prompt = "count: one two three four"
@@ -311,9 +312,11 @@ def test_sampling_reaches_the_engine(server, ref_llm, extra, params):
     r = _post(server, "completions", {**base, "prompt": prompt, **extra})
     assert r.status_code == 200, r.text
     texts = [c["text"] for c in r.json()["choices"]]
-    p = SamplingParams(**{**base, **params})
-    want = ref_llm.generate(prompt, p)[0]
+    want = ref_llm.generate(prompt, SamplingParams(**{**base, **params}))[0]
     assert texts == [o.text for o in want.outputs]
+    option = next(iter(params))
+    without = ref_llm.generate(prompt, SamplingParams(**{**base, **{k: v for k, v in params.items() if k != option}}))
+    assert texts != [o.text for o in without[0].outputs], option
 
 
 def test_chat_template_kwargs_reach_the_template(tmp_path):
