@@ -145,7 +145,7 @@ def test_include_stop_str_in_output(tmp_path):
     stop = text[3:5]
     cut = llm.generate("the quick brown", SamplingParams(stop=[stop], **base))[0]
     kept = llm.generate("the quick brown", SamplingParams(stop=[stop], include_stop_str_in_output=True, **base))[0]
-    assert cut.text == text[:text.index(stop)]
+    assert cut.text == text[:text.index(stop)] and cut.prompt == "the quick brown"
     assert kept.text == text[:text.index(stop) + len(stop)]
     # stop strings count only from min_tokens on (vLLM)
     late = llm.generate("the quick brown", SamplingParams(stop=[stop], min_tokens=12, **base))[0]
@@ -208,7 +208,9 @@ def test_vllm_python_api_shapes(llm):
     assert by_ids[0].outputs[0].token_ids == llm.generate([5, 6, 7], p)[0].token_ids
     o = by_ids[0].outputs[0]
     assert (o.index, o.finish_reason, o.logprobs, o.cumulative_logprob) == (0, "length", None, None)
-    assert isinstance(o.text, str)
+    assert isinstance(o.text, str) and by_ids[0].prompt is None
+    with pytest.raises(ValueError, match="no tokenizer"):  # this tiny model has none
+        llm.generate([{"prompt": "ab"}], p)
     many = llm.generate([[5, 6], {"prompt_token_ids": [7, 8]}], [p, SamplingParams(n=2, max_tokens=3, seed=1)])
     assert len(many[0].outputs) == 1 and len(many[1].outputs) == 2
     assert [c.index for c in many[1].outputs] == [0, 1]

@@ -133,7 +133,12 @@ class LLM:
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         ids = [self._prompt_ids(p) for p in prompts]
-        return self._run(ids, self._params(params, sampling_params, len(ids)), use_tqdm, cache_salt)
+        outs = self._run(ids, self._params(params, sampling_params, len(ids)), use_tqdm, cache_salt)
+        for p, out in zip(prompts, outs):
+            text = p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
+            for o in [out] + out.samples:
+                o.prompt = text
+        return outs
 
     def chat(self, conversations, params: SamplingParams | None = None, use_tqdm: bool | None = None, *,
              sampling_params: SamplingParams | None = None, chat_template_kwargs: dict | None = None):
