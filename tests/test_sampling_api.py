@@ -274,6 +274,7 @@ def test_generation_config_sets_defaults(tiny, tmp_path, capsys):
     from tests.test_server import Server
 
     s = Server(create_app(llm, "tiny"))
+    assert "request defaults from generation_config.json: temperature=0.9, top_k=1" in capsys.readouterr().err
     try:
         body = {"prompt": prompt, "max_tokens": 5, "ignore_eos": True}
         r = httpx.post(s.url + "/v1/completions", json=body, timeout=60).json()

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 import uuid
 from typing import AsyncIterator, Sequence
@@ -181,6 +182,9 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             raise P.APIError(400, str(e), code="unsupported_parameter", param=e.field) from None
 
     defaults = dict(getattr(llm, "generation_defaults", None) or {})  # generation_config.json
+    if defaults:
+        print("[qkv] request defaults from generation_config.json: "
+              + ", ".join(f"{k}={v}" for k, v in defaults.items()), file=sys.stderr, flush=True)
 
     def sampling(req: P._Sampling, max_tokens: int, prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's SamplingParams: what it leaves out (None) comes from the model's
