@@ -213,6 +213,20 @@ def test_no_op_values_are_accepted(server, endpoint, extra):
     assert _post(server, endpoint, extra).status_code == 200
 
 
+def test_message_fields(server):
+    """An assistant message sent back as OpenAI returned it (empty refusal, annotations) is
+    fine; a non-empty one, or an unknown message field, is a 400 naming it."""
+    def chat(msg):
+        return httpx.post(server.url + "/v1/chat/completions", json={"messages": [
+            {"role": "user", "content": "hi"}, msg, {"role": "user", "content": "again"}], "max_tokens": 2}, timeout=60)
+
+    ok = {"role": "assistant", "content": "hello", "refusal": None, "annotations": [], "name": "bot"}
+    assert chat(ok).status_code == 200
+    for field, value in [("refusal", "no"), ("audio", {"id": "a"}), ("colour", "red")]:
+        r = chat({**ok, field: value})
+        assert r.status_code == 400 and f"messages.1.{field}" in r.json()["error"]["message"], r.text
+
+
 def test_openai_client_gets_400_for_json_mode(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,

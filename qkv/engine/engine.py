@@ -175,7 +175,10 @@ class LLMEngine:
         Computed by scoring the prompt (one extra prefill) at admission, between steps."""
         if k is None:
             return None
-        lp = self.score(ids)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
+        try:
+            lp = self.score(ids)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
+        except RuntimeError as e:  # the free blocks cannot hold the prompt right now
+            raise ValueError(f"prompt_logprobs: {e}") from None
         target = torch.tensor(ids[1:], device=lp.device)
         tok_lp = lp.gather(1, target[:, None]).squeeze(1)
         rank = (lp > tok_lp[:, None]).sum(dim=-1) + 1

@@ -210,6 +210,18 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
+    # What an OpenAI response's message carries when a client sends it back: fine when empty.
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
+    function_call: Any = None
+
+    @field_validator("refusal", "annotations", "audio", "function_call")
+    @classmethod
+    def _empty_only(cls, v):
+        if v:
+            raise ValueError("not supported by qkv (only null or empty)")
+        return v
 
     def text(self) -> str:
         if isinstance(self.content, list):
