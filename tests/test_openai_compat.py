@@ -50,9 +50,9 @@ COMMON = {
     "stop_token_ids": ({"stop_token_ids": [5]}, OK, "test_sampling_reaches_the_engine"),
     "ignore_eos": ({"ignore_eos": True}, OK, "test_server.py::test_completion_matches_offline_engine"),
     "include_stop_str_in_output": ({"include_stop_str_in_output": True, "stop": ["o"]}, OK,
-                                   "test_sampling_api.py::test_include_stop_str_in_output"),
+                                   "test_sampling_api.py::test_include_stop_str_in_output_and_bad_words"),
     "skip_special_tokens": ({"skip_special_tokens": False}, OK, "test_sampling_reaches_the_engine"),
-    "bad_words": ({"bad_words": ["the"]}, OK, "test_sampling_api.py::test_bad_words_match_hf"),
+    "bad_words": ({"bad_words": ["the"]}, OK, "test_sampling_api.py::test_include_stop_str_in_output_and_bad_words"),
     "allowed_token_ids": ({"allowed_token_ids": [5, 6, 7]}, OK, "test_sampling_reaches_the_engine"),
     "prompt_logprobs": ({"prompt_logprobs": 2}, OK, "test_logprobs_match_hf"),
     "cache_salt": ({"cache_salt": "s"}, OK, "test_security.py::test_cache_salt_field"),
@@ -299,6 +299,18 @@ def test_streamed_logprobs_equal_non_streamed(client):
         if chunk.choices and chunk.choices[0].logprobs:
             got += chunk.choices[0].logprobs.token_logprobs
     assert got == pytest.approx(whole.token_logprobs, abs=1e-6)
+    # echo streams the prompt first
+    kw["prompt"], kw["echo"], kw["logprobs"] = "hello", True, None
+    text = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kw) if c.choices)
+    assert text == client.completions.create(**kw).choices[0].text and text.startswith("hello")
+    # chat: the streamed content logprobs are the answer's
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+                logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(**chat).choices[0].logprobs.content
+    got = [t for c in client.chat.completions.create(stream=True, **chat)
+           if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob, len(t.top_logprobs)) for t in got] == \
+        [(t.token, pytest.approx(t.logprob, abs=1e-6), 2) for t in whole]
 
 
 @pytest.mark.parametrize("extra,params", [

@@ -136,7 +136,7 @@ def test_allowed_token_ids(llm):
     assert set(out.token_ids) <= {20, 30, 40} and len(set(out.token_ids)) > 1
 
 
-def test_include_stop_str_in_output(tmp_path):
+def test_include_stop_str_in_output_and_bad_words(tmp_path):
     from tests.test_server import make_model_dir
 
     llm = LLM(make_model_dir(tmp_path / "m"), device="cpu", num_kv_blocks=32)
@@ -147,6 +147,13 @@ def test_include_stop_str_in_output(tmp_path):
     kept = llm.generate("the quick brown", SamplingParams(stop=[stop], include_stop_str_in_output=True, **base))[0]
     assert cut.text == text[:text.index(stop)] and cut.prompt == "the quick brown"
     assert kept.text == text[:text.index(stop) + len(stop)]
+    # bad_words: the word's token, alone or after a space, never comes out
+    word = next(w for w in (llm.tokenizer.decode([t]) for t in llm.generate("the quick brown", SamplingParams(**base))[0].token_ids)
+                if len(w.strip()) > 1 and len(llm.tokenizer.encode(w.strip(), add_special_tokens=False)) == 1)
+    banned = {llm.tokenizer.encode(word.strip(), add_special_tokens=False)[0]}
+    assert banned & set(llm.generate("the quick brown", SamplingParams(**base))[0].token_ids)
+    clean = llm.generate("the quick brown", SamplingParams(bad_words=[word], **base))[0]
+    assert not banned & set(clean.token_ids) and word not in clean.text
     # stop strings count only from min_tokens on (vLLM)
     late = llm.generate("the quick brown", SamplingParams(stop=[stop], min_tokens=12, **base))[0]
     assert len(late.token_ids) >= 12
