@@ -76,19 +76,45 @@ def engine_kwargs(args) -> dict:
                 async_scheduling=getattr(args, "async_scheduling", None))
 
 
+# Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).
+SAMPLING_DEFAULTS = {"max_tokens": 256, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
+                     "repetition_penalty": 1.0}
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    gc = "default: the model's generation_config.json, else %s"
+    p.add_argument("--max-tokens", type=int, default=None, help=gc % SAMPLING_DEFAULTS["max_tokens"])
+    p.add_argument("--temperature", type=float, default=None, help=gc % "0 (greedy)")
+    p.add_argument("--top-p", type=float, default=None, help=gc % SAMPLING_DEFAULTS["top_p"])
+    p.add_argument("--top-k", type=int, default=None, help=gc % "0 (off)")
+    p.add_argument("--min-p", type=float, default=None, help=gc % "0 (off)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help=gc % "1 (off)")
     p.add_argument("--seed", type=int, default=None)
 
 
 def sampling_params(args):
-    from qkv import SamplingParams
+    """The flags given, else the model's generation_config.json defaults (as vLLM; printed on
+    stderr), else SAMPLING_DEFAULTS. A named default or a GGUF file has no generation_config."""
+    from pathlib import Path
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed)
+    from qkv import SamplingParams
+    from qkv.loading.hf import generation_defaults
+    from qkv.loading.models import NAMED
+
+    name = getattr(args, "model", None)
+    model_defaults = {}
+    if name is not None and name not in NAMED:
+        model_defaults = generation_defaults(Path(name).expanduser())
+    chosen, used = {}, {}
+    for k, builtin in SAMPLING_DEFAULTS.items():
+        v = getattr(args, k, None)
+        if v is None and k in model_defaults:
+            v = used[k] = model_defaults[k]
+        chosen[k] = builtin if v is None else v
+    if used:
+        print("[qkv] sampling defaults from generation_config.json: "
+              + ", ".join(f"{k}={v}" for k, v in used.items()), file=sys.stderr, flush=True)
+    return SamplingParams(seed=args.seed, **chosen)
 
 
 def add_arguments(p: argparse.ArgumentParser, command: str) -> None:

@@ -290,7 +290,7 @@ def test_bad_requests(server):
     _err(post(comp, json={"prompt": "x" * 70_000}), 400, "request_too_large")
     _err(post(comp, json={"prompt": [999999]}), 400, "invalid_value", "vocabulary")
     _err(post(comp, json={"prompt": ""}), 400, "invalid_value", "empty")
-    _err(post(comp, json={"prompt": "hi", "logprobs": 3}), 400, "unsupported_parameter")
+    _err(post(comp, json={"prompt": "hi", "suffix": "x"}), 400, "unsupported_parameter", "suffix")
     _err(post(chat, json={"messages": []}), 400, "invalid_value", "messages")
     _err(post(chat, json={"messages": [{"role": "wizard", "content": "x"}]}), 400, "invalid_value")
     _err(post(chat, json={"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 7*7 }}"}),

@@ -14,9 +14,9 @@ import time
 import torch
 
 from qkv.config import ModelConfig
-from qkv.engine import sampler
+from qkv.engine import processors, sampler
 from qkv.engine.pending import PendingTokens
-from qkv.engine.request import Request, RequestOutput, SamplingParams, Status
+from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
 from qkv.engine.scheduler import ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
@@ -131,7 +131,13 @@ class LLMEngine:
         and (RequestTooLarge) a request that can never run."""
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer; this model has none (use logit_bias)")
         prompt_token_ids = self._check_token_ids(prompt_token_ids, "prompt")
+        if params.logit_bias:
+            self._check_token_ids(list(params.logit_bias), "logit_bias")
+        if params.allowed_token_ids is not None:
+            self._check_token_ids(params.allowed_token_ids, "allowed_token_ids")
         base_seed = params.seed
         head = Request(prompt_token_ids, params, request_id, cache_salt, index=0, seed=base_seed)
         self._check_new_id(head.request_id, params.n)
@@ -140,13 +146,57 @@ class LLMEngine:
                     seed=None if base_seed is None else base_seed + i)
             for i in range(1, params.n)
         ]
+        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs)
+        stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
+        bad = self._bad_words_ids(params.bad_words) if params.bad_words else []
         self.scheduler.add(head)
         head.forks = reqs[1:]
         for r in reqs:
+            r.prompt_logprobs = prompt_lps
+            r.min_tokens_ids = stop_ids if params.min_tokens else []
+            r.bad_words_ids = bad
             self._requests[r.request_id] = r
             if self.tokenizer is not None:
-                self._detok[r.request_id] = self.tokenizer.stream()
+                self._detok[r.request_id] = self.tokenizer.stream(params.skip_special_tokens)
         return reqs
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's rule: each word as encoded alone and after a space (its in-text form)."""
+        seqs = []
+        for w in words:
+            for text in (w.lstrip(), " " + w.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in seqs and all(0 <= t < self.config.vocab_size for t in ids):
+                    seqs.append(ids)
+        return seqs
+
+    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list | None:
+        """Per prompt token, {token: Logprob} for it and the top ``k`` (the first token: None).
+        Computed by scoring the prompt (one extra prefill) at admission, between steps."""
+        if k is None:
+            return None
+        try:
+            lp = self.score(ids)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
+        except RuntimeError as e:  # the free blocks cannot hold the prompt right now
+            raise ValueError(f"prompt_logprobs: {e}") from None
+        target = torch.tensor(ids[1:], device=lp.device)
+        tok_lp = lp.gather(1, target[:, None]).squeeze(1)
+        rank = (lp > tok_lp[:, None]).sum(dim=-1) + 1
+        top = lp.topk(k, dim=-1) if k else None
+        host = (tok_lp.tolist(), rank.tolist(), top.values.tolist() if top else [[]] * len(target),
+                top.indices.tolist() if top else [[]] * len(target))
+        return [None] + [self._logprob_entry(t, *(h[i] for h in host)) for i, t in enumerate(ids[1:])]
+
+    def _logprob_entry(self, tok: int, lp: float, rank: int, top_lps: list[float], top_ids: list[int]) -> dict:
+        """{token: Logprob}: the chosen token first, then the top-k in rank order."""
+        def text(t):
+            return self.tokenizer.decode([t], skip_special_tokens=False) if self.tokenizer is not None else None
+
+        entry = {tok: Logprob(lp, rank, text(tok))}
+        for r, (t, v) in enumerate(zip(top_ids, top_lps), start=1):
+            if t not in entry:
+                entry[t] = Logprob(v, r, text(t))
+        return entry
 
     def _check_token_ids(self, ids, what: str) -> list[int]:
         """``ids`` as a list of Python ints; ValueError unless it is a non-empty sequence of
@@ -220,17 +270,32 @@ class LLMEngine:
             return
         if picks != list(range(logits.shape[0])):
             logits = logits[torch.tensor(picks, device=logits.device)]
-        self._pending.push(sampler.sample(logits, due), due)
+        ks = [r.params.logprobs for r in due if r.params.logprobs is not None]
+        raw = logits.float().log_softmax(dim=-1) if ks else None  # the model's own distribution
+        tokens = sampler.sample(processors.apply(logits, due), due)
+        lps = None
+        if raw is not None:
+            tok_lp = raw.gather(1, tokens[:, None]).squeeze(1)
+            rank = (raw > tok_lp[:, None]).sum(dim=-1) + 1
+            top = raw.topk(max(ks), dim=-1)
+            lps = (tok_lp, rank, top.values, top.indices)
+        self._pending.push(tokens, due, lps)
 
     def _read_tokens(self) -> list[RequestOutput]:
         """Read the pending tokens on the host and append them (stop checks, finishing)."""
         now = time.monotonic()
         finished = Status.FINISHED  # aborted while in flight: nothing to report
-        return [self._append(req, tok, now) for req, tok in self._pending.pop() if req.status is not finished]
+        return [self._append(req, tok, now, lp) for req, tok, lp in self._pending.pop()
+                if req.status is not finished]
 
-    def _append(self, req: Request, tok: int, now: float) -> RequestOutput:
+    def _append(self, req: Request, tok: int, now: float, lp: tuple | None = None) -> RequestOutput:
         tokens = req.all_token_ids
         tokens.append(tok)
+        k = req.params.logprobs
+        if k is not None and lp is not None:
+            value, rank, top_lps, top_ids = lp
+            req.logprobs.append(self._logprob_entry(tok, value, rank, top_lps[:k], top_ids[:k]))
+            req.cumulative_logprob += value
         num_tokens = len(tokens)
         self.num_generated_tokens += 1
         if req.first_token_time is None:
@@ -244,10 +309,14 @@ class LLMEngine:
             if detok is not None:
                 delta = detok.push(tok)
                 req.text += delta
-                for s in p.stop:
+                # vLLM: stop strings do not count before min_tokens (eos is masked in the logits).
+                stops = p.stop if num_tokens - req.num_prompt_tokens >= p.min_tokens else ()
+                for s in stops:
                     # Only the new text (plus a stop's length of overlap) can complete a stop string.
                     cut = req.text.find(s, max(0, len(req.text) - len(delta) - len(s)))
                     if cut >= 0:
+                        if p.include_stop_str_in_output:
+                            cut += len(s)
                         delta = delta[:max(0, len(delta) - (len(req.text) - cut))]
                         req.text = req.text[:cut]
                         reason = "stop"
@@ -258,7 +327,8 @@ class LLMEngine:
             self.scheduler.finish(req, reason)
             self._forget(req)
         return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, num_tokens, req.text,
-                             reason, req.num_cached_tokens, req.index, delta)
+                             reason, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
+                             prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()

@@ -3,10 +3,13 @@
     llm = LLM("smollm2")
     outs = llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason
+    outs[0].outputs[0].text                                   # vLLM's shape works too
+    llm.generate([{"prompt_token_ids": [1, 2, 3]}], sampling_params=SamplingParams(logprobs=2))
 """
 
 from __future__ import annotations
 
+import numbers
 from typing import Iterator
 
 import torch
@@ -14,6 +17,7 @@ import torch
 from qkv.engine.engine import LLMEngine
 from qkv.engine.request import RequestOutput, SamplingParams
 from qkv.loading import load
+from qkv.loading.hf import generation_defaults
 
 
 def check_device(device: str | None, name: str = "device") -> None:
@@ -53,6 +57,12 @@ class LLM:
         self.engine = LLMEngine(loaded.config, loaded.weights, loaded.tokenizer, dtype=dtype, device=device,
                                 **engine_kwargs)
         self.config = loaded.config
+        # Sampling defaults from generation_config.json (HF directories), in SamplingParams' names.
+        self.generation_defaults = generation_defaults(loaded.source)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams() with the model's generation_config.json defaults, as vLLM's LLM."""
+        return SamplingParams(**self.generation_defaults)
 
     # ---------------------------------------------------------------- inputs
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -62,36 +72,96 @@ class LLM:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def chat_prompt(self, messages: list[dict], *, special_tokens_in_content: bool = False) -> list[int]:
+    def chat_prompt(self, messages: list[dict], add_generation_prompt: bool = True, *,
+                    special_tokens_in_content: bool = False, **template_kwargs) -> list[int]:
         """The prompt ids of a chat, rendered with the model's template (which writes its own BOS).
         Message content is plain text: ``<|im_start|>`` typed by a user is not a control token
         unless ``special_tokens_in_content`` (transformers' behaviour, which lets content forge
-        turns). ChatTemplateError (a ValueError) if the template refuses the messages."""
+        turns). ``template_kwargs`` reach the template as extra variables. ChatTemplateError
+        (a ValueError) if the template refuses the messages."""
         if self.tokenizer is None:
             raise ValueError(f"{self.source} has no tokenizer, so no chat template")
-        return self.tokenizer.encode_chat(messages, add_generation_prompt=True,
-                                          special_tokens_in_content=special_tokens_in_content)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt,
+                                          special_tokens_in_content=special_tokens_in_content, **template_kwargs)
+
+    def _prompt_ids(self, p) -> list[int]:
+        """One prompt: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}."""
+        if isinstance(p, dict):
+            if p.get("multi_modal_data") or p.get("mm_processor_kwargs"):
+                raise ValueError("multi_modal_data is not supported: qkv runs text models only")
+            if set(p) == {"prompt"} and isinstance(p["prompt"], str):
+                return self.encode(p["prompt"])
+            if set(p) == {"prompt_token_ids"} and isinstance(p["prompt_token_ids"], (list, tuple)):
+                return list(p["prompt_token_ids"])
+            raise TypeError(f"a prompt dict must be {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
+                            f"got {{{', '.join(f'{k!r}: {type(v).__name__}' for k, v in p.items())}}}")
+        if isinstance(p, str):
+            return self.encode(p)
+        if isinstance(p, (list, tuple)):
+            return list(p)  # the engine checks the ids (integers in the vocabulary)
+        raise TypeError(f"a prompt must be a string, a list of token ids, or a dict with 'prompt' or "
+                        f"'prompt_token_ids'; got {type(p).__name__}")
+
+    @staticmethod
+    def _is_single(prompts) -> bool:
+        return isinstance(prompts, (str, dict)) or (isinstance(prompts, (list, tuple)) and bool(prompts)
+                                                     and isinstance(prompts[0], numbers.Integral))
+
+    def _params(self, params, sampling_params, count: int) -> list[SamplingParams]:
+        if params is not None and sampling_params is not None:
+            raise TypeError("pass either params or sampling_params, not both")
+        params = params if params is not None else sampling_params
+        if params is None:
+            params = self.get_default_sampling_params()
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        if isinstance(params, (list, tuple)) and all(isinstance(x, SamplingParams) for x in params):
+            if len(params) != count:
+                raise ValueError(f"{len(params)} SamplingParams for {count} prompts: give one, or one per prompt")
+            return list(params)
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
 
     # ---------------------------------------------------------------- generation
-    def generate(self, prompts, params: SamplingParams | None = None, use_tqdm: bool | None = None,
-                 cache_salt: str | None = None) -> list[RequestOutput]:
-        """Run prompts (a string, token ids, or a list of either) batched through the scheduler.
-        Returns one output per prompt, in order; with ``n > 1`` each has ``samples``."""
-        params = params or SamplingParams()
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool | None = None, cache_salt: str | None = None, *,
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Run prompts batched through the scheduler. A prompt is a string, a list of token ids,
+        or vLLM's ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}``; ``prompts`` is one
+        prompt or a list of them. ``params`` (or vLLM's ``sampling_params=``): one
+        SamplingParams for all, or one per prompt; None: the model's defaults
+        (``get_default_sampling_params``). Returns one output per prompt, in order; with
+        ``n > 1`` each has ``samples`` (and ``outputs``, vLLM's view)."""
+        if self._is_single(prompts):
             prompts = [prompts]
-        return self._run([self.encode(p) for p in prompts], params, use_tqdm, cache_salt)
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
+        ids = [self._prompt_ids(p) for p in prompts]
+        outs = self._run(ids, self._params(params, sampling_params, len(ids)), use_tqdm, cache_salt)
+        for p, out in zip(prompts, outs):
+            text = p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
+            for o in [out] + out.samples:
+                o.prompt = text
+        return outs
 
-    def chat(self, conversations, params: SamplingParams | None = None, use_tqdm: bool | None = None):
+    def chat(self, conversations, params: SamplingParams | None = None, use_tqdm: bool | None = None, *,
+             sampling_params: SamplingParams | None = None, chat_template_kwargs: dict | None = None):
         """One conversation (a list of {"role", "content"}) -> one output; a list of them -> a list."""
-        params = params or SamplingParams()
         single = bool(conversations) and isinstance(conversations[0], dict)
         convs = [conversations] if single else conversations
-        outs = self._run([self.chat_prompt(c) for c in convs], params, use_tqdm, None)
+        ids = [self.chat_prompt(c, **(chat_template_kwargs or {})) for c in convs]
+        outs = self._run(ids, self._params(params, sampling_params, len(ids)), use_tqdm, None)
         return outs[0] if single else outs
 
-    def _run(self, prompt_ids: list[list[int]], params, use_tqdm, cache_salt) -> list[RequestOutput]:
-        heads = [self.engine.add_request(ids, params, cache_salt=cache_salt) for ids in prompt_ids]
+    def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams], use_tqdm,
+             cache_salt) -> list[RequestOutput]:
+        heads = []
+        try:
+            for ids, p in zip(prompt_ids, params):
+                heads.append(self.engine.add_request(ids, p, cache_salt=cache_salt))
+        except BaseException:  # nothing of a refused batch runs
+            for reqs in heads:
+                self.engine.abort(reqs[0].request_id)
+            raise
         final: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm or (use_tqdm is None and len(prompt_ids) >= 8):
@@ -123,10 +193,10 @@ class LLM:
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Yield an output (with ``text_delta``) for every token of one prompt (n must be 1)."""
-        params = params or SamplingParams()
+        params = params or self.get_default_sampling_params()
         if params.n != 1:
             raise ValueError("stream() takes n=1")
-        (req,) = self.engine.add_request(self.encode(prompt), params)
+        (req,) = self.engine.add_request(self._prompt_ids(prompt), params)
         try:
             while not req.finished:
                 for out in self.engine.step():

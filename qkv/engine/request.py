@@ -29,6 +29,20 @@ class SamplingParams:
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # vLLM's logits processors (engine/processors.py), with vLLM's names and semantics.
+    presence_penalty: float = 0.0  # minus this for every token already in the output
+    frequency_penalty: float = 0.0  # minus this times the token's count in the output
+    repetition_penalty: float = 1.0  # HF/CTRL: prompt and output tokens' logits / p if > 0, else * p
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one
+    min_tokens: int = 0  # eos and stop_token_ids cannot end the output before this many tokens
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits
+    bad_words: list[str] | None = None  # words never generated (each tokenization's last token banned)
+    allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    # Log-probabilities of the model's own distribution (before any processor or temperature).
+    logprobs: int | None = None  # per output token: the sampled token's and the top ``logprobs``
+    prompt_logprobs: int | None = None  # per prompt token (the first has none)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         """Validate every field; a wrong type or range is a ValueError naming the field."""
@@ -56,12 +70,52 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)):
             raise ValueError(f"stop_token_ids must be a list of token ids, got {ids!r}")
         self.stop_token_ids = [_int("stop_token_ids", t, low=0) for t in ids]
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be true or false, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = _real(name, getattr(self, name))
+            if not -2 <= v <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {v}")
+            setattr(self, name, v)
+        self.repetition_penalty = _real("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.min_p = _real("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        self.min_tokens = _int("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            self.logit_bias = {_int("logit_bias (a token id)", int(k) if isinstance(k, str) and k.isdigit() else k,
+                                    low=0): _real("logit_bias (a bias)", v) for k, v in self.logit_bias.items()}
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+            self.bad_words = list(words)
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
+            self.allowed_token_ids = [_int("allowed_token_ids", t, low=0) for t in ids]
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _int(name, getattr(self, name), low=0))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor applies (requests without one pay nothing for them)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_p or self.min_tokens or self.logit_bias or self.bad_words
+                    or self.allowed_token_ids is not None)
 
 
 def _int(name: str, v, low: int) -> int:
@@ -83,6 +137,28 @@ def _real(name: str, v) -> float:
 
 
 @dataclass
+class Logprob:
+    """vLLM's shape: a token's log-probability under the model, its rank (1 = most likely)
+    and its text."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One sample, as vLLM's ``RequestOutput.outputs[i]``."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None  # per token: the sampled token first, then the top-k
+    finish_reason: str | None
+
+
+@dataclass
 class RequestOutput:
     """One sample's state after a step. The token lists are views of the request's own
     append-only list cut at this step's length, so making one per token costs O(1)."""
@@ -97,6 +173,23 @@ class RequestOutput:
     index: int = 0  # which of the n samples
     text_delta: str = ""  # text added by this step (streaming)
     samples: list["RequestOutput"] = field(default_factory=list)  # all n samples when n > 1
+    _logprobs: list | None = field(default=None, repr=False)  # the request's own list, cut below
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first entry None
+    cumulative_logprob: float | None = None
+    prompt: str | None = None  # the prompt's text, when it was given as text
+
+    @property
+    def logprobs(self) -> list[dict[int, Logprob]] | None:
+        """Per output token: {token id: Logprob}, the sampled token first (None unless asked)."""
+        if self._logprobs is None:
+            return None
+        return self._logprobs[:self.num_tokens - self.num_prompt_tokens]
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's view: one CompletionOutput per sample (``n`` of them)."""
+        return [CompletionOutput(s.index, s.text, s.token_ids, s.cumulative_logprob, s.logprobs, s.finish_reason)
+                for s in (self.samples or [self])]
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -152,6 +245,14 @@ class Request:
         # row ``pending_row`` of its device tensor (engine/pending.py). ``num_tokens`` counts it,
         # ``all_token_ids`` will hold it once the host has read it.
         self.pending_row: int | None = None
+        # Logprobs (params.logprobs set): one {token: Logprob} per output token.
+        self.logprobs: list[dict[int, Logprob]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if params.logprobs is not None else None
+        self.prompt_logprobs: list | None = None
+        # Set by the engine at admission: token ids banned while output < min_tokens, and
+        # bad_words as token id sequences.
+        self.min_tokens_ids: list[int] = []
+        self.bad_words_ids: list[list[int]] = []
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -119,6 +119,31 @@ def hf_tokenizer(d: Path, eos_ids: list[int]) -> Tokenizer | None:
         raise LoadError(str(e)) from None
 
 
+# generation_config.json fields that set default sampling, as vLLM reads them
+# (``get_diff_sampling_param``): HF name -> SamplingParams name.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def generation_defaults(d: str | Path) -> dict:
+    """The sampling defaults an HF directory's generation_config.json sets ({} without one),
+    in SamplingParams' names. vLLM ignores ``do_sample``, and so does this."""
+    d = Path(d)
+    if not d.is_dir():
+        return {}
+    f = model_file(d, "generation_config.json")
+    cfg = _read_json(f, required=False)
+    out = {}
+    for hf_name, name in GENERATION_DEFAULTS.items():
+        v = cfg.get(hf_name)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise LoadError(f"{f}: {hf_name} must be a number, got {v!r}")
+        out[name] = int(v) if name in ("top_k", "max_tokens") else float(v)
+    return out
+
+
 def _generation_eos(d: Path) -> list[int]:
     f = model_file(d, "generation_config.json")
     eos = _read_json(f, required=False).get("eos_token_id")

@@ -110,7 +110,7 @@ class Tokenizer:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
-                **kwargs,
+                **json.loads(json.dumps(kwargs)),  # extra variables (chat_template_kwargs): plain data too
             ))
         except ChatTemplateLimitError as e:
             raise ChatTemplateLimitError(f"{self.name}: {e}") from None
@@ -118,7 +118,7 @@ class Tokenizer:
             raise ChatTemplateError(f"{self.name}: chat template error: {e}") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
-                    special_tokens_in_content: bool = False) -> list[int]:
+                    special_tokens_in_content: bool = False, **template_kwargs: Any) -> list[int]:
         """The prompt ids of a chat: the rendered template, tokenized without added BOS/EOS
         (the template writes its own).
 
@@ -128,12 +128,13 @@ class Tokenizer:
         special tokens. ``special_tokens_in_content=True`` restores the unsafe behaviour of
         transformers' ``apply_chat_template`` + ``encode`` (content may carry control tokens).
         Ids equal that of transformers whenever no content holds a special token's text.
+        ``template_kwargs`` reach the template as extra variables (plain data).
         """
         specials = self._special_tokens()
         marked, nonce = messages, None
         if not special_tokens_in_content and specials:
             marked, nonce = _mark_specials(messages, specials)
-        text = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt)
+        text = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, **template_kwargs)
         if nonce is None:  # no content holds a special token's text
             return self.encode(text, add_special_tokens=False)
         return self._encode_marked(text, specials, nonce)

@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP app: ``create_app(llm, ...)`` -> FastAPI.
 
-    POST /v1/completions       POST /v1/chat/completions   (stream, n, stop, seed, top_k, ...)
+    POST /v1/completions       POST /v1/chat/completions   (docs/serving.md: every field)
     GET  /v1/models            GET  /health                GET  /metrics (Prometheus)
 
 Handlers never touch the engine: they parse, tokenize and check the request against the
@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import sys
 import time
 import uuid
 from typing import AsyncIterator, Sequence
@@ -177,14 +178,33 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         if num_prompts > limits.max_prompts:
             raise P.APIError(400, f"{num_prompts} prompts exceed this server's limit of {limits.max_prompts}",
                              code="invalid_value", param="prompt")
-        if (msg := req.unsupported()) is not None:
-            raise P.APIError(400, msg, code="unsupported_parameter")
-
-    def sampling(req: P._Sampling, max_tokens: int) -> SamplingParams:
         try:
-            return SamplingParams(n=req.n, max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop=req.stop,
-                                  stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos)
+            req.check_supported()
+        except P.Unsupported as e:
+            raise P.APIError(400, str(e), code="unsupported_parameter", param=e.field) from None
+
+    defaults = dict(getattr(llm, "generation_defaults", None) or {})  # generation_config.json
+    if defaults:
+        print("[qkv] request defaults from generation_config.json: "
+              + ", ".join(f"{k}={v}" for k, v in defaults.items()), file=sys.stderr, flush=True)
+
+    def sampling(req: P._Sampling, max_tokens: int, prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's SamplingParams: what it leaves out (None) comes from the model's
+        generation_config.json, as in vLLM, then from SamplingParams' own defaults."""
+        chosen = {k: v for k, v in defaults.items() if k != "max_tokens"}
+        for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "frequency_penalty",
+                  "presence_penalty"):
+            if getattr(req, k) is not None:
+                chosen[k] = getattr(req, k)
+        bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
+        try:
+            return SamplingParams(n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
+                                  stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+                                  min_tokens=req.min_tokens, logit_bias=bias, bad_words=req.bad_words,
+                                  allowed_token_ids=req.allowed_token_ids, logprobs=req.logprobs_k(),
+                                  prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
+                                  include_stop_str_in_output=req.include_stop_str_in_output,
+                                  skip_special_tokens=req.skip_special_tokens, **chosen)
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
 
@@ -196,13 +216,20 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         # Off the event loop: a long prompt's tokenization must not stall other streams.
         ids = await asyncio.to_thread(lambda: [encode(llm, p) for p in prompts])
         max_tokens = req.max_tokens or 16  # OpenAI's default for completions
-        return await generate(request, req, ids, sampling(req, max_tokens), chat=False)
+        # echo with logprobs: the prompt's tokens come with their logprobs too, as at OpenAI.
+        plp = req.logprobs if req.echo and req.logprobs is not None else None
+        if plp is not None and req.prompt_logprobs is not None:
+            plp = max(plp, req.prompt_logprobs)
+        echo = [p if isinstance(p, str) else llm.tokenizer.decode(p) if llm.tokenizer else "" for p in prompts] \
+            if req.echo else None
+        return await generate(request, req, ids, sampling(req, max_tokens, plp), chat=False, echo=echo)
 
-    def render_chat(messages: list[dict]) -> list[int]:
+    def render_chat(messages: list[dict], kwargs: dict, add_generation_prompt: bool) -> list[int]:
         """The chat prompt's ids. The messages' fault (the template refused them) is a 400;
         a template that breaks on its own is the model's fault, a 500 that says so."""
         try:
-            return llm.chat_prompt(messages, special_tokens_in_content=allow_special_tokens_in_content)
+            return llm.chat_prompt(messages, add_generation_prompt=add_generation_prompt,
+                                   special_tokens_in_content=allow_special_tokens_in_content, **kwargs)
         except ChatTemplateLimitError as e:  # a template that loops or balloons: the model's fault
             log.warning("chat template of %s stopped: %s", model_name, e)
             raise P.APIError(500, str(e), "server_error", "chat_template_error") from None
@@ -220,19 +247,21 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         if llm.tokenizer is None or not llm.tokenizer.chat_template:
             raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
                              code="no_chat_template")
-        ids = await asyncio.to_thread(render_chat, req.plain_messages())
+        ids = await asyncio.to_thread(render_chat, req.plain_messages(), req.chat_template_kwargs or {},
+                                      req.add_generation_prompt)
         if not ids:
             raise P.APIError(400, "the chat prompt is empty: at least one token is needed", code="invalid_value",
                              param="messages")
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = default_max_tokens(engine, len(ids))
-            if limits.default_max_tokens is not None:
-                max_tokens = min(max_tokens, limits.default_max_tokens)
+            for cap in (limits.default_max_tokens, defaults.get("max_tokens")):  # generation_config's max_new_tokens
+                if cap is not None:
+                    max_tokens = min(max_tokens, cap)
         return await generate(request, req, [ids], sampling(req, max_tokens), chat=True)
 
     async def generate(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
-                       chat: bool):
+                       chat: bool, echo: list[str] | None = None):
         loop: EngineLoop = holder["loop"]
         check_fits(engine, prompts, params)  # here, not behind whatever the engine is computing
         if state["draining"]:  # it may have begun while this request was tokenized
@@ -245,7 +274,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         state["inflight"] += 1
         try:
-            return await respond(request, req, prompts, params, chat, loop, rid, stream)
+            return await respond(request, req, prompts, params, chat, loop, rid, stream, echo)
         except BaseException:
             state["inflight"] -= 1
             raise
@@ -254,7 +283,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         state["inflight"] -= 1
 
     async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
-                      chat: bool, loop: EngineLoop, rid: str, stream: Stream):
+                      chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None):
         """The response; ``done`` is called once it has been sent (a stream: when it closes)."""
         try:
             await asyncio.wrap_future(stream.added)
@@ -267,7 +296,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         except BaseException:
             loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
             raise
-        answer = _Answer(rid, model_name, prompts, params.n, stream, chat)
+        answer = _Answer(rid, model_name, prompts, params.n, stream, chat, params.logprobs, echo,
+                         req.prompt_logprobs is not None)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"}, on_close=done)
@@ -362,15 +392,21 @@ def encode(llm, prompt: str | list[int]) -> list[int]:
 
 class _Answer:
     """Turns the engine outputs of one submission into an OpenAI response or SSE events.
-    Choice ``p * n + i`` is sample ``i`` of prompt ``p``."""
+    Choice ``p * n + i`` is sample ``i`` of prompt ``p``. ``logprobs``: top-k per token (None:
+    not asked); ``echo``: each prompt's text, put before its completion (completions only);
+    ``prompt_logprobs``: add vLLM's ``prompt_logprobs`` (per choice for completions, per
+    response for chat)."""
 
-    def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool):
+    def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool,
+                 logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False):
         self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
+        self.logprobs, self.echo, self.want_prompt_logprobs = logprobs, echo, prompt_logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.prompt_of = {h: p for p, h in enumerate(stream.request_ids)}
         self.completion_tokens = 0
         self.cached_tokens = 0
         self.finished = 0
+        self.sent: dict[int, int] = {}  # choice -> output tokens whose logprobs were streamed
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -385,6 +421,22 @@ class _Answer:
     def _usage(self) -> dict:
         return P.usage(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
+    def _logprobs(self, out, start: int, with_prompt: bool) -> dict | None:
+        """The logprobs of output tokens ``start..`` (and with ``with_prompt`` and echo, of the
+        prompt's tokens first)."""
+        if self.logprobs is None:
+            return None
+        tokens, entries = out.token_ids[start:], out.logprobs[start:]
+        if self.chat:
+            return P.chat_logprobs(tokens, entries, self.logprobs)
+        if with_prompt and self.echo is not None:
+            return P.completion_logprobs(out.prompt_token_ids + tokens, (out.prompt_logprobs or []) + entries)
+        offset = len(self.echo[self._index(out) // self.n]) if self.echo is not None else 0
+        return P.completion_logprobs(tokens, entries, offset)
+
+    def _echo(self, out) -> str:
+        return self.echo[self._index(out) // self.n] if self.echo is not None else ""
+
     async def _next(self):
         item = await self.stream.queue.get()
         if isinstance(item, BaseException):
@@ -393,14 +445,14 @@ class _Answer:
 
     async def collect(self, loop: EngineLoop, request: Request) -> dict:
         """Wait for every sample; abort them all if the client hangs up first."""
-        texts: dict[int, tuple[str, str]] = {}
+        final: dict[int, object] = {}
 
         async def gather():
             while self.finished < self.stream.num_samples:
                 out = await self._next()
                 self._account(out)
                 if out.finished:
-                    texts[self._index(out)] = (out.text, out.finish_reason)
+                    final[self._index(out)] = out
 
         work = asyncio.ensure_future(gather())
         gone = asyncio.ensure_future(_disconnected(request))
@@ -419,8 +471,18 @@ class _Answer:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
         except Exception as e:
             raise P.APIError(500, f"generation failed: {e}", "server_error") from None
-        choices = [P.choice(i, *texts[i], chat=self.chat, chunk=False) for i in sorted(texts)]
-        return P.completion_response(self.rid, self.model, choices, self._usage(), self.chat)
+        choices = []
+        for i in sorted(final):
+            out = final[i]
+            c = P.choice(i, self._echo(out) + out.text, out.finish_reason, chat=self.chat, chunk=False,
+                         logprobs=self._logprobs(out, 0, True))
+            if self.want_prompt_logprobs and not self.chat:
+                c["prompt_logprobs"] = P.vllm_prompt_logprobs(out.prompt_logprobs)
+            choices.append(c)
+        body = P.completion_response(self.rid, self.model, choices, self._usage(), self.chat)
+        if self.want_prompt_logprobs and self.chat and final:
+            body["prompt_logprobs"] = P.vllm_prompt_logprobs(final[min(final)].prompt_logprobs)
+        return body
 
     async def events(self, loop: EngineLoop, include_usage: bool) -> AsyncIterator[str]:
         """SSE lines ending with ``data: [DONE]``. If the consumer stops early (disconnect),
@@ -443,9 +505,15 @@ class _Answer:
                     break
                 self._account(out)
                 if out.text_delta or out.finished:
+                    i = self._index(out)
+                    first = i not in self.sent
                     # A chat chunk that only finishes carries an empty delta, not "content": "".
                     text = out.text_delta if out.text_delta or not self.chat else None
-                    yield event([P.choice(self._index(out), text, out.finish_reason, self.chat, True)])
+                    if first and self.echo is not None:
+                        text = self._echo(out) + (text or "")
+                    lps = self._logprobs(out, self.sent.get(i, 0), first)
+                    self.sent[i] = len(out.token_ids)
+                    yield event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)])
             else:
                 if include_usage:
                     yield event([], self._usage())
