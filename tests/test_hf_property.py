@@ -9,6 +9,8 @@ Derandomized, so a failure reproduces; sizes are tiny so the file runs in well u
 
 from __future__ import annotations
 
+import math
+
 import tempfile
 
 import pytest
@@ -34,8 +36,10 @@ def rope_scaling(draw, rot_dim: int, prompt_len: int) -> tuple[dict | None, int]
     if kind == "linear":
         return {"rope_type": "linear", "factor": factor}, 128
     if kind == "dynamic":
-        # The rescaling starts past max_position_embeddings, so set it below the prompt.
-        return {"rope_type": "dynamic", "factor": factor}, draw(st.integers(6, prompt_len - 2))
+        # The rescaling starts past max_position_embeddings, so set it below the prompt; the
+        # model's context is max_position_embeddings * factor (ModelConfig.max_context).
+        return {"rope_type": "dynamic", "factor": factor}, draw(st.integers(max(6, math.ceil(prompt_len / factor)),
+                                                                            prompt_len - 2))
     if kind == "yarn":
         s = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": orig}
         if draw(st.booleans()):
@@ -172,9 +176,9 @@ def test_qkv_equals_hf(family, data, seed):
     err = ((got - ref).abs().max() / ref.abs().max()).item()
     assert err < 1e-4, f"{family} {kw}: logits differ by {err:.2e} relative"
 
-    # The engine caps a request at max_position_embeddings (dynamic NTK sets it below the
-    # prompt), so generation starts from a prompt that leaves room for N_GEN tokens.
-    prompt = ids[: min(prompt_len, llm.config.max_position_embeddings - N_GEN)]
+    # The engine caps a request at the model's context, so generation starts from a prompt
+    # that leaves room for N_GEN tokens.
+    prompt = ids[: min(prompt_len, llm.engine.max_model_len - N_GEN)]
     with torch.no_grad():
         want = hf.generate(torch.tensor([prompt]), max_new_tokens=N_GEN, do_sample=False, eos_token_id=None,
                            pad_token_id=0)[0, len(prompt):].tolist()
