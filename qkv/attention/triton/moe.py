@@ -180,19 +180,21 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, n_valid, N, K,
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              idx: torch.Tensor) -> torch.Tensor:
+              idx: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = idx[t, j].
 
     x [T, H]; w13 [E, 2I, H] (gate rows then up rows, as ``GatedMLP.gate_up_proj``); w2
     [E, H, I]; weights [T, k] (any float dtype); idx [T, k] expert ids. Returns [T, H] in
-    x's dtype. Weight matrices must have unit stride along their last dim."""
+    x's dtype. Weight matrices must have unit stride along their last dim. ``config``
+    overrides the tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages; for benchmarks)."""
     T, H = x.shape
     E, two_i, _ = w13.shape
     inter, k = two_i // 2, idx.shape[1]
     pairs = T * k
     if pairs == 0:
         return torch.zeros_like(x)
-    block_m, cfg = _block_m(pairs), _config(pairs)
+    cfg = dict(_config(pairs), BLOCK_M=_block_m(pairs), **(config or {}))
+    block_m = cfg.pop("BLOCK_M")
     sorted_ids, block_expert, num_padded = align(idx, E, block_m)
     x = x.contiguous()
     act = torch.empty(pairs, inter, dtype=x.dtype, device=x.device)
