@@ -174,8 +174,9 @@ def _config(pairs: int) -> dict:
 
 def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, n_valid, N, K, a_div, gated, block_m, cfg):
     grid = (block_expert.numel(), triton.cdiv(N, cfg["BLOCK_N"]))
-    _moe_gemm_kernel[grid](a, b, c, c if weights is None else weights, sorted_ids, block_expert, num_padded, n_valid, N, K,
-                           a.stride(0), b.stride(0), b.stride(1), c.stride(0), A_DIV=a_div, GATED=gated,
+    wt = c if weights is None else weights  # any pointer when unused
+    _moe_gemm_kernel[grid](a, b, c, wt, sorted_ids, block_expert, num_padded, n_valid, N, K, a.stride(0),
+                           b.stride(0), b.stride(1), c.stride(0), A_DIV=a_div, GATED=gated,
                            MUL_WEIGHT=weights is not None, IEEE=a.dtype == torch.float32, BLOCK_M=block_m, **cfg)
 
 
