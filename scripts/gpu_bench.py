@@ -249,12 +249,19 @@ def moe_kernels(bw, shape="deepseek-v2-lite"):
     per_expert = 3 * inter * H * 2
     configs = {"default": None,
                "m16n32k128": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+               "m16n32k256": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
+               "m16n64k128w8": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=4),
+               "m16n64k64s5": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=5),
+               "m32n128k64": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
                "m16n64k256": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3),
                "m16n128k128": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
                "m32n64k64": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
                "m64n64k64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
                "m64n128k64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
-               "m128n128k64": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)}
+               "m128n128k64": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+               "m128n128k64s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+               "m64n128k64w4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+               "m128n64k64": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)}
     for T in (1, 4, 16, 64, 128, 256, 2048, 8192):
         x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
         idx = torch.stack([torch.randperm(E, device="cuda", generator=gen)[:k] for _ in range(T)])
@@ -266,7 +273,7 @@ def moe_kernels(bw, shape="deepseek-v2-lite"):
             if cfg is not None and T * k > 4096 and cfg["BLOCK_M"] < 64:
                 continue
             try:  # three weight copies (3 x 1.1 GB) in turn, far past the 60 MB L2
-                ms = bench_graph(lambda: [moe.fused_moe(x, w13[j], w2[j], w, idx, cfg) for j in range(3)]) / 3
+                ms = bench_graph(lambda: [moe.fused_moe(x, w13[j], w2[j], w, idx, config=cfg) for j in range(3)]) / 3
                 row[name] = round(ms * 1e3, 1)
             except Exception as e:  # a tile that does not compile here (shared memory)
                 row[name] = repr(e)[:60]
@@ -450,7 +457,7 @@ def engine_bench(bw, flops, args):
     if "profile_big" in parts:
         graphs, eng.runner.graphs = eng.runner.graphs, None  # eager: the same kernels, one by one
         reqs = []
-        for _ in range(256):
+        for _ in range(args.tput_requests):
             reqs += eng.add_request(prompt(512), greedy(96))
         for _ in range(3):  # two warm prefill steps, then profile the third
             eng.step()
@@ -461,7 +468,7 @@ def engine_bench(bw, flops, args):
         for _ in range(80):
             eng.step()
         total, top = kernel_table(eng.step)
-        record("decode_b256_profile", context=512 + 80, total_gpu_us=total, top=top)
+        record("decode_big_profile", batch=args.tput_requests, context=512 + 80, total_gpu_us=total, top=top)
         while eng.has_unfinished():
             eng.step()
         eng.runner.graphs = graphs

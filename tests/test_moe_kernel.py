@@ -29,9 +29,9 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 def make_moe(hidden, inter, experts, top_k, dtype, seed, method="greedy", v3=False):
-    """A MoE layer with random weights (std 1/sqrt(fan-in)) and a random router."""
+    """A MoE layer (one shared expert) with random weights (std 1/sqrt(fan-in)) and router."""
     extra = dict(n_routed_experts=experts, moe_intermediate_size=inter, num_experts_per_tok=top_k,
-                 n_shared_experts=0, topk_method=method, n_group=4 if method != "greedy" else 1, topk_group=2,
+                 n_shared_experts=1, topk_method=method, n_group=4 if method != "greedy" else 1, topk_group=2,
                  routed_scaling_factor=1.5, norm_topk_prob=True)
     cfg = ModelConfig(model_type="deepseek_v3" if v3 else "deepseek_v2", vocab_size=16, hidden_size=hidden,
                       num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, intermediate_size=inter, extra=extra)
@@ -53,9 +53,10 @@ def check(T, hidden, inter, experts, top_k, dtype, tol, seed=0, **kw):
     layer = make_moe(hidden, inter, experts, top_k, dtype, seed, **kw)
     x = torch.randn(T, hidden, generator=torch.Generator().manual_seed(seed + 1)).to(DEV, dtype)
     w, idx = layer.gate(x)
-    want = layer.reference(x, w, idx)
+    shared = layer.shared_experts(x)
+    want = layer.reference(x, w, idx) + shared
     w13, w2 = layer.stacked_weights()
-    got = moe.fused_moe(x, w13, w2, w, idx)
+    got = moe.fused_moe(x, w13, w2, w, idx, shared)
     assert got.dtype == x.dtype and got.shape == x.shape
     err = rel_err(got, want)
     assert err < tol, err
@@ -120,7 +121,7 @@ def test_fused_moe_in_cuda_graph():
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = moe.fused_moe(x, w13, w2, w, idx)
+        out = moe.fused_moe(x, w13, w2, w, idx)  # no shared experts here: the sum kernel alone
     for seed in range(3):
         x.copy_(torch.randn(4, 256, generator=torch.Generator().manual_seed(seed)).to(DEV, torch.bfloat16))
         w.copy_(torch.rand(4, 6, device=DEV))

@@ -88,12 +88,12 @@ class MoE(nn.Module):
         kernel = self._kernel(x)
         if kernel is not None:
             w13, w2 = self.stacked_weights()
-            out = kernel.fused_moe(x, w13, w2, w, idx)
-        elif x.is_cuda and torch.cuda.is_current_stream_capturing():
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            return kernel.fused_moe(x, w13, w2, w, idx, shared)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("the MoE reference loop reads expert ids on the host and cannot be "
                                "captured in a CUDA graph; the fused kernel needs triton and silu experts")
-        else:
-            out = self.reference(x, w, idx)
+        out = self.reference(x, w, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out

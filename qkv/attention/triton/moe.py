@@ -1,6 +1,7 @@
 """Fused mixture-of-experts for DeepSeek-V2/V3: tokens sorted by expert on the device, then
 one grouped-GEMM launch for gate/up (SiLU-and-mul fused) and one for down (routing weights
-applied), reading only the experts that tokens chose.
+applied), reading only the experts that tokens chose; a third small launch sums each token's
+k rows and adds the shared experts' output.
 
 The design is the one of vLLM's and SGLang's ``fused_moe`` (read, not copied): the T*k
 (token, slot) pairs are sorted by expert and each expert's run is padded to a multiple of
@@ -19,7 +20,8 @@ write+read of 2I per pair saved; the FLOPs and weight bytes are the same).
 
 Rounding follows the torch reference (``GatedMLP``): gate and up rounded to the dtype, silu
 rounded, the product rounded; the down output rounded, times the routing weight rounded to
-the dtype, rounded. The k slots are summed in fp32 by torch (one reduction, no host sync).
+the dtype, rounded. The k slots are summed in fp32 and rounded once (the reference's
+``index_add_`` rounds after each expert: the two differ by rounding only).
 """
 
 from __future__ import annotations
@@ -163,6 +165,22 @@ def _moe_gemm_kernel(A, B, C, WT, SORTED, BLOCK_EXPERT, NUM_PADDED, n_valid, N, 
     tl.store(C + rows.to(tl.int64)[:, None] * stride_cm + n[None, :], out, mask=valid[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _sum_kernel(Y, S, OUT, H, TOP_K: tl.constexpr, HAS_S: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[t] = round(sum_j Y[t*k + j]) (+ S[t], then rounded again): the top-k sum of one
+    token, plus the shared experts' output the way ``out + shared(x)`` adds it."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = h < H
+    acc = tl.zeros([BLOCK], tl.float32)
+    for j in tl.static_range(TOP_K):
+        acc += tl.load(Y + (t * TOP_K + j) * H + h, mask=ok, other=0.0).to(tl.float32)
+    out = acc.to(OUT.dtype.element_ty)
+    if HAS_S:
+        out = (out.to(tl.float32) + tl.load(S + t * H + h, mask=ok, other=0.0).to(tl.float32)).to(out.dtype)
+    tl.store(OUT + t * H + h, out, mask=ok)
+
+
 def _config(pairs: int) -> dict:
     """Tile sizes by T*k, a host int fixed per captured graph (H200 measurements: gpu.md)."""
     if pairs <= 64:  # decode, small batches: memory-bound, few pairs per expert
@@ -181,8 +199,9 @@ def _gemm(a, b, c, weights, sorted_ids, block_expert, num_padded, n_valid, N, K,
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: torch.Tensor,
-              idx: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = idx[t, j].
+              idx: torch.Tensor, shared: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """sum_j weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)) with e = idx[t, j]
+    (+ ``shared`` [T, H], added to the rounded sum as ``out + shared`` would be).
 
     x [T, H]; w13 [E, 2I, H] (gate rows then up rows, as ``GatedMLP.gate_up_proj``); w2
     [E, H, I]; weights [T, k] (any float dtype); idx [T, k] expert ids. Returns [T, H] in
@@ -193,8 +212,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     inter, k = two_i // 2, idx.shape[1]
     pairs = T * k
     if pairs == 0:
-        return torch.zeros_like(x)
-    cfg = dict(_config(pairs), BLOCK_M=_block_m(pairs), **(config or {}))
+        return torch.zeros_like(x) if shared is None else shared.clone()
+    cfg = {**_config(pairs), "BLOCK_M": _block_m(pairs), **(config or {})}
     block_m = cfg.pop("BLOCK_M")
     sorted_ids, block_expert, num_padded = align(idx, E, block_m)
     x = x.contiguous()
@@ -203,4 +222,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, weights: tor
     y = torch.empty(pairs, H, dtype=x.dtype, device=x.device)
     _gemm(act, w2, y, weights.reshape(-1).contiguous(), sorted_ids, block_expert, num_padded, pairs, H, inter,
           1, False, block_m, cfg)
-    return y.view(T, k, H).sum(1)
+    out = torch.empty_like(x)
+    has_s = shared is not None
+    s = shared.contiguous() if has_s else out
+    _sum_kernel[(T, triton.cdiv(H, 1024))](y, s, out, H, TOP_K=k, HAS_S=has_s, BLOCK=1024, num_warps=4)
+    return out
