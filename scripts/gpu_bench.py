@@ -270,7 +270,7 @@ def moe_kernels(bw, shape="deepseek-v2-lite"):
         nbytes = distinct * per_expert + T * H * 2 * 2
         row = {}
         for name, cfg in configs.items():
-            if cfg is not None and T * k > 4096 and cfg["BLOCK_M"] < 64:
+            if cfg is not None and ((T * k > 4096 and cfg["BLOCK_M"] < 64) or (T <= 16 and cfg["BLOCK_M"] > 32)):
                 continue
             try:  # three weight copies (3 x 1.1 GB) in turn, far past the 60 MB L2
                 ms = bench_graph(lambda: [moe.fused_moe(x, w13[j], w2[j], w, idx, config=cfg) for j in range(3)]) / 3
