@@ -69,7 +69,7 @@ def test_align_kernel_matches_torch_sort():
     """The one-program sort equals the stable torch sort exactly: ids grouped by expert,
     each expert's run padded to BLOCK_M with the sentinel T*k, the expert of every block."""
     gen = torch.Generator().manual_seed(3)
-    for T, k, E in ((1, 6, 64), (5, 2, 8), (33, 8, 256)):
+    for T, k, E in ((1, 6, 64), (5, 2, 8), (100, 6, 64), (33, 8, 256)):
         idx = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(DEV)
         got = moe.align(idx, E, 16)
         want = moe.align_torch(idx, E, 16)
@@ -90,11 +90,11 @@ def test_fused_moe_small_fp32():
 
 
 @gpu
-@pytest.mark.parametrize("T", [1, 3, 64, 700])
+@pytest.mark.parametrize("T", [1, 3, 64, 200, 700])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_fused_moe_matches_loop_gpu(T, dtype):
-    """DeepSeek-V2-Lite-like widths (64 experts, top 6; 700 tokens take the torch sort and the
-    large tiles): fp32 within 1e-5 (IEEE dots), bf16 within 1e-2, of the expert loop."""
+    """DeepSeek-V2-Lite-like widths (64 experts, top 6; each tile regime: BLOCK_M 16, 32 at 200
+    tokens, 128 with the torch sort at 700): fp32 within 1e-5 (IEEE dots), bf16 within 1e-2, of the expert loop."""
     check(T, hidden=512, inter=352, experts=64, top_k=6, dtype=dtype,
           tol=1e-5 if dtype == torch.float32 else 1e-2, seed=T)
 

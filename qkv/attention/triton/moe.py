@@ -32,7 +32,7 @@ import triton.language as tl
 
 
 def _block_m(pairs: int) -> int:
-    return 16 if pairs <= 4096 else 64
+    return 16 if pairs <= 768 else 32 if pairs <= 4096 else 128
 
 
 def padded_bound(pairs: int, num_experts: int, block_m: int) -> int:
@@ -47,7 +47,8 @@ def padded_bound(pairs: int, num_experts: int, block_m: int) -> int:
 def _align_kernel(IDX, SORTED, BLOCK_EXPERT, NUM_PADDED, n, bound, num_blocks,
                   E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
     """One program: counts per expert, padded starts, the expert of each M-block, then each
-    pair's slot = its expert's start + its rank among that expert's pairs (stable order)."""
+    pair's slot = its expert's start + its rank among that expert's pairs (stable order; the
+    rank within a chunk is a cumulative sum down the [CHUNK, E] one-hot matrix)."""
     e_ar = tl.arange(0, E_P2)
     c_ar = tl.arange(0, CHUNK)
     counts = tl.zeros([E_P2], tl.int32)
@@ -70,10 +71,9 @@ def _align_kernel(IDX, SORTED, BLOCK_EXPERT, NUM_PADDED, n, bound, num_blocks,
         i = s + c_ar
         ids = tl.load(IDX + i, mask=i < n, other=E_P2)
         onehot = (ids[:, None] == e_ar[None, :]).to(tl.int32)
-        base = tl.sum(onehot * offs[None, :], axis=1)
-        before = (ids[:, None] == ids[None, :]) & (c_ar[None, :] < c_ar[:, None])
-        rank = tl.sum(before.to(tl.int32), axis=1)
-        tl.store(SORTED + base + rank, i, mask=i < n)
+        # slot = expert's running offset + pairs of that expert earlier in this chunk
+        slot = tl.sum(onehot * (offs[None, :] + tl.cumsum(onehot, axis=0) - 1), axis=1)
+        tl.store(SORTED + slot, i, mask=i < n)
         offs += tl.sum(onehot, axis=0)
 
 
@@ -111,7 +111,7 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int):
     e_p2 = triton.next_power_of_2(num_experts)
     _align_kernel[(1,)](idx.reshape(-1).contiguous(), sorted_ids, block_expert, num_padded, n, bound,
                         bound // block_m, E=num_experts, E_P2=e_p2, BLOCK_M=block_m,
-                        CHUNK=64 if e_p2 <= 64 else 32, num_warps=4)
+                        CHUNK=max(16, min(256, 16384 // e_p2)), num_warps=8)
     return sorted_ids, block_expert, num_padded
 
 
@@ -182,9 +182,10 @@ def _sum_kernel(Y, S, OUT, H, TOP_K: tl.constexpr, HAS_S: tl.constexpr, BLOCK: t
 
 
 def _config(pairs: int) -> dict:
-    """Tile sizes by T*k, a host int fixed per captured graph (H200 measurements: gpu.md)."""
-    if pairs <= 64:  # decode, small batches: memory-bound, few pairs per expert
-        return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
+    """Tile sizes by T*k, a host int fixed per captured graph. H200 sweep at the V2-Lite
+    widths (run 3, gpu.md): BLOCK_M 16 up to 128 tokens, 32 at 256, 128 for prefill."""
+    if pairs <= 768:  # decode up to batch 128: memory-bound, a few pairs per expert
+        return dict(BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
     if pairs <= 4096:
         return dict(BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)
     return dict(BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
