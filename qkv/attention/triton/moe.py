@@ -109,9 +109,11 @@ def align(idx: torch.Tensor, num_experts: int, block_m: int):
     block_expert = torch.empty(bound // block_m, dtype=torch.int32, device=dev)
     num_padded = torch.empty(1, dtype=torch.int32, device=dev)
     e_p2 = triton.next_power_of_2(num_experts)
+    # small chunks for small batches (batch 1: 8 us with 256, 4 us with 64 on the H200, run 4)
+    chunk = max(16, min(256, 16384 // e_p2, triton.next_power_of_2(n)))
     _align_kernel[(1,)](idx.reshape(-1).contiguous(), sorted_ids, block_expert, num_padded, n, bound,
                         bound // block_m, E=num_experts, E_P2=e_p2, BLOCK_M=block_m,
-                        CHUNK=max(16, min(256, 16384 // e_p2)), num_warps=8)
+                        CHUNK=chunk, num_warps=4 if chunk <= 64 else 8)
     return sorted_ids, block_expert, num_padded
 
 
