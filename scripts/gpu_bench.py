@@ -233,6 +233,57 @@ def splits_sweep(bw):
         record("mla_splits_b1", ctx=ctx, us=row, best=best, bw_frac=mcache.numel() * 2 / (row[best] / 1e6) / bw)
 
 
+def moe_kernels(bw, shape="deepseek-v2-lite"):
+    """The fused MoE (qkv/attention/triton/moe.py) at a shape's widths, by token count: time of
+    one layer's routed experts (sort + two grouped GEMMs + top-k sum, replayed in a graph),
+    the bytes of the distinct experts chosen, and a few tile configurations side by side."""
+    from qkv.attention.triton import moe
+    from qkv.tools.shapes import SHAPES
+
+    ex = SHAPES[shape]["extra"]
+    E, k, inter, H = ex["n_routed_experts"], ex["num_experts_per_tok"], ex["moe_intermediate_size"], \
+        SHAPES[shape]["hidden_size"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = [torch.randn(E, 2 * inter, H, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(3)]
+    w2 = [torch.randn(E, H, inter, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02 for _ in range(3)]
+    per_expert = 3 * inter * H * 2
+    configs = {"default": None,
+               "m16n32k128": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4),
+               "m16n32k256": dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3),
+               "m16n64k128w8": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, num_warps=8, num_stages=4),
+               "m16n64k64s5": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=5),
+               "m32n128k64": dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+               "m16n64k256": dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, num_warps=4, num_stages=3),
+               "m16n128k128": dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, num_warps=4, num_stages=3),
+               "m32n64k64": dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+               "m64n64k64": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4),
+               "m64n128k64": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+               "m128n128k64": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3),
+               "m128n128k64s4": dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=4),
+               "m64n128k64w4": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=4),
+               "m128n64k64": dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=4)}
+    for T in (1, 4, 16, 64, 128, 256, 2048, 8192):
+        x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(E, device="cuda", generator=gen)[:k] for _ in range(T)])
+        w = torch.rand(T, k, device="cuda")
+        distinct = int(idx.unique().numel())
+        nbytes = distinct * per_expert + T * H * 2 * 2
+        row = {}
+        for name, cfg in configs.items():
+            if cfg is not None and ((T * k > 4096 and cfg["BLOCK_M"] < 64) or (T <= 16 and cfg["BLOCK_M"] > 32)):
+                continue
+            try:  # three weight copies (3 x 1.1 GB) in turn, far past the 60 MB L2
+                ms = bench_graph(lambda: [moe.fused_moe(x, w13[j], w2[j], w, idx, config=cfg) for j in range(3)]) / 3
+                row[name] = round(ms * 1e3, 1)
+            except Exception as e:  # a tile that does not compile here (shared memory)
+                row[name] = repr(e)[:60]
+        best = min((v for v in row.values() if isinstance(v, float)), default=float("nan"))
+        record("moe_kernel", shape=shape, tokens=T, experts_read=distinct, us=row, best_us=best,
+               bw_frac=nbytes / (best / 1e6) / bw, flops_TF=2 * T * k * per_expert / 2 / (best / 1e6) / 1e12)
+    del w13, w2
+    torch.cuda.empty_cache()
+
+
 def host_overhead(eng, prompt, greedy):
     """Step wall time against the bare graph replay, at batch 1 and 256."""
     for B in (1, 256):
@@ -336,12 +387,13 @@ def engine_bench(bw, flops, args):
     if "b1" not in parts:
         decode_b1 = lambda tag: None  # noqa: E731
     decode_b1("default (Triton GEMV for " + ",".join(f"{n}x{k}" for n, k in sorted(gemv_mod.ENABLED_SHAPES)) + ")")
-    saved = set(gemv_mod.ENABLED_SHAPES)
-    gemv_mod.ENABLED_SHAPES.clear()
-    eng.runner.graphs.capture()
-    decode_b1("cuBLAS only")
-    gemv_mod.ENABLED_SHAPES.update(saved)
-    eng.runner.graphs.capture()
+    if "b1" in parts and "gemv_ab" in parts:
+        saved = set(gemv_mod.ENABLED_SHAPES)
+        gemv_mod.ENABLED_SHAPES.clear()
+        eng.runner.graphs.capture()
+        decode_b1("cuBLAS only")
+        gemv_mod.ENABLED_SHAPES.update(saved)
+        eng.runner.graphs.capture()
     if args.eager_too:
         graphs, eng.runner.graphs = eng.runner.graphs, None
         decode_b1("eager (no CUDA graphs)")
@@ -405,7 +457,7 @@ def engine_bench(bw, flops, args):
     if "profile_big" in parts:
         graphs, eng.runner.graphs = eng.runner.graphs, None  # eager: the same kernels, one by one
         reqs = []
-        for _ in range(256):
+        for _ in range(args.tput_requests):
             reqs += eng.add_request(prompt(512), greedy(96))
         for _ in range(3):  # two warm prefill steps, then profile the third
             eng.step()
@@ -416,7 +468,7 @@ def engine_bench(bw, flops, args):
         for _ in range(80):
             eng.step()
         total, top = kernel_table(eng.step)
-        record("decode_b256_profile", context=512 + 80, total_gpu_us=total, top=top)
+        record("decode_big_profile", batch=args.tput_requests, context=512 + 80, total_gpu_us=total, top=top)
         while eng.has_unfinished():
             eng.step()
         eng.runner.graphs = graphs
@@ -429,26 +481,33 @@ def engine_bench(bw, flops, args):
             p = (prefix or []) + prompt(plen)
             reqs += eng.add_request(p, greedy(olen))
         split = {"prefill": [0, 0.0], "decode": [0, 0.0]}  # steps with prompt tokens vs pure decode
+        ttft = {}
         while eng.has_unfinished():
             kind = "prefill" if any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs
                                     if not r.finished) else "decode"
             s0 = time.perf_counter()
             eng.step()
             split[kind][0] += 1
-            split[kind][1] += time.perf_counter() - s0
+            now = time.perf_counter()
+            split[kind][1] += now - s0
+            for r in reqs:
+                if r.output_token_ids and r.request_id not in ttft:
+                    ttft[r.request_id] = now - t
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         out = sum(len(r.output_token_ids) for r in reqs)
         record("throughput", workload=label, kv_dtype=args.kv_dtype, max_num_seqs=args.max_num_seqs,
                budget=args.max_num_batched_tokens, requests=n_req, out_tok_s=out / dt, total_tok_s=(out + n_req * (plen + len(prefix or []))) / dt,
                seconds=dt, preemptions=eng.scheduler.num_preemptions,
+               ttft_mean_s=sum(ttft.values()) / len(ttft), ttft_p99_s=sorted(ttft.values())[int(0.99 * (len(ttft) - 1))],
                steps={k: (n, round(sec, 3)) for k, (n, sec) in split.items()})
         return out / dt
 
     if "tput" in parts or args.long:  # warm-up: JIT-compile every kernel variant mixed steps use
         throughput(64, 512, 64, "warm-up")
     if "tput" in parts:
-        throughput(256, 512, 256, "256x512in/256out")
+        n = args.tput_requests
+        throughput(n, 512, 256, f"{n}x512in/256out")
     if args.long:
         throughput(args.long_requests, 1000, 1000, f"{args.long_requests}x1000in/1000out")
     # Shared prefix: 256 requests = 2000-token shared prefix + 32 own tokens, 32 out.
@@ -470,13 +529,14 @@ def main():
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--long", action="store_true")
     ap.add_argument("--host-only", action="store_true", help="engine section: only the host-overhead breakdown")
-    ap.add_argument("--parts", default="prefill,b1,sweep,profile,tput,prefix",
-                    help="engine parts: prefill,b1,sweep,profile,tput,prefix,host")
+    ap.add_argument("--parts", default="prefill,b1,gemv_ab,sweep,profile,tput,prefix",
+                    help="engine parts: prefill,b1,gemv_ab (b1 again with cuBLAS only),sweep,profile,tput,prefix,host")
     ap.add_argument("--eager-too", action="store_true", help="also time batch-1 decode without CUDA graphs")
     ap.add_argument("--kv-dtype", default="auto", help="engine KV cache dtype: auto | fp8")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--long-requests", type=int, default=512, help="requests of the 1000 in / 1000 out run")
+    ap.add_argument("--tput-requests", type=int, default=256, help="requests of the 512 in / 256 out run")
     ap.add_argument("--async-scheduling", choices=["on", "off"], default=None, help="default: the engine's")
     ap.add_argument("--kernels", default="decode,gemv,mla", help="kernels section: decode,gemv,mla")
     args = ap.parse_args()
@@ -488,6 +548,8 @@ def main():
             bw, flops = ceilings()
         if "kernels" in secs:
             kernels(bw, args.kernels.split(","))
+        if "moe" in secs:
+            moe_kernels(bw)
         if "splits" in secs:
             splits_sweep(bw)
         if "engine" in secs:

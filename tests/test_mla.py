@@ -107,9 +107,11 @@ def test_mla_bad_mode(tmp_path, monkeypatch):
         LLM(path, dtype="float32", device="cpu", num_kv_blocks=16)
 
 
-def test_moe_dense_path_equals_sparse_loop(tmp_path):
-    """The graph-safe dense MoE (every expert, unchosen ones weighted 0) gives the sparse loop's
-    output: the same sums in the same expert order."""
+def test_moe_stacked_weights_are_the_expert_parameters(tmp_path):
+    """The grouped GEMM's [E, 2I, H] / [E, H, I] weights (``MoE.stacked_weights``) hold the
+    loaded experts without a second copy: after stacking the layer's output is unchanged, each
+    expert's parameter is a view of the stack (a later load writes both), and a ``.to()``
+    that moves the parameters is noticed and re-stacked."""
     from qkv.model.moe import MoE
 
     version, overrides = CASES["v3-moe-yarn"]
@@ -118,10 +120,16 @@ def test_moe_dense_path_equals_sparse_loop(tmp_path):
     moe = next(m for m in llm.engine.model.modules() if isinstance(m, MoE))
     x = torch.randn(7, BASE["hidden_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        sparse = moe(x)
-        w, idx = moe.gate(x)
-        dense = moe.dense(x, w, idx) + moe.shared_experts(x)
-    torch.testing.assert_close(dense, sparse, rtol=1e-5, atol=1e-6)
+        before = moe(x)
+        w13, w2 = moe.stacked_weights()
+        assert torch.equal(moe(x), before)
+        assert torch.equal(w2[3], moe.experts[3].down_proj.weight)
+        moe.experts[3].down_proj.weight.copy_(torch.zeros_like(w2[3]))
+        assert not w2[3].any()
+        assert moe.stacked_weights()[0] is w13  # unchanged parameters: the same stack
+        moe.to(torch.float64)
+        w13_64, _ = moe.stacked_weights()
+        assert w13_64.dtype == torch.float64 and w13_64[0].data_ptr() == moe.experts[0].gate_up_proj.weight.data_ptr()
 
 
 def test_mixed_steps_split_and_match_one_by_one(tmp_path):

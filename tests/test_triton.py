@@ -300,16 +300,26 @@ def test_engine_fp8_cache_triton_and_graphs_match_reference(tiny_model):
     assert results["triton-graphs"] == results["reference"]
 
 
+MLA_ROUTING = {
+    "dense-mlp": ("v2", dict(first_k_dense_replace=2)),
+    "v2-greedy": ("v2", dict(topk_method="greedy")),
+    "v2-group-limited": ("v2", dict(topk_method="group_limited_greedy")),
+    "v3-noaux-tc": ("v3", dict(norm_topk_prob=True)),
+}
+
+
 @gpu
-@pytest.mark.parametrize("moe", [False, True], ids=["dense-mlp", "moe"])
-def test_engine_mla_triton_decode_matches_reference(tmp_path, moe):
-    """DeepSeek-V2 (latent 32 + rope 16): absorbed decode through the Triton MLA kernel, eager
-    and in CUDA graphs (where the MoE takes its dense, sync-free path), gives the reference
-    backend's greedy tokens."""
+@pytest.mark.parametrize("routing", list(MLA_ROUTING))
+def test_engine_mla_triton_decode_matches_reference(tmp_path, routing):
+    """DeepSeek-V2/V3 (latent 32 + rope 16): absorbed decode through the Triton MLA kernel and
+    the routed experts through the fused MoE kernel, eager and in CUDA graphs, give the
+    reference backend's greedy tokens (plain torch: reference MLA, the expert loop)."""
     from test_mla import MOE, tiny_deepseek
 
-    extra = dict(MOE, topk_method="greedy") if moe else dict(first_k_dense_replace=2)
-    path, _ = tiny_deepseek(tmp_path, "v2", kv_lora_rank=32, qk_rope_head_dim=16, q_lora_rank=None, **extra)
+    version, extra = MLA_ROUTING[routing]
+    if routing != "dense-mlp":
+        extra = dict(MOE, **extra)
+    path, _ = tiny_deepseek(tmp_path, version, kv_lora_rank=32, qk_rope_head_dim=16, q_lora_rank=None, **extra)
     prompts = [[int(t) for t in torch.randint(2, 250, (n,))] for n in (5, 23, 40)]
     results = greedy_by_variant(path, prompts, 16, block_size=16, num_kv_blocks=64, max_num_seqs=4)
     assert results["triton-eager"] == results["reference"]

@@ -8,6 +8,12 @@ Routing follows HF transformers exactly:
     with groups ranked by the sum of their top-2; weights are the (bias-free) sigmoid
     scores of the chosen experts, normalized if ``norm_topk_prob``, times the scaling factor.
 Experts are separate GatedMLPs so HF's per-expert weight names load unchanged.
+
+The router is the same everywhere; the routed experts run in one of two ways. On CUDA (with
+triton, attention backend not "reference") the fused kernel of ``qkv.attention.triton.moe``
+sorts the (token, slot) pairs by expert on the device and runs two grouped GEMMs over the
+chosen experts only: no host sync, so decode steps are graph-captured. Elsewhere
+``MoE.reference`` loops over the experts that received tokens, read on the host.
 """
 
 from __future__ import annotations
@@ -79,30 +85,67 @@ class MoE(nn.Module):
         # because HF builds it as a dense MLP.
         self.shared_experts = (GatedMLP(cfg.hidden_size, inter * shared, cfg.hidden_act, cfg.mlp_bias)
                                if shared is not None else None)
+        self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, idx = self.gate(x)
+        kernel = self._kernel(x)
+        if kernel is not None:
+            w13, w2 = self.stacked_weights()
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            return kernel.fused_moe(x, w13, w2, w, idx, shared)
         if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            out = self.dense(x, w, idx)
-        else:
-            out = torch.zeros_like(x)
-            # Loop over the experts that received tokens: plain torch, no grouped GEMM. Which
-            # experts those are is read on the host, so this path cannot be graph-captured.
-            for e in idx.unique().tolist():
-                tok, slot = torch.where(idx == e)
-                y = self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype)
-                out.index_add_(0, tok, y)
+            raise RuntimeError("the MoE reference loop reads expert ids on the host and cannot be "
+                               "captured in a CUDA graph; the fused kernel needs triton and silu experts")
+        out = self.reference(x, w, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
 
-    def dense(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """The routed experts without a host sync, for CUDA-graph capture: every expert runs on
-        every token and unchosen ones are weighted 0. It reads every expert's weights each step,
-        which a decode batch of a few dozen tokens mostly does anyway; the sums are the sparse
-        loop's, in the same expert order, plus exact zeros."""
-        weights = torch.zeros(x.shape[0], len(self.experts), dtype=w.dtype, device=x.device).scatter_(1, idx, w)
+    def reference(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The routed experts in plain torch, a loop over the experts that received tokens
+        (read on the host): the CPU path and the oracle of the fused kernel."""
         out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            out += expert(x) * weights[:, e, None].to(x.dtype)
+        for e in idx.unique().tolist():
+            tok, slot = torch.where(idx == e)
+            y = self.experts[e](x[tok]) * w[tok, slot, None].to(x.dtype)
+            out.index_add_(0, tok, y)
         return out
+
+    def _kernel(self, x: torch.Tensor):
+        """qkv.attention.triton.moe for CUDA tensors with triton installed, silu experts, and
+        an attention backend other than "reference" (which keeps the whole model in plain torch,
+        the oracle the engine tests compare against); else None."""
+        if not x.is_cuda or self.experts[0].act_name != "silu":
+            return None
+        from qkv.attention import backend
+
+        if backend.current() == "reference":
+            return None
+        try:
+            from qkv.attention.triton import moe
+        except ImportError:
+            return None
+        return moe
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13 [E, 2I, H], w2 [E, H, I]): the experts' weights in two tensors, as the grouped
+        GEMM reads them. Built on first use; each expert's parameters then become views into
+        them (no second copy), so loading and ``state_dict`` keep HF's per-expert names. A
+        later ``.to()`` or weight reload that moves the parameters is noticed and re-stacked."""
+        first, last = self.experts[0].gate_up_proj.weight, self.experts[-1].down_proj.weight
+        if self._stacked is not None:
+            w13, w2 = self._stacked
+            if w13[0].data_ptr() == first.data_ptr() and w2[-1].data_ptr() == last.data_ptr() \
+                    and w13.dtype == first.dtype and w2.dtype == last.dtype:
+                return self._stacked
+        if first.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("MoE expert weights must be stacked before CUDA graph capture (run a warm-up step)")
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: loading may copy_ into them later
+            w13 = torch.stack([e.gate_up_proj.weight for e in self.experts])
+            w2 = torch.stack([e.down_proj.weight for e in self.experts])
+            for i, e in enumerate(self.experts):
+                e.gate_up_proj.weight.data = w13[i]
+                e.down_proj.weight.data = w2[i]
+        self._stacked = (w13, w2)
+        return self._stacked
