@@ -133,11 +133,11 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model has none (use stop_token_ids)")
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer; this model has none (use logit_bias)")
-        prompt_token_ids = self._check_token_ids(prompt_token_ids, "prompt")
+        prompt_token_ids = self.check_token_ids(prompt_token_ids, "prompt")
         if params.logit_bias:
-            self._check_token_ids(list(params.logit_bias), "logit_bias")
+            self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.allowed_token_ids is not None:
-            self._check_token_ids(params.allowed_token_ids, "allowed_token_ids")
+            self.check_token_ids(params.allowed_token_ids, "allowed_token_ids")
         base_seed = params.seed
         head = Request(prompt_token_ids, params, request_id, cache_salt, index=0, seed=base_seed)
         self._check_new_id(head.request_id, params.n)
@@ -198,9 +198,10 @@ class LLMEngine:
                 entry[t] = Logprob(v, r, text(t))
         return entry
 
-    def _check_token_ids(self, ids, what: str) -> list[int]:
+    def check_token_ids(self, ids, what: str) -> list[int]:
         """``ids`` as a list of Python ints; ValueError unless it is a non-empty sequence of
-        in-vocabulary integers (numpy ints count, bools do not)."""
+        in-vocabulary integers (numpy ints count, bools do not). Reads only the config, so the
+        server calls it from its handlers, off the engine thread."""
         ids = list(ids)
         if not ids:
             raise ValueError(f"the {what} is empty: at least one token id is needed")
@@ -337,7 +338,7 @@ class LLMEngine:
         chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps.
         Raises ValueError for empty or out-of-vocabulary ids and for more than ``max_model_len``
         tokens (positions past the model's context have no embedding)."""
-        token_ids = self._check_token_ids(token_ids, "scored sequence")
+        token_ids = self.check_token_ids(token_ids, "scored sequence")
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"{len(token_ids)} tokens exceed the maximum context length of "
                              f"{self.max_model_len} tokens (max_model_len); score at most that many")

@@ -376,18 +376,11 @@ def default_max_tokens(engine, prompt_len: int) -> int:
 
 
 def encode(llm, prompt: str | list[int]) -> list[int]:
+    """The prompt's ids, checked as the engine checks them (empty, out of the vocabulary)."""
     try:
-        ids = llm.encode(prompt)
-    except ValueError as e:  # no tokenizer for a text prompt
+        return llm.engine.check_token_ids(llm.encode(prompt), "prompt")
+    except ValueError as e:  # also: no tokenizer for a text prompt
         raise P.APIError(400, str(e), code="invalid_value", param="prompt") from None
-    if not ids:
-        raise P.APIError(400, "the prompt is empty: at least one token is needed", code="invalid_value",
-                         param="prompt")
-    vocab = llm.engine.config.vocab_size
-    if bad := [t for t in ids if not 0 <= t < vocab]:
-        raise P.APIError(400, f"token ids out of the vocabulary (size {vocab}): {bad[:5]}", code="invalid_value",
-                         param="prompt")
-    return ids
 
 
 class _Answer:
