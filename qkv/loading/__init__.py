@@ -40,6 +40,9 @@ def load(name_or_path: str | Path) -> LoadedModel:
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory (known names: {', '.join(NAMED)})")
     if path.is_dir():
+        if (path / "model.bin").is_file() and not any(path.glob("*.safetensors")):
+            raise LoadError(f"{path}: a CTranslate2 directory (model.bin): read it with qkv.loading.ct2_whisper."
+                            "load_ct2_whisper; Whisper model support is not merged yet")
         return LoadedModel(*load_hf(path), source=str(path))
     if path.suffix == ".gguf" or _has_gguf_magic(path):
         return LoadedModel(*load_gguf(str(path)), source=str(path))

