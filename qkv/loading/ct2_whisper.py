@@ -204,3 +204,19 @@ def _config(w, layers, d_model, n_mels, enc_heads, dec_heads, extra, specials, p
         "lang_ids": list(extra.get("lang_ids") or []),
         "alignment_heads": [list(p) for p in extra.get("alignment_heads") or []],
     }
+
+
+def whisper_tokenizer(tokenizer_file: str | Path):
+    """The qkv ``Tokenizer`` over a Whisper ``tokenizer.json`` (``<|endoftext|>`` ends a generation)."""
+    import tokenizers
+
+    from .tokenizer import Tokenizer
+
+    path = Path(tokenizer_file)
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises bare Exceptions for bad files
+        raise LoadError(f"{path}: not a valid tokenizer.json ({e})") from None
+    if backend.token_to_id("<|startoftranscript|>") is None:
+        raise LoadError(f"{path}: not a Whisper tokenizer (no <|startoftranscript|> token)")
+    return Tokenizer(backend, eos_token="<|endoftext|>", name=str(path))
