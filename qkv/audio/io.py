@@ -22,7 +22,8 @@ def _need(module: str):
     try:
         return __import__(module)
     except ImportError as e:
-        raise ImportError(f"reading audio needs the {module!r} package: pip install 'qkv[audio]' (or pip install {module})") from e
+        raise ModuleNotFoundError(f"reading audio needs the {module!r} package: pip install 'qkv[audio]'",
+                                  name=module) from e
 
 
 def resample(samples: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:

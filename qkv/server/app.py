@@ -208,6 +208,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
 
+    from .audio import add_transcription_route  # POST /v1/audio/transcriptions (Whisper)
+
+    add_transcription_route(app, llm, auth=auth, check_model=check_model, state=state)
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):
         req = await parse(request, P.CompletionRequest, limits.max_body_bytes)

@@ -1,0 +1,38 @@
+"""``qkv transcribe FILE``: speech to text with a Whisper model (``LLM(model).transcribe``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .transcribe import RESPONSE_FORMATS, TASKS, render
+
+NOT_MERGED = "Whisper model support is not merged yet: this qkv has no LLM.transcribe"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", metavar="FILE", help="audio file (WAV, FLAC, OGG, MP3: anything libsndfile reads)")
+    p.add_argument("--model", default="whisper-base", help="a Whisper model: a named default or a directory")
+    p.add_argument("--language", default=None, help="spoken language, e.g. en (default: detected by the model)")
+    p.add_argument("--task", default="transcribe", choices=TASKS, help="translate: into English")
+    p.add_argument("--response-format", default="text", choices=RESPONSE_FORMATS,
+                   help="text, or OpenAI's json / verbose_json (with 30-s segments)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+
+
+def transcriber(model: str, device: str | None = None):
+    """``LLM(model)`` when this qkv's LLM can transcribe; else ValueError naming what is missing."""
+    from qkv import LLM
+
+    if not hasattr(LLM, "transcribe"):
+        raise ValueError(NOT_MERGED)
+    return LLM(model, device=device) if device else LLM(model)
+
+
+def run(args) -> int:
+    from .io import load_audio
+
+    samples = load_audio(args.file)  # a malformed file fails here, before any model loads
+    llm = transcriber(args.model, args.device)
+    result = llm.transcribe(samples, language=args.language, task=args.task, response_format=args.response_format)
+    print(render(result))
+    return 0
