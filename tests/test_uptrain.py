@@ -58,7 +58,7 @@ def test_uptraining_beats_pooling_on_heldout_text(teacher, kv_heads):
     cfg, pooled = pool_kv_heads(src.config, src.weights, kv_heads)
     corpus = default_corpus()
     heldout = src.tokenizer.encode(corpus[:2048], add_special_tokens=False)
-    encode = lambda s: src.tokenizer.encode(s, add_special_tokens=False)  # noqa: E731
+    encode = lambda texts: [src.tokenizer.encode(s, add_special_tokens=False) for s in texts]  # noqa: E731
     train = up.training_ids(encode, 20_000, up.training_texts(up.heldout_lines(corpus)))
     assert len(train) >= 20_000
     held = " ".join(corpus[:2048].split()[:50])
@@ -113,7 +113,7 @@ def test_cli_output_loads_in_qkv_and_hf_with_same_greedy_tokens_and_report(teach
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--kv-heads", "3", "--uptrain", "--uptrain-tokens", "1k"], "must divide"),
+    (["--kv-heads", "3", "--report", "r.md"], "must divide"),
     (["--kv-heads", "1", "--uptrain"], "--uptrain needs --uptrain-tokens"),
     (["--kv-heads", "1", "--uptrain-tokens", "1k"], "--uptrain-tokens only apply with --uptrain"),
     (["--kv-heads", "1", "--uptrain", "--uptrain-tokens", "10", "--uptrain-batch", "4"], "less than one step"),

@@ -115,14 +115,17 @@ def run(args, dst: Path) -> ModelConfig:
     curve, tps, train_text = [], 0.0, ""
     if args.uptrain:
         cfg = uptrain_config(args)
-        encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+        def encode_batch(texts: list[str]) -> list[list[int]]:  # the tokenizers backend runs them in parallel
+            return [e.ids for e in tok.backend.encode_batch(texts, add_special_tokens=False)]
+
         if args.uptrain_text:
             texts = iter([Path(args.uptrain_text).read_text(encoding="utf-8")])
             train_text = args.uptrain_text
         else:
             texts = up.training_texts(up.heldout_lines(corpus))
             train_text = "CPython stdlib sources, pydoc_data and lines of the perplexity text removed"
-        train_ids = up.training_ids(encode, cfg.tokens, texts)
+        train_ids = up.training_ids(encode_batch, cfg.tokens, texts)
+        train_text += f"; {len(train_ids):,} tokens read"
         result = up.uptrain(src.config, src.weights, config, weights, train_ids, cfg, evaluate, log)
         weights, curve, tps = result.weights, result.curve, result.tokens_per_second
         ppl_pooled = curve[0].perplexity
@@ -146,6 +149,8 @@ def run(args, dst: Path) -> ModelConfig:
 def command_line(args) -> str:
     """The command, rebuilt from the parsed arguments (non-default options only)."""
     argv = ["qkv", "convert", args.src, args.dst, "--kv-heads", str(args.kv_heads)]
+    argv += ["--dtype", args.dtype] if args.dtype != "float32" else []
+    argv += ["--force"] if args.force else []
     defaults = argparse.ArgumentParser()
     add_arguments(defaults)
     for action in defaults._actions:

@@ -157,15 +157,22 @@ def training_texts(exclude: set[str], files: list[Path] | None = None) -> Iterat
         yield "\n".join(line for line in text.splitlines() if line.strip() not in exclude)
 
 
-def training_ids(encode: Callable[[str], list[int]], n: int, texts: Iterator[str]) -> list[int]:
-    """At least ``min(n, all)`` token ids, the texts tokenized one by one and concatenated
-    (stops reading as soon as ``n`` are there)."""
+def training_ids(encode_batch: Callable[[list[str]], list[list[int]]], n: int, texts: Iterator[str],
+                 max_chunk: int = 64) -> list[int]:
+    """At least ``min(n, all)`` token ids: the texts tokenized a chunk at a time (a batch
+    encoder runs a chunk in parallel; chunks grow 1, 2, 4, ... up to ``max_chunk`` texts, so
+    a small ``n`` reads little) and concatenated; stops reading once ``n`` are there."""
     ids: list[int] = []
+    batch: list[str] = []
+    chunk = 1
     for text in texts:
-        ids += encode(text)
-        if len(ids) >= n:
-            break
-    return ids
+        batch.append(text)
+        if len(batch) == chunk:
+            ids += [i for seq in encode_batch(batch) for i in seq]
+            batch, chunk = [], min(2 * chunk, max_chunk)
+            if len(ids) >= n:
+                return ids
+    return ids + [i for seq in encode_batch(batch) for i in seq] if batch else ids
 
 
 def lr_factor(step: int, steps: int, cfg: UptrainConfig) -> float:
@@ -216,7 +223,7 @@ def uptrain(teacher_config: ModelConfig, teacher_weights: dict[str, torch.Tensor
     curve = [Checkpoint(0, 0, evaluate(fn) if evaluate else None, None, 0.0)]
     if log:
         log(f"uptrain: {steps} steps of {cfg.batch} x {cfg.seq_len} tokens on {device} "
-            f"({len(train_ids):,} training tokens); step 0 perplexity {curve[0].perplexity}")
+            f"({len(train_ids):,} training tokens); step 0 perplexity {curve[0].perplexity or float('nan'):.4f}")
     trained, kl_sum, kl_n = 0.0, 0.0, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     for step in range(steps):
@@ -245,7 +252,7 @@ def uptrain(teacher_config: ModelConfig, teacher_weights: dict[str, torch.Tensor
             kl_sum, kl_n = 0.0, 0
             if log:
                 log(f"uptrain: step {step + 1}/{steps}, {curve[-1].tokens:,} tokens, train KL {kl:.4f}, "
-                    f"perplexity {ppl}, {trained:.1f} s training")
+                    f"perplexity {ppl or float('nan'):.4f}, {trained:.1f} s training")
         else:
             trained += time.perf_counter() - t0
     names = list(student_weights)
