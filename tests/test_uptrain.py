@@ -120,7 +120,8 @@ def test_cli_output_loads_in_qkv_and_hf_with_same_greedy_tokens_and_report(teach
     (["--kv-heads", "1", "--uptrain", "--uptrain-tokens", "1k", "--checkpoints", "0"], "--checkpoints must be at least 1"),
     (["--kv-heads", "1", "--report", "r.txt"], "give a .md path"),
     (["--kv-heads", "1", "--uptrain", "--uptrain-tokens", "1k", "--uptrain-text", "nope.txt"], "nope.txt"),
-    (["--kv-heads", "1", "--device", "cpu"], "--device only apply"),
+    (["--kv-heads", "1", "--device", "cpu"], "--device only apply with --uptrain or --report"),
+    (["--kv-heads", "1", "--uptrain-lr", "1e-3", "--seed", "2"], "--uptrain-lr, --seed only apply with --uptrain"),
 ])
 def test_bad_arguments_are_clear_errors(teacher, tmp_path, capsys, extra, message):
     path, _ = teacher

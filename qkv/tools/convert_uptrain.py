@@ -55,19 +55,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ppl-max-tokens", type=int, default=8192, help="perplexity over the first N tokens")
 
 
+REPORT_OPTIONS = ("--report", "--device", "--ppl-text", "--ppl-window", "--ppl-max-tokens")
+
+
+def _changed_options(args) -> list[str]:
+    """This module's options whose value is not the default, by flag."""
+    defaults = argparse.ArgumentParser()
+    add_arguments(defaults)
+    return [a.option_strings[0] for a in defaults._actions
+            if a.option_strings and a.dest != "help" and getattr(args, a.dest, a.default) != a.default]
+
+
 def check_arguments(args) -> None:
     """Refuse combinations that would be silently ignored, before anything is loaded."""
     if args.uptrain and args.uptrain_tokens is None:
         raise ValueError("--uptrain needs --uptrain-tokens N (the training budget, e.g. 20M)")
+    changed = _changed_options(args)
     if not args.uptrain:
-        given = [f for f, v, d in [("--uptrain-tokens", args.uptrain_tokens, None), ("--uptrain-text", args.uptrain_text, None),
-                                   ("--grad-checkpointing", args.grad_checkpointing, False)] if v != d]
+        given = [f for f in changed if f not in REPORT_OPTIONS]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --uptrain")
     if not args.uptrain and not args.report:
-        extra = [f for f, v in [("--device", args.device), ("--ppl-text", args.ppl_text)] if v is not None]
-        if extra:
-            raise ValueError(f"{', '.join(extra)} only apply with --uptrain or --report")
+        given = [f for f in changed if f in REPORT_OPTIONS and f != "--report"]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --uptrain or --report")
     if args.uptrain_text is not None and not Path(args.uptrain_text).is_file():
         raise FileNotFoundError(f"--uptrain-text {args.uptrain_text}: no such file")
     if args.ppl_text is not None and not Path(args.ppl_text).is_file():

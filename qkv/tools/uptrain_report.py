@@ -78,12 +78,12 @@ def plot(r: ConversionReport, path: Path) -> None:
 
     pts = [(c.tokens, c.perplexity) for c in r.curve if c.perplexity is not None]
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot([t for t, _ in pts], [p for _, p in pts], "o-",
+    ax.plot([t / 1e6 for t, _ in pts], [p for _, p in pts], "o-",
             label=f"{r.after.num_kv_heads} KV heads (pooled, then uptrained)")
     ax.axhline(r.ppl_before, ls="--", color="gray", label=f"original, {r.before.num_kv_heads} KV heads")
     ax.axhline(r.ppl_before * 1.15, ls=":", color="gray", label="original + 15%")
     ax.set_yscale("log")
-    ax.set_xlabel("uptraining tokens")
+    ax.set_xlabel("uptraining tokens (millions)")
     ax.set_ylabel("perplexity (held-out)")
     ax.set_title(f"{r.src}: {r.before.num_kv_heads} -> {r.after.num_kv_heads} KV heads")
     ax.legend()
