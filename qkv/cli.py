@@ -66,7 +66,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
 
 # Modules that only an optional extra installs -> the extra that brings them.
 EXTRAS = {"fastapi": "serve", "uvicorn": "serve", "pydantic": "serve", "prometheus_client": "serve",
-          "matplotlib": "plot", "soundfile": "audio", "soxr": "audio"}
+          "matplotlib": "plot", "soundfile": "audio", "soxr": "audio", "transformers": "train"}
 
 
 def engine_kwargs(args) -> dict:

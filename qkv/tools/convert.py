@@ -1,13 +1,16 @@
 """``qkv convert SRC DST --kv-heads G``: MHA or GQA -> GQA-G (G=1: MQA) by mean-pooling K/V heads.
 
     qkv convert smollm2 /tmp/smollm2-mqa --kv-heads 1
+    qkv convert smollm2 /tmp/smollm2-mqa --kv-heads 1 --uptrain --uptrain-tokens 20M --report mqa.md
 
 As in "GQA: Training Generalized Multi-Query Transformer Models from Multi-Head Checkpoints"
 (Ainslie et al., 2023): the KV heads are split into G groups of consecutive heads (the query
 heads that will share a KV head are exactly the ones that used those heads), and each
 group's K and V projections, weights and biases, are replaced by their mean. Queries,
 outputs and everything else are untouched. Without uptraining this loses quality;
-``qkv perplexity`` measures how much.
+``qkv perplexity`` measures how much, and ``--uptrain`` wins it back by distillation
+from the original model (``qkv/tools/uptrain.py``); ``--report`` writes the memory and
+perplexity figures (``qkv/tools/uptrain_report.py``).
 
 SRC is a named model, a GGUF file or an HF directory (read with ``qkv.loading.load``). DST is
 written as an HF directory that both qkv and transformers load: config.json (the HF config
@@ -143,15 +146,20 @@ def save_hf(dst: str | Path, config: ModelConfig, weights: dict[str, torch.Tenso
     return dst
 
 
-def convert(src: str, dst: str | Path, kv_heads: int, dtype: str = "float32", force: bool = False) -> ModelConfig:
-    """Load ``src``, pool its KV heads to ``kv_heads``, write ``dst``. Returns the new config."""
-    from qkv.loading import load
-
+def prepare_dst(dst: str | Path, force: bool) -> Path:
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         if not force:
             raise ValueError(f"{dst} exists and is not empty (use --force to overwrite)")
         shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+    return dst
+
+
+def convert(src: str, dst: str | Path, kv_heads: int, dtype: str = "float32", force: bool = False) -> ModelConfig:
+    """Load ``src``, pool its KV heads to ``kv_heads``, write ``dst``. Returns the new config."""
+    from qkv.loading import load
+
+    dst = prepare_dst(dst, force)
     loaded = load(src)
     config, weights = pool_kv_heads(loaded.config, loaded.weights, kv_heads)
     save_hf(dst, config, weights, loaded.tokenizer, dtype)
@@ -164,13 +172,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-heads", type=int, required=True, help="KV heads after pooling (1 = MQA)")
     p.add_argument("--dtype", default="float32", help="weights dtype written: float32 | bfloat16 | float16")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty DST")
+    from qkv.tools import convert_uptrain
+
+    convert_uptrain.add_arguments(p)
 
 
 def run(args) -> int:
     from qkv.tools.memory import footprint, human, read_config
 
+    from qkv.tools import convert_uptrain
+
+    convert_uptrain.check_arguments(args)
     before = read_config(args.src)
-    after = convert(args.src, args.dst, args.kv_heads, args.dtype, args.force)
+    if args.uptrain or args.report:
+        after = convert_uptrain.run(args, prepare_dst(args.dst, args.force))
+    else:
+        after = convert(args.src, args.dst, args.kv_heads, args.dtype, args.force)
     b0 = footprint(before, 1, bits=16).bytes_per_token
     b1 = footprint(after, 1, bits=16).bytes_per_token
     print(f"{args.src}: {before.num_kv_heads} -> {after.num_kv_heads} KV heads "
