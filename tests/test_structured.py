@@ -215,3 +215,65 @@ def test_smollm2_json_schema(smollm2):
                                                  structured_outputs=StructuredOutputs(json=schema)))[0].outputs[0]
     assert out.finish_reason == "stop", out.text
     jsonschema.validate(json.loads(out.text), schema)
+
+
+# ---------------------------------------------------------------- the server
+@pytest.fixture(scope="module")
+def server(llm):
+    pytest.importorskip("fastapi")
+    from qkv.server import create_app
+    from tests.test_server import Server
+
+    s = Server(create_app(llm, "tiny"))
+    yield s
+    s.stop()
+    assert llm.stats()["num_blocks_in_use"] == 0
+
+
+def test_server_response_format_and_guided_fields(server):
+    """Through the official client: json_schema on chat (plain and streamed), guided_regex and
+    guided_choice on completions, json_object; every answer matches."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=60, max_retries=0)
+    msgs = [{"role": "user", "content": "a person please"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=48, temperature=1.0, seed=3,
+                                       response_format=fmt)
+    assert r.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    chunks = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=48, temperature=1.0, seed=3,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    r = client.completions.create(model="tiny", prompt="code:", max_tokens=16, temperature=1.0, seed=4, n=2,
+                                  extra_body={"guided_regex": REGEX})
+    assert all(re.fullmatch(REGEX, c.text) for c in r.choices), [c.text for c in r.choices]
+    r = client.completions.create(model="tiny", prompt="colour:", max_tokens=16, temperature=1.0, seed=5,
+                                  extra_body={"guided_choice": CHOICES})
+    assert r.choices[0].text in CHOICES
+    r = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=16, temperature=1.0, seed=1,
+                                       response_format={"type": "json_object"}, logit_bias={"6150": 100})
+    assert r.choices[0].message.content == "{}"  # token "{}" biased; the object closes at once
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"guided_regex": "(ab"}, "guided_regex"),
+    ({"guided_json": {"type": "frob"}}, "guided_json"),
+    ({"guided_json": 5}, "guided_json"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_grammar": "root ::= nope"}, "guided_grammar"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+     "response_format"),
+    ({"response_format": {"type": "yaml"}}, "response_format.type"),
+    ({"response_format": {"type": "json_object", "schema": {}}}, "response_format.schema"),
+    ({"response_format": {"type": "json_object"}, "guided_regex": "a"}, "guided_regex"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs.whitespace_pattern"),
+    ({"guided_decoding_backend": "outlines", "guided_regex": "a"}, "guided_decoding_backend"),
+    ({"guided_whitespace_pattern": " "}, "guided_whitespace_pattern")])
+def test_server_refuses_bad_constraints_by_name(server, extra, field):
+    import httpx
+
+    r = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2, **extra}, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"].startswith(field) and err["param"].startswith(field.split(".")[0]), err
