@@ -175,6 +175,29 @@ def test_masks_forbid_padded_rows_and_disallowed_tokens(llm):
     assert apply_masks(logits, [plain], eng.grammars) is logits
 
 
+def test_device_unpacking_equals_numpy():
+    """The CUDA path's bit unpacking (torch shifts) against numpy's unpackbits, on the CPU."""
+    from qkv.engine.structured import unpack_on_device, unpack_on_host
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-(2**31), 2**31 - 1, (3, 5), dtype=torch.int32, generator=g)
+    bits[0] = -1
+    bits[1, 0] = 1 - 2**31  # bits 0 and 31 (the sign): tokens 0 and 31 only, in the first word
+    host, dev = unpack_on_host(bits, 150), unpack_on_device(bits, 150)
+    assert torch.equal(host, dev) and host.shape == (3, 150) and host[0].all()
+    assert host[1, :32].nonzero().flatten().tolist() == [0, 31]
+
+
+def test_a_grammar_with_nothing_left_to_sample_aborts(llm):
+    """allowed_token_ids disjoint from what the grammar allows: every logit is -inf, the
+    grammar rejects whatever comes out, and the request ends with "abort", blocks freed."""
+    (tok,) = llm.tokenizer.encode("{}", add_special_tokens=False)
+    (out,) = llm.generate("x", SamplingParams(max_tokens=8, allowed_token_ids=[tok],
+                                              structured_outputs=StructuredOutputs(choice=["yes"])))
+    assert out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) == 1
+    assert llm.stats()["num_blocks_in_use"] == 0
+
+
 def test_grammars_are_cached(llm):
     cache = llm.engine.grammars
     a = cache.compile(StructuredOutputs(json=SCHEMA))
