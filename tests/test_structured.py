@@ -110,7 +110,9 @@ def test_json_schema_regex_choice_grammar_outputs_match(llm):
         assert out.outputs[0].finish_reason == "stop", (kind, text)
         assert all(t < llm.tokenizer.vocab_size for t in out.outputs[0].token_ids)  # padded rows masked
         if kind == "json":
-            jsonschema.validate(json.loads(text), SCHEMA)
+            obj = json.loads(text)
+            jsonschema.validate(obj, SCHEMA)
+            assert list(obj) == [k for k in SCHEMA["properties"] if k in obj]  # the schema's order
         elif kind == "regex":
             assert re.fullmatch(REGEX, text), text
         elif kind == "choice":

@@ -130,7 +130,8 @@ class StructuredOutputs:
                     raise StructuredOutputError("json", f"not valid JSON: {e}") from None
             if not isinstance(schema, (dict, bool)):
                 raise StructuredOutputError("json", f"a JSON schema is an object, got {type(schema).__name__}")
-            return kind, json.dumps(schema, sort_keys=True)
+            # Key order kept: properties are written in the schema's order.
+            return kind, json.dumps(schema)
         if kind == "choice":
             return kind, json.dumps(self.choice)
         if kind == "json_object":
