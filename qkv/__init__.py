@@ -1,9 +1,10 @@
 """qkv: an LLM inference engine built around the KV cache."""
 
 from qkv.engine.request import RequestOutput, SamplingParams
+from qkv.engine.structured import StructuredOutputs
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "StructuredOutputs"]
 
 
 def __getattr__(name):

@@ -56,12 +56,19 @@ COMMON = {
     "allowed_token_ids": ({"allowed_token_ids": [5, 6, 7]}, OK, "test_sampling_reaches_the_engine"),
     "prompt_logprobs": ({"prompt_logprobs": 2}, OK, "test_logprobs_match_hf"),
     "cache_salt": ({"cache_salt": "s"}, OK, "test_security.py::test_cache_salt_field"),
-    "response_format": ({"response_format": {"type": "json_object"}}, NO, None),
-    "guided_json": ({"guided_json": {"type": "object"}}, NO, None),
-    "guided_regex": ({"guided_regex": "a+"}, NO, None),
-    "guided_choice": ({"guided_choice": ["a", "b"]}, NO, None),
-    "guided_grammar": ({"guided_grammar": "root ::= 'a'"}, NO, None),
-    "structured_outputs": ({"structured_outputs": {"json": {}}}, NO, None),
+    "response_format": ({"response_format": {"type": "json_object"}}, OK,
+                        "test_structured.py::test_server_response_format_and_guided_fields"),
+    "guided_json": ({"guided_json": {"type": "object"}}, OK,
+                    "test_structured.py::test_server_response_format_and_guided_fields"),
+    "guided_regex": ({"guided_regex": "a+"}, OK, "test_structured.py::test_server_response_format_and_guided_fields"),
+    "guided_choice": ({"guided_choice": ["a", "b"]}, OK,
+                      "test_structured.py::test_server_response_format_and_guided_fields"),
+    "guided_grammar": ({"guided_grammar": 'root ::= "a"'}, OK,
+                       "test_structured.py::test_json_schema_regex_choice_grammar_outputs_match"),
+    "structured_outputs": ({"structured_outputs": {"json": {}}}, OK,
+                           "test_structured.py::test_json_schema_regex_choice_grammar_outputs_match"),
+    "guided_decoding_backend": ({"guided_decoding_backend": "xgrammar"}, NO, None),
+    "guided_whitespace_pattern": ({"guided_whitespace_pattern": " "}, NO, None),
     # vLLM fields qkv does not implement: unknown, so a 400 naming them
     "use_beam_search": ({"use_beam_search": True}, NO, None),
     "length_penalty": ({"length_penalty": 1.2}, NO, None),
@@ -227,10 +234,11 @@ def test_message_fields(server):
         assert r.status_code == 400 and f"messages.1.{field}" in r.json()["error"]["message"], r.text
 
 
-def test_openai_client_gets_400_for_json_mode(client):
+def test_openai_client_gets_400_for_a_bad_schema(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
-                                       response_format={"type": "json_object"})
+                                       response_format={"type": "json_schema",
+                                                        "json_schema": {"name": "x", "schema": {"type": "frob"}}})
     assert "response_format" in str(e.value)
 
 

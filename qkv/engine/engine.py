@@ -14,7 +14,7 @@ import time
 import torch
 
 from qkv.config import ModelConfig
-from qkv.engine import processors, sampler
+from qkv.engine import processors, sampler, structured
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
@@ -122,6 +122,11 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}
         self.num_generated_tokens = 0
+        # Structured outputs: compiled grammars (built on first use) and the live requests
+        # that have a matcher; steps without one pay nothing (engine/structured.py).
+        self.grammars = (structured.GrammarCache(tokenizer, config.vocab_size, sorted(self.eos_ids))
+                         if tokenizer is not None else None)
+        self._structured: set[str] = set()
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -138,6 +143,10 @@ class LLMEngine:
             self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.allowed_token_ids is not None:
             self.check_token_ids(params.allowed_token_ids, "allowed_token_ids")
+        so = params.structured_outputs
+        if so is not None and self.grammars is None:
+            raise ValueError("structured_outputs need a tokenizer; this model has none")
+        matchers = [self.grammars.matcher(so) for _ in range(params.n)] if so is not None else None
         base_seed = params.seed
         head = Request(prompt_token_ids, params, request_id, cache_salt, index=0, seed=base_seed)
         self._check_new_id(head.request_id, params.n)
@@ -155,6 +164,9 @@ class LLMEngine:
             r.prompt_logprobs = prompt_lps
             r.min_tokens_ids = stop_ids if params.min_tokens else []
             r.bad_words_ids = bad
+            if matchers:
+                r.structured = matchers[r.index]
+                self._structured.add(r.request_id)
             self._requests[r.request_id] = r
             if self.tokenizer is not None:
                 self._detok[r.request_id] = self.tokenizer.stream(params.skip_special_tokens)
@@ -232,6 +244,7 @@ class LLMEngine:
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
         self._detok.pop(req.request_id, None)
+        self._structured.discard(req.request_id)
 
     def has_unfinished(self) -> bool:
         """Whether ``step`` has more to do or report (a step in flight counts)."""
@@ -273,6 +286,8 @@ class LLMEngine:
             logits = logits[torch.tensor(picks, device=logits.device)]
         ks = [r.params.logprobs for r in due if r.params.logprobs is not None]
         raw = logits.float().log_softmax(dim=-1) if ks else None  # the model's own distribution
+        if self._structured:  # grammar masks first, as vLLM: processors see only allowed tokens
+            logits = structured.apply_masks(logits, due, self.grammars)
         tokens = sampler.sample(processors.apply(logits, due), due)
         lps = None
         if raw is not None:
@@ -322,6 +337,8 @@ class LLMEngine:
                         req.text = req.text[:cut]
                         reason = "stop"
                         break
+        if reason is None and req.structured is not None:  # "stop" once the grammar is complete
+            reason = req.structured.advance(tok)
         if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qkv.engine.structured import StructuredOutputs
+
 
 @dataclass
 class SamplingParams:
@@ -43,6 +45,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # per prompt token (the first has none)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # The output must match a JSON schema, regex, choice or grammar (engine/structured.py).
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         """Validate every field; a wrong type or range is a ValueError naming the field."""
@@ -105,6 +109,10 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name), low=0))
+        if isinstance(self.structured_outputs, dict):  # vLLM's wire shape: {"json": {...}}
+            self.structured_outputs = StructuredOutputs.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputs):
+            raise ValueError(f"structured_outputs must be a StructuredOutputs, got {self.structured_outputs!r}")
 
     @property
     def greedy(self) -> bool:
@@ -253,6 +261,9 @@ class Request:
         # bad_words as token id sequences.
         self.min_tokens_ids: list[int] = []
         self.bad_words_ids: list[list[int]] = []
+        # Set by the engine at admission when params.structured_outputs is: this sample's own
+        # grammar state (engine/structured.py), advanced in LLMEngine._append.
+        self.structured = None
 
     @property
     def prompt_token_ids(self) -> list[int]:

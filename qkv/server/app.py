@@ -36,6 +36,7 @@ from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.metrics import ServerMetrics
+from qkv.server.structured import compiled_constraint
 from qkv.server.tenants import KeyRing, request_salt
 
 log = logging.getLogger("qkv.server")
@@ -188,7 +189,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         print("[qkv] request defaults from generation_config.json: "
               + ", ".join(f"{k}={v}" for k, v in defaults.items()), file=sys.stderr, flush=True)
 
-    def sampling(req: P._Sampling, max_tokens: int, prompt_logprobs: int | None = None) -> SamplingParams:
+    def sampling(req: P._Sampling, max_tokens: int, prompt_logprobs: int | None = None,
+                 structured=None) -> SamplingParams:
         """The request's SamplingParams: what it leaves out (None) comes from the model's
         generation_config.json, as in vLLM, then from SamplingParams' own defaults."""
         chosen = {k: v for k, v in defaults.items() if k != "max_tokens"}
@@ -204,7 +206,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                                   allowed_token_ids=req.allowed_token_ids, logprobs=req.logprobs_k(),
                                   prompt_logprobs=req.prompt_logprobs if prompt_logprobs is None else prompt_logprobs,
                                   include_stop_str_in_output=req.include_stop_str_in_output,
-                                  skip_special_tokens=req.skip_special_tokens, **chosen)
+                                  skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
+                                  **chosen)
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
 
@@ -217,6 +220,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         req = await parse(request, P.CompletionRequest, limits.max_body_bytes)
         prompts = req.prompts()
         check_request(req, len(prompts))
+        structured = await compiled_constraint(engine, req)  # a bad schema is a 400 naming its field
         # Off the event loop: a long prompt's tokenization must not stall other streams.
         ids = await asyncio.to_thread(lambda: [encode(llm, p) for p in prompts])
         max_tokens = req.max_tokens or 16  # OpenAI's default for completions
@@ -226,7 +230,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             plp = max(plp, req.prompt_logprobs)
         echo = [p if isinstance(p, str) else llm.tokenizer.decode(p) if llm.tokenizer else "" for p in prompts] \
             if req.echo else None
-        return await generate(request, req, ids, sampling(req, max_tokens, plp), chat=False, echo=echo)
+        return await generate(request, req, ids, sampling(req, max_tokens, plp, structured), chat=False, echo=echo)
 
     def render_chat(messages: list[dict], kwargs: dict, add_generation_prompt: bool) -> list[int]:
         """The chat prompt's ids. The messages' fault (the template refused them) is a 400;
@@ -248,6 +252,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
     async def chat_completions(request: Request):
         req = await parse(request, P.ChatCompletionRequest, limits.max_body_bytes)
         check_request(req, 1)
+        structured = await compiled_constraint(engine, req)
         if llm.tokenizer is None or not llm.tokenizer.chat_template:
             raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
                              code="no_chat_template")
@@ -262,7 +267,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             for cap in (limits.default_max_tokens, defaults.get("max_tokens")):  # generation_config's max_new_tokens
                 if cap is not None:
                     max_tokens = min(max_tokens, cap)
-        return await generate(request, req, [ids], sampling(req, max_tokens), chat=True)
+        return await generate(request, req, [ids], sampling(req, max_tokens, structured=structured), chat=True)
 
     async def generate(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
                        chat: bool, echo: list[str] | None = None):

@@ -108,7 +108,7 @@ class _Sampling(BaseModel):
     user: str | None = None  # informational, as at OpenAI
     # vLLM's field: requests share prefix-cache blocks only when their salts are equal.
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_SALT)
-    # Structured output (vLLM's names): refused by name, qkv has no guided decoding.
+    # Structured output: OpenAI's and vLLM's names, mapped to one constraint (server/structured.py).
     response_format: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None
@@ -144,13 +144,6 @@ class _Sampling(BaseModel):
 
     def check_supported(self) -> None:
         """Raise Unsupported for the first option set that qkv does not implement."""
-        fmt = self.response_format
-        if fmt is not None and fmt.get("type") != "text":
-            raise Unsupported("response_format", f"type {fmt.get('type')!r} is not supported (no structured "
-                                                 "output); only {\"type\": \"text\"}")
-        _refuse_set(self, ("guided_json", "guided_regex", "guided_choice", "guided_grammar",
-                           "guided_decoding_backend", "guided_whitespace_pattern", "structured_outputs"),
-                    "structured output (guided decoding) is not supported")
         if self.stream_options is not None:
             if self.stream_options.include_obfuscation:
                 raise Unsupported("stream_options.include_obfuscation", "obfuscation padding is not supported")
