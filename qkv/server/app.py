@@ -2,6 +2,7 @@
 
     POST /v1/completions       POST /v1/chat/completions   (docs/serving.md: every field)
     GET  /v1/models            GET  /health                GET  /metrics (Prometheus)
+    POST /tokenize             POST /detokenize            GET  /version   (vLLM's)
 
 Handlers never touch the engine: they parse, tokenize and check the request against the
 context and the pool's fixed sizes themselves (so a request that can never run is refused at
@@ -20,7 +21,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from typing import AsyncIterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
@@ -34,7 +34,9 @@ from qkv.engine.request import SamplingParams
 from qkv.engine.scheduler import RequestTooLarge
 from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
+from qkv.server import tokenize as T
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
+from qkv.server.http_plumbing import CORS, install, request_id
 from qkv.server.metrics import ServerMetrics
 from qkv.server.tenants import KeyRing, request_salt
 
@@ -56,17 +58,19 @@ class ServerLimits:
 
 
 def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None = None,
-               limits: ServerLimits | None = None, *, allow_special_tokens_in_content: bool = False) -> FastAPI:
+               limits: ServerLimits | None = None, *, allow_special_tokens_in_content: bool = False,
+               cors: CORS | None = None) -> FastAPI:
     """An app serving ``llm`` (a qkv.LLM) as ``model_name``. The app owns one EngineLoop,
     started and stopped by its lifespan; nothing else may drive ``llm.engine`` meanwhile.
     ``api_key``: one key or several; with several, each key is a tenant whose prompts never
     share prefix-cache blocks with another key's (tenants.py). ``allow_special_tokens_in_content``:
-    special tokens written in chat messages are control tokens (unsafe: clients can forge turns)."""
+    special tokens written in chat messages are control tokens (unsafe: clients can forge turns).
+    ``cors``: origins (methods, headers) browsers may call from; None: no CORS headers."""
     limits = limits or ServerLimits()
     engine = llm.engine
     keys = KeyRing([api_key] if isinstance(api_key, str) else list(api_key or []))
     holder: dict = {}
-    metrics = ServerMetrics(lambda: holder["loop"].stats if "loop" in holder else engine.stats())
+    metrics = ServerMetrics(lambda: holder["loop"].stats if "loop" in holder else engine.stats(), model_name)
     state = {"draining": False, "inflight": 0}  # generation responses not yet fully sent
 
     @contextlib.asynccontextmanager
@@ -81,6 +85,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
 
     app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
+    install(app, cors)  # CORS, X-Request-Id
 
     async def drain(timeout: float) -> None:
         """Graceful shutdown, part one: from now on new generation requests get 503
@@ -116,8 +121,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
 
     @app.exception_handler(Exception)
     async def _server_error(request, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        log.exception("request %s: unhandled error", request_id(request))
+        # Answered outside the middleware: the request id header is added here.
+        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500,
+                            headers={"X-Request-Id": request_id(request)})
 
     # ---------------------------------------------------------------- auth
     async def authorize(request: Request) -> None:
@@ -161,6 +168,37 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version", dependencies=auth)
+    async def version():
+        from qkv import __version__
+
+        return {"version": __version__}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request):
+        req = await parse(request, T.TokenizeRequest, limits.max_body_bytes)
+        check_model(req.model)
+        if llm.tokenizer is None:
+            raise P.APIError(400, f"model {model_name!r} has no tokenizer", code="invalid_value")
+        if req.prompt is not None:
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(llm.tokenizer.encode, req.prompt, special)
+        else:
+            check_chat_template()
+            ids = await asyncio.to_thread(render_chat, [m.plain() for m in req.messages],
+                                          chat_kwargs(req.chat_template_kwargs, None), req.add_generation_prompt)
+            if req.add_special_tokens:
+                ids = T.with_special_tokens(llm.tokenizer, ids)
+        return T.tokenize_response(llm, ids, engine.max_model_len, req.return_token_strs)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request):
+        req = await parse(request, T.DetokenizeRequest, limits.max_body_bytes)
+        check_model(req.model)
+        if llm.tokenizer is None:
+            raise P.APIError(400, f"model {model_name!r} has no tokenizer", code="invalid_value")
+        return T.detokenize(llm, engine, req.tokens)
 
     # ---------------------------------------------------------------- generation
     def check_model(name: str | None) -> None:
@@ -240,14 +278,21 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             raise P.APIError(500, f"the model's chat template failed to render: {type(e).__name__}: {e}",
                              "server_error", "chat_template_error") from None
 
+    def check_chat_template() -> None:
+        if llm.tokenizer is None or not llm.tokenizer.chat_template:
+            raise P.APIError(400, f"model {model_name!r} has no chat template: start the server with "
+                             "--chat-template FILE (a Jinja chat template), or use /v1/completions",
+                             code="no_chat_template", param="messages")
+
+    def chat_kwargs(kwargs: dict | None, tools: list | None) -> dict:
+        return dict(kwargs or {})
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         req = await parse(request, P.ChatCompletionRequest, limits.max_body_bytes)
         check_request(req, 1)
-        if llm.tokenizer is None or not llm.tokenizer.chat_template:
-            raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
-                             code="no_chat_template")
-        ids = await asyncio.to_thread(render_chat, req.plain_messages(), req.chat_template_kwargs or {},
+        check_chat_template()
+        ids = await asyncio.to_thread(render_chat, req.plain_messages(), chat_kwargs(req.chat_template_kwargs, None),
                                       req.add_generation_prompt)
         if not ids:
             raise P.APIError(400, "the chat prompt is empty: at least one token is needed", code="invalid_value",
@@ -266,7 +311,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         check_fits(engine, prompts, params)  # here, not behind whatever the engine is computing
         if state["draining"]:  # it may have begun while this request was tokenized
             raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id(request)}"  # X-Request-Id, or a fresh one
         try:
             stream = loop.submit(prompts, params, rid, request_salt(request.state.tenant, req.cache_salt))
         except QueueFull as e:

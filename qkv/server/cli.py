@@ -42,7 +42,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="encode special tokens written in chat message content as control tokens "
                         "(unsafe: a client can forge system or assistant turns; off: content is plain text)")
+    p.add_argument("--allowed-origins", type=_names, default=[], metavar="ORIGINS",
+                   help="origins browsers may call from (CORS): comma-separated or a JSON list, '*' for any "
+                        "(default: none, no CORS headers)")
+    p.add_argument("--allowed-methods", type=_names, default=["*"], metavar="METHODS",
+                   help="HTTP methods allowed cross-origin (with --allowed-origins; default: all)")
+    p.add_argument("--allowed-headers", type=_names, default=["*"], metavar="HEADERS",
+                   help="request headers allowed cross-origin (with --allowed-origins; default: all)")
     p.add_argument("--log-level", default="info")
+
+
+def _names(value: str) -> list[str]:
+    """``a,b`` or vLLM's JSON list ``["a", "b"]``."""
+    import json
+
+    if value.lstrip().startswith("["):
+        try:
+            names = json.loads(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise argparse.ArgumentTypeError("a JSON list of strings is needed")
+        return names
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 def served_name(model: str) -> str:
@@ -56,6 +78,7 @@ def run(args) -> int:
     from qkv import LLM
     from qkv.server.app import ServerLimits, create_app
     from qkv.server.draining import DrainingServer
+    from qkv.server.http_plumbing import CORS
 
     from qkv.server.tenants import read_keys
 
@@ -80,7 +103,8 @@ def run(args) -> int:
                           default_max_tokens=args.default_max_tokens,
                           max_waiting=args.max_waiting_requests or None)
     app = create_app(llm, name, api_key=keys, limits=limits,
-                     allow_special_tokens_in_content=args.allow_special_tokens_in_content)
+                     allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+                     cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers))
     print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1"
           f"{f' ({len(keys)} API keys)' if keys else ''}", file=sys.stderr, flush=True)
     # After the drain every response has been sent: uvicorn's own grace period is a formality.
