@@ -237,6 +237,11 @@ class StreamDecoder:
     several byte tokens comes out once its last byte arrives, never as U+FFFD.
     Decoding a window of a few previous tokens (rather than the new token
     alone) keeps the spaces that SentencePiece decoders strip at the start.
+
+    Why not ``tokenizers.decoders.DecodeStream`` (the same algorithm in Rust): it gives the
+    same text wherever it returns, but raises "Invalid prefix encountered" on byte-fallback
+    runs that are not valid UTF-8 (Gemma), which sampling can produce; this one keeps going
+    (tests/test_tokenizer.py::test_stream_decoder_equals_decode_stream).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
