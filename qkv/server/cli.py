@@ -17,11 +17,12 @@ import os
 import sys
 from pathlib import Path
 
-from qkv.cli import add_model_arguments, engine_kwargs
+from qkv.cli import add_chat_template_argument, add_model_arguments, load_llm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_chat_template_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
@@ -75,7 +76,6 @@ def served_name(model: str) -> str:
 def run(args) -> int:
     import uvicorn
 
-    from qkv import LLM
     from qkv.server.app import ServerLimits, create_app
     from qkv.server.draining import DrainingServer
     from qkv.server.http_plumbing import CORS
@@ -94,10 +94,7 @@ def run(args) -> int:
     if not keys and not _is_loopback(args.host):
         print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    kwargs = engine_kwargs(args)
-    if args.max_model_len:
-        kwargs["max_model_len"] = args.max_model_len
-    llm = LLM(args.model, **kwargs)
+    llm = load_llm(args, **({"max_model_len": args.max_model_len} if args.max_model_len else {}))
     name = args.served_model_name or served_name(args.model)
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens,
