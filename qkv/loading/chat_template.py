@@ -244,7 +244,11 @@ def read_chat_template(value) -> tuple[str, str]:
     from pathlib import Path
 
     path = Path(value).expanduser()
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # template text is no usable path (too long, a NUL)
+        is_file = False
+    if is_file:
         if path.stat().st_size > MAX_TEMPLATE_BYTES:
             raise ChatTemplateError(f"chat template {path}: larger than {MAX_TEMPLATE_BYTES:,} bytes")
         try:

@@ -35,6 +35,7 @@ from qkv.engine.scheduler import RequestTooLarge
 from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server import tokenize as T
+from qkv.server import tool_calls as TC
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.http_plumbing import CORS, install, request_id
 from qkv.server.metrics import ServerMetrics
@@ -186,8 +187,12 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             ids = await asyncio.to_thread(llm.tokenizer.encode, req.prompt, special)
         else:
             check_chat_template()
-            ids = await asyncio.to_thread(render_chat, [m.plain() for m in req.messages],
-                                          chat_kwargs(req.chat_template_kwargs, None), req.add_generation_prompt)
+            try:
+                tools = TC.check_tools(req.tools, "auto")
+            except TC.ToolError as e:
+                raise P.APIError(400, str(e), code="invalid_value", param=e.field) from None
+            msgs, kw = chat_inputs([m.plain() for m in req.messages], req.chat_template_kwargs, tools)
+            ids = await asyncio.to_thread(render_chat, msgs, kw, req.add_generation_prompt)
             if req.add_special_tokens:
                 ids = T.with_special_tokens(llm.tokenizer, ids)
         return T.tokenize_response(llm, ids, engine.max_model_len, req.return_token_strs)
@@ -284,16 +289,25 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                              "--chat-template FILE (a Jinja chat template), or use /v1/completions",
                              code="no_chat_template", param="messages")
 
-    def chat_kwargs(kwargs: dict | None, tools: list | None) -> dict:
-        return dict(kwargs or {})
+    def chat_inputs(messages: list[dict], kwargs: dict | None, tools: list | None) -> tuple[list[dict], dict]:
+        """The template's messages and extra variables: tools (if any) and history tool calls
+        as the template expects them; a 400 for what the template would drop."""
+        try:
+            TC.check_template(llm.tokenizer.chat_template, tools, messages)
+            messages = TC.template_messages(messages)
+        except TC.ToolError as e:
+            raise P.APIError(400, str(e), code="unsupported_parameter" if e.field == "tools" or
+                             e.field.endswith("tool_calls") else "invalid_value", param=e.field) from None
+        return messages, {**(kwargs or {}), **({"tools": tools} if tools else {})}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         req = await parse(request, P.ChatCompletionRequest, limits.max_body_bytes)
         check_request(req, 1)
         check_chat_template()
-        ids = await asyncio.to_thread(render_chat, req.plain_messages(), chat_kwargs(req.chat_template_kwargs, None),
-                                      req.add_generation_prompt)
+        tools = req.template_tools()
+        msgs, kw = chat_inputs(req.plain_messages(), req.chat_template_kwargs, tools)
+        ids = await asyncio.to_thread(render_chat, msgs, kw, req.add_generation_prompt)
         if not ids:
             raise P.APIError(400, "the chat prompt is empty: at least one token is needed", code="invalid_value",
                              param="messages")
@@ -303,10 +317,11 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             for cap in (limits.default_max_tokens, defaults.get("max_tokens")):  # generation_config's max_new_tokens
                 if cap is not None:
                     max_tokens = min(max_tokens, cap)
-        return await generate(request, req, [ids], sampling(req, max_tokens), chat=True)
+        tool_parsing = TC.Parsing(1 if req.parallel_tool_calls is False else None) if tools else None
+        return await generate(request, req, [ids], sampling(req, max_tokens), chat=True, tools=tool_parsing)
 
     async def generate(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
-                       chat: bool, echo: list[str] | None = None):
+                       chat: bool, echo: list[str] | None = None, tools: TC.Parsing | None = None):
         loop: EngineLoop = holder["loop"]
         check_fits(engine, prompts, params)  # here, not behind whatever the engine is computing
         if state["draining"]:  # it may have begun while this request was tokenized
@@ -319,7 +334,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         state["inflight"] += 1
         try:
-            return await respond(request, req, prompts, params, chat, loop, rid, stream, echo)
+            return await respond(request, req, prompts, params, chat, loop, rid, stream, echo, tools)
         except BaseException:
             state["inflight"] -= 1
             raise
@@ -328,7 +343,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         state["inflight"] -= 1
 
     async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
-                      chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None):
+                      chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None,
+                      tools: TC.Parsing | None = None):
         """The response; ``done`` is called once it has been sent (a stream: when it closes)."""
         try:
             await asyncio.wrap_future(stream.added)
@@ -342,7 +358,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
             raise
         answer = _Answer(rid, model_name, prompts, params.n, stream, chat, params.logprobs, echo,
-                         req.prompt_logprobs is not None)
+                         req.prompt_logprobs is not None, tools)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"}, on_close=done)
@@ -436,7 +452,8 @@ class _Answer:
     response for chat)."""
 
     def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool,
-                 logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False):
+                 logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False,
+                 tools: TC.Parsing | None = None):
         self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
         self.logprobs, self.echo, self.want_prompt_logprobs = logprobs, echo, prompt_logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -445,6 +462,8 @@ class _Answer:
         self.cached_tokens = 0
         self.finished = 0
         self.sent: dict[int, int] = {}  # choice -> output tokens whose logprobs were streamed
+        self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
+        self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -514,6 +533,8 @@ class _Answer:
             out = final[i]
             c = P.choice(i, self._echo(out) + out.text, out.finish_reason, chat=self.chat, chunk=False,
                          logprobs=self._logprobs(out, 0, True))
+            if self.tools is not None:
+                TC.answer_choice(c, self.tools)
             if self.want_prompt_logprobs and not self.chat:
                 c["prompt_logprobs"] = P.vllm_prompt_logprobs(out.prompt_logprobs)
             choices.append(c)
@@ -551,6 +572,11 @@ class _Answer:
                         text = self._echo(out) + (text or "")
                     lps = self._logprobs(out, self.sent.get(i, 0), first)
                     self.sent[i] = len(out.token_ids)
+                    if self.tools is not None:  # content and tool-call deltas, in order
+                        parser = self.parsers.setdefault(i, TC.ChoiceStream(self.tools))
+                        for c in parser.chunks(i, text or "", out.finish_reason, lps):
+                            yield event([c])
+                        continue
                     yield event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)])
             else:
                 if include_usage:

@@ -2,7 +2,7 @@
 
     /tokenize    {"prompt": str, "add_special_tokens": true}                  (completion form)
                  {"messages": [...], "add_generation_prompt": true,
-                  "add_special_tokens": false, "chat_template_kwargs": {...}}    (chat form)
+                  "add_special_tokens": false, "chat_template_kwargs": {...}, "tools": [...]}  (chat form)
               -> {"tokens": [int], "count": int, "max_model_len": int, "token_strs": [str] | null}
     /detokenize  {"tokens": [int]} -> {"prompt": str}
 
@@ -27,14 +27,15 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: P.Bool | None = None  # default: true for a prompt, false for messages (vLLM's)
     add_generation_prompt: P.Bool = True
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None  # rendered as a chat request's tools are
     return_token_strs: P.Bool = False
 
     @model_validator(mode="after")
     def _one_form(self):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt and messages")
-        if self.prompt is not None and self.chat_template_kwargs:
-            raise ValueError("chat_template_kwargs needs messages, not prompt")
+        if self.prompt is not None and (self.chat_template_kwargs or self.tools):
+            raise ValueError("chat_template_kwargs and tools need messages, not prompt")
         if self.messages is not None and not self.messages:
             raise ValueError("messages must not be empty")
         return self
