@@ -21,10 +21,15 @@ MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("plumbing"))
+
+
+@pytest.fixture(scope="module")
+def llm(model_dir):
     from qkv import LLM
 
-    return LLM(make_model_dir(tmp_path_factory.mktemp("plumbing")), device="cpu", num_kv_blocks=64)
+    return LLM(model_dir, device="cpu", num_kv_blocks=64)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +111,11 @@ def test_cors_preflight_and_headers(server):
     assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
 
 
-def test_no_cors_headers_by_default(llm, tmp_path):
+def test_no_cors_headers_by_default(model_dir):
+    from qkv import LLM
     from qkv.server import create_app
 
-    s = Server(create_app(llm, "tiny"))  # the same engine, not stepped by this app
+    s = Server(create_app(LLM(model_dir, device="cpu", num_kv_blocks=16), "tiny"))  # an engine of its own
     try:
         r = httpx.options(s.url + "/v1/models", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "GET"})
         assert r.status_code == 405 and "access-control-allow-origin" not in r.headers
