@@ -118,9 +118,30 @@ def sampling_params(args):
     return SamplingParams(seed=args.seed, **chosen)
 
 
+def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file used instead of the model's own (rendered in the same sandbox)")
+
+
+def load_llm(args, **extra):
+    """The LLM of ``args`` (with its --chat-template). A template that cannot be read or
+    compiled is a ValueError naming the flag and the file (main prints it in one line)."""
+    from qkv import LLM
+    from qkv.loading.chat_template import ChatTemplateError
+
+    template = getattr(args, "chat_template", None)
+    try:
+        return LLM(args.model, chat_template=template, **engine_kwargs(args), **extra)
+    except ChatTemplateError as e:
+        if template is None:
+            raise
+        raise ValueError(f"--chat-template: {e}") from None
+
+
 def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
     add_model_arguments(p)
     add_sampling_arguments(p)
+    add_chat_template_argument(p)
     if command == "generate":
         p.add_argument("prompt")
         p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
@@ -130,9 +151,7 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
 
 
 def _run_generate(args) -> int:
-    from qkv import LLM
-
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = load_llm(args)
     params = sampling_params(args)
     if args.raw:
         prompt = llm.encode(args.prompt)
@@ -162,9 +181,11 @@ def _say_why_it_ended(out, params) -> None:
 
 
 def _run_chat(args) -> int:
-    from qkv import LLM
-
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = load_llm(args)
+    if llm.tokenizer is None or not llm.tokenizer.chat_template:
+        print(f"qkv chat: {args.model} has no chat template; give one with --chat-template FILE "
+              "(or use 'qkv generate --raw' for plain text)", file=sys.stderr)
+        return 2
     params = sampling_params(args)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     try:  # line editing and history for input() where the platform has GNU readline

@@ -85,12 +85,14 @@ CHAT = {
     "chat_template_kwargs": ({"chat_template_kwargs": {"persona": "pirate"}}, OK,
                              "test_chat_template_kwargs_reach_the_template"),
     "add_generation_prompt": ({"add_generation_prompt": False}, OK, "test_chat_template_kwargs_reach_the_template"),
-    "parallel_tool_calls": ({"parallel_tool_calls": False}, OK, "no-op: no tools are ever accepted"),
+    "parallel_tool_calls": ({"parallel_tool_calls": False}, OK, "test_tool_calls.py::test_hermes_stream_equals_whole"),
     "prompt_cache_key": ({"prompt_cache_key": "k"}, OK, "no-op: prefix caching is automatic"),
     "safety_identifier": ({"safety_identifier": "u1"}, OK, "informational (as at OpenAI)"),
     "chat_template": ({"chat_template": "{{ 7*7 }}"}, NO, None),
-    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, NO, None),
-    "tool_choice": ({"tool_choice": "auto"}, NO, None),
+    # this server's ChatML template renders no tools: "none" keeps them out (test_tool_calls.py has the rest)
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "none"},
+              OK, "test_tool_calls.py::test_tool_call_answer_and_stream"),
+    "tool_choice": ({"tool_choice": "required"}, NO, None),  # no tools to call; the rest: test_tool_calls.py
     "functions": ({"functions": [{"name": "f"}]}, NO, None),
     "function_call": ({"function_call": "auto"}, NO, None),
     "audio": ({"audio": {"voice": "alloy", "format": "wav"}}, NO, None),

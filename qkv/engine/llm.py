@@ -43,8 +43,9 @@ def check_device(device: str | None, name: str = "device") -> None:
 
 class LLM:
     def __init__(self, model: str = "smollm2", dtype="float32", device: str | None = None, *,
-                 threads: int | None = None, **engine_kwargs):
-        """``model``: a named default, a ``.gguf`` file or an HF directory. ``engine_kwargs``:
+                 threads: int | None = None, chat_template=None, **engine_kwargs):
+        """``model``: a named default, a ``.gguf`` file or an HF directory. ``chat_template``: a
+        Jinja chat template file (or template text) used instead of the model's. ``engine_kwargs``:
         block_size, num_kv_blocks, kv_cache_memory, max_num_batched_tokens, max_num_seqs,
         enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs)."""
         if threads:
@@ -52,6 +53,12 @@ class LLM:
         check_device(device)  # before the load, which may take minutes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         loaded = load(model)
+        if chat_template is not None:
+            from qkv.loading.chat_template import read_chat_template
+
+            if loaded.tokenizer is None:
+                raise ValueError(f"{loaded.source} has no tokenizer, so a chat template cannot be used")
+            loaded = loaded._replace(tokenizer=loaded.tokenizer.with_chat_template(*read_chat_template(chat_template)))
         self.source = loaded.source
         self.tokenizer = loaded.tokenizer
         self.engine = LLMEngine(loaded.config, loaded.weights, loaded.tokenizer, dtype=dtype, device=device,

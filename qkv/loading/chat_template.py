@@ -234,6 +234,32 @@ def compile_template(template: str, name: str = "tokenizer"):
         raise ChatTemplateLimitError(f"{name}: {e}") from None
 
 
+MAX_TEMPLATE_BYTES = 1 << 20  # a chat template file: real ones are a few KiB
+
+
+def read_chat_template(value) -> tuple[str, str]:
+    """``--chat-template`` / ``LLM(chat_template=...)``: a file's text (as vLLM, a value that
+    is no file but holds Jinja markup is the template itself). Returns (template, source for
+    error messages). ChatTemplateError names the value when it is neither, or unreadable."""
+    from pathlib import Path
+
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # template text is no usable path (too long, a NUL)
+        is_file = False
+    if is_file:
+        if path.stat().st_size > MAX_TEMPLATE_BYTES:
+            raise ChatTemplateError(f"chat template {path}: larger than {MAX_TEMPLATE_BYTES:,} bytes")
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise ChatTemplateError(f"chat template {path}: cannot read it as UTF-8 text ({e})") from None
+    if isinstance(value, str) and ("{{" in value or "{%" in value):
+        return value, "the chat_template string"
+    raise ChatTemplateError(f"chat template {str(value)!r}: no such file")
+
+
 def render(template, variables: dict, *, time_limit_s: float | None = TIME_LIMIT_S,
            max_chars: int = MAX_CHARS) -> str:
     """Render a compiled template within the bounds; ChatTemplateLimitError past them."""

@@ -50,6 +50,7 @@ class Tokenizer:
         self.eos_token = eos_token
         self.chat_template = chat_template
         self.name = name
+        self._given_eos_ids = list(eos_token_ids)
         ids = list(eos_token_ids)
         for tok in [eos_token, *(t for t in END_OF_TURN if chat_template and t in chat_template)]:
             tid = backend.token_to_id(tok) if tok else None
@@ -62,6 +63,14 @@ class Tokenizer:
         self._plain_backend: tokenizers.Tokenizer | None = None  # built on first need
         self._specials: dict[str, int] | None = None
         self._special_pattern: re.Pattern | None = None
+
+    def with_chat_template(self, template: str, source: str) -> "Tokenizer":
+        """This tokenizer with ``template`` instead of its own chat template (``--chat-template``):
+        compiled now (a syntax error raises ChatTemplateError naming ``source``), and its
+        end-of-turn markers join the eos ids."""
+        return Tokenizer(self.backend, bos_token=self.bos_token, eos_token=self.eos_token,
+                         eos_token_ids=self._given_eos_ids, chat_template=template, name=self.name,
+                         template_source=source)
 
     # ------------------------------------------------------------ ids
     @property
@@ -101,7 +110,8 @@ class Tokenizer:
         of ``chat_template.render`` (time, size).
         """
         if not self.chat_template:
-            raise ChatTemplateError(f"{self.name}: this model has no chat template; use plain text prompts")
+            raise ChatTemplateError(f"{self.name}: this model has no chat template; give one with --chat-template "
+                                    "FILE (LLM(chat_template=FILE)), or use plain text prompts")
         import jinja2
 
         try:
@@ -237,6 +247,11 @@ class StreamDecoder:
     several byte tokens comes out once its last byte arrives, never as U+FFFD.
     Decoding a window of a few previous tokens (rather than the new token
     alone) keeps the spaces that SentencePiece decoders strip at the start.
+
+    Why not ``tokenizers.decoders.DecodeStream`` (the same algorithm in Rust): it gives the
+    same text wherever it returns, but raises "Invalid prefix encountered" on byte-fallback
+    runs that are not valid UTF-8 (Gemma), which sampling can produce; this one keeps going
+    (tests/test_tokenizer.py::test_stream_decoder_equals_decode_stream).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:

@@ -2,6 +2,7 @@
 
     POST /v1/completions       POST /v1/chat/completions   (docs/serving.md: every field)
     GET  /v1/models            GET  /health                GET  /metrics (Prometheus)
+    POST /tokenize             POST /detokenize            GET  /version   (vLLM's)
 
 Handlers never touch the engine: they parse, tokenize and check the request against the
 context and the pool's fixed sizes themselves (so a request that can never run is refused at
@@ -20,7 +21,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from typing import AsyncIterator, Sequence
 
 from fastapi import Depends, FastAPI, Request
@@ -34,7 +34,10 @@ from qkv.engine.request import SamplingParams
 from qkv.engine.scheduler import RequestTooLarge
 from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
+from qkv.server import tokenize as T
+from qkv.server import tool_calls as TC
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
+from qkv.server.http_plumbing import CORS, install, request_id
 from qkv.server.metrics import ServerMetrics
 from qkv.server.structured import compiled_constraint
 from qkv.server.tenants import KeyRing, request_salt
@@ -57,17 +60,19 @@ class ServerLimits:
 
 
 def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None = None,
-               limits: ServerLimits | None = None, *, allow_special_tokens_in_content: bool = False) -> FastAPI:
+               limits: ServerLimits | None = None, *, allow_special_tokens_in_content: bool = False,
+               cors: CORS | None = None) -> FastAPI:
     """An app serving ``llm`` (a qkv.LLM) as ``model_name``. The app owns one EngineLoop,
     started and stopped by its lifespan; nothing else may drive ``llm.engine`` meanwhile.
     ``api_key``: one key or several; with several, each key is a tenant whose prompts never
     share prefix-cache blocks with another key's (tenants.py). ``allow_special_tokens_in_content``:
-    special tokens written in chat messages are control tokens (unsafe: clients can forge turns)."""
+    special tokens written in chat messages are control tokens (unsafe: clients can forge turns).
+    ``cors``: origins (methods, headers) browsers may call from; None: no CORS headers."""
     limits = limits or ServerLimits()
     engine = llm.engine
     keys = KeyRing([api_key] if isinstance(api_key, str) else list(api_key or []))
     holder: dict = {}
-    metrics = ServerMetrics(lambda: holder["loop"].stats if "loop" in holder else engine.stats())
+    metrics = ServerMetrics(lambda: holder["loop"].stats if "loop" in holder else engine.stats(), model_name)
     state = {"draining": False, "inflight": 0}  # generation responses not yet fully sent
 
     @contextlib.asynccontextmanager
@@ -82,6 +87,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
 
     app = FastAPI(title="qkv", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics = metrics
+    install(app, cors)  # CORS, X-Request-Id
 
     async def drain(timeout: float) -> None:
         """Graceful shutdown, part one: from now on new generation requests get 503
@@ -117,8 +123,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
 
     @app.exception_handler(Exception)
     async def _server_error(request, e: Exception):
-        log.exception("unhandled error")
-        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
+        log.exception("request %s: unhandled error", request_id(request))
+        # Answered outside the middleware: the request id header is added here.
+        return JSONResponse(P.error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500,
+                            headers={"X-Request-Id": request_id(request)})
 
     # ---------------------------------------------------------------- auth
     async def authorize(request: Request) -> None:
@@ -162,6 +170,41 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
     @app.get("/metrics", dependencies=auth)
     async def prometheus():
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/version", dependencies=auth)
+    async def version():
+        from qkv import __version__
+
+        return {"version": __version__}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(request: Request):
+        req = await parse(request, T.TokenizeRequest, limits.max_body_bytes)
+        check_model(req.model)
+        if llm.tokenizer is None:
+            raise P.APIError(400, f"model {model_name!r} has no tokenizer", code="invalid_value")
+        if req.prompt is not None:
+            special = True if req.add_special_tokens is None else req.add_special_tokens
+            ids = await asyncio.to_thread(llm.tokenizer.encode, req.prompt, special)
+        else:
+            check_chat_template()
+            try:
+                tools = TC.check_tools(req.tools, "auto")
+            except TC.ToolError as e:
+                raise P.APIError(400, str(e), code="invalid_value", param=e.field) from None
+            msgs, kw = chat_inputs([m.plain() for m in req.messages], req.chat_template_kwargs, tools)
+            ids = await asyncio.to_thread(render_chat, msgs, kw, req.add_generation_prompt)
+            if req.add_special_tokens:
+                ids = T.with_special_tokens(llm.tokenizer, ids)
+        return T.tokenize_response(llm, ids, engine.max_model_len, req.return_token_strs)
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(request: Request):
+        req = await parse(request, T.DetokenizeRequest, limits.max_body_bytes)
+        check_model(req.model)
+        if llm.tokenizer is None:
+            raise P.APIError(400, f"model {model_name!r} has no tokenizer", code="invalid_value")
+        return T.detokenize(llm, engine, req.tokens)
 
     # ---------------------------------------------------------------- generation
     def check_model(name: str | None) -> None:
@@ -248,16 +291,32 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             raise P.APIError(500, f"the model's chat template failed to render: {type(e).__name__}: {e}",
                              "server_error", "chat_template_error") from None
 
+    def check_chat_template() -> None:
+        if llm.tokenizer is None or not llm.tokenizer.chat_template:
+            raise P.APIError(400, f"model {model_name!r} has no chat template: start the server with "
+                             "--chat-template FILE (a Jinja chat template), or use /v1/completions",
+                             code="no_chat_template", param="messages")
+
+    def chat_inputs(messages: list[dict], kwargs: dict | None, tools: list | None) -> tuple[list[dict], dict]:
+        """The template's messages and extra variables: tools (if any) and history tool calls
+        as the template expects them; a 400 for what the template would drop."""
+        try:
+            TC.check_template(llm.tokenizer.chat_template, tools, messages)
+            messages = TC.template_messages(messages)
+        except TC.ToolError as e:
+            raise P.APIError(400, str(e), code="unsupported_parameter" if e.field == "tools" or
+                             e.field.endswith("tool_calls") else "invalid_value", param=e.field) from None
+        return messages, {**(kwargs or {}), **({"tools": tools} if tools else {})}
+
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(request: Request):
         req = await parse(request, P.ChatCompletionRequest, limits.max_body_bytes)
         check_request(req, 1)
         structured = await compiled_constraint(engine, req)
-        if llm.tokenizer is None or not llm.tokenizer.chat_template:
-            raise P.APIError(400, f"model {model_name!r} has no chat template; use /v1/completions",
-                             code="no_chat_template")
-        ids = await asyncio.to_thread(render_chat, req.plain_messages(), req.chat_template_kwargs or {},
-                                      req.add_generation_prompt)
+        check_chat_template()
+        tools = req.template_tools()
+        msgs, kw = chat_inputs(req.plain_messages(), req.chat_template_kwargs, tools)
+        ids = await asyncio.to_thread(render_chat, msgs, kw, req.add_generation_prompt)
         if not ids:
             raise P.APIError(400, "the chat prompt is empty: at least one token is needed", code="invalid_value",
                              param="messages")
@@ -267,15 +326,17 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             for cap in (limits.default_max_tokens, defaults.get("max_tokens")):  # generation_config's max_new_tokens
                 if cap is not None:
                     max_tokens = min(max_tokens, cap)
-        return await generate(request, req, [ids], sampling(req, max_tokens, structured=structured), chat=True)
+        tool_parsing = TC.Parsing(1 if req.parallel_tool_calls is False else None) if tools else None
+        return await generate(request, req, [ids], sampling(req, max_tokens, structured=structured), chat=True,
+                              tools=tool_parsing)
 
     async def generate(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
-                       chat: bool, echo: list[str] | None = None):
+                       chat: bool, echo: list[str] | None = None, tools: TC.Parsing | None = None):
         loop: EngineLoop = holder["loop"]
         check_fits(engine, prompts, params)  # here, not behind whatever the engine is computing
         if state["draining"]:  # it may have begun while this request was tokenized
             raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id(request)}"  # X-Request-Id, or a fresh one
         try:
             stream = loop.submit(prompts, params, rid, request_salt(request.state.tenant, req.cache_salt))
         except QueueFull as e:
@@ -283,7 +344,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         state["inflight"] += 1
         try:
-            return await respond(request, req, prompts, params, chat, loop, rid, stream, echo)
+            return await respond(request, req, prompts, params, chat, loop, rid, stream, echo, tools)
         except BaseException:
             state["inflight"] -= 1
             raise
@@ -292,7 +353,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         state["inflight"] -= 1
 
     async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
-                      chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None):
+                      chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None,
+                      tools: TC.Parsing | None = None):
         """The response; ``done`` is called once it has been sent (a stream: when it closes)."""
         try:
             await asyncio.wrap_future(stream.added)
@@ -306,7 +368,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
             raise
         answer = _Answer(rid, model_name, prompts, params.n, stream, chat, params.logprobs, echo,
-                         req.prompt_logprobs is not None)
+                         req.prompt_logprobs is not None, tools)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"}, on_close=done)
@@ -400,7 +462,8 @@ class _Answer:
     response for chat)."""
 
     def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool,
-                 logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False):
+                 logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False,
+                 tools: TC.Parsing | None = None):
         self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
         self.logprobs, self.echo, self.want_prompt_logprobs = logprobs, echo, prompt_logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -409,6 +472,8 @@ class _Answer:
         self.cached_tokens = 0
         self.finished = 0
         self.sent: dict[int, int] = {}  # choice -> output tokens whose logprobs were streamed
+        self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
+        self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -478,6 +543,8 @@ class _Answer:
             out = final[i]
             c = P.choice(i, self._echo(out) + out.text, out.finish_reason, chat=self.chat, chunk=False,
                          logprobs=self._logprobs(out, 0, True))
+            if self.tools is not None:
+                TC.answer_choice(c, self.tools)
             if self.want_prompt_logprobs and not self.chat:
                 c["prompt_logprobs"] = P.vllm_prompt_logprobs(out.prompt_logprobs)
             choices.append(c)
@@ -515,6 +582,11 @@ class _Answer:
                         text = self._echo(out) + (text or "")
                     lps = self._logprobs(out, self.sent.get(i, 0), first)
                     self.sent[i] = len(out.token_ids)
+                    if self.tools is not None:  # content and tool-call deltas, in order
+                        parser = self.parsers.setdefault(i, TC.ChoiceStream(self.tools))
+                        for c in parser.chunks(i, text or "", out.finish_reason, lps):
+                            yield event([c])
+                        continue
                     yield event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)])
             else:
                 if include_usage:

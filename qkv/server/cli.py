@@ -17,11 +17,12 @@ import os
 import sys
 from pathlib import Path
 
-from qkv.cli import add_model_arguments, engine_kwargs
+from qkv.cli import add_chat_template_argument, add_model_arguments, load_llm
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
+    add_chat_template_argument(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", action="append", default=None,
@@ -42,7 +43,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-special-tokens-in-content", action="store_true",
                    help="encode special tokens written in chat message content as control tokens "
                         "(unsafe: a client can forge system or assistant turns; off: content is plain text)")
+    p.add_argument("--allowed-origins", type=_names, default=[], metavar="ORIGINS",
+                   help="origins browsers may call from (CORS): comma-separated or a JSON list, '*' for any "
+                        "(default: none, no CORS headers)")
+    p.add_argument("--allowed-methods", type=_names, default=["*"], metavar="METHODS",
+                   help="HTTP methods allowed cross-origin (with --allowed-origins; default: all)")
+    p.add_argument("--allowed-headers", type=_names, default=["*"], metavar="HEADERS",
+                   help="request headers allowed cross-origin (with --allowed-origins; default: all)")
     p.add_argument("--log-level", default="info")
+
+
+def _names(value: str) -> list[str]:
+    """``a,b`` or vLLM's JSON list ``["a", "b"]``."""
+    import json
+
+    if value.lstrip().startswith("["):
+        try:
+            names = json.loads(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"not a JSON list: {e}") from None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise argparse.ArgumentTypeError("a JSON list of strings is needed")
+        return names
+    return [n.strip() for n in value.split(",") if n.strip()]
 
 
 def served_name(model: str) -> str:
@@ -53,9 +76,9 @@ def served_name(model: str) -> str:
 def run(args) -> int:
     import uvicorn
 
-    from qkv import LLM
     from qkv.server.app import ServerLimits, create_app
     from qkv.server.draining import DrainingServer
+    from qkv.server.http_plumbing import CORS
 
     from qkv.server.tenants import read_keys
 
@@ -71,16 +94,14 @@ def run(args) -> int:
     if not keys and not _is_loopback(args.host):
         print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    kwargs = engine_kwargs(args)
-    if args.max_model_len:
-        kwargs["max_model_len"] = args.max_model_len
-    llm = LLM(args.model, **kwargs)
+    llm = load_llm(args, **({"max_model_len": args.max_model_len} if args.max_model_len else {}))
     name = args.served_model_name or served_name(args.model)
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens,
                           max_waiting=args.max_waiting_requests or None)
     app = create_app(llm, name, api_key=keys, limits=limits,
-                     allow_special_tokens_in_content=args.allow_special_tokens_in_content)
+                     allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+                     cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers))
     print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1"
           f"{f' ({len(keys)} API keys)' if keys else ''}", file=sys.stderr, flush=True)
     # After the drain every response has been sent: uvicorn's own grace period is a formality.

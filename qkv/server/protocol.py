@@ -231,7 +231,7 @@ class ChatMessage(BaseModel):
 
 # Variables the server itself gives the chat template: chat_template_kwargs cannot replace them.
 TEMPLATE_RESERVED = ("messages", "add_generation_prompt", "bos_token", "eos_token", "raise_exception",
-                     "special_tokens_in_content")
+                     "special_tokens_in_content", "tools")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -243,10 +243,11 @@ class ChatCompletionRequest(_Sampling):
     # A template from the request would run attacker-chosen Jinja: refused, never rendered.
     chat_template: Any = None
     chat_template_kwargs: dict[str, Any] | None = None
-    # OpenAI fields qkv accepts as no-ops (documented) or refuses when set (check_supported).
+    # Tools reach the model's template and Hermes <tool_call> blocks come back (tool_calls.py).
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: Bool | None = None  # meaningless without tools
+    parallel_tool_calls: Bool | None = None  # false: at most one call is parsed out
+    # OpenAI fields qkv accepts as no-ops (documented) or refuses when set (check_supported).
     functions: Any = None
     function_call: Any = None
     modalities: list[str] | None = None
@@ -274,6 +275,12 @@ class ChatCompletionRequest(_Sampling):
     def plain_messages(self) -> list[dict]:
         return [m.plain() for m in self.messages]
 
+    def template_tools(self) -> list[dict] | None:
+        """The tools the template renders (None: no tools, or tool_choice "none")."""
+        from qkv.server.tool_calls import check_tools
+
+        return check_tools(self.tools, self.tool_choice)
+
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
@@ -282,10 +289,12 @@ class ChatCompletionRequest(_Sampling):
             raise Unsupported("chat_template", "a request cannot supply a chat template; the model's own is used")
         if bad := [k for k in (self.chat_template_kwargs or {}) if k in TEMPLATE_RESERVED]:
             raise Unsupported("chat_template_kwargs", f"{bad[0]!r} is set by the server, not by the request")
-        if self.tools:
-            raise Unsupported("tools", "tool calling is not supported")
-        if self.tool_choice not in (None, "none"):
-            raise Unsupported("tool_choice", "tool calling is not supported (only \"none\")")
+        from qkv.server.tool_calls import ToolError, check_tools
+
+        try:
+            check_tools(self.tools, self.tool_choice)
+        except ToolError as e:
+            raise Unsupported(e.field, str(e).split(": ", 1)[1]) from None
         if self.function_call not in (None, "none"):
             raise Unsupported("function_call", "function calling is not supported")
         if self.functions:

@@ -71,6 +71,16 @@ def constraint(req) -> tuple[StructuredOutputs | None, str | None]:
             found.append((StructuredOutputs.from_dict(req.structured_outputs), "structured_outputs"))
         except ValueError as e:  # already names structured_outputs.<field>
             raise APIError(400, str(e), code="invalid_value", param="structured_outputs") from None
+    if getattr(req, "tool_choice", None) is not None:  # "required" or a named function: Hermes blocks
+        from qkv.server import tool_calls as TC
+
+        try:
+            grammar = TC.forced_grammar(TC.check_tools(req.tools, req.tool_choice), req.tool_choice,
+                                        parallel=req.parallel_tool_calls is not False)
+        except TC.ToolError as e:
+            raise _bad(e.field, str(e).split(": ", 1)[1]) from None
+        if grammar is not None:
+            found.append((StructuredOutputs(grammar=grammar), "tool_choice"))
     if req.guided_decoding_backend not in BACKENDS:
         raise _bad("guided_decoding_backend", f"{req.guided_decoding_backend!r} is not available; qkv uses "
                    "llguidance (\"auto\", \"guidance\")", "unsupported_parameter")
