@@ -84,6 +84,8 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3, Gemma 3
     sliding_window: int | None = None
+    # Per layer (an int means every sliding layer): Longformer's dilated window, attention_override.py.
+    dilation: list[int] | int = 1
     # One entry per layer: "full" or "sliding" (or "mla" for DeepSeek).
     layer_types: list[str] = field(default_factory=list)
     query_pre_attn_scalar: float | None = None  # Gemma 3 scales q by this^-0.5
@@ -125,6 +127,9 @@ class ModelConfig:
             raise ConfigError(f"layer_types: unsupported kinds {bad} (supported: full, sliding, mla)")
         if "sliding" in self.layer_types and self.sliding_window is None:
             raise ConfigError("layer_types has sliding layers but sliding_window is not set")
+        from qkv.attention_override import normalize_dilation  # (imports ConfigError from here)
+
+        self.dilation = normalize_dilation(self.dilation, self.layer_types)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if (n := self.approx_num_params()) > MAX_PARAMS:
