@@ -90,6 +90,7 @@ def test_paged_attention_dilated(window, d):
 # HF has no dilated model. The oracle is HF's own forward over the whole sequence, full K/V,
 # given the dilated-window mask built above by brute force (4-D masks are used as given).
 W, BS = 5, 4
+pytestmark = pytest.mark.usefixtures("one_thread")
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 
