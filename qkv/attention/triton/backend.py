@@ -23,11 +23,14 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     ring = batch.ring_blocks[group]
     table = batch.block_tables[group]
     slots = batch.slot_mappings[group]
+    # The most keys a query reads, which sizes the decode kernel's splits: a window caps it (a
+    # dilated one at the same W keys, though they span W*d positions).
+    max_keys = batch.max_seq_len if window is None else min(batch.max_seq_len, window)
     if batch.is_decode:
         write_kv(kv_cache, k, v, slots)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
-                            max_seq_len=None if capturing else batch.max_seq_len,
+                            max_seq_len=None if capturing else max_keys,
                             query_start_loc=batch.query_start_loc, dilation=dilation)
     # A mixed step (decodes beside prefill chunks): the prefill kernel takes the multi-token
     # sequences and reads before the write; the GQA decode kernel takes the one-token ones
@@ -38,6 +41,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     write_kv(kv_cache, k, v, slots)
     if mixed:
         paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
-                     max_seq_len=batch.max_seq_len, query_start_loc=batch.query_start_loc, out=out,
+                     max_seq_len=max_keys, query_start_loc=batch.query_start_loc, out=out,
                      dilation=dilation)
     return out
