@@ -84,8 +84,6 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3, Gemma 3
     sliding_window: int | None = None
-    # Per layer (an int means every sliding layer): Longformer's dilated window, attention_override.py.
-    dilation: list[int] | int = 1
     # One entry per layer: "full" or "sliding" (or "mla" for DeepSeek).
     layer_types: list[str] = field(default_factory=list)
     query_pre_attn_scalar: float | None = None  # Gemma 3 scales q by this^-0.5
@@ -100,6 +98,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # Per layer (an int means every sliding layer): Longformer's dilated window, attention_override.py.
+    dilation: list[int] | int = 1
 
     def __post_init__(self) -> None:
         """Validate before anything is allocated: a bad field raises ConfigError naming it
