@@ -62,6 +62,9 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "bfloat16", "float16", "float32"],
                    help="KV cache storage: auto = the model's dtype; fp8 (e4m3) holds twice the tokens of bf16")
+    p.add_argument("--attention-override", default=None, metavar="JSON",
+                   help='change how layers attend, e.g. \'{"dilation": 2}\' (dilated sliding windows; '
+                        'an int for every sliding layer or a list per layer)')
 
 
 # Modules that only an optional extra installs -> the extra that brings them.
@@ -74,7 +77,8 @@ def engine_kwargs(args) -> dict:
                 num_kv_blocks=args.num_kv_blocks, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
                 quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
-                async_scheduling=getattr(args, "async_scheduling", None))
+                async_scheduling=getattr(args, "async_scheduling", None),
+                attention_override=getattr(args, "attention_override", None))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).

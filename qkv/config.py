@@ -98,6 +98,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int | None = None
+    # Per layer (an int means every sliding layer): Longformer's dilated window, attention_override.py.
+    dilation: list[int] | int = 1
 
     def __post_init__(self) -> None:
         """Validate before anything is allocated: a bad field raises ConfigError naming it
@@ -125,6 +127,9 @@ class ModelConfig:
             raise ConfigError(f"layer_types: unsupported kinds {bad} (supported: full, sliding, mla)")
         if "sliding" in self.layer_types and self.sliding_window is None:
             raise ConfigError("layer_types has sliding layers but sliding_window is not set")
+        from qkv.attention_override import normalize_dilation  # (imports ConfigError from here)
+
+        self.dilation = normalize_dilation(self.dilation, self.layer_types)
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if (n := self.approx_num_params()) > MAX_PARAMS:

@@ -84,3 +84,173 @@ def test_paged_attention_dilated(window, d):
     for (c, n), tab, k in zip(seqs, tables, k_all):
         slots = torch.tensor([tab[p // bs] * bs + p % bs for p in range(c + n)])
         assert torch.equal(cache[0].view(-1, KVH, D)[slots], k)
+
+
+# ----------------------------------------------------------------------------- end to end (CPU)
+# HF has no dilated model. The oracle is HF's own forward over the whole sequence, full K/V,
+# given the dilated-window mask built above by brute force (4-D masks are used as given).
+W, BS = 5, 4
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def oracle_logits(hf, ids: list[int], masks: dict[str, int]) -> torch.Tensor:
+    """Logits of every position, each layer kind masked with its (window, dilation)."""
+    n = len(ids)
+    built = {kind: torch.zeros(1, 1, n, n).masked_fill(~brute_mask(n, n, 0, w, d), float("-inf"))
+             for kind, (w, d) in masks.items()}
+    mask = built if len(built) > 1 else next(iter(built.values()))
+    with torch.no_grad():
+        return hf(torch.tensor([ids]), attention_mask=mask).logits[0]
+
+
+def oracle_greedy(hf, prompt: list[int], n: int, masks) -> list[int]:
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(oracle_logits(hf, seq, masks)[-1].argmax()))
+    return seq[len(prompt):]
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _generate_watching(llm, prompt, n):
+    """Greedy tokens, prompt tokens served from the cache, and after every step each group's
+    held blocks next to what its spec says a sequence of that length holds."""
+    from qkv import SamplingParams
+
+    eng = llm.engine
+    (req,) = eng.add_request(prompt, SamplingParams(max_tokens=n, **GREEDY))
+    held = []
+    while not req.finished:
+        eng.step()
+        if not req.finished:
+            tables = eng.kv.block_tables(req.request_id)
+            held.append([(sum(b != eng.kv.null[g] for b in t), grp.spec.blocks_needed(req.num_computed_tokens, BS))
+                         for g, (t, grp) in enumerate(zip(tables, eng.kv.groups))])
+    return list(req.output_token_ids), req.num_cached_tokens, held
+
+
+def _pools_whole(llm) -> None:
+    for g in llm.engine.kv.groups:
+        assert g.pool.num_free + g.pool.num_cached == g.pool.num_blocks
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["ring", "window-table"])
+@pytest.mark.parametrize("d", [2, 3])
+def test_engine_dilated_equals_dense_oracle(tiny_model, d, caching):
+    """Tiny Mistral, window 5 dilated by d: chunked prefill (chunks of 6 < W*d), a prefix hit
+    and decode give the oracle's greedy tokens; scoring gives its logits; a sequence holds
+    ceil(W*d / bs) + 1 blocks at most, as the spec says, and every block comes back."""
+    from qkv import LLM
+
+    path, hf = tiny_model("mistral", sliding_window=W, seed=d)
+    llm = LLM(path, dtype="float32", device="cpu", block_size=BS, num_kv_blocks=64, max_num_batched_tokens=6,
+              enable_prefix_caching=caching, attention_override={"dilation": d})
+    (spec,) = {g.spec for g in llm.engine.kv.groups}
+    assert (spec.window, spec.dilation, spec.ring_blocks(BS)) == (W, d, -(-W * d // BS) + 1)
+    masks = {"sliding_attention": (W, d)}
+    p1 = _ids(23, d)
+    p2 = p1[:20] + _ids(5, 10 + d)  # shares 5 full blocks with p1
+    n = 10
+    ours1, hit1, held1 = _generate_watching(llm, p1, n)
+    ours2, hit2, held2 = _generate_watching(llm, p2, n)
+    assert ours1 == oracle_greedy(hf, p1, n, masks)
+    assert ours2 == oracle_greedy(hf, p2, n, masks)
+    assert hit1 == 0 and (hit2 == 20 if caching else hit2 == 0)
+    for h, want in (x for step in held1 + held2 for x in step):
+        assert h == want <= spec.ring_blocks(BS)
+    assert max(h for step in held1 for h, _ in step) == spec.ring_blocks(BS)
+    seq = p1 + ours1
+    torch.testing.assert_close(llm.logits(seq), oracle_logits(hf, seq, masks), rtol=1e-4, atol=1e-4)
+    _pools_whole(llm)
+    # The undilated window is a different model: the oracle would catch a dropped dilation.
+    assert oracle_greedy(hf, p1, n, {"sliding_attention": (W, 1)}) != ours1
+
+
+def test_gemma3_dilated_sliding_layers_only(tmp_path):
+    """Gemma 3 (3 sliding layers and a global one): {"dilation": 2} dilates the sliding layers
+    and leaves the global layer whole; prefix hit and decode equal the oracle, which masks
+    the two layer kinds apart."""
+    from test_gemma3 import WINDOW, tiny_gemma3
+
+    from qkv import LLM
+
+    path, hf = tiny_gemma3(tmp_path, seed=4)
+    llm = LLM(path, dtype="float32", device="cpu", block_size=BS, num_kv_blocks=128, max_num_batched_tokens=7,
+              attention_override={"dilation": 2})
+    assert llm.config.dilation == [2, 2, 1, 2]
+    masks = {"sliding_attention": (WINDOW, 2), "full_attention": (None, 1)}
+    p1 = _ids(30, 7)
+    p2 = p1[:28] + _ids(3, 8)
+    ours1, _, _ = _generate_watching(llm, p1, 8)
+    ours2, hit2, _ = _generate_watching(llm, p2, 8)
+    assert hit2 == 28
+    assert ours1 == oracle_greedy(hf, p1, 8, masks)
+    assert ours2 == oracle_greedy(hf, p2, 8, masks)
+    _pools_whole(llm)
+
+
+@pytest.mark.parametrize("caching", [False, True], ids=["ring", "window-table"])
+def test_memory_tool_blocks_equal_the_engines(tiny_model, capsys, caching):
+    """`qkv memory --attention-override` predicts the engine's pools for a budget and the blocks
+    one dilated sequence holds, to the block."""
+    import json
+
+    from qkv import LLM
+    from qkv.cli import main
+
+    path, _ = tiny_model("mistral", sliding_window=W)
+    override, ctx, budget = '{"dilation": 3}', 40, 200_000
+    flags = [] if caching else ["--no-prefix-caching"]
+    assert main(["memory", path, "--attention-override", override, "--context", str(ctx), "--block-size", str(BS),
+                 "--kv-dtype", "float32", "--kv-cache-memory", str(budget), "--max-num-seqs", "3", "--json",
+                 *flags]) == 0
+    r = json.loads(capsys.readouterr().out)
+    (grp,) = r["groups"]
+    assert (grp["window"], grp["dilation"], grp["blocks_per_sequence"]) == (W, 3, -(-W * 3 // BS) + 1)
+    llm = LLM(path, dtype="float32", device="cpu", block_size=BS, kv_cache_memory=budget, max_num_seqs=3,
+              enable_prefix_caching=caching, attention_override=json.loads(override))
+    assert list(r["pools"]["blocks"].values()) == [g.pool.num_blocks for g in llm.engine.kv.groups]
+    assert r["pools"]["bytes"] == llm.engine.runner.kv_cache_bytes
+    _, _, held = _generate_watching(llm, _ids(ctx - 12, 0), 13)  # the last step computes token ctx
+    assert held[-1][0][0] == grp["blocks_per_sequence"]
+    # Undilated, the same model holds fewer blocks: the override reached the memory tool.
+    assert main(["memory", path, "--context", str(ctx), "--block-size", str(BS), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"][0]["blocks_per_sequence"] == -(-W // BS) + 1
+    _pools_whole(llm)
+
+
+# ----------------------------------------------------------------------------- refused input
+@pytest.mark.parametrize("override,words", [
+    ({"dilaton": 2}, ["unknown keys", "dilaton"]),
+    ({"dilation": 0}, ["dilation=0", "out of range"]),
+    ({"dilation": True}, ["dilation must be an integer"]),
+    ({"dilation": [2]}, ["1 entries for 2 layers"]),
+    ('{"dilation": 2', ["not valid JSON"]),
+    ('[2]', ["expected a JSON object"]),
+])
+def test_bad_override_is_refused_by_name(tiny_model, override, words):
+    from qkv.attention_override import apply_attention_override
+    from qkv.config import ConfigError
+    from qkv.loading import load
+
+    cfg = load(tiny_model("mistral", sliding_window=W)[0]).config
+    with pytest.raises(ConfigError) as e:
+        apply_attention_override(cfg, override)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_dilation_without_a_window_is_refused(tiny_model, capsys):
+    """Full attention has no window to dilate: refused at load, and by the CLI in one line."""
+    from qkv import LLM
+    from qkv.cli import main
+    from qkv.config import ConfigError
+
+    path, _ = tiny_model("llama")
+    with pytest.raises(ConfigError, match="needs sliding-window layers"):
+        LLM(path, device="cpu", attention_override={"dilation": 2})
+    assert main(["memory", path, "--attention-override", '{"dilation": 2}']) == 2
+    assert "--attention-override: dilation=2 needs sliding-window layers" in capsys.readouterr().err
+    assert LLM(path, device="cpu", num_kv_blocks=8, attention_override={"dilation": 1}).config.dilation == [1, 1]

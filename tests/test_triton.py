@@ -248,9 +248,10 @@ VARIANTS = {"reference": dict(attention_backend="reference", enforce_eager=True)
 
 
 def greedy_by_variant(path: str, prompts: list[list[int]], max_tokens: int, variants=VARIANTS,
-                      one_by_one: bool = False, **engine_kw) -> dict:
+                      one_by_one: bool = False, config=None, **engine_kw) -> dict:
     """For each engine variant: (greedy tokens, prompt tokens served from the cache) per prompt.
-    ``one_by_one`` runs the prompts in turn, so later ones can hit earlier ones' prefixes."""
+    ``one_by_one`` runs the prompts in turn, so later ones can hit earlier ones' prefixes.
+    ``config``: a ModelConfig to run instead of the checkpoint's own (e.g. with overrides)."""
     from qkv.attention import backend
     from qkv.engine.engine import LLMEngine
     from qkv.engine.request import SamplingParams
@@ -261,7 +262,7 @@ def greedy_by_variant(path: str, prompts: list[list[int]], max_tokens: int, vari
     results = {}
     try:
         for name, kw in variants.items():
-            eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda",
+            eng = LLMEngine(config or loaded.config, loaded.weights, None, dtype="float32", device="cuda",
                             **{**engine_kw, **kw})
             reqs = []
             for p in prompts:

@@ -33,9 +33,10 @@ def current() -> str:
     return _current
 
 
-def attention(q, k, v, kv_cache, batch, group, scale, window=None, softcap=None):
-    """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache`` and returns [T, H, Dv]."""
-    return _BACKENDS[_current](q, k, v, kv_cache, batch, group, scale, window, softcap)
+def attention(q, k, v, kv_cache, batch, group, scale, window=None, softcap=None, dilation=1):
+    """q [T, H, D], k/v [T, KVH, D]; writes k/v into ``kv_cache`` and returns [T, H, Dv].
+    ``dilation`` d: a query at i sees keys i, i-d, ..., i-(window-1)*d (needs ``window``)."""
+    return _BACKENDS[_current](q, k, v, kv_cache, batch, group, scale, window, softcap, dilation)
 
 
 def mla_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):

@@ -43,15 +43,21 @@ def check_device(device: str | None, name: str = "device") -> None:
 
 class LLM:
     def __init__(self, model: str = "smollm2", dtype="float32", device: str | None = None, *,
-                 threads: int | None = None, chat_template=None, **engine_kwargs):
+                 threads: int | None = None, chat_template=None, attention_override: dict | str | None = None,
+                 **engine_kwargs):
         """``model``: a named default, a ``.gguf`` file or an HF directory. ``chat_template``: a
         Jinja chat template file (or template text) used instead of the model's. ``engine_kwargs``:
         block_size, num_kv_blocks, kv_cache_memory, max_num_batched_tokens, max_num_seqs,
-        enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs)."""
+        enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs).
+        ``attention_override``: e.g. ``{"dilation": 2}`` (qkv/attention_override.py; unknown keys refused)."""
         if threads:
             torch.set_num_threads(threads)
         check_device(device)  # before the load, which may take minutes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if attention_override is not None:
+            from qkv.attention_override import apply_attention_override, parse_override
+
+            attention_override = parse_override(attention_override, "attention_override")  # before the load
         loaded = load(model)
         if chat_template is not None:
             from qkv.loading.chat_template import read_chat_template
@@ -59,6 +65,8 @@ class LLM:
             if loaded.tokenizer is None:
                 raise ValueError(f"{loaded.source} has no tokenizer, so a chat template cannot be used")
             loaded = loaded._replace(tokenizer=loaded.tokenizer.with_chat_template(*read_chat_template(chat_template)))
+        if attention_override:
+            loaded = loaded._replace(config=apply_attention_override(loaded.config, attention_override))
         self.source = loaded.source
         self.tokenizer = loaded.tokenizer
         self.engine = LLMEngine(loaded.config, loaded.weights, loaded.tokenizer, dtype=dtype, device=device,

@@ -63,7 +63,8 @@ class KVCacheManager:
         sliding = [isinstance(s, SlidingWindow) for s, _ in grouped]
         self.ring = [s.ring_blocks(block_size) if w and not enable_prefix_caching else None
                      for (s, _), w in zip(grouped, sliding)]
-        self.window = [s.window if w and enable_prefix_caching else None for (s, _), w in zip(grouped, sliding)]
+        # Positions a window group's queries may read back (a dilated window spreads over more).
+        self.window = [s.span if w and enable_prefix_caching else None for (s, _), w in zip(grouped, sliding)]
         self.null = [g.pool.num_blocks if w is not None else None for g, w in zip(self.groups, self.window)]
         self._seqs: dict[str, _Seq] = {}
 

@@ -7,7 +7,8 @@ model names.
 bytes per token per layer, element size ``s``:
   - full attention (MHA/GQA/MQA): ``2 * num_kv_heads * head_dim * s`` (a K and a V vector)
   - sliding window ``W``: the same per token, but a sequence holds at most
-    ``ceil(W / block_size) + 1`` blocks: a ring, position ``i`` at ring slot ``i mod ring``
+    ``ceil(W / block_size) + 1`` blocks: a ring, position ``i`` at ring slot ``i mod ring``;
+    dilated by ``d``, the window's keys spread over ``W*d`` positions: ``ceil(W*d / block_size) + 1``
   - MLA: ``(kv_lora_rank + rope_dim) * s``: one latent and one shared RoPE key, no x2
 """
 
@@ -61,10 +62,16 @@ class SlidingWindow(FullAttention):
     """
 
     window: int = 0
+    dilation: int = 1  # keys i, i-d, ..., i-(window-1)*d: as many keys over window*d positions
     kind = "sliding"
 
+    @property
+    def span(self) -> int:
+        """Positions a query's keys may lie in: ``window * dilation`` (``window`` undilated)."""
+        return self.window * self.dilation
+
     def ring_blocks(self, block_size: int) -> int:
-        return cdiv(self.window, block_size) + 1
+        return cdiv(self.span, block_size) + 1
 
     def blocks_needed(self, num_tokens: int, block_size: int) -> int:
         return min(cdiv(num_tokens, block_size), self.ring_blocks(block_size))
@@ -98,7 +105,8 @@ def layer_specs(config, dtype_bytes: int) -> list[CacheSpec]:
         if kind == "mla":
             specs.append(MLA(config.kv_lora_rank, config.qk_rope_head_dim, dtype_bytes))
         elif kind == "sliding":
-            specs.append(SlidingWindow(config.num_kv_heads, config.head_dim, dtype_bytes, window=config.sliding_window))
+            specs.append(SlidingWindow(config.num_kv_heads, config.head_dim, dtype_bytes, window=config.sliding_window,
+                                       dilation=config.dilation[len(specs)]))
         else:
             specs.append(FullAttention(config.num_kv_heads, config.head_dim, dtype_bytes))
     return specs

@@ -33,6 +33,7 @@ class Attention(nn.Module):
         self.layer, self.group = layer, group
         self.scale = scale if scale is not None else self.head_dim ** -0.5
         self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding" else None
+        self.dilation = cfg.dilation[layer]  # 1 unless the window is dilated (attention_override.py)
         self.kv_cache: torch.Tensor | None = None  # bound by the runner: [2, blocks, block_size, kvh, d]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
@@ -45,5 +46,6 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
             q, k = self.rope(positions, q, k, batch=batch)
-        out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window)
+        out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window,
+                                dilation=self.dilation)
         return linear(self.o_proj, out.reshape(T, self.q_size))

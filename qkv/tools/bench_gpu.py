@@ -34,6 +34,8 @@ def random_llm(args, **overrides):
     """``--random-weights SHAPE``: the shape with random bf16 weights on the GPU."""
     from qkv.tools.shapes import random_llm as build
 
+    if getattr(args, "attention_override", None):  # the shapes have no sliding windows to dilate
+        raise ValueError("--attention-override does not apply to --random-weights shapes; use a model")
     dtype = args.dtype if args.dtype != "float32" else "bfloat16"
     kw = dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

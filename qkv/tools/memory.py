@@ -159,9 +159,15 @@ def engine_pools(config: ModelConfig, bits: int, block_size: int = 16, budget: i
     kv = KVCacheManager(specs, block_size, n, prefix_caching)
     one, together = context_capacity(kv, max_model_len or config.max_context)
     return {"budget": budget, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
-            "prefix_caching": prefix_caching, "blocks": {g.spec.kind: b for g, b in zip(kv.groups, n)},
+            "prefix_caching": prefix_caching, "blocks": {pool_name(g.spec): b for g, b in zip(kv.groups, n)},
             "bytes": pool_bytes(config, n, bits, block_size, prefix_caching),
             "context_per_sequence": one, "global_context_all_sequences": together}
+
+
+def pool_name(spec: CacheSpec) -> str:
+    """A group's key in ``pools.blocks``: its kind, and its dilation when dilated (two sliding
+    groups then differ only by it)."""
+    return spec.kind + (f" dilation {spec.dilation}" if getattr(spec, "dilation", 1) > 1 else "")
 
 
 def exact(x: Fraction) -> int | float:
@@ -195,7 +201,7 @@ def twins(config: ModelConfig, gqa_kv_heads: int | None = None) -> dict[str, Mod
     out["MQA"] = base.replace(num_kv_heads=1)
     hd = base.head_dim
     out["MLA"] = base.replace(kv_lora_rank=4 * hd, qk_rope_head_dim=max(1, hd // 2),
-                              layer_types=["mla"] * config.num_layers)
+                              layer_types=["mla"] * config.num_layers, dilation=1)
     return out
 
 
@@ -212,7 +218,8 @@ def describe(spec: CacheSpec) -> str:
     if spec.kind == "mla":
         return f"mla latent {spec.kv_lora_rank}+rope {spec.rope_dim}"
     text = f"{spec.kind} {spec.num_kv_heads}x{spec.head_dim}"
-    return text + (f" window {spec.window}" if isinstance(spec, SlidingWindow) else "")
+    text += f" window {spec.window}" if isinstance(spec, SlidingWindow) else ""
+    return text + (f" dilation {spec.dilation}" if getattr(spec, "dilation", 1) > 1 else "")
 
 
 def group_dict(g: GroupFootprint) -> dict:
@@ -226,6 +233,8 @@ def group_dict(g: GroupFootprint) -> dict:
         d.update(num_kv_heads=g.spec.num_kv_heads, head_dim=g.spec.head_dim)
     if isinstance(g.spec, SlidingWindow):
         d["window"] = g.spec.window
+        if g.spec.dilation > 1:
+            d["dilation"] = g.spec.dilation
     return d
 
 
@@ -260,6 +269,7 @@ def print_report(r: dict, file=None) -> None:
         label = f"{g['kind']} " + (f"latent {g['kv_lora_rank']}+rope {g['rope_dim']}" if g["kind"] == "mla"
                                    else f"{g['num_kv_heads']} kv heads x {g['head_dim']}")
         label += f" window {g['window']}" if "window" in g else ""
+        label += f" dil {g['dilation']}" if "dilation" in g else ""
         p(f"{label:<36}{g['num_layers']:>7}{g['bytes_per_token_per_layer']:>15,}{g['bytes_per_token']:>12,}"
           f"{g['blocks_per_sequence']:>12,}{g['bytes_per_sequence']:>16,} {human(g['bytes_per_sequence']):>9}")
     p("")
@@ -331,12 +341,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's max_num_seqs (default 64)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's token budget per step")
     p.add_argument("--no-prefix-caching", action="store_true", help="size the pools for ring buffers")
+    p.add_argument("--attention-override", default=None, metavar="JSON",
+                   help='as the engine\'s flag, e.g. \'{"dilation": 2}\' (a dilated window holds more blocks)')
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw KV bytes against context length")
 
 
 def run(args) -> int:
-    config = read_config(args.model)
+    from qkv.attention_override import apply_attention_override
+
+    config = apply_attention_override(read_config(args.model), args.attention_override, "--attention-override")
     bits = args.kv_bits if args.kv_bits is not None else DTYPE_BITS[args.kv_dtype]
     context = args.context or config.max_context
     pools = dict(budget=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,

@@ -20,25 +20,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     batch: AttentionBatch, group: int, scale: float, window: int | None = None,
                     softcap: float | None = None, dilation: int = 1) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] -> out [T, H, D]. Writes k/v into ``kv_cache`` pages."""
-    if dilation != 1:
-        raise NotImplementedError("the Triton backend has no dilated windows; use the reference backend")
     ring = batch.ring_blocks[group]
     table = batch.block_tables[group]
     slots = batch.slot_mappings[group]
+    # The most keys a query reads, which sizes the decode kernel's splits: a window caps it (a
+    # dilated one at the same W keys, though they span W*d positions).
+    max_keys = batch.max_seq_len if window is None else min(batch.max_seq_len, window)
     if batch.is_decode:
         write_kv(kv_cache, k, v, slots)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
-                            max_seq_len=None if capturing else batch.max_seq_len,
-                            query_start_loc=batch.query_start_loc)
+                            max_seq_len=None if capturing else max_keys,
+                            query_start_loc=batch.query_start_loc, dilation=dilation)
     # A mixed step (decodes beside prefill chunks): the prefill kernel takes the multi-token
     # sequences and reads before the write; the GQA decode kernel takes the one-token ones
     # after it. Which is which is read on the device, so the host never waits.
     mixed = batch.num_seqs > 1
     out = paged_prefill(q, k, v, kv_cache, table, batch.query_start_loc, batch.num_computed,
-                        batch.max_query_len, scale, window, ring, softcap, skip_decode=mixed)
+                        batch.max_query_len, scale, window, ring, softcap, skip_decode=mixed, dilation=dilation)
     write_kv(kv_cache, k, v, slots)
     if mixed:
         paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
-                     max_seq_len=batch.max_seq_len, query_start_loc=batch.query_start_loc, out=out)
+                     max_seq_len=max_keys, query_start_loc=batch.query_start_loc, out=out,
+                     dilation=dilation)
     return out

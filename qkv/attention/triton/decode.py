@@ -27,11 +27,15 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _tile(BT_ROW, start, hi, ring, stride_cb, stride_ct, head_off, BS: tl.constexpr, BLOCK_N: tl.constexpr,
-          HAS_RING: tl.constexpr):
+          HAS_RING: tl.constexpr, first=0, dil=1, DILATED: tl.constexpr = False):
     """Keys ``[start, start + BLOCK_N)`` of one sequence: (valid mask, element offset of each
-    key's row for this KV head), through the block table (a ring's when ``HAS_RING``)."""
-    pos = start + tl.arange(0, BLOCK_N)
-    nmask = pos < hi
+    key's row for this KV head), through the block table (a ring's when ``HAS_RING``).
+    ``DILATED``: those are key *indices* below ``hi``; key j lies at position ``first + j*dil``."""
+    idx = start + tl.arange(0, BLOCK_N)
+    nmask = idx < hi
+    pos = idx
+    if DILATED:
+        pos = first + idx * dil
     page = pos // BS
     if HAS_RING:
         page = page % ring
@@ -54,11 +58,12 @@ def _scores(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 @triton.jit
 def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
-                   sm_scale, softcap, window, ring,
+                   sm_scale, softcap, window, ring, dil,
                    G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                    BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr):
+                   MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr,
+                   DILATED: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -70,13 +75,20 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
     if HAS_WINDOW:
         kstart = tl.maximum(seq_len - window, 0)
     n = seq_len - kstart
+    if DILATED:  # the window's n keys, every dil-th position back from the query's own
+        n = tl.minimum((seq_len - 1) // dil + 1, window)
+        kstart = seq_len - 1 - (n - 1) * dil
+    # Splits cut key indices [0, n): key j is at position kstart + j (kstart + j*dil dilated).
     per_split = tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N
     n_active = tl.cdiv(n, per_split)  # splits with keys; graphs size S for long contexts
     if MERGE:
         if split >= n_active:  # (with a separate combine, empty splits store m = -inf, l = 0)
             return
-    lo = kstart + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, n)
+    if not DILATED:  # positions, as _tile takes them
+        lo += kstart
+        hi += kstart
 
     g = tl.arange(0, G_PAD)
     d = tl.arange(0, D_PAD)
@@ -98,7 +110,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         accT = tl.zeros([D_PAD, G_PAD], tl.float32)
         for start in range(lo, hi, BLOCK_N):
             nmask, off = _tile(BT + b * stride_bt, start, hi, ring, stride_cb, stride_ct, kvh * stride_ch,
-                               BS, BLOCK_N, HAS_RING)
+                               BS, BLOCK_N, HAS_RING, kstart, dil, DILATED)
             k = tl.load(KC + off[:, None] + d[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(q.dtype)
             vT = tl.load(VC + off[None, :] + d[:, None], mask=dmask[:, None] & nmask[None, :], other=0.0).to(q.dtype)
             s = _scores(tl.dot(k, qT), sm_scale, softcap, HAS_SOFTCAP)
@@ -113,7 +125,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
     else:
         for start in range(lo, hi, BLOCK_N):
             nmask, off = _tile(BT + b * stride_bt, start, hi, ring, stride_cb, stride_ct, kvh * stride_ch,
-                               BS, BLOCK_N, HAS_RING)
+                               BS, BLOCK_N, HAS_RING, kstart, dil, DILATED)
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(KC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
             v = tl.load(VC + off[:, None] + d[None, :], mask=kv_mask, other=0.0).to(q.dtype)
@@ -214,14 +226,18 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
                  max_seq_len: int | None = None, splits: int | None = None, block_n: int | None = None,
                  num_warps: int = 4, num_stages: int | None = None, query_start_loc: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, dot_dtype: torch.dtype | None = None,
-                 keys_on_m: bool | None = None) -> torch.Tensor:
+                 keys_on_m: bool | None = None, dilation: int = 1) -> torch.Tensor:
     """q [T, H, D]; sequence b's query is row ``query_start_loc[b]`` (default: row b) and sees
-    keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached).
+    keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached); with a
+    ``window`` W the last W of them, and dilated by d the positions p, p-d, ..., p-(W-1)*d of
+    its own p: the same W keys per program, so a dilated window costs the undilated one's work.
 
     Sequences whose query length is not 1 are skipped (a mixed batch: the prefill kernel
     fills their rows of ``out``). ``kv_cache`` [2, blocks, bs, KVH, D], ``block_table``
     [B, max_blocks]. Returns ``out`` [T, H, D] (allocated in q's dtype when not given).
     Allocates its split buffers per call (from the graph pool when captured)."""
+    if dilation > 1 and window is None:
+        raise ValueError(f"dilation={dilation} needs a window")
     B = num_computed.shape[0]
     _, H, D = q.shape
     _, _, bs, kvh, _ = kv_cache.shape
@@ -261,10 +277,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         q, kc, vc, block_table, num_computed, query_start_loc, acc, ml, cnt, out,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0),
         out.stride(0), out.stride(1),
-        scale, softcap or 0.0, window or 0, ring or 1,
+        scale, softcap or 0.0, window or 0, ring or 1, dilation,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, num_warps=num_warps, num_stages=num_stages)
+        MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, DILATED=dilation > 1, num_warps=num_warps,
+        num_stages=num_stages)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)

@@ -21,9 +21,11 @@ from qkv.kvcache.kv_quant import as_stored, compute_dtype, is_fp8
 
 @triton.jit
 def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
-            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr = True):
+            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr = True,
+            dil=1, DILATED: tl.constexpr = False):
     """One key tile of the online softmax. ``MASKED=False``: the caller guarantees every key
-    of the tile is valid and visible to every query row (no causal, window or padding test)."""
+    of the tile is valid and visible to every query row (no causal, window or padding test).
+    ``window`` is the span in positions (W*d dilated); ``DILATED`` keeps every ``dil``-th key."""
     k = k.to(q.dtype)  # an fp8 cache is widened to the query's dtype
     v = v.to(q.dtype)
     s = _scores(tl.dot(q, tl.trans(k)), sm_scale, softcap, HAS_SOFTCAP)
@@ -32,6 +34,8 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
         allowed = (dist >= 0) & kmask[None, :]
         if HAS_WINDOW:
             allowed = allowed & (dist < window)
+        if DILATED:  # neighbouring queries see different residues: a mask, not a strided load
+            allowed = allowed & (dist % dil == 0)
         s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
@@ -53,11 +57,11 @@ def _as_fp8(x, dtype):
 def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
-                    sm_scale, softcap, window, ring,
+                    sm_scale, softcap, window, ring, dil,
                     G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                    SKIP_DECODE: tl.constexpr, ROUND_FP8: tl.constexpr):
+                    SKIP_DECODE: tl.constexpr, ROUND_FP8: tl.constexpr, DILATED: tl.constexpr):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -106,7 +110,7 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
         k = tl.load(KC + off[:, None] + d[None, :], mask=lmask, other=0.0)
         v = tl.load(VC + off[:, None] + d[None, :], mask=lmask, other=0.0)
         m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
-                                HAS_WINDOW, HAS_SOFTCAP)
+                                HAS_WINDOW, HAS_SOFTCAP, True, dil, DILATED)
 
     # Phase 2: this step's keys [nc, q_hi) from k/v.
     lo2 = nc
@@ -135,7 +139,7 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
         if ROUND_FP8:
             k, v = _as_fp8(k, q.dtype), _as_fp8(v, q.dtype)
         m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
-                                HAS_WINDOW, HAS_SOFTCAP)
+                                HAS_WINDOW, HAS_SOFTCAP, True, dil, DILATED)
 
     out = acc / l_i[:, None]
     tl.store(OUT + (row0 + m)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(OUT.dtype.element_ty),
@@ -145,10 +149,14 @@ def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
 def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                   block_table: torch.Tensor, query_start_loc: torch.Tensor, num_computed: torch.Tensor,
                   max_query_len: int, scale: float, window: int | None = None, ring: int | None = None,
-                  softcap: float | None = None, skip_decode: bool = False) -> torch.Tensor:
+                  softcap: float | None = None, skip_decode: bool = False, dilation: int = 1) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``; returns [T, H, D] (q's dtype).
     Does not write the cache. With ``skip_decode`` the rows of one-token sequences are left
-    unwritten, for the decode kernel to fill."""
+    unwritten, for the decode kernel to fill. A dilated window (``dilation`` d > 1) scans the
+    ``window * d`` positions before each query tile and masks all but every d-th: d times the
+    undilated prefill's key tiles (decode, the steady state, reads only the W keys)."""
+    if dilation > 1 and window is None:
+        raise ValueError(f"dilation={dilation} needs a window")
     T, H, D = q.shape
     kc, vc = kv_cache[0], kv_cache[1]
     bs, kvh = kc.shape[1], kc.shape[2]
@@ -171,8 +179,8 @@ def paged_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: t
         q, k, v, kc, vc, block_table, query_start_loc, num_computed, out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0), out.stride(0), out.stride(1),
-        scale, softcap or 0.0, window or 0, ring or 1,
+        scale, softcap or 0.0, window * dilation if window else 0, ring or 1, dilation,
         G=H // kvh, D=D, D_PAD=D_PAD, BS=bs, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        SKIP_DECODE=skip_decode, ROUND_FP8=round_fp8, num_warps=4 if big else 8, num_stages=2 if big else 3)
+        SKIP_DECODE=skip_decode, ROUND_FP8=round_fp8, DILATED=dilation > 1, num_warps=4 if big else 8, num_stages=2 if big else 3)
     return out
