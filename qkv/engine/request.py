@@ -253,6 +253,11 @@ class Request:
         # bad_words as token id sequences.
         self.min_tokens_ids: list[int] = []
         self.bad_words_ids: list[list[int]] = []
+        # Encoder-decoder models (engine/encoder.py): the encoder's input (Whisper: log-mel
+        # [mels, frames]) and its output length, set by the engine; kept until the request ends
+        # because a preempted request runs its encoder again.
+        self.encoder_features: torch.Tensor | None = None
+        self.encoder_len = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -13,6 +13,12 @@ step in flight; ``Request.num_tokens`` counts it, so that request is planned as 
 When the pool runs dry, the most recently admitted running request is preempted: its
 blocks are freed (full ones stay in the prefix cache) and it goes back to the front of the
 queue to be recomputed later. Its sampled tokens are kept, so its output does not change.
+
+Encoder-decoder models: a request's encoder runs in the step that admits it (engine/encoder.py),
+so admission charges its ``encoder_len`` (Whisper: 1500 positions) to the token budget beside its
+prompt tokens. The encoder is never split; a request whose encoder exceeds what is left of the
+budget waits for the next step, unless it would be the step's first request (then it overdraws
+the budget once rather than wait forever when the budget is below ``encoder_len``).
 """
 
 from __future__ import annotations
@@ -131,9 +137,12 @@ class Scheduler:
             req = self.waiting[0]
             if seats + 1 + len(req.forks) > self.max_num_seqs:
                 break
+            enc = req.encoder_len  # its encoder runs in this step: charged to the budget
+            if enc and enc >= budget and out.requests:
+                break
             hit = self.kv.match_prefix(req)
             req.num_computed_tokens = hit
-            n = self._chunk(req, budget)
+            n = self._chunk(req, max(1, budget - enc))
             copies = self.kv.allocate(req, n)
             if copies is None:
                 self.kv.free(req)
@@ -155,7 +164,7 @@ class Scheduler:
             out.requests.append(req)
             out.num_new_tokens.append(n)
             out.copies += copies
-            budget -= n
+            budget -= n + enc
         return out
 
     def _chunk(self, req: Request, budget: int) -> int:
