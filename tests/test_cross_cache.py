@@ -1,0 +1,116 @@
+"""The cross-attention cache: ``qkv memory`` counts it exactly, the engine allocates what it
+predicts, the scheduler charges encoder work to its token budget, and nothing leaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkv import LLM
+from qkv.config import ModelConfig
+from qkv.engine.request import SamplingParams
+from qkv.tools.memory import engine_pools, footprint, pool_bytes
+
+from tests.test_whisper_model import ENC, MELS, PROMPT, mel, tiny_whisper
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Whisper base as its config.json has it (only the fields qkv reads).
+WHISPER_BASE = dict(model_type="whisper", vocab_size=51865, num_mel_bins=80, encoder_layers=6,
+                    encoder_attention_heads=8, decoder_layers=6, decoder_attention_heads=8, d_model=512,
+                    encoder_ffn_dim=2048, decoder_ffn_dim=2048, max_source_positions=1500, max_target_positions=448)
+
+
+def test_whisper_base_cross_bytes_per_request():
+    """6 decoder layers x K and V x 512 values x 4 bytes x 1500 positions, in whole blocks of 16
+    (1504 slots): 36,962,304 B per request at fp32, whatever the decoder's length."""
+    cfg = ModelConfig.from_hf(WHISPER_BASE)
+    for context in (4, 448):
+        f = footprint(cfg, context, batch=1, bits=32, block_size=16)
+        cross = [g for g in f.groups if g.spec.kind == "cross"]
+        assert len(cross) == 1 and cross[0].layers == list(range(6, 12))
+        assert cross[0].blocks_per_sequence == 94
+        assert cross[0].bytes_per_sequence == 6 * 2 * 512 * 4 * 1504 == 36_962_304
+    assert f.bytes_per_token == 6 * 2 * 512 * 4  # decoder self-attention only
+    half = footprint(cfg, 448, batch=1, bits=16, block_size=16)
+    assert [g for g in half.groups if g.spec.kind == "cross"][0].bytes_per_sequence == 36_962_304 // 2
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("whisper") / "tiny"
+    tiny_whisper().save_pretrained(path)
+    return str(path)
+
+
+def test_engine_allocates_what_memory_predicts(tiny_dir):
+    budget = 200_000
+    llm = LLM(tiny_dir, device="cpu", block_size=4, kv_cache_memory=budget, max_num_seqs=8)
+    cfg, eng = llm.config, llm.engine
+    want = engine_pools(cfg, 32, 4, budget=budget, max_num_seqs=8)
+    pools = [g.pool.num_blocks for g in eng.kv.groups]
+    assert want["blocks"] == dict(zip(["full", "cross"], pools))
+    assert eng.runner.kv_cache_bytes == want["bytes"] == pool_bytes(cfg, pools, 32, 4)
+    assert want["bytes"] <= budget
+    # Seats: each holds its 6 cross blocks and a 64-token decoder (16 blocks), as the split promises.
+    assert pools[1] % 6 == 0 and pools[0] >= pools[1] // 6 * 16
+    (req,) = eng.add_request(PROMPT, SamplingParams(max_tokens=3, ignore_eos=True), encoder_features=mel(0))
+    for cached in (len(PROMPT), len(PROMPT) + 1):
+        eng.step()
+        pred = footprint(cfg, cached, batch=1, bits=32, block_size=4)
+        assert [len(t) for t in eng.kv.block_tables(req.request_id)] == [g.blocks_per_sequence for g in pred.groups]
+        assert eng.stats()["num_blocks_in_use"] == sum(g.blocks_per_sequence for g in pred.groups)
+    while eng.has_unfinished():
+        eng.step()
+    s = eng.stats()
+    assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"]
+    assert eng.kv.groups[1].pool.num_free == pools[1]  # cross blocks are never kept for the prefix cache
+
+
+def test_scheduler_charges_the_encoder_to_the_token_budget(tiny_dir):
+    """Encoder 24 positions, prompts of 4. Budget 30: the first request's step costs 28, so the
+    second waits for the next step (then 1 decode + 28 fit). Budget 60: both in one step. Budget
+    8, below the encoder: the first request still runs (its encoder and one prompt token), alone."""
+    for budget, first, second in ((30, [4], [1, 4]), (60, [4, 4], [1, 1]), (8, [1], [3])):
+        llm = LLM(tiny_dir, device="cpu", num_kv_blocks=64, max_num_batched_tokens=budget)
+        eng = llm.engine
+        for i in range(2):
+            eng.add_request(PROMPT, SamplingParams(max_tokens=2, ignore_eos=True), encoder_features=mel(i))
+        plan, steps = eng.scheduler.schedule, []
+        eng.scheduler.schedule = lambda: (b := plan(), steps.append(b.num_new_tokens))[0]
+        eng.step()
+        eng.step()
+        assert steps == [first, second], budget
+        for r in list(eng._requests):
+            eng.abort(r)
+        s = eng.stats()
+        assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"]
+
+
+def test_parallel_samples_share_the_cross_blocks(tiny_dir):
+    """n=3 samples of one audio: one encoder run, one set of cross blocks (forks take references),
+    and seeded samples equal single requests with those seeds."""
+    llm = LLM(tiny_dir, device="cpu", num_kv_blocks=64, block_size=4)
+    p = {"encoder_features": mel(7), "prompt_token_ids": PROMPT}
+    out = llm.generate(p, SamplingParams(n=3, max_tokens=5, seed=11, ignore_eos=True))[0]
+    assert llm.engine.runner.encoder.num_encoded == 1
+    singles = [llm.generate(p, SamplingParams(max_tokens=5, seed=11 + i, ignore_eos=True))[0].token_ids
+               for i in range(3)]
+    assert [s.token_ids for s in out.samples] == singles
+    s = llm.stats()
+    assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"]
+
+
+def test_decoder_only_models_refuse_encoder_features(tiny_model):
+    path, _ = tiny_model("llama")
+    llm = LLM(path, device="cpu", num_kv_blocks=16)
+    with pytest.raises(ValueError, match="has no encoder"):
+        llm.generate({"encoder_features": torch.zeros(MELS, 2 * ENC), "prompt_token_ids": [3, 4]})
+
+
+def test_cuda_is_refused_by_name():
+    from qkv.engine.encoder import check_device
+
+    config = ModelConfig.from_hf(WHISPER_BASE)
+    with pytest.raises(ValueError, match="whisper .*not supported on cuda"):
+        check_device(config, torch.device("cuda"))
