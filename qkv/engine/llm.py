@@ -207,7 +207,8 @@ class LLM:
         params = params or self.get_default_sampling_params()
         if params.n != 1:
             raise ValueError("stream() takes n=1")
-        (req,) = self.engine.add_request(self._prompt_ids(prompt), params)
+        feats = prompt.get("encoder_features") if isinstance(prompt, dict) else None
+        (req,) = self.engine.add_request(self._prompt_ids(prompt), params, encoder_features=feats)
         try:
             while not req.finished:
                 for out in self.engine.step():

@@ -14,6 +14,7 @@ _MODELS = {
     "gemma3": ("qkv.model.gemma3", "Gemma3ForCausalLM"),
     "deepseek": ("qkv.model.deepseek", "DeepseekForCausalLM"),
     "whisper": ("qkv.model.whisper", "WhisperForConditionalGeneration"),
+    "bart": ("qkv.model.bart", "BartForConditionalGeneration"),
 }
 
 

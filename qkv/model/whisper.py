@@ -18,76 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.cross import cross_attention, write_cross_kv
 from qkv.config import ModelConfig
 from qkv.model.base import CausalLM
+from qkv.model.encdec import DecoderCrossAttention, DecoderSelfAttention, EncoderAttention
 from qkv.model.layers import activation
-
-
-class _Proj(nn.Module):
-    """q, k (no bias), v and out projections with HF's names."""
-
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.q_proj = nn.Linear(d, d)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d)
-        self.out_proj = nn.Linear(d, d)
-        self.heads, self.head_dim = heads, d // heads
-        self.scale = self.head_dim ** -0.5
-
-
-class EncoderAttention(_Proj):
-    """Bidirectional attention over one batch of encoder inputs [B, S, d]; not cached."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, S, d = x.shape
-        q, k, v = (p(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.out_proj(out.transpose(1, 2).reshape(B, S, d))
-
-
-class DecoderSelfAttention(_Proj):
-    """Causal self-attention through the paged cache (the attention backend writes it)."""
-
-    is_attention = True
-
-    def __init__(self, d: int, heads: int, layer: int, group: int):
-        super().__init__(d, heads)
-        self.layer, self.group, self.window = layer, group, None
-        self.kv_cache: torch.Tensor | None = None  # bound by the runner
-
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = (p(x).view(T, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale)
-        return self.out_proj(out.reshape(T, -1))
-
-
-class DecoderCrossAttention(_Proj):
-    """Attention from the decoder's tokens to the encoder output's K/V in the cross pages."""
-
-    is_attention = True
-
-    def __init__(self, d: int, heads: int, layer: int, group: int):
-        super().__init__(d, heads)
-        self.layer, self.group, self.window = layer, group, None
-        self.kv_cache: torch.Tensor | None = None  # bound by the runner: this layer's cross cache
-
-    def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        T = x.shape[0]
-        q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        return self.out_proj(cross_attention(q, self.kv_cache, batch, self.group, self.scale).reshape(T, -1))
-
-    def write(self, enc: torch.Tensor, slots: torch.Tensor) -> None:
-        """Project encoder rows [N, d] to K/V and store them at ``slots`` [N]."""
-        N = enc.shape[0]
-        k = self.k_proj(enc).view(N, self.heads, self.head_dim)
-        v = self.v_proj(enc).view(N, self.heads, self.head_dim)
-        write_cross_kv(self.kv_cache, k, v, slots)
 
 
 class EncoderLayer(nn.Module):
@@ -191,6 +126,12 @@ class WhisperForConditionalGeneration(CausalLM):
             raise ValueError(f"encoder_features must be log-mel [{self.input_shape[0]}, {self.input_shape[1]}] "
                              f"per request, got {list(mel.shape[1:])}")
         return self.model.encoder(mel)
+
+    def encode_requests(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """One log-mel [mels, frames] per request -> each one's encoder output [encoder_len, d],
+        encoded as one batch (every Whisper input has the same shape)."""
+        p = self.lm_head.weight
+        return list(self.encode(torch.stack(features).to(p.device, p.dtype)))
 
     def write_cross_kv(self, enc: torch.Tensor, slots: torch.Tensor) -> None:
         """Every decoder layer's cross K/V of encoder rows [N, d], stored at ``slots`` [N]."""
