@@ -90,13 +90,14 @@ def test_prompt_logits_match_hf(whisper_dir):
     leak_free(llm)
 
 
-@pytest.mark.parametrize("prefix_caching,budget", [(True, 2048), (False, 3)])
-def test_greedy_tokens_and_cached_logits_match_hf_recompute(whisper_dir, prefix_caching, budget):
+@pytest.mark.parametrize("prefix_caching,budget,async_scheduling", [(True, 2048, False), (False, 3, False),
+                                                                   (True, 2048, True)])
+def test_greedy_tokens_and_cached_logits_match_hf_recompute(whisper_dir, prefix_caching, budget, async_scheduling):
     """Cached decode (qkv) equals a full recompute (HF) token for token; with a budget of 3 the
     encoder (24 positions) overdraws the step's budget and the prompt is prefilled in chunks."""
     path, hf = whisper_dir
     llm = LLM(path, device="cpu", num_kv_blocks=32, enable_prefix_caching=prefix_caching,
-              max_num_batched_tokens=budget)
+              max_num_batched_tokens=budget, async_scheduling=async_scheduling)
     f = mel(2)
     want, ref_rows = hf_greedy(hf, f, PROMPT, steps=10)
     out = llm.generate({"encoder_features": f, "prompt_token_ids": PROMPT},
