@@ -35,7 +35,6 @@ def whisper_fields(d: dict, source: str, common: dict) -> dict:
         encoder_ffn_dim=size("encoder_ffn_dim", 1536), num_mel_bins=size("num_mel_bins", 80),
         encoder_len=size("max_source_positions", 1500),
         decoder_start_token_id=d.get("decoder_start_token_id", 50257),
-        scale_embedding=bool(d.get("scale_embedding", False)),
     )
     return dict(
         **common,

@@ -20,7 +20,7 @@ def bart_dir(tmp_path_factory):
 
     cfg = tf.BartConfig(vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
-                        max_position_embeddings=64)
+                        max_position_embeddings=64, scale_embedding=True)
     torch.manual_seed(0)
     model = tf.BartForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # widen HF's init so greedy tokens are far from ties

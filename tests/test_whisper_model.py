@@ -90,6 +90,17 @@ def test_prompt_logits_match_hf(whisper_dir):
     leak_free(llm)
 
 
+def test_scale_embedding_is_not_applied_as_in_hf(tmp_path):
+    """HF's Whisper derives embed_scale from scale_embedding but never multiplies by it."""
+    hf = tiny_whisper(seed=1, scale_embedding=True)
+    hf.save_pretrained(tmp_path / "scaled")
+    llm = LLM(str(tmp_path / "scaled"), device="cpu", num_kv_blocks=16)
+    ours = qkv_logits(llm, mel(6), PROMPT)
+    with torch.no_grad():
+        ref = hf(input_features=mel(6)[None], decoder_input_ids=torch.tensor([PROMPT])).logits[0]
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("prefix_caching,budget,async_scheduling", [(True, 2048, False), (False, 3, False),
                                                                    (True, 2048, True)])
 def test_greedy_tokens_and_cached_logits_match_hf_recompute(whisper_dir, prefix_caching, budget, async_scheduling):

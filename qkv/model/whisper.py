@@ -84,7 +84,7 @@ class WhisperDecoder(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings, d)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i, groups) for i in range(cfg.num_layers))
         self.layer_norm = nn.LayerNorm(d)
-        self.embed_scale = d ** 0.5 if cfg.extra.get("scale_embedding") else 1.0
+        # No embed_scale: HF's Whisper computes one from scale_embedding but never applies it.
 
 
 class WhisperModel(nn.Module):
@@ -140,7 +140,7 @@ class WhisperForConditionalGeneration(CausalLM):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         dec = self.model.decoder
-        x = dec.embed_tokens(input_ids) * dec.embed_scale + dec.embed_positions(positions)
+        x = dec.embed_tokens(input_ids) + dec.embed_positions(positions)
         for layer in dec.layers:
             x = layer(x, batch)
         return dec.layer_norm(x)
