@@ -3,13 +3,16 @@ predicts, the scheduler charges encoder work to its token budget, and nothing le
 
 from __future__ import annotations
 
+import io
+import re
+
 import pytest
 import torch
 
 from qkv import LLM
 from qkv.config import ModelConfig
 from qkv.engine.request import SamplingParams
-from qkv.tools.memory import engine_pools, footprint, pool_bytes
+from qkv.tools.memory import engine_pools, footprint, pool_bytes, print_report, report
 
 from tests.test_whisper_model import ENC, MELS, PROMPT, mel, tiny_whisper
 
@@ -32,6 +35,10 @@ def test_whisper_base_cross_bytes_per_request():
         assert cross[0].blocks_per_sequence == 94
         assert cross[0].bytes_per_sequence == 6 * 2 * 512 * 4 * 1504 == 36_962_304
     assert f.bytes_per_token == 6 * 2 * 512 * 4  # decoder self-attention only
+    text = io.StringIO()
+    print_report(report("whisper-base", cfg, 448, 1, 32, 16), file=text)
+    assert re.search(r"cross 8 kv heads x 64 encoder 1500\s+6\s+4,096\s+24,576\s+94\s+36,962,304 35.25 MiB",
+                     text.getvalue()), text.getvalue()
     half = footprint(cfg, 448, batch=1, bits=16, block_size=16)
     assert [g for g in half.groups if g.spec.kind == "cross"][0].bytes_per_sequence == 36_962_304 // 2
 
