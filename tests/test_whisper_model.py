@@ -158,6 +158,20 @@ def test_continuous_batching_with_preemption_keeps_tokens(whisper_dir):
     leak_free(llm)
 
 
+def test_int8_weights_run_the_encoder_and_decoder(whisper_dir):
+    """quantization="int8" swaps every nn.Linear (the tied output projection too): the encoder
+    still runs and the logits stay near HF's fp32 ones."""
+    path, hf = whisper_dir
+    llm = LLM(path, device="cpu", num_kv_blocks=16, quantization="int8")
+    f = mel(1)
+    ours = qkv_logits(llm, f, PROMPT)
+    with torch.no_grad():
+        ref = hf(input_features=f[None], decoder_input_ids=torch.tensor([PROMPT])).logits[0]
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert 0 < err < 0.05, err
+    leak_free(llm)
+
+
 def test_bad_encoder_input_is_refused_by_name(whisper_dir):
     path, _ = whisper_dir
     llm = LLM(path, device="cpu", num_kv_blocks=16)

@@ -117,7 +117,7 @@ class BartForConditionalGeneration(CausalLM):
     def encode_requests(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """Each request's encoder token ids [n] -> its encoder output [n, d], one at a time
         (lengths differ; padding would need a mask for no gain on the CPU)."""
-        dev = self.lm_head.weight.device
+        dev = self.model.shared.weight.device  # an embedding: never quantized (model/quant.py)
         outs = []
         for ids in features:
             ids = ids.to(dev)

@@ -130,7 +130,7 @@ class WhisperForConditionalGeneration(CausalLM):
     def encode_requests(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """One log-mel [mels, frames] per request -> each one's encoder output [encoder_len, d],
         encoded as one batch (every Whisper input has the same shape)."""
-        p = self.lm_head.weight
+        p = self.model.encoder.conv1.weight  # never quantized (model/quant.py swaps only nn.Linear)
         return list(self.encode(torch.stack(features).to(p.device, p.dtype)))
 
     def write_cross_kv(self, enc: torch.Tensor, slots: torch.Tensor) -> None:
