@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qkv import LLM
 from qkv.engine.request import SamplingParams
@@ -185,3 +187,40 @@ def test_bad_encoder_input_is_refused_by_name(whisper_dir):
         llm.logits(PROMPT)
     leak_free(llm)
     assert not llm.engine.has_unfinished()
+
+
+_HF_TOKENS: dict = {}
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_schedule_gives_each_request_hf_tokens(whisper_dir, data):
+    """Random pools (self and cross sized by hand, often forcing preemption), block sizes, token
+    budgets (below and above the encoder's 24 positions), prefix caching and async scheduling,
+    and requests mixing three audios and four prompts: every request gets the tokens HF gives it
+    alone, and every block is free or cached afterwards."""
+    path, hf = whisper_dir
+    bs = data.draw(st.sampled_from([2, 4, 8]), "block_size")
+    enc_blocks = -(-ENC // bs)
+    n = data.draw(st.integers(2, 5), "requests")
+    reqs = [(data.draw(st.integers(0, 2)), data.draw(st.integers(0, 3)), data.draw(st.integers(1, 6)))
+            for _ in range(n)]
+    longest = max(len(PROMPT) + p + t for _, p, t in reqs)
+    self_blocks = data.draw(st.integers(-(-longest // bs), 3 * -(-longest // bs)), "self blocks")
+    cross_blocks = enc_blocks * data.draw(st.integers(1, 3), "cross seats")
+    llm = LLM(path, device="cpu", block_size=bs, num_kv_blocks=[self_blocks, cross_blocks],
+              max_num_batched_tokens=data.draw(st.sampled_from([5, 30, 200]), "budget"),
+              enable_prefix_caching=data.draw(st.booleans(), "prefix caching"),
+              async_scheduling=data.draw(st.booleans(), "async"))
+    prompts, want = [], []
+    for audio, extra, steps in reqs:
+        ids = PROMPT + list(range(20, 20 + extra))
+        key = (audio, extra, steps)
+        if key not in _HF_TOKENS:
+            _HF_TOKENS[key] = hf_greedy(hf, mel(100 + audio), ids, steps)[0]
+        prompts.append({"encoder_features": mel(100 + audio), "prompt_token_ids": ids})
+        want.append(_HF_TOKENS[key])
+    params = [SamplingParams(max_tokens=t, temperature=0, ignore_eos=True) for _, _, t in reqs]
+    outs = llm.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    leak_free(llm)
