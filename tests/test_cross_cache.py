@@ -121,3 +121,34 @@ def test_cuda_is_refused_by_name():
     config = ModelConfig.from_hf(WHISPER_BASE)
     with pytest.raises(ValueError, match="whisper .*not supported on cuda"):
         check_device(config, torch.device("cuda"))
+
+
+def test_cross_attention_reads_runs_and_scattered_pages_alike():
+    """The CPU cross attention against a per-query softmax written here: one sequence whose
+    cross blocks are a consecutive run (read as a view), one scattered (gathered), one with a
+    partial last block; GQA (2 query heads per KV head); decode and prefill rows mixed."""
+    from qkv.attention.batch import AttentionBatch
+    from qkv.attention.cross import cross_attention
+
+    g = torch.Generator().manual_seed(0)
+    bs, kvh, H, D = 4, 2, 4, 8
+    cache = torch.randn(2, 16, bs, kvh, D, generator=g)
+    tables = [[3, 4, 5], [9, 1, 14], [7, 8]]  # a run, scattered, a run
+    lens, qlens = [12, 10, 5], [1, 3, 2]
+    width = max(map(len, tables))
+    batch = AttentionBatch(query_start_loc=torch.tensor([0, 1, 4, 6]), num_computed=torch.zeros(3, dtype=torch.long),
+                           query_lens=torch.tensor(qlens), max_query_len=3, max_seq_len=3, block_size=bs,
+                           block_tables=[torch.tensor([t + [0] * (width - len(t)) for t in tables])],
+                           slot_mappings=[], ring_blocks=[None], encoder_lens=torch.tensor(lens))
+    q = torch.randn(6, H, D, generator=g)
+    out = cross_attention(q, cache, batch, 0, 0.3)
+    row = 0
+    for table, n_k, n_q in zip(tables, lens, qlens):
+        slots = [table[p // bs] * bs + p % bs for p in range(n_k)]
+        k = cache[0].reshape(-1, kvh, D)[slots]
+        v = cache[1].reshape(-1, kvh, D)[slots]
+        for t in range(row, row + n_q):
+            for h in range(H):
+                p = torch.softmax(k[:, h // 2] @ q[t, h] * 0.3, dim=0)
+                assert torch.allclose(out[t, h], p @ v[:, h // 2], atol=1e-5)
+        row += n_q

@@ -23,7 +23,9 @@ Cross-attention groups (encoder-decoder models, kvcache/cross.py) hold one table
 ``ceil(request.encoder_len / block_size)`` blocks, taken by the first ``allocate`` and written by
 the encoder (engine/encoder.py) before that step's decoder reads them; they are never keyed
 (the prefix cache shares only decoder blocks, whose keys the engine salts with the audio's
-hash), never grow and never need copy-on-write (forks only read them).
+hash), never grow and never need copy-on-write (forks only read them). ``free`` gives them back
+in table order, so the pool hands the next request a consecutive run, which the CPU cross
+attention reads as a view instead of a gather (attention/cross.py).
 """
 
 from __future__ import annotations
@@ -263,6 +265,9 @@ class KVCacheManager:
         if seq is None:
             return
         for g, table in enumerate(seq.tables):
+            if self.cross[g]:  # never cached: given back in order, so the next request's run is consecutive
+                self.groups[g].pool.release(table)
+                continue
             self.groups[g].pool.release([b for b in reversed(table) if b != self.null[g]])
 
     def fork(self, parent, child) -> None:
