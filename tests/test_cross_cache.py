@@ -77,8 +77,9 @@ def test_engine_allocates_what_memory_predicts(tiny_dir):
 def test_scheduler_charges_the_encoder_to_the_token_budget(tiny_dir):
     """Encoder 24 positions, prompts of 4. Budget 30: the first request's step costs 28, so the
     second waits for the next step (then 1 decode + 28 fit). Budget 60: both in one step. Budget
-    8, below the encoder: the first request still runs (its encoder and one prompt token), alone."""
-    for budget, first, second in ((30, [4], [1, 4]), (60, [4, 4], [1, 1]), (8, [1], [3])):
+    8, below the encoder: one admission per step still runs (its encoder and one prompt token),
+    beside what is running (here the first request's 3 remaining prompt tokens)."""
+    for budget, first, second in ((30, [4], [1, 4]), (60, [4, 4], [1, 1]), (8, [1], [3, 1])):
         llm = LLM(tiny_dir, device="cpu", num_kv_blocks=64, max_num_batched_tokens=budget)
         eng = llm.engine
         for i in range(2):

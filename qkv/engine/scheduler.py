@@ -17,8 +17,9 @@ queue to be recomputed later. Its sampled tokens are kept, so its output does no
 Encoder-decoder models: a request's encoder runs in the step that admits it (engine/encoder.py),
 so admission charges its ``encoder_len`` (Whisper: 1500 positions) to the token budget beside its
 prompt tokens. The encoder is never split; a request whose encoder exceeds what is left of the
-budget waits for the next step, unless it would be the step's first request (then it overdraws
-the budget once rather than wait forever when the budget is below ``encoder_len``).
+budget waits for the next step, unless it would be the step's first admission (then it overdraws
+the budget, by at most one encoder per step, rather than wait as long as others keep running
+when the budget is below ``encoder_len``).
 """
 
 from __future__ import annotations
@@ -133,12 +134,13 @@ class Scheduler:
         # siblings (n > 1) hold seats too: they join ``running`` when its prompt is done.
         # (Counted only when someone waits: a decode-only step skips the walk over ``running``.)
         seats = len(self.running) + sum(len(r.forks) for r in self.running) if self.waiting else 0
+        admitted = 0
         while self.waiting and budget > 0 and not preempted:
             req = self.waiting[0]
             if seats + 1 + len(req.forks) > self.max_num_seqs:
                 break
             enc = req.encoder_len  # its encoder runs in this step: charged to the budget
-            if enc and enc >= budget and out.requests:
+            if enc and enc >= budget and admitted:
                 break
             hit = self.kv.match_prefix(req)
             req.num_computed_tokens = hit
@@ -161,6 +163,7 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
             seats += 1 + len(req.forks)
+            admitted += 1
             out.requests.append(req)
             out.num_new_tokens.append(n)
             out.copies += copies
