@@ -30,6 +30,8 @@ ARCHITECTURES = {
     "gemma3": "gemma3",
     "deepseek_v2": "deepseek",
     "deepseek_v3": "deepseek",
+    "whisper": "whisper",  # encoder-decoder: config_whisper.py, model/whisper.py
+    "bart": "bart",  # text encoder-decoder: config_bart.py, model/bart.py
 }
 
 # Largest value each size field may take: far above any released model, far below what

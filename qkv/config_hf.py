@@ -53,6 +53,14 @@ def hf_fields(d: dict, source: str) -> dict:
         eos_token_ids=eos_ids,
         pad_token_id=d.get("pad_token_id"),
     )
+    if model_type == "whisper":
+        from qkv.config_whisper import whisper_fields
+
+        return whisper_fields(d, source, common)
+    if model_type == "bart":
+        from qkv.config_bart import bart_fields
+
+        return bart_fields(d, source, common)
     if model_type == "gpt2":
         hidden = need_int("n_embd", "hidden_size")
         heads = need_int("n_head", "num_attention_heads")

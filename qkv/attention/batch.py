@@ -24,6 +24,7 @@ class AttentionBatch:
     slot_mappings: list[torch.Tensor]  # per layer group: [T] int64, -1 = do not write
     ring_blocks: list[int | None]  # per layer group: ring length in blocks, None = full
     logits_indices: torch.Tensor | None = None  # rows whose logits are sampled
+    encoder_lens: torch.Tensor | None = None  # [B] int64: cross-attention keys per sequence (encoder-decoder)
     # Per-step values a backend derives once and every layer reuses (gather indices, masks).
     scratch: dict = field(default_factory=dict)
 

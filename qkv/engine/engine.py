@@ -14,7 +14,7 @@ import time
 import torch
 
 from qkv.config import ModelConfig
-from qkv.engine import processors, sampler, structured
+from qkv.engine import encoder, processors, sampler, structured
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
@@ -76,6 +76,7 @@ class LLMEngine:
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
+        encoder.check_device(config, self.device)  # encoder-decoder: CPU only for now
         if on_gpu:
             from qkv.engine import gpu
 
@@ -84,7 +85,7 @@ class LLMEngine:
             raise ValueError(f"attention backend {attention_backend!r} needs a CUDA device")
         grouped = group_layers(specs)
         layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
-        groups = [layer_group[i] for i in range(config.num_layers)]
+        groups = [layer_group[i] for i in range(len(specs))]  # cross layers too (kvcache/cross.py)
         if on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
         else:
@@ -100,7 +101,7 @@ class LLMEngine:
                                                     max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
         n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks,
                                    prefix_caching=enable_prefix_caching,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+                                   max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
         if min(n_blocks) < 1:
             raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
         self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
@@ -130,8 +131,10 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    cache_salt: str | None = None) -> list[Request]:
-        """Queue a prompt; returns its n sample requests. Raises ValueError at once, with
+                    cache_salt: str | None = None, encoder_features: torch.Tensor | None = None) -> list[Request]:
+        """Queue a prompt; returns its n sample requests. ``encoder_features``: an encoder-decoder
+        model's input (Whisper: log-mel [num_mel_bins, 2 * encoder_len]), required there and
+        refused elsewhere (engine/encoder.py). Raises ValueError at once, with
         nothing queued, for out-of-vocabulary ids, an id in use (samples are ``id/1..n-1``)
         and (RequestTooLarge) a request that can never run."""
         if params.stop and self.tokenizer is None:
@@ -147,6 +150,7 @@ class LLMEngine:
         if so is not None and self.grammars is None:
             raise ValueError("structured_outputs need a tokenizer; this model has none")
         matchers = [self.grammars.matcher(so) for _ in range(params.n)] if so is not None else None
+        features, enc_len, cache_salt = encoder.encoder_input(self.config, encoder_features, cache_salt)
         base_seed = params.seed
         head = Request(prompt_token_ids, params, request_id, cache_salt, index=0, seed=base_seed)
         self._check_new_id(head.request_id, params.n)
@@ -158,6 +162,8 @@ class LLMEngine:
         prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs)
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
         bad = self._bad_words_ids(params.bad_words) if params.bad_words else []
+        for r in reqs:
+            r.encoder_features, r.encoder_len = features, enc_len
         self.scheduler.add(head)
         head.forks = reqs[1:]
         for r in reqs:
@@ -355,6 +361,9 @@ class LLMEngine:
         chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps.
         Raises ValueError for empty or out-of-vocabulary ids and for more than ``max_model_len``
         tokens (positions past the model's context have no embedding)."""
+        if encoder.is_encoder_decoder(self.config):
+            raise ValueError(f"scoring (logits, prompt_logprobs) of {self.config.model_type} is not supported: "
+                             f"it needs the encoder input; generate with encoder_features instead")
         token_ids = self.check_token_ids(token_ids, "scored sequence")
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"{len(token_ids)} tokens exceed the maximum context length of "

@@ -5,6 +5,7 @@
     outs[0].text, outs[0].token_ids, outs[0].finish_reason
     outs[0].outputs[0].text                                   # vLLM's shape works too
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], sampling_params=SamplingParams(logprobs=2))
+    whisper.generate([{"encoder_features": mel, "prompt_token_ids": [50258, 50259, 50359, 50363]}])
 """
 
 from __future__ import annotations
@@ -100,15 +101,19 @@ class LLM:
                                           special_tokens_in_content=special_tokens_in_content, **template_kwargs)
 
     def _prompt_ids(self, p) -> list[int]:
-        """One prompt: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}."""
+        """One prompt: text, token ids, or vLLM's {"prompt": text} / {"prompt_token_ids": ids}, either
+        dict with an ``"encoder_features"`` tensor for an encoder-decoder model (``generate``)."""
         if isinstance(p, dict):
             if p.get("multi_modal_data") or p.get("mm_processor_kwargs"):
-                raise ValueError("multi_modal_data is not supported: qkv runs text models only")
-            if set(p) == {"prompt"} and isinstance(p["prompt"], str):
+                raise ValueError("multi_modal_data is not supported: pass an encoder-decoder model's input "
+                                 "as {'encoder_features': tensor, 'prompt_token_ids': [...]}")
+            keys = set(p) - {"encoder_features"}
+            if keys == {"prompt"} and isinstance(p["prompt"], str):
                 return self.encode(p["prompt"])
-            if set(p) == {"prompt_token_ids"} and isinstance(p["prompt_token_ids"], (list, tuple)):
+            if keys == {"prompt_token_ids"} and isinstance(p["prompt_token_ids"], (list, tuple)):
                 return list(p["prompt_token_ids"])
-            raise TypeError(f"a prompt dict must be {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}}, "
+            raise TypeError(f"a prompt dict must be {{'prompt': str}} or {{'prompt_token_ids': [int, ...]}} "
+                            f"(optionally with 'encoder_features'), "
                             f"got {{{', '.join(f'{k!r}: {type(v).__name__}' for k, v in p.items())}}}")
         if isinstance(p, str):
             return self.encode(p)
@@ -141,7 +146,11 @@ class LLM:
                  use_tqdm: bool | None = None, cache_salt: str | None = None, *,
                  sampling_params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """Run prompts batched through the scheduler. A prompt is a string, a list of token ids,
-        or vLLM's ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}``; ``prompts`` is one
+        or vLLM's ``{"prompt": str}`` / ``{"prompt_token_ids": [...]}``; for an encoder-decoder model
+        (Whisper) the dict also carries ``"encoder_features"``: a float tensor of log-mel
+        [num_mel_bins, 2 * max_source_positions] (Whisper base: [80, 3000]), and its prompt ids are
+        the decoder's (start, language, task, timestamp tokens). Requests with different audio
+        batch together; the prefix cache keys their decoder blocks by the features' hash. ``prompts`` is one
         prompt or a list of them. ``params`` (or vLLM's ``sampling_params=``): one
         SamplingParams for all, or one per prompt; None: the model's defaults
         (``get_default_sampling_params``). Returns one output per prompt, in order; with
@@ -151,7 +160,8 @@ class LLM:
         if not isinstance(prompts, (list, tuple)):
             raise TypeError(f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}")
         ids = [self._prompt_ids(p) for p in prompts]
-        outs = self._run(ids, self._params(params, sampling_params, len(ids)), use_tqdm, cache_salt)
+        feats = [p.get("encoder_features") if isinstance(p, dict) else None for p in prompts]
+        outs = self._run(ids, self._params(params, sampling_params, len(ids)), use_tqdm, cache_salt, feats)
         for p, out in zip(prompts, outs):
             text = p if isinstance(p, str) else p.get("prompt") if isinstance(p, dict) else None
             for o in [out] + out.samples:
@@ -168,11 +178,12 @@ class LLM:
         return outs[0] if single else outs
 
     def _run(self, prompt_ids: list[list[int]], params: list[SamplingParams], use_tqdm,
-             cache_salt) -> list[RequestOutput]:
+             cache_salt, features: list | None = None) -> list[RequestOutput]:
         heads = []
+        features = features or [None] * len(prompt_ids)
         try:
-            for ids, p in zip(prompt_ids, params):
-                heads.append(self.engine.add_request(ids, p, cache_salt=cache_salt))
+            for ids, p, f in zip(prompt_ids, params, features):
+                heads.append(self.engine.add_request(ids, p, cache_salt=cache_salt, encoder_features=f))
         except BaseException:  # nothing of a refused batch runs
             for reqs in heads:
                 self.engine.abort(reqs[0].request_id)
@@ -211,7 +222,8 @@ class LLM:
         params = params or self.get_default_sampling_params()
         if params.n != 1:
             raise ValueError("stream() takes n=1")
-        (req,) = self.engine.add_request(self._prompt_ids(prompt), params)
+        feats = prompt.get("encoder_features") if isinstance(prompt, dict) else None
+        (req,) = self.engine.add_request(self._prompt_ids(prompt), params, encoder_features=feats)
         try:
             while not req.finished:
                 for out in self.engine.step():

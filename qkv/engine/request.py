@@ -264,6 +264,11 @@ class Request:
         # Set by the engine at admission when params.structured_outputs is: this sample's own
         # grammar state (engine/structured.py), advanced in LLMEngine._append.
         self.structured = None
+        # Encoder-decoder models (engine/encoder.py): the encoder's input (Whisper: log-mel
+        # [mels, frames]) and its output length, set by the engine; kept until the request ends
+        # because a preempted request runs its encoder again.
+        self.encoder_features: torch.Tensor | None = None
+        self.encoder_len = 0
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -21,7 +21,8 @@ class ModelRunner:
         self.model, self.kv, self.device = model, kv, device
         self.block_size = kv.block_size
         # One cache tensor per layer, shaped by its group's spec and sized by its group's pool.
-        self.kv_caches: list[torch.Tensor] = [None] * model.config.num_layers
+        # (Encoder-decoder models have a cross-attention cache layer per decoder layer too.)
+        self.kv_caches: list[torch.Tensor] = [None] * sum(len(g.layers) for g in kv.groups)
         for g, group in enumerate(kv.groups):
             for layer in group.layers:
                 shape = group.spec.cache_shape(kv.num_pages(g), self.block_size)
@@ -30,6 +31,11 @@ class ModelRunner:
             module.kv_cache = self.kv_caches[module.layer]
         self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost
         self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
+        self.encoder = None
+        if kv.has_cross:
+            from qkv.engine.encoder import EncoderRunner
+
+            self.encoder = EncoderRunner(model, kv, device)
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -57,6 +63,7 @@ class ModelRunner:
         slots = [[] for _ in groups]
         tables = [[] for _ in groups]
         rings, total = self.kv.ring, 0
+        cross, enc_lens = self.kv.cross, []
         for req, n in zip(sched.requests, sched.num_new_tokens):
             start = req.num_computed_tokens
             end = start + n
@@ -72,8 +79,11 @@ class ModelRunner:
             qsl.append(total)
             if end == req.num_tokens:
                 logits_rows.append(total - 1)
+            enc_lens.append(req.encoder_len)
             for g, table in enumerate(self.kv.block_tables(req.request_id)):
                 tables[g].append(table)
+                if cross[g]:
+                    continue  # read only; the encoder wrote it (engine/encoder.py)
                 ring = rings[g]
                 if ring is None:  # KVCacheManager.slot, inlined: this loop runs per token
                     slots[g] += [table[p // bs] * bs + p % bs for p in range(start, end)]
@@ -105,6 +115,7 @@ class ModelRunner:
             slot_mappings=[tensor(s) for s in slots],
             ring_blocks=list(self.kv.ring),
             logits_indices=tensor(logits_rows),
+            encoder_lens=tensor(enc_lens) if self.encoder is not None else None,
         )
         input_ids = tensor(ids)
         if gather_at:
@@ -119,6 +130,8 @@ class ModelRunner:
         step. ``prev_tokens``: the in-flight step's sampled tokens, which pending input ids
         index (PendingTokens.tokens); only launched here, so the host never waits for them."""
         self._copy_blocks(sched.copies)
+        if self.encoder is not None:
+            self.encoder.run(sched)  # newly admitted requests: encode, write their cross pages
         if self.graphs is not None and not all_logits and self.graphs.can_run(sched):
             return self.graphs.run(sched, prev_tokens)
         input_ids, positions, batch = self.prepare(sched, prev_tokens)

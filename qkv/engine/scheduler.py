@@ -13,6 +13,13 @@ step in flight; ``Request.num_tokens`` counts it, so that request is planned as 
 When the pool runs dry, the most recently admitted running request is preempted: its
 blocks are freed (full ones stay in the prefix cache) and it goes back to the front of the
 queue to be recomputed later. Its sampled tokens are kept, so its output does not change.
+
+Encoder-decoder models: a request's encoder runs in the step that admits it (engine/encoder.py),
+so admission charges its ``encoder_len`` (Whisper: 1500 positions) to the token budget beside its
+prompt tokens. The encoder is never split; a request whose encoder exceeds what is left of the
+budget waits for the next step, unless it would be the step's first admission (then it overdraws
+the budget, by at most one encoder per step, rather than wait as long as others keep running
+when the budget is below ``encoder_len``).
 """
 
 from __future__ import annotations
@@ -127,13 +134,17 @@ class Scheduler:
         # siblings (n > 1) hold seats too: they join ``running`` when its prompt is done.
         # (Counted only when someone waits: a decode-only step skips the walk over ``running``.)
         seats = len(self.running) + sum(len(r.forks) for r in self.running) if self.waiting else 0
+        admitted = 0
         while self.waiting and budget > 0 and not preempted:
             req = self.waiting[0]
             if seats + 1 + len(req.forks) > self.max_num_seqs:
                 break
+            enc = req.encoder_len  # its encoder runs in this step: charged to the budget
+            if enc and enc >= budget and admitted:
+                break
             hit = self.kv.match_prefix(req)
             req.num_computed_tokens = hit
-            n = self._chunk(req, budget)
+            n = self._chunk(req, max(1, budget - enc))
             copies = self.kv.allocate(req, n)
             if copies is None:
                 self.kv.free(req)
@@ -152,10 +163,11 @@ class Scheduler:
             req.status = Status.RUNNING
             self.running.append(req)
             seats += 1 + len(req.forks)
+            admitted += 1
             out.requests.append(req)
             out.num_new_tokens.append(n)
             out.copies += copies
-            budget -= n
+            budget -= n + enc
         return out
 
     def _chunk(self, req: Request, budget: int) -> int:

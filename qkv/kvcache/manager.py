@@ -18,6 +18,14 @@ Ownership contract:
     preemption), so after any run ``free + cached == total`` in every pool;
   - a block is written only while its request holds the only reference: ``allocate``
     copies a shared block first and returns the (src, dst) pairs the runner must copy.
+
+Cross-attention groups (encoder-decoder models, kvcache/cross.py) hold one table per request of
+``ceil(request.encoder_len / block_size)`` blocks, taken by the first ``allocate`` and written by
+the encoder (engine/encoder.py) before that step's decoder reads them; they are never keyed
+(the prefix cache shares only decoder blocks, whose keys the engine salts with the audio's
+hash), never grow and never need copy-on-write (forks only read them). ``free`` gives them back
+in table order, so the pool hands the next request a consecutive run, which the CPU cross
+attention reads as a view instead of a gather (attention/cross.py).
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from dataclasses import dataclass, field
 
 from qkv.kvcache.pool import BlockPool
 from qkv.kvcache.prefix import block_key
-from qkv.kvcache.spec import CacheSpec, SlidingWindow, cdiv
+from qkv.kvcache.spec import CacheSpec, CrossAttention, SlidingWindow, cdiv
 
 
 @dataclass
@@ -42,6 +50,7 @@ class _Seq:
     keys: list[bytes] = field(default_factory=list)  # prefix keys of the full blocks hashed so far
     dropped: list[int] = field(default_factory=list)  # per group: table entries before this are null
     blocks_seen: int = -1  # cdiv(num_computed_tokens, block_size) at the last cache_blocks
+    encoded: bool = False  # cross groups: the encoder's K/V are written (engine/encoder.py)
 
 
 def group_layers(specs: list[CacheSpec]) -> list[tuple[CacheSpec, list[int]]]:
@@ -66,6 +75,7 @@ class KVCacheManager:
         # Positions a window group's queries may read back (a dilated window spreads over more).
         self.window = [s.span if w and enable_prefix_caching else None for (s, _), w in zip(grouped, sliding)]
         self.null = [g.pool.num_blocks if w is not None else None for g, w in zip(self.groups, self.window)]
+        self.cross = [isinstance(s, CrossAttention) for s, _ in grouped]
         self._seqs: dict[str, _Seq] = {}
 
     # ---------------------------------------------------------------- queries
@@ -96,6 +106,8 @@ class KVCacheManager:
             n = g.pool.num_blocks
             if isinstance(g.spec, SlidingWindow) and n >= g.spec.ring_blocks(bs) + (w is not None):
                 continue  # the group never holds more than its pool
+            if isinstance(g.spec, CrossAttention):
+                continue  # its size is the encoder's, not the sequence's (can_ever_fit checks it)
             limits.append(n * bs)
         return min(limits, default=None)
 
@@ -129,7 +141,7 @@ class KVCacheManager:
         if not (self.enable_prefix_caching and lookup):
             return 0
         tokens, bs = request.all_token_ids, self.block_size
-        full = [g for g, w in enumerate(self.window) if w is None]
+        full = [g for g, w in enumerate(self.window) if w is None and not self.cross[g]]
         keys, parent = [], None
         for i in range((len(tokens) - 1) // bs):
             parent = block_key(parent, tokens[i * bs:(i + 1) * bs], request.cache_salt)
@@ -142,6 +154,8 @@ class KVCacheManager:
                             for k in keys[max(0, n - cdiv(w, bs)):n]):
             n -= 1
         for g, group in enumerate(self.groups):
+            if self.cross[g]:
+                continue  # allocated and written fresh for every request
             first = 0 if self.window[g] is None else max(0, n - cdiv(self.window[g], bs))
             table = seq.tables[g]
             table += [self.null[g]] * first
@@ -169,7 +183,7 @@ class KVCacheManager:
         for i in range(len(seq.keys), request.num_computed_tokens // bs):
             key = block_key(seq.keys[-1] if seq.keys else None, tokens[i * bs:(i + 1) * bs], request.cache_salt)
             for g, group in enumerate(self.groups):
-                if seq.tables[g][i] != self.null[g]:
+                if not self.cross[g] and seq.tables[g][i] != self.null[g]:
                     group.pool.set_hash(seq.tables[g][i], key)
             seq.keys.append(key)
         # Window groups: blocks no later query can see leave the table (keyed, so cached).
@@ -199,6 +213,12 @@ class KVCacheManager:
         plan = []
         for g, group in enumerate(self.groups):
             table = seq.tables[g]
+            if self.cross[g]:  # the encoder's blocks, once; read-only afterwards
+                grow = cdiv(request.encoder_len, bs) - len(table)
+                if grow > group.pool.num_available:
+                    return None
+                plan.append((grow, []))
+                continue
             need = cdiv(end, bs) if self.window[g] is not None else group.spec.blocks_needed(end, bs)
             grow = need - len(table)
             # Blocks already in the table that this step writes and that others also hold.
@@ -227,6 +247,10 @@ class KVCacheManager:
         ``allocate``'s general path would grow nothing (the table reaches past ``block``) and
         copy nothing (the block is private), so it may return [] without planning."""
         for g, table in enumerate(seq.tables):
+            if self.cross[g]:
+                if table:
+                    continue  # taken at admission, never written again
+                return False  # the encoder's blocks are not taken yet
             i = block if self.ring[g] is None else block % self.ring[g]
             if i >= len(table):
                 return False
@@ -242,13 +266,17 @@ class KVCacheManager:
         if seq is None:
             return
         for g, table in enumerate(seq.tables):
+            if self.cross[g]:  # never cached: given back in order, so the next request's run is consecutive
+                self.groups[g].pool.release(table)
+                continue
             self.groups[g].pool.release([b for b in reversed(table) if b != self.null[g]])
 
     def fork(self, parent, child) -> None:
         """Let ``child`` share all of ``parent``'s blocks (parallel sampling). Whoever writes
         a shared block first gets a private copy from ``allocate``."""
         src = self._seqs[parent.request_id]
-        seq = _Seq(tables=[list(t) for t in src.tables], keys=list(src.keys), dropped=list(src.dropped))
+        seq = _Seq(tables=[list(t) for t in src.tables], keys=list(src.keys), dropped=list(src.dropped),
+                   encoded=src.encoded)
         for g, table in enumerate(seq.tables):
             for b in table:
                 if b != self.null[g]:
@@ -257,6 +285,18 @@ class KVCacheManager:
 
     def has(self, request_id: str) -> bool:
         return request_id in self._seqs
+
+    # ---------------------------------------------------------------- encoder
+    @property
+    def has_cross(self) -> bool:
+        return any(self.cross)
+
+    def needs_encoder(self, request_id: str) -> bool:
+        """Whether the request's cross blocks are taken but not yet written by its encoder."""
+        return self.has_cross and not self._seqs[request_id].encoded
+
+    def mark_encoded(self, request_id: str) -> None:
+        self._seqs[request_id].encoded = True
 
     # ---------------------------------------------------------------- stats
     def usage(self) -> dict[str, int]:

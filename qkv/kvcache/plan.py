@@ -23,7 +23,7 @@ global context. With the split above both groups get 1,820 blocks = 29,120 token
 from __future__ import annotations
 
 from qkv.kvcache.manager import KVCacheManager, group_layers
-from qkv.kvcache.spec import CacheSpec, SlidingWindow, cdiv
+from qkv.kvcache.spec import CacheSpec, CrossAttention, SlidingWindow, cdiv
 
 
 def sliding_caps(specs: list[CacheSpec], block_size: int, max_num_seqs: int, prefix_caching: bool = True,
@@ -43,9 +43,10 @@ def sliding_caps(specs: list[CacheSpec], block_size: int, max_num_seqs: int, pre
 
 def plan_num_blocks(specs: list[CacheSpec], block_size: int, max_num_seqs: int, budget_bytes: int | None = None,
                     num_blocks: int | list[int] | None = None, *, prefix_caching: bool = True,
-                    max_num_batched_tokens: int = 2048) -> list[int]:
+                    max_num_batched_tokens: int = 2048, max_model_len: int | None = None) -> list[int]:
     """Blocks per layer group (the module doc gives the rule). ``num_blocks``: an int is G
-    (sliding groups still get at most their cap); a list gives every group's count as is."""
+    (sliding groups still get at most their cap); a list gives every group's count as is.
+    Cross-attention groups (encoder-decoder models) are planned first by kvcache/cross.py."""
     grouped = group_layers(specs)
     if isinstance(num_blocks, (list, tuple)):
         if len(num_blocks) != len(grouped) or not all(isinstance(n, int) and n >= 1 for n in num_blocks):
@@ -53,6 +54,11 @@ def plan_num_blocks(specs: list[CacheSpec], block_size: int, max_num_seqs: int, 
             raise ValueError(f"num_kv_blocks {list(num_blocks)} must give one positive count per layer "
                              f"group ({len(grouped)}: {', '.join(kinds)})")
         return list(num_blocks)
+    if any(isinstance(s, CrossAttention) for s, _ in grouped):
+        from qkv.kvcache.cross import plan_with_cross
+
+        return plan_with_cross(specs, block_size, max_num_seqs, budget_bytes, num_blocks, max_model_len,
+                               prefix_caching=prefix_caching, max_num_batched_tokens=max_num_batched_tokens)
     caps = sliding_caps(specs, block_size, max_num_seqs, prefix_caching, max_num_batched_tokens)
     if num_blocks is not None:
         return [num_blocks if c is None else min(num_blocks, c) for c in caps]
@@ -75,7 +81,8 @@ def context_capacity(kv: KVCacheManager, max_model_len: int) -> tuple[int, int |
     smallest full group's pool in tokens (None: every layer slides, no global context)."""
     one = kv.max_tokens()
     one = max_model_len if one is None else min(one, max_model_len)
-    full = [g.pool.num_blocks * kv.block_size for g in kv.groups if not isinstance(g.spec, SlidingWindow)]
+    full = [g.pool.num_blocks * kv.block_size for g in kv.groups
+            if not isinstance(g.spec, (SlidingWindow, CrossAttention))]
     return one, min(full, default=None)
 
 

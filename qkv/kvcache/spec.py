@@ -10,6 +10,8 @@ bytes per token per layer, element size ``s``:
     ``ceil(W / block_size) + 1`` blocks: a ring, position ``i`` at ring slot ``i mod ring``;
     dilated by ``d``, the window's keys spread over ``W*d`` positions: ``ceil(W*d / block_size) + 1``
   - MLA: ``(kv_lora_rank + rope_dim) * s``: one latent and one shared RoPE key, no x2
+  - cross attention (encoder-decoder): as full attention per encoder position, but a sequence
+    holds ``ceil(encoder_len / block_size)`` blocks whatever its decoder length (kvcache/cross.py)
 """
 
 from __future__ import annotations
@@ -95,7 +97,21 @@ class MLA(_Paged):
         return (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)
 
 
-CacheSpec = FullAttention | SlidingWindow | MLA
+@dataclass(frozen=True)
+class CrossAttention(FullAttention):
+    """Encoder-decoder attention: the K/V of the encoder output, one entry per encoder
+    position. Written once when the request's encoder runs, read by every decoder step, never
+    appended to, freed with the request. ``encoder_len`` is the longest encoder output (1500
+    for Whisper); a sequence holds its blocks whatever its decoder length."""
+
+    encoder_len: int = 0
+    kind = "cross"
+
+    def blocks_needed(self, num_tokens: int, block_size: int) -> int:
+        return cdiv(self.encoder_len, block_size)
+
+
+CacheSpec = FullAttention | SlidingWindow | MLA | CrossAttention
 
 
 def layer_specs(config, dtype_bytes: int) -> list[CacheSpec]:
@@ -109,4 +125,6 @@ def layer_specs(config, dtype_bytes: int) -> list[CacheSpec]:
                                        dilation=config.dilation[len(specs)]))
         else:
             specs.append(FullAttention(config.num_kv_heads, config.head_dim, dtype_bytes))
-    return specs
+    from qkv.kvcache.cross import cross_specs  # encoder-decoder models: one more cache per decoder layer
+
+    return specs + cross_specs(config, dtype_bytes)

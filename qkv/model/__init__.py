@@ -13,6 +13,8 @@ _MODELS = {
     "llama": ("qkv.model.llama", "LlamaForCausalLM"),
     "gemma3": ("qkv.model.gemma3", "Gemma3ForCausalLM"),
     "deepseek": ("qkv.model.deepseek", "DeepseekForCausalLM"),
+    "whisper": ("qkv.model.whisper", "WhisperForConditionalGeneration"),
+    "bart": ("qkv.model.bart", "BartForConditionalGeneration"),
 }
 
 

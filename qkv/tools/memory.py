@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 from qkv.config import ConfigError, ModelConfig
 from qkv.kvcache.manager import group_layers
-from qkv.kvcache.spec import CacheSpec, SlidingWindow, layer_specs
+from qkv.kvcache.spec import CacheSpec, CrossAttention, SlidingWindow, layer_specs
 
 DTYPE_BITS = {"float32": 32, "fp32": 32, "bfloat16": 16, "bf16": 16, "float16": 16, "fp16": 16,
               "int8": 8, "fp8": 8, "int4": 4}
@@ -102,8 +102,10 @@ class Footprint(NamedTuple):
 
     @property
     def bytes_per_token(self) -> Fraction:
-        """What one cached token costs over all layers (before any window drops it)."""
-        return sum((g.bytes_per_token_per_layer * len(g.layers) for g in self.groups), Fraction(0))
+        """What one cached token costs over all layers (before any window drops it). Cross-attention
+        groups are per request, not per token: they count in ``bytes_per_sequence`` only."""
+        return sum((g.bytes_per_token_per_layer * len(g.layers) for g in self.groups
+                    if not isinstance(g.spec, CrossAttention)), Fraction(0))
 
     @property
     def bytes_per_sequence(self) -> Fraction:
@@ -155,7 +157,8 @@ def engine_pools(config: ModelConfig, bits: int, block_size: int = 16, budget: i
 
     specs = kv_specs(config, bits)
     n = plan_num_blocks(specs, block_size, max_num_seqs, budget, prefix_caching=prefix_caching,
-                        max_num_batched_tokens=max_num_batched_tokens)
+                        max_num_batched_tokens=max_num_batched_tokens,
+                        max_model_len=min(max_model_len or config.max_context, config.max_context))
     kv = KVCacheManager(specs, block_size, n, prefix_caching)
     one, together = context_capacity(kv, max_model_len or config.max_context)
     return {"budget": budget, "max_num_seqs": max_num_seqs, "max_num_batched_tokens": max_num_batched_tokens,
@@ -235,6 +238,8 @@ def group_dict(g: GroupFootprint) -> dict:
         d["window"] = g.spec.window
         if g.spec.dilation > 1:
             d["dilation"] = g.spec.dilation
+    if isinstance(g.spec, CrossAttention):
+        d["encoder_len"] = g.spec.encoder_len  # blocks_per_sequence: the encoder's, whatever the context
     return d
 
 
@@ -270,6 +275,7 @@ def print_report(r: dict, file=None) -> None:
                                    else f"{g['num_kv_heads']} kv heads x {g['head_dim']}")
         label += f" window {g['window']}" if "window" in g else ""
         label += f" dil {g['dilation']}" if "dilation" in g else ""
+        label += f" encoder {g['encoder_len']}" if "encoder_len" in g else ""
         p(f"{label:<36}{g['num_layers']:>7}{g['bytes_per_token_per_layer']:>15,}{g['bytes_per_token']:>12,}"
           f"{g['blocks_per_sequence']:>12,}{g['bytes_per_sequence']:>16,} {human(g['bytes_per_sequence']):>9}")
     p("")

@@ -1,0 +1,70 @@
+"""Cross (encoder-decoder) attention over the paged cross cache: the reference implementation.
+
+Every query of sequence ``b`` sees all ``batch.encoder_lens[b]`` encoder positions, read from
+the pages of its cross table (``batch.block_tables[group]``, position ``p`` at
+``table[p // block_size] * block_size + p % block_size``): no causal mask, no write (the
+encoder wrote them once, engine/encoder.py). Plain torch, textbook softmax(QK^T * scale)V per
+sequence: the CPU path and the oracle for any kernel; the tests compare it with HF transformers.
+
+Cache layout per layer: ``[2, num_blocks, block_size, kv_heads, head_dim]``, as full attention.
+No GPU path is validated yet (attention/triton/cross.py is untested on a GPU): the engine
+refuses encoder-decoder models on CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+from qkv.kvcache.kv_quant import to_cache
+
+
+def _plan(batch: AttentionBatch, group: int) -> list[tuple[int, int, int, int | list[int]]]:
+    """Per sequence: (first query row, query count, encoder length, pages), where pages is the
+    first block of a run of consecutive blocks (read as a view, no copy) or the list of blocks
+    to gather. Read on the host once per step and shared by every cross layer."""
+    key = ("cross", group)
+    if key not in batch.scratch:
+        bs = batch.block_size
+        qsl, lens = batch.query_start_loc.tolist(), batch.encoder_lens.tolist()
+        plan = []
+        for b, table in enumerate(batch.block_tables[group].tolist()):
+            n = -(-lens[b] // bs)
+            row = table[:n]
+            pages = row[0] if row == list(range(row[0], row[0] + n)) else row
+            plan.append((qsl[b], qsl[b + 1] - qsl[b], lens[b], pages))
+        batch.scratch[key] = plan
+    return batch.scratch[key]
+
+
+def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,
+                    scale: float) -> torch.Tensor:
+    """q [T, H, D] -> out [T, H, D]: softmax(q K_b^T * scale) V_b over sequence b's encoder K/V.
+
+    One sequence at a time: its keys are a view of the cache when its cross blocks are
+    consecutive (the manager hands them out and takes them back in runs, so for Whisper they
+    almost always are), else gathered by block. Gathering every sequence into one padded
+    batch instead copied each step's cross K/V once more and was ~2x slower on the CPU."""
+    T, H, D = q.shape
+    kvh = kv_cache.shape[3]
+    g = H // kvh
+    out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    for start, n_q, n_k, pages in _plan(batch, group):
+        if isinstance(pages, int):
+            n = -(-n_k // batch.block_size)
+            k, v = kv_cache[0, pages:pages + n], kv_cache[1, pages:pages + n]
+        else:
+            k, v = kv_cache[0][pages], kv_cache[1][pages]
+        k = k.reshape(-1, kvh, D)[:n_k].float()  # [L, KVH, D]; views stay views
+        v = v.reshape(-1, kvh, D)[:n_k].float()
+        qb = q[start:start + n_q].view(n_q, kvh, g, D).float()
+        probs = (torch.einsum("qkgd,lkd->kgql", qb, k) * scale).softmax(dim=-1)
+        out[start:start + n_q] = torch.einsum("kgql,lkd->qkgd", probs, v).reshape(n_q, H, D).to(q.dtype)
+    return out
+
+
+def write_cross_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store the encoder's K/V [N, KVH, D] at ``slots`` [N] (every row has its own slot)."""
+    kvh, d = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, kvh, d)[slots] = to_cache(k, kv_cache.dtype)
+    kv_cache[1].view(-1, kvh, d)[slots] = to_cache(v, kv_cache.dtype)

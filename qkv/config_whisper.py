@@ -1,0 +1,55 @@
+"""How transformers reads a Whisper ``config.json`` (``WhisperConfig``), for ``ModelConfig.from_hf``.
+
+The decoder is what ``ModelConfig``'s common fields describe (its layers, heads, FFN, learned
+positions up to ``max_target_positions``); the encoder's sizes go to ``extra``. ``encoder_len``
+(``max_source_positions``, 1500 for every released Whisper) is the number of encoder output
+positions: the conv stem halves the ``2 * max_source_positions`` mel frames of a 30 s window.
+It sizes the cross-attention cache (kvcache/cross.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qkv.config import ConfigError, bounded_int
+
+
+def whisper_fields(d: dict, source: str, common: dict) -> dict:
+    """``ModelConfig`` fields of an HF WhisperConfig dict (defaults as WhisperConfig's)."""
+
+    def size(name: str, default: int) -> int:
+        try:
+            return bounded_int(name, d.get(name, default), 1 << 20)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    hidden = size("d_model", 384)
+    heads = size("decoder_attention_heads", 6)
+    enc_heads = size("encoder_attention_heads", 6)
+    for name, h in (("decoder_attention_heads", heads), ("encoder_attention_heads", enc_heads)):
+        if hidden % h:
+            raise ConfigError(f"{source}: d_model={hidden} is not a multiple of {name}={h}")
+    act = d.get("activation_function", "gelu")
+    extra: dict[str, Any] = dict(
+        encoder_layers=size("encoder_layers", 4), encoder_attention_heads=enc_heads,
+        encoder_ffn_dim=size("encoder_ffn_dim", 1536), num_mel_bins=size("num_mel_bins", 80),
+        encoder_len=size("max_source_positions", 1500),
+        decoder_start_token_id=d.get("decoder_start_token_id", 50257),
+    )
+    return dict(
+        **common,
+        hidden_size=hidden,
+        num_layers=size("decoder_layers", 4),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        intermediate_size=size("decoder_ffn_dim", 1536),
+        max_position_embeddings=size("max_target_positions", 448),
+        norm_eps=1e-5,  # nn.LayerNorm's default: WhisperConfig has no eps field
+        hidden_act=act,
+        tie_word_embeddings=d.get("tie_word_embeddings", True),
+        qkv_bias=True,  # q and v only: k_proj has no bias (model/whisper.py)
+        o_bias=True,
+        mlp_bias=True,
+        extra=extra,
+    )

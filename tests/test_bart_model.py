@@ -1,0 +1,69 @@
+"""BART (a text encoder-decoder) through the same cross-attention cache as Whisper, against HF
+transformers in fp32: a tiny random ``BartForConditionalGeneration`` from ``BartConfig``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkv import LLM
+from qkv.engine.request import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DECODER_PROMPT = [2, 0]  # decoder_start_token_id, then bos, as HF's BART generation starts
+
+
+@pytest.fixture(scope="module")
+def bart_dir(tmp_path_factory):
+    import transformers as tf
+
+    cfg = tf.BartConfig(vocab_size=96, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                        max_position_embeddings=64, scale_embedding=True)
+    torch.manual_seed(0)
+    model = tf.BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # widen HF's init so greedy tokens are far from ties
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8)
+        model.final_logits_bias.normal_()  # a non-zero bias must be loaded, not assumed zero
+    path = tmp_path_factory.mktemp("bart") / "tiny"
+    model.save_pretrained(path)
+    return str(path), model
+
+
+def hf_greedy(model, enc_ids: list[int], steps: int) -> list[int]:
+    ids = list(DECODER_PROMPT)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=torch.tensor([enc_ids]), decoder_input_ids=torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(DECODER_PROMPT):]
+
+
+def test_bart_logits_and_batched_greedy_match_hf(bart_dir):
+    path, hf = bart_dir
+    llm = LLM(path, device="cpu", num_kv_blocks=64, block_size=4)
+    eng = llm.engine
+    enc = [list(range(5, 22)), [7, 9, 11, 30, 31, 40, 2]]  # different lengths: 17 and 7 positions
+    (req,) = eng.add_request(DECODER_PROMPT + [50, 51], SamplingParams(max_tokens=1), encoder_features=enc[0])
+    sched = eng.scheduler.schedule()
+    ours = eng.runner.execute(sched, all_logits=True)
+    eng.abort(req.request_id)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([enc[0]]), decoder_input_ids=torch.tensor([DECODER_PROMPT + [50, 51]])).logits[0]
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+    want = [hf_greedy(hf, e, steps=8) for e in enc]
+    assert want[0] != want[1]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"encoder_features": torch.tensor(e), "prompt_token_ids": DECODER_PROMPT} for e in enc],
+                        params)
+    assert [o.token_ids for o in outs] == want
+    s = llm.stats()
+    assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"]
+    with pytest.raises(ValueError, match="out of the vocabulary"):
+        llm.generate({"encoder_features": [5, 500], "prompt_token_ids": DECODER_PROMPT})
+    with pytest.raises(ValueError, match="1 to 64 encoder token ids"):
+        llm.generate({"encoder_features": list(range(65)), "prompt_token_ids": DECODER_PROMPT})
