@@ -172,3 +172,19 @@ def as_stored(x: torch.Tensor, fmt: PlaneFormat) -> torch.Tensor:
     from qkv.kvcache.kv_quant import as_stored as float_as_stored
 
     return float_as_stored(x, fmt.float_dtype)
+
+
+def check_arg(value: str) -> str:
+    """argparse ``type`` of ``--kv-cache-dtype``: "auto", one format or "K,V"; refused by name."""
+    import argparse
+
+    if value != "auto":
+        parts = value.split(",")
+        if len(parts) > 2:
+            raise argparse.ArgumentTypeError(f"{value!r}: give one format, or two ('K,V')")
+        for part in parts:
+            try:
+                plane_format(part, "--kv-cache-dtype")
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+    return value

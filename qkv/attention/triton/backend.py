@@ -14,6 +14,16 @@ from qkv.attention.batch import AttentionBatch
 from qkv.attention.triton.decode import paged_decode
 from qkv.attention.triton.kv_write import write_kv
 from qkv.attention.triton.prefill import paged_prefill
+from qkv.kvcache.kv_pages import layout_of
+
+
+def refuse_packed(kv_cache: torch.Tensor) -> None:
+    """No Triton kernel reads int8/int4 (packed) pages yet: refused by name, never misread."""
+    lay = layout_of(kv_cache)
+    if lay is not None:
+        label = ",".join(p.fmt.name for p in lay.planes)
+        raise NotImplementedError(f"the Triton attention backend cannot read a {label} KV cache yet; "
+                                  f"use attention_backend='reference' or kv_dtype bf16/fp16/fp8")
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -22,6 +32,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q [T, H, D], k/v [T, KVH, D] -> out [T, H, D]. Writes k/v into ``kv_cache`` pages."""
     if dilation != 1:
         raise NotImplementedError("the Triton backend has no dilated windows; use the reference backend")
+    refuse_packed(kv_cache)
     ring = batch.ring_blocks[group]
     table = batch.block_tables[group]
     slots = batch.slot_mappings[group]
