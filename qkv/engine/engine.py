@@ -88,8 +88,9 @@ class LLMEngine:
 
             self.attention_backend = gpu.select_backend(attention_backend)
             if self.attention_backend == "triton" and self.kv_packed is not None:
-                raise ValueError(f"kv_dtype {self.kv_packed.label}: the Triton attention backend cannot read "
-                                 f"int8/int4 KV pages yet; use attention_backend='reference' or bf16/fp16/fp8")
+                from qkv.attention.triton.packed import check_supported
+
+                check_supported(self.kv_packed, specs)
         elif attention_backend not in ("auto", "reference"):
             raise ValueError(f"attention backend {attention_backend!r} needs a CUDA device")
         grouped = group_layers(specs)
