@@ -19,6 +19,7 @@ import torch
 
 from qkv.attention.batch import AttentionBatch
 from qkv.kvcache import kv_pages
+from qkv.kvcache.kv_int import hadamard
 from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import as_stored, to_cache
 
@@ -114,12 +115,17 @@ def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
     """``paged_attention`` over packed int8/int4 pages: cached K/V are dequantized as they are
     gathered, this step's own K/V are used as stored (quantized and dequantized), and the
     step's K/V are written (quantized) after they are read, as for a ring."""
+    raw_k, raw_v = k, v
     k, v = kv_pages.stored(kv_cache, 0, k), kv_pages.stored(kv_cache, 1, v)
     ix = step_indices(batch, group, window, dilation)
     pick_new = ix.is_new[:, :, None, None]
     keys = torch.where(pick_new, k[ix.from_step], kv_pages.read(kv_cache, 0, ix.from_cache, k.dtype))
     values = torch.where(pick_new, v[ix.from_step], kv_pages.read(kv_cache, 1, ix.from_cache, v.dtype))
-    out = attend(q, keys, values, ix, batch, scale, softcap)
+    # Rotated planes (kv_pages): score the rotated query, rotate the output back.
+    out = attend(hadamard(q) if kv_pages.rotated(kv_cache, 0) else q, keys, values, ix, batch, scale, softcap)
+    if kv_pages.rotated(kv_cache, 1):
+        out = hadamard(out)
+    k, v = raw_k, raw_v
     slots = batch.slot_mappings[group]
     keep = slots >= 0
     if not bool(keep.all()):

@@ -137,6 +137,24 @@ def resolve(kv_dtype, k_dtype, v_dtype, model_dtype: torch.dtype) -> tuple[torch
 
 
 # ---------------------------------------------------------------- the arithmetic
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x [..., D] times the normalized Sylvester Hadamard matrix (D a power of two): orthonormal,
+    symmetric, its own inverse. Butterflies of adds and subtracts in fp32 (each row's result
+    depends on that row alone, whatever the batch), returned in x's dtype."""
+    return _hadamard32(x).to(x.dtype)
+
+
+def _hadamard32(x: torch.Tensor) -> torch.Tensor:
+    shape, D = x.shape, x.shape[-1]
+    y = x.reshape(-1, D).float()
+    h = 1
+    while h < D:
+        y = y.view(-1, D // (2 * h), 2, h)
+        y = torch.stack([y[:, :, 0] + y[:, :, 1], y[:, :, 0] - y[:, :, 1]], dim=2)
+        h *= 2
+    return y.reshape(shape) * D ** -0.5
+
+
 def quantize(x: torch.Tensor, fmt: PlaneFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., width] -> (bytes [..., value_bytes] uint8, scales [..., width / group] fp16)."""
     width = x.shape[-1]

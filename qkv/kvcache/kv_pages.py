@@ -15,6 +15,16 @@ bytes and one run of scales. ``page_bytes == block_size * spec.bytes_per_token``
 so the pool, ``qkv memory`` and the runner's allocation agree to the byte.
 
 Every 16-bit region must start at an even byte: widths must be multiples of 4.
+
+Integer K and V planes of width a power of two store ``hadamard(x)`` (an orthonormal rotation
+of the head dimension, QuaRot's trick) rather than x: a few key channels carry most of a key's
+magnitude (RoPE'd outlier channels), and one group scale per 32 values then rounds every other
+channel of the group to zero. Rotated, each channel carries a mix of all of them, so a group's
+absmax is close to its typical value. Scores are unchanged, since ``(Hq).(Hk) = q.k``: the
+backends rotate the query instead of un-rotating keys, and rotate the output
+(``P (H v) = H (P v)``, H its own inverse) instead of every value. ``read`` returns vectors in the
+rotated space. SmolLM2 int4 perplexity: +20.6% per-token unrotated, see docs/kv-cache.md rotated.
+MLA latents are not rotated (the absorbed kernels read them as they are).
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qkv.kvcache.kv_int import SCALE_DTYPE, PackedKV, PlaneFormat, dequantize, quantize
+from qkv.kvcache.kv_int import SCALE_DTYPE, PackedKV, PlaneFormat, dequantize, hadamard, quantize
 
 
 @dataclass(frozen=True)
@@ -34,6 +44,7 @@ class Plane:
     values_at: int  # byte offset in the page
     scales_at: int  # byte offset in the page (== end of values for a float plane)
     end: int
+    rotated: bool = False  # stores hadamard(x): see the module doc
 
 
 @dataclass(frozen=True)
@@ -66,7 +77,8 @@ def layout(spec, block_size: int) -> PageLayout:
             raise ValueError(f"a packed {packed.label} KV cache needs head widths that are multiples of 4, got {width}")
         vals = block_size * rows * fmt.value_bytes(width)
         scales = block_size * rows * fmt.scale_count(width) * 2
-        planes.append(Plane(fmt, rows, width, at, at + vals, at + vals + scales))
+        rotated = fmt.is_int and spec.kind != "mla" and width & (width - 1) == 0
+        planes.append(Plane(fmt, rows, width, at, at + vals, at + vals + scales, rotated))
         at += vals + scales
     return PageLayout(block_size, tuple(planes))
 
@@ -115,16 +127,21 @@ def write(cache: torch.Tensor, plane: int, x: torch.Tensor, slots: torch.Tensor)
 
         vals[blk, pos] = to_cache(x, p.fmt.float_dtype)
         return
-    q, s = quantize(x, p.fmt)
+    q, s = quantize(hadamard(x) if p.rotated else x, p.fmt)
     vals[blk, pos] = q
     scales[blk, pos] = s
 
 
 def stored(cache: torch.Tensor, plane: int, x: torch.Tensor) -> torch.Tensor:
-    """``x`` as plane ``plane`` would read it back (kv_int.as_stored)."""
+    """``x`` as plane ``plane`` would read it back (kv_int.as_stored; rotated, if the plane is)."""
     from qkv.kvcache.kv_int import as_stored
 
-    return as_stored(x, cache.kv_layout.planes[plane].fmt)
+    p = cache.kv_layout.planes[plane]
+    return as_stored(hadamard(x) if p.rotated else x, p.fmt)
+
+
+def rotated(cache: torch.Tensor, plane: int) -> bool:
+    return cache.kv_layout.planes[plane].rotated
 
 
 def with_packed(specs: list, packed: PackedKV | None) -> list:

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
-from qkv.kvcache.kv_int import SCALE_MAX
+from qkv.kvcache.kv_int import SCALE_MAX, hadamard
 
 
 @triton.jit
@@ -103,6 +103,10 @@ def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_
     if T == 0:
         return
     lay, kp, vp = _layout_args(kv_cache)
+    if kp.rotated:  # (torch, row by row: the bytes equal kv_pages.write's)
+        k = hadamard(k)
+    if vp.rotated:
+        v = hadamard(v)
     _packed_write_kernel[(T, kvh)](
         k, v, kv_cache, kv_cache.view(torch.float16), slot_mapping, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,
@@ -250,15 +254,17 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     kvh = kp.rows
     if D & (D - 1) or D < 32:
         raise NotImplementedError(f"the packed decode kernel needs a power-of-two head_dim >= 32, got {D}")
-    if query_start_loc is None:
-        query_start_loc = torch.arange(B + 1, device=q.device)
     G = H // kvh
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
     G_PAD = max(16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((rows, 2), dtype=torch.float32, device=q.device)
-    if out is None:
+    if query_start_loc is None:
+        query_start_loc = torch.arange(B + 1, device=q.device)
+    if kp.rotated:  # scores of the rotated query against the rotated keys (kv_pages): one GEMM
+        q = _rotate(q)
+    if out is None or vp.rotated:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _packed_decode_kernel[(B, kvh, S)](
         q, kv_cache, kv_cache.view(torch.float16), block_table, num_computed, query_start_loc, acc, ml, out,
@@ -271,7 +277,19 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
-    return out
+    return _rotate(out) if vp.rotated else out
+
+
+_H: dict = {}
+
+
+def _rotate(x: torch.Tensor) -> torch.Tensor:
+    """``kv_int.hadamard`` as one fp32 GEMM (a query or an output: no stored byte depends on it)."""
+    D = x.shape[-1]
+    key = (D, x.device)
+    if key not in _H:
+        _H[key] = hadamard(torch.eye(D, device=x.device))
+    return (x.float() @ _H[key]).to(x.dtype)
 
 
 def check_supported(packed, specs) -> None:
