@@ -21,7 +21,9 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
-from qkv.kvcache.kv_int import SCALE_MAX, hadamard
+from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
+
+SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 
 
 @triton.jit
