@@ -22,6 +22,8 @@ import torch
 
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.reference import step_indices
+from qkv.kvcache import kv_pages
+from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import to_cache
 
 
@@ -44,13 +46,19 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
             out[rows] = part
         return out
     R, P = c_kv.shape[1], k_pe.shape[1]
-    flat = kv_cache.view(-1, R + P)
-    new = to_cache(torch.cat([c_kv, k_pe], dim=-1), flat.dtype)
+    packed = layout_of(kv_cache) is not None  # int8/int4 latent rows (kvcache/kv_pages.py)
+    if packed:
+        new = kv_pages.stored(kv_cache, 0, torch.cat([c_kv, k_pe], dim=-1)[:, None])[:, 0]
+    else:
+        flat = kv_cache.view(-1, R + P)
+        new = to_cache(torch.cat([c_kv, k_pe], dim=-1), flat.dtype)
     ix = step_indices(batch, group)
     from_cache, from_step, q_rows, q_valid = ix.from_cache, ix.from_step, ix.q_rows, ix.q_valid
     pick_new, mask = ix.is_new[:, :, None], ix.mask[:, None]
     # Cached latents come from the pages, this step's from ``new``: no copy of the whole cache.
-    entries = torch.where(pick_new, new[from_step].float(), flat[from_cache].float())  # [B, L, R + P]
+    cached = (kv_pages.read(kv_cache, 0, from_cache, c_kv.dtype)[..., 0, :].float() if packed
+              else flat[from_cache].float())
+    entries = torch.where(pick_new, new[from_step].float(), cached)  # [B, L, R + P]
     lat, rope_k = entries[..., :R], entries[..., R:]
     qn, qp = q_nope[q_rows].float(), q_pe[q_rows].float()  # [B, Q, H, *]
 
@@ -72,7 +80,10 @@ def mla_paged_attention(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Te
     out = out[q_valid].to(q_nope.dtype)
 
     keep = batch.slot_mappings[group] >= 0
-    flat[batch.slot_mappings[group][keep]] = new[keep]
+    if packed:  # stored from the unrounded rows: quantizing ``new`` again would round twice
+        kv_pages.write(kv_cache, 0, torch.cat([c_kv, k_pe], dim=-1)[keep][:, None], batch.slot_mappings[group][keep])
+    else:
+        flat[batch.slot_mappings[group][keep]] = new[keep]
     return out
 
 

@@ -18,6 +18,9 @@ from typing import NamedTuple
 import torch
 
 from qkv.attention.batch import AttentionBatch
+from qkv.kvcache import kv_pages
+from qkv.kvcache.kv_int import hadamard
+from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import as_stored, to_cache
 
 
@@ -68,6 +71,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     """q [T, H, D], k/v [T, KVH, D] -> out [T, H, Dv]. Writes k/v into ``kv_cache`` pages."""
     T, H, D = q.shape
     kvh = k.shape[1]
+    if layout_of(kv_cache) is not None:  # int8/int4 pages: dequantized as read (kvcache/kv_pages.py)
+        return packed_attention(q, k, v, kv_cache, batch, group, scale, window, softcap, dilation)
     # Attention sees this step's K/V as the cache will hold them (fp8 rounding included), so
     # a key gives the same scores whether it was computed in this step or read from a page.
     k, v = as_stored(k, kv_cache.dtype), as_stored(v, kv_cache.dtype)
@@ -75,7 +80,6 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
     ix = step_indices(batch, group, window, dilation)
-    q_rows, mask = ix.q_rows, ix.mask[:, None, None]
     ring = batch.ring_blocks[group] is not None
     if ring:  # read before writing: this step may reuse slots its own first queries still read
         pick_new = ix.is_new[:, :, None, None]
@@ -85,19 +89,49 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         write_kv(kv_cache, k, v, batch.slot_mappings[group], all_slots=True)
         keys, values = k_flat[ix.from_pages], v_flat[ix.from_pages]
 
+    out = attend(q, keys, values, ix, batch, scale, softcap)
+    if ring:
+        write_kv(kv_cache, k, v, batch.slot_mappings[group])
+    return out
+
+
+def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: float | None) -> torch.Tensor:
+    """softmax(Q K^T * scale) V of the padded queries over keys/values [B, L, KVH, D] -> [T, H, Dv]."""
+    H, D, kvh = q.shape[1], q.shape[2], keys.shape[2]
     B, Qmax = batch.num_seqs, batch.max_query_len
     g = H // kvh
-    qp = q[q_rows].view(B, Qmax, kvh, g, D)
+    qp = q[ix.q_rows].view(B, Qmax, kvh, g, D)
     scores = torch.einsum("bqhgd,blhd->bhgql", qp.float(), keys.float()) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
+    scores = scores.masked_fill(~ix.mask[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1)  # padding query rows are all -inf (NaN), and dropped below
     out = torch.einsum("bhgql,blhd->bqhgd", probs, values.float()).reshape(B, Qmax, H, -1)
-    out = out.reshape(B * Qmax, H, -1).index_select(0, ix.q_packed).to(q.dtype)  # [T, H, Dv], packed order
+    return out.reshape(B * Qmax, H, -1).index_select(0, ix.q_packed).to(q.dtype)  # [T, H, Dv], packed order
 
-    if ring:
-        write_kv(kv_cache, k, v, batch.slot_mappings[group])
+
+def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window=None,
+                     softcap=None, dilation: int = 1) -> torch.Tensor:
+    """``paged_attention`` over packed int8/int4 pages: cached K/V are dequantized as they are
+    gathered, this step's own K/V are used as stored (quantized and dequantized), and the
+    step's K/V are written (quantized) after they are read, as for a ring."""
+    raw_k, raw_v = k, v
+    k, v = kv_pages.stored(kv_cache, 0, k), kv_pages.stored(kv_cache, 1, v)
+    ix = step_indices(batch, group, window, dilation)
+    pick_new = ix.is_new[:, :, None, None]
+    keys = torch.where(pick_new, k[ix.from_step], kv_pages.read(kv_cache, 0, ix.from_cache, k.dtype))
+    values = torch.where(pick_new, v[ix.from_step], kv_pages.read(kv_cache, 1, ix.from_cache, v.dtype))
+    # Rotated planes (kv_pages): score the rotated query, rotate the output back.
+    out = attend(hadamard(q) if kv_pages.rotated(kv_cache, 0) else q, keys, values, ix, batch, scale, softcap)
+    if kv_pages.rotated(kv_cache, 1):
+        out = hadamard(out)
+    k, v = raw_k, raw_v
+    slots = batch.slot_mappings[group]
+    keep = slots >= 0
+    if not bool(keep.all()):
+        k, v, slots = k[keep], v[keep], slots[keep]
+    kv_pages.write(kv_cache, 0, k, slots)
+    kv_pages.write(kv_cache, 1, v, slots)
     return out
 
 

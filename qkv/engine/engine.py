@@ -21,6 +21,8 @@ from qkv.engine.runner import ModelRunner
 from qkv.engine.scheduler import ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
 from qkv.kvcache.plan import capacity_line, plan_num_blocks  # noqa: F401 (plan_num_blocks: re-exported)
+from qkv.kvcache.kv_int import resolve as resolve_kv
+from qkv.kvcache.kv_pages import with_packed
 from qkv.kvcache.spec import layer_specs
 from qkv.model import build_model
 
@@ -56,7 +58,7 @@ class LLMEngine:
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, k_dtype=None, v_dtype=None):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
         unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
@@ -67,12 +69,17 @@ class LLMEngine:
         ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
-        decode steps replay CUDA graphs (there the host would otherwise idle the GPU)."""
+        decode steps replay CUDA graphs (there the host would otherwise idle the GPU).
+        ``kv_dtype``: the cache's storage, one format or "K,V" ("int4,int8"); ``k_dtype`` and
+        ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py)."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
-        self.kv_dtype = kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
-        specs = layer_specs(config, torch.finfo(kv_dtype).bits // 8)
+        # One float format for K and V: plain pages of that dtype; int8/int4 or K != V: packed
+        # uint8 pages with scales (kvcache/kv_pages.py), their specs carrying the formats.
+        self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)
+        kv_dtype = self.kv_dtype
+        specs = with_packed(layer_specs(config, kv_dtype.itemsize), self.kv_packed)
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
@@ -81,6 +88,10 @@ class LLMEngine:
             from qkv.engine import gpu
 
             self.attention_backend = gpu.select_backend(attention_backend)
+            if self.attention_backend == "triton" and self.kv_packed is not None:
+                from qkv.attention.triton.packed import check_supported
+
+                check_supported(self.kv_packed, specs)
         elif attention_backend not in ("auto", "reference"):
             raise ValueError(f"attention backend {attention_backend!r} needs a CUDA device")
         grouped = group_layers(specs)

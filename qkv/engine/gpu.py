@@ -11,6 +11,7 @@ import torch
 
 from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
+from qkv.kvcache.kv_pages import new_cache
 from qkv.kvcache.manager import group_layers
 from qkv.kvcache.spec import SlidingWindow
 from qkv.model import build_model
@@ -69,7 +70,7 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     layers = model.attention_layers()
     kv_dtype = kv_dtype or next(model.parameters()).dtype
     for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
-        m.kv_cache = torch.zeros(specs[m.layer].cache_shape(1, block_size), dtype=kv_dtype, device=device)
+        m.kv_cache = new_cache(specs[m.layer], 1, block_size, kv_dtype, device)
     i64 = dict(dtype=torch.int64, device=device)
 
     def forward(lens: list[int]) -> None:

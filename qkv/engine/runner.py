@@ -12,6 +12,7 @@ import torch
 
 from qkv.attention.batch import AttentionBatch
 from qkv.engine.scheduler import ScheduledBatch
+from qkv.kvcache.kv_pages import new_cache
 from qkv.kvcache.manager import KVCacheManager
 from qkv.model.base import CausalLM
 
@@ -25,8 +26,7 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = [None] * sum(len(g.layers) for g in kv.groups)
         for g, group in enumerate(kv.groups):
             for layer in group.layers:
-                shape = group.spec.cache_shape(kv.num_pages(g), self.block_size)
-                self.kv_caches[layer] = torch.zeros(shape, dtype=kv_dtype, device=device)
+                self.kv_caches[layer] = new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype, device)
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
         self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost

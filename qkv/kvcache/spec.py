@@ -12,12 +12,17 @@ bytes per token per layer, element size ``s``:
   - MLA: ``(kv_lora_rank + rope_dim) * s``: one latent and one shared RoPE key, no x2
   - cross attention (encoder-decoder): as full attention per encoder position, but a sequence
     holds ``ceil(encoder_len / block_size)`` blocks whatever its decoder length (kvcache/cross.py)
+  - packed (``packed`` set: int8/int4, or K and V in different formats): each plane's values
+    plus its fp16 group scales, ``kv_pages.token_bytes``; one block is one uint8 page
+    ``[values | scales]`` per plane (layout in kvcache/kv_pages.py), ``dtype_bytes`` 1
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from qkv.kvcache.kv_int import PackedKV
 
 
 def cdiv(a: int, b: int) -> int:
@@ -29,7 +34,15 @@ class _Paged:
 
     @property
     def bytes_per_token(self) -> int:
+        if self.packed is not None:
+            from qkv.kvcache.kv_pages import token_bytes
+
+            return token_bytes(self.packed, self)
         return math.prod(self.entry_shape) * self.dtype_bytes
+
+    def packed_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """A packed cache: one uint8 page per block."""
+        return (num_blocks, block_size * self.bytes_per_token)
 
     def blocks_needed(self, num_tokens: int, block_size: int) -> int:
         return cdiv(num_tokens, block_size)
@@ -42,6 +55,7 @@ class FullAttention(_Paged):
     num_kv_heads: int
     head_dim: int
     dtype_bytes: int = 4
+    packed: PackedKV | None = None
     kind = "full"
 
     @property
@@ -51,6 +65,8 @@ class FullAttention(_Paged):
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """One layer's cache tensor: a K plane and a V plane of pages."""
+        if self.packed is not None:
+            return self.packed_shape(num_blocks, block_size)
         return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
 
 
@@ -86,6 +102,7 @@ class MLA(_Paged):
     kv_lora_rank: int
     rope_dim: int
     dtype_bytes: int = 4
+    packed: PackedKV | None = None  # the latent row in ``packed.k``'s format
     kind = "mla"
 
     @property
@@ -94,6 +111,8 @@ class MLA(_Paged):
 
     def cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         """One layer's cache tensor: pages of [latent | rope key] rows."""
+        if self.packed is not None:
+            return self.packed_shape(num_blocks, block_size)
         return (num_blocks, block_size, self.kv_lora_rank + self.rope_dim)
 
 

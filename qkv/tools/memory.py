@@ -77,9 +77,15 @@ def read_config(model: str) -> ModelConfig:
 
 
 # ---------------------------------------------------------------- arithmetic
-def kv_specs(config: ModelConfig, bits: int) -> list[CacheSpec]:
+def kv_specs(config: ModelConfig, bits: int | str) -> list[CacheSpec]:
     """The engine's per-layer cache specs at ``bits`` per element (a Fraction of a byte for
-    4-bit, so every product stays exact)."""
+    4-bit, so every product stays exact), or, for a format name ("int4", "int4,int8"), the
+    engine's packed specs: values and their group scales (kvcache/kv_pages.py)."""
+    if isinstance(bits, str):
+        from qkv.kvcache.kv_int import resolve
+        from qkv.kvcache.kv_pages import with_packed
+
+        return with_packed(layer_specs(config, 1), resolve(bits, None, None, None)[1])
     return layer_specs(config, Fraction(bits, 8))
 
 
@@ -117,7 +123,10 @@ class Footprint(NamedTuple):
 
     @property
     def total_values(self) -> Fraction:
-        return self.total_bytes * 8 / self.bits
+        """Cached values (scales not counted): bytes times each group's values per byte."""
+        per_seq = sum((Fraction(g.bytes_per_sequence) * math.prod(g.spec.entry_shape) / g.bytes_per_token_per_layer
+                       for g in self.groups), Fraction(0))
+        return per_seq * self.batch
 
 
 def footprint(config: ModelConfig, context: int, batch: int = 1, bits: int = 16,
@@ -267,7 +276,8 @@ def print_report(r: dict, file=None) -> None:
     p = lambda *a: print(*a, file=file or sys.stdout)  # noqa: E731
     p(f"{r['name'] or r['model']}: {r['model_type']}, {r['num_layers']} layers, {r['num_heads']} heads, "
       f"{r['attention']}")
-    p(f"context {r['context']:,} tokens x batch {r['batch']}, KV {r['kv_bits']}-bit, blocks of {r['block_size']} tokens")
+    kv = f"{r['kv_bits']}-bit" if isinstance(r["kv_bits"], int) else f"{r['kv_bits']} (group scales included)"
+    p(f"context {r['context']:,} tokens x batch {r['batch']}, KV {kv}, blocks of {r['block_size']} tokens")
     p("")
     p(f"{'layer group':<36}{'layers':>7}{'B/token/layer':>15}{'B/token':>12}{'blocks/seq':>12}{'bytes/seq':>26}")
     for g in r["groups"]:
@@ -334,8 +344,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="named model, .gguf file, HF directory (config.json is enough) or config.json")
     p.add_argument("--context", type=int, default=None, help="tokens per sequence (default: the model's maximum)")
     p.add_argument("--batch", type=int, default=1, help="sequences held at once")
-    p.add_argument("--kv-dtype", default="float16", choices=list(DTYPE_BITS),
-                   help="KV element type (fp8: the engine's kv_dtype='fp8')")
+    p.add_argument("--kv-dtype", default="float16", type=_kv_dtype_arg,
+                   help="KV element type (fp8: the engine's kv_dtype='fp8'; int8, int4 and 'K,V' pairs such as "
+                        "int4,int8: the engine's packed pages, group scales included)")
     # Every other command's --dtype is the model's compute dtype; here it meant the KV element.
     p.add_argument("--dtype", dest="kv_dtype", choices=list(DTYPE_BITS), action=_DeprecatedDtype,
                    help=argparse.SUPPRESS)
@@ -353,11 +364,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw KV bytes against context length")
 
 
+def _kv_dtype_arg(value: str) -> str:
+    from qkv.kvcache.kv_int import check_arg
+
+    return value if value in DTYPE_BITS else check_arg(value)
+
+
 def run(args) -> int:
     from qkv.attention_override import apply_attention_override
 
     config = apply_attention_override(read_config(args.model), args.attention_override, "--attention-override")
-    bits = args.kv_bits if args.kv_bits is not None else DTYPE_BITS[args.kv_dtype]
+    # int8/int4 and K,V pairs: the engine's packed pages (scales included); --kv-bits: values only.
+    packed = args.kv_dtype in ("int8", "int4") or args.kv_dtype not in DTYPE_BITS
+    bits = args.kv_bits if args.kv_bits is not None else args.kv_dtype if packed else DTYPE_BITS[args.kv_dtype]
     context = args.context or config.max_context
     pools = dict(budget=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)

@@ -14,12 +14,40 @@ from qkv.attention.batch import AttentionBatch
 from qkv.attention.triton.decode import paged_decode
 from qkv.attention.triton.kv_write import write_kv
 from qkv.attention.triton.prefill import paged_prefill
+from qkv.kvcache.kv_pages import layout_of
+
+
+def refuse_packed(kv_cache: torch.Tensor) -> None:
+    """The MLA kernel reads no packed latent pages: refused by name, never misread."""
+    lay = layout_of(kv_cache)
+    if lay is not None:
+        label = ",".join(p.fmt.name for p in lay.planes)
+        raise NotImplementedError(f"the Triton MLA backend cannot read a {label} latent cache; "
+                                  f"use attention_backend='reference' or kv_dtype bf16/fp16/fp8")
+
+
+def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window, softcap):
+    """int8/int4 pages: decode steps write (quantizing) and run the packed decode kernel, which
+    reads the pages as they are; other steps run the reference's packed path on the device."""
+    from qkv.attention.triton.packed import packed_decode, write_packed
+
+    if not batch.is_decode:
+        from qkv.attention.reference import packed_attention as torch_packed
+
+        return torch_packed(q, k, v, kv_cache, batch, group, scale, window, softcap)
+    write_packed(kv_cache, k, v, batch.slot_mappings[group])
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,
+                         batch.ring_blocks[group], softcap, max_seq_len=None if capturing else batch.max_seq_len,
+                         query_start_loc=batch.query_start_loc)
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     batch: AttentionBatch, group: int, scale: float, window: int | None = None,
                     softcap: float | None = None, dilation: int = 1) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] -> out [T, H, D]. Writes k/v into ``kv_cache`` pages."""
+    if layout_of(kv_cache) is not None:  # dilated windows over packed pages: refused in check_supported
+        return packed_attention(q, k, v, kv_cache, batch, group, scale, window, softcap)
     ring = batch.ring_blocks[group]
     table = batch.block_tables[group]
     slots = batch.slot_mappings[group]

@@ -93,6 +93,9 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
 def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
     """The backend's MLA entry (reference signature). Absorbed decode steps run the kernel
     above; everything else (prefill, the naive path, non-power-of-two latents) the reference."""
+    from qkv.attention.triton.backend import refuse_packed
+
+    refuse_packed(kv_cache)
     R, P = c_kv.shape[1], k_pe.shape[1]
     pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
     if not (absorbed and batch.is_decode and pow2):

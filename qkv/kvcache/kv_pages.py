@@ -1,0 +1,153 @@
+"""Packed KV pages: int8/int4 values and their scales in one uint8 page per block.
+
+A layer's packed cache is a uint8 tensor ``[num_blocks, page_bytes]`` (``spec.cache_shape``)
+carrying its ``PageLayout`` as the attribute ``kv_layout`` (``new_cache`` sets it; the
+runner's tensor is the one every layer and backend receives, so the attribute travels with
+it). One page = one block of ``block_size`` tokens, planes one after the other, each plane
+its packed values first, then its scales:
+
+    [K values: bs x rows x value_bytes(width)] [K scales: bs x rows x groups, fp16]
+    [V values ...] [V scales ...]                       (no V plane for an MLA latent)
+
+with rows x width = kv heads x head_dim (MLA: 1 x (kv_lora_rank + rope_dim)). Values and
+scales apart keep a kernel's loads contiguous: a tile of tokens reads one run of packed
+bytes and one run of scales. ``page_bytes == block_size * spec.bytes_per_token`` exactly,
+so the pool, ``qkv memory`` and the runner's allocation agree to the byte.
+
+Every 16-bit region must start at an even byte: widths must be multiples of 4.
+
+Integer K and V planes of width a power of two store ``hadamard(x)`` (an orthonormal rotation
+of the head dimension, QuaRot's trick) rather than x: a few key channels carry most of a key's
+magnitude (RoPE'd outlier channels), and one group scale per 32 values then rounds every other
+channel of the group to zero. Rotated, each channel carries a mix of all of them, so a group's
+absmax is close to its typical value. Scores are unchanged, since ``(Hq).(Hk) = q.k``: the
+backends rotate the query instead of un-rotating keys, and rotate the output
+(``P (H v) = H (P v)``, H its own inverse) instead of every value. ``read`` returns vectors in the
+rotated space. SmolLM2 int4 perplexity: +20.6% per-token unrotated, see docs/kv-cache.md rotated.
+MLA latents are not rotated (the absorbed kernels read them as they are).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from qkv.kvcache.kv_int import SCALE_DTYPE, PackedKV, PlaneFormat, dequantize, hadamard, quantize
+
+
+@dataclass(frozen=True)
+class Plane:
+    fmt: PlaneFormat
+    rows: int
+    width: int
+    values_at: int  # byte offset in the page
+    scales_at: int  # byte offset in the page (== end of values for a float plane)
+    end: int
+    rotated: bool = False  # stores hadamard(x): see the module doc
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    block_size: int
+    planes: tuple[Plane, ...]  # (K, V) or (latent,)
+
+    @property
+    def page_bytes(self) -> int:
+        return self.planes[-1].end
+
+
+def plane_shapes(spec) -> list[tuple[int, int]]:
+    """(rows, width) of each plane of ``spec``: K and V heads, or the one MLA latent row."""
+    if spec.kind == "mla":
+        return [(1, spec.kv_lora_rank + spec.rope_dim)]
+    return [(spec.num_kv_heads, spec.head_dim)] * 2
+
+
+def token_bytes(packed: PackedKV, spec) -> int:
+    fmts = (packed.k, packed.v)
+    return sum(f.token_bytes(r, w) for f, (r, w) in zip(fmts, plane_shapes(spec)))
+
+
+def layout(spec, block_size: int) -> PageLayout:
+    packed: PackedKV = spec.packed
+    at, planes = 0, []
+    for fmt, (rows, width) in zip((packed.k, packed.v), plane_shapes(spec)):
+        if width % 4:
+            raise ValueError(f"a packed {packed.label} KV cache needs head widths that are multiples of 4, got {width}")
+        vals = block_size * rows * fmt.value_bytes(width)
+        scales = block_size * rows * fmt.scale_count(width) * 2
+        rotated = fmt.is_int and spec.kind != "mla" and width & (width - 1) == 0
+        planes.append(Plane(fmt, rows, width, at, at + vals, at + vals + scales, rotated))
+        at += vals + scales
+    return PageLayout(block_size, tuple(planes))
+
+
+def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A zeroed cache tensor for one layer of ``spec``; a packed one carries its ``kv_layout``."""
+    t = torch.zeros(spec.cache_shape(num_blocks, block_size), dtype=dtype, device=device)
+    if getattr(spec, "packed", None) is not None:
+        t.kv_layout = layout(spec, block_size)
+    return t
+
+
+def layout_of(cache: torch.Tensor) -> PageLayout | None:
+    return getattr(cache, "kv_layout", None)
+
+
+# ---------------------------------------------------------------- reference reads and writes
+def _regions(cache: torch.Tensor, p: Plane, bs: int):
+    """Views of plane ``p``'s values [blocks, bs, rows, value bytes] and scales [blocks, bs, rows, groups]."""
+    vals = cache[:, p.values_at:p.scales_at].unflatten(1, (bs, p.rows, -1))
+    if not p.fmt.is_int:
+        return vals.view(p.fmt.float_dtype), None
+    scales = cache[:, p.scales_at:p.end].view(SCALE_DTYPE).unflatten(1, (bs, p.rows, -1))
+    return vals, scales
+
+
+def read(cache: torch.Tensor, plane: int, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Plane ``plane``'s vectors at ``slots`` (any shape S) -> [*S, rows, width] in ``dtype``."""
+    lay = cache.kv_layout
+    p, bs = lay.planes[plane], lay.block_size
+    vals, scales = _regions(cache, p, bs)
+    blk, pos = slots // bs, slots % bs
+    if scales is None:
+        return vals[blk, pos].to(dtype)
+    return dequantize(vals[blk, pos], scales[blk, pos], p.fmt, dtype)
+
+
+def write(cache: torch.Tensor, plane: int, x: torch.Tensor, slots: torch.Tensor) -> None:
+    """Store x [N, rows, width] at ``slots`` [N] (all >= 0), quantized as the plane's format."""
+    lay = cache.kv_layout
+    p, bs = lay.planes[plane], lay.block_size
+    vals, scales = _regions(cache, p, bs)
+    blk, pos = slots // bs, slots % bs
+    if scales is None:
+        from qkv.kvcache.kv_quant import to_cache
+
+        vals[blk, pos] = to_cache(x, p.fmt.float_dtype)
+        return
+    q, s = quantize(hadamard(x) if p.rotated else x, p.fmt)
+    vals[blk, pos] = q
+    scales[blk, pos] = s
+
+
+def stored(cache: torch.Tensor, plane: int, x: torch.Tensor) -> torch.Tensor:
+    """``x`` as plane ``plane`` would read it back (kv_int.as_stored; rotated, if the plane is)."""
+    from qkv.kvcache.kv_int import as_stored
+
+    p = cache.kv_layout.planes[plane]
+    return as_stored(hadamard(x) if p.rotated else x, p.fmt)
+
+
+def rotated(cache: torch.Tensor, plane: int) -> bool:
+    return cache.kv_layout.planes[plane].rotated
+
+
+def with_packed(specs: list, packed: PackedKV | None) -> list:
+    """``specs`` storing packed pages of ``packed`` (unchanged when None)."""
+    if packed is None:
+        return specs
+    from dataclasses import replace
+
+    return [replace(s, packed=packed, dtype_bytes=1) for s in specs]

@@ -1,0 +1,174 @@
+"""int8 / int4 KV cache (packed pages with fp16 group scales) on the CPU reference backend.
+
+(1) quantize-dequantize stays within half a quantization step of every element (hypothesis);
+(2) a page's bytes, the pool, ``qkv memory`` and the runner's allocation agree to the byte,
+scales included, and int4 holds >= 3.5x the tokens of bf16 in the same budget; (3) every
+cache property holds for the quantized cache itself: tokens equal with prefix caching on and
+off, for any token budget, under forced preemption, no block leaked, for each format, K and V
+formats set apart, sliding/global pools and the MLA latent cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkv import LLM
+from qkv.kvcache.kv_int import PackedKV, as_stored, dequantize, plane_format, quantize, resolve
+from test_kv_quant import drive, make, tiny, work
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BS = 4
+
+
+@settings(max_examples=40, deadline=None)
+@given(fmt=st.sampled_from(["int8", "int4"]), groups=st.integers(1, 3), rows=st.integers(1, 3),
+       mag=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2**16))
+def test_quantize_dequantize_error_bound(fmt, groups, rows, mag, seed):
+    f = plane_format(fmt)
+    width = f.group * groups
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=g) * mag
+    x[0, : f.group // 2] = 0.0  # a group may be half (or all) zeros
+    data, scale = quantize(x, f)
+    assert data.dtype == torch.uint8 and data.shape == (rows, width * f.bits // 8)
+    assert scale.dtype == torch.float16 and scale.shape == (rows, groups)
+    back = dequantize(data, scale, f, torch.float32)
+    absmax = x.unflatten(-1, (groups, f.group)).abs().amax(-1)
+    # Half a step per element, plus the fp16 rounding of the scale (relative 2^-11 of absmax).
+    bound = scale.float() / 2 + absmax * 2**-10
+    err = (back - x).abs().unflatten(-1, (groups, f.group)).amax(-1)
+    assert bool((err <= bound).all()), (err, bound)
+    assert torch.equal(as_stored(x, f), back)
+    # Stored values read back and stored again do not move: the step's own K/V and a page agree.
+    assert torch.equal(as_stored(back, f), back)
+
+
+def test_int4_packs_two_values_per_byte():
+    f = plane_format("int4")
+    x = torch.arange(-7, 9, dtype=torch.float32).repeat(2)[:32]  # absmax 8 -> scale 8/7
+    data, scale = quantize(x, f)
+    assert data.numel() == 16 and scale.item() == pytest.approx(8 / 7, rel=1e-3)
+    q = torch.stack([(data & 15).int() - 8, (data >> 4).int() - 8], -1).flatten()
+    assert q.tolist() == torch.round(x / scale.float()).clamp(-7, 7).int().tolist()
+
+
+def test_resolve_formats_and_errors():
+    assert resolve("int4,int8", None, None, torch.float32) == (torch.uint8, PackedKV(plane_format("int4"),
+                                                                                    plane_format("int8")))
+    assert resolve("int8", "int4", None, torch.float32)[1].label == "int4,int8"
+    assert resolve(None, None, None, torch.bfloat16) == (torch.bfloat16, None)
+    assert resolve("fp8", None, None, torch.float32) == (torch.float8_e4m3fn, None)
+    assert resolve(None, "bf16", "int4", torch.float32)[1].label == "bf16,int4"
+    with pytest.raises(ValueError, match="v_dtype: unsupported dtype 'int2'"):
+        resolve(None, None, "int2", torch.float32)
+    with pytest.raises(ValueError, match="one format, or two"):
+        resolve("int4,int8,int8", None, None, torch.float32)
+    with pytest.raises(ValueError, match="k_dtype: fp32 cannot share a packed page"):
+        resolve(None, "fp32", "int4", torch.float32)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "int4,int8"])
+def test_bytes_pool_memory_tool_and_allocation_agree(tiny_model, kv):
+    from qkv.tools.memory import footprint, pool_bytes, read_config
+
+    path = tiny(tiny_model, "llama")  # 2 kv heads x head_dim 16
+    budget = 1 << 20
+    llm = LLM(path, dtype="float32", device="cpu", block_size=16, kv_cache_memory=budget, kv_dtype=kv)
+    eng = llm.engine
+    spec = eng.specs[0]
+    fmts = {"int8": (16 + 2, 16 + 2), "int4": (8 + 2, 8 + 2), "int4,int8": (8 + 2, 16 + 2)}[kv]  # one group of 16
+    per_token = 2 * sum(fmts)  # 2 kv heads
+    assert spec.bytes_per_token == per_token
+    n = eng.kv.groups[0].pool.num_blocks
+    cfg = read_config(path)
+    assert all(c.shape == (eng.kv.num_pages(0), 16 * per_token) and c.dtype == torch.uint8
+               for c in eng.runner.kv_caches)
+    assert eng.runner.kv_cache_bytes == pool_bytes(cfg, [n], kv, 16) <= budget
+    assert footprint(cfg, 16 * n, 1, kv, 16).total_bytes == n * 16 * per_token * cfg.num_layers
+
+
+def test_int4_holds_3_5x_the_tokens_of_bf16(tiny_model):
+    from qkv.tools.memory import engine_pools, read_config
+
+    # A real head_dim (64, SmolLM2's): the int4 groups of 32 carry one fp16 scale each.
+    cfg = read_config(tiny(tiny_model, "llama", head_dim=64))
+    bf16 = engine_pools(cfg, 16)["blocks"]["full"]
+    int4 = engine_pools(cfg, "int4")["blocks"]["full"]
+    assert int4 / bf16 >= 3.5, (int4, bf16)
+
+
+CASES = {  # one format per family keeps the run short; every format meets rings, windows and preemption
+    "int4/llama-gqa": ("int4", "llama", {}),
+    "int8/gemma3-hybrid": ("int8", "gemma3", {}),
+    "int4,int8/mistral-window": ("int4,int8", "mistral", dict(sliding_window=12)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_int_cache_keeps_the_cache_properties(tiny_model, tmp_path, case):
+    kv, family, over = CASES[case]
+    if family == "gemma3":
+        from test_gemma3 import tiny_gemma3
+
+        path, _ = tiny_gemma3(tmp_path)
+    else:
+        path = tiny(tiny_model, family, **over)
+    ref_llm = make(path, kv_dtype=kv, enable_prefix_caching=False)
+    assert all(c.dtype == torch.uint8 for c in ref_llm.engine.runner.kv_caches)
+    jobs = work(ref_llm.config.vocab_size, count=6)
+    ref = [drive(ref_llm.engine, [j])[0] for j in jobs]
+    longest = max(len(ids) + p.max_tokens for ids, p in jobs)
+    for kw in (dict(max_num_batched_tokens=3), dict(num_kv_blocks=-(-longest // BS) + 1)):
+        llm = make(path, kv_dtype=kv, **kw)
+        assert drive(llm.engine, jobs) == ref, kw
+        if "num_kv_blocks" in kw and family == "llama":
+            assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_k_and_v_dtypes_set_apart_equal_the_pair(tiny_model):
+    path = tiny(tiny_model, "qwen2")
+    ids = list(range(3, 50))
+    full = make(path).logits(ids)
+    pair = make(path, kv_dtype="int4,int8").logits(ids)
+    apart = make(path, k_dtype="int4", v_dtype="int8").logits(ids)
+    assert torch.equal(pair, apart)
+    errs = {}
+    for kv in ("int8", "int4"):
+        b = make(path, kv_dtype=kv).logits(ids)
+        errs[kv] = ((full - b).norm() / full.norm()).item()
+    assert 0 < errs["int8"] < errs["int4"] < 0.1, errs
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_int_mla_latent_cache(tmp_path, kv):
+    from test_mla import BASE, CASES as MLA_CASES, tiny_deepseek
+
+    version, over = MLA_CASES["v2-dense-noqlora"]
+    path, _ = tiny_deepseek(tmp_path, version, **over)
+    full = make(path, block_size=8, num_kv_blocks=64)
+    q = make(path, block_size=8, num_kv_blocks=64, kv_dtype=kv)
+    width = BASE["kv_lora_rank"] + BASE["qk_rope_head_dim"]
+    f = plane_format(kv)
+    assert q.engine.kv.groups[0].spec.bytes_per_token == f.token_bytes(1, width)
+    ids = list(range(5, 45))
+    a, b = full.logits(ids), q.logits(ids)
+    err = ((a - b).norm() / a.norm()).item()
+    assert 0 < err < (2e-2 if kv == "int8" else 1e-1), err
+    chunked = make(path, block_size=8, num_kv_blocks=64, kv_dtype=kv, max_num_batched_tokens=7)
+    torch.testing.assert_close(chunked.logits(ids), b, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_kv_cache_dtype_takes_one_or_two_formats(capsys):
+    from qkv.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["perplexity", "smollm2", "--kv-cache-dtype", "int4,int3"])
+    assert "unsupported dtype 'int3'" in capsys.readouterr().err
+    assert main(["memory", "smollm2", "--kv-dtype", "int4,int8", "--json"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))
