@@ -124,6 +124,14 @@ def test_cuda_is_refused_by_name():
         check_device(config, torch.device("cuda"))
 
 
+def test_packed_kv_is_refused_by_name(tiny_dir):
+    """int8/int4 pages: the cross-attention path does not read them, so the engine refuses at
+    construction (it used to fail mid-request with an IndexError)."""
+    for kv in ("int8", "int4,int8"):
+        with pytest.raises(ValueError, match="cross-attention cache does not read int8/int4"):
+            LLM(str(tiny_dir), device="cpu", num_kv_blocks=64, kv_dtype=kv)
+
+
 def test_cross_attention_reads_runs_and_scattered_pages_alike():
     """The CPU cross attention against a per-query softmax written here: one sequence whose
     cross blocks are a consecutive run (read as a view), one scattered (gathered), one with a
