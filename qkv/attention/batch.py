@@ -25,6 +25,10 @@ class AttentionBatch:
     ring_blocks: list[int | None]  # per layer group: ring length in blocks, None = full
     logits_indices: torch.Tensor | None = None  # rows whose logits are sampled
     encoder_lens: torch.Tensor | None = None  # [B] int64: cross-attention keys per sequence (encoder-decoder)
+    # Built for a CUDA graph (engine/cuda_graph.py): kernels size themselves for any length, in
+    # the eager warm-up as in the capture, so the warm-up compiles every kernel variant the
+    # capture launches (a Triton compile inside a capture invalidates it).
+    graph: bool = False
     # Per-step values a backend derives once and every layer reuses (gather indices, masks).
     scratch: dict = field(default_factory=dict)
 

@@ -75,7 +75,7 @@ class DecodeGraphs:
             query_lens=self.query_lens[:n], max_query_len=1, max_seq_len=self.max_model_len,
             block_size=self.block_size, block_tables=[t[:n] for t in self.block_tables],
             slot_mappings=[s[:n] for s in self.slot_mappings], ring_blocks=list(self.runner.kv.ring),
-            logits_indices=self.query_start_loc[:n])
+            logits_indices=self.query_start_loc[:n], graph=True)
 
     def _forward(self, n: int) -> torch.Tensor:
         model = self.runner.model

@@ -36,7 +36,7 @@ def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
 
         return torch_packed(q, k, v, kv_cache, batch, group, scale, window, softcap)
     write_packed(kv_cache, k, v, batch.slot_mappings[group])
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,
                          batch.ring_blocks[group], softcap, max_seq_len=None if capturing else batch.max_seq_len,
                          query_start_loc=batch.query_start_loc)
@@ -56,7 +56,7 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     max_keys = batch.max_seq_len if window is None else min(batch.max_seq_len, window)
     if batch.is_decode:
         write_kv(kv_cache, k, v, slots)
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+        capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
                             max_seq_len=None if capturing else max_keys,
                             query_start_loc=batch.query_start_loc, dilation=dilation)
