@@ -6,8 +6,6 @@ import argparse
 
 from .transcribe import RESPONSE_FORMATS, TASKS, render
 
-NOT_MERGED = "Whisper model support is not merged yet: this qkv has no LLM.transcribe"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="audio file (WAV, FLAC, OGG, MP3: anything libsndfile reads)")
@@ -20,12 +18,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def transcriber(model: str, device: str | None = None):
-    """``LLM(model)`` when this qkv's LLM can transcribe; else ValueError naming what is missing."""
+    """``LLM(model)``, refused (ValueError naming the model) unless it is a Whisper model."""
     from qkv import LLM
+    from qkv.audio.speech_engine import check_whisper
 
-    if not hasattr(LLM, "transcribe"):
-        raise ValueError(NOT_MERGED)
-    return LLM(model, device=device) if device else LLM(model)
+    llm = LLM(model, device=device) if device else LLM(model)
+    check_whisper(llm.config, llm.tokenizer, llm.source)
+    return llm
 
 
 def run(args) -> int:

@@ -25,12 +25,34 @@ def check_whisper(config, tokenizer, source: str) -> None:
         raise ValueError(f"{source}: this Whisper model has no tokenizer.json, which transcription needs")
 
 
-def speech_params(config, max_tokens: int) -> SamplingParams:
-    """Greedy decoding with the model's suppression rules, ``max_tokens`` new tokens at most."""
+def suppression(config, source: str) -> tuple[list[int], list[int]]:
+    """(suppress_tokens, begin_suppress_tokens): from an HF directory's generation_config.json
+    when it sets them (transformers reads them there first), else from the model config
+    (config.json; a CTranslate2 directory's ``suppress_ids``/``suppress_ids_begin``)."""
+    from pathlib import Path
+
+    from qkv.loading.hf import _read_json, model_file
+
     extra = config.extra or {}
+    found = [list(extra.get("suppress_tokens") or []), list(extra.get("begin_suppress_tokens") or [])]
+    d = Path(source)
+    if d.is_dir():
+        f = model_file(d, "generation_config.json")
+        gen = _read_json(f, required=False)
+        for i, key in enumerate(("suppress_tokens", "begin_suppress_tokens")):
+            value = gen.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, list) or not all(type(t) is int and t >= 0 for t in value):
+                raise ValueError(f"{f}: {key} must be a list of token ids, got {value!r}")
+            found[i] = value
+    return found[0], found[1]
+
+
+def speech_params(suppress: tuple[list[int], list[int]], max_tokens: int) -> SamplingParams:
+    """Greedy decoding with the model's ``suppression`` rules, ``max_tokens`` new tokens at most."""
     return SamplingParams(temperature=0.0, max_tokens=max(1, max_tokens), skip_special_tokens=False,
-                          suppress_token_ids=list(extra.get("suppress_tokens") or []),
-                          begin_suppress_token_ids=list(extra.get("begin_suppress_tokens") or []))
+                          suppress_token_ids=list(suppress[0]), begin_suppress_token_ids=list(suppress[1]))
 
 
 def max_target_positions(config, max_model_len: int) -> int:
@@ -40,8 +62,10 @@ def max_target_positions(config, max_model_len: int) -> int:
 def llm_generate(llm) -> GenerateFn:
     """A ``GenerateFn`` over ``LLM.generate``: all windows' requests are submitted at once."""
 
+    suppress = suppression(llm.config, llm.source)
+
     def generate(features, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        params = speech_params(llm.config, max_new_tokens)
+        params = speech_params(suppress, max_new_tokens)
         inputs = [{"encoder_features": f, "prompt_token_ids": p} for f, p in zip(features, prompts)]
         try:
             outs = llm.generate(inputs, params, use_tqdm=False)
