@@ -97,6 +97,7 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
         rid = f"transcr-{uuid.uuid4().hex[:16]}"
         streams: list = []
         waits: list[concurrent.futures.Future] = []
+        closed = False
 
         async def decode(features, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
             loop = engine_loop()
@@ -114,11 +115,14 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
             return [list(final[r].token_ids) for r in stream.request_ids]
 
         def generate(features, prompts, max_new_tokens):  # in the worker thread: wait for the engine thread
+            if closed:
+                raise ShuttingDown("the transcription was abandoned")
             wait = asyncio.run_coroutine_threadsafe(decode(features, prompts, max_new_tokens), aloop)
             waits.append(wait)
             return wait.result()
 
         model = speech_model(llm, generate)
+        state["inflight"] = state.get("inflight", 0) + 1  # a graceful shutdown waits for this answer
         try:
             result = await asyncio.to_thread(_transcribe, model, samples, _text(fields, "language"), response_format)
         except AudioError as e:
@@ -131,6 +135,8 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
         except ValueError as e:  # the engine refused a request (e.g. too large for the cache)
             raise P.APIError(400, str(e), code="invalid_value") from None
         finally:  # a client gone (this task cancelled) or an error: no request of ours may run on
+            closed = True
+            state["inflight"] -= 1
             for w in waits:
                 w.cancel()
             for st in streams:
