@@ -129,6 +129,14 @@ def test_long_audio_windows_and_language_detection(served, reference):
         client.audio.transcriptions.create(model="tiny-whisper", file=("a.wav", _wav()))
 
 
+def test_timestamps_are_refused_by_name(served):
+    """Without Whisper's timestamp rules the tokens would differ from Whisper's: refused."""
+    from qkv.audio.errors import AudioError
+
+    with pytest.raises(AudioError, match="timestamps: timestamped decoding is not supported"):
+        served[1].transcribe(_wav(), language="en", timestamps=True)
+
+
 def test_text_requests_to_whisper_get_a_clear_400(served):
     import httpx
 

@@ -25,6 +25,15 @@ def check_whisper(config, tokenizer, source: str) -> None:
         raise ValueError(f"{source}: this Whisper model has no tokenizer.json, which transcription needs")
 
 
+def check_timestamps(timestamps: bool) -> None:
+    """Timestamped decoding needs Whisper's timestamp rules (timestamps in pairs, increasing, a
+    timestamp forced when its probability mass wins); without them the model's tokens differ
+    from Whisper's and faster-whisper's, so it is refused rather than answered wrong."""
+    if timestamps:
+        raise AudioError("timestamps: timestamped decoding is not supported yet (Whisper's timestamp rules are "
+                         "not applied); segments are the 30-s windows")
+
+
 def suppression(config, source: str) -> tuple[list[int], list[int]]:
     """(suppress_tokens, begin_suppress_tokens): from an HF directory's generation_config.json
     when it sets them (transformers reads them there first), else from the model config

@@ -239,10 +239,12 @@ class LLM:
         """Speech to text with a Whisper model: ``audio`` is a file path, a file's bytes or 16 kHz
         samples; 30-s windows run as one batch of greedy requests. Returns OpenAI's shapes
         (``text`` -> str; ``json`` -> {"text"}; ``verbose_json`` with segments). AudioError
-        (a ValueError) names a bad argument or file; a model that is not Whisper is a ValueError."""
-        from qkv.audio.speech_engine import speech_model
+        (a ValueError) names a bad argument or file; a model that is not Whisper is a ValueError.
+        ``timestamps=True`` is refused: it needs Whisper's timestamp rules, not applied yet."""
+        from qkv.audio.speech_engine import check_timestamps, speech_model
         from qkv.audio.transcribe import transcribe
 
+        check_timestamps(timestamps)
         return transcribe(speech_model(self), audio, language, task, response_format, timestamps=timestamps)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
