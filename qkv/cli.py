@@ -35,7 +35,7 @@ COMMANDS = {
     "generate": ("qkv.cli", "generate text for one prompt, streamed to stdout"),
     "chat": ("qkv.cli", "multi-turn chat; each turn reuses the KV of the turns before"),
     "serve": ("qkv.server.cli", "OpenAI-compatible HTTP server"),
-    "bench": ("qkv.tools.bench", "benchmarks: latency, throughput, prefix, serve"),
+    "bench": ("qkv.tools.bench", "benchmarks: latency, throughput, prefix, serve, transcribe"),
     "memory": ("qkv.tools.memory", "exact KV-cache memory arithmetic and plots"),
     "convert": ("qkv.tools.convert", "MHA -> GQA/MQA by mean-pooling K/V heads"),
     "perplexity": ("qkv.tools.perplexity", "perplexity over sliding windows"),

@@ -35,6 +35,9 @@ def whisper_fields(d: dict, source: str, common: dict) -> dict:
         encoder_ffn_dim=size("encoder_ffn_dim", 1536), num_mel_bins=size("num_mel_bins", 80),
         encoder_len=size("max_source_positions", 1500),
         decoder_start_token_id=d.get("decoder_start_token_id", 50257),
+        # Whisper's decoding rules (audio/speech_engine.py): never these tokens; not these first.
+        suppress_tokens=_ids(d.get("suppress_tokens"), "suppress_tokens", source),
+        begin_suppress_tokens=_ids(d.get("begin_suppress_tokens"), "begin_suppress_tokens", source),
     )
     return dict(
         **common,
@@ -53,3 +56,12 @@ def whisper_fields(d: dict, source: str, common: dict) -> dict:
         mlp_bias=True,
         extra=extra,
     )
+
+
+def _ids(value, name: str, source: str) -> list[int]:
+    """A list of token ids (None: empty); anything else is refused naming the field."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(type(t) is int and t >= 0 for t in value):
+        raise ConfigError(f"{source}: {name} must be a list of token ids, got {value!r}")
+    return list(value)

@@ -25,7 +25,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 COMMANDS = list(cli.COMMANDS)
-BENCHMARKS = ["latency", "throughput", "prefix", "serve"]
+BENCHMARKS = ["latency", "throughput", "prefix", "serve", "transcribe"]
 
 
 def test_top_level_help_describes_every_command(capsys):

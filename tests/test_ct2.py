@@ -133,3 +133,26 @@ def test_a_non_whisper_spec_is_refused(converted, tmp_path):
         load_ct2_whisper(tmp_path)
     with pytest.raises(LoadError, match="no such file"):
         load_ct2_whisper(tmp_path / "nowhere")
+
+
+def test_load_reads_a_ct2_directory_and_the_engine_equals_hf(converted):
+    """``load`` (and so ``LLM``) takes a CTranslate2 directory: qkv's engine on it gives HF's
+    greedy tokens on the same random log-mel, and the tokenizer ends generations at <|endoftext|>."""
+    from qkv import LLM, SamplingParams
+    from qkv.loading import load
+
+    model, f32, _ = converted
+    loaded = load(f32)
+    assert loaded.config.model_type == "whisper" and loaded.source == str(f32)
+    assert loaded.tokenizer.token_to_id("<|endoftext|>") in loaded.config.eos_token_ids
+    mel = torch.randn(80, 3000, generator=torch.Generator().manual_seed(1))
+    prompt = [50258, 50259, 50359, 50363]
+    ids = list(prompt)
+    with torch.no_grad():
+        enc = model.model.encoder(mel[None]).last_hidden_state
+        for _ in range(4):
+            ids.append(int(model(encoder_outputs=(enc,), decoder_input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    llm = LLM(str(f32), device="cpu", kv_cache_memory=64 << 20)
+    out = llm.generate({"encoder_features": mel, "prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert out[0].token_ids == ids[len(prompt):]

@@ -6,8 +6,6 @@ import argparse
 
 from .transcribe import RESPONSE_FORMATS, TASKS, render
 
-NOT_MERGED = "Whisper model support is not merged yet: this qkv has no LLM.transcribe"
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", metavar="FILE", help="audio file (WAV, FLAC, OGG, MP3: anything libsndfile reads)")
@@ -17,22 +15,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--response-format", default="text", choices=RESPONSE_FORMATS,
                    help="text, or OpenAI's json / verbose_json (with 30-s segments)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (on a busy CPU, 1 may be fastest)")
 
 
-def transcriber(model: str, device: str | None = None):
-    """``LLM(model)`` when this qkv's LLM can transcribe; else ValueError naming what is missing."""
+def transcriber(model: str, device: str | None = None, threads: int | None = None):
+    """``LLM(model)``, refused (ValueError naming the model) unless it is a Whisper model."""
     from qkv import LLM
+    from qkv.audio.speech_engine import check_whisper
 
-    if not hasattr(LLM, "transcribe"):
-        raise ValueError(NOT_MERGED)
-    return LLM(model, device=device) if device else LLM(model)
+    llm = LLM(model, device=device, threads=threads)
+    check_whisper(llm.config, llm.tokenizer, llm.source)
+    return llm
 
 
 def run(args) -> int:
     from .io import load_audio
 
     samples = load_audio(args.file)  # a malformed file fails here, before any model loads
-    llm = transcriber(args.model, args.device)
+    llm = transcriber(args.model, args.device, args.threads)
     result = llm.transcribe(samples, language=args.language, task=args.task, response_format=args.response_format)
     print(render(result))
     return 0

@@ -157,6 +157,9 @@ class LLMEngine:
             self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.allowed_token_ids is not None:
             self.check_token_ids(params.allowed_token_ids, "allowed_token_ids")
+        for name in ("suppress_token_ids", "begin_suppress_token_ids"):
+            if getattr(params, name):
+                self.check_token_ids(getattr(params, name), name)
         so = params.structured_outputs
         if so is not None and self.grammars is None:
             raise ValueError("structured_outputs need a tokenizer; this model has none")

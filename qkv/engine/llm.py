@@ -6,6 +6,7 @@
     outs[0].outputs[0].text                                   # vLLM's shape works too
     llm.generate([{"prompt_token_ids": [1, 2, 3]}], sampling_params=SamplingParams(logprobs=2))
     whisper.generate([{"encoder_features": mel, "prompt_token_ids": [50258, 50259, 50359, 50363]}])
+    LLM("whisper-base").transcribe("talk.wav")                # {"text": ...} (qkv/audio/speech_engine.py)
 """
 
 from __future__ import annotations
@@ -232,6 +233,19 @@ class LLM:
         finally:
             if not req.finished:
                 self.engine.abort(req.request_id)
+
+    def transcribe(self, audio, language: str | None = None, task: str = "transcribe",
+                   response_format: str = "json", timestamps: bool = False):
+        """Speech to text with a Whisper model: ``audio`` is a file path, a file's bytes or 16 kHz
+        samples; 30-s windows run as one batch of greedy requests. Returns OpenAI's shapes
+        (``text`` -> str; ``json`` -> {"text"}; ``verbose_json`` with segments). AudioError
+        (a ValueError) names a bad argument or file; a model that is not Whisper is a ValueError.
+        ``timestamps=True`` is refused: it needs Whisper's timestamp rules, not applied yet."""
+        from qkv.audio.speech_engine import check_timestamps, speech_model
+        from qkv.audio.transcribe import transcribe
+
+        check_timestamps(timestamps)
+        return transcribe(speech_model(self), audio, language, task, response_format, timestamps=timestamps)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [len, vocab]; row t predicts token t+1, like HF ``model(ids).logits[0]``."""

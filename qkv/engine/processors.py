@@ -9,7 +9,8 @@ tokens of every due request have been read when sampling starts, async schedulin
 device without waiting for it. Python loops run over requests and their tokens, never over
 the vocabulary.
 
-Order and semantics follow vLLM v1: allowed_token_ids, bad_words, min_tokens and logit_bias
+Order and semantics follow vLLM v1: allowed_token_ids, bad_words, min_tokens (and Whisper's
+suppress_token_ids at every step, begin_suppress_token_ids at the first output token) and logit_bias
 first, then the penalties (repetition over prompt and output tokens, HF's formula; presence
 and frequency over output tokens, OpenAI's), then min_p, relative to the most likely token
 after temperature, expressed here on the logits (``l >= l_max + T ln min_p``) so that it
@@ -65,8 +66,10 @@ def _allowed(logits, reqs, rows, device, V) -> None:
 
 
 def _banned(logits, reqs, rows, device) -> None:
-    """bad_words (the last token of a word whose earlier tokens end the output) and, while the
-    output is shorter than min_tokens, eos and stop_token_ids: set to -inf."""
+    """bad_words (the last token of a word whose earlier tokens end the output); while the
+    output is shorter than min_tokens, eos and stop_token_ids; suppress_token_ids always, and
+    begin_suppress_token_ids while the output is empty (Whisper's SuppressTokens and
+    SuppressBlank): set to -inf."""
     rr, cc = [], []
     for i in rows:
         r = reqs[i]
@@ -79,6 +82,11 @@ def _banned(logits, reqs, rows, device) -> None:
         if len(out) < r.params.min_tokens:
             rr += [i] * len(r.min_tokens_ids)
             cc += r.min_tokens_ids
+        suppress = r.params.suppress_token_ids or []
+        if not out and r.params.begin_suppress_token_ids:
+            suppress = suppress + r.params.begin_suppress_token_ids
+        rr += [i] * len(suppress)
+        cc += suppress
     if rr:
         logits[_to(device, rr), _to(device, cc)] = NEG_INF
 

@@ -40,6 +40,10 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to those tokens' logits
     bad_words: list[str] | None = None  # words never generated (each tokenization's last token banned)
     allowed_token_ids: list[int] | None = None  # only these tokens may be sampled
+    # Whisper's decoding rules (set by LLM.transcribe from the model's generation config; not on
+    # the OpenAI API): these tokens are never sampled, and these not as the first output token.
+    suppress_token_ids: list[int] | None = None
+    begin_suppress_token_ids: list[int] | None = None
     # Log-probabilities of the model's own distribution (before any processor or temperature).
     logprobs: int | None = None  # per output token: the sampled token's and the top ``logprobs``
     prompt_logprobs: int | None = None  # per prompt token (the first has none)
@@ -106,6 +110,12 @@ class SamplingParams:
             if not isinstance(ids, (list, tuple)) or not ids:
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
             self.allowed_token_ids = [_int("allowed_token_ids", t, low=0) for t in ids]
+        for name in ("suppress_token_ids", "begin_suppress_token_ids"):
+            ids = getattr(self, name)
+            if ids is not None:
+                if not isinstance(ids, (list, tuple)):
+                    raise ValueError(f"{name} must be a list of token ids, got {ids!r}")
+                setattr(self, name, [_int(name, t, low=0) for t in ids] or None)
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, _int(name, getattr(self, name), low=0))
@@ -123,7 +133,8 @@ class SamplingParams:
         """Whether any logits processor applies (requests without one pay nothing for them)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
                     or self.min_p or self.min_tokens or self.logit_bias or self.bad_words
-                    or self.allowed_token_ids is not None)
+                    or self.allowed_token_ids is not None or bool(self.suppress_token_ids)
+                    or bool(self.begin_suppress_token_ids))
 
 
 def _int(name: str, v, low: int) -> int:

@@ -1,7 +1,8 @@
 """Model loading: one entry point, ``load``, for every supported source.
 
-``load(name_or_path)`` accepts a named default ("smollm2", "gemma3-270m"), a
-``.gguf`` file or a Hugging Face directory, and returns a ``LoadedModel``:
+``load(name_or_path)`` accepts a named default ("smollm2", "gemma3-270m", "whisper-base"), a
+``.gguf`` file, a Hugging Face directory or a CTranslate2 Whisper directory (``model.bin``),
+and returns a ``LoadedModel``:
 a ``ModelConfig``, float32 CPU weights keyed by HF transformers parameter
 names, the tokenizer (None when the source has none) and the resolved path.
 Every failure raises ``LoadError`` whose message names the file.
@@ -31,7 +32,7 @@ class LoadedModel(NamedTuple):
 
 
 def load(name_or_path: str | Path) -> LoadedModel:
-    """Load a named default, a ``.gguf`` file or an HF directory."""
+    """Load a named default, a ``.gguf`` file, an HF directory or a CTranslate2 Whisper directory."""
     from .gguf import load_gguf
     from .hf import load_hf
 
@@ -41,8 +42,9 @@ def load(name_or_path: str | Path) -> LoadedModel:
         raise LoadError(f"{path}: no such file or directory (known names: {', '.join(NAMED)})")
     if path.is_dir():
         if (path / "model.bin").is_file() and not any(path.glob("*.safetensors")):
-            raise LoadError(f"{path}: a CTranslate2 directory (model.bin): read it with qkv.loading.ct2_whisper."
-                            "load_ct2_whisper; Whisper model support is not merged yet")
+            from .ct2_whisper import load_ct2_dir
+
+            return LoadedModel(*load_ct2_dir(path), source=str(path))
         return LoadedModel(*load_hf(path), source=str(path))
     if path.suffix == ".gguf" or _has_gguf_magic(path):
         return LoadedModel(*load_gguf(str(path)), source=str(path))

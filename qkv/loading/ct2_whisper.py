@@ -206,6 +206,22 @@ def _config(w, layers, d_model, n_mels, enc_heads, dec_heads, extra, specials, p
     }
 
 
+def load_ct2_dir(directory: str | Path):
+    """``(ModelConfig, weights, tokenizer)`` of a CTranslate2 Whisper directory, as ``load_hf``
+    returns for an HF one; the tokenizer is None without a ``tokenizer.json``."""
+    from qkv.config import ConfigError, ModelConfig
+
+    ct2 = load_ct2_whisper(directory)
+    try:
+        cfg = ModelConfig.from_hf(ct2.config, source=ct2.source)
+    except ConfigError as e:
+        raise LoadError(str(e)) from None
+    tok = whisper_tokenizer(ct2.tokenizer_file) if ct2.tokenizer_file is not None else None
+    if tok is not None:
+        cfg = cfg.replace(eos_token_ids=sorted(set(cfg.eos_token_ids) | set(tok.eos_token_ids)))
+    return cfg, ct2.weights, tok
+
+
 def whisper_tokenizer(tokenizer_file: str | Path):
     """The qkv ``Tokenizer`` over a Whisper ``tokenizer.json`` (``<|endoftext|>`` ends a generation)."""
     import tokenizers

@@ -216,6 +216,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         if state["draining"]:
             raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
         check_model(req.model)
+        refuse_text_request(llm, model_name)  # Whisper takes audio, on /v1/audio/transcriptions
         if req.n > limits.max_n:
             raise P.APIError(400, f"n={req.n} exceeds this server's limit of {limits.max_n}",
                              code="invalid_value", param="n")
@@ -254,9 +255,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
 
-    from .audio import add_transcription_route  # POST /v1/audio/transcriptions (Whisper)
+    from .audio import add_transcription_route, refuse_text_request  # /v1/audio/transcriptions (Whisper)
 
-    add_transcription_route(app, llm, auth=auth, check_model=check_model, state=state)
+    add_transcription_route(app, llm, auth=auth, check_model=check_model, state=state,
+                            engine_loop=lambda: holder["loop"])
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(request: Request):

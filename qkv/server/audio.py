@@ -3,14 +3,22 @@
 Fields: ``file`` (required), ``model``, ``language``, ``response_format`` (json, text,
 verbose_json). Fields qkv does not honour (``prompt``, a non-zero ``temperature``,
 ``timestamp_granularities``, other formats) are refused by name. The upload is decoded
-before the model is asked, so a malformed file is a 400 naming it. The model's
-``transcribe(samples, language=, response_format=)`` runs in a worker thread; a model
-without it (this qkv's LLM before Whisper support) gives a 501 saying so.
+before the model is asked, so a malformed file is a 400 naming it; a model that is not
+Whisper is a 400 naming the model.
+
+``transcribe`` (windows, log-mel, prompt, segments) runs in a worker thread, but its decoding
+does not touch the engine there: each ``generate`` call submits the windows' requests, with
+their log-mel as ``encoder_features``, to the server's one engine thread (EngineLoop), so
+they batch with every other request. If the client hangs up, the requests are aborted and
+the worker's wait is cancelled, so nothing keeps its blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import itertools
+import uuid
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -19,15 +27,28 @@ from qkv.audio.errors import AudioError
 from qkv.audio.transcribe import RESPONSE_FORMATS
 
 from . import protocol as P
+from .engine_loop import QueueFull, ShuttingDown
 
 MAX_AUDIO_BYTES = 25 * 1024 * 1024  # OpenAI's own limit for one upload
-NOT_MERGED = "Whisper model support is not merged yet: this server's model cannot transcribe"
 _KNOWN = {"file", "model", "language", "response_format", "temperature"}
 
 
-def add_transcription_route(app, llm, *, auth, check_model, state: dict) -> None:
+def refuse_text_request(llm, model_name: str) -> None:
+    """A completions/chat request to a speech model is a 400 saying which endpoint to use."""
+    if llm.config.model_type == "whisper":
+        raise P.APIError(400, f"model {model_name!r} is a speech-to-text model (Whisper): it takes audio "
+                         "through POST /v1/audio/transcriptions, not text prompts", code="invalid_value",
+                         param="model")
+
+
+def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_loop) -> None:
     """Register the endpoint on ``app``. ``check_model(name)`` raises the server's 404 for a
-    model it does not serve; ``state["draining"]`` refuses new work during shutdown."""
+    model it does not serve; ``state["draining"]`` refuses new work during shutdown;
+    ``engine_loop()`` is the running EngineLoop that owns ``llm.engine``."""
+    from qkv.audio.speech_engine import check_whisper, speech_model, speech_params, suppression
+
+    ids = itertools.count()
+    suppress = suppression(llm.config, llm.source) if llm.config.model_type == "whisper" else ([], [])
 
     @app.post("/v1/audio/transcriptions", dependencies=auth)
     async def transcriptions(request: Request):
@@ -68,17 +89,67 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict) -> None
             samples = await asyncio.to_thread(load_audio, data, None, upload.filename or "file")
         except AudioError as e:
             raise P.APIError(400, str(e), code="invalid_audio", param="file") from None
-        if not callable(getattr(llm, "transcribe", None)):
-            raise P.APIError(501, NOT_MERGED, "server_error", "not_implemented")
         try:
-            result = await asyncio.to_thread(llm.transcribe, samples, language=_text(fields, "language"),
-                                             response_format=response_format)
+            check_whisper(llm.config, llm.tokenizer, llm.source)
+        except ValueError as e:
+            raise P.APIError(400, str(e), code="invalid_value", param="model") from None
+        aloop = asyncio.get_running_loop()
+        rid = f"transcr-{uuid.uuid4().hex[:16]}"
+        streams: list = []
+        waits: list[concurrent.futures.Future] = []
+        closed = False
+
+        async def decode(features, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+            loop = engine_loop()
+            stream = loop.submit(prompts, speech_params(suppress, max_new_tokens), f"{rid}-{next(ids)}", None,
+                                 list(features))
+            streams.append(stream)
+            await asyncio.wrap_future(stream.added)
+            final = {}
+            while len(final) < stream.num_samples:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    final[item.request_id] = item
+            return [list(final[r].token_ids) for r in stream.request_ids]
+
+        def generate(features, prompts, max_new_tokens):  # in the worker thread: wait for the engine thread
+            if closed:
+                raise ShuttingDown("the transcription was abandoned")
+            wait = asyncio.run_coroutine_threadsafe(decode(features, prompts, max_new_tokens), aloop)
+            waits.append(wait)
+            return wait.result()
+
+        model = speech_model(llm, generate)
+        state["inflight"] = state.get("inflight", 0) + 1  # a graceful shutdown waits for this answer
+        try:
+            result = await asyncio.to_thread(_transcribe, model, samples, _text(fields, "language"), response_format)
         except AudioError as e:
             field = str(e).partition(":")[0]
             raise P.APIError(400, str(e), code="invalid_value", param=field if field in _KNOWN else None) from None
+        except QueueFull as e:
+            raise P.APIError(429, str(e), "server_error", "queue_full") from None
+        except ShuttingDown as e:
+            raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except ValueError as e:  # the engine refused a request (e.g. too large for the cache)
+            raise P.APIError(400, str(e), code="invalid_value") from None
+        finally:  # a client gone (this task cancelled) or an error: no request of ours may run on
+            closed = True
+            state["inflight"] -= 1
+            for w in waits:
+                w.cancel()
+            for st in streams:
+                engine_loop().abort(st)
         if isinstance(result, str):
             return PlainTextResponse(result)
         return JSONResponse(result)
+
+
+def _transcribe(model, samples, language, response_format):
+    from qkv.audio.transcribe import transcribe
+
+    return transcribe(model, samples, language, response_format=response_format)
 
 
 def _text(fields: dict, name: str) -> str | None:

@@ -107,14 +107,16 @@ class EngineLoop:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, request_id: str,
-               cache_salt: str | None = None) -> Stream:
+               cache_salt: str | None = None, encoder_features: list | None = None) -> Stream:
         """Queue prompts on the calling asyncio loop's behalf. Await ``stream.added`` (wrapped)
         to learn whether the engine took them: it raises the engine's ValueError if not.
-        Raises QueueFull at once (nothing queued) when the waiting queue is full."""
+        Raises QueueFull at once (nothing queued) when the waiting queue is full.
+        ``encoder_features``: one encoder input per prompt (Whisper's log-mel), or None."""
         loop = asyncio.get_running_loop()
         ids = [request_id if len(prompts) == 1 else f"{request_id}-{i}" for i in range(len(prompts))]
         stream = Stream(ids, asyncio.Queue(), len(prompts) * params.n)
-        self._send(("add", prompts, params, _Route(loop, stream, params.n, time.monotonic()), cache_salt))
+        self._send(("add", prompts, params, _Route(loop, stream, params.n, time.monotonic()), cache_salt,
+                    encoder_features or [None] * len(prompts)))
         return stream
 
     def abort(self, stream: Stream) -> None:
@@ -181,11 +183,11 @@ class EngineLoop:
                     self.engine.abort(rid)
                     self._count_aborted(rid, route)
             return
-        _, prompts, params, route, salt = cmd
+        _, prompts, params, route, salt, features = cmd
         added: list[str] = []
         try:
-            for rid, ids in zip(route.stream.request_ids, prompts):
-                self.engine.add_request(ids, params, request_id=rid, cache_salt=salt)
+            for rid, ids, feats in zip(route.stream.request_ids, prompts, features):
+                self.engine.add_request(ids, params, request_id=rid, cache_salt=salt, encoder_features=feats)
                 added.append(rid)
         except Exception as e:  # ValueError for a request that can never run: nothing stays queued
             for rid in added:

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "throughput": "many random-length requests at once: output tok/s under continuous batching",
     "prefix": "requests sharing a long system prompt, prefix caching on vs off",
     "serve": "a live qkv serve under Poisson load: TTFT, inter-token latency, throughput",
+    "transcribe": "Whisper speech to text: seconds per 30 s of audio (--peer faster-whisper)",
 }
 
 
@@ -36,6 +37,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             from qkv.server import bench_serve
 
             bench_serve.add_arguments(sp)
+            continue
+        if name == "transcribe":
+            from qkv.tools import bench_transcribe
+
+            bench_transcribe.add_arguments(sp)
             continue
         add_model_arguments(sp)
         sp.add_argument("--peer", choices=["hf", "llamacpp", "none"], default="none",
@@ -64,6 +70,10 @@ def run(args) -> int:
         from qkv.server import bench_serve
 
         return bench_serve.run(args)
+    if args.bench == "transcribe":
+        from qkv.tools import bench_transcribe
+
+        return bench_transcribe.run(args)
     check_peer(args)
     results = {"latency": latency, "throughput": throughput, "prefix": prefix}[args.bench](args)
     if args.json:
