@@ -56,7 +56,7 @@ class LLMEngine:
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
-                 async_scheduling: bool | None = None):
+                 async_scheduling: bool | None = None, tensor_parallel_size: int = 1):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
         unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
@@ -67,12 +67,21 @@ class LLMEngine:
         ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
-        decode steps replay CUDA graphs (there the host would otherwise idle the GPU)."""
+        decode steps replay CUDA graphs (there the host would otherwise idle the GPU).
+        ``tensor_parallel_size=N``: N processes, one per rank (qkv/distributed/); the cache
+        specs, pools and ``kv_cache_memory`` are per rank."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.kv_dtype = kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
-        specs = layer_specs(config, torch.finfo(kv_dtype).bits // 8)
+        self.tp = None  # TensorParallelExecutor when tensor_parallel_size > 1
+        if tensor_parallel_size != 1:  # refused by name before anything is allocated
+            from qkv.distributed.shard import Layout, rank_config
+
+            if quantization:
+                raise ValueError("quantization is not supported with tensor_parallel_size > 1")
+            specs_config = rank_config(config, Layout.of(config, tensor_parallel_size))  # per-rank heads
+        specs = layer_specs(specs_config if tensor_parallel_size != 1 else config, torch.finfo(kv_dtype).bits // 8)
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
@@ -85,7 +94,12 @@ class LLMEngine:
         grouped = group_layers(specs)
         layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
         groups = [layer_group[i] for i in range(config.num_layers)]
-        if on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
+        if tensor_parallel_size != 1:
+            from qkv.distributed.executor import TensorParallelExecutor
+
+            self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups)
+            model = self.tp.model
+        elif on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
         else:
             model = build_model(config, groups)
@@ -105,13 +119,15 @@ class LLMEngine:
             raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
         self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
+        self.runner = (ModelRunner(self.model, self.kv, self.device, kv_dtype) if self.tp is None else
+                       self.tp.start_cache(specs, block_size, n_blocks, enable_prefix_caching, kv_dtype, self.kv))
         print(f"[qkv] {capacity_line(self.kv, self.max_model_len, self.runner.kv_cache_bytes)}",
               file=sys.stderr, flush=True)
         if on_gpu:
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
+            graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
