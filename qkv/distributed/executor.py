@@ -11,17 +11,28 @@ every later step raises the same error (the engine must be rebuilt).
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 
 import torch
 
 from qkv.distributed import step
-from qkv.distributed.parallel_state import TensorParallelError, connect, master_store
+from qkv.distributed.parallel_state import JOIN_TIMEOUT_S, TensorParallelError, connect, master_store
 from qkv.distributed.shard import Layout, build_shard, rank_config, shard_weights
 from qkv.engine.runner import ModelRunner
 
-DEFAULT_TIMEOUT_S = 60.0
+
+def default_timeout_s() -> float:
+    """Seconds a collective (or a worker's start-up) may take: ``QKV_TP_TIMEOUT_S``, else 60."""
+    raw = os.environ.get("QKV_TP_TIMEOUT_S", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ValueError(f"QKV_TP_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return value
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
@@ -30,17 +41,18 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
 
 
 def _stop(procs: list, conns: list) -> None:
-    """Ask every live worker to exit, then make sure it did (terminate after a grace period)."""
+    """Ask every live worker to exit; kill one that has not within 2 s (it may be hung or
+    stopped, and then ignores SIGTERM)."""
     for c in conns:
         try:
             c.send("shutdown")
         except OSError:
             pass
-    deadline = time.monotonic() + 5.0
+    deadline = time.monotonic() + 2.0
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
         if p.is_alive():
-            p.terminate()
+            p.kill()
             p.join(2.0)
 
 
@@ -49,7 +61,8 @@ class TensorParallelExecutor:
     ``rank_config``) are the per-rank cache specs the engine plans its pools with."""
 
     def __init__(self, config, weights: dict | None, size: int, device: torch.device, dtype: torch.dtype,
-                 groups: list[int], timeout_s: float = DEFAULT_TIMEOUT_S):
+                 groups: list[int], timeout_s: float | None = None):
+        timeout_s = default_timeout_s() if timeout_s is None else timeout_s
         self.layout = Layout.of(config, size)
         self.size, self.timeout_s = size, timeout_s
         if device.type == "cuda":
@@ -62,7 +75,7 @@ class TensorParallelExecutor:
         self.device = device
         self.rank_config = rank_config(config, self.layout)
         self._failed: TensorParallelError | None = None
-        store = master_store(size, timeout_s)
+        store = master_store(size)
         ctx = torch.multiprocessing.get_context("spawn")
         self.procs, self.conns = [], []
         from qkv.distributed import worker
@@ -93,12 +106,12 @@ class TensorParallelExecutor:
         try:
             for c in self.conns:
                 c.send(("init", specs, block_size, n_blocks, prefix_caching, kv_dtype))
-            deadline = time.monotonic() + self.timeout_s
+            deadline = time.monotonic() + max(self.timeout_s, JOIN_TIMEOUT_S)
             for r, c in enumerate(self.conns, start=1):
                 while not c.poll(0.5):
                     self.check()
                     if time.monotonic() > deadline:
-                        raise TensorParallelError(f"tensor-parallel rank {r} did not start within {self.timeout_s:g} s")
+                        raise TensorParallelError(f"tensor-parallel rank {r} did not start in time")
                 reply = c.recv()
                 if reply[0] != "ready":
                     raise TensorParallelError(f"tensor-parallel rank {r} failed to start: {reply[1]}")
@@ -127,7 +140,7 @@ class TensorParallelExecutor:
         """The error describing why the group failed (dead ranks first); stops the others."""
         if isinstance(cause, TensorParallelError) and self._failed is cause:
             return cause
-        deadline = time.monotonic() + 1.0  # a rank killed mid-step may still be exiting
+        deadline = time.monotonic() + 0.5  # a rank killed mid-step may still be exiting
         for p in self.procs:
             p.join(max(0.0, deadline - time.monotonic()))
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}"

@@ -41,26 +41,33 @@ class TPGroup:
         return outs
 
 
+# Joining waits for every rank to start (spawn imports torch: seconds on a loaded machine),
+# which the collectives' timeout, meant to catch a hung rank within a step, must not bound.
+JOIN_TIMEOUT_S = 300.0
+
+
 def connect(rank: int, size: int, port: int, device: torch.device, timeout_s: float,
             store: dist.TCPStore | None = None) -> TPGroup:
     """Join the group whose TCPStore listens on 127.0.0.1:``port`` (rank 0 passes the store it
-    created). Blocks until all ``size`` ranks have joined, at most ``timeout_s``."""
-    timeout = datetime.timedelta(seconds=timeout_s)
+    created). Blocks until all ``size`` ranks have joined, at most ``JOIN_TIMEOUT_S``; each
+    collective then fails after ``timeout_s``."""
+    join = datetime.timedelta(seconds=JOIN_TIMEOUT_S)
     if store is None:
-        store = dist.TCPStore("127.0.0.1", port, size, False, timeout=timeout)
+        store = dist.TCPStore("127.0.0.1", port, size, False, timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S))
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = timeout
+        opts._timeout = join
         pg = dist.ProcessGroupNCCL(store, rank, size, opts)
     else:
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = timeout
+        opts._timeout = join
         opts._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
         pg = dist.ProcessGroupGloo(store, rank, size, opts)
+    pg.set_timeout(datetime.timedelta(seconds=timeout_s))  # joined: now bound each collective
     return TPGroup(rank, size, pg, timeout_s)
 
 
-def master_store(size: int, timeout_s: float) -> dist.TCPStore:
+def master_store(size: int) -> dist.TCPStore:
     """Rank 0's store on a free loopback port (``store.port``); workers connect to it."""
-    return dist.TCPStore("127.0.0.1", 0, size, True, timeout=datetime.timedelta(seconds=timeout_s),
+    return dist.TCPStore("127.0.0.1", 0, size, True, timeout=datetime.timedelta(seconds=JOIN_TIMEOUT_S),
                          wait_for_workers=False)

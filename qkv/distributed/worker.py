@@ -49,7 +49,7 @@ def main(rank: int, size: int, port: int, config, weights: dict | None, groups: 
         model = build_shard(config, groups, weights, Layout.of(config, size), group, dev, dtype)
         del weights
         msg = _recv(conn, parent)
-        if msg is None:
+        if msg is None or msg == "shutdown":  # rank 0 failed while this rank was starting
             return
         _, specs, block_size, n_blocks, prefix_caching, kv_dtype = msg
         kv = KVCacheManager(specs, block_size, n_blocks, prefix_caching)
