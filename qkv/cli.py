@@ -62,6 +62,8 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "bfloat16", "float16", "float32"],
                    help="KV cache storage: auto = the model's dtype; fp8 (e4m3) holds twice the tokens of bf16")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (one per GPU on CUDA; gloo on the CPU)")
     p.add_argument("--attention-override", default=None, metavar="JSON",
                    help='change how layers attend, e.g. \'{"dilation": 2}\' (dilated sliding windows; '
                         'an int for every sliding layer or a list per layer)')
@@ -78,7 +80,8 @@ def engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
                 quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 async_scheduling=getattr(args, "async_scheduling", None),
-                attention_override=getattr(args, "attention_override", None))
+                attention_override=getattr(args, "attention_override", None),
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).

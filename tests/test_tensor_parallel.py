@@ -7,6 +7,7 @@ The oracle is the TP=1 engine, itself checked against HF in test_parity.py / tes
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -54,7 +55,7 @@ def engines(request, tmp_path_factory):
         two = LLM(path, tensor_parallel_size=2, **ENGINE)
     finally:
         os.environ.pop("QKV_TP_TIMEOUT_S") if old is None else os.environ.__setitem__("QKV_TP_TIMEOUT_S", old)
-    yield request.param, one, two
+    yield request.param, one, two, path
     two.engine.tp.shutdown()
 
 
@@ -66,20 +67,32 @@ def _run(llm: LLM) -> list[list[int]]:
 
 
 def test_same_tokens_and_logits_as_one_rank(engines):
-    family, one, two = engines
+    family, one, two, _ = engines
     (ref, s1), (got, s2) = _run(one), _run(two)
     assert got == ref
     assert s2["num_preemptions"] > 0 and s2["num_cached_prompt_tokens"] > 0  # the workload did force both
     torch.testing.assert_close(two.logits(SCORED), one.logits(SCORED), rtol=0, atol=1e-5)
 
 
-def test_per_rank_cache_bytes(engines):
-    """Each rank holds its KV heads: half of them with 2 KV heads, one replicated head with 1."""
-    family, one, two = engines
+def test_per_rank_cache_bytes(engines, capsys):
+    """Each rank holds its KV heads: half of them with 2 KV heads, one replicated head with 1;
+    ``qkv memory --tp 2`` reports exactly the bytes a rank's engine allocates."""
+    from qkv.cli import main
+
+    family, one, two, path = engines
     kv = one.config.num_kv_heads
     per_rank = max(1, kv // 2)
     assert two.engine.runner.kv_cache_bytes * kv == one.engine.runner.kv_cache_bytes * per_rank
     assert [s.num_kv_heads for s in two.engine.specs] == [per_rank] * len(two.engine.specs)
+    assert main(["memory", path, "--tp", "2", "--kv-dtype", "float32", "--block-size", "4", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tensor_parallel_size"] == 2
+    assert [g["num_kv_heads"] for g in r["groups"] if "num_kv_heads" in g] == [per_rank] * len(r["groups"])
+    # The report's bytes per token of each group, times the tokens of that group's pool (its
+    # blocks of 4), is what rank 0 allocated: the same groups, in the same order.
+    expected = sum(g["num_layers"] * g["bytes_per_token_per_layer"] * 4 * two.engine.kv.num_pages(i)
+                   for i, g in enumerate(r["groups"]))
+    assert expected == two.engine.runner.kv_cache_bytes
 
 
 def test_refused_by_name(tiny_model):
@@ -100,7 +113,7 @@ FAILURE = {"llama": "hung", "qwen3": "killed", "gemma3": "killed"}
 def test_failed_rank_is_a_clear_error(engines):
     """A killed rank is seen before the next step (or by gloo at once, mid-step); a hung one
     (SIGSTOP) fails rank 0's next collective after the group's timeout. Never a hang."""
-    family, _, llm = engines
+    family, _, llm, _ = engines
     how = FAILURE[family]
     worker = llm.engine.tp.procs[0]
     try:
