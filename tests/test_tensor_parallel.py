@@ -20,6 +20,7 @@ from qkv.distributed.parallel_state import TensorParallelError
 
 from conftest import tiny_config
 from test_gemma3 import tiny_gemma3
+from test_mla import MOE, tiny_deepseek
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,12 +31,14 @@ PREFIX = list(range(3, 15))
 PROMPTS = [PREFIX + [20 + i, 30 + i, 40 + i] for i in range(4)]
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 SCORED = list(range(2, 42))
-TIMEOUT_S = 5  # each collective's bound; steps of these tiny models take milliseconds
+TIMEOUT_S = 3  # each collective's bound; steps of these tiny models take milliseconds
 
 
 def _save(family: str, path) -> str:
     if family == "gemma3":  # MQA (one KV head, replicated on both ranks), sliding + full layers
         return tiny_gemma3(path)[0]
+    if family == "deepseek":  # MLA (latent replicated), q LoRA, a dense layer then grouped MoE
+        return tiny_deepseek(path, "v2", q_lora_rank=40, topk_method="group_limited_greedy", **MOE)[0]
     overrides = {"llama": dict(attention_bias=True, mlp_bias=True),  # row-parallel biases added once
                  "qwen3": dict(num_key_value_heads=1)}[family]  # replicated KV head, q/k norm
     cfg, cls = tiny_config(family, **overrides)
@@ -45,7 +48,7 @@ def _save(family: str, path) -> str:
     return out
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3"])
+@pytest.fixture(scope="module", params=["llama", "qwen3", "gemma3", "deepseek"])
 def engines(request, tmp_path_factory):
     path = _save(request.param, tmp_path_factory.mktemp(request.param))
     one = LLM(path, **ENGINE)
@@ -75,19 +78,22 @@ def test_same_tokens_and_logits_as_one_rank(engines):
 
 
 def test_per_rank_cache_bytes(engines, capsys):
-    """Each rank holds its KV heads: half of them with 2 KV heads, one replicated head with 1;
-    ``qkv memory --tp 2`` reports exactly the bytes a rank's engine allocates."""
+    """Each rank holds its KV heads: half of them with 2 KV heads, one replicated head with 1,
+    the whole latent with MLA; ``qkv memory --tp 2`` reports exactly the bytes a rank allocates."""
     from qkv.cli import main
 
     family, one, two, path = engines
     kv = one.config.num_kv_heads
     per_rank = max(1, kv // 2)
-    assert two.engine.runner.kv_cache_bytes * kv == one.engine.runner.kv_cache_bytes * per_rank
-    assert [s.num_kv_heads for s in two.engine.specs] == [per_rank] * len(two.engine.specs)
     assert main(["memory", path, "--tp", "2", "--kv-dtype", "float32", "--block-size", "4", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["tensor_parallel_size"] == 2
-    assert [g["num_kv_heads"] for g in r["groups"] if "num_kv_heads" in g] == [per_rank] * len(r["groups"])
+    if family == "deepseek":
+        assert two.engine.runner.kv_cache_bytes == one.engine.runner.kv_cache_bytes
+    else:
+        assert two.engine.runner.kv_cache_bytes * kv == one.engine.runner.kv_cache_bytes * per_rank
+        assert [s.num_kv_heads for s in two.engine.specs] == [per_rank] * len(two.engine.specs)
+        assert [g["num_kv_heads"] for g in r["groups"]] == [per_rank] * len(r["groups"])
     # The report's bytes per token of each group, times the tokens of that group's pool (its
     # blocks of 4), is what rank 0 allocated: the same groups, in the same order.
     expected = sum(g["num_layers"] * g["bytes_per_token_per_layer"] * 4 * two.engine.kv.num_pages(i)
@@ -107,7 +113,7 @@ def test_refused_by_name(tiny_model):
 
 
 # How each family's TP engine is made to fail, in the module's last test (it ends the engine).
-FAILURE = {"llama": "hung", "qwen3": "killed", "gemma3": "killed"}
+FAILURE = {"llama": "hung", "qwen3": "killed", "gemma3": "killed", "deepseek": "killed"}
 
 
 def test_failed_rank_is_a_clear_error(engines):
