@@ -113,7 +113,31 @@ def test_refused_by_name(tiny_model):
 
 
 # How each family's TP engine is made to fail, in the module's last test (it ends the engine).
-FAILURE = {"llama": "hung", "qwen3": "killed", "gemma3": "killed", "deepseek": "killed"}
+FAILURE = {"llama": "hung", "qwen3": "served", "gemma3": "killed", "deepseek": "killed"}
+
+
+def _fail_served(llm: LLM, worker) -> None:
+    """Serve the TP engine; kill a rank between requests: the next request fails naming the
+    rank, /health turns 503 for good, and the server itself keeps answering."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    from qkv.server import create_app
+    from test_server import Server
+
+    server = Server(create_app(llm, "tiny"))
+    try:
+        body = dict(model="tiny", prompt=PROMPTS[0], max_tokens=4, temperature=0)
+        ok = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+        assert httpx.get(server.url + "/health").status_code == 200
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.join(5)
+        bad = httpx.post(server.url + "/v1/completions", json=body, timeout=30)
+        assert bad.status_code >= 500 and f"pid {worker.pid}" in bad.text
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and "exited with code -9" in health.text
+    finally:
+        server.stop()
 
 
 def test_failed_rank_is_a_clear_error(engines):
@@ -123,9 +147,12 @@ def test_failed_rank_is_a_clear_error(engines):
     how = FAILURE[family]
     worker = llm.engine.tp.procs[0]
     try:
-        os.kill(worker.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
+        if how == "served":
+            _fail_served(llm, worker)
+        else:
+            os.kill(worker.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         start = time.monotonic()
-        expected = rf"rank 1 \(pid {worker.pid}\) exited with code -9" if how == "killed" else "timed out|Timed out"
+        expected = "timed out|Timed out" if how == "hung" else rf"rank 1 \(pid {worker.pid}\) exited with code -9"
         with pytest.raises(TensorParallelError, match=expected):
             llm.generate(PROMPTS, PARAMS)
         assert time.monotonic() - start < TIMEOUT_S + 8
