@@ -115,21 +115,45 @@ class TensorParallelExecutor:
             raise self.failure(e) from e
 
     # ---------------------------------------------------------------- lifecycle
+    def _collect(self, tag: str, what: str) -> list:
+        """Each worker's reply ``(tag, value)`` in rank order; TensorParallelError naming the
+        rank when one reports an error, exits, or does not answer within the join timeout."""
+        deadline = time.monotonic() + max(self.timeout_s, JOIN_TIMEOUT_S)
+        values = []
+        for r, c in enumerate(self.conns, start=1):
+            while not c.poll(0.5):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise TensorParallelError(f"tensor-parallel rank {r} did not {what} in time")
+            reply = c.recv()
+            if reply[0] != tag:
+                raise TensorParallelError(f"tensor-parallel rank {r} failed to {what}: {reply[1]}")
+            values.append(reply[1])
+        return values
+
+    def profile_kv_budget(self, model, specs, block_size: int, max_tokens: int, max_num_seqs: int,
+                          utilization: float, device: torch.device, kv_dtype: torch.dtype | None = None) -> int:
+        """``gpu.profile_kv_budget`` on every rank at once (its forward pass runs the
+        collectives, so all ranks must run it); the smallest rank's budget, which every rank
+        then allocates."""
+        from qkv.engine import gpu
+
+        try:
+            for c in self.conns:
+                c.send(("profile", specs, block_size, max_tokens, max_num_seqs, utilization, kv_dtype))
+            own = gpu.profile_kv_budget(model, specs, block_size, max_tokens, max_num_seqs, utilization,
+                                        device, kv_dtype)
+            return min([own, *self._collect("budget", "profile its memory")])
+        except Exception as e:
+            raise self.failure(e) from e
+
     def start_cache(self, specs: list, block_size: int, n_blocks: list[int], prefix_caching: bool,
                     kv_dtype: torch.dtype, kv) -> "TensorParallelRunner":
         """Have every worker allocate its cache shard (same blocks, its heads); rank 0's runner."""
         try:
             for c in self.conns:
                 c.send(("init", specs, block_size, n_blocks, prefix_caching, kv_dtype))
-            deadline = time.monotonic() + max(self.timeout_s, JOIN_TIMEOUT_S)
-            for r, c in enumerate(self.conns, start=1):
-                while not c.poll(0.5):
-                    self.check()
-                    if time.monotonic() > deadline:
-                        raise TensorParallelError(f"tensor-parallel rank {r} did not start in time")
-                reply = c.recv()
-                if reply[0] != "ready":
-                    raise TensorParallelError(f"tensor-parallel rank {r} failed to start: {reply[1]}")
+            self._collect("ready", "start")
         except Exception as e:
             raise self.failure(e) from e
         return TensorParallelRunner(self, self.model, kv, self.device, kv_dtype)
@@ -165,11 +189,10 @@ class TensorParallelExecutor:
             p.join(max(0.0, deadline - time.monotonic()))
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}"
                 for r, p in enumerate(self.procs, start=1) if p.exitcode is not None]
-        what = "; ".join(dead) if dead else f"rank 0 failed (collective timeout {self.timeout_s:g} s)"
-        detail = f": {cause}" if cause is not None and not isinstance(cause, TensorParallelError) else ""
-        msg = f"tensor parallelism (size {self.size}) failed: {what}{detail}; the engine cannot continue"
-        if isinstance(cause, TensorParallelError) and not dead:
-            msg = str(cause)
+        parts = dead or [f"rank 0 failed (collective timeout {self.timeout_s:g} s)"]
+        if cause is not None:
+            parts.append(str(cause))
+        msg = f"tensor parallelism (size {self.size}) failed: {'; '.join(parts)}; the engine cannot continue"
         self._failed = TensorParallelError(msg)
         self.shutdown()
         return self._failed

@@ -48,9 +48,17 @@ def main(rank: int, size: int, port: int, config, weights: dict | None, groups: 
         group = connect(rank, size, port, dev, timeout_s)
         model = build_shard(config, groups, weights, Layout.of(config, size), group, dev, dtype)
         del weights
-        msg = _recv(conn, parent)
-        if msg is None or msg == "shutdown":  # rank 0 failed while this rank was starting
-            return
+        while True:  # start-up: memory profiling (CUDA), then the cache
+            msg = _recv(conn, parent)
+            if msg is None or msg == "shutdown":  # rank 0 failed while this rank was starting
+                return
+            if msg[0] != "profile":
+                break
+            from qkv.engine import gpu
+
+            specs, block_size, max_tokens, max_num_seqs, utilization, kv_dtype = msg[1:]
+            conn.send(("budget", gpu.profile_kv_budget(model, specs, block_size, max_tokens, max_num_seqs,
+                                                       utilization, dev, kv_dtype)))
         _, specs, block_size, n_blocks, prefix_caching, kv_dtype = msg
         kv = KVCacheManager(specs, block_size, n_blocks, prefix_caching)
         runner = ModelRunner(model, kv, dev, kv_dtype)

@@ -110,7 +110,7 @@ class LLMEngine:
 
             self.model = quantize(self.model, quantization, self.device)
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
-            kv_cache_memory = gpu.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
+            kv_cache_memory = (self.tp or gpu).profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
                                                     max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
         n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks,
                                    prefix_caching=enable_prefix_caching,
