@@ -24,7 +24,8 @@ from qkv.engine.runner import ModelRunner
 
 
 def default_timeout_s() -> float:
-    """Seconds a collective (or a worker's start-up) may take: ``QKV_TP_TIMEOUT_S``, else 60."""
+    """Seconds one collective may take (a hung rank is detected after this): ``QKV_TP_TIMEOUT_S``,
+    else 60. Start-up (joining the group, profiling, allocating) is bounded by JOIN_TIMEOUT_S."""
     raw = os.environ.get("QKV_TP_TIMEOUT_S", "60")
     try:
         value = float(raw)
