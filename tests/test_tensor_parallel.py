@@ -31,6 +31,7 @@ PREFIX = list(range(3, 15))
 PROMPTS = [PREFIX + [20 + i, 30 + i, 40 + i] for i in range(4)]
 PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 SCORED = list(range(2, 42))
+ASYNC = ("llama", "gemma3")
 TIMEOUT_S = 3  # each collective's bound; steps of these tiny models take milliseconds
 
 
@@ -55,7 +56,9 @@ def engines(request, tmp_path_factory):
     old = os.environ.get("QKV_TP_TIMEOUT_S")
     os.environ["QKV_TP_TIMEOUT_S"] = str(TIMEOUT_S)  # bounds the hung-rank test's wait
     try:
-        two = LLM(path, tensor_parallel_size=2, **ENGINE)
+        # Async scheduling on two of the families: the pending tokens' ids are gathered on rank
+        # 0 and must reach the other ranks (step.pack), still giving TP=1's synchronous tokens.
+        two = LLM(path, tensor_parallel_size=2, async_scheduling=request.param in ASYNC, **ENGINE)
     finally:
         os.environ.pop("QKV_TP_TIMEOUT_S") if old is None else os.environ.__setitem__("QKV_TP_TIMEOUT_S", old)
     yield request.param, one, two, path
@@ -73,6 +76,7 @@ def test_same_tokens_and_logits_as_one_rank(engines):
     family, one, two, _ = engines
     (ref, s1), (got, s2) = _run(one), _run(two)
     assert got == ref
+    assert two.engine.async_scheduling == (family in ASYNC)
     assert s2["num_preemptions"] > 0 and s2["num_cached_prompt_tokens"] > 0  # the workload did force both
     torch.testing.assert_close(two.logits(SCORED), one.logits(SCORED), rtol=0, atol=1e-5)
 
