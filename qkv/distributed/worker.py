@@ -10,6 +10,7 @@ after the group's timeout.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 
@@ -40,6 +41,9 @@ def main(rank: int, size: int, port: int, config, weights: dict | None, groups: 
     from qkv.kvcache.manager import KVCacheManager
 
     parent = os.getppid()
+    # Ctrl-C reaches the whole process group: rank 0 handles it, and this rank exits when rank
+    # 0's pipe closes, instead of dying with a traceback of its own mid-collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         dev = torch.device(device)
