@@ -117,7 +117,11 @@ def test_refused_by_name(tiny_model):
 
 
 # How each family's TP engine is made to fail, in the module's last test (it ends the engine).
-FAILURE = {"llama": "hung", "qwen3": "served", "gemma3": "killed", "deepseek": "killed"}
+FAILURE = {"llama": "hung", "qwen3": "served", "gemma3": "killed", "deepseek": "interrupted"}
+
+
+def _interrupt(module, inputs, output):
+    raise KeyboardInterrupt
 
 
 def _fail_served(llm: LLM, worker) -> None:
@@ -153,10 +157,16 @@ def test_failed_rank_is_a_clear_error(engines):
     try:
         if how == "served":
             _fail_served(llm, worker)
+        elif how == "interrupted":  # Ctrl-C on rank 0 mid-step: the other rank is left mid-step
+            handle = llm.engine.model.model.layers[1].register_forward_hook(_interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                llm.generate(PROMPTS, PARAMS)
+            handle.remove()
         else:
             os.kill(worker.pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
         start = time.monotonic()
-        expected = "timed out|Timed out" if how == "hung" else rf"rank 1 \(pid {worker.pid}\) exited with code -9"
+        expected = {"hung": "timed out|Timed out", "interrupted": "interrupted mid-step"}.get(
+            how, rf"rank 1 \(pid {worker.pid}\) exited with code -9")
         with pytest.raises(TensorParallelError, match=expected):
             llm.generate(PROMPTS, PARAMS)
         assert time.monotonic() - start < TIMEOUT_S + 8

@@ -190,8 +190,13 @@ class TensorParallelExecutor:
             p.join(max(0.0, deadline - time.monotonic()))
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}"
                 for r, p in enumerate(self.procs, start=1) if p.exitcode is not None]
-        parts = dead or [f"rank 0 failed (collective timeout {self.timeout_s:g} s)"]
-        if cause is not None:
+        if dead:
+            parts = dead
+        elif cause is not None and not isinstance(cause, Exception):
+            parts = [f"rank 0 was interrupted mid-step ({type(cause).__name__})"]
+        else:
+            parts = [f"rank 0 failed (collective timeout {self.timeout_s:g} s)"]
+        if cause is not None and str(cause):
             parts.append(str(cause))
         msg = f"tensor parallelism (size {self.size}) failed: {'; '.join(parts)}; the engine cannot continue"
         self._failed = TensorParallelError(msg)
@@ -215,3 +220,6 @@ class TensorParallelRunner(ModelRunner):
             return step.run(self, sched.copies, input_ids, positions, batch, all_logits)
         except (RuntimeError, OSError, EOFError) as e:
             raise self.executor.failure(e) from e
+        except BaseException as e:  # interrupted (Ctrl-C) mid-step: the ranks are out of step for good
+            self.executor.failure(e)
+            raise
