@@ -74,14 +74,14 @@ class LLMEngine:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.kv_dtype = kv_dtype = resolve_kv_dtype(kv_dtype, self.dtype)
-        self.tp = None  # TensorParallelExecutor when tensor_parallel_size > 1
+        self.tp, specs_config = None, config  # self.tp: TensorParallelExecutor when tensor_parallel_size > 1
         if tensor_parallel_size != 1:  # refused by name before anything is allocated
             from qkv.distributed.shard import Layout, rank_config
 
             if quantization:
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1")
             specs_config = rank_config(config, Layout.of(config, tensor_parallel_size))  # per-rank heads
-        specs = layer_specs(specs_config if tensor_parallel_size != 1 else config, torch.finfo(kv_dtype).bits // 8)
+        specs = layer_specs(specs_config, torch.finfo(kv_dtype).bits // 8)
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
@@ -110,8 +110,9 @@ class LLMEngine:
 
             self.model = quantize(self.model, quantization, self.device)
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
-            kv_cache_memory = (self.tp or gpu).profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
-                                                    max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
+            profiler = gpu if self.tp is None else self.tp  # with TP every rank runs the profile
+            kv_cache_memory = profiler.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
+                                                         max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
         n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks,
                                    prefix_caching=enable_prefix_caching,
                                    max_num_batched_tokens=max_num_batched_tokens)
