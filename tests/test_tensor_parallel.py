@@ -41,7 +41,8 @@ def _save(family: str, path) -> str:
     if family == "deepseek":  # MLA (latent replicated), q LoRA, a dense layer then grouped MoE
         return tiny_deepseek(path, "v2", q_lora_rank=40, topk_method="group_limited_greedy", **MOE)[0]
     overrides = {"llama": dict(attention_bias=True, mlp_bias=True),  # row-parallel biases added once
-                 "qwen3": dict(num_key_value_heads=1)}[family]  # replicated KV head, q/k norm
+                 # a replicated KV head, q/k norm, and an odd vocabulary (rank 1's slice is padded)
+                 "qwen3": dict(num_key_value_heads=1, vocab_size=255)}[family]
     cfg, cls = tiny_config(family, **overrides)
     torch.manual_seed(0)
     out = str(path / family)
