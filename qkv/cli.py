@@ -66,6 +66,8 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
                    help="KV cache storage: auto = the model's dtype; fp8 (e4m3) holds twice the tokens of bf16; "
                         "int8 / int4 (group scales included: 1.94x / 3.56x the tokens of bf16); two values set K "
                         "and V apart, e.g. int4,int8")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over N processes (one per GPU on CUDA; gloo on the CPU)")
     p.add_argument("--attention-override", default=None, metavar="JSON",
                    help='change how layers attend, e.g. \'{"dilation": 2}\' (dilated sliding windows; '
                         'an int for every sliding layer or a list per layer)')
@@ -82,7 +84,8 @@ def engine_kwargs(args) -> dict:
                 max_num_seqs=args.max_num_seqs, enable_prefix_caching=not args.no_prefix_caching,
                 quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 async_scheduling=getattr(args, "async_scheduling", None),
-                attention_override=getattr(args, "attention_override", None))
+                attention_override=getattr(args, "attention_override", None),
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).

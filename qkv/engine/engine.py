@@ -58,7 +58,8 @@ class LLMEngine:
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
-                 async_scheduling: bool | None = None, k_dtype=None, v_dtype=None):
+                 async_scheduling: bool | None = None, k_dtype=None, v_dtype=None,
+                 tensor_parallel_size: int = 1):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
         unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
@@ -71,7 +72,9 @@ class LLMEngine:
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
         decode steps replay CUDA graphs (there the host would otherwise idle the GPU).
         ``kv_dtype``: the cache's storage, one format or "K,V" ("int4,int8"); ``k_dtype`` and
-        ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py)."""
+        ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py).
+        ``tensor_parallel_size=N``: N processes, one per rank (qkv/distributed/); the cache
+        specs, pools and ``kv_cache_memory`` are per rank."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
@@ -79,7 +82,19 @@ class LLMEngine:
         # uint8 pages with scales (kvcache/kv_pages.py), their specs carrying the formats.
         self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)
         kv_dtype = self.kv_dtype
-        specs = with_packed(layer_specs(config, kv_dtype.itemsize), self.kv_packed)
+        self.tp, specs_config = None, config  # self.tp: TensorParallelExecutor when tensor_parallel_size > 1
+        if tensor_parallel_size != 1:  # refused by name before anything is allocated
+            from qkv.distributed.shard import Layout, rank_config
+
+            if quantization:
+                raise ValueError("quantization is not supported with tensor_parallel_size > 1")
+            if self.kv_packed is not None:
+                raise ValueError(f"kv_dtype {self.kv_packed.label} (packed int8/int4 pages) is not supported with "
+                                 f"tensor_parallel_size > 1; use a float kv_dtype")
+            if encoder.is_encoder_decoder(config):
+                raise ValueError(f"{config.model_type} (encoder-decoder) is not supported with tensor_parallel_size > 1")
+            specs_config = rank_config(config, Layout.of(config, tensor_parallel_size))  # per-rank heads
+        specs = with_packed(layer_specs(specs_config, kv_dtype.itemsize), self.kv_packed)
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
@@ -97,7 +112,12 @@ class LLMEngine:
         grouped = group_layers(specs)
         layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
         groups = [layer_group[i] for i in range(len(specs))]  # cross layers too (kvcache/cross.py)
-        if on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
+        if tensor_parallel_size != 1:
+            from qkv.distributed.executor import TensorParallelExecutor
+
+            self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups)
+            model = self.tp.model
+        elif on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
         else:
             model = build_model(config, groups)
@@ -108,8 +128,9 @@ class LLMEngine:
 
             self.model = quantize(self.model, quantization, self.device)
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
-            kv_cache_memory = gpu.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
-                                                    max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
+            profiler = gpu if self.tp is None else self.tp  # with TP every rank runs the profile
+            kv_cache_memory = profiler.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
+                                                         max_num_seqs, gpu_memory_utilization, self.device, kv_dtype)
         n_blocks = plan_num_blocks(specs, block_size, max_num_seqs, kv_cache_memory or (1 << 30), num_kv_blocks,
                                    prefix_caching=enable_prefix_caching,
                                    max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len)
@@ -117,13 +138,15 @@ class LLMEngine:
             raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
         self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.kv, self.device, kv_dtype)
+        self.runner = (ModelRunner(self.model, self.kv, self.device, kv_dtype) if self.tp is None else
+                       self.tp.start_cache(specs, block_size, n_blocks, enable_prefix_caching, kv_dtype, self.kv))
         print(f"[qkv] {capacity_line(self.kv, self.max_model_len, self.runner.kv_cache_bytes)}",
               file=sys.stderr, flush=True)
         if on_gpu:
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
+            graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)

@@ -149,6 +149,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         loop: EngineLoop | None = holder.get("loop")
         if loop is None or not loop.alive:
             return JSONResponse(P.error_body("engine loop is not running", "server_error"), status_code=503)
+        if getattr(engine, "tp", None) is not None and engine.tp.failed is not None:  # a rank died: for good
+            return JSONResponse(P.error_body(str(engine.tp.failed), "server_error"), status_code=503)
         if state["draining"]:
             return JSONResponse(P.error_body("the server is shutting down", "server_error", "shutting_down"),
                                 status_code=503)

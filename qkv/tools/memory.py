@@ -278,6 +278,8 @@ def print_report(r: dict, file=None) -> None:
       f"{r['attention']}")
     kv = f"{r['kv_bits']}-bit" if isinstance(r["kv_bits"], int) else f"{r['kv_bits']} (group scales included)"
     p(f"context {r['context']:,} tokens x batch {r['batch']}, KV {kv}, blocks of {r['block_size']} tokens")
+    if r.get("tensor_parallel_size", 1) > 1:
+        p(f"per rank of tensor_parallel_size {r['tensor_parallel_size']}: heads, bytes and pools are one rank's")
     p("")
     p(f"{'layer group':<36}{'layers':>7}{'B/token/layer':>15}{'B/token':>12}{'blocks/seq':>12}{'bytes/seq':>26}")
     for g in r["groups"]:
@@ -360,6 +362,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="size the pools for ring buffers")
     p.add_argument("--attention-override", default=None, metavar="JSON",
                    help='as the engine\'s flag, e.g. \'{"dilation": 2}\' (a dilated window holds more blocks)')
+    p.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor_parallel_size: report one rank's share (its KV heads, its bytes, its pools)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="draw KV bytes against context length")
 
@@ -378,9 +382,14 @@ def run(args) -> int:
     packed = args.kv_dtype in ("int8", "int4") or args.kv_dtype not in DTYPE_BITS
     bits = args.kv_bits if args.kv_bits is not None else args.kv_dtype if packed else DTYPE_BITS[args.kv_dtype]
     context = args.context or config.max_context
+    if args.tp != 1:  # every number below is then per rank (qkv/distributed/shard.py)
+        from qkv.distributed.shard import Layout, rank_config
+
+        config = rank_config(config, Layout.of(config, args.tp))
     pools = dict(budget=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
                  max_num_batched_tokens=args.max_num_batched_tokens, prefix_caching=not args.no_prefix_caching)
     r = report(args.model, config, context, args.batch, bits, args.block_size, args.gqa_kv_heads, pools)
+    r["tensor_parallel_size"] = args.tp
     if args.json:
         print(json.dumps(r, indent=2))
     else:
