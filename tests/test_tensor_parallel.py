@@ -115,6 +115,8 @@ def test_refused_by_name(tiny_model):
         LLM(path, device="cpu", tensor_parallel_size=3)
     with pytest.raises(ValueError, match="quantization is not supported"):
         LLM(path, device="cpu", tensor_parallel_size=2, quantization="int8")
+    with pytest.raises(ValueError, match="packed int8/int4 pages.*not supported with tensor_parallel_size"):
+        LLM(path, device="cpu", tensor_parallel_size=2, kv_dtype="int4")
 
 
 # How each family's TP engine is made to fail, in the module's last test (it ends the engine).
