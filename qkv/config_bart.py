@@ -8,24 +8,14 @@ to ``extra`` with ``encoder_input="tokens"`` (engine/encoder.py checks the ids).
 
 from __future__ import annotations
 
-from qkv.config import ConfigError, bounded_int
+from qkv.config_encdec import model_and_heads, sizer
 
 
 def bart_fields(d: dict, source: str, common: dict) -> dict:
     """``ModelConfig`` fields of an HF BartConfig dict (defaults as BartConfig's)."""
 
-    def size(name: str, default: int) -> int:
-        try:
-            return bounded_int(name, d.get(name, default), 1 << 20)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
-    hidden = size("d_model", 1024)
-    heads = size("decoder_attention_heads", 16)
-    enc_heads = size("encoder_attention_heads", 16)
-    for name, h in (("decoder_attention_heads", heads), ("encoder_attention_heads", enc_heads)):
-        if hidden % h:
-            raise ConfigError(f"{source}: d_model={hidden} is not a multiple of {name}={h}")
+    size = sizer(d, source)
+    hidden, heads, enc_heads = model_and_heads(size, source, 1024, 16)
     positions = size("max_position_embeddings", 1024)
     return dict(
         **common,

@@ -11,24 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from qkv.config import ConfigError, bounded_int
+from qkv.config import ConfigError
+from qkv.config_encdec import model_and_heads, sizer
 
 
 def whisper_fields(d: dict, source: str, common: dict) -> dict:
     """``ModelConfig`` fields of an HF WhisperConfig dict (defaults as WhisperConfig's)."""
 
-    def size(name: str, default: int) -> int:
-        try:
-            return bounded_int(name, d.get(name, default), 1 << 20)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-
-    hidden = size("d_model", 384)
-    heads = size("decoder_attention_heads", 6)
-    enc_heads = size("encoder_attention_heads", 6)
-    for name, h in (("decoder_attention_heads", heads), ("encoder_attention_heads", enc_heads)):
-        if hidden % h:
-            raise ConfigError(f"{source}: d_model={hidden} is not a multiple of {name}={h}")
+    size = sizer(d, source)
+    hidden, heads, enc_heads = model_and_heads(size, source, 384, 6)
     act = d.get("activation_function", "gelu")
     extra: dict[str, Any] = dict(
         encoder_layers=size("encoder_layers", 4), encoder_attention_heads=enc_heads,
