@@ -18,7 +18,7 @@ from torch import nn
 from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.model.base import CausalLM
-from qkv.model.encdec import DecoderCrossAttention, DecoderSelfAttention, EncoderAttention
+from qkv.model.encdec import DecoderCrossAttention, DecoderSelfAttention, EncoderAttention, check_cache_groups
 from qkv.model.layers import activation
 
 POSITION_OFFSET = 2  # HF BART's learned positions start at row 2
@@ -83,9 +83,7 @@ class BartForConditionalGeneration(CausalLM):
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)
-        if len(groups) != 2 * cfg.num_layers:
-            raise ValueError(f"BART needs a cache group per self- and cross-attention layer "
-                             f"({2 * cfg.num_layers}), got {len(groups)}")
+        check_cache_groups("BART", cfg, groups)
         self.model = BartModel(cfg, groups)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.final_logits_bias = nn.Parameter(torch.zeros(1, cfg.vocab_size))

@@ -18,6 +18,14 @@ from qkv.attention.batch import AttentionBatch
 from qkv.attention.cross import cross_attention, write_cross_kv
 
 
+def check_cache_groups(name: str, cfg, groups: list[int]) -> None:
+    """An encoder-decoder model has a cache layer per decoder self-attention layer (0..L-1) and
+    per cross-attention layer (L..2L-1, kvcache/cross.py): ``groups`` names one group for each."""
+    if len(groups) != 2 * cfg.num_layers:
+        raise ValueError(f"{name} needs a cache group per self- and cross-attention layer "
+                         f"({2 * cfg.num_layers}), got {len(groups)}")
+
+
 class _Proj(nn.Module):
     """q, k, v and out projections with HF's names (Whisper's k has no bias, BART's has)."""
 

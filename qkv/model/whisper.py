@@ -21,7 +21,7 @@ from torch import nn
 from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.model.base import CausalLM
-from qkv.model.encdec import DecoderCrossAttention, DecoderSelfAttention, EncoderAttention
+from qkv.model.encdec import DecoderCrossAttention, DecoderSelfAttention, EncoderAttention, check_cache_groups
 from qkv.model.layers import activation
 
 
@@ -104,9 +104,7 @@ class WhisperForConditionalGeneration(CausalLM):
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)
-        if len(groups) != 2 * cfg.num_layers:
-            raise ValueError(f"Whisper needs a cache group per self- and cross-attention layer "
-                             f"({2 * cfg.num_layers}), got {len(groups)}")
+        check_cache_groups("Whisper", cfg, groups)
         self.model = WhisperModel(cfg, groups)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         ex = cfg.extra
