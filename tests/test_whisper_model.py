@@ -224,3 +224,50 @@ def test_any_schedule_gives_each_request_hf_tokens(whisper_dir, data):
     outs = llm.generate(prompts, params)
     assert [o.token_ids for o in outs] == want
     leak_free(llm)
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_decode_graph_staging_emulated(whisper_dir, monkeypatch, async_scheduling):
+    """DecodeGraphs.run (the CUDA decode path) on the CPU, emulated as in
+    test_async_scheduling.py: the cross tables and encoder lengths it stages (padding rows: one
+    key) must give HF's tokens for requests with different audio that finish at different steps."""
+    from qkv.engine import cuda_graph
+
+    class Event:
+        def record(self):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Replay:
+        def __init__(self, graphs, size):
+            self.graphs, self.size = graphs, size
+
+        def replay(self):
+            with torch.inference_mode():
+                self.graphs.logits[self.size].copy_(self.graphs._forward(self.size))
+
+    zeros = torch.zeros
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: zeros(*a, **k))
+    path, hf = whisper_dir
+    llm = LLM(path, device="cpu", num_kv_blocks=64, block_size=4, max_num_seqs=8, async_scheduling=async_scheduling)
+    runner = llm.engine.runner
+    graphs = cuda_graph.DecodeGraphs(runner, 8, llm.engine.max_model_len)
+    assert graphs.encoder_lens is not None and graphs.max_blocks[1] == ENC // 4  # the cross group's width
+    for size in graphs.sizes:
+        graphs.logits[size] = torch.zeros(size, 128)
+        graphs.graphs[size] = Replay(graphs, size)
+    runner.graphs = graphs
+    replays = []
+    run = graphs.run
+    monkeypatch.setattr(graphs, "run", lambda sched, prev=None: replays.append(len(sched.requests)) or run(sched, prev))
+    steps = [9, 3, 6]
+    feats = [mel(30 + i) for i in range(3)]
+    want = [hf_greedy(hf, f, PROMPT, n)[0] for f, n in zip(feats, steps)]
+    outs = llm.generate([{"encoder_features": f, "prompt_token_ids": PROMPT} for f in feats],
+                        [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in steps])
+    assert [o.token_ids for o in outs] == want
+    assert 3 in replays and 1 in replays  # padded graph sizes: 3 rows in the 4-row graph, then 1
+    leak_free(llm)

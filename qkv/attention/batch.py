@@ -25,6 +25,7 @@ class AttentionBatch:
     ring_blocks: list[int | None]  # per layer group: ring length in blocks, None = full
     logits_indices: torch.Tensor | None = None  # rows whose logits are sampled
     encoder_lens: torch.Tensor | None = None  # [B] int64: cross-attention keys per sequence (encoder-decoder)
+    max_encoder_len: int = 0  # max of encoder_lens, known on the host (0: unknown, e.g. in a graph)
     # Built for a CUDA graph (engine/cuda_graph.py): kernels size themselves for any length, in
     # the eager warm-up as in the capture, so the warm-up compiles every kernel variant the
     # capture launches (a Triton compile inside a capture invalidates it).

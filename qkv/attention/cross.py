@@ -7,14 +7,15 @@ encoder wrote them once, engine/encoder.py). Plain torch, textbook softmax(QK^T 
 sequence: the CPU path and the oracle for any kernel; the tests compare it with HF transformers.
 
 Cache layout per layer: ``[2, num_blocks, block_size, kv_heads, head_dim]``, as full attention.
-No GPU path is validated yet (attention/triton/cross.py is untested on a GPU): the engine
-refuses encoder-decoder models on CUDA.
+``attend`` is what the model calls: this reference on the CPU (and with the reference backend),
+the paged Triton decode kernel (attention/triton/cross.py) on CUDA with the Triton backend.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
 from qkv.kvcache.kv_quant import to_cache
 
@@ -61,6 +62,16 @@ def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBat
         probs = (torch.einsum("qkgd,lkd->kgql", qb, k) * scale).softmax(dim=-1)
         out[start:start + n_q] = torch.einsum("kgql,lkd->qkgd", probs, v).reshape(n_q, H, D).to(q.dtype)
     return out
+
+
+def attend(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,
+           scale: float) -> torch.Tensor:
+    """The current backend's cross attention (``cross_attention``'s contract)."""
+    if q.is_cuda and backend.current() == "triton":
+        from qkv.attention.triton.cross import cross_attention as triton_cross
+
+        return triton_cross(q, kv_cache, batch, group, scale)
+    return cross_attention(q, kv_cache, batch, group, scale)
 
 
 def write_cross_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:

@@ -40,6 +40,10 @@ class DecodeGraphs:
         N = self.sizes[-1]
         self.block_size = kv.block_size
         self.max_blocks = [r if r is not None else -(-max_model_len // kv.block_size) for r in kv.ring]
+        # Cross-attention groups (encoder-decoder) hold the encoder's blocks whatever the length.
+        for g, group in enumerate(kv.groups):
+            if kv.cross[g]:
+                self.max_blocks[g] = -(-group.spec.encoder_len // kv.block_size)
         # Every per-step input lives in one flat device buffer, filled from one pinned host
         # buffer of the same layout by a single copy: [ids | positions | gather rows | from
         # previous step | slots per group | block tables per group]. Positions double as
@@ -47,7 +51,8 @@ class DecodeGraphs:
         # Async scheduling: a row whose "from previous step" flag is 1 takes its input id from
         # row "gather rows" of the previous step's sampled tokens, on the device.
         G = len(self.max_blocks)
-        size = 4 * N + G * N + sum(N * w for w in self.max_blocks)
+        # Encoder-decoder models append the rows' cross-attention key counts (encoder lengths).
+        size = 4 * N + G * N + sum(N * w for w in self.max_blocks) + (N if any(kv.cross) else 0)
         self.host = torch.zeros(size, dtype=torch.int64, pin_memory=True)
         self.buf = torch.zeros(size, dtype=torch.int64, device=dev)
         self.input_ids, self.positions = self.buf[:N], self.buf[N:2 * N]
@@ -59,6 +64,8 @@ class DecodeGraphs:
             self.block_tables.append(self.buf[off:off + N * w].view(N, w))
             self._host_tables.append(self.host[off:off + N * w].view(N, w).numpy())
             off += N * w
+        self.encoder_lens = self.buf[off:off + N] if any(kv.cross) else None  # padding rows: one key
+        self._enc_at = off
         self._host = self.host.numpy()
         self._copied = torch.cuda.Event()
         self._rows = [[None] * N for _ in self.max_blocks]  # per row: (table, length, last block) last staged
@@ -75,7 +82,8 @@ class DecodeGraphs:
             query_lens=self.query_lens[:n], max_query_len=1, max_seq_len=self.max_model_len,
             block_size=self.block_size, block_tables=[t[:n] for t in self.block_tables],
             slot_mappings=[s[:n] for s in self.slot_mappings], ring_blocks=list(self.runner.kv.ring),
-            logits_indices=self.query_start_loc[:n], graph=True)
+            logits_indices=self.query_start_loc[:n], graph=True,
+            encoder_lens=None if self.encoder_lens is None else self.encoder_lens[:n])
 
     def _forward(self, n: int) -> torch.Tensor:
         model = self.runner.model
@@ -94,6 +102,8 @@ class DecodeGraphs:
                 s.fill_(-1)
             for t in self.block_tables:
                 t.zero_()
+            if self.encoder_lens is not None:
+                self.encoder_lens.fill_(1)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -124,7 +134,7 @@ class DecodeGraphs:
         self._copied.synchronize()  # the last step's copy has read the pinned buffer
         h[:(4 + G) * N] = 0
         h[4 * N:(4 + G) * N] = -1  # padding rows write nothing
-        rows, rings, bs = self._rows, kv.ring, self.block_size
+        rows, rings, bs, cross = self._rows, kv.ring, self.block_size, kv.cross
         # Per-row values gathered in lists and written with one slice each: a numpy scalar
         # store per value costs more than the whole list.
         ids, pos, from_rows, from_prev = [], [], [], []
@@ -141,7 +151,10 @@ class DecodeGraphs:
                 from_rows.append(req.pending_row)
                 from_prev.append(1)
             for g, t in enumerate(kv.block_tables(req.request_id)):
-                slots[g].append(t[p // bs] * bs + p % bs if rings[g] is None else kv.slot(g, t, p))
+                if cross[g]:  # read only: the encoder wrote it (engine/encoder.py)
+                    slots[g].append(-1)
+                else:
+                    slots[g].append(t[p // bs] * bs + p % bs if rings[g] is None else kv.slot(g, t, p))
                 # Refresh a row only when its table may have changed since it was staged: another
                 # table object (another request, or re-admitted after preemption), another length
                 # (grown), or another last block (copy-on-write only ever replaces the blocks
@@ -159,6 +172,9 @@ class DecodeGraphs:
         h[3 * N:3 * N + n] = from_prev
         for g in range(G):
             h[(4 + g) * N:(4 + g) * N + n] = slots[g]
+        if self.encoder_lens is not None:
+            h[self._enc_at:self._enc_at + N] = 1
+            h[self._enc_at:self._enc_at + n] = [r.encoder_len for r in sched.requests]
         gather = any(from_prev)
         # One group: copy only the table rows in use (the rest of the buffer holds nothing new).
         end = (5 * N + size * self.max_blocks[0]) if G == 1 else self.buf.numel()

@@ -50,16 +50,13 @@ def is_encoder_decoder(config) -> bool:
 
 
 def check_device(config, device: torch.device, packed=None) -> None:
-    """Encoder-decoder models run on the CPU reference backend only, for now: no Triton kernel
-    reads cross-attention pages yet, so CUDA is refused by name rather than run wrong; nor
-    does the cross-attention path read packed int8/int4 pages (``packed``: the engine's
-    packed K/V formats, None for float pages)."""
+    """Encoder-decoder models run on the CPU and on CUDA (the Triton backend reads the cross
+    pages with the paged decode kernel: attention/triton/cross.py), but the cross-attention
+    path does not read packed int8/int4 pages (``packed``: the engine's packed K/V formats, None
+    for float pages), so those are refused by name rather than run wrong."""
     if is_encoder_decoder(config) and packed is not None:
         raise ValueError(f"kv_dtype {packed.label}: {config.model_type}'s cross-attention cache does not read "
                          f"int8/int4 pages yet; use a float kv_dtype (fp8, bfloat16, float16, float32)")
-    if is_encoder_decoder(config) and device.type != "cpu":
-        raise ValueError(f"{config.model_type} (encoder-decoder, cross-attention cache) is not supported on "
-                         f"{device.type} yet: no GPU kernel reads cross-attention pages; use device='cpu'")
 
 
 def encoder_input(config, features, cache_salt: str | None) -> tuple[torch.Tensor | None, int, str | None]:

@@ -98,7 +98,7 @@ class LLMEngine:
         self.specs = specs
         self.max_model_len = min(max_model_len or config.max_context, config.max_context)
         on_gpu = self.device.type == "cuda"
-        encoder.check_device(config, self.device, self.kv_packed)  # encoder-decoder: CPU, float pages for now
+        encoder.check_device(config, self.device, self.kv_packed)  # encoder-decoder: float pages only
         if on_gpu:
             from qkv.engine import gpu
 

@@ -83,7 +83,8 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
             query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max(lens),
             block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in grouped],
             slot_mappings=[torch.full((T,), -1, **i64) for _ in grouped], ring_blocks=rings,
-            logits_indices=torch.tensor(qsl[1:], **i64) - 1)
+            logits_indices=torch.tensor(qsl[1:], **i64) - 1,
+            encoder_lens=torch.ones(B, **i64) if getattr(model, "is_encoder_decoder", False) else None)
         hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) for n in lens]), batch)
         model.compute_logits(hidden[batch.logits_indices])
 

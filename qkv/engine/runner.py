@@ -116,6 +116,7 @@ class ModelRunner:
             ring_blocks=list(self.kv.ring),
             logits_indices=tensor(logits_rows),
             encoder_lens=tensor(enc_lens) if self.encoder is not None else None,
+            max_encoder_len=max(enc_lens),
         )
         input_ids = tensor(ids)
         if gather_at:

@@ -78,7 +78,6 @@ class BartForConditionalGeneration(CausalLM):
     """``groups``: one entry per cache layer, decoder self-attention 0..L-1 then cross L..2L-1."""
 
     stacked: dict = {}
-    supports_cuda_graphs = False
     is_encoder_decoder = True
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):

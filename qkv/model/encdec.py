@@ -15,7 +15,7 @@ from torch import nn
 
 from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.cross import cross_attention, write_cross_kv
+from qkv.attention.cross import attend, write_cross_kv
 
 
 def check_cache_groups(name: str, cfg, groups: list[int]) -> None:
@@ -80,7 +80,7 @@ class DecoderCrossAttention(_Proj):
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        return self.out_proj(cross_attention(q, self.kv_cache, batch, self.group, self.scale).reshape(T, -1))
+        return self.out_proj(attend(q, self.kv_cache, batch, self.group, self.scale).reshape(T, -1))
 
     def write(self, enc: torch.Tensor, slots: torch.Tensor) -> None:
         """Project encoder rows [N, d] to K/V and store them at ``slots`` [N]."""

@@ -99,7 +99,6 @@ class WhisperForConditionalGeneration(CausalLM):
     their cross-attention layers L..2L-1 (kvcache/cross.py)."""
 
     stacked: dict = {}  # q/k/v stay separate: k has no bias
-    supports_cuda_graphs = False
     is_encoder_decoder = True
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):

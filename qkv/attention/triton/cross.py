@@ -2,14 +2,18 @@
 
 Cross attention has no causal mask: every query of sequence ``b`` sees all
 ``encoder_lens[b]`` keys of its cross table. That is exactly what ``paged_decode`` computes for
-one query whose sequence holds ``encoder_lens[b]`` keys, so each query token becomes its own
-decode "sequence": its row of the block table is its request's cross table and its key count
-is the encoder length. No new kernel, and decode and prefill rows are handled alike.
+one query whose sequence holds ``encoder_lens[b]`` keys (``num_computed = encoder_len - 1``:
+the kernel's keys are ``[0, num_computed]`` inclusive), so no new kernel is needed:
 
-Status: NOT yet run. tests/test_cross_triton.py compares it with the reference
-(attention/cross.py) on a CUDA GPU; the decode kernel does not run under Triton 3.6's CPU
-interpreter, and this work had no device time. Nothing calls it: the engine refuses
-encoder-decoder models on CUDA (engine/encoder.py) until that test passes on a GPU.
+- a decode step (one query per sequence, ``max_query_len == 1``) passes the batch's own rows,
+  tables and ``query_start_loc``;
+- any other step makes each query token its own decode "sequence": its row of the block table
+  is its request's cross table and its key count the encoder length (gathered on the device).
+
+Nothing is read on the host, so a decode step can be captured in a CUDA graph
+(engine/cuda_graph.py fills ``encoder_lens`` per replay; padding rows carry 1 key).
+Checked against the reference (attention/cross.py) by tests/test_cross_triton.py, on a GPU
+and under Triton's interpreter.
 """
 
 from __future__ import annotations
@@ -22,13 +26,21 @@ from qkv.attention.triton.decode import paged_decode
 
 def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,
                     scale: float) -> torch.Tensor:
-    """q [T, H, D] -> out [T, H, D], the reference's contract (attention/cross.py)."""
+    """q [T, H, D] -> out [T, H, D], the reference's contract (attention/cross.py). Reads
+    ``kv_cache`` [2, blocks, bs, KVH, D] through ``batch.block_tables[group]``; writes nothing."""
     key = ("triton_cross", group)
     if key not in batch.scratch:
-        T = q.shape[0]
-        seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=q.device), batch.query_lens, output_size=T)
-        # One decode "sequence" per query token: its request's table, and keys [0, encoder_len - 1].
-        batch.scratch[key] = (batch.block_tables[group][seq].contiguous(), batch.encoder_lens[seq] - 1,
-                              int(batch.encoder_lens.max()))
-    tables, last, longest = batch.scratch[key]
-    return paged_decode(q.contiguous(), kv_cache, tables, last, scale, max_seq_len=longest)
+        capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+        # Sizes the kernel's splits; None (graphs) sizes them for any length.
+        longest = None if capturing else (batch.max_encoder_len or None)
+        if batch.max_query_len == 1:
+            batch.scratch[key] = (batch.block_tables[group], batch.encoder_lens - 1, batch.query_start_loc, longest)
+        else:
+            T = q.shape[0]
+            seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=q.device), batch.query_lens,
+                                          output_size=T)
+            rows = torch.arange(T + 1, device=q.device)
+            batch.scratch[key] = (batch.block_tables[group][seq].contiguous(), batch.encoder_lens[seq] - 1, rows,
+                                  longest)
+    tables, last, qsl, longest = batch.scratch[key]
+    return paged_decode(q.contiguous(), kv_cache, tables, last, scale, max_seq_len=longest, query_start_loc=qsl)
