@@ -85,7 +85,10 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
             slot_mappings=[torch.full((T,), -1, **i64) for _ in grouped], ring_blocks=rings,
             logits_indices=torch.tensor(qsl[1:], **i64) - 1,
             encoder_lens=torch.ones(B, **i64) if getattr(model, "is_encoder_decoder", False) else None)
-        hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) for n in lens]), batch)
+        # Positions wrap at the model's table: learned position embeddings (Whisper's 448) would
+        # index past it, a device-side assert that ends the CUDA context. Memory is the same.
+        limit = model.config.max_position_embeddings
+        hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) % limit for n in lens]), batch)
         model.compute_logits(hidden[batch.logits_indices])
 
     # Two shapes of a full token budget: many short sequences (the most logits rows) and one

@@ -1,4 +1,6 @@
-"""``qkv bench transcribe FILE [--peer faster-whisper]``: seconds per 30 s of audio.
+"""``qkv bench transcribe FILE [--peer faster-whisper]``: seconds per 30 s of audio (CPU), and
+``qkv bench transcribe [FILE] --device cuda --concurrent N``: concurrent 30-second
+transcriptions per second with continuous batching (tools/bench_transcribe_gpu.py).
 
 qkv's ``LLM.transcribe`` (greedy, Whisper's suppress rules) and, with ``--peer
 faster-whisper``, faster-whisper on the same CTranslate2 ``model.bin`` and the same samples
@@ -16,7 +18,18 @@ from pathlib import Path
 
 
 def add_arguments(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("file", metavar="FILE", help="audio file (WAV, FLAC, OGG, MP3)")
+    sp.add_argument("file", metavar="FILE", nargs="?", default=None,
+                    help="audio file (WAV, FLAC, OGG, MP3); optional with --device cuda (synthetic audio)")
+    sp.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="cuda: N concurrent 30-s transcriptions through one engine (--concurrent)")
+    sp.add_argument("--concurrent", type=int, default=1024, help="cuda: requests submitted at once")
+    sp.add_argument("--tokens", type=int, default=96, help="cuda: tokens each request decodes (end-of-text ignored)")
+    sp.add_argument("--max-num-seqs", type=int, default=256, help="cuda: requests running together at most")
+    sp.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                    help="cuda: token budget of a step (each admitted request's encoder counts 1500)")
+    sp.add_argument("--dtype", default="bfloat16", help="cuda: weights and KV cache dtype")
+    sp.add_argument("--random-weights", action="store_true",
+                    help="cuda: Whisper base's shape with random weights (no whisper-base packages needed)")
     sp.add_argument("--model", default="whisper-base", help="a Whisper model: named default or CTranslate2 directory")
     sp.add_argument("--threads", type=int, default=2, help="CPU threads, for qkv and the peer")
     sp.add_argument("--language", default="en", help="spoken language (fixed, so that no side detects it)")
@@ -44,6 +57,17 @@ def run(args) -> int:
     from qkv.audio.features import SAMPLE_RATE
     from qkv.loading.models import NAMED, resolve
 
+    if args.device == "cuda":
+        from qkv.tools import bench_transcribe_gpu
+
+        for name in ("concurrent", "tokens", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+        return bench_transcribe_gpu.run(args)
+    if args.file is None:
+        raise ValueError("FILE: the CPU benchmark needs an audio file (synthetic audio is for --device cuda)")
+    if args.random_weights:
+        raise ValueError("--random-weights is for --device cuda")
     if args.peer == "faster-whisper":
         try:
             import faster_whisper
