@@ -117,6 +117,7 @@ class ModelRunner:
             logits_indices=tensor(logits_rows),
             encoder_lens=tensor(enc_lens) if self.encoder is not None else None,
         )
+        batch.scratch["host_lens"] = (qlens, computed)  # the lengths on the host: no device read per layer
         input_ids = tensor(ids)
         if gather_at:
             input_ids[tensor(gather_at)] = prev_tokens[tensor(gather_rows)]
