@@ -25,7 +25,7 @@ STEPS = {
 }
 
 
-def run_step(computed, qlens, H, R, P, DN, DV, dtype, cache_dtype=None, seed=0, bs=8):
+def run_step(computed, qlens, H, R, P, DN, DV, dtype, cache_dtype=None, seed=0, bs=8, separate=False):
     """One MLA step through the Triton backend and through the reference, each on its own copy
     of the same shuffled pages. Returns (triton out, reference out, triton cache, reference cache)."""
     gen = torch.Generator().manual_seed(seed)
@@ -36,7 +36,9 @@ def run_step(computed, qlens, H, R, P, DN, DV, dtype, cache_dtype=None, seed=0, 
     cache = torch.randn(num_blocks, bs, R + P, generator=gen).to(DEV, cache_dtype or dtype)
     q_nope, q_pe, c_kv, k_pe = rnd(T, H, DN), rnd(T, H, P), rnd(T, R), rnd(T, P)
     w = rnd(H, DN + DV, R) / R ** 0.5
-    w_uk, w_uv = w[:, :DN], w[:, DN:]
+    w_uk, w_uv = w[:, :DN], w[:, DN:]  # views of one kv_b_proj weight, as the layer passes them
+    if separate:  # two unrelated tensors: the up-projection's two-GEMM path
+        w_uk, w_uv = w_uk.clone(), w_uv.clone()
     scale = (DN + P) ** -0.5
     ours_cache, ref_cache = cache.clone(), cache.clone()
     ours = triton_mla.mla_paged_attention(q_nope, q_pe, c_kv, k_pe, ours_cache, batch, 0, scale, w_uk, w_uv, True)
@@ -53,10 +55,12 @@ def rel(a, b) -> float:
 def test_extend_matches_reference_fp32(step, latent):
     """fp32, small heads: the output and the written pages equal the reference's. With a
     power-of-two latent the decodes of a mixed step go through the absorbed decode kernel;
-    with an odd one (24 + 8, as the tiny HF configs) every sequence is up-projected."""
+    with an odd one (24 + 8, as the tiny HF configs) every sequence is up-projected (and the
+    up-projection takes its two-GEMM path)."""
     computed, qlens = STEPS[step]
     R, P = (32, 16) if latent == "pow2" else (24, 8)
-    ours, ref, oc, rc = run_step(computed, qlens, H=3, R=R, P=P, DN=16, DV=12, dtype=torch.float32)
+    ours, ref, oc, rc = run_step(computed, qlens, H=3, R=R, P=P, DN=16, DV=12, dtype=torch.float32,
+                                 separate=latent == "odd")
     assert ours.shape == ref.shape == (sum(qlens), 3, 12)
     assert rel(ours, ref) < (1e-4 if not CUDA else 1e-3), step
     assert torch.equal(oc, rc)

@@ -86,6 +86,23 @@ def plan(batch: AttentionBatch, absorb_decodes: bool) -> StepPlan:
     return p
 
 
+def up_project(lat: torch.Tensor, w_uk: torch.Tensor, w_uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """lat [K, R] -> (k_nope [K, H, Dn], v [K, H, Dv]), views of one [K, H, Dn + Dv] product.
+    When w_uk/w_uv are the two halves of one ``kv_b_proj`` weight (the layer's ``up_weights``)
+    that is a single GEMM over the weight as stored; otherwise one per half."""
+    H, DN, R = w_uk.shape
+    DV = w_uv.shape[1]
+    es = w_uk.element_size()
+    halves = (w_uk.stride() == ((DN + DV) * R, R, 1) and w_uv.stride() == w_uk.stride()
+              and w_uv.data_ptr() == w_uk.data_ptr() + DN * R * es)
+    if not halves:
+        return (torch.matmul(lat, w_uk.transpose(1, 2)).transpose(0, 1),
+                torch.matmul(lat, w_uv.transpose(1, 2)).transpose(0, 1))
+    w = torch.as_strided(w_uk, (H * (DN + DV), R), (R, 1))  # kv_b_proj.weight itself
+    kv = (lat @ w.T).view(lat.shape[0], H, DN + DV)
+    return kv[..., :DN], kv[..., DN:]
+
+
 def mla_extend(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
                kv_cache: torch.Tensor, batch: AttentionBatch, group: int, scale: float, w_uk: torch.Tensor,
                w_uv: torch.Tensor) -> torch.Tensor:
@@ -122,10 +139,7 @@ def mla_extend(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_p
             table = batch.block_tables[group]
             slots = table[p.ctx_seq, p.ctx_pos // bs] * bs + p.ctx_pos % bs
             keys[p.ctx_dst] = kv_cache.view(-1, R + P)[slots].to(keys.dtype)
-    lat = keys[:, :R].to(dt)
-    # [H, K, D] products, read by the kernel as [K, H, D] views: no copy of the weights.
-    k_nope = torch.matmul(lat, w_uk.to(dt).transpose(1, 2)).transpose(0, 1)
-    v = torch.matmul(lat, w_uv.to(dt).transpose(1, 2)).transpose(0, 1)
+    k_nope, v = up_project(keys[:, :R].to(dt), w_uk.to(dt), w_uv.to(dt))
     mla_prefill(q_nope, q_pe, k_nope, v, keys[:, R:].to(dt), p.q_start, p.q_len, p.k_start, p.nc,
                 p.max_query_len, scale, out)
     return out
