@@ -9,7 +9,7 @@ taskset -c 8-15 env OMP_NUM_THREADS=8 timeout 170 python3 -m pytest -q -p no:cac
   > "$OUT/test_mla.txt" 2>&1 &
 cpu=$!
 run() { local t=$1 f=$2; shift 2; taskset -c 0-7 timeout "$t" "$@" > "$OUT/$f" 2>&1; echo "rc=$?" >> "$OUT/$f"; tail -4 "$OUT/$f"; }
-run 100 test_gpu.txt python3 -m pytest -q -p no:cacheprovider -x tests/test_mla_prefill.py tests/test_moe_kernel.py
+run 100 test_gpu.txt python3 -m pytest -q -p no:cacheprovider tests/test_mla_prefill.py tests/test_moe_kernel.py
 run 30 kernel.txt python3 scripts/mla_prefill_bench.py --out "$OUT"
 run 50 bench_bf16.txt python3 scripts/gpu_bench.py --out "$OUT" --sections engine --shape deepseek-v2-lite \
   --max-num-seqs 128 --parts prefill,b1,tput --tput-requests 128
