@@ -66,7 +66,7 @@ def test_extend_matches_reference_fp32(step, latent):
     assert torch.equal(oc, rc)
 
 
-def test_prefill_plan_rows(monkeypatch):
+def test_prefill_plan_rows():
     """The plan routes one-token sequences to the decode kernel and the rest, with their
     prefixes, to the prefill kernel; its key buffer puts each sequence's prefix then chunk."""
     from qkv.attention.triton.mla_step import plan
