@@ -118,6 +118,7 @@ class ModelRunner:
             encoder_lens=tensor(enc_lens) if self.encoder is not None else None,
             max_encoder_len=max(enc_lens),
         )
+        batch.scratch["host_lens"] = (qlens, computed)  # the lengths on the host: no device read per layer
         input_ids = tensor(ids)
         if gather_at:
             input_ids[tensor(gather_at)] = prev_tokens[tensor(gather_rows)]

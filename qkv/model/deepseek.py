@@ -52,7 +52,8 @@ class DeepseekForCausalLM(CausalLM):
     # MLA keeps q_proj separate (no fused qkv); only the MLPs' gate/up are fused.
     stacked = {".gate_proj.": (".gate_up_proj.", 0), ".up_proj.": (".gate_up_proj.", 1)}
     # Decode steps are graph-safe: absorbed MLA decode runs the Triton kernel, and the MoE
-    # its fused, sync-free kernel (moe.py).
+    # its fused, sync-free kernel (moe.py). Prompt/chunk steps run eager through the Triton
+    # MLA extend path (attention/triton/mla_step.py).
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)

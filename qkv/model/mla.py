@@ -7,7 +7,10 @@ recovered from the latent by ``kv_b_proj`` = [W_UK; W_UV] per head, either expli
 ``qkv.attention.mla_reference``. Both give the same result; ``mode`` picks one.
 
 Mode: ``config.extra["mla_mode"]``, else env ``QKV_MLA_MODE``, else "absorbed"; it can be
-changed per layer at any time (``layer.mode = "naive"``) since the cache is the same.
+changed per layer at any time (``layer.mode = "naive"``) since the cache is the same. On the
+Triton backend "absorbed" means vLLM's choice per sequence: decodes absorbed (memory-bound),
+prompt and chunk tokens up-projected (compute-bound; ``attention/triton/mla_step.py``);
+"naive" runs the reference.
 """
 
 from __future__ import annotations

@@ -91,14 +91,20 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
 
 
 def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
-    """The backend's MLA entry (reference signature). Absorbed decode steps run the kernel
-    above; everything else (prefill, the naive path, non-power-of-two latents) the reference."""
+    """The backend's MLA entry (reference signature). In the absorbed mode (the default), decode
+    steps run the kernel above and steps with prompt tokens ``mla_step.mla_extend`` (decodes
+    absorbed, chunks up-projected); the naive mode, and decode steps over latents that are not
+    powers of two, run the reference."""
     from qkv.attention.triton.backend import refuse_packed
 
     refuse_packed(kv_cache)
     R, P = c_kv.shape[1], k_pe.shape[1]
     pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
-    if not (absorbed and batch.is_decode and pow2):
+    if absorbed and not batch.is_decode:
+        from qkv.attention.triton.mla_step import mla_extend
+
+        return mla_extend(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv)
+    if not (absorbed and pow2):
         from qkv.attention.mla_reference import mla_paged_attention as reference
 
         return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
