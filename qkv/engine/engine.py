@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from qkv.attention import backend
 from qkv.config import ModelConfig
 from qkv.engine import encoder, processors, sampler, structured
 from qkv.engine.pending import PendingTokens
@@ -61,8 +62,10 @@ class LLMEngine:
                  async_scheduling: bool | None = None, k_dtype=None, v_dtype=None,
                  tensor_parallel_size: int = 1):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
-        On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
-        unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
+        ``attention_backend``: a registered name (attention/backend.py), this engine's alone (set
+        on its model's modules, so engines on other devices keep theirs); "auto" is Triton on
+        CUDA, the reference on the CPU. On CUDA decode steps replay CUDA graphs unless
+        ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
         takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs.
         KV pools (kvcache/plan.py): ``num_kv_blocks`` an int gives every full-attention group
         that many blocks and each sliding group at most that many; a list gives each layer
@@ -107,15 +110,18 @@ class LLMEngine:
                 from qkv.attention.triton.packed import check_supported
 
                 check_supported(self.kv_packed, specs)
-        elif attention_backend not in ("auto", "reference"):
+        elif attention_backend == "triton":
             raise ValueError(f"attention backend {attention_backend!r} needs a CUDA device")
+        else:  # "auto" is the reference here; a registered name (a test's, a tool's) is honoured
+            self.attention_backend = backend.check("reference" if attention_backend == "auto" else attention_backend)
         grouped = group_layers(specs)
         layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
         groups = [layer_group[i] for i in range(len(specs))]  # cross layers too (kvcache/cross.py)
         if tensor_parallel_size != 1:
             from qkv.distributed.executor import TensorParallelExecutor
 
-            self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups)
+            self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups,
+                                             attention_backend=self.attention_backend)
             model = self.tp.model
         elif on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
@@ -127,6 +133,7 @@ class LLMEngine:
             from qkv.model.quant import quantize
 
             self.model = quantize(self.model, quantization, self.device)
+        backend.use(self.model, self.attention_backend)  # this engine's model only, not the process
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             profiler = gpu if self.tp is None else self.tp  # with TP every rank runs the profile
             kv_cache_memory = profiler.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,

@@ -22,7 +22,9 @@ def log(msg: str) -> None:
 
 
 def select_backend(name: str) -> str:
-    """"auto" -> "triton" when triton imports, else "reference". Sets it as the current backend."""
+    """The backend a CUDA engine's model calls: "auto" -> "triton" when triton imports (and is
+    registered), else "reference"; another name must be registered. Sets nothing global: the
+    engine applies it to its own model (``backend.use``)."""
     from qkv.attention import triton as tri
 
     if name in ("auto", "triton"):
@@ -33,8 +35,7 @@ def select_backend(name: str) -> str:
             raise ValueError("attention backend 'triton' needs the triton package")
         else:
             name = "reference"
-    backend.set_backend(name)
-    return name
+    return backend.check(name)
 
 
 @torch.no_grad()
