@@ -16,6 +16,7 @@ import torch
 from qkv.attention import backend
 from qkv.config import ModelConfig
 from qkv.engine import encoder, processors, sampler, structured
+from qkv.engine.dtype import DTYPES, parse_dtype, resolve_dtype
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
@@ -27,34 +28,19 @@ from qkv.kvcache.kv_pages import with_packed
 from qkv.kvcache.spec import layer_specs
 from qkv.model import build_model
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 # KV cache storage may also be fp8 (e4m3): half the bytes of bf16, so twice the tokens.
 KV_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
              "float8_e4m3fn": torch.float8_e4m3fn}
 
 
-def resolve_dtype(dtype, table: dict = DTYPES) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype in table.values():
-            return dtype
-        raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(table)})")
-    try:
-        return table[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(table)})") from None
-
-
 def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's storage dtype: ``None``/"auto" is the model's."""
-    return dtype if kv_dtype in (None, "auto") else resolve_dtype(kv_dtype, KV_DTYPES)
+    return dtype if kv_dtype in (None, "auto") else parse_dtype(kv_dtype, KV_DTYPES)
 
 
 class LLMEngine:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
-                 dtype="float32", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
+                 dtype="auto", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
@@ -62,6 +48,8 @@ class LLMEngine:
                  async_scheduling: bool | None = None, k_dtype=None, v_dtype=None,
                  tensor_parallel_size: int = 1):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
+        ``dtype``: "auto" (the checkpoint's on CUDA; float32 on the CPU, bfloat16 with int8 weights:
+        engine/dtype.py) or a name.
         ``attention_backend``: a registered name (attention/backend.py), this engine's alone (set
         on its model's modules, so engines on other devices keep theirs); "auto" is Triton on
         CUDA, the reference on the CPU. On CUDA decode steps replay CUDA graphs unless
@@ -70,7 +58,7 @@ class LLMEngine:
         KV pools (kvcache/plan.py): ``num_kv_blocks`` an int gives every full-attention group
         that many blocks and each sliding group at most that many; a list gives each layer
         group's count; else the budget (``kv_cache_memory``, 1 GiB on the CPU) is split.
-        ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py).
+        ``quantization="int8"`` (CPU): int8 weights for the linear layers (model/quant.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
         decode steps replay CUDA graphs (there the host would otherwise idle the GPU).
@@ -80,7 +68,8 @@ class LLMEngine:
         specs, pools and ``kv_cache_memory`` are per rank."""
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py
+        print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)
         # One float format for K and V: plain pages of that dtype; int8/int4 or K != V: packed
         # uint8 pages with scales (kvcache/kv_pages.py), their specs carrying the formats.
         self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)

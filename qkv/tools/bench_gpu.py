@@ -31,19 +31,19 @@ def add_arguments(sp: argparse.ArgumentParser, name: str) -> None:
 
 
 def random_llm(args, **overrides):
-    """``--random-weights SHAPE``: the shape with random bf16 weights on the GPU."""
+    """``--random-weights SHAPE``: the shape with random weights on the GPU, in ``--dtype``
+    ("auto": bfloat16 there, as a shape declares no checkpoint dtype; engine/dtype.py)."""
     from qkv.tools.shapes import random_llm as build
 
     if getattr(args, "attention_override", None):  # the shapes have no sliding windows to dilate
         raise ValueError("--attention-override does not apply to --random-weights shapes; use a model")
-    dtype = args.dtype if args.dtype != "float32" else "bfloat16"
     kw = dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching, max_model_len=4096,
               kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
               async_scheduling=getattr(args, "async_scheduling", None))
     kw.update(overrides)
-    return build(args.random_weights, device=args.device or "cuda", dtype=dtype, **kw)
+    return build(args.random_weights, device=args.device or "cuda", dtype=args.dtype, **kw)
 
 
 def prompt_ids(llm, args) -> list[int] | None:
