@@ -66,6 +66,7 @@ class LLMEngine:
         ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py).
         ``tensor_parallel_size=N``: N processes, one per rank (qkv/distributed/); the cache
         specs, pools and ``kv_cache_memory`` are per rank."""
+        t_start = time.perf_counter()
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py
@@ -141,6 +142,10 @@ class LLMEngine:
         if on_gpu:
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
+                if self.tp is None:  # (with TP the workers would compile on their first steps anyway)
+                    t = gpu.warm_kernels(self.runner, self.max_model_len)
+                    gpu.log(f"compiled the prefill and mixed-step kernels in {t:.1f} s "
+                            f"(Triton cache: {gpu.triton_cache_dir()})")
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
             graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
@@ -158,6 +163,9 @@ class LLMEngine:
         self.grammars = (structured.GrammarCache(tokenizer, config.vocab_size, sorted(self.eos_ids))
                          if tokenizer is not None else None)
         self._structured: set[str] = set()
+        self.startup_s = time.perf_counter() - t_start  # weights given to ready: profiling, warm-up, graphs
+        self._first_request_logged = False
+        print(f"[qkv] engine ready in {self.startup_s:.1f} s", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -383,6 +391,11 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(req, reason)
             self._forget(req)
+            if not self._first_request_logged:  # the first request after start-up: is it warm?
+                self._first_request_logged = True
+                print(f"[qkv] first request: first token {req.first_token_time - req.arrival_time:.2f} s, "
+                      f"done {now - req.arrival_time:.2f} s after it arrived "
+                      f"({num_tokens - req.num_prompt_tokens} tokens)", file=sys.stderr, flush=True)
         return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, num_tokens, req.text,
                              reason, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
                              prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)

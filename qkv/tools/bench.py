@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             sp.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
         elif name == "throughput":
             sp.add_argument("--num-requests", type=int, default=16)
+            sp.add_argument("--passes", type=int, default=1,
+                            help="run the workload this many times in one engine (new prompts each time): "
+                                 "the first pass is cold, as a user's first run; later ones are warm")
             sp.add_argument("--input-len", default="32:256", help="min:max random prompt length")
             sp.add_argument("--output-len", default="16:128", help="min:max random output length")
             sp.add_argument("--seed", type=int, default=0)
@@ -277,8 +280,18 @@ def _range(text: str) -> tuple[int, int]:
 def throughput(args) -> dict:
     from qkv.tools.bench_engine import bench_throughput
 
+    if args.passes < 1:
+        raise ValueError(f"--passes must be >= 1, got {args.passes}")
+    t0 = time.perf_counter()
     llm = _llm(args)
+    startup = time.perf_counter() - t0  # loading (or making) the weights included
     res = bench_throughput(llm, args.num_requests, _range(args.input_len), _range(args.output_len), args.seed)
+    res["startup_s"] = startup
+    if args.passes > 1:  # other seeds: other prompts, so no pass hits an earlier one's prefixes
+        later = [bench_throughput(llm, args.num_requests, _range(args.input_len), _range(args.output_len),
+                                  args.seed + i)["output_tok_s"] for i in range(1, args.passes)]
+        res["later_passes_output_tok_s"] = later
+        res["cold_over_warm"] = res["output_tok_s"] / later[-1]
     if args.peer == "hf":
         res = {"qkv": res, "hf": _hf_throughput(llm, args)}
         res["speedup"] = res["qkv"]["output_tok_s"] / res["hf"].get("output_tok_s", float("nan"))
