@@ -246,7 +246,7 @@ def latency(args) -> dict:
     res["setup"] = {"model": args.model, "device": str(llm.engine.device), "dtype": str(llm.engine.dtype),
                     "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "new_tokens": args.max_tokens}
     _print_latency(res)
-    if llm.engine.device.type == "cuda":  # the rates are the H100's; a CPU has its own, unmeasured here
+    if llm.engine.device.type == "cuda":  # the card's measured rates (bench_rates.py); the CPU has no roofline here
         res["roofline"] = r = bench_gpu.roofline(llm, args, len(ids), args.max_tokens, res["qkv"])
         print(f"roofline: decode at {100 * r['decode_bandwidth_fraction']:.1f}% of {args.bandwidth / 1e12:.2f} "
               f"TB/s (floor {r['decode_roofline_tok_s']:.0f} tok/s), prefill at "
