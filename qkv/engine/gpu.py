@@ -95,9 +95,6 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
         m.kv_cache = new_cache(specs[m.layer], 1, block_size, kv_dtype, device)
 
-    def forward(lens: list[int]) -> None:
-        dummy_step(model, lens, rings, block_size, device)
-
     # Two shapes of a full token budget: many short sequences (the most logits rows) and one
     # long one (attention that is quadratic in the prompt, as the reference MLA prefill is:
     # 16 heads x 512^2 fp32 scores per sequence already take 16 MiB).
@@ -108,8 +105,8 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    forward([max_tokens // B + (i < max_tokens % B) for i in range(B)])
-    forward([max_tokens])
+    dummy_step(model, [max_tokens // B + (i < max_tokens % B) for i in range(B)], rings, block_size, device)
+    dummy_step(model, [max_tokens], rings, block_size, device)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     T = max_tokens
