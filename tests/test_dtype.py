@@ -82,7 +82,11 @@ def test_cli_default_is_auto_and_startup_says_what_it_picked(capsys, tiny_model,
     argv = ["generate", "hi", "--raw", "--model", path, "--device", "cpu", "--max-tokens", "2"]
     capsys.readouterr()
     assert main(argv) == 0
-    assert "[qkv] dtype float32 (auto: float32 on the CPU)" in capsys.readouterr().err.splitlines()
+    err = capsys.readouterr().err.splitlines()
+    assert "[qkv] dtype float32 (auto: float32 on the CPU)" in err
+    # The other start-up lines of issue 20: how long start-up took, and the first request.
+    assert any(line.startswith("[qkv] engine ready in ") for line in err)
+    assert any(line.startswith("[qkv] first request: first token ") and "(2 tokens)" in line for line in err)
     assert main(argv + ["--dtype", "bf16"]) == 0
     assert "[qkv] dtype bfloat16 (as given)" in capsys.readouterr().err.splitlines()
 
