@@ -142,7 +142,7 @@ class LLMEngine:
         if on_gpu:
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
-                if self.tp is None:  # (with TP the workers would compile on their first steps anyway)
+                if self.tp is None:  # with TP, runner is rank 0's proxy; the ranks compile on first use
                     t = gpu.warm_kernels(self.runner, self.max_model_len)
                     gpu.log(f"compiled the prefill and mixed-step kernels in {t:.1f} s "
                             f"(Triton cache: {gpu.triton_cache_dir()})")
