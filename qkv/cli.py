@@ -48,7 +48,11 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
     names its model with a positional argument instead of ``--model``)."""
     if model_flag:
         p.add_argument("--model", default="smollm2", help="named model, .gguf file or HF directory")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    from qkv.engine.dtype import check_arg as check_dtype
+
+    p.add_argument("--dtype", default="auto", type=check_dtype,
+                   help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on CUDA, bfloat16 for "
+                        "GGUF and random shapes; float32 on the CPU, bfloat16 with --quantization int8)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")

@@ -102,6 +102,9 @@ class ModelConfig:
     pad_token_id: int | None = None
     # Per layer (an int means every sliding layer): Longformer's dilated window, attention_override.py.
     dilation: list[int] | int = 1
+    # The weights' dtype as the checkpoint declares it (HF "dtype"/"torch_dtype"; "bfloat16" for
+    # GGUF); None when unknown (random-weight shapes). Read only by engine/dtype.py ("auto").
+    checkpoint_dtype: str | None = None
 
     def __post_init__(self) -> None:
         """Validate before anything is allocated: a bad field raises ConfigError naming it

@@ -16,6 +16,7 @@ def hf_fields(d: dict, source: str) -> dict:
     model_type = d.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source}: no 'model_type' field")
+    checkpoint_dtype = _declared_dtype(d)  # before a nested text_config replaces d
     if model_type == "gemma3" and "text_config" in d:
         d = {**d["text_config"], "model_type": "gemma3_text"}
         model_type = "gemma3_text"
@@ -52,6 +53,7 @@ def hf_fields(d: dict, source: str) -> dict:
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=eos_ids,
         pad_token_id=d.get("pad_token_id"),
+        checkpoint_dtype=checkpoint_dtype or _declared_dtype(d),
     )
     if model_type == "whisper":
         from qkv.config_whisper import whisper_fields
@@ -245,3 +247,12 @@ def _rope_scaling(scaling: dict | None, d: dict, source: str) -> dict | None:
         if out.get(key) is None:
             raise ConfigError(f"{source}: rope_scaling of type {kind!r} needs {key!r}")
     return out
+
+
+def _declared_dtype(d: dict) -> str | None:
+    """The weights' dtype a config declares: transformers 5 writes "dtype", 4.x "torch_dtype"
+    (when both are, "dtype" is read). Anything but a string is ignored."""
+    for key in ("dtype", "torch_dtype"):
+        if isinstance(d.get(key), str):
+            return d[key]
+    return None

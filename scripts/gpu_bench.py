@@ -38,23 +38,15 @@ def bench_graph(fn, iters=50):
 
 
 def ceilings():
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    import triton.testing
+    from qkv.tools.bench_rates import measure  # the rates `qkv bench` holds its rooflines against
 
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    bw = 2 * n / (ms / 1e3)  # bytes/s, read + write
-    x = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
-    ms2 = triton.testing.do_bench(lambda: x @ x, warmup=25, rep=200, return_mode="median")
-    flops = 2 * 8192 ** 3 / (ms2 / 1e3)  # FLOP/s
+    rates = measure(torch.device("cuda"))
+    bw, flops = rates["copy_Bps"], rates["matmul_flops"]  # bytes/s (read + write), FLOP/s
     w = torch.randn(4096, 4096, dtype=torch.bfloat16, device="cuda")
     v = torch.randn(1, 4096, dtype=torch.bfloat16, device="cuda")
     ms3 = bench_graph(lambda: torch.nn.functional.linear(v, w))
     record("ceilings", copy_TBps=bw / 1e12, bf16_TFLOPs=flops / 1e12, gemv_4096_us=ms3 * 1e3,
            gemv_4096_frac=(4096 * 4096 * 2 / (ms3 / 1e3)) / bw)
-    del a, b, x
-    torch.cuda.empty_cache()
     return bw, flops
 
 

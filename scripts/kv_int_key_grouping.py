@@ -57,12 +57,10 @@ def kl(q, k_true, k_q, scale, rotated=False):
 
 
 def main():
-    llm = LLM("smollm2", device="cpu")
     backend.register("capture", capture)
-    backend.set_backend("capture")
+    llm = LLM("smollm2", device="cpu", attention_backend="capture")
     ids = llm.tokenizer.encode(default_corpus(), add_special_tokens=False)[:512]
     llm.logits(ids)
-    backend.set_backend("reference")
     i4, i8 = plane_format("int4"), plane_format("int8")
     schemes = {
         "int4 per token, groups of 32 (0.5625 B/value)": lambda k: (per_token(k, i4), False),

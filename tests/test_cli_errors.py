@@ -59,3 +59,8 @@ def test_missing_plot_extra_names_the_fix(capsys, monkeypatch, tiny_model, tmp_p
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     code, err = _run(capsys, "memory", path, "--plot", str(tmp_path / "kv.png"))
     assert code == 2 and "pip install 'qkv[plot]'" in err
+
+
+def test_bench_passes_must_be_positive(capsys, tmp_path):
+    code, err = _run(capsys, "bench", "throughput", "--model", str(tmp_path / "m.gguf"), "--passes", "0")
+    assert code == 2 and err.strip() == "qkv: error: --passes must be >= 1, got 0"

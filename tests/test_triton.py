@@ -252,7 +252,6 @@ def greedy_by_variant(path: str, prompts: list[list[int]], max_tokens: int, vari
     """For each engine variant: (greedy tokens, prompt tokens served from the cache) per prompt.
     ``one_by_one`` runs the prompts in turn, so later ones can hit earlier ones' prefixes.
     ``config``: a ModelConfig to run instead of the checkpoint's own (e.g. with overrides)."""
-    from qkv.attention import backend
     from qkv.engine.engine import LLMEngine
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
@@ -260,20 +259,17 @@ def greedy_by_variant(path: str, prompts: list[list[int]], max_tokens: int, vari
     loaded = load(path)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     results = {}
-    try:
-        for name, kw in variants.items():
-            eng = LLMEngine(config or loaded.config, loaded.weights, None, dtype="float32", device="cuda",
-                            **{**engine_kw, **kw})
-            reqs = []
-            for p in prompts:
-                reqs += eng.add_request(p, params)
-                while one_by_one and eng.has_unfinished():
-                    eng.step()
-            while eng.has_unfinished():
+    for name, kw in variants.items():
+        eng = LLMEngine(config or loaded.config, loaded.weights, None, dtype="float32", device="cuda",
+                        **{**engine_kw, **kw})
+        reqs = []
+        for p in prompts:
+            reqs += eng.add_request(p, params)
+            while one_by_one and eng.has_unfinished():
                 eng.step()
-            results[name] = [(r.output_token_ids, r.num_cached_tokens) for r in reqs]
-    finally:
-        backend.set_backend("reference")
+        while eng.has_unfinished():
+            eng.step()
+        results[name] = [(r.output_token_ids, r.num_cached_tokens) for r in reqs]
     return results
 
 

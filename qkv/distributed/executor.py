@@ -77,7 +77,7 @@ class TensorParallelExecutor:
     ``rank_config``) are the per-rank cache specs the engine plans its pools with."""
 
     def __init__(self, config, weights: dict | None, size: int, device: torch.device, dtype: torch.dtype,
-                 groups: list[int], timeout_s: float | None = None):
+                 groups: list[int], timeout_s: float | None = None, attention_backend: str = "reference"):
         timeout_s = default_timeout_s() if timeout_s is None else timeout_s
         self.layout = Layout.of(config, size)
         self.size, self.timeout_s = size, timeout_s
@@ -102,7 +102,7 @@ class TensorParallelExecutor:
             shard = shard_weights(weights, self.layout, r) if weights is not None else None
             p = ctx.Process(target=worker.main, name=f"qkv-tp-rank{r}", daemon=True,
                             args=(r, size, store.port, config, shard, groups, str(rank_device(device, r)),
-                                  dtype, timeout_s, threads, theirs))
+                                  dtype, timeout_s, threads, theirs, attention_backend))
             p.start()
             theirs.close()
             self.procs.append(p)

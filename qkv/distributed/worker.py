@@ -16,6 +16,7 @@ import traceback
 
 import torch
 
+from qkv.attention import backend
 from qkv.distributed import step
 from qkv.distributed.parallel_state import connect
 from qkv.distributed.shard import Layout, build_shard
@@ -35,8 +36,9 @@ def _recv(conn, parent: int):
 
 
 def main(rank: int, size: int, port: int, config, weights: dict | None, groups: list[int], device: str,
-         dtype: torch.dtype, timeout_s: float, threads: int, conn) -> None:
-    """Entry point of the spawned process (``executor.TensorParallelExecutor`` starts it)."""
+         dtype: torch.dtype, timeout_s: float, threads: int, conn, attention_backend: str = "reference") -> None:
+    """Entry point of the spawned process (``executor.TensorParallelExecutor`` starts it);
+    ``attention_backend``: rank 0's (registered here again: this is another process)."""
     from qkv.engine.runner import ModelRunner
     from qkv.kvcache.manager import KVCacheManager
 
@@ -52,6 +54,11 @@ def main(rank: int, size: int, port: int, config, weights: dict | None, groups: 
         group = connect(rank, size, port, dev, timeout_s)
         model = build_shard(config, groups, weights, Layout.of(config, size), group, dev, dtype)
         del weights
+        if attention_backend != "reference":
+            from qkv.engine import gpu
+
+            attention_backend = gpu.select_backend(attention_backend)
+        backend.use(model, attention_backend)
         while True:  # start-up: memory profiling (CUDA), then the cache
             msg = _recv(conn, parent)
             if msg is None or msg == "shutdown":  # rank 0 failed while this rank was starting

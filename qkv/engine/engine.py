@@ -13,8 +13,10 @@ import time
 
 import torch
 
+from qkv.attention import backend
 from qkv.config import ModelConfig
 from qkv.engine import encoder, processors, sampler, structured
+from qkv.engine.dtype import DTYPES, parse_dtype, resolve_dtype
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
@@ -26,34 +28,19 @@ from qkv.kvcache.kv_pages import with_packed
 from qkv.kvcache.spec import layer_specs
 from qkv.model import build_model
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 # KV cache storage may also be fp8 (e4m3): half the bytes of bf16, so twice the tokens.
 KV_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
              "float8_e4m3fn": torch.float8_e4m3fn}
 
 
-def resolve_dtype(dtype, table: dict = DTYPES) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype in table.values():
-            return dtype
-        raise ValueError(f"unsupported dtype {dtype} (use one of {', '.join(table)})")
-    try:
-        return table[str(dtype)]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {dtype!r} (use one of {', '.join(table)})") from None
-
-
 def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
     """The KV cache's storage dtype: ``None``/"auto" is the model's."""
-    return dtype if kv_dtype in (None, "auto") else resolve_dtype(kv_dtype, KV_DTYPES)
+    return dtype if kv_dtype in (None, "auto") else parse_dtype(kv_dtype, KV_DTYPES)
 
 
 class LLMEngine:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
-                 dtype="float32", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
+                 dtype="auto", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
                  kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
@@ -61,13 +48,17 @@ class LLMEngine:
                  async_scheduling: bool | None = None, k_dtype=None, v_dtype=None,
                  tensor_parallel_size: int = 1):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
-        On CUDA: ``attention_backend="auto"`` picks Triton; decode steps replay CUDA graphs
-        unless ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
+        ``dtype``: "auto" (the checkpoint's on CUDA; float32 on the CPU, bfloat16 with int8 weights:
+        engine/dtype.py) or a name.
+        ``attention_backend``: a registered name (attention/backend.py), this engine's alone (set
+        on its model's modules, so engines on other devices keep theirs); "auto" is Triton on
+        CUDA, the reference on the CPU. On CUDA decode steps replay CUDA graphs unless
+        ``enforce_eager``; without ``num_kv_blocks``/``kv_cache_memory`` the KV cache
         takes ``gpu_memory_utilization`` of the card minus what a profiled forward pass needs.
         KV pools (kvcache/plan.py): ``num_kv_blocks`` an int gives every full-attention group
         that many blocks and each sliding group at most that many; a list gives each layer
         group's count; else the budget (``kv_cache_memory``, 1 GiB on the CPU) is split.
-        ``quantization="int8"`` (CPU, float32): int8 weights for the linear layers (model/quant.py).
+        ``quantization="int8"`` (CPU): int8 weights for the linear layers (model/quant.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
         decode steps replay CUDA graphs (there the host would otherwise idle the GPU).
@@ -75,9 +66,11 @@ class LLMEngine:
         ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py).
         ``tensor_parallel_size=N``: N processes, one per rank (qkv/distributed/); the cache
         specs, pools and ``kv_cache_memory`` are per rank."""
+        t_start = time.perf_counter()
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py
+        print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)
         # One float format for K and V: plain pages of that dtype; int8/int4 or K != V: packed
         # uint8 pages with scales (kvcache/kv_pages.py), their specs carrying the formats.
         self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)
@@ -107,15 +100,18 @@ class LLMEngine:
                 from qkv.attention.triton.packed import check_supported
 
                 check_supported(self.kv_packed, specs)
-        elif attention_backend not in ("auto", "reference"):
+        elif attention_backend == "triton":
             raise ValueError(f"attention backend {attention_backend!r} needs a CUDA device")
+        else:  # "auto" is the reference here; a registered name (a test's, a tool's) is honoured
+            self.attention_backend = backend.check("reference" if attention_backend == "auto" else attention_backend)
         grouped = group_layers(specs)
         layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
         groups = [layer_group[i] for i in range(len(specs))]  # cross layers too (kvcache/cross.py)
         if tensor_parallel_size != 1:
             from qkv.distributed.executor import TensorParallelExecutor
 
-            self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups)
+            self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups,
+                                             attention_backend=self.attention_backend)
             model = self.tp.model
         elif on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
@@ -127,6 +123,7 @@ class LLMEngine:
             from qkv.model.quant import quantize
 
             self.model = quantize(self.model, quantization, self.device)
+        backend.use(self.model, self.attention_backend)  # this engine's model only, not the process
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             profiler = gpu if self.tp is None else self.tp  # with TP every rank runs the profile
             kv_cache_memory = profiler.profile_kv_budget(self.model, specs, block_size, max_num_batched_tokens,
@@ -145,6 +142,10 @@ class LLMEngine:
         if on_gpu:
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
+                if self.tp is None:  # with TP, runner is rank 0's proxy; the ranks compile on first use
+                    t = gpu.warm_kernels(self.runner, self.max_model_len)
+                    gpu.log(f"compiled the prefill and mixed-step kernels in {t:.1f} s "
+                            f"(Triton cache: {gpu.triton_cache_dir()})")
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
             graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
@@ -162,6 +163,9 @@ class LLMEngine:
         self.grammars = (structured.GrammarCache(tokenizer, config.vocab_size, sorted(self.eos_ids))
                          if tokenizer is not None else None)
         self._structured: set[str] = set()
+        self.startup_s = time.perf_counter() - t_start  # weights given to ready: profiling, warm-up, graphs
+        self._first_request_logged = False
+        print(f"[qkv] engine ready in {self.startup_s:.1f} s", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -387,6 +391,11 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(req, reason)
             self._forget(req)
+            if not self._first_request_logged:  # the first request after start-up: is it warm?
+                self._first_request_logged = True
+                print(f"[qkv] first request: first token {req.first_token_time - req.arrival_time:.2f} s, "
+                      f"done {now - req.arrival_time:.2f} s after it arrived "
+                      f"({num_tokens - req.num_prompt_tokens} tokens)", file=sys.stderr, flush=True)
         return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, num_tokens, req.text,
                              reason, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
                              prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)

@@ -6,6 +6,7 @@ Called only by ``LLMEngine`` when its device is CUDA; the CPU path never imports
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -22,7 +23,9 @@ def log(msg: str) -> None:
 
 
 def select_backend(name: str) -> str:
-    """"auto" -> "triton" when triton imports, else "reference". Sets it as the current backend."""
+    """The backend a CUDA engine's model calls: "auto" -> "triton" when triton imports (and is
+    registered), else "reference"; another name must be registered. Sets nothing global: the
+    engine applies it to its own model (``backend.use``)."""
     from qkv.attention import triton as tri
 
     if name in ("auto", "triton"):
@@ -33,8 +36,7 @@ def select_backend(name: str) -> str:
             raise ValueError("attention backend 'triton' needs the triton package")
         else:
             name = "reference"
-    backend.set_backend(name)
-    return name
+    return backend.check(name)
 
 
 @torch.no_grad()
@@ -58,6 +60,31 @@ def build_on_device(config, groups: list[int], weights: dict | None, device: tor
     return model
 
 
+def dummy_step(model, lens: list[int], rings: list[int | None], block_size: int, device: torch.device,
+               max_seq_len: int | None = None) -> None:
+    """One forward pass (and logits) over sequences of ``lens`` new tokens, nothing cached
+    before them, that writes nothing: slots -1, every table one block (block 0, read as
+    garbage by nobody who looks). ``max_seq_len`` (default: the longest) is what the kernels
+    size themselves by. The caller holds inference mode and bound caches."""
+    i64 = dict(dtype=torch.int64, device=device)
+    qsl = [0]
+    for n in lens:
+        qsl.append(qsl[-1] + n)
+    B, T = len(lens), qsl[-1]
+    batch = AttentionBatch(
+        query_start_loc=torch.tensor(qsl, **i64), num_computed=torch.zeros(B, **i64),
+        query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max_seq_len or max(lens),
+        block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in rings],
+        slot_mappings=[torch.full((T,), -1, **i64) for _ in rings], ring_blocks=list(rings),
+        logits_indices=torch.tensor(qsl[1:], **i64) - 1,
+        encoder_lens=torch.ones(B, **i64) if getattr(model, "is_encoder_decoder", False) else None)
+    # Positions wrap at the model's table: learned position embeddings (Whisper's 448) would
+    # index past it, a device-side assert that ends the CUDA context. Memory is the same.
+    limit = model.config.max_position_embeddings
+    hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) % limit for n in lens]), batch)
+    model.compute_logits(hidden[batch.logits_indices])
+
+
 @torch.inference_mode()
 def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_seqs: int,
                       utilization: float, device: torch.device, kv_dtype: torch.dtype | None = None) -> int:
@@ -71,25 +98,6 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     kv_dtype = kv_dtype or next(model.parameters()).dtype
     for m in layers:  # one-block stand-in caches: the profile run writes nothing (slots -1)
         m.kv_cache = new_cache(specs[m.layer], 1, block_size, kv_dtype, device)
-    i64 = dict(dtype=torch.int64, device=device)
-
-    def forward(lens: list[int]) -> None:
-        qsl = [0]
-        for n in lens:
-            qsl.append(qsl[-1] + n)
-        B, T = len(lens), qsl[-1]
-        batch = AttentionBatch(
-            query_start_loc=torch.tensor(qsl, **i64), num_computed=torch.zeros(B, **i64),
-            query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max(lens),
-            block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in grouped],
-            slot_mappings=[torch.full((T,), -1, **i64) for _ in grouped], ring_blocks=rings,
-            logits_indices=torch.tensor(qsl[1:], **i64) - 1,
-            encoder_lens=torch.ones(B, **i64) if getattr(model, "is_encoder_decoder", False) else None)
-        # Positions wrap at the model's table: learned position embeddings (Whisper's 448) would
-        # index past it, a device-side assert that ends the CUDA context. Memory is the same.
-        limit = model.config.max_position_embeddings
-        hidden = model(torch.zeros(T, **i64), torch.cat([torch.arange(n, **i64) % limit for n in lens]), batch)
-        model.compute_logits(hidden[batch.logits_indices])
 
     # Two shapes of a full token budget: many short sequences (the most logits rows) and one
     # long one (attention that is quadratic in the prompt, as the reference MLA prefill is:
@@ -101,8 +109,8 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    forward([max_tokens // B + (i < max_tokens % B) for i in range(B)])
-    forward([max_tokens])
+    dummy_step(model, [max_tokens // B + (i < max_tokens % B) for i in range(B)], rings, block_size, device)
+    dummy_step(model, [max_tokens], rings, block_size, device)
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated()
     T = max_tokens
@@ -128,6 +136,56 @@ def warm_sampler(vocab_size: int, device: torch.device) -> None:
     fast = gpu_sampling()
     if fast is not None:
         fast.exponential_noise(1, vocab_size, torch.zeros(1, dtype=torch.int64, device=device))
+
+
+WARM_CHUNK = 16  # tokens of the prefill chunk in warm-up steps: any length compiles the same kernels
+
+
+def warm_lengths(max_model_len: int) -> list[int]:
+    """The longest-sequence lengths the warm-up steps claim: 256 * 2^i up to ``max_model_len``,
+    which give every split count the decode kernel picks (a power of two, from
+    ``cdiv(len, 4 * block_n)``, block_n 64 or 128 with fp8) for sequences up to it."""
+    lengths, n = [], 256
+    while n < max_model_len and n <= 256 * 64:
+        lengths.append(n)
+        n *= 2
+    return lengths + [max_model_len]
+
+
+@torch.inference_mode()
+def warm_kernels(runner, max_model_len: int) -> float:
+    """Compile at start-up the kernel variants that eager steps launch, which the first steps
+    of a run would otherwise JIT-compile inside it (issue 20: half the throughput of a cold
+    ``qkv bench throughput``): a one-sequence prefill, then for each ``warm_lengths`` a
+    mixed step (a prefill chunk beside a decode: the prefill kernel skipping decode rows, the
+    decode kernel with that length's split count, and the combine kernel past 8 splits) and a
+    one-sequence eager decode. Pure decode steps in CUDA graphs are compiled by the capture.
+    Variants are also kept on disk by Triton (``triton_cache_dir``), so a second process loads
+    them instead of compiling. Writes nothing (``dummy_step``). Returns the seconds it took."""
+    t0 = time.perf_counter()
+    rings, bs = list(runner.kv.ring), runner.kv.block_size
+    for rope in runner.ropes:  # as graph capture does: positions up to max_model_len
+        rope.ensure(max_model_len)
+    dummy_step(runner.model, [WARM_CHUNK], rings, bs, runner.device)
+    for n in warm_lengths(max_model_len):
+        dummy_step(runner.model, [WARM_CHUNK, 1], rings, bs, runner.device, max_seq_len=n)
+        dummy_step(runner.model, [1], rings, bs, runner.device, max_seq_len=n)
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def triton_cache_dir() -> str:
+    """Where Triton keeps compiled kernels across processes (``TRITON_CACHE_DIR``, else
+    ``~/.triton/cache``)."""
+    import os
+
+    try:
+        from triton import knobs  # triton >= 3.4
+
+        return knobs.cache.dir
+    except (ImportError, AttributeError):
+        return os.environ.get("TRITON_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".triton", "cache")
 
 
 def capture_graphs(runner, max_num_seqs: int, max_model_len: int) -> None:

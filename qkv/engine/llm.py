@@ -44,10 +44,11 @@ def check_device(device: str | None, name: str = "device") -> None:
 
 
 class LLM:
-    def __init__(self, model: str = "smollm2", dtype="float32", device: str | None = None, *,
+    def __init__(self, model: str = "smollm2", dtype="auto", device: str | None = None, *,
                  threads: int | None = None, chat_template=None, attention_override: dict | str | None = None,
                  **engine_kwargs):
-        """``model``: a named default, a ``.gguf`` file or an HF directory. ``chat_template``: a
+        """``model``: a named default, a ``.gguf`` file or an HF directory. ``dtype``: "auto" (the
+        checkpoint's on CUDA; float32 on the CPU, bfloat16 with int8 weights: engine/dtype.py) or a name. ``chat_template``: a
         Jinja chat template file (or template text) used instead of the model's. ``engine_kwargs``:
         block_size, num_kv_blocks, kv_cache_memory, max_num_batched_tokens, max_num_seqs,
         enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs).

@@ -254,6 +254,7 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
         raise LoadError(f"{path}: GGUF metadata gives no vocabulary size")
     d = {
         "model_type": model_type,
+        "dtype": "bfloat16",  # what "auto" computes a GGUF model in on CUDA (engine/dtype.py)
         "vocab_size": vocab,
         "hidden_size": hidden,
         "num_hidden_layers": get("block_count"),
@@ -287,7 +288,8 @@ def gguf_config(meta: dict, tensor_names: set[str], path: str) -> ModelConfig:
         )
     if arch == "gpt2":
         d = {
-            **{k: d[k] for k in ("model_type", "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id")},
+            **{k: d[k] for k in ("model_type", "dtype", "vocab_size", "tie_word_embeddings", "bos_token_id",
+                                 "eos_token_id")},
             "n_embd": hidden, "n_layer": d["num_hidden_layers"], "n_head": heads,
             "n_positions": get("context_length"), "n_inner": d["intermediate_size"],
             "layer_norm_epsilon": get("attention.layer_norm_epsilon", 1e-5, required=False),

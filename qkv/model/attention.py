@@ -17,6 +17,8 @@ from qkv.model.layers import RMSNorm, RotaryEmbedding, linear
 
 
 class Attention(nn.Module):
+    attention_backend = "reference"  # the engine's choice, set by backend.use
+
     def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding | None, group: int = 0,
                  scale: float | None = None, norm_offset: float = 0.0):
         super().__init__()
@@ -47,5 +49,5 @@ class Attention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(positions, q, k, batch=batch)
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window,
-                                dilation=self.dilation)
+                                dilation=self.dilation, name=self.attention_backend)
         return linear(self.o_proj, out.reshape(T, self.q_size))

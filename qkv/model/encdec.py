@@ -54,6 +54,7 @@ class DecoderSelfAttention(_Proj):
     """Causal self-attention through the paged cache (the attention backend writes it)."""
 
     is_attention = True
+    attention_backend = "reference"  # the engine's choice, set by backend.use
 
     def __init__(self, d: int, heads: int, layer: int, group: int, k_bias: bool = False):
         super().__init__(d, heads, k_bias)
@@ -63,7 +64,7 @@ class DecoderSelfAttention(_Proj):
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = (p(x).view(T, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
-        out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale)
+        out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, name=self.attention_backend)
         return self.out_proj(out.reshape(T, -1))
 
 

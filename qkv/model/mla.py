@@ -41,6 +41,7 @@ def mla_mode(cfg: ModelConfig) -> str:
 
 class MLAAttention(nn.Module):
     is_attention = True
+    attention_backend = "reference"  # the engine's choice, set by backend.use
 
     def __init__(self, cfg: ModelConfig, layer: int, rope: RotaryEmbedding, group: int):
         super().__init__()
@@ -91,5 +92,6 @@ class MLAAttention(nn.Module):
                                batch=batch)
         w_uk, w_uv = self.up_weights()
         out = backend.mla_attention(q_nope, q_pe, c_kv, k_pe[:, 0], self.kv_cache, batch, self.group,
-                                    self.scale, w_uk, w_uv, absorbed=self.mode == "absorbed")
+                                    self.scale, w_uk, w_uv, absorbed=self.mode == "absorbed",
+                                    name=self.attention_backend)
         return self.o_proj(out.reshape(T, self.num_heads * self.v_dim))

@@ -55,6 +55,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             sp.add_argument("--repeat", type=int, default=3, help="runs; the best is reported")
         elif name == "throughput":
             sp.add_argument("--num-requests", type=int, default=16)
+            sp.add_argument("--passes", type=int, default=1,
+                            help="run the workload this many times in one engine (new prompts each time): "
+                                 "the first pass is cold, as a user's first run; later ones are warm")
             sp.add_argument("--input-len", default="32:256", help="min:max random prompt length")
             sp.add_argument("--output-len", default="16:128", help="min:max random output length")
             sp.add_argument("--seed", type=int, default=0)
@@ -243,7 +246,7 @@ def latency(args) -> dict:
     res["setup"] = {"model": args.model, "device": str(llm.engine.device), "dtype": str(llm.engine.dtype),
                     "threads": torch.get_num_threads(), "prompt_tokens": len(ids), "new_tokens": args.max_tokens}
     _print_latency(res)
-    if llm.engine.device.type == "cuda":  # the rates are the H100's; a CPU has its own, unmeasured here
+    if llm.engine.device.type == "cuda":  # the card's measured rates (bench_rates.py); the CPU has no roofline here
         res["roofline"] = r = bench_gpu.roofline(llm, args, len(ids), args.max_tokens, res["qkv"])
         print(f"roofline: decode at {100 * r['decode_bandwidth_fraction']:.1f}% of {args.bandwidth / 1e12:.2f} "
               f"TB/s (floor {r['decode_roofline_tok_s']:.0f} tok/s), prefill at "
@@ -277,8 +280,18 @@ def _range(text: str) -> tuple[int, int]:
 def throughput(args) -> dict:
     from qkv.tools.bench_engine import bench_throughput
 
+    if args.passes < 1:
+        raise ValueError(f"--passes must be >= 1, got {args.passes}")
+    t0 = time.perf_counter()
     llm = _llm(args)
+    startup = time.perf_counter() - t0  # loading (or making) the weights included
     res = bench_throughput(llm, args.num_requests, _range(args.input_len), _range(args.output_len), args.seed)
+    res["startup_s"] = startup
+    if args.passes > 1:  # other seeds: other prompts, so no pass hits an earlier one's prefixes
+        later = [bench_throughput(llm, args.num_requests, _range(args.input_len), _range(args.output_len),
+                                  args.seed + i)["output_tok_s"] for i in range(1, args.passes)]
+        res["later_passes_output_tok_s"] = later
+        res["cold_over_warm"] = res["output_tok_s"] / later[-1]
     if args.peer == "hf":
         res = {"qkv": res, "hf": _hf_throughput(llm, args)}
         res["speedup"] = res["qkv"]["output_tok_s"] / res["hf"].get("output_tok_s", float("nan"))

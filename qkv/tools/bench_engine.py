@@ -52,6 +52,7 @@ def _run(llm, work: list[tuple[list[int], SamplingParams]]) -> dict:
         "elapsed_s": elapsed,
         "output_tok_s": out_tokens / elapsed,
         "total_tok_s": (out_tokens + sum(len(ids) for ids, _ in work)) / elapsed,
+        "first_token_s": min(ttft),  # the engine's first answer in this run (cold: after start-up)
         "ttft_mean_s": statistics.fmean(ttft),
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p99_s": _percentile(ttft, 99),

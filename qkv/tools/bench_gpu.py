@@ -5,8 +5,9 @@
 
 Roofline: a decode step must read every weight once (the embedding table aside) and every
 cached K/V byte of its sequences; prefill must do 2 FLOPs per weight per token. Fractions are
-those floors over the measured time, against ``--bandwidth`` (copy rate, read + write, 3.0 TB/s
-measured on the H100) and ``--matmul-flops`` (785 TFLOP/s).
+those floors over the measured time, against ``--bandwidth`` (copy rate, read + write) and
+``--matmul-flops`` (bf16 matmul rate); by default both are the rates of the device in use,
+measured once and cached on disk (bench_rates.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def add_arguments(sp: argparse.ArgumentParser, name: str) -> None:
     from qkv.tools.shapes import add_arguments as add_shape
 
     add_shape(sp)
-    sp.add_argument("--bandwidth", type=float, default=3.0e12, help="copy bandwidth, bytes/s (roofline)")
-    sp.add_argument("--matmul-flops", type=float, default=785e12, help="matmul rate, FLOP/s (roofline)")
+    sp.add_argument("--bandwidth", type=float, default=None,
+                    help="copy bandwidth, bytes/s (roofline; default: measured on this device once, cached)")
+    sp.add_argument("--matmul-flops", type=float, default=None,
+                    help="matmul rate, FLOP/s (roofline; default: measured on this device once, cached)")
     sp.add_argument("--plot", default=None, metavar="PNG", help="draw the results to this file")
     if name == "latency":
         sp.add_argument("--prompt-len", type=int, default=512,
@@ -31,19 +34,19 @@ def add_arguments(sp: argparse.ArgumentParser, name: str) -> None:
 
 
 def random_llm(args, **overrides):
-    """``--random-weights SHAPE``: the shape with random bf16 weights on the GPU."""
+    """``--random-weights SHAPE``: the shape with random weights on the GPU, in ``--dtype``
+    ("auto": bfloat16 there, as a shape declares no checkpoint dtype; engine/dtype.py)."""
     from qkv.tools.shapes import random_llm as build
 
     if getattr(args, "attention_override", None):  # the shapes have no sliding windows to dilate
         raise ValueError("--attention-override does not apply to --random-weights shapes; use a model")
-    dtype = args.dtype if args.dtype != "float32" else "bfloat16"
     kw = dict(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching, max_model_len=4096,
               kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
               async_scheduling=getattr(args, "async_scheduling", None))
     kw.update(overrides)
-    return build(args.random_weights, device=args.device or "cuda", dtype=dtype, **kw)
+    return build(args.random_weights, device=args.device or "cuda", dtype=args.dtype, **kw)
 
 
 def prompt_ids(llm, args) -> list[int] | None:
@@ -59,12 +62,30 @@ def weight_bytes(llm) -> int:
                if "embed_tokens" not in n or llm.config.tie_word_embeddings)
 
 
+def fill_rates(args, device) -> dict | None:
+    """Set ``args.bandwidth`` / ``args.matmul_flops`` not given on the command line to the
+    device's measured rates (bench_rates.py); returns those rates, None when both were given."""
+    if args.bandwidth is not None and args.matmul_flops is not None:
+        return None
+    from qkv.tools.bench_rates import device_rates
+
+    rates = device_rates(torch.device(device))
+    if args.bandwidth is None:
+        args.bandwidth = rates["copy_Bps"]
+    if args.matmul_flops is None:
+        args.matmul_flops = rates["matmul_flops"]
+    return rates
+
+
 def roofline(llm, args, prompt_tokens: int, new_tokens: int, r: dict) -> dict:
-    """Fractions of the floors for one latency result ``r`` (decode_tok_s, prefill_s)."""
+    """Fractions of the floors for one latency result ``r`` (decode_tok_s, prefill_s), against
+    the rates in ``args`` (``fill_rates``: the device's own unless given)."""
+    rates = fill_rates(args, llm.engine.device)
     wb = weight_bytes(llm)
     kv_tok = sum(s.bytes_per_token for s in llm.engine.specs)
     step_bytes = wb + kv_tok * (prompt_tokens + new_tokens // 2)  # KV at the mean context
-    out = {"weight_bytes": wb, "kv_bytes_per_token": kv_tok,
+    out = {"weight_bytes": wb, "kv_bytes_per_token": kv_tok, "bandwidth_Bps": args.bandwidth,
+           "matmul_flops": args.matmul_flops, "rates_from": rates["key"] if rates else "command line",
            "decode_roofline_tok_s": args.bandwidth / step_bytes,
            "decode_bandwidth_fraction": r["decode_tok_s"] * step_bytes / args.bandwidth}
     if "prefill_s" in r:

@@ -129,9 +129,9 @@ def save_hf(dst: str | Path, config: ModelConfig, weights: dict[str, torch.Tenso
     """Write an HF model directory at ``dst`` (created; must be empty or absent)."""
     from safetensors.torch import save_file
 
-    from qkv.engine.engine import resolve_dtype
+    from qkv.engine.dtype import parse_dtype
 
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     dtype_name = str(torch_dtype).removeprefix("torch.")
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ def _scores(s, sm_scale, softcap, HAS_SOFTCAP: tl.constexpr):
     return s
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per eager step: one variant for all
 def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
                    sm_scale, softcap, window, ring, dil,
@@ -213,11 +213,14 @@ def split_counters(n: int, device: torch.device) -> torch.Tensor:
 def num_splits(batch_size: int, num_kv_heads: int, max_seq_len: int | None, block_n: int,
                num_sms: int = 132) -> int:
     """Splits per sequence: enough programs to fill the SMs about twice, but no split shorter
-    than one tile. ``max_seq_len=None`` (CUDA-graph capture) assumes long sequences."""
+    than one tile. ``max_seq_len=None`` (CUDA-graph capture) assumes long sequences. Always a
+    power of two up to 32: ``S`` is a kernel constant, so each value is a compiled variant,
+    and start-up compiles all six (engine/gpu.py ``warm_kernels``) instead of 32."""
     target = triton.cdiv(2 * num_sms, batch_size * num_kv_heads)
     s = min(triton.next_power_of_2(max(target, 1)), 32)
     if max_seq_len is not None:
-        s = min(s, triton.cdiv(max_seq_len, 4 * block_n))
+        per_tile = max(1, triton.cdiv(max_seq_len, 4 * block_n))
+        s = min(s, 1 << (per_tile.bit_length() - 1))  # rounded down: splits no shorter than before
     return max(s, 1)
 
 

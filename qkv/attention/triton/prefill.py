@@ -53,7 +53,7 @@ def _as_fp8(x, dtype):
     return x.to(tl.float8e4nv).to(dtype)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant for all
 def _prefill_kernel(Q, K, V, KC, VC, BT, QSL, NC, OUT,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                     stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
