@@ -145,17 +145,13 @@ def test_engine_prefill_logits_close(tmp_path, name):
     """All-position logits of a 90-token prompt in 16-token chunks: Triton within 1e-3 of the
     reference backend (fp32)."""
     from qkv import LLM
-    from qkv.attention import backend
 
     path = deepseek(tmp_path, name)
     prompt = torch.randint(2, 250, (90,), generator=torch.Generator().manual_seed(5)).tolist()
     logits = {}
-    try:
-        for be in ("reference", "triton"):
-            llm = LLM(path, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64,
-                      max_num_batched_tokens=16, attention_backend=be, enforce_eager=True)
-            logits[be] = llm.logits(prompt)
-    finally:
-        backend.set_backend("reference")
+    for be in ("reference", "triton"):
+        llm = LLM(path, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64,
+                  max_num_batched_tokens=16, attention_backend=be, enforce_eager=True)
+        logits[be] = llm.logits(prompt)
     err = ((logits["triton"] - logits["reference"]).abs().max() / logits["reference"].abs().max()).item()
     assert err < 1e-3, f"relative error {err:.2e}"

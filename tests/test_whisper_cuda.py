@@ -16,7 +16,6 @@ from test_bart_model import hf_greedy as bart_greedy  # noqa: E402
 from test_whisper_model import PROMPT, hf_greedy, leak_free, mel, qkv_logits, whisper_dir  # noqa: E402,F401
 
 from qkv import LLM  # noqa: E402
-from qkv.attention import backend  # noqa: E402
 from qkv.engine.request import SamplingParams  # noqa: E402
 
 # Engine variants on the card: the reference backend (the oracle's code on CUDA), Triton eager,
@@ -24,12 +23,6 @@ from qkv.engine.request import SamplingParams  # noqa: E402
 VARIANTS = {"reference": dict(attention_backend="reference", enforce_eager=True),
             "triton-eager": dict(enforce_eager=True),
             "triton-graphs": dict()}
-
-
-@pytest.fixture(autouse=True)
-def reset_backend():
-    yield
-    backend.set_backend("reference")
 
 
 def test_prompt_logits_on_cuda_match_hf(whisper_dir):
@@ -92,7 +85,6 @@ def test_bart_on_cuda_matches_hf(bart_dir):
                             SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
         assert [o.token_ids for o in outs] == want, kw
         leak_free(llm)
-        backend.set_backend("reference")
 
 
 @pytest.mark.slow
@@ -117,6 +109,5 @@ def test_whisper_base_on_cuda_gives_the_cpu_tokens(tmp_path):
     for device in ("cpu", "cuda"):
         out = LLM("whisper-base", device=device).transcribe(str(wav), language="en", response_format="verbose_json")
         tokens[device] = [s["tokens"] for s in out["segments"]]
-        backend.set_backend("reference")
     assert tokens["cuda"] == tokens["cpu"]
     assert "door" in out["text"].lower()

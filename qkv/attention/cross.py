@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
 from qkv.kvcache.kv_quant import to_cache
 
@@ -65,9 +64,10 @@ def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBat
 
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,
-           scale: float) -> torch.Tensor:
-    """The current backend's cross attention (``cross_attention``'s contract)."""
-    if q.is_cuda and backend.current() == "triton":
+           scale: float, *, name: str = "reference") -> torch.Tensor:
+    """Cross attention through backend ``name`` (the calling module's, set by the engine with
+    ``backend.use``); ``cross_attention``'s contract."""
+    if q.is_cuda and name == "triton":
         from qkv.attention.triton.cross import cross_attention as triton_cross
 
         return triton_cross(q, kv_cache, batch, group, scale)

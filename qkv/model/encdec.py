@@ -72,6 +72,7 @@ class DecoderCrossAttention(_Proj):
     """Attention from the decoder's tokens to the encoder output's K/V in the cross pages."""
 
     is_attention = True
+    attention_backend = "reference"  # the engine's choice, set by backend.use
 
     def __init__(self, d: int, heads: int, layer: int, group: int, k_bias: bool = False):
         super().__init__(d, heads, k_bias)
@@ -81,7 +82,8 @@ class DecoderCrossAttention(_Proj):
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.heads, self.head_dim)
-        return self.out_proj(attend(q, self.kv_cache, batch, self.group, self.scale).reshape(T, -1))
+        return self.out_proj(attend(q, self.kv_cache, batch, self.group, self.scale,
+                                           name=self.attention_backend).reshape(T, -1))
 
     def write(self, enc: torch.Tensor, slots: torch.Tensor) -> None:
         """Project encoder rows [N, d] to K/V and store them at ``slots`` [N]."""
