@@ -36,6 +36,7 @@ from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server import tokenize as T
 from qkv.server import tool_calls as TC
+from qkv.server.engine_client import EngineDead
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.http_plumbing import CORS, install, request_id
 from qkv.server.metrics import ServerMetrics
@@ -77,7 +78,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = EngineLoop(engine, metrics, max_waiting=limits.max_waiting)
+        if hasattr(llm, "engine_loop"):  # a RemoteModel: the engine runs in its own process
+            loop = llm.engine_loop(metrics, limits.max_waiting)
+        else:
+            loop = EngineLoop(engine, metrics, max_waiting=limits.max_waiting)
         holder["loop"] = app.state.engine_loop = loop
         loop.start()
         try:
@@ -346,6 +350,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         except QueueFull as e:
             raise P.APIError(429, str(e), "server_error", "queue_full",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineDead as e:
+            raise P.APIError(500, str(e), "server_error", "engine_dead") from None
         state["inflight"] += 1
         try:
             return await respond(request, req, prompts, params, chat, loop, rid, stream, echo, tools)
@@ -366,6 +372,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             raise P.APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
         except ShuttingDown as e:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except EngineDead as e:
+            raise P.APIError(500, str(e), "server_error", "engine_dead") from None
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
         except BaseException:
@@ -540,6 +548,8 @@ class _Answer:
             work.result()
         except ShuttingDown as e:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except EngineDead as e:
+            raise P.APIError(500, str(e), "server_error", "engine_dead") from None
         except Exception as e:
             raise P.APIError(500, f"generation failed: {e}", "server_error") from None
         choices = []
