@@ -212,7 +212,7 @@ def test_sigterm_ends_streams_and_leaves_no_process(served):
     lines: list[str] = []
 
     def listen():
-        body = {"prompt": CORPUS[3], "max_tokens": 3000, "ignore_eos": True, "stream": True}
+        body = {"prompt": CORPUS[3], "max_tokens": 1400, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
             lines.extend(line for line in r.iter_lines() if line)
 
@@ -233,7 +233,7 @@ def test_engine_death_gives_5xx_and_exit(model_dir):
         answer = {}
 
         def long_request():
-            body = {"prompt": CORPUS[0], "max_tokens": 3000, "ignore_eos": True}
+            body = {"prompt": CORPUS[0], "max_tokens": 1400, "ignore_eos": True}
             answer["r"] = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
 
         t = threading.Thread(target=long_request)
