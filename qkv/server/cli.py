@@ -158,7 +158,12 @@ def engine_llm(args, extra: dict):
         from qkv.loading import load
         from qkv.tools.shapes import random_llm
 
-        tokenizer = load(args.model).tokenizer
+        if Path(args.model).is_dir():  # tokenizer files alone are enough
+            from qkv.loading.hf import hf_tokenizer
+
+            tokenizer = hf_tokenizer(Path(args.model), [])
+        else:
+            tokenizer = load(args.model).tokenizer
         kw = {k: v for k, v in engine_kwargs(args).items()
               if k not in ("device", "dtype", "threads", "quantization", "attention_override", "tensor_parallel_size")}
         kw.setdefault("max_model_len", 4096)
