@@ -486,6 +486,7 @@ class _Answer:
         self.sent: dict[int, int] = {}  # choice -> output tokens whose logprobs were streamed
         self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
         self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
+        self._error: BaseException | None = None  # met by _drain after outputs it returned
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -521,6 +522,24 @@ class _Answer:
         if isinstance(item, BaseException):
             raise item
         return item
+
+    async def _drain(self) -> list:
+        """Every output queued now (at least one: waits for it). An error after some outputs
+        is raised by the next call."""
+        if self._error is not None:
+            raise self._error
+        q = self.stream.queue
+        item, items = await q.get(), []
+        while True:
+            if isinstance(item, BaseException):
+                if not items:
+                    raise item
+                self._error = item
+                return items
+            items.append(item)
+            if q.empty():
+                return items
+            item = q.get_nowait()
 
     async def collect(self, loop: EngineLoop, request: Request) -> dict:
         """Wait for every sample; abort them all if the client hangs up first."""
@@ -581,27 +600,41 @@ class _Answer:
                              for i in range(self.stream.num_samples)])
             while self.finished < self.stream.num_samples:
                 try:
-                    out = await self._next()
+                    outs = await self._drain()
                 except Exception as e:
-                    err = P.error_body(str(e), "server_error", "shutting_down" if isinstance(e, ShuttingDown) else None)
-                    yield f"data: {json.dumps(err)}\n\n"
+                    code = "shutting_down" if isinstance(e, ShuttingDown) else \
+                        "engine_dead" if isinstance(e, EngineDead) else None
+                    yield f"data: {json.dumps(P.error_body(str(e), 'server_error', code))}\n\n"
                     break
-                self._account(out)
-                if out.text_delta or out.finished:
+                # Outputs that queued up while this stream was busy go out as one chunk per
+                # choice and one write: a lagging stream catches up instead of falling further behind.
+                merged: dict[int, list] = {}  # choice -> [its last output, the text of all of them]
+                for out in outs:
+                    self._account(out)
                     i = self._index(out)
+                    if i in merged:
+                        merged[i][0] = out
+                        merged[i][1] += out.text_delta
+                    else:
+                        merged[i] = [out, out.text_delta]
+                lines = []
+                for i, (out, delta) in merged.items():
+                    if not (delta or out.finished):
+                        continue
                     first = i not in self.sent
                     # A chat chunk that only finishes carries an empty delta, not "content": "".
-                    text = out.text_delta if out.text_delta or not self.chat else None
+                    text = delta if delta or not self.chat else None
                     if first and self.echo is not None:
                         text = self._echo(out) + (text or "")
                     lps = self._logprobs(out, self.sent.get(i, 0), first)
                     self.sent[i] = len(out.token_ids)
                     if self.tools is not None:  # content and tool-call deltas, in order
                         parser = self.parsers.setdefault(i, TC.ChoiceStream(self.tools))
-                        for c in parser.chunks(i, text or "", out.finish_reason, lps):
-                            yield event([c])
+                        lines += [event([c]) for c in parser.chunks(i, text or "", out.finish_reason, lps)]
                         continue
-                    yield event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)])
+                    lines.append(event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)]))
+                if lines:
+                    yield "".join(lines)
             else:
                 if include_usage:
                     yield event([], self._usage())
