@@ -8,8 +8,10 @@ words, min:max) asking for exactly ``--loop-output-len`` tokens (min:max, ``igno
 greedy). First the offline engine runs them all at once (``LLM.generate``, the same engine
 options); its memory is released, then ``qkv serve`` starts and ``N`` streaming clients, spread
 over ``--client-procs`` processes so the client is not the bottleneck, keep N requests open
-until all are done, ``--loop-passes`` times (the first pass is the first load after start-up).
-``/metrics`` is sampled every 0.25 s for the mean number of running sequences. Prints one row
+until all are done, ``--loop-passes`` times (the first pass is the first load after start-up;
+all but the last send other prompts of the same lengths, so the last, offline's requests,
+meets a prefix cache that holds none of them).
+``/metrics`` is sampled every 0.1 s for the mean number of running sequences. Prints one row
 per run and the server/offline ratio of output tokens per second (the last pass's).
 """
 
@@ -34,7 +36,8 @@ def add_arguments(p) -> None:
     p.add_argument("--loop-requests", type=int, default=512, help="closed-loop chat requests")
     p.add_argument("--loop-input-len", default="100:1100", help="closed-loop prompt words, min:max")
     p.add_argument("--loop-output-len", default="16:256", help="closed-loop output tokens, min:max")
-    p.add_argument("--loop-passes", type=int, default=2, help="closed-loop passes (the first: right after start-up)")
+    p.add_argument("--loop-passes", type=int, default=2,
+                   help="closed-loop passes (the first: right after start-up; the last: offline's requests)")
     p.add_argument("--client-procs", type=int, default=1, help="client processes for the closed loop")
 
 
@@ -46,8 +49,8 @@ def _span(text: str, name: str) -> tuple[int, int]:
     return lo, hi
 
 
-def requests(args) -> list[tuple[str, int]]:
-    rng = random.Random(args.seed)
+def requests(args, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
     (ilo, ihi), (olo, ohi) = _span(args.loop_input_len, "--loop-input-len"), _span(args.loop_output_len,
                                                                                    "--loop-output-len")
     return [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(ilo, ihi))), rng.randint(olo, ohi))
@@ -69,7 +72,7 @@ def offline(args, reqs: list[tuple[str, int]]) -> dict:
     wall = time.perf_counter() - t0
     row = {"run": "offline", "requests": len(reqs), "failed": 0, "wall_s": wall,
            "prompt_tokens": sum(len(i) for i in ids), "output_tokens": sum(len(o.token_ids) for o in outs),
-           "running_mean": float(min(len(reqs), llm.engine.scheduler.max_num_seqs))}
+           "running_mean": math.nan}  # not sampled: all requests are queued at once
     row["tok_per_s"] = row["output_tokens"] / wall
     del llm, outs
     gc.collect()
@@ -138,7 +141,7 @@ def _client_proc(url: str, reqs: list, clients: int, headers: dict) -> list[Samp
 def _sample_running(url: str, stop: threading.Event, out: list[float]) -> None:
     import httpx
 
-    while not stop.wait(0.25):
+    while not stop.wait(0.1):
         try:
             for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
                 if line.startswith("qkv_requests_running "):
@@ -178,8 +181,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         ttft = f"{r['ttft_p50_ms']:.0f} / {r['ttft_p99_ms']:.0f}" if "ttft_p50_ms" in r else "-"
         itl = f"{r['itl_p50_ms']:.1f} / {r['itl_p99_ms']:.1f}" if "itl_p50_ms" in r else "-"
+        running = "-" if math.isnan(r["running_mean"]) else f"{r['running_mean']:.1f}"
         lines.append(f"| {r['run']} | {r['requests']} | {r['failed']} | {r['wall_s']:.2f} | {r['output_tokens']} "
-                     f"| {r['tok_per_s']:,.0f} | {ttft} | {itl} | {r['running_mean']:.1f} |")
+                     f"| {r['tok_per_s']:,.0f} | {ttft} | {itl} "
+                     f"| {running} |")
     return "\n".join(lines)
 
 
@@ -189,7 +194,7 @@ def run(args, start_server, headers: dict) -> tuple[list[dict], object, str]:
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
 
-    reqs = requests(args)
+    reqs = requests(args, args.seed)
     rows = [offline(args, reqs)]
     print(f"offline: {rows[0]['output_tokens']} tokens in {rows[0]['wall_s']:.2f} s", file=sys.stderr, flush=True)
     proc, url = start_server(args)
@@ -199,11 +204,18 @@ def run(args, start_server, headers: dict) -> tuple[list[dict], object, str]:
             f.result()  # the client processes are up before the clock starts
         for i in range(args.loop_passes):
             name = "server, first load" if i == 0 else "server, warm"
-            rows.append(closed_loop(url, reqs, args, headers, pool, name))
+            # Earlier passes send other prompts (of the same lengths): the measured one, offline's
+            # requests, must find none of its prompts in the prefix cache.
+            last = i == args.loop_passes - 1
+            rows.append(closed_loop(url, reqs if last else requests(args, args.seed + 1 + i), args, headers,
+                                    pool, name))
             r = rows[-1]
             print(f"{name}: {r['output_tokens']} tokens in {r['wall_s']:.2f} s, {r['failed']} failed"
                   + (f" ({r['errors']})" if r["errors"] else ""), file=sys.stderr, flush=True)
     ratio = rows[-1]["tok_per_s"] / rows[0]["tok_per_s"]
+    mode = "engine in the server's process" if getattr(args, "engine_in_process", False) else "engine process"
+    for r in rows[1:]:
+        r["run"] += f" ({mode})"
     print(f"\nqkv bench serve --closed-loop {args.closed_loop}: model {getattr(args, 'random_weights', None) or args.model}, "
           f"{args.loop_requests} chat requests, {args.client_procs} client processes\n")
     print(table(rows))
