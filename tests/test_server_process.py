@@ -187,6 +187,36 @@ def test_logprobs_and_chat_equal_offline(served, ref_llm):
         [ids], SamplingParams(max_tokens=8, temperature=0))[0].text
 
 
+def test_samples_prompt_logprobs_and_structured_outputs_cross_the_boundary(served, ref_llm):
+    """n=2 seeded samples (one stopped by a stop string, its sibling running on), prompt
+    logprobs and a structured-output constraint, through the engine process."""
+    from qkv import SamplingParams
+
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 2,
+            "ignore_eos": True, "prompt_logprobs": 1}
+    want = [ref_llm.generate(["hello world"], SamplingParams(max_tokens=12, temperature=1.0, seed=7 + i,
+                                                             ignore_eos=True, prompt_logprobs=1))[0] for i in range(2)]
+    stop = want[0].text[3:5]  # ends sample 0 early; sample 1 (seed 8) most likely not
+    want_stopped = [ref_llm.generate(["hello world"], SamplingParams(max_tokens=12, temperature=1.0, seed=7 + i,
+                                                                     ignore_eos=True, stop=[stop]))[0]
+                    for i in range(2)]
+    assert want_stopped[0].finish_reason == "stop"
+    r = httpx.post(served.url + "/v1/completions", json={**body, "stop": [stop]}, timeout=60).json()
+    got = {c["index"]: c for c in r["choices"]}
+    for i in range(2):
+        assert (got[i]["text"], got[i]["finish_reason"]) == (want_stopped[i].text, want_stopped[i].finish_reason)
+        plp = got[i]["prompt_logprobs"]
+        assert plp[0] is None and len(plp) == len(want[i].prompt_token_ids)
+        for entry, ref in zip(plp[1:], want[i].prompt_logprobs[1:]):
+            assert {int(k): v["logprob"] for k, v in entry.items()} == pytest.approx(
+                {t: lp.logprob for t, lp in ref.items()}, abs=1e-5)
+    assert r["usage"]["completion_tokens"] == sum(len(w.token_ids) for w in want_stopped)
+    choice = httpx.post(served.url + "/v1/completions", json={
+        "model": "tiny", "prompt": "pick one:", "max_tokens": 20, "temperature": 0,
+        "structured_outputs": {"choice": ["quick brown fox", "lazy dog"]}}, timeout=60).json()
+    assert choice["choices"][0]["text"] in ("quick brown fox", "lazy dog"), choice
+
+
 def test_disconnect_aborts_in_engine_and_frees_blocks(served):
     before = aborted(served.url)
     body = {"prompt": CORPUS[2], "max_tokens": 1000, "ignore_eos": True, "stream": True}

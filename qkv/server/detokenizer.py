@@ -29,9 +29,7 @@ class SampleText:
         if tok in self.stop_ids or self.stream is None:
             return "", False  # the engine ends the sample itself
         delta = self.stream.push(tok)
-        if not delta:
-            return "", False
-        self.text += delta
+        self.text += delta  # stop strings are checked even when it adds nothing, as the engine does
         p = self.params
         if not p.stop:
             self.sent = len(self.text)
@@ -44,7 +42,9 @@ class SampleText:
                 if cut >= 0:
                     self.text = text[:cut + len(s) if p.include_stop_str_in_output else cut]
                     return self.flush(), True
-        hold = max((k for s in p.stop for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)
+        # Held back: the longest end of the text that begins a stop string (a whole one too:
+        # before min_tokens it does not stop yet, but the engine's rule still cuts it later).
+        hold = max((k for s in p.stop for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
         out = text[self.sent:len(text) - hold]
         self.sent += len(out)
         return out, False

@@ -78,6 +78,7 @@ class EngineClient:
         self._ctx = zmq.asyncio.Context()
         self._push = self._ctx.socket(zmq.PUSH)
         self._push.setsockopt(zmq.LINGER, 0)
+        self._push.setsockopt(zmq.SNDHWM, 0)  # never drop a command: an abort lost would leak blocks
         self._push.bind(self.process.in_addr)
         self._pull = self._ctx.socket(zmq.PULL)
         self._pull.bind(self.process.out_addr)

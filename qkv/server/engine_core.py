@@ -39,6 +39,7 @@ class EngineCore:
 
         ctx = zmq.Context()
         pull = ctx.socket(zmq.PULL)
+        pull.setsockopt(zmq.RCVHWM, 0)  # commands are never dropped (see EngineClient)
         pull.connect(self.in_addr)
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 2000)
