@@ -216,8 +216,9 @@ def run(args, start_server, headers: dict) -> tuple[list[dict], object, str]:
     mode = "engine in the server's process" if getattr(args, "engine_in_process", False) else "engine process"
     for r in rows[1:]:
         r["run"] += f" ({mode})"
-    print(f"\nqkv bench serve --closed-loop {args.closed_loop}: model {getattr(args, 'random_weights', None) or args.model}, "
-          f"{args.loop_requests} chat requests, {args.client_procs} client processes\n")
+    model = getattr(args, "random_weights", None) or args.model
+    print(f"\nqkv bench serve --closed-loop {args.closed_loop}: model {model}, {args.loop_requests} chat requests, "
+          f"{args.client_procs} client processes\n")
     print(table(rows))
     print(f"\nserver/offline output tok/s: {ratio:.2f}×\n", flush=True)
     return rows, proc, url
