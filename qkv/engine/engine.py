@@ -157,6 +157,9 @@ class LLMEngine:
         self._pending = PendingTokens(self.device)  # sampled, not yet read on the host
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}
+        # False: outputs carry token ids only (no text, no stop strings); the process-split
+        # server detokenizes and matches stop strings in its front end (server/detokenizer.py).
+        self.detokenize = True
         self.num_generated_tokens = 0
         # Structured outputs: compiled grammars (built on first use) and the live requests
         # that have a matcher; steps without one pay nothing (engine/structured.py).
@@ -215,7 +218,7 @@ class LLMEngine:
                 r.structured = matchers[r.index]
                 self._structured.add(r.request_id)
             self._requests[r.request_id] = r
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and self.detokenize:
                 self._detok[r.request_id] = self.tokenizer.stream(params.skip_special_tokens)
         return reqs
 
@@ -287,6 +290,17 @@ class LLMEngine:
                 self.scheduler.finish(req, "abort")
             self._forget(req)
         self._pending.drop_finished()  # an aborted request's token in flight is never read
+
+    def finish(self, request_id: str, reason: str = "stop") -> None:
+        """End one sample (not its siblings, unlike ``abort``) as if it had stopped on its own:
+        for a stop string matched outside the engine. Its blocks go back to the pool."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if not req.finished:
+            self.scheduler.finish(req, reason)
+        self._forget(req)
+        self._pending.drop_finished()
 
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)
