@@ -115,9 +115,10 @@ class LLMEngine:
             model = self.tp.model
         elif on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
-        else:
-            model = build_model(config, groups)
-            model.load_weights(weights)
+        else:  # parameters on meta, then filled one at a time in the dtype: no fp32 copy of the model
+            from qkv.model.materialize import build
+
+            model = build(config, groups, weights, self.dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if quantization:
             from qkv.model.quant import quantize

@@ -1,0 +1,78 @@
+"""One GGUF tensor, read from the memory-mapped file into a torch tensor of a chosen dtype.
+
+Dequantization is the ``gguf`` library's (numpy, float32). A tensor that needs no layout
+change is dequantized in row chunks written straight into the result, so the float32
+scratch is one chunk, not the tensor (Gemma 3's 262k x 640 embedding is 671 MB in float32,
+335 MB in bfloat16). Tensors that llama.cpp's converter changed are undone whole, in float32,
+then cast, exactly as transformers undoes them:
+
+* llama: Q and K rows are permuted for llama.cpp's RoPE layout (``unpermute``).
+* gemma3: RMSNorm weights are stored as ``w + 1``; HF keeps ``w``.
+* gpt2: the Conv1D weights are stored transposed.
+
+Casting after the float32 arithmetic gives the same bits as the eager loader, which
+returned float32 and let the engine cast the model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .errors import LoadError
+
+CHUNK_ELEMENTS = 1 << 22  # float32 scratch per chunk: 16 MiB
+
+
+def needs_whole(name: str, arch: str) -> bool:
+    """Whether tensor ``name`` is changed as a whole (so it is not read in chunks)."""
+    kind = name.split(".")[-2] if "." in name else name
+    if arch == "llama" and kind in ("attn_q", "attn_k"):
+        return True
+    if arch == "gemma3" and name.endswith("norm.weight"):
+        return True
+    return arch == "gpt2" and name.endswith(".weight") and kind in ("attn_qkv", "attn_output", "ffn_up", "ffn_down")
+
+
+def read_tensor(t, arch: str, num_heads: int, num_kv_heads: int, path: str, dtype: torch.dtype) -> torch.Tensor:
+    """GGUF tensor ``t`` (a ``gguf.TensorInfo``) as HF lays it out, in ``dtype``. A tensor
+    the ``gguf`` library cannot dequantize is a LoadError naming the file and the tensor."""
+    if needs_whole(t.name, arch):
+        return torch.from_numpy(_whole(t, arch, num_heads, num_kv_heads, path)).to(dtype)
+    out = torch.empty(t.shape, dtype=dtype)
+    rows = t.data.reshape(-1, t.data.shape[-1])  # [rows, bytes per row]
+    flat = out.view(-1, t.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // t.shape[-1])
+    for r in range(0, rows.shape[0], step):
+        chunk = _dequantize(t, rows[r : r + step], path)
+        flat[r : r + step] = torch.from_numpy(chunk.reshape(-1, t.shape[-1]))
+    return out
+
+
+def _dequantize(t, data: np.ndarray, path: str) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    try:
+        w = dequantize(data, t.qtype)
+    except Exception as e:
+        raise LoadError(f"{path}: cannot dequantize tensor {t.name!r} ({t.qtype.name}): {e}") from None
+    # F32 tensors come back as views of the read-only mapping: torch wants writable memory.
+    return np.require(w, dtype=np.float32, requirements=["C", "W"])
+
+
+def _whole(t, arch: str, num_heads: int, num_kv_heads: int, path: str) -> np.ndarray:
+    w = _dequantize(t, t.data, path).reshape(t.shape)
+    kind = t.name.split(".")[-2]
+    if arch == "llama" and kind in ("attn_q", "attn_k"):
+        w = unpermute(w, num_heads if kind == "attn_q" else num_kv_heads)
+    elif arch == "gemma3" and t.name.endswith("norm.weight"):
+        w = w - 1.0
+    elif arch == "gpt2":
+        w = w.T
+    return np.ascontiguousarray(w)
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute``: per head, rows interleaved (x0,y0,x1,y1..) back to halves (x..,y..)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
