@@ -89,7 +89,8 @@ def engine_kwargs(args) -> dict:
                 quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 async_scheduling=getattr(args, "async_scheduling", None),
                 attention_override=getattr(args, "attention_override", None),
-                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                log_stats=getattr(args, "verbose", True))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).
@@ -160,8 +161,11 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
     if command == "generate":
         p.add_argument("prompt")
         p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+        p.add_argument("--verbose", action="store_true",
+                       help="show the engine's start-up lines (dtype, KV cache, timings) on stderr")
     else:
-        p.add_argument("--verbose", action="store_true", help="show prompt tokens served from the cache")
+        p.add_argument("--verbose", action="store_true",
+                       help="show the engine's start-up lines and the prompt tokens served from the cache")
         p.add_argument("--system", default=None, help="a system message")
 
 

