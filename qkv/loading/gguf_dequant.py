@@ -16,6 +16,8 @@ returned float32 and let the engine cast the model.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import torch
 
@@ -38,15 +40,37 @@ def read_tensor(t, arch: str, num_heads: int, num_kv_heads: int, path: str, dtyp
     """GGUF tensor ``t`` (a ``gguf.TensorInfo``) as HF lays it out, in ``dtype``. A tensor
     the ``gguf`` library cannot dequantize is a LoadError naming the file and the tensor."""
     if needs_whole(t.name, arch):
-        return torch.from_numpy(_whole(t, arch, num_heads, num_kv_heads, path)).to(dtype)
-    out = torch.empty(t.shape, dtype=dtype)
-    rows = t.data.reshape(-1, t.data.shape[-1])  # [rows, bytes per row]
-    flat = out.view(-1, t.shape[-1])
-    step = max(1, CHUNK_ELEMENTS // t.shape[-1])
-    for r in range(0, rows.shape[0], step):
-        chunk = _dequantize(t, rows[r : r + step], path)
-        flat[r : r + step] = torch.from_numpy(chunk.reshape(-1, t.shape[-1]))
+        out = torch.from_numpy(_whole(t, arch, num_heads, num_kv_heads, path)).to(dtype)
+    else:
+        out = torch.empty(t.shape, dtype=dtype)
+        rows = _plain(t.data).reshape(-1, t.data.shape[-1])  # [rows, bytes per row]
+        flat = out.view(-1, t.shape[-1])
+        step = max(1, CHUNK_ELEMENTS // t.shape[-1])
+        for r in range(0, rows.shape[0], step):
+            chunk = _dequantize(t, rows[r : r + step], path)
+            flat[r : r + step] = torch.from_numpy(chunk.reshape(-1, t.shape[-1]))
+    release(t.data)
     return out
+
+
+def release(data: np.ndarray) -> None:
+    """Drop the file pages under ``data`` (a view of an ``np.memmap``) from this process's
+    resident set once read: they stay in the page cache, but no longer count toward the
+    process's memory while the model is built (SmolLM2: the ~100 MB of the file)."""
+    mm = getattr(data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    start = data.ctypes.data - np.frombuffer(mm, dtype=np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, (start + data.nbytes) // page * page  # whole pages inside
+    if last > first:
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _plain(data: np.ndarray) -> np.ndarray:
+    """The bytes as a base ndarray: gguf splits them into thousands of views, and each view
+    of an ``np.memmap`` runs its Python ``__array_finalize__`` (0.9 s of SmolLM2's load)."""
+    return np.asarray(data)
 
 
 def _dequantize(t, data: np.ndarray, path: str) -> np.ndarray:
@@ -61,7 +85,7 @@ def _dequantize(t, data: np.ndarray, path: str) -> np.ndarray:
 
 
 def _whole(t, arch: str, num_heads: int, num_kv_heads: int, path: str) -> np.ndarray:
-    w = _dequantize(t, t.data, path).reshape(t.shape)
+    w = _dequantize(t, _plain(t.data), path).reshape(t.shape)
     kind = t.name.split(".")[-2]
     if arch == "llama" and kind in ("attn_q", "attn_k"):
         w = unpermute(w, num_heads if kind == "attn_q" else num_kv_heads)

@@ -31,24 +31,42 @@ def supported(model: nn.Module) -> bool:
     return isinstance(model, CausalLM) and type(model).load_weights is CausalLM.load_weights
 
 
+# The random inits of torch.nn.init: skipped on meta tensors, where they would do nothing but
+# import torch's Python decompositions (torch._refs, torch._prims: 2-5 s on 2 cores) to run.
+_INITS = ("constant_", "kaiming_normal_", "kaiming_uniform_", "normal_", "ones_", "trunc_normal_", "uniform_",
+          "xavier_normal_", "xavier_uniform_", "zeros_")
+
+
 @contextmanager
 def parameters_on_meta():
     """Inside, every parameter a module registers goes to the meta device, so constructors
-    and their random inits allocate nothing; buffers are created as usual. The patch is of
-    ``nn.Module.register_parameter`` for the whole process while the block runs (as
-    accelerate's ``init_empty_weights``): build nothing on other threads meanwhile."""
-    original = nn.Module.register_parameter
+    and their random inits allocate and compute nothing; buffers are created as usual. The
+    patch is of ``nn.Module.register_parameter`` and torch.nn.init's functions for the whole
+    process while the block runs (as accelerate's ``init_empty_weights``): build nothing on
+    other threads meanwhile."""
+    register_parameter = nn.Module.register_parameter
+    inits = {name: getattr(nn.init, name) for name in _INITS}
 
     def register(module, name, param):
         if param is not None and param.device.type != "meta":
             param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        original(module, name, param)
+        register_parameter(module, name, param)
+
+    def skip_on_meta(init):
+        def run(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+        return run
 
     nn.Module.register_parameter = register
+    for name, init in inits.items():
+        setattr(nn.init, name, skip_on_meta(init))
     try:
         yield
     finally:
-        nn.Module.register_parameter = original
+        nn.Module.register_parameter = register_parameter
+        for name, init in inits.items():
+            setattr(nn.init, name, init)
 
 
 def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype) -> CausalLM:
@@ -86,25 +104,35 @@ def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype) -> None:
         else:
             plan.setdefault(ours, {})[-1] = name
     slots = _slots(model)
-    for ours, names in plan.items():
-        source = names.get(-1, ours)
-        if ours not in params:
-            raise WeightError(f"unexpected weight {source!r} (no parameter {ours!r})")
-        pieces = [model.transform(names[i], read_as(weights, names[i], dtype)) for i in sorted(names)]
-        w = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
-        del pieces
-        p = params[ours]
-        if tuple(p.shape) != tuple(w.shape):
-            raise WeightError(f"weight {source!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
-        new = nn.Parameter(w.contiguous(), requires_grad=p.requires_grad)
-        for module, attr in slots[id(p)]:
-            module._parameters[attr] = new
-    cfg = model.config
-    if cfg.tie_word_embeddings and "lm_head.weight" not in plan and "lm_head.weight" in params:
+    threads = torch.get_num_threads()
+    # Each copy is a few MB and memory-bound: a second intra-op thread only adds a barrier
+    # per op, and on a busy machine it made SmolLM2's copies and concatenations ~10x slower.
+    torch.set_num_threads(1)
+    try:
+        for ours, names in plan.items():
+            _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots)
+    finally:
+        torch.set_num_threads(threads)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in plan and "lm_head.weight" in params:
         model.lm_head.weight = model.embedding_weight()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise WeightError(f"weights missing for {len(missing)} parameters, e.g. {missing[:4]}")
+
+
+def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict) -> None:
+    """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``."""
+    source = names.get(-1, ours)
+    if p is None:
+        raise WeightError(f"unexpected weight {source!r} (no parameter {ours!r})")
+    pieces = [model.transform(names[i], read_as(weights, names[i], dtype)) for i in sorted(names)]
+    w = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+    del pieces
+    if tuple(p.shape) != tuple(w.shape):
+        raise WeightError(f"weight {source!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+    new = nn.Parameter(w.contiguous(), requires_grad=p.requires_grad)
+    for module, attr in slots[id(p)]:
+        module._parameters[attr] = new
 
 
 def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
