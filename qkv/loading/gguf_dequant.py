@@ -46,9 +46,13 @@ def read_tensor(t, arch: str, num_heads: int, num_kv_heads: int, path: str, dtyp
         rows = _plain(t.data).reshape(-1, t.data.shape[-1])  # [rows, bytes per row]
         flat = out.view(-1, t.shape[-1])
         step = max(1, CHUNK_ELEMENTS // t.shape[-1])
+        fast = _TORCH.get(t.qtype.name)
         for r in range(0, rows.shape[0], step):
-            chunk = _dequantize(t, rows[r : r + step], path)
-            flat[r : r + step] = torch.from_numpy(chunk.reshape(-1, t.shape[-1]))
+            if fast is not None:  # a copy of the packed bytes: torch wants writable memory
+                flat[r : r + step] = fast(torch.from_numpy(np.array(rows[r : r + step]))).view(-1, t.shape[-1])
+            else:
+                chunk = _dequantize(t, rows[r : r + step], path)
+                flat[r : r + step] = torch.from_numpy(chunk.reshape(-1, t.shape[-1]))
     release(t.data)
     return out
 
@@ -85,7 +89,11 @@ def _dequantize(t, data: np.ndarray, path: str) -> np.ndarray:
 
 
 def _whole(t, arch: str, num_heads: int, num_kv_heads: int, path: str) -> np.ndarray:
-    w = _dequantize(t, _plain(t.data), path).reshape(t.shape)
+    fast = _TORCH.get(t.qtype.name)
+    if fast is not None:
+        w = fast(torch.from_numpy(np.array(t.data))).numpy().reshape(t.shape)
+    else:
+        w = _dequantize(t, _plain(t.data), path).reshape(t.shape)
     kind = t.name.split(".")[-2]
     if arch == "llama" and kind in ("attn_q", "attn_k"):
         w = unpermute(w, num_heads if kind == "attn_q" else num_kv_heads)
@@ -94,6 +102,38 @@ def _whole(t, arch: str, num_heads: int, num_kv_heads: int, path: str) -> np.nda
     elif arch == "gpt2":
         w = w.T
     return np.ascontiguousarray(w)
+
+
+# ---------------------------------------------------------------- torch forms of gguf's numpy
+# The simplest block formats (SmolLM2's GGUF is Q4_1 and Q8_0), in torch: the same float32
+# operations in the same order as gguf.quants (so the same bits; tests/test_materialize.py
+# checks every element against the library), ~20x faster than its numpy per-block splits.
+# Every other type goes through the library. ``b``: uint8 [rows, bytes per row].
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """16 packed bytes -> 32 values: the low nibbles, then the high ones (ggml's order)."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=1)
+
+
+def _q4_0(b: torch.Tensor) -> torch.Tensor:
+    b = b.reshape(-1, 18)
+    return _f16(b[:, :2]) * (_nibbles(b[:, 2:]).to(torch.int8) - 8).float()
+
+
+def _q4_1(b: torch.Tensor) -> torch.Tensor:
+    b = b.reshape(-1, 20)
+    return _f16(b[:, :2]) * _nibbles(b[:, 4:]).float() + _f16(b[:, 2:4])
+
+
+def _q8_0(b: torch.Tensor) -> torch.Tensor:
+    b = b.reshape(-1, 34)
+    return b[:, 2:].contiguous().view(torch.int8).float() * _f16(b[:, :2])
+
+
+_TORCH = {"Q4_0": _q4_0, "Q4_1": _q4_1, "Q8_0": _q8_0}
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
