@@ -133,6 +133,33 @@ def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[
     new = nn.Parameter(w.contiguous(), requires_grad=p.requires_grad)
     for module, attr in slots[id(p)]:
         module._parameters[attr] = new
+    del w, new
+    _trim()
+
+
+def _trim() -> None:
+    """Give the freed scratch of the last read back to the OS. glibc keeps freed blocks of a
+    few MB in its heap, between the parameters allocated after them, so without this the
+    scratch of 272 reads stayed resident: SmolLM2 bf16 ended its build 60-90 MB above its
+    weights, varying from run to run. ``malloc_trim`` returns free pages anywhere in the heap."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
