@@ -79,7 +79,7 @@ def test_cli_default_is_auto_and_startup_says_what_it_picked(capsys, tiny_model,
     save_tokenizer(smollm2.tokenizer, Path(path), 512)
     cfg = Path(path) / "config.json"  # a bf16 checkpoint (as SmolLM2's): still float32 on the CPU
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "dtype": "bfloat16"}))
-    argv = ["generate", "hi", "--raw", "--model", path, "--device", "cpu", "--max-tokens", "2"]
+    argv = ["generate", "hi", "--raw", "--model", path, "--device", "cpu", "--max-tokens", "2", "--verbose"]
     capsys.readouterr()
     assert main(argv) == 0
     err = capsys.readouterr().err.splitlines()
