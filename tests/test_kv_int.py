@@ -191,3 +191,47 @@ def test_cli_kv_cache_dtype_takes_one_or_two_formats(capsys):
 
     r = json.loads(capsys.readouterr().out)
     assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))  # int4 K: 4 groups x 1 B
+
+
+
+def test_key_offset_keeps_a_key_bias_out_of_int4():
+    """Keys with a large bias on their slow RoPE pairs (as Qwen2.5's k_proj adds), stored as
+    rotated int4: removing ``key_offset`` first keeps the attention weights far closer to exact."""
+    from qkv.kvcache.key_offset import key_offset
+    from qkv.kvcache.kv_int import hadamard
+    from qkv.model.layers import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    L, D = 512, 64
+    rope = RotaryEmbedding(D, 1e6)  # Qwen2.5's rope_theta
+    bias = torch.zeros(1, D)
+    bias[0, 28:32] = bias[0, 60:64] = 30.0
+    pos = torch.arange(L)
+    q, k = rope(pos, torch.randn(L, 1, D, generator=g), torch.randn(L, 1, D, generator=g) + bias)
+    mu = key_offset(bias, rope)
+    f = plane_format("int4")
+
+    def weights(keys):
+        return torch.softmax(q[:, 0] @ keys[:, 0].T / D**0.5 + torch.full((L, L), float("-inf")).triu(1), -1)
+
+    exact = weights(k)
+    err = {}
+    for name, m in (("offset", mu), ("none", torch.zeros_like(mu))):
+        stored = hadamard(as_stored(hadamard(k - m), f))  # the rotated plane, read back and unrotated
+        err[name] = (weights(stored) - exact).abs().sum(-1).mean().item()  # mean L1 per query row
+    # The shift itself changes nothing: softmax ignores a vector shared by every key.
+    torch.testing.assert_close(weights(k - mu), exact, rtol=1e-4, atol=1e-5)
+    assert err["offset"] < err["none"] / 3, err
+
+
+def test_key_offset_leaves_a_float_cache_unchanged(tiny_model, monkeypatch):
+    """Forced on an fp32 cache, the offset changes no logit (the engine path, key bias and all)."""
+    from qkv.kvcache.key_offset import key_offset
+    from qkv.model.attention import Attention
+
+    path = tiny(tiny_model, "qwen2", head_dim=64)
+    ids = list(range(3, 40))
+    full = make(path).logits(ids)
+    monkeypatch.setattr(Attention, "_key_offset", lambda self: key_offset(
+        self.qkv_proj.bias[self.q_size:self.q_size + self.kv_size].view(self.num_kv_heads, -1), self.rope) + 3.0)
+    torch.testing.assert_close(make(path).logits(ids), full, rtol=1e-4, atol=1e-4)
