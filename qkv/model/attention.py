@@ -63,8 +63,10 @@ class Attention(nn.Module):
         change: kvcache/key_offset.py); None for float caches and unbiased keys."""
         if self._k_offset is None:
             lay = layout_of(self.kv_cache) if self.kv_cache is not None else None
-            bias = self.qkv_proj.bias
-            if lay is None or bias is None or not lay.planes[0].fmt.is_int or len(lay.planes) != 2:
+            if lay is None or len(lay.planes) != 2 or not lay.planes[0].fmt.is_int:
+                return None
+            bias = getattr(self.qkv_proj, "bias", None)
+            if bias is None:
                 return None
             kb = bias[self.q_size:self.q_size + self.kv_size].view(self.num_kv_heads, self.head_dim)
             self._k_offset = key_offset(kb, self.rope).to(kb.device)
