@@ -23,8 +23,8 @@ channel of the group to zero. Rotated, each channel carries a mix of all of them
 absmax is close to its typical value. Scores are unchanged, since ``(Hq).(Hk) = q.k``: the
 backends rotate the query instead of un-rotating keys, and rotate the output
 (``P (H v) = H (P v)``, H its own inverse) instead of every value. ``read`` returns vectors in the
-rotated space. SmolLM2 int4 perplexity (groups of 32, fp16 scales): +20.6% unrotated, +7.99% rotated; the
-current format's in docs/kv-cache.md.
+rotated space. SmolLM2 int4 perplexity (groups of 32, fp16 scales): +20.6% unrotated, +7.99%
+rotated; the current format's in docs/kv-cache.md.
 MLA latents are not rotated (the absorbed kernels read them as they are).
 """
 
