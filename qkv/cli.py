@@ -52,7 +52,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
 
     p.add_argument("--dtype", default="auto", type=check_dtype,
                    help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on CUDA, bfloat16 for "
-                        "GGUF and random shapes; float32 on the CPU, bfloat16 with --quantization int8)")
+                        "GGUF and random shapes; float32 on the CPU, bfloat16 with quantized weights)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -61,7 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prefill chunk size)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
-    p.add_argument("--quantization", default=None, choices=["int8"], help="int8 weights (CPU decode path)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "bf16"],
+                   help="CPU weights: auto keeps the file's precision class (a Q4 GGUF: int4; Q6/Q8: int8; "
+                        "F16/BF16: bf16; qkv/model/cpu_format.py); none: float32")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     from qkv.kvcache.kv_int import check_arg
