@@ -2,7 +2,10 @@
 heads, 8 KV heads, head_dim 128, blocks of 16), against the copy rate measured in the same run.
 
 Fraction = packed bytes of the cache (values + scales, one layer) / kernel time / copy rate,
-the copy rate counted as bytes read + written per second (scripts/gpu_bench.py's ceiling).
+the copy rate counted as bytes read + written per second, measured in the same run by
+``qkv.tools.bench_rates.measure`` (the ceiling ``qkv bench`` and scripts/gpu_bench.py use).
+Tilings (keys per tile, warps, stages, splits per sequence) are swept; the query/output
+rotation (two small GEMMs) is timed on top of the best one.
 The bf16 and fp8 production kernels are timed on the same shape beside it.
 
     PYTHONPATH=. python scripts/kv_int_decode_bench.py --out $OUT
@@ -17,7 +20,6 @@ import os
 import sys
 
 import torch
-import triton.testing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_bench import bench_graph  # noqa: E402
@@ -30,12 +32,16 @@ from qkv.kvcache.spec import FullAttention  # noqa: E402
 
 
 def copy_rate() -> float:
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
-    del a, b
-    return 2 * n / (ms / 1e3)
+    from qkv.tools.bench_rates import measure
+
+    return measure(torch.device("cuda"))["copy_Bps"]
+
+
+TILINGS = {  # (keys per tile, warps, stages, splits or None: decode.num_splits)
+    "int4": [(64, 4, 3, None), (32, 4, 3, None), (64, 4, 4, None), (128, 4, 3, None), (128, 8, 3, None),
+             (64, 8, 3, None), (64, 4, 3, 4), (64, 4, 3, 8), (128, 4, 3, 4), (128, 8, 3, 8), (32, 4, 3, 8)],
+    "int8": [(64, 4, 3, None), (128, 4, 3, None), (64, 4, 3, 4), (128, 8, 3, 8)],
+}
 
 
 def main():
@@ -68,17 +74,26 @@ def main():
         plain = cache.clone()  # the same pages read without the query/output rotation: the kernel alone
         plain.kv_layout = dataclasses.replace(
             cache.kv_layout, planes=tuple(dataclasses.replace(p, rotated=False) for p in cache.kv_layout.planes))
-        for block_n, warps, stages in ((64, 4, 3), (128, 4, 3), (128, 8, 2)):
-            for label, c in (("kernel", plain), ("with_rotation", cache)):
-                try:
-                    fn = lambda: packed_decode(q, c, table, nc, scale, max_seq_len=ctx, block_n=block_n,  # noqa: E731
-                                               num_warps=warps, num_stages=stages)
-                    ms = bench_graph(fn)
-                    record(name="packed_decode", kv=kv, what=label, B=B, ctx=ctx, block_n=block_n, warps=warps,
-                           stages=stages, us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
-                except Exception as e:  # a tiling Triton cannot build is reported, not fatal
-                    record(name="packed_decode", kv=kv, what=label, block_n=block_n, warps=warps, stages=stages,
-                           error=f"{type(e).__name__}: {str(e)[:200]}")
+        best = None
+        for block_n, warps, stages, splits in TILINGS[kv]:
+            try:
+                fn = lambda: packed_decode(q, plain, table, nc, scale, max_seq_len=ctx, block_n=block_n,  # noqa: E731
+                                           num_warps=warps, num_stages=stages, splits=splits)
+                ms = bench_graph(fn)
+                record(name="packed_decode", kv=kv, what="kernel", B=B, ctx=ctx, block_n=block_n, warps=warps,
+                       stages=stages, splits=splits, us=ms * 1e3, packed_bytes=nbytes,
+                       frac_of_copy=nbytes / (ms / 1e3) / bw)
+                if best is None or ms < best[0]:
+                    best = (ms, block_n, warps, stages, splits)
+            except Exception as e:  # a tiling Triton cannot build is reported, not fatal
+                record(name="packed_decode", kv=kv, block_n=block_n, warps=warps, stages=stages, splits=splits,
+                       error=f"{type(e).__name__}: {str(e)[:300]}")
+        if best is not None:
+            _, block_n, warps, stages, splits = best
+            ms = bench_graph(lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, block_n=block_n,
+                                                   num_warps=warps, num_stages=stages, splits=splits))
+            record(name="packed_decode", kv=kv, what="with_rotation", B=B, ctx=ctx, block_n=block_n, warps=warps,
+                   stages=stages, splits=splits, us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
         del cache, plain
         torch.cuda.empty_cache()
     for dt in (torch.bfloat16, torch.float8_e4m3fn):

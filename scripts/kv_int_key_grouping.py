@@ -21,14 +21,21 @@ from qkv.tools.perplexity import default_corpus
 CAPTURED: list = []
 
 
-def capture(q, k, v, kv_cache, batch, group, scale, window=None, softcap=None):
+def capture(q, k, v, kv_cache, batch, group, scale, window=None, softcap=None, dilation=1):
     CAPTURED.append((q.detach().clone(), k.detach().clone(), scale))
-    return reference.paged_attention(q, k, v, kv_cache, batch, group, scale, window, softcap)
+    return reference.paged_attention(q, k, v, kv_cache, batch, group, scale, window, softcap, dilation)
 
 
 def per_token(k, fmt, rotate=False):
     x = hadamard(k) if rotate else k
     return dequantize(*quantize(x, fmt), fmt, torch.float32)
+
+
+def absmax_g32(k, rotate=False):
+    """The earlier int4 format: groups of 32, one fp16 scale absmax / 7, levels -7..7."""
+    x = (hadamard(k) if rotate else k).unflatten(-1, (-1, 32))
+    s = (x.abs().amax(-1, keepdim=True) / 7).to(torch.float16).float()
+    return (torch.where(s > 0, x / s, torch.zeros_like(x)).round().clamp(-7, 7) * s).flatten(-2)
 
 
 def per_channel(k, bits, tokens):
@@ -63,8 +70,12 @@ def main():
     llm.logits(ids)
     i4, i8 = plane_format("int4"), plane_format("int8")
     schemes = {
-        "int4 per token, groups of 32 (0.5625 B/value)": lambda k: (per_token(k, i4), False),
-        "int4 per token, groups of 32, Hadamard-rotated (0.5625 B/value)": lambda k: (per_token(k, i4, True), True),
+        "int4 per token, groups of 32, fp16 absmax scales (0.5625 B/value)": lambda k: (absmax_g32(k), False),
+        "int4 per token, groups of 32, fp16 absmax scales, rotated (0.5625 B/value)":
+            lambda k: (absmax_g32(k, True), True),
+        "int4 per token, groups of 16, e5m3 least-squares scales (0.5625 B/value)": lambda k: (per_token(k, i4), False),
+        "int4 per token, groups of 16, e5m3 least-squares scales, rotated: stored (0.5625 B/value)":
+            lambda k: (per_token(k, i4, True), True),
         "int4 per channel, 32-token groups (0.5625 B/value)": lambda k: (per_channel(k, 4, 32), False),
         "int4 per channel, 16-token groups (0.625 B/value)": lambda k: (per_channel(k, 4, 16), False),
         "int8 per token, groups of 64 (1.03 B/value)": lambda k: (per_token(k, i8), False),

@@ -1,6 +1,7 @@
-"""int8 / int4 KV cache (packed pages with fp16 group scales) on the CPU reference backend.
+"""int8 / int4 KV cache (packed pages with group scales: fp16 for int8, e5m3 for int4) on the CPU reference backend.
 
-(1) quantize-dequantize stays within half a quantization step of every element (hypothesis);
+(1) quantize-dequantize error bounds (hypothesis): int8 within half a step of every element,
+int4's least-squares scale no worse than the unclipped scale's bound nor plain rounding;
 (2) a page's bytes, the pool, ``qkv memory`` and the runner's allocation agree to the byte,
 scales included, and int4 holds >= 3.5x the tokens of bf16 in the same budget; (3) every
 cache property holds for the quantized cache itself: tokens equal with prefix caching on and
@@ -34,25 +35,42 @@ def test_quantize_dequantize_error_bound(fmt, groups, rows, mag, seed):
     x[0, : f.group // 2] = 0.0  # a group may be half (or all) zeros
     data, scale = quantize(x, f)
     assert data.dtype == torch.uint8 and data.shape == (rows, width * f.bits // 8)
-    assert scale.dtype == torch.float16 and scale.shape == (rows, groups)
+    assert scale.dtype == (torch.float16 if fmt == "int8" else torch.uint8) and scale.shape == (rows, groups)
     back = dequantize(data, scale, f, torch.float32)
-    absmax = x.unflatten(-1, (groups, f.group)).abs().amax(-1)
-    # Half a step per element, plus the fp16 rounding of the scale (relative 2^-11 of absmax).
-    bound = scale.float() / 2 + absmax * 2**-10
-    err = (back - x).abs().unflatten(-1, (groups, f.group)).amax(-1)
-    assert bool((err <= bound).all()), (err, bound)
+    xs = x.unflatten(-1, (groups, f.group))
+    absmax = xs.abs().amax(-1)
+    err = (back - x).unflatten(-1, (groups, f.group))
+    if fmt == "int8":
+        # Half a step per element, plus the fp16 rounding of the scale (relative 2^-11 of absmax).
+        bound = scale.float() / 2 + absmax * 2**-10
+        assert bool((err.abs().amax(-1) <= bound).all()), (err, bound)
+        # Stored values read back and stored again do not move.
+        assert torch.equal(as_stored(back, f), back)
+    else:
+        # The least-squares scale does no worse than the smallest e5m3 scale >= absmax / 7 (one of
+        # the candidates: nothing clips, each element within half its step, the step within 1/8
+        # above absmax / 7): summed squared error <= 16 (9/8 absmax / 14)^2 per group.
+        up = absmax / 7 * 9 / 8
+        assert bool(((err**2).sum(-1) <= f.group * (up / 2) ** 2 * (1 + 1e-4)).all())
+        # Every element stays within the group's range (clipping moves the largest by < a step).
+        assert bool((err.abs().amax(-1) <= absmax / 7 * 1.5 + 1e-30).all())
     assert torch.equal(as_stored(x, f), back)
-    # Stored values read back and stored again do not move: the step's own K/V and a page agree.
-    assert torch.equal(as_stored(back, f), back)
 
 
-def test_int4_packs_two_values_per_byte():
+def test_int4_packs_two_values_per_byte_with_an_e5m3_scale():
+    from qkv.kvcache.kv_int import e5m3_decode
+
     f = plane_format("int4")
-    x = torch.arange(-7, 9, dtype=torch.float32).repeat(2)[:32]  # absmax 8 -> scale 8/7
+    x = torch.arange(-8, 8, dtype=torch.float32) * 0.5  # -4 .. 3.5: exactly q * 0.5 for q in -8..7
     data, scale = quantize(x, f)
-    assert data.numel() == 16 and scale.item() == pytest.approx(8 / 7, rel=1e-3)
+    assert data.numel() == 8 and scale.numel() == 1
+    # 0.5 is an e5m3 value (fp16 0x3800 = code 0x70) and stores x with zero error: the search finds it.
+    assert scale.item() == 0x70 and e5m3_decode(scale).item() == 0.5
     q = torch.stack([(data & 15).int() - 8, (data >> 4).int() - 8], -1).flatten()
-    assert q.tolist() == torch.round(x / scale.float()).clamp(-7, 7).int().tolist()
+    assert q.tolist() == list(range(-8, 8))
+    assert torch.equal(dequantize(data, scale, f, torch.float32), x)
+    assert torch.equal(e5m3_decode(torch.tensor([1, 0x78, 0xF7], dtype=torch.uint8)),
+                       torch.tensor([2.0**-17, 1.0, 61440.0]))
 
 
 def test_resolve_formats_and_errors():
@@ -79,7 +97,8 @@ def test_bytes_pool_memory_tool_and_allocation_agree(tiny_model, kv):
     llm = LLM(path, dtype="float32", device="cpu", block_size=16, kv_cache_memory=budget, kv_dtype=kv)
     eng = llm.engine
     spec = eng.specs[0]
-    fmts = {"int8": (16 + 2, 16 + 2), "int4": (8 + 2, 8 + 2), "int4,int8": (8 + 2, 16 + 2)}[kv]  # one group of 16
+    # head_dim 16: one int8 group of 16 (an fp16 scale), one int4 group of 16 (an e5m3 byte)
+    fmts = {"int8": (16 + 2, 16 + 2), "int4": (8 + 1, 8 + 1), "int4,int8": (8 + 1, 16 + 2)}[kv]
     per_token = 2 * sum(fmts)  # 2 kv heads
     assert spec.bytes_per_token == per_token
     n = eng.kv.groups[0].pool.num_blocks
@@ -93,7 +112,7 @@ def test_bytes_pool_memory_tool_and_allocation_agree(tiny_model, kv):
 def test_int4_holds_3_5x_the_tokens_of_bf16(tiny_model):
     from qkv.tools.memory import engine_pools, read_config
 
-    # A real head_dim (64, SmolLM2's): the int4 groups of 32 carry one fp16 scale each.
+    # A real head_dim (64, SmolLM2's): the int4 groups of 16 carry one e5m3 byte each.
     cfg = read_config(tiny(tiny_model, "llama", head_dim=64))
     bf16 = engine_pools(cfg, 16)["blocks"]["full"]
     int4 = engine_pools(cfg, "int4")["blocks"]["full"]
@@ -171,4 +190,48 @@ def test_cli_kv_cache_dtype_takes_one_or_two_formats(capsys):
     import json
 
     r = json.loads(capsys.readouterr().out)
-    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))
+    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))  # int4 K: 4 groups x 1 B
+
+
+
+def test_key_offset_keeps_a_key_bias_out_of_int4():
+    """Keys with a large bias on their slow RoPE pairs (as Qwen2.5's k_proj adds), stored as
+    rotated int4: removing ``key_offset`` first keeps the attention weights far closer to exact."""
+    from qkv.kvcache.key_offset import key_offset
+    from qkv.kvcache.kv_int import hadamard
+    from qkv.model.layers import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(0)
+    L, D = 512, 64
+    rope = RotaryEmbedding(D, 1e6)  # Qwen2.5's rope_theta
+    bias = torch.zeros(1, D)
+    bias[0, 28:32] = bias[0, 60:64] = 30.0
+    pos = torch.arange(L)
+    q, k = rope(pos, torch.randn(L, 1, D, generator=g), torch.randn(L, 1, D, generator=g) + bias)
+    mu = key_offset(bias, rope)
+    f = plane_format("int4")
+
+    def weights(keys):
+        return torch.softmax(q[:, 0] @ keys[:, 0].T / D**0.5 + torch.full((L, L), float("-inf")).triu(1), -1)
+
+    exact = weights(k)
+    err = {}
+    for name, m in (("offset", mu), ("none", torch.zeros_like(mu))):
+        stored = hadamard(as_stored(hadamard(k - m), f))  # the rotated plane, read back and unrotated
+        err[name] = (weights(stored) - exact).abs().sum(-1).mean().item()  # mean L1 per query row
+    # The shift itself changes nothing: softmax ignores a vector shared by every key.
+    torch.testing.assert_close(weights(k - mu), exact, rtol=1e-4, atol=1e-5)
+    assert err["offset"] < err["none"] / 3, err
+
+
+def test_key_offset_leaves_a_float_cache_unchanged(tiny_model, monkeypatch):
+    """Forced on an fp32 cache, the offset changes no logit (the engine path, key bias and all)."""
+    from qkv.kvcache.key_offset import key_offset
+    from qkv.model.attention import Attention
+
+    path = tiny(tiny_model, "qwen2", head_dim=64)
+    ids = list(range(3, 40))
+    full = make(path).logits(ids)
+    monkeypatch.setattr(Attention, "_key_offset", lambda self: key_offset(
+        self.qkv_proj.bias[self.q_size:self.q_size + self.kv_size].view(self.num_kv_heads, -1), self.rope) + 3.0)
+    torch.testing.assert_close(make(path).logits(ids), full, rtol=1e-4, atol=1e-4)

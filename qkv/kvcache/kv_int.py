@@ -1,10 +1,24 @@
-"""int8 and int4 KV cache formats: symmetric integers with one fp16 scale per group of values.
+"""int8 and int4 KV cache formats: symmetric integers with one scale per group of values.
 
 A cached vector (one token's K or V of one head, or one MLA latent row) is cut into groups
-of ``group`` consecutive elements along the head dimension; each group stores
-``scale = absmax / qmax`` (fp16) and the integers ``round(x / scale)`` in [-qmax, qmax]
-(qmax 127 for int8, 7 for int4). int4 packs two values per byte, element ``2i`` in the low
-nibble and ``2i + 1`` in the high one, each stored as ``q + 8`` (1..15).
+of ``group`` consecutive elements along the head dimension, each stored as small integers
+and one scale:
+
+* int8: groups of 64, ``scale = absmax / 127`` as fp16, integers ``round(x / scale)`` in
+  [-127, 127], one byte each.
+* int4: groups of 16, integers in [-8, 7] stored as ``q + 8`` (0..15), two per byte (element
+  ``2i`` in the low nibble, ``2i + 1`` in the high one), and a one-byte scale in **e5m3**: an
+  unsigned float of 5 exponent bits (bias 15, subnormals, fp16's range) and 3 mantissa bits,
+  i.e. the fp16 bit pattern shifted right by 7 (``code << 7`` is the fp16 scale's bits; codes
+  1..247, 0 an all-zero group never produced). The scale is the **least-squares choice** among
+  six e5m3 codes around ``absmax / 7`` (the code nearest to it, four below, one above): each
+  candidate's group is rounded and clipped to [-8, 7], and the one with the least summed
+  squared error is kept (the first on a tie). A smaller scale clips the group's largest value
+  a little and rounds all the others finer; with 16 levels that trade usually wins.
+
+Why 16-value groups with byte scales: halving the group (32 -> 16) halves the values one
+outlier coarsens, and an e5m3 byte instead of an fp16 scale keeps the bytes: 0.5 + 1/16 =
+0.5625 bytes per value either way (bf16 / 3.56). Measured in docs/kv-cache.md.
 
 Why groups along the head dimension, per token (not KIVI's per-channel keys): a per-channel
 scale spans a group of *tokens*, but the engine writes one token at a time into a page.
@@ -13,12 +27,15 @@ stored value would depend on when it was read: prefix hits, chunk sizes and pree
 change the scores) or the newest tokens stay unquantized in a side buffer (KIVI's residual),
 which the paged cache, the prefix cache and the kernels would all have to know. Per-token
 groups keep every token's stored bytes a function of that token alone, so every cache
-property holds exactly as for fp8. The quality cost is measured in docs/kv-cache.md.
+property holds exactly as for fp8.
 
-Group sizes (``GROUP``): int8 64, int4 32 (``math.gcd`` with the vector's width when it does
-not divide). Bytes per element, scales included: int8 1 + 2/64 = 1.03, int4 0.5 + 2/32 =
-0.5625, i.e. bf16 / 3.56. A float format ("bf16", "fp16", "fp32", "fp8") has no scale; it
-appears in a packed page only beside an integer one (e.g. K in bf16, V in int4).
+Bit-exact everywhere: every step of the int4 choice is one correctly rounded IEEE fp32
+operation (division, product, difference, square) and the 16 squared errors are summed as a
+fixed tree (halves added elementwise), so the Triton write kernel (attention/triton/packed.py)
+stores the same bytes as this torch code on any device.
+
+A float format ("bf16", "fp16", "fp32", "fp8") has no scale; it appears in a packed page
+only beside an integer one (e.g. K in bf16, V in int4).
 
 The contract every backend keeps (as for fp8, kvcache/kv_quant.py): attention sees K/V *as
 stored*: this step's own K/V go through ``as_stored`` (quantize, dequantize), bit-equal to
@@ -33,13 +50,16 @@ from dataclasses import dataclass
 import torch
 
 INT_BITS = {"int8": 8, "int4": 4}
-GROUP = {"int8": 64, "int4": 32}
+GROUP = {"int8": 64, "int4": 16}
+SCALE_BYTES = {"int8": 2, "int4": 1}  # fp16, e5m3
 FLOAT_FORMATS = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                  "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
                  "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
                  "float8_e4m3fn": torch.float8_e4m3fn}
-SCALE_DTYPE = torch.float16
+SCALE_DTYPE = torch.float16  # int8's scales
 SCALE_MAX = float(torch.finfo(SCALE_DTYPE).max)
+E5M3_MAX = 0xF7  # code 0xF8 << 7 would be fp16 infinity
+INT4_CANDIDATES = (-4, -3, -2, -1, 0, 1)  # e5m3 codes tried, around the one nearest absmax / 7
 
 
 @dataclass(frozen=True)
@@ -49,6 +69,7 @@ class PlaneFormat:
     name: str  # "int8", "int4", or a float format's canonical name
     bits: int
     group: int = 0  # elements per scale; 0: a float format, no scale
+    scale_bytes: int = 0  # 2: fp16 scales (int8), 1: e5m3 (int4)
 
     @property
     def is_int(self) -> bool:
@@ -69,7 +90,7 @@ class PlaneFormat:
 
     def token_bytes(self, rows: int, width: int) -> int:
         """Bytes of one token's ``rows`` vectors, scales included."""
-        return rows * (self.value_bytes(width) + 2 * self.scale_count(width))
+        return rows * (self.value_bytes(width) + self.scale_bytes * self.scale_count(width))
 
     @property
     def float_dtype(self) -> torch.dtype:
@@ -80,7 +101,7 @@ def plane_format(name: str, field: str = "kv_dtype") -> PlaneFormat:
     """The format named ``name`` ("int8", "int4", "bf16", "fp8", ...); ValueError naming ``field``."""
     key = str(name).strip().lower()
     if key in INT_BITS:
-        return PlaneFormat(key, INT_BITS[key], GROUP[key])
+        return PlaneFormat(key, INT_BITS[key], GROUP[key], SCALE_BYTES[key])
     if key in FLOAT_FORMATS:
         dt = FLOAT_FORMATS[key]
         canon = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, "fp8")
@@ -155,32 +176,76 @@ def _hadamard32(x: torch.Tensor) -> torch.Tensor:
     return y.reshape(shape) * D ** -0.5
 
 
+def e5m3_decode(code: torch.Tensor) -> torch.Tensor:
+    """e5m3 scale codes (uint8) -> their values in fp32 (exact: each is an fp16 value)."""
+    return (code.to(torch.int16) << 7).view(torch.float16).float()
+
+
+def e5m3_nearest(s: torch.Tensor) -> torch.Tensor:
+    """The e5m3 code nearest to ``s`` >= 0 (fp32), as int16 in [0, 247] (via fp16's bits)."""
+    bits = s.clamp(max=61440.0).to(torch.float16).view(torch.int16).to(torch.int32)
+    return ((bits + 64) >> 7).clamp(0, E5M3_MAX).to(torch.int16)
+
+
+def tree_sum(e: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim (a power of two) as a fixed tree of elementwise adds of halves."""
+    while e.shape[-1] > 1:
+        h = e.shape[-1] // 2
+        e = e[..., :h] + e[..., h:]
+    return e[..., 0]
+
+
+def _int4_groups(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 groups xs [..., NG, 16] -> (integers in [-8, 7] as fp32, e5m3 codes uint8): the
+    least-squares scale among ``INT4_CANDIDATES`` (module doc)."""
+    c0 = e5m3_nearest(xs.abs().amax(-1) / 7.0)
+    best = torch.full(c0.shape, float("inf"), device=xs.device)
+    best_q = torch.zeros_like(xs)
+    best_c = torch.zeros_like(c0)
+    for dc in INT4_CANDIDATES:
+        c = (c0 + dc).clamp(1, E5M3_MAX)
+        s = e5m3_decode(c)[..., None]
+        q = (xs / s).round().clamp(-8.0, 7.0)
+        e = xs - q * s
+        err = tree_sum(e * e)
+        take = err < best
+        best = torch.where(take, err, best)
+        best_q = torch.where(take[..., None], q, best_q)
+        best_c = torch.where(take, c, best_c)
+    return best_q, best_c.to(torch.uint8)
+
+
 def quantize(x: torch.Tensor, fmt: PlaneFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., width] -> (bytes [..., value_bytes] uint8, scales [..., width / group] fp16)."""
+    """x [..., width] -> (bytes [..., value_bytes] uint8, scales [..., width / group]: fp16
+    for int8, e5m3 codes (uint8) for int4)."""
     width = x.shape[-1]
     g = fmt.group_for(width)
     xs = x.float().unflatten(-1, (width // g, g))
+    if fmt.bits == 4:
+        if g & (g - 1):
+            raise ValueError(f"int4 groups need a power-of-two size, got {g} (width {width})")
+        q, codes = _int4_groups(xs)
+        u = (q.flatten(-2) + 8).to(torch.uint8).unflatten(-1, (width // 2, 2))
+        return u[..., 0] | (u[..., 1] << 4), codes
     scale = (xs.abs().amax(-1) / fmt.qmax).clamp(max=SCALE_MAX).to(SCALE_DTYPE)
     s = scale.float()[..., None]
     # A zero scale (an all-zero group, or one that underflows fp16) stores zeros.
     q = torch.where(s > 0, xs / s, torch.zeros_like(xs)).round().clamp(-fmt.qmax, fmt.qmax).to(torch.int8)
-    q = q.flatten(-2)
-    if fmt.bits == 8:
-        return q.view(torch.uint8), scale
-    u = (q + 8).to(torch.uint8).unflatten(-1, (width // 2, 2))
-    return u[..., 0] | (u[..., 1] << 4), scale
+    return q.flatten(-2).view(torch.uint8), scale
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, fmt: PlaneFormat, dtype: torch.dtype) -> torch.Tensor:
     """The inverse of ``quantize``: (bytes, scales) -> [..., width] in ``dtype``."""
     if fmt.bits == 8:
         q = data.view(torch.int8).float()
+        sf = scale.float()
     else:
         lo, hi = (data & 15).float() - 8, (data >> 4).float() - 8
         q = torch.stack([lo, hi], dim=-1).flatten(-2)
+        sf = e5m3_decode(scale)
     width = q.shape[-1]
     g = width // scale.shape[-1]
-    return (q.unflatten(-1, (width // g, g)) * scale.float()[..., None]).flatten(-2).to(dtype)
+    return (q.unflatten(-1, (width // g, g)) * sf[..., None]).flatten(-2).to(dtype)
 
 
 def as_stored(x: torch.Tensor, fmt: PlaneFormat) -> torch.Tensor:

@@ -6,7 +6,7 @@ runner's tensor is the one every layer and backend receives, so the attribute tr
 it). One page = one block of ``block_size`` tokens, planes one after the other, each plane
 its packed values first, then its scales:
 
-    [K values: bs x rows x value_bytes(width)] [K scales: bs x rows x groups, fp16]
+    [K values: bs x rows x value_bytes(width)] [K scales: bs x rows x groups, fp16 (int8) or e5m3 bytes (int4)]
     [V values ...] [V scales ...]                       (no V plane for an MLA latent)
 
 with rows x width = kv heads x head_dim (MLA: 1 x (kv_lora_rank + rope_dim)). Values and
@@ -18,12 +18,13 @@ Every 16-bit region must start at an even byte: widths must be multiples of 4.
 
 Integer K and V planes of width a power of two store ``hadamard(x)`` (an orthonormal rotation
 of the head dimension, QuaRot's trick) rather than x: a few key channels carry most of a key's
-magnitude (RoPE'd outlier channels), and one group scale per 32 values then rounds every other
+magnitude (RoPE'd outlier channels), and one group scale per 16 values then rounds every other
 channel of the group to zero. Rotated, each channel carries a mix of all of them, so a group's
 absmax is close to its typical value. Scores are unchanged, since ``(Hq).(Hk) = q.k``: the
 backends rotate the query instead of un-rotating keys, and rotate the output
 (``P (H v) = H (P v)``, H its own inverse) instead of every value. ``read`` returns vectors in the
-rotated space. SmolLM2 int4 perplexity: +20.6% per-token unrotated, see docs/kv-cache.md rotated.
+rotated space. SmolLM2 int4 perplexity (groups of 32, fp16 scales): +20.6% unrotated, +7.99%
+rotated; the current format's in docs/kv-cache.md.
 MLA latents are not rotated (the absorbed kernels read them as they are).
 """
 
@@ -76,7 +77,7 @@ def layout(spec, block_size: int) -> PageLayout:
         if width % 4:
             raise ValueError(f"a packed {packed.label} KV cache needs head widths that are multiples of 4, got {width}")
         vals = block_size * rows * fmt.value_bytes(width)
-        scales = block_size * rows * fmt.scale_count(width) * 2
+        scales = block_size * rows * fmt.scale_count(width) * fmt.scale_bytes
         rotated = fmt.is_int and spec.kind != "mla" and width & (width - 1) == 0
         planes.append(Plane(fmt, rows, width, at, at + vals, at + vals + scales, rotated))
         at += vals + scales
@@ -84,8 +85,11 @@ def layout(spec, block_size: int) -> PageLayout:
 
 
 def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A zeroed cache tensor for one layer of ``spec``; a packed one carries its ``kv_layout``."""
-    t = torch.zeros(spec.cache_shape(num_blocks, block_size), dtype=dtype, device=device)
+    """A zeroed cache tensor for one layer of ``spec``; a packed one carries its ``kv_layout``.
+    On the CPU its pages become resident only when written (kvcache/zero_pages.py)."""
+    from qkv.kvcache.zero_pages import zeros
+
+    t = zeros(spec.cache_shape(num_blocks, block_size), dtype=dtype, device=device)
     if getattr(spec, "packed", None) is not None:
         t.kv_layout = layout(spec, block_size)
     return t
@@ -101,7 +105,10 @@ def _regions(cache: torch.Tensor, p: Plane, bs: int):
     vals = cache[:, p.values_at:p.scales_at].unflatten(1, (bs, p.rows, -1))
     if not p.fmt.is_int:
         return vals.view(p.fmt.float_dtype), None
-    scales = cache[:, p.scales_at:p.end].view(SCALE_DTYPE).unflatten(1, (bs, p.rows, -1))
+    scales = cache[:, p.scales_at:p.end]
+    if p.fmt.scale_bytes == 2:
+        scales = scales.view(SCALE_DTYPE)
+    scales = scales.unflatten(1, (bs, p.rows, -1))
     return vals, scales
 
 

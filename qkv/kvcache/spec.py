@@ -13,7 +13,7 @@ bytes per token per layer, element size ``s``:
   - cross attention (encoder-decoder): as full attention per encoder position, but a sequence
     holds ``ceil(encoder_len / block_size)`` blocks whatever its decoder length (kvcache/cross.py)
   - packed (``packed`` set: int8/int4, or K and V in different formats): each plane's values
-    plus its fp16 group scales, ``kv_pages.token_bytes``; one block is one uint8 page
+    plus its group scales (fp16 for int8, e5m3 bytes for int4), ``kv_pages.token_bytes``; one block is one uint8 page
     ``[values | scales]`` per plane (layout in kvcache/kv_pages.py), ``dtype_bytes`` 1
 """
 

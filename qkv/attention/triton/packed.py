@@ -2,13 +2,13 @@
 and split-K decode attention that reads the packed bytes and their scales straight from the
 pages (no dequantized copy of the cache: each tile is widened in registers).
 
-int4 tiles stay split in even and odd head-dim columns (a byte's low and high nibble): the
-query is loaded the same way and ``q.k = q_even.k_lo + q_odd.k_hi``, and V's even and odd
-output columns accumulate apart and are stored interleaved. Nothing is shuffled in registers.
+int4 tiles load as 32-bit words and unpack with shifts into natural column order (one dot
+per tile for K and one for V); each key's e5m3 codes load once and broadcast over its groups.
 
-The write rounds exactly as ``kv_int.quantize`` does (correctly rounded divisions, round half
-to even, the fp16 scale), so a key stored by a decode step and one stored by the reference
-prefill path are the same bytes: prefix hits and chunk sizes cannot change a score.
+The write rounds exactly as ``kv_int.quantize`` does (correctly rounded divisions, products and
+differences, round half to even, the fixed-tree error sum of the int4 scale search), so a key
+stored by a decode step and one stored by the reference prefill path are the same bytes: prefix
+hits and chunk sizes cannot change a score.
 
 Prefill and mixed steps run ``reference.packed_attention`` (torch on the device; it gathers the
 visible keys of the step's sequences, dequantized) and are not captured in CUDA graphs.
@@ -16,14 +16,19 @@ visible keys of the step's sequences, dequantized) and are not captured in CUDA 
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
 from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -50,49 +55,112 @@ def _quant(x, s, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _store_plane(X, VALS, SC, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr):
-    """One vector of D elements at X -> packed bytes at VALS and fp16 scales at SC."""
-    NG: tl.constexpr = D // GRP
-    if BITS == 8:
-        d = tl.arange(0, D)
-        x = tl.load(X + d).to(tl.float32)
-        xg = tl.reshape(x, (NG, GRP))
-        s = _scale(tl.max(tl.abs(xg), 1), 127.0, SCALE_MAX)
-        q = _quant(xg, s, 127.0)
-        tl.store(VALS + d, tl.reshape(q, (D,)).to(tl.int8).to(tl.uint8, bitcast=True))
-        tl.store(SC + tl.arange(0, NG), s)
+def _mul(a, b, EXACT: tl.constexpr):
+    """a * b rounded once (mul.rn: never fused into an fma, as torch's separate ops are not).
+    Triton's interpreter has no libdevice; its numpy ops are the same single roundings."""
+    if EXACT:
+        return libdevice.mul_rn(a, b)
     else:
-        HALF: tl.constexpr = D // 2
-        i = tl.arange(0, HALF)
-        xe = tl.reshape(tl.load(X + 2 * i).to(tl.float32), (NG, GRP // 2))
-        xo = tl.reshape(tl.load(X + 2 * i + 1).to(tl.float32), (NG, GRP // 2))
-        s = _scale(tl.maximum(tl.max(tl.abs(xe), 1), tl.max(tl.abs(xo), 1)), 7.0, SCALE_MAX)
-        qe, qo = _quant(xe, s, 7.0), _quant(xo, s, 7.0)
-        byte = (qe + 8.0).to(tl.int32) | ((qo + 8.0).to(tl.int32) << 4)
-        tl.store(VALS + i, tl.reshape(byte, (HALF,)).to(tl.uint8))
-        tl.store(SC + tl.arange(0, NG), s)
+        return a * b
+
+
+@triton.jit
+def _sub(a, b, EXACT: tl.constexpr):
+    if EXACT:
+        return libdevice.sub_rn(a, b)
+    else:
+        return a - b
+
+
+@triton.jit
+def _tree16(e, NG: tl.constexpr):
+    """[NG, 16] -> [NG]: kv_int.tree_sum's fixed tree (halves added elementwise)."""
+    e = tl.sum(tl.reshape(e, (NG, 2, 8)), 1)
+    e = tl.sum(tl.reshape(e, (NG, 2, 4)), 1)
+    e = tl.sum(tl.reshape(e, (NG, 2, 2)), 1)
+    return tl.sum(e, 1)
+
+
+@triton.jit
+def _e5m3(c):
+    """e5m3 codes (int32) -> their values in fp32 (the fp16 of bits ``c << 7``)."""
+    return (c << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _store_int4(X, VALS, SC, D: tl.constexpr, EXACT: tl.constexpr):
+    """One vector of D elements at X -> int4 bytes at VALS and e5m3 codes at SC: the
+    least-squares scale among six codes around absmax / 7, as kv_int._int4_groups."""
+    NG: tl.constexpr = D // 16
+    HALF: tl.constexpr = D // 2
+    x = tl.reshape(tl.load(X + tl.arange(0, D)).to(tl.float32), (NG, 16))
+    absmax = tl.max(tl.abs(x), 1)
+    s0 = tl.minimum(tl.math.div_rn(absmax, tl.full(absmax.shape, 7.0, tl.float32)), 61440.0)
+    bits = s0.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    c0 = tl.minimum(tl.maximum((bits + 64) >> 7, 0), 247)
+    best = tl.full((NG,), float("inf"), tl.float32)
+    best_q = tl.zeros((NG, 16), tl.float32)
+    best_c = tl.zeros((NG,), tl.int32)
+    for i in tl.static_range(6):  # kv_int.INT4_CANDIDATES: -4 .. 1
+        c = tl.minimum(tl.maximum(c0 + (i - 4), 1), 247)
+        sb = _e5m3(c)[:, None] + tl.zeros((NG, 16), tl.float32)
+        q = tl.minimum(tl.maximum(_rne(tl.math.div_rn(x, sb)), -8.0), 7.0)
+        e = _sub(x, _mul(q, sb, EXACT), EXACT)
+        err = _tree16(_mul(e, e, EXACT), NG)
+        take = err < best
+        best = tl.where(take, err, best)
+        best_q = tl.where(take[:, None], q, best_q)
+        best_c = tl.where(take, c, best_c)
+    lo, hi = tl.split(tl.reshape((best_q + 8.0).to(tl.int32), (HALF, 2)))
+    tl.store(VALS + tl.arange(0, HALF), (lo | (hi << 4)).to(tl.uint8))
+    tl.store(SC + tl.arange(0, NG), best_c.to(tl.uint8))
+
+
+@triton.jit
+def _store_int8(X, VALS, SC16, D: tl.constexpr, GRP: tl.constexpr):
+    """One vector of D elements at X -> int8 bytes at VALS and fp16 scales at SC16."""
+    NG: tl.constexpr = D // GRP
+    d = tl.arange(0, D)
+    x = tl.load(X + d).to(tl.float32)
+    xg = tl.reshape(x, (NG, GRP))
+    s = _scale(tl.max(tl.abs(xg), 1), 127.0, SCALE_MAX)
+    q = _quant(xg, s, 127.0)
+    tl.store(VALS + d, tl.reshape(q, (D,)).to(tl.int8).to(tl.uint8, bitcast=True))
+    tl.store(SC16 + tl.arange(0, NG), s)
 
 
 @triton.jit
 def _packed_write_kernel(K, V, C8, C16, SLOT, stride_kt, stride_kh, stride_vt, stride_vh, page_bytes,
                          k_vals, k_scales, v_vals, v_scales,
                          KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                         K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr):
+                         K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
+                         EXACT: tl.constexpr):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(SLOT + t)
     if slot >= 0:
         page = (slot // BS) * page_bytes
         row = (slot % BS) * KVH + h
-        _store_plane(K + t * stride_kt + h * stride_kh, C8 + page + k_vals + row * (D * K_BITS // 8),
-                     C16 + (page + k_scales) // 2 + row * (D // K_GRP), D, K_BITS, K_GRP)
-        _store_plane(V + t * stride_vt + h * stride_vh, C8 + page + v_vals + row * (D * V_BITS // 8),
-                     C16 + (page + v_scales) // 2 + row * (D // V_GRP), D, V_BITS, V_GRP)
+        if K_BITS == 4:
+            _store_int4(K + t * stride_kt + h * stride_kh, C8 + page + k_vals + row * (D // 2),
+                        C8 + page + k_scales + row * (D // 16), D, EXACT)
+        else:
+            _store_int8(K + t * stride_kt + h * stride_kh, C8 + page + k_vals + row * D,
+                        C16 + (page + k_scales) // 2 + row * (D // K_GRP), D, K_GRP)
+        if V_BITS == 4:
+            _store_int4(V + t * stride_vt + h * stride_vh, C8 + page + v_vals + row * (D // 2),
+                        C8 + page + v_scales + row * (D // 16), D, EXACT)
+        else:
+            _store_int8(V + t * stride_vt + h * stride_vh, C8 + page + v_vals + row * D,
+                        C16 + (page + v_scales) // 2 + row * (D // V_GRP), D, V_GRP)
 
 
 def _layout_args(kv_cache: torch.Tensor):
     lay = kv_cache.kv_layout
     kp, vp = lay.planes
+    if lay.page_bytes % 4 or kp.values_at % 4 or vp.values_at % 4:
+        raise NotImplementedError(f"the Triton packed kernels read pages as 32-bit words: page of "
+                                  f"{lay.page_bytes} B, planes at {kp.values_at}/{vp.values_at}")
     for p in (kp, vp):
         if not p.fmt.is_int:
             raise NotImplementedError(f"the Triton packed kernels read int8/int4 planes only, not {p.fmt.name}")
@@ -113,40 +181,64 @@ def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_
         k, v, kv_cache, kv_cache.view(torch.float16), slot_mapping, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,
         KVH=kvh, D=D, BS=lay.block_size, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D),
-        V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), num_warps=1)
+        V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), EXACT=not INTERPRET, num_warps=1)
 
 
 @triton.jit
-def _load_half(C8, C16, vals, scales, nmask, D: tl.constexpr, GRP: tl.constexpr, HI: tl.constexpr,
+def _int4_tile(C32, C8, voff, soff, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
+    """[BLOCK_N, D] of an int4 plane in natural column order, dequantized to DT. ``voff``: int32
+    word offset of each key's packed row, ``soff``: byte offset of its e5m3 codes. Rows load as
+    words (16-byte vectors where aligned); word j holds elements 8j..8j+7, element 8j+t in bits
+    4t..4t+3, so the nibbles come out with shifts on a [BLOCK_N, D/8, 8] tile. The e5m3 codes
+    (one per two words) load once per key. n * s is exact in bf16/fp16 (4 significant bits
+    each), so the product is formed in DT: the reference's fp32 product, cast."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True).to(DT)
+    sw = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+    sh = tl.arange(0, 8) * 4
+    nib = ((w[:, :, None] >> sh[None, None, :]) & 15) - 8
+    return tl.reshape(nib.to(DT) * sw[:, :, None], (BLOCK_N, D))
+
+
+@triton.jit
+def _int8_tile(C32, C16, voff, soff, nmask, D: tl.constexpr, GRP: tl.constexpr, BLOCK_N: tl.constexpr,
                DT: tl.constexpr):
-    """[BLOCK_N, D/2] of an int4 tile (HI: the high nibbles = odd columns), dequantized to DT.
-    ``vals``: byte offset of each key's packed row, ``scales``: fp16 offset of its scales."""
-    HALF: tl.constexpr = D // 2
-    i = tl.arange(0, HALF)
-    b = tl.load(C8 + vals[:, None] + i[None, :], mask=nmask[:, None], other=8).to(tl.int32)
-    nib = (b >> 4) if HI else (b & 15)
-    s = tl.load(C16 + scales[:, None] + i[None, :] // (GRP // 2), mask=nmask[:, None], other=0.0)
-    return ((nib - 8).to(tl.float32) * s.to(tl.float32)).to(DT)
+    """[BLOCK_N, D] of an int8 plane, dequantized (in fp32, then DT: as the reference).
+    ``voff``: int32 word offset of each key's row, ``soff``: fp16 offset of its scales."""
+    W: tl.constexpr = D // 4
+    NG: tl.constexpr = D // GRP
+    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    s = tl.load(C16 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+    sw = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GRP // 4)), (BLOCK_N, W))
+    sh = 24 - tl.arange(0, 4) * 8
+    b = (w[:, :, None] << sh[None, None, :]) >> 24  # byte t, sign-extended (arithmetic shift)
+    return tl.reshape(b.to(tl.float32) * sw[:, :, None], (BLOCK_N, D)).to(DT)
 
 
 @triton.jit
-def _load_full(C8, C16, vals, scales, nmask, D: tl.constexpr, GRP: tl.constexpr, DT: tl.constexpr):
-    """[BLOCK_N, D] of an int8 tile, dequantized to DT (offsets as ``_load_half``)."""
-    d = tl.arange(0, D)
-    b = tl.load(C8 + vals[:, None] + d[None, :], mask=nmask[:, None], other=0)
-    s = tl.load(C16 + scales[:, None] + d[None, :] // GRP, mask=nmask[:, None], other=0.0)
-    return (b.to(tl.int8, bitcast=True).to(tl.float32) * s.to(tl.float32)).to(DT)
+def _tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
+          D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr):
+    """The [BLOCK_N, D] tile of one plane (K or V) for keys at page offsets ``base``, rows ``row``."""
+    if BITS == 4:
+        voff = tl.multiple_of((base + vals_at) // 4 + row * (D // 8), ALIGN)
+        return _int4_tile(C32, C8, voff, base + scales_at + row * (D // 16), nmask, D, BLOCK_N, DT)
+    else:
+        voff = tl.multiple_of((base + vals_at) // 4 + row * (D // 4), ALIGN)
+        return _int8_tile(C32, C16, voff, (base + scales_at) // 2 + row * (D // GRP), nmask, D, GRP, BLOCK_N, DT)
 
 
 @triton.jit
-def _packed_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
+def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                           stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                           k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
                           KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                           BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                           K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
-                          HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                          IEEE: tl.constexpr):
+                          ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
+                          HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -163,26 +255,15 @@ def _packed_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
     hi = tl.minimum(lo + per_split, seq_len)
     DT = Q.dtype.element_ty
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
-    HALF: tl.constexpr = D // 2
 
     g = tl.arange(0, G_PAD)
     gmask = g < G
     heads = kvh * G + g
-    qbase = Q + qrow * stride_qt + heads[:, None] * stride_qh
-    i = tl.arange(0, HALF)
     d = tl.arange(0, D)
-    if K_BITS == 4:
-        q_e = tl.load(qbase + 2 * i[None, :], mask=gmask[:, None], other=0.0)
-        q_o = tl.load(qbase + 2 * i[None, :] + 1, mask=gmask[:, None], other=0.0)
-    else:
-        q = tl.load(qbase + d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(Q + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    if V_BITS == 4:
-        acc_e = tl.zeros([G_PAD, HALF], tl.float32)
-        acc_o = tl.zeros([G_PAD, HALF], tl.float32)
-    else:
-        acc = tl.zeros([G_PAD, D], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         nmask = pos < hi
@@ -192,52 +273,23 @@ def _packed_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
         blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
         row = (pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
         base = blk * page_bytes
-        kv_off = base + k_vals + row * (D * K_BITS // 8)
-        ks_off = (base + k_scales) // 2 + row * (D // K_GRP)
-        if K_BITS == 4:
-            klo = _load_half(C8, C16, kv_off, ks_off, nmask, D, K_GRP, False, DT)
-            khi = _load_half(C8, C16, kv_off, ks_off, nmask, D, K_GRP, True, DT)
-            s = tl.dot(q_e, tl.trans(klo), input_precision=PREC) + tl.dot(q_o, tl.trans(khi), input_precision=PREC)
-        else:
-            k = _load_full(C8, C16, kv_off, ks_off, nmask, D, K_GRP, DT)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
         s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
         s = tl.where(nmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        pd = p.to(DT)
-        vv_off = base + v_vals + row * (D * V_BITS // 8)
-        vs_off = (base + v_scales) // 2 + row * (D // V_GRP)
-        if V_BITS == 4:
-            vlo = _load_half(C8, C16, vv_off, vs_off, nmask, D, V_GRP, False, DT)
-            vhi = _load_half(C8, C16, vv_off, vs_off, nmask, D, V_GRP, True, DT)
-            acc_e = acc_e * alpha[:, None] + tl.dot(pd, vlo, input_precision=PREC)
-            acc_o = acc_o * alpha[:, None] + tl.dot(pd, vhi, input_precision=PREC)
-        else:
-            v = _load_full(C8, C16, vv_off, vs_off, nmask, D, V_GRP, DT)
-            acc = acc * alpha[:, None] + tl.dot(pd, v, input_precision=PREC)
+        v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
         m_i = m_new
-    if V_BITS == 4:  # (the two halves go out interleaved: even columns, then odd ones)
-        cols_e, cols_o = 2 * i, 2 * i + 1
-        if S == 1:
-            ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
-            tl.store(ob + cols_e[None, :], (acc_e / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-            tl.store(ob + cols_o[None, :], (acc_o / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-        else:
-            rowc = (b * KVH * G + heads) * S + split
-            tl.store(ACC + rowc[:, None] * D + cols_e[None, :], acc_e, mask=gmask[:, None])
-            tl.store(ACC + rowc[:, None] * D + cols_o[None, :], acc_o, mask=gmask[:, None])
+    if S == 1:
+        ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
+        tl.store(ob + d[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
     else:
-        if S == 1:
-            ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
-            tl.store(ob + d[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-        else:
-            rowc = (b * KVH * G + heads) * S + split
-            tl.store(ACC + rowc[:, None] * D + d[None, :], acc, mask=gmask[:, None])
-    if S > 1:
         rowc = (b * KVH * G + heads) * S + split
+        tl.store(ACC + rowc[:, None] * D + d[None, :], acc, mask=gmask[:, None])
         tl.store(ML + rowc * 2, m_i, mask=gmask)
         tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
 
@@ -268,13 +320,16 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         q = _rotate(q)
     if out is None or vp.rotated:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
+    align = math.gcd(lay.page_bytes // 4, kp.values_at // 4, vp.values_at // 4, D * min(kp.fmt.bits, vp.fmt.bits) // 32, 4)
     _packed_decode_kernel[(B, kvh, S)](
-        q, kv_cache, kv_cache.view(torch.float16), block_table, num_computed, query_start_loc, acc, ml, out,
+        q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), block_table, num_computed,
+        query_start_loc, acc, ml, out,
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), lay.page_bytes,
         kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1,
         KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=lay.block_size, BLOCK_N=block_n, S=S,
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
-        HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
+        ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
     if S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
