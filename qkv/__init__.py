@@ -1,16 +1,22 @@
 """qkv: an LLM inference engine built around the KV cache."""
 
-from qkv.engine.request import RequestOutput, SamplingParams
-from qkv.engine.structured import StructuredOutputs
-
 __version__ = "0.1.0"
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "StructuredOutputs"]
 
+# name -> module. Imported on first use: they pull in torch, which ``qkv --help`` must not.
+_LAZY = {"LLM": "qkv.engine.llm", "SamplingParams": "qkv.engine.request",
+         "RequestOutput": "qkv.engine.request", "StructuredOutputs": "qkv.engine.structured"}
+
 
 def __getattr__(name):
-    # LLM pulls in torch and the loaders; import it only when asked for.
-    if name == "LLM":
-        from qkv.engine.llm import LLM
+    if name in _LAZY:
+        import importlib
 
-        return LLM
-    raise AttributeError(name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    raise AttributeError(f"module 'qkv' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY])

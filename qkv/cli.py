@@ -52,7 +52,7 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
 
     p.add_argument("--dtype", default="auto", type=check_dtype,
                    help="auto | float32 | bfloat16 | float16 (auto: the checkpoint's dtype on CUDA, bfloat16 for "
-                        "GGUF and random shapes; float32 on the CPU, bfloat16 with --quantization int8)")
+                        "GGUF and random shapes; float32 on the CPU, bfloat16 with quantized weights)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -61,7 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prefill chunk size)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
-    p.add_argument("--quantization", default=None, choices=["int8"], help="int8 weights (CPU decode path)")
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "bf16"],
+                   help="CPU weights: auto keeps the file's precision class (a Q4 GGUF: int4; Q6/Q8: int8; "
+                        "F16/BF16: bf16; qkv/model/cpu_format.py); none: float32")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     from qkv.kvcache.kv_int import check_arg
@@ -89,7 +91,8 @@ def engine_kwargs(args) -> dict:
                 quantization=args.quantization, kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
                 async_scheduling=getattr(args, "async_scheduling", None),
                 attention_override=getattr(args, "attention_override", None),
-                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1))
+                tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+                log_stats=getattr(args, "verbose", True))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).
@@ -160,8 +163,11 @@ def add_arguments(p: argparse.ArgumentParser, command: str) -> None:
     if command == "generate":
         p.add_argument("prompt")
         p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text")
+        p.add_argument("--verbose", action="store_true",
+                       help="show the engine's start-up lines (dtype, KV cache, timings) on stderr")
     else:
-        p.add_argument("--verbose", action="store_true", help="show prompt tokens served from the cache")
+        p.add_argument("--verbose", action="store_true",
+                       help="show the engine's start-up lines and the prompt tokens served from the cache")
         p.add_argument("--system", default=None, help="a system message")
 
 
@@ -234,20 +240,29 @@ def run(args) -> int:
     return _run_generate(args) if args.command == "generate" else _run_chat(args)
 
 
+def _add_command_arguments(p: argparse.ArgumentParser, name: str, module: str) -> None:
+    if module == "qkv.cli":
+        add_arguments(p, name)
+        return
+    try:
+        importlib.import_module(module).add_arguments(p)
+    except ImportError as e:
+        top = (getattr(e, "name", None) or "").partition(".")[0]
+        hint = f"; pip install 'qkv[{EXTRAS[top]}]'" if top in EXTRAS else ""
+        p.set_defaults(unavailable=f"qkv {name} is unavailable: {e}{hint}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qkv", description=DESCRIPTION, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Only the command being run gets its options (importing its module, and so torch):
+    # ``qkv --help`` and a mistyped command answer at once.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_, formatter_class=HelpFormatter)
-        if module == "qkv.cli":
-            add_arguments(p, name)
-        else:
-            try:
-                importlib.import_module(module).add_arguments(p)
-            except ImportError as e:
-                top = (getattr(e, "name", None) or "").partition(".")[0]
-                hint = f"; pip install 'qkv[{EXTRAS[top]}]'" if top in EXTRAS else ""
-                p.set_defaults(unavailable=f"qkv {name} is unavailable: {e}{hint}")
+        if name == chosen:
+            _add_command_arguments(p, name, module)
         p.set_defaults(module=module)
     args = parser.parse_args(argv)
     if getattr(args, "unavailable", None):

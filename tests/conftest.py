@@ -60,7 +60,8 @@ def tiny_model(tmp_path):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """The real SmolLM2-135M-Instruct engine (fp32, CPU), shared by the whole session."""
+    """The real SmolLM2-135M-Instruct engine (fp32, CPU: the oracle, so not the int4 default), shared
+    by the whole session."""
     from qkv import LLM
 
-    return LLM("smollm2", device="cpu")
+    return LLM("smollm2", device="cpu", quantization="none")

@@ -77,16 +77,18 @@ def test_cli_default_is_auto_and_startup_says_what_it_picked(capsys, tiny_model,
 
     path, _ = tiny_model("llama", vocab_size=smollm2.config.vocab_size)
     save_tokenizer(smollm2.tokenizer, Path(path), 512)
-    cfg = Path(path) / "config.json"  # a bf16 checkpoint (as SmolLM2's): still float32 on the CPU
+    cfg = Path(path) / "config.json"  # a bf16 checkpoint (as SmolLM2's): bf16 weights on the CPU
     cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "dtype": "bfloat16"}))
-    argv = ["generate", "hi", "--raw", "--model", path, "--device", "cpu", "--max-tokens", "2"]
+    argv = ["generate", "hi", "--raw", "--model", path, "--device", "cpu", "--max-tokens", "2", "--verbose"]
     capsys.readouterr()
     assert main(argv) == 0
     err = capsys.readouterr().err.splitlines()
-    assert "[qkv] dtype float32 (auto: float32 on the CPU)" in err
+    assert "[qkv] dtype bfloat16 (auto: bfloat16 weights on the CPU, the file's precision)" in err
     # The other start-up lines of issue 20: how long start-up took, and the first request.
     assert any(line.startswith("[qkv] engine ready in ") for line in err)
     assert any(line.startswith("[qkv] first request: first token ") and "(2 tokens)" in line for line in err)
+    assert main(argv + ["--quantization", "none"]) == 0  # float weights: the CPU's float32
+    assert "[qkv] dtype float32 (auto: float32 on the CPU)" in capsys.readouterr().err.splitlines()
     assert main(argv + ["--dtype", "bf16"]) == 0
     assert "[qkv] dtype bfloat16 (as given)" in capsys.readouterr().err.splitlines()
 

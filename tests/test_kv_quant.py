@@ -153,7 +153,7 @@ def test_smollm2_fp8_perplexity(smollm2):
     from qkv.tools.perplexity import default_corpus, perplexity
 
     ids = smollm2.tokenizer.encode(default_corpus(), add_special_tokens=False)
-    fp8 = LLM("smollm2", device="cpu", kv_dtype="fp8", max_num_batched_tokens=1024)
+    fp8 = LLM("smollm2", device="cpu", kv_dtype="fp8", max_num_batched_tokens=1024, quantization="none")
     torch.set_num_threads(2)  # a 135M model, unlike the tiny ones, gains from the second core
     full = perplexity(smollm2.logits, ids, 512, 1024).perplexity
     quant = perplexity(fp8.logits, ids, 512, 1024).perplexity

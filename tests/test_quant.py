@@ -40,6 +40,6 @@ def test_quantized_engine_tracks_fp32(tiny_model):
 def test_bad_quantization_requests():
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="unknown quantization"):
-        quantize(model, "int4", torch.device("cpu"))
+        quantize(model, "int3", torch.device("cpu"))
     with pytest.raises(ValueError, match="CPU"):
         quantize(model, "int8", torch.device("cuda"))

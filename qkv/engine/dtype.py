@@ -7,7 +7,8 @@
   bfloat16, float16); bfloat16 when the checkpoint declares none (random-weight shapes) or
   another (an fp8 or integer checkpoint).
 - **CPU**: float32, whatever the checkpoint says (exact, and what the reference oracle
-  computes in), unless a quantized CPU path is chosen: ``quantization="int8"`` computes in
+  computes in), unless a quantized CPU path is chosen (``quantization="auto"`` picks one for
+  a quantized or 16-bit file: model/cpu_format.py): int4, int8 and bf16 weights compute in
   bfloat16, the activations its int8 matmul kernel is fastest with (model/quant.py; README:
   the fast decode path). A CPU path that wants another dtype changes ``_cpu``, nothing else.
 """
@@ -34,6 +35,8 @@ def parse_dtype(dtype, table: dict = DTYPES) -> torch.dtype:
 
 
 def _cpu(config, quantization: str | None) -> tuple[torch.dtype, str]:
+    if quantization == "bf16":
+        return torch.bfloat16, "bfloat16 weights on the CPU, the file's precision"
     if quantization is not None:
         return torch.bfloat16, f"bfloat16 activations for {quantization} weights on the CPU"
     return torch.float32, "float32 on the CPU"

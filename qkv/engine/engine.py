@@ -46,7 +46,7 @@ class LLMEngine:
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
                  async_scheduling: bool | None = None, k_dtype=None, v_dtype=None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, log_stats: bool = True):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         ``dtype``: "auto" (the checkpoint's on CUDA; float32 on the CPU, bfloat16 with int8 weights:
         engine/dtype.py) or a name.
@@ -65,12 +65,15 @@ class LLMEngine:
         ``kv_dtype``: the cache's storage, one format or "K,V" ("int4,int8"); ``k_dtype`` and
         ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py).
         ``tensor_parallel_size=N``: N processes, one per rank (qkv/distributed/); the cache
-        specs, pools and ``kv_cache_memory`` are per rank."""
+        specs, pools and ``kv_cache_memory`` are per rank. ``log_stats=False``: no start-up or
+        first-request lines on stderr (``qkv generate`` without ``--verbose``)."""
         t_start = time.perf_counter()
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py
-        print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)
+        self.log_stats = log_stats
+        if log_stats:
+            print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)
         # One float format for K and V: plain pages of that dtype; int8/int4 or K != V: packed
         # uint8 pages with scales (kvcache/kv_pages.py), their specs carrying the formats.
         self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)
@@ -115,9 +118,10 @@ class LLMEngine:
             model = self.tp.model
         elif on_gpu:  # build straight on the card in the target dtype: no fp32 copy on the host
             model = gpu.build_on_device(config, groups, weights, self.device, self.dtype)
-        else:
-            model = build_model(config, groups)
-            model.load_weights(weights)
+        else:  # parameters on meta, then filled one at a time in the dtype: no fp32 copy of the model
+            from qkv.model.materialize import build
+
+            model = build(config, groups, weights, self.dtype)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         if quantization:
             from qkv.model.quant import quantize
@@ -137,8 +141,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
         self.runner = (ModelRunner(self.model, self.kv, self.device, kv_dtype) if self.tp is None else
                        self.tp.start_cache(specs, block_size, n_blocks, enable_prefix_caching, kv_dtype, self.kv))
-        print(f"[qkv] {capacity_line(self.kv, self.max_model_len, self.runner.kv_cache_bytes)}",
-              file=sys.stderr, flush=True)
+        if log_stats:
+            print(f"[qkv] {capacity_line(self.kv, self.max_model_len, self.runner.kv_cache_bytes)}",
+                  file=sys.stderr, flush=True)
         if on_gpu:
             if self.attention_backend == "triton":
                 gpu.warm_sampler(config.vocab_size, self.device)
@@ -157,6 +162,9 @@ class LLMEngine:
         self._pending = PendingTokens(self.device)  # sampled, not yet read on the host
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}
+        # False: outputs carry token ids only (no text, no stop strings); the process-split
+        # server detokenizes and matches stop strings in its front end (server/detokenizer.py).
+        self.detokenize = True
         self.num_generated_tokens = 0
         # Structured outputs: compiled grammars (built on first use) and the live requests
         # that have a matcher; steps without one pay nothing (engine/structured.py).
@@ -164,8 +172,9 @@ class LLMEngine:
                          if tokenizer is not None else None)
         self._structured: set[str] = set()
         self.startup_s = time.perf_counter() - t_start  # weights given to ready: profiling, warm-up, graphs
-        self._first_request_logged = False
-        print(f"[qkv] engine ready in {self.startup_s:.1f} s", file=sys.stderr, flush=True)
+        self._first_request_logged = not log_stats
+        if log_stats:
+            print(f"[qkv] engine ready in {self.startup_s:.1f} s", file=sys.stderr, flush=True)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
@@ -215,7 +224,7 @@ class LLMEngine:
                 r.structured = matchers[r.index]
                 self._structured.add(r.request_id)
             self._requests[r.request_id] = r
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and self.detokenize:
                 self._detok[r.request_id] = self.tokenizer.stream(params.skip_special_tokens)
         return reqs
 
@@ -287,6 +296,17 @@ class LLMEngine:
                 self.scheduler.finish(req, "abort")
             self._forget(req)
         self._pending.drop_finished()  # an aborted request's token in flight is never read
+
+    def finish(self, request_id: str, reason: str = "stop") -> None:
+        """End one sample (not its siblings, unlike ``abort``) as if it had stopped on its own:
+        for a stop string matched outside the engine. Its blocks go back to the pool."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        if not req.finished:
+            self.scheduler.finish(req, reason)
+        self._forget(req)
+        self._pending.drop_finished()
 
     def _forget(self, req: Request) -> None:
         self._requests.pop(req.request_id, None)

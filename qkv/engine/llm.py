@@ -51,7 +51,9 @@ class LLM:
         checkpoint's on CUDA; float32 on the CPU, bfloat16 with int8 weights: engine/dtype.py) or a name. ``chat_template``: a
         Jinja chat template file (or template text) used instead of the model's. ``engine_kwargs``:
         block_size, num_kv_blocks, kv_cache_memory, max_num_batched_tokens, max_num_seqs,
-        enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs).
+        enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs),
+        quantization ("auto": on a CPU the weights keep the file's precision class, int4 for a Q4
+        GGUF; "none": float; the rule: model/cpu_format.py).
         ``attention_override``: e.g. ``{"dilation": 2}`` (qkv/attention_override.py; unknown keys refused)."""
         if threads:
             torch.set_num_threads(threads)
@@ -72,6 +74,11 @@ class LLM:
             loaded = loaded._replace(config=apply_attention_override(loaded.config, attention_override))
         self.source = loaded.source
         self.tokenizer = loaded.tokenizer
+        from qkv.model.cpu_format import resolve as weight_format
+
+        engine_kwargs["quantization"] = weight_format(engine_kwargs.get("quantization", "auto"), loaded.source,
+                                                      loaded.config, device, dtype,
+                                                      engine_kwargs.get("tensor_parallel_size", 1))
         self.engine = LLMEngine(loaded.config, loaded.weights, loaded.tokenizer, dtype=dtype, device=device,
                                 **engine_kwargs)
         self.config = loaded.config

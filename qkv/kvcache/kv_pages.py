@@ -85,8 +85,11 @@ def layout(spec, block_size: int) -> PageLayout:
 
 
 def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """A zeroed cache tensor for one layer of ``spec``; a packed one carries its ``kv_layout``."""
-    t = torch.zeros(spec.cache_shape(num_blocks, block_size), dtype=dtype, device=device)
+    """A zeroed cache tensor for one layer of ``spec``; a packed one carries its ``kv_layout``.
+    On the CPU its pages become resident only when written (kvcache/zero_pages.py)."""
+    from qkv.kvcache.zero_pages import zeros
+
+    t = zeros(spec.cache_shape(num_blocks, block_size), dtype=dtype, device=device)
     if getattr(spec, "packed", None) is not None:
         t.kv_layout = layout(spec, block_size)
     return t

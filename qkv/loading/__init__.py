@@ -3,14 +3,16 @@
 ``load(name_or_path)`` accepts a named default ("smollm2", "gemma3-270m", "whisper-base"), a
 ``.gguf`` file, a Hugging Face directory or a CTranslate2 Whisper directory (``model.bin``),
 and returns a ``LoadedModel``:
-a ``ModelConfig``, float32 CPU weights keyed by HF transformers parameter
-names, the tokenizer (None when the source has none) and the resolved path.
+a ``ModelConfig``, CPU weights keyed by HF transformers parameter names (for GGUF and
+safetensors a ``LazyWeights``: read from the memory-mapped file on access, float32 unless
+asked for another dtype), the tokenizer (None when the source has none) and the resolved path.
 Every failure raises ``LoadError`` whose message names the file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -26,7 +28,7 @@ __all__ = ["load", "LoadedModel", "LoadError", "Tokenizer", "StreamDecoder", "Ch
 
 class LoadedModel(NamedTuple):
     config: ModelConfig
-    weights: dict[str, torch.Tensor]
+    weights: Mapping[str, torch.Tensor]  # a dict, or LazyWeights (loading/lazy.py)
     tokenizer: Tokenizer | None
     source: str  # the file or directory actually read
 

@@ -1,12 +1,8 @@
-"""Load a GGUF file: ModelConfig, float32 weights under HF names, and the tokenizer.
+"""Load a GGUF file: ModelConfig, weights under HF names (read on access), and the tokenizer.
 
-The result equals what ``transformers`` makes of the same file
-(``from_pretrained(dir, gguf_file=...)``): llama.cpp's converter changes some
-tensors, and each change is undone here the way transformers undoes it:
-
-* llama: Q and K rows are permuted for llama.cpp's RoPE layout (``_unpermute``).
-* gemma3: RMSNorm weights are stored as ``w + 1``; HF keeps ``w``.
-* gpt2: the Conv1D weights are stored transposed.
+The weights equal what ``transformers`` makes of the same file
+(``from_pretrained(dir, gguf_file=...)``): llama.cpp's converter changes some tensors, and
+loading/gguf_dequant.py undoes each change the way transformers does.
 """
 
 from __future__ import annotations
@@ -14,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -22,6 +19,8 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
+from .gguf_dequant import needs_whole, read_tensor, unpermute
+from .lazy import LazyWeights
 from .tokenizer import ChatTemplateError, Tokenizer
 
 # GGUF ``general.architecture`` -> HF ``model_type``.
@@ -52,8 +51,10 @@ _GPT2_GLOBAL = {
 _IGNORED = {"rope_freqs.weight"}
 
 
-def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
-    """Read ``path``; raise LoadError naming it for anything unreadable or unsupported."""
+def load_gguf(path: str) -> tuple[ModelConfig, LazyWeights, Tokenizer | None]:
+    """Read ``path``; raise LoadError naming it for anything unreadable or unsupported. The
+    weights stay in the memory-mapped file until read (loading/lazy.py); names, shapes and
+    quantization types are checked here, before anything is dequantized."""
     meta, tensors = read_gguf(path)
     if meta.get("split.count", 1) != 1:  # a part names its siblings; we read one file only
         raise LoadError(f"{path}: part of a split GGUF ({meta.get('split.count')} parts); merge them first "
@@ -65,14 +66,7 @@ def load_gguf(path: str) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenize
         _check_tokenizer_meta(meta, path)
     names = {t.name for t in tensors}
     cfg = gguf_config(meta, names, path)
-    weights = {}
-    for t in tensors:
-        if t.name in _IGNORED:
-            continue
-        hf = hf_name(arch, t.name)
-        if hf is None:
-            raise LoadError(f"{path}: tensor {t.name!r} has no Hugging Face equivalent for {arch}")
-        weights[hf] = _convert(t, arch, cfg, path)
+    weights = lazy_weights(tensors, arch, cfg, path)
     tok = gguf_tokenizer(meta, path) if "tokenizer.ggml.tokens" in meta else None
     if tok is not None:
         cfg = cfg.replace(eos_token_ids=list(dict.fromkeys(cfg.eos_token_ids + tok.eos_token_ids)))
@@ -328,28 +322,33 @@ def hf_name(arch: str, name: str) -> str | None:
     return None
 
 
+def lazy_weights(tensors: list[TensorInfo], arch: str, cfg: ModelConfig, path: str) -> LazyWeights:
+    """The tensors under their HF names, each dequantized when read (loading/gguf_dequant.py)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+
+    readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
+    readers, shapes = {}, {}
+    for t in tensors:
+        if t.name in _IGNORED:
+            continue
+        hf = hf_name(arch, t.name)
+        if hf is None:
+            raise LoadError(f"{path}: tensor {t.name!r} has no Hugging Face equivalent for {arch}")
+        if t.qtype not in readable:
+            raise LoadError(f"{path}: cannot dequantize tensor {t.name!r} ({t.qtype.name}): the gguf library "
+                            f"does not implement {t.qtype.name}")
+        readers[hf] = partial(read_tensor, t, arch, cfg.num_heads, cfg.num_kv_heads, path)
+        shapes[hf] = tuple(reversed(t.shape)) if needs_whole(t.name, arch) and arch == "gpt2" else tuple(t.shape)
+    return LazyWeights(readers, shapes)
+
+
 def _convert(t: TensorInfo, arch: str, cfg: ModelConfig, path: str) -> torch.Tensor:
-    from gguf.quants import dequantize
-
-    try:
-        w = np.asarray(dequantize(t.data, t.qtype), dtype=np.float32).reshape(t.shape)
-    except Exception as e:
-        raise LoadError(f"{path}: cannot dequantize tensor {t.name!r} ({t.qtype.name}): {e}") from None
-    kind = t.name.split(".")[-2]
-    if arch == "llama" and kind in ("attn_q", "attn_k"):
-        w = _unpermute(w, cfg.num_heads if kind == "attn_q" else cfg.num_kv_heads)
-    elif arch == "gemma3" and t.name.endswith("norm.weight"):
-        w = w - 1.0
-    elif arch == "gpt2" and t.name.endswith(".weight") and kind in ("attn_qkv", "attn_output", "ffn_up", "ffn_down"):
-        w = w.T
-    # Copy: F32 tensors are views into the memory-mapped file.
-    return torch.from_numpy(np.ascontiguousarray(w).copy())
+    """Tensor ``t`` in float32, as HF lays it out (the eager form of ``lazy_weights``)."""
+    return read_tensor(t, arch, cfg.num_heads, cfg.num_kv_heads, path, torch.float32)
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's ``permute``: per head, rows interleaved (x0,y0,x1,y1..) back to halves (x..,y..)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+_unpermute = unpermute
 
 
 # ---------------------------------------------------------------- tokenizer

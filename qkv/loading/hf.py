@@ -1,13 +1,14 @@
 """Load a Hugging Face model directory: ``config.json`` + ``*.safetensors`` (+ tokenizer files).
 
-Weights are read with ``safetensors`` only (never pickle), converted to
-float32 and kept under their HF names. Sharded checkpoints are found through
+Weights are read with ``safetensors`` only (never pickle), when asked for (float32 by
+default, or straight into the engine's dtype) and kept under their HF names. Sharded checkpoints are found through
 ``model.safetensors.index.json``.
 """
 
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,11 +16,13 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
+from .lazy import LazyWeights
 from .tokenizer import ChatTemplateError, Tokenizer
 
 
-def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer | None]:
-    """Read an HF directory; raise LoadError naming the offending file."""
+def load_hf(path: str | Path) -> tuple[ModelConfig, LazyWeights, Tokenizer | None]:
+    """Read an HF directory; raise LoadError naming the offending file. The weights stay in
+    the memory-mapped files until read (loading/lazy.py); headers are checked here."""
     d = Path(path)
     config_file = model_file(d, "config.json")
     raw = _read_json(config_file, required=True)
@@ -30,9 +33,7 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tok
     except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
         # from_hf does arithmetic on fields it does not type-check ("2" layers, 0 heads)
         raise LoadError(f"{config_file}: invalid field value ({type(e).__name__}: {e})") from None
-    weights: dict[str, torch.Tensor] = {}
-    for f in safetensors_files(d):
-        weights.update(read_safetensors(f))
+    weights = lazy_safetensors(safetensors_files(d))
     tok = hf_tokenizer(d, cfg.eos_token_ids + _generation_eos(d))
     if tok is not None:
         cfg = cfg.replace(eos_token_ids=tok.eos_token_ids)
@@ -75,13 +76,40 @@ def safetensors_files(d: Path) -> list[Path]:
 
 def read_safetensors(f: Path) -> dict[str, torch.Tensor]:
     """All tensors of one file as float32. A truncated or corrupt file raises LoadError."""
+    lazy = lazy_safetensors([f])
+    return {k: lazy[k] for k in lazy}
+
+
+# Float formats whose cast to any other goes through float32 exactly; others are made
+# float32 first, as the eager loader did (a float64 cast straight to bfloat16 could round twice).
+_EXACT_VIA_FP32 = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def lazy_safetensors(files: list[Path]) -> LazyWeights:
+    """The tensors of ``files``, read when asked for. Each file's header is checked now
+    (safetensors refuses one whose data runs past the end): a bad file is a LoadError."""
     from safetensors import safe_open
 
+    readers, shapes = {}, {}
+    for f in files:
+        try:
+            st = safe_open(str(f), framework="pt")
+            for k in st.keys():
+                readers[k] = partial(_read_one, st, f, k)
+                shapes[k] = tuple(st.get_slice(k).get_shape())
+        except Exception as e:  # SafetensorError, OSError, ...: all mean an unreadable file
+            raise LoadError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+    return LazyWeights(readers, shapes)
+
+
+def _read_one(st, f: Path, name: str, dtype: torch.dtype) -> torch.Tensor:
     try:
-        with safe_open(str(f), framework="pt") as st:
-            return {k: st.get_tensor(k).to(torch.float32) for k in st.keys()}
-    except Exception as e:  # SafetensorError, OSError, ...: all mean an unreadable file
+        t = st.get_tensor(name)
+    except Exception as e:
         raise LoadError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
+    if t.dtype not in _EXACT_VIA_FP32:
+        t = t.to(torch.float32)
+    return t.to(dtype)
 
 
 def hf_tokenizer(d: Path, eos_ids: list[int]) -> Tokenizer | None:

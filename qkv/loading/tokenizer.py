@@ -59,10 +59,22 @@ class Tokenizer:
         self._eos_ids = list(dict.fromkeys(ids))  # dedupe, keep order
         # Compiled now: a template with a syntax error fails the load once, with its line,
         # rather than every chat request.
-        self._template = compile_template(chat_template, template_source or name) if chat_template else None
+        self._template_source = template_source or name
+        self._template = compile_template(chat_template, self._template_source) if chat_template else None
         self._plain_backend: tokenizers.Tokenizer | None = None  # built on first need
         self._specials: dict[str, int] | None = None
         self._special_pattern: re.Pattern | None = None
+
+    def __getstate__(self) -> dict:
+        # Pickled for the engine process's front end (server/engine_process.py): the compiled
+        # template and the caches are rebuilt on the other side.
+        return {**self.__dict__, "_template": None, "_plain_backend": None, "_specials": None,
+                "_special_pattern": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.chat_template:
+            self._template = compile_template(self.chat_template, self._template_source)
 
     def with_chat_template(self, template: str, source: str) -> "Tokenizer":
         """This tokenizer with ``template`` instead of its own chat template (``--chat-template``):

@@ -36,6 +36,10 @@ class RMSNorm(nn.Module):
         if fused is not None:
             return fused.rms_norm(x, self.weight, self.eps, self.offset)
         dtype = x.dtype
+        if not self.offset and dtype == self.weight.dtype:
+            # One op: it computes in float32 for a 16-bit x and multiplies by the weight before
+            # rounding, as HF does in float32 (and bitwise as ``weight * norm(x)`` there).
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x * rsqrt(mean(x^2) + eps), one op
         if self.offset:
             return (x * (self.offset + self.weight.float())).to(dtype)
@@ -83,7 +87,7 @@ class GatedMLP(nn.Module):
             out = fused.silu_mul_linear(gate_up, self.down_proj)
             return out if out is not None else fused.linear(fused.silu_mul(gate_up), self.down_proj)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate).mul_(up))  # in place: one allocation less per layer
 
 
 # ---------------------------------------------------------------------------- RoPE

@@ -6,6 +6,10 @@ output channel read 135 MB. Activations stay in the model's dtype, so only the w
 rounded (activation quantization, as in FBGEMM's dynamic int8, cost SmolLM2 3.5x in
 perplexity). The matmul is torch's own ``_weight_int8pack_mm`` kernel, fastest with bf16
 activations. `qkv perplexity --quantization int8` measures what the rounding costs.
+
+``quantize`` also applies the other CPU weight formats: "int4" (model/int4.py; the lm_head
+int8) and "bf16" (nothing to swap: the engine casts the model). Which one "auto" picks:
+model/cpu_format.py.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-METHODS = ("int8",)
+METHODS = ("int4", "int8", "bf16")
 
 
 class Int8Linear(nn.Module):
@@ -36,13 +40,19 @@ class Int8Linear(nn.Module):
 
 
 def quantize(model: nn.Module, method: str, device: torch.device) -> nn.Module:
-    """Replace every nn.Linear of ``model`` in place (a tied lm_head gets its own int8 copy)."""
+    """Replace every nn.Linear of ``model`` in place (a tied lm_head gets its own int8 copy).
+    "int4": int4 where the shape allows (model/int4.py), int8 for the lm_head and the rest."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r} (have: {', '.join(METHODS)})")
     if device.type != "cpu":
-        raise ValueError("quantization='int8' is the CPU decode path; on a GPU use bfloat16")
+        raise ValueError(f"quantization={method!r} is the CPU decode path; on a GPU use bfloat16")
+    if method == "bf16":
+        return model
+    from qkv.model.int4 import Int4Linear, supports
+
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(module, child_name, Int8Linear(child))
+                int4 = method == "int4" and child_name != "lm_head" and supports(child)
+                setattr(module, child_name, Int4Linear(child) if int4 else Int8Linear(child))
     return model

@@ -36,6 +36,7 @@ from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server import tokenize as T
 from qkv.server import tool_calls as TC
+from qkv.server.engine_client import EngineDead
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.http_plumbing import CORS, install, request_id
 from qkv.server.metrics import ServerMetrics
@@ -77,7 +78,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = EngineLoop(engine, metrics, max_waiting=limits.max_waiting)
+        if hasattr(llm, "engine_loop"):  # a RemoteModel: the engine runs in its own process
+            loop = llm.engine_loop(metrics, limits.max_waiting)
+        else:
+            loop = EngineLoop(engine, metrics, max_waiting=limits.max_waiting)
         holder["loop"] = app.state.engine_loop = loop
         loop.start()
         try:
@@ -346,6 +350,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         except QueueFull as e:
             raise P.APIError(429, str(e), "server_error", "queue_full",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        except EngineDead as e:
+            raise P.APIError(500, str(e), "server_error", "engine_dead") from None
         state["inflight"] += 1
         try:
             return await respond(request, req, prompts, params, chat, loop, rid, stream, echo, tools)
@@ -366,6 +372,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             raise P.APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
         except ShuttingDown as e:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except EngineDead as e:
+            raise P.APIError(500, str(e), "server_error", "engine_dead") from None
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
         except BaseException:
@@ -478,6 +486,7 @@ class _Answer:
         self.sent: dict[int, int] = {}  # choice -> output tokens whose logprobs were streamed
         self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
         self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
+        self._error: BaseException | None = None  # met by _drain after outputs it returned
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -514,6 +523,24 @@ class _Answer:
             raise item
         return item
 
+    async def _drain(self) -> list:
+        """Every output queued now (at least one: waits for it). An error after some outputs
+        is raised by the next call."""
+        if self._error is not None:
+            raise self._error
+        q = self.stream.queue
+        item, items = await q.get(), []
+        while True:
+            if isinstance(item, BaseException):
+                if not items:
+                    raise item
+                self._error = item
+                return items
+            items.append(item)
+            if q.empty():
+                return items
+            item = q.get_nowait()
+
     async def collect(self, loop: EngineLoop, request: Request) -> dict:
         """Wait for every sample; abort them all if the client hangs up first."""
         final: dict[int, object] = {}
@@ -540,6 +567,8 @@ class _Answer:
             work.result()
         except ShuttingDown as e:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
+        except EngineDead as e:
+            raise P.APIError(500, str(e), "server_error", "engine_dead") from None
         except Exception as e:
             raise P.APIError(500, f"generation failed: {e}", "server_error") from None
         choices = []
@@ -571,27 +600,41 @@ class _Answer:
                              for i in range(self.stream.num_samples)])
             while self.finished < self.stream.num_samples:
                 try:
-                    out = await self._next()
+                    outs = await self._drain()
                 except Exception as e:
-                    err = P.error_body(str(e), "server_error", "shutting_down" if isinstance(e, ShuttingDown) else None)
-                    yield f"data: {json.dumps(err)}\n\n"
+                    code = "shutting_down" if isinstance(e, ShuttingDown) else \
+                        "engine_dead" if isinstance(e, EngineDead) else None
+                    yield f"data: {json.dumps(P.error_body(str(e), 'server_error', code))}\n\n"
                     break
-                self._account(out)
-                if out.text_delta or out.finished:
+                # Outputs that queued up while this stream was busy go out as one chunk per
+                # choice and one write: a lagging stream catches up instead of falling further behind.
+                merged: dict[int, list] = {}  # choice -> [its last output, the text of all of them]
+                for out in outs:
+                    self._account(out)
                     i = self._index(out)
+                    if i in merged:
+                        merged[i][0] = out
+                        merged[i][1] += out.text_delta
+                    else:
+                        merged[i] = [out, out.text_delta]
+                lines = []
+                for i, (out, delta) in merged.items():
+                    if not (delta or out.finished):
+                        continue
                     first = i not in self.sent
                     # A chat chunk that only finishes carries an empty delta, not "content": "".
-                    text = out.text_delta if out.text_delta or not self.chat else None
+                    text = delta if delta or not self.chat else None
                     if first and self.echo is not None:
                         text = self._echo(out) + (text or "")
                     lps = self._logprobs(out, self.sent.get(i, 0), first)
                     self.sent[i] = len(out.token_ids)
                     if self.tools is not None:  # content and tool-call deltas, in order
                         parser = self.parsers.setdefault(i, TC.ChoiceStream(self.tools))
-                        for c in parser.chunks(i, text or "", out.finish_reason, lps):
-                            yield event([c])
+                        lines += [event([c]) for c in parser.chunks(i, text or "", out.finish_reason, lps)]
                         continue
-                    yield event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)])
+                    lines.append(event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)]))
+                if lines:
+                    yield "".join(lines)
             else:
                 if include_usage:
                     yield event([], self._usage())

@@ -11,6 +11,9 @@ for exactly ``--output-len`` tokens (``ignore_eos``). Reports per rate:
     throughput finished requests/s and generated tokens/s over the rate's wall time
 
 The client runs on the same machine as the server, so on a small CPU it takes a share of it.
+
+``--closed-loop N`` first compares the server with the offline engine on the same chat
+requests (bench_loop.py), then runs the rate sweep on the same server.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server to load")
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--engine-in-process", action="store_true", help="serve with the engine in the server's process")
+    from qkv.server import bench_loop
+    from qkv.tools.shapes import add_arguments as add_shape
+
+    add_shape(p)  # --random-weights SHAPE: with --model's tokenizer
+    bench_loop.add_arguments(p)
 
 
 @dataclass
@@ -173,6 +182,10 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
             cmd += [flag, str(value)]
     if args.no_prefix_caching:
         cmd.append("--no-prefix-caching")
+    if getattr(args, "engine_in_process", False):
+        cmd.append("--engine-in-process")
+    if getattr(args, "random_weights", None):
+        cmd += ["--random-weights", args.random_weights]
     env = {**os.environ, "QKV_API_KEY": ""}  # no key for a private loopback server
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -205,12 +218,18 @@ def run(args) -> int:
         raise ValueError("rates, --num-requests, --input-len and --output-len must be positive")
     proc = None
     try:
-        if args.url:
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        loop_rows = []
+        if getattr(args, "closed_loop", 0) and not args.url:
+            from qkv.server import bench_loop
+
+            loop_rows, proc, url = bench_loop.run(args, start_server, headers)
+            model = "bench"
+        elif args.url:
             url, model = args.url.rstrip("/"), None
         else:
             proc, url = start_server(args)
             model = "bench"
-        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         if model is None:
             model = httpx.get(url + "/v1/models", headers=headers, timeout=10).json()["data"][0]["id"]
         warm = asyncio.run(_warm_up(url, model, headers))
@@ -229,7 +248,7 @@ def run(args) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 plain = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, type(None)))}
-                json.dump({"args": plain, "results": rows}, f, indent=2)
+                json.dump({"args": plain, "results": rows, "closed_loop": loop_rows}, f, indent=2)
         return 0
     finally:
         if proc is not None:

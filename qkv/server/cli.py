@@ -7,17 +7,26 @@ app drains first (new requests get 503 ``shutting_down`` while open responses ge
 ``--shutdown-timeout`` seconds to finish; what is left is aborted, streams ending with an
 error event and ``data: [DONE]``), then uvicorn stops accepting and exits. A second signal
 stops at once.
+
+The engine runs in a process of its own (engine_process.py) unless ``--engine-in-process``:
+this process parses HTTP, renders templates, tokenizes, detokenizes and streams. If the
+engine process dies, requests get 500 ``engine_dead``, /health 503, and the server exits
+with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import sys
 from pathlib import Path
 
 from qkv.cli import add_chat_template_argument, add_model_arguments, load_llm
+
+
+DEATH_LINGER_S = 2.0  # after the engine died: /health says 503 (and requests 500) this long before the exit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allowed-headers", type=_names, default=["*"], metavar="HEADERS",
                    help="request headers allowed cross-origin (with --allowed-origins; default: all)")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--engine-in-process", action="store_true",
+                   help="run the engine in a thread of the server's process (default: a process of its own)")
+    from qkv.tools.shapes import SHAPES
+
+    p.add_argument("--random-weights", metavar="SHAPE", default=None, choices=sorted(SHAPES),
+                   help="serve a named shape with random weights, with --model's tokenizer and chat template "
+                        "(benchmarks; the vocabulary becomes the tokenizer's)")
 
 
 def _names(value: str) -> list[str]:
@@ -94,7 +110,22 @@ def run(args) -> int:
     if not keys and not _is_loopback(args.host):
         print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
-    llm = load_llm(args, **({"max_model_len": args.max_model_len} if args.max_model_len else {}))
+    extra = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    if args.engine_in_process:
+        llm = engine_llm(args, extra)
+    else:
+        import functools
+
+        from qkv.server.engine_process import EngineProcess
+        from qkv.server.remote_model import RemoteModel
+
+        _leave_a_core(args)
+        process = EngineProcess(functools.partial(engine_llm, args, extra))
+        try:
+            llm = RemoteModel(process.start(), process)
+        except RuntimeError as e:
+            print(f"qkv serve: {e}", file=sys.stderr)
+            return 1
     name = args.served_model_name or served_name(args.model)
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens,
@@ -107,8 +138,54 @@ def run(args) -> int:
     # After the drain every response has been sent: uvicorn's own grace period is a formality.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=3)
-    DrainingServer(config, app.state.drain, args.shutdown_timeout).run()
-    return 0
+    server = DrainingServer(config, app.state.drain, args.shutdown_timeout)
+    status = [0]
+
+    def engine_died() -> None:  # on the event loop: answer 500/503 a moment longer, then exit non-zero
+        print(f"qkv serve: the engine process died; exiting in {DEATH_LINGER_S:g} s", file=sys.stderr, flush=True)
+        status[0] = 1
+        asyncio.get_running_loop().call_later(DEATH_LINGER_S, setattr, server, "should_exit", True)
+
+    llm.on_death = engine_died
+    server.run()
+    return status[0]
+
+
+def _leave_a_core(args) -> None:
+    """A CPU engine in its own process gets one core fewer than the machine has unless
+    --threads says otherwise: its torch threads spin while they wait for work, and the front
+    end needs a core to stream what they compute (2 cores: 1 thread is ~10x faster than 2)."""
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.threads is None and device == "cpu":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        args.threads = max(1, cores - 1)
+        print(f"qkv serve: the engine uses {args.threads} CPU threads (one core left to the front end; "
+              "--threads to change)", file=sys.stderr, flush=True)
+
+
+def engine_llm(args, extra: dict):
+    """The served LLM (in the engine process unless --engine-in-process): ``--model``, or a
+    ``--random-weights`` shape with ``--model``'s tokenizer."""
+    if getattr(args, "random_weights", None):
+        from qkv.cli import engine_kwargs
+        from qkv.loading import load
+        from qkv.tools.shapes import random_llm
+
+        if Path(args.model).is_dir():  # tokenizer files alone are enough
+            from qkv.loading.hf import hf_tokenizer
+
+            tokenizer = hf_tokenizer(Path(args.model), [])
+        else:
+            tokenizer = load(args.model).tokenizer
+        kw = {k: v for k, v in engine_kwargs(args).items()
+              if k not in ("device", "dtype", "threads", "quantization", "attention_override", "tensor_parallel_size")}
+        kw.setdefault("max_model_len", 4096)
+        kw.update(extra)
+        return random_llm(args.random_weights, device=args.device or "cuda", dtype=args.dtype, tokenizer=tokenizer,
+                          **kw)
+    return load_llm(args, **extra)
 
 
 def _is_loopback(host: str) -> bool:

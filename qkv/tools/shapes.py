@@ -16,6 +16,10 @@ SHAPES: dict[str, dict] = {
         model_type="llama", vocab_size=128256, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
         head_dim=128, intermediate_size=14336, max_position_embeddings=8192, norm_eps=1e-5, rope_theta=500000.0,
         bos_token_id=128000, eos_token_ids=[128001]),
+    "llama3.2-1b": dict(  # Llama-3.2-1B (its llama3 RoPE scaling left out: it changes no cost)
+        model_type="llama", vocab_size=128256, hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8,
+        head_dim=64, intermediate_size=8192, max_position_embeddings=131072, norm_eps=1e-5, rope_theta=500000.0,
+        tie_word_embeddings=True, bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
     "qwen3-0.6b": dict(  # Qwen3-0.6B
         model_type="qwen3", vocab_size=151936, hidden_size=1024, num_layers=28, num_heads=16, num_kv_heads=8,
         head_dim=128, intermediate_size=3072, max_position_embeddings=40960, norm_eps=1e-6, rope_theta=1000000.0,
@@ -31,18 +35,24 @@ SHAPES: dict[str, dict] = {
 }
 
 
-def shape_config(name: str) -> ModelConfig:
+def shape_config(name: str, tokenizer=None) -> ModelConfig:
+    """The shape's config; with a ``tokenizer``, its vocabulary, BOS and EOS ids replace the shape's."""
     try:
-        return ModelConfig(**SHAPES[name])
+        fields = dict(SHAPES[name])
     except KeyError:
         raise ValueError(f"unknown shape {name!r} (known: {', '.join(SHAPES)})") from None
+    if tokenizer is not None:
+        fields.update(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_ids=list(tokenizer.eos_token_ids))
+    return ModelConfig(**fields)
 
 
-def random_engine(name: str, device: str = "cuda", dtype: str = "bfloat16", **engine_kwargs):
-    """An LLMEngine of shape ``name`` with random weights made on ``device`` (no tokenizer)."""
+def random_engine(name: str, device: str = "cuda", dtype: str = "bfloat16", tokenizer=None, **engine_kwargs):
+    """An LLMEngine of shape ``name`` with random weights made on ``device`` (and ``tokenizer``'s
+    vocabulary when one is given)."""
     from qkv.engine.engine import LLMEngine
 
-    return LLMEngine(shape_config(name), None, None, device=device, dtype=dtype, **engine_kwargs)
+    return LLMEngine(shape_config(name, tokenizer), None, tokenizer, device=device, dtype=dtype, **engine_kwargs)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,14 +60,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"benchmark a named shape with random weights ({', '.join(SHAPES)}); downloads nothing")
 
 
-def random_llm(name: str, device: str = "cuda", dtype: str = "bfloat16", **engine_kwargs):
+def random_llm(name: str, device: str = "cuda", dtype: str = "bfloat16", tokenizer=None, **engine_kwargs):
     """An ``LLM`` (the offline API) over ``random_engine``: for benchmarks written against LLM.
-    It has no tokenizer, so prompts must be token ids."""
+    Without a ``tokenizer`` prompts must be token ids."""
     from qkv.engine.llm import LLM
 
     llm = LLM.__new__(LLM)
-    llm.engine = random_engine(name, device, dtype, **engine_kwargs)
+    llm.engine = random_engine(name, device, dtype, tokenizer, **engine_kwargs)
     llm.config = llm.engine.config
-    llm.tokenizer = None
+    llm.tokenizer = tokenizer
     llm.source = f"random:{name}"
+    llm.generation_defaults = {}
     return llm

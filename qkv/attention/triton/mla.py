@@ -63,8 +63,8 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML,
 
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-               num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int = 32,
-               num_warps: int = 8, num_stages: int = 2) -> torch.Tensor:
+               num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
+               num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek)."""
@@ -74,6 +74,13 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     BLOCK_H = min(16, triton.next_power_of_2(H)) if H >= 16 else 16
     hblocks = triton.cdiv(H, BLOCK_H)
     S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, B * hblocks))))
+    # Tiles from scripts/mla_decode_sweep.py on an H200 (2026-12-03): with many sequences
+    # (few splits) 4 warps on 32-row tiles beat 8 warps (B=128 x 640: 52 us against 65;
+    # 64 x 8k: 227 against 279); a lone sequence split 32 ways wants 64-row tiles on 8 warps
+    # (8k context: 26 us against 34).
+    wide = S >= 16
+    block_n = block_n or (64 if wide else 32)
+    num_warps = num_warps or (8 if wide else 4)
     acc = torch.empty((B * H * S, R), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q_lat.device)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)

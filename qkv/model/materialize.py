@@ -1,0 +1,172 @@
+"""Build a model with no weights in memory, then fill it one tensor at a time in its dtype.
+
+The eager way (build on the CPU with a random init, copy float32 weights in, cast the model)
+holds the file's float32 expansion, the random init and the cast copy at once: SmolLM2 peaked
+at 2.4 GB for 270 MB of bfloat16 weights. Here parameters are created on the meta device
+(their init costs nothing) while buffers stay real (RoPE tables are computed, not loaded);
+then each parameter is read from the weights (straight into the dtype when they are
+``LazyWeights``: loading/lazy.py), transformed, fused, and put in place of its meta
+tensor, after which nothing else holds it. The peak is about the final weights plus one
+parameter's pieces.
+
+The result equals the eager path bit for bit: the same transforms and concatenations, and
+casting a float32 value to the dtype once (``tests/test_materialize.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from qkv.loading.lazy import read_as
+from qkv.model.base import CausalLM, WeightError
+
+
+def supported(model: nn.Module) -> bool:
+    """Whether ``materialize`` loads this model as its ``load_weights`` would (a model that
+    overrides ``load_weights`` adds its own rules: it is built the eager way)."""
+    return isinstance(model, CausalLM) and type(model).load_weights is CausalLM.load_weights
+
+
+# The random inits of torch.nn.init: skipped on meta tensors, where they would do nothing but
+# import torch's Python decompositions (torch._refs, torch._prims: 2-5 s on 2 cores) to run.
+_INITS = ("constant_", "kaiming_normal_", "kaiming_uniform_", "normal_", "ones_", "trunc_normal_", "uniform_",
+          "xavier_normal_", "xavier_uniform_", "zeros_")
+
+
+@contextmanager
+def parameters_on_meta():
+    """Inside, every parameter a module registers goes to the meta device, so constructors
+    and their random inits allocate and compute nothing; buffers are created as usual. The
+    patch is of ``nn.Module.register_parameter`` and torch.nn.init's functions for the whole
+    process while the block runs (as accelerate's ``init_empty_weights``): build nothing on
+    other threads meanwhile."""
+    register_parameter = nn.Module.register_parameter
+    inits = {name: getattr(nn.init, name) for name in _INITS}
+
+    def register(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register_parameter(module, name, param)
+
+    def skip_on_meta(init):
+        def run(tensor, *args, **kwargs):
+            return tensor if tensor.is_meta else init(tensor, *args, **kwargs)
+
+        return run
+
+    nn.Module.register_parameter = register
+    for name, init in inits.items():
+        setattr(nn.init, name, skip_on_meta(init))
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter
+        for name, init in inits.items():
+            setattr(nn.init, name, init)
+
+
+def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype) -> CausalLM:
+    """The model of ``config`` on the CPU in ``dtype``, its weights read one at a time;
+    ``weights=None`` or a model with its own ``load_weights``: built the eager way."""
+    from qkv.model import build_model
+
+    if weights is not None:
+        with parameters_on_meta():
+            model = build_model(config, groups)
+        if supported(model):
+            materialize(model, weights, dtype)
+            return model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
+    model = build_model(config, groups)
+    if weights is not None:
+        model.load_weights(weights)
+    return model.to(dtype)
+
+
+@torch.no_grad()
+def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype) -> None:
+    """Put every meta parameter of ``model`` from ``weights`` (HF names, as ``load_weights``
+    takes them), read in ``dtype``, one parameter at a time. WeightError, as
+    ``load_weights``, for an unexpected weight, a wrong shape or a missing parameter."""
+    params = dict(model.named_parameters())
+    plan: dict[str, dict[int, str]] = {}  # our parameter -> {shard index: HF name}
+    for name in weights:
+        ours = model.hf_name(name)
+        if ours is None:
+            continue
+        for frag, (new, idx) in model.stacked.items():
+            if frag in ours:
+                plan.setdefault(ours.replace(frag, new), {})[idx] = name
+                break
+        else:
+            plan.setdefault(ours, {})[-1] = name
+    slots = _slots(model)
+    threads = torch.get_num_threads()
+    # Each copy is a few MB and memory-bound: a second intra-op thread only adds a barrier
+    # per op, and on a busy machine it made SmolLM2's copies and concatenations ~10x slower.
+    torch.set_num_threads(1)
+    try:
+        for ours, names in plan.items():
+            _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots)
+    finally:
+        torch.set_num_threads(threads)
+    if model.config.tie_word_embeddings and "lm_head.weight" not in plan and "lm_head.weight" in params:
+        model.lm_head.weight = model.embedding_weight()
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise WeightError(f"weights missing for {len(missing)} parameters, e.g. {missing[:4]}")
+
+
+def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict) -> None:
+    """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``."""
+    source = names.get(-1, ours)
+    if p is None:
+        raise WeightError(f"unexpected weight {source!r} (no parameter {ours!r})")
+    pieces = [model.transform(names[i], read_as(weights, names[i], dtype)) for i in sorted(names)]
+    w = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
+    del pieces
+    if tuple(p.shape) != tuple(w.shape):
+        raise WeightError(f"weight {source!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+    new = nn.Parameter(w.contiguous(), requires_grad=p.requires_grad)
+    for module, attr in slots[id(p)]:
+        module._parameters[attr] = new
+    del w, new
+    _trim()
+
+
+def _trim() -> None:
+    """Give the freed scratch of the last read back to the OS. glibc keeps freed blocks of a
+    few MB in its heap, between the parameters allocated after them, so without this the
+    scratch of 272 reads stayed resident: SmolLM2 bf16 ended its build 60-90 MB above its
+    weights, varying from run to run. ``malloc_trim`` returns free pages anywhere in the heap."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
+def _slots(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """id(parameter) -> every (module, attribute) holding it (a tied one is held twice)."""
+    out: dict[int, list] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((module, attr))
+    return out

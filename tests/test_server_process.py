@@ -1,0 +1,265 @@
+"""``qkv serve`` with the engine in a process of its own (the default), run as a real server
+process: its streams equal the offline engine's, a disconnect frees the blocks in the engine
+process, and no process outlives the server however it ends (SIGTERM, SIGKILL, engine death).
+
+The model is test_server's tiny random Llama with a byte-level BPE tokenizer and a chat template.
+Each server start imports torch twice (server and engine), so the module starts three.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+httpx = pytest.importorskip("httpx")
+
+from test_server import CORPUS, aborted, free_port, make_model_dir, metrics  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for child processes")
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (zombies excluded)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def engine_pid(pid: int) -> int:
+    for c in children(pid):
+        with open(f"/proc/{c}/cmdline", "rb") as f:
+            cmd = f.read()
+        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
+            return c
+    raise AssertionError(f"no engine process under {pid}: {children(pid)}")
+
+
+def wait_gone(pids: list[int], timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
+class ServeProcess:
+    """``qkv serve`` in a subprocess on a free loopback port."""
+
+    def __init__(self, model_dir: str, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
+               "--model", model_dir, "--device", "cpu", "--port", str(self.port), "--served-model-name", "tiny",
+               "--num-kv-blocks", "96", "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
+               "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.proc.poll() is None, f"qkv serve exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "qkv serve did not become healthy"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.engine = engine_pid(self.proc.pid)
+        self.family = [self.engine] + children(self.proc.pid)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for p in wait_gone(self.family, 1):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-chat-llama"))
+
+
+@pytest.fixture(scope="module")
+def ref_llm(model_dir):
+    from qkv import LLM
+
+    return LLM(model_dir, device="cpu", num_kv_blocks=96)
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    s = ServeProcess(model_dir, "--shutdown-timeout", "1")
+    yield s
+    s.kill()
+
+
+def stream_text(url: str, body: dict) -> tuple[str, str | None, int]:
+    """(text, finish_reason, completion tokens) of one streamed completion."""
+    text, reason, tokens = "", None, 0
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True,
+                      "stream_options": {"include_usage": True}}, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for c in chunk["choices"]:
+                text += c["text"]
+                reason = c["finish_reason"] or reason
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return text, reason, tokens
+
+
+# ---------------------------------------------------------------- one server for the happy paths
+def test_greedy_streams_equal_offline(served, ref_llm):
+    """Concurrent greedy streams (one with a stop string) give the offline engine's text,
+    finish reasons and token counts."""
+    from qkv import SamplingParams
+
+    cases = [({"prompt": CORPUS[i], "max_tokens": 24, "temperature": 0, "ignore_eos": True}, {}) for i in range(4)]
+    ref0 = ref_llm.generate([CORPUS[0]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    stop = ref0.text[5:8]  # a stop string the greedy text is known to contain
+    cases.append(({"prompt": CORPUS[0], "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": [stop]},
+                  {"stop": [stop]}))
+    results: list = [None] * len(cases)
+
+    def run(i):
+        results[i] = stream_text(served.url, cases[i][0])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for (body, extra), got in zip(cases, results):
+        want = ref_llm.generate([body["prompt"]], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True,
+                                                                  **extra))[0]
+        assert got == (want.text, want.finish_reason, len(want.token_ids)), body
+    assert results[-1][1] == "stop" and len(results[-1][0]) < len(results[0][0])
+    body = {**cases[-1][0], "model": "tiny"}
+    whole = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    assert whole["text"] == ref_llm.generate([body["prompt"]], SamplingParams(
+        max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]))[0].text
+
+
+def test_logprobs_and_chat_equal_offline(served, ref_llm):
+    from qkv import SamplingParams
+
+    body = {"model": "tiny", "prompt": CORPUS[1], "max_tokens": 8, "temperature": 0, "logprobs": 2}
+    got = httpx.post(served.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]
+    want = ref_llm.generate([CORPUS[1]], SamplingParams(max_tokens=8, temperature=0, logprobs=2))[0]
+    assert got["text"] == want.text
+    assert got["logprobs"]["token_logprobs"] == pytest.approx([e[t].logprob for t, e in
+                                                                 zip(want.token_ids, want.logprobs)], abs=1e-5)
+    msgs = [{"role": "user", "content": "hello world"}]
+    chat = httpx.post(served.url + "/v1/chat/completions", json={"messages": msgs, "max_tokens": 8,
+                                                                  "temperature": 0}, timeout=60).json()
+    ids = ref_llm.chat_prompt(msgs)
+    assert chat["choices"][0]["message"]["content"] == ref_llm.generate(
+        [ids], SamplingParams(max_tokens=8, temperature=0))[0].text
+
+
+def test_disconnect_aborts_in_engine_and_frees_blocks(served):
+    before = aborted(served.url)
+    body = {"prompt": CORPUS[2], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got == 3:
+                break  # hang up mid-stream
+    deadline = time.monotonic() + 10
+    while ((m := metrics(served.url))["qkv_kv_blocks_in_use"] or aborted(served.url) == before) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert aborted(served.url) == before + 1
+    assert m["qkv_kv_blocks_in_use"] == 0 and m["qkv_requests_running"] == 0
+    assert m["qkv_kv_blocks_total"] == m["qkv_kv_blocks_free"] + m["qkv_kv_blocks_cached"]
+    assert m["qkv_generation_tokens_total"] < 500  # the engine stopped long before 1000 tokens
+
+
+def test_sigterm_ends_streams_and_leaves_no_process(served):
+    """Last on this server: SIGTERM ends an open stream with an error event and [DONE], the
+    server exits (by the signal, re-raised after the drain) and its engine process is gone."""
+    lines: list[str] = []
+
+    def listen():
+        body = {"prompt": CORPUS[3], "max_tokens": 1400, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+            lines.extend(line for line in r.iter_lines() if line)
+
+    t = threading.Thread(target=listen)
+    t.start()
+    time.sleep(0.5)
+    served.proc.send_signal(signal.SIGTERM)
+    assert served.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once stopped
+    t.join(10)
+    assert lines[-1] == "data: [DONE]" and "shutting_down" in lines[-2]
+    assert wait_gone(served.family, 10) == []
+
+
+# ---------------------------------------------------------------- failures
+def test_engine_death_gives_5xx_and_exit(model_dir):
+    s = ServeProcess(model_dir)
+    try:
+        answer = {}
+
+        def long_request():
+            body = {"prompt": CORPUS[0], "max_tokens": 1400, "ignore_eos": True}
+            answer["r"] = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+
+        t = threading.Thread(target=long_request)
+        t.start()
+        time.sleep(0.5)
+        os.kill(s.engine, signal.SIGKILL)
+        t.join(30)
+        r = answer["r"]
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead"
+        deadline = time.monotonic() + 10
+        while httpx.get(s.url + "/health", timeout=5).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/health", timeout=5).status_code == 503
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=10)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "engine_dead"
+        assert s.proc.wait(30) != 0
+        assert wait_gone(s.family, 10) == []
+    finally:
+        s.kill()
+
+
+def test_sigkill_of_the_server_ends_the_engine(model_dir):
+    s = ServeProcess(model_dir)
+    try:
+        s.proc.kill()
+        s.proc.wait()
+        assert wait_gone(s.family, 10) == []
+    finally:
+        s.kill()
