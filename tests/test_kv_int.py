@@ -195,7 +195,8 @@ def test_cli_kv_cache_dtype_takes_one_or_two_formats(capsys):
     import json
 
     r = json.loads(capsys.readouterr().out)
-    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))  # int4 K: 4 groups x 1 B
+    # int4 K: 32 B + 4 e5m3 bytes; int8 V: 64 B + one fp16 scale
+    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))
 
 
 
