@@ -93,7 +93,8 @@ def main():
             ms = bench_graph(lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, block_n=block_n,
                                                    num_warps=warps, num_stages=stages, splits=splits))
             record(name="packed_decode", kv=kv, what="with_rotation", B=B, ctx=ctx, block_n=block_n, warps=warps,
-                   stages=stages, splits=splits, us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
+                   stages=stages, splits=splits, us=ms * 1e3, packed_bytes=nbytes,
+                   frac_of_copy=nbytes / (ms / 1e3) / bw)
         del cache, plain
         torch.cuda.empty_cache()
     for dt in (torch.bfloat16, torch.float8_e4m3fn):

@@ -123,6 +123,7 @@ CASES = {  # one format per family keeps the run short; every format meets rings
     "int4/llama-gqa": ("int4", "llama", {}),
     "int8/gemma3-hybrid": ("int8", "gemma3", {}),
     "int4,int8/mistral-window": ("int4,int8", "mistral", dict(sliding_window=12)),
+    "int8,int4/qwen2-key-bias": ("int8,int4", "qwen2", {}),  # keys stored less the key offset
 }
 
 
@@ -145,6 +146,10 @@ def test_int_cache_keeps_the_cache_properties(tiny_model, tmp_path, case):
         assert drive(llm.engine, jobs) == ref, kw
         if "num_kv_blocks" in kw and family == "llama":
             assert llm.engine.scheduler.num_preemptions > 0
+    if family == "qwen2":
+        from qkv.model.attention import Attention
+
+        assert all(m._k_offset is not None for m in ref_llm.engine.runner.model.modules() if isinstance(m, Attention))
 
 
 def test_k_and_v_dtypes_set_apart_equal_the_pair(tiny_model):
@@ -190,7 +195,8 @@ def test_cli_kv_cache_dtype_takes_one_or_two_formats(capsys):
     import json
 
     r = json.loads(capsys.readouterr().out)
-    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))  # int4 K: 4 groups x 1 B
+    # int4 K: 32 B + 4 e5m3 bytes; int8 V: 64 B + one fp16 scale
+    assert r["kv_bits"] == "int4,int8" and r["bytes_per_token"] == 30 * 3 * ((32 + 4) + (64 + 2))
 
 
 

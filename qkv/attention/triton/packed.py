@@ -321,7 +321,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if out is None or vp.rotated:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
-    align = math.gcd(lay.page_bytes // 4, kp.values_at // 4, vp.values_at // 4, D * min(kp.fmt.bits, vp.fmt.bits) // 32, 4)
+    words = D * min(kp.fmt.bits, vp.fmt.bits) // 32  # the narrower plane's words per row
+    align = math.gcd(lay.page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
     _packed_decode_kernel[(B, kvh, S)](
         q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), block_table, num_computed,
         query_start_loc, acc, ml, out,
