@@ -463,6 +463,34 @@ def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
 
 
 def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
+    from .tokenizer_cache import cached
+
+    # Merges rebuilt from scores (SentencePiece vocabularies: Gemma's 262k, ~20 s) are worth
+    # caching; a byte-level vocabulary's merges are in the file, and its build (0.5 s for
+    # SmolLM2) is faster than the library reading its own JSON back (1.4 s).
+    if meta.get("tokenizer.ggml.model") == "llama" and not meta.get("tokenizer.ggml.merges"):
+        backend = cached(path, lambda: _build_backend(meta, path))
+    else:
+        backend = _build_backend(meta, path)
+    raw = meta["tokenizer.ggml.tokens"]
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return raw[i] if i is not None and 0 <= i < len(raw) else None
+
+    eos_ids = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
+    if meta.get("general.architecture", "").startswith("gemma") and backend.token_to_id("<end_of_turn>") is not None:
+        # Gemma's generation_config stops on <end_of_turn> too; the GGUF keeps only <eos>.
+        eos_ids.append(backend.token_to_id("<end_of_turn>"))
+    return Tokenizer(
+        backend, bos_token=tok("bos"), eos_token=tok("eos"), eos_token_ids=eos_ids,
+        chat_template=meta.get("tokenizer.chat_template"), name=path,
+        template_source=f"{path}: tokenizer.chat_template",
+    )
+
+
+def _build_backend(meta: dict, path: str):
+    """The tokenizers-library tokenizer of the GGUF vocabulary (what tokenizer_cache.py saves)."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
 
@@ -531,15 +559,7 @@ def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     specials = [(t, backend.token_to_id(t)) for t in dict.fromkeys([bos] * add_bos + [eos] * add_eos)]
     backend.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=specials)
-    eos_ids = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
-    if arch.startswith("gemma") and backend.token_to_id("<end_of_turn>") is not None:
-        # Gemma's generation_config stops on <end_of_turn> too; the GGUF keeps only <eos>.
-        eos_ids.append(backend.token_to_id("<end_of_turn>"))
-    return Tokenizer(
-        backend, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids,
-        chat_template=meta.get("tokenizer.chat_template"), name=path,
-        template_source=f"{path}: tokenizer.chat_template",
-    )
+    return backend
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
