@@ -193,3 +193,31 @@ def test_torch_dequantization_is_the_gguf_librarys_bit_for_bit():
     for t in picked:
         ours = gguf_dequant._TORCH[t.qtype.name](torch.from_numpy(np.array(t.data))).reshape(t.shape)
         assert torch.equal(ours, torch.from_numpy(dequantize(t.data, t.qtype).reshape(t.shape))), t.name
+
+
+def test_tokenizer_cache_reads_back_the_same_tokenizer(tmp_path, monkeypatch):
+    """A SentencePiece vocabulary (merges rebuilt from scores) is built once, then read back
+    from the cache: the same ids and text; a corrupt cache file is rebuilt, not an error."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models as tk_models
+
+    from qkv.loading import tokenizer_cache
+
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    f = tmp_path / "vocab.gguf"
+    f.write_bytes(b"GGUF")  # the key needs a file; its content is the GGUF's
+    calls = []
+
+    def build():
+        calls.append(1)
+        return Backend(tk_models.BPE({"a": 0, "b": 1, "ab": 2}, [("a", "b")]))
+
+    first = tokenizer_cache.cached(str(f), build)
+    again = tokenizer_cache.cached(str(f), build)
+    assert len(calls) == 1 and again.encode("abab").ids == first.encode("abab").ids == [2, 2]
+    (cached_file,) = (tmp_path / "tokenizers").iterdir()
+    cached_file.write_text("{not json")
+    assert tokenizer_cache.cached(str(f), build).encode("ab").ids == [2] and len(calls) == 2
+    f.write_bytes(b"GGUF2")  # another file (size, time): another key
+    assert tokenizer_cache.key(str(f)) != cached_file.stem
+    assert tokenizer_cache.key(str(tmp_path / "missing.gguf")) is None

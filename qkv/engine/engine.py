@@ -26,7 +26,6 @@ from qkv.kvcache.plan import capacity_line, plan_num_blocks  # noqa: F401 (plan_
 from qkv.kvcache.kv_int import resolve as resolve_kv
 from qkv.kvcache.kv_pages import with_packed
 from qkv.kvcache.spec import layer_specs
-from qkv.model import build_model
 
 # KV cache storage may also be fp8 (e4m3): half the bytes of bf16, so twice the tokens.
 KV_DTYPES = {**DTYPES, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,

@@ -7,6 +7,7 @@ loading/gguf_dequant.py undoes each change the way transformers does.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import struct
@@ -85,6 +86,7 @@ class TensorInfo(NamedTuple):
 _MIN_VALUE_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 8: 8, 9: 12, 10: 8, 11: 8, 12: 8}
 _MAX_ARRAY_DEPTH = 4  # llama.cpp reads none nested; gguf-py's writer nests lists
 
+_U64 = struct.Struct("<Q")
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
@@ -124,6 +126,26 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{key}: a string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
+    def strings(count: int) -> list[str]:
+        """``count`` strings in a row: ``string`` inlined, since a vocabulary holds ~10^5 of
+        them (SmolLM2's tokens and merges: 0.42 s the generic way)."""
+        nonlocal pos
+        out, end, at, unpack = [], len(raw), pos, _U64.unpack_from
+        append = out.append
+        try:
+            for _ in range(count):
+                n = unpack(raw, at)[0]
+                at += 8
+                if at + n > end:
+                    raise struct.error("string runs past the end of the file")
+                append(str(raw[at : at + n], "utf-8"))
+                at += n
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{key}: a string is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        finally:
+            pos = at
+        return out
+
     def room(count: int, least: int, what: str) -> None:
         """Refuse a count the rest of the file cannot hold (``least`` bytes each) before any
         loop or allocation trusts it."""
@@ -147,6 +169,8 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
                 arr = np.frombuffer(raw, dtype=dt, count=count, offset=pos)
                 pos += count * dt.itemsize
                 return arr.tolist()
+            if itype == 8:
+                return strings(count)
             return [value(itype, depth + 1) for _ in range(count)]
         if vtype not in _SCALARS:
             raise ValueError(f"unknown metadata value type {vtype}")
@@ -439,6 +463,34 @@ def gguf_tokenizer(meta: dict, path: str = "GGUF") -> Tokenizer:
 
 
 def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
+    from .tokenizer_cache import cached
+
+    # Merges rebuilt from scores (SentencePiece vocabularies: Gemma's 262k, ~20 s) are worth
+    # caching; a byte-level vocabulary's merges are in the file, and its build (0.5 s for
+    # SmolLM2) is faster than the library reading its own JSON back (1.4 s).
+    if meta.get("tokenizer.ggml.model") == "llama" and not meta.get("tokenizer.ggml.merges"):
+        backend = cached(path, lambda: _build_backend(meta, path))
+    else:
+        backend = _build_backend(meta, path)
+    raw = meta["tokenizer.ggml.tokens"]
+
+    def tok(key):
+        i = meta.get(f"tokenizer.ggml.{key}_token_id")
+        return raw[i] if i is not None and 0 <= i < len(raw) else None
+
+    eos_ids = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
+    if meta.get("general.architecture", "").startswith("gemma") and backend.token_to_id("<end_of_turn>") is not None:
+        # Gemma's generation_config stops on <end_of_turn> too; the GGUF keeps only <eos>.
+        eos_ids.append(backend.token_to_id("<end_of_turn>"))
+    return Tokenizer(
+        backend, bos_token=tok("bos"), eos_token=tok("eos"), eos_token_ids=eos_ids,
+        chat_template=meta.get("tokenizer.chat_template"), name=path,
+        template_source=f"{path}: tokenizer.chat_template",
+    )
+
+
+def _build_backend(meta: dict, path: str):
+    """The tokenizers-library tokenizer of the GGUF vocabulary (what tokenizer_cache.py saves)."""
     from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers import Tokenizer as Backend
 
@@ -450,10 +502,8 @@ def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if kind == "gpt2":
         spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-        vocab = {
-            (t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)
-        }
+        spelled = _byte_alphabet().fullmatch  # a regex: a set per token cost 0.2 s for 49k tokens
+        vocab = {(t if spelled(t) else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
         backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
@@ -489,9 +539,9 @@ def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
         AddedToken(t, normalized=False, special=True)
         for t, ty in zip(raw, types) if ty == _CONTROL and (alphabet is None or set(t) <= alphabet)
     ])
-    vocab_now = backend.get_vocab()
-    backend.add_tokens([
-        AddedToken(t, normalized=False, special=False) for t, ty in zip(raw, types) if ty == _USER_DEFINED and t in vocab_now
+    backend.add_tokens([  # token_to_id: get_vocab() would copy the whole vocabulary out of Rust
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(raw, types) if ty == _USER_DEFINED and backend.token_to_id(t) is not None
     ])
     if split := _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre")):
         backend.pre_tokenizer = pre_tokenizers.Sequence([
@@ -509,15 +559,7 @@ def _build_tokenizer(meta: dict, path: str) -> Tokenizer:
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     specials = [(t, backend.token_to_id(t)) for t in dict.fromkeys([bos] * add_bos + [eos] * add_eos)]
     backend.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=specials)
-    eos_ids = [meta["tokenizer.ggml.eos_token_id"]] if "tokenizer.ggml.eos_token_id" in meta else []
-    if arch.startswith("gemma") and backend.token_to_id("<end_of_turn>") is not None:
-        # Gemma's generation_config stops on <end_of_turn> too; the GGUF keeps only <eos>.
-        eos_ids.append(backend.token_to_id("<end_of_turn>"))
-    return Tokenizer(
-        backend, bos_token=bos, eos_token=eos, eos_token_ids=eos_ids,
-        chat_template=meta.get("tokenizer.chat_template"), name=path,
-        template_source=f"{path}: tokenizer.chat_template",
-    )
+    return backend
 
 
 def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
@@ -530,6 +572,12 @@ def _merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list
         merges.extend(local)
     merges.sort(key=lambda x: (x[2], len(x[0]), len(x[1])), reverse=True)
     return [(a, b) for a, b, _ in merges]
+
+
+@functools.cache
+def _byte_alphabet() -> re.Pattern:
+    """Strings spelled in GPT-2's byte alphabet only."""
+    return re.compile("[" + re.escape("".join(_bytes_to_unicode().values())) + "]*")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
