@@ -130,7 +130,7 @@ def test_smollm2_default_is_int4_and_tracks_fp32(smollm2):
 
     fast = LLM("smollm2", device="cpu", num_kv_blocks=64)
     assert any(isinstance(m, Int4Linear) for m in fast.engine.model.modules())
-    ids = smollm2.tokenizer.encode(default_corpus(), add_special_tokens=False)[:128]
+    ids = smollm2.tokenizer.encode(default_corpus(), add_special_tokens=False)[:96]
     a, b = smollm2.logits(ids), fast.logits(ids)
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() > 0.9  # measured 0.957 on 256 tokens
     target = torch.tensor(ids[1:])
