@@ -17,6 +17,7 @@ activations of every quantized class are bfloat16 (engine/dtype.py).
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
 
@@ -28,21 +29,21 @@ _NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5
           11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
           17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar value types
-_MAX_KEYS = 64  # general.* keys come first; a file_type further in is not looked for
 
 
 def gguf_file_type(path: str | Path) -> int | None:
     """``general.file_type`` of a GGUF file, or None if the header does not say (or is not GGUF).
-    Reads only the first keys of the header, so start-up does not parse the vocabulary twice."""
+    Walks the header without decoding it: the vocabulary's strings are skipped, not read
+    (Gemma's file states its type after its 262k tokens)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
+            head = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if head[:4] != b"GGUF":
             return None
         pos = 4 + 4 + 8
         (n_kv,) = struct.unpack_from("<Q", head, pos)
         pos += 8
-        for _ in range(min(n_kv, _MAX_KEYS)):
+        for _ in range(n_kv):
             (n,) = struct.unpack_from("<Q", head, pos)
             key = head[pos + 8 : pos + 8 + n].decode("utf-8", "replace")
             pos += 8 + n
@@ -51,7 +52,7 @@ def gguf_file_type(path: str | Path) -> int | None:
             if key == "general.file_type" and vtype in (4, 5):
                 return struct.unpack_from("<I" if vtype == 4 else "<i", head, pos)[0]
             pos = _skip(head, pos, vtype)
-    except (OSError, struct.error, ValueError):
+    except (OSError, struct.error, ValueError, OverflowError):
         return None
     return None
 
@@ -67,7 +68,7 @@ def _skip(buf: bytes, pos: int, vtype: int) -> int:
         for _ in range(count):
             pos = _skip(buf, pos, itype)
             if pos > len(buf):
-                raise ValueError("past the header read")
+                raise ValueError("past the end of the file")
         return pos
     if vtype not in _SIZES:
         raise ValueError(f"unknown GGUF value type {vtype}")
