@@ -109,10 +109,16 @@ def decode_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
     and serves each KV head's query group without copying the keys."""
     T, H, D = q.shape
     kvh = k.shape[1]
-    write_kv(kv_cache, k, v, batch.slot_mappings[group], all_slots=True)
-    ix = step_indices(batch, group, window)
-    keys = kv_cache[0].view(-1, kvh, D)[ix.from_pages].transpose(1, 2)  # [B, KVH, L, D]
-    values = kv_cache[1].view(-1, kvh, v.shape[2])[ix.from_pages].transpose(1, 2)
+    if k.shape[2] != v.shape[2]:  # K and V planes of different widths: one plane at a time
+        write_kv(kv_cache, k, v, batch.slot_mappings[group], all_slots=True)
+        ix = step_indices(batch, group, window)
+        keys = kv_cache[0].view(-1, kvh, D)[ix.from_pages].transpose(1, 2)  # [B, KVH, L, D]
+        values = kv_cache[1].view(-1, kvh, v.shape[2])[ix.from_pages].transpose(1, 2)
+    else:  # both planes in one write and one gather
+        planes = kv_cache.view(2, -1, kvh, D)
+        planes[:, batch.slot_mappings[group]] = to_cache(torch.stack((k, v)), kv_cache.dtype)
+        ix = step_indices(batch, group, window)
+        keys, values = planes[:, ix.from_pages].transpose(2, 3).unbind(0)  # [B, KVH, L, D] each
     if keys.dtype != q.dtype:  # fp8 pages
         keys, values = keys.to(q.dtype), values.to(q.dtype)
     # One sequence, no window: every gathered key is visible (a window's first one may not be).

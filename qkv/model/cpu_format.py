@@ -2,10 +2,13 @@
 
 The rule (the default of ``LLM`` and every command's ``--quantization``):
 
-- a **GGUF** file keeps its class, read from ``general.file_type``: 2 to 5 bits a weight
-  (Q2_K ... Q5_K_M, Q4_0/Q4_1/Q5_0/Q5_1, the IQ types) -> ``int4`` (model/int4.py, groups of
-  32); Q6_K and Q8_0 -> ``int8`` (model/quant.py, one scale per row); F16/BF16 -> ``bf16``;
-  F32 -> none (float32);
+- a **GGUF** file keeps the class of the type that holds most of its layers' matrices
+  (``blk.*``): 2 to 4 bits a weight (Q2_K, Q3_K, Q4_0, Q4_1, Q4_K, the IQ types) -> ``int4``
+  (model/int4.py, groups of 32); 5 to 8 bits (Q5_0/Q5_1/Q5_K, Q6_K, Q8_0) -> ``int8``
+  (model/quant.py, one scale per row); F16/BF16 -> ``bf16``; F32 -> none (float32). A file
+  with no layer tensors is classed by ``general.file_type`` the same way. The tensors decide,
+  not the file's label: Gemma 3 270M's "Q4_K_M" holds 63% of its layer weights in Q5_0 (its
+  640-wide rows do not fit K-quant blocks), and int4 there cost 5% perplexity; int8 none.
 - an **HF directory** declaring bfloat16 or float16 -> ``bf16``; else none;
 - anything else (Whisper's CTranslate2 directory, a GPU, an explicit ``dtype``, tensor
   parallelism) -> none: the weights run as given, float32 on the CPU.
@@ -17,7 +20,9 @@ activations of every quantized class are bfloat16 (engine/dtype.py).
 
 from __future__ import annotations
 
+import mmap
 import struct
+from collections import Counter
 from pathlib import Path
 
 # llama.cpp's llama_ftype values (general.file_type) by class.
@@ -27,33 +32,56 @@ _BF16 = {1, 32}
 _NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
           11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
           17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+# GGML tensor types: most of the layers' elements in one of these decides (see cpu_weight_format).
+_TENSOR_CLASS = {**{t: "int4" for t in (2, 3, 10, 11, 12, *range(16, 24))},
+                 **{t: "int8" for t in (6, 7, 8, 9, 13, 14, 15)}, 1: "bf16", 30: "bf16", 0: None}
 _SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF scalar value types
-_MAX_KEYS = 64  # general.* keys come first; a file_type further in is not looked for
 
 
 def gguf_file_type(path: str | Path) -> int | None:
-    """``general.file_type`` of a GGUF file, or None if the header does not say (or is not GGUF).
-    Reads only the first keys of the header, so start-up does not parse the vocabulary twice."""
+    """``general.file_type`` of a GGUF file, or None if the header does not say (or is not GGUF)."""
+    return _read(path)[0]
+
+
+def layer_weight_types(path: str | Path) -> Counter:
+    """Elements of the layers' matrices (``blk.*``, 2-D) by GGML tensor type."""
+    return _read(path)[1]
+
+
+def _read(path) -> tuple[int | None, Counter]:
+    """Walks the header without decoding it: the vocabulary's strings are skipped, not read
+    (Gemma's file states its type after its 262k tokens); then the tensor table."""
+    file_type, types = None, Counter()
     try:
         with open(path, "rb") as f:
-            head = f.read(1 << 16)
+            head = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         if head[:4] != b"GGUF":
-            return None
-        pos = 4 + 4 + 8
-        (n_kv,) = struct.unpack_from("<Q", head, pos)
-        pos += 8
-        for _ in range(min(n_kv, _MAX_KEYS)):
+            return None, types
+        pos = 4 + 4
+        n_tensors, n_kv = struct.unpack_from("<QQ", head, pos)
+        pos += 16
+        for _ in range(n_kv):
             (n,) = struct.unpack_from("<Q", head, pos)
             key = head[pos + 8 : pos + 8 + n].decode("utf-8", "replace")
             pos += 8 + n
             (vtype,) = struct.unpack_from("<I", head, pos)
             pos += 4
             if key == "general.file_type" and vtype in (4, 5):
-                return struct.unpack_from("<I" if vtype == 4 else "<i", head, pos)[0]
+                file_type = struct.unpack_from("<I" if vtype == 4 else "<i", head, pos)[0]
             pos = _skip(head, pos, vtype)
-    except (OSError, struct.error, ValueError):
-        return None
-    return None
+        for _ in range(n_tensors):
+            (n,) = struct.unpack_from("<Q", head, pos)
+            name = head[pos + 8 : pos + 8 + n].decode("utf-8", "replace")
+            pos += 8 + n
+            (ndim,) = struct.unpack_from("<I", head, pos)
+            dims = struct.unpack_from(f"<{ndim}Q", head, pos + 4)
+            (ttype,) = struct.unpack_from("<I", head, pos + 4 + 8 * ndim)
+            pos += 4 + 8 * ndim + 4 + 8
+            if name.startswith("blk.") and ndim == 2:
+                types[ttype] += dims[0] * dims[1]
+    except (OSError, struct.error, ValueError, OverflowError):
+        pass
+    return file_type, types
 
 
 def _skip(buf: bytes, pos: int, vtype: int) -> int:
@@ -67,7 +95,7 @@ def _skip(buf: bytes, pos: int, vtype: int) -> int:
         for _ in range(count):
             pos = _skip(buf, pos, itype)
             if pos > len(buf):
-                raise ValueError("past the header read")
+                raise ValueError("past the end of the file")
         return pos
     if vtype not in _SIZES:
         raise ValueError(f"unknown GGUF value type {vtype}")
@@ -79,7 +107,12 @@ def cpu_weight_format(source: str | Path, config=None) -> tuple[str | None, str]
     "int8", "bf16" or None (float32); ``why`` names what the rule saw."""
     path = Path(source)
     if path.is_file():
-        ft = gguf_file_type(path)
+        ft, types = _read(path)
+        if types:  # the tensors themselves: a "Q4_K_M" file may hold most layers in Q5_0
+            ttype, n = types.most_common(1)[0]
+            if ttype in _TENSOR_CLASS:
+                share = n / sum(types.values())
+                return _TENSOR_CLASS[ttype], f"{share:.0%} of the layers' weights are GGML type {ttype}"
         if ft is None:
             return None, "the file does not state its type"
         name = _NAMES.get(ft, f"file_type {ft}")

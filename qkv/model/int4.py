@@ -54,11 +54,12 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        x2 = x.reshape(-1, shape[-1])
+        x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # the engine's [T, K]: no reshapes, ops cost
         if dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, GROUP, self.scales_zeros)
         if self.bias is not None:
             y += self.bias
-        y = y.view(*shape[:-1], self.out_features)
+        if x.dim() != 2:
+            y = y.view(*shape[:-1], self.out_features)
         return y if dtype == torch.bfloat16 else y.to(dtype)
