@@ -122,7 +122,7 @@ def test_moe_stacked_weights_are_the_expert_parameters(tmp_path):
     with torch.no_grad():
         before = moe(x)
         w13, w2 = moe.stacked_weights()
-        assert torch.equal(moe(x), before)
+        torch.testing.assert_close(moe(x), before, rtol=1e-6, atol=1e-6)  # same weights; the copy may change summation order
         assert torch.equal(w2[3], moe.experts[3].down_proj.weight)
         moe.experts[3].down_proj.weight.copy_(torch.zeros_like(w2[3]))
         assert not w2[3].any()

@@ -123,6 +123,9 @@ def run(args) -> int:
         process = EngineProcess(functools.partial(engine_llm, args, extra))
         try:
             llm = RemoteModel(process.start(), process)
+        except ValueError as e:
+            print(f"qkv serve: {e}", file=sys.stderr)
+            return 2
         except RuntimeError as e:
             print(f"qkv serve: {e}", file=sys.stderr)
             return 1

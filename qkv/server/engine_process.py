@@ -52,6 +52,8 @@ class EngineProcess:
                 if kind == "ready":
                     return payload
                 self.stop()
+                if kind == "usage":  # the model or a flag was refused: the caller's input, not a crash
+                    raise ValueError(payload)
                 raise RuntimeError(payload or f"the engine process exited with status {self.proc.exitcode} "
                                    "while loading the model")
             if not self.proc.is_alive():
@@ -106,8 +108,11 @@ def _main(factory, in_addr: str, out_addr: str, conn, parent_pid: int) -> None:
     try:
         llm = factory()
         info = describe(llm)
-    except BaseException as e:  # the parent prints it and exits non-zero
-        conn.send(("error", f"{type(e).__name__}: {e}" if not isinstance(e, ValueError) else str(e)))
+    except BaseException as e:  # the parent prints it and exits non-zero (2 for bad input, as in-process)
+        from qkv.loading.errors import LoadError
+
+        bad_input = isinstance(e, (ValueError, LoadError, FileNotFoundError))
+        conn.send(("usage" if bad_input else "error", str(e) if bad_input else f"{type(e).__name__}: {e}"))
         conn.close()
         sys.exit(1)
     conn.send(("ready", info))
