@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import math
 import random
 import sys
@@ -27,7 +26,7 @@ import threading
 import time
 from collections import deque
 
-from qkv.server.bench_serve import WORDS, Sample, percentile
+from qkv.server.bench_serve import WORDS, Sample, percentile, stream
 
 
 def add_arguments(p) -> None:
@@ -89,34 +88,8 @@ def offline(args, reqs: list[tuple[str, int]]) -> dict:
 async def _chat(http, url: str, prompt: str, max_tokens: int, headers: dict) -> Sample:
     body = {"model": "bench", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    s = Sample()
-    start = last = time.perf_counter()
-    try:
-        async with http.stream("POST", url + "/v1/chat/completions", json=body, headers=headers) as r:
-            if r.status_code != 200:
-                s.error = f"HTTP {r.status_code}"
-                return s
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    s.error = chunk["error"].get("message")
-                    return s
-                if chunk.get("usage"):
-                    s.tokens, s.prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
-                    now = time.perf_counter()
-                    if math.isnan(s.ttft):
-                        s.ttft = now - start
-                    else:
-                        s.itl.append(now - last)
-                    last = now
-    except Exception as e:
-        s.error = f"{type(e).__name__}: {e}"
-        return s
-    s.latency = time.perf_counter() - start
-    return s
+    return await stream(http, url + "/v1/chat/completions", body, headers,
+                        lambda choice: choice.get("delta", {}).get("content"))
 
 
 async def _clients(url: str, reqs: list, clients: int, headers: dict) -> list[Sample]:

@@ -84,10 +84,16 @@ def percentile(xs: list[float], q: float) -> float:
 async def one_request(http, url: str, model: str, prompt: str, output_len: int, headers: dict) -> Sample:
     body = {"model": model, "prompt": prompt, "max_tokens": output_len, "temperature": 0, "stream": True,
             "ignore_eos": True, "stream_options": {"include_usage": True}}
+    return await stream(http, url + "/v1/completions", body, headers, lambda choice: choice.get("text"))
+
+
+async def stream(http, url: str, body: dict, headers: dict, text_of) -> Sample:
+    """POST a streaming request and time it: TTFT at the first chunk whose ``text_of(choice)``
+    is non-empty, inter-token latencies after it, token counts from the usage chunk."""
     s = Sample()
     start = last = time.perf_counter()
     try:
-        async with http.stream("POST", url + "/v1/completions", json=body, headers=headers) as r:
+        async with http.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
                 s.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
                 return s
@@ -101,7 +107,7 @@ async def one_request(http, url: str, model: str, prompt: str, output_len: int, 
                 if chunk.get("usage"):
                     s.tokens = chunk["usage"]["completion_tokens"]
                     s.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if chunk.get("choices") and text_of(chunk["choices"][0]):
                     now = time.perf_counter()
                     if math.isnan(s.ttft):
                         s.ttft = now - start
