@@ -293,3 +293,51 @@ def test_sigkill_of_the_server_ends_the_engine(model_dir):
         assert wait_gone(s.family, 10) == []
     finally:
         s.kill()
+
+
+def test_a_command_sent_before_the_engine_connects_is_delivered(tmp_path):
+    """/health can answer 200 before the engine's command socket has connected: a request sent
+    in that window must wait for the engine, not vanish (it used to hang for ever)."""
+    import asyncio
+
+    import zmq
+
+    from qkv.engine.request import SamplingParams
+    from qkv.server import wire
+    from qkv.server.engine_client import EngineClient
+
+    class Process:  # the addresses and liveness of an engine process that has not connected yet
+        in_addr, out_addr = f"ipc://{tmp_path}/in", f"ipc://{tmp_path}/out"
+
+        def alive(self):
+            return True
+
+    class Engine:
+        def stats(self):
+            return {}
+
+    async def go():
+        client = EngineClient(Process(), Engine())
+        client.start()
+        client.submit([[1, 2, 3]], SamplingParams(max_tokens=2), "req-1")
+        await asyncio.sleep(0.2)  # no peer yet: a dropped message would be gone by now
+        ctx = zmq.Context()
+        pull = ctx.socket(zmq.PULL)
+        pull.connect(Process.in_addr)
+        try:
+            for _ in range(100):  # the queued send goes out once the peer is there
+                await asyncio.sleep(0.05)
+                if pull.poll(0):
+                    return wire.unpack(pull.recv())
+            return None
+        finally:
+            pull.close(linger=0)
+            ctx.term()
+            for t in client._tasks:
+                t.cancel()
+            client._push.close(linger=0)
+            client._pull.close(linger=0)
+            client._ctx.term()
+
+    msg = asyncio.run(go())
+    assert msg is not None and msg[0] == "add" and msg[1] == ["req-1"] and msg[2] == [[1, 2, 3]]

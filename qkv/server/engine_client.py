@@ -148,12 +148,13 @@ class EngineClient:
             self._send(["abort", live])
 
     def _send(self, msg: list) -> None:
-        import zmq
-
-        try:
-            self._push.send(self._pack(msg), zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as e:  # the engine's queue is full or it is gone: the watcher decides
-            log.warning("could not send %s to the engine: %s", msg[0], e)
+        # A blocking-mode send on an asyncio socket never blocks the loop: pyzmq sends at once when
+        # it can and otherwise queues the message, in order, until the engine's socket has
+        # connected (it may connect a few ms after /health turns 200). NOBLOCK would instead drop
+        # the message silently into a future nobody reads: the request would hang for ever.
+        fut = self._push.send(self._pack(msg), copy=False)
+        fut.add_done_callback(lambda f, kind=msg[0]: f.cancelled() or f.exception() is None or
+                              log.warning("could not send %s to the engine: %s", kind, f.exception()))
 
     # ---------------------------------------------------------------- engine messages
     async def _read(self) -> None:
