@@ -122,7 +122,7 @@ def stream(url: str, body: dict, hang_up_after: int | None = None) -> tuple[str,
     return text, reason, front
 
 
-def concurrently(fn, args: list) -> list:
+def concurrently(fn, args: list, timeout: float = 60) -> list:
     results: list = [None] * len(args)
 
     def run(i):
@@ -132,7 +132,7 @@ def concurrently(fn, args: list) -> list:
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(timeout)
     return results
 
 
@@ -212,7 +212,7 @@ def test_sigterm_drains_every_frontend_and_leaves_no_process(served):
 @pytest.fixture(scope="module")
 def three(model_dir):
     """Three servers started at once (one for each failure below)."""
-    out = concurrently(Served, [(model_dir,)] * 3)
+    out = concurrently(Served, [(model_dir,)] * 3, timeout=200)
     yield out
     for s in out:
         if s is not None:

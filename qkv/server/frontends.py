@@ -127,26 +127,33 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
         return 1
     _leave_a_core(args)
     engine = EngineProcess(functools.partial(engine_llm, args, extra), frontends=n)
+    # The front ends start first and import what they need while the engine loads the model;
+    # they get the model's description (and the engine's pid and sockets) once it has.
+    ctx = multiprocessing.get_context("spawn")  # never fork: the children start clean
+    fronts, pipes = [], []
+    for i in range(n):
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_frontend_main, name=f"qkv-frontend-{i}", daemon=False,
+                        args=(i, args, keys, recv, sock, os.getpid()))
+        p.start()
+        recv.close()
+        fronts.append(p)
+        pipes.append(send)
+    sock.close()  # the front ends hold it now
     try:
         info = engine.start()
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:
         print(f"qkv serve: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        print(f"qkv serve: {e}", file=sys.stderr)
-        return 1
+        for p in fronts:  # they see the pipe close and leave
+            p.kill()
+            p.join()
+        return 2 if isinstance(e, ValueError) else 1
     signals: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, f: signals.append(s))
-    ctx = multiprocessing.get_context("spawn")  # never fork: the children start clean
-    fronts = []
-    for i in range(n):
-        p = ctx.Process(target=_frontend_main, name=f"qkv-frontend-{i}", daemon=False,
-                        args=(i, args, keys, info, engine.pid, engine.in_addrs[i], engine.out_addrs[i], sock,
-                              os.getpid()))
-        p.start()
-        fronts.append(p)
-    sock.close()  # the front ends hold it now
+    for i, send in enumerate(pipes):
+        send.send((info, engine.pid, engine.in_addrs[i], engine.out_addrs[i]))
+        send.close()
     name = args.served_model_name or _served_name(args.model)
     print(f"qkv serve: {name} ({info['source']}) on http://{args.host}:{args.port}/v1 "
           f"({n} front-end processes{f', {len(keys)} API keys' if keys else ''})", file=sys.stderr, flush=True)
@@ -211,16 +218,21 @@ def _served_name(model: str) -> str:
 
 
 # ---------------------------------------------------------------- one front end
-def _frontend_main(index: int, args, keys: list[str], info: dict, engine_pid: int, in_addr: str, out_addr: str,
-                   sock: socket.socket, parent_pid: int) -> None:
+def _frontend_main(index: int, args, keys: list[str], conn, sock: socket.socket, parent_pid: int) -> None:
     from qkv.server.engine_process import _die_with_parent
 
     _die_with_parent(parent_pid)
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards it once
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="qkv-parent-watch").start()
+    import qkv.server.app  # noqa: F401  (the slow imports, while the engine loads the model)
     from qkv.server.cli import serve_app
     from qkv.server.remote_model import RemoteModel
 
+    try:
+        info, engine_pid, in_addr, out_addr = conn.recv()
+    except EOFError:  # the engine did not start: the supervisor says why
+        sys.exit(0)
+    conn.close()
     llm = RemoteModel(info, EngineHandle(engine_pid, in_addr, out_addr))
     sys.exit(serve_app(args, llm, keys, sockets=[sock], frontend=index))
 
