@@ -151,7 +151,7 @@ def test_greedy_streams_equal_offline_from_both_frontends(served, ref_llm):
     bodies = [{"prompt": CORPUS[i % 4], "max_tokens": 16, "temperature": 0, "ignore_eos": True} for i in range(8)]
     got = concurrently(stream, [(served.url, b) for b in bodies])
     fronts = {g[2] for g in got}
-    for _ in range(40):  # new connections land on whichever front end accepts first
+    for _ in range(40):  # the kernel hashes each new connection to one front end
         if fronts == {"0", "1"}:
             break
         r = httpx.post(served.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 1}, timeout=30)

@@ -2,14 +2,17 @@
 
     supervisor (the ``qkv serve`` process: binds the port, no HTTP)
       ├── engine process (engine_process.py, engine_core.py): one PULL + one PUSH socket per front end
-      └── front end i = 0..N-1: uvicorn + the app + its own EngineClient, serving the shared socket
+      └── front end i = 0..N-1: uvicorn + the app + its own EngineClient, serving listening socket i
 
-The supervisor binds the listening socket once and each front end serves that inherited socket
-(as uvicorn's own ``--workers`` does) rather than binding the port itself with SO_REUSEPORT:
-a port in use is reported once, before the model loads; no other process of the same user
-can bind the port next to ours and take a share of its connections; and the kernel hands a
-connection to whichever front end accepts first (an idle one), where SO_REUSEPORT's hash
-ignores how busy each one is.
+The supervisor binds N listening sockets on the port with SO_REUSEPORT, one per front end,
+before the model loads, and each front end serves its inherited socket: the kernel hashes
+each new connection to one of them, so connections spread evenly. One socket shared by all
+(uvicorn's ``--workers``) does not: asyncio's and libuv's accept loops take every pending
+connection on one wake-up, so a burst of keep-alive connections lands on one front end and
+stays there (64 streams over one client pool: 43/21, then 64/0 on the next round). A probe
+bind without SO_REUSEPORT first makes a port in use fail at once, even when the holder is
+another SO_REUSEPORT server (Linux lets only sockets of the same user join a group). Without
+SO_REUSEPORT (not Linux or BSD) the front ends share one socket.
 
 Front end ``i`` binds the ZeroMQ sockets ``in_addrs[i]``/``out_addrs[i]``; the engine knows a
 command's front end by the socket it came on and sends each front end only its requests'
@@ -121,7 +124,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
 
     n = args.api_server_count
     try:
-        sock = _bind(args.host, args.port)
+        socks = _bind(args.host, args.port, n)
     except OSError as e:
         print(f"qkv serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
@@ -134,12 +137,13 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
     for i in range(n):
         recv, send = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_frontend_main, name=f"qkv-frontend-{i}", daemon=False,
-                        args=(i, args, keys, recv, sock, os.getpid()))
+                        args=(i, args, keys, recv, socks[i % len(socks)], os.getpid()))
         p.start()
         recv.close()
         fronts.append(p)
         pipes.append(send)
-    sock.close()  # the front ends hold it now
+    for sock in socks:
+        sock.close()  # the front ends hold them now
     try:
         info = engine.start()
     except (ValueError, RuntimeError) as e:
@@ -204,11 +208,16 @@ def _signal_all(procs: list, sig: int) -> None:
             pass
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, n: int) -> list[socket.socket]:
+    """N listening sockets on ``host:port`` with SO_REUSEPORT, or one when the OS lacks it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.create_server((host, port), family=family, backlog=2048)  # SO_REUSEADDR on POSIX
-    sock.set_inheritable(True)
-    return sock
+    # SO_REUSEADDR on POSIX (create_server's default): a restart does not wait out TIME_WAIT.
+    probe = socket.create_server((host, port), family=family)  # EADDRINUSE whoever holds the port
+    if not hasattr(socket, "SO_REUSEPORT"):
+        probe.listen(2048)
+        return [probe]
+    probe.close()
+    return [socket.create_server((host, port), family=family, backlog=2048, reuse_port=True) for _ in range(n)]
 
 
 def _served_name(model: str) -> str:
