@@ -78,7 +78,7 @@ class EngineHandle:
     once the process has exited, zombie or reaped), else from /proc. ``stop`` is the
     supervisor's business: here it does nothing."""
 
-    exitcode = None  # not ours to reap
+    exitcode = "unknown"  # not our child: the supervisor reaps it and reports the status
 
     def __init__(self, pid: int, in_addr: str, out_addr: str):
         self.pid, self.in_addr, self.out_addr = pid, in_addr, out_addr
