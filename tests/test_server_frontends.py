@@ -145,6 +145,44 @@ def test_refused_flags(capsys):
     assert "drop --engine-in-process" in capsys.readouterr().err
 
 
+def test_engine_core_routes_to_the_owning_frontend(model_dir):
+    """In-process, on a real engine: each front end gets its own requests' outputs and
+    acknowledgements, cannot abort another's request, and the core stops once both said shutdown."""
+    from qkv import LLM, SamplingParams
+    from qkv.server import wire
+    from qkv.server.engine_core import EngineCore
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=96)
+    core = EngineCore(llm.engine, ["ipc://unused-in0", "ipc://unused-in1"], ["ipc://unused-out0", "ipc://unused-out1"])
+    sent = []
+    core._send_to = lambda i, msg, must=True: sent.append((i, msg))
+    params = wire.params_to_wire(SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    ids = llm.encode(CORPUS[0])
+    core._apply(["add", ["a"], [ids], params, None, None], 0)
+    core._apply(["add", ["b"], [ids], params, None, None], 1)
+    core._apply(["add", ["a"], [ids], params, None, None], 1)  # a clashing id: refused, to front end 1 only
+    assert sent[:2] == [(0, ["added", "a", None]), (1, ["added", "b", None])]
+    assert sent[2][0] == 1 and sent[2][1][:2] == ["added", "a"] and sent[2][1][2][0] == "ValueError"
+    per = core._entries(llm.engine.step())
+    assert [e[0] for e in per[0]] == ["a"] and [e[0] for e in per[1]] == ["b"]
+    core._apply(["abort", ["a"]], 1)  # front end 1 does not own "a"
+    assert "a" in core.live
+    core._apply(["abort", ["a"]], 0)
+    assert "a" not in core.live and "a" not in core.home
+    got = []
+    while llm.engine.has_unfinished():
+        per = core._entries(llm.engine.step())
+        assert per[0] == []
+        got += per[1]
+    assert len(got) == 5 and got[-1][3] == "length" and core.live == {} and core.home == {}
+    s = llm.engine.stats()
+    assert s["num_blocks_in_use"] == 0 and s["num_blocks_total"] == s["num_blocks_free"] + s["num_blocks_cached"]
+    core._apply(["shutdown"], 0)
+    assert not core.stopping
+    core._apply(["shutdown"], 1)
+    assert core.stopping
+
+
 def test_greedy_streams_equal_offline_from_both_frontends(served, ref_llm):
     from qkv import SamplingParams
 
