@@ -93,6 +93,8 @@ def served_name(model: str) -> str:
 
 
 def run(args) -> int:
+    import uvicorn  # noqa: F401  (a missing serve extra is named here, before the model loads)
+
     from qkv.server.tenants import read_keys
 
     try:
