@@ -143,6 +143,13 @@ def test_refused_flags(capsys):
     assert "--api-server-count must be at least 1" in capsys.readouterr().err
     assert main(["serve", "--model", "x", "--api-server-count", "2", "--engine-in-process"]) == 2
     assert "drop --engine-in-process" in capsys.readouterr().err
+    # A port already served, even by SO_REUSEPORT sockets we would otherwise join: refused before the model loads.
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0), reuse_port=True) as held:
+        port = held.getsockname()[1]
+        assert main(["serve", "--model", "x", "--api-server-count", "2", "--port", str(port)]) == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 def test_engine_core_routes_to_the_owning_frontend(model_dir):
