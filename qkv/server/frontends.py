@@ -233,7 +233,14 @@ def _frontend_main(index: int, args, keys: list[str], conn, sock: socket.socket,
     _die_with_parent(parent_pid)
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards it once
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True, name="qkv-parent-watch").start()
-    import qkv.server.app  # noqa: F401  (the slow imports, while the engine loads the model)
+    import itertools
+
+    import qkv.server.app  # the slow imports, while the engine loads the model
+
+    # app.py suffixes each engine request id with a per-process counter, so that clients may
+    # reuse an X-Request-Id; counting i, i + N, i + 2N, ... here keeps the ids unique across
+    # front ends too (the engine refuses a live id twice).
+    qkv.server.app._submissions = itertools.count(index, args.api_server_count)
     from qkv.server.cli import serve_app
     from qkv.server.remote_model import RemoteModel
 
