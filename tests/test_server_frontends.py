@@ -231,6 +231,27 @@ def test_disconnects_free_blocks(served):
         assert m["qkv_generation_tokens_total"] < 6 * 500  # the engine stopped long before 6 x 1000 tokens
 
 
+def test_a_reused_request_id_in_both_frontends(served):
+    """Clients may reuse an X-Request-Id: the engine ids stay unique across front ends."""
+    import qkv.server.app
+
+    if not hasattr(qkv.server.app, "_submissions"):
+        pytest.skip("needs app.py's unique engine request ids (wt-bughunt c4d0231)")
+
+    def one():
+        body = {"prompt": "hi", "max_tokens": 12, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, headers={"X-Request-Id": "same"},
+                          timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert r.status_code == 200 and not any("error" in c for c in chunks)
+        return r.headers[HEADER], chunks[-1]["usage"]["completion_tokens"]
+
+    got = concurrently(one, [()] * 16)
+    assert {g[1] for g in got} == {12}
+    assert {g[0] for g in got} == {"0", "1"}  # all 16 connections hashed to one front end: p = 2**-15
+
+
 def test_sigterm_drains_every_frontend_and_leaves_no_process(served):
     """Last on this server: open streams in the front ends end with an error event and
     [DONE], the supervisor exits and no front end or engine is left."""
