@@ -128,6 +128,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
     except OSError as e:
         print(f"qkv serve: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
+    port = socks[0].getsockname()[1]  # --port 0: the one the probe found
     _leave_a_core(args)
     engine = EngineProcess(functools.partial(engine_llm, args, extra), frontends=n)
     # The front ends start first and import what they need while the engine loads the model;
@@ -148,7 +149,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
         info = engine.start()
     except (ValueError, RuntimeError) as e:
         print(f"qkv serve: {e}", file=sys.stderr)
-        for p in fronts:  # they see the pipe close and leave
+        for p in fronts:  # nothing served yet: nothing to drain
             p.kill()
             p.join()
         return 2 if isinstance(e, ValueError) else 1
@@ -159,7 +160,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
         send.send((info, engine.pid, engine.in_addrs[i], engine.out_addrs[i]))
         send.close()
     name = args.served_model_name or _served_name(args.model)
-    print(f"qkv serve: {name} ({info['source']}) on http://{args.host}:{args.port}/v1 "
+    print(f"qkv serve: {name} ({info['source']}) on http://{args.host}:{port}/v1 "
           f"({n} front-end processes{f', {len(keys)} API keys' if keys else ''})", file=sys.stderr, flush=True)
     return _supervise(engine, fronts, signals)
 
@@ -216,6 +217,7 @@ def _bind(host: str, port: int, n: int) -> list[socket.socket]:
     if not hasattr(socket, "SO_REUSEPORT"):
         probe.listen(2048)
         return [probe]
+    port = probe.getsockname()[1]
     probe.close()
     return [socket.create_server((host, port), family=family, backlog=2048, reuse_port=True) for _ in range(n)]
 
