@@ -11,6 +11,12 @@ parameter's pieces.
 
 The result equals the eager path bit for bit: the same transforms and concatenations, and
 casting a float32 value to the dtype once (``tests/test_materialize.py``).
+
+With a CPU ``quantization`` (int8, int4: model/quant.py) each linear's weight is rounded as
+soon as it is read, block of rows by block of rows, and its float copy dropped: the float
+model is never whole in memory, so the peak is about the rounded weights plus one
+parameter's float pieces (SmolLM2 int8: 845 MB before, see docs/benchmarks.md). The layers
+equal those rounded from the whole float model bit for bit (``tests/test_quant_chunked.py``).
 """
 
 from __future__ import annotations
@@ -69,28 +75,39 @@ def parameters_on_meta():
             setattr(nn.init, name, init)
 
 
-def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype) -> CausalLM:
+def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype,
+          quantization: str | None = None) -> CausalLM:
     """The model of ``config`` on the CPU in ``dtype``, its weights read one at a time;
-    ``weights=None`` or a model with its own ``load_weights``: built the eager way."""
+    ``weights=None`` or a model with its own ``load_weights``: built the eager way.
+    ``quantization`` (model/quant.py's METHODS): its linears rounded, each as it is read."""
     from qkv.model import build_model
+    from qkv.model.quant import check, quantize
 
+    cpu = torch.device("cpu")
+    if quantization:
+        check(quantization, cpu)  # refused by name before anything is read
     if weights is not None:
         with parameters_on_meta():
             model = build_model(config, groups)
         if supported(model):
-            materialize(model, weights, dtype)
-            return model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
+            materialize(model, weights, dtype, quantization)
+            model = model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
+            return quantize(model, quantization, cpu) if quantization else model
     model = build_model(config, groups)
     if weights is not None:
         model.load_weights(weights)
-    return model.to(dtype)
+    model = model.to(dtype)
+    return quantize(model, quantization, cpu) if quantization else model
 
 
 @torch.no_grad()
-def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype) -> None:
+def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype, quantization: str | None = None) -> None:
     """Put every meta parameter of ``model`` from ``weights`` (HF names, as ``load_weights``
     takes them), read in ``dtype``, one parameter at a time. WeightError, as
-    ``load_weights``, for an unexpected weight, a wrong shape or a missing parameter."""
+    ``load_weights``, for an unexpected weight, a wrong shape or a missing parameter.
+    ``quantization`` "int8"/"int4": an nn.Linear's weight is rounded as read and kept on the
+    module (model/quant.py's ROUNDED), its parameter left on meta for ``quantize`` to swap."""
+    rounding = quantization in ("int8", "int4")
     params = dict(model.named_parameters())
     plan: dict[str, dict[int, str]] = {}  # our parameter -> {shard index: HF name}
     for name in weights:
@@ -110,18 +127,24 @@ def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype) -> None:
     torch.set_num_threads(1)
     try:
         for ours, names in plan.items():
-            _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots)
+            _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots,
+                 quantization if rounding else None)
     finally:
         torch.set_num_threads(threads)
     if model.config.tie_word_embeddings and "lm_head.weight" not in plan and "lm_head.weight" in params:
         model.lm_head.weight = model.embedding_weight()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    from qkv.model.quant import ROUNDED
+
+    rounded = {f"{n}.weight" for n, m in model.named_modules() if ROUNDED in m.__dict__}
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in rounded]
     if missing:
         raise WeightError(f"weights missing for {len(missing)} parameters, e.g. {missing[:4]}")
 
 
-def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict) -> None:
-    """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``."""
+def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict,
+         quantization: str | None = None) -> None:
+    """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``;
+    with ``quantization``, a linear's weight is rounded instead (``materialize``)."""
     source = names.get(-1, ours)
     if p is None:
         raise WeightError(f"unexpected weight {source!r} (no parameter {ours!r})")
@@ -130,8 +153,17 @@ def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[
     del pieces
     if tuple(p.shape) != tuple(w.shape):
         raise WeightError(f"weight {source!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+    holders = slots[id(p)]
+    if quantization and len(holders) == 1 and holders[0][1] == "weight" and isinstance(holders[0][0], nn.Linear):
+        from qkv.model.quant import ROUNDED, quantize_weight
+
+        linear = holders[0][0]
+        linear.__dict__[ROUNDED] = quantize_weight(quantization, ours.split(".")[-2], linear, w)
+        del w
+        _trim()
+        return
     new = nn.Parameter(w.contiguous(), requires_grad=p.requires_grad)
-    for module, attr in slots[id(p)]:
+    for module, attr in holders:
         module._parameters[attr] = new
     del w, new
     _trim()
