@@ -49,7 +49,8 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     step = rows_per_chunk(k)
     for r in range(0, n, step):
         c = w[r : r + step].to(torch.float32, copy=True)  # a copy: the in-place ops below
-        s = (c.abs().amax(dim=1) / 127).clamp_(min=1e-12)
+        lo, hi = c.aminmax(dim=1)  # max|w| without an |w| copy: the same value, exactly
+        s = (torch.maximum(hi, lo.neg_()) / 127).clamp_(min=1e-12)
         q[r : r + step] = c.div_(s[:, None]).round_().clamp_(-127, 127)
         scale[r : r + step] = s
     return q, scale.to(w.dtype)
