@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkv.model.quant import rows_per_chunk
+
 GROUP = 32
 
 
@@ -39,8 +41,6 @@ def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (packed int4 weight, scales_and_zeros [K/32, N, 2] bf16) for the kernel,
     which computes ``(q - 8) * scale + zero``; zero is therefore ``min + 8 * scale``. Block of
     rows by block of rows; ``w`` is not modified."""
-    from qkv.model.quant import rows_per_chunk
-
     n, k = w.shape
     step = rows_per_chunk(k, TILE_ROWS)
     if step >= n:
@@ -53,6 +53,26 @@ def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             scales_zeros = torch.empty((sz.shape[0], n, 2), dtype=sz.dtype)
         packed[r : r + step] = p
         scales_zeros[:, r : r + step] = sz
+    return packed, scales_zeros
+
+
+@torch.no_grad()
+def pack_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks (loading/gguf_dequant.py's ``read_q4_1``: codes uint8 [N, K], d and m
+    [N, K/32]; ``w = codes * d + m``) -> ``pack``'s result, keeping the file's codes: only d
+    and m are rounded (float16 to bf16, the kernel's scale and min), where re-rounding the
+    dequantized weight would also move codes by one; and no float copy of the weight."""
+    n, k = codes.shape
+    step = rows_per_chunk(k, TILE_ROWS)
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales_zeros = torch.empty(k // GROUP, n, 2, dtype=torch.bfloat16)
+    for r in range(0, n, step):
+        scale = d[r : r + step].to(torch.bfloat16).float()
+        lo = m[r : r + step].to(torch.bfloat16).float()
+        zero = lo + 8 * scale  # as _pack: the kernel computes (q - 8) * scale + zero
+        scales_zeros[:, r : r + step] = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
+        q = codes[r : r + step].to(torch.int32)
+        packed[r : r + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
     return packed, scales_zeros
 
 

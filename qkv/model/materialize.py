@@ -142,6 +142,30 @@ def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype, quantizat
         raise WeightError(f"weights missing for {len(missing)} parameters, e.g. {missing[:4]}")
 
 
+def _from_q4_1(model, weights: Mapping, p, ours: str, names: dict[int, str], holders: list) -> bool:
+    """Round linear weight ``ours`` to int4 straight from the file's Q4_1 blocks, keeping its
+    codes (model/int4.py's ``pack_q4_1``), when every piece is stored so and the model takes
+    them unchanged; False (nothing read) otherwise."""
+    from qkv.loading.lazy import LazyWeights
+    from qkv.model.int4 import pack_q4_1
+    from qkv.model.quant import ROUNDED, uses_int4
+
+    if not (isinstance(weights, LazyWeights) and len(holders) == 1 and holders[0][1] == "weight"
+            and isinstance(holders[0][0], nn.Linear) and type(model).transform is CausalLM.transform):
+        return False
+    linear = holders[0][0]
+    if not uses_int4("int4", ours.split(".")[-2], linear) or not all(weights.has_q4_1(n) for n in names.values()):
+        return False
+    blocks = [weights.q4_1(names[i]) for i in sorted(names)]
+    codes, d, m = (torch.cat(parts, 0) if len(parts) > 1 else parts[0] for parts in zip(*blocks))
+    del blocks
+    if tuple(codes.shape) != tuple(p.shape):
+        raise WeightError(f"weight {names.get(-1, ours)!r} has shape {tuple(codes.shape)}, expected {tuple(p.shape)}")
+    linear.__dict__[ROUNDED] = ("int4", *pack_q4_1(codes, d, m))
+    _trim(codes.numel() * 3)
+    return True
+
+
 def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict,
          quantization: str | None = None) -> None:
     """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``;
@@ -149,6 +173,8 @@ def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[
     source = names.get(-1, ours)
     if p is None:
         raise WeightError(f"unexpected weight {source!r} (no parameter {ours!r})")
+    if quantization == "int4" and _from_q4_1(model, weights, p, ours, names, slots[id(p)]):
+        return
     pieces = [model.transform(names[i], read_as(weights, names[i], dtype)) for i in sorted(names)]
     w = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
     del pieces
