@@ -10,6 +10,11 @@ The rounding is asymmetric per group of 32 along the input dimension, ``w ≈ q 
 with q in 0..15: the layout of GGUF's Q4_1 and of Q4_K's sub-blocks, so weights that came
 from such a file are recovered up to the bf16 rounding of scale and min.
 
+A GGUF tensor stored as Q4_1 (SmolLM2's layers) is not dequantized and re-rounded:
+``pack_q4_1`` keeps the file's 4-bit codes and rounds only its float16 scale and min to bf16
+(perplexity 14.9493 against 14.9459 re-rounded and 14.9370 in float32: docs/benchmarks.md),
+and start-up skips a float copy and a rounding pass of every layer.
+
 ``pack`` works in blocks of rows (a multiple of the kernel's 64-row tiles; model/quant.py's
 ``rows_per_chunk``), so no float32 or int32 copy of a whole matrix is held; the blocks are
 packed and concatenated, equal to packing the whole matrix bit for bit

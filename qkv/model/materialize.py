@@ -92,12 +92,28 @@ def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype
         if supported(model):
             materialize(model, weights, dtype, quantization)
             model = model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
-            return quantize(model, quantization, cpu) if quantization else model
+            if quantization:
+                with one_thread():  # what is left to round (a tied lm_head) in blocks of a few MB
+                    quantize(model, quantization, cpu)
+            return model
     model = build_model(config, groups)
     if weights is not None:
         model.load_weights(weights)
     model = model.to(dtype)
     return quantize(model, quantization, cpu) if quantization else model
+
+
+@contextmanager
+def one_thread():
+    """One intra-op thread inside. Each copy, cast or rounding here is a few MB and memory-bound:
+    a second thread only adds a barrier per op, and on a busy machine it made SmolLM2's
+    copies and concatenations ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
@@ -121,16 +137,12 @@ def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype, quantizat
         else:
             plan.setdefault(ours, {})[-1] = name
     slots = _slots(model)
-    threads = torch.get_num_threads()
-    # Each copy is a few MB and memory-bound: a second intra-op thread only adds a barrier
-    # per op, and on a busy machine it made SmolLM2's copies and concatenations ~10x slower.
-    torch.set_num_threads(1)
     try:
-        for ours, names in plan.items():
-            _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots,
-                 quantization if rounding else None)
+        with one_thread():
+            for ours, names in plan.items():
+                _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots,
+                     quantization if rounding else None)
     finally:
-        torch.set_num_threads(threads)
         _trim(force=True)
     if model.config.tie_word_embeddings and "lm_head.weight" not in plan and "lm_head.weight" in params:
         model.lm_head.weight = model.embedding_weight()
