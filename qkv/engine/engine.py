@@ -120,8 +120,11 @@ class LLMEngine:
         else:  # parameters on meta, then filled one at a time in the dtype: no fp32 copy of the model
             from qkv.model.materialize import build
 
-            model = build(config, groups, weights, self.dtype)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+            # in the dtype, linears rounded as they are read: no cast after (int4's scales stay bf16)
+            model, quantization = build(config, groups, weights, self.dtype, quantization), None
+        if self.tp is not None or on_gpu:
+            model = model.to(device=self.device, dtype=self.dtype)
+        self.model = model.eval()
         if quantization:
             from qkv.model.quant import quantize
 

@@ -20,7 +20,7 @@ import torch
 from qkv.config import ConfigError, ModelConfig
 
 from .errors import LoadError
-from .gguf_dequant import needs_whole, read_tensor, unpermute
+from .gguf_dequant import needs_whole, read_q4_1, read_tensor, unpermute
 from .lazy import LazyWeights
 from .tokenizer import ChatTemplateError, Tokenizer
 
@@ -352,7 +352,7 @@ def lazy_weights(tensors: list[TensorInfo], arch: str, cfg: ModelConfig, path: s
     from gguf.quants import _type_traits
 
     readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
-    readers, shapes = {}, {}
+    readers, shapes, q4_1 = {}, {}, {}
     for t in tensors:
         if t.name in _IGNORED:
             continue
@@ -364,7 +364,9 @@ def lazy_weights(tensors: list[TensorInfo], arch: str, cfg: ModelConfig, path: s
                             f"does not implement {t.qtype.name}")
         readers[hf] = partial(read_tensor, t, arch, cfg.num_heads, cfg.num_kv_heads, path)
         shapes[hf] = tuple(reversed(t.shape)) if needs_whole(t.name, arch) and arch == "gpt2" else tuple(t.shape)
-    return LazyWeights(readers, shapes)
+        if t.qtype == GGMLQuantizationType.Q4_1 and len(t.shape) == 2 and arch != "gpt2":  # gpt2's are transposed
+            q4_1[hf] = partial(read_q4_1, t, arch, cfg.num_heads, cfg.num_kv_heads)
+    return LazyWeights(readers, shapes, q4_1)
 
 
 def _convert(t: TensorInfo, arch: str, cfg: ModelConfig, path: str) -> torch.Tensor:

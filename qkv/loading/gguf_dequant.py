@@ -57,6 +57,25 @@ def read_tensor(t, arch: str, num_heads: int, num_kv_heads: int, path: str, dtyp
     return out
 
 
+def read_q4_1(t, arch: str, num_heads: int, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_1 tensor ``t`` [N, K] as its blocks, rows in HF's order: (codes uint8 [N, K] in
+    0..15, scale d float16 [N, K/32], min m float16 [N, K/32]), ``w = codes * d + m`` per group
+    of 32 along K. For int4 weights that keep the file's codes (model/int4.py's
+    ``pack_q4_1``): no float copy. llama's Q/K rows are permuted back as ``unpermute`` does."""
+    n, k = t.shape
+    b = torch.from_numpy(np.array(_plain(t.data))).view(n, k // 32, 20)
+    d, m = b[..., 0:2].contiguous().view(torch.float16)[..., 0], b[..., 2:4].contiguous().view(torch.float16)[..., 0]
+    qs = b[..., 4:]
+    codes = torch.cat([qs & 0x0F, qs >> 4], dim=-1).view(n, k)  # ggml's order: low nibbles, then high
+    del b, qs
+    kind = t.name.split(".")[-2] if "." in t.name else t.name
+    if arch == "llama" and kind in ("attn_q", "attn_k"):
+        rows = torch.from_numpy(unpermute(np.arange(n), num_heads if kind == "attn_q" else num_kv_heads))
+        codes, d, m = codes[rows], d[rows], m[rows]
+    release(t.data)
+    return codes, d, m
+
+
 def release(data: np.ndarray) -> None:
     """Drop the file pages under ``data`` (a view of an ``np.memmap``) from this process's
     resident set once read: they stay in the page cache, but no longer count toward the

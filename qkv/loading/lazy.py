@@ -21,9 +21,21 @@ Reader = Callable[[torch.dtype], torch.Tensor]
 
 
 class LazyWeights(Mapping):
-    def __init__(self, readers: dict[str, Reader], shapes: dict[str, tuple[int, ...]] | None = None):
+    def __init__(self, readers: dict[str, Reader], shapes: dict[str, tuple[int, ...]] | None = None,
+                 q4_1: dict[str, Callable[[], tuple]] | None = None):
         self._readers = readers
         self._shapes = shapes or {}
+        self._q4_1 = q4_1 or {}
+
+    def has_q4_1(self, name: str) -> bool:
+        """Whether ``q4_1(name)`` reads the tensor's blocks (the file stores it as Q4_1)."""
+        return name in self._q4_1
+
+    def q4_1(self, name: str) -> tuple | None:
+        """Tensor ``name`` as GGUF Q4_1 blocks, (codes uint8 [N, K], d, m float16 [N, K/32]),
+        read now; None unless the file stores it so (loading/gguf_dequant.py's ``read_q4_1``)."""
+        reader = self._q4_1.get(name)
+        return None if reader is None else reader()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.read(name, torch.float32)

@@ -13,6 +13,8 @@ The rule (the default of ``LLM`` and every command's ``--quantization``):
 - anything else (Whisper's CTranslate2 directory, a GPU, an explicit ``dtype``, tensor
   parallelism) -> none: the weights run as given, float32 on the CPU.
 
+A Q4_1 tensor keeps its own 4-bit codes under int4 (model/int4.py's ``pack_q4_1``); every
+other tensor is read as bf16 and rounded as it is read (model/materialize.py).
 With int4 and int8 the output projection (lm_head) is int8: the logits are the layer most
 sensitive to rounding, and the GGUF files keep their embedding at 6-8 bits anyway. The
 activations of every quantized class are bfloat16 (engine/dtype.py).

@@ -9,12 +9,24 @@ packed by ``_convert_weight_to_int4pack_for_cpu``; activations are bf16.
 The rounding is asymmetric per group of 32 along the input dimension, ``w ≈ q * scale + min``
 with q in 0..15: the layout of GGUF's Q4_1 and of Q4_K's sub-blocks, so weights that came
 from such a file are recovered up to the bf16 rounding of scale and min.
+
+A GGUF tensor stored as Q4_1 (SmolLM2's layers) is not dequantized and re-rounded:
+``pack_q4_1`` keeps the file's 4-bit codes and rounds only its float16 scale and min to bf16
+(perplexity 14.9493 against 14.9459 re-rounded and 14.9370 in float32: docs/benchmarks.md),
+and start-up skips a float copy and a rounding pass of every layer.
+
+``pack`` works in blocks of rows (a multiple of the kernel's 64-row tiles; model/quant.py's
+``rows_per_chunk``), so no float32 or int32 copy of a whole matrix is held; the blocks are
+packed and concatenated, equal to packing the whole matrix bit for bit
+(tests/test_quant_chunked.py).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from qkv.model.quant import rows_per_chunk
 
 GROUP = 32
 
@@ -24,9 +36,52 @@ def supports(linear: nn.Linear) -> bool:
     return linear.in_features % GROUP == 0
 
 
+# Rows the packing interleaves together (ATen's _convert_weight_to_int4pack_for_cpu): blocks
+# of whole tiles pack as the whole matrix does.
+TILE_ROWS = 64
+
+
+@torch.no_grad()
 def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w [N, K] float -> (packed int4 weight, scales_and_zeros [K/32, N, 2] bf16) for the kernel,
-    which computes ``(q - 8) * scale + zero``; zero is therefore ``min + 8 * scale``."""
+    which computes ``(q - 8) * scale + zero``; zero is therefore ``min + 8 * scale``. Block of
+    rows by block of rows; ``w`` is not modified."""
+    n, k = w.shape
+    step = rows_per_chunk(k, TILE_ROWS)
+    if step >= n:
+        return _pack(w)
+    packed = scales_zeros = None
+    for r in range(0, n, step):
+        p, sz = _pack(w[r : r + step])
+        if packed is None:  # the kernel's packed layout: [N, K/2] uint8 on this torch
+            packed = torch.empty((n, *p.shape[1:]), dtype=p.dtype)
+            scales_zeros = torch.empty((sz.shape[0], n, 2), dtype=sz.dtype)
+        packed[r : r + step] = p
+        scales_zeros[:, r : r + step] = sz
+    return packed, scales_zeros
+
+
+@torch.no_grad()
+def pack_q4_1(codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 blocks (loading/gguf_dequant.py's ``read_q4_1``: codes uint8 [N, K], d and m
+    [N, K/32]; ``w = codes * d + m``) -> ``pack``'s result, keeping the file's codes: only d
+    and m are rounded (float16 to bf16, the kernel's scale and min), where re-rounding the
+    dequantized weight would also move codes by one; and no float copy of the weight."""
+    n, k = codes.shape
+    step = rows_per_chunk(k, TILE_ROWS)
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scales_zeros = torch.empty(k // GROUP, n, 2, dtype=torch.bfloat16)
+    for r in range(0, n, step):
+        scale = d[r : r + step].to(torch.bfloat16).float()
+        lo = m[r : r + step].to(torch.bfloat16).float()
+        zero = lo + 8 * scale  # as _pack: the kernel computes (q - 8) * scale + zero
+        scales_zeros[:, r : r + step] = torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16)
+        q = codes[r : r + step].to(torch.int32)
+        packed[r : r + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    return packed, scales_zeros
+
+
+def _pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = w.shape
     g = w.float().reshape(n, k // GROUP, GROUP)
     lo, hi = g.amin(-1), g.amax(-1)
@@ -42,15 +97,19 @@ def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int4Linear(nn.Module):
     """``y = x @ dequant(w_int4)^T + b``; x is computed in bf16 (cast in and out if it is not)."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | None = None, *, parts: tuple | None = None, bias=None):
+        """From ``linear`` (its weight packed now), or from ``parts``, ``pack``'s result, and
+        ``bias`` (a tensor or None)."""
         super().__init__()
-        if not supports(linear):
-            raise ValueError(f"int4 weights need in_features divisible by {GROUP}, got {linear.in_features}")
-        packed, scales_zeros = pack(linear.weight.detach())
+        if linear is not None:
+            if not supports(linear):
+                raise ValueError(f"int4 weights need in_features divisible by {GROUP}, got {linear.in_features}")
+            parts, bias = pack(linear.weight.detach()), linear.bias
+        packed, scales_zeros = parts
         self.register_buffer("weight_int4", packed)
         self.register_buffer("scales_zeros", scales_zeros)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16))
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(torch.bfloat16))
+        self.out_features, self.in_features = scales_zeros.shape[1], scales_zeros.shape[0] * GROUP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype

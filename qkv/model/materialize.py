@@ -11,6 +11,12 @@ parameter's pieces.
 
 The result equals the eager path bit for bit: the same transforms and concatenations, and
 casting a float32 value to the dtype once (``tests/test_materialize.py``).
+
+With a CPU ``quantization`` (int8, int4: model/quant.py) each linear's weight is rounded as
+soon as it is read, block of rows by block of rows, and its float copy dropped: the float
+model is never whole in memory, so the peak is about the rounded weights plus one
+parameter's float pieces (SmolLM2 int8: 845 MB before, see docs/benchmarks.md). The layers
+equal those rounded from the whole float model bit for bit (``tests/test_quant_chunked.py``).
 """
 
 from __future__ import annotations
@@ -69,28 +75,55 @@ def parameters_on_meta():
             setattr(nn.init, name, init)
 
 
-def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype) -> CausalLM:
+def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype,
+          quantization: str | None = None) -> CausalLM:
     """The model of ``config`` on the CPU in ``dtype``, its weights read one at a time;
-    ``weights=None`` or a model with its own ``load_weights``: built the eager way."""
+    ``weights=None`` or a model with its own ``load_weights``: built the eager way.
+    ``quantization`` (model/quant.py's METHODS): its linears rounded, each as it is read."""
     from qkv.model import build_model
+    from qkv.model.quant import check, quantize
 
+    cpu = torch.device("cpu")
+    if quantization:
+        check(quantization, cpu)  # refused by name before anything is read
     if weights is not None:
         with parameters_on_meta():
             model = build_model(config, groups)
         if supported(model):
-            materialize(model, weights, dtype)
-            return model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
+            materialize(model, weights, dtype, quantization)
+            model = model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
+            if quantization:
+                with one_thread():  # what is left to round (a tied lm_head) in blocks of a few MB
+                    quantize(model, quantization, cpu)
+            return model
     model = build_model(config, groups)
     if weights is not None:
         model.load_weights(weights)
-    return model.to(dtype)
+    model = model.to(dtype)
+    return quantize(model, quantization, cpu) if quantization else model
+
+
+@contextmanager
+def one_thread():
+    """One intra-op thread inside. Each copy, cast or rounding here is a few MB and memory-bound:
+    a second thread only adds a barrier per op, and on a busy machine it made SmolLM2's
+    copies and concatenations ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
-def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype) -> None:
+def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype, quantization: str | None = None) -> None:
     """Put every meta parameter of ``model`` from ``weights`` (HF names, as ``load_weights``
     takes them), read in ``dtype``, one parameter at a time. WeightError, as
-    ``load_weights``, for an unexpected weight, a wrong shape or a missing parameter."""
+    ``load_weights``, for an unexpected weight, a wrong shape or a missing parameter.
+    ``quantization`` "int8"/"int4": an nn.Linear's weight is rounded as read and kept on the
+    module (model/quant.py's ROUNDED), its parameter left on meta for ``quantize`` to swap."""
+    rounding = quantization in ("int8", "int4")
     params = dict(model.named_parameters())
     plan: dict[str, dict[int, str]] = {}  # our parameter -> {shard index: HF name}
     for name in weights:
@@ -104,46 +137,95 @@ def materialize(model: CausalLM, weights: Mapping, dtype: torch.dtype) -> None:
         else:
             plan.setdefault(ours, {})[-1] = name
     slots = _slots(model)
-    threads = torch.get_num_threads()
-    # Each copy is a few MB and memory-bound: a second intra-op thread only adds a barrier
-    # per op, and on a busy machine it made SmolLM2's copies and concatenations ~10x slower.
-    torch.set_num_threads(1)
     try:
-        for ours, names in plan.items():
-            _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots)
+        with one_thread():
+            for ours, names in plan.items():
+                _put(model, weights, dtype, params[ours] if ours in params else None, ours, names, slots,
+                     quantization if rounding else None)
     finally:
-        torch.set_num_threads(threads)
+        _trim(force=True)
     if model.config.tie_word_embeddings and "lm_head.weight" not in plan and "lm_head.weight" in params:
         model.lm_head.weight = model.embedding_weight()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    from qkv.model.quant import ROUNDED
+
+    rounded = {f"{n}.weight" for n, m in model.named_modules() if ROUNDED in m.__dict__}
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in rounded]
     if missing:
         raise WeightError(f"weights missing for {len(missing)} parameters, e.g. {missing[:4]}")
 
 
-def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict) -> None:
-    """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``."""
+def _from_q4_1(model, weights: Mapping, p, ours: str, names: dict[int, str], holders: list) -> bool:
+    """Round linear weight ``ours`` to int4 straight from the file's Q4_1 blocks, keeping its
+    codes (model/int4.py's ``pack_q4_1``), when every piece is stored so and the model takes
+    them unchanged; False (nothing read) otherwise."""
+    from qkv.loading.lazy import LazyWeights
+    from qkv.model.int4 import pack_q4_1
+    from qkv.model.quant import ROUNDED, uses_int4
+
+    if not (isinstance(weights, LazyWeights) and len(holders) == 1 and holders[0][1] == "weight"
+            and isinstance(holders[0][0], nn.Linear) and type(model).transform is CausalLM.transform):
+        return False
+    linear = holders[0][0]
+    if not uses_int4("int4", ours.split(".")[-2], linear) or not all(weights.has_q4_1(n) for n in names.values()):
+        return False
+    blocks = [weights.q4_1(names[i]) for i in sorted(names)]
+    codes, d, m = (torch.cat(parts, 0) if len(parts) > 1 else parts[0] for parts in zip(*blocks))
+    del blocks
+    if tuple(codes.shape) != tuple(p.shape):
+        raise WeightError(f"weight {names.get(-1, ours)!r} has shape {tuple(codes.shape)}, expected {tuple(p.shape)}")
+    linear.__dict__[ROUNDED] = ("int4", *pack_q4_1(codes, d, m))
+    _trim(codes.numel() * 3)
+    return True
+
+
+def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict,
+         quantization: str | None = None) -> None:
+    """Read parameter ``ours`` (its pieces fused) and put it in place of meta parameter ``p``;
+    with ``quantization``, a linear's weight is rounded instead (``materialize``)."""
     source = names.get(-1, ours)
     if p is None:
         raise WeightError(f"unexpected weight {source!r} (no parameter {ours!r})")
+    if quantization == "int4" and _from_q4_1(model, weights, p, ours, names, slots[id(p)]):
+        return
     pieces = [model.transform(names[i], read_as(weights, names[i], dtype)) for i in sorted(names)]
     w = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 0)
     del pieces
     if tuple(p.shape) != tuple(w.shape):
         raise WeightError(f"weight {source!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
+    holders = slots[id(p)]
+    if quantization and len(holders) == 1 and holders[0][1] == "weight" and isinstance(holders[0][0], nn.Linear):
+        from qkv.model.quant import ROUNDED, quantize_weight
+
+        linear = holders[0][0]
+        linear.__dict__[ROUNDED] = quantize_weight(quantization, ours.split(".")[-2], linear, w)
+        nbytes = w.numel() * w.element_size() * 3  # the pieces, their concatenation, the rounding's scratch
+        del w
+        _trim(nbytes)
+        return
     new = nn.Parameter(w.contiguous(), requires_grad=p.requires_grad)
-    for module, attr in slots[id(p)]:
+    for module, attr in holders:
         module._parameters[attr] = new
+    _trim(w.numel() * w.element_size() * 2)  # the pieces and their concatenation
     del w, new
-    _trim()
 
 
-def _trim() -> None:
-    """Give the freed scratch of the last read back to the OS. glibc keeps freed blocks of a
+# Scratch freed between two trims: each ``malloc_trim`` walks the whole heap (182 calls were
+# 0.15-0.4 s of SmolLM2's start-up), so it runs once this much has been freed, and at the end.
+TRIM_BYTES = 8 << 20
+_freed = 0
+
+
+def _trim(nbytes: int = 0, force: bool = False) -> None:
+    """Give the freed scratch of the last reads back to the OS. glibc keeps freed blocks of a
     few MB in its heap, between the parameters allocated after them, so without this the
     scratch of 272 reads stayed resident: SmolLM2 bf16 ended its build 60-90 MB above its
-    weights, varying from run to run. ``malloc_trim`` returns free pages anywhere in the heap."""
-    if _LIBC is not None:
+    weights, varying from run to run. ``malloc_trim`` returns free pages anywhere in the heap;
+    it runs once ``TRIM_BYTES`` have been freed (``nbytes`` at a time), or with ``force``."""
+    global _freed
+    _freed += nbytes
+    if _LIBC is not None and (force or _freed >= TRIM_BYTES):
         _LIBC.malloc_trim(0)
+        _freed = 0
 
 
 def _glibc():

@@ -10,6 +10,14 @@ activations. `qkv perplexity --quantization int8` measures what the rounding cos
 ``quantize`` also applies the other CPU weight formats: "int4" (model/int4.py; the lm_head
 int8) and "bf16" (nothing to swap: the engine casts the model). Which one "auto" picks:
 model/cpu_format.py.
+
+Memory: a weight is rounded in blocks of rows (``rows_per_chunk``), each block widened to
+float32, scaled and written into the int8 result, so no float32 copy of a whole matrix is
+ever held (SmolLM2's tied 49,152 x 576 lm_head was 113 MB of float32 per temporary). Every
+step is per row, so the result is the whole-matrix rounding bit for bit
+(tests/test_quant_chunked.py). On the CPU load path (model/materialize.py) each linear's
+weight is rounded as it is read from the file and its float copy dropped at once, so the
+float model is never whole in memory; ``quantize`` then swaps in the layers.
 """
 
 from __future__ import annotations
@@ -19,18 +27,49 @@ from torch import nn
 
 METHODS = ("int4", "int8", "bf16")
 
+# float32 scratch of one block of rows: small next to any weight worth quantizing, large
+# enough that the per-block Python costs nothing (SmolLM2's lm_head: 28 blocks).
+CHUNK_BYTES = 4 << 20
+
+
+def rows_per_chunk(in_features: int, multiple: int = 1) -> int:
+    """Rows of a [N, in_features] weight rounded per block: CHUNK_BYTES of float32, at least
+    ``multiple`` and a multiple of it."""
+    rows = CHUNK_BYTES // (4 * max(in_features, 1))
+    return max(multiple, rows // multiple * multiple)
+
+
+@torch.no_grad()
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (int8 [N, K], scale [N] in w's dtype), ``scale[o] = max|w[o, :]| / 127``
+    rounded in float32, block of rows by block of rows (``w`` is not modified)."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    step = rows_per_chunk(k)
+    for r in range(0, n, step):
+        c = w[r : r + step].to(torch.float32, copy=True)  # a copy: the in-place ops below
+        lo, hi = c.aminmax(dim=1)  # max|w| without an |w| copy: the same value, exactly
+        s = (torch.maximum(hi, lo.neg_()) / 127).clamp_(min=1e-12)
+        q[r : r + step] = c.div_(s[:, None]).round_().clamp_(-127, 127)
+        scale[r : r + step] = s
+    return q, scale.to(w.dtype)
+
 
 class Int8Linear(nn.Module):
     """``y = x @ (w_int8 * scale)^T + b``, with ``scale[o] = max|w[o, :]| / 127``."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear | None = None, *, parts: tuple | None = None, bias=None):
+        """From ``linear`` (its weight rounded now), or from ``parts``, ``quantize_int8``'s
+        result, and ``bias`` (a tensor or None)."""
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)
-        self.register_buffer("weight_int8", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scale", scale.to(linear.weight.dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if linear is not None:
+            parts, bias = quantize_int8(linear.weight.detach()), linear.bias
+        q, scale = parts
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scale", scale)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.out_features, self.in_features = q.shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -39,20 +78,50 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def quantize(model: nn.Module, method: str, device: torch.device) -> nn.Module:
-    """Replace every nn.Linear of ``model`` in place (a tied lm_head gets its own int8 copy).
-    "int4": int4 where the shape allows (model/int4.py), int8 for the lm_head and the rest."""
+def check(method: str, device: torch.device) -> None:
+    """ValueError for an unknown method or a device other than the CPU."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r} (have: {', '.join(METHODS)})")
     if device.type != "cpu":
         raise ValueError(f"quantization={method!r} is the CPU decode path; on a GPU use bfloat16")
+
+
+def uses_int4(method: str, name: str, linear: nn.Linear) -> bool:
+    """Whether ``method`` puts the linear ``name`` (its attribute name) in int4."""
+    from qkv.model.int4 import supports
+
+    return method == "int4" and name != "lm_head" and supports(linear)
+
+
+def quantize_weight(method: str, name: str, linear: nn.Linear, w: torch.Tensor) -> tuple:
+    """The rounded form of weight ``w`` of ``linear`` (attribute ``name``) under ``method``:
+    what ``quantize`` builds the layer from (model/materialize.py calls it as it reads)."""
+    if uses_int4(method, name, linear):
+        from qkv.model.int4 import pack
+
+        return ("int4", *pack(w))
+    return ("int8", *quantize_int8(w))
+
+
+# Attribute of an nn.Linear whose weight was rounded as it was read (its parameter left on
+# meta): quantize_weight's result. A plain attribute, so ``Module.to`` does not cast it.
+ROUNDED = "_qkv_rounded"
+
+
+def quantize(model: nn.Module, method: str, device: torch.device) -> nn.Module:
+    """Replace every nn.Linear of ``model`` in place (a tied lm_head gets its own int8 copy).
+    "int4": int4 where the shape allows (model/int4.py), int8 for the lm_head and the rest.
+    A linear whose weight was already rounded on load (``ROUNDED``) is built from that."""
+    check(method, device)
     if method == "bf16":
         return model
-    from qkv.model.int4 import Int4Linear, supports
+    from qkv.model.int4 import Int4Linear
 
-    for name, module in list(model.named_modules()):
+    for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
-                int4 = method == "int4" and child_name != "lm_head" and supports(child)
-                setattr(module, child_name, Int4Linear(child) if int4 else Int8Linear(child))
+                kind, *parts = child.__dict__.pop(ROUNDED, None) or quantize_weight(
+                    method, child_name, child, child.weight.detach())
+                cls = Int4Linear if kind == "int4" else Int8Linear
+                setattr(module, child_name, cls(parts=tuple(parts), bias=child.bias))
     return model
