@@ -98,7 +98,8 @@ class SamplingParams:
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
-            self.logit_bias = {_int("logit_bias (a token id)", int(k) if isinstance(k, str) and k.isdigit() else k,
+            digits = lambda k: isinstance(k, str) and k.isascii() and k.isdigit()  # noqa: E731 ("²" is a digit)
+            self.logit_bias = {_int("logit_bias (a token id)", int(k) if digits(k) else k,
                                     low=0): _real("logit_bias (a bias)", v) for k, v in self.logit_bias.items()}
         if self.bad_words is not None:
             words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words

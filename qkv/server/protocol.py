@@ -132,8 +132,8 @@ class _Sampling(BaseModel):
     @classmethod
     def _bias(cls, v):
         for k, b in (v or {}).items():
-            if not k.isdigit():
-                raise ValueError(f"keys must be token ids (digits), got {k!r}")
+            if not (k.isascii() and k.isdigit()):  # "²".isdigit(), but int("²") fails
+                raise ValueError(f"keys must be token ids (digits 0-9), got {k!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {b} for token {k}")
         return v

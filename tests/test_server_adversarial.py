@@ -1,0 +1,123 @@
+"""Adversarial requests against both servers: the in-process app (one engine thread) and a
+real ``qkv serve`` (the engine in a process of its own, over ZeroMQ). The project's rule:
+bad input gets a 4xx naming the field, never a 500; nothing breaks the server for later
+requests; no request leaks cache blocks (afterwards free + cached == total); and what runs
+gives the offline engine's greedy output, streamed or not.
+
+The model is test_server's tiny random Llama (byte-level BPE, ChatML template), served with
+a small pool so that a leak shows at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from test_server import Server, make_model_dir, metrics  # noqa: E402
+
+MAX_LEN = 256
+MAX_WAITING = 4  # small, so that a leaked admission count turns every request into a 429 soon
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-adversarial"))
+
+
+@pytest.fixture(scope="module")
+def ref_llm(model_dir):
+    from qkv import LLM
+
+    return LLM(model_dir, device="cpu", num_kv_blocks=64, max_model_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def inproc(model_dir):
+    from qkv import LLM
+    from qkv.server import ServerLimits, create_app
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=48, max_num_seqs=8, max_num_batched_tokens=128,
+              max_model_len=MAX_LEN)
+    s = Server(create_app(llm, "tiny", limits=ServerLimits(max_n=4, max_waiting=MAX_WAITING)))
+    yield s.url
+    s.stop()
+    assert llm.stats()["num_blocks_in_use"] == 0
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    zmq = pytest.importorskip("zmq")  # noqa: F841
+    pytest.importorskip("msgpack")
+    from test_server_process import ServeProcess
+
+    s = ServeProcess(model_dir, "--num-kv-blocks", "48", "--max-num-seqs", "8", "--max-model-len", str(MAX_LEN),
+                     "--max-n", "4", "--max-waiting-requests", str(MAX_WAITING))
+    yield s.url
+    s.kill()
+
+
+@pytest.fixture(params=["in-process", "engine-process"])
+def url(request):
+    return request.getfixturevalue("inproc" if request.param == "in-process" else "served")
+
+
+def assert_pool_whole(url: str, timeout: float = 10) -> None:
+    """Every block is free or cached (none held by a request) once the server is idle."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(url)
+        if m["qkv_kv_blocks_in_use"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert m["qkv_kv_blocks_in_use"] == 0
+    assert m["qkv_kv_blocks_free"] + m["qkv_kv_blocks_cached"] == m["qkv_kv_blocks_total"]
+
+
+def post(url: str, body: dict, path: str = "/v1/completions") -> httpx.Response:
+    return httpx.post(url + path, json=body, timeout=60)
+
+
+def refused(r: httpx.Response, param: str) -> None:
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param or param in err["message"], err
+
+
+def still_serves(url: str) -> None:
+    r = post(url, {"prompt": "hello", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def stream(url: str, body: dict, path: str = "/v1/completions") -> tuple[str, str | None]:
+    """(text of choice 0, its finish_reason) of one streamed request."""
+    text, reason = "", None
+    with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            assert "error" not in chunk, chunk
+            for c in chunk["choices"]:
+                if c["index"] == 0:
+                    text += c["text"] if "text" in c else (c["delta"].get("content") or "")
+                    reason = c["finish_reason"] or reason
+    return text, reason
+
+
+# ---------------------------------------------------------------- bad token ids
+def test_logit_bias_key_must_be_ascii_digits(inproc):
+    # "²".isdigit() is true but int("²") raises: this was a 500.
+    for key in ("²", "٣", "1.5", " 1"):
+        refused(post(inproc, {"prompt": "hi", "max_tokens": 2, "logit_bias": {key: 1}}), "logit_bias")
+    from qkv import SamplingParams
+
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias={"²": 1.0})
+    still_serves(inproc)
