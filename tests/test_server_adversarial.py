@@ -121,3 +121,35 @@ def test_logit_bias_key_must_be_ascii_digits(inproc):
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={"²": 1.0})
     still_serves(inproc)
+
+
+@pytest.mark.parametrize("field,value", [("stop_token_ids", [2**70]), ("allowed_token_ids", [2**70]),
+                                         ("logit_bias", {str(2**70): 1}), ("stop_token_ids", [5000])])
+def test_token_ids_past_the_vocabulary_are_400_and_leak_nothing(url, field, value):
+    # Under qkv serve, an id that msgpack cannot carry (>= 2**64) failed after the request was
+    # counted as waiting: a 500, and after MAX_WAITING of them every request was a 429.
+    for _ in range(MAX_WAITING + 1):
+        refused(post(url, {"prompt": "hi", "max_tokens": 2, field: value}), field)
+    still_serves(url)
+    assert_pool_whole(url)
+
+
+def test_a_request_the_engine_process_cannot_be_sent_is_400_and_counts_nothing(url):
+    # A JSON schema may hold any integer; msgpack carries none >= 2**64. The app answered 500 and
+    # the request stayed counted as waiting: after MAX_WAITING of them every request was a 429.
+    body = {"prompt": "hi", "max_tokens": 2, "guided_json": {"type": "integer", "maximum": 2**70}}
+    for _ in range(MAX_WAITING + 1):
+        r = post(url, body)
+        assert r.status_code in (200, 400), r.text
+    still_serves(url)
+    assert_pool_whole(url)
+
+
+def test_stop_token_id_past_the_vocabulary_with_min_tokens_is_refused(ref_llm):
+    # min_tokens bans the stop ids in the logits: an id past the vocabulary failed the whole
+    # step (IndexError), and with it every request in the batch.
+    from qkv import SamplingParams
+
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        ref_llm.generate(["hi"], SamplingParams(max_tokens=3, stop_token_ids=[5000], min_tokens=2))
+    assert ref_llm.generate(["hi"], SamplingParams(max_tokens=3))[0].finish_reason == "length"

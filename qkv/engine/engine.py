@@ -188,6 +188,8 @@ class LLMEngine:
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer; this model has none (use logit_bias)")
         prompt_token_ids = self.check_token_ids(prompt_token_ids, "prompt")
+        if params.stop_token_ids:  # min_tokens bans them in the logits: one past the vocabulary fails the step
+            self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.logit_bias:
             self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.allowed_token_ids is not None:

@@ -250,7 +250,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                 chosen[k] = getattr(req, k)
         bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
         try:
-            return SamplingParams(n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
+            params = SamplingParams(n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
                                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                                   min_tokens=req.min_tokens, logit_bias=bias, bad_words=req.bad_words,
                                   allowed_token_ids=req.allowed_token_ids, logprobs=req.logprobs_k(),
@@ -260,6 +260,16 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                                   **chosen)
         except ValueError as e:
             raise P.APIError(400, str(e), code="invalid_value") from None
+        # Token ids past the vocabulary, here rather than in the engine: one >= 2**64 cannot
+        # even be sent to the engine process.
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                          ("logit_bias", list(params.logit_bias or ()))):
+            if ids:
+                try:
+                    engine.check_token_ids(ids, name)
+                except ValueError as e:
+                    raise P.APIError(400, str(e), code="invalid_value", param=name) from None
+        return params
 
     from .audio import add_transcription_route, refuse_text_request  # /v1/audio/transcriptions (Whisper)
 
@@ -352,6 +362,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineDead as e:
             raise P.APIError(500, str(e), "server_error", "engine_dead") from None
+        except ValueError as e:  # the engine process could not be sent it (engine_client.py)
+            raise P.APIError(400, str(e), code="invalid_value") from None
         state["inflight"] += 1
         try:
             return await respond(request, req, prompts, params, chat, loop, rid, stream, echo, tools)
