@@ -153,3 +153,44 @@ def test_stop_token_id_past_the_vocabulary_with_min_tokens_is_refused(ref_llm):
     with pytest.raises(ValueError, match="stop_token_ids"):
         ref_llm.generate(["hi"], SamplingParams(max_tokens=3, stop_token_ids=[5000], min_tokens=2))
     assert ref_llm.generate(["hi"], SamplingParams(max_tokens=3))[0].finish_reason == "length"
+
+
+# ---------------------------------------------------------------- stop strings and streams
+def boundary_stop(ref_llm, prompt: str) -> tuple[str, str]:
+    """(free greedy text, a stop string made of one token's last character and the next
+    token's first): the first token's part of it is text before the stop is complete."""
+    from qkv import SamplingParams
+
+    out = ref_llm.generate([prompt], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    pieces = [ref_llm.tokenizer.decode(out.token_ids[:i + 1]) for i in range(len(out.token_ids))]
+    for a, b in zip(pieces[1:], pieces[2:]):
+        stop = a[-1:] + b[len(a):len(a) + 1]
+        if len(b) > len(a) > 1 and b.startswith(a) and "\ufffd" not in stop and out.text.find(stop) == len(a) - 1:
+            return out.text, stop
+    pytest.skip("no token boundary to put a stop string across")
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_never_shows_the_start_of_a_stop_string(url, ref_llm, chat):
+    # In-process, the engine streamed each token's text at once: a stop string split across two
+    # tokens had its first part streamed before the match cut it from the text.
+    from qkv import SamplingParams
+
+    prompt = "the quick brown fox"
+    free, stop = boundary_stop(ref_llm, prompt)
+    kw = {"max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    expect = ref_llm.generate([prompt], SamplingParams(**kw))[0]
+    assert expect.text == free[:free.find(stop)] and expect.finish_reason == "stop"
+    if chat:
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": "count: one two"}], **kw}
+        whole = post(url, body, path).json()["choices"][0]
+        text, reason = whole["message"]["content"], whole["finish_reason"]
+    else:
+        path, body = "/v1/completions", {"prompt": prompt, **kw}
+        whole = post(url, body).json()["choices"][0]
+        text, reason = whole["text"], whole["finish_reason"]
+        assert (text, reason) == (expect.text, "stop")
+    assert stream(url, body, path) == (text, reason)
+    # The offline stream too: its deltas add up to the final text.
+    assert "".join(o.text_delta for o in ref_llm.stream(prompt, SamplingParams(**kw))) == expect.text
+    assert_pool_whole(url)

@@ -17,6 +17,7 @@ from qkv.attention import backend
 from qkv.config import ModelConfig
 from qkv.engine import encoder, processors, sampler, structured
 from qkv.engine.dtype import DTYPES, parse_dtype, resolve_dtype
+from qkv.engine.detokenizer import SampleText
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
@@ -162,7 +163,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}
         # False: outputs carry token ids only (no text, no stop strings); the process-split
-        # server detokenizes and matches stop strings in its front end (server/detokenizer.py).
+        # server detokenizes and matches stop strings in its front end (engine/detokenizer.py).
         self.detokenize = True
         self.num_generated_tokens = 0
         # Structured outputs: compiled grammars (built on first use) and the live requests
@@ -226,7 +227,7 @@ class LLMEngine:
                 self._structured.add(r.request_id)
             self._requests[r.request_id] = r
             if self.tokenizer is not None and self.detokenize:
-                self._detok[r.request_id] = self.tokenizer.stream(params.skip_special_tokens)
+                self._detok[r.request_id] = SampleText(self.tokenizer, params, frozenset(self.eos_ids))
         return reqs
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
@@ -386,30 +387,21 @@ class LLMEngine:
             req.first_token_time = now
         p = req.params
         reason, delta = None, ""
+        detok = self._detok.get(req.request_id)  # SampleText: text and stop strings (engine/detokenizer.py)
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             reason = "stop"
-        else:
-            detok = self._detok.get(req.request_id)
-            if detok is not None:
-                delta = detok.push(tok)
-                req.text += delta
-                # vLLM: stop strings do not count before min_tokens (eos is masked in the logits).
-                stops = p.stop if num_tokens - req.num_prompt_tokens >= p.min_tokens else ()
-                for s in stops:
-                    # Only the new text (plus a stop's length of overlap) can complete a stop string.
-                    cut = req.text.find(s, max(0, len(req.text) - len(delta) - len(s)))
-                    if cut >= 0:
-                        if p.include_stop_str_in_output:
-                            cut += len(s)
-                        delta = delta[:max(0, len(delta) - (len(req.text) - cut))]
-                        req.text = req.text[:cut]
-                        reason = "stop"
-                        break
+        elif detok is not None:
+            # The delta holds back what may begin a stop string: a stream never shows part of one.
+            delta, stopped = detok.push(tok)
+            req.text = detok.text
+            reason = "stop" if stopped else None
         if reason is None and req.structured is not None:  # "stop" once the grammar is complete
             reason = req.structured.advance(tok)
         if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if detok is not None:
+                delta += detok.flush()  # the text held back, now that no stop string can follow
             self.scheduler.finish(req, reason)
             self._forget(req)
             if not self._first_request_logged:  # the first request after start-up: is it warm?

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from qkv.engine.request import RequestOutput, SamplingParams
 from qkv.engine.scheduler import RequestTooLarge
 from qkv.server import wire
-from qkv.server.detokenizer import SampleText
+from qkv.engine.detokenizer import SampleText
 from qkv.server.engine_loop import QueueFull, ShuttingDown, Stream
 
 log = logging.getLogger("qkv.server")

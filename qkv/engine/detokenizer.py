@@ -1,8 +1,8 @@
-"""SampleText: one sample's text and stop strings, kept by the front end of the process split.
+"""SampleText: one sample's text and stop strings, for the engine and the process split's front end.
 
-The engine process sends token ids only (``LLMEngine.detokenize = False``). This applies the
-rules ``LLMEngine._append`` applies in-process, so both paths give the same text and the same
-stop: a token that ends the sample by id (eos unless ``ignore_eos``, ``stop_token_ids``) adds
+``LLMEngine._append`` keeps one per sample; the engine process of ``qkv serve`` sends token ids
+only (``LLMEngine.detokenize = False``) and its front end keeps them instead, so both paths give
+the same text, the same stop and the same streamed deltas: a token that ends the sample by id (eos unless ``ignore_eos``, ``stop_token_ids``) adds
 no text; stop strings count from ``min_tokens`` output tokens on; the text is cut before the
 stop string (after it with ``include_stop_str_in_output``).
 """
