@@ -194,3 +194,22 @@ def test_stream_never_shows_the_start_of_a_stop_string(url, ref_llm, chat):
     # The offline stream too: its deltas add up to the final text.
     assert "".join(o.text_delta for o in ref_llm.stream(prompt, SamplingParams(**kw))) == expect.text
     assert_pool_whole(url)
+
+
+# ---------------------------------------------------------------- request ids
+def test_concurrent_requests_may_share_an_x_request_id(url):
+    # The engine's request id was cmpl-<X-Request-Id>: a second live request with the same
+    # header was refused (in-process), and under qkv serve it took over the first one's route,
+    # so the first request never got another token and hung for ever.
+    first = {"prompt": "hi", "max_tokens": 120, "ignore_eos": True, "temperature": 0, "stream": True}
+    headers = {"X-Request-Id": "same-id"}
+    with httpx.stream("POST", url + "/v1/completions", json=first, headers=headers, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: {"))  # it is running now
+        second = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 3},
+                            headers=headers, timeout=30)
+        assert second.status_code == 200, second.text
+        assert second.json()["id"] == "cmpl-same-id"
+        rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    assert rest[-1]["choices"][0]["finish_reason"] == "length" and rest[-1]["id"] == "cmpl-same-id"
+    assert_pool_whole(url)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -47,6 +48,7 @@ log = logging.getLogger("qkv.server")
 
 
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+_submissions = itertools.count()  # makes each engine request id unique
 
 
 class ServerLimits:
@@ -355,8 +357,11 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         if state["draining"]:  # it may have begun while this request was tokenized
             raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id(request)}"  # X-Request-Id, or a fresh one
+        # The engine's id is unique even when clients reuse an X-Request-Id: two live requests with
+        # one id clashed (the second refused; under qkv serve the first one's tokens were lost).
+        engine_id = f"{rid}#{next(_submissions)}"
         try:
-            stream = loop.submit(prompts, params, rid, request_salt(request.state.tenant, req.cache_salt))
+            stream = loop.submit(prompts, params, engine_id, request_salt(request.state.tenant, req.cache_salt))
         except QueueFull as e:
             raise P.APIError(429, str(e), "server_error", "queue_full",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
