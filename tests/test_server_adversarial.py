@@ -213,3 +213,165 @@ def test_concurrent_requests_may_share_an_x_request_id(url):
         rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert rest[-1]["choices"][0]["finish_reason"] == "length" and rest[-1]["id"] == "cmpl-same-id"
     assert_pool_whole(url)
+
+
+# ---------------------------------------------------------------- disconnects and concurrency
+def test_concurrent_streams_with_disconnects_leak_nothing(url):
+    """Streams and plain requests (n > 1, stop strings, logprobs, batches) at once; a third
+    hang up after their first chunk, a third at once (abort right after submit)."""
+    import asyncio
+
+    bodies = [
+        {"prompt": "hi", "max_tokens": 40, "n": 2, "temperature": 1.0, "seed": 1, "stop": ["e", "th"]},
+        {"prompt": ["a b", "count: one"], "max_tokens": 30, "ignore_eos": True, "logprobs": 2},
+        {"prompt": [5, 6, 7], "max_tokens": 50, "n": 3, "temperature": 0.8, "seed": 2, "ignore_eos": True},
+        {"prompt": "the quick brown fox", "max_tokens": 60, "stop": ["o"], "include_stop_str_in_output": True},
+    ]
+
+    async def one(i: int, http: httpx.AsyncClient) -> None:
+        body = {**bodies[i % len(bodies)], "stream": i % 2 == 0}
+        mode = i % 3  # 0: read it all, 1: hang up after the first chunk, 2: hang up at once
+        try:
+            async with http.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+                assert r.status_code in (200, 429), await r.aread()
+                if mode == 2:
+                    return
+                async for line in r.aiter_lines():
+                    if mode == 1 and line:
+                        return
+        except httpx.HTTPError:
+            pass
+
+    async def main() -> None:
+        async with httpx.AsyncClient() as http:
+            await asyncio.gather(*(one(i, http) for i in range(18)))
+
+    asyncio.run(main())
+    assert_pool_whole(url)
+    still_serves(url)
+
+
+def test_hang_up_right_after_sending_leaks_nothing(url):
+    """The client closes its socket as soon as the request is written: nothing is left running."""
+    import socket
+    from urllib.parse import urlsplit
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    for i in range(12):
+        body = json.dumps({"prompt": "hello world", "max_tokens": 100, "ignore_eos": True, "n": 1 + i % 3,
+                           "temperature": 1.0, "stream": i % 2 == 0}).encode()
+        with socket.create_connection((host, port)) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert_pool_whole(url)
+    still_serves(url)
+
+
+# ---------------------------------------------------------------- what runs equals the offline engine
+@pytest.mark.parametrize("kw", [
+    {"max_tokens": 12},
+    {"max_tokens": 10, "min_tokens": 4, "stop": ["e", " "], "include_stop_str_in_output": True},
+    {"max_tokens": 8, "logit_bias": {"70": 5.0}, "bad_words": ["the"], "repetition_penalty": 1.3},
+    {"max_tokens": 8, "allowed_token_ids": [67, 70, 75, 80, 85, 2], "stop_token_ids": [75]},
+    {"max_tokens": 9, "n": 2, "temperature": 1.0, "seed": 11, "top_k": 20, "top_p": 0.9},
+], ids=["plain", "stops", "processors", "allowed", "seeded-n2"])
+def test_outputs_equal_offline(url, ref_llm, kw):
+    from qkv import SamplingParams
+
+    batches = [["the quick brown fox", "🙂 count: one two"], [[74, 75, 201], [5]]]  # texts, token ids
+    kw = {"temperature": 0, "ignore_eos": True, **kw}
+    got, prompts = [], [p for b in batches for p in b]
+    for batch in batches:
+        r = post(url, {"prompt": batch, **kw})
+        assert r.status_code == 200, r.text
+        got += [(c["text"], c["finish_reason"]) for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    n = kw.get("n", 1)
+    want = []
+    for p in prompts:
+        for i in range(n):
+            one = {**kw, "n": 1, **({"seed": kw["seed"] + i} if "seed" in kw else {})}
+            out = ref_llm.generate([p], SamplingParams(**one))[0]
+            want.append((out.text, out.finish_reason))
+    assert got == want
+    assert_pool_whole(url)
+
+
+# ---------------------------------------------------------------- every field past its bounds
+MSG = [{"role": "user", "content": "hi"}]
+BAD = [  # (path, body, the field the 400 must name)
+    ("c", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("c", {"prompt": "hi", "max_tokens": 2**70}, "max_tokens"),
+    ("c", {"prompt": "hi", "max_tokens": MAX_LEN}, "max_tokens"),  # prompt + max_tokens past the context
+    ("c", {"prompt": "hi", "max_tokens": "5"}, "max_tokens"),
+    ("c", {"prompt": "hi", "n": 0}, "n"),
+    ("c", {"prompt": "hi", "n": 5}, "n"),
+    ("c", {"prompt": "hi", "n": True}, "n"),
+    ("c", {"prompt": "hi", "best_of": 3}, "best_of"),
+    ("c", {"prompt": "hi", "temperature": -0.1}, "temperature"),
+    ("c", {"prompt": "hi", "temperature": 2.5}, "temperature"),
+    ("c", {"prompt": "hi", "top_p": 0}, "top_p"),
+    ("c", {"prompt": "hi", "top_k": -2}, "top_k"),
+    ("c", {"prompt": "hi", "top_k": 2**31}, "top_k"),
+    ("c", {"prompt": "hi", "min_p": 1.5}, "min_p"),
+    ("c", {"prompt": "hi", "seed": 2**63}, "seed"),
+    ("c", {"prompt": "hi", "seed": 1.5}, "seed"),
+    ("c", {"prompt": "hi", "logprobs": 21}, "logprobs"),
+    ("c", {"prompt": "hi", "prompt_logprobs": -1}, "prompt_logprobs"),
+    ("c", {"prompt": "hi", "stop": [""]}, "stop"),
+    ("c", {"prompt": "hi", "stop": ["x"] * 17}, "stop"),
+    ("c", {"prompt": "hi", "stop": 5}, "stop"),
+    ("c", {"prompt": "hi", "logit_bias": {"5": 101}}, "logit_bias"),
+    ("c", {"prompt": "hi", "logit_bias": {"-5": 1}}, "logit_bias"),
+    ("c", {"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
+    ("c", {"prompt": "hi", "bad_words": [" "]}, "bad_words"),
+    ("c", {"prompt": "hi", "min_tokens": 20, "max_tokens": 2}, "min_tokens"),
+    ("c", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
+    ("c", {"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty"),
+    ("c", {"prompt": [5000]}, "prompt"),
+    ("c", {"prompt": [-1]}, "prompt"),
+    ("c", {"prompt": []}, "prompt"),
+    ("c", {"prompt": ""}, "prompt"),
+    ("c", {"prompt": [[1], []]}, "prompt"),
+    ("c", {"prompt": ["a"] * 33}, "prompt"),
+    ("c", {"prompt": "hello " * 300}, "max_tokens"),  # the prompt alone is past the context
+    ("c", {"prompt": "hi", "suffix": "x"}, "suffix"),
+    ("c", {"prompt": "hi", "response_format": {"type": "xml"}}, "response_format"),
+    ("c", {"prompt": "hi", "guided_regex": "(("}, "guided_regex"),
+    ("c", {"prompt": "hi", "guided_choice": ["a"], "guided_regex": "a"}, "guided_regex"),
+    ("c", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    ("c", {"prompt": "hi", "tools": []}, "tools"),
+    ("c", {"prompt": "hi", "frobnicate": 1}, "frobnicate"),
+    ("h", {"messages": []}, "messages"),
+    ("h", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    ("h", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    ("h", {"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    ("h", {"messages": [{"role": "user", "content": "x", "audio": {"id": "a"}}]}, "messages.0.audio"),
+    ("h", {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
+    ("h", {"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("h", {"messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ("h", {"messages": MSG, "max_completion_tokens": MAX_LEN}, "max_tokens"),
+    ("h", {"messages": MSG, "tools": [{"type": "retrieval"}]}, "tools"),
+    ("h", {"messages": MSG, "tool_choice": "required"}, "tool_choice"),
+    ("h", {"messages": MSG, "chat_template": "{{ 7 * 7 }}"}, "chat_template"),
+    ("h", {"messages": MSG, "chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ("h", {"messages": MSG, "modalities": ["audio"]}, "modalities"),
+    ("h", {"messages": MSG, "reasoning_effort": "high"}, "reasoning_effort"),
+    ("h", {"messages": MSG, "echo": True}, "echo"),
+]
+
+
+@pytest.mark.parametrize("path,body,field", BAD, ids=[f"{i}-{f}" for i, (_, _, f) in enumerate(BAD)])
+def test_bad_input_is_400_naming_the_field(inproc, path, body, field):
+    r = post(inproc, body, "/v1/completions" if path == "c" else "/v1/chat/completions")
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert field in (err["param"] or "") or field in err["message"], err
+
+
+def test_bad_input_under_qkv_serve_is_400_and_leaves_it_serving(served):
+    for path, body, field in BAD[::3]:
+        r = post(served, body, "/v1/completions" if path == "c" else "/v1/chat/completions")
+        assert r.status_code == 400, (body, r.text)
+    still_serves(served)
+    assert_pool_whole(served)
