@@ -375,3 +375,16 @@ def test_bad_input_under_qkv_serve_is_400_and_leaves_it_serving(served):
         assert r.status_code == 400, (body, r.text)
     still_serves(served)
     assert_pool_whole(served)
+
+
+def test_a_tiny_temperature_is_greedy(url, ref_llm):
+    # logits / 1e-300 overflowed float32 (inf - inf = nan): the sampler drew garbage tokens
+    # (and a grammar then refused them: finish_reason "abort") instead of the greedy ones.
+    from qkv import SamplingParams
+
+    greedy = ref_llm.generate(["hello world"], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    for t in (1e-39, 1e-300):
+        out = ref_llm.generate(["hello world"], SamplingParams(max_tokens=8, temperature=t, ignore_eos=True, seed=1))
+        assert out[0].token_ids == greedy.token_ids
+    r = post(url, {"prompt": "hello world", "max_tokens": 8, "temperature": 1e-300, "ignore_eos": True, "seed": 1})
+    assert r.json()["choices"][0]["text"] == greedy.text

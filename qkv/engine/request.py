@@ -14,9 +14,12 @@ import torch
 from qkv.engine.structured import StructuredOutputs
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy
+
+
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. ``temperature=0`` is greedy.
+    """How to pick tokens and when to stop. ``temperature=0`` (or below 1e-5) is greedy.
 
     With ``n > 1`` the samples share the prompt's KV blocks; sample ``i`` draws from
     ``seed + i``, so it equals a single request with that seed.
@@ -127,7 +130,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM's: below 1e-5 is greedy. logits / 1e-39 overflows float32 (inf - inf = nan):
+        # such a temperature drew garbage instead of the near-greedy token.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def processes_logits(self) -> bool:
