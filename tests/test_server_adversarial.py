@@ -388,3 +388,19 @@ def test_a_tiny_temperature_is_greedy(url, ref_llm):
         assert out[0].token_ids == greedy.token_ids
     r = post(url, {"prompt": "hello world", "max_tokens": 8, "temperature": 1e-300, "ignore_eos": True, "seed": 1})
     assert r.json()["choices"][0]["text"] == greedy.text
+
+
+def test_echo_logprobs_name_the_first_prompt_token(url, ref_llm):
+    # The first prompt token has no logprob; its text was "" and every offset after it short.
+    ids = ref_llm.encode("the quick brown fox")
+    for prompt in ("the quick brown fox", ids):
+        body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logprobs": 1, "echo": True}
+        for c in (post(url, body).json()["choices"][0], None):
+            if c is None:  # streamed: the first chunk carries the prompt's tokens
+                with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+                    c = json.loads(next(ln for ln in r.iter_lines() if ln.startswith("data: {"))[6:])["choices"][0]
+            lp = c["logprobs"]
+            assert lp["tokens"][0] == ref_llm.tokenizer.decode(ids[:1]) != ""
+            assert lp["token_logprobs"][0] is None
+            assert lp["text_offset"][:len(ids)] == [len(ref_llm.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+            assert "".join(lp["tokens"][:len(ids)]) == "the quick brown fox"

@@ -379,6 +379,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
     def done() -> None:
         state["inflight"] -= 1
 
+    def token_text(token: int) -> str:
+        """One token's text, as the engine writes it in logprobs."""
+        return llm.tokenizer.decode([token], skip_special_tokens=False) if llm.tokenizer is not None else ""
+
     async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None,
                       tools: TC.Parsing | None = None):
@@ -397,7 +401,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
             raise
         answer = _Answer(rid, model_name, prompts, params.n, stream, chat, params.logprobs, echo,
-                         req.prompt_logprobs is not None, tools)
+                         req.prompt_logprobs is not None, tools, token_text)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"}, on_close=done)
@@ -488,11 +492,12 @@ class _Answer:
     Choice ``p * n + i`` is sample ``i`` of prompt ``p``. ``logprobs``: top-k per token (None:
     not asked); ``echo``: each prompt's text, put before its completion (completions only);
     ``prompt_logprobs``: add vLLM's ``prompt_logprobs`` (per choice for completions, per
-    response for chat)."""
+    response for chat). ``token_text``: a token's text (echo's first prompt token has no logprob
+    entry to take it from)."""
 
     def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool,
                  logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False,
-                 tools: TC.Parsing | None = None):
+                 tools: TC.Parsing | None = None, token_text=lambda token: ""):
         self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
         self.logprobs, self.echo, self.want_prompt_logprobs = logprobs, echo, prompt_logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -504,6 +509,7 @@ class _Answer:
         self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
         self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
         self._error: BaseException | None = None  # met by _drain after outputs it returned
+        self.token_text = token_text
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -527,7 +533,9 @@ class _Answer:
         if self.chat:
             return P.chat_logprobs(tokens, entries, self.logprobs)
         if with_prompt and self.echo is not None:
-            return P.completion_logprobs(out.prompt_token_ids + tokens, (out.prompt_logprobs or []) + entries)
+            prompt = out.prompt_token_ids
+            return P.completion_logprobs(prompt + tokens, (out.prompt_logprobs or []) + entries,
+                                         first_text=self.token_text(prompt[0]))
         offset = len(self.echo[self._index(out) // self.n]) if self.echo is not None else 0
         return P.completion_logprobs(tokens, entries, offset)
 

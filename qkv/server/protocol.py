@@ -371,12 +371,13 @@ def chat_logprobs(tokens: list[int], entries: list[dict], k: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokens: list[int], entries: list[dict | None], offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[int], entries: list[dict | None], offset: int = 0, first_text: str = "") -> dict:
     """OpenAI's legacy completions ``logprobs``: tokens, their logprobs (None for a prompt's
-    first token), the top ones as {text: logprob}, and each token's character offset."""
+    first token, whose text is ``first_text``), the top ones as {text: logprob}, and each
+    token's character offset."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t, e in zip(tokens, entries):
-        text = e[t].decoded_token if e else None
+    for i, (t, e) in enumerate(zip(tokens, entries)):
+        text = e[t].decoded_token if e else first_text if i == 0 else None
         out["tokens"].append(text or "")
         out["token_logprobs"].append(e[t].logprob if e else None)
         top = None
