@@ -340,6 +340,8 @@ BAD = [  # (path, body, the field the 400 must name)
     ("c", {"prompt": "hi", "guided_choice": ["a"], "guided_regex": "a"}, "guided_regex"),
     ("c", {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
     ("c", {"prompt": "hi", "tools": []}, "tools"),
+    ("c", {"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),  # was silently dropped
+    ("h", {"messages": MSG, "prompt_logprobs": 0, "stream": True}, "prompt_logprobs"),
     ("c", {"prompt": "hi", "frobnicate": 1}, "frobnicate"),
     ("h", {"messages": []}, "messages"),
     ("h", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
@@ -404,3 +406,26 @@ def test_echo_logprobs_name_the_first_prompt_token(url, ref_llm):
             assert lp["token_logprobs"][0] is None
             assert lp["text_offset"][:len(ids)] == [len(ref_llm.tokenizer.decode(ids[:i])) for i in range(len(ids))]
             assert "".join(lp["tokens"][:len(ids)]) == "the quick brown fox"
+
+
+def test_preempted_requests_equal_offline(url, ref_llm):
+    """More concurrent work than the pool holds (48 blocks = 768 tokens; 4 x ~245): requests are
+    preempted and recomputed, and still give the offline engine's greedy text."""
+    import asyncio
+
+    from qkv import SamplingParams
+
+    prompts = [f"{w} quick brown fox" for w in ("the", "count", "hello", "paged")]  # MAX_WAITING
+    kw = {"max_tokens": 240, "temperature": 0, "ignore_eos": True}
+
+    async def main():
+        async with httpx.AsyncClient(timeout=120) as http:
+            rs = await asyncio.gather(*(http.post(url + "/v1/completions", json={"prompt": p, **kw}) for p in prompts))
+        return [r.json()["choices"][0]["text"] for r in rs]
+
+    before = metrics(url)["qkv_num_preemptions_total"]
+    got = asyncio.run(main())
+    want = [o.text for o in ref_llm.generate(prompts, SamplingParams(**kw))]
+    assert got == want
+    assert metrics(url)["qkv_num_preemptions_total"] > before
+    assert_pool_whole(url)

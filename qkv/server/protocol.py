@@ -151,6 +151,8 @@ class _Sampling(BaseModel):
                 raise Unsupported("stream_options.continuous_usage_stats", "usage comes in the last chunk only")
             if not self.stream:
                 raise Unsupported("stream_options", "only allowed with stream: true")
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM: chunks have no place for them
+            raise Unsupported("prompt_logprobs", "not available with stream: true")
 
     def logprobs_k(self) -> int | None:
         """Top log-probabilities per output token, or None when not asked."""
