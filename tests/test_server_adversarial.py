@@ -94,21 +94,28 @@ def still_serves(url: str) -> None:
     assert r.status_code == 200, r.text
 
 
-def stream(url: str, body: dict, path: str = "/v1/completions") -> tuple[str, str | None]:
-    """(text of choice 0, its finish_reason) of one streamed request."""
-    text, reason = "", None
+def stream_all(url: str, body: dict, path: str = "/v1/completions") -> list[tuple[str, str | None]]:
+    """(text, finish_reason) of each choice of one streamed request, in index order."""
+    got: dict[int, list] = {}
     with httpx.stream("POST", url + path, json={**body, "stream": True}, timeout=60) as r:
         assert r.status_code == 200, r.read()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            assert "error" not in chunk, chunk
-            for c in chunk["choices"]:
-                if c["index"] == 0:
-                    text += c["text"] if "text" in c else (c["delta"].get("content") or "")
-                    reason = c["finish_reason"] or reason
-    return text, reason
+        lines = list(r.iter_lines())
+    assert [ln for ln in lines if ln][-1] == "data: [DONE]"
+    for line in lines:
+        if not line.startswith("data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        assert "error" not in chunk, chunk
+        for c in chunk["choices"]:
+            text, reason = got.setdefault(c["index"], ["", None])
+            got[c["index"]] = [text + (c["text"] if "text" in c else (c["delta"].get("content") or "")),
+                               c["finish_reason"] or reason]
+    return [tuple(got[i]) for i in sorted(got)]
+
+
+def stream(url: str, body: dict, path: str = "/v1/completions") -> tuple[str, str | None]:
+    """(text of choice 0, its finish_reason) of one streamed request."""
+    return stream_all(url, body, path)[0]
 
 
 # ---------------------------------------------------------------- bad token ids
@@ -274,7 +281,8 @@ def test_hang_up_right_after_sending_leaks_nothing(url):
     {"max_tokens": 8, "logit_bias": {"70": 5.0}, "bad_words": ["the"], "repetition_penalty": 1.3},
     {"max_tokens": 8, "allowed_token_ids": [67, 70, 75, 80, 85, 2], "stop_token_ids": [75]},
     {"max_tokens": 9, "n": 2, "temperature": 1.0, "seed": 11, "top_k": 20, "top_p": 0.9},
-], ids=["plain", "stops", "processors", "allowed", "seeded-n2"])
+    {"max_tokens": 14, "n": 3, "temperature": 1.0, "seed": 4, "stop": ["e", "o", " t"]},
+], ids=["plain", "stops", "processors", "allowed", "seeded-n2", "seeded-n3-stops"])
 def test_outputs_equal_offline(url, ref_llm, kw):
     from qkv import SamplingParams
 
@@ -284,7 +292,9 @@ def test_outputs_equal_offline(url, ref_llm, kw):
     for batch in batches:
         r = post(url, {"prompt": batch, **kw})
         assert r.status_code == 200, r.text
-        got += [(c["text"], c["finish_reason"]) for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        whole = [(c["text"], c["finish_reason"]) for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+        assert stream_all(url, {"prompt": batch, **kw}) == whole
+        got += whole
     n = kw.get("n", 1)
     want = []
     for p in prompts:
