@@ -42,7 +42,7 @@ def inproc(model_dir):
     from qkv import LLM
     from qkv.server import ServerLimits, create_app
 
-    llm = LLM(model_dir, device="cpu", num_kv_blocks=48, max_num_seqs=8, max_num_batched_tokens=128,
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=24, max_num_seqs=8, max_num_batched_tokens=128,
               max_model_len=MAX_LEN)
     s = Server(create_app(llm, "tiny", limits=ServerLimits(max_n=4, max_waiting=MAX_WAITING)))
     yield s.url
@@ -56,7 +56,7 @@ def served(model_dir):
     pytest.importorskip("msgpack")
     from test_server_process import ServeProcess
 
-    s = ServeProcess(model_dir, "--num-kv-blocks", "48", "--max-num-seqs", "8", "--max-model-len", str(MAX_LEN),
+    s = ServeProcess(model_dir, "--num-kv-blocks", "24", "--max-num-seqs", "8", "--max-model-len", str(MAX_LEN),
                      "--max-n", "4", "--max-waiting-requests", str(MAX_WAITING))
     yield s.url
     s.kill()
@@ -419,14 +419,14 @@ def test_echo_logprobs_name_the_first_prompt_token(url, ref_llm):
 
 
 def test_preempted_requests_equal_offline(url, ref_llm):
-    """More concurrent work than the pool holds (48 blocks = 768 tokens; 4 x ~245): requests are
+    """More concurrent work than the pool holds (24 blocks = 384 tokens; 4 x ~125): requests are
     preempted and recomputed, and still give the offline engine's greedy text."""
     import asyncio
 
     from qkv import SamplingParams
 
     prompts = [f"{w} quick brown fox" for w in ("the", "count", "hello", "paged")]  # MAX_WAITING
-    kw = {"max_tokens": 240, "temperature": 0, "ignore_eos": True}
+    kw = {"max_tokens": 120, "temperature": 0, "ignore_eos": True}
 
     async def main():
         async with httpx.AsyncClient(timeout=120) as http:
