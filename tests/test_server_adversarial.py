@@ -11,6 +11,7 @@ a small pool so that a leak shows at once.
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -439,3 +440,50 @@ def test_preempted_requests_equal_offline(url, ref_llm):
     assert got == want
     assert metrics(url)["qkv_num_preemptions_total"] > before
     assert_pool_whole(url)
+
+
+# ---------------------------------------------------------------- random bodies
+def _bodies():
+    """Request bodies mixing plausible and junk values for every sampling field."""
+    from hypothesis import strategies as st
+
+    junk = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, 1, 2, 5, 20, 21, 300]),
+                     st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, 1e-300, 0.5, 1.0, 2.0]),
+                     st.text(max_size=4), st.sampled_from(["²", "🙂", "<|im_end|>", "e"]),
+                     st.lists(st.integers(-1, 400), max_size=3), st.lists(st.sampled_from(["a", "", "🙂", "e "]), max_size=3),
+                     st.dictionaries(st.sampled_from(["5", "²", "-1", "319", "320"]), st.integers(-200, 200), max_size=2))
+    fields = ["n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs", "prompt_logprobs",
+              "stop", "logit_bias", "stop_token_ids", "allowed_token_ids", "bad_words", "min_tokens", "ignore_eos",
+              "include_stop_str_in_output", "skip_special_tokens", "repetition_penalty", "presence_penalty", "echo",
+              "stream", "guided_choice"]
+    prompts = st.sampled_from(["hi", "🙂 ok", [1, 2, 3], ["a", "b"], [[5, 6], [7]], "", [], [400]])
+    return st.fixed_dictionaries({"prompt": prompts}, optional={f: junk for f in fields}).map(
+        lambda b: {**b, "max_tokens": b["max_tokens"] if isinstance(b.get("max_tokens"), int) and 0 < b["max_tokens"] < 8
+                   else 4})
+
+
+def test_random_bodies_never_500(inproc):
+    """Whatever the body: 200 with a well-formed answer, or a 4xx; the pool whole afterwards.
+    (QKV_FUZZ_EXAMPLES=2000 for a longer hunt.)"""
+    from hypothesis import HealthCheck, given, settings
+
+    hunt = "QKV_FUZZ_EXAMPLES" in os.environ
+
+    @settings(max_examples=int(os.environ.get("QKV_FUZZ_EXAMPLES", 40)), deadline=None, derandomize=not hunt,
+              suppress_health_check=list(HealthCheck))
+    @given(_bodies())
+    def check(body):
+        if body.get("stream") is True:
+            with httpx.stream("POST", inproc + "/v1/completions", json=body, timeout=30) as r:
+                text = r.read().decode()
+            if r.status_code == 200:
+                assert text.rstrip().endswith("data: [DONE]") and '"error"' not in text, text[-300:]
+        else:
+            r = post(inproc, body)
+            if r.status_code == 200:
+                assert r.json()["choices"], r.text
+        assert r.status_code in (200, 400, 429), (body, r.status_code, r.text if not body.get("stream") else "")
+
+    check()
+    assert_pool_whole(inproc)
+    still_serves(inproc)
