@@ -487,3 +487,18 @@ def test_random_bodies_never_500(inproc):
     check()
     assert_pool_whole(inproc)
     still_serves(inproc)
+
+
+def test_long_stop_strings_do_not_stall_the_server(url, ref_llm):
+    # Holding back a possible stop string's start tried every prefix of every stop string, each
+    # a copy: 16 stop strings of 60k characters took over a second a token, on the engine thread
+    # (in-process) or on the server's event loop (qkv serve): everything else stalled with it.
+    from qkv import SamplingParams
+
+    stops = [f"{i:x}" + "e" * 60_000 for i in range(16)]  # the body stays under the 1 MiB limit
+    body = {"prompt": "hello world", "max_tokens": 24, "temperature": 0, "ignore_eos": True, "stop": stops}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=15)  # seconds, where it took minutes
+    assert r.status_code == 200, r.text
+    want = ref_llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert r.json()["choices"][0]["text"] == want.text
+    assert stream(url, body) == (want.text, "length")

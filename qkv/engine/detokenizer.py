@@ -42,12 +42,30 @@ class SampleText:
                 if cut >= 0:
                     self.text = text[:cut + len(s) if p.include_stop_str_in_output else cut]
                     return self.flush(), True
-        # Held back: the longest end of the text that begins a stop string (a whole one too:
-        # before min_tokens it does not stop yet, but the engine's rule still cuts it later).
-        hold = max((k for s in p.stop for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
-        out = text[self.sent:len(text) - hold]
+        out = text[self.sent:len(text) - self._held(text)]
         self.sent += len(out)
         return out, False
+
+    def _held(self, text: str) -> int:
+        """Characters to hold back: the longest end of the text that begins a stop string (a
+        whole one too: before min_tokens it does not stop yet, but the rule still cuts it later).
+        It lies in the unsent text (what began a stop string was held back then), and only
+        prefixes ending with the text's last character can match: per token this costs about
+        one comparison per stop string, not one per prefix (16 stop strings of 64k characters
+        took seconds a token, stalling the engine thread or the server's event loop)."""
+        unsent = len(text) - self.sent
+        best = 0
+        if unsent:
+            last = text[-1]
+            for s in self.params.stop:
+                k = min(len(s), unsent)
+                while k > best:
+                    k = s.rfind(last, 0, k) + 1  # the longest prefix, up to k, that ends with ``last``
+                    if k > best and text.endswith(s[:k]):
+                        best = k
+                        break
+                    k -= 1
+        return best
 
     def flush(self) -> str:
         """The text not streamed yet (held back as a possible stop string's start)."""
