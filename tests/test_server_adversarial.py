@@ -335,6 +335,9 @@ BAD = [  # (path, body, the field the 400 must name)
     ("c", {"prompt": "hi", "logit_bias": {"-5": 1}}, "logit_bias"),
     ("c", {"prompt": "hi", "allowed_token_ids": []}, "allowed_token_ids"),
     ("c", {"prompt": "hi", "bad_words": [" "]}, "bad_words"),
+    # 60k bad words held the engine thread for minutes (a list search per word at admission)
+    ("c", {"prompt": "hi", "bad_words": [f"w{i}q" for i in range(60_000)]}, "bad_words"),
+    ("c", {"prompt": "hi", "stop_token_ids": [7] * 100_000}, "stop_token_ids"),  # a list search per token
     ("c", {"prompt": "hi", "min_tokens": 20, "max_tokens": 2}, "min_tokens"),
     ("c", {"prompt": "hi", "repetition_penalty": 0}, "repetition_penalty"),
     ("c", {"prompt": "hi", "frequency_penalty": 3}, "frequency_penalty"),

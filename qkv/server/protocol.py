@@ -16,6 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 MAX_STOP = 16  # stop strings per request
+# Per-token work grows with these lists (bad_words: one encoding each at admission and one
+# check each per step, on the engine's thread): a 1 MiB body of them stalled every request.
+MAX_BAD_WORDS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 MAX_SALT = 1024  # characters of cache_salt
 
 Int = Annotated[int, Strict()]
@@ -93,12 +97,12 @@ class _Sampling(BaseModel):
     presence_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Float] | None = None
     min_tokens: Int = Field(0, ge=0)
-    bad_words: list[str] | None = None
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     allowed_token_ids: list[Int] | None = None
     # Sample i seeds with seed + i: the whole range must stay within torch's 64-bit seeds.
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[Int] = Field(default_factory=list)
+    stop_token_ids: list[Int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: Bool = False
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
