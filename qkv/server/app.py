@@ -260,8 +260,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                                   include_stop_str_in_output=req.include_stop_str_in_output,
                                   skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
                                   **chosen)
-        except ValueError as e:
-            raise P.APIError(400, str(e), code="invalid_value") from None
+        except ValueError as e:  # SamplingParams' messages begin with the field's name
+            name = str(e).split(" ", 1)[0]
+            raise P.APIError(400, str(e), code="invalid_value",
+                             param=name if name in SamplingParams.__dataclass_fields__ else None) from None
         # Token ids past the vocabulary, here rather than in the engine: one >= 2**64 cannot
         # even be sent to the engine process.
         for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
@@ -438,7 +440,7 @@ async def parse(request: Request, model: type, max_bytes: int):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise P.APIError(400, P.validation_message(e), code="invalid_value") from None
+        raise P.APIError(400, P.validation_message(e), code="invalid_value", param=P.validation_param(e)) from None
     except RecursionError:
         raise P.APIError(400, "the JSON body nests too deeply", code="invalid_json") from None
 

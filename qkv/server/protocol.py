@@ -56,6 +56,18 @@ def validation_message(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
+_BRANCHES = {"str", "int", "float", "bool", "dict", "list", "none"}  # pydantic's union-branch names in a loc
+
+
+def validation_param(e: ValidationError) -> str | None:
+    """The first problem's field, for the error's ``param`` (``messages.0.role``): its
+    location without pydantic's union-branch names (``str``, ``list[int]``)."""
+    errors = e.errors(include_url=False)
+    loc = errors[0].get("loc", ()) if errors else ()
+    parts = [str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in _BRANCHES)]
+    return ".".join(parts) or None
+
+
 class Unsupported(Exception):
     """A known option set to something qkv does not implement: a 400 naming ``field``."""
 
