@@ -127,6 +127,10 @@ class LLMEngine:
             from qkv.model.quant import quantize
 
             self.model = quantize(self.model, quantization, self.device)
+        if self.device.type == "cpu" and self.tp is None:  # decode GEMVs over both cores (model/cpu_layout.py)
+            from qkv.model.cpu_layout import column_major_fp32
+
+            column_major_fp32(self.model)
         backend.use(self.model, self.attention_backend)  # this engine's model only, not the process
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             profiler = gpu if self.tp is None else self.tp  # with TP every rank runs the profile

@@ -187,6 +187,8 @@ def run(args, start_server, headers: dict) -> tuple[list[dict], object, str]:
                   + (f" ({r['errors']})" if r["errors"] else ""), file=sys.stderr, flush=True)
     ratio = rows[-1]["tok_per_s"] / rows[0]["tok_per_s"]
     mode = "engine in the server's process" if getattr(args, "engine_in_process", False) else "engine process"
+    if getattr(args, "api_server_count", 1) > 1:
+        mode += f", {args.api_server_count} front ends"
     for r in rows[1:]:
         r["run"] += f" ({mode})"
     model = getattr(args, "random_weights", None) or args.model

@@ -54,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server to load")
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--engine-in-process", action="store_true", help="serve with the engine in the server's process")
+    p.add_argument("--api-server-count", type=int, default=1, metavar="N", help="front-end processes of the server")
     from qkv.server import bench_loop
     from qkv.tools.shapes import add_arguments as add_shape
 
@@ -190,6 +191,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         cmd.append("--no-prefix-caching")
     if getattr(args, "engine_in_process", False):
         cmd.append("--engine-in-process")
+    if getattr(args, "api_server_count", 1) != 1:
+        cmd += ["--api-server-count", str(args.api_server_count)]
     if getattr(args, "random_weights", None):
         cmd += ["--random-weights", args.random_weights]
     env = {**os.environ, "QKV_API_KEY": ""}  # no key for a private loopback server

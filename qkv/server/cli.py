@@ -62,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--engine-in-process", action="store_true",
                    help="run the engine in a thread of the server's process (default: a process of its own)")
+    p.add_argument("--api-server-count", type=int, default=1, metavar="N",
+                   help="front-end processes (HTTP, tokenization, detokenization, streaming) sharing the port "
+                        "in front of the one engine process (default 1)")
     from qkv.tools.shapes import SHAPES
 
     p.add_argument("--random-weights", metavar="SHAPE", default=None, choices=sorted(SHAPES),
@@ -90,11 +93,7 @@ def served_name(model: str) -> str:
 
 
 def run(args) -> int:
-    import uvicorn
-
-    from qkv.server.app import ServerLimits, create_app
-    from qkv.server.draining import DrainingServer
-    from qkv.server.http_plumbing import CORS
+    import uvicorn  # noqa: F401  (a missing serve extra is named here, before the model loads)
 
     from qkv.server.tenants import read_keys
 
@@ -107,10 +106,19 @@ def run(args) -> int:
         if getattr(args, flag) < least:
             print(f"qkv serve: --{flag.replace('_', '-')} must be at least {least}", file=sys.stderr)
             return 2
+    from qkv.server.frontends import check_count
+
+    if (refused := check_count(args)) is not None:
+        print(f"qkv serve: {refused}", file=sys.stderr)
+        return 2
     if not keys and not _is_loopback(args.host):
         print(f"qkv serve: warning: binding {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     extra = {"max_model_len": args.max_model_len} if args.max_model_len else {}
+    if args.api_server_count > 1:
+        from qkv.server.frontends import serve_frontends
+
+        return serve_frontends(args, keys, extra)
     if args.engine_in_process:
         llm = engine_llm(args, extra)
     else:
@@ -129,6 +137,19 @@ def run(args) -> int:
         except RuntimeError as e:
             print(f"qkv serve: {e}", file=sys.stderr)
             return 1
+    return serve_app(args, llm, keys)
+
+
+def serve_app(args, llm, keys: list[str], sockets=None, frontend: int | None = None) -> int:
+    """Serve ``llm`` with uvicorn until a signal or the engine's death; the exit status.
+    ``sockets``: listening sockets to serve (a front end of several, frontends.py) instead of
+    binding ``--host``/``--port``; ``frontend``: that front end's index (an X-Qkv-Frontend header)."""
+    import uvicorn
+
+    from qkv.server.app import ServerLimits, create_app
+    from qkv.server.draining import DrainingServer
+    from qkv.server.http_plumbing import CORS
+
     name = args.served_model_name or served_name(args.model)
     limits = ServerLimits(max_n=args.max_n, max_body_bytes=args.max_body_bytes,
                           default_max_tokens=args.default_max_tokens,
@@ -136,8 +157,13 @@ def run(args) -> int:
     app = create_app(llm, name, api_key=keys, limits=limits,
                      allow_special_tokens_in_content=args.allow_special_tokens_in_content,
                      cors=CORS(args.allowed_origins, args.allowed_methods, args.allowed_headers))
-    print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1"
-          f"{f' ({len(keys)} API keys)' if keys else ''}", file=sys.stderr, flush=True)
+    if frontend is None:
+        print(f"qkv serve: {name} ({llm.source}) on http://{args.host}:{args.port}/v1"
+              f"{f' ({len(keys)} API keys)' if keys else ''}", file=sys.stderr, flush=True)
+    else:
+        from qkv.server.frontends import FrontendHeader
+
+        app.add_middleware(FrontendHeader, index=frontend)
     # After the drain every response has been sent: uvicorn's own grace period is a formality.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=3)
@@ -150,7 +176,7 @@ def run(args) -> int:
         asyncio.get_running_loop().call_later(DEATH_LINGER_S, setattr, server, "should_exit", True)
 
     llm.on_death = engine_died
-    server.run()
+    server.run(sockets)
     return status[0]
 
 

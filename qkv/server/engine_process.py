@@ -5,6 +5,10 @@
     ... EngineClient(proc, ...) talks to it over proc.in_addr / proc.out_addr (ZeroMQ ipc) ...
     proc.stop()                     # shutdown command, then SIGTERM, then SIGKILL
 
+``EngineProcess(factory, frontends=N)`` serves N front-end processes (``--api-server-count``,
+frontends.py): front end ``i`` binds ``in_addrs[i]`` and ``out_addrs[i]`` (``in_addr`` and
+``out_addr`` are front end 0's, the only pair when N is 1).
+
 The child is spawned (never forked: CUDA and threads do not survive a fork), loads the model,
 sends ``describe(llm)`` back over a pipe, then runs EngineCore's busy loop. It dies with its
 parent: ``PR_SET_PDEATHSIG`` (Linux) kills it when the parent dies, even by SIGKILL, and the
@@ -25,12 +29,14 @@ import time
 
 
 class EngineProcess:
-    def __init__(self, factory, startup_timeout: float | None = None):
+    def __init__(self, factory, startup_timeout: float | None = None, frontends: int = 1):
         self.factory = factory
         self.startup_timeout = startup_timeout
         self.dir = tempfile.mkdtemp(prefix="qkv-engine-")  # 0700: only this user reaches the sockets
-        self.in_addr = f"ipc://{self.dir}/in"
-        self.out_addr = f"ipc://{self.dir}/out"
+        suffix = [""] + [str(i) for i in range(1, frontends)]
+        self.in_addrs = [f"ipc://{self.dir}/in{s}" for s in suffix]
+        self.out_addrs = [f"ipc://{self.dir}/out{s}" for s in suffix]
+        self.in_addr, self.out_addr = self.in_addrs[0], self.out_addrs[0]
         self.proc: multiprocessing.Process | None = None
 
     def start(self) -> dict:
@@ -38,7 +44,7 @@ class EngineProcess:
         ctx = multiprocessing.get_context("spawn")
         recv, send = ctx.Pipe(duplex=False)
         self.proc = ctx.Process(target=_main, name="qkv-engine", daemon=False,
-                                args=(self.factory, self.in_addr, self.out_addr, send, os.getpid()))
+                                args=(self.factory, self.in_addrs, self.out_addrs, send, os.getpid()))
         self.proc.start()
         send.close()
         atexit.register(self.stop)  # runs before multiprocessing's own exit hook joins children
@@ -100,7 +106,7 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def _main(factory, in_addr: str, out_addr: str, conn, parent_pid: int) -> None:
+def _main(factory, in_addrs: list[str], out_addrs: list[str], conn, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from qkv.server.remote_model import describe
@@ -119,4 +125,4 @@ def _main(factory, in_addr: str, out_addr: str, conn, parent_pid: int) -> None:
     conn.close()
     from qkv.server.engine_core import EngineCore
 
-    EngineCore(llm.engine, in_addr, out_addr, parent_pid).run()
+    EngineCore(llm.engine, in_addrs, out_addrs, parent_pid).run()
