@@ -505,3 +505,12 @@ def test_long_stop_strings_do_not_stall_the_server(url, ref_llm):
     want = ref_llm.generate(["hello world"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
     assert r.json()["choices"][0]["text"] == want.text
     assert stream(url, body) == (want.text, "length")
+
+
+def test_refused_serve_flags(capsys):
+    # --default-max-tokens 0 started a server whose every chat request without max_tokens was a
+    # 400 about the client's max_tokens.
+    from qkv.cli import main
+
+    assert main(["serve", "--model", "x", "--default-max-tokens", "0"]) == 2
+    assert "--default-max-tokens must be at least 1" in capsys.readouterr().err
