@@ -514,3 +514,14 @@ def test_refused_serve_flags(capsys):
 
     assert main(["serve", "--model", "x", "--default-max-tokens", "0"]) == 2
     assert "--default-max-tokens must be at least 1" in capsys.readouterr().err
+
+
+def test_repeated_allowed_token_ids_count_once(url):
+    # Each step built its mask from every entry: 400k repeats of one id cost 0.1 s a step for
+    # everything the engine ran. Repeats are dropped; the output is the same.
+    from qkv import SamplingParams
+
+    assert SamplingParams(allowed_token_ids=[5, 6, 5] * 1000).allowed_token_ids == [5, 6]
+    body = {"prompt": "hi", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    once = post(url, {**body, "allowed_token_ids": [70, 75]}).json()["choices"][0]["text"]
+    assert post(url, {**body, "allowed_token_ids": [70, 75] * 100_000}).json()["choices"][0]["text"] == once
