@@ -525,3 +525,15 @@ def test_repeated_allowed_token_ids_count_once(url):
     body = {"prompt": "hi", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     once = post(url, {**body, "allowed_token_ids": [70, 75]}).json()["choices"][0]["text"]
     assert post(url, {**body, "allowed_token_ids": [70, 75] * 100_000}).json()["choices"][0]["text"] == once
+
+
+def test_prompt_logprobs_keep_the_cache_salt(inproc):
+    # Scoring the prompt for prompt_logprobs cached its blocks under the fixed salt "score":
+    # a client sending cache_salt "score" hit another client's salted prompt (cached_tokens).
+    prompt = " ".join(["streaming tokens over server sent events"] * 3)  # several full blocks
+    first = post(inproc, {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 1, "cache_salt": "secret"})
+    assert first.status_code == 200, first.text
+    probe = post(inproc, {"prompt": prompt, "max_tokens": 1, "cache_salt": "score"}).json()
+    assert probe["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    again = post(inproc, {"prompt": prompt, "max_tokens": 1, "cache_salt": "secret"}).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its own salt still shares

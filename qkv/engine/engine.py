@@ -215,7 +215,7 @@ class LLMEngine:
                     seed=None if base_seed is None else base_seed + i)
             for i in range(1, params.n)
         ]
-        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs)
+        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs, cache_salt)
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
         bad = self._bad_words_ids(params.bad_words) if params.bad_words else []
         for r in reqs:
@@ -244,13 +244,14 @@ class LLMEngine:
                     seqs.setdefault(tuple(ids), ids)
         return list(seqs.values())
 
-    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list | None:
+    def _prompt_logprobs(self, ids: list[int], k: int | None, cache_salt: str | None) -> list | None:
         """Per prompt token, {token: Logprob} for it and the top ``k`` (the first token: None).
         Computed by scoring the prompt (one extra prefill) at admission, between steps."""
         if k is None:
             return None
         try:
-            lp = self.score(ids)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
+            # Scored under the request's own salt: its blocks are cached for those who share it only.
+            lp = self.score(ids, cache_salt)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
         except RuntimeError as e:  # the free blocks cannot hold the prompt right now
             raise ValueError(f"prompt_logprobs: {e}") from None
         target = torch.tensor(ids[1:], device=lp.device)
@@ -419,11 +420,13 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
+    def score(self, token_ids: list[int], cache_salt: str | None = "score") -> torch.Tensor:
         """Float32 logits [len, vocab] of every position, computed through the paged cache in
         chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps.
         Raises ValueError for empty or out-of-vocabulary ids and for more than ``max_model_len``
-        tokens (positions past the model's context have no embedding)."""
+        tokens (positions past the model's context have no embedding). ``cache_salt``: the
+        prefix-cache salt the scored blocks are cached under (a request's own, for its
+        prompt_logprobs)."""
         if encoder.is_encoder_decoder(self.config):
             raise ValueError(f"scoring (logits, prompt_logprobs) of {self.config.model_type} is not supported: "
                              f"it needs the encoder input; generate with encoder_features instead")
@@ -431,7 +434,7 @@ class LLMEngine:
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"{len(token_ids)} tokens exceed the maximum context length of "
                              f"{self.max_model_len} tokens (max_model_len); score at most that many")
-        req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt="score")
+        req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt=cache_salt)
         try:
             self.kv.match_prefix(req, lookup=False)  # every position's logits are wanted
             chunks = []
