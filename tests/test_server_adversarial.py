@@ -537,3 +537,56 @@ def test_prompt_logprobs_keep_the_cache_salt(inproc):
     assert probe["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     again = post(inproc, {"prompt": prompt, "max_tokens": 1, "cache_salt": "secret"}).json()
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its own salt still shares
+
+
+def test_prompt_logprobs_on_a_busy_pool_is_429_not_400(model_dir, monkeypatch):
+    # Scoring the prompt needs free blocks at admission; when running requests held them, a
+    # valid request got a 400 ("invalid_value") as if its input were wrong.
+    from qkv import LLM, SamplingParams
+    from qkv.engine.scheduler import PoolBusy
+    from qkv.server import create_app
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=8, max_model_len=128)
+    engine = llm.engine
+    engine.add_request(list(range(3, 103)), SamplingParams(max_tokens=20), request_id="holder")
+    engine.step()  # its 100-token prompt now holds 7 of the 8 blocks
+    with pytest.raises(PoolBusy, match="prompt_logprobs"):
+        engine.add_request(list(range(3, 63)), SamplingParams(max_tokens=1, prompt_logprobs=1))
+    engine.abort("holder")
+    assert engine.stats()["num_blocks_in_use"] == 0
+    # The server's answer: in-process (the engine raises it) ...
+    scored = engine._prompt_logprobs
+
+    def busy(ids, k, salt):
+        if k is not None:
+            raise PoolBusy("prompt_logprobs: 60 tokens do not fit in the free KV blocks")
+        return scored(ids, k, salt)
+
+    monkeypatch.setattr(engine, "_prompt_logprobs", busy)
+    s = Server(create_app(llm, "tiny"))
+    try:
+        r = post(s.url, {"prompt": "hello", "max_tokens": 1, "prompt_logprobs": 1})
+        assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["code"] == "server_busy", r.text
+        still_serves(s.url)
+    finally:
+        s.stop()
+
+
+def test_engine_process_errors_keep_their_kind():
+    """... and under qkv serve (the engine process sends the error's kind): PoolBusy stays PoolBusy."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from qkv.engine.scheduler import PoolBusy, RequestTooLarge
+    from qkv.server.engine_client import EngineClient, _Route
+    from qkv.server.engine_loop import Stream
+
+    async def added(kind: str):
+        client = EngineClient(None, SimpleNamespace(stats=lambda: {}))
+        stream = Stream(["r"], asyncio.Queue(), 1)
+        client._adding["r"] = _Route(stream, None, {"r": [1]}, 0.0)
+        client._added("r", [kind, "message"])
+        return type(stream.added.exception())
+
+    for kind, cls in (("PoolBusy", PoolBusy), ("RequestTooLarge", RequestTooLarge), ("ValueError", ValueError)):
+        assert asyncio.run(added(kind)) is cls

@@ -21,7 +21,7 @@ from qkv.engine.detokenizer import SampleText
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
-from qkv.engine.scheduler import ScheduledBatch, Scheduler
+from qkv.engine.scheduler import PoolBusy, ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
 from qkv.kvcache.plan import capacity_line, plan_num_blocks  # noqa: F401 (plan_num_blocks: re-exported)
 from qkv.kvcache.kv_int import resolve as resolve_kv
@@ -252,8 +252,8 @@ class LLMEngine:
         try:
             # Scored under the request's own salt: its blocks are cached for those who share it only.
             lp = self.score(ids, cache_salt)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
-        except RuntimeError as e:  # the free blocks cannot hold the prompt right now
-            raise ValueError(f"prompt_logprobs: {e}") from None
+        except PoolBusy as e:  # the free blocks cannot hold the prompt right now
+            raise PoolBusy(f"prompt_logprobs: {e}") from None
         target = torch.tensor(ids[1:], device=lp.device)
         tok_lp = lp.gather(1, target[:, None]).squeeze(1)
         rank = (lp > tok_lp[:, None]).sum(dim=-1) + 1
@@ -443,7 +443,7 @@ class LLMEngine:
                 n = min(n, self.kv.chunk_limit(req) or n)  # a window table holds chunk + window
                 copies = self.kv.allocate(req, n)
                 if copies is None:
-                    raise RuntimeError(f"{len(token_ids)} tokens do not fit in the free KV blocks")
+                    raise PoolBusy(f"{len(token_ids)} tokens do not fit in the free KV blocks")
                 chunks.append(self.runner.execute(ScheduledBatch([req], [n], copies), all_logits=True))
                 req.num_computed_tokens += n
                 self.kv.cache_blocks(req)  # a window group lets go of what left the window

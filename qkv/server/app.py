@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.engine.request import SamplingParams
-from qkv.engine.scheduler import RequestTooLarge
+from qkv.engine.scheduler import PoolBusy, RequestTooLarge
 from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server import tokenize as T
@@ -393,6 +393,9 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             await asyncio.wrap_future(stream.added)
         except RequestTooLarge as e:
             raise P.APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
+        except PoolBusy as e:  # prompt_logprobs' scoring found too few free blocks: the load's fault, not the input's
+            raise P.APIError(429, f"the server is busy: {e}; retry later", "server_error", "server_busy",
+                             headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDown as e:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
         except EngineDead as e:

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from qkv.engine.request import RequestOutput, SamplingParams
-from qkv.engine.scheduler import RequestTooLarge
+from qkv.engine.scheduler import PoolBusy, RequestTooLarge
 from qkv.server import wire
 from qkv.engine.detokenizer import SampleText
 from qkv.server.engine_loop import QueueFull, ShuttingDown, Stream
@@ -198,7 +198,8 @@ class EngineClient:
             self._routes.pop(rid, None)
         kind, message = error
         if not fut.done():
-            fut.set_exception(RequestTooLarge(message) if kind == "RequestTooLarge" else
+            fut.set_exception(RequestTooLarge(message) if kind == "RequestTooLarge" else PoolBusy(message)
+                              if kind == "PoolBusy" else
                               ValueError(message) if kind == "ValueError" else RuntimeError(message))
 
     def _outputs(self, entries: list) -> None:
