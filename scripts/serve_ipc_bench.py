@@ -72,7 +72,7 @@ def ipc(batch: int, steps: int) -> tuple[float, float]:
 def detok(tokens: int) -> float:
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
-    from qkv.server.detokenizer import SampleText
+    from qkv.engine.detokenizer import SampleText
 
     tok = load("smollm2").tokenizer
     text = " ".join(random.Random(0).choice(["the", "cache", "blocks", "kv", "of", "a", "model", "token"])

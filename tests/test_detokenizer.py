@@ -1,4 +1,4 @@
-"""The front end's SampleText (server/detokenizer.py) against the engine's own text and stop
+"""SampleText (engine/detokenizer.py) against the engine's own text and stop
 strings: fed the tokens the offline engine generated, it must end where the engine ends, with
 the same text, and what it streams must add up to that text without ever showing a piece of
 the stop string that was cut."""
@@ -18,7 +18,7 @@ def llm(tmp_path_factory):
 
 
 def replay(llm, tokens, params):
-    from qkv.server.detokenizer import SampleText
+    from qkv.engine.detokenizer import SampleText
 
     s = SampleText(llm.tokenizer, params, frozenset(llm.engine.eos_ids))
     streamed = ""

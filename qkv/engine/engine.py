@@ -17,10 +17,11 @@ from qkv.attention import backend
 from qkv.config import ModelConfig
 from qkv.engine import encoder, processors, sampler, structured
 from qkv.engine.dtype import DTYPES, parse_dtype, resolve_dtype
+from qkv.engine.detokenizer import SampleText
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
-from qkv.engine.scheduler import ScheduledBatch, Scheduler
+from qkv.engine.scheduler import PoolBusy, ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
 from qkv.kvcache.plan import capacity_line, plan_num_blocks  # noqa: F401 (plan_num_blocks: re-exported)
 from qkv.kvcache.kv_int import resolve as resolve_kv
@@ -169,7 +170,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._detok: dict[str, object] = {}
         # False: outputs carry token ids only (no text, no stop strings); the process-split
-        # server detokenizes and matches stop strings in its front end (server/detokenizer.py).
+        # server detokenizes and matches stop strings in its front end (engine/detokenizer.py).
         self.detokenize = True
         self.num_generated_tokens = 0
         # Structured outputs: compiled grammars (built on first use) and the live requests
@@ -195,6 +196,8 @@ class LLMEngine:
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer; this model has none (use logit_bias)")
         prompt_token_ids = self.check_token_ids(prompt_token_ids, "prompt")
+        if params.stop_token_ids:  # min_tokens bans them in the logits: one past the vocabulary fails the step
+            self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.logit_bias:
             self.check_token_ids(list(params.logit_bias), "logit_bias")
         if params.allowed_token_ids is not None:
@@ -215,7 +218,7 @@ class LLMEngine:
                     seed=None if base_seed is None else base_seed + i)
             for i in range(1, params.n)
         ]
-        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs)
+        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs, cache_salt)
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
         bad = self._bad_words_ids(params.bad_words) if params.bad_words else []
         for r in reqs:
@@ -231,28 +234,29 @@ class LLMEngine:
                 self._structured.add(r.request_id)
             self._requests[r.request_id] = r
             if self.tokenizer is not None and self.detokenize:
-                self._detok[r.request_id] = self.tokenizer.stream(params.skip_special_tokens)
+                self._detok[r.request_id] = SampleText(self.tokenizer, params, frozenset(self.eos_ids))
         return reqs
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """vLLM's rule: each word as encoded alone and after a space (its in-text form)."""
-        seqs = []
+        seqs: dict[tuple, list[int]] = {}  # a dict, not a list search: 60k words took minutes
         for w in words:
             for text in (w.lstrip(), " " + w.lstrip()):
                 ids = self.tokenizer.encode(text, add_special_tokens=False)
-                if ids and ids not in seqs and all(0 <= t < self.config.vocab_size for t in ids):
-                    seqs.append(ids)
-        return seqs
+                if ids and all(0 <= t < self.config.vocab_size for t in ids):
+                    seqs.setdefault(tuple(ids), ids)
+        return list(seqs.values())
 
-    def _prompt_logprobs(self, ids: list[int], k: int | None) -> list | None:
+    def _prompt_logprobs(self, ids: list[int], k: int | None, cache_salt: str | None) -> list | None:
         """Per prompt token, {token: Logprob} for it and the top ``k`` (the first token: None).
         Computed by scoring the prompt (one extra prefill) at admission, between steps."""
         if k is None:
             return None
         try:
-            lp = self.score(ids)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
-        except RuntimeError as e:  # the free blocks cannot hold the prompt right now
-            raise ValueError(f"prompt_logprobs: {e}") from None
+            # Scored under the request's own salt: its blocks are cached for those who share it only.
+            lp = self.score(ids, cache_salt)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
+        except PoolBusy as e:  # the free blocks cannot hold the prompt right now
+            raise PoolBusy(f"prompt_logprobs: {e}") from None
         target = torch.tensor(ids[1:], device=lp.device)
         tok_lp = lp.gather(1, target[:, None]).squeeze(1)
         rank = (lp > tok_lp[:, None]).sum(dim=-1) + 1
@@ -391,30 +395,21 @@ class LLMEngine:
             req.first_token_time = now
         p = req.params
         reason, delta = None, ""
+        detok = self._detok.get(req.request_id)  # SampleText: text and stop strings (engine/detokenizer.py)
         if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
             reason = "stop"
-        else:
-            detok = self._detok.get(req.request_id)
-            if detok is not None:
-                delta = detok.push(tok)
-                req.text += delta
-                # vLLM: stop strings do not count before min_tokens (eos is masked in the logits).
-                stops = p.stop if num_tokens - req.num_prompt_tokens >= p.min_tokens else ()
-                for s in stops:
-                    # Only the new text (plus a stop's length of overlap) can complete a stop string.
-                    cut = req.text.find(s, max(0, len(req.text) - len(delta) - len(s)))
-                    if cut >= 0:
-                        if p.include_stop_str_in_output:
-                            cut += len(s)
-                        delta = delta[:max(0, len(delta) - (len(req.text) - cut))]
-                        req.text = req.text[:cut]
-                        reason = "stop"
-                        break
+        elif detok is not None:
+            # The delta holds back what may begin a stop string: a stream never shows part of one.
+            delta, stopped = detok.push(tok)
+            req.text = detok.text
+            reason = "stop" if stopped else None
         if reason is None and req.structured is not None:  # "stop" once the grammar is complete
             reason = req.structured.advance(tok)
         if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if detok is not None:
+                delta += detok.flush()  # the text held back, now that no stop string can follow
             self.scheduler.finish(req, reason)
             self._forget(req)
             if not self._first_request_logged:  # the first request after start-up: is it warm?
@@ -428,11 +423,13 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()
-    def score(self, token_ids: list[int]) -> torch.Tensor:
+    def score(self, token_ids: list[int], cache_salt: str | None = "score") -> torch.Tensor:
         """Float32 logits [len, vocab] of every position, computed through the paged cache in
         chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps.
         Raises ValueError for empty or out-of-vocabulary ids and for more than ``max_model_len``
-        tokens (positions past the model's context have no embedding)."""
+        tokens (positions past the model's context have no embedding). ``cache_salt``: the
+        prefix-cache salt the scored blocks are cached under (a request's own, for its
+        prompt_logprobs)."""
         if encoder.is_encoder_decoder(self.config):
             raise ValueError(f"scoring (logits, prompt_logprobs) of {self.config.model_type} is not supported: "
                              f"it needs the encoder input; generate with encoder_features instead")
@@ -440,7 +437,7 @@ class LLMEngine:
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"{len(token_ids)} tokens exceed the maximum context length of "
                              f"{self.max_model_len} tokens (max_model_len); score at most that many")
-        req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt="score")
+        req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt=cache_salt)
         try:
             self.kv.match_prefix(req, lookup=False)  # every position's logits are wanted
             chunks = []
@@ -449,7 +446,7 @@ class LLMEngine:
                 n = min(n, self.kv.chunk_limit(req) or n)  # a window table holds chunk + window
                 copies = self.kv.allocate(req, n)
                 if copies is None:
-                    raise RuntimeError(f"{len(token_ids)} tokens do not fit in the free KV blocks")
+                    raise PoolBusy(f"{len(token_ids)} tokens do not fit in the free KV blocks")
                 chunks.append(self.runner.execute(ScheduledBatch([req], [n], copies), all_logits=True))
                 req.num_computed_tokens += n
                 self.kv.cache_blocks(req)  # a window group lets go of what left the window

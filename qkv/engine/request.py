@@ -14,9 +14,12 @@ import torch
 from qkv.engine.structured import StructuredOutputs
 
 
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy
+
+
 @dataclass
 class SamplingParams:
-    """How to pick tokens and when to stop. ``temperature=0`` is greedy.
+    """How to pick tokens and when to stop. ``temperature=0`` (or below 1e-5) is greedy.
 
     With ``n > 1`` the samples share the prompt's KV blocks; sample ``i`` draws from
     ``seed + i``, so it equals a single request with that seed.
@@ -98,7 +101,8 @@ class SamplingParams:
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict):
                 raise ValueError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
-            self.logit_bias = {_int("logit_bias (a token id)", int(k) if isinstance(k, str) and k.isdigit() else k,
+            digits = lambda k: isinstance(k, str) and k.isascii() and k.isdigit()  # noqa: E731 ("²" is a digit)
+            self.logit_bias = {_int("logit_bias (a token id)", int(k) if digits(k) else k,
                                     low=0): _real("logit_bias (a bias)", v) for k, v in self.logit_bias.items()}
         if self.bad_words is not None:
             words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
@@ -109,7 +113,8 @@ class SamplingParams:
             ids = self.allowed_token_ids
             if not isinstance(ids, (list, tuple)) or not ids:
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids, got {ids!r}")
-            self.allowed_token_ids = [_int("allowed_token_ids", t, low=0) for t in ids]
+            # Without repeats: each step's work is one entry per id (400k repeats of one id cost 0.1 s a step).
+            self.allowed_token_ids = list(dict.fromkeys(_int("allowed_token_ids", t, low=0) for t in ids))
         for name in ("suppress_token_ids", "begin_suppress_token_ids"):
             ids = getattr(self, name)
             if ids is not None:
@@ -126,7 +131,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # As vLLM's: below 1e-5 is greedy. logits / 1e-39 overflows float32 (inf - inf = nan):
+        # such a temperature drew garbage instead of the near-greedy token.
+        return self.temperature < GREEDY_BELOW
 
     @property
     def processes_logits(self) -> bool:

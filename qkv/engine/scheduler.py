@@ -35,6 +35,10 @@ class RequestTooLarge(ValueError):
     """A request that can never fit in the KV pool, or past the model's context."""
 
 
+class PoolBusy(RuntimeError):
+    """The free KV blocks cannot hold this now, though they could later: retry (not the input's fault)."""
+
+
 @dataclass
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -31,7 +32,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.engine.request import SamplingParams
-from qkv.engine.scheduler import RequestTooLarge
+from qkv.engine.scheduler import PoolBusy, RequestTooLarge
 from qkv.loading.chat_template import ChatTemplateLimitError
 from qkv.server import protocol as P
 from qkv.server import tokenize as T
@@ -47,6 +48,7 @@ log = logging.getLogger("qkv.server")
 
 
 RETRY_AFTER_S = 1  # what a 429 asks the client to wait
+_submissions = itertools.count()  # makes each engine request id unique
 
 
 class ServerLimits:
@@ -250,7 +252,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                 chosen[k] = getattr(req, k)
         bias = {int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None
         try:
-            return SamplingParams(n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
+            params = SamplingParams(n=req.n, max_tokens=max_tokens, seed=req.seed, stop=req.stop,
                                   stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
                                   min_tokens=req.min_tokens, logit_bias=bias, bad_words=req.bad_words,
                                   allowed_token_ids=req.allowed_token_ids, logprobs=req.logprobs_k(),
@@ -258,8 +260,20 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                                   include_stop_str_in_output=req.include_stop_str_in_output,
                                   skip_special_tokens=req.skip_special_tokens, structured_outputs=structured,
                                   **chosen)
-        except ValueError as e:
-            raise P.APIError(400, str(e), code="invalid_value") from None
+        except ValueError as e:  # SamplingParams' messages begin with the field's name
+            name = str(e).split(" ", 1)[0]
+            raise P.APIError(400, str(e), code="invalid_value",
+                             param=name if name in SamplingParams.__dataclass_fields__ else None) from None
+        # Token ids past the vocabulary, here rather than in the engine: one >= 2**64 cannot
+        # even be sent to the engine process.
+        for name, ids in (("stop_token_ids", params.stop_token_ids), ("allowed_token_ids", params.allowed_token_ids),
+                          ("logit_bias", list(params.logit_bias or ()))):
+            if ids:
+                try:
+                    engine.check_token_ids(ids, name)
+                except ValueError as e:
+                    raise P.APIError(400, str(e), code="invalid_value", param=name) from None
+        return params
 
     from .audio import add_transcription_route, refuse_text_request  # /v1/audio/transcriptions (Whisper)
 
@@ -345,13 +359,18 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         if state["draining"]:  # it may have begun while this request was tokenized
             raise P.APIError(503, "the server is shutting down", "server_error", "shutting_down")
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{request_id(request)}"  # X-Request-Id, or a fresh one
+        # The engine's id is unique even when clients reuse an X-Request-Id: two live requests with
+        # one id clashed (the second refused; under qkv serve the first one's tokens were lost).
+        engine_id = f"{rid}#{next(_submissions)}"
         try:
-            stream = loop.submit(prompts, params, rid, request_salt(request.state.tenant, req.cache_salt))
+            stream = loop.submit(prompts, params, engine_id, request_salt(request.state.tenant, req.cache_salt))
         except QueueFull as e:
             raise P.APIError(429, str(e), "server_error", "queue_full",
                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except EngineDead as e:
             raise P.APIError(500, str(e), "server_error", "engine_dead") from None
+        except ValueError as e:  # the engine process could not be sent it (engine_client.py)
+            raise P.APIError(400, str(e), code="invalid_value") from None
         state["inflight"] += 1
         try:
             return await respond(request, req, prompts, params, chat, loop, rid, stream, echo, tools)
@@ -362,6 +381,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
     def done() -> None:
         state["inflight"] -= 1
 
+    def token_text(token: int) -> str:
+        """One token's text, as the engine writes it in logprobs."""
+        return llm.tokenizer.decode([token], skip_special_tokens=False) if llm.tokenizer is not None else ""
+
     async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None,
                       tools: TC.Parsing | None = None):
@@ -370,6 +393,9 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             await asyncio.wrap_future(stream.added)
         except RequestTooLarge as e:
             raise P.APIError(400, str(e), code="context_length_exceeded", param="max_tokens") from None
+        except PoolBusy as e:  # prompt_logprobs' scoring found too few free blocks: the load's fault, not the input's
+            raise P.APIError(429, f"the server is busy: {e}; retry later", "server_error", "server_busy",
+                             headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         except ShuttingDown as e:
             raise P.APIError(503, str(e), "server_error", "shutting_down") from None
         except EngineDead as e:
@@ -380,7 +406,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
             raise
         answer = _Answer(rid, model_name, prompts, params.n, stream, chat, params.logprobs, echo,
-                         req.prompt_logprobs is not None, tools)
+                         req.prompt_logprobs is not None, tools, token_text)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"}, on_close=done)
@@ -417,7 +443,7 @@ async def parse(request: Request, model: type, max_bytes: int):
     try:
         return model.model_validate(data)
     except ValidationError as e:
-        raise P.APIError(400, P.validation_message(e), code="invalid_value") from None
+        raise P.APIError(400, P.validation_message(e), code="invalid_value", param=P.validation_param(e)) from None
     except RecursionError:
         raise P.APIError(400, "the JSON body nests too deeply", code="invalid_json") from None
 
@@ -471,11 +497,12 @@ class _Answer:
     Choice ``p * n + i`` is sample ``i`` of prompt ``p``. ``logprobs``: top-k per token (None:
     not asked); ``echo``: each prompt's text, put before its completion (completions only);
     ``prompt_logprobs``: add vLLM's ``prompt_logprobs`` (per choice for completions, per
-    response for chat)."""
+    response for chat). ``token_text``: a token's text (echo's first prompt token has no logprob
+    entry to take it from)."""
 
     def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool,
                  logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False,
-                 tools: TC.Parsing | None = None):
+                 tools: TC.Parsing | None = None, token_text=lambda token: ""):
         self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
         self.logprobs, self.echo, self.want_prompt_logprobs = logprobs, echo, prompt_logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -487,6 +514,7 @@ class _Answer:
         self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
         self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
         self._error: BaseException | None = None  # met by _drain after outputs it returned
+        self.token_text = token_text
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -510,7 +538,9 @@ class _Answer:
         if self.chat:
             return P.chat_logprobs(tokens, entries, self.logprobs)
         if with_prompt and self.echo is not None:
-            return P.completion_logprobs(out.prompt_token_ids + tokens, (out.prompt_logprobs or []) + entries)
+            prompt = out.prompt_token_ids
+            return P.completion_logprobs(prompt + tokens, (out.prompt_logprobs or []) + entries,
+                                         first_text=self.token_text(prompt[0]))
         offset = len(self.echo[self._index(out) // self.n]) if self.echo is not None else 0
         return P.completion_logprobs(tokens, entries, offset)
 

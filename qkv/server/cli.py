@@ -102,8 +102,8 @@ def run(args) -> int:
     except ValueError as e:
         print(f"qkv serve: {e}", file=sys.stderr)
         return 2
-    for flag, least in (("max_n", 1), ("max_body_bytes", 1), ("max_waiting_requests", 0)):
-        if getattr(args, flag) < least:
+    for flag, least in (("max_n", 1), ("max_body_bytes", 1), ("max_waiting_requests", 0), ("default_max_tokens", 1)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:  # default_max_tokens 0: every chat a 400
             print(f"qkv serve: --{flag.replace('_', '-')} must be at least {least}", file=sys.stderr)
             return 2
     from qkv.server.frontends import check_count

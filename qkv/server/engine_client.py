@@ -20,9 +20,9 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from qkv.engine.request import RequestOutput, SamplingParams
-from qkv.engine.scheduler import RequestTooLarge
+from qkv.engine.scheduler import PoolBusy, RequestTooLarge
 from qkv.server import wire
-from qkv.server.detokenizer import SampleText
+from qkv.engine.detokenizer import SampleText
 from qkv.server.engine_loop import QueueFull, ShuttingDown, Stream
 
 log = logging.getLogger("qkv.server")
@@ -127,13 +127,17 @@ class EngineClient:
         asked, waiting = stream.num_samples, self.num_waiting
         if self.max_waiting is not None and waiting and waiting + asked > self.max_waiting:
             raise QueueFull(waiting, asked, self.max_waiting)
+        features = [wire.tensor_to_wire(f) for f in encoder_features] if encoder_features else None
+        try:  # packed first: a request that cannot be sent must leave nothing counted or routed
+            data = self._pack(["add", ids, prompts, wire.params_to_wire(params), cache_salt, features])
+        except (OverflowError, ValueError, TypeError) as e:  # e.g. an int >= 2**64 in a JSON schema
+            raise ValueError(f"the request cannot be sent to the engine process: {e}") from None
         route = _Route(stream, params, dict(zip(ids, prompts)), time.monotonic())
         self._adding[ids[0]] = route
         for rid in ids:
             self._routes[rid] = route
         self._queued += asked
-        features = [wire.tensor_to_wire(f) for f in encoder_features] if encoder_features else None
-        self._send(["add", ids, prompts, wire.params_to_wire(params), cache_salt, features])
+        self._send(["add"], data)
         return stream
 
     def abort(self, stream: Stream) -> None:
@@ -147,12 +151,13 @@ class EngineClient:
         if self.dead is None:
             self._send(["abort", live])
 
-    def _send(self, msg: list) -> None:
+    def _send(self, msg: list, data: bytes | None = None) -> None:
+        """Send ``msg`` (``data``: its packed bytes, when packed already)."""
         # A blocking-mode send on an asyncio socket never blocks the loop: pyzmq sends at once when
         # it can and otherwise queues the message, in order, until the engine's socket has
         # connected (it may connect a few ms after /health turns 200). NOBLOCK would instead drop
         # the message silently into a future nobody reads: the request would hang for ever.
-        fut = self._push.send(self._pack(msg), copy=False)
+        fut = self._push.send(self._pack(msg) if data is None else data, copy=False)
         fut.add_done_callback(lambda f, kind=msg[0]: f.cancelled() or f.exception() is None or
                               log.warning("could not send %s to the engine: %s", kind, f.exception()))
 
@@ -193,7 +198,8 @@ class EngineClient:
             self._routes.pop(rid, None)
         kind, message = error
         if not fut.done():
-            fut.set_exception(RequestTooLarge(message) if kind == "RequestTooLarge" else
+            fut.set_exception(RequestTooLarge(message) if kind == "RequestTooLarge" else PoolBusy(message)
+                              if kind == "PoolBusy" else
                               ValueError(message) if kind == "ValueError" else RuntimeError(message))
 
     def _outputs(self, entries: list) -> None:

@@ -3,8 +3,9 @@
 ``install(app, cors)`` adds both as middleware. The request id is the client's
 ``X-Request-Id`` when it sent a usable one (1-128 visible ASCII characters, no ``/``,
 which the engine uses to name samples), else a fresh one; it is echoed on every response
-(errors, 404s, streams, CORS preflights) and becomes the engine request id
-(``chatcmpl-<id>``), so log lines about a request name it. A client that sends an unusable
+(errors, 404s, streams, CORS preflights) and names the response (``chatcmpl-<id>``) and
+begins the engine's request id (``chatcmpl-<id>#<n>``: unique, since clients may reuse an
+id), so log lines about a request name it. A client that sends an unusable
 id gets it refused (400) rather than silently replaced.
 """
 

@@ -16,6 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 MAX_STOP = 16  # stop strings per request
+# Per-token work grows with these lists (bad_words: one encoding each at admission and one
+# check each per step, on the engine's thread): a 1 MiB body of them stalled every request.
+MAX_BAD_WORDS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 MAX_SALT = 1024  # characters of cache_salt
 
 Int = Annotated[int, Strict()]
@@ -50,6 +54,18 @@ def validation_message(e: ValidationError) -> str:
         else:
             parts.append(f"{loc}: {err.get('msg')}")
     return "; ".join(parts)
+
+
+_BRANCHES = {"str", "int", "float", "bool", "dict", "list", "none"}  # pydantic's union-branch names in a loc
+
+
+def validation_param(e: ValidationError) -> str | None:
+    """The first problem's field, for the error's ``param`` (``messages.0.role``): its
+    location without pydantic's union-branch names (``str``, ``list[int]``)."""
+    errors = e.errors(include_url=False)
+    loc = errors[0].get("loc", ()) if errors else ()
+    parts = [str(x) for x in loc if isinstance(x, int) or (x.isidentifier() and x not in _BRANCHES)]
+    return ".".join(parts) or None
 
 
 class Unsupported(Exception):
@@ -93,12 +109,12 @@ class _Sampling(BaseModel):
     presence_penalty: Float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: dict[str, Float] | None = None
     min_tokens: Int = Field(0, ge=0)
-    bad_words: list[str] | None = None
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
     allowed_token_ids: list[Int] | None = None
     # Sample i seeds with seed + i: the whole range must stay within torch's 64-bit seeds.
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[Int] = Field(default_factory=list)
+    stop_token_ids: list[Int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: Bool = False
     include_stop_str_in_output: Bool = False
     skip_special_tokens: Bool = True
@@ -132,8 +148,8 @@ class _Sampling(BaseModel):
     @classmethod
     def _bias(cls, v):
         for k, b in (v or {}).items():
-            if not k.isdigit():
-                raise ValueError(f"keys must be token ids (digits), got {k!r}")
+            if not (k.isascii() and k.isdigit()):  # "²".isdigit(), but int("²") fails
+                raise ValueError(f"keys must be token ids (digits 0-9), got {k!r}")
             if not -100 <= b <= 100:
                 raise ValueError(f"biases must be in [-100, 100], got {b} for token {k}")
         return v
@@ -151,6 +167,8 @@ class _Sampling(BaseModel):
                 raise Unsupported("stream_options.continuous_usage_stats", "usage comes in the last chunk only")
             if not self.stream:
                 raise Unsupported("stream_options", "only allowed with stream: true")
+        if self.stream and self.prompt_logprobs is not None:  # as vLLM: chunks have no place for them
+            raise Unsupported("prompt_logprobs", "not available with stream: true")
 
     def logprobs_k(self) -> int | None:
         """Top log-probabilities per output token, or None when not asked."""
@@ -371,12 +389,13 @@ def chat_logprobs(tokens: list[int], entries: list[dict], k: int) -> dict:
     return {"content": content, "refusal": None}
 
 
-def completion_logprobs(tokens: list[int], entries: list[dict | None], offset: int = 0) -> dict:
+def completion_logprobs(tokens: list[int], entries: list[dict | None], offset: int = 0, first_text: str = "") -> dict:
     """OpenAI's legacy completions ``logprobs``: tokens, their logprobs (None for a prompt's
-    first token), the top ones as {text: logprob}, and each token's character offset."""
+    first token, whose text is ``first_text``), the top ones as {text: logprob}, and each
+    token's character offset."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for t, e in zip(tokens, entries):
-        text = e[t].decoded_token if e else None
+    for i, (t, e) in enumerate(zip(tokens, entries)):
+        text = e[t].decoded_token if e else first_text if i == 0 else None
         out["tokens"].append(text or "")
         out["token_logprobs"].append(e[t].logprob if e else None)
         top = None

@@ -1,8 +1,8 @@
-"""SampleText: one sample's text and stop strings, kept by the front end of the process split.
+"""SampleText: one sample's text and stop strings, for the engine and the process split's front end.
 
-The engine process sends token ids only (``LLMEngine.detokenize = False``). This applies the
-rules ``LLMEngine._append`` applies in-process, so both paths give the same text and the same
-stop: a token that ends the sample by id (eos unless ``ignore_eos``, ``stop_token_ids``) adds
+``LLMEngine._append`` keeps one per sample; the engine process of ``qkv serve`` sends token ids
+only (``LLMEngine.detokenize = False``) and its front end keeps them instead, so both paths give
+the same text, the same stop and the same streamed deltas: a token that ends the sample by id (eos unless ``ignore_eos``, ``stop_token_ids``) adds
 no text; stop strings count from ``min_tokens`` output tokens on; the text is cut before the
 stop string (after it with ``include_stop_str_in_output``).
 """
@@ -42,12 +42,30 @@ class SampleText:
                 if cut >= 0:
                     self.text = text[:cut + len(s) if p.include_stop_str_in_output else cut]
                     return self.flush(), True
-        # Held back: the longest end of the text that begins a stop string (a whole one too:
-        # before min_tokens it does not stop yet, but the engine's rule still cuts it later).
-        hold = max((k for s in p.stop for k in range(len(s), 0, -1) if text.endswith(s[:k])), default=0)
-        out = text[self.sent:len(text) - hold]
+        out = text[self.sent:len(text) - self._held(text)]
         self.sent += len(out)
         return out, False
+
+    def _held(self, text: str) -> int:
+        """Characters to hold back: the longest end of the text that begins a stop string (a
+        whole one too: before min_tokens it does not stop yet, but the rule still cuts it later).
+        It lies in the unsent text (what began a stop string was held back then), and only
+        prefixes ending with the text's last character can match: per token this costs about
+        one comparison per stop string, not one per prefix (16 stop strings of 64k characters
+        took seconds a token, stalling the engine thread or the server's event loop)."""
+        unsent = len(text) - self.sent
+        best = 0
+        if unsent:
+            last = text[-1]
+            for s in self.params.stop:
+                k = min(len(s), unsent)
+                while k > best:
+                    k = s.rfind(last, 0, k) + 1  # the longest prefix, up to k, that ends with ``last``
+                    if k > best and text.endswith(s[:k]):
+                        best = k
+                        break
+                    k -= 1
+        return best
 
     def flush(self) -> str:
         """The text not streamed yet (held back as a possible stop string's start)."""
