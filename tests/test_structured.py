@@ -227,6 +227,19 @@ def test_a_grammar_with_nothing_left_to_sample_ends_without_the_rejected_token(l
         _assert_pool_whole(llm)
 
 
+def test_a_grammar_dead_end_under_async_scheduling(model_dir):
+    """Async scheduling launches the next step before it reads the rejected token: the same
+    output, and the step in flight gives its blocks back too."""
+    from qkv import LLM
+
+    async_llm = LLM(model_dir, device="cpu", num_kv_blocks=32, async_scheduling=True)
+    y, params = _dead_end_params(async_llm, n=2, temperature=1.0, seed=3)
+    (out,) = async_llm.generate("x", params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in out.outputs] == [([y], "y", "error")] * 2
+    assert not async_llm.engine.has_unfinished()
+    _assert_pool_whole(async_llm)
+
+
 def _assert_pool_whole(llm):
     s = llm.stats()
     assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"] and s["num_blocks_in_use"] == 0, s
