@@ -590,3 +590,33 @@ def test_engine_process_errors_keep_their_kind():
 
     for kind, cls in (("PoolBusy", PoolBusy), ("RequestTooLarge", RequestTooLarge), ("ValueError", ValueError)):
         assert asyncio.run(added(kind)) is cls
+
+
+def test_allowed_token_ids_against_a_grammar(url, ref_llm):
+    """allowed_token_ids that leave a structured output's grammar no token: where that shows
+    at the first token it is a 400 naming both fields; later, the token the grammar rejects
+    never reaches the text and the choice ends with finish_reason "error" (it was "abort",
+    with the rejected token's text in the output). No block leaks."""
+    pytest.importorskip("llguidance")
+    (y,) = ref_llm.tokenizer.encode("y", add_special_tokens=False)
+    (x,) = ref_llm.tokenizer.encode("x", add_special_tokens=False)
+    r = post(url, {"prompt": "hi", "max_tokens": 4, "allowed_token_ids": [x], "guided_regex": "y[0-9]"})
+    refused(r, "allowed_token_ids")
+    assert "guided_regex" in r.json()["error"]["message"], r.text
+    msgs = [{"role": "user", "content": "hi"}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"}}}
+    r = post(url, {"messages": msgs, "max_tokens": 4, "allowed_token_ids": [y], "response_format": fmt},
+             "/v1/chat/completions")
+    refused(r, "allowed_token_ids")
+    assert "response_format" in r.json()["error"]["message"], r.text
+    body = {"prompt": "hi", "max_tokens": 4, "allowed_token_ids": [y], "guided_regex": "y[0-9]", "n": 2,
+            "temperature": 1.0, "seed": 1, "logprobs": 1}
+    r = post(url, body)
+    assert r.status_code == 200, r.text
+    for c in r.json()["choices"]:
+        assert (c["text"], c["finish_reason"]) == ("y", "error"), c
+        assert c["logprobs"]["tokens"] == ["y"], c
+    assert r.json()["usage"]["completion_tokens"] == 2
+    assert stream_all(url, body) == [("y", "error")] * 2
+    assert_pool_whole(url)
+    still_serves(url)

@@ -190,14 +190,59 @@ def test_device_unpacking_equals_numpy():
     assert host[1, :32].nonzero().flatten().tolist() == [0, 31]
 
 
-def test_a_grammar_with_nothing_left_to_sample_aborts(llm):
-    """allowed_token_ids disjoint from what the grammar allows: every logit is -inf, the
-    grammar rejects whatever comes out, and the request ends with "abort", blocks freed."""
+def test_allowed_token_ids_the_grammar_forbids_at_once_are_refused(llm):
+    """allowed_token_ids of which the grammar allows none first: a ValueError naming both
+    fields at admission, nothing queued (it ran as "abort" with the rejected token in the text)."""
     (tok,) = llm.tokenizer.encode("{}", add_special_tokens=False)
-    (out,) = llm.generate("x", SamplingParams(max_tokens=8, allowed_token_ids=[tok],
-                                              structured_outputs=StructuredOutputs(choice=["yes"])))
-    assert out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) == 1
-    assert llm.stats()["num_blocks_in_use"] == 0
+    with pytest.raises(ValueError, match=r"^allowed_token_ids: .*structured_outputs\.choice"):
+        llm.generate("x", SamplingParams(max_tokens=8, allowed_token_ids=[tok],
+                                         structured_outputs=StructuredOutputs(choice=["yes"])))
+    _assert_pool_whole(llm)
+    assert not llm.engine.has_unfinished()
+
+
+def _dead_end_params(llm, **kw):
+    """regex "y[0-9]" with only the token "y" allowed: "y" is taken, then the grammar wants a
+    digit, which allowed_token_ids forbid (the sampler draws from an all -inf row)."""
+    (y,) = llm.tokenizer.encode("y", add_special_tokens=False)
+    return y, SamplingParams(max_tokens=8, allowed_token_ids=[y], structured_outputs=StructuredOutputs(regex="y[0-9]"),
+                             **kw)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n=2, temperature=1.0, seed=3, logprobs=1)])
+def test_a_grammar_with_nothing_left_to_sample_ends_without_the_rejected_token(llm, kw):
+    """The token the grammar rejects never reaches the output's tokens, text or logprobs; the
+    request ends with finish_reason "error" (vLLM's name for neither stop, length nor abort)
+    and every block goes back to the pool."""
+    y, params = _dead_end_params(llm, **kw)
+    (out,) = llm.generate("x", params)
+    for o in out.outputs:
+        assert (o.token_ids, o.text, o.finish_reason) == ([y], "y", "error"), o
+        assert o.logprobs is None or len(o.logprobs) == 1
+    _assert_pool_whole(llm)
+    if params.n == 1:  # streamed: the deltas add up to the same text, the last one says "error"
+        outs = list(llm.stream("x", params))
+        assert "".join(o.text_delta for o in outs) == "y" and outs[-1].finish_reason == "error"
+        assert [o.finish_reason for o in outs[:-1]] == [None] * (len(outs) - 1)
+        _assert_pool_whole(llm)
+
+
+def test_a_grammar_dead_end_under_async_scheduling(model_dir):
+    """Async scheduling launches the next step before it reads the rejected token: the same
+    output, and the step in flight gives its blocks back too."""
+    from qkv import LLM
+
+    async_llm = LLM(model_dir, device="cpu", num_kv_blocks=32, async_scheduling=True)
+    y, params = _dead_end_params(async_llm, n=2, temperature=1.0, seed=3)
+    (out,) = async_llm.generate("x", params)
+    assert [(o.token_ids, o.text, o.finish_reason) for o in out.outputs] == [([y], "y", "error")] * 2
+    assert not async_llm.engine.has_unfinished()
+    _assert_pool_whole(async_llm)
+
+
+def _assert_pool_whole(llm):
+    s = llm.stats()
+    assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"] and s["num_blocks_in_use"] == 0, s
 
 
 def test_grammars_are_cached(llm):

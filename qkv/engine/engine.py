@@ -208,6 +208,8 @@ class LLMEngine:
         so = params.structured_outputs
         if so is not None and self.grammars is None:
             raise ValueError("structured_outputs need a tokenizer; this model has none")
+        if so is not None and params.allowed_token_ids is not None:
+            self.grammars.check_allowed(so, params.allowed_token_ids)
         matchers = [self.grammars.matcher(so) for _ in range(params.n)] if so is not None else None
         features, enc_len, cache_salt = encoder.encoder_input(self.config, encoder_features, cache_salt)
         base_seed = params.seed
@@ -383,6 +385,11 @@ class LLMEngine:
 
     def _append(self, req: Request, tok: int, now: float, lp: tuple | None = None) -> RequestOutput:
         tokens = req.all_token_ids
+        # The grammar first: a token it rejects (the request's other options left it none to
+        # take) never enters the output; the request ends there (engine/structured.py).
+        grammar = req.structured.advance(tok) if req.structured is not None else None
+        if grammar == structured.DEAD_END:
+            return self._dead_end(req)
         tokens.append(tok)
         k = req.params.logprobs
         if k is not None and lp is not None:
@@ -403,8 +410,8 @@ class LLMEngine:
             delta, stopped = detok.push(tok)
             req.text = detok.text
             reason = "stop" if stopped else None
-        if reason is None and req.structured is not None:  # "stop" once the grammar is complete
-            reason = req.structured.advance(tok)
+        if reason is None:  # "stop" once the grammar is complete
+            reason = grammar
         if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
@@ -419,6 +426,18 @@ class LLMEngine:
                       f"({num_tokens - req.num_prompt_tokens} tokens)", file=sys.stderr, flush=True)
         return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, num_tokens, req.text,
                              reason, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
+                             prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)
+
+    def _dead_end(self, req: Request) -> RequestOutput:
+        """End ``req`` without the token just sampled: its grammar rejected it."""
+        tokens, detok = req.all_token_ids, self._detok.get(req.request_id)
+        delta = detok.flush() if detok is not None else ""
+        if detok is not None:
+            req.text = detok.text
+        self.scheduler.finish(req, structured.DEAD_END)
+        self._forget(req)
+        return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, len(tokens), req.text,
+                             structured.DEAD_END, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
                              prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)
 
     # ---------------------------------------------------------------- scoring

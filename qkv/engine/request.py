@@ -194,7 +194,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_tokens: int
     text: str
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (a grammar's dead end) | None while running
     num_cached_tokens: int = 0
     index: int = 0  # which of the n samples
     text_delta: str = ""  # text added by this step (streaming)

@@ -12,6 +12,15 @@ validated, kept pristine; each request gets a cheap copy), gives each sample its
   reports "stop" once it is complete (nothing but end-of-sequence could follow), so the
   request ends there with finish_reason "stop" and no eos token in the text.
 
+A request's own options can leave its grammar no token to take (``allowed_token_ids`` that
+the grammar forbids all of). Where that shows at the first token, ``GrammarCache.check_allowed``
+refuses the request at admission (ValueError naming both fields: a 400 on the server). Later
+in the output the sampler still draws from an all -inf row; the engine then asks the grammar
+first (``advance`` returns ``DEAD_END``), drops that token (it never reaches the output's
+tokens, text or logprobs) and ends the request with finish_reason ``DEAD_END`` ("error", as
+vLLM names a request ended by a failure rather than by stop, length or the client's abort):
+the text is the grammar-valid prefix written so far.
+
 Nothing here runs for a batch without a structured request (the engine checks a set first).
 With async scheduling the mask is still exact: ``LLMEngine.step`` reads step n's tokens (and
 advances the matchers) before it samples step n+1, and the mask is filled while the device
@@ -44,6 +53,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+# The finish_reason of a request whose grammar rejected every token it could sample.
+DEAD_END = "error"
 
 # JSON is written with fixed separators (as Python's json.dumps writes it), not arbitrary
 # whitespace: a model (a small or a random one above all) that may emit whitespace between
@@ -147,13 +159,14 @@ class StructuredMatcher:
         self.matcher, self.kind = matcher, kind
 
     def advance(self, token: int) -> str | None:
-        """Accept the sampled ``token``: "stop" when the grammar is now complete, "abort" if the
-        grammar rejects it (only possible when other options, e.g. allowed_token_ids, masked
-        every token it allowed), else None."""
+        """Accept the sampled ``token``: "stop" when the grammar is now complete, ``DEAD_END`` if
+        the grammar rejects it (only possible when other options, e.g. allowed_token_ids, masked
+        every token it allowed: the caller drops the token and ends the request), else None."""
         m = self.matcher
         if not m.consume_token(token):
-            log.warning("structured output (%s) rejected token %d: %s", self.kind, token, m.get_error()[:500])
-            return "abort"
+            log.warning("structured output (%s) rejected token %d: the request's other options left its "
+                        "grammar no token to take: %s", self.kind, token, m.get_error()[:500])
+            return DEAD_END
         return "stop" if m.is_stopped() else None
 
 
@@ -220,6 +233,21 @@ class GrammarCache:
         compiled = self.compile(so)
         with self._lock:
             return StructuredMatcher(compiled.deep_copy(), so.kind)
+
+    def check_allowed(self, so: StructuredOutputs, allowed_token_ids: list[int], field: str | None = None) -> None:
+        """ValueError (naming ``allowed_token_ids`` and ``field``, by default
+        ``structured_outputs.<kind>``) when none of ``allowed_token_ids`` may begin the output
+        that ``so``'s grammar requires: such a request could only end at once with nothing."""
+        compiled = self.compile(so)
+        with self._lock:
+            first = compiled.deep_copy()
+        mask = np.frombuffer(first.compute_bitmask(), dtype=np.uint8)
+        ids = np.asarray(allowed_token_ids, dtype=np.int64)
+        ids = ids[ids < self.mask_vocab]
+        if not ((mask[ids >> 3] >> (ids & 7)) & 1).any():
+            raise ValueError(f"allowed_token_ids: none of these tokens may begin the output that "
+                             f"{field or 'structured_outputs.' + so.kind} requires; allow at least one "
+                             f"token that the grammar allows first")
 
     def executor(self):
         if self._executor is None:

@@ -41,7 +41,7 @@ from qkv.server.engine_client import EngineDead
 from qkv.server.engine_loop import EngineLoop, QueueFull, ShuttingDown, Stream
 from qkv.server.http_plumbing import CORS, install, request_id
 from qkv.server.metrics import ServerMetrics
-from qkv.server.structured import compiled_constraint
+from qkv.server.structured import compiled_constraint, constraint
 from qkv.server.tenants import KeyRing, request_salt
 
 log = logging.getLogger("qkv.server")
@@ -273,6 +273,11 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
                     engine.check_token_ids(ids, name)
                 except ValueError as e:
                     raise P.APIError(400, str(e), code="invalid_value", param=name) from None
+        if structured is not None and params.allowed_token_ids is not None:  # none the grammar allows first
+            try:
+                engine.grammars.check_allowed(structured, params.allowed_token_ids, constraint(req)[1])
+            except ValueError as e:
+                raise P.APIError(400, str(e), code="invalid_value", param="allowed_token_ids") from None
         return params
 
     from .audio import add_transcription_route, refuse_text_request  # /v1/audio/transcriptions (Whisper)

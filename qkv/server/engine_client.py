@@ -223,14 +223,17 @@ class EngineClient:
             elif metrics is not None:
                 metrics.itl.observe(now - s.last)
             s.last = now
-            s.tokens.append(tok)
-            if lp is not None and s.logprobs is not None:
-                entry = wire.logprobs_from_wire(lp)
-                s.logprobs.append(entry)
-                s.cumulative += entry[tok].logprob
             if plp is not None:
                 s.prompt_logprobs = [wire.logprobs_from_wire(e) for e in plp]
-            delta, stopped = s.text.push(tok)
+            if tok is None:  # a grammar's dead end: the sample ends without a token
+                delta, stopped = "", False
+            else:
+                s.tokens.append(tok)
+                if lp is not None and s.logprobs is not None:
+                    entry = wire.logprobs_from_wire(lp)
+                    s.logprobs.append(entry)
+                    s.cumulative += entry[tok].logprob
+                delta, stopped = s.text.push(tok)
             if stopped and reason is None:
                 reason = "stop"
                 finish.append(sid)

@@ -25,6 +25,7 @@ import os
 import time
 
 from qkv.engine.scheduler import RequestTooLarge
+from qkv.engine.structured import DEAD_END
 from qkv.server import wire
 
 log = logging.getLogger("qkv.engine_core")
@@ -222,8 +223,10 @@ class EngineCore:
             if sid in self.want_prompt_lps:
                 self.want_prompt_lps.discard(sid)
                 plp = [wire.logprobs_to_wire(e) for e in (out.prompt_logprobs or [])]
-            entries.append([sid, out.index, out.token_ids[-1], out.finish_reason, out.num_cached_tokens,
-                            wire.logprobs_to_wire(lps[-1]) if lps else None, plp])
+            # A grammar's dead end ends the sample without a token (engine/structured.py): None.
+            tok = None if out.finish_reason == DEAD_END else out.token_ids[-1]
+            entries.append([sid, out.index, tok, out.finish_reason, out.num_cached_tokens,
+                            wire.logprobs_to_wire(lps[-1]) if lps and tok is not None else None, plp])
             if out.finish_reason is not None:
                 self._sample_done(head, sid)
         return per
