@@ -1,0 +1,136 @@
+"""``POST /v1/audio/transcriptions`` through ``qkv serve``'s engine process (the default) and
+through ``--api-server-count 2``: a real server subprocess on test_audio_server's tiny random
+Whisper. The log-mel features cross the process boundary (``wire.tensor_to_wire``); the answers
+must equal the offline ``LLM.transcribe`` of the same audio (greedy), bad audio is a 400 naming
+the file, concurrent transcriptions all succeed, and afterwards every KV block, the
+cross-attention pages included (they come from the same pool), is free or cached again.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+pytest.importorskip("soundfile", reason="needs qkv[audio]")
+pytest.importorskip("multipart", reason="needs python-multipart (qkv[serve])")
+httpx = pytest.importorskip("httpx")
+
+from test_audio_server import _wav, tiny_whisper  # noqa: E402,F401  (a module fixture)
+from test_server import _err, free_port, metrics  # noqa: E402
+from test_server_process import children, wait_gone  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for child processes")
+
+KV_BLOCKS = "512"
+
+
+class Serve:
+    """``qkv serve`` of the tiny Whisper in a subprocess on a free loopback port."""
+
+    def __init__(self, model_dir, *extra: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
+               "--model", str(model_dir), "--device", "cpu", "--port", str(self.port),
+               "--served-model-name", "tiny-whisper", "--num-kv-blocks", KV_BLOCKS, "--log-level", "warning",
+               "--shutdown-timeout", "1", *extra]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
+        deadline = time.monotonic() + 180
+        while True:
+            assert self.proc.poll() is None, f"qkv serve exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "qkv serve did not become healthy"
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.family = children(self.proc.pid)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for p in wait_gone(self.family, 2):
+            os.kill(p, 9)
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_whisper):
+    from qkv import LLM
+
+    return LLM(str(tiny_whisper[0]), device="cpu", num_kv_blocks=int(KV_BLOCKS))
+
+
+def post(url: str, audio: bytes, name: str = "a.wav", **data):
+    return httpx.post(url + "/v1/audio/transcriptions", files={"file": (name, audio)},
+                      data={"model": "tiny-whisper", "language": "en", **data}, timeout=120)
+
+
+def check_server(url: str, offline) -> None:
+    """The same transcriptions as offline, in every response format, concurrently; bad audio
+    is a 400 naming the file; then the pool is whole again."""
+    audio = _wav(2.0)
+    want = offline.transcribe(audio, language="en", response_format="verbose_json")
+    assert want["segments"][0]["tokens"], "the offline model generated nothing: the comparison is empty"
+    verbose = post(url, audio, response_format="verbose_json")
+    assert verbose.status_code == 200, verbose.text
+    got = verbose.json()
+    assert [s["tokens"] for s in got["segments"]] == [s["tokens"] for s in want["segments"]]
+    assert got["text"] == want["text"] and got["language"] == "english" and got["duration"] == 2.0
+    assert post(url, audio).json() == {"text": want["text"]}
+    text = post(url, audio, response_format="text")
+    assert text.status_code == 200 and text.text.strip() == want["text"].strip()
+
+    err = _err(post(url, b"RIFF....WAVEjunk", name="talk.wav"), 400, "invalid_audio",
+               "talk.wav: not a readable audio file")
+    assert err["param"] == "file"
+
+    # concurrent: different lengths (one of two 30-s windows) decoded together in the engine
+    cases = [_wav(s) for s in (1.0, 2.0, 3.0, 40.0, 1.5, 2.5)]
+    wants = [offline.transcribe(a, language="en", response_format="verbose_json") for a in cases]
+    results: list = [None] * len(cases)
+
+    def one(i):
+        results[i] = post(url, cases[i], response_format="verbose_json")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r, w in zip(results, wants):
+        assert r is not None and r.status_code == 200, r and r.text
+        assert [s["tokens"] for s in r.json()["segments"]] == [s["tokens"] for s in w["segments"]]
+
+    deadline = time.monotonic() + 10
+    while (m := metrics(url))["qkv_kv_blocks_in_use"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert m["qkv_kv_blocks_in_use"] == 0 and m["qkv_requests_running"] == 0
+    assert m["qkv_kv_blocks_total"] == m["qkv_kv_blocks_free"] + m["qkv_kv_blocks_cached"]
+
+
+def test_transcriptions_through_the_engine_process(tiny_whisper, offline):
+    s = Serve(tiny_whisper[0])
+    try:
+        check_server(s.url, offline)
+    finally:
+        s.stop()
+
+
+def test_transcriptions_through_two_front_ends(tiny_whisper, offline):
+    s = Serve(tiny_whisper[0], "--api-server-count", "2")
+    try:
+        for _ in range(2):  # the port's connections land on either front end
+            check_server(s.url, offline)
+    finally:
+        s.stop()
