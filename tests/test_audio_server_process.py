@@ -30,7 +30,8 @@ from test_server_process import children, wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for child processes")
 
-KV_BLOCKS = "512"
+KV_BLOCKS = 512
+HEADER = "x-qkv-frontend"
 
 
 class Serve:
@@ -41,7 +42,7 @@ class Serve:
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
                "--model", str(model_dir), "--device", "cpu", "--port", str(self.port),
-               "--served-model-name", "tiny-whisper", "--num-kv-blocks", KV_BLOCKS, "--log-level", "warning",
+               "--served-model-name", "tiny-whisper", "--num-kv-blocks", str(KV_BLOCKS), "--log-level", "warning",
                "--shutdown-timeout", "1", *extra]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
         deadline = time.monotonic() + 180
@@ -66,9 +67,18 @@ class Serve:
 
 @pytest.fixture(scope="module")
 def offline(tiny_whisper):
+    """(audio, offline ``LLM.transcribe`` verbose_json) pairs: the expected answers."""
     from qkv import LLM
 
-    return LLM(str(tiny_whisper[0]), device="cpu", num_kv_blocks=int(KV_BLOCKS))
+    llm = LLM(str(tiny_whisper[0]), device="cpu", num_kv_blocks=KV_BLOCKS)
+    total = llm.stats()["num_blocks_total"]
+    # the windows' cross pages come from the same pool: full and cross groups of KV_BLOCKS each
+    assert total == 2 * KV_BLOCKS, llm.stats()
+    cases = [_wav(s) for s in (2.0, 1.0, 3.0, 40.0, 1.5, 2.5)]
+    wants = [llm.transcribe(a, language="en", response_format="verbose_json") for a in cases]
+    assert wants[0]["segments"][0]["tokens"], "the offline model generated nothing: the comparison is empty"
+    assert len(wants[3]["segments"]) == 2  # 40 s: two 30-s windows
+    return list(zip(cases, wants)), total
 
 
 def post(url: str, audio: bytes, name: str = "a.wav", **data):
@@ -76,16 +86,21 @@ def post(url: str, audio: bytes, name: str = "a.wav", **data):
                       data={"model": "tiny-whisper", "language": "en", **data}, timeout=120)
 
 
-def check_server(url: str, offline) -> None:
-    """The same transcriptions as offline, in every response format, concurrently; bad audio
-    is a 400 naming the file; then the pool is whole again."""
-    audio = _wav(2.0)
-    want = offline.transcribe(audio, language="en", response_format="verbose_json")
-    assert want["segments"][0]["tokens"], "the offline model generated nothing: the comparison is empty"
+def tokens(answer: dict) -> list[list[int]]:
+    return [s["tokens"] for s in answer["segments"]]
+
+
+def check_server(url: str, offline) -> set[str]:
+    """The offline transcriptions in every response format and concurrently; bad audio is a
+    400 naming the file; then the pool, cross pages included, is whole again. Returns the
+    front ends (x-qkv-frontend) that answered."""
+    cases, total = offline
+    audio, want = cases[0]
+    fronts = set()
     verbose = post(url, audio, response_format="verbose_json")
     assert verbose.status_code == 200, verbose.text
     got = verbose.json()
-    assert [s["tokens"] for s in got["segments"]] == [s["tokens"] for s in want["segments"]]
+    assert tokens(got) == tokens(want)
     assert got["text"] == want["text"] and got["language"] == "english" and got["duration"] == 2.0
     assert post(url, audio).json() == {"text": want["text"]}
     text = post(url, audio, response_format="text")
@@ -95,34 +110,36 @@ def check_server(url: str, offline) -> None:
                "talk.wav: not a readable audio file")
     assert err["param"] == "file"
 
-    # concurrent: different lengths (one of two 30-s windows) decoded together in the engine
-    cases = [_wav(s) for s in (1.0, 2.0, 3.0, 40.0, 1.5, 2.5)]
-    wants = [offline.transcribe(a, language="en", response_format="verbose_json") for a in cases]
+    # concurrent, of different lengths (40 s is two windows): more cross pages than the pool
+    # holds at once (94 per window, 512 in all), so some wait for others to finish
     results: list = [None] * len(cases)
 
     def one(i):
-        results[i] = post(url, cases[i], response_format="verbose_json")
+        results[i] = post(url, cases[i][0], response_format="verbose_json")
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(120)
-    for r, w in zip(results, wants):
+    for r, (_, w) in zip(results, cases):
         assert r is not None and r.status_code == 200, r and r.text
-        assert [s["tokens"] for s in r.json()["segments"]] == [s["tokens"] for s in w["segments"]]
+        assert tokens(r.json()) == tokens(w)
+        fronts.add(r.headers.get(HEADER))
 
     deadline = time.monotonic() + 10
     while (m := metrics(url))["qkv_kv_blocks_in_use"] and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert m["qkv_kv_blocks_total"] == total  # the cross pool is counted
     assert m["qkv_kv_blocks_in_use"] == 0 and m["qkv_requests_running"] == 0
     assert m["qkv_kv_blocks_total"] == m["qkv_kv_blocks_free"] + m["qkv_kv_blocks_cached"]
+    return fronts
 
 
 def test_transcriptions_through_the_engine_process(tiny_whisper, offline):
     s = Serve(tiny_whisper[0])
     try:
-        check_server(s.url, offline)
+        assert check_server(s.url, offline) == {None}
     finally:
         s.stop()
 
@@ -130,7 +147,14 @@ def test_transcriptions_through_the_engine_process(tiny_whisper, offline):
 def test_transcriptions_through_two_front_ends(tiny_whisper, offline):
     s = Serve(tiny_whisper[0], "--api-server-count", "2")
     try:
-        for _ in range(2):  # the port's connections land on either front end
-            check_server(s.url, offline)
+        fronts = check_server(s.url, offline)
+        audio, want = offline[0][1]
+        for _ in range(40):  # the kernel hashes each new connection to one front end
+            if fronts == {"0", "1"}:
+                break
+            r = post(s.url, audio, response_format="verbose_json")
+            assert r.status_code == 200 and tokens(r.json()) == tokens(want)
+            fronts.add(r.headers[HEADER])
+        assert fronts == {"0", "1"}
     finally:
         s.stop()
