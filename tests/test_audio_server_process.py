@@ -45,6 +45,9 @@ class Serve:
                "--served-model-name", "tiny-whisper", "--num-kv-blocks", str(KV_BLOCKS), "--log-level", "warning",
                "--shutdown-timeout", "1", *extra]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
+
+    def ready(self) -> "Serve":
+        """Waits for /health; the two servers start side by side to keep the module short."""
         deadline = time.monotonic() + 180
         while True:
             assert self.proc.poll() is None, f"qkv serve exited with {self.proc.returncode}"
@@ -56,13 +59,24 @@ class Serve:
                 pass
             time.sleep(0.2)
         self.family = children(self.proc.pid)
+        return self
 
     def stop(self) -> None:
+        family = children(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        for p in wait_gone(self.family, 2):
+        for p in wait_gone(family, 2):
             os.kill(p, 9)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_whisper):
+    """One ``qkv serve`` with its engine process, one with ``--api-server-count 2``."""
+    both = [Serve(tiny_whisper[0]), Serve(tiny_whisper[0], "--api-server-count", "2")]
+    yield both
+    for s in both:
+        s.stop()
 
 
 @pytest.fixture(scope="module")
@@ -136,25 +150,19 @@ def check_server(url: str, offline) -> set[str]:
     return fronts
 
 
-def test_transcriptions_through_the_engine_process(tiny_whisper, offline):
-    s = Serve(tiny_whisper[0])
-    try:
-        assert check_server(s.url, offline) == {None}
-    finally:
-        s.stop()
+def test_transcriptions_through_the_engine_process(servers, offline):
+    s = servers[0].ready()
+    assert check_server(s.url, offline) == {None}
 
 
-def test_transcriptions_through_two_front_ends(tiny_whisper, offline):
-    s = Serve(tiny_whisper[0], "--api-server-count", "2")
-    try:
-        fronts = check_server(s.url, offline)
-        audio, want = offline[0][1]
-        for _ in range(40):  # the kernel hashes each new connection to one front end
-            if fronts == {"0", "1"}:
-                break
-            r = post(s.url, audio, response_format="verbose_json")
-            assert r.status_code == 200 and tokens(r.json()) == tokens(want)
-            fronts.add(r.headers[HEADER])
-        assert fronts == {"0", "1"}
-    finally:
-        s.stop()
+def test_transcriptions_through_two_front_ends(servers, offline):
+    s = servers[1].ready()
+    fronts = check_server(s.url, offline)
+    audio, want = offline[0][0]
+    for _ in range(40):  # the kernel hashes each new connection to one front end
+        if fronts == {"0", "1"}:
+            break
+        r = post(s.url, audio, response_format="verbose_json")
+        assert r.status_code == 200 and tokens(r.json()) == tokens(want)
+        fronts.add(r.headers[HEADER])
+    assert fronts == {"0", "1"}
