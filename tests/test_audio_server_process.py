@@ -30,7 +30,7 @@ from test_server_process import children, wait_gone  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for child processes")
 
-KV_BLOCKS = 512
+KV_BLOCKS = 256
 HEADER = "x-qkv-frontend"
 
 
@@ -100,7 +100,7 @@ def offline(tiny_whisper):
     total = llm.stats()["num_blocks_total"]
     # the windows' cross pages come from the same pool: full and cross groups of KV_BLOCKS each
     assert total == 2 * KV_BLOCKS, llm.stats()
-    cases = [_wav(20.0), _noise(15.0, 1), _wav(2.0), _noise(45.0, 2), _noise(20.0, 3), _wav(1.0)]
+    cases = [_wav(20.0), _noise(15.0, 1), _wav(2.0), _noise(45.0, 2)]
     wants = [llm.transcribe(a, language="en", response_format="verbose_json") for a in cases]
     assert wants[0]["segments"][0]["tokens"], "the offline model generated nothing: the comparison is empty"
     assert len(wants[3]["segments"]) == 2  # 45 s: two 30-s windows
@@ -140,7 +140,7 @@ def check_server(url: str, offline) -> set[str]:
     assert err["param"] == "file"
 
     # concurrent, of different lengths (45 s is two windows): more cross pages than the pool
-    # holds at once (94 per window, 512 in all), so some wait for others to finish
+    # holds at once (94 per window, 256 in all), so some wait for others to finish
     results: list = [None] * len(cases)
 
     def one(i):
