@@ -133,7 +133,8 @@ def check_server(url: str, offline) -> set[str]:
     assert got["text"] == want["text"] and got["language"] == "english" and got["duration"] == 20.0
     assert post(url, audio).json() == {"text": want["text"]}
     text = post(url, audio, response_format="text")
-    assert text.status_code == 200 and text.text.strip() == want["text"].strip()
+    assert text.status_code == 200 and text.text == want["text"]
+    assert text.headers["content-type"].startswith("text/plain")
 
     err = _err(post(url, b"RIFF....WAVEjunk", name="talk.wav"), 400, "invalid_audio",
                "talk.wav: not a readable audio file")
