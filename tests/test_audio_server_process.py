@@ -141,7 +141,7 @@ def check_server(url: str, offline) -> set[str]:
     assert err["param"] == "file"
 
     # concurrent, of different lengths (45 s is two windows): more cross pages than the pool
-    # holds at once (94 per window, 256 in all), so some wait for others to finish
+    # holds at once (94 per window, 256 in all), so arriving together some wait for others
     results: list = [None] * len(cases)
 
     def one(i):
