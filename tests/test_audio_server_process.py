@@ -9,7 +9,6 @@ cross-attention pages included (they come from the same pool), is free or cached
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,8 +24,8 @@ pytest.importorskip("multipart", reason="needs python-multipart (qkv[serve])")
 httpx = pytest.importorskip("httpx")
 
 from test_audio_server import _wav, tiny_whisper  # noqa: E402,F401  (a module fixture)
-from test_server import _err, free_port, metrics  # noqa: E402
-from test_server_process import children, wait_gone  # noqa: E402
+from test_server import _err, metrics  # noqa: E402
+from test_server_process import children, start_serve, wait_gone, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for child processes")
 
@@ -38,26 +37,12 @@ class Serve:
     """``qkv serve`` of the tiny Whisper in a subprocess on a free loopback port."""
 
     def __init__(self, model_dir, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
-               "--model", str(model_dir), "--device", "cpu", "--port", str(self.port),
-               "--served-model-name", "tiny-whisper", "--num-kv-blocks", str(KV_BLOCKS), "--log-level", "warning",
-               "--shutdown-timeout", "1", *extra]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
+        self.proc, self.url = start_serve(model_dir, "--served-model-name", "tiny-whisper", "--num-kv-blocks",
+                                          str(KV_BLOCKS), "--shutdown-timeout", "1", *extra)
 
     def ready(self) -> "Serve":
         """Waits for /health; the two servers start side by side to keep the module short."""
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, f"qkv serve exited with {self.proc.returncode}"
-            assert time.monotonic() < deadline, "qkv serve did not become healthy"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_healthy(self.proc, self.url)
         self.family = children(self.proc.pid)
         return self
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,8 +23,8 @@ pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
 httpx = pytest.importorskip("httpx")
 
-from test_server import CORPUS, free_port, make_model_dir, metrics  # noqa: E402
-from test_server_process import children, running, wait_gone  # noqa: E402
+from test_server import CORPUS, make_model_dir, metrics  # noqa: E402
+from test_server_process import children, running, start_serve, wait_gone, wait_healthy  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc for child processes")
 
@@ -42,30 +41,22 @@ class Served:
     are the children in a process group of their own; the engine is the other spawned child."""
 
     def __init__(self, model_dir: str, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
-               "--model", model_dir, "--device", "cpu", "--port", str(self.port), "--served-model-name", "tiny",
-               "--num-kv-blocks", "96", "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
-               "--log-level", "warning", "--api-server-count", "2", *extra]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, f"qkv serve exited with {self.proc.returncode}"
-            assert time.monotonic() < deadline, "qkv serve did not start two front ends and an engine"
+        self.proc, self.url = start_serve(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "96",
+                                          "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
+                                          "--api-server-count", "2", *extra)
+        found: dict = {}
+
+        def two_front_ends_and_an_engine() -> bool:
             kids = children(self.proc.pid)
-            self.frontends = sorted(p for p in kids if pgrp(p) == p)
-            spawned = [p for p in kids if p not in self.frontends and b"spawn_main" in _cmdline(p)
+            fronts = sorted(p for p in kids if pgrp(p) == p)
+            spawned = [p for p in kids if p not in fronts and b"spawn_main" in _cmdline(p)
                        and b"resource_tracker" not in _cmdline(p)]
-            if len(self.frontends) == 2 and spawned:
-                try:
-                    if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.2)
-        self.engine = spawned[0]
-        self.family = [self.proc.pid, *kids]
+            found.update(kids=kids, fronts=fronts, spawned=spawned)
+            return len(fronts) == 2 and bool(spawned)
+
+        wait_healthy(self.proc, self.url, two_front_ends_and_an_engine)
+        self.frontends, self.engine = found["fronts"], found["spawned"][0]
+        self.family = [self.proc.pid, *found["kids"]]
 
     def kill(self) -> None:
         if self.proc.poll() is None:

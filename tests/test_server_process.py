@@ -68,27 +68,37 @@ def wait_gone(pids: list[int], timeout: float) -> list[int]:
     return left
 
 
+def start_serve(model_dir, *args: str) -> tuple[subprocess.Popen, str]:
+    """``qkv serve --model model_dir --device cpu *args`` on a free loopback port, without an
+    API key: (the process, its base URL). It is not ready yet: ``wait_healthy``."""
+    port = free_port()
+    cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
+           "--model", str(model_dir), "--device", "cpu", "--port", str(port), "--log-level", "warning", *args]
+    return subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""}), f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, ready=lambda: True, seconds: float = 180) -> None:
+    """Until /health answers 200 once ``ready()`` holds; fails if the server exits or never does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, f"qkv serve exited with {proc.returncode}"
+        assert time.monotonic() < deadline, "qkv serve did not become healthy"
+        if ready():
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.2)
+
+
 class ServeProcess:
     """``qkv serve`` in a subprocess on a free loopback port."""
 
     def __init__(self, model_dir: str, *extra: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-c", "import sys; from qkv.cli import main; sys.exit(main())", "serve",
-               "--model", model_dir, "--device", "cpu", "--port", str(self.port), "--served-model-name", "tiny",
-               "--num-kv-blocks", "96", "--max-num-seqs", "64", "--max-num-batched-tokens", "512",
-               "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, "QKV_API_KEY": ""})
-        deadline = time.monotonic() + 180
-        while True:
-            assert self.proc.poll() is None, f"qkv serve exited with {self.proc.returncode}"
-            assert time.monotonic() < deadline, "qkv serve did not become healthy"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        self.proc, self.url = start_serve(model_dir, "--served-model-name", "tiny", "--num-kv-blocks", "96",
+                                          "--max-num-seqs", "64", "--max-num-batched-tokens", "512", *extra)
+        wait_healthy(self.proc, self.url)
         self.engine = engine_pid(self.proc.pid)
         self.family = [self.engine] + children(self.proc.pid)
 

@@ -389,7 +389,7 @@ class LLMEngine:
         # take) never enters the output; the request ends there (engine/structured.py).
         grammar = req.structured.advance(tok) if req.structured is not None else None
         if grammar == structured.DEAD_END:
-            return self._dead_end(req)
+            return self._output(req, grammar, self._end(req, grammar))
         tokens.append(tok)
         k = req.params.logprobs
         if k is not None and lp is not None:
@@ -415,29 +415,27 @@ class LLMEngine:
         if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
-            if detok is not None:
-                delta += detok.flush()  # the text held back, now that no stop string can follow
-            self.scheduler.finish(req, reason)
-            self._forget(req)
+            delta += self._end(req, reason)
             if not self._first_request_logged:  # the first request after start-up: is it warm?
                 self._first_request_logged = True
                 print(f"[qkv] first request: first token {req.first_token_time - req.arrival_time:.2f} s, "
                       f"done {now - req.arrival_time:.2f} s after it arrived "
                       f"({num_tokens - req.num_prompt_tokens} tokens)", file=sys.stderr, flush=True)
-        return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, num_tokens, req.text,
-                             reason, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
-                             prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)
+        return self._output(req, reason, delta)
 
-    def _dead_end(self, req: Request) -> RequestOutput:
-        """End ``req`` without the token just sampled: its grammar rejected it."""
-        tokens, detok = req.all_token_ids, self._detok.get(req.request_id)
-        delta = detok.flush() if detok is not None else ""
-        if detok is not None:
-            req.text = detok.text
-        self.scheduler.finish(req, structured.DEAD_END)
+    def _end(self, req: Request, reason: str) -> str:
+        """Finish ``req`` with ``reason``; returns the text its detokenizer held back (as a
+        possible stop string's start), which no stop string can follow now."""
+        detok = self._detok.get(req.request_id)
+        held = detok.flush() if detok is not None else ""
+        self.scheduler.finish(req, reason)
         self._forget(req)
+        return held
+
+    def _output(self, req: Request, reason: str | None, delta: str) -> RequestOutput:
+        tokens = req.all_token_ids
         return RequestOutput(req.request_id, tokens, req.num_prompt_tokens, len(tokens), req.text,
-                             structured.DEAD_END, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
+                             reason, req.num_cached_tokens, req.index, delta, _logprobs=req.logprobs,
                              prompt_logprobs=req.prompt_logprobs, cumulative_logprob=req.cumulative_logprob)
 
     # ---------------------------------------------------------------- scoring

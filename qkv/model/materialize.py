@@ -162,10 +162,9 @@ def _from_q4_1(model, weights: Mapping, p, ours: str, names: dict[int, str], hol
     from qkv.model.int4 import pack_q4_1
     from qkv.model.quant import ROUNDED, uses_int4
 
-    if not (isinstance(weights, LazyWeights) and len(holders) == 1 and holders[0][1] == "weight"
-            and isinstance(holders[0][0], nn.Linear) and type(model).transform is CausalLM.transform):
+    linear = _linear_of(holders)
+    if not (isinstance(weights, LazyWeights) and linear is not None and type(model).transform is CausalLM.transform):
         return False
-    linear = holders[0][0]
     if not uses_int4("int4", ours.split(".")[-2], linear) or not all(weights.has_q4_1(n) for n in names.values()):
         return False
     blocks = [weights.q4_1(names[i]) for i in sorted(names)]
@@ -176,6 +175,13 @@ def _from_q4_1(model, weights: Mapping, p, ours: str, names: dict[int, str], hol
     linear.__dict__[ROUNDED] = ("int4", *pack_q4_1(codes, d, m))
     _trim(codes.numel() * 3)
     return True
+
+
+def _linear_of(holders: list) -> nn.Linear | None:
+    """The nn.Linear whose weight (and only that) this parameter is: what may be rounded as read."""
+    if len(holders) == 1 and holders[0][1] == "weight" and isinstance(holders[0][0], nn.Linear):
+        return holders[0][0]
+    return None
 
 
 def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[int, str], slots: dict,
@@ -193,10 +199,10 @@ def _put(model, weights: Mapping, dtype: torch.dtype, p, ours: str, names: dict[
     if tuple(p.shape) != tuple(w.shape):
         raise WeightError(f"weight {source!r} has shape {tuple(w.shape)}, expected {tuple(p.shape)}")
     holders = slots[id(p)]
-    if quantization and len(holders) == 1 and holders[0][1] == "weight" and isinstance(holders[0][0], nn.Linear):
+    linear = _linear_of(holders) if quantization else None
+    if linear is not None:
         from qkv.model.quant import ROUNDED, quantize_weight
 
-        linear = holders[0][0]
         linear.__dict__[ROUNDED] = quantize_weight(quantization, ours.split(".")[-2], linear, w)
         nbytes = w.numel() * w.element_size() * 3  # the pieces, their concatenation, the rounding's scratch
         del w

@@ -119,7 +119,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
     them until a signal or a death. The exit status (0 after a signal's clean drain)."""
     import functools
 
-    from qkv.server.cli import _leave_a_core, engine_llm
+    from qkv.server.cli import _leave_a_core, engine_llm, served_name
     from qkv.server.engine_process import EngineProcess
 
     n = args.api_server_count
@@ -159,7 +159,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
     for i, send in enumerate(pipes):
         send.send((info, engine.pid, engine.in_addrs[i], engine.out_addrs[i]))
         send.close()
-    name = args.served_model_name or _served_name(args.model)
+    name = args.served_model_name or served_name(args.model)
     print(f"qkv serve: {name} ({info['source']}) on http://{args.host}:{port}/v1 "
           f"({n} front-end processes{f', {len(keys)} API keys' if keys else ''})", file=sys.stderr, flush=True)
     return _supervise(engine, fronts, signals)
@@ -220,12 +220,6 @@ def _bind(host: str, port: int, n: int) -> list[socket.socket]:
     port = probe.getsockname()[1]
     probe.close()
     return [socket.create_server((host, port), family=family, backlog=2048, reuse_port=True) for _ in range(n)]
-
-
-def _served_name(model: str) -> str:
-    from qkv.server.cli import served_name
-
-    return served_name(model)
 
 
 # ---------------------------------------------------------------- one front end
