@@ -422,6 +422,19 @@ def test_echo_logprobs_name_the_first_prompt_token(url, ref_llm):
             assert "".join(lp["tokens"][:len(ids)]) == "the quick brown fox"
 
 
+def test_echoed_token_ids_keep_their_special_tokens(url, ref_llm):
+    # A token-id prompt with a special token was echoed without it ("<|im_start|>" skipped) while
+    # the logprobs named it: every text_offset after it pointed past the text it described.
+    ids = [ref_llm.tokenizer.backend.token_to_id("<|im_start|>")] + ref_llm.encode("the quick brown fox")
+    body = {"prompt": ids, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logprobs": 1, "echo": True}
+    c = post(url, body).json()["choices"][0]
+    lp = c["logprobs"]
+    assert lp["tokens"][0] == "<|im_start|>"
+    assert c["text"].startswith("<|im_start|>the quick brown fox")
+    for tok, off in zip(lp["tokens"][:len(ids)], lp["text_offset"]):  # the prompt's (ASCII) tokens
+        assert c["text"][off:off + len(tok)] == tok
+
+
 def test_preempted_requests_equal_offline(url, ref_llm):
     """More concurrent work than the pool holds (24 blocks = 384 tokens; 4 x ~125): requests are
     preempted and recomputed, and still give the offline engine's greedy text."""

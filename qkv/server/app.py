@@ -298,8 +298,11 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         plp = req.logprobs if req.echo and req.logprobs is not None else None
         if plp is not None and req.prompt_logprobs is not None:
             plp = max(plp, req.prompt_logprobs)
-        echo = [p if isinstance(p, str) else llm.tokenizer.decode(p) if llm.tokenizer else "" for p in prompts] \
-            if req.echo else None
+        # Token ids are echoed with their special tokens: the logprobs' tokens and text_offset
+        # name every prompt token, so the echoed text must hold each of them (skipping "<|im_start|>"
+        # shifted every later offset).
+        echo = [p if isinstance(p, str) else llm.tokenizer.decode(p, skip_special_tokens=False)
+                if llm.tokenizer else "" for p in prompts] if req.echo else None
         return await generate(request, req, ids, sampling(req, max_tokens, plp, structured), chat=False, echo=echo)
 
     def render_chat(messages: list[dict], kwargs: dict, add_generation_prompt: bool) -> list[int]:
