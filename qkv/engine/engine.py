@@ -162,6 +162,7 @@ class LLMEngine:
             graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
+            gpu.log_late_compiles()
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
         if async_scheduling is None:
             async_scheduling = self.runner.graphs is not None
