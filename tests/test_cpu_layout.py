@@ -38,3 +38,35 @@ def test_cpu_engine_runs_column_major(tmp_path):
     llm = LLM(make_model_dir(tmp_path), device="cpu", num_kv_blocks=16)
     w = llm.engine.model.lm_head.weight
     assert w.dtype == torch.float32 and w.stride() == (1, w.shape[0])
+
+
+def test_fused_projections_are_views_of_one_column_major_matrix():
+    """fuse_column_major: q/k/v (k without a bias, as Whisper's) as one addmm that gives each
+    projection's output exactly, while each linear keeps its Parameter, now a view."""
+    from qkv.model.cpu_layout import fuse_column_major
+
+    torch.manual_seed(0)
+    q, k, v = nn.Linear(32, 32), nn.Linear(32, 32, bias=False), nn.Linear(32, 16)
+    params = [q.weight, k.weight, v.weight]
+    x = torch.randn(3, 32)
+    refs = [m(x) for m in (q, k, v)]
+    wt, bias = fuse_column_major([q, k, v])
+    assert wt.shape == (32, 80) and wt.is_contiguous() and bias.shape == (80,)
+    assert [q.weight, k.weight, v.weight] == params and k.weight.data_ptr() == wt.data_ptr() + 32 * 4
+    for out, ref, m in zip(torch.addmm(bias, x, wt).split([32, 32, 16], dim=1), refs, (q, k, v)):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+    assert fuse_column_major([q, k, v]) is None  # already views: left alone
+    assert fuse_column_major([nn.Linear(32, 8), nn.Linear(16, 8)]) is None  # different inputs
+
+
+def test_cpu_whisper_engine_fuses_self_attention_qkv(tmp_path):
+    """The engine fuses on the CPU (test_whisper_model's HF comparisons then run through it)."""
+    from test_whisper_model import tiny_whisper
+
+    from qkv import LLM
+
+    tiny_whisper().save_pretrained(tmp_path)
+    llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=64)
+    attn = llm.engine.model.model.decoder.layers[0].self_attn
+    assert attn._qkv is not None and attn._qkv[0].data_ptr() == attn.q_proj.weight.data_ptr()

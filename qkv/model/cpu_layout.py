@@ -21,9 +21,38 @@ import torch
 from torch import nn
 
 
+def _relayable(m) -> bool:
+    w = getattr(m, "weight", None)
+    return (isinstance(m, nn.Linear) and w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
+            and w.is_contiguous())
+
+
+def fuse_column_major(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Linears that read the same input as one GEMV: their float32 CPU weights relaid into one
+    column-major ``[in, sum of outs]`` storage, each linear's weight a view of it (same values
+    and Parameter objects, no copy kept). Returns (that ``W^T``, the concatenated bias, zeros
+    where a linear has none) for ``torch.addmm(bias, x, W^T)``; None (nothing changed) unless
+    every linear is a contiguous float32 CPU ``nn.Linear`` of the same input width. One GEMV of
+    3 MB instead of three of 1 MB is ~15% faster here, and two ops fewer (docs/benchmarks.md)."""
+    if not all(_relayable(m) for m in linears) or len({m.in_features for m in linears}) != 1:
+        return None
+    wt = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous()  # [in, sum of outs]
+    bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
+                      for m in linears])
+    col = 0
+    for m in linears:
+        m.weight.data = wt[:, col:col + m.out_features].t()
+        col += m.out_features
+    return wt, bias
+
+
 def column_major_fp32(model: nn.Module) -> int:
     """Relay every float32 CPU ``nn.Linear`` weight column-major in place; returns how many.
-    Same values, same shape and Parameter objects (ties stay tied); only the strides change."""
+    Same values, same shape and Parameter objects (ties stay tied); only the strides change.
+    Modules with a ``fuse_cpu()`` method fuse their projections first (``fuse_column_major``)."""
+    for m in model.modules():
+        if hasattr(m, "fuse_cpu"):
+            m.fuse_cpu()
     n = 0
     for m in model.modules():
         if isinstance(m, nn.Linear):
