@@ -14,13 +14,14 @@ def test_relayout_keeps_values_shapes_and_ties():
     head.weight = emb.weight  # tied, as Whisper's and SmolLM2's output projections are
     mlp = nn.Linear(32, 64)
     bf = nn.Linear(32, 16).to(torch.bfloat16)
-    model = nn.ModuleDict(dict(emb=emb, head=head, mlp=mlp, bf=bf))
+    down = nn.Linear(64, 32)  # wider in than out: stays row-major
+    model = nn.ModuleDict(dict(emb=emb, head=head, mlp=mlp, bf=bf, down=down))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(3, 32)
     ref_logits, ref_mlp = head(x), mlp(x)
     assert column_major_fp32(model) == 2  # the tied matrix once, the mlp; bf16 untouched
     assert head.weight is emb.weight and head.weight.stride() == (1, 300)
-    assert mlp.weight.stride() == (1, 64) and bf.weight.is_contiguous()
+    assert mlp.weight.stride() == (1, 64) and bf.weight.is_contiguous() and down.weight.is_contiguous()
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     ids = torch.tensor([0, 17, 299])

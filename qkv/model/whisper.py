@@ -100,6 +100,11 @@ class WhisperForConditionalGeneration(CausalLM):
 
     stacked: dict = {}  # q/k/v stay separate: k has no bias
     is_encoder_decoder = True
+    # A decode step on the CPU is a chain of GEMVs bound by memory (~190 MB of weights and
+    # 36 MB of cross K/V a step) that one core already streams at the machine's rate; a second
+    # intra-op thread only adds a fork and join to each op (docs/benchmarks.md). The encoder
+    # and prompt steps keep every thread.
+    cpu_decode_threads = 1
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)
