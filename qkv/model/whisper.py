@@ -35,8 +35,10 @@ class EncoderLayer(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        # Residuals added in place: x is this encoder pass's own tensor (WhisperEncoder made
+        # it), and a fresh 3 MB result per add costs page faults on the CPU.
+        x = x.add_(self.self_attn(self.self_attn_layer_norm(x)))
+        return x.add_(self.fc2(self.act(self.fc1(self.final_layer_norm(x)))))
 
 
 class DecoderLayer(nn.Module):
