@@ -71,3 +71,35 @@ def test_cpu_whisper_engine_fuses_self_attention_qkv(tmp_path):
     llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=64)
     attn = llm.engine.model.model.decoder.layers[0].self_attn
     assert attn._qkv is not None and attn._qkv[0].data_ptr() == attn.q_proj.weight.data_ptr()
+
+
+def test_whisper_decodes_one_sequence_on_one_thread(tmp_path):
+    """cpu_decode_threads: a one-sequence decode step runs on one intra-op thread, the prompt
+    step (with the encoder) and batched decode steps on all of them; the count is restored."""
+    from test_whisper_model import PROMPT, mel, tiny_whisper
+
+    from qkv import LLM
+    from qkv.engine.request import SamplingParams
+
+    tiny_whisper().save_pretrained(tmp_path)
+    before = torch.get_num_threads()
+    llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=64, threads=2)
+    model = llm.engine.runner.model
+    seen = []
+    forward = model.forward
+
+    def spy(ids, pos, batch):
+        seen.append((batch.num_seqs, batch.is_decode, torch.get_num_threads()))
+        return forward(ids, pos, batch)
+
+    model.forward = spy
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    try:
+        llm.generate([{"encoder_features": mel(0), "prompt_token_ids": PROMPT}], params, use_tqdm=False)
+        assert seen == [(1, False, 2), (1, True, 1), (1, True, 1)] and torch.get_num_threads() == 2
+        seen.clear()
+        llm.generate([{"encoder_features": mel(s), "prompt_token_ids": PROMPT} for s in (1, 2)], params,
+                     use_tqdm=False)
+        assert seen == [(2, False, 2), (2, True, 2), (2, True, 2)]
+    finally:
+        torch.set_num_threads(before)

@@ -102,10 +102,13 @@ class WhisperForConditionalGeneration(CausalLM):
 
     stacked: dict = {}  # q/k/v stay separate: k has no bias
     is_encoder_decoder = True
-    # A decode step on the CPU is a chain of GEMVs bound by memory (~190 MB of weights and
-    # 36 MB of cross K/V a step) that one core already streams at the machine's rate; a second
-    # intra-op thread only adds a fork and join to each op (docs/benchmarks.md). The encoder
-    # and prompt steps keep every thread.
+    # A one-sequence decode step on the CPU (one 30-s window) is a chain of ~250 small ops and
+    # GEMVs bound by memory (~190 MB of weights and 36 MB of cross K/V a step) that one core
+    # streams about as fast as two (2026-12-03: the 51,865-row projection 5.3 ms on one thread,
+    # 5.4 split over two); a second intra-op thread adds a fork and join to each op, and stalls
+    # every op when the other core is busy (a transcription took 21-30 s with two decode threads
+    # on the loaded machine, 5-6 s with one). On the quiet machine the two were within noise.
+    # The encoder and prompt steps, and batched decode, keep every thread (ModelRunner.execute).
     cpu_decode_threads = 1
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
