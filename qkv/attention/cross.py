@@ -78,11 +78,12 @@ _scratch = threading.local()  # per engine thread: one step runs at a time on it
 
 def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(K q) V for one float32 query q [H, D] (scale applied) over k/v [L, H, D] on the
-    CPU, reading K and V row after row. torch's fused attention reads each head's keys with a
-    stride of H * D floats, which the CPU does not prefetch well: over Whisper's 1,500 encoder
-    rows (6 MB a layer, never in cache during a step) that ran at a third of this speed
-    (docs/benchmarks.md). The products go to a reused buffer: a fresh 3 MB one per layer cost
-    as much again in page faults."""
+    CPU, reading K and V row after row (a product and a sum each). torch's fused attention
+    reads each head's keys with a stride of H * D floats; over Whisper's 1,500 encoder rows
+    (6 MB a layer, never in cache during a step) that took 6.7-7.7 ms for six layers on one
+    thread against 4.3-4.8 here (2026-12-03, docs/benchmarks.md; at two threads the two were
+    within noise). The products go to a reused buffer: fresh 3 MB ones were several times
+    slower (page faults)."""
     buf = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < k.numel():
         with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
