@@ -14,7 +14,8 @@ def test_relayout_keeps_values_shapes_and_ties():
     head.weight = emb.weight  # tied, as Whisper's and SmolLM2's output projections are
     mlp = nn.Linear(32, 64)
     bf = nn.Linear(32, 16).to(torch.bfloat16)
-    down = nn.Linear(64, 32)  # wider in than out: stays row-major
+    down = nn.Linear(64, 32)
+    down.keep_row_major = True  # as Whisper's decoder fc2
     model = nn.ModuleDict(dict(emb=emb, head=head, mlp=mlp, bf=bf, down=down))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     x = torch.randn(3, 32)
@@ -62,7 +63,8 @@ def test_fused_projections_are_views_of_one_column_major_matrix():
 
 
 def test_cpu_whisper_engine_fuses_self_attention_qkv(tmp_path):
-    """The engine fuses on the CPU (test_whisper_model's HF comparisons then run through it)."""
+    """The engine fuses on the CPU (test_whisper_model's HF comparisons then run through it),
+    and keeps the decoder's fc2 row-major."""
     from test_whisper_model import tiny_whisper
 
     from qkv import LLM
@@ -71,6 +73,8 @@ def test_cpu_whisper_engine_fuses_self_attention_qkv(tmp_path):
     llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=64)
     attn = llm.engine.model.model.decoder.layers[0].self_attn
     assert attn._qkv is not None and attn._qkv[0].data_ptr() == attn.q_proj.weight.data_ptr()
+    layer = llm.engine.model.model.decoder.layers[0]
+    assert layer.fc2.weight.is_contiguous() and not layer.fc1.weight.is_contiguous()  # fc2 kept row-major
 
 
 def test_whisper_decodes_one_sequence_on_one_thread(tmp_path):

@@ -14,9 +14,10 @@ prompts are unaffected (the GEMM takes either layout). The weights are relaid in
 copy is kept, and a tied embedding reads its rows through the same strided storage.
 bf16 and the int8/int4 formats keep their own kernels and layouts (model/quant.py).
 
-A matrix wider in than out (an MLP's down projection: Whisper's 2048 -> 512 ``fc2``) stays
-row-major: there the row-major GEMV is the faster one (2026-12-03, quiet, cold weights, six
-matrices in turn: 300 us against 440 us at 2 threads, 340 against 550 at 1).
+A linear whose module sets ``keep_row_major`` stays as it is: Whisper's decoder ``fc2``
+(2048 -> 512), where the row-major GEMV is the faster one (2026-12-03, quiet, cold weights,
+six matrices in turn: 300 us against 440 at 2 threads, 340 against 550 at 1). Not a rule for
+every matrix wider in than out: 8192 -> 2048 was faster column-major at both thread counts.
 """
 
 from __future__ import annotations
@@ -30,9 +31,6 @@ def _relayable(m) -> bool:
     return (isinstance(m, nn.Linear) and w.dtype == torch.float32 and w.device.type == "cpu" and w.dim() == 2
             and w.is_contiguous())
 
-
-def _column_major_wins(m: nn.Linear) -> bool:
-    return m.in_features <= m.out_features
 
 
 def fuse_column_major(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -56,8 +54,8 @@ def fuse_column_major(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Ten
 
 
 def column_major_fp32(model: nn.Module) -> int:
-    """Relay every float32 CPU ``nn.Linear`` weight column-major in place, but those wider in
-    than out; returns how many.
+    """Relay every float32 CPU ``nn.Linear`` weight column-major in place, but those marked
+    ``keep_row_major``; returns how many.
     Same values, same shape and Parameter objects (ties stay tied); only the strides change.
     Modules with a ``fuse_cpu()`` method fuse their projections first (``fuse_column_major``)."""
     for m in model.modules():
@@ -65,7 +63,7 @@ def column_major_fp32(model: nn.Module) -> int:
             m.fuse_cpu()
     n = 0
     for m in model.modules():
-        if _relayable(m) and _column_major_wins(m):
+        if _relayable(m) and not getattr(m, "keep_row_major", False):
             m.weight.data = m.weight.data.t().contiguous().t()
             n += 1
     return n

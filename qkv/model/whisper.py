@@ -50,6 +50,7 @@ class DecoderLayer(nn.Module):
         self.encoder_attn = DecoderCrossAttention(d, h, L + i, groups[L + i])  # cache layer L + i
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self.fc1, self.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
+        self.fc2.keep_row_major = True  # its faster CPU decode GEMV (model/cpu_layout.py)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = activation(cfg.hidden_act)
 
