@@ -23,7 +23,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, RELOAD: tl.constexpr):
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
@@ -65,6 +65,9 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if RELOAD:  # fp8: the two dots want the tile in two shared layouts; load it again (from L2)
+            lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0,
+                          eviction_policy="evict_first").to(qlt.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
         m_i = m_new
     if S == 1:  # the whole sequence in one program: the output, no merge
@@ -101,7 +104,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
         q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
         q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
         kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
-        R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+        R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n,
+        RELOAD=kv_cache.element_size() == 1, num_warps=num_warps, num_stages=num_stages)
     if S > 1:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
