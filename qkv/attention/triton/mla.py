@@ -4,7 +4,8 @@ With ``W_UK`` folded into the query and ``W_UV`` into the output, every head att
 same per-token row ``[c_KV (R) | k_rope (P)]``: keys are the whole row, values its first R
 columns. One program takes ``BLOCK_H`` heads of one sequence and one split of its keys, so each
 cached row is read once for all those heads (for 16 heads: once per sequence). Splits merge
-in the combine kernel of ``decode.py``.
+in the combine kernel of ``decode.py``; a launch of one split per sequence writes the output
+itself.
 """
 
 from __future__ import annotations
