@@ -3,8 +3,7 @@
     PYTHONPATH=. python3 scripts/mla_decode_sweep.py [--out results.jsonl] [--baseline old_mla.py]
         [--sections mla,fp8,align] [--workers 12]
 
-For each (batch, context): the default launch and every swept (splits, BLOCK_N, warps, stages,
-rows_on_m),
+For each (batch, context): the default launch and every swept (splits, BLOCK_N, warps, stages),
 each timed by CUDA-graph replay and checked against an fp32 torch reference (relative error
 of the output), as a share of the copy rate measured in the same process over the latent
 bytes. ``--baseline`` times the default launch of another ``mla.py`` beside it (e.g.
@@ -35,13 +34,12 @@ from qkv.attention.triton import mla as mla_mod  # noqa: E402
 from qkv.tools.bench_rates import measure  # noqa: E402
 
 H, R, P, BS = 16, 512, 64, 16
-# (BLOCK_N, warps, stages, rows_on_m). The first sweep (2026-12-03 08:59, in docs/benchmarks.md)
-# also ran splits 1-64 and tiles (16, 4, 3|5), (32, 4, 2|4), (32, 8, 3|4), (64, 8, 2|3) without
-# rows_on_m: (32, 4, 3) won at every shape.
+# (BLOCK_N, warps, stages). The sweeps of 2026-12-03 (docs/benchmarks.md) also ran splits 1-64,
+# tiles (16, 4, 5), (32, 4, 2|4), (32, 8, 3|4), (64, 8, 2|3), and a variant with rows on M
+# throughout (the PV dot on wgmma, commit 20b3066): (32, 4, 3) won at every shape.
 SHAPES = ((64, 8192, (2, 4, 8)), (128, 640, (1, 2)), (1, 8192, (32, 64)))
-TILES = ((32, 4, 3, False), (32, 4, 3, True), (32, 4, 4, True), (16, 4, 3, True), (16, 4, 4, True),
-         (32, 8, 3, True), (64, 4, 2, True))
-FP8 = ((64, 8192, (4,)), ((32, 4, 3, False), (32, 4, 3, True)))
+TILES = ((32, 4, 3), (32, 4, 4), (16, 4, 3), (32, 8, 3), (64, 8, 2))
+FP8 = ((64, 8192, (4, 8)), ((32, 4, 2), (32, 4, 3)))  # the fp8 kernel (the former one)
 OUT = None
 
 
@@ -100,9 +98,8 @@ def _compile(task):
         if kind == "base":
             load_baseline(baseline).mla_decode(ql, qr, cache, table, nc, 0.07)
         else:
-            S, bn, w, st, t = cfg
-            mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn, num_warps=w, num_stages=st,
-                               rows_on_m=t)
+            S, bn, w, st = cfg
+            mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn, num_warps=w, num_stages=st)
         torch.cuda.synchronize()
         return None
     except Exception as e:  # out of shared memory: the timed pass records it
@@ -114,7 +111,7 @@ def precompile(workers, baseline, sections):
     if "mla" in sections:
         for B, ctx, splits in SHAPES:
             tasks += [("new", ctx, "bfloat16", None, (2,) + t) for t in TILES]
-            tasks += [("new", ctx, "bfloat16", None, (S, 32, 4, 3, False)) for S in splits]  # the combine kernels
+            tasks += [("new", ctx, "bfloat16", None, (S, 32, 4, 3)) for S in splits]  # the combine kernels
             if baseline:
                 tasks.append(("base", ctx, "bfloat16", baseline, None))
     if "fp8" in sections:
@@ -151,10 +148,9 @@ def sweep(bw, B, ctx, splits, tiles, baseline, dtype=torch.bfloat16):
         rows.append(one("old", lambda: baseline.mla_decode(ql, qr, cache, table, nc, 0.07), "default", True))
     cfg = mla_mod.default_tiles(B, cache.element_size())  # H = 16: one head block per sequence
     rows.append(one("new", lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07), list(cfg), True))
-    for S, (bn, w, st, t) in itertools.product(splits, tiles):
+    for S, (bn, w, st) in itertools.product(splits, tiles):
         rows.append(one("new", lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn,
-                                                          num_warps=w, num_stages=st, rows_on_m=t),
-                        [S, bn, w, st, t]))
+                                                          num_warps=w, num_stages=st), [S, bn, w, st]))
     rows = sorted((r for r in rows if r), key=lambda r: r[0])
     print(f"MLA {name} B={B} ctx={ctx}: best " + ", ".join(
         f"{k} {c}: {ms * 1e3:.1f} us = {gb / ms * 1e3 / bw:.1%}" for ms, c, k in rows[:4]), flush=True)
