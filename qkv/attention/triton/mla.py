@@ -4,7 +4,8 @@ With ``W_UK`` folded into the query and ``W_UV`` into the output, every head att
 same per-token row ``[c_KV (R) | k_rope (P)]``: keys are the whole row, values its first R
 columns. One program takes ``BLOCK_H`` heads of one sequence and one split of its keys, so each
 cached row is read once for all those heads (for 16 heads: once per sequence). Splits merge
-in the combine kernel of ``decode.py``.
+in the combine kernel of ``decode.py``; a launch of one split per sequence writes the output
+itself.
 """
 
 from __future__ import annotations
@@ -19,11 +20,74 @@ from qkv.kvcache.kv_quant import compute_dtype
 
 
 @triton.jit
-def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML,
+def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
+                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                       stride_ot, stride_oh, H, sm_scale,
+                       R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_N: tl.constexpr):
+    # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
+    # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
+    # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
+    # the other, never a register transpose, which kept the old kernel's loads synchronous).
+    # The block table is read one tile ahead by hand: a gather whose addresses come from a load
+    # of the same iteration spends a pipeline stage on that load.
+    b = tl.program_id(0)
+    hblk = tl.program_id(1)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)  # splits per sequence
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
+    qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 below
+    bt = BT + b * stride_bt
+    pos = lo + tl.arange(0, BLOCK_N)
+    blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        blk = blk_next.to(tl.int64)
+        blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
+        off = blk * stride_cb + (pos % BS) * stride_ct
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
+        m_i = m_new
+    if S == 1:  # the whole sequence in one program: the output, no merge
+        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
+                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+    else:
+        row = (b * H + h) * S + split
+        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + row * 2, m_i, mask=hmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+
+
+
+@triton.jit
+def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, S: tl.constexpr):
+    # The kernel before the pipelined one (loads to registers, widened there): over an fp8
+    # cache the pipelined shape measured slower (651.6 us at 64 x 8k against 333.8: its tile
+    # feeds two dots that want two shared layouts once widened, so it is not pipelined).
     b = tl.program_id(0)
     hblk = tl.program_id(1)
     split = tl.program_id(2)
@@ -64,37 +128,63 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML,
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
-               num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
+               num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
-    (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek)."""
+    (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
+    ``splits`` (key ranges per sequence, merged by a second kernel when more than one),
+    ``block_n`` (rows per tile), ``num_warps`` and ``num_stages`` (the pipeline's depth: tiles
+    in flight + 1) default to the tiles measured fastest on an H200. An fp8 cache runs
+    ``_mla_decode_kernel_fp8`` (stages: 2 by default)."""
     B, H, R = q_lat.shape
     P = q_rope.shape[2]
     bs = kv_cache.shape[1]
     BLOCK_H = min(16, triton.next_power_of_2(H)) if H >= 16 else 16
     hblocks = triton.cdiv(H, BLOCK_H)
-    S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, B * hblocks))))
-    # Tiles from scripts/mla_decode_sweep.py on an H200 (2026-12-03): with many sequences
-    # (few splits) 4 warps on 32-row tiles beat 8 warps (B=128 x 640: 52 us against 65;
-    # 64 x 8k: 227 against 279); a lone sequence split 32 ways wants 64-row tiles on 8 warps
-    # (8k context: 26 us against 34).
-    wide = S >= 16
-    block_n = block_n or (64 if wide else 32)
-    num_warps = num_warps or (8 if wide else 4)
-    acc = torch.empty((B * H * S, R), dtype=torch.float32, device=q_lat.device)
-    ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q_lat.device)
+    fp8 = kv_cache.element_size() == 1
+    S, block_n, num_warps, num_stages = default_tiles(B * hblocks, kv_cache.element_size(), splits, block_n,
+                                                      num_warps, num_stages)
+    merge = S > 1 or fp8  # the fp8 kernel always leaves partials for _combine_kernel
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
+    acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
+    ml = torch.empty((B * H * S, 2) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
     cdt = compute_dtype(q_lat.dtype, kv_cache.dtype)
     q_lat, q_rope = q_lat.to(cdt), q_rope.to(cdt)
-    _mla_decode_kernel[(B, hblocks, S)](
-        q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
-        kv_cache.stride(1), block_table.stride(0), H, scale,
-        R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
-    rows = torch.arange(B + 1, device=q_lat.device)
-    _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
-                            S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
+    if fp8:
+        _mla_decode_kernel_fp8[(B, hblocks, S)](
+            q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+            kv_cache.stride(1), block_table.stride(0), H, scale,
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
+    else:
+        _mla_decode_kernel[(B, hblocks, S)](
+            q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+            kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+    if merge:
+        rows = torch.arange(B + 1, device=q_lat.device)
+        _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
+                                S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
     return out
+
+
+def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
+    """(splits, BLOCK_N, warps, stages) for ``programs`` (sequence, head block) pairs over a
+    cache of ``elem``-byte values, each as given unless None. From scripts/mla_decode_sweep.py
+    on an H200 (2026-12-03, docs/benchmarks.md): about one wave of programs, at most two per SM
+    (a 32-row tile on 4 warps, 3 stages: 93 KB of shared memory, ~200 registers); one split
+    once there are as many programs as SMs (at 128 x 640 the merge's fp32 partials cost more
+    than 4 idle SMs). An fp8 cache keeps the former kernel's tiles."""
+    if elem == 1:
+        S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, programs))))
+        wide = S >= 16
+        return S, block_n or (64 if wide else 32), num_warps or (8 if wide else 4), num_stages or 2
+    if not splits:
+        splits = 1 if programs >= 128 else min(64, triton.next_power_of_2(2 * 132 // programs + 1) // 2)
+    block_n = block_n or (32 if elem == 2 else 16)  # fp32 tiles would need 2x the shared memory
+    return splits, block_n, num_warps or 4, num_stages or 3
 
 
 def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
