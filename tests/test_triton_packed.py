@@ -75,6 +75,20 @@ DECODE = {
 @pytest.mark.parametrize("kv", FORMATS)
 @pytest.mark.parametrize("case", list(DECODE))
 def test_packed_decode_equals_reference(kv, case):
+    check_decode(kv, case)
+
+
+# Widened in PTX or by Triton ops (the PTX runs on the GPU only: the interpreter takes the
+# other path), keys on the MMA's M or N dimension: every kernel variant equals the reference.
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("fast,keys_on_m", [(False, False), (True, False), (False, True), (True, True)] if CUDA
+                         else [(False, True)])
+@pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
+def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, case):
+    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m)
+
+
+def check_decode(kv, case, **variant):
     c = dict(DECODE[case])
     computed, H, KVH, D = c.pop("computed"), c.pop("H"), c.pop("KVH"), c.pop("D")
     window, softcap, splits = c.pop("window", None), c.pop("softcap", None), c.pop("splits", None)
@@ -99,7 +113,7 @@ def test_packed_decode_equals_reference(kv, case):
     write_packed(cache, k, v, batch.slot_mappings[0])
     assert torch.equal(cache, ref_cache)  # the decode write stores the reference's bytes
     out = packed_decode(q, cache, batch.block_tables[0], batch.num_computed, D ** -0.5, window, None, softcap,
-                        max_seq_len=batch.max_seq_len, splits=splits)
+                        max_seq_len=batch.max_seq_len, splits=splits, **variant)
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
