@@ -25,11 +25,12 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
+from qkv.attention.triton.packed_fast import fast_decode_kernel
 from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KEYS_ON_M_DEFAULT = True
+KEYS_ON_M = True  # the fast kernel's default orientation (scripts/kv_int_decode_bench.py)
 
 
 @triton.jit
@@ -219,113 +220,14 @@ def _int8_tile(C32, C16, voff, soff, nmask, D: tl.constexpr, GRP: tl.constexpr, 
     return tl.reshape(b.to(tl.float32) * sw[:, :, None], (BLOCK_N, D)).to(DT)
 
 
-# Unpacking in PTX (FAST): each asm block takes 4 packed bytes in one register and widens them
-# with bit operations and paired 16-bit arithmetic (2 elements per instruction), where the
-# plain Triton ops convert each element through the (quarter-rate) int->float unit.
-# int4: (nibble | 0x4300) read as bf16 is 128 + nibble (0x6400: 1024 + nibble in fp16); one
-# paired fma subtracts 136 (1032), one multiplies by the group's scale: both exact, so the
-# values are the reference's n * s. The scale arrives per element (elementwise semantics:
-# the asm is correct whatever register layout Triton picks).
-_I4_ASM = """{
-.reg .b32 i4r, i4t, i4a, i4b, i4c, i4d, i4one, i4off, i4nz;
-mov.b32 i4one, ONE;
-mov.b32 i4off, OFF;
-mov.b32 i4nz, 0x80008000;
-prmt.b32 i4r, $4, 0, 0x3120;
-lop3.b32 i4a, i4r, 0x000F000F, MAGIC, 0xea;
-shr.b32 i4t, i4r, 4;
-lop3.b32 i4b, i4t, 0x000F000F, MAGIC, 0xea;
-shr.b32 i4t, i4r, 8;
-lop3.b32 i4c, i4t, 0x000F000F, MAGIC, 0xea;
-shr.b32 i4t, i4r, 12;
-lop3.b32 i4d, i4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T i4a, i4a, i4one, i4off;
-fma.rn.T i4b, i4b, i4one, i4off;
-fma.rn.T i4c, i4c, i4one, i4off;
-fma.rn.T i4d, i4d, i4one, i4off;
-fma.rn.T $0, i4a, $5, i4nz;
-fma.rn.T $1, i4c, $6, i4nz;
-fma.rn.T $2, i4b, $5, i4nz;
-fma.rn.T $3, i4d, $6, i4nz;
-}"""
-I4_ASM_BF16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x43004300").replace("ONE", "0x3F803F80")
-                           .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
-I4_ASM_F16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
-                          .replace("OFF", "0xE408E408").replace(".T", ".f16x2"))
-# int8: byte ^ 0x80 placed under 0x4B (fp32 2^23 + u) by a byte permute, minus 2^23 + 128: the
-# signed byte in fp32 exactly; times the fp32 scale, rounded once to DT (the reference's order).
-_I8_ASM = """{
-.reg .b32 i8w, i8f0, i8f1, i8f2, i8f3, i8hi;
-mov.b32 i8hi, 0x4B000000;
-xor.b32 i8w, $2, 0x80808080;
-prmt.b32 i8f0, i8w, i8hi, 0x7440;
-prmt.b32 i8f1, i8w, i8hi, 0x7441;
-prmt.b32 i8f2, i8w, i8hi, 0x7442;
-prmt.b32 i8f3, i8w, i8hi, 0x7443;
-sub.rn.f32 i8f0, i8f0, 0f4B000080;
-sub.rn.f32 i8f1, i8f1, 0f4B000080;
-sub.rn.f32 i8f2, i8f2, 0f4B000080;
-sub.rn.f32 i8f3, i8f3, 0f4B000080;
-mul.rn.f32 i8f0, i8f0, $3;
-mul.rn.f32 i8f1, i8f1, $4;
-mul.rn.f32 i8f2, i8f2, $5;
-mul.rn.f32 i8f3, i8f3, $6;
-cvt.rn.T.f32 $0, i8f1, i8f0;
-cvt.rn.T.f32 $1, i8f3, i8f2;
-}"""
-I8_ASM_BF16 = tl.constexpr(_I8_ASM.replace(".T", ".bf16x2"))
-I8_ASM_F16 = tl.constexpr(_I8_ASM.replace(".T", ".f16x2"))
-
-
-@triton.jit
-def _int4_tile_asm(C8, boff, soff, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
-    """``_int4_tile`` through PTX (DT bf16 or fp16): ``boff`` is the byte offset of each key's
-    packed row (a multiple of 16 where the pages allow), ``soff`` of its e5m3 codes."""
-    NG: tl.constexpr = D // 16
-    HALF: tl.constexpr = D // 2
-    x = tl.load(C8 + boff[:, None] + tl.arange(0, HALF)[None, :], mask=nmask[:, None], other=0)
-    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True).to(DT)
-    sb = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
-    if DT == tl.bfloat16:
-        lo, hi = tl.inline_asm_elementwise(I4_ASM_BF16, "=r,=r,=r,=r,r,r,r", [x, sb], dtype=(DT, DT),
-                                           is_pure=True, pack=4)
-    else:
-        lo, hi = tl.inline_asm_elementwise(I4_ASM_F16, "=r,=r,=r,=r,r,r,r", [x, sb], dtype=(DT, DT),
-                                           is_pure=True, pack=4)
-    return tl.reshape(tl.join(lo, hi), (BLOCK_N, D))
-
-
-@triton.jit
-def _int8_tile_asm(C8, C16, boff, soff, nmask, D: tl.constexpr, GRP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   DT: tl.constexpr):
-    """``_int8_tile`` through PTX (DT bf16 or fp16): ``boff`` byte offsets of the rows,
-    ``soff`` fp16 offsets of their scales."""
-    NG: tl.constexpr = D // GRP
-    x = tl.load(C8 + boff[:, None] + tl.arange(0, D)[None, :], mask=nmask[:, None], other=0)
-    s = tl.load(C16 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
-    sb = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, GRP)), (BLOCK_N, D))
-    if DT == tl.bfloat16:
-        return tl.inline_asm_elementwise(I8_ASM_BF16, "=r,=r,r,r,r,r,r", [x, sb], dtype=DT, is_pure=True, pack=4)
-    else:
-        return tl.inline_asm_elementwise(I8_ASM_F16, "=r,=r,r,r,r,r,r", [x, sb], dtype=DT, is_pure=True, pack=4)
-
-
 @triton.jit
 def _tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
-          D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr):
+          D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr):
     """The [BLOCK_N, D] tile of one plane (K or V) for keys at page offsets ``base``, rows ``row``."""
     if BITS == 4:
-        if FAST:
-            boff = tl.multiple_of(base + vals_at + row * (D // 2), ALIGN * 4)
-            return _int4_tile_asm(C8, boff, base + scales_at + row * (D // 16), nmask, D, BLOCK_N, DT)
         voff = tl.multiple_of((base + vals_at) // 4 + row * (D // 8), ALIGN)
         return _int4_tile(C32, C8, voff, base + scales_at + row * (D // 16), nmask, D, BLOCK_N, DT)
     else:
-        if FAST:
-            boff = tl.multiple_of(base + vals_at + row * D, ALIGN * 4)
-            return _int8_tile_asm(C8, C16, boff, (base + scales_at) // 2 + row * (D // GRP), nmask, D, GRP,
-                                  BLOCK_N, DT)
         voff = tl.multiple_of((base + vals_at) // 4 + row * (D // 4), ALIGN)
         return _int8_tile(C32, C16, voff, (base + scales_at) // 2 + row * (D // GRP), nmask, D, GRP, BLOCK_N, DT)
 
@@ -338,8 +240,7 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                           BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                           K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                           ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, FAST: tl.constexpr,
-                          KEYS_ON_M: tl.constexpr):
+                          HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -364,54 +265,27 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     q = tl.load(Q + qrow * stride_qt + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    if KEYS_ON_M:
-        # Transposed (as decode.py's fp8 path): keys are the MMA's M rows and the group's heads
-        # its N columns (padded to 8), so a tile widened in registers is the A operand as it
-        # is, with no trip through shared memory. Scores are [keys, heads] here.
-        qT = tl.trans(q)
-        accT = tl.zeros([D, G_PAD], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            nmask = pos < hi
-            pg = pos // BS
-            if HAS_RING:
-                pg = pg % ring
-            blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
-            row = (pos % BS) * KVH + kvh
-            base = blk * page_bytes
-            k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, FAST)
-            s = _scores(tl.dot(k, qT, input_precision=PREC), sm_scale, softcap, HAS_SOFTCAP)
-            s = tl.where(nmask[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, FAST)
-            accT = accT * alpha[None, :] + tl.dot(tl.trans(v), p.to(DT), input_precision=PREC)
-            m_i = m_new
-        acc = tl.trans(accT)
-    else:
-        acc = tl.zeros([G_PAD, D], tl.float32)
-        for start in range(lo, hi, BLOCK_N):
-            pos = start + tl.arange(0, BLOCK_N)
-            nmask = pos < hi
-            pg = pos // BS
-            if HAS_RING:
-                pg = pg % ring
-            blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
-            row = (pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
-            base = blk * page_bytes
-            k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, FAST)
-            s = tl.dot(q, tl.trans(k), input_precision=PREC)
-            s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, FAST)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
-            m_i = m_new
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        pg = pos // BS
+        if HAS_RING:
+            pg = pg % ring
+        blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
+        row = (pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
+        base = blk * page_bytes
+        k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DT), v, input_precision=PREC)
+        m_i = m_new
     if S == 1:
         ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
         tl.store(ob + d[None, :], (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
@@ -432,8 +306,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
 
-    ``fast``: widen the tiles with PTX (bf16/fp16 queries on the GPU; default there);
-    ``keys_on_m``: keys on the MMA's M dimension (transposed dots). Both give the same values."""
+    ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
+    halves, widened in PTX), ``keys_on_m`` its transposed dots; all variants give the
+    reference's values (tests/test_triton_packed.py)."""
     lay, kp, vp = _layout_args(kv_cache)
     B = num_computed.shape[0]
     _, H, D = q.shape
@@ -442,8 +317,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         raise NotImplementedError(f"the packed decode kernel needs a power-of-two head_dim >= 32, got {D}")
     G = H // kvh
     half = q.dtype in (torch.bfloat16, torch.float16)
-    fast = half and not INTERPRET if fast is None else fast and half and not INTERPRET
-    keys_on_m = KEYS_ON_M_DEFAULT and half if keys_on_m is None else keys_on_m
+    fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
+    keys_on_m = fast and KEYS_ON_M if keys_on_m is None else keys_on_m and fast
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
@@ -458,15 +333,20 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32  # the narrower plane's words per row
     align = math.gcd(lay.page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
-    _packed_decode_kernel[(B, kvh, S)](
-        q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), block_table, num_computed,
-        query_start_loc, acc, ml, out,
-        q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), lay.page_bytes,
-        kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1,
-        KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=lay.block_size, BLOCK_N=block_n, S=S,
-        K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
-        ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        IEEE=q.dtype == torch.float32, FAST=fast, KEYS_ON_M=keys_on_m, num_warps=num_warps, num_stages=num_stages)
+    common = (block_table, num_computed, query_start_loc, acc, ml, out,
+              q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), lay.page_bytes,
+              kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1)
+    consts = dict(KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=lay.block_size, BLOCK_N=block_n, S=S,
+                  K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
+                  ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None,
+                  HAS_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+                  num_stages=num_stages)
+    if fast:
+        fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), *common, ASM=not INTERPRET,
+                                        KEYS_ON_M=keys_on_m, **consts)
+    else:
+        _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
+                                           *common, **consts)
     if S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
