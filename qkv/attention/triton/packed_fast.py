@@ -156,6 +156,88 @@ def _half_cols(BITS: tl.constexpr, D: tl.constexpr):
     else:
         return i, i + D // 2
 
+# int4 by words (a V tile on the way to shared memory): pack=2 over 32-bit words (8 nibbles
+# each); asm output m holds nibble m of both words, no byte is moved between registers, and
+# the 8 outputs join into the tile in natural column order.
+_I4W_ASM = """{
+.reg .b32 w4lo, w4hi, w4t, w4one, w4off, w4nz;
+mov.b32 w4one, ONE;
+mov.b32 w4off, OFF;
+mov.b32 w4nz, 0x80008000;
+prmt.b32 w4lo, $8, $9, 0x5410;
+prmt.b32 w4hi, $8, $9, 0x7632;
+lop3.b32 w4t, w4lo, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $0, w4t, $10, w4nz;
+shr.b32 w4t, w4lo, 4;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $1, w4t, $10, w4nz;
+shr.b32 w4t, w4lo, 8;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $2, w4t, $10, w4nz;
+shr.b32 w4t, w4lo, 12;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $3, w4t, $10, w4nz;
+lop3.b32 w4t, w4hi, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $4, w4t, $10, w4nz;
+shr.b32 w4t, w4hi, 4;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $5, w4t, $10, w4nz;
+shr.b32 w4t, w4hi, 8;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $6, w4t, $10, w4nz;
+shr.b32 w4t, w4hi, 12;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $7, w4t, $10, w4nz;
+}"""
+I4W_ASM_BF16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x43004300").replace("ONE", "0x3F803F80")
+                            .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
+I4W_ASM_F16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
+                           .replace("OFF", "0xE408E408").replace(".T", ".f16x2"))
+
+
+@triton.jit
+def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """An int4 plane's [BLOCK_N, D] tile in natural column order, loaded as 32-bit words."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
+    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    soff = tl.multiple_of(base + scales_at + row * NG, 8)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    if ASM:
+        sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        if DT == tl.bfloat16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.bfloat16,) * 8, is_pure=True,
+                pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+    # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index m
+    t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    return tl.reshape(t, (BLOCK_N, D))
+
 
 @triton.jit
 def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
@@ -172,7 +254,30 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
 
 
 @triton.jit
-def fast_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
+def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr,
+            PREC: tl.constexpr):
+    """The accumulators after one tile: acc * alpha + P @ V (V^T @ P^T with KEYS_ON_M 2; with
+    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). V_WORDS: one full tile
+    ``v`` and one accumulator ``acc_a``; else halves ``va``/``vb`` into ``acc_a``/``acc_b``."""
+    if KEYS_ON_M == 2:
+        if V_WORDS:
+            acc_a = tl.dot(tl.trans(v), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
+        else:
+            acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
+            acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b * alpha[None, :], input_precision=PREC)
+    else:
+        if KEYS_ON_M == 1:
+            pd = tl.trans(pd)
+        if V_WORDS:
+            acc_a = tl.dot(pd, v, acc=acc_a * alpha[:, None], input_precision=PREC)
+        else:
+            acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
+            acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
+    return acc_a, acc_b
+
+
+@triton.jit
+def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                        k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
                        KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -180,7 +285,7 @@ def fast_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
                        K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                        ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
-                       KEYS_ON_M: tl.constexpr):
+                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -198,27 +303,32 @@ def fast_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
     DT = Q.dtype.element_ty
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     HALF: tl.constexpr = D // 2
+    VW: tl.constexpr = D if V_WORDS else HALF  # columns per V accumulator
     BT_ROW = BT + b * stride_bt
 
     g = tl.arange(0, G_PAD)
     gmask = g < G
     heads = kvh * G + g
     ka_c, kb_c = _half_cols(K_BITS, D)
-    va_c, vb_c = _half_cols(V_BITS, D)
+    if V_WORDS:
+        va_c = tl.arange(0, D)
+        vb_c = va_c
+    else:
+        va_c, vb_c = _half_cols(V_BITS, D)
     qp = Q + qrow * stride_qt + heads[:, None] * stride_qh
     qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
     qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
-    if KEYS_ON_M:  # scores [keys, heads]; KEYS_ON_M 2: accumulators [D/2, heads] (V^T on M), 1: [heads, D/2]
+    if KEYS_ON_M == 2:  # accumulators [columns, heads]
+        acc_a = tl.zeros([VW, G_PAD], tl.float32)
+        acc_b = tl.zeros([VW, G_PAD], tl.float32)
+    else:
+        acc_a = tl.zeros([G_PAD, VW], tl.float32)
+        acc_b = tl.zeros([G_PAD, VW], tl.float32)
+    if KEYS_ON_M:  # scores [keys, heads]
         qaT = tl.trans(qa)
         qbT = tl.trans(qb)
-        if KEYS_ON_M == 2:
-            acc_a = tl.zeros([HALF, G_PAD], tl.float32)
-            acc_b = tl.zeros([HALF, G_PAD], tl.float32)
-        else:
-            acc_a = tl.zeros([G_PAD, HALF], tl.float32)
-            acc_b = tl.zeros([G_PAD, HALF], tl.float32)
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
             ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
@@ -229,25 +339,17 @@ def fast_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
             l_i = l_i * alpha + tl.sum(p, 0)
-            va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, ASM)
-            pd = p.to(DT)
-            if KEYS_ON_M == 2:
-                acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
-                acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b * alpha[None, :], input_precision=PREC)
+            if V_WORDS:
+                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM)
+                va = v
+                vb = v
             else:
-                pT = tl.trans(pd)
-                acc_a = tl.dot(pT, va, acc=acc_a * alpha[:, None], input_precision=PREC)
-                acc_b = tl.dot(pT, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
+                va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT,
+                                 ASM)
+                v = va
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
             m_i = m_new
-        if KEYS_ON_M == 2:
-            out_a = tl.trans(acc_a)
-            out_b = tl.trans(acc_b)
-        else:
-            out_a = acc_a
-            out_b = acc_b
-    else:  # scores [heads, keys], accumulators [heads, D/2]
-        out_a = tl.zeros([G_PAD, HALF], tl.float32)
-        out_b = tl.zeros([G_PAD, HALF], tl.float32)
+    else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
             ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
@@ -258,18 +360,31 @@ def fast_decode_kernel(Q, C8, C16, BT, NC, QSL, ACC, ML, OUT,
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, ASM)
-            pd = p.to(DT)
-            out_a = tl.dot(pd, va, acc=out_a * alpha[:, None], input_precision=PREC)
-            out_b = tl.dot(pd, vb, acc=out_b * alpha[:, None], input_precision=PREC)
+            if V_WORDS:
+                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM)
+                va = v
+                vb = v
+            else:
+                va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT,
+                                 ASM)
+                v = va
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
             m_i = m_new
+    if KEYS_ON_M == 2:
+        out_a = tl.trans(acc_a)
+        out_b = tl.trans(acc_b)
+    else:
+        out_a = acc_a
+        out_b = acc_b
     if S == 1:
         ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
         tl.store(ob + va_c[None, :], (out_a / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-        tl.store(ob + vb_c[None, :], (out_b / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
+        if not V_WORDS:
+            tl.store(ob + vb_c[None, :], (out_b / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
     else:  # partial state for decode._combine_kernel, rows (b * H + head) * S + split
         rowc = (b * KVH * G + heads) * S + split
         tl.store(ACC + rowc[:, None] * D + va_c[None, :], out_a, mask=gmask[:, None])
-        tl.store(ACC + rowc[:, None] * D + vb_c[None, :], out_b, mask=gmask[:, None])
+        if not V_WORDS:
+            tl.store(ACC + rowc[:, None] * D + vb_c[None, :], out_b, mask=gmask[:, None])
         tl.store(ML + rowc * 2, m_i, mask=gmask)
         tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
