@@ -42,17 +42,19 @@ def copy_rate() -> float:
 
 VARIANTS = {  # name -> packed_decode's kernel choice
     "plain": dict(fast=False),
-    "fast": dict(fast=True, keys_on_m=False, v_words=False),
-    "fast_m": dict(fast=True, keys_on_m=True, v_words=False),
-    "fast_words": dict(fast=True, keys_on_m=False, v_words=True),
-    "fast_m_words": dict(fast=True, keys_on_m=True, v_words=True),
+    "fast": dict(fast=True, keys_on_m=False, v_words=0),
+    "fast_m": dict(fast=True, keys_on_m=True, v_words=0),
+    "fast_words": dict(fast=True, keys_on_m=False, v_words=2),
+    "fast_m_words1": dict(fast=True, keys_on_m=True, v_words=1),
+    "fast_m_words": dict(fast=True, keys_on_m=True, v_words=2),
 }
 TILINGS = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
     "int4": [("plain", 64, 4, 3, 8),
              ("fast_m_words", 64, 4, 3, 8), ("fast_m_words", 128, 4, 3, 8), ("fast_m_words", 128, 4, 2, 8),
              ("fast_m_words", 128, 8, 3, 8), ("fast_m_words", 64, 4, 3, 4), ("fast_m_words", 128, 4, 3, 4),
              ("fast_m_words", 64, 4, 4, 8), ("fast_m_words", 32, 4, 3, 8), ("fast_m_words", 128, 4, 3, 16),
-             ("fast_m_words", 64, 4, 3, 16), ("fast_m_words", 64, 4, 2, 8),
+             ("fast_m_words", 64, 4, 3, 16), ("fast_m_words", 64, 4, 2, 8), ("fast_m_words", 256, 8, 2, 8),
+             ("fast_m_words", 256, 4, 2, 8), ("fast_m_words1", 128, 4, 3, 8),
              ("fast_m", 64, 4, 3, 8), ("fast_m", 128, 4, 3, 8), ("fast_m", 128, 8, 3, 8),
              ("fast", 64, 4, 3, 8), ("fast", 128, 4, 3, 8), ("fast_words", 64, 4, 3, 8)],
     "int8": [("plain", 64, 4, 3, 4), ("fast_m", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 64, 4, 3, 8),

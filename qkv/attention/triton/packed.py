@@ -31,7 +31,7 @@ from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (scripts/kv_int_decode_bench.py)
-V_WORDS = True
+V_WORDS = 2
 
 
 @triton.jit
@@ -302,14 +302,15 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   max_seq_len: int | None = None, query_start_loc: torch.Tensor | None = None,
                   out: torch.Tensor | None = None, splits: int | None = None, block_n: int = 64,
                   num_warps: int = 4, num_stages: int = 3, fast: bool | None = None,
-                  keys_on_m: bool | None = None, v_words: bool | None = None) -> torch.Tensor:
+                  keys_on_m: bool | None = None, v_words: int | None = None) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
 
     ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
     halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
-    tiles read as 32-bit words; all variants give the reference's values
+    tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
+    0: as halves); all variants give the reference's values
     (tests/test_triton_packed.py)."""
     lay, kp, vp = _layout_args(kv_cache)
     B = num_computed.shape[0]
@@ -321,7 +322,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     half = q.dtype in (torch.bfloat16, torch.float16)
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
-    v_words = bool(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
+    v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1

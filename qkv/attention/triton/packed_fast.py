@@ -205,8 +205,9 @@ I4W_ASM_F16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x64006400").replace("ONE"
 
 @triton.jit
 def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
-    """An int4 plane's [BLOCK_N, D] tile in natural column order, loaded as 32-bit words."""
+                ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, ORDER: tl.constexpr):
+    """An int4 plane's [BLOCK_N, D] tile, loaded as 32-bit words: ORDER 1 natural column order,
+    2 in ``_words_cols`` order (each asm output register's two values side by side)."""
     W: tl.constexpr = D // 8
     NG: tl.constexpr = D // 16
     voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
@@ -234,9 +235,28 @@ def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, 
         o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
         o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
         o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
-    # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index m
-    t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-    return tl.reshape(t, (BLOCK_N, D))
+    if ORDER == 1:  # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index m
+        t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+        return tl.reshape(t, (BLOCK_N, D))
+    else:  # words 2i, 2i + 1 of one register kept side by side: [keys, i, m, word parity]
+        H2: tl.constexpr = W // 2
+        r0 = tl.reshape(o0, (BLOCK_N, H2, 2))
+        r1 = tl.reshape(o1, (BLOCK_N, H2, 2))
+        r2 = tl.reshape(o2, (BLOCK_N, H2, 2))
+        r3 = tl.reshape(o3, (BLOCK_N, H2, 2))
+        r4 = tl.reshape(o4, (BLOCK_N, H2, 2))
+        r5 = tl.reshape(o5, (BLOCK_N, H2, 2))
+        r6 = tl.reshape(o6, (BLOCK_N, H2, 2))
+        r7 = tl.reshape(o7, (BLOCK_N, H2, 2))
+        t = tl.join(tl.join(tl.join(r0, r4), tl.join(r2, r6)), tl.join(tl.join(r1, r5), tl.join(r3, r7)))
+        return tl.reshape(tl.permute(t, (0, 1, 3, 4, 5, 2)), (BLOCK_N, D))
+
+
+@triton.jit
+def _words_cols(D: tl.constexpr):
+    """Column of each position of a ``_int4_words`` ORDER 2 tile: 8 * word + nibble."""
+    f = tl.arange(0, D)
+    return 8 * (2 * (f // 16) + f % 2) + (f // 2) % 8
 
 
 @triton.jit
@@ -310,7 +330,10 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     gmask = g < G
     heads = kvh * G + g
     ka_c, kb_c = _half_cols(K_BITS, D)
-    if V_WORDS:
+    if V_WORDS == 2:
+        va_c = _words_cols(D)
+        vb_c = va_c
+    elif V_WORDS:
         va_c = tl.arange(0, D)
         vb_c = va_c
     else:
@@ -340,7 +363,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             p = tl.exp2(s - m_new[None, :])
             l_i = l_i * alpha + tl.sum(p, 0)
             if V_WORDS:
-                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM)
+                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
                 va = v
                 vb = v
             else:
@@ -361,7 +384,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if V_WORDS:
-                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM)
+                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
                 va = v
                 vb = v
             else:
