@@ -32,6 +32,7 @@ SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a conste
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (scripts/kv_int_decode_bench.py)
 V_WORDS = 2
+FAST_TILING = (128, 4, 3)  # keys per tile, warps, stages
 
 
 @triton.jit
@@ -300,8 +301,8 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
 def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, num_computed: torch.Tensor,
                   scale: float, window: int | None = None, ring: int | None = None, softcap: float | None = None,
                   max_seq_len: int | None = None, query_start_loc: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, splits: int | None = None, block_n: int = 64,
-                  num_warps: int = 4, num_stages: int = 3, fast: bool | None = None,
+                  out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
@@ -323,6 +324,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
+    tiling = FAST_TILING if fast else (64, 4, 3)
+    block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
