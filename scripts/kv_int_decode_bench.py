@@ -11,7 +11,7 @@ so a wrong variant shows; the query/output rotation (two small GEMMs) is timed o
 best one, and the engine's default launch (no tiling given) beside it.
 The bf16 and fp8 production kernels are timed on the same shape beside it.
 
-    PYTHONPATH=. python scripts/kv_int_decode_bench.py --out $OUT
+    PYTHONPATH=. python scripts/kv_int_decode_bench.py --out $OUT [--sweep 1]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_words1": dict(fast=True, keys_on_m=True, v_words=1),
     "fast_m_words": dict(fast=True, keys_on_m=True, v_words=2),
 }
-TILINGS = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
+SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
     "int4": [("plain", 64, 4, 3, 8),
              ("fast_m_words", 64, 4, 3, 8), ("fast_m_words", 128, 4, 3, 8), ("fast_m_words", 128, 4, 2, 8),
              ("fast_m_words", 128, 8, 3, 8), ("fast_m_words", 64, 4, 3, 4), ("fast_m_words", 128, 4, 3, 4),
@@ -60,11 +60,24 @@ TILINGS = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: de
     "int8": [("plain", 64, 4, 3, 4), ("fast_m", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 64, 4, 3, 8),
              ("fast_m", 128, 8, 3, 8), ("fast", 64, 4, 3, 4)],
 }
+SWEEP2 = {  # after SWEEP1 (2026-12-03): keys on M with V in halves was best; fewer warps per program
+    "int4": [("plain", 64, 4, 3, 8), ("fast_m", 128, 4, 3, 8), ("fast_m", 128, 4, 2, 8), ("fast_m", 128, 4, 2, 4),
+             ("fast_m", 128, 4, 2, 16), ("fast_m", 256, 4, 2, 8), ("fast_m", 64, 2, 2, 8), ("fast_m", 64, 2, 2, 16),
+             ("fast_m", 64, 2, 3, 8), ("fast_m", 32, 2, 2, 8), ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 8),
+             ("fast_m", 32, 1, 2, 16), ("fast_m", 16, 1, 2, 16), ("fast_m", 128, 2, 2, 8),
+             ("fast_m_words", 128, 4, 2, 8), ("fast_m_words", 64, 2, 2, 8), ("fast_m_words", 64, 2, 2, 16),
+             ("fast_m_words", 32, 2, 2, 16), ("fast_m_words", 32, 1, 2, 16), ("fast_m_words", 128, 2, 2, 8),
+             ("fast", 64, 2, 2, 8), ("fast", 32, 2, 2, 16)],
+    "int8": [("plain", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 128, 4, 2, 4), ("fast_m", 64, 2, 2, 8),
+             ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 16), ("fast_m", 128, 2, 2, 8)],
+}
+SWEEPS = {"1": SWEEP1, "2": SWEEP2}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
+    ap.add_argument("--sweep", default="2", choices=sorted(SWEEPS), help="which list of tilings")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_bench.jsonl")
     open(path, "w").close()
@@ -96,7 +109,7 @@ def main():
             cache.kv_layout, planes=tuple(dataclasses.replace(p, rotated=False) for p in cache.kv_layout.planes))
         ref = packed_decode(q, plain, table, nc, scale, max_seq_len=ctx, fast=False, splits=8).float()
         best = None
-        for variant, block_n, warps, stages, splits in TILINGS[kv]:
+        for variant, block_n, warps, stages, splits in SWEEPS[args.sweep][kv]:
             kw = dict(VARIANTS[variant], block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
             tag = dict(name="packed_decode", kv=kv, variant=variant, B=B, ctx=ctx, block_n=block_n, warps=warps,
                        stages=stages, splits=splits)
