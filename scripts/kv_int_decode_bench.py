@@ -47,6 +47,7 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_words": dict(fast=True, keys_on_m=False, v_words=2),
     "fast_m_words1": dict(fast=True, keys_on_m=True, v_words=1),
     "fast_m_words": dict(fast=True, keys_on_m=True, v_words=2),
+    "fast_m_pf": dict(fast=True, keys_on_m=True, v_words=0, prefetch=True),
 }
 SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
     "int4": [("plain", 64, 4, 3, 8),
@@ -67,7 +68,9 @@ SWEEP2 = {  # after SWEEP1 (2026-12-03): keys on M with V in halves was best; fe
              ("fast_m", 32, 1, 2, 16), ("fast_m", 16, 1, 2, 16), ("fast_m", 128, 2, 2, 8),
              ("fast_m_words", 128, 4, 2, 8), ("fast_m_words", 64, 2, 2, 8), ("fast_m_words", 64, 2, 2, 16),
              ("fast_m_words", 32, 2, 2, 16), ("fast_m_words", 32, 1, 2, 16), ("fast_m_words", 128, 2, 2, 8),
-             ("fast", 64, 2, 2, 8), ("fast", 32, 2, 2, 16)],
+             ("fast", 64, 2, 2, 8), ("fast", 32, 2, 2, 16),
+             ("fast_m_pf", 128, 4, 2, 8), ("fast_m_pf", 128, 4, 3, 8), ("fast_m_pf", 64, 4, 2, 8),
+             ("fast_m_pf", 64, 4, 3, 16), ("fast_m_pf", 32, 2, 2, 16)],
     "int8": [("plain", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 128, 4, 2, 4), ("fast_m", 64, 2, 2, 8),
              ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 16), ("fast_m", 128, 2, 2, 8)],
 }

@@ -81,13 +81,15 @@ def test_packed_decode_equals_reference(kv, case):
 # The fast kernel (tiles in halves, widened in PTX on the GPU, by Triton ops in the
 # interpreter), keys on the MMA's M or N dimension, and the plain kernel: each equals the reference.
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("fast,keys_on_m,v_words", [(False, False, 0), (True, False, 0), (True, True, 0),
-                                                    (True, False, 2), (True, True, 1), (True, True, 2)])
+@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch", [
+    (False, False, 0, False), (True, False, 0, False), (True, True, 0, False), (True, True, 0, True),
+    (True, False, 2, False), (True, True, 1, False), (True, True, 2, False)])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
-def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, case):
-    if kv == "int8" and v_words:
-        pytest.skip("v_words reads int4 V planes only")
-    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words)
+def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, case):
+    if kv == "int8" and (v_words or prefetch):
+        pytest.skip("v_words and prefetch read int4 V planes only")
+    # 32-key tiles: two or more tiles per split (the prefetch crosses tiles and the ragged end)
+    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, block_n=32)
 
 
 @gpu

@@ -33,6 +33,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (scripts/kv_int_decode_bench.py)
 V_WORDS = 0  # V in halves: 221.6 us against 238.6 as words (2026-12-03, batch 32 x 8k)
 FAST_TILING = (128, 4, 3)  # keys per tile, warps, stages
+PREFETCH = False
 
 
 @triton.jit
@@ -303,7 +304,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   max_seq_len: int | None = None, query_start_loc: torch.Tensor | None = None,
                   out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
-                  keys_on_m: bool | None = None, v_words: int | None = None) -> torch.Tensor:
+                  keys_on_m: bool | None = None, v_words: int | None = None,
+                  prefetch: bool | None = None) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
@@ -311,7 +313,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
     halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
     tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
-    0: as halves); all variants give the reference's values
+    0: as halves), ``prefetch`` (int4 V in halves, keys on M) its V bytes loaded one tile
+    ahead; all variants give the reference's values
     (tests/test_triton_packed.py)."""
     lay, kp, vp = _layout_args(kv_cache)
     B = num_computed.shape[0]
@@ -324,6 +327,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
+    prefetch = bool(keys_on_m and not v_words and vp.fmt.bits == 4 and (PREFETCH if prefetch is None else prefetch))
     tiling = FAST_TILING if fast else (64, 4, 3)
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
     S = splits or num_splits(B, kvh, max_seq_len, block_n)
@@ -351,7 +355,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if fast:
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                         *common, ASM=not INTERPRET, KEYS_ON_M=2 if keys_on_m else 0,
-                                        V_WORDS=v_words, **consts)
+                                        V_WORDS=v_words, PREFETCH=prefetch, **consts)
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                            *common, **consts)

@@ -82,17 +82,25 @@ I8_ASM_F16 = tl.constexpr(_I8_ASM.replace(".T", ".f16x2"))
 
 
 @triton.jit
-def _int4_halves(C8, boff, soff, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
-                 ASM: tl.constexpr):
-    """An int4 plane's [BLOCK_N, D] tile as two [BLOCK_N, D/2] halves, its even and its odd
-    columns (each byte's low and high nibble), dequantized to DT: no interleaving shuffle; the
-    caller permutes the query's and the output's columns instead. ``boff``: byte offset of each
-    key's packed row, ``soff``: of its e5m3 codes. ``ASM``: widened in PTX (DT bf16/fp16)."""
+def _int4_raw(C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
+    """An int4 plane's packed bytes [BLOCK_N, D/2] and e5m3 codes [BLOCK_N, D/16] for keys at
+    page offsets ``base``, rows ``row`` (masked keys read zeros)."""
+    boff = tl.multiple_of(base + vals_at + row * (D // 2), ALIGN * 4)
+    soff = tl.multiple_of(base + scales_at + row * (D // 16), 8)
+    x = tl.load(C8 + boff[:, None] + tl.arange(0, D // 2)[None, :], mask=nmask[:, None], other=0)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, D // 16)[None, :], mask=nmask[:, None], other=0)
+    return x, c
+
+
+@triton.jit
+def _int4_halves(x, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """An int4 plane's [BLOCK_N, D] tile (bytes ``x``, codes ``c``, as ``_int4_raw``) as two
+    [BLOCK_N, D/2] halves, its even and its odd columns (each byte's low and high nibble),
+    dequantized to DT: no interleaving shuffle; the caller permutes the query's and the
+    output's columns instead. ``ASM``: widened in PTX (DT bf16/fp16)."""
     NG: tl.constexpr = D // 16
     HALF: tl.constexpr = D // 2
-    x = tl.load(C8 + boff[:, None] + tl.arange(0, HALF)[None, :], mask=nmask[:, None], other=0)
-    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
     if ASM:
         sb = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
         if DT == tl.bfloat16:
@@ -134,9 +142,8 @@ def _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, G
     """One plane's tile as two [BLOCK_N, D/2] halves (columns as ``_half_cols``)."""
     HALF: tl.constexpr = D // 2
     if BITS == 4:
-        boff = tl.multiple_of(base + vals_at + row * HALF, ALIGN * 4)
-        soff = tl.multiple_of(base + scales_at + row * (D // 16), 8)
-        return _int4_halves(C8, boff, soff, nmask, D, BLOCK_N, DT, ASM)
+        x, c = _int4_raw(C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+        return _int4_halves(x, c, D, BLOCK_N, DT, ASM)
     else:
         NG: tl.constexpr = D // GRP
         NGH: tl.constexpr = NG // 2 if NG > 1 else 1
@@ -305,7 +312,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                        ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
-                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr):
+                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -352,6 +359,9 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     if KEYS_ON_M:  # scores [keys, heads]
         qaT = tl.trans(qa)
         qbT = tl.trans(qb)
+        if PREFETCH:  # int4 V in halves: the next tile's bytes load while this one is widened
+            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
             ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
@@ -362,7 +372,15 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[None, :])
             l_i = l_i * alpha + tl.sum(p, 0)
-            if V_WORDS:
+            if PREFETCH:
+                nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                         HAS_RING)
+                nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
+                va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
+                v = va
+                vx = nx
+                vc = nc
+            elif V_WORDS:
                 v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
                 va = v
                 vb = v
