@@ -31,9 +31,12 @@ from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (scripts/kv_int_decode_bench.py)
-V_WORDS = 0  # V in halves: 221.6 us against 238.6 as words (2026-12-03, batch 32 x 8k)
-FAST_TILING = (128, 4, 3)  # keys per tile, warps, stages
-PREFETCH = False
+V_WORDS = 0  # V in halves: 220.6 us against 233.4 as words (128-key tiles; 2026-12-03, batch 32 x 8k)
+# (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
+# cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
+# int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
+FAST_TILING = {4: (16, 1, 2), 8: (32, 1, 2)}
+PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 
 
 @triton.jit
@@ -328,9 +331,13 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
     prefetch = bool(keys_on_m and not v_words and vp.fmt.bits == 4 and (PREFETCH if prefetch is None else prefetch))
-    tiling = FAST_TILING if fast else (64, 4, 3)
+    tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
+    if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
+        tiling = (16,) + tiling[1:]
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
-    S = splits or num_splits(B, kvh, max_seq_len, block_n)
+    # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
+    # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
+    S = splits or num_splits(B, kvh, max_seq_len, block_n, num_sms=132 * 8 // num_warps)
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
