@@ -10,6 +10,10 @@ differences, round half to even, the fixed-tree error sum of the int4 scale sear
 stored by a decode step and one stored by the reference prefill path are the same bytes: prefix
 hits and chunk sizes cannot change a score.
 
+For bf16/fp16 queries on the GPU ``packed_decode`` runs ``packed_fast``'s kernel (tiles widened
+in PTX, in halves, keys on the MMA's M dimension); this file's decode kernel serves fp32 queries
+and Triton's interpreter.
+
 Prefill and mixed steps run ``reference.packed_attention`` (torch on the device; it gathers the
 visible keys of the step's sequences, dequantized) and are not captured in CUDA graphs.
 """
