@@ -75,10 +75,34 @@ DECODE = {
 @pytest.mark.parametrize("kv", FORMATS)
 @pytest.mark.parametrize("case", list(DECODE))
 def test_packed_decode_equals_reference(kv, case):
+    check_decode(kv, case)
+
+
+# The fast kernel (tiles in halves, widened in PTX on the GPU, by Triton ops in the
+# interpreter), keys on the MMA's M or N dimension, and the plain kernel: each equals the reference.
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch", [
+    (False, False, 0, False), (True, False, 0, False), (True, True, 0, False), (True, True, 0, True),
+    (True, False, 2, False), (True, True, 1, False), (True, True, 2, False)])
+@pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
+def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, case):
+    if kv == "int8" and (v_words or prefetch):
+        pytest.skip("v_words and prefetch read int4 V planes only")
+    # 32-key tiles: two or more tiles per split (the prefetch crosses tiles and the ragged end)
+    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, block_n=32)
+
+
+@gpu
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+def test_packed_decode_fp16_query_equals_reference(kv):
+    check_decode(kv, "gqa", dtype=torch.float16)  # the PTX's fp16 magic numbers
+
+
+def check_decode(kv, case, dtype=None, **variant):
     c = dict(DECODE[case])
     computed, H, KVH, D = c.pop("computed"), c.pop("H"), c.pop("KVH"), c.pop("D")
     window, softcap, splits = c.pop("window", None), c.pop("softcap", None), c.pop("splits", None)
-    bs, dtype = 16, torch.bfloat16 if CUDA else torch.float32
+    bs, dtype = 16, dtype or (torch.bfloat16 if CUDA else torch.float32)
     gen = torch.Generator().manual_seed(hash(case) % 1000)
     nb = sum(-(-(n + 1) // bs) for n in computed) + 2
     batch = make_batch(computed, [1] * len(computed), bs, nb, gen=gen)
@@ -99,8 +123,8 @@ def test_packed_decode_equals_reference(kv, case):
     write_packed(cache, k, v, batch.slot_mappings[0])
     assert torch.equal(cache, ref_cache)  # the decode write stores the reference's bytes
     out = packed_decode(q, cache, batch.block_tables[0], batch.num_computed, D ** -0.5, window, None, softcap,
-                        max_seq_len=batch.max_seq_len, splits=splits)
-    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                        max_seq_len=batch.max_seq_len, splits=splits, **variant)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
     torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
 
 

@@ -10,6 +10,10 @@ differences, round half to even, the fixed-tree error sum of the int4 scale sear
 stored by a decode step and one stored by the reference prefill path are the same bytes: prefix
 hits and chunk sizes cannot change a score.
 
+For bf16/fp16 queries on the GPU ``packed_decode`` runs ``packed_fast``'s kernel (tiles widened
+in PTX, in halves, keys on the MMA's M dimension); this file's decode kernel serves fp32 queries
+and Triton's interpreter.
+
 Prefill and mixed steps run ``reference.packed_attention`` (torch on the device; it gathers the
 visible keys of the step's sequences, dequantized) and are not captured in CUDA graphs.
 """
@@ -25,10 +29,18 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
+from qkv.attention.triton.packed_fast import fast_decode_kernel
 from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+KEYS_ON_M = True  # the fast kernel's defaults (scripts/kv_int_decode_bench.py)
+V_WORDS = 0  # V in halves: 220.6 us against 233.4 as words (128-key tiles; 2026-12-03, batch 32 x 8k)
+# (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
+# cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
+# int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
+FAST_TILING = {4: (16, 1, 2), 8: (32, 1, 2)}
+PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 
 
 @triton.jit
@@ -297,11 +309,20 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
 def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, num_computed: torch.Tensor,
                   scale: float, window: int | None = None, ring: int | None = None, softcap: float | None = None,
                   max_seq_len: int | None = None, query_start_loc: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, splits: int | None = None, block_n: int = 64,
-                  num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+                  out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
+                  keys_on_m: bool | None = None, v_words: int | None = None,
+                  prefetch: bool | None = None) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
-    by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype."""
+    by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
+
+    ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
+    halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
+    tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
+    0: as halves), ``prefetch`` (int4 V in halves, keys on M) its V bytes loaded one tile
+    ahead; all variants give the reference's values
+    (tests/test_triton_packed.py)."""
     lay, kp, vp = _layout_args(kv_cache)
     B = num_computed.shape[0]
     _, H, D = q.shape
@@ -309,8 +330,19 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if D & (D - 1) or D < 32:
         raise NotImplementedError(f"the packed decode kernel needs a power-of-two head_dim >= 32, got {D}")
     G = H // kvh
-    S = splits or num_splits(B, kvh, max_seq_len, block_n)
-    G_PAD = max(16, triton.next_power_of_2(G))
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
+    keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
+    v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
+    prefetch = bool(keys_on_m and not v_words and vp.fmt.bits == 4 and (PREFETCH if prefetch is None else prefetch))
+    tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
+    if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
+        tiling = (16,) + tiling[1:]
+    block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
+    # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
+    # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
+    S = splits or num_splits(B, kvh, max_seq_len, block_n, num_sms=132 * 8 // num_warps)
+    G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((rows, 2), dtype=torch.float32, device=q.device)
@@ -323,15 +355,21 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32  # the narrower plane's words per row
     align = math.gcd(lay.page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
-    _packed_decode_kernel[(B, kvh, S)](
-        q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), block_table, num_computed,
-        query_start_loc, acc, ml, out,
-        q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), lay.page_bytes,
-        kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1,
-        KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=lay.block_size, BLOCK_N=block_n, S=S,
-        K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
-        ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages)
+    common = (block_table, num_computed, query_start_loc, acc, ml, out,
+              q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), lay.page_bytes,
+              kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1)
+    consts = dict(KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=lay.block_size, BLOCK_N=block_n, S=S,
+                  K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
+                  ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None,
+                  HAS_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+                  num_stages=num_stages)
+    if fast:
+        fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
+                                        *common, ASM=not INTERPRET, KEYS_ON_M=2 if keys_on_m else 0,
+                                        V_WORDS=v_words, PREFETCH=prefetch, **consts)
+    else:
+        _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
+                                           *common, **consts)
     if S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)

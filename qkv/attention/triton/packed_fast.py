@@ -1,0 +1,436 @@
+"""The fast packed decode kernel (``packed.packed_decode(fast=True)``, the default for bf16/fp16
+queries on the GPU): split-K decode attention over int8/int4 pages, as ``packed``'s kernel,
+with less work per cached element:
+
+- each tile comes as two halves of D/2 columns (an int4 plane: the low and the high nibbles,
+  i.e. the even and the odd columns; int8: the first and second half). Two dots of depth D/2
+  replace one of depth D, and the query's columns (for K) and the output's (for V) are
+  permuted to match, so no register shuffle interleaves the nibbles;
+- the halves are widened in PTX (``ASM``): 4 packed bytes per asm block, paired bf16/fp16
+  arithmetic on magic-number floats (int4) or byte permutes under an fp32 exponent (int8), no
+  int->float conversion unit; the values equal the reference's (products exact or rounded once);
+- ``KEYS_ON_M``: keys on the MMA's M dimension (transposed dots, heads padded to 8): a tile
+  widened in registers is the A operand as it is (as decode.py's fp8 path).
+
+Options measured against these (scripts/kv_int_decode_bench.py; slower at batch 32 x 8k on the
+H200, kept for the record and the tests): ``V_WORDS`` (an int4 V tile read as 32-bit words, 8
+nibbles per asm output pair) and ``PREFETCH`` (the next int4 V tile's bytes loaded one tile
+ahead). The tiling (single-warp programs) is ``packed.FAST_TILING``.
+
+Without ``ASM`` (Triton's interpreter, which runs no PTX) the tiles are widened by Triton ops:
+the same values, so the tests check the kernel's structure on the CPU too.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from qkv.attention.triton.decode import _scores
+
+# Unpacking in PTX (ASM): each asm block takes 4 packed bytes in one register and widens them
+# with bit operations and paired 16-bit arithmetic (2 elements per instruction), where the
+# plain Triton ops convert each element through the (quarter-rate) int->float unit.
+# int4: (nibble | 0x4300) read as bf16 is 128 + nibble (0x6400: 1024 + nibble in fp16); one
+# paired fma subtracts 136 (1032), one multiplies by the group's scale: both exact, so the
+# values are the reference's n * s. The scale arrives per element (elementwise semantics:
+# the asm is correct whatever register layout Triton picks).
+_I4_ASM = """{
+.reg .b32 i4r, i4t, i4a, i4b, i4c, i4d, i4one, i4off, i4nz;
+mov.b32 i4one, ONE;
+mov.b32 i4off, OFF;
+mov.b32 i4nz, 0x80008000;
+prmt.b32 i4r, $4, 0, 0x3120;
+lop3.b32 i4a, i4r, 0x000F000F, MAGIC, 0xea;
+shr.b32 i4t, i4r, 4;
+lop3.b32 i4b, i4t, 0x000F000F, MAGIC, 0xea;
+shr.b32 i4t, i4r, 8;
+lop3.b32 i4c, i4t, 0x000F000F, MAGIC, 0xea;
+shr.b32 i4t, i4r, 12;
+lop3.b32 i4d, i4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T i4a, i4a, i4one, i4off;
+fma.rn.T i4b, i4b, i4one, i4off;
+fma.rn.T i4c, i4c, i4one, i4off;
+fma.rn.T i4d, i4d, i4one, i4off;
+fma.rn.T $0, i4a, $5, i4nz;
+fma.rn.T $1, i4c, $6, i4nz;
+fma.rn.T $2, i4b, $5, i4nz;
+fma.rn.T $3, i4d, $6, i4nz;
+}"""
+I4_ASM_BF16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x43004300").replace("ONE", "0x3F803F80")
+                           .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
+I4_ASM_F16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
+                          .replace("OFF", "0xE408E408").replace(".T", ".f16x2"))
+# int8: byte ^ 0x80 placed under 0x4B (fp32 2^23 + u) by a byte permute, minus 2^23 + 128: the
+# signed byte in fp32 exactly; times the fp32 scale, rounded once to DT (the reference's order).
+_I8_ASM = """{
+.reg .b32 i8w, i8f0, i8f1, i8f2, i8f3, i8hi;
+mov.b32 i8hi, 0x4B000000;
+xor.b32 i8w, $2, 0x80808080;
+prmt.b32 i8f0, i8w, i8hi, 0x7440;
+prmt.b32 i8f1, i8w, i8hi, 0x7441;
+prmt.b32 i8f2, i8w, i8hi, 0x7442;
+prmt.b32 i8f3, i8w, i8hi, 0x7443;
+sub.rn.f32 i8f0, i8f0, 0f4B000080;
+sub.rn.f32 i8f1, i8f1, 0f4B000080;
+sub.rn.f32 i8f2, i8f2, 0f4B000080;
+sub.rn.f32 i8f3, i8f3, 0f4B000080;
+mul.rn.f32 i8f0, i8f0, $3;
+mul.rn.f32 i8f1, i8f1, $4;
+mul.rn.f32 i8f2, i8f2, $5;
+mul.rn.f32 i8f3, i8f3, $6;
+cvt.rn.T.f32 $0, i8f1, i8f0;
+cvt.rn.T.f32 $1, i8f3, i8f2;
+}"""
+I8_ASM_BF16 = tl.constexpr(_I8_ASM.replace(".T", ".bf16x2"))
+I8_ASM_F16 = tl.constexpr(_I8_ASM.replace(".T", ".f16x2"))
+
+
+@triton.jit
+def _int4_raw(C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
+    """An int4 plane's packed bytes [BLOCK_N, D/2] and e5m3 codes [BLOCK_N, D/16] for keys at
+    page offsets ``base``, rows ``row`` (masked keys read zeros)."""
+    boff = tl.multiple_of(base + vals_at + row * (D // 2), ALIGN * 4)
+    soff = tl.multiple_of(base + scales_at + row * (D // 16), 8)
+    x = tl.load(C8 + boff[:, None] + tl.arange(0, D // 2)[None, :], mask=nmask[:, None], other=0)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, D // 16)[None, :], mask=nmask[:, None], other=0)
+    return x, c
+
+
+@triton.jit
+def _int4_halves(x, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """An int4 plane's [BLOCK_N, D] tile (bytes ``x``, codes ``c``, as ``_int4_raw``) as two
+    [BLOCK_N, D/2] halves, its even and its odd columns (each byte's low and high nibble),
+    dequantized to DT: no interleaving shuffle; the caller permutes the query's and the
+    output's columns instead. ``ASM``: widened in PTX (DT bf16/fp16)."""
+    NG: tl.constexpr = D // 16
+    HALF: tl.constexpr = D // 2
+    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    if ASM:
+        sb = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
+        if DT == tl.bfloat16:
+            lo, hi = tl.inline_asm_elementwise(I4_ASM_BF16, "=r,=r,=r,=r,r,r,r", [x, sb],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(I4_ASM_F16, "=r,=r,=r,=r,r,r,r", [x, sb],
+                                               dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    else:
+        sb = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
+        xi = x.to(tl.int32)
+        lo = (((xi & 15) - 8).to(tl.float32) * sb).to(DT)
+        hi = (((xi >> 4) - 8).to(tl.float32) * sb).to(DT)
+    return lo, hi
+
+
+@triton.jit
+def _int8_half(C8, C16, boff, soff, nmask, NGH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+               DT: tl.constexpr, ASM: tl.constexpr):
+    """[BLOCK_N, HALF] columns of an int8 plane from byte offsets ``boff`` with NGH fp16 scales
+    from ``soff``, dequantized (fp32 product rounded once to DT, as the reference)."""
+    x = tl.load(C8 + boff[:, None] + tl.arange(0, HALF)[None, :], mask=nmask[:, None], other=0)
+    s = tl.load(C16 + soff[:, None] + tl.arange(0, NGH)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+    sb = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NGH, HALF // NGH)), (BLOCK_N, HALF))
+    if ASM:
+        if DT == tl.bfloat16:
+            return tl.inline_asm_elementwise(I8_ASM_BF16, "=r,=r,r,r,r,r,r", [x, sb], dtype=tl.bfloat16,
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(I8_ASM_F16, "=r,=r,r,r,r,r,r", [x, sb], dtype=tl.float16,
+                                             is_pure=True, pack=4)
+    else:
+        return (x.to(tl.int8, bitcast=True).to(tl.float32) * sb).to(DT)
+
+
+@triton.jit
+def _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
+            D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """One plane's tile as two [BLOCK_N, D/2] halves (columns as ``_half_cols``)."""
+    HALF: tl.constexpr = D // 2
+    if BITS == 4:
+        x, c = _int4_raw(C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+        return _int4_halves(x, c, D, BLOCK_N, DT, ASM)
+    else:
+        NG: tl.constexpr = D // GRP
+        NGH: tl.constexpr = NG // 2 if NG > 1 else 1
+        boff = tl.multiple_of(base + vals_at + row * D, ALIGN * 4)
+        soff = (base + scales_at) // 2 + row * NG
+        a = _int8_half(C8, C16, boff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
+        b = _int8_half(C8, C16, boff + HALF, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
+        return a, b
+
+
+@triton.jit
+def _half_cols(BITS: tl.constexpr, D: tl.constexpr):
+    """The columns of a plane's two halves: int4 even and odd, int8 first and second half."""
+    i = tl.arange(0, D // 2)
+    if BITS == 4:
+        return 2 * i, 2 * i + 1
+    else:
+        return i, i + D // 2
+
+# int4 by words (a V tile on the way to shared memory): pack=2 over 32-bit words (8 nibbles
+# each); asm output m holds nibble m of both words, no byte is moved between registers, and
+# the 8 outputs join into the tile in natural column order.
+_I4W_ASM = """{
+.reg .b32 w4lo, w4hi, w4t, w4one, w4off, w4nz;
+mov.b32 w4one, ONE;
+mov.b32 w4off, OFF;
+mov.b32 w4nz, 0x80008000;
+prmt.b32 w4lo, $8, $9, 0x5410;
+prmt.b32 w4hi, $8, $9, 0x7632;
+lop3.b32 w4t, w4lo, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $0, w4t, $10, w4nz;
+shr.b32 w4t, w4lo, 4;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $1, w4t, $10, w4nz;
+shr.b32 w4t, w4lo, 8;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $2, w4t, $10, w4nz;
+shr.b32 w4t, w4lo, 12;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $3, w4t, $10, w4nz;
+lop3.b32 w4t, w4hi, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $4, w4t, $10, w4nz;
+shr.b32 w4t, w4hi, 4;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $5, w4t, $10, w4nz;
+shr.b32 w4t, w4hi, 8;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $6, w4t, $10, w4nz;
+shr.b32 w4t, w4hi, 12;
+lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
+fma.rn.T w4t, w4t, w4one, w4off;
+fma.rn.T $7, w4t, $10, w4nz;
+}"""
+I4W_ASM_BF16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x43004300").replace("ONE", "0x3F803F80")
+                            .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
+I4W_ASM_F16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
+                           .replace("OFF", "0xE408E408").replace(".T", ".f16x2"))
+
+
+@triton.jit
+def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr, ORDER: tl.constexpr):
+    """An int4 plane's [BLOCK_N, D] tile, loaded as 32-bit words: ORDER 1 natural column order,
+    2 in ``_words_cols`` order (each asm output register's two values side by side)."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
+    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    soff = tl.multiple_of(base + scales_at + row * NG, 8)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    if ASM:
+        sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        if DT == tl.bfloat16:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.bfloat16,) * 8, is_pure=True,
+                pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+    if ORDER == 1:  # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index m
+        t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+        return tl.reshape(t, (BLOCK_N, D))
+    else:  # words 2i, 2i + 1 of one register kept side by side: [keys, i, m, word parity]
+        H2: tl.constexpr = W // 2
+        r0 = tl.reshape(o0, (BLOCK_N, H2, 2))
+        r1 = tl.reshape(o1, (BLOCK_N, H2, 2))
+        r2 = tl.reshape(o2, (BLOCK_N, H2, 2))
+        r3 = tl.reshape(o3, (BLOCK_N, H2, 2))
+        r4 = tl.reshape(o4, (BLOCK_N, H2, 2))
+        r5 = tl.reshape(o5, (BLOCK_N, H2, 2))
+        r6 = tl.reshape(o6, (BLOCK_N, H2, 2))
+        r7 = tl.reshape(o7, (BLOCK_N, H2, 2))
+        t = tl.join(tl.join(tl.join(r0, r4), tl.join(r2, r6)), tl.join(tl.join(r1, r5), tl.join(r3, r7)))
+        return tl.reshape(tl.permute(t, (0, 1, 3, 4, 5, 2)), (BLOCK_N, D))
+
+
+@triton.jit
+def _words_cols(D: tl.constexpr):
+    """Column of each position of a ``_int4_words`` ORDER 2 tile: 8 * word + nibble."""
+    f = tl.arange(0, D)
+    return 8 * (2 * (f // 16) + f % 2) + (f // 2) % 8
+
+
+@triton.jit
+def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
+          BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
+    """Keys [start, start + BLOCK_N): (valid mask, byte offset of each key's page, its row in
+    the page's planes for this KV head)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    nmask = pos < hi
+    pg = pos // BS
+    if HAS_RING:
+        pg = pg % ring
+    blk = tl.load(BT_ROW + pg, mask=nmask, other=0).to(tl.int64)
+    return nmask, blk * page_bytes, (pos % BS) * KVH + kvh
+
+
+@triton.jit
+def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr,
+            PREC: tl.constexpr):
+    """The accumulators after one tile: acc * alpha + P @ V (V^T @ P^T with KEYS_ON_M 2; with
+    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). V_WORDS: one full tile
+    ``v`` and one accumulator ``acc_a``; else halves ``va``/``vb`` into ``acc_a``/``acc_b``."""
+    if KEYS_ON_M == 2:
+        if V_WORDS:
+            acc_a = tl.dot(tl.trans(v), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
+        else:
+            acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
+            acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b * alpha[None, :], input_precision=PREC)
+    else:
+        if KEYS_ON_M == 1:
+            pd = tl.trans(pd)
+        if V_WORDS:
+            acc_a = tl.dot(pd, v, acc=acc_a * alpha[:, None], input_precision=PREC)
+        else:
+            acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
+            acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
+    return acc_a, acc_b
+
+
+@triton.jit
+def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
+                       stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
+                       k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
+                       KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                       BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+                       K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
+                       ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
+                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    qrow = tl.load(QSL + b)
+    if tl.load(QSL + b + 1) - qrow != 1:  # a prefill row of a mixed batch
+        return
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    kstart = 0
+    if HAS_WINDOW:
+        kstart = tl.maximum(seq_len - window, 0)
+    n = seq_len - kstart
+    per_split = tl.cdiv(tl.cdiv(n, S), BLOCK_N) * BLOCK_N
+    lo = kstart + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    DT = Q.dtype.element_ty
+    PREC: tl.constexpr = "ieee" if IEEE else "tf32"
+    HALF: tl.constexpr = D // 2
+    VW: tl.constexpr = D if V_WORDS else HALF  # columns per V accumulator
+    BT_ROW = BT + b * stride_bt
+
+    g = tl.arange(0, G_PAD)
+    gmask = g < G
+    heads = kvh * G + g
+    ka_c, kb_c = _half_cols(K_BITS, D)
+    if V_WORDS == 2:
+        va_c = _words_cols(D)
+        vb_c = va_c
+    elif V_WORDS:
+        va_c = tl.arange(0, D)
+        vb_c = va_c
+    else:
+        va_c, vb_c = _half_cols(V_BITS, D)
+    qp = Q + qrow * stride_qt + heads[:, None] * stride_qh
+    qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
+    qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    if KEYS_ON_M == 2:  # accumulators [columns, heads]
+        acc_a = tl.zeros([VW, G_PAD], tl.float32)
+        acc_b = tl.zeros([VW, G_PAD], tl.float32)
+    else:
+        acc_a = tl.zeros([G_PAD, VW], tl.float32)
+        acc_b = tl.zeros([G_PAD, VW], tl.float32)
+    if KEYS_ON_M:  # scores [keys, heads]
+        qaT = tl.trans(qa)
+        qbT = tl.trans(qb)
+        if PREFETCH:  # int4 V in halves: the next tile's bytes load while this one is widened
+            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
+        for start in range(lo, hi, BLOCK_N):
+            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
+            s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+            s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+            s = tl.where(nmask[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            l_i = l_i * alpha + tl.sum(p, 0)
+            if PREFETCH:
+                nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                         HAS_RING)
+                nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
+                va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
+                v = va
+                vx = nx
+                vc = nc
+            elif V_WORDS:
+                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
+                va = v
+                vb = v
+            else:
+                va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT,
+                                 ASM)
+                v = va
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
+            m_i = m_new
+    else:  # scores [heads, keys]
+        for start in range(lo, hi, BLOCK_N):
+            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
+            s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
+            s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+            s = tl.where(nmask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if V_WORDS:
+                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
+                va = v
+                vb = v
+            else:
+                va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT,
+                                 ASM)
+                v = va
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
+            m_i = m_new
+    if KEYS_ON_M == 2:
+        out_a = tl.trans(acc_a)
+        out_b = tl.trans(acc_b)
+    else:
+        out_a = acc_a
+        out_b = acc_b
+    if S == 1:
+        ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
+        tl.store(ob + va_c[None, :], (out_a / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
+        if not V_WORDS:
+            tl.store(ob + vb_c[None, :], (out_b / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
+    else:  # partial state for decode._combine_kernel, rows (b * H + head) * S + split
+        rowc = (b * KVH * G + heads) * S + split
+        tl.store(ACC + rowc[:, None] * D + va_c[None, :], out_a, mask=gmask[:, None])
+        if not V_WORDS:
+            tl.store(ACC + rowc[:, None] * D + vb_c[None, :], out_b, mask=gmask[:, None])
+        tl.store(ML + rowc * 2, m_i, mask=gmask)
+        tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
