@@ -139,6 +139,7 @@ def warm_sampler(vocab_size: int, device: torch.device) -> None:
 
 
 WARM_CHUNK = 16  # tokens of the prefill chunk in warm-up steps: any length compiles the same kernels
+WARM_MID = 256  # ... except the fused MoE's, whose tiles depend on the token count (x top-k)
 
 
 def warm_lengths(max_model_len: int) -> list[int]:
@@ -167,6 +168,10 @@ def warm_kernels(runner, max_model_len: int) -> float:
     for rope in runner.ropes:  # as graph capture does: positions up to max_model_len
         rope.ensure(max_model_len)
     dummy_step(runner.model, [WARM_CHUNK], rings, bs, runner.device)
+    # A mid-sized step as well: the fused MoE picks its tiles by token count (moe.py
+    # ``_config``), and the band between decode batches and full prefill steps was compiled
+    # inside the first run's steps (QKV_LOG_LATE_COMPILES on an H200, DeepSeek-V2-Lite).
+    dummy_step(runner.model, [WARM_MID], rings, bs, runner.device)
     for n in warm_lengths(max_model_len):
         dummy_step(runner.model, [WARM_CHUNK, 1], rings, bs, runner.device, max_seq_len=n)
         dummy_step(runner.model, [1], rings, bs, runner.device, max_seq_len=n)

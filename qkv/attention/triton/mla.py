@@ -19,7 +19,7 @@ from qkv.attention.triton.kv_write import write_rows
 from qkv.kvcache.kv_quant import compute_dtype
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        stride_ot, stride_oh, H, sm_scale,
@@ -79,7 +79,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        H, sm_scale,

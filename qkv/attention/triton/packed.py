@@ -242,7 +242,7 @@ def _tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr
         return _int8_tile(C32, C16, voff, (base + scales_at) // 2 + row * (D // GRP), nmask, D, GRP, BLOCK_N, DT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                           stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                           k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,

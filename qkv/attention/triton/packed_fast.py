@@ -308,7 +308,7 @@ def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS
     return acc_a, acc_b
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                        k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
