@@ -115,16 +115,36 @@ def decode_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
         keys = kv_cache[0].view(-1, kvh, D)[ix.from_pages].transpose(1, 2)  # [B, KVH, L, D]
         values = kv_cache[1].view(-1, kvh, v.shape[2])[ix.from_pages].transpose(1, 2)
     else:  # both planes in one write and one gather
-        planes = kv_cache.view(2, -1, kvh, D)
-        planes[:, batch.slot_mappings[group]] = to_cache(torch.stack((k, v)), kv_cache.dtype)
         ix = step_indices(batch, group, window)
-        keys, values = planes[:, ix.from_pages].transpose(2, 3).unbind(0)  # [B, KVH, L, D] each
+        return decode_pages(q, k, v, kv_cache, batch.slot_mappings[group], ix.from_pages,
+                            decode_mask(ix, T, window), scale)
+    return _decode_sdpa(q, keys, values, decode_mask(ix, T, window), scale)
+
+
+def decode_mask(ix: StepIndices, num_seqs: int, window: int | None) -> torch.Tensor | None:
+    """The mask ``decode_pages`` takes: None for one sequence without a window (every gathered
+    key is visible; a window's first one may not be), else [B, 1, 1, L]."""
+    return None if num_seqs == 1 and window is None else ix.mask[:, None]
+
+
+def decode_pages(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """``decode_attention``'s core for K and V planes of one width, from the step's tensors only
+    (engine/cpu_compile.py calls it as one opaque op): write k/v [T, KVH, D] at ``slots``, gather
+    the keys at ``from_pages`` [B, L], attend. Returns [T, H, D]."""
+    T, H, D = q.shape
+    planes = kv_cache.view(2, -1, k.shape[1], D)
+    planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
+    keys, values = planes[:, from_pages].transpose(2, 3).unbind(0)  # [B, KVH, L, D] each
+    return _decode_sdpa(q, keys, values, mask, scale)
+
+
+def _decode_sdpa(q, keys, values, mask, scale: float) -> torch.Tensor:
+    T, H = q.shape[:2]
     if keys.dtype != q.dtype:  # fp8 pages
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-    # One sequence, no window: every gathered key is visible (a window's first one may not be).
-    mask = None if T == 1 and window is None else ix.mask[:, None]
     out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=H != kvh)
+                                         enable_gqa=H != keys.shape[1])
     return out.reshape(T, H, -1)
 
 

@@ -31,6 +31,7 @@ class ModelRunner:
             module.kv_cache = self.kv_caches[module.layer]
         self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost
         self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
+        self.compiled = None  # CompiledDecode (qkv.engine.cpu_compile), set by the engine on request
         self.encoder = None
         if kv.has_cross:
             from qkv.engine.encoder import EncoderRunner
@@ -139,7 +140,10 @@ class ModelRunner:
         input_ids, positions, batch = self.prepare(sched, prev_tokens)
         for rope in self.ropes:
             rope.ensure(batch.max_seq_len)
-        hidden = self.model(input_ids, positions, batch)
+        if self.compiled is not None and batch.is_decode:
+            hidden = self.compiled.run(input_ids, positions, batch)
+        else:
+            hidden = self.model(input_ids, positions, batch)
         if not all_logits:
             hidden = hidden[batch.logits_indices]
         return self.model.compute_logits(hidden)
