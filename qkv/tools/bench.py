@@ -2,7 +2,8 @@
 
     qkv bench latency --model smollm2 --device cpu --threads 2 --peer hf [--no-cache]
 
-latency: one chat prompt, prefill tok/s and decode tok/s. ``--no-cache`` also times
+latency: one chat prompt (or ``--prompt-len`` random ids), prefill tok/s and decode tok/s, the
+prefix cache off (each run prefills the whole prompt). ``--no-cache`` also times
 decoding that recomputes the whole sequence at every step (what a KV cache saves), and
 prints the per-step cost at growing lengths. ``--peer hf`` runs HF transformers on the same
 weights in the same process, right after qkv.
@@ -224,7 +225,9 @@ def _llamacpp_latency(gguf: str, ids: list[int], max_tokens: int) -> dict:
 def latency(args) -> dict:
     from qkv.tools import bench_gpu
 
-    llm = _llm(args)
+    # Every run sends the same prompt: with the prefix cache on, the runs after the warm-up
+    # would prefill only the prompt's last partial block, and report that as the prefill rate.
+    llm = _llm(args, enable_prefix_caching=False)
     ids = bench_gpu.prompt_ids(llm, args)  # random ids for a model without a tokenizer
     if ids is None and llm.tokenizer.chat_template:
         ids = llm.chat_prompt([{"role": "user", "content": args.prompt}])
