@@ -2,6 +2,7 @@
 # Issue 23, --api-server-count: the H200 closed-loop comparison of 1 and 4 front-end processes
 # (docs/benchmarks.md's "qkv serve against the offline engine" workload), one device call:
 #   OUT=dir bash scripts/serve_frontends_device_run.sh        # COUNTS="1 4" by default
+# EXTRA adds options to each `qkv bench serve` (e.g. EXTRA="--loop-hangup 0.25").
 # Run it from a directory holding qkv/, smollm2-tok/ (SmolLM2's tokenizer.json and
 # tokenizer_config.json) and .whl/: the device image lacks fastapi, starlette, pydantic,
 # pydantic-core, annotated-types, annotated-doc, typing-extensions, typing-inspection,
@@ -20,7 +21,7 @@ for n in ${COUNTS:-1 4}; do
     --random-weights llama3.2-1b --model smollm2-tok --max-num-seqs 128 \
     --closed-loop 128 --loop-requests 512 --client-procs 8 \
     --rates 64 --num-requests 256 --input-len 512 --output-len 128 \
-    --api-server-count "$n" --json "$OUT/n$n.json" > "$OUT/n$n.log" 2>&1
+    --api-server-count "$n" $EXTRA --json "$OUT/n$n.json" > "$OUT/n$n.log" 2>&1
   echo "api-server-count $n: rc=$?" | tee -a "$OUT/n$n.log"
-  grep -v '^\[qkv\]' "$OUT/n$n.log" | tail -22
+  grep -v '^\[qkv\]' "$OUT/n$n.log" | tail -24
 done

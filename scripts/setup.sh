@@ -13,7 +13,7 @@ pip() { command pip "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 if ! python -c "import torch" 2>/dev/null; then
     pip install -q 'torch==2.13.*' || pip install -q 'torch>=2.4'
 fi
-if ! python -c "import qkv, transformers, fastapi, zmq, msgpack, hypothesis, sybil, multipart, soundfile, soxr, faster_whisper, llguidance, jsonschema" 2>/dev/null; then
+if ! python -c "import qkv, transformers, fastapi, zmq, msgpack, httptools, hypothesis, sybil, multipart, soundfile, soxr, faster_whisper, llguidance, jsonschema" 2>/dev/null; then
     pip install -q -e '.[test]'
 fi
 # The default models ship as PyPI packages of GGUF files (Whisper base: CTranslate2's model.bin

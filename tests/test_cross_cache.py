@@ -134,15 +134,18 @@ def test_packed_kv_is_refused_by_name(tiny_dir):
             LLM(str(tiny_dir), device="cpu", num_kv_blocks=64, kv_dtype=kv)
 
 
-def test_cross_attention_reads_runs_and_scattered_pages_alike():
+@pytest.mark.parametrize("kvh", [2, 4])
+def test_cross_attention_reads_runs_and_scattered_pages_alike(kvh):
     """The CPU cross attention against a per-query softmax written here: one sequence whose
     cross blocks are a consecutive run (read as a view), one scattered (gathered), one with a
-    partial last block; GQA (2 query heads per KV head); decode and prefill rows mixed."""
+    partial last block; decode and prefill rows mixed; GQA (2 query heads per KV head, torch's
+    fused attention) and MHA (a decode row takes the streamed path, cross._one_query)."""
     from qkv.attention.batch import AttentionBatch
     from qkv.attention.cross import cross_attention
 
     g = torch.Generator().manual_seed(0)
-    bs, kvh, H, D = 4, 2, 4, 8
+    bs, H, D = 4, 4, 8
+    G = H // kvh
     cache = torch.randn(2, 16, bs, kvh, D, generator=g)
     tables = [[3, 4, 5], [9, 1, 14], [7, 8]]  # a run, scattered, a run
     lens, qlens = [12, 10, 5], [1, 3, 2]
@@ -160,6 +163,6 @@ def test_cross_attention_reads_runs_and_scattered_pages_alike():
         v = cache[1].reshape(-1, kvh, D)[slots]
         for t in range(row, row + n_q):
             for h in range(H):
-                p = torch.softmax(k[:, h // 2] @ q[t, h] * 0.3, dim=0)
-                assert torch.allclose(out[t, h], p @ v[:, h // 2], atol=1e-5)
+                p = torch.softmax(k[:, h // G] @ q[t, h] * 0.3, dim=0)
+                assert torch.allclose(out[t, h], p @ v[:, h // G], atol=1e-5)
         row += n_q

@@ -422,6 +422,19 @@ def test_echo_logprobs_name_the_first_prompt_token(url, ref_llm):
             assert "".join(lp["tokens"][:len(ids)]) == "the quick brown fox"
 
 
+def test_echoed_token_ids_keep_their_special_tokens(url, ref_llm):
+    # A token-id prompt with a special token was echoed without it ("<|im_start|>" skipped) while
+    # the logprobs named it: every text_offset after it pointed past the text it described.
+    ids = [ref_llm.tokenizer.backend.token_to_id("<|im_start|>")] + ref_llm.encode("the quick brown fox")
+    body = {"prompt": ids, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logprobs": 1, "echo": True}
+    c = post(url, body).json()["choices"][0]
+    lp = c["logprobs"]
+    assert lp["tokens"][0] == "<|im_start|>"
+    assert c["text"].startswith("<|im_start|>the quick brown fox")
+    for tok, off in zip(lp["tokens"][:len(ids)], lp["text_offset"]):  # the prompt's (ASCII) tokens
+        assert c["text"][off:off + len(tok)] == tok
+
+
 def test_preempted_requests_equal_offline(url, ref_llm):
     """More concurrent work than the pool holds (24 blocks = 384 tokens; 4 x ~125): requests are
     preempted and recomputed, and still give the offline engine's greedy text."""
@@ -539,22 +552,46 @@ def test_prompt_logprobs_keep_the_cache_salt(inproc):
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # its own salt still shares
 
 
-def test_prompt_logprobs_on_a_busy_pool_is_429_not_400(model_dir, monkeypatch):
-    # Scoring the prompt needs free blocks at admission; when running requests held them, a
-    # valid request got a 400 ("invalid_value") as if its input were wrong.
+def test_prompt_logprobs_on_a_full_pool_preempts_and_changes_nothing(model_dir):
+    # Scoring the prompt needs free blocks at admission; when running requests held them, the
+    # request failed (a 400, then a 429 under load). Now the newest running requests are
+    # preempted, as a step that runs dry does, and recomputed later to the same tokens.
     from qkv import LLM, SamplingParams
+
+    holder, scored = list(range(3, 103)), list(range(3, 63))
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = LLM(model_dir, device="cpu", num_kv_blocks=64, max_model_len=128)
+    want = alone.generate([holder], greedy, use_tqdm=False)[0].token_ids
+    want_lps = alone.engine._prompt_logprobs(scored, 1, None)
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=8, max_model_len=128)
+    engine = llm.engine
+    engine.add_request(holder, greedy, request_id="holder")
+    engine.step()  # its 100-token prompt now holds 7 of the 8 blocks
+    engine.add_request(scored, SamplingParams(max_tokens=1, prompt_logprobs=1), request_id="scored")
+    assert engine.stats()["num_preemptions"] == 1
+    outs = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            outs[o.request_id] = o
+    assert outs["holder"].token_ids == want
+    got = outs["scored"].prompt_logprobs
+    assert got[0] is None and [next(iter(e)) for e in got[1:]] == scored[1:]
+    for e, w in zip(got[1:], want_lps[1:]):
+        assert e[next(iter(e))].logprob == pytest.approx(w[next(iter(w))].logprob, rel=1e-4, abs=1e-5)
+    u = engine.stats()
+    assert u["num_blocks_in_use"] == 0 and u["num_blocks_free"] + u["num_blocks_cached"] == u["num_blocks_total"]
+
+
+def test_prompt_logprobs_pool_busy_is_429_not_400(model_dir, monkeypatch):
+    # Should scoring still find no room (nothing left to preempt), the answer is the load's
+    # fault, not the input's: a 429 with Retry-After, not a 400 ("invalid_value").
+    from qkv import LLM
     from qkv.engine.scheduler import PoolBusy
     from qkv.server import create_app
 
     llm = LLM(model_dir, device="cpu", num_kv_blocks=8, max_model_len=128)
     engine = llm.engine
-    engine.add_request(list(range(3, 103)), SamplingParams(max_tokens=20), request_id="holder")
-    engine.step()  # its 100-token prompt now holds 7 of the 8 blocks
-    with pytest.raises(PoolBusy, match="prompt_logprobs"):
-        engine.add_request(list(range(3, 63)), SamplingParams(max_tokens=1, prompt_logprobs=1))
-    engine.abort("holder")
-    assert engine.stats()["num_blocks_in_use"] == 0
-    # The server's answer: in-process (the engine raises it) ...
     scored = engine._prompt_logprobs
 
     def busy(ids, k, salt):

@@ -22,6 +22,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
 httpx = pytest.importorskip("httpx")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 from test_server import CORPUS, make_model_dir, metrics  # noqa: E402
 from test_server_process import children, running, start_serve, wait_gone, wait_healthy  # noqa: E402
@@ -202,6 +203,32 @@ def test_greedy_streams_equal_offline_from_both_frontends(served, ref_llm):
     want = ref_llm.generate([ref_llm.chat_prompt([{"role": "user", "content": "hello world"}])],
                             SamplingParams(max_tokens=8, temperature=0))[0]
     assert chat.json()["choices"][0]["message"]["content"] == want.text
+
+
+def _finished_by_frontend(url: str) -> dict[str, float]:
+    """qkv_requests_finished_total (all reasons) as each front end's /metrics reports it."""
+    seen: dict[str, float] = {}
+    for _ in range(60):  # each scrape is a new connection: the kernel picks its front end
+        r = httpx.get(url + "/metrics", timeout=10)
+        seen[r.headers[HEADER]] = sum(s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples
+                                      if s.name == "qkv_requests_finished_total")
+        if len(seen) == 2:
+            break
+    assert set(seen) == {"0", "1"}
+    return seen
+
+
+def test_metrics_sum_every_frontend(served):
+    # Each front end's /metrics held only its own counters and histograms: a scrape saw half
+    # the requests, and which half depended on the connection.
+    before = _finished_by_frontend(served.url)
+    with httpx.Client(timeout=60) as one_connection:  # keep-alive: all three land on one front end
+        fronts = {one_connection.post(served.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}
+                                      ).headers[HEADER] for _ in range(3)}
+    assert len(fronts) == 1
+    after = _finished_by_frontend(served.url)
+    assert after["0"] == after["1"]
+    assert {f: after[f] - before[f] for f in after} == {"0": 3, "1": 3}
 
 
 def test_disconnects_free_blocks(served):

@@ -13,6 +13,8 @@ the paged Triton decode kernel (attention/triton/cross.py) on CUDA with the Trit
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
@@ -50,12 +52,17 @@ def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBat
     kvh = kv_cache.shape[3]
     g = H // kvh
     out = torch.empty(T, H, D, dtype=q.dtype, device=q.device)
+    streamed = not q.is_cuda and g == 1 and q.dtype == kv_cache.dtype == torch.float32
     for start, n_q, n_k, pages in _plan(batch, group):
         if isinstance(pages, int):
             n = -(-n_k // batch.block_size)
             k, v = kv_cache[0, pages:pages + n], kv_cache[1, pages:pages + n]
         else:
             k, v = kv_cache[0][pages], kv_cache[1][pages]
+        if streamed and n_q == 1:
+            k, v = k.reshape(-1, kvh, D)[:n_k], v.reshape(-1, kvh, D)[:n_k]
+            out[start] = _one_query(q[start] * scale, k, v)
+            continue
         # [1, KVH, L, D] views of the pages (no copy): torch's fused kernel reads them strided,
         # where the einsum pair it replaced made a contiguous copy of K (~20% of a CPU step).
         k = k.reshape(-1, kvh, D)[:n_k].float().permute(1, 0, 2).unsqueeze(0)
@@ -64,6 +71,26 @@ def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBat
         o = F.scaled_dot_product_attention(qb, k, v, scale=scale, enable_gqa=g > 1)
         out[start:start + n_q] = o[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+_scratch = threading.local()  # per engine thread: one step runs at a time on it
+
+
+def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(K q) V for one float32 query q [H, D] (scale applied) over k/v [L, H, D] on the
+    CPU, reading K and V row after row (a product and a sum each). torch's fused attention
+    reads each head's keys with a stride of H * D floats; over Whisper's 1,500 encoder rows
+    (6 MB a layer, never in cache during a step) that took 6.7-7.7 ms for six layers on one
+    thread against 4.3-4.8 here (2026-12-03, docs/benchmarks.md; at two threads the two were
+    within noise). The products go to a reused buffer: fresh 3 MB ones were several times
+    slower (page faults)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < k.numel():
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode
+            buf = _scratch.buf = torch.empty(k.numel(), dtype=torch.float32)
+    prod = buf[:k.numel()].view(k.shape)
+    p = torch.softmax(torch.mul(k, q, out=prod).sum(-1).t(), dim=-1)  # [H, L]
+    return torch.mul(v, p.t()[:, :, None], out=prod).sum(0)
 
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,

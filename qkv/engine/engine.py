@@ -164,6 +164,7 @@ class LLMEngine:
             graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
+            gpu.log_late_compiles()
         if compile_decode:
             self._compile_decode()
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
@@ -270,7 +271,9 @@ class LLMEngine:
             return None
         try:
             # Scored under the request's own salt: its blocks are cached for those who share it only.
-            lp = self.score(ids, cache_salt)[:-1].log_softmax(dim=-1)  # row t predicts token t+1
+            # Preempting running requests if need be, as a step that runs dry does: under load
+            # the pool is full, and the request must not fail for that (it got a 429).
+            lp = self.score(ids, cache_salt, make_room=True)[:-1].log_softmax(dim=-1)  # row t predicts t+1
         except PoolBusy as e:  # the free blocks cannot hold the prompt right now
             raise PoolBusy(f"prompt_logprobs: {e}") from None
         target = torch.tensor(ids[1:], device=lp.device)
@@ -454,13 +457,14 @@ class LLMEngine:
 
     # ---------------------------------------------------------------- scoring
     @torch.inference_mode()
-    def score(self, token_ids: list[int], cache_salt: str | None = "score") -> torch.Tensor:
+    def score(self, token_ids: list[int], cache_salt: str | None = "score", make_room: bool = False) -> torch.Tensor:
         """Float32 logits [len, vocab] of every position, computed through the paged cache in
         chunks of the token budget. Row t predicts token t+1. Runs alone: call it between steps.
         Raises ValueError for empty or out-of-vocabulary ids and for more than ``max_model_len``
         tokens (positions past the model's context have no embedding). ``cache_salt``: the
         prefix-cache salt the scored blocks are cached under (a request's own, for its
-        prompt_logprobs)."""
+        prompt_logprobs). ``make_room``: preempt running requests (newest first) while the free
+        blocks cannot hold a chunk; without it, or with nothing left to preempt, PoolBusy."""
         if encoder.is_encoder_decoder(self.config):
             raise ValueError(f"scoring (logits, prompt_logprobs) of {self.config.model_type} is not supported: "
                              f"it needs the encoder input; generate with encoder_features instead")
@@ -476,6 +480,8 @@ class LLMEngine:
                 n = min(self.scheduler.max_num_batched_tokens, len(token_ids) - req.num_computed_tokens)
                 n = min(n, self.kv.chunk_limit(req) or n)  # a window table holds chunk + window
                 copies = self.kv.allocate(req, n)
+                while copies is None and make_room and self.scheduler.preempt_newest():
+                    copies = self.kv.allocate(req, n)
                 if copies is None:
                     raise PoolBusy(f"{len(token_ids)} tokens do not fit in the free KV blocks")
                 chunks.append(self.runner.execute(ScheduledBatch([req], [n], copies), all_logits=True))

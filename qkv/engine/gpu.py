@@ -175,6 +175,32 @@ def warm_kernels(runner, max_model_len: int) -> float:
     return time.perf_counter() - t0
 
 
+def log_late_compiles() -> None:
+    """With ``QKV_LOG_LATE_COMPILES=1``: from now on (start-up done), log each Triton kernel
+    variant a step uses for the first time in this process, and how long getting it took
+    (a compile, or a load from Triton's disk cache). Start-up should leave none for a run's
+    steps; the log names what ``warm_kernels`` misses."""
+    import os
+
+    if os.environ.get("QKV_LOG_LATE_COMPILES") != "1":
+        return
+    try:
+        from triton import knobs
+    except ImportError:
+        return
+    started: dict[str, float] = {}
+
+    def before(*, repr, **_):
+        started[repr] = time.perf_counter()
+        return False  # compile as usual
+
+    def after(*, repr, **_):
+        log(f"kernel variant first used after start-up ({time.perf_counter() - started.pop(repr, 0.0):.2f} s): "
+            f"{repr}")
+
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+
+
 def triton_cache_dir() -> str:
     """Where Triton keeps compiled kernels across processes (``TRITON_CACHE_DIR``, else
     ``~/.triton/cache``)."""

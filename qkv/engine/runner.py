@@ -30,6 +30,9 @@ class ModelRunner:
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
         self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost
+        # Intra-op threads for a one-sequence decode step on the CPU, where the model asks for
+        # fewer than the process has (WhisperForConditionalGeneration.cpu_decode_threads says why).
+        self.decode_threads = getattr(model, "cpu_decode_threads", None) if device.type == "cpu" else None
         self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
         self.compiled = None  # CompiledDecode (qkv.engine.cpu_compile), set by the engine on request
         self.encoder = None
@@ -140,6 +143,16 @@ class ModelRunner:
         input_ids, positions, batch = self.prepare(sched, prev_tokens)
         for rope in self.ropes:
             rope.ensure(batch.max_seq_len)
+        threads = torch.get_num_threads()
+        if self.decode_threads and batch.is_decode and batch.num_seqs == 1 and self.decode_threads < threads:
+            torch.set_num_threads(self.decode_threads)
+            try:
+                return self._forward(input_ids, positions, batch, all_logits)
+            finally:
+                torch.set_num_threads(threads)
+        return self._forward(input_ids, positions, batch, all_logits)
+
+    def _forward(self, input_ids, positions, batch: AttentionBatch, all_logits: bool) -> torch.Tensor:
         if self.compiled is not None and batch.is_decode:
             hidden = self.compiled.run(input_ids, positions, batch)
         else:

@@ -184,6 +184,15 @@ class Scheduler:
             raise RuntimeError(f"bug: {req.request_id} can take no token in its window pools")
         return n if limit is None else min(n, limit)
 
+    def preempt_newest(self) -> bool:
+        """Preempt the most recently admitted running request, as a step that runs dry does
+        (it is recomputed later, with the same result); False when nothing runs. Only between
+        steps: the engine's prompt scoring makes room with it."""
+        if not self.running:
+            return False
+        self._preempt(self.running.pop())
+        return True
+
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
         req.status = Status.WAITING

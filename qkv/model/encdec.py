@@ -16,6 +16,7 @@ from torch import nn
 from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.cross import attend, write_cross_kv
+from qkv.model.cpu_layout import fuse_column_major
 
 
 def check_cache_groups(name: str, cfg, groups: list[int]) -> None:
@@ -42,10 +43,23 @@ class _Proj(nn.Module):
 class EncoderAttention(_Proj):
     """Bidirectional attention over one batch of encoder inputs [B, S, d]; not cached."""
 
+    def __init__(self, d: int, heads: int, k_bias: bool = False):
+        super().__init__(d, heads, k_bias)
+        self._qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # fused W^T and bias (fuse_cpu)
+
+    def fuse_cpu(self) -> None:
+        """q, k and v as one GEMM on the CPU, as DecoderSelfAttention's."""
+        self._qkv = fuse_column_major([self.q_proj, self.k_proj, self.v_proj])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, d = x.shape
-        q, k, v = (p(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        fused = self._qkv
+        if fused is not None and fused[0].data_ptr() == self.q_proj.weight.data_ptr():  # still its views
+            qkv = torch.addmm(fused[1], x.reshape(B * S, d), fused[0]).view(B, S, 3, self.heads, self.head_dim)
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = (p(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
         out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.out_proj(out.transpose(1, 2).reshape(B, S, d))
 
@@ -60,10 +74,20 @@ class DecoderSelfAttention(_Proj):
         super().__init__(d, heads, k_bias)
         self.layer, self.group, self.window = layer, group, None
         self.kv_cache: torch.Tensor | None = None  # bound by the runner
+        self._qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # fused W^T and bias (fuse_cpu)
+
+    def fuse_cpu(self) -> None:
+        """q, k and v as one column-major GEMV on the CPU (model/cpu_layout.py); the three
+        projections keep their weights, as views of the fused matrix."""
+        self._qkv = fuse_column_major([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         T = x.shape[0]
-        q, k, v = (p(x).view(T, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
+        fused = self._qkv
+        if fused is not None and fused[0].data_ptr() == self.q_proj.weight.data_ptr():  # still its views
+            q, k, v = torch.addmm(fused[1], x, fused[0]).view(T, 3, self.heads, self.head_dim).unbind(1)
+        else:
+            q, k, v = (p(x).view(T, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, name=self.attention_backend)
         return self.out_proj(out.reshape(T, -1))
 

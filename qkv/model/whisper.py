@@ -35,8 +35,10 @@ class EncoderLayer(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        # Residuals added in place: x is this encoder pass's own tensor (WhisperEncoder made
+        # it), and a fresh 3 MB result per add costs page faults on the CPU.
+        x = x.add_(self.self_attn(self.self_attn_layer_norm(x)))
+        return x.add_(self.fc2(self.act(self.fc1(self.final_layer_norm(x)))))
 
 
 class DecoderLayer(nn.Module):
@@ -48,6 +50,7 @@ class DecoderLayer(nn.Module):
         self.encoder_attn = DecoderCrossAttention(d, h, L + i, groups[L + i])  # cache layer L + i
         self.encoder_attn_layer_norm = nn.LayerNorm(d)
         self.fc1, self.fc2 = nn.Linear(d, cfg.intermediate_size), nn.Linear(cfg.intermediate_size, d)
+        self.fc2.keep_row_major = True  # its faster CPU decode GEMV (model/cpu_layout.py)
         self.final_layer_norm = nn.LayerNorm(d)
         self.act = activation(cfg.hidden_act)
 
@@ -100,6 +103,14 @@ class WhisperForConditionalGeneration(CausalLM):
 
     stacked: dict = {}  # q/k/v stay separate: k has no bias
     is_encoder_decoder = True
+    # A one-sequence decode step on the CPU (one 30-s window) is a chain of ~250 small ops and
+    # GEMVs bound by memory (~190 MB of weights and 36 MB of cross K/V a step) that one core
+    # streams about as fast as two (2026-12-03: the 51,865-row projection 5.3 ms on one thread,
+    # 5.4 split over two); a second intra-op thread adds a fork and join to each op, and stalls
+    # every op when the other core is busy (a transcription took 21-30 s with two decode threads
+    # on the loaded machine, 5-6 s with one). On the quiet machine the two were within noise.
+    # The encoder and prompt steps, and batched decode, keep every thread (ModelRunner.execute).
+    cpu_decode_threads = 1
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)

@@ -298,8 +298,11 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         plp = req.logprobs if req.echo and req.logprobs is not None else None
         if plp is not None and req.prompt_logprobs is not None:
             plp = max(plp, req.prompt_logprobs)
-        echo = [p if isinstance(p, str) else llm.tokenizer.decode(p) if llm.tokenizer else "" for p in prompts] \
-            if req.echo else None
+        # Token ids are echoed with their special tokens: the logprobs' tokens and text_offset
+        # name every prompt token, so the echoed text must hold each of them (skipping "<|im_start|>"
+        # shifted every later offset).
+        echo = [p if isinstance(p, str) else llm.tokenizer.decode(p, skip_special_tokens=False)
+                if llm.tokenizer else "" for p in prompts] if req.echo else None
         return await generate(request, req, ids, sampling(req, max_tokens, plp, structured), chat=False, echo=echo)
 
     def render_chat(messages: list[dict], kwargs: dict, add_generation_prompt: bool) -> list[int]:
@@ -497,6 +500,31 @@ def encode(llm, prompt: str | list[int]) -> list[int]:
         raise P.APIError(400, str(e), code="invalid_value", param="prompt") from None
 
 
+class SSEChunks:
+    """The ``data: ...`` lines of one stream. ``text`` writes the most common chunk, one
+    choice's text without logprobs, around a template: the same bytes as ``event`` with that
+    choice (the same keys in the same order) at a fraction of the cost, which is paid per
+    stream per step and bounds how many streams one front end keeps fed."""
+
+    def __init__(self, rid: str, model: str, chat: bool):
+        self.rid, self.model, self.chat = rid, model, chat
+        head = self.event([{"index": 0}])
+        self._head = head[:head.index('"choices":[') + len('"choices":[')]
+        self._created = self._head[self._head.index('"created":') + len('"created":'):].split(",", 1)[0]
+        self._key, self._end = ('"delta":{"content":', "}") if chat else ('"text":', "")
+
+    def event(self, choices: list[dict], use: dict | None = None) -> str:
+        body = P.completion_response(self.rid, self.model, choices, use, self.chat, chunk=True)
+        return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+    def text(self, index: int, text: str, finish_reason: str | None) -> str:
+        now, head = str(int(time.time())), self._head
+        if now != self._created:  # "created" is the time of each chunk, as event() writes it
+            head = head.replace(f'"created":{self._created},', f'"created":{now},', 1)
+        return (f'{head}{{"index":{index},{self._key}{json.dumps(text, ensure_ascii=False)}{self._end},'
+                f'"logprobs":null,"finish_reason":{json.dumps(finish_reason)}}}]}}\n\n')
+
+
 class _Answer:
     """Turns the engine outputs of one submission into an OpenAI response or SSE events.
     Choice ``p * n + i`` is sample ``i`` of prompt ``p``. ``logprobs``: top-k per token (None:
@@ -624,10 +652,8 @@ class _Answer:
     async def events(self, loop: EngineLoop, include_usage: bool) -> AsyncIterator[str]:
         """SSE lines ending with ``data: [DONE]``. If the consumer stops early (disconnect),
         the ``finally`` aborts the request so its blocks return to the pool."""
-
-        def event(choices: list[dict], use: dict | None = None) -> str:
-            body = P.completion_response(self.rid, self.model, choices, use, self.chat, chunk=True)
-            return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        chunks = SSEChunks(self.rid, self.model, self.chat)
+        event, text_event = chunks.event, chunks.text
 
         try:
             if self.chat:  # the role first, as OpenAI does
@@ -662,10 +688,13 @@ class _Answer:
                     if first and self.echo is not None:
                         text = self._echo(out) + (text or "")
                     lps = self._logprobs(out, self.sent.get(i, 0), first)
-                    self.sent[i] = len(out.token_ids)
+                    self.sent[i] = out.num_tokens - out.num_prompt_tokens  # not len(token_ids): a copy
                     if self.tools is not None:  # content and tool-call deltas, in order
                         parser = self.parsers.setdefault(i, TC.ChoiceStream(self.tools))
                         lines += [event([c]) for c in parser.chunks(i, text or "", out.finish_reason, lps)]
+                        continue
+                    if lps is None and text is not None:
+                        lines.append(text_event(i, text, out.finish_reason))
                         continue
                     lines.append(event([P.choice(i, text, out.finish_reason, self.chat, True, logprobs=lps)]))
                 if lines:

@@ -70,6 +70,7 @@ class Sample:
     tokens: int = 0
     prompt_tokens: int = 0
     error: str | None = None
+    hung_up: bool = False  # the client closed the stream on purpose (bench_loop's --loop-hangup)
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -88,9 +89,10 @@ async def one_request(http, url: str, model: str, prompt: str, output_len: int, 
     return await stream(http, url + "/v1/completions", body, headers, lambda choice: choice.get("text"))
 
 
-async def stream(http, url: str, body: dict, headers: dict, text_of) -> Sample:
+async def stream(http, url: str, body: dict, headers: dict, text_of, hangup_after: int = 0) -> Sample:
     """POST a streaming request and time it: TTFT at the first chunk whose ``text_of(choice)``
-    is non-empty, inter-token latencies after it, token counts from the usage chunk."""
+    is non-empty, inter-token latencies after it, token counts from the usage chunk. With
+    ``hangup_after`` > 0 the client closes the connection after that many text chunks."""
     s = Sample()
     start = last = time.perf_counter()
     try:
@@ -115,6 +117,9 @@ async def stream(http, url: str, body: dict, headers: dict, text_of) -> Sample:
                     else:
                         s.itl.append(now - last)
                     last = now
+                    if hangup_after and len(s.itl) + 1 >= hangup_after:
+                        s.hung_up = True  # leaving the block closes the connection mid-stream
+                        return s
     except Exception as e:  # a failed request is reported, not fatal to the run
         s.error = f"{type(e).__name__}: {e}"
         return s

@@ -16,8 +16,9 @@ SO_REUSEPORT (not Linux or BSD) the front ends share one socket.
 
 Front end ``i`` binds the ZeroMQ sockets ``in_addrs[i]``/``out_addrs[i]``; the engine knows a
 command's front end by the socket it came on and sends each front end only its requests'
-outputs (engine_core.py). Each front end's /metrics holds its own histograms and request
-counters, and the engine's gauges and token counters from the stats every front end receives;
+outputs (engine_core.py). Each front end's /metrics sums every front end's histograms and
+request counters (prometheus_client's multiprocess mode, in a directory this supervisor makes
+and removes), and the engine's gauges and token counters from the stats every front end receives;
 /health answers for the front end that accepted the connection; every response carries
 ``X-Qkv-Frontend: i``.
 
@@ -35,9 +36,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import select
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -119,7 +122,7 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
     them until a signal or a death. The exit status (0 after a signal's clean drain)."""
     import functools
 
-    from qkv.server.cli import _leave_a_core, engine_llm, served_name
+    from qkv.server.cli import _leave_a_core, engine_llm
     from qkv.server.engine_process import EngineProcess
 
     n = args.api_server_count
@@ -134,6 +137,23 @@ def serve_frontends(args, keys: list[str], extra: dict) -> int:
     # The front ends start first and import what they need while the engine loads the model;
     # they get the model's description (and the engine's pid and sockets) once it has.
     ctx = multiprocessing.get_context("spawn")  # never fork: the children start clean
+    # Each front end's metrics go to files here and a scrape sums them (metrics.py); set before
+    # the children start, which import prometheus_client with it.
+    before = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir = tempfile.mkdtemp(prefix="qkv-metrics-")
+    try:
+        return _serve(args, keys, engine, socks, port, ctx, n)
+    finally:
+        shutil.rmtree(prom_dir, ignore_errors=True)
+        if before is None:
+            os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        else:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = before
+
+
+def _serve(args, keys: list[str], engine, socks: list, port: int, ctx, n: int) -> int:
+    from qkv.server.cli import served_name
+
     fronts, pipes = [], []
     for i in range(n):
         recv, send = ctx.Pipe(duplex=False)

@@ -6,12 +6,17 @@ names with a ``model_name`` label, so dashboards and autoscalers written for vLL
 (VLLM_GAUGES / VLLM_COUNTERS below, and the histograms).
 
 Each app gets its own CollectorRegistry (never the global one), so several servers can live
-in one process, as the tests make them.
+in one process, as the tests make them. Under ``--api-server-count N`` each front end is a
+process of its own: the supervisor gives them one fresh ``PROMETHEUS_MULTIPROC_DIR``, each
+front end's histograms and counters are written there (prometheus_client's multiprocess
+mode), and a scrape of any front end sums them all; the engine's gauges and token counters
+come from the stats every front end receives, so they are the same whichever answers.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -131,9 +136,18 @@ class ServerMetrics:
             Counter("qkv_requests_finished", "sequences finished, by reason", ["finish_reason"], registry=r),
             functools.partial(theirs.labels, model_name=model_name))
 
+        self._view = r  # what a scrape renders
+        shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if shared:  # one of several front-end processes: every front end's observations, summed
+            from prometheus_client import multiprocess
+
+            self._view = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._view, path=shared)
+            self._view.register(_StatsCollector(stats, model_name))
+
     def finished(self, reason: str, seconds: float) -> None:
         self.requests.labels(finish_reason=reason).inc()
         self.e2e.observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._view)
