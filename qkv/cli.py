@@ -55,6 +55,9 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
                         "GGUF and random shapes; float32 on the CPU, bfloat16 with quantized weights)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU, Llama family: run decode steps as one torch.compile'd graph (compiled on the first "
+                        "decode step, tens of seconds; cached on disk)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks in the pool (default: as many as 1 GiB holds on a CPU; on CUDA, what memory profiling leaves)")
@@ -92,7 +95,7 @@ def engine_kwargs(args) -> dict:
                 async_scheduling=getattr(args, "async_scheduling", None),
                 attention_override=getattr(args, "attention_override", None),
                 tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-                log_stats=getattr(args, "verbose", True))
+                log_stats=getattr(args, "verbose", True), compile_decode=getattr(args, "compile", False))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from qkv.attention.batch import AttentionBatch
 from qkv.kvcache import kv_pages
@@ -105,8 +104,8 @@ def decode_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
 
     This step's K/V are written first, then every key is read from the pages: safe here even
     for a ring, whose one new slot held a position ``ring * block_size > window`` tokens back.
-    The softmax(Q K^T * scale) V is torch's fused CPU attention, which accumulates in float32
-    and serves each KV head's query group without copying the keys."""
+    The softmax(Q K^T * scale) V is computed in float32, each KV head serving its query group
+    without repeating the keys (``_decode_sdpa``)."""
     T, H, D = q.shape
     kvh = k.shape[1]
     if k.shape[2] != v.shape[2]:  # K and V planes of different widths: one plane at a time
@@ -115,17 +114,45 @@ def decode_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
         keys = kv_cache[0].view(-1, kvh, D)[ix.from_pages].transpose(1, 2)  # [B, KVH, L, D]
         values = kv_cache[1].view(-1, kvh, v.shape[2])[ix.from_pages].transpose(1, 2)
     else:  # both planes in one write and one gather
-        planes = kv_cache.view(2, -1, kvh, D)
-        planes[:, batch.slot_mappings[group]] = to_cache(torch.stack((k, v)), kv_cache.dtype)
         ix = step_indices(batch, group, window)
-        keys, values = planes[:, ix.from_pages].transpose(2, 3).unbind(0)  # [B, KVH, L, D] each
-    if keys.dtype != q.dtype:  # fp8 pages
-        keys, values = keys.to(q.dtype), values.to(q.dtype)
-    # One sequence, no window: every gathered key is visible (a window's first one may not be).
-    mask = None if T == 1 and window is None else ix.mask[:, None]
-    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=H != kvh)
-    return out.reshape(T, H, -1)
+        return decode_pages(q, k, v, kv_cache, batch.slot_mappings[group], ix.from_pages,
+                            decode_mask(ix, T, window), scale)
+    return _decode_sdpa(q, keys, values, decode_mask(ix, T, window), scale)
+
+
+def decode_mask(ix: StepIndices, num_seqs: int, window: int | None) -> torch.Tensor | None:
+    """The mask ``decode_pages`` takes: None for one sequence without a window (every gathered
+    key is visible; a window's first one may not be), else [B, 1, 1, L]."""
+    return None if num_seqs == 1 and window is None else ix.mask[:, None]
+
+
+def decode_pages(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mask: torch.Tensor | None,
+                 scale: float) -> torch.Tensor:
+    """``decode_attention``'s core for K and V planes of one width, from the step's tensors only
+    (engine/cpu_compile.py calls it as one opaque op): write k/v [T, KVH, D] at ``slots``, gather
+    the keys at ``from_pages`` [B, L], attend. Returns [T, H, D]."""
+    T, H, D = q.shape
+    planes = kv_cache.view(2, -1, k.shape[1], D)
+    planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
+    keys, values = planes[:, from_pages].transpose(2, 3).unbind(0)  # [B, KVH, L, D] each
+    return _decode_sdpa(q, keys, values, mask, scale)
+
+
+def _decode_sdpa(q, keys, values, mask, scale: float) -> torch.Tensor:
+    """softmax(q K^T * scale) V for one query per sequence, in float32: q [T, H, D], keys and
+    values [T, KVH, L, D] (query head h reads KV head h // (H / KVH)), mask None or [T, 1, 1, L].
+    Plain matmuls: torch's fused CPU attention costs ~3x more for one query per sequence at a
+    few hundred keys or several sequences (docs/benchmarks.md, 2026-12-03)."""
+    T, H, D = q.shape
+    kvh = keys.shape[1]
+    L = keys.shape[2]
+    scores = torch.bmm(q.reshape(T * kvh, H // kvh, D).float(), keys.reshape(T * kvh, L, D).float().transpose(1, 2))
+    scores = scores.view(T, kvh, H // kvh, L) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(T * kvh, H // kvh, L)
+    out = torch.bmm(probs, values.reshape(T * kvh, L, -1).float())  # [T * KVH, H / KVH, Dv]
+    return out.to(q.dtype).view(T, H, -1)
 
 
 def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: float | None) -> torch.Tensor:

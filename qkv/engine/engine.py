@@ -46,7 +46,7 @@ class LLMEngine:
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
                  async_scheduling: bool | None = None, k_dtype=None, v_dtype=None,
-                 tensor_parallel_size: int = 1, log_stats: bool = True):
+                 tensor_parallel_size: int = 1, log_stats: bool = True, compile_decode: bool = False):
         """``weights=None`` keeps the model's random initialization (benchmarks of shapes only).
         ``dtype``: "auto" (the checkpoint's on CUDA; float32 on the CPU, bfloat16 with int8 weights:
         engine/dtype.py) or a name.
@@ -65,7 +65,9 @@ class LLMEngine:
         ``kv_dtype``: the cache's storage, one format or "K,V" ("int4,int8"); ``k_dtype`` and
         ``v_dtype`` set either side (int8/int4 pages: kvcache/kv_int.py, kv_pages.py).
         ``tensor_parallel_size=N``: N processes, one per rank (qkv/distributed/); the cache
-        specs, pools and ``kv_cache_memory`` are per rank. ``log_stats=False``: no start-up or
+        specs, pools and ``kv_cache_memory`` are per rank. ``compile_decode`` (CPU, Llama family):
+        decode steps run as one torch.compile'd graph, compiled on the first decode step
+        (engine/cpu_compile.py); refused by name where it does not apply. ``log_stats=False``: no start-up or
         first-request lines on stderr (``qkv generate`` without ``--verbose``)."""
         t_start = time.perf_counter()
         self.config, self.tokenizer = config, tokenizer
@@ -163,6 +165,8 @@ class LLMEngine:
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
             gpu.log_late_compiles()
+        if compile_decode:
+            self._compile_decode()
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
         if async_scheduling is None:
             async_scheduling = self.runner.graphs is not None
@@ -183,6 +187,16 @@ class LLMEngine:
         self._first_request_logged = not log_stats
         if log_stats:
             print(f"[qkv] engine ready in {self.startup_s:.1f} s", file=sys.stderr, flush=True)
+
+    def _compile_decode(self) -> None:
+        from qkv.engine import cpu_compile
+
+        if self.device.type != "cpu" or self.tp is not None:
+            raise ValueError("compile_decode is the CPU decode path (one process); on CUDA decode replays CUDA graphs")
+        why = cpu_compile.unsupported(self.model, self.runner)
+        if why is not None:
+            raise ValueError(f"compile_decode does not cover {why}; run without it")
+        self.runner.compiled = cpu_compile.CompiledDecode(self.model)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,

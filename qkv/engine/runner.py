@@ -34,6 +34,7 @@ class ModelRunner:
         # fewer than the process has (WhisperForConditionalGeneration.cpu_decode_threads says why).
         self.decode_threads = getattr(model, "cpu_decode_threads", None) if device.type == "cpu" else None
         self.graphs = None  # DecodeGraphs (qkv.engine.cuda_graph), set by the engine on CUDA
+        self.compiled = None  # CompiledDecode (qkv.engine.cpu_compile), set by the engine on request
         self.encoder = None
         if kv.has_cross:
             from qkv.engine.encoder import EncoderRunner
@@ -152,7 +153,10 @@ class ModelRunner:
         return self._forward(input_ids, positions, batch, all_logits)
 
     def _forward(self, input_ids, positions, batch: AttentionBatch, all_logits: bool) -> torch.Tensor:
-        hidden = self.model(input_ids, positions, batch)
+        if self.compiled is not None and batch.is_decode:
+            hidden = self.compiled.run(input_ids, positions, batch)
+        else:
+            hidden = self.model(input_ids, positions, batch)
         if not all_logits:
             hidden = hidden[batch.logits_indices]
         return self.model.compute_logits(hidden)

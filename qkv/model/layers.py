@@ -167,11 +167,11 @@ class RotaryEmbedding(nn.Module):
             return tuple(fused.rope(index, cos_t, sin_t, x) for x in xs)
         if memo[4] is None:
             memo[4], memo[5] = cos_t[index][:, None, :], sin_t[index][:, None, :]
-        cos, sin = memo[4], memo[5]
-        out = []
-        for x in xs:
-            xf = x.float()
-            x1, x2 = xf.chunk(2, dim=-1)
-            rotated = torch.cat([-x2, x1], dim=-1)
-            out.append((xf * cos + rotated * sin).to(x.dtype))
-        return tuple(out)
+        return tuple(rotate(x, memo[4], memo[5]) for x in xs)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Neox rotation of x [T, heads, dim] by cos/sin [T, 1, dim], computed in float32."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)

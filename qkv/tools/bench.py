@@ -2,7 +2,8 @@
 
     qkv bench latency --model smollm2 --device cpu --threads 2 --peer hf [--no-cache]
 
-latency: one chat prompt, prefill tok/s and decode tok/s. ``--no-cache`` also times
+latency: one chat prompt (or ``--prompt-len`` random ids), prefill tok/s and decode tok/s, the
+prefix cache off (each run prefills the whole prompt). ``--no-cache`` also times
 decoding that recomputes the whole sequence at every step (what a KV cache saves), and
 prints the per-step cost at growing lengths. ``--peer hf`` runs HF transformers on the same
 weights in the same process, right after qkv.
@@ -45,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         add_model_arguments(sp)
         sp.add_argument("--peer", choices=["hf", "llamacpp", "none"], default="none",
-                        help="run HF transformers too (llamacpp: llama-cpp-python on the same GGUF, latency only)")
+                        help="run HF transformers too (llamacpp: llama-cpp-python on the same GGUF; for throughput it "
+                             "serves the same requests one after another, as llama.cpp's single sequence)")
         sp.add_argument("--json", default=None, help="also write the results to this file")
         bench_gpu.add_arguments(sp, name)  # --random-weights, --plot, roofline rates
         if name == "latency":
@@ -98,8 +100,8 @@ def check_peer(args) -> None:
         if importlib.util.find_spec(module) is None:
             raise ValueError(f"--peer {args.peer} needs {module}, which is not installed: {fix}")
     if args.peer == "llamacpp":
-        if args.bench != "latency":
-            raise ValueError("--peer llamacpp measures latency only: use qkv bench latency")
+        if args.bench == "prefix":
+            raise ValueError("--peer llamacpp measures latency and throughput only")
         if getattr(args, "random_weights", None) or not _is_gguf(args.model):
             raise ValueError("--peer llamacpp needs a GGUF model (a named default or a .gguf file)")
 
@@ -223,7 +225,9 @@ def _llamacpp_latency(gguf: str, ids: list[int], max_tokens: int) -> dict:
 def latency(args) -> dict:
     from qkv.tools import bench_gpu
 
-    llm = _llm(args)
+    # Every run sends the same prompt: with the prefix cache on, the runs after the warm-up
+    # would prefill only the prompt's last partial block, and report that as the prefill rate.
+    llm = _llm(args, enable_prefix_caching=False)
     ids = bench_gpu.prompt_ids(llm, args)  # random ids for a model without a tokenizer
     if ids is None and llm.tokenizer.chat_template:
         ids = llm.chat_prompt([{"role": "user", "content": args.prompt}])
@@ -295,6 +299,9 @@ def throughput(args) -> dict:
     if args.peer == "hf":
         res = {"qkv": res, "hf": _hf_throughput(llm, args)}
         res["speedup"] = res["qkv"]["output_tok_s"] / res["hf"].get("output_tok_s", float("nan"))
+    elif args.peer == "llamacpp":
+        res = {"qkv": res, "llama.cpp": _llamacpp_throughput(llm, args)}
+        res["speedup"] = res["qkv"]["output_tok_s"] / res["llama.cpp"]["output_tok_s"]
     print(json.dumps(res, indent=2))
     if args.plot:
         from qkv.tools.bench_gpu import plot
@@ -324,6 +331,32 @@ def _hf_throughput(llm, args) -> dict:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return hf_throughput(model, prompts, out_range[1])
+
+
+def _llamacpp_throughput(llm, args) -> dict:
+    """llama.cpp (one sequence) serving ``bench_throughput``'s requests (same seed: same
+    prompts, same output lengths) one after another; output tok/s over the whole run."""
+    from llama_cpp import Llama
+
+    from qkv.tools.bench_engine import workload
+
+    work = workload(args.num_requests, _range(args.input_len), _range(args.output_len), args.seed,
+                    llm.config.vocab_size)
+    n_ctx = max(len(ids) + n for ids, n in work) + 8
+    model = Llama(model_path=llm.source, n_threads=torch.get_num_threads(), n_ctx=n_ctx, verbose=False)
+    out_tokens, ttft = 0, []
+    t0 = time.perf_counter()
+    for ids, n_out in work:
+        for i, _tok in enumerate(model.generate(ids, temp=0.6, reset=True)):
+            if i == 0:
+                ttft.append(time.perf_counter() - t0)  # from the run's start: all were submitted then
+            if i + 1 == n_out:
+                break
+        out_tokens += n_out
+    elapsed = time.perf_counter() - t0
+    return {"num_requests": len(work), "output_tokens": out_tokens, "elapsed_s": elapsed,
+            "output_tok_s": out_tokens / elapsed, "ttft_mean_s": statistics.fmean(ttft),
+            "ttft_p50_s": sorted(ttft)[len(ttft) // 2], "ttft_p99_s": max(ttft)}
 
 
 def prefix(args) -> dict:

@@ -70,16 +70,22 @@ def bench_throughput(llm, num_requests: int, in_range: tuple[int, int], out_rang
     """``num_requests`` prompts of random length in ``in_range`` generating a random number of
     tokens in ``out_range`` (inclusive), all submitted at once. Returns output tok/s and
     mean/p50/p99 TTFT in seconds (see ``_run`` for every key)."""
+    work = [(ids, SamplingParams(max_tokens=n_out, temperature=0.6, ignore_eos=True, seed=seed * 100_003 + i))
+            for i, (ids, n_out) in enumerate(workload(num_requests, in_range, out_range, seed, llm.config.vocab_size))]
+    return _run(llm, work)
+
+
+def workload(num_requests: int, in_range: tuple[int, int], out_range: tuple[int, int], seed: int,
+             vocab: int) -> list[tuple[list[int], int]]:
+    """``bench_throughput``'s requests as (prompt ids, output length): a peer replays the same."""
     if num_requests < 1 or in_range[0] < 1 or out_range[0] < 1:
         raise ValueError("num_requests and the lower ends of in_range and out_range must be >= 1")
     rng = random.Random(seed)
-    vocab = llm.config.vocab_size
     work = []
-    for i in range(num_requests):
+    for _ in range(num_requests):
         n_in, n_out = rng.randint(*in_range), rng.randint(*out_range)
-        params = SamplingParams(max_tokens=n_out, temperature=0.6, ignore_eos=True, seed=seed * 100_003 + i)
-        work.append((_random_ids(rng, n_in, vocab), params))
-    return _run(llm, work)
+        work.append((_random_ids(rng, n_in, vocab), n_out))
+    return work
 
 
 def bench_prefix(llm_factory: Callable[[bool], object], num_requests: int, system_prompt_tokens: int,

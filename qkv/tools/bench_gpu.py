@@ -29,8 +29,9 @@ def add_arguments(sp: argparse.ArgumentParser, name: str) -> None:
                     help="matmul rate, FLOP/s (roofline; default: measured on this device once, cached)")
     sp.add_argument("--plot", default=None, metavar="PNG", help="draw the results to this file")
     if name == "latency":
-        sp.add_argument("--prompt-len", type=int, default=512,
-                        help="random prompt length for a model without a tokenizer (--random-weights)")
+        sp.add_argument("--prompt-len", type=int, default=None,
+                        help="a prompt of this many random token ids instead of --prompt (decode at a longer "
+                             "context); default 512 for a model without a tokenizer (--random-weights)")
 
 
 def random_llm(args, **overrides):
@@ -50,11 +51,13 @@ def random_llm(args, **overrides):
 
 
 def prompt_ids(llm, args) -> list[int] | None:
-    """Random prompt ids when the model has no tokenizer, else None (use the text prompt)."""
-    if llm.tokenizer is not None:
+    """Random prompt ids when ``--prompt-len`` is given or the model has no tokenizer (512 then),
+    else None (use the text prompt)."""
+    n = getattr(args, "prompt_len", None)
+    if llm.tokenizer is not None and n is None:
         return None
     rng = random.Random(0)
-    return [rng.randrange(10, llm.config.vocab_size) for _ in range(args.prompt_len)]
+    return [rng.randrange(10, llm.config.vocab_size) for _ in range(n or 512)]
 
 
 def weight_bytes(llm) -> int:
