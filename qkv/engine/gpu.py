@@ -171,7 +171,11 @@ def warm_kernels(runner, max_model_len: int) -> float:
     # A mid-sized step as well: the fused MoE picks its tiles by token count (moe.py
     # ``_config``), and the band between decode batches and full prefill steps was compiled
     # inside the first run's steps (QKV_LOG_LATE_COMPILES on an H200, DeepSeek-V2-Lite).
-    dummy_step(runner.model, [WARM_MID], rings, bs, runner.device)
+    # Two counts: Triton specializes the kernels' integer arguments on divisibility by 16, and
+    # 256 alone compiled the variant for multiples of 16 while the run's steps wanted the other
+    # (H200, 2026-12-03: the MoE GEMMs and the sort still compiled late).
+    for n in (WARM_MID, WARM_MID - 6):
+        dummy_step(runner.model, [n], rings, bs, runner.device)
     for n in warm_lengths(max_model_len):
         dummy_step(runner.model, [WARM_CHUNK, 1], rings, bs, runner.device, max_seq_len=n)
         dummy_step(runner.model, [1], rings, bs, runner.device, max_seq_len=n)
