@@ -171,44 +171,23 @@ def _half_cols(BITS: tl.constexpr, D: tl.constexpr):
 # int4 by words (a V tile on the way to shared memory): pack=2 over 32-bit words (8 nibbles
 # each); asm output m holds nibble m of both words, no byte is moved between registers, and
 # the 8 outputs join into the tile in natural column order.
-_I4W_ASM = """{
-.reg .b32 w4lo, w4hi, w4t, w4one, w4off, w4nz;
-mov.b32 w4one, ONE;
-mov.b32 w4off, OFF;
-mov.b32 w4nz, 0x80008000;
-prmt.b32 w4lo, $8, $9, 0x5410;
-prmt.b32 w4hi, $8, $9, 0x7632;
-lop3.b32 w4t, w4lo, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $0, w4t, $10, w4nz;
-shr.b32 w4t, w4lo, 4;
-lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $1, w4t, $10, w4nz;
-shr.b32 w4t, w4lo, 8;
-lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $2, w4t, $10, w4nz;
-shr.b32 w4t, w4lo, 12;
-lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $3, w4t, $10, w4nz;
-lop3.b32 w4t, w4hi, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $4, w4t, $10, w4nz;
-shr.b32 w4t, w4hi, 4;
-lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $5, w4t, $10, w4nz;
-shr.b32 w4t, w4hi, 8;
-lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $6, w4t, $10, w4nz;
-shr.b32 w4t, w4hi, 12;
-lop3.b32 w4t, w4t, 0x000F000F, MAGIC, 0xea;
-fma.rn.T w4t, w4t, w4one, w4off;
-fma.rn.T $7, w4t, $10, w4nz;
-}"""
+def _i4w_nibbles(word: str, out: int) -> str:
+    """The four nibbles of each 16-bit half of ``word``, widened into outputs ``$out..$out+3``:
+    the nibble OR'd into MAGIC's mantissa reads as MAGIC + n, one fma takes the offset off and
+    one multiplies by the scale ($10)."""
+    lines = []
+    for j in range(4):
+        if j:
+            lines.append(f"shr.b32 w4t, {word}, {4 * j};")
+        lines += [f"lop3.b32 w4t, {'w4t' if j else word}, 0x000F000F, MAGIC, 0xea;",
+                  "fma.rn.T w4t, w4t, w4one, w4off;", f"fma.rn.T ${out + j}, w4t, $10, w4nz;"]
+    return "\n".join(lines)
+
+
+_I4W_ASM = "\n".join(["{", ".reg .b32 w4lo, w4hi, w4t, w4one, w4off, w4nz;", "mov.b32 w4one, ONE;",
+                       "mov.b32 w4off, OFF;", "mov.b32 w4nz, 0x80008000;",
+                       "prmt.b32 w4lo, $8, $9, 0x5410;", "prmt.b32 w4hi, $8, $9, 0x7632;",
+                       _i4w_nibbles("w4lo", 0), _i4w_nibbles("w4hi", 4), "}"])
 I4W_ASM_BF16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x43004300").replace("ONE", "0x3F803F80")
                             .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
 I4W_ASM_F16 = tl.constexpr(_I4W_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
