@@ -40,3 +40,14 @@ def test_frequencies_match_the_distribution(t, top_k, top_p):
     want = expected(t, top_k, top_p)
     assert (got - want).abs().max() < 0.012, (got, want)
     assert (got[want == 0] == 0).all()  # cut tokens are never drawn
+
+
+def test_a_seeded_row_draws_the_same_token_whatever_shares_its_batch():
+    # The sort was skipped per batch: a seeded request's token changed when another request
+    # in its step asked for top-k (async and sync scheduling then disagreed).
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    for seed in range(20):
+        alone = sampler.sample(logits[:1], [Request([1], SamplingParams(temperature=1.0), seed=seed)])
+        beside = sampler.sample(logits, [Request([1], SamplingParams(temperature=1.0), seed=seed),
+                                         Request([1], SamplingParams(temperature=1.0, top_k=5), seed=7)])
+        assert alone[0] == beside[0]
