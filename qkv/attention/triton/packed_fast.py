@@ -265,6 +265,22 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
 
 
 @triton.jit
+def _v_tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
+            D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+            V_WORDS: tl.constexpr):
+    """One V tile as ``_pv_acc`` takes it: (va, vb, v), the two halves, or the whole tile by
+    words (``V_WORDS``; then va = vb = v)."""
+    if V_WORDS:
+        v = _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
+        va = v
+        vb = v
+    else:
+        va, vb = _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS, GRP, D, BLOCK_N, ALIGN, DT, ASM)
+        v = va
+    return va, vb, v
+
+
+@triton.jit
 def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr,
             PREC: tl.constexpr):
     """The accumulators after one tile: acc * alpha + P @ V (V^T @ P^T with KEYS_ON_M 2; with
@@ -364,14 +380,9 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                 v = va
                 vx = nx
                 vc = nc
-            elif V_WORDS:
-                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
-                va = v
-                vb = v
             else:
-                va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT,
-                                 ASM)
-                v = va
+                va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                    ALIGN, DT, ASM, V_WORDS)
             acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
             m_i = m_new
     else:  # scores [heads, keys]
@@ -385,14 +396,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if V_WORDS:
-                v = _int4_words(C32, C8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
-                va = v
-                vb = v
-            else:
-                va, vb = _halves(C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT,
-                                 ASM)
-                v = va
+            va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                ALIGN, DT, ASM, V_WORDS)
             acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
             m_i = m_new
     if KEYS_ON_M == 2:
