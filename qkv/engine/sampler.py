@@ -46,7 +46,7 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     noise = torch.empty_like(logits)
     for i, r in enumerate(reqs):
         noise[i].exponential_(generator=_generator(r, device))
-    sampled = (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+    sampled = None if all(cut) else (logits.softmax(dim=-1) / noise).argmax(dim=-1)
     if any(cut):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if any(k < V for k in ks):
@@ -60,6 +60,6 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         choice = (sorted_logits.softmax(dim=-1) / noise).argmax(dim=-1)
         ranked = order.gather(1, choice[:, None]).squeeze(1)
-        sampled = torch.where(torch.tensor(cut, device=device), ranked, sampled)
+        sampled = ranked if sampled is None else torch.where(torch.tensor(cut, device=device), ranked, sampled)
     is_greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
     return torch.where(is_greedy, greedy_tokens, sampled)
