@@ -152,3 +152,38 @@ def test_schedule_warms_up_then_decays():
         f = [lr_factor(s, cfg.steps, cfg) for s in range(cfg.steps)]
         assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
         assert all(a >= b for a, b in zip(f[9:], f[10:])) and f[-1] == pytest.approx(0.1, abs=0.02)
+
+
+def test_attention_only_uptraining_moves_only_the_attention_projections(teacher):
+    from qkv.loading import load
+    from qkv.tools import uptrain as up
+    from qkv.tools.convert import pool_kv_heads
+
+    path, _ = teacher
+    src = load(path)
+    cfg, pooled = pool_kv_heads(src.config, src.weights, 1)
+    train = list(range(256)) * 8
+    run = up.UptrainConfig(tokens=4 * 4 * 32, batch=4, seq_len=32, lr=1e-2, checkpoints=1, device="cpu",
+                           params="attention")
+    result = up.uptrain(src.config, src.weights, cfg, pooled, train, run)
+    moved = {k for k in pooled if not torch.equal(pooled[k], result.weights[k])}
+    attention = {k for k in pooled if k.rsplit(".", 2)[-2] in up.ATTENTION_PARAMS}
+    assert attention and moved == attention, sorted(moved ^ attention)[:4]
+
+
+def test_training_files_are_the_stdlib_then_packages_without_the_heldout_package():
+    from qkv.tools import uptrain as up
+
+    std = up.stdlib_files()
+    files = list(up.python_files())
+    assert files[: len(std)] == std and len(files) > len(std)  # this venv has packages installed
+    assert not any("pydoc_data" in f.parts for f in files)
+    assert all(f.stat().st_size <= 1 << 20 for f in files[len(std):])
+    assert len({f.resolve() for f in files[len(std):]}) == len(files) - len(std)
+
+
+def test_unknown_trainable_set_is_refused_by_name():
+    from qkv.tools.uptrain import UptrainConfig
+
+    with pytest.raises(ValueError, match="--uptrain-params"):
+        UptrainConfig(tokens=64, batch=1, seq_len=64, params="mlp")

@@ -43,8 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--uptrain-batch", type=int, default=32, help="sequences per step")
     g.add_argument("--uptrain-seq-len", type=int, default=512, help="tokens per training sequence")
     g.add_argument("--uptrain-text", default=None,
-                   help="a UTF-8 training text file (default: CPython's stdlib sources; see docs/memory.md)")
+                   help="a UTF-8 training text file (default: the Python sources on this machine, the stdlib "
+                        "first; see docs/memory.md)")
     g.add_argument("--checkpoints", type=int, default=8, help="perplexity measured every N/k tokens")
+    g.add_argument("--uptrain-params", default="all", choices=["all", "attention"],
+                   help="train every parameter, or only the attention projections (q/k/v/o)")
+    g.add_argument("--uptrain-compile", action="store_true",
+                   help="torch.compile the teacher and the student (faster steps after a compile)")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations (less memory)")
     g.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     g.add_argument("--seed", type=int, default=0, help="training windows and initialisation seed")
@@ -96,7 +101,8 @@ def uptrain_config(args):
 
     return UptrainConfig(tokens=args.uptrain_tokens, checkpoints=args.checkpoints, lr=args.uptrain_lr,
                          schedule=args.uptrain_schedule, batch=args.uptrain_batch, seq_len=args.uptrain_seq_len,
-                         grad_checkpointing=args.grad_checkpointing, seed=args.seed, device=args.device)
+                         grad_checkpointing=args.grad_checkpointing, params=args.uptrain_params,
+                         compile=args.uptrain_compile, seed=args.seed, device=args.device)
 
 
 def run(args, dst: Path) -> ModelConfig:
@@ -134,7 +140,8 @@ def run(args, dst: Path) -> ModelConfig:
             train_text = args.uptrain_text
         else:
             texts = up.training_texts(up.heldout_lines(corpus))
-            train_text = "CPython stdlib sources, pydoc_data and lines of the perplexity text removed"
+            train_text = ("Python sources (the stdlib, then site-packages), pydoc_data and lines of the "
+                          "perplexity text removed")
         train_ids = up.training_ids(encode_batch, cfg.tokens, texts)
         train_text += f"; {len(train_ids):,} tokens read"
         result = up.uptrain(src.config, src.weights, config, weights, train_ids, cfg, evaluate, log)

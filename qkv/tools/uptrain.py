@@ -9,9 +9,12 @@ training text, and the teacher's full distribution carries far more signal per t
 the one observed token (Ainslie et al. continue pre-training on the original data, which we
 do not have).
 
-Training text (:func:`training_ids`): CPython's own standard library sources (``*.py`` under
-``sysconfig``'s stdlib path, sorted, ``site-packages`` and ``pydoc_data`` excluded), which every
-Python ships, so it works offline on any machine. The perplexity corpus
+Training text (:func:`training_ids`): the Python sources on the machine, CPython's own standard
+library first (``*.py`` under ``sysconfig``'s stdlib path, sorted), then the installed packages'
+(``site-packages``), which works offline on any machine: every Python ships its stdlib, and a
+machine that runs qkv has torch, tokenizers and their kin installed. The stdlib alone is small
+(2.9M tokens for SmolLM2 where Debian ships it without ``test/``), and a budget of tens of
+millions of tokens would go over it again and again. The perplexity corpus
 (``pydoc_data.topics``, see ``qkv.tools.perplexity``) is held out: its directory is skipped,
 and any training line that also occurs in it (40+ characters, stripped) is dropped.
 
@@ -24,16 +27,23 @@ cosine or linear decay, gradient checkpointing on request.
 from __future__ import annotations
 
 import math
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 
 from qkv.config import ModelConfig
+
+
+# Which parameters train. "attention" leaves embeddings, norms and MLPs as the teacher's: the
+# pooling changed only K/V, and the training text (code) is narrower than what the model saw.
+TRAINABLE = ("all", "attention")
+ATTENTION_PARAMS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
 @dataclass
@@ -51,10 +61,14 @@ class UptrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     grad_checkpointing: bool = False
+    params: str = "all"  # all | attention (the q/k/v/o projections only; the rest stays the teacher's)
+    compile: bool = False  # torch.compile the teacher's and the student's forward (CUDA)
     seed: int = 0
     device: str | None = None  # None: cuda when available
 
     def __post_init__(self) -> None:
+        if self.params not in TRAINABLE:
+            raise ValueError(f"--uptrain-params must be one of {', '.join(TRAINABLE)}, not {self.params!r}")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"--uptrain-schedule must be cosine or linear, not {self.schedule!r}")
         for name, flag in (("batch", "--uptrain-batch"), ("checkpoints", "--checkpoints")):
@@ -137,19 +151,46 @@ def logits_fn(model, device: torch.device) -> Callable[[list[int]], torch.Tensor
 
 
 def stdlib_files() -> list[Path]:
-    """The training text's files: CPython's stdlib sources, the perplexity corpus's package excluded."""
+    """CPython's stdlib sources, the perplexity corpus's package excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "pydoc_data"}
     return sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+
+
+def package_files(max_bytes: int = 1 << 20) -> list[Path]:
+    """The installed packages' ``*.py`` (every ``site-packages``/``dist-packages`` on the path),
+    sorted, each file once; files over ``max_bytes`` (generated tables, vendored blobs) and any
+    ``pydoc_data`` skipped."""
+    dirs = {Path(p) for p in (sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *sys.path)
+            if p and Path(p).name in ("site-packages", "dist-packages") and Path(p).is_dir()}
+    seen, files = set(), []
+    for root in sorted(dirs):
+        for f in sorted(root.rglob("*.py")):
+            try:
+                real, size = f.resolve(), f.stat().st_size
+            except OSError:
+                continue
+            if real in seen or size > max_bytes or "pydoc_data" in f.relative_to(root).parts:
+                continue
+            seen.add(real)
+            files.append(f)
+    return files
+
+
+def python_files() -> Iterator[Path]:
+    """The training text's files, in reading order: the stdlib, then the installed packages."""
+    yield from stdlib_files()
+    yield from package_files()
 
 
 def heldout_lines(corpus: str, min_chars: int = 40) -> set[str]:
     return {s for s in (line.strip() for line in corpus.splitlines()) if len(s) >= min_chars}
 
 
-def training_texts(exclude: set[str], files: list[Path] | None = None) -> Iterator[str]:
-    """Each training file's text with the lines found in ``exclude`` removed, file by file."""
-    for f in files if files is not None else stdlib_files():
+def training_texts(exclude: set[str], files: Iterable[Path] | None = None) -> Iterator[str]:
+    """Each training file's text with the lines found in ``exclude`` removed, file by file
+    (default files: :func:`python_files`, read lazily so a small budget reads little)."""
+    for f in files if files is not None else python_files():
         try:
             text = f.read_text(encoding="utf-8")
         except (UnicodeDecodeError, OSError):
@@ -185,6 +226,18 @@ def lr_factor(step: int, steps: int, cfg: UptrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * decay
 
 
+def trainable(model, which: str) -> list[torch.nn.Parameter]:
+    """The parameters to train (``which``: see ``TRAINABLE``); the others are frozen."""
+    params = []
+    for name, p in model.named_parameters():
+        p.requires_grad_(which == "all" or name.rsplit(".", 2)[-2] in ATTENTION_PARAMS)
+        if p.requires_grad:
+            params.append(p)
+    if not params:
+        raise ValueError(f"--uptrain-params {which}: the model has no such parameters")
+    return params
+
+
 def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher || student), in fp32."""
     s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)
@@ -210,10 +263,15 @@ def uptrain(teacher_config: ModelConfig, teacher_weights: dict[str, torch.Tensor
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     teacher = hf_model(teacher_config, teacher_weights, device).eval().requires_grad_(False)
+    if cuda:  # autocast would cast the frozen weights to bf16 again at every step
+        teacher.to(torch.bfloat16)
     student = hf_model(student_config, student_weights, device).train()
     if cfg.grad_checkpointing:
         student.gradient_checkpointing_enable()
-    params = [p for p in student.parameters() if p.requires_grad]
+    params = trainable(student, cfg.params)
+    t_forward, s_forward = teacher, student
+    if cfg.compile:
+        t_forward, s_forward = torch.compile(teacher), torch.compile(student)
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                             fused=cuda or None)
     data = torch.tensor(train_ids, dtype=torch.long)
@@ -222,7 +280,9 @@ def uptrain(teacher_config: ModelConfig, teacher_weights: dict[str, torch.Tensor
     fn = logits_fn(student, device)
     curve = [Checkpoint(0, 0, evaluate(fn) if evaluate else None, None, 0.0)]
     if log:
-        log(f"uptrain: {steps} steps of {cfg.batch} x {cfg.seq_len} tokens on {device} "
+        n_train = sum(p.numel() for p in params)
+        log(f"uptrain: {steps} steps of {cfg.batch} x {cfg.seq_len} tokens on {device}, training "
+            f"{cfg.params} ({n_train / 1e6:.1f}M parameters){', compiled' if cfg.compile else ''} "
             f"({len(train_ids):,} training tokens); step 0 perplexity {curve[0].perplexity or float('nan'):.4f}")
     trained, kl_sum, kl_n = 0.0, 0.0, 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
@@ -234,8 +294,8 @@ def uptrain(teacher_config: ModelConfig, teacher_weights: dict[str, torch.Tensor
             group["lr"] = cfg.lr * lr_factor(step, steps, cfg)
         with autocast:
             with torch.no_grad():
-                t_logits = teacher(batch).logits
-            loss = distill_kl(student(batch).logits, t_logits)
+                t_logits = t_forward(batch).logits
+            loss = distill_kl(s_forward(batch).logits, t_logits)
         del t_logits
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
