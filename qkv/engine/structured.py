@@ -27,7 +27,7 @@ advances the matchers) before it samples step n+1, and the mask is filled while 
 computes step n+1's forward pass.
 
 Why llguidance (not xgrammar), measured on SmolLM2's 49,152-token vocabulary, CPU
-(scripts/bench_structured.py, docs/benchmarks.md): llguidance compiles a schema in ~1 ms
+(benchmarks/bench_structured.py, docs/benchmarks.md): llguidance compiles a schema in ~1 ms
 against xgrammar's 13-56 ms, and masks a token in a median ~30 us against ~6 us. The mask
 runs on the host overlapped with the forward pass, while a compile is paid by every new
 schema before its request starts; and llguidance is one dependency-free wheel that reads a

@@ -251,7 +251,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         # twice the keys per tile to keep as many bytes in flight, and the transposed layout
         # saves a shared-memory round trip (H100, batch 32 x 8k: 50% of the copy bandwidth
         # with bf16 and 64-key tiles, 73% with fp16 and 128, 77.5% transposed;
-        # scripts/fp8_decode_experiment.py).
+        # benchmarks/fp8_decode_experiment.py).
         dot_dtype = dot_dtype or torch.float16
         block_n = block_n or 128
         num_stages = num_stages or 2  # 3 stages: 71.5% at batch 32 x 8k, 2: 83.6% (run 23)

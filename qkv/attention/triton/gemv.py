@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 # (out_features, in_features) where the Triton GEMV replaces cuBLAS at M = 1. Empty = never.
-# H100 (2026-11-22, scripts/gpu_bench.py): only the square o_proj of Llama-8B gained inside the
+# H100 (2026-11-22, benchmarks/gpu_bench.py): only the square o_proj of Llama-8B gained inside the
 # model (cuBLAS 20.7 us, Triton 14.2 us); the larger projections were as fast or faster in cuBLAS.
 # The down projection (4096 x 14336) runs fused with SiLU-and-mul (one launch instead of two).
 # lm_head (128256 x 4096): 348 us against cuBLAS's 370-380 us.

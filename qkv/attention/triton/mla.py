@@ -172,7 +172,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
 def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
     """(splits, BLOCK_N, warps, stages) for ``programs`` (sequence, head block) pairs over a
-    cache of ``elem``-byte values, each as given unless None. From scripts/mla_decode_sweep.py
+    cache of ``elem``-byte values, each as given unless None. From benchmarks/mla_decode_sweep.py
     on an H200 (2026-12-03, docs/benchmarks.md): about one wave of programs, at most two per SM
     (a 32-row tile on 4 warps, 3 stages: 93 KB of shared memory, ~200 registers); one split
     once there are as many programs as SMs (at 128 x 640 the merge's fp32 partials cost more

@@ -34,7 +34,7 @@ from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KEYS_ON_M = True  # the fast kernel's defaults (scripts/kv_int_decode_bench.py)
+KEYS_ON_M = True  # the fast kernel's defaults (benchmarks/kv_int_decode_bench.py)
 V_WORDS = 0  # V in halves: 220.6 us against 233.4 as words (128-key tiles; 2026-12-03, batch 32 x 8k)
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:

@@ -12,7 +12,7 @@ with less work per cached element:
 - ``KEYS_ON_M``: keys on the MMA's M dimension (transposed dots, heads padded to 8): a tile
   widened in registers is the A operand as it is (as decode.py's fp8 path).
 
-Options measured against these (scripts/kv_int_decode_bench.py; slower at batch 32 x 8k on the
+Options measured against these (benchmarks/kv_int_decode_bench.py; slower at batch 32 x 8k on the
 H200, kept for the record and the tests): ``V_WORDS`` (an int4 V tile read as 32-bit words, 8
 nibbles per asm output pair) and ``PREFETCH`` (the next int4 V tile's bytes loaded one tile
 ahead). The tiling (single-warp programs) is ``packed.FAST_TILING``.

@@ -1,6 +1,6 @@
 """What the process split costs per engine step, on this machine's CPU (docs/architecture.md).
 
-    python3 scripts/serve_ipc_bench.py [--batch 128] [--steps 2000]
+    python3 benchmarks/serve_ipc_bench.py [--batch 128] [--steps 2000]
 
 1. IPC: one step's outputs (``--batch`` entries, wire.py's shape) packed with msgpack, sent
    over a ZeroMQ ipc:// PUSH/PULL pair to another process and unpacked there; the time per

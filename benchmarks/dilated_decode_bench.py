@@ -8,7 +8,7 @@ W keys, not by W*d positions). Median of ``triton.testing.do_bench``; bandwidth 
 K and V bytes read. The prefill rows time one 2,048-token chunk after a 4,096-token prefix:
 dilated, it scans W*d positions per query tile and masks (documented as d times the work).
 
-    PYTHONPATH=. python scripts/dilated_decode_bench.py --out bench.jsonl
+    PYTHONPATH=. python benchmarks/dilated_decode_bench.py --out bench.jsonl
 """
 
 from __future__ import annotations

@@ -7,10 +7,10 @@ cumulative milliseconds per step. ``--stub-forward`` (the default) replaces the 
 forward with a random-hidden-state stand-in, so what is left is host work: scheduling, cache
 bookkeeping, input staging, sampling and appending. Run from the repo root:
 
-    python scripts/host_profile.py                      # 256 seqs x 512-token prompts
-    python scripts/host_profile.py --keep-forward --seqs 64
-    python scripts/host_profile.py --async-scheduling
-    python scripts/host_profile.py --graphs             # DecodeGraphs.run's staging instead of prepare
+    python benchmarks/host_profile.py                      # 256 seqs x 512-token prompts
+    python benchmarks/host_profile.py --keep-forward --seqs 64
+    python benchmarks/host_profile.py --async-scheduling
+    python benchmarks/host_profile.py --graphs             # DecodeGraphs.run's staging instead of prepare
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tile sweep of the MLA decode kernel and the MoE sort at DeepSeek-V2-Lite's decode shapes (CUDA).
 
-    PYTHONPATH=. python3 scripts/mla_decode_sweep.py [--out results.jsonl] [--baseline old_mla.py]
+    PYTHONPATH=. python3 benchmarks/mla_decode_sweep.py [--out results.jsonl] [--baseline old_mla.py]
         [--sections mla,fp8,align] [--workers 12]
 
 For each (batch, context): the default launch and every swept (splits, BLOCK_N, warps, stages),

@@ -1,7 +1,7 @@
 """MLA prefill on the GPU: up-projected (the Triton path) vs absorbed vs the reference, per step.
 
-    PYTHONPATH=. python scripts/mla_prefill_bench.py [--out DIR] [--cache bf16,fp8]
-    PYTHONPATH=.:/work/triton-site TRITON_INTERPRET=1 python scripts/mla_prefill_bench.py --dry-run  # CPU check
+    PYTHONPATH=. python benchmarks/mla_prefill_bench.py [--out DIR] [--cache bf16,fp8]
+    PYTHONPATH=.:/work/triton-site TRITON_INTERPRET=1 python benchmarks/mla_prefill_bench.py --dry-run  # CPU check
 
 DeepSeek-V2-Lite's heads (16, latent 512 + 64, 128 | 128), bf16 activations, one layer. For
 each step shape it times, on the same pages:

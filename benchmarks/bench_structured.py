@@ -5,7 +5,7 @@ importable, e.g. ``pip install --no-deps --target /tmp/xgr xgrammar apache-tvm-f
 ``PYTHONPATH=/tmp/xgr``): the tokenizer index, compiling one JSON schema, and the mask of
 every token of one valid answer; then qkv's ``apply_masks`` per step for 1, 8 and 32 rows.
 
-    PYTHONPATH=. python scripts/bench_structured.py
+    PYTHONPATH=. python benchmarks/bench_structured.py
 """
 
 from __future__ import annotations

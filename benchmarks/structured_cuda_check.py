@@ -6,7 +6,7 @@ tok/s of 32 JSON rows beside 32 plain ones.
 Usage: build the model directory on a machine with the gguf package (the tests' builder),
     PYTHONPATH=. python -c "import sys; sys.path.insert(0, 'tests'); from pathlib import Path;
         from test_structured import make_model_dir; make_model_dir(Path('build/so_model'))"
-then on the GPU machine (llguidance installed): python scripts/structured_cuda_check.py build/so_model
+then on the GPU machine (llguidance installed): python benchmarks/structured_cuda_check.py build/so_model
 """
 import json, re, sys, time
 import torch

@@ -8,7 +8,7 @@ is timed the same way. Variants are interleaved run by run and medians printed, 
 machine slows them alike; ``--checkout DIR`` runs another qkv tree (e.g. the main checkout:
 before and after in one run).
 
-    python scripts/startup_bench.py --repeat 3 --variant fp32= --variant bf16="--dtype bfloat16"
+    python benchmarks/startup_bench.py --repeat 3 --variant fp32= --variant bf16="--dtype bfloat16"
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Both runs must give the same greedy tokens; prints tokens/s of each and the mean step time
 against the bare decode-graph replay. Usage (on a GPU machine, from the repo root):
 
-    PYTHONPATH=. python scripts/async_ab.py --shape llama3-8b --requests 256 --input-len 512 --output-len 256
+    PYTHONPATH=. python benchmarks/async_ab.py --shape llama3-8b --requests 256 --input-len 512 --output-len 256
 """
 
 from __future__ import annotations

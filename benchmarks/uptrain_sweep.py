@@ -1,6 +1,6 @@
 """Issue 18: uptraining recipes side by side at a small budget, in one process (one device call).
 
-    python scripts/uptrain_sweep.py MODEL --kv-heads 1 --tokens 5M --runs all:5e-4 attention:3e-3 ...
+    python benchmarks/uptrain_sweep.py MODEL --kv-heads 1 --tokens 5M --runs all:5e-4 attention:3e-3 ...
 
 Each run is ``PARAMS:LR[:compile]`` (PARAMS as ``--uptrain-params``). The model is loaded, pooled
 and its training text tokenized once; every run starts from the same pooled weights with the same

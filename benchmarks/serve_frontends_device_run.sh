@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 23, --api-server-count: the H200 closed-loop comparison of 1 and 4 front-end processes
 # (docs/benchmarks.md's "qkv serve against the offline engine" workload), one device call:
-#   OUT=dir bash scripts/serve_frontends_device_run.sh        # COUNTS="1 4" by default
+#   OUT=dir bash benchmarks/serve_frontends_device_run.sh        # COUNTS="1 4" by default
 # EXTRA adds options to each `qkv bench serve` (e.g. EXTRA="--loop-hangup 0.25").
 # Run it from a directory holding qkv/, smollm2-tok/ (SmolLM2's tokenizer.json and
 # tokenizer_config.json) and .whl/: the device image lacks fastapi, starlette, pydantic,

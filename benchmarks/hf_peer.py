@@ -1,6 +1,6 @@
-"""HF transformers on the same random-weight shape and workloads as scripts/gpu_bench.py.
+"""HF transformers on the same random-weight shape and workloads as benchmarks/gpu_bench.py.
 
-    PYTHONPATH=. python scripts/hf_peer.py --out $OUT [--requests 256]
+    PYTHONPATH=. python benchmarks/hf_peer.py --out $OUT [--requests 256]
 
 Batch-1 latency through ``generate`` (sdpa, DynamicCache) and offline throughput through
 ``generate_batch`` (continuous batching). Appends JSON records to OUT/results.jsonl.

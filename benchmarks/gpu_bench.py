@@ -1,6 +1,6 @@
 """GPU measurements for issue 6, all in one process: ceilings, kernels, engine end to end.
 
-    PYTHONPATH=. python scripts/gpu_bench.py --out $OUT [--sections ceil,kernels,engine,...]
+    PYTHONPATH=. python benchmarks/gpu_bench.py --out $OUT [--sections ceil,kernels,engine,...]
 
 Prints a table at the end and appends JSON records to OUT/results.jsonl.
 """

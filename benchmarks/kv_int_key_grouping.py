@@ -6,7 +6,7 @@ SmolLM2's queries and keys (RoPE applied) are captured from the reference backen
 first 512 tokens of the perplexity corpus; for every layer and head, the KL divergence of each
 causal attention row with quantized keys from the row with exact keys is averaged.
 
-    PYTHONPATH=. python scripts/kv_int_key_grouping.py
+    PYTHONPATH=. python benchmarks/kv_int_key_grouping.py
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ instead (``k @ q^T``: the converted K tile is the register A operand, heads on N
 16), and compare against the production kernel on the same caches. No splits: the batches
 tried have enough (sequence, KV head) programs to fill the card.
 
-    PYTHONPATH=. python scripts/fp8_decode_experiment.py
+    PYTHONPATH=. python benchmarks/fp8_decode_experiment.py
 """
 
 from __future__ import annotations

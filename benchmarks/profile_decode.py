@@ -1,7 +1,7 @@
 """Where a decode step's time goes: per-kernel CUDA time of steady decode steps (graph replays
 included), for a named random-weight shape at a given batch size. Needs a CUDA GPU.
 
-    PYTHONPATH=. python3 scripts/profile_decode.py --shape deepseek-v2-lite --batch 128 --input-len 512
+    PYTHONPATH=. python3 benchmarks/profile_decode.py --shape deepseek-v2-lite --batch 128 --input-len 512
 
 Prints the step time (wall, median of the profiled steps), then the kernels that take the most
 CUDA time per step, grouped by name, with their share of the step.

@@ -3,7 +3,7 @@ heads, 8 KV heads, head_dim 128, blocks of 16), against the copy rate measured i
 
 Fraction = packed bytes of the cache (values + scales, one layer) / kernel time / copy rate,
 the copy rate counted as bytes read + written per second, measured in the same run by
-``qkv.tools.bench_rates.measure`` (the ceiling ``qkv bench`` and scripts/gpu_bench.py use).
+``qkv.tools.bench_rates.measure`` (the ceiling ``qkv bench`` and benchmarks/gpu_bench.py use).
 Kernel variants (``packed_decode``'s plain kernel, and the fast one with or without keys on
 the MMA's M dimension and V read as words) and tilings (keys per tile, warps, stages, splits
 per sequence) are swept; each one's output is compared with the plain kernel's (max_abs_diff)
@@ -11,7 +11,7 @@ so a wrong variant shows; the query/output rotation (two small GEMMs) is timed o
 best one, and the engine's default launch (no tiling given) beside it.
 The bf16 and fp8 production kernels are timed on the same shape beside it.
 
-    PYTHONPATH=. python scripts/kv_int_decode_bench.py --out $OUT [--sweep 1]
+    PYTHONPATH=. python benchmarks/kv_int_decode_bench.py --out $OUT [--sweep 1]
 """
 
 from __future__ import annotations
