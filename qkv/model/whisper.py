@@ -111,6 +111,7 @@ class WhisperForConditionalGeneration(CausalLM):
     # on the loaded machine, 5-6 s with one). On the quiet machine the two were within noise.
     # The encoder and prompt steps, and batched decode, keep every thread (ModelRunner.execute).
     cpu_decode_threads = 1
+    cpu_blas_gemv = True  # its GEMVs over the engine's threads in numpy's OpenBLAS (model/cpu_gemv.py)
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)
