@@ -51,3 +51,28 @@ def test_off_without_threads(monkeypatch):
     cpu_gemv.use_blas_gemv(lin)
     x = torch.randn(1, 16)
     torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias)
+
+
+def test_whisper_engine_uses_blas_and_head_major_cross_pages(tmp_path):
+    """A CPU Whisper engine: its linears are BlasLinear, numpy's BLAS has the engine's threads,
+    and each cross layer's pages are head-major (each head's keys contiguous over a run)."""
+    from test_whisper_model import tiny_whisper
+
+    from qkv import LLM
+
+    before = torch.get_num_threads()
+    tiny_whisper().save_pretrained(tmp_path)
+    try:
+        llm = LLM(str(tmp_path), device="cpu", num_kv_blocks=64, threads=2)
+    finally:
+        torch.set_num_threads(before)
+    eng = llm.engine
+    if not cpu_gemv.enabled():
+        pytest.skip("numpy's BLAS is not an OpenBLAS that threadpoolctl can set")
+    assert type(eng.model.lm_head) is cpu_gemv.BlasLinear
+    cross = [eng.runner.kv_caches[layer] for g, group in enumerate(eng.kv.groups) if eng.kv.cross[g]
+             for layer in group.layers]
+    assert cross
+    for c in cross:
+        two, n, bs, kvh, d = c.shape
+        assert c.stride() == (kvh * n * bs * d, bs * d, d, n * bs * d, 1)

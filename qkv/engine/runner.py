@@ -12,6 +12,7 @@ import contextlib
 import numpy as np
 import torch
 
+from qkv.attention import cross
 from qkv.attention.batch import AttentionBatch
 from qkv.engine.scheduler import ScheduledBatch
 from qkv.kvcache.kv_pages import new_cache
@@ -28,7 +29,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = [None] * sum(len(g.layers) for g in kv.groups)
         for g, group in enumerate(kv.groups):
             for layer in group.layers:
-                self.kv_caches[layer] = new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype, device)
+                if kv.cross[g] and device.type == "cpu" and getattr(group.spec, "packed", None) is None:
+                    self.kv_caches[layer] = cross.new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype)
+                else:
+                    self.kv_caches[layer] = new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype, device)
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
         self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost

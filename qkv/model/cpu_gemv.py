@@ -42,6 +42,12 @@ def blas_threads(n: int) -> bool:
     return True
 
 
+def enabled() -> bool:
+    """Whether numpy's BLAS has been given the engine's thread count (``blas_threads``): the
+    CPU cross attention's per-head GEMVs use it then (attention/cross.py), at any count."""
+    return _threads[0] > 0
+
+
 def _one_row(x: torch.Tensor) -> bool:
     return (_threads[0] > 1 and x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32
             and x.device.type == "cpu" and not x.requires_grad)
