@@ -117,11 +117,12 @@ def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype) -> tor
     head_dim]`` (every read and write indexes it as before), laid out head-major in memory
     (``[2, kvh, blocks, block_size, head_dim]``, permuted), so that over a run of consecutive
     blocks each head's keys and values are one contiguous [L, head_dim] matrix for a GEMV
-    (``_one_query_blas``); the encoder writes them once per request."""
+    (``_one_query_blas``); the encoder writes them once per request. On 2 MB pages
+    (kvcache/zero_pages.py): every decode step reads them all."""
     from qkv.kvcache.zero_pages import zeros
 
     two, n, bs, kvh, d = spec.cache_shape(num_blocks, block_size)
-    return zeros((two, kvh, n, bs, d), dtype=dtype, device="cpu").permute(0, 2, 3, 1, 4)
+    return zeros((two, kvh, n, bs, d), dtype=dtype, device="cpu", huge=True).permute(0, 2, 3, 1, 4)
 
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,

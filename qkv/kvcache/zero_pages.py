@@ -25,14 +25,22 @@ import torch
 MIN_MAPPED_BYTES = 1 << 20
 
 
-def zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device, huge: bool = False) -> torch.Tensor:
     """A zero tensor; on the CPU (and at least MIN_MAPPED_BYTES) backed by an anonymous
-    mapping whose pages become resident only when written. Elsewhere ``torch.zeros``."""
+    mapping whose pages become resident only when written. Elsewhere ``torch.zeros``.
+
+    ``huge``: the mapping asks the kernel for 2 MB pages (transparent huge pages, where the
+    system allows them on request: ``madvise`` mode), for memory streamed whole at every CPU
+    decode step (float32 weights, Whisper's cross pages): fewer TLB misses. Whisper base's
+    51,865 x 512 output projection, cold, 3.7-4.3 -> 3.1-3.2 ms (2026-12-03). Resident memory
+    then grows by 2 MB at a time."""
     device = torch.device(device)
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_MAPPED_BYTES:
         return torch.zeros(shape, dtype=dtype, device=device)
     buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
     # frombuffer keeps ``buf`` alive as long as the tensor (or a view of it) lives.
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(shape)
