@@ -119,10 +119,10 @@ def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype) -> tor
     blocks each head's keys and values are one contiguous [L, head_dim] matrix for a GEMV
     (``_one_query_blas``); the encoder writes them once per request. On 2 MB pages
     (kvcache/zero_pages.py): every decode step reads them all."""
-    from qkv.kvcache.zero_pages import zeros
+    from qkv.kvcache.zero_pages import huge_zeros
 
     two, n, bs, kvh, d = spec.cache_shape(num_blocks, block_size)
-    return zeros((two, kvh, n, bs, d), dtype=dtype, device="cpu", huge=True).permute(0, 2, 3, 1, 4)
+    return huge_zeros((two, kvh, n, bs, d), dtype).permute(0, 2, 3, 1, 4)
 
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBatch, group: int,

@@ -77,6 +77,6 @@ def column_major_fp32(model: nn.Module) -> int:
 def _fresh(shape: tuple[int, int]) -> torch.Tensor:
     """New float32 storage for a relaid matrix, on 2 MB pages where the system gives them
     (kvcache/zero_pages.py): a decode step streams every weight once."""
-    from qkv.kvcache.zero_pages import zeros
+    from qkv.kvcache.zero_pages import huge_zeros
 
-    return zeros(shape, torch.float32, "cpu", huge=True)
+    return huge_zeros(shape, torch.float32)
