@@ -63,8 +63,10 @@ def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBat
             k, v = kv_cache[0][pages], kv_cache[1][pages]
         if streamed and n_q == 1:
             k, v = k.reshape(-1, kvh, D)[:n_k], v.reshape(-1, kvh, D)[:n_k]
-            blas = cpu_gemv.enabled() and k.stride(0) == v.stride(0) == D  # head-major pages (new_cache)
-            out[start] = (_one_query_blas if blas else _one_query)(q[start] * scale, k, v)
+            if cpu_gemv.enabled() and k.stride(0) == v.stride(0) == D:  # head-major pages (new_cache)
+                _one_query_blas(q[start] * scale, k, v, out[start])
+            else:
+                out[start] = _one_query(q[start] * scale, k, v)
             continue
         # [1, KVH, L, D] views of the pages (no copy): torch's fused kernel reads them strided,
         # where the einsum pair it replaced made a contiguous copy of K (~20% of a CPU step).
@@ -96,20 +98,18 @@ def _one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return torch.mul(v, p.t()[:, :, None], out=prod).sum(0)
 
 
-def _one_query_blas(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _one_query_blas(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
     """``_one_query`` for k/v [L, H, D] whose heads are each contiguous [L, D] (``new_cache``'s
     layout): per head a GEMV over its keys and one over its values, through numpy's BLAS
     (model/cpu_gemv.py), each reading K or V once. Whisper base's six layers over 1,500 rows:
     3.3-3.5 ms against 4.3-5.1 for ``_one_query`` on two threads, 3.6-3.8 against 5.2-5.3 on
-    one (2026-12-03, cold pages)."""
+    one (2026-12-03, cold pages). The result is written into ``out`` [H, D] (contiguous)."""
     H, D = q.shape
     L = k.shape[0]
     s = torch.empty(H, L, 1)
     np.matmul(k.permute(1, 0, 2).numpy(), q.contiguous().numpy()[:, :, None], out=s.numpy())
     p = torch.softmax(s.view(H, L), dim=-1)
-    o = torch.empty(H, 1, D)
-    np.matmul(p.numpy()[:, None, :], v.permute(1, 0, 2).numpy(), out=o.numpy())
-    return o.view(H, D)
+    np.matmul(p.numpy()[:, None, :], v.permute(1, 0, 2).numpy(), out=out.view(H, 1, D).numpy())
 
 
 def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype) -> torch.Tensor:
