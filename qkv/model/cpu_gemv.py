@@ -27,8 +27,10 @@ _threads = [0]  # BLAS threads set by blas_threads(); 0: not set, this path off
 
 
 def blas_threads(n: int) -> bool:
-    """Give numpy's OpenBLAS ``n`` threads (the engine's thread count); False, and the BLAS path
-    stays off, where numpy's BLAS is not an OpenBLAS threadpoolctl can set."""
+    """Give numpy's OpenBLAS ``n`` threads (the engine's thread count; process-wide, as
+    ``torch.set_num_threads``); False, and the BLAS path stays off, where numpy's BLAS is not
+    an OpenBLAS threadpoolctl can set. The count is fixed, not adapted to the load: OpenBLAS's
+    GEMV on one thread and on two is not bitwise equal, so the tokens would depend on it."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
