@@ -134,12 +134,15 @@ def test_packed_kv_is_refused_by_name(tiny_dir):
             LLM(str(tiny_dir), device="cpu", num_kv_blocks=64, kv_dtype=kv)
 
 
+@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("kvh", [2, 4])
-def test_cross_attention_reads_runs_and_scattered_pages_alike(kvh):
+def test_cross_attention_reads_runs_and_scattered_pages_alike(kvh, head_major, monkeypatch):
     """The CPU cross attention against a per-query softmax written here: one sequence whose
     cross blocks are a consecutive run (read as a view), one scattered (gathered), one with a
     partial last block; decode and prefill rows mixed; GQA (2 query heads per KV head, torch's
-    fused attention) and MHA (a decode row takes the streamed path, cross._one_query)."""
+    fused attention) and MHA (a decode row takes the streamed path, cross._one_query; with
+    the engine's head-major CPU pages and numpy's BLAS on, cross._one_query_blas)."""
+    from qkv.attention import cross
     from qkv.attention.batch import AttentionBatch
     from qkv.attention.cross import cross_attention
 
@@ -147,6 +150,12 @@ def test_cross_attention_reads_runs_and_scattered_pages_alike(kvh):
     bs, H, D = 4, 4, 8
     G = H // kvh
     cache = torch.randn(2, 16, bs, kvh, D, generator=g)
+    if head_major:  # same values, cross.new_cache's strides; the BLAS path on
+        cache = cache.permute(0, 3, 1, 2, 4).contiguous().permute(0, 2, 3, 1, 4)
+        monkeypatch.setattr(cross.cpu_gemv, "_threads", [1])
+        blas = []
+        one = cross._one_query_blas
+        monkeypatch.setattr(cross, "_one_query_blas", lambda *a: blas.append(1) or one(*a))
     tables = [[3, 4, 5], [9, 1, 14], [7, 8]]  # a run, scattered, a run
     lens, qlens = [12, 10, 5], [1, 3, 2]
     width = max(map(len, tables))
@@ -166,3 +175,5 @@ def test_cross_attention_reads_runs_and_scattered_pages_alike(kvh):
                 p = torch.softmax(k[:, h // G] @ q[t, h] * 0.3, dim=0)
                 assert torch.allclose(out[t, h], p @ v[:, h // G], atol=1e-5)
         row += n_q
+    if head_major:
+        assert blas == ([1] if kvh == H else [])  # the MHA decode row over a run of pages

@@ -136,6 +136,11 @@ class LLMEngine:
             from qkv.model.cpu_layout import column_major_fp32
 
             column_major_fp32(self.model)
+            if getattr(self.model, "cpu_blas_gemv", False):  # one-row products through numpy's BLAS
+                from qkv.model.cpu_gemv import blas_threads, use_blas_gemv
+
+                if blas_threads(torch.get_num_threads()):
+                    use_blas_gemv(self.model)
         backend.use(self.model, self.attention_backend)  # this engine's model only, not the process
         if on_gpu and num_kv_blocks is None and kv_cache_memory is None:
             profiler = gpu if self.tp is None else self.tp  # with TP every rank runs the profile
@@ -354,13 +359,14 @@ class LLMEngine:
         them, so the host's work overlaps the device's. The order of tokens is the same."""
         sched = self.scheduler.schedule()
         logits = None
-        if sched:
-            logits = self.runner.execute(sched, prev_tokens=self._pending.tokens)
-        outputs = self._read_tokens() if self.async_scheduling else []
-        if logits is not None:
-            self._sample(sched, logits)
-        if not self.async_scheduling:
-            outputs = self._read_tokens()
+        with self.runner.step_threads(sched):
+            if sched:
+                logits = self.runner.execute(sched, prev_tokens=self._pending.tokens)
+            outputs = self._read_tokens() if self.async_scheduling else []
+            if logits is not None:
+                self._sample(sched, logits)
+            if not self.async_scheduling:
+                outputs = self._read_tokens()
         return outputs
 
     def _sample(self, sched: ScheduledBatch, logits: torch.Tensor) -> None:

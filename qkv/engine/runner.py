@@ -7,9 +7,12 @@ asked for, runs the model and returns float32 logits for the rows that are sampl
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
+from qkv.attention import cross
 from qkv.attention.batch import AttentionBatch
 from qkv.engine.scheduler import ScheduledBatch
 from qkv.kvcache.kv_pages import new_cache
@@ -26,7 +29,10 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = [None] * sum(len(g.layers) for g in kv.groups)
         for g, group in enumerate(kv.groups):
             for layer in group.layers:
-                self.kv_caches[layer] = new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype, device)
+                if kv.cross[g] and device.type == "cpu" and getattr(group.spec, "packed", None) is None:
+                    self.kv_caches[layer] = cross.new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype)
+                else:
+                    self.kv_caches[layer] = new_cache(group.spec, kv.num_pages(g), self.block_size, kv_dtype, device)
         for module in model.attention_layers():
             module.kv_cache = self.kv_caches[module.layer]
         self.ropes = model.rotary_embeddings()  # found once: a module walk per step would cost
@@ -143,14 +149,27 @@ class ModelRunner:
         input_ids, positions, batch = self.prepare(sched, prev_tokens)
         for rope in self.ropes:
             rope.ensure(batch.max_seq_len)
-        threads = torch.get_num_threads()
-        if self.decode_threads and batch.is_decode and batch.num_seqs == 1 and self.decode_threads < threads:
-            torch.set_num_threads(self.decode_threads)
-            try:
-                return self._forward(input_ids, positions, batch, all_logits)
-            finally:
-                torch.set_num_threads(threads)
         return self._forward(input_ids, positions, batch, all_logits)
+
+    @contextlib.contextmanager
+    def step_threads(self, sched: ScheduledBatch | None):
+        """torch's intra-op threads for one engine step (its forward and its sampling): the model's
+        ``cpu_decode_threads`` for a one-sequence decode step whose encoder has run, else as they are.
+        The sampling is inside too: torch ops on two threads there kept an OpenMP worker spinning
+        on the second core into the next step's GEMVs, which numpy's BLAS runs there
+        (model/cpu_gemv.py; a transcription 3.2 -> 4.0 s, 2026-12-03)."""
+        threads = torch.get_num_threads()
+        one = (self.decode_threads and sched and len(sched.requests) == 1 and sched.num_new_tokens[0] == 1
+               and self.decode_threads < threads
+               and not (self.encoder is not None and self.kv.needs_encoder(sched.requests[0].request_id)))
+        if not one:
+            yield
+            return
+        torch.set_num_threads(self.decode_threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
     def _forward(self, input_ids, positions, batch: AttentionBatch, all_logits: bool) -> torch.Tensor:
         if self.compiled is not None and batch.is_decode:

@@ -43,7 +43,8 @@ def fuse_column_major(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Ten
     cold weights, 2 threads), and two ops fewer."""
     if not all(_relayable(m) for m in linears) or len({m.in_features for m in linears}) != 1:
         return None
-    wt = torch.cat([m.weight.detach().t() for m in linears], dim=1).contiguous()  # [in, sum of outs]
+    wt = _fresh((linears[0].in_features, sum(m.out_features for m in linears)))  # [in, sum of outs]
+    torch.cat([m.weight.detach().t() for m in linears], dim=1, out=wt)
     bias = torch.cat([m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features)
                       for m in linears])
     col = 0
@@ -64,6 +65,18 @@ def column_major_fp32(model: nn.Module) -> int:
     n = 0
     for m in model.modules():
         if _relayable(m) and not getattr(m, "keep_row_major", False):
-            m.weight.data = m.weight.data.t().contiguous().t()
+            w = m.weight.data
+            m.weight.data = _fresh((w.shape[1], w.shape[0])).copy_(w.t()).t()
             n += 1
+        elif _relayable(m) and not getattr(m, "_on_fresh_pages", False):  # kept row-major: moved once
+            m.weight.data = _fresh(tuple(m.weight.shape)).copy_(m.weight.data)
+            m._on_fresh_pages = True
     return n
+
+
+def _fresh(shape: tuple[int, int]) -> torch.Tensor:
+    """New float32 storage for a relaid matrix, on 2 MB pages where the system gives them
+    (kvcache/zero_pages.py): a decode step streams every weight once."""
+    from qkv.kvcache.zero_pages import huge_zeros
+
+    return huge_zeros(shape, torch.float32)

@@ -16,6 +16,7 @@ from torch import nn
 from qkv.attention import backend
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.cross import attend, write_cross_kv
+from qkv.model import cpu_gemv
 from qkv.model.cpu_layout import fuse_column_major
 
 
@@ -85,7 +86,7 @@ class DecoderSelfAttention(_Proj):
         T = x.shape[0]
         fused = self._qkv
         if fused is not None and fused[0].data_ptr() == self.q_proj.weight.data_ptr():  # still its views
-            q, k, v = torch.addmm(fused[1], x, fused[0]).view(T, 3, self.heads, self.head_dim).unbind(1)
+            q, k, v = cpu_gemv.addmm(fused[1], x, fused[0]).view(T, 3, self.heads, self.head_dim).unbind(1)
         else:
             q, k, v = (p(x).view(T, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, name=self.attention_backend)

@@ -55,9 +55,12 @@ class DecoderLayer(nn.Module):
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.self_attn_layer_norm(x), batch)
-        x = x + self.encoder_attn(self.encoder_attn_layer_norm(x), batch)
-        return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        # Residuals added in place: x is this step's own tensor (WhisperForConditionalGeneration.
+        # forward made it), and a CPU decode step's small allocations are not free (the step
+        # streams ~230 MB, which evicts the allocator's and dispatcher's state).
+        x = x.add_(self.self_attn(self.self_attn_layer_norm(x), batch))
+        x = x.add_(self.encoder_attn(self.encoder_attn_layer_norm(x), batch))
+        return x.add_(self.fc2(self.act(self.fc1(self.final_layer_norm(x)))))
 
 
 class WhisperEncoder(nn.Module):
@@ -111,6 +114,7 @@ class WhisperForConditionalGeneration(CausalLM):
     # on the loaded machine, 5-6 s with one). On the quiet machine the two were within noise.
     # The encoder and prompt steps, and batched decode, keep every thread (ModelRunner.execute).
     cpu_decode_threads = 1
+    cpu_blas_gemv = True  # its GEMVs over the engine's threads in numpy's OpenBLAS (model/cpu_gemv.py)
 
     def __init__(self, cfg: ModelConfig, groups: list[int]):
         super().__init__(cfg)
