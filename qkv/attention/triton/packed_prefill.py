@@ -135,13 +135,15 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    block_table: torch.Tensor, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
                    num_computed: torch.Tensor, max_query_len: int, scale: float, window: int | None = None,
                    ring: int | None = None, softcap: float | None = None, skip_decode: bool = False,
-                   block_t: int | None = None, block_n: int | None = None) -> torch.Tensor:
+                   block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
+                   num_stages: int | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
     returns [T, H, D] in q's dtype: ``reference.packed_attention``'s values. With
     ``skip_decode`` the rows of one-token sequences are left unwritten (for ``packed_decode``,
-    run after this, to fill)."""
+    run after this, to fill). ``block_t`` (query tokens per program), ``block_n`` (keys per
+    tile), ``num_warps``, ``num_stages``: the launch (defaults: 128 MMA rows, 64 keys)."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -181,7 +183,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=skip_decode, IEEE=q.dtype == torch.float32,
-        num_warps=4 if big else 8, num_stages=2 if big else 3)
+        num_warps=num_warps or (4 if big else 8), num_stages=num_stages or (2 if big else 3))
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
     return _rotate(out) if vp.rotated else out
