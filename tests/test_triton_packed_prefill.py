@@ -33,6 +33,8 @@ CASES = {
     "group-3-softcap": dict(computed=[19, 0], qlens=[10, 5], H=6, KVH=2, D=32, softcap=20.0),
     "window": dict(computed=[30, 3], qlens=[20, 9], H=4, KVH=2, D=32, window=16),
     # a 30-token chunk over a 24-slot ring: its last keys take slots its first queries read
+    "mixed-ring": dict(computed=[40, 3, 20], qlens=[1, 30, 1], H=4, KVH=2, D=32, window=16, ring=3, bs=8,
+                       softcap=30.0),
     "window-ring": dict(computed=[25, 0], qlens=[30, 12], H=4, KVH=2, D=32, window=16, ring=3, bs=8),
 }
 FORMATS = ["int4", "int8", "int4,int8", "int8,int4"]
@@ -70,7 +72,7 @@ def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0):
     else:
         out = packed_prefill(q, k, v, cache, batch.block_tables[0], batch.slot_mappings[0], batch.query_start_loc,
                              batch.num_computed, batch.max_query_len, D ** -0.5, window, ring, softcap,
-                             block_t=4, block_n=16)  # several query and key tiles on these small shapes
+                             block_t=4, block_n=16)  # (mixed=False: one-token rows in this kernel too)  # several query and key tiles on these small shapes
     assert torch.equal(cache, ref_cache), "the K/V writes differ from the reference's bytes"
     tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
     assert out.isfinite().all()
@@ -90,9 +92,10 @@ def test_packed_prefill_unrotated_equals_reference(kv, case):
 
 
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("case", ["mixed", "window-ring"])
+@pytest.mark.parametrize("case", ["mixed", "mixed-ring"])
 def test_backend_prefill_step_equals_reference(kv, case):
-    """The Triton backend's entry point (its tile sizes, its decode/prefill split) on a mixed step."""
+    """The Triton backend's entry point on mixed steps: its tile sizes, and the one-token rows
+    handed to the packed decode kernel (after the ring's write)."""
     run_case(case, kv, via_backend=True, seed=3)
 
 
@@ -101,3 +104,23 @@ def test_backend_prefill_step_equals_reference(kv, case):
 @pytest.mark.parametrize("case", ["chunk-prefix", "mixed", "window-ring"])
 def test_packed_prefill_fp16_query_equals_reference(kv, case):
     run_case(case, kv, dtype=torch.float16, seed=5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+def test_engine_window_chunked_prefix_triton_equals_reference(tiny_model, kv):
+    """A sliding-window (ring) model with chunks longer than the window, mixed steps and prefix
+    hits: the Triton backend's greedy tokens equal the reference backend's over the same cache."""
+    from qkv import LLM, SamplingParams
+
+    path, _ = tiny_model("mistral", sliding_window=24, head_dim=64, seed=2)
+    base = list(range(5, 5 + 40))
+    prompts = [base + [3, 4], list(range(9, 9 + 70)), base + [7] * 9, [11] * 5]  # the third hits the first's prefix
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = {}
+    for backend in ("reference", "triton"):
+        llm = LLM(path, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64, kv_dtype=kv,
+                  attention_backend=backend, enforce_eager=True, max_num_batched_tokens=32,
+                  enable_prefix_caching=True)
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, p)]
+    assert outs["triton"] == outs["reference"]

@@ -28,15 +28,17 @@ def refuse_packed(kv_cache: torch.Tensor) -> None:
 
 def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window, softcap):
     """int8/int4 pages, read as they are (widened tile by tile in registers): decode steps write
-    (quantizing) and run the packed decode kernel; other steps run the packed prefill kernel,
-    which also takes the one-token sequences of a mixed step (it writes the step's K/V itself)."""
+    (quantizing) and run the packed decode kernel; other steps run the packed prefill kernel
+    (it writes the step's K/V itself, and hands a mixed step's one-token sequences to the
+    decode kernel)."""
     from qkv.attention.triton.packed import packed_decode, write_packed
     from qkv.attention.triton.packed_prefill import packed_prefill
 
     if not batch.is_decode:
         return packed_prefill(q, k, v, kv_cache, batch.block_tables[group], batch.slot_mappings[group],
                               batch.query_start_loc, batch.num_computed, batch.max_query_len, scale, window,
-                              batch.ring_blocks[group], softcap)
+                              batch.ring_blocks[group], softcap, mixed=batch.num_seqs > 1,
+                              max_seq_len=batch.max_seq_len if window is None else min(batch.max_seq_len, window))
     write_packed(kv_cache, k, v, batch.slot_mappings[group])
     capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
-from qkv.attention.triton.packed import INTERPRET, _layout_args, _rotate, _tile, write_packed
+from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_decode, write_packed
 
 
 @triton.jit
@@ -134,15 +134,17 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
 def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                    block_table: torch.Tensor, slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
                    num_computed: torch.Tensor, max_query_len: int, scale: float, window: int | None = None,
-                   ring: int | None = None, softcap: float | None = None, skip_decode: bool = False,
+                   ring: int | None = None, softcap: float | None = None, mixed: bool = False,
+                   max_seq_len: int | None = None,
                    block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
-    returns [T, H, D] in q's dtype: ``reference.packed_attention``'s values. With
-    ``skip_decode`` the rows of one-token sequences are left unwritten (for ``packed_decode``,
-    run after this, to fill). ``block_t`` (query tokens per program), ``block_n`` (keys per
+    returns [T, H, D] in q's dtype: ``reference.packed_attention``'s values. ``mixed`` (a step
+    that may hold one-token sequences beside longer ones): those rows go to the split-K
+    ``packed_decode`` after the write (one program per KV head would walk a long context
+    alone), sized by ``max_seq_len`` (the most keys a sequence sees; None: any). ``block_t`` (query tokens per program), ``block_n`` (keys per
     tile), ``num_warps``, ``num_stages``: the launch (defaults: 128 MMA rows, 64 keys)."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
@@ -182,8 +184,11 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=bs, BLOCK_T=block_t, BLOCK_N=block_n,
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        STEP_IN_CACHE=step_in_cache, SKIP_DECODE=skip_decode, IEEE=q.dtype == torch.float32,
+        STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
         num_warps=num_warps or (4 if big else 8), num_stages=num_stages or (2 if big else 3))
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
+    if mixed:  # the one-token rows: the split-K decode kernel, in the rotated space as q and out are
+        packed_decode(q, kv_cache, block_table, num_computed, scale, window, ring, softcap, max_seq_len=max_seq_len,
+                      query_start_loc=query_start_loc, out=out, rotate=False)
     return _rotate(out) if vp.rotated else out
