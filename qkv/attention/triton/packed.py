@@ -14,8 +14,8 @@ For bf16/fp16 queries on the GPU ``packed_decode`` runs ``packed_fast``'s kernel
 in PTX, in halves, keys on the MMA's M dimension); this file's decode kernel serves fp32 queries
 and Triton's interpreter.
 
-Prefill and mixed steps run ``reference.packed_attention`` (torch on the device; it gathers the
-visible keys of the step's sequences, dequantized) and are not captured in CUDA graphs.
+Prefill and mixed steps run ``packed_prefill``'s kernel over the same pages (its one-token rows
+this file's decode); they are not captured in CUDA graphs.
 """
 
 from __future__ import annotations

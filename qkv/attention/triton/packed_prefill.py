@@ -32,14 +32,16 @@ from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_dec
 
 @triton.jit
 def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
-            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of the online softmax (scores in log2 units)."""
+            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr = True):
+    """One key tile of the online softmax (scores in log2 units). ``MASKED=False``: the caller
+    guarantees every key of the tile is valid and visible to every query row."""
     s = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), sm_scale, softcap, HAS_SOFTCAP)
-    dist = q_pos[:, None] - k_pos[None, :]
-    allowed = (dist >= 0) & kmask[None, :]
-    if HAS_WINDOW:
-        allowed = allowed & (dist < window)
-    s = tl.where(allowed, s, float("-inf"))
+    if MASKED:
+        dist = q_pos[:, None] - k_pos[None, :]
+        allowed = (dist >= 0) & kmask[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & (dist < window)
+        s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
     alpha = tl.exp2(m_i - m_safe)
@@ -59,7 +61,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
                            ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, STEP_IN_CACHE: tl.constexpr, SKIP_DECODE: tl.constexpr,
                            IEEE: tl.constexpr):
-    mblk = tl.program_id(0)
+    mblk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     b = tl.program_id(1)
     kvh = tl.program_id(2)
     row0 = tl.load(QSL + b).to(tl.int32)
@@ -96,7 +98,20 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
     end = nc
     if STEP_IN_CACHE:
         end = q_hi
-    for start in range(lo, end, BLOCK_N):
+    full_end = lo  # [lo, full_end): whole tiles every query row sees, unmasked (none with a window)
+    if not HAS_WINDOW:
+        full_end = (tl.minimum(q_lo, end) // BLOCK_N) * BLOCK_N
+        for start in range(lo, full_end, BLOCK_N):
+            k_pos = start + tl.arange(0, BLOCK_N)
+            nmask = k_pos < full_end  # (all true: the loads' mask)
+            blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
+            row = (k_pos % BS) * KVH + kvh
+            base = blk * page_bytes
+            k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
+            v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+            m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
+                                    HAS_WINDOW, HAS_SOFTCAP, PREC, MASKED=False)
+    for start in range(full_end, end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         nmask = k_pos < end
         pg = k_pos // BS
