@@ -30,7 +30,7 @@ from qkv.kvcache.kv_int import resolve
 from qkv.kvcache.spec import FullAttention
 
 B, NEW, CACHED, H, KVH, D, BS = 8, 2048, 2048, 32, 8, 128, 16
-TILINGS = [(16, 64, 4, 3), (32, 32, 4, 3), (32, 128, 8, 2)]  # (block_t, block_n, warps, stages); default (32, 64, 8, 3)
+TILINGS = [(16, 64, 4, 3), (32, 128, 8, 2)]  # (block_t, block_n, warps, stages); default (32, 64, 8, 3)
 
 
 def timed(fn, iters):
