@@ -127,8 +127,8 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "kv_int_prefill_bench.json"), "w") as f:
-            json.dump(dict(device=name, shape=dict(B=B, new=NEW, cached=CACHED, H=H, KVH=KVH,
-                                                                            D=D, block_size=BS), rows=rows), f, indent=1)
+            shape = dict(B=B, new=NEW, cached=CACHED, H=H, KVH=KVH, D=D, block_size=BS)
+            json.dump(dict(device=name, shape=shape, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

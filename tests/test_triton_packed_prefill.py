@@ -72,7 +72,7 @@ def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0):
     else:
         out = packed_prefill(q, k, v, cache, batch.block_tables[0], batch.slot_mappings[0], batch.query_start_loc,
                              batch.num_computed, batch.max_query_len, D ** -0.5, window, ring, softcap,
-                             block_t=4, block_n=16)  # (mixed=False: one-token rows in this kernel too)  # several query and key tiles on these small shapes
+                             block_t=4, block_n=16)  # several query and key tiles; one-token rows here too
     assert torch.equal(cache, ref_cache), "the K/V writes differ from the reference's bytes"
     tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
     assert out.isfinite().all()

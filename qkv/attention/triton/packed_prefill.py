@@ -159,8 +159,9 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     returns [T, H, D] in q's dtype: ``reference.packed_attention``'s values. ``mixed`` (a step
     that may hold one-token sequences beside longer ones): those rows go to the split-K
     ``packed_decode`` after the write (one program per KV head would walk a long context
-    alone), sized by ``max_seq_len`` (the most keys a sequence sees; None: any). ``block_t`` (query tokens per program), ``block_n`` (keys per
-    tile), ``num_warps``, ``num_stages``: the launch (defaults: 128 MMA rows, 64 keys)."""
+    alone), sized by ``max_seq_len`` (the most keys a sequence sees; None: any). ``block_t``
+    (query tokens per program), ``block_n`` (keys per tile), ``num_warps``, ``num_stages``: the
+    launch (defaults: 128 MMA rows, 64 keys)."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
