@@ -27,14 +27,18 @@ def refuse_packed(kv_cache: torch.Tensor) -> None:
 
 
 def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window, softcap):
-    """int8/int4 pages: decode steps write (quantizing) and run the packed decode kernel, which
-    reads the pages as they are; other steps run the reference's packed path on the device."""
+    """int8/int4 pages, read as they are (widened tile by tile in registers): decode steps write
+    (quantizing) and run the packed decode kernel; other steps run the packed prefill kernel
+    (it writes the step's K/V itself, and hands a mixed step's one-token sequences to the
+    decode kernel)."""
     from qkv.attention.triton.packed import packed_decode, write_packed
+    from qkv.attention.triton.packed_prefill import packed_prefill
 
     if not batch.is_decode:
-        from qkv.attention.reference import packed_attention as torch_packed
-
-        return torch_packed(q, k, v, kv_cache, batch, group, scale, window, softcap)
+        return packed_prefill(q, k, v, kv_cache, batch.block_tables[group], batch.slot_mappings[group],
+                              batch.query_start_loc, batch.num_computed, batch.max_query_len, scale, window,
+                              batch.ring_blocks[group], softcap, mixed=batch.num_seqs > 1,
+                              max_seq_len=batch.max_seq_len if window is None else min(batch.max_seq_len, window))
     write_packed(kv_cache, k, v, batch.slot_mappings[group])
     capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,

@@ -14,8 +14,8 @@ For bf16/fp16 queries on the GPU ``packed_decode`` runs ``packed_fast``'s kernel
 in PTX, in halves, keys on the MMA's M dimension); this file's decode kernel serves fp32 queries
 and Triton's interpreter.
 
-Prefill and mixed steps run ``reference.packed_attention`` (torch on the device; it gathers the
-visible keys of the step's sequences, dequantized) and are not captured in CUDA graphs.
+Prefill and mixed steps run ``packed_prefill``'s kernel over the same pages (its one-token rows
+this file's decode); they are not captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None,
-                  prefetch: bool | None = None) -> torch.Tensor:
+                  prefetch: bool | None = None, rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
@@ -322,7 +322,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
     0: as halves), ``prefetch`` (int4 V in halves, keys on M) its V bytes loaded one tile
     ahead; all variants give the reference's values
-    (tests/test_triton_packed.py)."""
+    (tests/test_triton_packed.py). ``rotate=False``: q is already rotated (for rotated K) and
+    ``out`` is left in the rotated space (for rotated V), for a caller that rotates it
+    (packed_prefill's mixed steps)."""
     lay, kp, vp = _layout_args(kv_cache)
     B = num_computed.shape[0]
     _, H, D = q.shape
@@ -348,9 +350,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ml = torch.empty((rows, 2), dtype=torch.float32, device=q.device)
     if query_start_loc is None:
         query_start_loc = torch.arange(B + 1, device=q.device)
-    if kp.rotated:  # scores of the rotated query against the rotated keys (kv_pages): one GEMM
+    if kp.rotated and rotate:  # scores of the rotated query against the rotated keys (kv_pages): one GEMM
         q = _rotate(q)
-    if out is None or vp.rotated:
+    if out is None or (vp.rotated and rotate):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32  # the narrower plane's words per row
@@ -373,7 +375,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
-    return _rotate(out) if vp.rotated else out
+    return _rotate(out) if vp.rotated and rotate else out
 
 
 _H: dict = {}

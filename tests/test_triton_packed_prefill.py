@@ -1,0 +1,126 @@
+"""The packed prefill kernel (int8/int4 pages read directly) vs ``reference.packed_attention``.
+
+Prefill, chunked prefill over a cached prefix, decodes beside prefill chunks, windows over a
+ring shorter than the chunk (read before write), softcap, GQA with a non-power-of-two group;
+int8 and int4 for K and V separately, Hadamard-rotated planes or not. The kernel must give the
+reference's outputs and leave the reference's bytes in the cache. Without CUDA the kernel runs
+under Triton's interpreter (test_triton_packed patches it) with fp32 queries.
+
+Tolerances: fp32 queries take the same dequantized values and IEEE dots, differing only in
+summation order and the online softmax's rescaling: 1e-4. bf16 queries (GPU): the kernel
+rounds the probabilities to bf16 before the P.V dot (8 significant bits, FlashAttention's
+choice) and the reference rounds its output once, a few bf16 ulps (2^-8) of a value ~1: 2e-2,
+the bound test_triton_packed's decode check uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from test_triton_packed import CUDA, DEV, cache_for, make_batch  # noqa: I001  (patches the interpreter)
+from qkv.attention import reference
+from qkv.attention.triton.backend import packed_attention
+from qkv.attention.triton.packed_prefill import packed_prefill
+from qkv.kvcache import kv_pages
+
+CASES = {
+    "prefill-gqa": dict(computed=[0, 0], qlens=[21, 7], H=4, KVH=2, D=32),
+    "chunk-prefix": dict(computed=[37, 16], qlens=[12, 30], H=8, KVH=2, D=64),
+    "mixed": dict(computed=[40, 5, 0, 9], qlens=[1, 9, 1, 14], H=4, KVH=1, D=32),
+    "group-3-softcap": dict(computed=[19, 0], qlens=[10, 5], H=6, KVH=2, D=32, softcap=20.0),
+    "window": dict(computed=[30, 3], qlens=[20, 9], H=4, KVH=2, D=32, window=16),
+    # a 30-token chunk over a 24-slot ring: its last keys take slots its first queries read
+    "mixed-ring": dict(computed=[40, 3, 20], qlens=[1, 30, 1], H=4, KVH=2, D=32, window=16, ring=3, bs=8,
+                       softcap=30.0),
+    "window-ring": dict(computed=[25, 0], qlens=[30, 12], H=4, KVH=2, D=32, window=16, ring=3, bs=8),
+}
+FORMATS = ["int4", "int8", "int4,int8", "int8,int4"]
+
+
+def unrotated(cache):
+    """The same pages with plain (unrotated) planes, as a width that is not a power of two stores."""
+    lay = cache.kv_layout
+    cache.kv_layout = dataclasses.replace(lay, planes=tuple(dataclasses.replace(p, rotated=False) for p in lay.planes))
+    return cache
+
+
+def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0):
+    c = dict(CASES[case])
+    computed, qlens, H, KVH, D = c.pop("computed"), c.pop("qlens"), c.pop("H"), c.pop("KVH"), c.pop("D")
+    window, softcap, ring, bs = c.pop("window", None), c.pop("softcap", None), c.pop("ring", None), c.pop("bs", 16)
+    dtype = dtype or (torch.bfloat16 if CUDA else torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    nb = sum(-(-(n + q) // bs) for n, q in zip(computed, qlens)) + 2
+    batch = make_batch(computed, qlens, bs, nb, ring=ring, gen=gen)
+    cache = cache_for(kv, KVH, D, nb, bs)
+    if not rotated:
+        unrotated(cache)
+    # Every page holds keys (the cached prefix, and stale ring slots), then the step attends.
+    slots = torch.arange(nb * bs, device=DEV)
+    kv_pages.write(cache, 0, torch.randn(nb * bs, KVH, D, generator=gen).to(DEV), slots)
+    kv_pages.write(cache, 1, torch.randn(nb * bs, KVH, D, generator=gen).to(DEV), slots)
+    T = sum(qlens)
+    q, k, v = (torch.randn(T, n, D, generator=gen).to(DEV, dtype) for n in (H, KVH, KVH))
+    ref_cache = cache.clone()
+    ref_cache.kv_layout = cache.kv_layout
+    ref = reference.packed_attention(q, k, v, ref_cache, batch, 0, D ** -0.5, window, softcap)
+    if via_backend:
+        out = packed_attention(q, k, v, cache, batch, 0, D ** -0.5, window, softcap)
+    else:
+        out = packed_prefill(q, k, v, cache, batch.block_tables[0], batch.slot_mappings[0], batch.query_start_loc,
+                             batch.num_computed, batch.max_query_len, D ** -0.5, window, ring, softcap,
+                             block_t=4, block_n=16)  # several query and key tiles; one-token rows here too
+    assert torch.equal(cache, ref_cache), "the K/V writes differ from the reference's bytes"
+    tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.float(), ref.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kv", FORMATS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_packed_prefill_equals_reference(kv, case):
+    run_case(case, kv)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+@pytest.mark.parametrize("case", ["chunk-prefix", "window-ring"])
+def test_packed_prefill_unrotated_equals_reference(kv, case):
+    run_case(case, kv, rotated=False)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("case", ["mixed", "mixed-ring"])
+def test_backend_prefill_step_equals_reference(kv, case):
+    """The Triton backend's entry point on mixed steps: its tile sizes, and the one-token rows
+    handed to the packed decode kernel (after the ring's write)."""
+    run_case(case, kv, via_backend=True, seed=3)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("case", ["chunk-prefix", "mixed", "window-ring"])
+def test_packed_prefill_fp16_query_equals_reference(kv, case):
+    run_case(case, kv, dtype=torch.float16, seed=5)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+def test_engine_window_chunked_prefix_triton_equals_reference(tiny_model, kv):
+    """A sliding-window (ring) model with chunks longer than the window, mixed steps and prefix
+    hits: the Triton backend's greedy tokens equal the reference backend's over the same cache."""
+    from qkv import LLM, SamplingParams
+
+    path, _ = tiny_model("mistral", sliding_window=24, head_dim=64, seed=2)
+    base = list(range(5, 5 + 40))
+    prompts = [base + [3, 4], list(range(9, 9 + 70)), base + [7] * 9, [11] * 5]  # the third hits the first's prefix
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = {}
+    for backend in ("reference", "triton"):
+        llm = LLM(path, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64, kv_dtype=kv,
+                  attention_backend=backend, enforce_eager=True, max_num_batched_tokens=32,
+                  enable_prefix_caching=True)
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, p)]
+    assert outs["triton"] == outs["reference"]
