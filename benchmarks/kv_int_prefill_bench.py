@@ -10,7 +10,7 @@ point as the engine calls it (the step's K/V write included):
   * ``bf16`` / ``fp8``: the Triton backend's paged prefill over a bf16 / fp8 cache.
 Each packed output's max abs difference from the reference is printed, so a wrong tiling shows.
 
-    PYTHONPATH=. python scripts/kv_int_prefill_bench.py [--out DIR] [--iters 10]
+    PYTHONPATH=. python benchmarks/kv_int_prefill_bench.py [--out DIR] [--iters 10]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Issue 16 (packed int8/int4 prefill kernel): its GPU tests, then a short timing (~90 s at most).
-#   cd <a copy holding qkv/ tests/ scripts/> && OUT=dir bash scripts/kv_int_prefill_device_run.sh
+#   cd <a copy holding qkv/ tests/ scripts/> && OUT=dir bash benchmarks/kv_int_prefill_device_run.sh
 # The test files run side by side, in four processes (Triton compiles on the host, one kernel variant at a
 # time per process); the timing runs alone after them.
 set -u
@@ -20,4 +20,4 @@ t 55 pytest_prefill_a.txt $P $F -k "prefill-gqa or chunk-prefix" &
 t 55 pytest_prefill_b.txt $P $F -k "mixed or group-3" &
 t 55 pytest_prefill_c.txt $P $F -k "not (prefill-gqa or chunk-prefix or mixed or group-3)" &
 wait
-t 32 bench.txt $PY scripts/kv_int_prefill_bench.py --out "$OUT" --iters 5
+t 32 bench.txt $PY benchmarks/kv_int_prefill_bench.py --out "$OUT" --iters 5
