@@ -63,18 +63,22 @@ def build_on_device(config, groups: list[int], weights: dict | None, device: tor
 def dummy_step(model, lens: list[int], rings: list[int | None], block_size: int, device: torch.device,
                max_seq_len: int | None = None) -> None:
     """One forward pass (and logits) over sequences of ``lens`` new tokens, nothing cached
-    before them, that writes nothing: slots -1, every table one block (block 0, read as
-    garbage by nobody who looks). ``max_seq_len`` (default: the longest) is what the kernels
-    size themselves by. The caller holds inference mode and bound caches."""
+    before them, that writes nothing: slots -1, and every table entry block 0 (read as garbage
+    by nobody who looks). The tables are as wide as the longest sequence (or its ring) needs:
+    a kernel that reads this step's own K/V back from the pages (the packed int8/int4 prefill)
+    walks them, and a one-column table would send it past its end. ``max_seq_len`` (default:
+    the longest) is what the kernels size themselves by. The caller holds inference mode and
+    bound caches."""
     i64 = dict(dtype=torch.int64, device=device)
     qsl = [0]
     for n in lens:
         qsl.append(qsl[-1] + n)
     B, T = len(lens), qsl[-1]
+    width = -(-max(lens) // block_size)
     batch = AttentionBatch(
         query_start_loc=torch.tensor(qsl, **i64), num_computed=torch.zeros(B, **i64),
         query_lens=torch.tensor(lens, **i64), max_query_len=max(lens), max_seq_len=max_seq_len or max(lens),
-        block_size=block_size, block_tables=[torch.zeros(B, 1, **i64) for _ in rings],
+        block_size=block_size, block_tables=[torch.zeros(B, max(width, ring or 1), **i64) for ring in rings],
         slot_mappings=[torch.full((T,), -1, **i64) for _ in rings], ring_blocks=list(rings),
         logits_indices=torch.tensor(qsl[1:], **i64) - 1,
         encoder_lens=torch.ones(B, **i64) if getattr(model, "is_encoder_decoder", False) else None)
