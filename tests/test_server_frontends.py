@@ -271,8 +271,9 @@ def test_a_reused_request_id_in_both_frontends(served):
 
 
 def test_sigterm_drains_every_frontend_and_leaves_no_process(served):
-    """Last on this server: open streams in the front ends end with an error event and
-    [DONE], the supervisor exits and no front end or engine is left."""
+    """Last on this server: open streams in the front ends end with [DONE] after an error event
+    (or their own last chunk, if they finished within the drain's grace), the supervisor exits
+    and no front end or engine is left."""
     lines: list[list[str]] = [[] for _ in range(4)]
 
     def listen(i):
@@ -286,9 +287,16 @@ def test_sigterm_drains_every_frontend_and_leaves_no_process(served):
     time.sleep(1.0)
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(30) in (0, -signal.SIGTERM)
+    cut = 0
     for t, got in zip(threads, lines):
         t.join(10)
-        assert got[-1] == "data: [DONE]" and "shutting_down" in got[-2]
+        # A stream ends cleanly either way: cut by the drain (an error event), or finished in
+        # its grace second (a normal last chunk; a fast machine decodes 1,400 tokens in time).
+        assert got[-1] == "data: [DONE]", got[-3:]
+        finished = '"finish_reason":"length"' in got[-2].replace(" ", "")
+        assert finished or "shutting_down" in got[-2], got[-2]
+        cut += not finished
+    assert cut >= 1  # 4 x 1,400 tokens do not fit the 1,536-token pool in 2 s: the drain cut some
     assert wait_gone(served.family, 10) == []
 
 

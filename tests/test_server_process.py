@@ -247,8 +247,8 @@ def test_disconnect_aborts_in_engine_and_frees_blocks(served):
 
 
 def test_sigterm_ends_streams_and_leaves_no_process(served):
-    """Last on this server: SIGTERM ends an open stream with an error event and [DONE], the
-    server exits (by the signal, re-raised after the drain) and its engine process is gone."""
+    """Last on this server: SIGTERM ends an open stream with [DONE] (after an error event, or its
+    own last chunk if it finished within the drain's grace), the server exits (by the signal, re-raised after the drain) and its engine process is gone."""
     lines: list[str] = []
 
     def listen():
@@ -262,7 +262,10 @@ def test_sigterm_ends_streams_and_leaves_no_process(served):
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once stopped
     t.join(10)
-    assert lines[-1] == "data: [DONE]" and "shutting_down" in lines[-2]
+    # Cut by the drain (an error event), or finished within its grace second on a fast machine
+    # (tests/test_security.py's drain test holds a stream that cannot finish).
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    assert "shutting_down" in lines[-2] or '"finish_reason":"length"' in lines[-2].replace(" ", ""), lines[-2]
     assert wait_gone(served.family, 10) == []
 
 
