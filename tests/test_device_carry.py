@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location("device_carry", Path(__file__).parents[1] / "benchmarks" / "device_carry.py")
+spec = importlib.util.spec_from_file_location(
+    "device_carry", Path(__file__).parents[1] / "benchmarks" / "device_carry.py")
 dc = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(dc)
 
