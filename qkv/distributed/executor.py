@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from qkv.distributed import step
+from qkv.distributed.checkpoint import CheckpointFiles
 from qkv.distributed.parallel_state import JOIN_TIMEOUT_S, TensorParallelError, connect, master_store
 from qkv.distributed.shard import Layout, build_shard, rank_config, shard_weights
 from qkv.engine.runner import ModelRunner
@@ -74,7 +75,11 @@ def worker_context():
 
 class TensorParallelExecutor:
     """Spawns and drives ranks 1..N-1. ``model`` is rank 0's shard; ``specs`` (from
-    ``rank_config``) are the per-rank cache specs the engine plans its pools with."""
+    ``rank_config``) are the per-rank cache specs the engine plans its pools with.
+
+    Weights: from a safetensors checkpoint every rank, rank 0 too, reads only its own slices
+    from the files (checkpoint.py; ``self.checkpoint`` names them); any other source (GGUF, a
+    dict) is read whole here and each worker is sent its slice (``shard_weights``)."""
 
     def __init__(self, config, weights: dict | None, size: int, device: torch.device, dtype: torch.dtype,
                  groups: list[int], timeout_s: float | None = None, attention_backend: str = "reference"):
@@ -97,9 +102,10 @@ class TensorParallelExecutor:
         from qkv.distributed import worker
 
         threads = torch.get_num_threads()
+        self.checkpoint = CheckpointFiles.of(weights)
         for r in range(1, size):
             ours, theirs = ctx.Pipe()
-            shard = shard_weights(weights, self.layout, r) if weights is not None else None
+            shard = self._shard(weights, r) if self.checkpoint is None else self.checkpoint
             p = ctx.Process(target=worker.main, name=f"qkv-tp-rank{r}", daemon=True,
                             args=(r, size, store.port, config, shard, groups, str(rank_device(device, r)),
                                   dtype, timeout_s, threads, theirs, attention_backend))
@@ -110,10 +116,16 @@ class TensorParallelExecutor:
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
         try:
             self.group = connect(0, size, store.port, device, timeout_s, store=store)
-            shard = shard_weights(weights, self.layout, 0) if weights is not None else None
+            shard = self._shard(weights, 0)
             self.model = build_shard(config, groups, shard, self.layout, self.group, device, dtype)
         except Exception as e:
             raise self.failure(e) from e
+
+    def _shard(self, weights, rank: int) -> dict | None:
+        """Rank ``rank``'s weights: read from the files (a checkpoint), else sliced from ``weights``."""
+        if self.checkpoint is not None:
+            return self.checkpoint.read_shard(self.layout, rank)
+        return shard_weights(weights, self.layout, rank) if weights is not None else None
 
     # ---------------------------------------------------------------- lifecycle
     def _collect(self, tag: str, what: str) -> list:

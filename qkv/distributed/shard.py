@@ -94,25 +94,41 @@ def _part(n: int, rank: int, size: int) -> tuple[int, int]:
     return rank * (n // size), (rank + 1) * (n // size)
 
 
+def slice_plan(name: str, shape: tuple[int, ...], layout: Layout, rank: int) -> tuple[str, tuple[int, int] | None]:
+    """Which part of HF tensor ``name`` (of ``shape``) rank ``rank`` holds: ("rows", (a, b)),
+    ("cols", (a, b)), ("vocab", (a, b)) (rows, zero-padded to ``layout.vocab``), ("zeros", None)
+    or ("all", None). The one rule of ``shard_weights`` and ``checkpoint.read_shard``."""
+    parts = name.split(".")
+    module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
+    if module in COLUMN:
+        return "rows", _part(shape[0], rank, layout.size)
+    if module in ("k_proj", "v_proj"):
+        return "rows", layout.kv_rows(rank)
+    if module in ROW:
+        if kind == "bias":  # added once: rank 0's, zeros elsewhere (the all-reduce sums them)
+            return ("all", None) if rank == 0 else ("zeros", None)
+        return "cols", _part(shape[1], rank, layout.size)
+    if module in ("embed_tokens", "lm_head"):
+        return "vocab", (rank * layout.vocab, (rank + 1) * layout.vocab)
+    return "all", None
+
+
 def shard_weights(weights: dict[str, torch.Tensor], layout: Layout, rank: int) -> dict[str, torch.Tensor]:
     """Rank ``rank``'s slice of each HF tensor (HF names kept; anything else is replicated).
     Query heads, MLA's per-head up-projections and MLP units (dense, expert or shared) are
-    contiguous in HF's layout, so rank r's share is the r-th of N equal parts."""
-    out, n = {}, layout.size
+    contiguous in HF's layout, so rank r's share is the r-th of N equal parts. It reads every
+    tensor whole (GGUF, dicts); a safetensors checkpoint is read per rank instead (checkpoint.py)."""
+    out = {}
     for name, w in weights.items():
-        parts = name.split(".")
-        module, kind = (parts[-2], parts[-1]) if len(parts) >= 2 else ("", "")
-        if module in COLUMN:
-            w = column_slice(w, [_part(w.shape[0], rank, n)])
-        elif module in ("k_proj", "v_proj"):
-            w = column_slice(w, [layout.kv_rows(rank)])
-        elif module in ROW:
-            if kind == "bias":  # added once: rank 0's, zeros elsewhere (the all-reduce sums them)
-                w = w if rank == 0 else torch.zeros_like(w)
-            else:
-                w = row_slice(w, [_part(w.shape[1], rank, n)])
-        elif module in ("embed_tokens", "lm_head"):
+        how, ab = slice_plan(name, tuple(w.shape), layout, rank)
+        if how == "rows":
+            w = column_slice(w, [ab])
+        elif how == "cols":
+            w = row_slice(w, [ab])
+        elif how == "vocab":
             w = vocab_slice(w, rank, layout.vocab)
+        elif how == "zeros":
+            w = torch.zeros_like(w)
         out[name] = w
     return out
 

@@ -18,6 +18,7 @@ import torch
 
 from qkv.attention import backend
 from qkv.distributed import step
+from qkv.distributed.checkpoint import CheckpointFiles
 from qkv.distributed.parallel_state import connect
 from qkv.distributed.shard import Layout, build_shard
 
@@ -38,6 +39,7 @@ def _recv(conn, parent: int):
 def main(rank: int, size: int, port: int, config, weights: dict | None, groups: list[int], device: str,
          dtype: torch.dtype, timeout_s: float, threads: int, conn, attention_backend: str = "reference") -> None:
     """Entry point of the spawned process (``executor.TensorParallelExecutor`` starts it);
+    ``weights``: this rank's shard, or a ``CheckpointFiles`` it reads its shard from itself;
     ``attention_backend``: rank 0's (registered here again: this is another process)."""
     from qkv.engine.runner import ModelRunner
     from qkv.kvcache.manager import KVCacheManager
@@ -52,7 +54,10 @@ def main(rank: int, size: int, port: int, config, weights: dict | None, groups: 
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         group = connect(rank, size, port, dev, timeout_s)
-        model = build_shard(config, groups, weights, Layout.of(config, size), group, dev, dtype)
+        layout = Layout.of(config, size)
+        if isinstance(weights, CheckpointFiles):  # read only this rank's slices from the files
+            weights = weights.read_shard(layout, rank)
+        model = build_shard(config, groups, weights, layout, group, dev, dtype)
         del weights
         if attention_backend != "reference":
             from qkv.engine import gpu

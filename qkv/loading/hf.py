@@ -99,7 +99,9 @@ def lazy_safetensors(files: list[Path]) -> LazyWeights:
                 shapes[k] = tuple(st.get_slice(k).get_shape())
         except Exception as e:  # SafetensorError, OSError, ...: all mean an unreadable file
             raise LoadError(f"{f}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from None
-    return LazyWeights(readers, shapes)
+    weights = LazyWeights(readers, shapes)
+    weights.safetensors_files = list(files)  # tensor parallelism reads each rank's slices from them
+    return weights
 
 
 def _read_one(st, f: Path, name: str, dtype: torch.dtype) -> torch.Tensor:

@@ -26,6 +26,9 @@ class LazyWeights(Mapping):
         self._readers = readers
         self._shapes = shapes or {}
         self._q4_1 = q4_1 or {}
+        # The safetensors files holding exactly these tensors, untransformed (set by the HF
+        # loader; distributed/checkpoint.py reads each rank's slices from them); else None.
+        self.safetensors_files: list | None = None
 
     def has_q4_1(self, name: str) -> bool:
         """Whether ``q4_1(name)`` reads the tensor's blocks (the file stores it as Q4_1)."""
