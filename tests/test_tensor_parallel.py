@@ -11,12 +11,14 @@ import json
 import os
 import signal
 import time
+from unittest import mock
 
 import pytest
 import torch
 
 from qkv import LLM, SamplingParams
 from qkv.distributed.parallel_state import TensorParallelError
+from qkv.loading.lazy import LazyWeights
 
 from conftest import tiny_config
 from test_gemma3 import tiny_gemma3
@@ -59,7 +61,10 @@ def engines(request, tmp_path_factory):
     try:
         # Async scheduling on two of the families: the pending tokens' ids are gathered on rank
         # 0 and must reach the other ranks (step.pack), still giving TP=1's synchronous tokens.
-        two = LLM(path, tensor_parallel_size=2, async_scheduling=request.param in ASYNC, **ENGINE)
+        # Rank 0 reads no whole tensor: every rank reads its own slices (distributed/checkpoint.py).
+        with mock.patch.object(LazyWeights, "read", side_effect=AssertionError("rank 0 read a whole tensor")):
+            two = LLM(path, tensor_parallel_size=2, async_scheduling=request.param in ASYNC, **ENGINE)
+        assert two.engine.tp.checkpoint is not None
     finally:
         os.environ.pop("QKV_TP_TIMEOUT_S") if old is None else os.environ.__setitem__("QKV_TP_TIMEOUT_S", old)
     yield request.param, one, two, path
