@@ -10,6 +10,7 @@ import torch
 from qkv.distributed.checkpoint import CheckpointFiles
 from qkv.distributed.shard import Layout, shard_weights
 from qkv.loading import load
+from qkv.loading.lazy import LazyWeights
 
 from conftest import tiny_config
 from test_tensor_parallel import _save
@@ -54,3 +55,4 @@ def test_other_sources_keep_rank_0_slicing():
     """A plain dict (or a GGUF's LazyWeights, whose names the loader renames) has no files."""
     assert CheckpointFiles.of({"model.embed_tokens.weight": torch.zeros(4, 2)}) is None
     assert CheckpointFiles.of(None) is None
+    assert CheckpointFiles.of(LazyWeights({"x": lambda dtype: torch.zeros(1)})) is None  # as load_gguf builds it
