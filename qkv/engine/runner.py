@@ -158,9 +158,11 @@ class ModelRunner:
         The sampling is inside too: torch ops on two threads there kept an OpenMP worker spinning
         on the second core into the next step's GEMVs, which numpy's BLAS runs there
         (model/cpu_gemv.py; a transcription 3.2 -> 4.0 s, 2026-12-03)."""
+        if not self.decode_threads:  # every GPU step and most models: nothing to ask torch
+            yield
+            return
         threads = torch.get_num_threads()
-        one = (self.decode_threads and sched and len(sched.requests) == 1 and sched.num_new_tokens[0] == 1
-               and self.decode_threads < threads
+        one = (sched and len(sched.requests) == 1 and sched.num_new_tokens[0] == 1 and self.decode_threads < threads
                and not (self.encoder is not None and self.kv.needs_encoder(sched.requests[0].request_id)))
         if not one:
             yield

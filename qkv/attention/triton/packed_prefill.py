@@ -51,6 +51,17 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
     return m_new, l_i, acc
 
 
+@triton.jit
+def _kv(P32, P8, P16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS: tl.constexpr,
+        K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+        ALIGN: tl.constexpr, DT: tl.constexpr):
+    """A key tile and its value tile, widened from the packed planes of pages ``P*`` (the cache's
+    or the scratch pages): rows ``row`` of the pages at byte offsets ``base``."""
+    k = _tile(P32, P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
+    v = _tile(P32, P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+    return k, v
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
                            stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
@@ -107,8 +118,8 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
             row = (k_pos % BS) * KVH + kvh
             base = blk * page_bytes
-            k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
-            v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+            k, v = _kv(C32, C8, C16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
+                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
             m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
                                     HAS_WINDOW, HAS_SOFTCAP, PREC, MASKED=False)
     for start in range(full_end, end, BLOCK_N):
@@ -120,8 +131,8 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
         blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
         row = (k_pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
         base = blk * page_bytes
-        k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
-        v = _tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+        k, v = _kv(C32, C8, C16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
+                   V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
         m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
                                 HAS_WINDOW, HAS_SOFTCAP, PREC)
     # Phase 2 (rings): this step's keys [nc, q_hi) from the scratch pages, row r at slot r.
@@ -136,8 +147,8 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             r = tl.where(nmask, row0 + (k_pos - nc), 0)
             base = (r // BS).to(tl.int64) * page_bytes
             row = (r % BS) * KVH + kvh
-            k = _tile(S32, S8, S16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
-            v = _tile(S32, S8, S16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+            k, v = _kv(S32, S8, S16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
+                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
             m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
                                     HAS_WINDOW, HAS_SOFTCAP, PREC)
 
