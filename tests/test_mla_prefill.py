@@ -124,12 +124,13 @@ def prompts_with_prefixes(seed=0):
 
 @gpu
 @pytest.mark.parametrize("name,kv_dtype", [("v2-greedy", "auto"), ("v2-group-limited", "fp8"),
-                                           ("v3-noaux-tc", "auto"), ("v3-noaux-tc", "fp8")])
+                                           ("v3-noaux-tc", "auto"), ("v3-noaux-tc", "fp8"),
+                                           ("v2-greedy", "int8"), ("v3-noaux-tc", "int4")])
 def test_engine_prefill_matches_reference(tmp_path, name, kv_dtype):
     """Greedy tokens of tiny DeepSeek-V2/V3 models: reference backend == Triton eager == Triton
-    with CUDA graphs, over an fp32 or an fp8 latent cache. A 16-token budget chunks every
-    prompt and puts decodes beside chunks (mixed steps); the last two prompts reuse earlier
-    prompts' cached blocks (prefix-cache hits, asserted)."""
+    with CUDA graphs, over an fp32, fp8, int8 or int4 latent cache (int: mla_packed's kernels).
+    A 16-token budget chunks every prompt and puts decodes beside chunks (mixed steps); the
+    last two prompts reuse earlier prompts' cached blocks (prefix-cache hits, asserted)."""
     path = deepseek(tmp_path, name)
     results = greedy_by_variant(path, prompts_with_prefixes(), 12, block_size=16, num_kv_blocks=64,
                                 max_num_seqs=4, max_num_batched_tokens=16, kv_dtype=kv_dtype)

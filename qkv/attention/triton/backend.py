@@ -17,15 +17,6 @@ from qkv.attention.triton.prefill import paged_prefill
 from qkv.kvcache.kv_pages import layout_of
 
 
-def refuse_packed(kv_cache: torch.Tensor) -> None:
-    """The MLA kernel reads no packed latent pages: refused by name, never misread."""
-    lay = layout_of(kv_cache)
-    if lay is not None:
-        label = ",".join(p.fmt.name for p in lay.planes)
-        raise NotImplementedError(f"the Triton MLA backend cannot read a {label} latent cache; "
-                                  f"use attention_backend='reference' or kv_dtype bf16/fp16/fp8")
-
-
 def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window, softcap):
     """int8/int4 pages, read as they are (widened tile by tile in registers): decode steps write
     (quantizing) and run the packed decode kernel; other steps run the packed prefill kernel

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from qkv.attention.triton.decode import _combine_kernel
 from qkv.attention.triton.kv_write import write_rows
+from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import compute_dtype
 
 
@@ -189,14 +190,19 @@ def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block
 
 def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
     """The backend's MLA entry (reference signature). In the absorbed mode (the default), decode
-    steps run the kernel above and steps with prompt tokens ``mla_step.mla_extend`` (decodes
-    absorbed, chunks up-projected); the naive mode, and decode steps over latents that are not
-    powers of two, run the reference."""
-    from qkv.attention.triton.backend import refuse_packed
+    steps run the kernel above (``mla_packed``'s over int8/int4 latent pages) and steps with
+    prompt tokens ``mla_step.mla_extend`` (decodes absorbed, chunks up-projected); the naive
+    mode, decode steps over latents that are not powers of two, and packed latents the
+    kernels do not read (``mla_packed.kernels_read``) run the reference."""
+    from qkv.attention.triton.mla_packed import kernels_read, mla_packed_decode, write_latent
 
-    refuse_packed(kv_cache)
     R, P = c_kv.shape[1], k_pe.shape[1]
     pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
+    packed = layout_of(kv_cache) is not None  # int8/int4 latent rows (kvcache/kv_pages.py)
+    if packed and not (absorbed and kernels_read(kv_cache, R, P)):
+        from qkv.attention.mla_reference import mla_paged_attention as reference
+
+        return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
     if absorbed and not batch.is_decode:
         from qkv.attention.triton.mla_step import mla_extend
 
@@ -207,7 +213,12 @@ def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale,
         return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
     # Store this step's rows first: the kernel reads keys [0, num_computed] from the pages.
     # (Padding rows of a CUDA graph have slot -1: the kernel skips them.)
-    write_rows(kv_cache, torch.cat([c_kv, k_pe], dim=-1), batch.slot_mappings[group])
+    rows = torch.cat([c_kv, k_pe], dim=-1)
     q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into the query
-    o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
+    if packed:
+        write_latent(kv_cache, rows, R, batch.slot_mappings[group])
+        o_lat = mla_packed_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
+    else:
+        write_rows(kv_cache, rows, batch.slot_mappings[group])
+        o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
     return torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into the output

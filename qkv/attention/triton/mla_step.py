@@ -21,6 +21,8 @@ import torch
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.triton.kv_write import write_rows
 from qkv.attention.triton.mla_prefill import mla_prefill
+from qkv.kvcache import kv_pages
+from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import as_stored
 
 
@@ -111,34 +113,45 @@ def mla_extend(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_p
     first; returns [T, H, Dv] in q_nope's dtype. Allocates the per-step key buffers (freed on
     return): ``(prefix + chunk) x H x (Dn + Dv)`` per prefill sequence."""
     from qkv.attention.triton.mla import mla_decode
+    from qkv.attention.triton.mla_packed import mla_packed_decode, write_latent
 
     R, P = c_kv.shape[1], k_pe.shape[1]
     pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
     p = plan(batch, absorb_decodes=pow2)
     rows = torch.cat([c_kv, k_pe], dim=-1)
-    write_rows(kv_cache, rows, batch.slot_mappings[group])
+    lay = layout_of(kv_cache)  # int8/int4 latent pages (the caller checked mla_packed.kernels_read)
+    if lay is not None:
+        write_latent(kv_cache, rows, R, batch.slot_mappings[group])
+    else:
+        write_rows(kv_cache, rows, batch.slot_mappings[group])
     T, H, _ = q_nope.shape
     out = q_nope.new_empty((T, H, w_uv.shape[1]))
     dt = q_nope.dtype
     if p.dec_rows is not None:
         q_lat = torch.einsum("thd,hdr->thr", q_nope[p.dec_rows], w_uk.to(dt))
-        o_lat = mla_decode(q_lat, q_pe[p.dec_rows].contiguous(), kv_cache, batch.block_tables[group][p.dec_seqs],
-                           batch.num_computed[p.dec_seqs], scale)
+        decode = mla_packed_decode if lay is not None else mla_decode
+        o_lat = decode(q_lat, q_pe[p.dec_rows].contiguous(), kv_cache, batch.block_tables[group][p.dec_seqs],
+                       batch.num_computed[p.dec_seqs], scale)
         out[p.dec_rows] = torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))
     if p.num_keys == 0:
         return out
-    # The keys as the cache holds them (an fp8 cache rounds them), widened to the compute dtype.
-    stored = as_stored(rows, kv_cache.dtype)
+    # The keys as the cache holds them (an fp8 or int cache rounds them), widened to the compute
+    # dtype. Over packed pages the prefix rows are dequantized as gathered: the up-projection
+    # below turns them into per-head keys and values anyway.
+    stored = kv_pages.stored(kv_cache, 0, rows[:, None])[:, 0] if lay is not None else as_stored(rows, kv_cache.dtype)
     if p.identity:
         keys = stored
     else:
         keys = stored.new_empty((p.num_keys, R + P))
         keys[p.new_dst] = stored[p.new_src]
         if p.ctx_dst is not None:
-            bs = kv_cache.shape[1]
+            bs = lay.block_size if lay is not None else kv_cache.shape[1]
             table = batch.block_tables[group]
             slots = table[p.ctx_seq, p.ctx_pos // bs] * bs + p.ctx_pos % bs
-            keys[p.ctx_dst] = kv_cache.view(-1, R + P)[slots].to(keys.dtype)
+            if lay is not None:
+                keys[p.ctx_dst] = kv_pages.read(kv_cache, 0, slots, keys.dtype)[:, 0]
+            else:
+                keys[p.ctx_dst] = kv_cache.view(-1, R + P)[slots].to(keys.dtype)
     k_nope, v = up_project(keys[:, :R].to(dt), w_uk.to(dt), w_uv.to(dt))
     mla_prefill(q_nope, q_pe, k_nope, v, keys[:, R:].to(dt), p.q_start, p.q_len, p.k_start, p.nc,
                 p.max_query_len, scale, out)

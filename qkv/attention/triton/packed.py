@@ -396,9 +396,8 @@ def check_supported(packed, specs) -> None:
         raise ValueError(f"kv_dtype {packed.label}: the Triton backend reads int8/int4 pages only "
                          f"(a float plane beside an integer one needs attention_backend='reference')")
     for s in specs:
-        if s.kind == "mla":
-            raise ValueError(f"kv_dtype {packed.label}: the Triton MLA backend has no int8/int4 latent kernel; "
-                             f"use attention_backend='reference'")
+        if s.kind == "mla":  # mla_packed's kernels, or the reference where they do not apply
+            continue
         if getattr(s, "dilation", 1) > 1:
             raise ValueError(f"kv_dtype {packed.label}: the packed decode kernel has no dilated windows; "
                              f"use attention_backend='reference' or a float kv_dtype")
