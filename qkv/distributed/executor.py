@@ -171,6 +171,24 @@ class TensorParallelExecutor:
             raise self.failure(e) from e
         return TensorParallelRunner(self, self.model, kv, self.device, kv_dtype)
 
+    def capture_graphs(self, runner: "TensorParallelRunner", max_num_seqs: int, max_model_len: int) -> None:
+        """Every rank captures its decode graphs (graphs.py), the collectives inside; then
+        rank 0's runner replays them for pure decode steps and has the workers replay theirs."""
+        from qkv.distributed.graphs import TensorParallelGraphs
+        from qkv.engine import gpu
+
+        try:
+            for c in self.conns:
+                c.send(("graphs", max_num_seqs, max_model_len))
+            graphs = TensorParallelGraphs(runner, max_num_seqs, max_model_len, self.group)
+            t = graphs.capture()
+            t = max([t, *self._collect("captured", "capture its CUDA graphs")])
+        except Exception as e:
+            raise self.failure(e) from e
+        runner.graphs = graphs
+        gpu.log(f"captured CUDA graphs for decode batch sizes {graphs.sizes} on {self.size} rank(s), "
+                f"all-reduces inside, in {t:.1f} s")
+
     def shutdown(self) -> None:
         self._finalizer()
 
@@ -217,7 +235,9 @@ class TensorParallelExecutor:
 
 
 class TensorParallelRunner(ModelRunner):
-    """Rank 0's ModelRunner: prepares the step as usual, broadcasts it, runs its own shard."""
+    """Rank 0's ModelRunner: prepares the step as usual, broadcasts it, runs its own shard.
+    A pure decode step with graphs (``graphs``, set by ``capture_graphs``) is staged, sent
+    and replayed instead (graphs.py)."""
 
     def __init__(self, executor: TensorParallelExecutor, model, kv, device, kv_dtype):
         super().__init__(model, kv, device, kv_dtype)
@@ -226,8 +246,13 @@ class TensorParallelRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, sched, all_logits: bool = False, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         self.executor.check()
-        input_ids, positions, batch = self.prepare(sched, prev_tokens)
         try:
+            if self.graphs is not None and not all_logits and self.graphs.can_run(sched):
+                self._copy_blocks(sched.copies)
+                n, size = self.graphs.stage(sched, prev_tokens)
+                self.executor.broadcast(self.graphs.pack(n, size, sched.copies))
+                return self.graphs.replay(n, size)
+            input_ids, positions, batch = self.prepare(sched, prev_tokens)
             self.executor.broadcast(step.pack(sched.copies, input_ids, positions, batch, all_logits))
             return step.run(self, sched.copies, input_ids, positions, batch, all_logits)
         except (RuntimeError, OSError, EOFError) as e:
