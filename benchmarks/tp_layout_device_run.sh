@@ -25,7 +25,7 @@ run() {  # run TIMEOUT LOG CMD...: the command's output to $OUT/LOG, its status 
   echo "rc=$rc after $((SECONDS - t0)) s" | tee -a "$OUT/$f"
   tail -n 12 "$OUT/$f"
 }
-run 55 tests.txt python3 -m pytest -q -p no:cacheprovider -rs tests/test_tp_layout.py
+run 55 tests.txt python3 -m pytest -q -p no:cacheprovider -rs -m cuda tests/test_tp_layout.py
 run 55 bench.txt python3 benchmarks/tp_layout_bench.py --out "$OUT"
 echo "[tp_layout] $OUT/tpgraph.jsonl:"
 cat "$OUT/tpgraph.jsonl" 2>/dev/null || echo "(none written)"

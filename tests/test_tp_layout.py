@@ -69,11 +69,31 @@ def test_graphs_through_the_layout_on_cuda(tiny_model, monkeypatch):
     eager.engine.tp.shutdown()
     del eager
     graphs = _layout(monkeypatch, path, **kw)
+    from qkv.distributed.graphs import TensorParallelGraphs
+
     g = graphs.engine.runner.graphs
-    assert g is not None and type(g).__name__ == "TensorParallelGraphs"
+    assert type(g) is TensorParallelGraphs
+    # A worker's side of each replayed step, on a second (uncaptured) set of buffers: what
+    # rank 0 sends (``pack``) stages, on the worker (``load``), every input its graph reads.
+    shadow = TensorParallelGraphs(graphs.engine.runner, 4, 256, graphs.engine.tp.group)
+    shadow.replay = lambda n, size: None
     replays = []
     replay = g.replay
-    g.replay = lambda n, size: (replays.append(size), replay(n, size))[1]
+
+    def checked(n, size):
+        shadow.load(g.pack(n, size, []))
+        torch.cuda.synchronize()
+        N, bs = g.sizes[-1], g.block_size
+        for a, b in ((N, N + n), (4 * N, 5 * N)):  # positions, slots (padding rows' too)
+            assert torch.equal(shadow.buf[a:b], g.buf[a:b])
+        pos = g.buf[N:N + n].tolist()
+        for i, p in enumerate(pos):  # each row's table up to its last block
+            w = p // bs + 1
+            assert torch.equal(shadow.block_tables[0][i, :w], g.block_tables[0][i, :w])
+        replays.append(size)
+        return replay(n, size)
+
+    g.replay = checked
     got = _tokens(graphs)
     assert replays, "no decode step replayed a graph"
     assert got == ref and got_eager == ref
