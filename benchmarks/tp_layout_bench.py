@@ -2,12 +2,13 @@
 
     PYTHONPATH=. python3 benchmarks/tp_layout_bench.py --out OUTDIR [--shape llama3.2-1b]
 
-Two engines of the same random-weight shape (bf16, CUDA graphs on) live in one process: the
-plain one and one built with ``QKV_TP_LAYOUT=1`` (rank 0's executor and runner, a one-rank
+Engines of the same random-weight shape (bf16, CUDA graphs on) live in one process: the
+plain one, one built with ``QKV_TP_LAYOUT=1`` (rank 0's executor and runner, a one-rank
 NCCL group, the sharded model with its all-reduce hooks and gathered logits, decode graphs
-with the collectives captured: qkv/distributed/). Runs alternate between them (A B A B ...)
-so drift on the card hits both. Batch-1 decode tok/s excludes the first step (the prefill).
-Writes one JSON line per engine and one with the ratio to OUTDIR/tpgraph.jsonl.
+with the collectives captured: qkv/distributed/), and on CUDA that layout without graphs
+(``enforce_eager``: what capturing the collectives buys). Runs alternate between them (A B C,
+C B A, ...) so drift on the card hits all. Batch-1 decode tok/s excludes the first step (the prefill).
+Writes one JSON line per engine and one per ratio to OUTDIR/tpgraph.jsonl.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import time
 import torch
 
 
-def build(shape: str, layout: bool, args):
+def build(shape: str, layout: bool, args, eager: bool = False):
     from qkv.tools.shapes import random_engine
 
     os.environ["QKV_TP_LAYOUT"] = "1" if layout else "0"
     try:
         t = time.perf_counter()
         eng = random_engine(shape, device=args.device, dtype=args.dtype, max_num_seqs=4, max_model_len=args.max_model_len,
-                            max_num_batched_tokens=1024, kv_cache_memory=2 << 30)
+                            max_num_batched_tokens=1024, kv_cache_memory=2 << 30, enforce_eager=eager)
         return eng, time.perf_counter() - t
     finally:
         os.environ.pop("QKV_TP_LAYOUT")
@@ -81,9 +82,12 @@ def main() -> int:
         engines["layout"] = build(args.shape, True, args)
         layout = engines["layout"][0]
         assert layout.tp is not None and layout.tp.size == 1
+        if args.device == "cuda":  # the layout without graphs: what capturing its collectives buys
+            engines["layout_eager"] = build(args.shape, True, args, eager=True)
     except Exception as e:  # noqa: BLE001 - the plain engine's number still comes back
         write(engine="layout", error=f"{type(e).__name__}: {e}")
         engines.pop("layout", None)
+        engines.pop("layout_eager", None)
     print(", ".join(f"built {name} in {t:.1f} s" for name, (_, t) in engines.items()), flush=True)
     rng = random.Random(0)
     prompt = [rng.randrange(10, engines["plain"][0].config.vocab_size) for _ in range(args.prompt_len)]
@@ -106,7 +110,11 @@ def main() -> int:
         # Same shape, but the two engines draw their random weights differently, so their tokens
         # are not compared here: tests/test_tp_layout.py compares them on a saved checkpoint.
         write(engine="layout/plain", ratio=tok["layout"] / tok["plain"])
-        engines["layout"][0].tp.shutdown()
+    if "layout_eager" in tok:
+        write(engine="layout/layout_eager", ratio=tok["layout"] / tok["layout_eager"])
+    for name, (eng, _) in engines.items():
+        if eng.tp is not None:
+            eng.tp.shutdown()
     return 0
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 #   OUT=dir bash benchmarks/tp_layout_device_run.sh        (about 1-2 minutes)
 # (1) tests/test_tp_layout.py: layout + graphs tokens == plain engine's == layout eager;
 # (2) benchmarks/tp_layout_bench.py: batch-1 decode tok/s, plain vs layout, Llama-3.2-1B shape,
-#     bf16, graphs on: JSON lines in $OUT/tpgraph.jsonl.
+#     bf16, graphs on (and the layout eager): JSON lines in $OUT/tpgraph.jsonl.
 set -u
 : "${OUT:?set OUT to a folder for the logs}"
 mkdir -p "$OUT"
