@@ -12,6 +12,7 @@ every later step raises the same error (the engine must be rebuilt).
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 
@@ -42,9 +43,27 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def _stop(procs: list, conns: list) -> None:
+def _watch(sentinels: list, pg, stopping: threading.Event) -> None:
+    """CUDA, N > 1: abort the NCCL communicators as soon as a worker exits unasked. A collective
+    captured in a replayed graph is outside NCCL's watchdog, so rank 0 would otherwise wait on
+    the card for good; aborted, it returns, and rank 0's next ``check`` raises naming the rank."""
+    from multiprocessing.connection import wait
+
+    while not stopping.is_set():
+        if wait(sentinels, timeout=1.0):
+            if not stopping.is_set():
+                try:
+                    pg.abort()
+                except Exception:  # noqa: BLE001 - the group is failing anyway; check() reports it
+                    pass
+            return
+
+
+def _stop(procs: list, conns: list, stopping: threading.Event | None = None) -> None:
     """Ask every live worker to exit; kill one that has not within 1 s (it may be hung or
     stopped, and then ignores SIGTERM; a working one exits within milliseconds)."""
+    if stopping is not None:
+        stopping.set()  # workers exiting now are asked to: not a failure for ``_watch``
     for c in conns:
         try:
             c.send("shutdown")
@@ -113,9 +132,13 @@ class TensorParallelExecutor:
             theirs.close()
             self.procs.append(p)
             self.conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        stopping = threading.Event()
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, stopping)
         try:
             self.group = connect(0, size, store.port, device, timeout_s, store=store)
+            if device.type == "cuda" and self.procs:
+                threading.Thread(target=_watch, args=([p.sentinel for p in self.procs], self.group.pg, stopping),
+                                 name="qkv-tp-watch", daemon=True).start()
             shard = self._shard(weights, 0)
             self.model = build_shard(config, groups, shard, self.layout, self.group, device, dtype)
         except Exception as e:
