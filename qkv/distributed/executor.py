@@ -12,6 +12,7 @@ every later step raises the same error (the engine must be rebuilt).
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 
@@ -42,9 +43,27 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def _stop(procs: list, conns: list) -> None:
+def _watch(sentinels: list, pg, stopping: threading.Event) -> None:
+    """CUDA, N > 1: abort the NCCL communicators as soon as a worker exits unasked. A collective
+    captured in a replayed graph is outside NCCL's watchdog, so rank 0 would otherwise wait on
+    the card for good; aborted, it returns, and rank 0's next ``check`` raises naming the rank."""
+    from multiprocessing.connection import wait
+
+    while not stopping.is_set():
+        if wait(sentinels, timeout=1.0):
+            if not stopping.is_set():
+                try:
+                    pg.abort()
+                except Exception:  # noqa: BLE001 - the group is failing anyway; check() reports it
+                    pass
+            return
+
+
+def _stop(procs: list, conns: list, stopping: threading.Event | None = None) -> None:
     """Ask every live worker to exit; kill one that has not within 1 s (it may be hung or
     stopped, and then ignores SIGTERM; a working one exits within milliseconds)."""
+    if stopping is not None:
+        stopping.set()  # workers exiting now are asked to: not a failure for ``_watch``
     for c in conns:
         try:
             c.send("shutdown")
@@ -113,9 +132,13 @@ class TensorParallelExecutor:
             theirs.close()
             self.procs.append(p)
             self.conns.append(ours)
-        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+        stopping = threading.Event()
+        self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns, stopping)
         try:
             self.group = connect(0, size, store.port, device, timeout_s, store=store)
+            if device.type == "cuda" and self.procs:
+                threading.Thread(target=_watch, args=([p.sentinel for p in self.procs], self.group.pg, stopping),
+                                 name="qkv-tp-watch", daemon=True).start()
             shard = self._shard(weights, 0)
             self.model = build_shard(config, groups, shard, self.layout, self.group, device, dtype)
         except Exception as e:
@@ -171,6 +194,24 @@ class TensorParallelExecutor:
             raise self.failure(e) from e
         return TensorParallelRunner(self, self.model, kv, self.device, kv_dtype)
 
+    def capture_graphs(self, runner: "TensorParallelRunner", max_num_seqs: int, max_model_len: int) -> None:
+        """Every rank captures its decode graphs (graphs.py), the collectives inside; then
+        rank 0's runner replays them for pure decode steps and has the workers replay theirs."""
+        from qkv.distributed.graphs import TensorParallelGraphs
+        from qkv.engine import gpu
+
+        try:
+            for c in self.conns:
+                c.send(("graphs", max_num_seqs, max_model_len))
+            graphs = TensorParallelGraphs(runner, max_num_seqs, max_model_len, self.group)
+            t = graphs.capture()
+            t = max([t, *self._collect("captured", "capture its CUDA graphs")])
+        except Exception as e:
+            raise self.failure(e) from e
+        runner.graphs = graphs
+        gpu.log(f"captured CUDA graphs for decode batch sizes {graphs.sizes} on {self.size} rank(s), "
+                f"all-reduces inside, in {t:.1f} s")
+
     def shutdown(self) -> None:
         self._finalizer()
 
@@ -217,7 +258,9 @@ class TensorParallelExecutor:
 
 
 class TensorParallelRunner(ModelRunner):
-    """Rank 0's ModelRunner: prepares the step as usual, broadcasts it, runs its own shard."""
+    """Rank 0's ModelRunner: prepares the step as usual, broadcasts it, runs its own shard.
+    A pure decode step with graphs (``graphs``, set by ``capture_graphs``) is staged, sent
+    and replayed instead (graphs.py)."""
 
     def __init__(self, executor: TensorParallelExecutor, model, kv, device, kv_dtype):
         super().__init__(model, kv, device, kv_dtype)
@@ -226,8 +269,13 @@ class TensorParallelRunner(ModelRunner):
     @torch.inference_mode()
     def execute(self, sched, all_logits: bool = False, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         self.executor.check()
-        input_ids, positions, batch = self.prepare(sched, prev_tokens)
         try:
+            if self.graphs is not None and not all_logits and self.graphs.can_run(sched):
+                self._copy_blocks(sched.copies)
+                n, size = self.graphs.stage(sched, prev_tokens)
+                self.executor.broadcast(self.graphs.pack(n, size, sched.copies))
+                return self.graphs.replay(n, size)
+            input_ids, positions, batch = self.prepare(sched, prev_tokens)
             self.executor.broadcast(step.pack(sched.copies, input_ids, positions, batch, all_logits))
             return step.run(self, sched.copies, input_ids, positions, batch, all_logits)
         except (RuntimeError, OSError, EOFError) as e:

@@ -33,6 +33,20 @@ class TPGroup:
         self.pg.allreduce([t]).wait()
         return t
 
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``t`` on every rank, in place; returns ``t``."""
+        opts = dist.BroadcastOptions()
+        opts.rootRank = src
+        self.pg.broadcast([t], opts).wait()
+        return t
+
+    @property
+    def can_capture(self) -> bool:
+        """Whether this group's collectives can be captured in a CUDA graph: NCCL's can
+        (after one eager collective has set up the communicator), gloo's cannot (host side)."""
+        nccl = getattr(dist, "ProcessGroupNCCL", None)  # absent from CPU builds of torch
+        return nccl is not None and isinstance(self.pg, nccl)
+
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``t`` (equal shapes), in rank order."""
         t = t.contiguous()

@@ -160,7 +160,7 @@ def shard_model(model: nn.Module, group: TPGroup, vocab_size: int) -> None:
 def build_shard(config: ModelConfig, groups: list[int], weights: dict | None, layout: Layout, group: TPGroup,
                 device: torch.device, dtype: torch.dtype) -> nn.Module:
     """This rank's model in ``dtype`` on ``device``: built from ``rank_config``, made parallel,
-    loaded from ``weights`` (already this rank's slice, ``shard_weights``; None: random init)."""
+    loaded from ``weights`` (already this rank's slice, ``shard_weights``; None: random, normal std 0.02)."""
     from qkv.model import build_model
 
     prev = torch.get_default_dtype()
@@ -173,4 +173,9 @@ def build_shard(config: ModelConfig, groups: list[int], weights: dict | None, la
         torch.set_default_dtype(prev)
     if weights is not None:
         model.load_weights(weights)
+    else:  # a random init as the one-process engine's (gpu.build_on_device): benchmarks of shapes
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02)
     return model.to(device=device, dtype=dtype).eval()

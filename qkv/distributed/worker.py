@@ -80,7 +80,15 @@ def main(rank: int, size: int, port: int, config, weights: dict | None, groups: 
         runner = ModelRunner(model, kv, dev, kv_dtype)
         conn.send(("ready", runner.kv_cache_bytes))
         while (msg := _recv(conn, parent)) is not None and msg != "shutdown":
-            step.run(runner, *step.unpack(msg, dev, kv.block_size, kv.ring))
+            if isinstance(msg, dict):  # an eager step
+                step.run(runner, *step.unpack(msg, dev, kv.block_size, kv.ring))
+            elif msg[0] == "graph":  # a decode step replayed from this rank's graphs
+                runner.graphs.load(msg)
+            else:  # ("graphs", max_num_seqs, max_model_len): capture them, as rank 0 does
+                from qkv.distributed.graphs import TensorParallelGraphs
+
+                runner.graphs = TensorParallelGraphs(runner, *msg[1:], group)
+                conn.send(("captured", runner.graphs.capture()))
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then the process ends
         traceback.print_exc()
         try:

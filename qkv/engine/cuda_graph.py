@@ -126,6 +126,15 @@ class DecodeGraphs:
         """Fill the static inputs from a pure decode step, replay, return logits [n, vocab]
         (a view of the graph's output buffer, valid until the next replay). A request with a
         pending token (async scheduling) feeds ``prev_tokens[req.pending_row]``."""
+        return self.replay(*self.stage(sched, prev_tokens))
+
+    def replay(self, n: int, size: int) -> torch.Tensor:
+        """Replay the graph of ``size`` rows over the staged inputs; the first ``n`` rows' logits."""
+        self.graphs[size].replay()
+        return self.logits[size][:n]
+
+    def stage(self, sched, prev_tokens: torch.Tensor | None = None) -> tuple[int, int]:
+        """Fill the static inputs (``run`` without the replay); (rows, graph size)."""
         n = len(sched.requests)
         size = next(s for s in self.sizes if s >= n)
         kv = self.runner.kv
@@ -183,5 +192,4 @@ class DecodeGraphs:
         if gather:  # outside the graph, in stream order after the copy and the previous sampling
             ids = self.input_ids[:n]
             ids.copy_(torch.where(self.from_prev[:n] == 1, prev_tokens[self.gather_rows[:n]], ids))
-        self.graphs[size].replay()
-        return self.logits[size][:n]
+        return n, size

@@ -81,7 +81,10 @@ class LLMEngine:
         self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)
         kv_dtype = self.kv_dtype
         self.tp, specs_config = None, config  # self.tp: TensorParallelExecutor when tensor_parallel_size > 1
-        if tensor_parallel_size != 1:  # refused by name before anything is allocated
+        from qkv.distributed import layout_forced
+
+        tp_layout = tensor_parallel_size != 1 or layout_forced()  # QKV_TP_LAYOUT=1: TP=1 through it too
+        if tp_layout:  # refused by name before anything is allocated
             from qkv.distributed.shard import Layout, rank_config
 
             if quantization:
@@ -112,7 +115,7 @@ class LLMEngine:
         grouped = group_layers(specs)
         layer_group = {layer: g for g, (_, layers) in enumerate(grouped) for layer in layers}
         groups = [layer_group[i] for i in range(len(specs))]  # cross layers too (kvcache/cross.py)
-        if tensor_parallel_size != 1:
+        if tp_layout:
             from qkv.distributed.executor import TensorParallelExecutor
 
             self.tp = TensorParallelExecutor(config, weights, tensor_parallel_size, self.device, self.dtype, groups,
@@ -166,9 +169,11 @@ class LLMEngine:
                     gpu.log(f"compiled the prefill and mixed-step kernels in {t:.1f} s "
                             f"(Triton cache: {gpu.triton_cache_dir()})")
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
-            graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
+            if graphs_ok and self.tp is not None and not self.tp.group.can_capture:
+                gpu.log("CUDA graphs off: this tensor-parallel group's collectives cannot be captured")
+                graphs_ok = False
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
-                gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
+                (gpu if self.tp is None else self.tp).capture_graphs(self.runner, max_num_seqs, self.max_model_len)
             gpu.log_late_compiles()
         if compile_decode:
             self._compile_decode()
