@@ -179,15 +179,16 @@ def budget_lengths(max_num_batched_tokens: int) -> list[int]:
 
 
 def full_step(runner, tokens: int, max_num_seqs: int, max_model_len: int) -> None:
-    """One dummy step of ``tokens`` tokens shaped like a mixed step of a loaded server: as many
-    one-token decodes as leave a prefill beside them (up to ``max_num_seqs - 1``, at most half
-    the tokens), the prefill in chunks of at most ``max_model_len`` (one sequence cannot be
-    longer)."""
+    """One dummy step of ``tokens`` tokens shaped like a mixed step of a loaded server: a prefill
+    in chunks of at most ``max_model_len`` (one sequence cannot be longer) beside one-token
+    decodes, ``max_num_seqs`` sequences in all where the tokens allow (at most half of them
+    decodes)."""
+    def cut(n):
+        return [max_model_len] * (n // max_model_len) + ([n % max_model_len] if n % max_model_len else [])
+
     decodes = max(0, min(max_num_seqs - 1, tokens // 2))
-    prefill = tokens - decodes
-    chunks = [max_model_len] * (prefill // max_model_len)
-    if prefill % max_model_len:
-        chunks.append(prefill % max_model_len)
+    decodes = max(0, min(decodes, max_num_seqs - len(cut(tokens - decodes))))
+    chunks = cut(tokens - decodes)
     dummy_step(runner.model, chunks + [1] * decodes, list(runner.kv.ring), runner.kv.block_size, runner.device)
 
 
