@@ -168,19 +168,21 @@ class LLMEngine:
                 gpu.warm_sampler(config.vocab_size, self.device, max_num_seqs)
                 if self.tp is None:  # with TP, runner is rank 0's proxy; the ranks compile on first use
                     t = gpu.warm_kernels(self.runner, self.max_model_len, max_num_batched_tokens, max_num_seqs)
-                    gpu.log(f"compiled the prefill and mixed-step kernels, steps of up to {max_num_batched_tokens} "
-                            f"tokens, in {t:.1f} s (Triton cache: {gpu.triton_cache_dir()})")
+                    gpu.log(f"compiled the prefill and mixed-step kernels in {t:.1f} s "
+                            f"(Triton cache: {gpu.triton_cache_dir()})")
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
             graphs_ok = graphs_ok and self.tp is None  # a replay would skip the broadcast to the workers
             if not enforce_eager and self.attention_backend != "reference" and graphs_ok:
                 gpu.capture_graphs(self.runner, max_num_seqs, self.max_model_len)
-            if self.tp is None and self.attention_backend == "triton":  # after the capture: it empties the cache
-                t = gpu.warm_allocator(self.runner, max_num_batched_tokens, max_num_seqs, self.max_model_len)
-                gpu.log(f"allocator grown to a full step in {t:.2f} s "
-                        f"(reserved {torch.cuda.memory_reserved(self.device) / 2**30:.2f} GiB)")
-            gpu.log_late_compiles(self.runner if self.tp is None else None)
+            gpu.log_late_compiles()
         if compile_decode:
             self._compile_decode()
+        if on_gpu and self.tp is None and self.attention_backend == "triton":
+            # After graph capture, which empties the allocator's cache (engine/gpu.py warm_allocator).
+            t = gpu.warm_allocator(self.runner, max_num_batched_tokens, max_num_seqs, self.max_model_len)
+            gpu.log(f"allocator grown to a full step of {max_num_batched_tokens} tokens in {t:.2f} s "
+                    f"(reserved {torch.cuda.memory_reserved(self.device) / 2**30:.2f} GiB)")
+            gpu.watch_steps(self.runner)  # with QKV_LOG_LATE_COMPILES=1: allocator growth, slow launches
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
         if async_scheduling is None:
             async_scheduling = self.runner.graphs is not None

@@ -244,20 +244,15 @@ def warm_allocator(runner, max_num_batched_tokens: int, max_num_seqs: int, max_m
     return time.perf_counter() - t0
 
 
-def log_late_compiles(runner=None) -> None:
+def log_late_compiles() -> None:
     """With ``QKV_LOG_LATE_COMPILES=1``: from now on (start-up done), log each Triton kernel
     variant a step uses for the first time in this process, and how long getting it took
     (a compile, or a load from Triton's disk cache). Start-up should leave none for a run's
-    steps; the log names what ``warm_kernels`` misses. With ``runner`` (CUDA) also each step
-    that grows torch's caching allocator (``cudaMalloc``: what ``warm_allocator`` misses) and
-    the first steps whose launch holds the host for more than 50 ms (a lazily loaded CUDA
-    module, a cuBLAS set-up, a synchronization)."""
+    steps; the log names what ``warm_kernels`` misses (``watch_steps``: what else does)."""
     import os
 
     if os.environ.get("QKV_LOG_LATE_COMPILES") != "1":
         return
-    if runner is not None and runner.device.type == "cuda":
-        _watch_steps(runner)
     try:
         from triton import knobs
     except ImportError:
@@ -275,8 +270,16 @@ def log_late_compiles(runner=None) -> None:
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
 
 
-def _watch_steps(runner, slow_s: float = 0.05, max_slow: int = 20) -> None:
-    """Wrap ``runner.execute`` to log allocator growth and slow launches (diagnostics only)."""
+def watch_steps(runner, slow_s: float = 0.05, max_slow: int = 20) -> None:
+    """With ``QKV_LOG_LATE_COMPILES=1`` (a CUDA runner, start-up done): wrap ``runner.execute``
+    to log each step that grows torch's caching allocator (``cudaMalloc``: what
+    ``warm_allocator`` misses) and the first ``max_slow`` steps whose launch holds the host
+    over ``slow_s`` (a lazily loaded CUDA module, a cuBLAS set-up, a synchronization)."""
+    import os
+
+    if os.environ.get("QKV_LOG_LATE_COMPILES") != "1" or runner.device.type != "cuda":
+        return
+
     def segments():
         stats = torch.cuda.memory_stats(runner.device)
         return stats.get("segment.all.allocated", 0), stats.get("reserved_bytes.all.current", 0)
