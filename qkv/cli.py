@@ -88,9 +88,9 @@ def _budget_arg(value: str):
     from qkv.engine.budget import check
 
     try:
-        return check(value, "--max-num-batched-tokens")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return check(value)
+    except ValueError:  # argparse names the flag
+        raise argparse.ArgumentTypeError(f"not a positive whole number of tokens or 'auto': {value!r}") from None
 
 
 # Modules that only an optional extra installs -> the extra that brings them.

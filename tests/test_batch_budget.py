@@ -57,7 +57,8 @@ def test_the_cli_defaults_to_auto_and_refuses_by_flag(capsys):
     for bad in ("0", "lots", "-5"):
         with pytest.raises(SystemExit):
             p.parse_args(["--max-num-batched-tokens", bad])
-        assert "--max-num-batched-tokens must be a positive whole number" in capsys.readouterr().err
+        assert (f"argument --max-num-batched-tokens: not a positive whole number of tokens or 'auto': '{bad}'"
+                in capsys.readouterr().err)
 
 
 @pytest.fixture(scope="module")
