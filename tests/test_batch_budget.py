@@ -85,3 +85,29 @@ def test_an_engine_picks_prints_and_keeps_its_budget(tiny, capfd):
     for bad in (0, "lots", 2.5):
         with pytest.raises(ValueError, match="max_num_batched_tokens"):
             LLM(tiny, dtype="float32", device="cpu", num_kv_blocks=64, max_num_batched_tokens=bad)
+
+
+@pytest.mark.parametrize("argv, tokens", [([], 2048), (["--window", "4000"], 4001),
+                                          (["--max-num-batched-tokens", "100"], 513),
+                                          (["--max-num-batched-tokens", "9000"], 9000)])
+def test_perplexity_budget_holds_a_window_under_auto(monkeypatch, argv, tokens):
+    """``qkv perplexity`` scores one window per step: its budget is the resolved one (auto: 2048
+    on the CPU) or the window plus one, whichever is larger."""
+    import qkv
+    from qkv.tools import perplexity
+
+    p = argparse.ArgumentParser()
+    perplexity.add_arguments(p)
+    seen = {}
+
+    class Built(Exception):
+        pass
+
+    def fake_llm(model, **kw):
+        seen.update(kw)
+        raise Built
+
+    monkeypatch.setattr(qkv, "LLM", fake_llm)
+    with pytest.raises(Built):
+        perplexity.run(p.parse_args(["smollm2", "--device", "cpu", *argv]))
+    assert seen["max_num_batched_tokens"] == tokens
