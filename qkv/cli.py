@@ -61,7 +61,9 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks in the pool (default: as many as 1 GiB holds on a CPU; on CUDA, what memory profiling leaves)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step (prefill chunk size)")
+    p.add_argument("--max-num-batched-tokens", type=_budget_arg, default="auto",
+                   help="tokens per engine step (prefill chunk size); auto: 8192 on a CUDA device of >= 70 GiB, "
+                        "else 2048")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
     p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "bf16"],
@@ -80,6 +82,15 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
     p.add_argument("--attention-override", default=None, metavar="JSON",
                    help='change how layers attend, e.g. \'{"dilation": 2}\' (dilated sliding windows; '
                         'an int for every sliding layer or a list per layer)')
+
+
+def _budget_arg(value: str):
+    from qkv.engine.budget import check
+
+    try:
+        return check(value)
+    except ValueError:  # argparse names the flag
+        raise argparse.ArgumentTypeError(f"not a positive whole number of tokens or 'auto': {value!r}") from None
 
 
 # Modules that only an optional extra installs -> the extra that brings them.

@@ -15,7 +15,7 @@ import torch
 
 from qkv.attention import backend
 from qkv.config import ModelConfig
-from qkv.engine import encoder, processors, sampler, structured
+from qkv.engine import budget, encoder, processors, sampler, structured
 from qkv.engine.dtype import DTYPES, parse_dtype, resolve_dtype
 from qkv.engine.detokenizer import SampleText
 from qkv.engine.pending import PendingTokens
@@ -41,7 +41,7 @@ def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
 class LLMEngine:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
                  dtype="auto", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
-                 kv_cache_memory: int | None = None, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int | None = None, max_num_batched_tokens: int | str | None = "auto",
                  max_num_seqs: int = 64, enable_prefix_caching: bool = True, max_model_len: int | None = None,
                  kv_dtype=None, attention_backend: str = "auto", enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9, quantization: str | None = None,
@@ -58,6 +58,8 @@ class LLMEngine:
         KV pools (kvcache/plan.py): ``num_kv_blocks`` an int gives every full-attention group
         that many blocks and each sliding group at most that many; a list gives each layer
         group's count; else the budget (``kv_cache_memory``, 1 GiB on the CPU) is split.
+        ``max_num_batched_tokens``: tokens a step (the prefill chunk); "auto"/None: 8192 on a
+        CUDA device of at least 70 GiB, else 2048 (engine/budget.py).
         ``quantization="int8"`` (CPU): int8 weights for the linear layers (model/quant.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
@@ -76,6 +78,9 @@ class LLMEngine:
         self.log_stats = log_stats
         if log_stats:
             print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)
+        max_num_batched_tokens, why = budget.resolve(max_num_batched_tokens, self.device)  # engine/budget.py
+        if log_stats:
+            print(f"[qkv] max_num_batched_tokens {max_num_batched_tokens} ({why})", file=sys.stderr, flush=True)
         # One float format for K and V: plain pages of that dtype; int8/int4 or K != V: packed
         # uint8 pages with scales (kvcache/kv_pages.py), their specs carrying the formats.
         self.kv_dtype, self.kv_packed = resolve_kv(kv_dtype, k_dtype, v_dtype, self.dtype)
@@ -163,9 +168,9 @@ class LLMEngine:
                   file=sys.stderr, flush=True)
         if on_gpu:
             if self.attention_backend == "triton":
-                gpu.warm_sampler(config.vocab_size, self.device)
+                gpu.warm_sampler(config.vocab_size, self.device, max_num_seqs)
                 if self.tp is None:  # with TP, runner is rank 0's proxy; the ranks compile on first use
-                    t = gpu.warm_kernels(self.runner, self.max_model_len)
+                    t = gpu.warm_kernels(self.runner, self.max_model_len, max_num_batched_tokens, max_num_seqs)
                     gpu.log(f"compiled the prefill and mixed-step kernels in {t:.1f} s "
                             f"(Triton cache: {gpu.triton_cache_dir()})")
             graphs_ok = getattr(self.model, "supports_cuda_graphs", True)  # host-synchronizing models opt out
@@ -177,6 +182,12 @@ class LLMEngine:
             gpu.log_late_compiles()
         if compile_decode:
             self._compile_decode()
+        if on_gpu and self.tp is None and self.attention_backend == "triton":
+            # After graph capture, which empties the allocator's cache (engine/gpu.py warm_allocator).
+            t = gpu.warm_allocator(self.runner, max_num_batched_tokens, max_num_seqs, self.max_model_len)
+            gpu.log(f"allocator grown to a full step of {max_num_batched_tokens} tokens in {t:.2f} s "
+                    f"(reserved {torch.cuda.memory_reserved(self.device) / 2**30:.2f} GiB)")
+            gpu.watch_steps(self.runner)  # with QKV_LOG_LATE_COMPILES=1: allocator growth, slow launches
         self.eos_ids = set(tokenizer.eos_token_ids if tokenizer is not None else []) | set(config.eos_token_ids)
         if async_scheduling is None:
             async_scheduling = self.runner.graphs is not None

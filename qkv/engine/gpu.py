@@ -133,13 +133,18 @@ def profile_kv_budget(model, specs, block_size: int, max_tokens: int, max_num_se
     return budget
 
 
-def warm_sampler(vocab_size: int, device: torch.device) -> None:
-    """Compile the GPU sampler's kernel at start-up, not inside the first sampled step."""
+def warm_sampler(vocab_size: int, device: torch.device, max_num_seqs: int = 1) -> None:
+    """Compile the GPU sampler's kernel at start-up, not inside the first sampled step, and run
+    the sampler's torch ops (argmax, softmax) at one row and at ``max_num_seqs`` rows."""
     from qkv.attention.triton import gpu_sampling
 
     fast = gpu_sampling()
-    if fast is not None:
-        fast.exponential_noise(1, vocab_size, torch.zeros(1, dtype=torch.int64, device=device))
+    for n in sorted({1, max(1, max_num_seqs)}):
+        logits = torch.zeros(n, vocab_size, dtype=torch.float32, device=device)
+        logits.argmax(dim=-1)
+        if fast is not None:
+            noise = fast.exponential_noise(n, vocab_size, torch.zeros(n, dtype=torch.int64, device=device))
+            (logits.softmax(dim=-1) / noise).argmax(dim=-1)
 
 
 WARM_CHUNK = 16  # tokens of the prefill chunk in warm-up steps: any length compiles the same kernels
@@ -157,8 +162,39 @@ def warm_lengths(max_model_len: int) -> list[int]:
     return lengths + [max_model_len]
 
 
+def budget_lengths(max_num_batched_tokens: int) -> list[int]:
+    """Token counts of the warm-up's large steps: pairs ``3p/4 - 1, p`` for p = 512, 1024, 2048,
+    ... below the budget (383, 512, 767, 1024, 1535, 2048, 3071, 4096, 6143, ...), then the
+    budget less one and the budget. cuBLAS picks its GEMM kernels by M (a step's token count),
+    and each kernel is loaded on its first launch; the odd counts give the kernels whose integer
+    arguments carry the token count (the fused MoE's) their variants for counts not divisible
+    by 16, in each of the MoE's tile bands (moe.py ``_config``)."""
+    out, p = [], 512
+    while True:
+        out += [n for n in (3 * p // 4 - 1, p) if n < max_num_batched_tokens - 1]
+        if p >= max_num_batched_tokens:
+            break
+        p *= 2
+    return out + [n for n in (max_num_batched_tokens - 1, max_num_batched_tokens) if n > 0]
+
+
+def full_step(runner, tokens: int, max_num_seqs: int, max_model_len: int) -> None:
+    """One dummy step of ``tokens`` tokens shaped like a mixed step of a loaded server: a prefill
+    in chunks of at most ``max_model_len`` (one sequence cannot be longer) beside one-token
+    decodes, ``max_num_seqs`` sequences in all where the tokens allow (at most half of them
+    decodes)."""
+    def cut(n):
+        return [max_model_len] * (n // max_model_len) + ([n % max_model_len] if n % max_model_len else [])
+
+    decodes = max(0, min(max_num_seqs - 1, tokens // 2))
+    decodes = max(0, min(decodes, max_num_seqs - len(cut(tokens - decodes))))
+    chunks = cut(tokens - decodes)
+    dummy_step(runner.model, chunks + [1] * decodes, list(runner.kv.ring), runner.kv.block_size, runner.device)
+
+
 @torch.inference_mode()
-def warm_kernels(runner, max_model_len: int) -> float:
+def warm_kernels(runner, max_model_len: int, max_num_batched_tokens: int | None = None,
+                 max_num_seqs: int = 1) -> float:
     """Compile at start-up the kernel variants that eager steps launch, which the first steps
     of a run would otherwise JIT-compile inside it (issue 20: half the throughput of a cold
     ``qkv bench throughput``): a one-sequence prefill, then for each ``warm_lengths`` a
@@ -166,7 +202,11 @@ def warm_kernels(runner, max_model_len: int) -> float:
     decode kernel with that length's split count, and the combine kernel past 8 splits) and a
     one-sequence eager decode. Pure decode steps in CUDA graphs are compiled by the capture.
     Variants are also kept on disk by Triton (``triton_cache_dir``), so a second process loads
-    them instead of compiling. Writes nothing (``dummy_step``). Returns the seconds it took."""
+    them instead of compiling. With ``max_num_batched_tokens``: mixed steps of every
+    ``budget_lengths`` count up to that budget, so the first load's large steps (2,049 to 8,192
+    tokens at an 8192 budget) meet no GEMM kernel, Triton variant or allocator size for the
+    first time (issue 23: the first load after start-up was 0.80x offline at 8192, 0.93x at
+    2048). Writes nothing (``dummy_step``). Returns the seconds it took."""
     t0 = time.perf_counter()
     rings, bs = list(runner.kv.ring), runner.kv.block_size
     for rope in runner.ropes:  # as graph capture does: positions up to max_model_len
@@ -183,8 +223,24 @@ def warm_kernels(runner, max_model_len: int) -> float:
     for n in warm_lengths(max_model_len):
         dummy_step(runner.model, [WARM_CHUNK, 1], rings, bs, runner.device, max_seq_len=n)
         dummy_step(runner.model, [1], rings, bs, runner.device, max_seq_len=n)
+    if max_num_batched_tokens:
+        for n in budget_lengths(max_num_batched_tokens):
+            full_step(runner, n, max_num_seqs, max_model_len)
     if runner.device.type == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+@torch.inference_mode()
+def warm_allocator(runner, max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int) -> float:
+    """Grow torch's caching allocator to what a full step needs, after graph capture (which
+    empties the allocator's cache when it starts each graph, ``torch.cuda.graph``): else the
+    first load's full steps ``cudaMalloc`` their activations again. The memory was profiled
+    (``profile_kv_budget``: the peak of a full step is kept out of the KV cache), so holding it
+    takes nothing from the cache. Returns the seconds it took."""
+    t0 = time.perf_counter()
+    full_step(runner, max_num_batched_tokens, max_num_seqs, max_model_len)
+    torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -192,7 +248,7 @@ def log_late_compiles() -> None:
     """With ``QKV_LOG_LATE_COMPILES=1``: from now on (start-up done), log each Triton kernel
     variant a step uses for the first time in this process, and how long getting it took
     (a compile, or a load from Triton's disk cache). Start-up should leave none for a run's
-    steps; the log names what ``warm_kernels`` misses."""
+    steps; the log names what ``warm_kernels`` misses (``watch_steps``: what else does)."""
     import os
 
     if os.environ.get("QKV_LOG_LATE_COMPILES") != "1":
@@ -212,6 +268,40 @@ def log_late_compiles() -> None:
             f"{repr}")
 
     knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+
+
+def watch_steps(runner, slow_s: float = 0.05, max_slow: int = 20) -> None:
+    """With ``QKV_LOG_LATE_COMPILES=1`` (a CUDA runner, start-up done): wrap ``runner.execute``
+    to log each step that grows torch's caching allocator (``cudaMalloc``: what
+    ``warm_allocator`` misses) and the first ``max_slow`` steps whose launch holds the host
+    over ``slow_s`` (a lazily loaded CUDA module, a cuBLAS set-up, a synchronization)."""
+    import os
+
+    if os.environ.get("QKV_LOG_LATE_COMPILES") != "1" or runner.device.type != "cuda":
+        return
+
+    def segments():
+        stats = torch.cuda.memory_stats(runner.device)
+        return stats.get("segment.all.allocated", 0), stats.get("reserved_bytes.all.current", 0)
+
+    execute, last, slow = runner.execute, [segments()], [0]
+
+    def watched(sched, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = execute(sched, *args, **kwargs)
+        dt = time.perf_counter() - t0
+        shape = f"{sum(sched.num_new_tokens)} tokens, {len(sched.requests)} sequences"
+        now = segments()
+        if now[0] > last[0][0]:
+            log(f"allocator grew after start-up: {now[0] - last[0][0]} cudaMalloc, "
+                f"{(now[1] - last[0][1]) / 2**20:+.0f} MiB (reserved {now[1] / 2**30:.2f} GiB), step of {shape}")
+        last[0] = now
+        if dt > slow_s and slow[0] < max_slow:
+            slow[0] += 1
+            log(f"slow step launch after start-up: {dt:.3f} s on the host, step of {shape}")
+        return out
+
+    runner.execute = watched
 
 
 def triton_cache_dir() -> str:

@@ -358,7 +358,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=1 << 30, metavar="BYTES",
                    help="the engine's KV budget to split into pools (default: 1 GiB, the CPU default)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="the engine's max_num_seqs (default 64)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="the engine's token budget per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="the engine's token budget per step (default 2048, the engine's on the CPU; on a GPU of "
+                        ">= 70 GiB its auto picks 8192)")
     p.add_argument("--no-prefix-caching", action="store_true", help="size the pools for ring buffers")
     p.add_argument("--attention-override", default=None, metavar="JSON",
                    help='as the engine\'s flag, e.g. \'{"dilation": 2}\' (a dilated window holds more blocks)')

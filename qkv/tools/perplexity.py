@@ -97,7 +97,10 @@ def run(args) -> int:
     text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
     kw = engine_kwargs(args)
     # One window is scored at a time: it must fit in one chunk and in the cache.
-    kw["max_num_batched_tokens"] = max(kw["max_num_batched_tokens"], args.window + 1)
+    from qkv.engine.budget import resolve
+
+    device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")  # as LLM picks it
+    kw["max_num_batched_tokens"] = max(resolve(kw["max_num_batched_tokens"], device)[0], args.window + 1)
     llm = LLM(model, **kw)
     if llm.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: perplexity needs one to tokenize the text")
