@@ -1,4 +1,5 @@
-"""Fused elementwise ops of the decode hot path: RMSNorm, neox RoPE on q and k, SiLU-and-mul.
+"""Fused elementwise ops of the decode hot path: RMSNorm, neox RoPE on q and k (with Qwen3's
+per-head q/k RMSNorm first, in the same launch), SiLU-and-mul.
 
 In eager torch each of these is 5 to 15 tiny kernels; at batch 1 a Llama-8B step would spend
 more time launching them than reading weights. Each is one kernel here, computing exactly
@@ -7,11 +8,16 @@ what the torch version in ``qkv.model.layers`` computes (fp32 math, same roundin
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.gemv import linear, silu_mul_linear  # noqa: F401  (re-exported for qkv.model.layers)
+from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
+
+# q/k RMSNorm and RoPE in one launch (``qk_norm_rope``); QKV_FUSE_QK_NORM_ROPE=0: three launches.
+FUSE_QK_NORM_ROPE = os.environ.get("QKV_FUSE_QK_NORM_ROPE", "1") != "0"
 
 
 @triton.jit
@@ -160,3 +166,55 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if T:
         _silu_mul_kernel[(T, triton.cdiv(N, BLOCK))](x, y, x.stride(0), y.stride(0), N, BLOCK=BLOCK, num_warps=4)
     return y
+
+
+@triton.jit
+def _qk_norm_rope_kernel(Q, K, YQ, YK, QW, KW, COS, SIN, POS, sqt, sqh, skt, skh, oqt, oqh, okt, okh, stride_c,
+                         NQ, NK, eps, HALF: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    _norm_rope_rows(Q + t * sqt, YQ + t * oqt, QW, COS, SIN, POS, t, sqh, oqh, stride_c, NQ, eps, HALF, HQ_PAD)
+    _norm_rope_rows(K + t * skt, YK + t * okt, KW, COS, SIN, POS, t, skh, okh, stride_c, NK, eps, HALF, HK_PAD)
+
+
+@triton.jit
+def _norm_rope_rows(X, Y, NW, COS, SIN, POS, t, stride_xh, stride_yh, stride_c, NH, eps,
+                    HALF: tl.constexpr, H_PAD: tl.constexpr):
+    """RMSNorm of each head (``_rms_norm_kernel``'s math and rounding, no offset), then neox
+    RoPE of the rounded result (``_rope_rows``'s)."""
+    pos = tl.load(POS + t)
+    h = tl.arange(0, H_PAD)
+    i = tl.arange(0, HALF)
+    hmask = (h < NH)[:, None]
+    base = X + h[:, None] * stride_xh + i[None, :]
+    x1 = tl.load(base, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=hmask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(NW + i).to(tl.float32)[None, :]
+    w2 = tl.load(NW + HALF + i).to(tl.float32)[None, :]
+    dt = Y.dtype.element_ty
+    n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+    n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    cos1 = tl.load(COS + pos * stride_c + i).to(tl.float32)[None, :]
+    cos2 = tl.load(COS + pos * stride_c + HALF + i).to(tl.float32)[None, :]
+    sin1 = tl.load(SIN + pos * stride_c + i).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + pos * stride_c + HALF + i).to(tl.float32)[None, :]
+    out = Y + h[:, None] * stride_yh + i[None, :]
+    tl.store(out, (n1 * cos1 - n2 * sin1).to(dt), mask=hmask)
+    tl.store(out + HALF, (n2 * cos2 + n1 * sin2).to(dt), mask=hmask)
+
+
+def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_qk(..., rms_norm(q, q_weight), rms_norm(k, k_weight))`` (per-head norms over the
+    head dim, no offset) in one launch: q [T, H, D], k [T, KVH, D], any row/head strides."""
+    T, NQ, D = q.shape
+    NK = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and D % 2 == 0
+    yq = torch.empty((T, NQ, D), dtype=q.dtype, device=q.device)
+    yk = torch.empty((T, NK, D), dtype=k.dtype, device=k.device)
+    if T:
+        _qk_norm_rope_kernel[(T,)](q, k, yq, yk, q_weight, k_weight, cos, sin, positions, q.stride(0), q.stride(1),
+                                   k.stride(0), k.stride(1), yq.stride(0), yq.stride(1), yk.stride(0), yk.stride(1),
+                                   cos.stride(0), NQ, NK, eps, HALF=D // 2, HQ_PAD=triton.next_power_of_2(NQ),
+                                   HK_PAD=triton.next_power_of_2(NK), num_warps=4)
+    return yq, yk
