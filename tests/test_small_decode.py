@@ -127,7 +127,11 @@ def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
 
+    import qkv.model.layers as layers
+
     loaded = load(path)
+    if not fused_on:  # the plain torch path, on either device
+        monkeypatch.setattr(layers, "fused_ops", lambda x: None)
     if CUDA:
         kw = (dict(attention_backend="triton", enforce_eager=False) if fused_on
               else dict(attention_backend="reference", enforce_eager=True))
@@ -140,8 +144,6 @@ def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
             if isinstance(m, torch.nn.Linear):
                 m.weight.data = m.weight.data.contiguous()
         if fused_on:  # the fused ops for CPU tensors, under the interpreter
-            import qkv.model.layers as layers
-
             monkeypatch.setattr(layers, "fused_ops", lambda x: fused)
     # The interpreter runs each program of each launch in numpy: a few steps only on the CPU.
     params = SamplingParams(max_tokens=12 if CUDA else 4, temperature=0.0, ignore_eos=True)
@@ -175,17 +177,18 @@ def test_kernel_count_per_layer_drops(tiny_model, all_shapes):
     eng.add_request(list(range(2, 12)), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     for _ in range(3):
         eng.step()
+    from qkv.attention.batch import AttentionBatch
+
+    model = eng.model
+    t64 = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+    batch = AttentionBatch(query_start_loc=t64([0, 1]), num_computed=t64([12]), query_lens=t64([1]),
+                           max_query_len=1, max_seq_len=13, block_size=16, block_tables=[t64([[0]])],
+                           slot_mappings=[t64([-1])], ring_blocks=[None])  # slot -1: writes nothing
+    ids, pos = t64([5]), t64([12])
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        model = eng.model
-        from qkv.attention.batch import AttentionBatch
-
-        t64 = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
-        batch = AttentionBatch(query_start_loc=t64([0, 1]), num_computed=t64([12]), query_lens=t64([1]),
-                               max_query_len=1, max_seq_len=13, block_size=16, block_tables=[t64([[0]])],
-                               slot_mappings=[t64([-1])], ring_blocks=[None])
         with torch.inference_mode():
-            model(t64([5]), t64([12]), batch)
+            model(ids, pos, batch)
         torch.cuda.synchronize()
     n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     layers = loaded.config.num_layers
