@@ -7,8 +7,8 @@ Needs a CUDA GPU.
 Variants (qkv/attention/triton/gemv.py, fused.py): ``baseline`` = before the fusions (Triton
 GEMV for Llama-8B's shapes only, norms and q/k norm + RoPE as their own kernels); ``down`` adds
 Qwen3-0.6B's down projection (SiLU fused); ``gemv`` every Qwen3-0.6B projection; ``norm`` adds
-the norms folded into the qkv and gate/up GEMVs; ``default`` adds q/k norm + RoPE in one kernel
-(the shipped default); ``cublas`` no Triton GEMV at all. Records, one JSON line each: the copy
+the norms folded into the qkv and gate/up GEMVs; ``qk`` adds q/k norm + RoPE in one kernel;
+``default`` (the shipped default) also writes K/V in that kernel; ``cublas``: no Triton GEMV. Records, one JSON line each: the copy
 rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
 with ``--profile`` the per-kernel profile of the best variant.
@@ -31,12 +31,13 @@ from qkv.tools.shapes import random_engine
 
 OLD = "4096x4096,4096x14336,128256x4096"  # the shapes enabled before issue 20
 VARIANTS = {
-    "baseline": dict(gemv=OLD, norm=False, qk=False),
-    "down": dict(gemv=OLD + ",1024x3072", norm=False, qk=False),
-    "gemv": dict(gemv="default", norm=False, qk=False),
-    "norm": dict(gemv="default", norm=True, qk=False),
-    "default": dict(gemv="default", norm=True, qk=True),
-    "cublas": dict(gemv="off", norm=False, qk=False),
+    "baseline": dict(gemv=OLD, norm=False, qk=False, kv=False),
+    "down": dict(gemv=OLD + ",1024x3072", norm=False, qk=False, kv=False),
+    "gemv": dict(gemv="default", norm=False, qk=False, kv=False),
+    "norm": dict(gemv="default", norm=True, qk=False, kv=False),
+    "qk": dict(gemv="default", norm=True, qk=True, kv=False),
+    "default": dict(gemv="default", norm=True, qk=True, kv=True),
+    "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
 
 
@@ -44,6 +45,7 @@ def use(variant: str, eng) -> None:
     v = VARIANTS[variant]
     gemv_mod.configure(v["gemv"], fuse_norm=v["norm"])
     fused.FUSE_QK_NORM_ROPE = v["qk"]
+    fused.FUSE_KV_WRITE = v["kv"]
     eng.runner.graphs.capture()
 
 
@@ -111,7 +113,7 @@ def profile(eng, steps: int = 20, top: int = 20) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen3-0.6b")
-    p.add_argument("--variants", default="baseline,default,norm,gemv,down,cublas")
+    p.add_argument("--variants", default="baseline,default,qk,norm,gemv,down,cublas")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)

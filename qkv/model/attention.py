@@ -15,7 +15,7 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.kvcache.key_offset import key_offset
 from qkv.kvcache.kv_pages import layout_of
-from qkv.model.layers import RMSNorm, RotaryEmbedding, linear, qk_norm_rope
+from qkv.model.layers import RMSNorm, RotaryEmbedding, fused_ops, linear, qk_norm_rope
 
 
 class Attention(nn.Module):
@@ -61,6 +61,12 @@ class Attention(nn.Module):
             k = k.view(T, self.num_kv_heads, self.head_dim)
             v = v.view(T, self.num_kv_heads, self.head_dim)
             if self.q_norm is not None and self.rope is not None:
+                if fused_ops(qkv) is not None:  # CUDA, triton installed
+                    from qkv.attention.triton import qk_decode
+
+                    if qk_decode.applies(self, qkv, batch):  # one launch for norms, RoPE and KV write
+                        return linear(self.o_proj, qk_decode.attend(self, q, k, v, positions, batch)
+                                      .reshape(T, self.q_size))
                 q, k = qk_norm_rope(self.rope, positions, q, k, self.q_norm, self.k_norm, batch)
             else:
                 if self.q_norm is not None:
