@@ -177,9 +177,7 @@ def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, s
                          HALF: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
                          WRITE: tl.constexpr, W_PAD: tl.constexpr):
     t = tl.program_id(0)
-    slot = -1
-    if WRITE:
-        slot = tl.load(SLOT + t)
+    slot = tl.load(SLOT + t)  # (positions when not WRITE: read, never used)
     _norm_rope_rows(Q + t * sqt, YQ + t * oqt, QW, COS, SIN, POS, t, sqh, oqh, stride_c, NQ, eps, HALF, HQ_PAD,
                     KC, slot, stride_cs, stride_ch, False)
     _norm_rope_rows(K + t * skt, YK + t * okt, KW, COS, SIN, POS, t, skh, okh, stride_c, NK, eps, HALF, HK_PAD,
@@ -245,7 +243,8 @@ def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         assert kc.dtype == k.dtype and kc.stride(3) == 1 and kc.stride(2) == D and v.stride(2) == 1 and v.stride(1) == D
         sv, cs, ch, slots = v.stride(0), kc.stride(1), kc.stride(2), slot_mapping
     else:
-        kc = vc = v = slots = yk  # unused
+        kc = vc = v = yk  # unused
+        slots = positions
         sv = cs = ch = 0
     if T:
         _qk_norm_rope_kernel[(T,)](q, k, v, yq, yk, q_weight, k_weight, cos, sin, positions, kc, vc, slots,
