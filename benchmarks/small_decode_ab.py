@@ -8,8 +8,9 @@ Variants (qkv/attention/triton/gemv.py, fused.py): ``baseline`` = before the fus
 GEMV for Llama-8B's shapes only, norms and q/k norm + RoPE as their own kernels); ``down`` adds
 Qwen3-0.6B's down projection (SiLU fused); ``gemv`` every Qwen3-0.6B projection; ``norm`` adds
 the norms folded into the qkv and gate/up GEMVs; ``qk`` adds q/k norm + RoPE in one kernel;
-``default`` (the shipped default) also writes K/V in that kernel; ``cublas``: no Triton GEMV. Records, one JSON line each: the copy
-rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
+``default`` (the shipped default) also writes K/V in that kernel; ``split8`` runs that decode
+attention with 8 splits (one launch, no combine); ``cublas``: no Triton GEMV. Records, one JSON
+line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
 with ``--profile`` the per-kernel profile of the best variant.
 """
@@ -25,6 +26,7 @@ import torch
 
 from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
+from qkv.attention.triton import qk_decode
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
 from qkv.tools.shapes import random_engine
@@ -37,6 +39,7 @@ VARIANTS = {
     "norm": dict(gemv="default", norm=True, qk=False, kv=False),
     "qk": dict(gemv="default", norm=True, qk=True, kv=False),
     "default": dict(gemv="default", norm=True, qk=True, kv=True),
+    "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
 
@@ -46,6 +49,7 @@ def use(variant: str, eng) -> None:
     gemv_mod.configure(v["gemv"], fuse_norm=v["norm"])
     fused.FUSE_QK_NORM_ROPE = v["qk"]
     fused.FUSE_KV_WRITE = v["kv"]
+    qk_decode.SPLITS = v.get("splits")
     eng.runner.graphs.capture()
 
 
@@ -113,7 +117,7 @@ def profile(eng, steps: int = 20, top: int = 20) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen3-0.6b")
-    p.add_argument("--variants", default="baseline,default,qk,norm,gemv,down,cublas")
+    p.add_argument("--variants", default="baseline,default,split8,qk,norm,gemv,down,cublas")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)

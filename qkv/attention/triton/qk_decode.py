@@ -8,12 +8,19 @@ ring, dilation or key offset; ``applies`` says when, and the caller takes the us
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.triton import fused
 from qkv.attention.triton.decode import paged_decode
 from qkv.kvcache.kv_pages import layout_of
+
+# Splits of the decode kernel here (QKV_DECODE_SPLITS; unset: decode.num_splits's choice, 32 at
+# batch 1 in a graph, which needs the second, combining launch). Up to 8 the kernel merges the
+# splits itself (one launch): better for short contexts, fewer programs for long ones.
+SPLITS = int(os.environ.get("QKV_DECODE_SPLITS", "0")) or None
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -36,4 +43,5 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                               v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g])
     capturing = batch.graph or torch.cuda.is_current_stream_capturing()
     return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
-                        max_seq_len=None if capturing else batch.max_seq_len, query_start_loc=batch.query_start_loc)
+                        max_seq_len=None if capturing else batch.max_seq_len, splits=SPLITS,
+                        query_start_loc=batch.query_start_loc)
