@@ -166,6 +166,8 @@ def _norm_gemv_kernel(X, R, NW, W, Y, RO, N, K, stride_w, eps, HAS_RES: tl.const
 
 
 def _fits(x: torch.Tensor, layer: torch.nn.Linear) -> bool:
+    if not isinstance(layer, torch.nn.Linear):  # a quantized layer keeps its own kernel
+        return False
     w = layer.weight
     return (x.dim() == 2 and x.shape[0] == 1 and layer.bias is None and x.is_contiguous() and w.stride(1) == 1
             and w.dtype == x.dtype and enabled(*w.shape))
@@ -197,6 +199,8 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, out_dtype: torch.dtype | Non
 
 def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor | None:
     """``layer(silu(gate) * up)`` for one row in one kernel when the shape is enabled, else None."""
+    if not isinstance(layer, torch.nn.Linear):
+        return None
     w = layer.weight
     N, K = w.shape
     if (gate_up.dim() != 2 or gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * K or layer.bias is not None
@@ -213,9 +217,11 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
                 layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(layer(rms_norm(residual + x)), residual + x)`` (no residual: ``(layer(rms_norm(x)), x)``)
     in one kernel for one row of an enabled shape with K <= ``NORM_MAX_K``; else None."""
+    if not FUSE_NORM or not _fits(x, layer):
+        return None
     w = layer.weight
     N, K = w.shape
-    if (not FUSE_NORM or K > NORM_MAX_K or not _fits(x, layer) or x.shape[1] != K
+    if (K > NORM_MAX_K or x.shape[1] != K
             or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous()
                                           or residual.dtype != x.dtype))):
         return None
