@@ -114,6 +114,46 @@ def profile(eng, steps: int = 20, top: int = 20) -> dict:
                 top=[dict(us=round(us, 2), calls=c, name=n[:120]) for us, c, n in rows[:top]])
 
 
+def graph_us(fn, reps: int = 10) -> float:
+    """Microseconds per call of ``fn`` (a list of launches) replayed in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        n = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps / n * 1e6
+
+
+def tile_sweep(record, copies: int = 28) -> None:
+    """Each Qwen3-0.6B projection: cuBLAS against the Triton GEMV per tile, ``copies`` weights
+    in turn (as many as layers, past the L2), in a CUDA graph: us per GEMV and TB/s of weight."""
+    for (N, K) in sorted(gemv_mod.QWEN3_06B_SHAPES):
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies if N < 100000 else 2)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+
+        def run(f):
+            for w in ws:
+                f(w)
+            return len(ws)
+
+        row = {"cublas": graph_us(lambda: run(lambda w: torch.nn.functional.linear(x, w)))}
+        for bn, warps in ((1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8)):
+            try:
+                row[f"n{bn}w{warps}"] = graph_us(lambda: run(lambda w: gemv_mod.gemv(x, w, block_n=bn, num_warps=warps)))
+            except Exception as e:  # noqa: BLE001  (a tile that does not compile: recorded, not fatal)
+                row[f"n{bn}w{warps}"] = repr(e)[:80]
+        best = min((k for k in row if isinstance(row[k], float)), key=row.get)
+        record(kind="gemv_tiles", N=N, K=K, us=row, best=best, tile_now=gemv_mod.tile(N, K),
+               best_TBps=N * K * 2 / (row[best] * 1e-6) / 1e12)
+        del ws
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="qwen3-0.6b")
@@ -124,6 +164,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="per-kernel profile of the fastest variant")
     p.add_argument("--copy-rate", action="store_true", help="measure the copy rate first")
     p.add_argument("--json", default=None)
+    p.add_argument("--tiles", action="store_true", help="only the GEMV tile sweep of the Qwen3-0.6B shapes")
     args = p.parse_args()
 
     def record(**r):
@@ -133,6 +174,9 @@ def main() -> None:
                 f.write(json.dumps(r) + "\n")
 
     dev = torch.device("cuda")
+    if args.tiles:
+        tile_sweep(record)
+        return
     if args.copy_rate:
         rates = measure(dev)
         record(kind="rates", device=torch.cuda.get_device_name(dev), torch=torch.__version__, **rates)
