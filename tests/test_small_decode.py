@@ -80,16 +80,16 @@ def test_gemv_and_silu_gemv_any_shape(all_shapes, N, K):
     close(gemv_mod.silu_mul_linear(gu, layer), layer(torch.nn.functional.silu(g) * u))
 
 
-@pytest.mark.parametrize("K", [64, 96])
+@pytest.mark.parametrize("K,N", [(64, 256), (64, 194), (96, 64)])  # full tiles, ragged rows, ragged K
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_norm_linear_matches_norm_then_linear(all_shapes, K, with_residual):
+def test_norm_linear_matches_norm_then_linear(all_shapes, K, N, with_residual):
     from qkv.model.layers import norm_linear
 
     gen = torch.Generator().manual_seed(K)
     dtype = torch.bfloat16 if CUDA else torch.float32
     norm = RMSNorm(K, 1e-6).to(DEV, dtype)
     norm.weight.data = torch.randn(K, generator=gen).to(DEV, dtype)
-    layer = torch.nn.Linear(K, 3 * K + 2, bias=False).to(DEV, dtype)
+    layer = torch.nn.Linear(K, N, bias=False).to(DEV, dtype)
     x = torch.randn(1, K, generator=gen).to(DEV, dtype)
     r = torch.randn(1, K, generator=gen).to(DEV, dtype) if with_residual else None
     got = norm_linear(norm, layer, x, r) if CUDA else fused.norm_linear(x, r, norm.weight, 1e-6, layer)
