@@ -15,7 +15,7 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.kvcache.key_offset import key_offset
 from qkv.kvcache.kv_pages import layout_of
-from qkv.model.layers import RMSNorm, RotaryEmbedding, linear
+from qkv.model.layers import RMSNorm, RotaryEmbedding, fused_ops, linear, qk_norm_rope
 
 
 class Attention(nn.Module):
@@ -41,10 +41,13 @@ class Attention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # bound by the runner: [2, blocks, block_size, kvh, d]
         self._k_offset: torch.Tensor | None = None  # int K planes of a biased model (kvcache/key_offset.py)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        T = x.shape[0]
-        qkv = linear(self.qkv_proj, x)
-        if self.q_norm is None and self.rope is not None and not x.is_cuda:
+    def forward(self, x: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
+                qkv: torch.Tensor | None = None) -> torch.Tensor:
+        """``qkv``: ``qkv_proj(x)`` already computed (the norm fused into it, layers.norm_linear)."""
+        if qkv is None:
+            qkv = linear(self.qkv_proj, x)
+        T = qkv.shape[0]
+        if self.q_norm is None and self.rope is not None and not qkv.is_cuda:
             # Q and K sit side by side in the projection: rotate them as one [T, H + KVH, D]
             # tensor, half the ops of two calls (the CPU decode step is op-bound).
             H, D = self.num_heads, self.head_dim
@@ -57,10 +60,19 @@ class Attention(nn.Module):
             q = q.view(T, self.num_heads, self.head_dim)
             k = k.view(T, self.num_kv_heads, self.head_dim)
             v = v.view(T, self.num_kv_heads, self.head_dim)
-            if self.q_norm is not None:
-                q, k = self.q_norm(q), self.k_norm(k)
-            if self.rope is not None:
-                q, k = self.rope(positions, q, k, batch=batch)
+            if self.q_norm is not None and self.rope is not None:
+                if fused_ops(qkv) is not None:  # CUDA, triton installed
+                    from qkv.attention.triton import qk_decode
+
+                    if qk_decode.applies(self, qkv, batch):  # one launch for norms, RoPE and KV write
+                        return linear(self.o_proj, qk_decode.attend(self, q, k, v, positions, batch)
+                                      .reshape(T, self.q_size))
+                q, k = qk_norm_rope(self.rope, positions, q, k, self.q_norm, self.k_norm, batch)
+            else:
+                if self.q_norm is not None:
+                    q, k = self.q_norm(q), self.k_norm(k)
+                if self.rope is not None:
+                    q, k = self.rope(positions, q, k, batch=batch)
         offset = self._key_offset()
         if offset is not None:
             k = (k.float() - offset).to(k.dtype)

@@ -52,7 +52,7 @@ class CausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         from qkv.model.layers import linear
 
-        logits = linear(self.lm_head, hidden).float()
+        logits = linear(self.lm_head, hidden, torch.float32)  # the GEMV stores fp32 itself: no cast launch
         cap = self.config.final_logit_softcapping
         if cap:
             logits = torch.tanh(logits / cap) * cap

@@ -17,10 +17,25 @@ def fused_ops(x: torch.Tensor):
     return get()
 
 
-def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``; on CUDA a one-row x may go through the Triton GEMV (see triton/gemv.py)."""
+def linear(layer: nn.Linear, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``layer(x)`` (then ``.to(out_dtype)``); on CUDA a one-row x may go through the Triton
+    GEMV (see triton/gemv.py), which then stores the widened result itself."""
     fused = fused_ops(x)
-    return layer(x) if fused is None else fused.linear(x, layer)
+    if fused is not None:
+        return fused.linear(x, layer, out_dtype)
+    y = layer(x)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def norm_linear(norm: "RMSNorm", layer: nn.Linear, x: torch.Tensor,
+                residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(layer(h), residual')`` with ``h, residual' = norm.add_norm(x, residual)`` (no residual:
+    ``norm(x)``, and residual' = x) in one Triton kernel for a one-row CUDA x of an enabled
+    shape (triton/gemv.py); None where that does not apply (the caller runs the two steps)."""
+    fused = fused_ops(x)
+    if fused is None or norm.offset:
+        return None
+    return fused.norm_linear(x, residual, norm.weight, norm.eps, layer)
 
 
 class RMSNorm(nn.Module):
@@ -80,13 +95,14 @@ class GatedMLP(nn.Module):
         self.act = activation(act)
         self.act_name = act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = fused_ops(x) if self.act_name == "silu" else None
+    def forward(self, x: torch.Tensor | None, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """``gate_up``: this layer's ``gate_up_proj(x)``, already computed (``norm_linear``)."""
+        fused = fused_ops(x if gate_up is None else gate_up) if self.act_name == "silu" else None
         if fused is not None:
-            gate_up = fused.linear(x, self.gate_up_proj)
+            gate_up = fused.linear(x, self.gate_up_proj) if gate_up is None else gate_up
             out = fused.silu_mul_linear(gate_up, self.down_proj)
             return out if out is not None else fused.linear(fused.silu_mul(gate_up), self.down_proj)
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate, up = (self.gate_up_proj(x) if gate_up is None else gate_up).chunk(2, dim=-1)
         return self.down_proj(self.act(gate).mul_(up))  # in place: one allocation less per layer
 
 
@@ -168,6 +184,18 @@ class RotaryEmbedding(nn.Module):
         if memo[4] is None:
             memo[4], memo[5] = cos_t[index][:, None, :], sin_t[index][:, None, :]
         return tuple(rotate(x, memo[4], memo[5]) for x in xs)
+
+
+def qk_norm_rope(rope: RotaryEmbedding, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 q_norm: RMSNorm, k_norm: RMSNorm, batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope(positions, q_norm(q), k_norm(k))`` (Qwen3's per-head norms, then RoPE): one Triton
+    launch on CUDA, else the three steps."""
+    fused = fused_ops(q)
+    if (fused is not None and fused.FUSE_QK_NORM_ROPE and not q_norm.offset and not k_norm.offset
+            and q_norm.eps == k_norm.eps):
+        _, index, cos_t, sin_t = rope._tables(positions, batch)[:4]
+        return fused.qk_norm_rope(index, cos_t, sin_t, q, k, q_norm.weight, k_norm.weight, q_norm.eps)
+    return rope(positions, q_norm(q), k_norm(k), batch=batch)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention
 from qkv.model.base import CausalLM
-from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear
 
 
 class LlamaLayer(nn.Module):
@@ -24,11 +24,21 @@ class LlamaLayer(nn.Module):
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it): the stream's
         additions happen inside the next norm (``add_norm``), one fused kernel on the GPU."""
-        if residual is None:
-            residual, h = h, self.input_layernorm(h)
+        # At batch 1 on CUDA each norm runs inside the projection that reads it (norm_linear).
+        fused = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, h, residual)
+        if fused is not None:
+            qkv, residual = fused
+            h = self.self_attn(None, positions, batch, qkv=qkv)
         else:
-            h, residual = self.input_layernorm.add_norm(h, residual)
-        h = self.self_attn(h, positions, batch)
+            if residual is None:
+                residual, h = h, self.input_layernorm(h)
+            else:
+                h, residual = self.input_layernorm.add_norm(h, residual)
+            h = self.self_attn(h, positions, batch)
+        fused = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
+        if fused is not None:
+            gate_up, residual = fused
+            return self.mlp(None, gate_up=gate_up), residual
         h, residual = self.post_attention_layernorm.add_norm(h, residual)
         return self.mlp(h), residual
 

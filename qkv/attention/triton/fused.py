@@ -1,4 +1,5 @@
-"""Fused elementwise ops of the decode hot path: RMSNorm, neox RoPE on q and k, SiLU-and-mul.
+"""Fused elementwise ops of the decode hot path: RMSNorm, neox RoPE on q and k (with Qwen3's
+per-head q/k RMSNorm first, in the same launch), SiLU-and-mul.
 
 In eager torch each of these is 5 to 15 tiny kernels; at batch 1 a Llama-8B step would spend
 more time launching them than reading weights. Each is one kernel here, computing exactly
@@ -7,11 +8,19 @@ what the torch version in ``qkv.model.layers`` computes (fp32 math, same roundin
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.gemv import linear, silu_mul_linear  # noqa: F401  (re-exported for qkv.model.layers)
+from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
+
+# q/k RMSNorm and RoPE in one launch (``qk_norm_rope``); QKV_FUSE_QK_NORM_ROPE=0: three launches.
+FUSE_QK_NORM_ROPE = os.environ.get("QKV_FUSE_QK_NORM_ROPE", "1") != "0"
+# In decode steps over a float cache, the same launch also writes K and V (triton/qk_decode.py);
+# QKV_FUSE_KV_WRITE=0: the attention backend writes them (one launch more per layer).
+FUSE_KV_WRITE = os.environ.get("QKV_FUSE_KV_WRITE", "1") != "0"
 
 
 @triton.jit
@@ -160,3 +169,88 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     if T:
         _silu_mul_kernel[(T, triton.cdiv(N, BLOCK))](x, y, x.stride(0), y.stride(0), N, BLOCK=BLOCK, num_warps=4)
     return y
+
+
+@triton.jit
+def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, sqt, sqh, skt, skh, svt,
+                         oqt, oqh, okt, okh, stride_c, stride_cs, stride_ch, NQ, NK, eps,
+                         HALF: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
+                         WRITE: tl.constexpr, W_PAD: tl.constexpr):
+    t = tl.program_id(0)
+    slot = tl.load(SLOT + t)  # (positions when not WRITE: read, never used)
+    _norm_rope_rows(Q + t * sqt, YQ + t * oqt, QW, COS, SIN, POS, t, sqh, oqh, stride_c, NQ, eps, HALF, HQ_PAD,
+                    KC, slot, stride_cs, stride_ch, False)
+    _norm_rope_rows(K + t * skt, YK + t * okt, KW, COS, SIN, POS, t, skh, okh, stride_c, NK, eps, HALF, HK_PAD,
+                    KC, slot, stride_cs, stride_ch, WRITE)
+    if WRITE:
+        if slot >= 0:  # V as it is, heads contiguous (kv_write's _store_row); -1: store nothing
+            w = tl.arange(0, W_PAD)
+            wm = w < NK * 2 * HALF
+            tl.store(VC + slot.to(tl.int64) * stride_cs + w,
+                     tl.load(V + t * svt + w, mask=wm).to(VC.dtype.element_ty), mask=wm)
+
+
+@triton.jit
+def _norm_rope_rows(X, Y, NW, COS, SIN, POS, t, stride_xh, stride_yh, stride_c, NH, eps,
+                    HALF: tl.constexpr, H_PAD: tl.constexpr, C, slot, stride_cs, stride_ch, WRITE: tl.constexpr):
+    """RMSNorm of each head (``_rms_norm_kernel``'s math and rounding, no offset), then neox
+    RoPE of the rounded result (``_rope_rows``'s); ``WRITE``: also stored at cache ``slot``."""
+    pos = tl.load(POS + t)
+    h = tl.arange(0, H_PAD)
+    i = tl.arange(0, HALF)
+    hmask = (h < NH)[:, None]
+    base = X + h[:, None] * stride_xh + i[None, :]
+    x1 = tl.load(base, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=hmask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+    w1 = tl.load(NW + i).to(tl.float32)[None, :]
+    w2 = tl.load(NW + HALF + i).to(tl.float32)[None, :]
+    dt = Y.dtype.element_ty
+    n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+    n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    cos1 = tl.load(COS + pos * stride_c + i).to(tl.float32)[None, :]
+    cos2 = tl.load(COS + pos * stride_c + HALF + i).to(tl.float32)[None, :]
+    sin1 = tl.load(SIN + pos * stride_c + i).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + pos * stride_c + HALF + i).to(tl.float32)[None, :]
+    y1 = (n1 * cos1 - n2 * sin1).to(dt)
+    y2 = (n2 * cos2 + n1 * sin2).to(dt)
+    out = Y + h[:, None] * stride_yh + i[None, :]
+    tl.store(out, y1, mask=hmask)
+    tl.store(out + HALF, y2, mask=hmask)
+    if WRITE:
+        if slot >= 0:
+            c = C + slot.to(tl.int64) * stride_cs + h[:, None] * stride_ch + i[None, :]
+            tl.store(c, y1.to(C.dtype.element_ty), mask=hmask)
+            tl.store(c + HALF, y2.to(C.dtype.element_ty), mask=hmask)
+
+
+def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                 q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, v: torch.Tensor | None = None,
+                 kv_cache: torch.Tensor | None = None,
+                 slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_qk(..., rms_norm(q, q_weight), rms_norm(k, k_weight))`` (per-head norms over the
+    head dim, no offset) in one launch: q [T, H, D], k [T, KVH, D], any row/head strides.
+    With ``kv_cache`` [2, blocks, bs, KVH, D] (a float cache of k's dtype), ``v`` and
+    ``slot_mapping``: also ``kv_write.write_kv(kv_cache, rotated k, v, slot_mapping)``."""
+    T, NQ, D = q.shape
+    NK = k.shape[1]
+    assert q.stride(2) == 1 and k.stride(2) == 1 and D % 2 == 0
+    yq = torch.empty((T, NQ, D), dtype=q.dtype, device=q.device)
+    yk = torch.empty((T, NK, D), dtype=k.dtype, device=k.device)
+    write = kv_cache is not None
+    if write:
+        kc, vc = kv_cache[0], kv_cache[1]
+        assert kc.dtype == k.dtype and kc.stride(3) == 1 and kc.stride(2) == D and v.stride(2) == 1 and v.stride(1) == D
+        sv, cs, ch, slots = v.stride(0), kc.stride(1), kc.stride(2), slot_mapping
+    else:
+        kc = vc = v = yk  # unused
+        slots = positions
+        sv = cs = ch = 0
+    if T:
+        _qk_norm_rope_kernel[(T,)](q, k, v, yq, yk, q_weight, k_weight, cos, sin, positions, kc, vc, slots,
+                                   q.stride(0), q.stride(1), k.stride(0), k.stride(1), sv, yq.stride(0),
+                                   yq.stride(1), yk.stride(0), yk.stride(1), cos.stride(0), cs, ch, NQ, NK, eps,
+                                   HALF=D // 2, HQ_PAD=triton.next_power_of_2(NQ),
+                                   HK_PAD=triton.next_power_of_2(NK), WRITE=write,
+                                   W_PAD=triton.next_power_of_2(NK * D), num_warps=4)
+    return yq, yk

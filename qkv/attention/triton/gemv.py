@@ -2,39 +2,124 @@
 
 cuBLAS picks a kernel per shape; at M = 1 it reads the large projections near the copy
 bandwidth but the square 4096 x 4096 ``o_proj`` at about half of it (profile of a Llama-8B
-decode step on the H100). This kernel streams W once, BLOCK_N rows per program, 16-byte
-loads along K; ``ENABLED_SHAPES`` lists the (N, K) where the benchmarks found it faster.
+decode step on the H100), and Qwen3-0.6B's ``down_proj`` (1024 x 3072) at an eighth of it
+(H200, docs/benchmarks.md). This kernel streams W once, BLOCK_N rows per program, 16-byte
+loads along K; ``ENABLED_SHAPES`` lists the (N, K) where it replaces cuBLAS.
+
+Fusions at batch 1 (each one launch instead of two or three):
+- ``silu_mul_linear``: SiLU-and-mul applied to the input while loading it (the down projection);
+- ``norm_linear``: (residual add +) RMSNorm as the prologue of the projection that reads the
+  norm's output (qkv and gate/up): every program recomputes the norm of the K-wide row (K is
+  small: one tile), program 0 stores the new residual stream.
+
+Switch (read at import; ``configure`` changes it in a running process, before graph capture):
+``QKV_TRITON_GEMV`` = ``default`` | ``off`` (cuBLAS everywhere) | ``all`` (every one-row product
+of a bias-free layer) | a list ``4096x1024,1024x3072`` (replaces the default) | ``+LIST``
+(added to it); ``QKV_TRITON_GEMV_NORM=0`` keeps the norms as their own kernels.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-# (out_features, in_features) where the Triton GEMV replaces cuBLAS at M = 1. Empty = never.
+# (out_features, in_features) where the Triton GEMV replaces cuBLAS at M = 1.
 # H100 (2026-11-22, benchmarks/gpu_bench.py): only the square o_proj of Llama-8B gained inside the
 # model (cuBLAS 20.7 us, Triton 14.2 us); the larger projections were as fast or faster in cuBLAS.
 # The down projection (4096 x 14336) runs fused with SiLU-and-mul (one launch instead of two).
 # lm_head (128256 x 4096): 348 us against cuBLAS's 370-380 us.
-ENABLED_SHAPES: set[tuple[int, int]] = {(4096, 4096), (4096, 14336), (128256, 4096)}
+LLAMA_8B_SHAPES = {(4096, 4096), (4096, 14336), (128256, 4096)}
+# Qwen3-0.6B: qkv, o, gate/up, down, lm_head. cuBLAS reads down_proj at 0.54 TB/s and the others
+# at 1.6-2.6 TB/s (H200 profile, 2026-12-03); here the norms and SiLU fold into them as well.
+QWEN3_06B_SHAPES = {(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)}
+DEFAULT_SHAPES = LLAMA_8B_SHAPES | QWEN3_06B_SHAPES
+
+ENABLED_SHAPES: set[tuple[int, int]] = set(DEFAULT_SHAPES)
+ALL_SHAPES = False  # "all": every shape, not only the listed ones
+FUSE_NORM = True  # RMSNorm folded into the following projection (norm_linear)
+NORM_MAX_K = 2048
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
 
 
+def parse(spec: str | None) -> tuple[set[tuple[int, int]], bool]:
+    """``QKV_TRITON_GEMV``'s value -> (shapes, all shapes?). Raises ValueError on a bad entry."""
+    spec = (spec or "default").strip().lower()
+    if spec in ("default", ""):
+        return set(DEFAULT_SHAPES), False
+    if spec in ("off", "none", "0"):
+        return set(), False
+    if spec == "all":
+        return set(), True
+    base = set(DEFAULT_SHAPES) if spec.startswith("+") else set()
+    for item in spec.lstrip("+").split(","):
+        try:
+            n, k = (int(v) for v in item.strip().split("x"))
+        except ValueError:
+            raise ValueError(f"QKV_TRITON_GEMV: {item!r} is not NxK (e.g. 1024x3072), 'default', 'off' "
+                             f"or 'all'") from None
+        base.add((n, k))
+    return base, False
+
+
+def configure(spec: str | None = None, fuse_norm: bool | None = None) -> None:
+    """Set the enabled shapes (``QKV_TRITON_GEMV`` syntax) and the norm fusion. CUDA graphs
+    keep the kernels they captured: recapture after changing this."""
+    global ALL_SHAPES, FUSE_NORM
+    shapes, ALL_SHAPES = parse(spec)
+    ENABLED_SHAPES.clear()
+    ENABLED_SHAPES.update(shapes)
+    if fuse_norm is not None:
+        FUSE_NORM = fuse_norm
+
+
+configure(os.environ.get("QKV_TRITON_GEMV"), os.environ.get("QKV_TRITON_GEMV_NORM", "1") != "0")
+
+
+def enabled(n: int, k: int) -> bool:
+    return ALL_SHAPES or (n, k) in ENABLED_SHAPES
+
+
+def tile(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight. Narrow outputs take 2 rows per program
+    (N = 1024 with 4 rows is 256 programs, under two per SM of an H200)."""
+    block_n = 2 if n <= 2048 else 4
+    if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
+        block_n = 32
+    block_k = min(1024, triton.next_power_of_2(k))
+    return block_n, block_k, 4
+
+
+# K is a kernel constant: one variant per weight shape (a handful per model), a loop of known
+# trip count, and loops over it run under the interpreter (numpy 2.4 refuses a runtime bound).
 @triton.jit
-def _gemv_kernel(X, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN: tl.constexpr, OUT_F32: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(X + k0 + k).to(tl.float32)
-        w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
+        if EVEN:
+            x = tl.load(X + k0 + k).to(tl.float32)
+            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
+        else:
+            km = (k0 + k) < K
+            x = tl.load(X + k0 + k, mask=km, other=0.0).to(tl.float32)
+            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)
         acc += w * x[None, :]
-    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty))
+    y = tl.sum(acc, 1).to(X.dtype.element_ty)
+    if OUT_F32:  # the logits: rounded to the model's dtype first, as torch's ``linear(x).float()``
+        y = y.to(tl.float32)
+    tl.store(Y + n, y, mask=n < N)
 
 
 @triton.jit
-def _silu_gemv_kernel(GU, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _silu_gemv_kernel(GU, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      EVEN: tl.constexpr):
     """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x,
     rounded where torch rounds it (silu's output, then the product)."""
     pid = tl.program_id(0)
@@ -42,41 +127,113 @@ def _silu_gemv_kernel(GU, W, Y, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.
     k = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        g = tl.load(GU + k0 + k).to(tl.float32)
-        u = tl.load(GU + K + k0 + k)
+        km = (k0 + k) < K
+        if EVEN:
+            g = tl.load(GU + k0 + k).to(tl.float32)
+            u = tl.load(GU + K + k0 + k)
+            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
+        else:
+            g = tl.load(GU + k0 + k, mask=km, other=0.0).to(tl.float32)
+            u = tl.load(GU + K + k0 + k, mask=km, other=0.0)
+            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & km[None, :],
+                        other=0.0).to(tl.float32)
         a = (g * tl.sigmoid(g)).to(u.dtype).to(tl.float32)
         x = (a * u.to(tl.float32)).to(u.dtype).to(tl.float32)
-        w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
         acc += w * x[None, :]
-    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty))
+    tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int = 4, block_k: int = 1024,
-         num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-    """x [1, K] @ weight[N, K]^T -> [1, N]. N % block_n == 0 and K % block_k == 0 required."""
+@triton.jit
+def _norm_gemv_kernel(X, R, NW, W, Y, RO, N, K, stride_w, eps, HAS_RES: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+    """y = rmsnorm(r + x) W^T, ro = r + x (program 0 stores it); without a residual y =
+    rmsnorm(x) W^T. The norm is ``fused._rms_norm_kernel``'s math (no offset), rounded alike."""
+    pid = tl.program_id(0)
+    k = tl.arange(0, BLOCK_K)
+    km = k < K
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The weight tile first: its memory latency overlaps the norm's (cached) loads and reduction.
+    if EVEN:  # unmasked: full 16-byte vector loads
+        w = tl.load(W + n[:, None] * stride_w + k[None, :])
+    else:
+        w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=(n < N)[:, None] & km[None, :], other=0.0)
+    x = tl.load(X + k, mask=km, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s = (tl.load(R + k, mask=km, other=0.0).to(tl.float32) + x).to(RO.dtype.element_ty)
+        if pid == 0:
+            tl.store(RO + k, s, mask=km)
+        x = s.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / K + eps)
+    nw = tl.load(NW + k, mask=km, other=0.0).to(tl.float32)
+    h = ((x * rstd).to(Y.dtype.element_ty).to(tl.float32) * nw).to(Y.dtype.element_ty).to(tl.float32)
+    tl.store(Y + n, tl.sum(w.to(tl.float32) * h[None, :], 1).to(Y.dtype.element_ty), mask=n < N)
+
+
+def _fits(x: torch.Tensor, layer: torch.nn.Linear) -> bool:
+    if not isinstance(layer, torch.nn.Linear):  # a quantized layer keeps its own kernel
+        return False
+    w = layer.weight
+    return (x.dim() == 2 and x.shape[0] == 1 and layer.bias is None and x.is_contiguous() and w.stride(1) == 1
+            and w.dtype == x.dtype and enabled(*w.shape))
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, block_k: int | None = None,
+         num_warps: int | None = None, num_stages: int = 3, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype (``out_dtype=torch.float32``: the same
+    values, stored widened). Tiles default to ``tile(N, K)``."""
     N, K = weight.shape
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(N // block_n,)](x, weight, y, K, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k,
-                                  num_warps=num_warps, num_stages=num_stages)
+    bn, bk, nw = tile(N, K)
+    block_n, block_k, num_warps = block_n or bn, block_k or bk, num_warps or nw
+    y = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
+    _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, weight.stride(0), K=K, BLOCK_N=block_n,
+                                             BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0,
+                                             OUT_F32=y.dtype == torch.float32 and x.dtype != torch.float32,
+                                             num_warps=num_warps, num_stages=num_stages)
     return y
 
 
-def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """``layer(x)``, through the GEMV kernel when x is one row and the shape is enabled."""
-    w = layer.weight
-    if (x.shape[0] == 1 and layer.bias is None and tuple(w.shape) in ENABLED_SHAPES and x.is_contiguous()
-            and w.shape[0] % 4 == 0 and w.shape[1] % 1024 == 0):
-        return gemv(x, w)
-    return layer(x)
+def linear(x: torch.Tensor, layer: torch.nn.Linear, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``layer(x)`` (``.to(out_dtype)``), through the GEMV kernel when x is one row and the
+    shape is enabled."""
+    if _fits(x, layer):
+        return gemv(x, layer.weight, out_dtype=out_dtype)
+    y = layer(x)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor | None:
     """``layer(silu(gate) * up)`` for one row in one kernel when the shape is enabled, else None."""
+    if not isinstance(layer, torch.nn.Linear):
+        return None
     w = layer.weight
     N, K = w.shape
-    if (gate_up.shape[0] != 1 or layer.bias is not None or (N, K) not in ENABLED_SHAPES
-            or not gate_up.is_contiguous() or N % 4 or K % 1024):
+    if (gate_up.dim() != 2 or gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * K or layer.bias is not None
+            or not enabled(N, K) or not gate_up.is_contiguous() or w.stride(1) != 1 or w.dtype != gate_up.dtype):
         return None
+    bn, bk, nw = tile(N, K)
     y = torch.empty((1, N), dtype=gate_up.dtype, device=gate_up.device)
-    _silu_gemv_kernel[(N // 4,)](gate_up, w, y, K, w.stride(0), BLOCK_N=4, BLOCK_K=1024, num_warps=4, num_stages=3)
+    _silu_gemv_kernel[(triton.cdiv(N, bn),)](gate_up, w, y, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
+                                             EVEN=N % bn == 0 and K % bk == 0, num_warps=nw, num_stages=3)
     return y
+
+
+def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                layer: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(layer(rms_norm(residual + x)), residual + x)`` (no residual: ``(layer(rms_norm(x)), x)``)
+    in one kernel for one row of an enabled shape with K <= ``NORM_MAX_K``; else None."""
+    if not FUSE_NORM or not _fits(x, layer):
+        return None
+    w = layer.weight
+    N, K = w.shape
+    if (K > NORM_MAX_K or x.shape[1] != K
+            or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous()
+                                          or residual.dtype != x.dtype))):
+        return None
+    bn = tile(N, K)[0]
+    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
+    ro = torch.empty_like(x) if residual is not None else x
+    _norm_gemv_kernel[(triton.cdiv(N, bn),)](x, residual if residual is not None else x, norm_weight, w, y, ro, N, K,
+                                             w.stride(0), eps, HAS_RES=residual is not None, BLOCK_N=bn,
+                                             BLOCK_K=triton.next_power_of_2(K),
+                                             EVEN=N % bn == 0 and K == triton.next_power_of_2(K), num_warps=4)
+    return y, ro

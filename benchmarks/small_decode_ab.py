@@ -1,0 +1,207 @@
+"""Batch-1 decode A/B of the decode-path fusion switches (issue 20), one engine per shape, one
+process: each variant sets the switches, recaptures the CUDA graphs and times greedy decode.
+Needs a CUDA GPU.
+
+    PYTHONPATH=. python3 benchmarks/small_decode_ab.py --shape qwen3-0.6b --json ab.jsonl --profile
+
+Variants (qkv/attention/triton/gemv.py, fused.py): ``baseline`` = before the fusions (Triton
+GEMV for Llama-8B's shapes only, norms and q/k norm + RoPE as their own kernels); ``down`` adds
+Qwen3-0.6B's down projection (SiLU fused); ``gemv`` every Qwen3-0.6B projection; ``norm`` adds
+the norms folded into the qkv and gate/up GEMVs; ``qk`` adds q/k norm + RoPE in one kernel;
+``default`` (the shipped default) also writes K/V in that kernel; ``split8`` runs that decode
+attention with 8 splits (one launch, no combine); ``cublas``: no Triton GEMV. Records, one JSON
+line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
+p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
+with ``--profile`` the per-kernel profile of the best variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from qkv.attention.triton import fused
+from qkv.attention.triton import gemv as gemv_mod
+from qkv.attention.triton import qk_decode
+from qkv.engine.request import SamplingParams
+from qkv.tools.bench_rates import measure
+from qkv.tools.shapes import random_engine
+
+OLD = "4096x4096,4096x14336,128256x4096"  # the shapes enabled before issue 20
+VARIANTS = {
+    "baseline": dict(gemv=OLD, norm=False, qk=False, kv=False),
+    "down": dict(gemv=OLD + ",1024x3072", norm=False, qk=False, kv=False),
+    "gemv": dict(gemv="default", norm=False, qk=False, kv=False),
+    "norm": dict(gemv="default", norm=True, qk=False, kv=False),
+    "qk": dict(gemv="default", norm=True, qk=True, kv=False),
+    "default": dict(gemv="default", norm=True, qk=True, kv=True),
+    "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
+    "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
+}
+
+
+def use(variant: str, eng) -> None:
+    v = VARIANTS[variant]
+    gemv_mod.configure(v["gemv"], fuse_norm=v["norm"])
+    fused.FUSE_QK_NORM_ROPE = v["qk"]
+    fused.FUSE_KV_WRITE = v["kv"]
+    qk_decode.SPLITS = v.get("splits")
+    eng.runner.graphs.capture()
+
+
+def decode_b1(eng, prompt_len: int, new: int, runs: int, rng: torch.Generator) -> dict:
+    vocab = eng.config.vocab_size
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    out = []
+    for _ in range(runs):
+        ids = torch.randint(100, vocab - 100, (prompt_len,), generator=rng).tolist()
+        (req,) = eng.add_request(ids, params)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        eng.step()  # the prefill (and the first token)
+        t1 = time.perf_counter()
+        steps = []
+        while eng.has_unfinished():
+            s = time.perf_counter()
+            eng.step()
+            steps.append(time.perf_counter() - s)
+        torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        n = len(req.output_token_ids)
+        out.append(dict(tok_s=(n - 1) / (total - (t1 - t0)), step_p50_ms=statistics.median(steps) * 1e3,
+                        tokens=req.output_token_ids))
+    best = sorted(out, key=lambda r: r["tok_s"])[len(out) // 2]
+    return dict(tok_s=best["tok_s"], step_p50_ms=best["step_p50_ms"], all_tok_s=[r["tok_s"] for r in out],
+                tokens=out[0]["tokens"][:32])
+
+
+def replay_ms(eng, reps: int = 50) -> float:
+    g = eng.runner.graphs.graphs[1]
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def profile(eng, steps: int = 20, top: int = 20) -> dict:
+    params = SamplingParams(max_tokens=steps + 16, temperature=0.0, ignore_eos=True)
+    eng.add_request(list(range(100, 612)), params)
+    eng.step()
+    for _ in range(5):
+        eng.step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+    while eng.has_unfinished():
+        eng.step()
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(ev.name, []).append(getattr(ev, "device_time_total", 0.0))
+    total = sum(sum(v) for v in kernels.values()) / steps
+    rows = sorted(((sum(v) / steps, len(v) / steps, k) for k, v in kernels.items()), reverse=True)
+    return dict(kernel_ms=total / 1e3, kernels_per_step=sum(r[1] for r in rows),
+                top=[dict(us=round(us, 2), calls=c, name=n[:120]) for us, c, n in rows[:top]])
+
+
+def graph_us(fn, reps: int = 10) -> float:
+    """Microseconds per call of ``fn`` (a list of launches) replayed in a CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        n = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        g.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps / n * 1e6
+
+
+def tile_sweep(record, copies: int = 28) -> None:
+    """Each Qwen3-0.6B projection: cuBLAS against the Triton GEMV per tile, ``copies`` weights
+    in turn (as many as layers, past the L2), in a CUDA graph: us per GEMV and TB/s of weight."""
+    for (N, K) in sorted(gemv_mod.QWEN3_06B_SHAPES):
+        ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies if N < 100000 else 2)]
+        x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+
+        def run(f):
+            for w in ws:
+                f(w)
+            return len(ws)
+
+        row = {"cublas": graph_us(lambda: run(lambda w: torch.nn.functional.linear(x, w)))}
+        for bn, warps in ((1, 4), (2, 4), (4, 4), (8, 4), (4, 8), (8, 8)):
+            try:
+                row[f"n{bn}w{warps}"] = graph_us(lambda: run(lambda w: gemv_mod.gemv(x, w, block_n=bn, num_warps=warps)))
+            except Exception as e:  # noqa: BLE001  (a tile that does not compile: recorded, not fatal)
+                row[f"n{bn}w{warps}"] = repr(e)[:80]
+        best = min((k for k in row if isinstance(row[k], float)), key=row.get)
+        record(kind="gemv_tiles", N=N, K=K, us=row, best=best, tile_now=gemv_mod.tile(N, K),
+               best_TBps=N * K * 2 / (row[best] * 1e-6) / 1e12)
+        del ws
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="qwen3-0.6b")
+    p.add_argument("--variants", default="baseline,default,split8,qk,norm,gemv,down,cublas")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new", type=int, default=128)
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--profile", action="store_true", help="per-kernel profile of the fastest variant")
+    p.add_argument("--copy-rate", action="store_true", help="measure the copy rate first")
+    p.add_argument("--json", default=None)
+    p.add_argument("--tiles", action="store_true", help="only the GEMV tile sweep of the Qwen3-0.6B shapes")
+    args = p.parse_args()
+
+    def record(**r):
+        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+
+    dev = torch.device("cuda")
+    if args.tiles:
+        tile_sweep(record)
+        return
+    if args.copy_rate:
+        rates = measure(dev)
+        record(kind="rates", device=torch.cuda.get_device_name(dev), torch=torch.__version__, **rates)
+    t = time.perf_counter()
+    eng = random_engine(args.shape, max_num_seqs=1, max_model_len=2048, num_kv_blocks=256)
+    weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())  # tied: counted once
+    record(kind="engine", shape=args.shape, build_s=time.perf_counter() - t, weight_bytes=weight_bytes,
+           async_scheduling=eng.async_scheduling)
+    results, ref_tokens = {}, None
+    for name in args.variants.split(","):
+        t = time.perf_counter()
+        use(name, eng)
+        cap = time.perf_counter() - t
+        r = decode_b1(eng, args.prompt_len, args.new, args.runs, torch.Generator().manual_seed(0))
+        r["replay_ms"] = replay_ms(eng)
+        same = None if ref_tokens is None else r["tokens"] == ref_tokens
+        ref_tokens = ref_tokens or r["tokens"]
+        results[name] = r
+        record(kind="decode_b1", shape=args.shape, variant=name, switches=VARIANTS[name], capture_s=cap,
+               same_tokens_as_first=same, **r)
+    if args.profile:
+        best = max(results, key=lambda k: results[k]["tok_s"])
+        use(best, eng)
+        record(kind="profile", shape=args.shape, variant=best, **profile(eng))
+
+
+if __name__ == "__main__":
+    main()

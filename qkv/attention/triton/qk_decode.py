@@ -1,0 +1,47 @@
+"""Decode attention of a q/k-norm model (Qwen3) with the KV write folded into the q/k norm +
+RoPE kernel: one launch of ``fused.qk_norm_rope`` normalizes and rotates q and k and stores
+k and v at their cache slots, then the decode kernel runs as ``backend.paged_attention`` runs it
+for a decode step (which would otherwise launch ``kv_write.write_kv`` first). Applies to
+decode steps of the Triton backend over a float cache of the model's dtype without window,
+ring, dilation or key offset; ``applies`` says when, and the caller takes the usual path else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from qkv.attention.batch import AttentionBatch
+from qkv.attention.triton import fused
+from qkv.attention.triton.decode import paged_decode
+from qkv.kvcache.kv_pages import layout_of
+
+# Splits of the decode kernel here (QKV_DECODE_SPLITS; unset: decode.num_splits's choice, 32 at
+# batch 1 in a graph, which needs the second, combining launch). Up to 8 the kernel merges the
+# splits itself (one launch): better for short contexts, fewer programs for long ones.
+SPLITS = int(os.environ.get("QKV_DECODE_SPLITS", "0")) or None
+
+
+def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
+    """Whether ``attend`` can replace norms + RoPE + ``backend.attention`` for module ``attn``."""
+    cache = attn.kv_cache
+    return (fused.FUSE_KV_WRITE and fused.FUSE_QK_NORM_ROPE and attn.attention_backend == "triton"
+            and batch.is_decode and cache is not None and qkv.is_cuda and cache.dtype == qkv.dtype
+            and attn.window is None and attn.dilation == 1 and batch.ring_blocks[attn.group] is None
+            and layout_of(cache) is None and not attn.q_norm.offset and not attn.k_norm.offset
+            and attn.q_norm.eps == attn.k_norm.eps and attn._key_offset() is None)
+
+
+def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+           batch: AttentionBatch) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] straight from the projection -> attention output [T, H, D];
+    this step's k (normalized, rotated) and v are written into ``attn.kv_cache``."""
+    g = attn.group
+    _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
+    q, _ = fused.qk_norm_rope(index, cos_t, sin_t, q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
+                              v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g])
+    capturing = batch.graph or torch.cuda.is_current_stream_capturing()
+    return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
+                        max_seq_len=None if capturing else batch.max_seq_len, splits=SPLITS,
+                        query_start_loc=batch.query_start_loc)

@@ -1,0 +1,209 @@
+"""The batch-1 fusions of the Llama/Qwen3 decode path (issue 20): norm + projection, SiLU + down
+projection, q/k norm + RoPE, fp32 logits from the GEMV — each against the torch code it replaces.
+
+Without CUDA the kernels run under Triton's interpreter (TRITON_INTERPRET=1) in float32, and a
+tiny Qwen3 / Llama engine on the CPU is run with the fused ops forced on (every shape enabled):
+its greedy tokens must equal the plain torch path's. With CUDA the same engines run on the GPU
+(reference backend, eager, against the Triton backend with CUDA graphs and every shape enabled).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported: set it before
+try:
+    import triton  # noqa: F401
+except ImportError:  # pragma: no cover - depends on the machine
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from qkv.attention.triton import fused  # noqa: E402
+from qkv.attention.triton import gemv as gemv_mod  # noqa: E402
+from qkv.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+
+DEV = "cuda" if CUDA else "cpu"
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def all_shapes():
+    """Every one-row product through the Triton GEMV for the test, the default after it."""
+    gemv_mod.configure("all", fuse_norm=True)
+    yield
+    gemv_mod.configure(None, fuse_norm=True)
+
+
+def close(a, b, tol=None):
+    tol = tol if tol is not None else (2e-2 if CUDA else 1e-5)
+    err = ((a.float() - b.float()).norm() / b.float().norm()).item()
+    assert err < tol, f"relative error {err:.2e}"
+
+
+def test_switch_parses_and_refuses_bad_entries():
+    assert gemv_mod.parse("off") == (set(), False)
+    assert gemv_mod.parse("all") == (set(), True)
+    assert gemv_mod.parse("1024x3072, 4096x1024") == ({(1024, 3072), (4096, 1024)}, False)
+    shapes, _ = gemv_mod.parse("+8x16")
+    assert (8, 16) in shapes and gemv_mod.DEFAULT_SHAPES <= shapes
+    assert gemv_mod.parse(None) == (gemv_mod.DEFAULT_SHAPES, False)
+    with pytest.raises(ValueError, match="not NxK"):
+        gemv_mod.parse("1024by3072")
+    try:
+        gemv_mod.configure("off")
+        assert not gemv_mod.enabled(1024, 3072)
+        gemv_mod.configure("1024x3072")
+        assert gemv_mod.enabled(1024, 3072) and not gemv_mod.enabled(4096, 1024)
+    finally:
+        gemv_mod.configure(None)
+    assert gemv_mod.enabled(1024, 3072) and gemv_mod.enabled(4096, 4096)
+
+
+@pytest.mark.parametrize("N,K", [(64, 1024), (6, 96), (40, 72)])
+def test_gemv_and_silu_gemv_any_shape(all_shapes, N, K):
+    """Ragged N and K (masked tiles) and the fp32 output of the logits."""
+    gen = torch.Generator().manual_seed(N + K)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    layer = torch.nn.Linear(K, N, bias=False).to(DEV, dtype)
+    x = torch.randn(1, K, generator=gen).to(DEV, dtype)
+    close(gemv_mod.linear(x, layer), layer(x))
+    out = gemv_mod.linear(x, layer, torch.float32)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, out.to(dtype).float())  # rounded to the model's dtype first, as .float() of it
+    close(out, layer(x))
+    gu = torch.randn(1, 2 * K, generator=gen).to(DEV, dtype)
+    g, u = gu.chunk(2, -1)
+    close(gemv_mod.silu_mul_linear(gu, layer), layer(torch.nn.functional.silu(g) * u))
+
+
+@pytest.mark.parametrize("K,N", [(64, 256), (64, 194), (96, 64)])  # full tiles, ragged rows, ragged K
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_linear_matches_norm_then_linear(all_shapes, K, N, with_residual):
+    from qkv.model.layers import norm_linear
+
+    gen = torch.Generator().manual_seed(K)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    norm = RMSNorm(K, 1e-6).to(DEV, dtype)
+    norm.weight.data = torch.randn(K, generator=gen).to(DEV, dtype)
+    layer = torch.nn.Linear(K, N, bias=False).to(DEV, dtype)
+    x = torch.randn(1, K, generator=gen).to(DEV, dtype)
+    r = torch.randn(1, K, generator=gen).to(DEV, dtype) if with_residual else None
+    got = norm_linear(norm, layer, x, r) if CUDA else fused.norm_linear(x, r, norm.weight, 1e-6, layer)
+    stream = r + x if with_residual else x
+    assert torch.equal(got[1], stream)  # the residual stream: exact (one add, rounded as torch's)
+    h = torch.nn.functional.rms_norm(stream.float(), (K,), eps=1e-6).to(dtype) * norm.weight
+    close(got[0], layer(h))
+    try:
+        gemv_mod.configure("all", fuse_norm=False)
+        assert fused.norm_linear(x, r, norm.weight, 1e-6, layer) is None
+    finally:
+        gemv_mod.configure("all", fuse_norm=True)
+
+
+def test_qk_norm_rope_matches_norms_then_rope():
+    gen = torch.Generator().manual_seed(9)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    D, H, KVH, T = 32, 6, 2, 5
+    rope = RotaryEmbedding(D, 10000.0).to(DEV)
+    qn, kn = RMSNorm(D, 1e-6).to(DEV, dtype), RMSNorm(D, 1e-6).to(DEV, dtype)
+    qn.weight.data = torch.randn(D, generator=gen).to(DEV, dtype)
+    kn.weight.data = torch.randn(D, generator=gen).to(DEV, dtype)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gen).to(DEV, dtype)
+    q = qkv[:, :H * D].view(T, H, D)  # strided views of the projection, as the model passes them
+    k = qkv[:, H * D:(H + KVH) * D].view(T, KVH, D)
+    pos = torch.tensor([0, 3, 7, 100, 2], device=DEV)
+    ref_q, ref_k = rope(pos, qn(q), kn(k))
+    out_q, out_k = fused.qk_norm_rope(pos, rope.cos, rope.sin, q, k, qn.weight, kn.weight, 1e-6)
+    close(out_q, ref_q)
+    close(out_k, ref_k)
+    # With the KV write folded in: the cache rows equal write_kv's of the same k and v.
+    from qkv.attention.triton.kv_write import write_kv
+
+    v = qkv[:, (H + KVH) * D:].view(T, KVH, D)
+    slots = torch.tensor([3, -1, 0, 17, 9], device=DEV)  # -1: stores nothing
+    cache = torch.zeros(2, 3, 8, KVH, D, dtype=dtype, device=DEV)
+    want = torch.zeros_like(cache)
+    got_q, got_k = fused.qk_norm_rope(pos, rope.cos, rope.sin, q, k, qn.weight, kn.weight, 1e-6, v=v,
+                                      kv_cache=cache, slot_mapping=slots)
+    assert torch.equal(got_q, out_q) and torch.equal(got_k, out_k)
+    write_kv(want, out_k, v, slots)
+    assert torch.equal(cache, want)
+    assert cache.abs().sum() > 0
+
+
+def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
+    from qkv.engine.engine import LLMEngine
+    from qkv.engine.request import SamplingParams
+    from qkv.loading import load
+
+    import qkv.model.layers as layers
+
+    loaded = load(path)
+    if not fused_on:  # the plain torch path, on either device
+        monkeypatch.setattr(layers, "fused_ops", lambda x: None)
+    if CUDA:
+        kw = (dict(attention_backend="triton", enforce_eager=False) if fused_on
+              else dict(attention_backend="reference", enforce_eager=True))
+        eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cuda", block_size=16,
+                        num_kv_blocks=32, max_num_seqs=2, **kw)
+    else:
+        eng = LLMEngine(loaded.config, loaded.weights, None, dtype="float32", device="cpu", block_size=16,
+                        num_kv_blocks=32, max_num_seqs=2, log_stats=False)
+        for m in eng.model.modules():  # row-major weights, as on the GPU (the CPU relays them column-major)
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = m.weight.data.contiguous()
+        if fused_on:  # the fused ops for CPU tensors, under the interpreter
+            monkeypatch.setattr(layers, "fused_ops", lambda x: fused)
+    # The interpreter runs each program of each launch in numpy: a few steps only on the CPU.
+    params = SamplingParams(max_tokens=12 if CUDA else 4, temperature=0.0, ignore_eos=True)
+    gen = torch.Generator().manual_seed(1)
+    reqs = []
+    for n in ((7, 19) if CUDA else (7,)):  # one at a time: every decode step is a batch-1 step
+        reqs += eng.add_request(torch.randint(2, 250, (n,), generator=gen).tolist(), params)
+        while eng.has_unfinished():
+            eng.step()
+    monkeypatch.undo()
+    return [r.output_token_ids for r in reqs]
+
+
+@pytest.mark.parametrize("family", ["qwen3", pytest.param("llama", marks=gpu)])
+def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, family):
+    """Every fusion on (CPU: interpreter; GPU: Triton + CUDA graphs) == the plain torch path."""
+    path, _ = tiny_model(family)
+    assert _greedy(path, True, monkeypatch) == _greedy(path, False, monkeypatch)
+
+
+@gpu
+def test_kernel_count_per_layer_drops(tiny_model, all_shapes):
+    """A batch-1 decode step of a tiny Qwen3 launches at most 7 kernels per layer fused (6 expected:
+    norm+qkv, q/k norm+RoPE+KV write, attention, o_proj, norm+gate/up, SiLU+down; 12 before)."""
+    from qkv.engine.engine import LLMEngine
+    from qkv.engine.request import SamplingParams
+    from qkv.loading import load
+
+    loaded = load(tiny_model("qwen3")[0])
+    eng = LLMEngine(loaded.config, loaded.weights, None, dtype="bfloat16", device="cuda", block_size=16,
+                    num_kv_blocks=32, max_num_seqs=1, enforce_eager=True, attention_backend="triton")
+    eng.add_request(list(range(2, 12)), SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    from qkv.attention.batch import AttentionBatch
+
+    model = eng.model
+    t64 = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+    batch = AttentionBatch(query_start_loc=t64([0, 1]), num_computed=t64([12]), query_lens=t64([1]),
+                           max_query_len=1, max_seq_len=13, block_size=16, block_tables=[t64([[0]])],
+                           slot_mappings=[t64([-1])], ring_blocks=[None])  # slot -1: writes nothing
+    ids, pos = t64([5]), t64([12])
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        with torch.inference_mode():
+            model(ids, pos, batch)
+        torch.cuda.synchronize()
+    n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    layers = loaded.config.num_layers
+    assert n <= 7 * layers + 3, f"{n} kernels for {layers} layers"
