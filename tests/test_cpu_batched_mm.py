@@ -1,7 +1,8 @@
-"""The int4 layer's many-row path (model/int4.py's ``unpack`` + a bf16 GEMM, from DENSE_ROWS
-rows): the unpacked weight is the one the int4 kernel multiplies by, the product agrees with
-the kernel to bf16 rounding, and an engine's greedy tokens are the same whether prompts are
-prefilled together (many rows: this path) or one at a time (few rows: the kernel)."""
+"""The CPU layers' many-row paths: int4 (model/int4.py's ``unpack`` + a bf16 GEMM, from
+DENSE_ROWS rows) and int8 (model/quant.py's ``int8_rows_mm``, from INT_MM_ROWS rows). The
+unpacked weight is the one the int4 kernel multiplies by; each product agrees with its
+kernel to the bf16 rounding of the output; an engine's greedy tokens are the same whether
+prompts run together (many rows: these paths) or one at a time (few rows: the kernels)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import torch
 from torch import nn
 
 from qkv import LLM, SamplingParams
-from qkv.model import int4
+from qkv.model import int4, quant
 from qkv.model.int4 import GROUP, Int4Linear, unpack
+from qkv.model.quant import Int8Linear, int8_rows_mm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,6 +55,25 @@ def test_many_rows_match_the_kernel():
     assert torch.equal(q(x[:5]), ref[:5])  # few rows: the kernel itself
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("m", [8, 33])
+def test_int8_rows_mm_matches_the_int8_kernel(m):
+    """Against the float32 product by the int8 weight: the two int8 planes are off by 1.4e-4 of
+    the largest output (measured), the int8 kernel's bf16 output by its rounding (2e-3); an
+    outlier channel (as real hidden states have) sets each row's scale."""
+    torch.manual_seed(m)
+    q = Int8Linear(nn.Linear(576, 1000, bias=False))
+    x = (torch.randn(m, 576) * torch.rand(576) * 3).bfloat16()
+    x[:, 7] = 40
+    truth = x.float() @ (q.weight_int8.float() * q.scale[:, None]).t()
+    assert ((int8_rows_mm(x, q.weight_int8, q.scale) - truth).abs().max() / truth.abs().max()).item() < 5e-4
+    ref = torch.ops.aten._weight_int8pack_mm(x, q.weight_int8, q.scale.bfloat16())
+    y = q(x)  # the layer: int8_rows_mm from INT_MM_ROWS rows
+    assert not torch.equal(y, ref)
+    assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 1e-2
+    assert torch.equal(q(x[:1]), ref[:1])  # one row: the kernel
+
+
 def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypatch):
     path, _ = tiny_model("llama")
     prompts = [torch.randint(2, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -62,11 +83,15 @@ def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypat
         return LLM(path, device="cpu", block_size=4, num_kv_blocks=256, quantization="int4")
 
     monkeypatch.setattr(int4, "DENSE_ROWS", 64)  # each prompt alone stays on the kernel
+    monkeypatch.setattr(quant, "INT_MM_ROWS", 2)  # and its one-row lm_head too; 4 rows do not
+    rows_mm = []
+    real_rows_mm = quant.int8_rows_mm
+    monkeypatch.setattr(quant, "int8_rows_mm", lambda *a: rows_mm.append(1) or real_rows_mm(*a))
     calls = []
     real = int4.unpack
     monkeypatch.setattr(int4, "unpack", lambda *a: calls.append(1) or real(*a))
     alone = [llm().generate([p], params)[0].token_ids for p in prompts]
-    assert not calls
+    assert not calls and not rows_mm
     together = [o.token_ids for o in llm().generate(prompts, params)]
-    assert calls  # the batched prefill (98 rows) went through unpack
+    assert calls and rows_mm  # the batched prefill (98 rows) went through unpack, the lm_head's 4 rows int8_rows_mm
     assert together == alone
