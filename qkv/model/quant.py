@@ -26,7 +26,10 @@ into two int8 planes, ``x ~= s * (hi + lo / 254)`` with ``s = max|x_row| / 127``
 through one ``torch._int_mm`` (int8 x int8 -> int32, VNNI; 16 rows 5-7 ms) against the same
 int8 weight, no second copy. The two planes carry ~15 bits of each row's range, finer than
 the bf16 activations' own 8-bit mantissa for the row's large elements; the output agrees with
-the int8 kernel to its bf16 rounding (tests/test_quant.py).
+the int8 kernel to its bf16 rounding (tests/test_cpu_batched_mm.py). From ``DENSE_ROWS``
+rows (a prefill) ``_int_mm`` scales worse than oneDNN's bf16 GEMM (Gemma 3's 4,096 x 640 at
+1,024 rows: planes 50 ms, the int8 kernel 41, bf16 32), so there the int8 weight is widened
+to bf16 for the step (exactly: |q| <= 127) and the product, rounded to bf16, is scaled.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ METHODS = ("int4", "int8", "bf16")
 # Rows from which Int8Linear goes through int8_rows_mm (measured, SmolLM2's lm_head, 2 threads:
 # the int8 kernel 3.9 ms at 4 rows, 8.9 at 8; int8_rows_mm ~5 at 4 and 8).
 INT_MM_ROWS = 8
+DENSE_ROWS = 256  # from here: the weight widened to bf16 and oneDNN's GEMM (module docstring)
 
 # float32 scratch of one block of rows: small next to any weight worth quantizing, large
 # enough that the per-block Python costs nothing (SmolLM2's lm_head: 28 blocks).
@@ -99,7 +103,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= INT_MM_ROWS:
+        if x2.shape[0] >= DENSE_ROWS:
+            y = torch.mm(x2.to(torch.bfloat16), self.weight_int8.to(torch.bfloat16).t()).mul_(self.scale).to(x.dtype)
+        elif x2.shape[0] >= INT_MM_ROWS:
             y = int8_rows_mm(x2, self.weight_int8, self.scale).to(x.dtype)
         else:
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(x.dtype))
