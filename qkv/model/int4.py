@@ -19,6 +19,14 @@ and start-up skips a float copy and a rounding pass of every layer.
 ``rows_per_chunk``), so no float32 or int32 copy of a whole matrix is held; the blocks are
 packed and concatenated, equal to packing the whole matrix bit for bit
 (tests/test_quant_chunked.py).
+
+Many rows at once (a prefill of ``DENSE_ROWS`` tokens or more): the int4 kernel's cost grows
+with the rows (about 60 GMAC/s on this project's 2-core AVX-512 machine, against ~120 for
+oneDNN's bf16 GEMM, which uses avx512_bf16), so there the layer's weight is unpacked to bf16
+for the step (``unpack``, 1-4 ms a SmolLM2 matrix, no copy kept) and multiplied by
+``torch.mm``: SmolLM2's layer at 2,048 rows ~120 -> ~45 ms (docs/benchmarks.md). The weight
+then is ``(q - 8) * scale + zero`` rounded once to bf16 where the kernel keeps it in float32:
+the two paths agree to bf16 rounding, not bit for bit (tests/test_int4.py).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ from torch import nn
 from qkv.model.quant import rows_per_chunk
 
 GROUP = 32
+
+# Rows from which a product goes through unpack + bf16 GEMM instead of the int4 kernel:
+# measured break-even 128-256 rows at SmolLM2's shapes (the unpack is paid once a step).
+DENSE_ROWS = 256
 
 
 def supports(linear: nn.Linear) -> bool:
@@ -94,6 +106,21 @@ def _pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
 
 
+def unpack(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
+    """``pack``'s result -> the weight transposed, [K, N] bf16: ``(q - 8) * scale + zero`` in
+    float32, rounded once. None where N is not a multiple of TILE_ROWS (a layout this does not
+    read). The packed layout (ATen's, this torch): per tile of 64 rows, [K, 32] bytes, byte
+    (k, j) holding row j's code in its low nibble and row j + 32's in its high one."""
+    k, n = scales_zeros.shape[0] * GROUP, scales_zeros.shape[1]
+    if n % TILE_ROWS or packed.shape != (n, k // 2):
+        return None
+    p = packed.view(n // TILE_ROWS, k, TILE_ROWS // 2)
+    q = torch.stack((p & 15, p >> 4), dim=2).view(n // TILE_ROWS, k, TILE_ROWS).permute(1, 0, 2)
+    w = q.reshape(k // GROUP, GROUP, n).float().sub_(8)
+    sz = scales_zeros.float()
+    return w.mul_(sz[:, None, :, 0]).add_(sz[:, None, :, 1]).view(k, n).to(torch.bfloat16)
+
+
 class Int4Linear(nn.Module):
     """``y = x @ dequant(w_int4)^T + b``; x is computed in bf16 (cast in and out if it is not)."""
 
@@ -116,7 +143,11 @@ class Int4Linear(nn.Module):
         x2 = x if x.dim() == 2 else x.reshape(-1, shape[-1])  # the engine's [T, K]: no reshapes, ops cost
         if dtype != torch.bfloat16:
             x2 = x2.to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, GROUP, self.scales_zeros)
+        wt = unpack(self.weight_int4, self.scales_zeros) if x2.shape[0] >= DENSE_ROWS else None
+        if wt is not None:
+            y = torch.mm(x2, wt)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, GROUP, self.scales_zeros)
         if self.bias is not None:
             y += self.bias
         if x.dim() != 2:

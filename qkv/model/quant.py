@@ -18,6 +18,18 @@ step is per row, so the result is the whole-matrix rounding bit for bit
 (tests/test_quant_chunked.py). On the CPU load path (model/materialize.py) each linear's
 weight is rounded as it is read from the file and its float copy dropped at once, so the
 float model is never whole in memory; ``quantize`` then swaps in the layers.
+
+Several rows at once (``INT_MM_ROWS`` or more: a batched decode step's lm_head): torch's
+``_weight_int8pack_mm`` costs each row almost as much as one whole call (SmolLM2's lm_head,
+49,152 x 576: 2.9 ms for one row, 16-20 ms for 16), so there the activations are split per row
+into two int8 planes, ``x ~= s * (hi + lo / 254)`` with ``s = max|x_row| / 127``, and both go
+through one ``torch._int_mm`` (int8 x int8 -> int32, VNNI; 16 rows 5-7 ms) against the same
+int8 weight, no second copy. The two planes carry ~15 bits of each row's range, finer than
+the bf16 activations' own 8-bit mantissa for the row's large elements; the output agrees with
+the int8 kernel to its bf16 rounding (tests/test_cpu_batched_mm.py). From ``DENSE_ROWS``
+rows (a prefill) ``_int_mm`` scales worse than oneDNN's bf16 GEMM (Gemma 3's 4,096 x 640 at
+1,024 rows: planes 50 ms, the int8 kernel 41, bf16 32), so there the int8 weight is widened
+to bf16 for the step (exactly: |q| <= 127) and the product, rounded to bf16, is scaled.
 """
 
 from __future__ import annotations
@@ -26,6 +38,11 @@ import torch
 from torch import nn
 
 METHODS = ("int4", "int8", "bf16")
+
+# Rows from which Int8Linear goes through int8_rows_mm (measured, SmolLM2's lm_head, 2 threads:
+# the int8 kernel 3.9 ms at 4 rows, 8.9 at 8; int8_rows_mm ~5 at 4 and 8).
+INT_MM_ROWS = 8
+DENSE_ROWS = 256  # from here: the weight widened to bf16 and oneDNN's GEMM (module docstring)
 
 # float32 scratch of one block of rows: small next to any weight worth quantizing, large
 # enough that the per-block Python costs nothing (SmolLM2's lm_head: 28 blocks).
@@ -56,6 +73,18 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(w.dtype)
 
 
+def int8_rows_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale)^T`` in float32 for x [M, K] (any float dtype), q [N, K] int8, scale [N]:
+    x split per row into two int8 planes (module docstring), one ``torch._int_mm`` of 2M rows."""
+    m = x.shape[0]
+    xf = x.float()
+    s = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(127)
+    hi = torch.round(xf / s)
+    lo = torch.round((xf - hi * s).mul_(254).div_(s))  # the remainder, |.| <= s / 2: in [-127, 127]
+    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), q.t())  # [2M, N] int32
+    return acc[m:].float().div_(254).add_(acc[:m]).mul_(s).mul_(scale.float())
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (w_int8 * scale)^T + b``, with ``scale[o] = max|w[o, :]| / 127``."""
 
@@ -73,7 +102,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight_int8, self.scale.to(x.dtype))
+        x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] >= DENSE_ROWS:
+            y = torch.mm(x2.to(torch.bfloat16), self.weight_int8.to(torch.bfloat16).t()).mul_(self.scale).to(x.dtype)
+        elif x2.shape[0] >= INT_MM_ROWS:
+            y = int8_rows_mm(x2, self.weight_int8, self.scale).to(x.dtype)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(x.dtype))
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
