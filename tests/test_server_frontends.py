@@ -55,7 +55,12 @@ class Served:
             found.update(kids=kids, fronts=fronts, spawned=spawned)
             return len(fronts) == 2 and bool(spawned)
 
-        wait_healthy(self.proc, self.url, two_front_ends_and_an_engine)
+        try:
+            wait_healthy(self.proc, self.url, two_front_ends_and_an_engine)
+        except BaseException:  # a server that never became healthy is not left running
+            self.family = [self.proc.pid, *children(self.proc.pid)]
+            self.kill()
+            raise
         self.frontends, self.engine = found["fronts"], found["spawned"][0]
         self.family = [self.proc.pid, *found["kids"]]
 
