@@ -1,9 +1,11 @@
 """Sampler: one token per logits row, on the logits' device.
 
 Greedy rows take the argmax. Other rows apply temperature, then top-k and top-p on the
-sorted distribution (sorted only when one of them is asked), and draw with the
-exponential-race trick (argmax of p / E, E ~ Exp(1)), which equals sampling from p. A request with a seed draws its E from its own generator, so
-its tokens do not depend on what else is in the batch.
+sorted distribution (sorted only when one of them is asked), and draw by inverse CDF: one
+uniform number a row against the cumulative probabilities. A request with a seed draws it
+from its own generator, so its tokens do not depend on what else is in the batch. (The GPU's
+kernel, ``attention/triton/sampling.py``, races exponentials instead: seeded draws differ
+between the devices.)
 """
 
 from __future__ import annotations
@@ -39,14 +41,16 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
     V = logits.shape[1]
     ks = [r.params.top_k if r.params.top_k > 0 else V for r in reqs]
     ps = [r.params.top_p for r in reqs]
-    # The race needs no order: a row is sorted (a full sort of the vocabulary, 18% of a 16-row
-    # CPU step) only when its own top-k or top-p cuts the sorted distribution. Per row, so that
-    # a seeded request draws the same token whatever else shares its batch.
+    # Each row draws one uniform u (a seeded request from its own generator, so its token does
+    # not depend on what else shares the batch) and takes the first token whose cumulative
+    # probability passes u: inverse-CDF sampling, one random number a row where the
+    # exponential race needs one per vocabulary entry (1-3 ms a row on a CPU). A row is sorted
+    # (a full sort of the vocabulary) only when its own top-k or top-p cuts the distribution.
     cut = [k < V or p < 1.0 for k, p in zip(ks, ps)]
-    noise = torch.empty_like(logits)
+    u = torch.empty(len(reqs), dtype=torch.float32, device=device)
     for i, r in enumerate(reqs):
-        noise[i].exponential_(generator=_generator(r, device))
-    sampled = None if all(cut) else (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+        u[i : i + 1].uniform_(generator=_generator(r, device))
+    sampled = None if all(cut) else _draw(logits.softmax(dim=-1), u)
     if any(cut):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         if any(k < V for k in ks):
@@ -58,8 +62,16 @@ def sample(logits: torch.Tensor, reqs: list[Request]) -> torch.Tensor:
             before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
             drop = before > torch.tensor(ps, device=device)[:, None]
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        choice = (sorted_logits.softmax(dim=-1) / noise).argmax(dim=-1)
+        choice = _draw(sorted_logits.softmax(dim=-1), u)
         ranked = order.gather(1, choice[:, None]).squeeze(1)
         sampled = ranked if sampled is None else torch.where(torch.tensor(cut, device=device), ranked, sampled)
     is_greedy = torch.tensor([r.params.greedy for r in reqs], device=device)
     return torch.where(is_greedy, greedy_tokens, sampled)
+
+
+def _draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative probability exceeds ``u`` times the row's total
+    (a token of probability 0 is never drawn: its cumulative sum equals its predecessor's)."""
+    cdf = probs.cumsum(dim=-1)
+    x = (u * cdf[:, -1])[:, None]
+    return torch.searchsorted(cdf, x, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
