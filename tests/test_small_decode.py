@@ -9,25 +9,13 @@ its greedy tokens must equal the plain torch path's. With CUDA the same engines 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-if not CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported: set it before
-try:
-    import triton  # noqa: F401
-except ImportError:  # pragma: no cover - depends on the machine
-    pytest.skip("triton is not installed", allow_module_level=True)
-
+from test_triton import CUDA, DEV, gpu  # noqa: I001  (sets TRITON_INTERPRET; skips without triton)
 from qkv.attention.triton import fused  # noqa: E402
 from qkv.attention.triton import gemv as gemv_mod  # noqa: E402
 from qkv.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
-
-DEV = "cuda" if CUDA else "cpu"
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
 @pytest.fixture
