@@ -253,13 +253,13 @@ def test_abort_anywhere_frees_everything(tiny_llama):
     assert 0 < pf.num_computed_tokens < len(long) and eng.kv.has(pf.request_id)
     eng.abort(pf.request_id)
     # mid-decode, with n=4 samples sharing blocks
-    par = eng.add_request(long[:10], SamplingParams(n=4, seed=1, temperature=1.0, max_tokens=20))
+    par = eng.add_request(long[:10], SamplingParams(n=4, seed=1, temperature=1.0, max_tokens=20, ignore_eos=True))
     while par[0].num_output_tokens < 2:
         steps()
     eng.abort(par[0].request_id)
     assert all(r.finished and not eng.kv.has(r.request_id) for r in par)
     # a sample aborted on its own before its head forked it never runs
-    par = eng.add_request(long, SamplingParams(n=3, seed=2, temperature=1.0, max_tokens=20))
+    par = eng.add_request(long, SamplingParams(n=3, seed=2, temperature=1.0, max_tokens=20, ignore_eos=True))
     eng.abort(par[2].request_id)
     while par[0].num_output_tokens < 2:
         steps()
