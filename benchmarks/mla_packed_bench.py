@@ -21,7 +21,7 @@ import triton.testing
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from qkv.attention.triton.mla import mla_decode  # noqa: E402
-from qkv.attention.triton.mla_packed import mla_packed_decode, write_latent  # noqa: E402
+from qkv.attention.triton.mla_packed import write_latent  # noqa: E402
 from qkv.kvcache import kv_pages  # noqa: E402
 from qkv.kvcache.kv_int import resolve  # noqa: E402
 from qkv.kvcache.spec import MLA  # noqa: E402
@@ -52,7 +52,7 @@ def one(B: int, ctx: int, fmt: str, copy_rate: float) -> dict:
         write_latent(cache, rows, R, slots)
         stored = kv_pages.read(cache, 0, slots, torch.float32)[:, 0]
         nbytes = B * ctx * spec.bytes_per_token
-        fn = lambda: mla_packed_decode(ql, qr, cache, table, nc, scale)  # noqa: E731
+        fn = lambda: mla_decode(ql, qr, cache, table, nc, scale)  # noqa: E731
     out = fn()
     # fp32 oracle over the stored rows
     keys = stored.view(nb, BS, R + P)[table.long()].view(B, -1, R + P)[:, :ctx]

@@ -17,6 +17,13 @@ from qkv.attention.triton.prefill import paged_prefill
 from qkv.kvcache.kv_pages import layout_of
 
 
+def decode_keys(batch: AttentionBatch, max_keys: int) -> int | None:
+    """The key count a decode step's launch sizes its splits by: None inside a CUDA graph, whose
+    one capture replays for every length (the kernel then takes its graph-safe split count)."""
+    capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    return None if capturing else max_keys
+
+
 def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window, softcap):
     """int8/int4 pages, read as they are (widened tile by tile in registers): decode steps write
     (quantizing) and run the packed decode kernel; other steps run the packed prefill kernel
@@ -31,9 +38,8 @@ def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
                               batch.ring_blocks[group], softcap, mixed=batch.num_seqs > 1,
                               max_seq_len=batch.max_seq_len if window is None else min(batch.max_seq_len, window))
     write_packed(kv_cache, k, v, batch.slot_mappings[group])
-    capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
     return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,
-                         batch.ring_blocks[group], softcap, max_seq_len=None if capturing else batch.max_seq_len,
+                         batch.ring_blocks[group], softcap, max_seq_len=decode_keys(batch, batch.max_seq_len),
                          query_start_loc=batch.query_start_loc)
 
 
@@ -51,9 +57,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     max_keys = batch.max_seq_len if window is None else min(batch.max_seq_len, window)
     if batch.is_decode:
         write_kv(kv_cache, k, v, slots)
-        capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
-                            max_seq_len=None if capturing else max_keys,
+                            max_seq_len=decode_keys(batch, max_keys),
                             query_start_loc=batch.query_start_loc, dilation=dilation)
     # A mixed step (decodes beside prefill chunks): the prefill kernel takes the multi-token
     # sequences and reads before the write; the GQA decode kernel takes the one-token ones

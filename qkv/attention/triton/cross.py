@@ -30,9 +30,9 @@ def cross_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: AttentionBat
     ``kv_cache`` [2, blocks, bs, KVH, D] through ``batch.block_tables[group]``; writes nothing."""
     key = ("triton_cross", group)
     if key not in batch.scratch:
-        capturing = batch.graph or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
-        # Sizes the kernel's splits; None (graphs) sizes them for any length.
-        longest = None if capturing else (batch.max_encoder_len or None)
+        from qkv.attention.triton.backend import decode_keys
+
+        longest = decode_keys(batch, batch.max_encoder_len or None)  # sizes the kernel's splits
         if batch.max_query_len == 1:
             batch.scratch[key] = (batch.block_tables[group], batch.encoder_lens - 1, batch.query_start_loc, longest)
         else:

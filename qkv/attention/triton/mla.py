@@ -136,22 +136,30 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``splits`` (key ranges per sequence, merged by a second kernel when more than one),
     ``block_n`` (rows per tile), ``num_warps`` and ``num_stages`` (the pipeline's depth: tiles
     in flight + 1) default to the tiles measured fastest on an H200. An fp8 cache runs
-    ``_mla_decode_kernel_fp8`` (stages: 2 by default)."""
+    ``_mla_decode_kernel_fp8`` (stages: 2 by default), int8/int4 latent pages
+    ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine."""
+    from qkv.attention.triton import mla_packed
+
     B, H, R = q_lat.shape
     P = q_rope.shape[2]
     bs = kv_cache.shape[1]
     BLOCK_H = min(16, triton.next_power_of_2(H)) if H >= 16 else 16
     hblocks = triton.cdiv(H, BLOCK_H)
-    fp8 = kv_cache.element_size() == 1
-    S, block_n, num_warps, num_stages = default_tiles(B * hblocks, kv_cache.element_size(), splits, block_n,
+    lay = layout_of(kv_cache)
+    regs = kv_cache.element_size() == 1  # fp8 or packed: tiles widened in registers
+    S, block_n, num_warps, num_stages = default_tiles(B * hblocks, kv_cache.element_size(), splits,
+                                                      block_n or (16 if lay is not None else None),
                                                       num_warps, num_stages)
-    merge = S > 1 or fp8  # the fp8 kernel always leaves partials for _combine_kernel
+    merge = S > 1 or regs  # those kernels always leave partials for _combine_kernel
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
-    cdt = compute_dtype(q_lat.dtype, kv_cache.dtype)
+    cdt = q_lat.dtype if lay is not None else compute_dtype(q_lat.dtype, kv_cache.dtype)
     q_lat, q_rope = q_lat.to(cdt), q_rope.to(cdt)
-    if fp8:
+    if lay is not None:
+        mla_packed.launch_decode(q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, scale,
+                                 BLOCK_H, S, block_n, num_warps)
+    elif regs:
         _mla_decode_kernel_fp8[(B, hblocks, S)](
             q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
@@ -194,7 +202,7 @@ def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale,
     prompt tokens ``mla_step.mla_extend`` (decodes absorbed, chunks up-projected); the naive
     mode, decode steps over latents that are not powers of two, and packed latents the
     kernels do not read (``mla_packed.kernels_read``) run the reference."""
-    from qkv.attention.triton.mla_packed import kernels_read, mla_packed_decode, write_latent
+    from qkv.attention.triton.mla_packed import kernels_read
 
     R, P = c_kv.shape[1], k_pe.shape[1]
     pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
@@ -213,12 +221,18 @@ def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale,
         return reference(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed)
     # Store this step's rows first: the kernel reads keys [0, num_computed] from the pages.
     # (Padding rows of a CUDA graph have slot -1: the kernel skips them.)
-    rows = torch.cat([c_kv, k_pe], dim=-1)
+    store_rows(kv_cache, torch.cat([c_kv, k_pe], dim=-1), R, batch.slot_mappings[group])
     q_lat = torch.einsum("thd,hdr->thr", q_nope, w_uk.to(q_nope.dtype))  # W_UK folded into the query
-    if packed:
-        write_latent(kv_cache, rows, R, batch.slot_mappings[group])
-        o_lat = mla_packed_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
-    else:
-        write_rows(kv_cache, rows, batch.slot_mappings[group])
-        o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
+    o_lat = mla_decode(q_lat, q_pe, kv_cache, batch.block_tables[group], batch.num_computed, scale)
     return torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))  # W_UV folded into the output
+
+
+def store_rows(kv_cache: torch.Tensor, rows: torch.Tensor, R: int, slot_mapping: torch.Tensor) -> None:
+    """This step's latent rows [T, R + P] into the pages at ``slot_mapping`` (-1: skipped): as
+    they are (rounded to fp8 by an fp8 cache), or quantized into int8/int4 latent pages."""
+    if layout_of(kv_cache) is not None:
+        from qkv.attention.triton.mla_packed import write_latent
+
+        write_latent(kv_cache, rows, R, slot_mapping)
+    else:
+        write_rows(kv_cache, rows, slot_mapping)

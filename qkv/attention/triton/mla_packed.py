@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.decode import _combine_kernel
 from qkv.attention.triton.packed import INTERPRET, _int4_tile, _int8_tile, _store_int4, _store_int8
 from qkv.kvcache.kv_pages import layout_of
 
@@ -140,35 +139,19 @@ def _mla_packed_decode_kernel(QL, QR, C8, C16, C32, BT, NC, ACC, ML,
     tl.store(ML + row * 2 + 1, l_i, mask=hmask)
 
 
-def mla_packed_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                      num_computed: torch.Tensor, scale: float, splits: int | None = None,
-                      block_n: int | None = None, num_warps: int | None = None) -> torch.Tensor:
-    """``mla.mla_decode`` over packed latent pages (``kernels_read`` true): q_lat [B, H, R],
-    q_rope [B, H, P]; keys ``[0, num_computed[b]]``, this step's row already written by
-    ``write_latent``. Returns the latent output [B, H, R] in q_lat's dtype. The tiles
-    (``splits`` key ranges per sequence, ``block_n`` rows per tile) default to the fp8 kernel's
-    rule with 16-row tiles: a packed tile is widened in registers."""
-    from qkv.attention.triton.mla import default_tiles
-
+def launch_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                  num_computed: torch.Tensor, acc: torch.Tensor, ml: torch.Tensor, scale: float, block_h: int,
+                  splits: int, block_n: int, num_warps: int) -> None:
+    """The kernel's launch for ``mla.mla_decode`` (which sizes the tiles, allocates the fp32
+    partials ``acc``/``ml`` and merges them): q_lat [B, H, R], q_rope [B, H, P] in the compute
+    dtype; keys ``[0, num_computed[b]]``, this step's row already written by ``write_latent``."""
     lay = kv_cache.kv_layout
     p = lay.planes[0]
     B, H, R = q_lat.shape
     P = q_rope.shape[2]
-    BLOCK_H = min(16, triton.next_power_of_2(H)) if H >= 16 else 16
-    hblocks = triton.cdiv(H, BLOCK_H)
-    S, _, warps, _ = default_tiles(B * hblocks, 1, splits, None, num_warps, None)
-    block_n = block_n or 16
-    out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
-    acc = torch.empty((B * H * S, R), dtype=torch.float32, device=q_lat.device)
-    ml = torch.empty((B * H * S, 2), dtype=torch.float32, device=q_lat.device)
-    q_rope = q_rope.to(q_lat.dtype)
-    _mla_packed_decode_kernel[(B, hblocks, S)](
+    _mla_packed_decode_kernel[(B, triton.cdiv(H, block_h), splits)](
         q_lat, q_rope, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), block_table,
         num_computed, acc, ml, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
         block_table.stride(0), H, scale, lay.page_bytes, p.values_at, p.scales_at,
-        R=R, P=P, BS=lay.block_size, BITS=p.fmt.bits, GRP=p.fmt.group_for(R + P), BLOCK_H=BLOCK_H,
-        BLOCK_N=block_n, S=S, IEEE=q_lat.dtype == torch.float32, num_warps=warps)
-    rows = torch.arange(B + 1, device=q_lat.device)
-    _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
-                            S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
-    return out
+        R=R, P=P, BS=lay.block_size, BITS=p.fmt.bits, GRP=p.fmt.group_for(R + P), BLOCK_H=block_h,
+        BLOCK_N=block_n, S=splits, IEEE=q_lat.dtype == torch.float32, num_warps=num_warps)

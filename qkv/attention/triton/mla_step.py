@@ -19,7 +19,6 @@ import numpy as np
 import torch
 
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.triton.kv_write import write_rows
 from qkv.attention.triton.mla_prefill import mla_prefill
 from qkv.kvcache import kv_pages
 from qkv.kvcache.kv_pages import layout_of
@@ -112,26 +111,21 @@ def mla_extend(q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_p
     results) for a step with prompt tokens. Writes this step's latent rows to ``kv_cache``
     first; returns [T, H, Dv] in q_nope's dtype. Allocates the per-step key buffers (freed on
     return): ``(prefix + chunk) x H x (Dn + Dv)`` per prefill sequence."""
-    from qkv.attention.triton.mla import mla_decode
-    from qkv.attention.triton.mla_packed import mla_packed_decode, write_latent
+    from qkv.attention.triton.mla import mla_decode, store_rows
 
     R, P = c_kv.shape[1], k_pe.shape[1]
     pow2 = R & (R - 1) == 0 and P & (P - 1) == 0
     p = plan(batch, absorb_decodes=pow2)
     rows = torch.cat([c_kv, k_pe], dim=-1)
     lay = layout_of(kv_cache)  # int8/int4 latent pages (the caller checked mla_packed.kernels_read)
-    if lay is not None:
-        write_latent(kv_cache, rows, R, batch.slot_mappings[group])
-    else:
-        write_rows(kv_cache, rows, batch.slot_mappings[group])
+    store_rows(kv_cache, rows, R, batch.slot_mappings[group])
     T, H, _ = q_nope.shape
     out = q_nope.new_empty((T, H, w_uv.shape[1]))
     dt = q_nope.dtype
     if p.dec_rows is not None:
         q_lat = torch.einsum("thd,hdr->thr", q_nope[p.dec_rows], w_uk.to(dt))
-        decode = mla_packed_decode if lay is not None else mla_decode
-        o_lat = decode(q_lat, q_pe[p.dec_rows].contiguous(), kv_cache, batch.block_tables[group][p.dec_seqs],
-                       batch.num_computed[p.dec_seqs], scale)
+        o_lat = mla_decode(q_lat, q_pe[p.dec_rows].contiguous(), kv_cache, batch.block_tables[group][p.dec_seqs],
+                           batch.num_computed[p.dec_seqs], scale)
         out[p.dec_rows] = torch.einsum("thr,hvr->thv", o_lat, w_uv.to(o_lat.dtype))
     if p.num_keys == 0:
         return out

@@ -14,6 +14,7 @@ import torch
 
 from qkv.attention.batch import AttentionBatch
 from qkv.attention.triton import fused
+from qkv.attention.triton.backend import decode_keys
 from qkv.attention.triton.decode import paged_decode
 from qkv.kvcache.kv_pages import layout_of
 
@@ -41,7 +42,6 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
     q, _ = fused.qk_norm_rope(index, cos_t, sin_t, q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
                               v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g])
-    capturing = batch.graph or torch.cuda.is_current_stream_capturing()
     return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
-                        max_seq_len=None if capturing else batch.max_seq_len, splits=SPLITS,
+                        max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
                         query_start_loc=batch.query_start_loc)
