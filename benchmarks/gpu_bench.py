@@ -465,6 +465,43 @@ def engine_bench(bw, flops, args):
             eng.step()
         eng.runner.graphs = graphs
 
+    # A mixed step of the 1000 in / 1000 out run: max_num_seqs - 8 sequences decoding at
+    # ~1,050 tokens of context, and 8 new 1000-token prompts admitted in the same step (the
+    # run's steady state: finished sequences replaced by new prompts, chunked to the budget).
+    if "profile_mixed" in parts:
+        n_dec = args.max_num_seqs - 8
+        reqs = []
+        for _ in range(n_dec):
+            reqs += eng.add_request(prompt(1000), greedy(200))
+        while any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs):
+            eng.step()
+        for _ in range(50):
+            eng.step()
+        for i in range(3):  # two timed mixed steps (graphs as the engine runs them), one profiled
+            new = []
+            for _ in range(8):
+                new += eng.add_request(prompt(1000), greedy(4))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            if i < 2:
+                eng.step()
+                torch.cuda.synchronize()
+                record("mixed_step", decodes=n_dec, prompt_tokens=8000, ms=(time.perf_counter() - t) * 1e3)
+            else:
+                total, top = kernel_table(eng.step, 30)
+                record("mixed_step_profile", decodes=n_dec, prompt_tokens=8000, total_gpu_us=total, top=top)
+            while any(r.num_computed_tokens < r.num_prompt_tokens for r in new):
+                eng.step()
+        t = time.perf_counter()
+        for _ in range(10):
+            eng.step()
+        torch.cuda.synchronize()
+        record("decode_step_beside", decodes=n_dec, ms=(time.perf_counter() - t) * 1e2)
+        total, top = kernel_table(eng.step, 15)
+        record("decode_step_profile", decodes=n_dec, total_gpu_us=total, top=top)
+        while eng.has_unfinished():
+            eng.step()
+
     # Throughput: 256 requests of 512 in / 256 out.
     def throughput(n_req, plen, olen, label, prefix=None):
         reqs = []
