@@ -490,7 +490,7 @@ def engine_bench(bw, flops, args):
             else:
                 total, top = kernel_table(eng.step, 30)
                 record("mixed_step_profile", decodes=n_dec, prompt_tokens=8000, total_gpu_us=total, top=top)
-            while any(r.num_computed_tokens < r.num_prompt_tokens for r in new):
+            while not all(r.finished for r in new):  # free their slots for the next round
                 eng.step()
         t = time.perf_counter()
         for _ in range(10):
@@ -511,11 +511,16 @@ def engine_bench(bw, flops, args):
             reqs += eng.add_request(p, greedy(olen))
         split = {"prefill": [0, 0.0], "decode": [0, 0.0]}  # steps with prompt tokens vs pure decode
         ttft = {}
+        def prompt_done():
+            return sum(min(r.num_computed_tokens, r.num_prompt_tokens) for r in reqs)
+
         while eng.has_unfinished():
-            kind = "prefill" if any(r.num_computed_tokens < r.num_prompt_tokens for r in reqs
-                                    if not r.finished) else "decode"
+            # A step counts as "prefill" when prompt tokens were computed in it, not merely
+            # while some request still waits (with async scheduling the count lags by a step).
+            before = prompt_done()
             s0 = time.perf_counter()
             eng.step()
+            kind = "prefill" if prompt_done() > before else "decode"
             split[kind][0] += 1
             now = time.perf_counter()
             split[kind][1] += now - s0
