@@ -1,7 +1,7 @@
-"""The CPU prefill/mixed-step attention (qkv/attention/reference.py ``_attend_cpu``): one
+"""The CPU prefill paths: the attention (qkv/attention/reference.py ``_attend_cpu``): one
 sequence at a time in query blocks, and a mixed step's one-query rows batched, give the plain
 softmax(Q K^T * scale) V of each query over the keys it may see (causal, window), read back
-from the pages."""
+from the pages; and the many-row RMSNorm (model/layers.py) is F.rms_norm bit for bit."""
 
 from __future__ import annotations
 
@@ -61,3 +61,18 @@ def test_blocked_prefill_is_the_plain_attention(monkeypatch, window, dtype):
             torch.testing.assert_close(out[row].float(), torch.einsum("hl,lhd->hd", probs, vals[seen]),
                                        atol=tol, rtol=tol)
             row += 1
+
+
+def test_many_row_rms_norm_is_one_op_rms_norm():
+    """RMSNorm of a bf16 x of MANY_ROWS rows or more (model/layers.py) widens its weight itself:
+    bit for bit what F.rms_norm gives."""
+    import torch.nn.functional as F
+
+    from qkv.model.layers import MANY_ROWS, RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(96, 1e-5).to(torch.bfloat16)
+    norm.weight.data = (torch.randn(96) * 2).bfloat16()
+    for rows, scale in [(MANY_ROWS, 1.0), (3 * MANY_ROWS + 5, 30.0), (2 * MANY_ROWS, 0.01)]:
+        x = (torch.randn(rows, 96) * scale).bfloat16()
+        assert torch.equal(norm(x), F.rms_norm(x, (96,), norm.weight, 1e-5))
