@@ -35,6 +35,7 @@ def mixed_step(cached: list[int], qlens: list[int]):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_blocked_prefill_is_the_plain_attention(monkeypatch, window, dtype):
     monkeypatch.setattr(reference, "QUERY_BLOCK", 4)  # several blocks per sequence, on tiny shapes
+    monkeypatch.setattr(reference, "CAUSAL_ROWS", 8)  # the 11-token prompt: one is_causal call (no window)
     torch.manual_seed(0)
     H, KVH, D = 6, 2, 16
     cached, qlens = [0, 5, 9, 0, 3, 0, 7], [11, 1, 6, 1, 1, 4, 1]

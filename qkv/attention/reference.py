@@ -181,12 +181,16 @@ def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: fl
 # query, so the causal mask's upper triangle is mostly skipped (the kernel itself skips it only
 # for is_causal past 512 keys): a 512-token prompt's attention 5.8 -> ~3.5 ms a SmolLM2 layer.
 QUERY_BLOCK = 128
+# Past this many queries a sequence with nothing cached and no window takes one is_causal call,
+# which the kernel blocks itself (2,048 tokens: ~43 against ~53 ms in blocks of 128).
+CAUSAL_ROWS = 512
 
 
 def _attend_cpu(q, keys, values, ix, batch: AttentionBatch, scale: float) -> torch.Tensor:
     """``attend`` on the CPU without softcap: torch's fused attention (no [B, H, Q, L] score
     tensor; query head kvh * g + j reads KV head kvh), one sequence at a time over its own keys
-    in blocks of QUERY_BLOCK queries, and the step's one-query sequences (decode rows of a mixed
+    in blocks of QUERY_BLOCK queries (a prompt longer than CAUSAL_ROWS with nothing cached and no
+    window: one is_causal call), and the step's one-query sequences (decode rows of a mixed
     step) together through ``_decode_sdpa``. The padded batch cost every sequence the longest
     one's queries and keys: a mixed step of one 222-token chunk and 15 decode rows 22 -> ~2 ms a
     SmolLM2 layer. float32 inside, as the einsum path; returns [T, H, Dv] in q's dtype."""
@@ -205,6 +209,13 @@ def _attend_cpu(q, keys, values, ix, batch: AttentionBatch, scale: float) -> tor
         out[rows] = _decode_sdpa(q.index_select(0, rows), ks, vs, mask, scale)
     for b, n in enumerate(qlens):
         if n == 0 or (n == 1 and len(singles) > 1):
+            continue
+        if n > CAUSAL_ROWS and nkeys[b] == n and not ix.windowed:  # a whole prompt: plain causal
+            qs = q[starts[b] : starts[b] + n].transpose(0, 1)[None].float()
+            kb, vb = (t[b, :n].transpose(0, 1)[None].float() for t in (keys, values))
+            ob = torch.nn.functional.scaled_dot_product_attention(qs, kb, vb, is_causal=True, scale=scale,
+                                                                  enable_gqa=H > kvh)
+            out[starts[b] : starts[b] + n] = ob[0].transpose(0, 1)
             continue
         for a in range(0, n, QUERY_BLOCK):
             e = min(n, a + QUERY_BLOCK)
@@ -264,6 +275,7 @@ class StepIndices(NamedTuple):
     q_valid: torch.Tensor
     q_packed: torch.Tensor  # flat [B*Q] index of each valid query, in packed order
     mask: torch.Tensor  # causal & window & padding
+    windowed: bool = False  # a window (or dilation) masks more than causality and padding
 
 
 def step_indices(batch: AttentionBatch, group: int, window: int | None = None, dilation: int = 1):
@@ -283,7 +295,8 @@ def step_indices(batch: AttentionBatch, group: int, window: int | None = None, d
         q_pos = batch.num_computed[:, None] + q_idx
         mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
         q_packed = q_valid.flatten().nonzero().squeeze(1)
-        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, q_packed, mask)
+        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, q_packed, mask,
+                                         window is not None or dilation > 1)
     return batch.scratch[key]
 
 
