@@ -135,8 +135,8 @@ def decode_pages(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tenso
     planes = kv_cache.view(2, -1, k.shape[1], D)
     planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
     # index_select of whole [KVH * D] rows, then one copy that transposes and widens to float32
-    # (what _decode_sdpa multiplies in): 16 sequences x 250 keys 1.6 -> 1.0 ms a layer, where an
-    # advanced index, a reshape copy and a float copy each passed over the keys.
+    # (what _decode_sdpa multiplies in), where an advanced index, a reshape copy and a float copy
+    # each passed over the keys (16 sequences x 250 keys, microbenchmark: 1.6 -> 1.0 ms a layer).
     B, L = from_pages.shape
     kv = planes.flatten(2).index_select(1, from_pages.flatten()).view(2, B, L, k.shape[1], D)
     keys, values = kv.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
@@ -179,7 +179,8 @@ def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: fl
 
 # Query rows per call of torch's fused attention on the CPU: a block's keys end at its last
 # query, so the causal mask's upper triangle is mostly skipped (the kernel itself skips it only
-# for is_causal past 512 keys): a 512-token prompt's attention 5.8 -> ~3.5 ms a SmolLM2 layer.
+# for is_causal past 512 keys): a 512-token SmolLM2 prompt's attention 144 -> 110 ms (30 layers,
+# 2 threads, profiler).
 QUERY_BLOCK = 128
 # Past this many queries a sequence with nothing cached and no window takes one is_causal call,
 # which the kernel blocks itself (2,048 tokens: ~43 against ~53 ms in blocks of 128).
@@ -192,8 +193,9 @@ def _attend_cpu(q, keys, values, ix, batch: AttentionBatch, scale: float) -> tor
     in blocks of QUERY_BLOCK queries (a prompt longer than CAUSAL_ROWS with nothing cached and no
     window: one is_causal call), and the step's one-query sequences (decode rows of a mixed
     step) together through ``_decode_sdpa``. The padded batch cost every sequence the longest
-    one's queries and keys: a mixed step of one 222-token chunk and 15 decode rows 22 -> ~2 ms a
-    SmolLM2 layer. float32 inside, as the einsum path; returns [T, H, Dv] in q's dtype."""
+    one's queries and keys (a mixed step of one 222-token chunk and 15 decode rows: 22 ms a
+    SmolLM2 layer; the two prefill steps of ``qkv bench throughput``'s 16 requests 3.9-4.4 ->
+    2.5-2.8 s). float32 inside, as the einsum path; returns [T, H, Dv] in q's dtype."""
     T, H, D = q.shape
     kvh = keys.shape[2]
     starts, qlens, nkeys = _host_plan(ix, batch)
