@@ -134,8 +134,13 @@ def decode_pages(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tenso
     T, H, D = q.shape
     planes = kv_cache.view(2, -1, k.shape[1], D)
     planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
-    keys, values = planes[:, from_pages].transpose(2, 3).unbind(0)  # [B, KVH, L, D] each
-    return _decode_sdpa(q, keys, values, mask, scale)
+    # index_select of whole [KVH * D] rows, then one copy that transposes and widens to float32
+    # (what _decode_sdpa multiplies in), where an advanced index, a reshape copy and a float copy
+    # each passed over the keys (16 sequences x 250 keys, microbenchmark: 1.6 -> 1.0 ms a layer).
+    B, L = from_pages.shape
+    kv = planes.flatten(2).index_select(1, from_pages.flatten()).view(2, B, L, k.shape[1], D)
+    keys, values = kv.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
+    return _decode_sdpa(q, keys, values, mask, scale)  # keys, values [B, KVH, L, D]
 
 
 def _decode_sdpa(q, keys, values, mask, scale: float) -> torch.Tensor:
@@ -162,14 +167,7 @@ def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: fl
     g = H // kvh
     qp = q[ix.q_rows].view(B, Qmax, kvh, g, D)
     if softcap is None and not q.is_cuda:
-        # torch's fused CPU attention: the same softmax(Q K^T * scale) V without the [B, H, Q, L]
-        # score tensor (a 2,048-token chunk of SmolLM2: ~22 against ~51 ms a layer in float32,
-        # outputs within 1e-6). Query head kvh * g + j reads KV head kvh, as below.
-        out = torch.nn.functional.scaled_dot_product_attention(
-            qp.reshape(B, Qmax, H, D).transpose(1, 2).float(), keys.transpose(1, 2).float(),
-            values.transpose(1, 2).float(), attn_mask=ix.mask[:, None], scale=scale, enable_gqa=g > 1)
-        out = out.transpose(1, 2).reshape(B * Qmax, H, -1)  # padding query rows (all masked) are dropped
-        return out.index_select(0, ix.q_packed).to(q.dtype)
+        return _attend_cpu(q, keys, values, ix, batch, scale)
     scores = torch.einsum("bqhgd,blhd->bhgql", qp.float(), keys.float()) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -177,6 +175,72 @@ def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: fl
     probs = torch.softmax(scores, dim=-1)  # padding query rows are all -inf (NaN), and dropped below
     out = torch.einsum("bhgql,blhd->bqhgd", probs, values.float()).reshape(B, Qmax, H, -1)
     return out.reshape(B * Qmax, H, -1).index_select(0, ix.q_packed).to(q.dtype)  # [T, H, Dv], packed order
+
+
+# Query rows per call of torch's fused attention on the CPU: a block's keys end at its last
+# query, so the causal mask's upper triangle is mostly skipped (the kernel itself skips it only
+# for is_causal past 512 keys): a 512-token SmolLM2 prompt's attention 144 -> 110 ms (30 layers,
+# 2 threads, profiler).
+QUERY_BLOCK = 128
+# Past this many queries a sequence with nothing cached and no window takes one is_causal call,
+# which the kernel blocks itself (2,048 tokens: ~43 against ~53 ms in blocks of 128).
+CAUSAL_ROWS = 512
+
+
+def _attend_cpu(q, keys, values, ix, batch: AttentionBatch, scale: float) -> torch.Tensor:
+    """``attend`` on the CPU without softcap: torch's fused attention (no [B, H, Q, L] score
+    tensor; query head kvh * g + j reads KV head kvh), one sequence at a time over its own keys
+    in blocks of QUERY_BLOCK queries (a prompt longer than CAUSAL_ROWS with nothing cached and no
+    window: one is_causal call), and the step's one-query sequences (decode rows of a mixed
+    step) together through ``_decode_sdpa``. The padded batch cost every sequence the longest
+    one's queries and keys (a mixed step of one 222-token chunk and 15 decode rows: 22 ms a
+    SmolLM2 layer; the two prefill steps of ``qkv bench throughput``'s 16 requests 3.9-4.4 ->
+    2.5-2.8 s). float32 inside, as the einsum path; returns [T, H, Dv] in q's dtype."""
+    T, H, D = q.shape
+    kvh = keys.shape[2]
+    starts, qlens, nkeys = _host_plan(ix, batch)
+    out = torch.empty(T, H, values.shape[-1], dtype=q.dtype)
+    singles = [b for b, n in enumerate(qlens) if n == 1]
+    if len(singles) > 1:  # one batched product for every one-query sequence
+        sel = torch.tensor(singles)
+        L = max(nkeys[b] for b in singles)
+        rows = batch.query_start_loc[:-1].index_select(0, sel)
+        ks = keys.index_select(0, sel)[:, :L].transpose(1, 2)  # [S, KVH, L, D]
+        vs = values.index_select(0, sel)[:, :L].transpose(1, 2)
+        mask = ix.mask.index_select(0, sel)[:, None, :1, :L]
+        out[rows] = _decode_sdpa(q.index_select(0, rows), ks, vs, mask, scale)
+    for b, n in enumerate(qlens):
+        if n == 0 or (n == 1 and len(singles) > 1):
+            continue
+        if n > CAUSAL_ROWS and nkeys[b] == n and not ix.windowed:  # a whole prompt: plain causal
+            qs = q[starts[b] : starts[b] + n].transpose(0, 1)[None].float()
+            kb, vb = (t[b, :n].transpose(0, 1)[None].float() for t in (keys, values))
+            ob = torch.nn.functional.scaled_dot_product_attention(qs, kb, vb, is_causal=True, scale=scale,
+                                                                  enable_gqa=H > kvh)
+            out[starts[b] : starts[b] + n] = ob[0].transpose(0, 1)
+            continue
+        for a in range(0, n, QUERY_BLOCK):
+            e = min(n, a + QUERY_BLOCK)
+            L = nkeys[b] - (n - e)  # keys up to this block's last query (later ones are masked)
+            qb = q[starts[b] + a : starts[b] + e].transpose(0, 1)[None].float()  # [1, H, Q, D]
+            kb = keys[b, :L].transpose(0, 1)[None].float()
+            vb = values[b, :L].transpose(0, 1)[None].float()
+            ob = torch.nn.functional.scaled_dot_product_attention(
+                qb, kb, vb, attn_mask=ix.mask[b, None, None, a:e, :L], scale=scale, enable_gqa=H > kvh)
+            out[starts[b] + a : starts[b] + e] = ob[0].transpose(0, 1)
+    return out
+
+
+def _host_plan(ix: StepIndices, batch: AttentionBatch) -> tuple[list[int], list[int], list[int]]:
+    """(first packed row, query count, key count) of each sequence as Python ints: one host
+    read a step (kept in ``batch.scratch``), not one a layer."""
+    key = ("host_plan", id(ix))
+    if key not in batch.scratch:
+        # One past the last key any of its queries sees (keys are a prefix; a window may hide the first).
+        seen = ix.mask.any(dim=1) * torch.arange(1, ix.mask.shape[-1] + 1)
+        nkeys = seen.amax(dim=1)
+        batch.scratch[key] = (batch.query_start_loc[:-1].tolist(), batch.query_lens.tolist(), nkeys.tolist())
+    return batch.scratch[key]
 
 
 def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale: float, window=None,
@@ -213,6 +277,7 @@ class StepIndices(NamedTuple):
     q_valid: torch.Tensor
     q_packed: torch.Tensor  # flat [B*Q] index of each valid query, in packed order
     mask: torch.Tensor  # causal & window & padding
+    windowed: bool = False  # a window (or dilation) masks more than causality and padding
 
 
 def step_indices(batch: AttentionBatch, group: int, window: int | None = None, dilation: int = 1):
@@ -232,7 +297,8 @@ def step_indices(batch: AttentionBatch, group: int, window: int | None = None, d
         q_pos = batch.num_computed[:, None] + q_idx
         mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
         q_packed = q_valid.flatten().nonzero().squeeze(1)
-        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, q_packed, mask)
+        batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, q_packed, mask,
+                                         window is not None or dilation > 1)
     return batch.scratch[key]
 
 

@@ -38,6 +38,10 @@ def norm_linear(norm: "RMSNorm", layer: nn.Linear, x: torch.Tensor,
     return fused.norm_linear(x, residual, norm.weight, norm.eps, layer)
 
 
+# Rows from which RMSNorm of a 16-bit x widens its weight itself (below, one op is cheaper).
+MANY_ROWS = 64
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32. ``offset=1`` is Gemma's ``x * (1 + w)`` form."""
 
@@ -52,6 +56,13 @@ class RMSNorm(nn.Module):
             return fused.rms_norm(x, self.weight, self.eps, self.offset)
         dtype = x.dtype
         if not self.offset and dtype == self.weight.dtype:
+            if dtype != torch.float32 and x.numel() >= MANY_ROWS * x.shape[-1] and not torch.compiler.is_compiling():
+                # F.rms_norm's steps, bit for bit, with the weight widened first: its float32 x
+                # times a 16-bit weight is a mixed-dtype op, which the CPU runs unvectorized
+                # (512 x 576 bf16: 0.39 -> 0.15 ms).
+                xf = x.float()
+                r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(self.eps))
+                return xf.mul_(r).mul_(self.weight.float()).to(dtype)
             # One op: it computes in float32 for a 16-bit x and multiplies by the weight before
             # rounding, as HF does in float32 (and bitwise as ``weight * norm(x)`` there).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
