@@ -1,0 +1,201 @@
+"""The CPU decode step compiled ahead of time (AOTInductor): built once, loaded in milliseconds.
+
+``engine/cpu_compile.py``'s one-graph decode step, exported with ``torch.export`` (one
+sequence, the key count and the number of cache pages symbolic; each layer's paged cache an
+input the step writes in place) and compiled by ``torch._inductor.aoti_compile_and_package``
+into a ``.pt2`` package under ``cache_dir()/aoti`` (``QKV_CACHE_DIR``, else ``~/.cache/qkv``).
+A later process loads the package's shared library with torch's C++ loader (no Dynamo, no
+``torch._inductor`` import: a few milliseconds) and hands it the eager model's own weight
+tensors (``user_managed``: no copy, no second set of weights in memory).
+
+Built by ``qkv compile MODEL`` (``scripts/setup.sh`` builds the default model's: ~2 minutes
+on 2 cores) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
+(``aot_decode=None``, the default) and runs eagerly otherwise. The package is keyed by the
+model file (resolved path, size, modification time), the weight quantization, dtype and KV
+cache layout, torch's version, the CPU's instruction set and the source of the step's code,
+so a changed file or a new torch means another key: the old package is never used. One whose
+key does not match its file, or that fails to load, is refused with one line on stderr and
+the engine runs eagerly: a package can make decode faster, never make the engine fail.
+
+Only one-sequence decode steps run the package (the README's first command, ``qkv chat``);
+a step of several sequences, prefill and mixed steps run eagerly, as without it. The eager
+model is the oracle: tests/test_cpu_aoti.py compares the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qkv.attention import reference
+from qkv.engine.cpu_compile import decode_layers, unsupported
+
+# The files whose code the exported step runs: an edit to any makes old packages stale.
+STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/reference.py", "model/layers.py",
+                "model/int4.py", "model/quant.py", "model/llama.py", "kvcache/kv_pages.py")
+QKV_ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[qkv] {msg}", file=sys.stderr, flush=True)
+
+
+def key(llm) -> str | None:
+    """The package key of this LLM's model and settings (None: its source is not a file or a
+    directory, nothing to key on)."""
+    try:
+        src = Path(llm.source).resolve()
+        files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
+        ids = [f"{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in files]
+        code = b"".join((QKV_ROOT / s).read_bytes() for s in STEP_SOURCES)
+    except OSError:
+        return None
+    engine = llm.engine
+    cache = engine.runner.kv_caches[0]
+    parts = ids + [str(getattr(llm, "quantization", None)), str(engine.dtype), str(cache.dtype),
+                   str(tuple(cache.shape[2:])), torch.__version__, torch.backends.cpu.get_cpu_capability()]
+    h = hashlib.sha256("\n".join(parts).encode())
+    h.update(code)
+    return h.hexdigest()[:32]
+
+
+def package_path(llm) -> Path | None:
+    from qkv.loading.models import cache_dir
+
+    k = key(llm)
+    return None if k is None else cache_dir() / "aoti" / f"{k}.pt2"
+
+
+class _Step(torch.nn.Module):
+    """The exported function: ``decode_layers`` for one sequence, caches as inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, cos, sin, slots, pages, *caches):
+        return decode_layers(self.model, input_ids, cos, sin, slots, pages, None, caches)
+
+
+def _inputs(model, input_ids, positions, slots, pages, caches) -> list[torch.Tensor]:
+    rope = model.model.layers[0].self_attn.rope
+    return [input_ids, rope.cos[positions][:, None, :], rope.sin[positions][:, None, :], slots, pages, *caches]
+
+
+@contextlib.contextmanager
+def _captured_constants():
+    """The tensors inductor adds to the graph as new constants while compiling (the int4
+    matmul's group size, a 0-d tensor): not the model's, so ``load_constants`` needs them
+    saved beside the package (its weights are left out of it)."""
+    from torch._inductor.graph import GraphLowering
+
+    seen: dict[str, torch.Tensor] = {}
+    orig = GraphLowering.allocate_non_dup_const_name
+
+    def allocate(self, name, data):
+        new = orig(self, name, data)
+        seen[new] = data
+        return new
+
+    GraphLowering.allocate_non_dup_const_name = allocate
+    try:
+        yield seen
+    finally:
+        GraphLowering.allocate_non_dup_const_name = orig
+
+
+def build(llm, path: Path | None = None) -> Path:
+    """Export and compile this LLM's one-sequence decode step into its package (minutes).
+    ValueError for a model or device it does not cover."""
+    engine = llm.engine
+    if engine.device.type != "cpu" or engine.tp is not None:
+        raise ValueError("the compiled decode step is the CPU path (one process)")
+    why = unsupported(engine.model, engine.runner)
+    if why is not None:
+        raise ValueError(f"the compiled decode step does not cover {why}")
+    k = key(llm)
+    path = path or package_path(llm)
+    if k is None or path is None:
+        raise ValueError(f"{llm.source}: not a file or directory, so a package cannot be keyed to it")
+    import torch._inductor
+
+    model, caches = engine.model, _caches(engine.model)
+    example = _inputs(model, torch.tensor([1]), torch.tensor([1]), torch.tensor([1]), torch.tensor([[0, 1]]), caches)
+    keys, pages = torch.export.Dim("keys", min=2), torch.export.Dim("pages", min=2)
+    shapes = (None, None, None, None, {1: keys}, ({1: pages},) * len(caches))  # *caches: one entry
+    with torch.no_grad():
+        ep = torch.export.export(_Step(model).eval(), tuple(example), dynamic_shapes=shapes, strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.pt2")
+    os.close(fd)
+    try:
+        with _captured_constants() as seen:
+            torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs={
+                "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"qkv_key": k}})
+        fqns = set(_fqns(model))
+        extra = {n: t.clone() for n, t in seen.items() if n not in fqns}
+        torch.save(extra, path.with_suffix(".constants"))
+        os.replace(tmp, path)  # last: a package on disk always has its constants beside it
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _caches(model) -> list[torch.Tensor]:
+    return [layer.self_attn.kv_cache for layer in model.model.layers]
+
+
+def _fqns(model) -> dict[str, torch.Tensor]:
+    """The model's tensors by the names the package gives them (the step holds it as ``model``)."""
+    return {f"model.{n}": t for n, t in model.state_dict(keep_vars=True).items()}
+
+
+class AOTDecode:
+    """``run(input_ids, positions, batch)`` for a decode batch, as CompiledDecode: the
+    package for one sequence, the eager model for several."""
+
+    def __init__(self, loader, model, caches):
+        self.loader, self.model, self.caches = loader, model, list(caches)
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        ix = reference.step_indices(batch, 0)
+        if batch.num_seqs != 1 or ix.from_pages.shape[1] < 2:  # one key: below the exported range
+            return self.model(input_ids, positions, batch)
+        args = _inputs(self.model, input_ids, positions, batch.slot_mappings[0], ix.from_pages, self.caches)
+        return self.loader.boxed_run(args)[0]
+
+
+def load(llm, path: Path | None = None) -> AOTDecode | None:
+    """The package of this LLM, loaded onto its model and caches; None (with one line on stderr
+    saying why, unless there is simply no package) when there is none to use."""
+    engine = llm.engine
+    if engine.device.type != "cpu" or engine.tp is not None or unsupported(engine.model, engine.runner):
+        return None
+    k = key(llm)
+    path = path or package_path(llm)
+    if k is None or path is None or not path.is_file():
+        return None
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        found = loader.get_metadata().get("qkv_key")
+        if found != k:
+            raise ValueError(f"it was built for another model or settings (key {found}, want {k})")
+        consts = torch.load(path.with_suffix(".constants"), weights_only=True)
+        mine = _fqns(engine.model)
+        want = loader.get_constant_fqns()
+        missing = [n for n in want if n not in mine and n not in consts]
+        if missing:
+            raise ValueError(f"it needs tensors this model does not have ({', '.join(missing[:3])})")
+        loader.load_constants({n: (mine[n].detach() if n in mine else consts[n]) for n in want}, False, True, True, False)
+    except Exception as e:  # a corrupt, foreign or stale file: run eagerly, say so once
+        log(f"compiled decode step {path} not used ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+            f"running eagerly (rebuild: qkv compile)")
+        return None
+    return AOTDecode(loader, engine.model, _caches(engine.model))
