@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,7 +94,8 @@ def _inputs(model, input_ids, positions, slots, pages, caches) -> list[torch.Ten
 def _captured_constants():
     """The tensors inductor adds to the graph as new constants while compiling (the int4
     matmul's group size, a 0-d tensor): not the model's, so ``load_constants`` needs them
-    saved beside the package (its weights are left out of it)."""
+    saved beside the package (its weights are left out of it). Saved as JSON: they are a few
+    numbers, and ``torch.load`` would add ~85 MB of peak memory to the first command."""
     from torch._inductor.graph import GraphLowering
 
     seen: dict[str, torch.Tensor] = {}
@@ -129,18 +132,21 @@ def build(llm, path: Path | None = None) -> Path:
     example = _inputs(model, torch.tensor([1]), torch.tensor([1]), torch.tensor([1]), torch.tensor([[0, 1]]), caches)
     keys, pages = torch.export.Dim("keys", min=2), torch.export.Dim("pages", min=2)
     shapes = (None, None, None, None, {1: keys}, ({1: pages},) * len(caches))  # *caches: one entry
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notices about its own internals
         ep = torch.export.export(_Step(model).eval(), tuple(example), dynamic_shapes=shapes, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.pt2")
     os.close(fd)
     try:
-        with _captured_constants() as seen:
+        with _captured_constants() as seen, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs={
                 "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"qkv_key": k}})
         fqns = set(_fqns(model))
-        extra = {n: t.clone() for n, t in seen.items() if n not in fqns}
-        torch.save(extra, path.with_suffix(".constants"))
+        extra = {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "values": t.flatten().tolist()}
+                 for n, t in seen.items() if n not in fqns}
+        path.with_suffix(".json").write_text(json.dumps(extra))
         os.replace(tmp, path)  # last: a package on disk always has its constants beside it
     finally:
         if os.path.exists(tmp):
@@ -187,7 +193,8 @@ def load(llm, path: Path | None = None) -> AOTDecode | None:
         found = loader.get_metadata().get("qkv_key")
         if found != k:
             raise ValueError(f"it was built for another model or settings (key {found}, want {k})")
-        consts = torch.load(path.with_suffix(".constants"), weights_only=True)
+        consts = {n: torch.tensor(c["values"], dtype=getattr(torch, c["dtype"])).view(c["shape"])
+                  for n, c in json.loads(path.with_suffix(".json").read_text()).items()}
         mine = _fqns(engine.model)
         want = loader.get_constant_fqns()
         missing = [n for n in want if n not in mine and n not in consts]
