@@ -143,9 +143,10 @@ def build(llm, path: Path | None = None) -> Path:
             warnings.simplefilter("ignore")
             torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs={
                 "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"qkv_key": k}})
-        fqns = set(_fqns(model))
-        extra = {n: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "values": t.flatten().tolist()}
-                 for n, t in seen.items() if n not in fqns}
+        mine = _fqns(model)
+        wanted = torch._C._aoti.AOTIModelPackageLoader(tmp, "model", False, 1, -1).get_constant_fqns()
+        extra = {n: {"dtype": str(seen[n].dtype).removeprefix("torch."), "shape": list(seen[n].shape),
+                     "values": seen[n].flatten().tolist()} for n in wanted if n not in mine}
         path.with_suffix(".json").write_text(json.dumps(extra))
         os.replace(tmp, path)  # last: a package on disk always has its constants beside it
     finally:
