@@ -80,3 +80,21 @@ def test_a_changed_model_file_or_setting_has_another_key(built):
         assert cpu_aoti.package_path(llm) != package and llm.engine.runner.compiled is None
     finally:
         os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_step_that_fails_falls_back_to_eager_for_good(built, capsys):
+    path, _ = built
+    eager = LLM(path, device="cpu", quantization="int4", dtype="float32", num_kv_blocks=32, aot_decode=False)
+    want = _run(eager, [[5, 9, 33, 2, 71]])
+
+    class Broken:
+        def boxed_run(self, args):
+            raise RuntimeError("shape mismatch\nmore detail")
+
+    llm = LLM(path, device="cpu", quantization="int4", dtype="float32", num_kv_blocks=32, aot_decode=False,
+              log_stats=False)
+    llm.engine.runner.compiled = step = cpu_aoti.AOTDecode(Broken(), llm.engine.model, cpu_aoti._caches(llm.engine.model))
+    capsys.readouterr()
+    assert _run(llm, [[5, 9, 33, 2, 71]]) == want
+    assert step.loader is None
+    assert capsys.readouterr().err.count("compiled decode step failed (shape mismatch)") == 1

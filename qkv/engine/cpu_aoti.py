@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -173,15 +174,26 @@ class AOTDecode:
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         ix = reference.step_indices(batch, 0)
-        if batch.num_seqs != 1 or ix.from_pages.shape[1] < 2:  # one key: below the exported range
-            return self.model(input_ids, positions, batch)
-        args = _inputs(self.model, input_ids, positions, batch.slot_mappings[0], ix.from_pages, self.caches)
-        return self.loader.boxed_run(args)[0]
+        # (Exported for 2 keys or more: a first step from a one-token prompt runs eagerly.)
+        if batch.num_seqs == 1 and ix.from_pages.shape[1] >= 2 and self.loader is not None:
+            args = _inputs(self.model, input_ids, positions, batch.slot_mappings[0], ix.from_pages, self.caches)
+            try:
+                return self.loader.boxed_run(args)[0]
+            except Exception as e:  # never fail a request for it: this step and the rest run eagerly
+                log(f"compiled decode step failed ({_first_line(e)}); decoding eagerly from now on")
+                self.loader = None
+        return self.model(input_ids, positions, batch)
 
 
-def load(llm, path: Path | None = None) -> AOTDecode | None:
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | None:
     """The package of this LLM, loaded onto its model and caches; None (with one line on stderr
-    saying why, unless there is simply no package) when there is none to use."""
+    saying why, unless there is simply no package) when there is none to use. ``verbose``: a
+    line saying that one is used."""
+    t = time.perf_counter()
     engine = llm.engine
     if engine.device.type != "cpu" or engine.tp is not None or unsupported(engine.model, engine.runner):
         return None
@@ -203,7 +215,8 @@ def load(llm, path: Path | None = None) -> AOTDecode | None:
             raise ValueError(f"it needs tensors this model does not have ({', '.join(missing[:3])})")
         loader.load_constants({n: (mine[n].detach() if n in mine else consts[n]) for n in want}, False, True, True, False)
     except Exception as e:  # a corrupt, foreign or stale file: run eagerly, say so once
-        log(f"compiled decode step {path} not used ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-            f"running eagerly (rebuild: qkv compile)")
+        log(f"compiled decode step {path} not used ({_first_line(e)}); running eagerly (rebuild: qkv compile)")
         return None
+    if verbose:
+        log(f"one-sequence decode steps run the compiled step {path} (loaded in {time.perf_counter() - t:.3f} s)")
     return AOTDecode(loader, engine.model, _caches(engine.model))

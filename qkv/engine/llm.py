@@ -89,7 +89,7 @@ class LLM:
                 and self.engine.runner.compiled is None):
             from qkv.engine import cpu_aoti
 
-            self.engine.runner.compiled = cpu_aoti.load(self)
+            self.engine.runner.compiled = cpu_aoti.load(self, verbose=engine_kwargs.get("log_stats", True))
         self.config = loaded.config
         # Sampling defaults from generation_config.json (HF directories), in SamplingParams' names.
         self.generation_defaults = generation_defaults(loaded.source)
