@@ -8,8 +8,8 @@ A later process loads the package's shared library with torch's C++ loader (no D
 ``torch._inductor`` import: a few milliseconds) and hands it the eager model's own weight
 tensors (``user_managed``: no copy, no second set of weights in memory).
 
-Built by ``qkv compile MODEL`` (``scripts/setup.sh`` builds the default model's: ~2 minutes
-on 2 cores) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
+Built by ``qkv compile MODEL`` (``scripts/setup.sh`` builds the default model's: about a
+minute on 2 quiet cores, SmolLM2) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
 (``aot_decode=None``, the default) and runs eagerly otherwise. The package is keyed by the
 model file (resolved path, size, modification time), the weight quantization, dtype and KV
 cache layout, torch's version, the CPU's instruction set and the source of the step's code,
