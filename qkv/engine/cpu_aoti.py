@@ -200,6 +200,8 @@ def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | No
     k = key(llm)
     path = path or package_path(llm)
     if k is None or path is None or not path.is_file():
+        if verbose:
+            log("decode steps run eagerly: no compiled step for this model and settings (build it: qkv compile)")
         return None
     try:
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
