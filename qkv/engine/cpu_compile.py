@@ -14,7 +14,8 @@ The eager model stays the oracle: prefill, mixed steps and any step this graph d
 cover run eagerly, and tests/test_cpu_compile.py checks the compiled step against it. The
 first decode step compiles (tens of seconds on 2 cores; torch caches the result on disk, so
 a later process re-traces in a few seconds): opt-in, not the default, since it would cost
-the first token that long.
+the first token that long. engine/cpu_aoti.py compiles the same step (``decode_layers``) ahead
+of time, once per model, and is the default where that package exists.
 
 Covered: the Llama family (Llama, Mistral, Qwen2, SmolLM2) with RoPE from a table (no
 dynamic/longrope scaling), full attention in float (or fp8) pages, one layer group. Anything
