@@ -12,7 +12,7 @@ import pytest
 from qkv import LLM, SamplingParams
 from qkv.engine import cpu_aoti
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.compiles]
 
 
 def _run(llm, prompts):
