@@ -91,6 +91,11 @@ def _inputs(model, input_ids, positions, slots, pages, caches) -> list[torch.Ten
     return [input_ids, rope.cos[positions][:, None, :], rope.sin[positions][:, None, :], slots, pages, *caches]
 
 
+def _example(model, caches) -> list[torch.Tensor]:
+    """The inputs the step is exported with (their dtypes are the ones it takes)."""
+    return _inputs(model, torch.tensor([1]), torch.tensor([1]), torch.tensor([1]), torch.tensor([[0, 1]]), caches)
+
+
 @contextlib.contextmanager
 def _captured_constants():
     """The tensors inductor adds to the graph as new constants while compiling (the int4
@@ -130,7 +135,7 @@ def build(llm, path: Path | None = None) -> Path:
     import torch._inductor
 
     model, caches = engine.model, _caches(engine.model)
-    example = _inputs(model, torch.tensor([1]), torch.tensor([1]), torch.tensor([1]), torch.tensor([[0, 1]]), caches)
+    example = _example(model, caches)
     keys, pages = torch.export.Dim("keys", min=2), torch.export.Dim("pages", min=2)
     shapes = (None, None, None, None, {1: keys}, ({1: pages},) * len(caches))  # *caches: one entry
     with torch.no_grad(), warnings.catch_warnings():
@@ -171,6 +176,7 @@ class AOTDecode:
 
     def __init__(self, loader, model, caches):
         self.loader, self.model, self.caches = loader, model, list(caches)
+        self.checked = False
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
         ix = reference.step_indices(batch, 0)
@@ -178,6 +184,11 @@ class AOTDecode:
         if batch.num_seqs == 1 and ix.from_pages.shape[1] >= 2 and self.loader is not None:
             args = _inputs(self.model, input_ids, positions, batch.slot_mappings[0], ix.from_pages, self.caches)
             try:
+                if not self.checked:  # the library reads raw pointers: the dtypes it was built for, once
+                    got, want = [a.dtype for a in args[:5]], [a.dtype for a in _example(self.model, [])[:5]]
+                    if got != want or not all(a.is_contiguous() for a in args[:5]):
+                        raise ValueError(f"inputs of dtypes {got}, built for {want}")
+                    self.checked = True
                 return self.loader.boxed_run(args)[0]
             except Exception as e:  # never fail a request for it: this step and the rest run eagerly
                 log(f"compiled decode step failed ({_first_line(e)}); decoding eagerly from now on")
