@@ -98,3 +98,13 @@ def test_a_step_that_fails_falls_back_to_eager_for_good(built, capsys):
     assert _run(llm, [[5, 9, 33, 2, 71]]) == want
     assert step.loader is None
     assert capsys.readouterr().err.count("compiled decode step failed (shape mismatch)") == 1
+
+
+def test_a_rebuild_deletes_the_stale_packages_of_the_same_settings_only(tmp_path):
+    for stem, text in [("old", '{"settings": "m|int4", "constants": {}}'), ("new", '{"settings": "m|int4"}'),
+                       ("other", '{"settings": "m|int8", "constants": {}}'), ("foreign", "not json")]:
+        (tmp_path / f"{stem}.json").write_text(text)
+        (tmp_path / f"{stem}.pt2").write_bytes(b"x")
+    cpu_aoti._prune(tmp_path, "new", "m|int4")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["foreign.json", "foreign.pt2", "new.json", "new.pt2",
+                                                          "other.json", "other.pt2"]

@@ -49,6 +49,15 @@ def log(msg: str) -> None:
     print(f"[qkv] {msg}", file=sys.stderr, flush=True)
 
 
+def _settings(llm) -> str:
+    """What the package depends on besides file versions: the model's path and the engine's
+    settings (two packages with the same settings and different keys: the older is stale)."""
+    engine = llm.engine
+    cache = engine.runner.kv_caches[0]
+    return "|".join([str(Path(llm.source).resolve()), str(getattr(llm, "quantization", None)), str(engine.dtype),
+                     str(cache.dtype), str(tuple(cache.shape[2:]))])
+
+
 def key(llm) -> str | None:
     """The package key of this LLM's model and settings (None: its source is not a file or a
     directory, nothing to key on)."""
@@ -59,13 +68,24 @@ def key(llm) -> str | None:
         code = b"".join((QKV_ROOT / s).read_bytes() for s in STEP_SOURCES)
     except OSError:
         return None
-    engine = llm.engine
-    cache = engine.runner.kv_caches[0]
-    parts = ids + [str(getattr(llm, "quantization", None)), str(engine.dtype), str(cache.dtype),
-                   str(tuple(cache.shape[2:])), torch.__version__, torch.backends.cpu.get_cpu_capability()]
+    parts = ids + [_settings(llm), torch.__version__, torch.backends.cpu.get_cpu_capability()]
     h = hashlib.sha256("\n".join(parts).encode())
     h.update(code)
     return h.hexdigest()[:32]
+
+
+def _prune(directory: Path, keep: str, settings: str) -> None:
+    """Delete the packages of the same model and settings other than ``keep`` (stale: built by
+    other code, another torch, or before the model file changed)."""
+    for f in directory.glob("*.json"):
+        if f.stem == keep:
+            continue
+        try:
+            if json.loads(f.read_text()).get("settings") == settings:
+                f.with_suffix(".pt2").unlink(missing_ok=True)
+                f.unlink()
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable or foreign: not ours to judge
 
 
 def package_path(llm) -> Path | None:
@@ -153,8 +173,9 @@ def build(llm, path: Path | None = None) -> Path:
         wanted = torch._C._aoti.AOTIModelPackageLoader(tmp, "model", False, 1, -1).get_constant_fqns()
         extra = {n: {"dtype": str(seen[n].dtype).removeprefix("torch."), "shape": list(seen[n].shape),
                      "values": seen[n].flatten().tolist()} for n in wanted if n not in mine}
-        path.with_suffix(".json").write_text(json.dumps(extra))
+        path.with_suffix(".json").write_text(json.dumps({"settings": _settings(llm), "constants": extra}))
         os.replace(tmp, path)  # last: a package on disk always has its constants beside it
+        _prune(path.parent, path.stem, _settings(llm))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -220,7 +241,7 @@ def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | No
         if found != k:
             raise ValueError(f"it was built for another model or settings (key {found}, want {k})")
         consts = {n: torch.tensor(c["values"], dtype=getattr(torch, c["dtype"])).view(c["shape"])
-                  for n, c in json.loads(path.with_suffix(".json").read_text()).items()}
+                  for n, c in json.loads(path.with_suffix(".json").read_text())["constants"].items()}
         mine = _fqns(engine.model)
         want = loader.get_constant_fqns()
         missing = [n for n in want if n not in mine and n not in consts]
