@@ -39,6 +39,7 @@ COMMANDS = {
     "memory": ("qkv.tools.memory", "exact KV-cache memory arithmetic and plots"),
     "convert": ("qkv.tools.convert", "MHA -> GQA/MQA by mean-pooling K/V heads"),
     "perplexity": ("qkv.tools.perplexity", "perplexity over sliding windows"),
+    "compile": ("qkv.tools.compile_step", "build a model's ahead-of-time compiled CPU decode step"),
     "transcribe": ("qkv.audio.cli", "speech to text with a Whisper model"),
 }
 
@@ -58,6 +59,8 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
     p.add_argument("--compile", action="store_true",
                    help="CPU, Llama family: run decode steps as one torch.compile'd graph (compiled on the first "
                         "decode step, tens of seconds; cached on disk)")
+    p.add_argument("--no-aot-decode", action="store_true",
+                   help="CPU: decode eagerly even where 'qkv compile' has built this model's compiled step")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--num-kv-blocks", type=int, default=None,
                    help="KV blocks in the pool (default: as many as 1 GiB holds on a CPU; on CUDA, what memory profiling leaves)")
@@ -106,7 +109,8 @@ def engine_kwargs(args) -> dict:
                 async_scheduling=getattr(args, "async_scheduling", None),
                 attention_override=getattr(args, "attention_override", None),
                 tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
-                log_stats=getattr(args, "verbose", True), compile_decode=getattr(args, "compile", False))
+                log_stats=getattr(args, "verbose", True), compile_decode=getattr(args, "compile", False),
+                **({"aot_decode": False} if getattr(args, "no_aot_decode", False) else {}))
 
 
 # Sampling flags: (flag default when neither the flag nor the model's generation_config sets it).

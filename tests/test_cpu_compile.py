@@ -9,7 +9,7 @@ import pytest
 
 from qkv import LLM, SamplingParams
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.compiles]
 
 
 def _run(llm, prompts):

@@ -14,7 +14,8 @@ The eager model stays the oracle: prefill, mixed steps and any step this graph d
 cover run eagerly, and tests/test_cpu_compile.py checks the compiled step against it. The
 first decode step compiles (tens of seconds on 2 cores; torch caches the result on disk, so
 a later process re-traces in a few seconds): opt-in, not the default, since it would cost
-the first token that long.
+the first token that long. engine/cpu_aoti.py compiles the same step (``decode_layers``) ahead
+of time, once per model, and is the default where that package exists.
 
 Covered: the Llama family (Llama, Mistral, Qwen2, SmolLM2) with RoPE from a table (no
 dynamic/longrope scaling), full attention in float (or fp8) pages, one layer group. Anything
@@ -78,25 +79,33 @@ class CompiledDecode:
         return self._step(input_ids, positions, batch.slot_mappings[0], pages, mask)
 
     def _layers(self, input_ids, positions, slots, pages, mask):
-        """LlamaForCausalLM.forward with the decode attention inlined (same modules, same math)."""
-        body = self.model.model
-        x = body.embed_tokens(input_ids)
-        T = x.shape[0]
-        rope = body.layers[0].self_attn.rope
+        rope = self.model.model.layers[0].self_attn.rope
         cos, sin = rope.cos[positions][:, None, :], rope.sin[positions][:, None, :]
-        residual = None
-        for layer in body.layers:
-            a = layer.self_attn
-            if residual is None:
-                residual, h = x, layer.input_layernorm(x)
-            else:
-                h, residual = layer.input_layernorm.add_norm(x, residual)
-            qkv = a.qkv_proj(h)
-            H, KVH, D = a.num_heads, a.num_kv_heads, a.head_dim
-            qk = rotate(qkv[:, : a.q_size + a.kv_size].view(T, H + KVH, D), cos, sin)
-            q, k = qk.split([H, KVH], dim=1)
-            v = qkv[:, a.q_size + a.kv_size :].view(T, KVH, D)
-            out = reference.decode_pages(q, k, v, a.kv_cache, slots, pages, mask, a.scale)
-            h, residual = layer.post_attention_layernorm.add_norm(a.o_proj(out.reshape(T, a.q_size)), residual)
-            x = layer.mlp(h)
-        return body.norm.add_norm(x, residual)[0]
+        caches = [layer.self_attn.kv_cache for layer in self.model.model.layers]
+        return decode_layers(self.model, input_ids, cos, sin, slots, pages, mask, caches)
+
+
+def decode_layers(model, input_ids, cos, sin, slots, pages, mask, caches):
+    """LlamaForCausalLM.forward for a decode step with the attention inlined (same modules, same
+    math): RoPE by ``cos``/``sin`` [T, 1, head_dim] (the table's rows at the positions), each
+    layer's K/V written into ``caches[i]`` at ``slots``. Also the function engine/cpu_aoti.py
+    exports."""
+    body = model.model
+    x = body.embed_tokens(input_ids)
+    T = x.shape[0]
+    residual = None
+    for layer, cache in zip(body.layers, caches):
+        a = layer.self_attn
+        if residual is None:
+            residual, h = x, layer.input_layernorm(x)
+        else:
+            h, residual = layer.input_layernorm.add_norm(x, residual)
+        qkv = a.qkv_proj(h)
+        H, KVH, D = a.num_heads, a.num_kv_heads, a.head_dim
+        qk = rotate(qkv[:, : a.q_size + a.kv_size].view(T, H + KVH, D), cos, sin)
+        q, k = qk.split([H, KVH], dim=1)
+        v = qkv[:, a.q_size + a.kv_size :].view(T, KVH, D)
+        out = reference.decode_pages(q, k, v, cache, slots, pages, mask, a.scale)
+        h, residual = layer.post_attention_layernorm.add_norm(a.o_proj(out.reshape(T, a.q_size)), residual)
+        x = layer.mlp(h)
+    return body.norm.add_norm(x, residual)[0]

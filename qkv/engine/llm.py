@@ -53,7 +53,9 @@ class LLM:
         block_size, num_kv_blocks, kv_cache_memory, max_num_batched_tokens, max_num_seqs,
         enable_prefix_caching, max_model_len, kv_dtype, async_scheduling (None: on with CUDA graphs),
         quantization ("auto": on a CPU the weights keep the file's precision class, int4 for a Q4
-        GGUF; "none": float; the rule: model/cpu_format.py).
+        GGUF; "none": float; the rule: model/cpu_format.py), aot_decode (CPU: None runs one-sequence
+        decode steps through this model's ahead-of-time compiled step when ``qkv compile`` has
+        built it, else eagerly; False never: engine/cpu_aoti.py).
         ``attention_override``: e.g. ``{"dilation": 2}`` (qkv/attention_override.py; unknown keys refused)."""
         if threads:
             torch.set_num_threads(threads)
@@ -79,8 +81,15 @@ class LLM:
         engine_kwargs["quantization"] = weight_format(engine_kwargs.get("quantization", "auto"), loaded.source,
                                                       loaded.config, device, dtype,
                                                       engine_kwargs.get("tensor_parallel_size", 1))
+        aot_decode = engine_kwargs.pop("aot_decode", None)
+        self.quantization = engine_kwargs["quantization"]
         self.engine = LLMEngine(loaded.config, loaded.weights, loaded.tokenizer, dtype=dtype, device=device,
                                 **engine_kwargs)
+        if (aot_decode is not False and self.engine.device.type == "cpu" and self.engine.tp is None
+                and self.engine.runner.compiled is None):
+            from qkv.engine import cpu_aoti
+
+            self.engine.runner.compiled = cpu_aoti.load(self, verbose=engine_kwargs.get("log_stats", True))
         self.config = loaded.config
         # Sampling defaults from generation_config.json (HF directories), in SamplingParams' names.
         self.generation_defaults = generation_defaults(loaded.source)

@@ -1,0 +1,256 @@
+"""The CPU decode step compiled ahead of time (AOTInductor): built once, loaded in milliseconds.
+
+``engine/cpu_compile.py``'s one-graph decode step, exported with ``torch.export`` (one
+sequence, the key count and the number of cache pages symbolic; each layer's paged cache an
+input the step writes in place) and compiled by ``torch._inductor.aoti_compile_and_package``
+into a ``.pt2`` package under ``cache_dir()/aoti`` (``QKV_CACHE_DIR``, else ``~/.cache/qkv``).
+A later process loads the package's shared library with torch's C++ loader (no Dynamo, no
+``torch._inductor`` import: a few milliseconds) and hands it the eager model's own weight
+tensors (``user_managed``: no copy, no second set of weights in memory).
+
+Built by ``qkv compile MODEL`` (``scripts/setup.sh`` builds the default model's: about a
+minute on 2 quiet cores, SmolLM2) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
+(``aot_decode=None``, the default) and runs eagerly otherwise. The package is keyed by the
+model file (resolved path, size, modification time), the weight quantization, dtype and KV
+cache layout, torch's version, the CPU's instruction set and the source of the step's code,
+so a changed file or a new torch means another key: the old package is never used. One whose
+key does not match its file, or that fails to load, is refused with one line on stderr and
+the engine runs eagerly: a package can make decode faster, never make the engine fail.
+
+Only one-sequence decode steps run the package (the README's first command, ``qkv chat``);
+a step of several sequences, prefill and mixed steps run eagerly, as without it. The eager
+model is the oracle: tests/test_cpu_aoti.py compares the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from qkv.attention import reference
+from qkv.engine.cpu_compile import decode_layers, unsupported
+
+# The files whose code the exported step runs: an edit to any makes old packages stale.
+STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/reference.py", "model/layers.py",
+                "model/int4.py", "model/quant.py", "model/llama.py", "kvcache/kv_pages.py")
+QKV_ROOT = Path(__file__).resolve().parent.parent
+
+
+def log(msg: str) -> None:
+    print(f"[qkv] {msg}", file=sys.stderr, flush=True)
+
+
+def _settings(llm) -> str:
+    """What the package depends on besides file versions: the model's path and the engine's
+    settings (two packages with the same settings and different keys: the older is stale)."""
+    engine = llm.engine
+    cache = engine.runner.kv_caches[0]
+    return "|".join([str(Path(llm.source).resolve()), str(getattr(llm, "quantization", None)), str(engine.dtype),
+                     str(cache.dtype), str(tuple(cache.shape[2:]))])
+
+
+def key(llm) -> str | None:
+    """The package key of this LLM's model and settings (None: its source is not a file or a
+    directory, nothing to key on)."""
+    try:
+        src = Path(llm.source).resolve()
+        files = [src] if src.is_file() else sorted(p for p in src.iterdir() if p.is_file())
+        ids = [f"{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}" for f in files]
+        code = b"".join((QKV_ROOT / s).read_bytes() for s in STEP_SOURCES)
+    except OSError:
+        return None
+    parts = ids + [_settings(llm), torch.__version__, torch.backends.cpu.get_cpu_capability()]
+    h = hashlib.sha256("\n".join(parts).encode())
+    h.update(code)
+    return h.hexdigest()[:32]
+
+
+def _prune(directory: Path, keep: str, settings: str) -> None:
+    """Delete the packages of the same model and settings other than ``keep`` (stale: built by
+    other code, another torch, or before the model file changed)."""
+    for f in directory.glob("*.json"):
+        if f.stem == keep:
+            continue
+        try:
+            if json.loads(f.read_text()).get("settings") == settings:
+                f.with_suffix(".pt2").unlink(missing_ok=True)
+                f.unlink()
+        except (OSError, ValueError, AttributeError):
+            continue  # unreadable or foreign: not ours to judge
+
+
+def package_path(llm) -> Path | None:
+    from qkv.loading.models import cache_dir
+
+    k = key(llm)
+    return None if k is None else cache_dir() / "aoti" / f"{k}.pt2"
+
+
+class _Step(torch.nn.Module):
+    """The exported function: ``decode_layers`` for one sequence, caches as inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, cos, sin, slots, pages, *caches):
+        return decode_layers(self.model, input_ids, cos, sin, slots, pages, None, caches)
+
+
+def _inputs(model, input_ids, positions, slots, pages, caches) -> list[torch.Tensor]:
+    rope = model.model.layers[0].self_attn.rope
+    return [input_ids, rope.cos[positions][:, None, :], rope.sin[positions][:, None, :], slots, pages, *caches]
+
+
+def _example(model, caches) -> list[torch.Tensor]:
+    """The inputs the step is exported with (their dtypes are the ones it takes)."""
+    return _inputs(model, torch.tensor([1]), torch.tensor([1]), torch.tensor([1]), torch.tensor([[0, 1]]), caches)
+
+
+@contextlib.contextmanager
+def _captured_constants():
+    """The tensors inductor adds to the graph as new constants while compiling (the int4
+    matmul's group size, a 0-d tensor): not the model's, so ``load_constants`` needs them
+    saved beside the package (its weights are left out of it). Saved as JSON: they are a few
+    numbers, and ``torch.load`` would add ~85 MB of peak memory to the first command."""
+    from torch._inductor.graph import GraphLowering
+
+    seen: dict[str, torch.Tensor] = {}
+    orig = GraphLowering.allocate_non_dup_const_name
+
+    def allocate(self, name, data):
+        new = orig(self, name, data)
+        seen[new] = data
+        return new
+
+    GraphLowering.allocate_non_dup_const_name = allocate
+    try:
+        yield seen
+    finally:
+        GraphLowering.allocate_non_dup_const_name = orig
+
+
+def build(llm, path: Path | None = None) -> Path:
+    """Export and compile this LLM's one-sequence decode step into its package (minutes).
+    ValueError for a model or device it does not cover."""
+    engine = llm.engine
+    if engine.device.type != "cpu" or engine.tp is not None:
+        raise ValueError("the compiled decode step is the CPU path (one process)")
+    why = unsupported(engine.model, engine.runner)
+    if why is not None:
+        raise ValueError(f"the compiled decode step does not cover {why}")
+    k = key(llm)
+    path = path or package_path(llm)
+    if k is None or path is None:
+        raise ValueError(f"{llm.source}: not a file or directory, so a package cannot be keyed to it")
+    import torch._inductor
+
+    model, caches = engine.model, _caches(engine.model)
+    example = _example(model, caches)
+    keys, pages = torch.export.Dim("keys", min=2), torch.export.Dim("pages", min=2)
+    shapes = (None, None, None, None, {1: keys}, ({1: pages},) * len(caches))  # *caches: one entry
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notices about its own internals
+        ep = torch.export.export(_Step(model).eval(), tuple(example), dynamic_shapes=shapes, strict=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.pt2")
+    os.close(fd)
+    try:
+        with _captured_constants() as seen, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch._inductor.aoti_compile_and_package(ep, package_path=tmp, inductor_configs={
+                "aot_inductor.package_constants_in_so": False, "aot_inductor.metadata": {"qkv_key": k}})
+        mine = _fqns(model)
+        wanted = torch._C._aoti.AOTIModelPackageLoader(tmp, "model", False, 1, -1).get_constant_fqns()
+        extra = {n: {"dtype": str(seen[n].dtype).removeprefix("torch."), "shape": list(seen[n].shape),
+                     "values": seen[n].flatten().tolist()} for n in wanted if n not in mine}
+        path.with_suffix(".json").write_text(json.dumps({"settings": _settings(llm), "constants": extra}))
+        os.replace(tmp, path)  # last: a package on disk always has its constants beside it
+        _prune(path.parent, path.stem, _settings(llm))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _caches(model) -> list[torch.Tensor]:
+    return [layer.self_attn.kv_cache for layer in model.model.layers]
+
+
+def _fqns(model) -> dict[str, torch.Tensor]:
+    """The model's tensors by the names the package gives them (the step holds it as ``model``)."""
+    return {f"model.{n}": t for n, t in model.state_dict(keep_vars=True).items()}
+
+
+class AOTDecode:
+    """``run(input_ids, positions, batch)`` for a decode batch, as CompiledDecode: the
+    package for one sequence, the eager model for several."""
+
+    def __init__(self, loader, model, caches):
+        self.loader, self.model, self.caches = loader, model, list(caches)
+        self.checked = False
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        ix = reference.step_indices(batch, 0)
+        # (Exported for 2 keys or more: a first step from a one-token prompt runs eagerly.)
+        if batch.num_seqs == 1 and ix.from_pages.shape[1] >= 2 and self.loader is not None:
+            args = _inputs(self.model, input_ids, positions, batch.slot_mappings[0], ix.from_pages, self.caches)
+            try:
+                if not self.checked:  # the library reads raw pointers: the dtypes it was built for, once
+                    got, want = [a.dtype for a in args[:5]], [a.dtype for a in _example(self.model, [])[:5]]
+                    if got != want or not all(a.is_contiguous() for a in args[:5]):
+                        raise ValueError(f"inputs of dtypes {got}, built for {want}")
+                    self.checked = True
+                return self.loader.boxed_run(args)[0]
+            except Exception as e:  # never fail a request for it: this step and the rest run eagerly
+                log(f"compiled decode step failed ({_first_line(e)}); decoding eagerly from now on")
+                self.loader = None
+        return self.model(input_ids, positions, batch)
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | None:
+    """The package of this LLM, loaded onto its model and caches; None (with one line on stderr
+    saying why, unless there is simply no package) when there is none to use. ``verbose``: a
+    line saying that one is used."""
+    t = time.perf_counter()
+    engine = llm.engine
+    if engine.device.type != "cpu" or engine.tp is not None or unsupported(engine.model, engine.runner):
+        return None
+    k = key(llm)
+    path = path or package_path(llm)
+    if k is None or path is None or not path.is_file():
+        if verbose:
+            log("decode steps run eagerly: no compiled step for this model and settings (build it: qkv compile)")
+        return None
+    try:
+        loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        found = loader.get_metadata().get("qkv_key")
+        if found != k:
+            raise ValueError(f"it was built for another model or settings (key {found}, want {k})")
+        consts = {n: torch.tensor(c["values"], dtype=getattr(torch, c["dtype"])).view(c["shape"])
+                  for n, c in json.loads(path.with_suffix(".json").read_text())["constants"].items()}
+        mine = _fqns(engine.model)
+        want = loader.get_constant_fqns()
+        missing = [n for n in want if n not in mine and n not in consts]
+        if missing:
+            raise ValueError(f"it needs tensors this model does not have ({', '.join(missing[:3])})")
+        loader.load_constants({n: (mine[n].detach() if n in mine else consts[n]) for n in want}, False, True, True, False)
+    except Exception as e:  # a corrupt, foreign or stale file: run eagerly, say so once
+        log(f"compiled decode step {path} not used ({_first_line(e)}); running eagerly (rebuild: qkv compile)")
+        return None
+    if verbose:
+        log(f"one-sequence decode steps run the compiled step {path} (loaded in {time.perf_counter() - t:.3f} s)")
+    return AOTDecode(loader, engine.model, _caches(engine.model))
