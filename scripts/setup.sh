@@ -27,7 +27,7 @@ PY
 # The default model's decode step compiled ahead of time (qkv/engine/cpu_aoti.py): about a minute
 # on 2 cores the first time, then `qkv generate` decodes ~2x faster; ~3 s (a check) once built.
 # Never fatal: without it the engine decodes eagerly.
-qkv compile smollm2 || echo "setup: could not build the compiled decode step; decoding eagerly" >&2
+timeout 900 qkv compile smollm2 || echo "setup: could not build the compiled decode step (or it took over 15 min); decoding eagerly" >&2
 # The Whisper tests speak their input with espeak-ng (offline). Installed when missing and
 # this user can; without it those tests skip with a reason.
 if ! command -v espeak-ng >/dev/null 2>&1; then
