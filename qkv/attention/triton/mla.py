@@ -80,6 +80,107 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
 
 
 
+@triton.jit
+def _mla_tma_scores(DL, DR, row, qlt, qrt, QA: tl.constexpr):
+    """One page's rows (TMA copies of its latent and rope parts) and their scores [BLOCK_H, BS]."""
+    lat = DL.load([row, 0])
+    rope = DR.load([row, 0])
+    if QA:  # q the A operand, in registers; the page read through a transposed view
+        s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+    else:
+        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))
+    return lat, s
+
+
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
+def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
+                           stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                           stride_ot, stride_oh, H, sm_scale,
+                           R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                           PAGES: tl.constexpr, QA: tl.constexpr):
+    # Whole 16-row pages copied by TMA (descriptors DL: [BS, R] and DR: [BS, P] blocks over the
+    # cache viewed as [blocks * BS, R + P]): the copy engine generates the addresses and writes
+    # shared memory, the warps only wait on its barrier. PAGES pages per iteration (1 or 2),
+    # their scores merged into one softmax step. A page past the end of the keys would feed
+    # unwritten rows to the PV dot (0 * NaN), so the last partial tile runs masked pointer loads.
+    b = tl.program_id(0)
+    hblk = tl.program_id(1)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)
+    BLOCK_N: tl.constexpr = BS * PAGES
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.maximum(tl.minimum(lo + per_split, seq_len), lo)  # an empty split: hi = lo
+    full = lo + (hi - lo) // BLOCK_N * BLOCK_N  # the end of the whole tiles
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    if QA:
+        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    else:
+        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 below
+    bt = BT + b * stride_bt
+    nxt0 = tl.load(bt + lo // BS, mask=lo < full, other=0)
+    nxt1 = tl.load(bt + lo // BS + 1, mask=lo + BS < full, other=0)
+    for start in range(lo, full, BLOCK_N):
+        row0 = nxt0 * BS
+        row1 = nxt1 * BS
+        ahead = start + BLOCK_N < full
+        nxt0 = tl.load(bt + (start + BLOCK_N) // BS, mask=ahead, other=0)
+        lat0, s0 = _mla_tma_scores(DL, DR, row0, qlt, qrt, QA)
+        s0 = s0 * qk_scale
+        if PAGES == 2:
+            nxt1 = tl.load(bt + (start + BLOCK_N) // BS + 1, mask=ahead, other=0)
+            lat1, s1 = _mla_tma_scores(DL, DR, row1, qlt, qrt, QA)
+            s1 = s1 * qk_scale
+            m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s0, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p0 = tl.exp2(s0 - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p0, 1)
+        acc = acc * alpha[:, None] + tl.dot(p0.to(lat0.dtype), lat0)
+        if PAGES == 2:
+            p1 = tl.exp2(s1 - m_new[:, None])
+            l_i += tl.sum(p1, 1)
+            acc = tl.dot(p1.to(lat1.dtype), lat1, acc)
+        m_i = m_new
+    if full < hi:  # the last partial tile: masked gathers
+        pos = full + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        blk = tl.load(bt + pos // BS, mask=nmask, other=0).to(tl.int64)
+        off = blk * stride_cb + (pos % BS) * stride_ct
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0)
+        if QA:
+            s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+        else:
+            s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
+        m_i = m_new
+    if S == 1:  # the whole sequence in one program: the output, no merge
+        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
+                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+    else:
+        row = (b * H + h) * S + split
+        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + row * 2, m_i, mask=hmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
@@ -129,7 +230,7 @@ def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+               num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -137,7 +238,10 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``block_n`` (rows per tile), ``num_warps`` and ``num_stages`` (the pipeline's depth: tiles
     in flight + 1) default to the tiles measured fastest on an H200. An fp8 cache runs
     ``_mla_decode_kernel_fp8`` (stages: 2 by default), int8/int4 latent pages
-    ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine."""
+    ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine.
+    ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
+    pages copied by TMA, ``block_n`` a multiple of the block size) or ``"tma-qa"`` (the same
+    with q the A operand of the score dot)."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -165,6 +269,20 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
+    elif (kernel or "cp") != "cp":
+        if kernel not in ("tma", "tma-qa") or block_n % bs or block_n // bs > 2 or not kv_cache.is_contiguous():
+            raise ValueError(f"mla_decode: kernel {kernel!r} with block_n {block_n} over {bs}-row pages is not supported")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        rows2d = kv_cache.view(-1, R + P)  # pages as rows: a page is BS consecutive rows
+        dl = TensorDescriptor(rows2d, [rows2d.shape[0], R], [R + P, 1], [bs, R])
+        dr = TensorDescriptor(rows2d[:, R:], [rows2d.shape[0], P], [R + P, 1], [bs, P])
+        _mla_decode_tma_kernel[(B, hblocks, S)](
+            q_lat, q_rope, kv_cache, dl, dr, block_table, num_computed, acc, ml, out,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+            kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, PAGES=block_n // bs, QA=kernel == "tma-qa",
+            num_warps=num_warps, num_stages=num_stages)
     else:
         _mla_decode_kernel[(B, hblocks, S)](
             q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
