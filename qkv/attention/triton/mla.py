@@ -131,8 +131,8 @@ def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
     nxt0 = tl.load(bt + lo // BS, mask=lo < full, other=0)
     nxt1 = tl.load(bt + lo // BS + 1, mask=lo + BS < full, other=0)
     for start in range(lo, full, BLOCK_N):
-        row0 = nxt0 * BS
-        row1 = nxt1 * BS
+        row0 = (nxt0 * BS).to(tl.int32)  # TMA coordinates are 32-bit (a table may be int64)
+        row1 = (nxt1 * BS).to(tl.int32)
         ahead = start + BLOCK_N < full
         nxt0 = tl.load(bt + (start + BLOCK_N) // BS, mask=ahead, other=0)
         lat0, s0 = _mla_tma_scores(DL, DR, row0, qlt, qrt, QA)
