@@ -25,7 +25,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False):
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
@@ -44,8 +44,12 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
     hmask = h < H
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
-    qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
-    qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    if QA:  # q the A operand ([heads, R]): the score dot's warps split the rows, none reads them twice
+        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    else:
+        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
@@ -61,7 +65,10 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         off = blk * stride_cb + (pos % BS) * stride_ct
         lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
         rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
-        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
+        if QA:
+            s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+        else:
+            s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -240,8 +247,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``_mla_decode_kernel_fp8`` (stages: 2 by default), int8/int4 latent pages
     ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine.
     ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
-    pages copied by TMA, ``block_n`` a multiple of the block size) or ``"tma-qa"`` (the same
-    with q the A operand of the score dot)."""
+    pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
+    same with q the A operand of the score dot."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -269,7 +276,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
-    elif (kernel or "cp") != "cp":
+    elif (kernel or "cp") not in ("cp", "cp-qa"):
         if kernel not in ("tma", "tma-qa") or block_n % bs or block_n // bs > 2 or not kv_cache.is_contiguous():
             raise ValueError(f"mla_decode: kernel {kernel!r} with block_n {block_n} over {bs}-row pages is not supported")
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -288,7 +295,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
-            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kernel == "cp-qa", num_warps=num_warps,
+            num_stages=num_stages)
     if merge:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
