@@ -51,7 +51,10 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
         qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
+    if QA:  # the row sums kept per column, summed once at the end: a cross-warp reduction a tile fewer
+        l_i = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 below
     bt = BT + b * stride_bt
@@ -73,9 +76,14 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if QA:
+            l_i = l_i * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
         m_i = m_new
+    if QA:
+        l_i = tl.sum(l_i, 1)
     if S == 1:  # the whole sequence in one program: the output, no merge
         tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
                  (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
