@@ -32,7 +32,8 @@ def main():
         for r in shown:
             c = r["config"]
             tag = "D" if r.get("default") else ""
-            cfg = f"s{c[0]}n{c[1]}w{c[2]}t{c[3]}" if isinstance(c, list) and len(c) == 4 else str(c)
+            cfg = f"s{c[0]}n{c[1]}w{c[2]}t{c[3]}" if isinstance(c, list) and len(c) >= 4 else str(c)
+            cfg += f"({c[4]})" if isinstance(c, list) and len(c) == 5 else ""
             cells.append(f"{tag}{r['kernel']}:{cfg} {r['us']:.1f} {r['copy_frac']:.1%}")
         print(f"{B}x{ctx} {cache} (max err {worst:.1e}, {len(bad)} failed): " + "; ".join(cells))
         for r in bad:

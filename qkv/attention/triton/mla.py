@@ -25,7 +25,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False):
+                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1):
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
@@ -44,7 +44,13 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
     hmask = h < H
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
-    if QA:  # q the A operand ([heads, R]): the score dot's warps split the rows, none reads them twice
+    if KS > 1:  # q split along R into KS slices [KS, heads, R / KS], one per warp, kept in registers
+        kk = tl.arange(0, KS)
+        rr = tl.arange(0, R // KS)
+        qlt = tl.load(QL + b * stride_qlt + h[None, :, None] * stride_qlh + kk[:, None, None] * (R // KS)
+                      + rr[None, None, :], mask=hmask[None, :, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    elif QA:  # q the A operand ([heads, R]): the score dot's warps split the rows, none reads them twice
         qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
         qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
     else:
@@ -68,7 +74,10 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         off = blk * stride_cb + (pos % BS) * stride_ct
         lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
         rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
-        if QA:
+        if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
+            lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
+            s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
+        elif QA:
             s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
         else:
             s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
@@ -256,7 +265,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine.
     ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
     pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
-    same with q the A operand of the score dot."""
+    same with q the A operand of the score dot; ``"cp-ks"`` also splits that dot's R among
+    the warps (each holds one slice of q; the partial scores are summed across them)."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -266,9 +276,9 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     hblocks = triton.cdiv(H, BLOCK_H)
     lay = layout_of(kv_cache)
     regs = kv_cache.element_size() == 1  # fp8 or packed: tiles widened in registers
-    S, block_n, num_warps, num_stages = default_tiles(B * hblocks, kv_cache.element_size(), splits,
-                                                      block_n or (16 if lay is not None else None),
-                                                      num_warps, num_stages)
+    S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
+                                                            block_n or (16 if lay is not None else None),
+                                                            num_warps, num_stages, kernel)
     merge = S > 1 or regs  # those kernels always leave partials for _combine_kernel
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
@@ -284,9 +294,9 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
-    elif (kernel or "cp") not in ("cp", "cp-qa"):
-        if kernel not in ("tma", "tma-qa") or block_n % bs or block_n // bs > 2 or not kv_cache.is_contiguous():
-            raise ValueError(f"mla_decode: kernel {kernel!r} with block_n {block_n} over {bs}-row pages is not supported")
+    elif kern not in ("cp", "cp-qa", "cp-ks"):
+        if kern not in ("tma", "tma-qa") or block_n % bs or block_n // bs > 2 or not kv_cache.is_contiguous():
+            raise ValueError(f"mla_decode: kernel {kern!r} with block_n {block_n} over {bs}-row pages is not supported")
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         rows2d = kv_cache.view(-1, R + P)  # pages as rows: a page is BS consecutive rows
@@ -296,15 +306,15 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             q_lat, q_rope, kv_cache, dl, dr, block_table, num_computed, acc, ml, out,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
-            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, PAGES=block_n // bs, QA=kernel == "tma-qa",
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, PAGES=block_n // bs, QA=kern == "tma-qa",
             num_warps=num_warps, num_stages=num_stages)
     else:
         _mla_decode_kernel[(B, hblocks, S)](
             q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
-            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kernel == "cp-qa", num_warps=num_warps,
-            num_stages=num_stages)
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kern in ("cp-qa", "cp-ks"),
+            KS=num_warps if kern == "cp-ks" else 1, num_warps=num_warps, num_stages=num_stages)
     if merge:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
@@ -313,21 +323,26 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
 
 
 def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
-    """(splits, BLOCK_N, warps, stages) for ``programs`` (sequence, head block) pairs over a
-    cache of ``elem``-byte values, each as given unless None. From benchmarks/mla_decode_sweep.py
+                  num_warps: int | None = None, num_stages: int | None = None,
+                  kernel: str | None = None) -> tuple[int, int, int, int, str]:
+    """(splits, BLOCK_N, warps, stages, kernel) for ``programs`` (sequence, head block) pairs over
+    a cache of ``elem``-byte values, each as given unless None. From benchmarks/mla_decode_sweep.py
     on an H200 (2026-12-03, docs/benchmarks.md): about one wave of programs, at most two per SM
-    (a 32-row tile on 4 warps, 3 stages: 93 KB of shared memory, ~200 registers); one split
+    (a 32-row tile on 4 warps, 3 stages: 93 KB of shared memory, 255 registers); one split
     once there are as many programs as SMs (at 128 x 640 the merge's fp32 partials cost more
-    than 4 idle SMs). An fp8 cache keeps the former kernel's tiles."""
+    than 4 idle SMs), and a third tile in flight (4 stages, 130 KB) while the programs fit one
+    per SM. bf16 caches run ``cp-qa`` (fp32 caches, for tests, the ``cp`` shape); an fp8 cache
+    keeps the former kernel's tiles."""
     if elem == 1:
         S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, programs))))
         wide = S >= 16
-        return S, block_n or (64 if wide else 32), num_warps or (8 if wide else 4), num_stages or 2
+        return S, block_n or (64 if wide else 32), num_warps or (8 if wide else 4), num_stages or 2, "cp"
     if not splits:
         splits = 1 if programs >= 128 else min(64, triton.next_power_of_2(2 * 132 // programs + 1) // 2)
     block_n = block_n or (32 if elem == 2 else 16)  # fp32 tiles would need 2x the shared memory
-    return splits, block_n, num_warps or 4, num_stages or 3
+    one_per_sm = splits * programs <= 132
+    stages = num_stages or (4 if elem == 2 and block_n == 32 and one_per_sm else 3)
+    return splits, block_n, num_warps or 4, stages, kernel or ("cp-qa" if elem == 2 else "cp")
 
 
 def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
