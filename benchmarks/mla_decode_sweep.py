@@ -46,7 +46,9 @@ TILES = (("cp", 32, 4, 3), ("cp-qa", 32, 4, 3), ("cp-qa", 32, 4, 4), ("cp-qa", 1
          ("cp-ks", 64, 8, 2), ("cp-ks", 64, 8, 3), ("tma", 16, 4, 4))
 # The first call of 2026-12-03 17:33 UTC also ran cp-qa (64, 8, 2), (32, 8, 3), tma (16, 4, 3|5),
 # (32, 4, 3), (16, 8, 4) and tma-qa (16, 4, 3): all slower than cp-qa (32, 4, 3); the 2-warp tiles
-# and tma-qa on 32 rows spill (offline sm_90 compiles).
+# and tma-qa on 32 rows spill (offline sm_90 compiles). The second (18:26 UTC, raw records in
+# docs/data/gpu-h200-2026-12-03-mla-decode-sweep3.jsonl): cp-ks at best 235.3 us at 64 x 8k
+# against cp-qa's 174.8 (its 3-D split-R dot is far slower than the two it replaces).
 FP8 = ((64, 8192, (4, 8)), (("cp", 32, 4, 2), ("cp", 32, 4, 3)))  # the fp8 kernel (the former one)
 OUT = None
 
