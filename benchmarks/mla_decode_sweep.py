@@ -37,9 +37,19 @@ H, R, P, BS = 16, 512, 64, 16
 # (BLOCK_N, warps, stages). The sweeps of 2026-12-03 (docs/benchmarks.md) also ran splits 1-64,
 # tiles (16, 4, 5), (32, 4, 2|4), (32, 8, 3|4), (64, 8, 2|3), and a variant with rows on M
 # throughout (the PV dot on wgmma, commit 20b3066): (32, 4, 3) won at every shape.
+# (kernel, BLOCK_N, warps, stages): "cp" gathers rows by cp.async, "tma" copies whole pages by
+# TMA ("-qa": q the A operand of the score dot; "cp-ks": that dot split along R across the
+# warps); see mla_decode.
 SHAPES = ((64, 8192, (2, 4, 8)), (128, 640, (1, 2)), (1, 8192, (32, 64)))
-TILES = ((32, 4, 3), (32, 4, 4), (16, 4, 3), (32, 8, 3), (64, 8, 2))
-FP8 = ((64, 8192, (4, 8)), ((32, 4, 2), (32, 4, 3)))  # the fp8 kernel (the former one)
+TILES = (("cp", 32, 4, 3), ("cp-qa", 32, 4, 3), ("cp-qa", 32, 4, 4), ("cp-qa", 16, 4, 4), ("cp-qa", 16, 4, 5),
+         ("cp-ks", 32, 4, 3), ("cp-ks", 32, 4, 4), ("cp-ks", 16, 4, 4), ("cp-ks", 16, 4, 5), ("cp-ks", 32, 8, 3),
+         ("cp-ks", 64, 8, 2), ("cp-ks", 64, 8, 3), ("tma", 16, 4, 4))
+# The first call of 2026-12-03 17:33 UTC also ran cp-qa (64, 8, 2), (32, 8, 3), tma (16, 4, 3|5),
+# (32, 4, 3), (16, 8, 4) and tma-qa (16, 4, 3): all slower than cp-qa (32, 4, 3); the 2-warp tiles
+# and tma-qa on 32 rows spill (offline sm_90 compiles). The second (18:26 UTC, raw records in
+# docs/data/gpu-h200-2026-12-03-mla-decode-sweep3.jsonl): cp-ks at best 235.3 us at 64 x 8k
+# against cp-qa's 174.8 (its 3-D split-R dot is far slower than the two it replaces).
+FP8 = ((64, 8192, (4, 8)), (("cp", 32, 4, 2), ("cp", 32, 4, 3)))  # the fp8 kernel (the former one)
 OUT = None
 
 
@@ -98,8 +108,9 @@ def _compile(task):
         if kind == "base":
             load_baseline(baseline).mla_decode(ql, qr, cache, table, nc, 0.07)
         else:
-            S, bn, w, st = cfg
-            mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn, num_warps=w, num_stages=st)
+            S, kern, bn, w, st = cfg
+            mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn, num_warps=w, num_stages=st,
+                               kernel=kern)
         torch.cuda.synchronize()
         return None
     except Exception as e:  # out of shared memory: the timed pass records it
@@ -111,7 +122,7 @@ def precompile(workers, baseline, sections):
     if "mla" in sections:
         for B, ctx, splits in SHAPES:
             tasks += [("new", ctx, "bfloat16", None, (2,) + t) for t in TILES]
-            tasks += [("new", ctx, "bfloat16", None, (S, 32, 4, 3)) for S in splits]  # the combine kernels
+            tasks += [("new", ctx, "bfloat16", None, (S, "cp", 32, 4, 3)) for S in splits]  # the combines
             if baseline:
                 tasks.append(("base", ctx, "bfloat16", baseline, None))
     if "fp8" in sections:
@@ -148,12 +159,15 @@ def sweep(bw, B, ctx, splits, tiles, baseline, dtype=torch.bfloat16):
         rows.append(one("old", lambda: baseline.mla_decode(ql, qr, cache, table, nc, 0.07), "default", True))
     cfg = mla_mod.default_tiles(B, cache.element_size())  # H = 16: one head block per sequence
     rows.append(one("new", lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07), list(cfg), True))
-    for S, (bn, w, st) in itertools.product(splits, tiles):
-        rows.append(one("new", lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn,
-                                                          num_warps=w, num_stages=st), [S, bn, w, st]))
+    for S, (kern, bn, w, st) in itertools.product(splits, tiles):
+        rows.append(one(kern, lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn,
+                                                         num_warps=w, num_stages=st,
+                                                         kernel=kern), [S, bn, w, st]))
     rows = sorted((r for r in rows if r), key=lambda r: r[0])
-    print(f"MLA {name} B={B} ctx={ctx}: best " + ", ".join(
-        f"{k} {c}: {ms * 1e3:.1f} us = {gb / ms * 1e3 / bw:.1%}" for ms, c, k in rows[:4]), flush=True)
+    default = next((r for r in rows if r[2] == "new"), None)
+    print(f"MLA {name} B={B} ctx={ctx}: default {default[1] if default else None} "
+          f"{default[0] * 1e3 if default else float('nan'):.1f} us; best " + ", ".join(
+              f"{k} {c} {ms * 1e3:.1f} us {gb / ms * 1e3 / bw:.1%}" for ms, c, k in rows[:5]), flush=True)
     del cache
     torch.cuda.empty_cache()
 

@@ -161,6 +161,42 @@ def test_mla_decode_matches_torch(fp8):
         assert err < (3e-3 if CUDA else 1e-4), f"relative error {err:.2e}"
 
 
+
+@pytest.mark.parametrize("kernel,block_n", [("tma", 16), ("tma", 32), ("tma-qa", 16), ("cp", 32), ("cp-qa", 32),
+                                            ("cp-ks", 32)])
+def test_mla_decode_variants_match_torch(kernel, block_n):
+    """The bf16 kernel's variants: a partial last page whose unwritten rows hold NaN must not
+    reach the output (the TMA kernel copies whole pages: its last partial tile runs masked
+    loads), and splits past the keys stay empty."""
+    from qkv.attention.triton.mla import mla_decode
+
+    gen = torch.Generator().manual_seed(5)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    B, H, R, P, bs = 3, 16 if CUDA else 4, 512 if CUDA else 64, 64 if CUDA else 16, 16
+    computed = [700, 2100, 40] if CUDA else [20, 63, 5]
+    num_blocks = sum(-(-(c + 1) // bs) for c in computed) + 2
+    batch = make_batch(computed, [1] * B, bs, num_blocks, None, gen)
+    table = batch.block_tables[0]
+    cache = torch.randn(num_blocks, bs, R + P, generator=gen).to(DEV, dtype)
+    for b, c in enumerate(computed):  # rows past the keys in a sequence's last page: never written
+        cache[table[b][c // bs], (c + 1) % bs or bs:] = float("nan")
+    q_lat = torch.randn(B, H, R, generator=gen).to(DEV, dtype)
+    q_rope = torch.randn(B, H, P, generator=gen).to(DEV, dtype)
+    flat = cache.view(-1, R + P).float()
+    for splits in (1, 3, 8):
+        out = mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, splits=splits, block_n=block_n,
+                         kernel=kernel)
+        for b, c in enumerate(computed):
+            pos = torch.arange(c + 1)
+            rows = flat[table[b][pos // bs].cpu() * bs + pos % bs]
+            s = (q_lat[b].float() @ rows[:, :R].T + q_rope[b].float() @ rows[:, R:].T) * 0.1
+            ref = s.softmax(-1) @ rows[:, :R]
+            err = (out[b].float() - ref).norm() / ref.norm()
+            assert err < (1e-2 if CUDA else 1e-4), f"splits {splits}, sequence {b}: relative error {err:.2e}"
+    if kernel.startswith("tma"):  # tiles of whole pages only
+        with pytest.raises(ValueError, match="not supported"):
+            mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, block_n=8, kernel=kernel)
+
 def test_fused_ops_match_torch():
     from qkv.attention.triton import fused
     from qkv.model.layers import RMSNorm, RotaryEmbedding

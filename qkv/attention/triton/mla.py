@@ -25,7 +25,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr):
+                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1):
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
@@ -44,10 +44,23 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
     hmask = h < H
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
-    qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
-    qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    if KS > 1:  # q split along R into KS slices [KS, heads, R / KS], one per warp, kept in registers
+        kk = tl.arange(0, KS)
+        rr = tl.arange(0, R // KS)
+        qlt = tl.load(QL + b * stride_qlt + h[None, :, None] * stride_qlh + kk[:, None, None] * (R // KS)
+                      + rr[None, None, :], mask=hmask[None, :, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    elif QA:  # q the A operand ([heads, R]): the score dot's warps split the rows, none reads them twice
+        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    else:
+        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
+    if QA:  # the row sums kept per column, summed once at the end: a cross-warp reduction a tile fewer
+        l_i = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 below
     bt = BT + b * stride_bt
@@ -61,7 +74,120 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         off = blk * stride_cb + (pos % BS) * stride_ct
         lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
         rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
-        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
+        if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
+            lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
+            s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
+        elif QA:
+            s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+        else:
+            s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        if QA:
+            l_i = l_i * alpha[:, None] + p
+        else:
+            l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
+        m_i = m_new
+    if QA:
+        l_i = tl.sum(l_i, 1)
+    if S == 1:  # the whole sequence in one program: the output, no merge
+        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
+                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+    else:
+        row = (b * H + h) * S + split
+        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + row * 2, m_i, mask=hmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+
+
+
+@triton.jit
+def _mla_tma_scores(DL, DR, row, qlt, qrt, QA: tl.constexpr):
+    """One page's rows (TMA copies of its latent and rope parts) and their scores [BLOCK_H, BS]."""
+    lat = DL.load([row, 0])
+    rope = DR.load([row, 0])
+    if QA:  # q the A operand, in registers; the page read through a transposed view
+        s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+    else:
+        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))
+    return lat, s
+
+
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
+def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
+                           stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                           stride_ot, stride_oh, H, sm_scale,
+                           R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                           PAGES: tl.constexpr, QA: tl.constexpr):
+    # Whole 16-row pages copied by TMA (descriptors DL: [BS, R] and DR: [BS, P] blocks over the
+    # cache viewed as [blocks * BS, R + P]): the copy engine generates the addresses and writes
+    # shared memory, the warps only wait on its barrier. PAGES pages per iteration (1 or 2),
+    # their scores merged into one softmax step. A page past the end of the keys would feed
+    # unwritten rows to the PV dot (0 * NaN), so the last partial tile runs masked pointer loads.
+    b = tl.program_id(0)
+    hblk = tl.program_id(1)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)
+    BLOCK_N: tl.constexpr = BS * PAGES
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.maximum(tl.minimum(lo + per_split, seq_len), lo)  # an empty split: hi = lo
+    full = lo + (hi - lo) // BLOCK_N * BLOCK_N  # the end of the whole tiles
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    if QA:
+        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    else:
+        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 below
+    bt = BT + b * stride_bt
+    nxt0 = tl.load(bt + lo // BS, mask=lo < full, other=0)
+    nxt1 = tl.load(bt + lo // BS + 1, mask=lo + BS < full, other=0)
+    for start in range(lo, full, BLOCK_N):
+        row0 = (nxt0 * BS).to(tl.int32)  # TMA coordinates are 32-bit (a table may be int64)
+        row1 = (nxt1 * BS).to(tl.int32)
+        ahead = start + BLOCK_N < full
+        nxt0 = tl.load(bt + (start + BLOCK_N) // BS, mask=ahead, other=0)
+        lat0, s0 = _mla_tma_scores(DL, DR, row0, qlt, qrt, QA)
+        s0 = s0 * qk_scale
+        if PAGES == 2:
+            nxt1 = tl.load(bt + (start + BLOCK_N) // BS + 1, mask=ahead, other=0)
+            lat1, s1 = _mla_tma_scores(DL, DR, row1, qlt, qrt, QA)
+            s1 = s1 * qk_scale
+            m_new = tl.maximum(m_i, tl.maximum(tl.max(s0, 1), tl.max(s1, 1)))
+        else:
+            m_new = tl.maximum(m_i, tl.max(s0, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p0 = tl.exp2(s0 - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p0, 1)
+        acc = acc * alpha[:, None] + tl.dot(p0.to(lat0.dtype), lat0)
+        if PAGES == 2:
+            p1 = tl.exp2(s1 - m_new[:, None])
+            l_i += tl.sum(p1, 1)
+            acc = tl.dot(p1.to(lat1.dtype), lat1, acc)
+        m_i = m_new
+    if full < hi:  # the last partial tile: masked gathers
+        pos = full + tl.arange(0, BLOCK_N)
+        nmask = pos < hi
+        blk = tl.load(bt + pos // BS, mask=nmask, other=0).to(tl.int64)
+        off = blk * stride_cb + (pos % BS) * stride_ct
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0)
+        if QA:
+            s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+        else:
+            s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -77,7 +203,6 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
         tl.store(ML + row * 2, m_i, mask=hmask)
         tl.store(ML + row * 2 + 1, l_i, mask=hmask)
-
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
@@ -129,7 +254,7 @@ def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+               num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -137,7 +262,11 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``block_n`` (rows per tile), ``num_warps`` and ``num_stages`` (the pipeline's depth: tiles
     in flight + 1) default to the tiles measured fastest on an H200. An fp8 cache runs
     ``_mla_decode_kernel_fp8`` (stages: 2 by default), int8/int4 latent pages
-    ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine."""
+    ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine.
+    ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
+    pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
+    same with q the A operand of the score dot; ``"cp-ks"`` also splits that dot's R among
+    the warps (each holds one slice of q; the partial scores are summed across them)."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -147,9 +276,9 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     hblocks = triton.cdiv(H, BLOCK_H)
     lay = layout_of(kv_cache)
     regs = kv_cache.element_size() == 1  # fp8 or packed: tiles widened in registers
-    S, block_n, num_warps, num_stages = default_tiles(B * hblocks, kv_cache.element_size(), splits,
-                                                      block_n or (16 if lay is not None else None),
-                                                      num_warps, num_stages)
+    S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
+                                                            block_n or (16 if lay is not None else None),
+                                                            num_warps, num_stages, kernel)
     merge = S > 1 or regs  # those kernels always leave partials for _combine_kernel
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
@@ -165,12 +294,27 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, S=S, num_warps=num_warps, num_stages=num_stages)
+    elif kern not in ("cp", "cp-qa", "cp-ks"):
+        if kern not in ("tma", "tma-qa") or block_n % bs or block_n // bs > 2 or not kv_cache.is_contiguous():
+            raise ValueError(f"mla_decode: kernel {kern!r} with block_n {block_n} over {bs}-row pages is not supported")
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        rows2d = kv_cache.view(-1, R + P)  # pages as rows: a page is BS consecutive rows
+        dl = TensorDescriptor(rows2d, [rows2d.shape[0], R], [R + P, 1], [bs, R])
+        dr = TensorDescriptor(rows2d[:, R:], [rows2d.shape[0], P], [R + P, 1], [bs, P])
+        _mla_decode_tma_kernel[(B, hblocks, S)](
+            q_lat, q_rope, kv_cache, dl, dr, block_table, num_computed, acc, ml, out,
+            q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+            kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, PAGES=block_n // bs, QA=kern == "tma-qa",
+            num_warps=num_warps, num_stages=num_stages)
     else:
         _mla_decode_kernel[(B, hblocks, S)](
             q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
-            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+            R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kern in ("cp-qa", "cp-ks"),
+            KS=num_warps if kern == "cp-ks" else 1, num_warps=num_warps, num_stages=num_stages)
     if merge:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
@@ -179,21 +323,26 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
 
 
 def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
-    """(splits, BLOCK_N, warps, stages) for ``programs`` (sequence, head block) pairs over a
-    cache of ``elem``-byte values, each as given unless None. From benchmarks/mla_decode_sweep.py
+                  num_warps: int | None = None, num_stages: int | None = None,
+                  kernel: str | None = None) -> tuple[int, int, int, int, str]:
+    """(splits, BLOCK_N, warps, stages, kernel) for ``programs`` (sequence, head block) pairs over
+    a cache of ``elem``-byte values, each as given unless None. From benchmarks/mla_decode_sweep.py
     on an H200 (2026-12-03, docs/benchmarks.md): about one wave of programs, at most two per SM
-    (a 32-row tile on 4 warps, 3 stages: 93 KB of shared memory, ~200 registers); one split
+    (a 32-row tile on 4 warps, 3 stages: 93 KB of shared memory, 255 registers); one split
     once there are as many programs as SMs (at 128 x 640 the merge's fp32 partials cost more
-    than 4 idle SMs). An fp8 cache keeps the former kernel's tiles."""
+    than 4 idle SMs), and a third tile in flight (4 stages, 130 KB) while the programs fit one
+    per SM. bf16 caches run ``cp-qa`` (fp32 caches, for tests, the ``cp`` shape); an fp8 cache
+    keeps the former kernel's tiles."""
     if elem == 1:
         S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, programs))))
         wide = S >= 16
-        return S, block_n or (64 if wide else 32), num_warps or (8 if wide else 4), num_stages or 2
+        return S, block_n or (64 if wide else 32), num_warps or (8 if wide else 4), num_stages or 2, "cp"
     if not splits:
         splits = 1 if programs >= 128 else min(64, triton.next_power_of_2(2 * 132 // programs + 1) // 2)
     block_n = block_n or (32 if elem == 2 else 16)  # fp32 tiles would need 2x the shared memory
-    return splits, block_n, num_warps or 4, num_stages or 3
+    one_per_sm = splits * programs <= 132
+    stages = num_stages or (4 if elem == 2 and block_n == 32 and one_per_sm else 3)
+    return splits, block_n, num_warps or 4, stages, kernel or ("cp-qa" if elem == 2 else "cp")
 
 
 def mla_paged_attention(q_nope, q_pe, c_kv, k_pe, kv_cache, batch, group, scale, w_uk, w_uv, absorbed):
