@@ -195,3 +195,25 @@ def test_kernel_count_per_layer_drops(tiny_model, all_shapes):
     n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     layers = loaded.config.num_layers
     assert n <= 7 * layers + 3, f"{n} kernels for {layers} layers"
+
+
+@pytest.mark.parametrize("splits,merge", [(3, True), (9, True), (32, True), (9, False)])
+@pytest.mark.parametrize("H", [8, 6])  # groups of 4 and of 3 (padded to 4 in the merge's loads)
+def test_decode_merge_all_splits_in_kernel(splits, merge, H):
+    """``merge=True``: the last split merges any number of splits (all loads at once), no combine
+    launch; the partial states of empty splits (short sequences) are never read."""
+    from qkv.attention import reference
+    from qkv.attention.triton.decode import paged_decode
+    from test_triton import make_batch
+
+    gen = torch.Generator().manual_seed(splits + H)
+    batch = make_batch([70, 5, 130], [1, 1, 1], 16, 20, None, gen)
+    q = torch.randn(3, H, 32, generator=gen).to(DEV)
+    k, v = torch.randn(3, 2, 32, generator=gen).to(DEV), torch.randn(3, 2, 32, generator=gen).to(DEV)
+    cache = torch.randn(2, 20, 16, 2, 32, generator=gen).to(DEV)
+    ref = reference.paged_attention(q, k, v, cache.clone(), batch, 0, 0.2)
+    reference.write_kv(cache, k, v, batch.slot_mappings[0])
+    for _ in range(2):  # twice: the counters must be left at zero
+        out = paged_decode(q, cache, batch.block_tables[0], batch.num_computed, 0.2, splits=splits, block_n=16,
+                           merge=merge)
+        close(out, ref, 3e-3 if CUDA else 1e-5)

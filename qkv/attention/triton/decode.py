@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.attention.triton import pdl
 from qkv.kvcache.kv_quant import compute_dtype, is_fp8
 
 LOG2E = 1.4426950408889634
@@ -63,7 +64,9 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                    HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr,
-                   DILATED: tl.constexpr):
+                   DILATED: tl.constexpr, MERGE_VEC: tl.constexpr = False, G2: tl.constexpr = 1,
+                   S2: tl.constexpr = 1, SC: tl.constexpr = 1, PDL: tl.constexpr = 0):
+    pdl.sync(PDL)  # first: pdl.py's contract (every program, before any load or early return)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,25 +161,62 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         # merge reads through L2 (.cg) so no stale L1 line from an earlier replay is seen.
         tl.debug_barrier()
         done = tl.atomic_add(CNT + b * tl.num_programs(1) + kvh, 1, sem="acq_rel", scope="gpu")
-        if done == n_active - 1:
-            m_max = tl.full([G_PAD], float("-inf"), tl.float32)
-            for s in range(n_active):
-                m_max = tl.maximum(m_max, tl.load(ML + ((base + s) * G_PAD + g) * 2, cache_modifier=".cg"))
-            num = tl.zeros([G_PAD, D_PAD], tl.float32)
-            den = tl.zeros([G_PAD], tl.float32)
-            for s in range(n_active):
-                r = (base + s) * G_PAD + g
-                m_s = tl.load(ML + r * 2, cache_modifier=".cg")
-                w = tl.where(m_s > float("-inf"), tl.exp2(m_s - m_max), 0.0)
-                den += w * tl.load(ML + r * 2 + 1, cache_modifier=".cg")
-                num += w[:, None] * tl.load(ACC + r[:, None] * D_PAD + d[None, :], cache_modifier=".cg")
-            tl.store(out_ptr, (num / den[:, None]).to(OUT.dtype.element_ty), mask=omask)
-            tl.store(CNT + b * tl.num_programs(1) + kvh, 0)  # ready for the next launch or replay
+        if MERGE_VEC:
+            if done == n_active - 1:
+                g2 = tl.arange(0, G2)
+                tl.store(OUT + qrow * stride_ot + (kvh * G + g2)[:, None] * stride_oh + d[None, :],
+                         _merge_vec(ACC, ML, base, n_active, d, G_PAD, G2, D_PAD, S2, SC).to(OUT.dtype.element_ty),
+                         mask=(g2 < G)[:, None] & dmask[None, :])
+                tl.store(CNT + b * tl.num_programs(1) + kvh, 0)
+        else:
+            if done == n_active - 1:
+                m_max = tl.full([G_PAD], float("-inf"), tl.float32)
+                for s in range(n_active):
+                    m_max = tl.maximum(m_max, tl.load(ML + ((base + s) * G_PAD + g) * 2, cache_modifier=".cg"))
+                num = tl.zeros([G_PAD, D_PAD], tl.float32)
+                den = tl.zeros([G_PAD], tl.float32)
+                for s in range(n_active):
+                    r = (base + s) * G_PAD + g
+                    m_s = tl.load(ML + r * 2, cache_modifier=".cg")
+                    w = tl.where(m_s > float("-inf"), tl.exp2(m_s - m_max), 0.0)
+                    den += w * tl.load(ML + r * 2 + 1, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(ACC + r[:, None] * D_PAD + d[None, :], cache_modifier=".cg")
+                tl.store(out_ptr, (num / den[:, None]).to(OUT.dtype.element_ty), mask=omask)
+                tl.store(CNT + b * tl.num_programs(1) + kvh, 0)  # ready for the next launch or replay
+
+
+@triton.jit
+def _merge_vec(ACC, ML, base, n_active, d, G_PAD: tl.constexpr, G2: tl.constexpr, D_PAD: tl.constexpr,
+               S: tl.constexpr, SC: tl.constexpr):
+    """The merged output [G2, D_PAD] of the first ``n_active`` splits' partial states (``S``: a
+    power of two at least that), all loads issued at once (``SC`` splits a chunk, ``S / SC``
+    chunks unrolled): the serial merge's loop waits one L2 round trip per split, this about one.
+    Only the group's ``G2 = next_power_of_2(G)`` real rows are read, not the dot's padding."""
+    g2 = tl.arange(0, G2)
+    sa = tl.arange(0, S)
+    rows = (base + sa)[:, None] * G_PAD + g2[None, :]  # [S, G2]
+    am = (sa < n_active)[:, None]
+    m_s = tl.load(ML + rows * 2, mask=am, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(ML + rows * 2 + 1, mask=am, other=0.0, cache_modifier=".cg")
+    m_max = tl.max(m_s, 0)
+    den = tl.sum(tl.where(m_s > float("-inf"), tl.exp2(m_s - m_max[None, :]), 0.0) * l_s, 0)
+    num = tl.zeros([G2, D_PAD], tl.float32)
+    for s0 in tl.static_range(0, S, SC):
+        sc = s0 + tl.arange(0, SC)
+        r = (base + sc)[:, None] * G_PAD + g2[None, :]  # [SC, G2]
+        cm = (sc < n_active)[:, None]
+        m_c = tl.load(ML + r * 2, mask=cm, other=float("-inf"), cache_modifier=".cg")
+        w = tl.where(m_c > float("-inf"), tl.exp2(m_c - m_max[None, :]), 0.0)
+        a = tl.load(ACC + r[:, :, None] * D_PAD + d[None, None, :], mask=cm[:, :, None], other=0.0,
+                    cache_modifier=".cg")
+        num += tl.sum(w[:, :, None] * a, 0)
+    return num / den[:, None]
 
 
 @triton.jit
 def _combine_kernel(ACC, ML, OUT, QSL, stride_ot, stride_oh, H, D: tl.constexpr, D_PAD: tl.constexpr,
-                    S: tl.constexpr, S_PAD: tl.constexpr):
+                    S: tl.constexpr, S_PAD: tl.constexpr, PDL: tl.constexpr = 0):
+    pdl.sync(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     qrow = tl.load(QSL + b)
@@ -229,7 +269,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
                  max_seq_len: int | None = None, splits: int | None = None, block_n: int | None = None,
                  num_warps: int = 4, num_stages: int | None = None, query_start_loc: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, dot_dtype: torch.dtype | None = None,
-                 keys_on_m: bool | None = None, dilation: int = 1) -> torch.Tensor:
+                 keys_on_m: bool | None = None, dilation: int = 1, merge: bool | None = None) -> torch.Tensor:
     """q [T, H, D]; sequence b's query is row ``query_start_loc[b]`` (default: row b) and sees
     keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached); with a
     ``window`` W the last W of them, and dilated by d the positions p, p-d, ..., p-(W-1)*d of
@@ -238,7 +278,11 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     Sequences whose query length is not 1 are skipped (a mixed batch: the prefill kernel
     fills their rows of ``out``). ``kv_cache`` [2, blocks, bs, KVH, D], ``block_table``
     [B, max_blocks]. Returns ``out`` [T, H, D] (allocated in q's dtype when not given).
-    Allocates its split buffers per call (from the graph pool when captured)."""
+    Allocates its split buffers per call (from the graph pool when captured).
+
+    ``merge``: None merges up to ``MERGE_MAX_SPLITS`` splits in the kernel (a serial loop) and
+    more in a second launch; True merges any number in the kernel, all loads at once (one
+    launch); False always launches the combine kernel."""
     if dilation > 1 and window is None:
         raise ValueError(f"dilation={dilation} needs a window")
     B = num_computed.shape[0]
@@ -265,7 +309,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     # The in-kernel merge is serial in the splits: it saves a launch for a few splits but at
     # 32 splits (batch 1, 8k keys) it cost 33 us against 26 us with the combine kernel (H100).
-    merge = S <= MERGE_MAX_SPLITS
+    merge_vec = bool(merge) and S > 1
+    merge = S <= MERGE_MAX_SPLITS if merge is None else merge
     acc = torch.empty((B * kvh * S * G_PAD if S > 1 else 1, D_PAD), dtype=torch.float32, device=q.device)
     ml = torch.empty((B * kvh * S * G_PAD if S > 1 else 1, 2), dtype=torch.float32, device=q.device)
     if out is None:
@@ -276,6 +321,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     if not dot_f16:
         q = q.to(dot_dtype)
     cnt = split_counters(B * kvh, q.device)
+    mode, kw = pdl.launch(q.device)
+    S2 = triton.next_power_of_2(S)
+    G2 = triton.next_power_of_2(G)
     _decode_kernel[(B, kvh, S)](
         q, kc, vc, block_table, num_computed, query_start_loc, acc, ml, cnt, out,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0),
@@ -283,9 +331,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         scale, softcap or 0.0, window or 0, ring or 1, dilation,
         G=G, G_PAD=G_PAD, D=D, D_PAD=D_PAD, BS=bs, BLOCK_N=block_n, S=S,
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
-        MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, DILATED=dilation > 1, num_warps=num_warps,
-        num_stages=num_stages)
+        MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, DILATED=dilation > 1, MERGE_VEC=merge_vec, G2=G2,
+        S2=S2, SC=max(1, min(S2, 8192 // (G2 * D_PAD))), PDL=mode, num_warps=num_warps, num_stages=num_stages, **kw)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
-                                S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
+                                S=S, S_PAD=S2, PDL=mode, num_warps=4, **kw)
     return out

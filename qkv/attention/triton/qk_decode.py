@@ -22,6 +22,9 @@ from qkv.kvcache.kv_pages import layout_of
 # batch 1 in a graph, which needs the second, combining launch). Up to 8 the kernel merges the
 # splits itself (one launch): better for short contexts, fewer programs for long ones.
 SPLITS = int(os.environ.get("QKV_DECODE_SPLITS", "0")) or None
+# QKV_DECODE_MERGE=1: however many splits, the kernel's last split merges them, all partial
+# states loaded at once (decode.paged_decode's merge=True): no combine launch.
+MERGE = os.environ.get("QKV_DECODE_MERGE", "0") == "1"
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -44,4 +47,4 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                               v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g])
     return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
-                        query_start_loc=batch.query_start_loc)
+                        query_start_loc=batch.query_start_loc, merge=True if MERGE else None)
