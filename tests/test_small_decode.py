@@ -123,7 +123,7 @@ def test_qk_norm_rope_matches_norms_then_rope():
     assert cache.abs().sum() > 0
 
 
-def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
+def _greedy(path: str, fused_on: bool, monkeypatch, lens: tuple[int, ...] = (7, 19)) -> list[list[int]]:
     from qkv.engine.engine import LLMEngine
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
@@ -150,7 +150,7 @@ def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
     params = SamplingParams(max_tokens=12 if CUDA else 4, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
     reqs = []
-    for n in ((7, 19) if CUDA else (7,)):  # one at a time: every decode step is a batch-1 step
+    for n in (lens if CUDA else lens[:1]):  # one at a time: every decode step is a batch-1 step
         reqs += eng.add_request(torch.randint(2, 250, (n,), generator=gen).tolist(), params)
         while eng.has_unfinished():
             eng.step()
@@ -163,6 +163,26 @@ def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, 
     """Every fusion on (CPU: interpreter; GPU: Triton + CUDA graphs) == the plain torch path."""
     path, _ = tiny_model(family)
     assert _greedy(path, True, monkeypatch) == _greedy(path, False, monkeypatch)
+
+
+@gpu
+@pytest.mark.parametrize("family,pdl_mode,merge", [("qwen3", 1, False), ("qwen3", 2, True), ("qwen3", 0, True),
+                                                   ("llama", 1, False)])
+def test_pdl_and_merge_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family, pdl_mode, merge):
+    """Programmatic dependent launch (captured in the CUDA graphs) and the in-kernel merge of
+    all decode splits give the fused path's tokens without them (that path equals the torch
+    path: test above); a 150-token prompt spreads its keys over 3 splits of 64."""
+    from qkv.attention.triton import pdl, qk_decode
+
+    path, _ = tiny_model(family)
+    want = _greedy(path, True, monkeypatch, lens=(7, 150))
+    pdl.configure(pdl_mode)
+    monkeypatch.setattr(qk_decode, "MERGE", merge)
+    try:
+        got = _greedy(path, True, monkeypatch, lens=(7, 150))
+    finally:
+        pdl.configure(0)
+    assert got == want
 
 
 @gpu
