@@ -217,11 +217,14 @@ def test_kernel_count_per_layer_drops(tiny_model, all_shapes):
     assert n <= 7 * layers + 3, f"{n} kernels for {layers} layers"
 
 
-@pytest.mark.parametrize("splits,merge", [(3, True), (9, True), (32, True), (9, False)])
+@pytest.mark.parametrize("splits,merge,static", [(3, True, False), (9, True, True), (32, True, False),
+                                                 (9, False, True), (1, None, True)])
 @pytest.mark.parametrize("H", [8, 6])  # groups of 4 and of 3 (padded to 4 in the merge's loads)
-def test_decode_merge_all_splits_in_kernel(splits, merge, H):
+def test_decode_merge_all_splits_in_kernel(splits, merge, static, H):
     """``merge=True``: the last split merges any number of splits (all loads at once), no combine
-    launch; the partial states of empty splits (short sequences) are never read."""
+    launch; the partial states of empty splits (short sequences) are never read. ``static``: the
+    first tile read before the (PDL) wait, the step's own key again after it (a stale row there
+    needs PDL on a GPU: the engine test above runs it in CUDA graphs)."""
     from qkv.attention import reference
     from qkv.attention.triton.decode import paged_decode
     from test_triton import make_batch
@@ -235,5 +238,5 @@ def test_decode_merge_all_splits_in_kernel(splits, merge, H):
     reference.write_kv(cache, k, v, batch.slot_mappings[0])
     for _ in range(2):  # twice: the counters must be left at zero
         out = paged_decode(q, cache, batch.block_tables[0], batch.num_computed, 0.2, splits=splits, block_n=16,
-                           merge=merge)
+                           merge=merge, static_inputs=static)
         close(out, ref, 3e-3 if CUDA else 1e-5)

@@ -13,7 +13,7 @@ import os
 import torch
 
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.triton import fused
+from qkv.attention.triton import fused, pdl
 from qkv.attention.triton.backend import decode_keys
 from qkv.attention.triton.decode import paged_decode
 from qkv.kvcache.kv_pages import layout_of
@@ -47,4 +47,5 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                               v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g])
     return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
-                        query_start_loc=batch.query_start_loc, merge=True if MERGE else None)
+                        query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
+                        static_inputs=batch.graph and pdl.MODE != 0)
