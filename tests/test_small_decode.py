@@ -166,18 +166,21 @@ def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, 
 
 
 @gpu
-@pytest.mark.parametrize("family,pdl_mode,merge", [("qwen3", 1, False), ("qwen3", 2, True), ("qwen3", 0, True),
-                                                   ("llama", 1, False)])
-def test_pdl_and_merge_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family, pdl_mode, merge):
-    """Programmatic dependent launch (captured in the CUDA graphs) and the in-kernel merge of
-    all decode splits give the fused path's tokens without them (that path equals the torch
-    path: test above); a 150-token prompt spreads its keys over 3 splits of 64."""
+@pytest.mark.parametrize("family,pdl_mode,switch", [("qwen3", 1, None), ("qwen3", 2, "MERGE"), ("qwen3", 0, "MERGE"),
+                                                    ("qwen3", 0, "FUSE_ATTEND"), ("qwen3", 2, "FUSE_ATTEND"),
+                                                    ("llama", 1, None)])
+def test_pdl_and_merge_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family, pdl_mode, switch):
+    """Programmatic dependent launch (captured in the CUDA graphs), the in-kernel merge of all
+    decode splits and the one-launch attention (qk_attend.py) give the fused path's tokens
+    without them (that path equals the torch path: test above); a 150-token prompt spreads
+    its keys over 3 splits of 64."""
     from qkv.attention.triton import pdl, qk_decode
 
     path, _ = tiny_model(family)
     want = _greedy(path, True, monkeypatch, lens=(7, 150))
     pdl.configure(pdl_mode)
-    monkeypatch.setattr(qk_decode, "MERGE", merge)
+    if switch:
+        monkeypatch.setattr(qk_decode, switch, True)
     try:
         got = _greedy(path, True, monkeypatch, lens=(7, 150))
     finally:
@@ -240,3 +243,40 @@ def test_decode_merge_all_splits_in_kernel(splits, merge, static, H):
         out = paged_decode(q, cache, batch.block_tables[0], batch.num_computed, 0.2, splits=splits, block_n=16,
                            merge=merge, static_inputs=static)
         close(out, ref, 3e-3 if CUDA else 1e-5)
+
+
+@pytest.mark.parametrize("splits,static", [(1, False), (4, True), (32, False), (32, True)])
+def test_qk_attend_matches_norm_rope_then_decode(splits, static):
+    """One launch (q/k norm + RoPE + KV write + decode + merge) == ``fused.qk_norm_rope`` with
+    the KV write, then ``paged_decode``: outputs and the cache rows written. The step's slots
+    hold stale bytes before the call (the kernel must use its own k/v for those rows)."""
+    from qkv.attention.triton.decode import paged_decode
+    from qkv.attention.triton.qk_attend import qk_attend
+    from test_triton import make_batch
+
+    gen = torch.Generator().manual_seed(splits)
+    H, KVH, D, bs = 6, 2, 32, 16
+    batch = make_batch([70, 5, 130, 0], [1, 1, 1, 1], bs, 24, None, gen)
+    T = 4
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gen).to(DEV)
+    qw, kw = torch.randn(D, generator=gen).to(DEV), torch.randn(D, generator=gen).to(DEV)
+    rope = RotaryEmbedding(D, 10000.0).to(DEV)
+    pos = batch.num_computed.clone()
+    cache = torch.randn(2, 24, bs, KVH, D, generator=gen).to(DEV)
+    slots = batch.slot_mappings[0]
+    want_cache = cache.clone()
+    q, k, v = qkv.split([H * D, KVH * D, KVH * D], -1)
+    yq, _ = fused.qk_norm_rope(pos, rope.cos, rope.sin, q.view(T, H, D), k.view(T, KVH, D), qw, kw, 1e-6,
+                               v=v.view(T, KVH, D), kv_cache=want_cache, slot_mapping=slots)
+    want = paged_decode(yq, want_cache, batch.block_tables[0], batch.num_computed, 0.3, splits=splits, block_n=16)
+    for _ in range(2):  # twice: the split counters are left at zero
+        got_cache = cache.clone()
+        got = qk_attend(qkv, H, qw, kw, 1e-6, pos, rope.cos, rope.sin, got_cache, slots, batch.block_tables[0],
+                        batch.num_computed, batch.query_start_loc, 0.3, splits, static=static, block_n=16)
+        close(got, want, 3e-3 if CUDA else 1e-5)
+        # The norm sums in another order: the written rows agree to rounding, the rest is untouched.
+        flat_got, flat_want = got_cache.view(2, -1, KVH, D), want_cache.view(2, -1, KVH, D)
+        close(flat_got[:, slots], flat_want[:, slots], 1e-5)
+        assert not torch.equal(flat_got[:, slots], cache.view(2, -1, KVH, D)[:, slots])
+        flat_got[:, slots] = flat_want[:, slots]
+        assert torch.equal(got_cache, want_cache)
