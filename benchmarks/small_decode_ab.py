@@ -13,7 +13,8 @@ attention with 8 splits (one launch, no combine); ``cublas``: no Triton GEMV; ov
 ``pdl``/``pdl2`` launch the step's Triton kernels with programmatic dependent launch (pdl.py's
 modes 1 and 2), ``merge`` lets the decode kernel merge all its splits (no combine launch), and
 ``pdl_merge``/``pdl2_merge`` do both; ``attend`` runs q/k norm, RoPE, the KV write, decode
-attention and its merge in one launch (qk_attend.py), ``pdl_attend``/``pdl2_attend`` with PDL.
+attention and its merge in one launch (qk_attend.py), ``pdl_attend``/``pdl2_attend`` with PDL;
+``fullk``: the GEMVs' whole-row tiles (PDL's) without PDL.
 Records, one JSON
 line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
@@ -55,7 +56,7 @@ VARIANTS.update({
     "pdl": dict(_D, pdl=1), "pdl2": dict(_D, pdl=2), "merge": dict(_D, merge=True),
     "pdl_merge": dict(_D, pdl=1, merge=True), "pdl2_merge": dict(_D, pdl=2, merge=True),
     "attend": dict(_D, attend=True), "pdl_attend": dict(_D, pdl=1, attend=True),
-    "pdl2_attend": dict(_D, pdl=2, attend=True),
+    "pdl2_attend": dict(_D, pdl=2, attend=True), "fullk": dict(_D, full_k=True),
 })
 
 
@@ -67,6 +68,7 @@ def use(variant: str, eng) -> None:
     qk_decode.SPLITS = v.get("splits")
     qk_decode.MERGE = v.get("merge", False)
     qk_decode.FUSE_ATTEND = v.get("attend", False)
+    gemv_mod.FULL_K = v.get("full_k", False)
     pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
 

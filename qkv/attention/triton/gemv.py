@@ -45,6 +45,8 @@ ENABLED_SHAPES: set[tuple[int, int]] = set(DEFAULT_SHAPES)
 ALL_SHAPES = False  # "all": every shape, not only the listed ones
 FUSE_NORM = True  # RMSNorm folded into the following projection (norm_linear)
 NORM_MAX_K = 2048
+# Whole-row tiles (one chunk of up to 8K elements a program) without PDL too (QKV_GEMV_FULL_K=1).
+FULL_K = os.environ.get("QKV_GEMV_FULL_K", "0") == "1"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
 
 
@@ -94,7 +96,7 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
     block_k = min(1024, triton.next_power_of_2(k))
-    if pdl_mode and block_n * triton.next_power_of_2(k) <= 8192:
+    if (pdl_mode or FULL_K) and block_n * triton.next_power_of_2(k) <= 8192:
         block_k = triton.next_power_of_2(k)
     return block_n, block_k, 4
 
