@@ -121,6 +121,10 @@ def test_qk_norm_rope_matches_norms_then_rope():
     write_kv(want, out_k, v, slots)
     assert torch.equal(cache, want)
     assert cache.abs().sum() > 0
+    cache.zero_()  # static: positions, slots, tables and weights read before the (PDL) wait
+    got_q, got_k = fused.qk_norm_rope(pos, rope.cos, rope.sin, q, k, qn.weight, kn.weight, 1e-6, v=v,
+                                      kv_cache=cache, slot_mapping=slots, static=True)
+    assert torch.equal(got_q, out_q) and torch.equal(got_k, out_k) and torch.equal(cache, want)
 
 
 def _greedy(path: str, fused_on: bool, monkeypatch, lens: tuple[int, ...] = (7, 19)) -> list[list[int]]:
@@ -172,19 +176,22 @@ def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, 
 def test_pdl_and_merge_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family, pdl_mode, switch):
     """Programmatic dependent launch (captured in the CUDA graphs), the in-kernel merge of all
     decode splits and the one-launch attention (qk_attend.py) give the fused path's tokens
-    without them (that path equals the torch path: test above); a 150-token prompt spreads
-    its keys over 3 splits of 64."""
+    without them; a 150-token prompt spreads its keys over 3 splits of 64."""
     from qkv.attention.triton import pdl, qk_decode
 
     path, _ = tiny_model(family)
-    want = _greedy(path, True, monkeypatch, lens=(7, 150))
-    pdl.configure(pdl_mode)
-    if switch:
-        monkeypatch.setattr(qk_decode, switch, True)
+    mode = pdl.MODE
     try:
+        pdl.configure(0)
+        monkeypatch.setattr(qk_decode, "MERGE", False)
+        want = _greedy(path, True, monkeypatch, lens=(7, 150))
+        pdl.configure(pdl_mode)
+        monkeypatch.setattr(qk_decode, "MERGE", False)
+        if switch:
+            monkeypatch.setattr(qk_decode, switch, True)
         got = _greedy(path, True, monkeypatch, lens=(7, 150))
     finally:
-        pdl.configure(0)
+        pdl.configure(mode)
     assert got == want
 
 

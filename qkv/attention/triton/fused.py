@@ -189,13 +189,28 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, sqt, sqh, skt, skh, svt,
                          oqt, oqh, okt, okh, stride_c, stride_cs, stride_ch, NQ, NK, eps,
                          HALF: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-                         WRITE: tl.constexpr, W_PAD: tl.constexpr, PDL: tl.constexpr = 0):
-    pdl.sync(PDL)  # the first statement: pdl.py's contract
+                         WRITE: tl.constexpr, W_PAD: tl.constexpr, PDL: tl.constexpr = 0, PRE: tl.constexpr = False):
+    # ``PRE`` (a CUDA graph's decode step over fixed RoPE tables): positions and slots are static
+    # inputs, so they, the tables' rows and the norm weights load before the PDL wait (pdl.py).
+    if not PRE:
+        pdl.sync(PDL)
     t = tl.program_id(0)
     slot = tl.load(SLOT + t)  # (positions when not WRITE: read, never used)
-    _norm_rope_rows(Q + t * sqt, YQ + t * oqt, QW, COS, SIN, POS, t, sqh, oqh, stride_c, NQ, eps, HALF, HQ_PAD,
+    pos = tl.load(POS + t)
+    i = tl.arange(0, HALF)
+    cos1 = tl.load(COS + pos * stride_c + i).to(tl.float32)[None, :]
+    cos2 = tl.load(COS + pos * stride_c + HALF + i).to(tl.float32)[None, :]
+    sin1 = tl.load(SIN + pos * stride_c + i).to(tl.float32)[None, :]
+    sin2 = tl.load(SIN + pos * stride_c + HALF + i).to(tl.float32)[None, :]
+    qw1 = tl.load(QW + i).to(tl.float32)[None, :]
+    qw2 = tl.load(QW + HALF + i).to(tl.float32)[None, :]
+    kw1 = tl.load(KW + i).to(tl.float32)[None, :]
+    kw2 = tl.load(KW + HALF + i).to(tl.float32)[None, :]
+    if PRE:
+        pdl.sync(PDL)
+    _norm_rope_rows(Q + t * sqt, YQ + t * oqt, qw1, qw2, cos1, cos2, sin1, sin2, sqh, oqh, NQ, eps, HALF, HQ_PAD,
                     KC, slot, stride_cs, stride_ch, False)
-    _norm_rope_rows(K + t * skt, YK + t * okt, KW, COS, SIN, POS, t, skh, okh, stride_c, NK, eps, HALF, HK_PAD,
+    _norm_rope_rows(K + t * skt, YK + t * okt, kw1, kw2, cos1, cos2, sin1, sin2, skh, okh, NK, eps, HALF, HK_PAD,
                     KC, slot, stride_cs, stride_ch, WRITE)
     if WRITE:
         if slot >= 0:  # V as it is, heads contiguous (kv_write's _store_row); -1: store nothing
@@ -206,11 +221,11 @@ def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, s
 
 
 @triton.jit
-def _norm_rope_rows(X, Y, NW, COS, SIN, POS, t, stride_xh, stride_yh, stride_c, NH, eps,
+def _norm_rope_rows(X, Y, w1, w2, cos1, cos2, sin1, sin2, stride_xh, stride_yh, NH, eps,
                     HALF: tl.constexpr, H_PAD: tl.constexpr, C, slot, stride_cs, stride_ch, WRITE: tl.constexpr):
-    """RMSNorm of each head (``_rms_norm_kernel``'s math and rounding, no offset), then neox
-    RoPE of the rounded result (``_rope_rows``'s); ``WRITE``: also stored at cache ``slot``."""
-    pos = tl.load(POS + t)
+    """RMSNorm of each head (``_rms_norm_kernel``'s math and rounding, no offset; weight halves
+    w1, w2 [1, HALF] in fp32), then neox RoPE of the rounded result (``_rope_rows``'s, this
+    token's table rows given); ``WRITE``: also stored at cache ``slot``."""
     h = tl.arange(0, H_PAD)
     i = tl.arange(0, HALF)
     hmask = (h < NH)[:, None]
@@ -218,15 +233,9 @@ def _norm_rope_rows(X, Y, NW, COS, SIN, POS, t, stride_xh, stride_yh, stride_c, 
     x1 = tl.load(base, mask=hmask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=hmask, other=0.0).to(tl.float32)
     rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-    w1 = tl.load(NW + i).to(tl.float32)[None, :]
-    w2 = tl.load(NW + HALF + i).to(tl.float32)[None, :]
     dt = Y.dtype.element_ty
     n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
     n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
-    cos1 = tl.load(COS + pos * stride_c + i).to(tl.float32)[None, :]
-    cos2 = tl.load(COS + pos * stride_c + HALF + i).to(tl.float32)[None, :]
-    sin1 = tl.load(SIN + pos * stride_c + i).to(tl.float32)[None, :]
-    sin2 = tl.load(SIN + pos * stride_c + HALF + i).to(tl.float32)[None, :]
     y1 = (n1 * cos1 - n2 * sin1).to(dt)
     y2 = (n2 * cos2 + n1 * sin2).to(dt)
     out = Y + h[:, None] * stride_yh + i[None, :]
@@ -241,12 +250,14 @@ def _norm_rope_rows(X, Y, NW, COS, SIN, POS, t, stride_xh, stride_yh, stride_c, 
 
 def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                  q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, v: torch.Tensor | None = None,
-                 kv_cache: torch.Tensor | None = None,
-                 slot_mapping: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
+                 static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``rope_qk(..., rms_norm(q, q_weight), rms_norm(k, k_weight))`` (per-head norms over the
     head dim, no offset) in one launch: q [T, H, D], k [T, KVH, D], any row/head strides.
     With ``kv_cache`` [2, blocks, bs, KVH, D] (a float cache of k's dtype), ``v`` and
-    ``slot_mapping``: also ``kv_write.write_kv(kv_cache, rotated k, v, slot_mapping)``."""
+    ``slot_mapping``: also ``kv_write.write_kv(kv_cache, rotated k, v, slot_mapping)``.
+    ``static``: positions, slots and the tables are inputs no kernel of the step writes (a CUDA
+    graph with fixed tables): read before the PDL wait."""
     T, NQ, D = q.shape
     NK = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and D % 2 == 0
@@ -268,5 +279,5 @@ def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
                                    yq.stride(1), yk.stride(0), yk.stride(1), cos.stride(0), cs, ch, NQ, NK, eps,
                                    HALF=D // 2, HQ_PAD=triton.next_power_of_2(NQ),
                                    HK_PAD=triton.next_power_of_2(NK), WRITE=write,
-                                   W_PAD=triton.next_power_of_2(NK * D), num_warps=4, PDL=mode, **kw)
+                                   W_PAD=triton.next_power_of_2(NK * D), num_warps=4, PDL=mode, PRE=static, **kw)
     return yq, yk

@@ -47,6 +47,7 @@ FUSE_NORM = True  # RMSNorm folded into the following projection (norm_linear)
 NORM_MAX_K = 2048
 # Whole-row tiles (one chunk of up to 8K elements a program) without PDL too (QKV_GEMV_FULL_K=1).
 FULL_K = os.environ.get("QKV_GEMV_FULL_K", "0") == "1"
+PDL_FULL_K = os.environ.get("QKV_GEMV_PDL_FULL_K", "1") == "1"  # with PDL (0: only the first chunk before the wait)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
 
 
@@ -96,7 +97,7 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
     block_k = min(1024, triton.next_power_of_2(k))
-    if (pdl_mode or FULL_K) and block_n * triton.next_power_of_2(k) <= 8192:
+    if ((pdl_mode and PDL_FULL_K) or FULL_K) and block_n * triton.next_power_of_2(k) <= 8192:
         block_k = triton.next_power_of_2(k)
     return block_n, block_k, 4
 

@@ -13,9 +13,11 @@ finished" stays transitive along the stream: every program calls ``sync(PDL)`` e
 before any load of data another kernel writes, before any store, and before it can return.
 
 Switch (read at import; ``configure`` changes it before graph capture): ``QKV_PDL`` = ``0``
-(off), ``1`` (wait, then let the next kernel launch) or ``2`` (let the next kernel launch at
-the very start, then wait: kernels further down the stream may start their prologues too).
-Off under the interpreter and below compute capability 9.0.
+(off), ``1`` (wait, then let the next kernel launch) or ``2`` (the default: let the next kernel
+launch at the very start, then wait, so kernels further down the stream may start their
+prologues too). Off under the interpreter and below compute capability 9.0. Qwen3-0.6B's
+batch-1 decode on an H200: 1,115 tok/s without, 1,230 with mode 1, 1,290 with mode 2
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def configure(mode: int | str | None) -> None:
     MODE = mode
 
 
-configure(os.environ.get("QKV_PDL", "0"))
+configure(os.environ.get("QKV_PDL", "2"))
 _CAPABLE: dict = {}
 
 
