@@ -16,7 +16,8 @@ splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` run
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
 PDL. ``default`` (the shipped default) is ``pdl2_merge``; ``k1024`` is it with PDL's GEMVs on
-the 1024-wide chunks (only the first before the wait). Records, one JSON
+the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a program for
+N > 2048 (4 otherwise). Records, one JSON
 line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
 with ``--profile`` the per-kernel profile of the best variant.
@@ -60,7 +61,7 @@ VARIANTS.update({
     "pdl_merge": dict(_D, pdl=1, merge=True), "pdl2_merge": dict(_D, pdl=2, merge=True),
     "attend": dict(_D, attend=True), "pdl_attend": dict(_D, pdl=1, attend=True),
     "pdl2_attend": dict(_D, pdl=2, attend=True), "fullk": dict(_D, full_k=True),
-    "k1024": dict(VARIANTS["default"], pdl_full_k=False),
+    "k1024": dict(VARIANTS["default"], pdl_full_k=False), "bn8": dict(VARIANTS["default"], pdl_block_n=8),
 })
 
 
@@ -74,6 +75,7 @@ def use(variant: str, eng) -> None:
     qk_decode.FUSE_ATTEND = v.get("attend", False)
     gemv_mod.FULL_K = v.get("full_k", False)
     gemv_mod.PDL_FULL_K = v.get("pdl_full_k", True)
+    gemv_mod.PDL_BLOCK_N = v.get("pdl_block_n", 4)
     pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
 

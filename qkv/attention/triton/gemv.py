@@ -48,6 +48,7 @@ NORM_MAX_K = 2048
 # Whole-row tiles (one chunk of up to 8K elements a program) without PDL too (QKV_GEMV_FULL_K=1).
 FULL_K = os.environ.get("QKV_GEMV_FULL_K", "0") == "1"
 PDL_FULL_K = os.environ.get("QKV_GEMV_PDL_FULL_K", "1") == "1"  # with PDL (0: only the first chunk before the wait)
+PDL_BLOCK_N = int(os.environ.get("QKV_GEMV_PDL_BLOCK_N", "4"))  # rows a program of N > 2048 with PDL
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
 
 
@@ -93,7 +94,7 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight. Narrow outputs take 2 rows per program
     (N = 1024 with 4 rows is 256 programs, under two per SM of an H200). With PDL a program's
     whole tile (up to 8K elements) is one chunk, all of it loaded before the wait."""
-    block_n = 2 if n <= 2048 else 4
+    block_n = 2 if n <= 2048 else (PDL_BLOCK_N if pdl_mode else 4)
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
     block_k = min(1024, triton.next_power_of_2(k))
@@ -255,8 +256,8 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
             or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous()
                                           or residual.dtype != x.dtype))):
         return None
-    bn = tile(N, K)[0]
     mode, kw = pdl.launch(x.device)
+    bn = tile(N, K, mode)[0]
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     ro = torch.empty_like(x) if residual is not None else x
     _norm_gemv_kernel[(triton.cdiv(N, bn),)](x, residual if residual is not None else x, norm_weight, w, y, ro, N, K,
