@@ -4,12 +4,20 @@ Needs a CUDA GPU.
 
     PYTHONPATH=. python3 benchmarks/small_decode_ab.py --shape qwen3-0.6b --json ab.jsonl --profile
 
-Variants (qkv/attention/triton/gemv.py, fused.py): ``baseline`` = before the fusions (Triton
-GEMV for Llama-8B's shapes only, norms and q/k norm + RoPE as their own kernels); ``down`` adds
-Qwen3-0.6B's down projection (SiLU fused); ``gemv`` every Qwen3-0.6B projection; ``norm`` adds
-the norms folded into the qkv and gate/up GEMVs; ``qk`` adds q/k norm + RoPE in one kernel;
-``default`` (the shipped default) also writes K/V in that kernel; ``split8`` runs that decode
-attention with 8 splits (one launch, no combine); ``cublas``: no Triton GEMV. Records, one JSON
+Variants (qkv/attention/triton/gemv.py, fused.py, pdl.py, qk_decode.py): ``baseline`` = before
+the fusions (Triton GEMV for Llama-8B's shapes only, norms and q/k norm + RoPE as their own
+kernels); ``down`` adds Qwen3-0.6B's down projection (SiLU fused); ``gemv`` every Qwen3-0.6B
+projection; ``norm`` adds the norms folded into the qkv and gate/up GEMVs; ``qk`` adds q/k norm
++ RoPE in one kernel; ``prev`` also writes K/V in that kernel (the default before PDL);
+``split8`` runs that decode attention with 8 splits (one launch, no combine); ``cublas``: no
+Triton GEMV. Over ``prev``: ``pdl``/``pdl2`` launch the step's Triton kernels with programmatic
+dependent launch (pdl.py's modes 1 and 2), ``merge`` lets the decode kernel merge all its
+splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` runs q/k norm,
+RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
+``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
+PDL. ``default`` (the shipped default) is ``pdl2_merge``; ``k1024`` is it with PDL's GEMVs on
+the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a program for
+N > 2048 (4 otherwise). Records, one JSON
 line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
 with ``--profile`` the per-kernel profile of the best variant.
@@ -21,11 +29,13 @@ import argparse
 import json
 import statistics
 import time
+import zlib
 
 import torch
 
 from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
+from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
@@ -38,10 +48,21 @@ VARIANTS = {
     "gemv": dict(gemv="default", norm=False, qk=False, kv=False),
     "norm": dict(gemv="default", norm=True, qk=False, kv=False),
     "qk": dict(gemv="default", norm=True, qk=True, kv=False),
-    "default": dict(gemv="default", norm=True, qk=True, kv=True),
+    "prev": dict(gemv="default", norm=True, qk=True, kv=True),  # the default before PDL and the merge
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
+# Over ``prev``: programmatic dependent launch (pdl.py, mode 1 or 2), the decode kernel
+# merging all its splits itself (``merge``), both, the one-launch attention (``attend``).
+_D = VARIANTS["prev"]
+VARIANTS.update({
+    "pdl": dict(_D, pdl=1), "pdl2": dict(_D, pdl=2), "merge": dict(_D, merge=True),
+    "pdl_merge": dict(_D, pdl=1, merge=True), "pdl2_merge": dict(_D, pdl=2, merge=True),
+    "attend": dict(_D, attend=True), "pdl_attend": dict(_D, pdl=1, attend=True),
+    "pdl2_attend": dict(_D, pdl=2, attend=True), "fullk": dict(_D, full_k=True),
+    "k1024": dict(VARIANTS["default"], pdl_full_k=False), "bn8": dict(VARIANTS["default"], pdl_block_n=8),
+})
 
 
 def use(variant: str, eng) -> None:
@@ -50,6 +71,12 @@ def use(variant: str, eng) -> None:
     fused.FUSE_QK_NORM_ROPE = v["qk"]
     fused.FUSE_KV_WRITE = v["kv"]
     qk_decode.SPLITS = v.get("splits")
+    qk_decode.MERGE = v.get("merge", False)
+    qk_decode.FUSE_ATTEND = v.get("attend", False)
+    gemv_mod.FULL_K = v.get("full_k", False)
+    gemv_mod.PDL_FULL_K = v.get("pdl_full_k", True)
+    gemv_mod.PDL_BLOCK_N = v.get("pdl_block_n", 4)
+    pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
 
 
@@ -162,6 +189,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel profile of the fastest variant")
+    p.add_argument("--count", action="store_true", help="kernels and kernel ms a step of every variant")
     p.add_argument("--copy-rate", action="store_true", help="measure the copy rate first")
     p.add_argument("--json", default=None)
     p.add_argument("--tiles", action="store_true", help="only the GEMV tile sweep of the Qwen3-0.6B shapes")
@@ -188,15 +216,27 @@ def main() -> None:
     results, ref_tokens = {}, None
     for name in args.variants.split(","):
         t = time.perf_counter()
-        use(name, eng)
-        cap = time.perf_counter() - t
-        r = decode_b1(eng, args.prompt_len, args.new, args.runs, torch.Generator().manual_seed(0))
-        r["replay_ms"] = replay_ms(eng)
+        try:
+            use(name, eng)
+            cap = time.perf_counter() - t
+            r = decode_b1(eng, args.prompt_len, args.new, args.runs, torch.Generator().manual_seed(0))
+            r["replay_ms"] = replay_ms(eng)
+            if args.count:
+                prof = profile(eng, steps=10, top=0)
+                r.update(kernels_per_step=prof["kernels_per_step"], kernel_ms=prof["kernel_ms"])
+        except Exception as e:  # noqa: BLE001  (one variant failing: recorded, the others still run)
+            record(kind="error", shape=args.shape, variant=name, error=repr(e)[:400])
+            print(f"## {args.shape} {name:>10}: FAILED {repr(e)[:200]}", flush=True)
+            continue
         same = None if ref_tokens is None else r["tokens"] == ref_tokens
         ref_tokens = ref_tokens or r["tokens"]
         results[name] = r
         record(kind="decode_b1", shape=args.shape, variant=name, switches=VARIANTS[name], capture_s=cap,
                same_tokens_as_first=same, **r)
+        print(f"## {args.shape} {name:>10}: {r['tok_s']:8.1f} tok/s  step {r['step_p50_ms']:.3f} ms  "
+              f"replay {r['replay_ms']:.3f} ms  kernels/step {r.get('kernels_per_step', '-')}  "
+              f"kernel ms {r.get('kernel_ms', float('nan')):.3f}  tokens#{zlib.crc32(str(r['tokens']).encode()):08x}",
+              flush=True)
     if args.profile:
         best = max(results, key=lambda k: results[k]["tok_s"])
         use(best, eng)

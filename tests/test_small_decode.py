@@ -121,9 +121,13 @@ def test_qk_norm_rope_matches_norms_then_rope():
     write_kv(want, out_k, v, slots)
     assert torch.equal(cache, want)
     assert cache.abs().sum() > 0
+    cache.zero_()  # static: positions, slots, tables and weights read before the (PDL) wait
+    got_q, got_k = fused.qk_norm_rope(pos, rope.cos, rope.sin, q, k, qn.weight, kn.weight, 1e-6, v=v,
+                                      kv_cache=cache, slot_mapping=slots, static=True)
+    assert torch.equal(got_q, out_q) and torch.equal(got_k, out_k) and torch.equal(cache, want)
 
 
-def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
+def _greedy(path: str, fused_on: bool, monkeypatch, lens: tuple[int, ...] = (7, 19)) -> list[list[int]]:
     from qkv.engine.engine import LLMEngine
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
@@ -150,7 +154,7 @@ def _greedy(path: str, fused_on: bool, monkeypatch) -> list[list[int]]:
     params = SamplingParams(max_tokens=12 if CUDA else 4, temperature=0.0, ignore_eos=True)
     gen = torch.Generator().manual_seed(1)
     reqs = []
-    for n in ((7, 19) if CUDA else (7,)):  # one at a time: every decode step is a batch-1 step
+    for n in (lens if CUDA else lens[:1]):  # one at a time: every decode step is a batch-1 step
         reqs += eng.add_request(torch.randint(2, 250, (n,), generator=gen).tolist(), params)
         while eng.has_unfinished():
             eng.step()
@@ -166,10 +170,42 @@ def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, 
 
 
 @gpu
-def test_kernel_count_per_layer_drops(tiny_model, all_shapes):
+@pytest.mark.parametrize("family,pdl_mode,switch", [("qwen3", 1, None), ("qwen3", 2, "MERGE"), ("qwen3", 0, "MERGE"),
+                                                    ("qwen3", 0, "FUSE_ATTEND"), ("qwen3", 2, "FUSE_ATTEND"),
+                                                    ("llama", 1, None)])
+def test_pdl_and_merge_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family, pdl_mode, switch):
+    """Programmatic dependent launch (captured in the CUDA graphs), the in-kernel merge of all
+    decode splits and the one-launch attention (qk_attend.py) give the fused path's tokens
+    without them; a 150-token prompt spreads its keys over 3 splits of 64."""
+    from qkv.attention.triton import pdl, qk_decode
+
+    path, _ = tiny_model(family)
+    mode = pdl.MODE
+    try:
+        pdl.configure(0)
+        monkeypatch.setattr(qk_decode, "MERGE", False)
+        want = _greedy(path, True, monkeypatch, lens=(7, 150))
+        pdl.configure(pdl_mode)
+        monkeypatch.setattr(qk_decode, "MERGE", False)
+        if switch:
+            monkeypatch.setattr(qk_decode, switch, True)
+        got = _greedy(path, True, monkeypatch, lens=(7, 150))
+    finally:
+        pdl.configure(mode)
+    assert got == want
+
+
+@gpu
+@pytest.mark.parametrize("attend,per_layer", [(False, 7), (True, 5)])
+def test_kernel_count_per_layer_drops(tiny_model, all_shapes, monkeypatch, attend, per_layer):
     """A batch-1 decode step of a tiny Qwen3 launches at most 7 kernels per layer fused (6 expected:
-    norm+qkv, q/k norm+RoPE+KV write, attention, o_proj, norm+gate/up, SiLU+down; 12 before)."""
+    norm+qkv, q/k norm+RoPE+KV write, attention, o_proj, norm+gate/up, SiLU+down; 12 before);
+    5 with the attention in one launch (qk_attend.py: norm+qkv, attention, o_proj, norm+gate/up,
+    SiLU+down)."""
+    from qkv.attention.triton import qk_decode
     from qkv.engine.engine import LLMEngine
+
+    monkeypatch.setattr(qk_decode, "FUSE_ATTEND", attend)
     from qkv.engine.request import SamplingParams
     from qkv.loading import load
 
@@ -194,4 +230,66 @@ def test_kernel_count_per_layer_drops(tiny_model, all_shapes):
         torch.cuda.synchronize()
     n = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
     layers = loaded.config.num_layers
-    assert n <= 7 * layers + 3, f"{n} kernels for {layers} layers"
+    assert n <= per_layer * layers + 3, f"{n} kernels for {layers} layers"
+
+
+@pytest.mark.parametrize("splits,merge,static", [(3, True, False), (9, True, True), (32, True, False),
+                                                 (9, False, True), (1, None, True)])
+@pytest.mark.parametrize("H", [8, 6])  # groups of 4 and of 3 (padded to 4 in the merge's loads)
+def test_decode_merge_all_splits_in_kernel(splits, merge, static, H):
+    """``merge=True``: the last split merges any number of splits (all loads at once), no combine
+    launch; the partial states of empty splits (short sequences) are never read. ``static``: the
+    first tile read before the (PDL) wait, the step's own key again after it (a stale row there
+    needs PDL on a GPU: the engine test above runs it in CUDA graphs)."""
+    from qkv.attention import reference
+    from qkv.attention.triton.decode import paged_decode
+    from test_triton import make_batch
+
+    gen = torch.Generator().manual_seed(splits + H)
+    batch = make_batch([70, 5, 130], [1, 1, 1], 16, 20, None, gen)
+    q = torch.randn(3, H, 32, generator=gen).to(DEV)
+    k, v = torch.randn(3, 2, 32, generator=gen).to(DEV), torch.randn(3, 2, 32, generator=gen).to(DEV)
+    cache = torch.randn(2, 20, 16, 2, 32, generator=gen).to(DEV)
+    ref = reference.paged_attention(q, k, v, cache.clone(), batch, 0, 0.2)
+    reference.write_kv(cache, k, v, batch.slot_mappings[0])
+    for _ in range(2):  # twice: the counters must be left at zero
+        out = paged_decode(q, cache, batch.block_tables[0], batch.num_computed, 0.2, splits=splits, block_n=16,
+                           merge=merge, static_inputs=static)
+        close(out, ref, 3e-3 if CUDA else 1e-5)
+
+
+@pytest.mark.parametrize("splits,static", [(1, False), (4, True), (32, False), (32, True)])
+def test_qk_attend_matches_norm_rope_then_decode(splits, static):
+    """One launch (q/k norm + RoPE + KV write + decode + merge) == ``fused.qk_norm_rope`` with
+    the KV write, then ``paged_decode``: outputs and the cache rows written. The step's slots
+    hold stale bytes before the call (the kernel must use its own k/v for those rows)."""
+    from qkv.attention.triton.decode import paged_decode
+    from qkv.attention.triton.qk_attend import qk_attend
+    from test_triton import make_batch
+
+    gen = torch.Generator().manual_seed(splits)
+    H, KVH, D, bs = 6, 2, 32, 16
+    batch = make_batch([70, 5, 130, 0], [1, 1, 1, 1], bs, 24, None, gen)
+    T = 4
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gen).to(DEV)
+    qw, kw = torch.randn(D, generator=gen).to(DEV), torch.randn(D, generator=gen).to(DEV)
+    rope = RotaryEmbedding(D, 10000.0).to(DEV)
+    pos = batch.num_computed.clone()
+    cache = torch.randn(2, 24, bs, KVH, D, generator=gen).to(DEV)
+    slots = batch.slot_mappings[0]
+    want_cache = cache.clone()
+    q, k, v = qkv.split([H * D, KVH * D, KVH * D], -1)
+    yq, _ = fused.qk_norm_rope(pos, rope.cos, rope.sin, q.view(T, H, D), k.view(T, KVH, D), qw, kw, 1e-6,
+                               v=v.view(T, KVH, D), kv_cache=want_cache, slot_mapping=slots)
+    want = paged_decode(yq, want_cache, batch.block_tables[0], batch.num_computed, 0.3, splits=splits, block_n=16)
+    for _ in range(2):  # twice: the split counters are left at zero
+        got_cache = cache.clone()
+        got = qk_attend(qkv, H, qw, kw, 1e-6, pos, rope.cos, rope.sin, got_cache, slots, batch.block_tables[0],
+                        batch.num_computed, batch.query_start_loc, 0.3, splits, static=static, block_n=16)
+        close(got, want, 3e-3 if CUDA else 1e-5)
+        # The norm sums in another order: the written rows agree to rounding, the rest is untouched.
+        flat_got, flat_want = got_cache.view(2, -1, KVH, D), want_cache.view(2, -1, KVH, D)
+        close(flat_got[:, slots], flat_want[:, slots], 1e-5)
+        assert not torch.equal(flat_got[:, slots], cache.view(2, -1, KVH, D)[:, slots])
+        flat_got[:, slots] = flat_want[:, slots]
+        assert torch.equal(got_cache, want_cache)

@@ -65,7 +65,7 @@ class Attention(nn.Module):
                     from qkv.attention.triton import qk_decode
 
                     if qk_decode.applies(self, qkv, batch):  # one launch for norms, RoPE and KV write
-                        return linear(self.o_proj, qk_decode.attend(self, q, k, v, positions, batch)
+                        return linear(self.o_proj, qk_decode.attend(self, q, k, v, positions, batch, qkv)
                                       .reshape(T, self.q_size))
                 q, k = qk_norm_rope(self.rope, positions, q, k, self.q_norm, self.k_norm, batch)
             else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from qkv.attention.batch import AttentionBatch
+from qkv.attention.triton import pdl
 from qkv.attention.triton.decode import paged_decode
 from qkv.attention.triton.kv_write import write_kv
 from qkv.attention.triton.prefill import paged_prefill
@@ -59,7 +60,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         write_kv(kv_cache, k, v, slots)
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
                             max_seq_len=decode_keys(batch, max_keys),
-                            query_start_loc=batch.query_start_loc, dilation=dilation)
+                            query_start_loc=batch.query_start_loc, dilation=dilation,
+                            static_inputs=batch.graph and pdl.MODE != 0)
     # A mixed step (decodes beside prefill chunks): the prefill kernel takes the multi-token
     # sequences and reads before the write; the GQA decode kernel takes the one-token ones
     # after it. Which is which is read on the device, so the host never waits.

@@ -15,7 +15,9 @@ Fusions at batch 1 (each one launch instead of two or three):
 Switch (read at import; ``configure`` changes it in a running process, before graph capture):
 ``QKV_TRITON_GEMV`` = ``default`` | ``off`` (cuBLAS everywhere) | ``all`` (every one-row product
 of a bias-free layer) | a list ``4096x1024,1024x3072`` (replaces the default) | ``+LIST``
-(added to it); ``QKV_TRITON_GEMV_NORM=0`` keeps the norms as their own kernels.
+(added to it); ``QKV_TRITON_GEMV_NORM=0`` keeps the norms as their own kernels. With
+programmatic dependent launch on (``QKV_PDL``, pdl.py) each program's weight tile is loaded
+before it waits for the previous kernel.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from qkv.attention.triton import pdl
 
 # (out_features, in_features) where the Triton GEMV replaces cuBLAS at M = 1.
 # H100 (2026-11-22, benchmarks/gpu_bench.py): only the square o_proj of Llama-8B gained inside the
@@ -41,6 +45,10 @@ ENABLED_SHAPES: set[tuple[int, int]] = set(DEFAULT_SHAPES)
 ALL_SHAPES = False  # "all": every shape, not only the listed ones
 FUSE_NORM = True  # RMSNorm folded into the following projection (norm_linear)
 NORM_MAX_K = 2048
+# Whole-row tiles (one chunk of up to 8K elements a program) without PDL too (QKV_GEMV_FULL_K=1).
+FULL_K = os.environ.get("QKV_GEMV_FULL_K", "0") == "1"
+PDL_FULL_K = os.environ.get("QKV_GEMV_PDL_FULL_K", "1") == "1"  # with PDL (0: only the first chunk before the wait)
+PDL_BLOCK_N = int(os.environ.get("QKV_GEMV_PDL_BLOCK_N", "4"))  # rows a program of N > 2048 with PDL
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
 
 
@@ -82,35 +90,50 @@ def enabled(n: int, k: int) -> bool:
     return ALL_SHAPES or (n, k) in ENABLED_SHAPES
 
 
-def tile(n: int, k: int) -> tuple[int, int, int]:
+def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight. Narrow outputs take 2 rows per program
-    (N = 1024 with 4 rows is 256 programs, under two per SM of an H200)."""
-    block_n = 2 if n <= 2048 else 4
+    (N = 1024 with 4 rows is 256 programs, under two per SM of an H200). With PDL a program's
+    whole tile (up to 8K elements) is one chunk, all of it loaded before the wait."""
+    block_n = 2 if n <= 2048 else (PDL_BLOCK_N if pdl_mode else 4)
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
     block_k = min(1024, triton.next_power_of_2(k))
+    if ((pdl_mode and PDL_FULL_K) or FULL_K) and block_n * triton.next_power_of_2(k) <= 8192:
+        block_k = triton.next_power_of_2(k)
     return block_n, block_k, 4
 
 
 # K is a kernel constant: one variant per weight shape (a handful per model), a loop of known
 # trip count, and loops over it run under the interpreter (numpy 2.4 refuses a runtime bound).
+# Each kernel loads its first weight chunk before ``pdl.sync``: with programmatic dependent
+# launch (pdl.py) that load overlaps the previous kernel; the activation is read after it.
+@triton.jit
+def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr):
+    if EVEN:  # unmasked: full 16-byte vector loads
+        return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :])
+    return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & ((k0 + k) < K)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _v_chunk(X, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(X + k0 + k)
+    return tl.load(X + k0 + k, mask=(k0 + k) < K, other=0.0)
+
+
 @triton.jit
 def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, OUT_F32: tl.constexpr):
+                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN:
-            x = tl.load(X + k0 + k).to(tl.float32)
-            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
-        else:
-            km = (k0 + k) < K
-            x = tl.load(X + k0 + k, mask=km, other=0.0).to(tl.float32)
-            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & km[None, :],
-                        other=0.0).to(tl.float32)
-        acc += w * x[None, :]
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    pdl.sync(PDL)
+    acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1).to(X.dtype.element_ty)
     if OUT_F32:  # the logits: rounded to the model's dtype first, as torch's ``linear(x).float()``
         y = y.to(tl.float32)
@@ -118,45 +141,47 @@ def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, B
 
 
 @triton.jit
+def _silu_x(GU, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
+    """silu(g) * u of chunk k0 of [g | u], rounded where torch rounds it (silu's output, then the product)."""
+    g = _v_chunk(GU, k0, k, K, EVEN).to(tl.float32)
+    u = _v_chunk(GU + K, k0, k, K, EVEN)
+    a = (g * tl.sigmoid(g)).to(u.dtype).to(tl.float32)
+    return (a * u.to(tl.float32)).to(u.dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_gemv_kernel(GU, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr):
-    """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x,
-    rounded where torch rounds it (silu's output, then the product)."""
+                      EVEN: tl.constexpr, PDL: tl.constexpr):
+    """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        km = (k0 + k) < K
-        if EVEN:
-            g = tl.load(GU + k0 + k).to(tl.float32)
-            u = tl.load(GU + K + k0 + k)
-            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :]).to(tl.float32)
-        else:
-            g = tl.load(GU + k0 + k, mask=km, other=0.0).to(tl.float32)
-            u = tl.load(GU + K + k0 + k, mask=km, other=0.0)
-            w = tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & km[None, :],
-                        other=0.0).to(tl.float32)
-        a = (g * tl.sigmoid(g)).to(u.dtype).to(tl.float32)
-        x = (a * u.to(tl.float32)).to(u.dtype).to(tl.float32)
-        acc += w * x[None, :]
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    pdl.sync(PDL)
+    acc = w.to(tl.float32) * _silu_x(GU, 0, k, K, EVEN)[None, :]
+    for k0 in range(BLOCK_K, K, BLOCK_K):
+        x = _silu_x(GU, k0, k, K, EVEN)
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
     tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
 
 
 @triton.jit
 def _norm_gemv_kernel(X, R, NW, W, Y, RO, N, K, stride_w, eps, HAS_RES: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr, PDL: tl.constexpr):
     """y = rmsnorm(r + x) W^T, ro = r + x (program 0 stores it); without a residual y =
     rmsnorm(x) W^T. The norm is ``fused._rms_norm_kernel``'s math (no offset), rounded alike."""
     pid = tl.program_id(0)
     k = tl.arange(0, BLOCK_K)
     km = k < K
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    # The weight tile first: its memory latency overlaps the norm's (cached) loads and reduction.
+    # The weight tile first: its memory latency overlaps the norm's (cached) loads and reduction
+    # (and with PDL the previous kernel).
     if EVEN:  # unmasked: full 16-byte vector loads
         w = tl.load(W + n[:, None] * stride_w + k[None, :])
     else:
         w = tl.load(W + n[:, None] * stride_w + k[None, :], mask=(n < N)[:, None] & km[None, :], other=0.0)
+    nw = tl.load(NW + k, mask=km, other=0.0).to(tl.float32)
+    pdl.sync(PDL)
     x = tl.load(X + k, mask=km, other=0.0).to(tl.float32)
     if HAS_RES:
         s = (tl.load(R + k, mask=km, other=0.0).to(tl.float32) + x).to(RO.dtype.element_ty)
@@ -164,7 +189,6 @@ def _norm_gemv_kernel(X, R, NW, W, Y, RO, N, K, stride_w, eps, HAS_RES: tl.const
             tl.store(RO + k, s, mask=km)
         x = s.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 0) / K + eps)
-    nw = tl.load(NW + k, mask=km, other=0.0).to(tl.float32)
     h = ((x * rstd).to(Y.dtype.element_ty).to(tl.float32) * nw).to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + n, tl.sum(w.to(tl.float32) * h[None, :], 1).to(Y.dtype.element_ty), mask=n < N)
 
@@ -182,13 +206,14 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, bloc
     """x [1, K] @ weight[N, K]^T -> [1, N] in x's dtype (``out_dtype=torch.float32``: the same
     values, stored widened). Tiles default to ``tile(N, K)``."""
     N, K = weight.shape
-    bn, bk, nw = tile(N, K)
+    mode, kw = pdl.launch(x.device)
+    bn, bk, nw = tile(N, K, mode)
     block_n, block_k, num_warps = block_n or bn, block_k or bk, num_warps or nw
     y = torch.empty((1, N), dtype=out_dtype or x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, weight.stride(0), K=K, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0,
                                              OUT_F32=y.dtype == torch.float32 and x.dtype != torch.float32,
-                                             num_warps=num_warps, num_stages=num_stages)
+                                             PDL=mode, num_warps=num_warps, num_stages=num_stages, **kw)
     return y
 
 
@@ -210,10 +235,12 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tens
     if (gate_up.dim() != 2 or gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * K or layer.bias is not None
             or not enabled(N, K) or not gate_up.is_contiguous() or w.stride(1) != 1 or w.dtype != gate_up.dtype):
         return None
-    bn, bk, nw = tile(N, K)
+    mode, kw = pdl.launch(gate_up.device)
+    bn, bk, nw = tile(N, K, mode)
     y = torch.empty((1, N), dtype=gate_up.dtype, device=gate_up.device)
     _silu_gemv_kernel[(triton.cdiv(N, bn),)](gate_up, w, y, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
-                                             EVEN=N % bn == 0 and K % bk == 0, num_warps=nw, num_stages=3)
+                                             EVEN=N % bn == 0 and K % bk == 0, PDL=mode, num_warps=nw,
+                                             num_stages=3, **kw)
     return y
 
 
@@ -229,11 +256,13 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
             or (residual is not None and (residual.shape != x.shape or not residual.is_contiguous()
                                           or residual.dtype != x.dtype))):
         return None
-    bn = tile(N, K)[0]
+    mode, kw = pdl.launch(x.device)
+    bn = tile(N, K, mode)[0]
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     ro = torch.empty_like(x) if residual is not None else x
     _norm_gemv_kernel[(triton.cdiv(N, bn),)](x, residual if residual is not None else x, norm_weight, w, y, ro, N, K,
                                              w.stride(0), eps, HAS_RES=residual is not None, BLOCK_N=bn,
                                              BLOCK_K=triton.next_power_of_2(K),
-                                             EVEN=N % bn == 0 and K == triton.next_power_of_2(K), num_warps=4)
+                                             EVEN=N % bn == 0 and K == triton.next_power_of_2(K), PDL=mode,
+                                             num_warps=4, **kw)
     return y, ro

@@ -13,15 +13,22 @@ import os
 import torch
 
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.triton import fused
+from qkv.attention.triton import fused, pdl
 from qkv.attention.triton.backend import decode_keys
-from qkv.attention.triton.decode import paged_decode
+from qkv.attention.triton.decode import num_splits, paged_decode
+from qkv.attention.triton.qk_attend import qk_attend
 from qkv.kvcache.kv_pages import layout_of
 
 # Splits of the decode kernel here (QKV_DECODE_SPLITS; unset: decode.num_splits's choice, 32 at
 # batch 1 in a graph, which needs the second, combining launch). Up to 8 the kernel merges the
 # splits itself (one launch): better for short contexts, fewer programs for long ones.
 SPLITS = int(os.environ.get("QKV_DECODE_SPLITS", "0")) or None
+# However many splits, the kernel's last split merges them, all partial states loaded at once
+# (decode.paged_decode's merge=True): no combine launch. QKV_DECODE_MERGE=0: the combine kernel
+# past 8 splits, as for other models.
+MERGE = os.environ.get("QKV_DECODE_MERGE", "1") == "1"
+# QKV_FUSE_QK_ATTEND=1: norms, RoPE, KV write, decode and its merge in one launch (qk_attend.py).
+FUSE_ATTEND = os.environ.get("QKV_FUSE_QK_ATTEND", "0") == "1"
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -35,13 +42,23 @@ def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
 
 
 def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-           batch: AttentionBatch) -> torch.Tensor:
-    """q [T, H, D], k/v [T, KVH, D] straight from the projection -> attention output [T, H, D];
-    this step's k (normalized, rotated) and v are written into ``attn.kv_cache``."""
+           batch: AttentionBatch, qkv: torch.Tensor | None = None) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KVH, D] straight from the projection (``qkv``, whose views they
+    are) -> attention output [T, H, D]; this step's k (normalized, rotated) and v are written
+    into ``attn.kv_cache``. ``FUSE_ATTEND`` with ``qkv`` given: all of it in one launch."""
     g = attn.group
     _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
+    D = attn.head_dim
+    if FUSE_ATTEND and qkv is not None and D & (D - 1) == 0 and qkv.stride(1) == 1:
+        splits = SPLITS or num_splits(batch.num_seqs, attn.num_kv_heads, decode_keys(batch, batch.max_seq_len), 64)
+        return qk_attend(qkv, attn.num_heads, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, index, cos_t,
+                         sin_t, attn.kv_cache, batch.slot_mappings[g], batch.block_tables[g], batch.num_computed,
+                         batch.query_start_loc, attn.scale, splits, static=batch.graph and pdl.MODE != 0)
+    # (dynamic RoPE computes its tables in the step: not static inputs)
+    static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
     q, _ = fused.qk_norm_rope(index, cos_t, sin_t, q, k, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
-                              v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g])
+                              v=v, kv_cache=attn.kv_cache, slot_mapping=batch.slot_mappings[g], static=static)
     return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
-                        query_start_loc=batch.query_start_loc)
+                        query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
+                        static_inputs=batch.graph and pdl.MODE != 0)
