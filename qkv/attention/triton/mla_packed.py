@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.packed import INTERPRET, _int4_tile, _int8_tile, _store_int4, _store_int8
+from qkv.attention.triton.packed import INTERPRET, _store_int4, _store_int8
+from qkv.attention.triton.packed_fast import I4W_ASM_BF16, I4W_ASM_F16
 from qkv.kvcache.kv_pages import layout_of
 
 
@@ -73,32 +74,139 @@ def write_latent(kv_cache: torch.Tensor, rows: torch.Tensor, R: int, slot_mappin
                                BITS=p.fmt.bits, GRP=p.fmt.group_for(W), EXACT=not INTERPRET, num_warps=1)
 
 
+# The decode kernel's variants (``launch_decode`` arguments; benchmarks/mla_packed_bench.py
+# --sweep times them): PREFETCH loads the next tile's packed words into registers while this
+# one is widened (its pages' block-table entries two tiles ahead, so no load waits on another);
+# ROWS_ON_M puts the tile's rows on the MMA's M dimension (scores as lat @ q^T: the tile is the
+# A operand of one dot and the B of the other, as mla._mla_decode_kernel), else the heads;
+# F16 computes the dots in fp16 for bf16 queries (int8 widens in half the instructions; the
+# values must then fit fp16's range: |v * s| < 65504).
+VARIANT = dict(prefetch=1, rows_on_m=1, f16=0)
+
+# int8 by words: pack=2 over two 32-bit words w0, w1 (4 bytes each, in one group: fp32 scales
+# s0, s1); output m holds byte m of both words (bf16x2/f16x2: w0's low, w1's high), widened as
+# packed_fast's int8 asm: byte ^ 0x80 permuted under an fp32 exponent, minus 2^23 + 128 (the
+# signed byte, exact), times the scale, rounded once to DT (the reference's fp32 product, cast).
+_I8W_ASM = "\n".join(
+    ["{", ".reg .b32 w8a, w8b, w8f, w8g, w8hi;", "mov.b32 w8hi, 0x4B000000;",
+     "xor.b32 w8a, $4, 0x80808080;", "xor.b32 w8b, $5, 0x80808080;"]
+    + [line for m in range(4) for line in (
+        f"prmt.b32 w8f, w8a, w8hi, 0x744{m};", f"prmt.b32 w8g, w8b, w8hi, 0x744{m};",
+        "sub.rn.f32 w8f, w8f, 0f4B000080;", "sub.rn.f32 w8g, w8g, 0f4B000080;",
+        "mul.rn.f32 w8f, w8f, $6;", "mul.rn.f32 w8g, w8g, $7;", f"cvt.rn.T.f32 ${m}, w8g, w8f;")]
+    + ["}"])
+I8W_ASM_BF16 = tl.constexpr(_I8W_ASM.replace(".T", ".bf16x2"))
+# int8 by words in fp16 (the F16 variant: the dots in fp16): byte m of both words gathered
+# into one register's halves under 0x64 (1024 + u, u = byte ^ 0x80); one paired fma takes
+# 1152 off (the signed byte, exact), one paired multiply applies the fp16 scales ($6: both
+# words'): v * s rounded once (exact in fp32 first: 8 x 11 significant bits), as the reference's
+# fp32 product cast to fp16.
+I8H_ASM = tl.constexpr("\n".join(
+    ["{", ".reg .b32 h8a, h8b, h8t, h8one, h8off;", "mov.b32 h8one, 0x3C003C00;", "mov.b32 h8off, 0xE480E480;",
+     "xor.b32 h8a, $4, 0x80808080;", "xor.b32 h8b, $5, 0x80808080;"]
+    + [line for m in range(4) for line in (
+        f"prmt.b32 h8t, h8a, h8b, 0x{4 + m}0{m};", "lop3.b32 h8t, h8t, 0x00FF00FF, 0x64006400, 0xea;",
+        "fma.rn.f16x2 h8t, h8t, h8one, h8off;", f"mul.rn.f16x2 ${m}, h8t, $6;")]
+    + ["}"]))
+
+
 @triton.jit
-def _row_tiles(C32, C8, C16, base, vals_at, scales_at, row, nmask, R: tl.constexpr, P: tl.constexpr,
-               BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr):
-    """The [BLOCK_N, R] latent and [BLOCK_N, P] rope tiles of the rows at page offsets ``base``."""
+def _raw_tile(C32, C16, C8, base, row, nmask, vals_at, scales_at, R: tl.constexpr, P: tl.constexpr,
+              BITS: tl.constexpr, GRP: tl.constexpr):
+    """The packed rows at page offsets ``base``, rows ``row`` (masked rows read zeros, whose
+    scales are zero), as 32-bit words (a register holds 4 or 8 values, none is repacked):
+    latent and rope words [N, R*BITS/32], [N, P*BITS/32] and their scales, each loaded once:
+    int4: e5m3 codes [N, R/16], [N, P/16]; int8: fp16 [N, R/GRP], [N, P/GRP]."""
+    W: tl.constexpr = (R + P) * BITS // 32
+    LW: tl.constexpr = R * BITS // 32
+    vo = tl.multiple_of((base + vals_at) // 4 + row * W, 4)
+    xl = tl.load(C32 + vo[:, None] + tl.arange(0, LW)[None, :], mask=nmask[:, None], other=0)
+    xr = tl.load(C32 + vo[:, None] + LW + tl.arange(0, P * BITS // 32)[None, :], mask=nmask[:, None], other=0)
     if BITS == 4:
-        voff = (base + vals_at) // 4 + row * ((R + P) // 8)
-        soff = base + scales_at + row * ((R + P) // 16)
-        lat = _int4_tile(C32, C8, voff, soff, nmask, R, BLOCK_N, DT)
-        rope = _int4_tile(C32, C8, voff + R // 8, soff + R // 16, nmask, P, BLOCK_N, DT)
+        so = base + scales_at + row * ((R + P) // 16)
+        sl = tl.load(C8 + so[:, None] + tl.arange(0, R // 16)[None, :], mask=nmask[:, None], other=0)
+        sr = tl.load(C8 + so[:, None] + R // 16 + tl.arange(0, P // 16)[None, :], mask=nmask[:, None], other=0)
     else:
-        voff = (base + vals_at) // 4 + row * ((R + P) // 4)
-        soff = (base + scales_at) // 2 + row * ((R + P) // GRP)
-        lat = _int8_tile(C32, C16, voff, soff, nmask, R, GRP, BLOCK_N, DT)
-        rope = _int8_tile(C32, C16, voff + R // 4, soff + R // GRP, nmask, P, GRP, BLOCK_N, DT)
-    return lat, rope
+        so = (base + scales_at) // 2 + row * ((R + P) // GRP)
+        sl = tl.load(C16 + so[:, None] + tl.arange(0, R // GRP)[None, :], mask=nmask[:, None], other=0.0)
+        sr = tl.load(C16 + so[:, None] + R // GRP + tl.arange(0, P // GRP)[None, :], mask=nmask[:, None],
+                     other=0.0)
+    return xl, xr, sl, sr
+
+
+@triton.jit
+def _word_scales(s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Each word's scale [N, D*BITS/32] (fp32) from a part's scales as ``_raw_tile`` loads them
+    (int4: e5m3 codes, one per 2 words; int8: fp16, one per GRP/4 words)."""
+    if BITS == 4:
+        c = tl.reshape(tl.broadcast_to(s.to(tl.int32)[:, :, None], (BLOCK_N, D // 16, 2)), (BLOCK_N, D // 8))
+        return (c << 7).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        NG: tl.constexpr = D // GRP
+        return tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, GRP // 4)), (BLOCK_N, D // 4))
+
+
+@triton.jit
+def _widen(w, s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N: tl.constexpr,
+           DT: tl.constexpr, ASM: tl.constexpr):
+    """One part (latent or rope) of a tile: words ``w`` [N, D*BITS/32] and scales ``s`` (as
+    ``_raw_tile``) -> [N, D] in DT, natural column order (each word's values side by side in
+    its thread: the joins cost no data movement). The values are the reference's (int4: n * s,
+    exact; int8: the fp32 product rounded once). ``ASM``: widened in PTX (DT bf16/fp16)."""
+    sw = _word_scales(s, D, BITS, GRP, BLOCK_N)
+    if BITS == 4:
+        if ASM:
+            if DT == tl.bfloat16:
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                    I4W_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw.to(DT)], dtype=(tl.bfloat16,) * 8,
+                    is_pure=True, pack=2)
+            else:
+                o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                    I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw.to(DT)], dtype=(tl.float16,) * 8,
+                    is_pure=True, pack=2)
+        else:
+            o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+        # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index 8 * word + m
+        t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+    else:
+        if ASM:
+            if DT == tl.bfloat16:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(I8W_ASM_BF16, "=r,=r,=r,=r,r,r,r,r", [w, sw],
+                                                           dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+            else:
+                o0, o1, o2, o3 = tl.inline_asm_elementwise(I8H_ASM, "=r,=r,=r,=r,r,r,r", [w, sw.to(tl.float16)],
+                                                           dtype=(tl.float16,) * 4, is_pure=True, pack=2)
+        else:
+            o0 = (((w << 24) >> 24).to(tl.float32) * sw).to(DT)  # byte m, sign-extended
+            o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
+            o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
+            o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
+        t = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # flat index 4 * word + m
+    t = tl.reshape(t, (BLOCK_N, D))
+    if ASM:  # an opaque no-op: Triton's dot lowering would otherwise trace the tile back through
+        # the joins to the word loads and pick mixed-precision operand layouts (kWidth 4: no ldmatrix)
+        t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [t], dtype=t.dtype, is_pure=False, pack=2)
+    return t
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
-def _mla_packed_decode_kernel(QL, QR, C8, C16, C32, BT, NC, ACC, ML,
-                              stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_bt, H, sm_scale,
-                              page_bytes, vals_at, scales_at,
+def _mla_packed_decode_kernel(QL, QR, C32, C16, C8, BT, NC, ACC, ML, OUT,
+                              stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_bt, stride_ot, stride_oh,
+                              H, sm_scale, page_bytes, vals_at, scales_at,
                               R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
                               GRP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-                              S: tl.constexpr, IEEE: tl.constexpr):
-    # As mla._mla_decode_kernel_fp8 (tiles loaded to registers and widened there), every
-    # program leaving fp32 partials for _combine_kernel.
+                              S: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+                              ROWS_ON_M: tl.constexpr, F16: tl.constexpr):
+    # As mla._mla_decode_kernel, with each tile's packed words loaded to registers (a tile is
+    # a quarter to a half of a bf16 tile's bytes; PREFETCH: one tile ahead) and widened there,
+    # in PTX (ASM) or Triton ops (the interpreter). The scales load once per row and group.
     b = tl.program_id(0)
     hblk = tl.program_id(1)
     split = tl.program_id(2)
@@ -106,52 +214,100 @@ def _mla_packed_decode_kernel(QL, QR, C8, C16, C32, BT, NC, ACC, ML,
     per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
     lo = split * per_split
     hi = tl.minimum(lo + per_split, seq_len)
-    DT = QL.dtype.element_ty
+    DT = tl.float16 if F16 else QL.dtype.element_ty  # the dots' inputs
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = h < H
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
-    ql = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
-    qr = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    ql = QL + b * stride_qlt + h[None, :] * stride_qlh
+    qr = QR + b * stride_qrt + h[None, :] * stride_qrh
+    qlt = tl.load(ql + r[:, None], mask=hmask[None, :], other=0.0).to(DT)  # [R, BLOCK_H]
+    qrt = tl.load(qr + p_[:, None], mask=hmask[None, :], other=0.0).to(DT)
+    if not ROWS_ON_M:
+        qlh = tl.trans(qlt)
+        qrh = tl.trans(qrt)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * 1.4426950408889634  # exp2 below
+    bt = BT + b * stride_bt
+    pos = lo + tl.arange(0, BLOCK_N)
+    blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0).to(tl.int64)
+    if PREFETCH:
+        xl, xr, sl, sr = _raw_tile(C32, C16, C8, blk_next * page_bytes, pos % BS, pos < hi, vals_at, scales_at,
+                                   R, P, BITS, GRP)
+        pos = pos + BLOCK_N
+        blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0).to(tl.int64)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         nmask = pos < hi
-        blk = tl.load(BT + b * stride_bt + pos // BS, mask=nmask, other=0).to(tl.int64)
-        lat, rope = _row_tiles(C32, C8, C16, blk * page_bytes, vals_at, scales_at, pos % BS, nmask,
-                               R, P, BITS, GRP, BLOCK_N, DT)
-        s = (tl.dot(ql, tl.trans(lat), input_precision=PREC)
-             + tl.dot(qr, tl.trans(rope), input_precision=PREC))
+        if PREFETCH:  # this tile's words arrived during the last one; issue the next tile's
+            cxl, cxr, csl, csr = xl, xr, sl, sr
+            nxt = pos + BLOCK_N
+            xl, xr, sl, sr = _raw_tile(C32, C16, C8, blk_next * page_bytes, nxt % BS, nxt < hi, vals_at, scales_at,
+                                       R, P, BITS, GRP)
+            blk_next = tl.load(bt + (nxt + BLOCK_N) // BS, mask=nxt + BLOCK_N < hi, other=0).to(tl.int64)
+        else:
+            blk = blk_next
+            blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0).to(tl.int64)
+            cxl, cxr, csl, csr = _raw_tile(C32, C16, C8, blk * page_bytes, pos % BS, nmask, vals_at, scales_at,
+                                           R, P, BITS, GRP)
+        lat = _widen(cxl, csl, R, BITS, GRP, BLOCK_N, DT, ASM)
+        rope = _widen(cxr, csr, P, BITS, GRP, BLOCK_N, DT, ASM)
+        if ROWS_ON_M:  # scores [BLOCK_N, BLOCK_H], transposed
+            s = tl.trans(tl.dot(rope, qrt, acc=tl.dot(lat, qlt, input_precision=PREC), input_precision=PREC))
+        else:
+            s = tl.dot(qrh, tl.trans(rope), acc=tl.dot(qlh, tl.trans(lat), input_precision=PREC),
+                       input_precision=PREC)
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DT), lat, input_precision=PREC).to(tl.float32)
+        acc = tl.dot(p.to(DT), lat, acc=acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
-    row = (b * H + h) * S + split
-    tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
-    tl.store(ML + row * 2, m_i, mask=hmask)
-    tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+    if S == 1:  # the whole sequence in one program: the output, no merge
+        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
+                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+    else:
+        row = (b * H + h) * S + split
+        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + row * 2, m_i, mask=hmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+
+
+def default_tiles(programs: int, bits: int, splits: int | None = None, block_n: int | None = None,
+                  num_warps: int | None = None, num_stages: int | None = None) -> tuple[int, int, int, int]:
+    """(splits, BLOCK_N, warps, stages) for ``programs`` (sequence, head block) pairs over int8
+    (``bits`` 8) or int4 latent pages, each as given unless None: the splits as the bf16
+    kernel's (about one wave at two programs per SM, one split from 128 programs on)."""
+    if not splits:
+        splits = 1 if programs >= 128 else min(64, triton.next_power_of_2(2 * 132 // programs + 1) // 2)
+    return splits, block_n or 32, num_warps or 4, num_stages or 1
 
 
 def launch_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                  num_computed: torch.Tensor, acc: torch.Tensor, ml: torch.Tensor, scale: float, block_h: int,
-                  splits: int, block_n: int, num_warps: int) -> None:
-    """The kernel's launch for ``mla.mla_decode`` (which sizes the tiles, allocates the fp32
-    partials ``acc``/``ml`` and merges them): q_lat [B, H, R], q_rope [B, H, P] in the compute
-    dtype; keys ``[0, num_computed[b]]``, this step's row already written by ``write_latent``."""
+                  num_computed: torch.Tensor, acc: torch.Tensor, ml: torch.Tensor, out: torch.Tensor, scale: float,
+                  block_h: int, splits: int, block_n: int, num_warps: int, num_stages: int,
+                  variant: dict | None = None) -> None:
+    """The kernel's launch for ``mla.mla_decode`` (which sizes the tiles with ``default_tiles``,
+    allocates the output and, for more than one split, the fp32 partials ``acc``/``ml`` and
+    merges them): q_lat [B, H, R], q_rope [B, H, P] in the compute dtype; keys
+    ``[0, num_computed[b]]``, this step's row already written by ``write_latent``. ``variant``:
+    ``VARIANT``'s keys, to time the others (widened by Triton ops under the interpreter, by
+    PTX for bf16/fp16 queries on the GPU)."""
     lay = kv_cache.kv_layout
     p = lay.planes[0]
     B, H, R = q_lat.shape
     P = q_rope.shape[2]
+    v = {**VARIANT, **(variant or {})}
+    asm = v.get("asm", not INTERPRET and q_lat.dtype in (torch.bfloat16, torch.float16))
     _mla_packed_decode_kernel[(B, triton.cdiv(H, block_h), splits)](
-        q_lat, q_rope, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), block_table,
-        num_computed, acc, ml, q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
-        block_table.stride(0), H, scale, lay.page_bytes, p.values_at, p.scales_at,
+        q_lat, q_rope, kv_cache.view(torch.int32), kv_cache.view(torch.float16), kv_cache, block_table, num_computed, acc, ml, out,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), block_table.stride(0),
+        out.stride(0), out.stride(1), H, scale, lay.page_bytes, p.values_at, p.scales_at,
         R=R, P=P, BS=lay.block_size, BITS=p.fmt.bits, GRP=p.fmt.group_for(R + P), BLOCK_H=block_h,
-        BLOCK_N=block_n, S=splits, IEEE=q_lat.dtype == torch.float32, num_warps=num_warps)
+        BLOCK_N=block_n, S=splits, IEEE=q_lat.dtype == torch.float32, ASM=bool(asm),
+        PREFETCH=bool(v["prefetch"]), ROWS_ON_M=bool(v["rows_on_m"]),
+        F16=bool(v["f16"]) and q_lat.dtype != torch.float32, num_warps=num_warps, num_stages=num_stages)
