@@ -32,11 +32,12 @@ from qkv.kvcache.spec import MLA  # noqa: E402
 
 H, R, P, BS = 16, 512, 64, 16
 SHAPES = ((64, 8192), (1, 8192), (128, 640))
+DEV = torch.device("cuda")
 
 
 def data(B: int, ctx: int, fmt: str, ref: bool = True):
     """(call(**kw) -> output, the fp32 reference output or None, bytes the kernel must read)."""
-    dev = torch.device("cuda")
+    dev = DEV
     g = torch.Generator(device=dev).manual_seed(0)
     nb = B * (ctx // BS + 1)
     rows = torch.randn(nb * BS, R + P, device=dev, generator=g, dtype=torch.bfloat16)
