@@ -93,21 +93,26 @@ def grid(sweep: int) -> list[tuple[int, int, str, dict]]:
         for fmt in ("int4", "int8"):
             for bn, nw, pf in itertools.product((16, 32), (4, 8), (1, 0)):
                 add(64, 8192, fmt, bn, nw, prefetch=pf)
-            for bn, pf in ((16, 1), (16, 0), (32, 0)):
-                add(64, 8192, fmt, bn, 4, ns=3, prefetch=pf)
             for bn in (16, 32):
+                add(64, 8192, fmt, bn, 4, prefetch=2)
                 add(64, 8192, fmt, bn, 4, rows_on_m=0)
+            for pf in (1, 0):
+                add(64, 8192, fmt, 16, 4, ns=3, prefetch=pf)
             for S in (8, 16):
                 add(64, 8192, fmt, 16, 4, S=S)
+            add(64, 8192, fmt, 32, 4, S=8, prefetch=2)
             add(64, 8192, fmt, 64, 8)
             if fmt == "int8":
-                for bn, nw in itertools.product((16, 32), (4, 8)):
-                    add(64, 8192, fmt, bn, nw, f16=1)
+                for bn, pf in itertools.product((16, 32), (1, 2)):
+                    add(64, 8192, fmt, bn, 4, prefetch=pf, f16=1)
             for B, ctx in SHAPES[1:]:
                 for bn in (16, 32):
                     add(B, ctx, fmt, bn, 4)
-                    if fmt == "int8":
-                        add(B, ctx, fmt, bn, 4, f16=1)
+                add(B, ctx, fmt, 16, 4, prefetch=2)
+                for S in ((32, 128) if B == 1 else (2,)):
+                    add(B, ctx, fmt, 16, 4, S=S)
+                if fmt == "int8":
+                    add(B, ctx, fmt, 16, 4, f16=1)
     return out
 
 
@@ -136,6 +141,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds: variants left after it are skipped")
     ap.add_argument("--top", type=int, default=0, help="print only the N fastest variants of each shape (all to stderr)")
     args = ap.parse_args()
 
@@ -156,6 +162,9 @@ def main() -> None:
                 print(json.dumps(r), flush=True)
                 emit(r)
         return
+    import time
+
+    t0 = time.time()
     jobs = grid(args.sweep)
     if args.workers > 1:  # 128-row batches compile the one-split kernels (S=1 writes the output)
         import multiprocessing as mp
@@ -164,7 +173,7 @@ def main() -> None:
         with mp.get_context("spawn").Pool(args.workers) as pool:
             pool.map(_compile, chunks)
     rate = measure(torch.device("cuda"))["copy_Bps"]
-    print(f"copy {rate / 1e9:.0f} GB/s; {len(jobs)} variants", flush=True)
+    print(f"copy {rate / 1e9:.0f} GB/s; {len(jobs)} variants, compiled in {time.time() - t0:.0f} s", flush=True)
     timed = set()
     for (B, ctx, fmt), group in itertools.groupby(jobs, key=lambda j: j[:3]):
         if (B, ctx) not in timed:  # the bf16 kernel's default, the peer
@@ -176,6 +185,9 @@ def main() -> None:
         call, ref, nbytes = data(B, ctx, fmt)
         lines = []
         for *_, kw in group:
+            if time.time() - t0 > args.budget:
+                lines.append((2e9, f"{B}x{ctx} {fmt} {label(kw)}: skipped (budget)"))
+                continue
             r = time_one(call, ref, nbytes, rate, kw)
             tail = (f"{r['us']} us {100 * r['copy_share']:.1f}% err {r['rel_err']:.1e}" if "us" in r
                     else r["error"][:160])
@@ -183,8 +195,9 @@ def main() -> None:
             print(lines[-1][1], file=sys.stderr if args.top else sys.stdout, flush=True)
         for _, line in sorted(lines)[:args.top]:  # the fastest, and the failures' count
             print(line, flush=True)
-        if args.top and any(u == 1e9 for u, _ in lines):
-            print(f"  {sum(u == 1e9 for u, _ in lines)} failed (see the log)", flush=True)
+        for code, what in ((1e9, "failed (see the log)"), (2e9, "skipped (budget)")):
+            if args.top and any(u == code for u, _ in lines):
+                print(f"  {sum(u == code for u, _ in lines)} {what}", flush=True)
             emit(dict(batch=B, ctx=ctx, format=fmt, bytes=nbytes, **{k: v for k, v in kw.items() if k != "variant"},
                       **kw.get("variant", {}), **r))
         del call, ref

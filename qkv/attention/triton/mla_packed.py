@@ -75,8 +75,9 @@ def write_latent(kv_cache: torch.Tensor, rows: torch.Tensor, R: int, slot_mappin
 
 
 # The decode kernel's variants (``launch_decode`` arguments; benchmarks/mla_packed_bench.py
-# --sweep times them): PREFETCH loads the next tile's packed words into registers while this
-# one is widened (its pages' block-table entries two tiles ahead, so no load waits on another);
+# --sweep times them): PREFETCH (1 or 2) loads the next tile's (and the one after's) packed
+# words into registers while this one is widened (their pages' block-table entries a tile
+# earlier, so no load waits on another);
 # ROWS_ON_M puts the tile's rows on the MMA's M dimension (scores as lat @ q^T: the tile is the
 # A operand of one dot and the B of the other, as mla._mla_decode_kernel), else the heads;
 # F16 computes the dots in fp16 for bf16 queries (int8 widens in half the instructions; the
@@ -205,7 +206,7 @@ def _mla_packed_decode_kernel(QL, QR, C32, C16, C8, BT, NC, ACC, ML, OUT,
                               S: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
                               ROWS_ON_M: tl.constexpr, F16: tl.constexpr):
     # As mla._mla_decode_kernel, with each tile's packed words loaded to registers (a tile is
-    # a quarter to a half of a bf16 tile's bytes; PREFETCH: one tile ahead) and widened there,
+    # a quarter to a half of a bf16 tile's bytes; PREFETCH: 1 or 2 tiles ahead) and widened there,
     # in PTX (ASM) or Triton ops (the interpreter). The scales load once per row and group.
     b = tl.program_id(0)
     hblk = tl.program_id(1)
@@ -234,19 +235,29 @@ def _mla_packed_decode_kernel(QL, QR, C32, C16, C8, BT, NC, ACC, ML, OUT,
     bt = BT + b * stride_bt
     pos = lo + tl.arange(0, BLOCK_N)
     blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0).to(tl.int64)
-    if PREFETCH:
+    if PREFETCH:  # tile lo's words in flight (and lo + BLOCK_N's with PREFETCH 2)
         xl, xr, sl, sr = _raw_tile(C32, C16, C8, blk_next * page_bytes, pos % BS, pos < hi, vals_at, scales_at,
                                    R, P, BITS, GRP)
         pos = pos + BLOCK_N
         blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0).to(tl.int64)
+        if PREFETCH == 2:
+            yl, yr, tsl, tsr = _raw_tile(C32, C16, C8, blk_next * page_bytes, pos % BS, pos < hi, vals_at,
+                                         scales_at, R, P, BITS, GRP)
+            pos = pos + BLOCK_N
+            blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0).to(tl.int64)
     for start in range(lo, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
         nmask = pos < hi
-        if PREFETCH:  # this tile's words arrived during the last one; issue the next tile's
+        if PREFETCH:  # this tile's words arrived during the last PREFETCH; issue those PREFETCH ahead
             cxl, cxr, csl, csr = xl, xr, sl, sr
-            nxt = pos + BLOCK_N
-            xl, xr, sl, sr = _raw_tile(C32, C16, C8, blk_next * page_bytes, nxt % BS, nxt < hi, vals_at, scales_at,
-                                       R, P, BITS, GRP)
+            nxt = pos + PREFETCH * BLOCK_N
+            if PREFETCH == 2:
+                xl, xr, sl, sr = yl, yr, tsl, tsr
+                yl, yr, tsl, tsr = _raw_tile(C32, C16, C8, blk_next * page_bytes, nxt % BS, nxt < hi, vals_at,
+                                             scales_at, R, P, BITS, GRP)
+            else:
+                xl, xr, sl, sr = _raw_tile(C32, C16, C8, blk_next * page_bytes, nxt % BS, nxt < hi, vals_at,
+                                           scales_at, R, P, BITS, GRP)
             blk_next = tl.load(bt + (nxt + BLOCK_N) // BS, mask=nxt + BLOCK_N < hi, other=0).to(tl.int64)
         else:
             blk = blk_next
@@ -309,5 +320,5 @@ def launch_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         out.stride(0), out.stride(1), H, scale, lay.page_bytes, p.values_at, p.scales_at,
         R=R, P=P, BS=lay.block_size, BITS=p.fmt.bits, GRP=p.fmt.group_for(R + P), BLOCK_H=block_h,
         BLOCK_N=block_n, S=splits, IEEE=q_lat.dtype == torch.float32, ASM=bool(asm),
-        PREFETCH=bool(v["prefetch"]), ROWS_ON_M=bool(v["rows_on_m"]),
+        PREFETCH=int(v["prefetch"]), ROWS_ON_M=bool(v["rows_on_m"]),
         F16=bool(v["f16"]) and q_lat.dtype != torch.float32, num_warps=num_warps, num_stages=num_stages)
