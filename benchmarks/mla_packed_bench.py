@@ -86,7 +86,7 @@ def grid(sweep: int) -> list[tuple[int, int, str, dict]]:
     out = []
 
     def add(B, ctx, fmt, bn, nw, ns=1, S=None, **variant):
-        kw = dict(block_n=bn, num_warps=nw, num_stages=ns, variant=dict(prefetch=1, rows_on_m=1, f16=0) | variant)
+        kw = dict(block_n=bn, num_warps=nw, num_stages=ns, variant=dict(prefetch=1, rows_on_m=1, f16=0, chunks=1) | variant)
         out.append((B, ctx, fmt, kw | ({"splits": S} if S else {})))
 
     if sweep == 1:
@@ -113,13 +113,27 @@ def grid(sweep: int) -> list[tuple[int, int, str, dict]]:
                     add(B, ctx, fmt, 16, 4, S=S)
                 if fmt == "int8":
                     add(B, ctx, fmt, 16, 4, f16=1)
+    if sweep == 2:  # after sweep 1: 32-row tiles on 4 warps, one stage; chunked latent dots
+        for fmt in ("int4", "int8"):
+            for bn, pf, rm, ch in itertools.product((32, 64), (1, 2), (1, 0), (1, 2, 4)):
+                if bn == 32 or pf == 1:
+                    add(64, 8192, fmt, bn, 4, prefetch=pf, rows_on_m=rm, chunks=ch, f16=int(fmt == "int8"))
+            if fmt == "int8":
+                for rm, ch in itertools.product((1, 0), (1, 4)):
+                    add(64, 8192, fmt, 32, 4, rows_on_m=rm, chunks=ch)
+            for B, ctx in SHAPES[1:]:
+                for bn, rm, ch in itertools.product((16, 32), (1, 0), (1, 4)):
+                    add(B, ctx, fmt, bn, 4, rows_on_m=rm, chunks=ch, f16=int(fmt == "int8"))
+                add(B, ctx, fmt, 32, 4, S=2 if B > 1 else 32, rows_on_m=0, chunks=4, f16=int(fmt == "int8"))
+                if fmt == "int8":
+                    add(B, ctx, fmt, 32, 4, rows_on_m=0, chunks=4)
     return out
 
 
 def label(kw: dict) -> str:
     v = kw.get("variant", {})
     return (f"S{kw.get('splits', '-')} n{kw['block_n']} w{kw['num_warps']} st{kw['num_stages']} "
-            f"pf{v.get('prefetch')} rm{v.get('rows_on_m')} h{v.get('f16')}")
+            f"pf{v.get('prefetch')} rm{v.get('rows_on_m')} h{v.get('f16')} c{v.get('chunks', 1)}")
 
 
 def _compile(jobs: list) -> None:

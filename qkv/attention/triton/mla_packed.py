@@ -82,7 +82,7 @@ def write_latent(kv_cache: torch.Tensor, rows: torch.Tensor, R: int, slot_mappin
 # A operand of one dot and the B of the other, as mla._mla_decode_kernel), else the heads;
 # F16 computes the dots in fp16 for bf16 queries (int8 widens in half the instructions; the
 # values must then fit fp16's range: |v * s| < 65504).
-VARIANT = dict(prefetch=1, rows_on_m=1, f16=0)
+VARIANT = dict(prefetch=1, rows_on_m=1, f16=0, chunks=1)
 
 # int8 by words: pack=2 over two 32-bit words w0, w1 (4 bytes each, in one group: fp32 scales
 # s0, s1); output m holds byte m of both words (bf16x2/f16x2: w0's low, w1's high), widened as
@@ -159,12 +159,77 @@ def _word_scales(s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOC
 
 
 @triton.jit
+def _group(o0, o1, o2, o3, o4, o5, o6, o7, BITS: tl.constexpr, CH: tl.constexpr):
+    """A part's widened outputs (int4: o0..o7, nibble m of each word; int8: o0..o3, byte m)
+    joined into CH chunks (the rest repeat the first): each chunk's values of a word side by
+    side in its thread (no data movement). CH 1: natural column order; int4 CH 2: the even and
+    the odd columns, CH 4: columns = j mod 4; int8 CH 2: columns = j mod 2, CH 4: byte j.
+    (Nested joins: join(join(a, b), join(c, d)) lays out a, c, b, d.)"""
+    if BITS == 4:
+        if CH == 1:
+            t0 = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+            t1 = t0
+            t2 = t0
+            t3 = t0
+        elif CH == 2:
+            t0 = tl.join(tl.join(o0, o4), tl.join(o2, o6))
+            t1 = tl.join(tl.join(o1, o5), tl.join(o3, o7))
+            t2 = t0
+            t3 = t0
+        else:
+            t0 = tl.join(o0, o4)
+            t1 = tl.join(o1, o5)
+            t2 = tl.join(o2, o6)
+            t3 = tl.join(o3, o7)
+    else:
+        if CH == 1:
+            t0 = tl.join(tl.join(o0, o2), tl.join(o1, o3))
+            t1 = t0
+            t2 = t0
+            t3 = t0
+        elif CH == 2:
+            t0 = tl.join(o0, o2)
+            t1 = tl.join(o1, o3)
+            t2 = t0
+            t3 = t0
+        else:
+            t0 = o0
+            t1 = o1
+            t2 = o2
+            t3 = o3
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _cols(D: tl.constexpr, BITS: tl.constexpr, CH: tl.constexpr):
+    """The columns of ``_widen``'s CH chunks of a D-wide part (the same joins over indices)."""
+    V: tl.constexpr = 32 // BITS  # values per word
+    w = V * tl.arange(0, D // V)
+    if BITS == 4:
+        c0, c1, c2, c3 = _group(w, w + 1, w + 2, w + 3, w + 4, w + 5, w + 6, w + 7, BITS, CH)
+    else:
+        c0, c1, c2, c3 = _group(w, w + 1, w + 2, w + 3, w, w, w, w, BITS, CH)
+    return (tl.reshape(c0, (D // CH,)), tl.reshape(c1, (D // CH,)), tl.reshape(c2, (D // CH,)),
+            tl.reshape(c3, (D // CH,)))
+
+
+@triton.jit
+def _opaque(t, ASM: tl.constexpr):
+    """t, through a no-op Triton cannot see into: its dot lowering would otherwise trace the
+    tile back through the joins to the word loads and pick mixed-precision operand layouts
+    (kWidth 4: no ldmatrix, 1.5x the instructions)."""
+    if ASM:
+        t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [t], dtype=t.dtype, is_pure=False, pack=2)
+    return t
+
+
+@triton.jit
 def _widen(w, s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N: tl.constexpr,
-           DT: tl.constexpr, ASM: tl.constexpr):
+           DT: tl.constexpr, ASM: tl.constexpr, CH: tl.constexpr):
     """One part (latent or rope) of a tile: words ``w`` [N, D*BITS/32] and scales ``s`` (as
-    ``_raw_tile``) -> [N, D] in DT, natural column order (each word's values side by side in
-    its thread: the joins cost no data movement). The values are the reference's (int4: n * s,
-    exact; int8: the fp32 product rounded once). ``ASM``: widened in PTX (DT bf16/fp16)."""
+    ``_raw_tile``) -> CH chunks [N, D/CH] in DT, columns as ``_cols`` (CH 1: the whole part in
+    natural order; the rest of the four repeat the first). The values are the reference's
+    (int4: n * s, exact; int8: the fp32 product rounded once). ``ASM``: widened in PTX."""
     sw = _word_scales(s, D, BITS, GRP, BLOCK_N)
     if BITS == 4:
         if ASM:
@@ -185,8 +250,7 @@ def _widen(w, s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N
             o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
             o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
             o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
-        # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index 8 * word + m
-        t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+        t0, t1, t2, t3 = _group(o0, o1, o2, o3, o4, o5, o6, o7, BITS, CH)
     else:
         if ASM:
             if DT == tl.bfloat16:
@@ -200,12 +264,15 @@ def _widen(w, s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N
             o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
             o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
             o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
-        t = tl.join(tl.join(o0, o2), tl.join(o1, o3))  # flat index 4 * word + m
-    t = tl.reshape(t, (BLOCK_N, D))
-    if ASM:  # an opaque no-op: Triton's dot lowering would otherwise trace the tile back through
-        # the joins to the word loads and pick mixed-precision operand layouts (kWidth 4: no ldmatrix)
-        t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [t], dtype=t.dtype, is_pure=False, pack=2)
-    return t
+        t0, t1, t2, t3 = _group(o0, o1, o2, o3, o0, o0, o0, o0, BITS, CH)
+    shape: tl.constexpr = (BLOCK_N, D // CH)
+    t0 = _opaque(tl.reshape(t0, shape), ASM)
+    if CH == 1:
+        return t0, t0, t0, t0
+    t1 = _opaque(tl.reshape(t1, shape), ASM)
+    if CH == 2:
+        return t0, t1, t0, t0
+    return t0, t1, _opaque(tl.reshape(t2, shape), ASM), _opaque(tl.reshape(t3, shape), ASM)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
@@ -215,7 +282,7 @@ def _mla_packed_decode_kernel(QL, QR, C32, C16, C8, BT, NC, ACC, ML, OUT,
                               R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BITS: tl.constexpr,
                               GRP: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                               S: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
-                              ROWS_ON_M: tl.constexpr, F16: tl.constexpr):
+                              ROWS_ON_M: tl.constexpr, F16: tl.constexpr, CH: tl.constexpr):
     # As mla._mla_decode_kernel, with each tile's packed words loaded to registers (a tile is
     # a quarter to a half of a bf16 tile's bytes; PREFETCH: 1 or 2 tiles ahead) and widened there,
     # in PTX (ASM) or Triton ops (the interpreter). The scales load once per row and group.
@@ -230,18 +297,39 @@ def _mla_packed_decode_kernel(QL, QR, C32, C16, C8, BT, NC, ACC, ML, OUT,
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
     hmask = h < H
-    r = tl.arange(0, R)
     p_ = tl.arange(0, P)
+    RC: tl.constexpr = R // CH
+    ca0, ca1, ca2, ca3 = _cols(R, BITS, CH)  # the latent's chunks (CH: independent dot chains)
     ql = QL + b * stride_qlt + h[None, :] * stride_qlh
     qr = QR + b * stride_qrt + h[None, :] * stride_qrh
-    qlt = tl.load(ql + r[:, None], mask=hmask[None, :], other=0.0).to(DT)  # [R, BLOCK_H]
+    q0 = tl.load(ql + ca0[:, None], mask=hmask[None, :], other=0.0).to(DT)  # [RC, BLOCK_H]
+    q1 = q0
+    q2 = q0
+    q3 = q0
+    if CH >= 2:
+        q1 = tl.load(ql + ca1[:, None], mask=hmask[None, :], other=0.0).to(DT)
+    if CH == 4:
+        q2 = tl.load(ql + ca2[:, None], mask=hmask[None, :], other=0.0).to(DT)
+        q3 = tl.load(ql + ca3[:, None], mask=hmask[None, :], other=0.0).to(DT)
     qrt = tl.load(qr + p_[:, None], mask=hmask[None, :], other=0.0).to(DT)
+    # (opaque: the chunks' column indices come from joins, which Triton's dot lowering reads
+    # as narrower loads, as in _opaque)
+    q0 = _opaque(q0, ASM)
+    q1 = _opaque(q1, ASM)
+    q2 = _opaque(q2, ASM)
+    q3 = _opaque(q3, ASM)
     if not ROWS_ON_M:
-        qlh = tl.trans(qlt)
-        qrh = tl.trans(qrt)
+        q0 = tl.trans(q0)
+        q1 = tl.trans(q1)
+        q2 = tl.trans(q2)
+        q3 = tl.trans(q3)
+        qrt = tl.trans(qrt)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, R], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, RC], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, RC], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, RC], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, RC], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 below
     bt = BT + b * stride_bt
     pos = lo + tl.arange(0, BLOCK_N)
@@ -275,26 +363,54 @@ def _mla_packed_decode_kernel(QL, QR, C32, C16, C8, BT, NC, ACC, ML, OUT,
             blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0).to(tl.int64)
             cxl, cxr, csl, csr = _raw_tile(C32, C16, C8, blk * page_bytes, pos % BS, nmask, vals_at, scales_at,
                                            R, P, BITS, GRP)
-        lat = _widen(cxl, csl, R, BITS, GRP, BLOCK_N, DT, ASM)
-        rope = _widen(cxr, csr, P, BITS, GRP, BLOCK_N, DT, ASM)
+        c0, c1, c2, c3 = _widen(cxl, csl, R, BITS, GRP, BLOCK_N, DT, ASM, CH)
+        rope = _widen(cxr, csr, P, BITS, GRP, BLOCK_N, DT, ASM, 1)[0]
+        # one dot per chunk, each its own accumulator (an MMA chain CH times shorter), summed
         if ROWS_ON_M:  # scores [BLOCK_N, BLOCK_H], transposed
-            s = tl.trans(tl.dot(rope, qrt, acc=tl.dot(lat, qlt, input_precision=PREC), input_precision=PREC))
+            st = tl.dot(c0, q0, input_precision=PREC) + tl.dot(rope, qrt, input_precision=PREC)
+            if CH >= 2:
+                st += tl.dot(c1, q1, input_precision=PREC)
+            if CH == 4:
+                st += tl.dot(c2, q2, input_precision=PREC) + tl.dot(c3, q3, input_precision=PREC)
+            s = tl.trans(st)
         else:
-            s = tl.dot(qrh, tl.trans(rope), acc=tl.dot(qlh, tl.trans(lat), input_precision=PREC),
-                       input_precision=PREC)
+            s = tl.dot(q0, tl.trans(c0), input_precision=PREC) + tl.dot(qrt, tl.trans(rope), input_precision=PREC)
+            if CH >= 2:
+                s += tl.dot(q1, tl.trans(c1), input_precision=PREC)
+            if CH == 4:
+                s += (tl.dot(q2, tl.trans(c2), input_precision=PREC)
+                      + tl.dot(q3, tl.trans(c3), input_precision=PREC))
         s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(DT), lat, acc=acc * alpha[:, None], input_precision=PREC)
+        pd = p.to(DT)
+        acc0 = tl.dot(pd, c0, acc=acc0 * alpha[:, None], input_precision=PREC)
+        if CH >= 2:
+            acc1 = tl.dot(pd, c1, acc=acc1 * alpha[:, None], input_precision=PREC)
+        if CH == 4:
+            acc2 = tl.dot(pd, c2, acc=acc2 * alpha[:, None], input_precision=PREC)
+            acc3 = tl.dot(pd, c3, acc=acc3 * alpha[:, None], input_precision=PREC)
         m_i = m_new
     if S == 1:  # the whole sequence in one program: the output, no merge
-        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
-                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+        o = OUT + b * stride_ot + h[:, None] * stride_oh
+        ot = OUT.dtype.element_ty
+        tl.store(o + ca0[None, :], (acc0 / l_i[:, None]).to(ot), mask=hmask[:, None])
+        if CH >= 2:
+            tl.store(o + ca1[None, :], (acc1 / l_i[:, None]).to(ot), mask=hmask[:, None])
+        if CH == 4:
+            tl.store(o + ca2[None, :], (acc2 / l_i[:, None]).to(ot), mask=hmask[:, None])
+            tl.store(o + ca3[None, :], (acc3 / l_i[:, None]).to(ot), mask=hmask[:, None])
     else:
         row = (b * H + h) * S + split
-        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        a = ACC + row[:, None] * R
+        tl.store(a + ca0[None, :], acc0, mask=hmask[:, None])
+        if CH >= 2:
+            tl.store(a + ca1[None, :], acc1, mask=hmask[:, None])
+        if CH == 4:
+            tl.store(a + ca2[None, :], acc2, mask=hmask[:, None])
+            tl.store(a + ca3[None, :], acc3, mask=hmask[:, None])
         tl.store(ML + row * 2, m_i, mask=hmask)
         tl.store(ML + row * 2 + 1, l_i, mask=hmask)
 
@@ -332,4 +448,4 @@ def launch_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
         R=R, P=P, BS=lay.block_size, BITS=p.fmt.bits, GRP=p.fmt.group_for(R + P), BLOCK_H=block_h,
         BLOCK_N=block_n, S=splits, IEEE=q_lat.dtype == torch.float32, ASM=bool(asm),
         PREFETCH=int(v["prefetch"]), ROWS_ON_M=bool(v["rows_on_m"]),
-        F16=bool(v["f16"]) and q_lat.dtype != torch.float32, num_warps=num_warps, num_stages=num_stages)
+        F16=bool(v["f16"]) and q_lat.dtype != torch.float32, CH=int(v["chunks"]), num_warps=num_warps, num_stages=num_stages)
