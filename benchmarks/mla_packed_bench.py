@@ -118,6 +118,8 @@ def grid(sweep: int) -> list[tuple[int, int, str, dict]]:
             for bn, pf, rm, ch in itertools.product((32, 64), (1, 2), (1, 0), (1, 2, 4)):
                 if bn == 32 or pf == 1:
                     add(64, 8192, fmt, bn, 4, prefetch=pf, rows_on_m=rm, chunks=ch, f16=int(fmt == "int8"))
+            for bn, ch in ((64, 1), (64, 4), (32, 4)):  # 8 warps, heads on M: no warp repeats an MMA
+                add(64, 8192, fmt, bn, 8, rows_on_m=0, chunks=ch, f16=int(fmt == "int8"))
             if fmt == "int8":
                 for rm, ch in itertools.product((1, 0), (1, 4)):
                     add(64, 8192, fmt, 32, 4, rows_on_m=rm, chunks=ch)
