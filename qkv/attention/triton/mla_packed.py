@@ -6,7 +6,18 @@ A latent row ``[c_KV (R) | k_rope (P)]`` is one plane of ``R + P`` values, unrot
 of ``gcd(R + P, group)``; for powers of two R > P that group divides both parts, so the row is
 handled as two vectors (R and P wide, each a power of two, as Triton's ranges need) whose
 bytes and scales sit where the whole row's would: the write stores ``kv_pages.write``'s bytes
-and the decode kernel reads them as ``kv_pages.read`` does (``packed._int4_tile``/``_int8_tile``).
+and the decode kernel reads them as ``kv_pages.read`` does.
+
+The decode kernel is the pipelined bf16 kernel's shape (``mla._mla_decode_kernel``: one
+program per sequence, head block and split; block table read ahead; one split writes the
+output) over packed rows: each tile's rows load as 32-bit words (no byte repacking), the next
+tile's while this one is computed (``PREFETCH``), and widen in PTX (``I4F_ASM``: one fused
+fma per int4 pair; ``I8W_ASM_BF16``: int8 under an fp32 exponent) into the values
+``kv_pages.read`` returns, each word's values side by side in its thread and joined into
+natural column order, or into 2 or 4 column classes (``CHUNKS``: one dot each, independent
+MMA chains). The scales load once per row and group. Without PTX (Triton's interpreter, fp32
+queries) Triton ops widen to the same values. tests/test_mla_packed_asm.py runs the PTX in an
+emulator against the reference dequantization.
 
 Steps with prompt tokens (``mla_step.mla_extend``) up-project their keys' latents anyway: the
 prefix rows they need are gathered through ``kv_pages.read`` (dequantized, as the up-projection
