@@ -14,7 +14,7 @@ output) over packed rows: each tile's rows load as 32-bit words (no byte repacki
 tile's while this one is computed (``PREFETCH``), and widen in PTX (``I4F_ASM``: one fused
 fma per int4 pair; ``I8W_ASM_BF16``: int8 under an fp32 exponent) into the values
 ``kv_pages.read`` returns, each word's values side by side in its thread and joined into
-natural column order, or into 2 or 4 column classes (``CHUNKS``: one dot each, independent
+natural column order, or into 2 or 4 column classes (variant ``chunks``: one dot each, independent
 MMA chains). The scales load once per row and group. Without PTX (Triton's interpreter, fp32
 queries) Triton ops widen to the same values. tests/test_mla_packed_asm.py runs the PTX in an
 emulator against the reference dequantization.
