@@ -93,7 +93,9 @@ def write_latent(kv_cache: torch.Tensor, rows: torch.Tensor, R: int, slot_mappin
 # A operand of one dot and the B of the other, as mla._mla_decode_kernel), else the heads;
 # F16 computes the dots in fp16 for bf16 queries (int8 widens in half the instructions; the
 # values must then fit fp16's range: |v * s| < 65504).
-VARIANT = dict(prefetch=1, rows_on_m=1, f16=0, chunks=1)
+VARIANT = {4: dict(prefetch=1, rows_on_m=0, f16=0, chunks=1),  # by the plane's bits: the defaults
+           8: dict(prefetch=1, rows_on_m=1, f16=0, chunks=1)}
+TILES = {4: (32, 4, 1), 8: (32, 4, 1)}  # (rows per tile, warps, stages) by bits
 
 # int8 by words: pack=2 over two 32-bit words w0, w1 (4 bytes each, in one group: fp32 scales
 # s0, s1); output m holds byte m of both words (bf16x2/f16x2: w0's low, w1's high), widened as
@@ -433,7 +435,8 @@ def default_tiles(programs: int, bits: int, splits: int | None = None, block_n: 
     kernel's (about one wave at two programs per SM, one split from 128 programs on)."""
     if not splits:
         splits = 1 if programs >= 128 else min(64, triton.next_power_of_2(2 * 132 // programs + 1) // 2)
-    return splits, block_n or 32, num_warps or 4, num_stages or 1
+    bn, nw, ns = TILES[bits]
+    return splits, block_n or bn, num_warps or nw, num_stages or ns
 
 
 def launch_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -450,7 +453,7 @@ def launch_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Ten
     p = lay.planes[0]
     B, H, R = q_lat.shape
     P = q_rope.shape[2]
-    v = {**VARIANT, **(variant or {})}
+    v = {**VARIANT[p.fmt.bits], **(variant or {})}
     asm = v.get("asm", not INTERPRET and q_lat.dtype in (torch.bfloat16, torch.float16))
     _mla_packed_decode_kernel[(B, triton.cdiv(H, block_h), splits)](
         q_lat, q_rope, kv_cache.view(torch.int32), kv_cache.view(torch.float16), kv_cache, block_table, num_computed, acc, ml, out,
