@@ -209,13 +209,13 @@ def main() -> None:
                     else r["error"][:160])
             lines.append((r.get("us", 1e9), f"{B}x{ctx} {fmt} {label(kw)}: {tail}"))
             print(lines[-1][1], file=sys.stderr if args.top else sys.stdout, flush=True)
+            emit(dict(batch=B, ctx=ctx, format=fmt, bytes=nbytes, **{k: v for k, v in kw.items() if k != "variant"},
+                      **kw.get("variant", {}), **r))
         for _, line in sorted(lines)[:args.top]:  # the fastest, and the failures' count
             print(line, flush=True)
         for code, what in ((1e9, "failed (see the log)"), (2e9, "skipped (budget)")):
             if args.top and any(u == code for u, _ in lines):
                 print(f"  {sum(u == code for u, _ in lines)} {what}", flush=True)
-            emit(dict(batch=B, ctx=ctx, format=fmt, bytes=nbytes, **{k: v for k, v in kw.items() if k != "variant"},
-                      **kw.get("variant", {}), **r))
         del call, ref
         torch.cuda.empty_cache()
 
