@@ -93,8 +93,12 @@ def write_latent(kv_cache: torch.Tensor, rows: torch.Tensor, R: int, slot_mappin
 # A operand of one dot and the B of the other, as mla._mla_decode_kernel), else the heads;
 # F16 computes the dots in fp16 for bf16 queries (int8 widens in half the instructions; the
 # values must then fit fp16's range: |v * s| < 65504).
-VARIANT = {4: dict(prefetch=1, rows_on_m=0, f16=0, chunks=1),  # by the plane's bits: the defaults
-           8: dict(prefetch=1, rows_on_m=1, f16=0, chunks=1)}
+# Defaults by the plane's bits, from sweeps 1-2 on an H200 (2026-12-03, docs/benchmarks.md):
+# heads on M and 4 chunks were fastest or within 1% at 64 x 8k, 1 x 8k and 128 x 640 for both
+# formats (int8 in fp16: 7% faster again, opt-in: f16=1). int4 takes 64-row tiles when a
+# sequence has 2-16 splits (64 x 8k: 186.0 us against 208.0 with 32).
+VARIANT = {4: dict(prefetch=1, rows_on_m=0, f16=0, chunks=4),
+           8: dict(prefetch=1, rows_on_m=0, f16=0, chunks=4)}
 TILES = {4: (32, 4, 1), 8: (32, 4, 1)}  # (rows per tile, warps, stages) by bits
 
 # int8 by words: pack=2 over two 32-bit words w0, w1 (4 bytes each, in one group: fp32 scales
@@ -436,6 +440,8 @@ def default_tiles(programs: int, bits: int, splits: int | None = None, block_n: 
     if not splits:
         splits = 1 if programs >= 128 else min(64, triton.next_power_of_2(2 * 132 // programs + 1) // 2)
     bn, nw, ns = TILES[bits]
+    if bits == 4 and 1 < splits <= 16:
+        bn = 64
     return splits, block_n or bn, num_warps or nw, num_stages or ns
 
 
