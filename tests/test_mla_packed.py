@@ -113,3 +113,34 @@ def test_kernels_read_rule():
     assert kernels_read(latent_cache("int8", 512, 64, 2, 16, gen), 512, 64)
     assert not kernels_read(latent_cache("int8", 24, 8, 2, 16, gen), 24, 8)  # not powers of two: the reference
     assert not kernels_read(torch.zeros(2, 16, 576), 512, 64)  # a float cache is not packed
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+@pytest.mark.parametrize("variant", [dict(), dict(rows_on_m=0, chunks=4), dict(chunks=2, prefetch=2),
+                                     dict(f16=1, chunks=4), dict(prefetch=0, rows_on_m=0)])
+def test_decode_variants_deepseek_shape(kv, variant):
+    """Each variant of the packed decode kernel (``mla_packed.VARIANT``; bf16 queries, PTX
+    widening) against an fp32 computation over the rows as stored (``kv_pages.read``), at
+    DeepSeek-V2-Lite's latent shape with several tiles, splits and a partial last page."""
+    from qkv.attention.triton.mla import mla_decode
+
+    gen = torch.Generator().manual_seed(5)
+    H, R, P, bs, B, ctx = 16, 512, 64, 16, 3, 300
+    nb = B * (ctx // bs + 1)
+    spec = MLA(R, P, 1, packed=resolve(kv, None, None, torch.bfloat16)[1])
+    cache = kv_pages.new_cache(spec, nb, bs, torch.uint8, DEV)
+    write_latent(cache, torch.randn(nb * bs, R + P, generator=gen).to(DEV, torch.bfloat16), R,
+                 torch.arange(nb * bs, device=DEV))
+    stored = kv_pages.read(cache, 0, torch.arange(nb * bs, device=DEV), torch.float32)[:, 0]
+    table = torch.randperm(nb, generator=gen).view(B, -1).to(DEV, torch.int32)
+    nc = torch.tensor([ctx - 1, ctx // 2, 40], device=DEV)
+    ql = torch.randn(B, H, R, generator=gen).to(DEV, torch.bfloat16)
+    qr = torch.randn(B, H, P, generator=gen).to(DEV, torch.bfloat16)
+    for splits in (1, 4):
+        out = mla_decode(ql, qr, cache, table, nc, 0.1, splits=splits, variant=variant)
+        for b in range(B):
+            keys = stored.view(nb, bs, R + P)[table[b].long()].reshape(-1, R + P)[: int(nc[b]) + 1]
+            s = ql[b].float() @ keys[:, :R].T + qr[b].float() @ keys[:, R:].T
+            ref = (s * 0.1).softmax(-1) @ keys[:, :R]
+            assert rel(out[b], ref) < 1e-2, (kv, variant, splits, b)

@@ -254,15 +254,17 @@ def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
 
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
-               num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None) -> torch.Tensor:
+               num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None,
+               variant: dict | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
     ``splits`` (key ranges per sequence, merged by a second kernel when more than one),
     ``block_n`` (rows per tile), ``num_warps`` and ``num_stages`` (the pipeline's depth: tiles
     in flight + 1) default to the tiles measured fastest on an H200. An fp8 cache runs
-    ``_mla_decode_kernel_fp8`` (stages: 2 by default), int8/int4 latent pages
-    ``mla_packed``'s kernel (16-row tiles by default); both leave partials for the combine.
+    ``_mla_decode_kernel_fp8`` (stages: 2 by default; it leaves partials for the combine),
+    int8/int4 latent pages ``mla_packed``'s kernel (its tiles: ``mla_packed.default_tiles``;
+    ``variant``: its options, ``mla_packed.VARIANT``).
     ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
     pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
     same with q the A operand of the score dot; ``"cp-ks"`` also splits that dot's R among
@@ -275,19 +277,23 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     BLOCK_H = min(16, triton.next_power_of_2(H)) if H >= 16 else 16
     hblocks = triton.cdiv(H, BLOCK_H)
     lay = layout_of(kv_cache)
-    regs = kv_cache.element_size() == 1  # fp8 or packed: tiles widened in registers
-    S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
-                                                            block_n or (16 if lay is not None else None),
-                                                            num_warps, num_stages, kernel)
-    merge = S > 1 or regs  # those kernels always leave partials for _combine_kernel
+    regs = kv_cache.element_size() == 1 and lay is None  # fp8: always partials for _combine_kernel
+    if lay is not None:
+        S, block_n, num_warps, num_stages = mla_packed.default_tiles(
+            B * hblocks, lay.planes[0].fmt.bits, splits, block_n, num_warps, num_stages)
+        kern = None
+    else:
+        S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
+                                                                block_n, num_warps, num_stages, kernel)
+    merge = S > 1 or regs
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
     cdt = q_lat.dtype if lay is not None else compute_dtype(q_lat.dtype, kv_cache.dtype)
     q_lat, q_rope = q_lat.to(cdt), q_rope.to(cdt)
     if lay is not None:
-        mla_packed.launch_decode(q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, scale,
-                                 BLOCK_H, S, block_n, num_warps)
+        mla_packed.launch_decode(q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out, scale,
+                                 BLOCK_H, S, block_n, num_warps, num_stages, variant)
     elif regs:
         _mla_decode_kernel_fp8[(B, hblocks, S)](
             q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml,
