@@ -280,7 +280,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     regs = kv_cache.element_size() == 1 and lay is None  # fp8: always partials for _combine_kernel
     if lay is not None:
         S, block_n, num_warps, num_stages = mla_packed.default_tiles(
-            B * hblocks, lay.planes[0].fmt.bits, splits, block_n, num_warps, num_stages)
+            B * hblocks, lay.planes[0].fmt.bits, splits, block_n, num_warps, num_stages, R)
         kern = None
     else:
         S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
