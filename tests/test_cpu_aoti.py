@@ -9,17 +9,15 @@ import os
 
 import pytest
 
-from qkv import LLM, SamplingParams
+from qkv import LLM
 from qkv.engine import cpu_aoti
+from test_cpu_compile import _run as run_greedy  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.compiles]
 
 
 def _run(llm, prompts):
-    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=0)
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
-    return [list(o.outputs[0].token_ids) for o in outs], [
-        [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
+    return run_greedy(llm, prompts, max_tokens=12)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from qkv import LLM, SamplingParams
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.compiles]
 
 
-def _run(llm, prompts):
-    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=0)
+def _run(llm, prompts, max_tokens=10):
+    """Greedy token ids and their log-probabilities of each prompt (also tests/test_cpu_aoti.py's)."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     return [list(o.outputs[0].token_ids) for o in outs], [
         [lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outs]
