@@ -20,6 +20,37 @@ from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import compute_dtype
 
 
+@triton.jit
+def _mla_q(QL, QR, b, h, hmask, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
+           R: tl.constexpr, P: tl.constexpr, QA: tl.constexpr):
+    """The program's queries (latent and rope parts): [heads, R] when q is a dot's A operand
+    (QA), else transposed, [R, heads], as the B operand of lat @ q."""
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    if QA:
+        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
+    else:
+        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
+        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    return qlt, qrt
+
+
+@triton.jit
+def _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R: tl.constexpr):
+    """A program's result: the output itself when it ran the whole sequence (one split), else its
+    fp32 partial state (acc, max, sum) for the combine."""
+    r = tl.arange(0, R)
+    if S == 1:
+        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
+                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+    else:
+        row = (b * H + h) * S + split
+        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + row * 2, m_i, mask=hmask)
+        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
@@ -50,12 +81,8 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         qlt = tl.load(QL + b * stride_qlt + h[None, :, None] * stride_qlh + kk[:, None, None] * (R // KS)
                       + rr[None, None, :], mask=hmask[None, :, None], other=0.0)
         qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
-    elif QA:  # q the A operand ([heads, R]): the score dot's warps split the rows, none reads them twice
-        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
-        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
-    else:
-        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
-        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    else:  # QA: q the A operand ([heads, R]): the score dot's warps split the rows, none reads them twice
+        qlt, qrt = _mla_q(QL, QR, b, h, hmask, stride_qlt, stride_qlh, stride_qrt, stride_qrh, R, P, QA)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     if QA:  # the row sums kept per column, summed once at the end: a cross-warp reduction a tile fewer
         l_i = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
@@ -93,14 +120,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         m_i = m_new
     if QA:
         l_i = tl.sum(l_i, 1)
-    if S == 1:  # the whole sequence in one program: the output, no merge
-        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
-                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
-    else:
-        row = (b * H + h) * S + split
-        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
-        tl.store(ML + row * 2, m_i, mask=hmask)
-        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+    _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
 
 
 
@@ -141,12 +161,7 @@ def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
     hmask = h < H
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
-    if QA:
-        qlt = tl.load(QL + b * stride_qlt + h[:, None] * stride_qlh + r[None, :], mask=hmask[:, None], other=0.0)
-        qrt = tl.load(QR + b * stride_qrt + h[:, None] * stride_qrh + p_[None, :], mask=hmask[:, None], other=0.0)
-    else:
-        qlt = tl.load(QL + b * stride_qlt + h[None, :] * stride_qlh + r[:, None], mask=hmask[None, :], other=0.0)
-        qrt = tl.load(QR + b * stride_qrt + h[None, :] * stride_qrh + p_[:, None], mask=hmask[None, :], other=0.0)
+    qlt, qrt = _mla_q(QL, QR, b, h, hmask, stride_qlt, stride_qlh, stride_qrt, stride_qrh, R, P, QA)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, R], tl.float32)
@@ -195,14 +210,7 @@ def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
         m_i = m_new
-    if S == 1:  # the whole sequence in one program: the output, no merge
-        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
-                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
-    else:
-        row = (b * H + h) * S + split
-        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
-        tl.store(ML + row * 2, m_i, mask=hmask)
-        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+    _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
