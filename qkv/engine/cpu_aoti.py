@@ -1,15 +1,18 @@
 """The CPU decode step compiled ahead of time (AOTInductor): built once, loaded in milliseconds.
 
-``engine/cpu_compile.py``'s one-graph decode step, exported with ``torch.export`` (one
-sequence, the key count and the number of cache pages symbolic; each layer's paged cache an
-input the step writes in place) and compiled by ``torch._inductor.aoti_compile_and_package``
-into a ``.pt2`` package under ``cache_dir()/aoti`` (``QKV_CACHE_DIR``, else ``~/.cache/qkv``).
+``engine/cpu_compile.py``'s one-graph decode step, exported with ``torch.export`` for one
+sequence: its inputs are the token, each RoPE table's rows at its position, each attention
+view's slot and the slots of the keys it sees (``reference.visible_pages``: a sliding window's
+without a mask), and each layer's paged cache, which the step writes in place; the key counts
+and each cache group's page count are symbolic. AOTInductor
+(``torch._inductor.aoti_compile_and_package``) compiles it into a ``.pt2`` package under
+``cache_dir()/aoti`` (``QKV_CACHE_DIR``, else ``~/.cache/qkv``).
 A later process loads the package's shared library with torch's C++ loader (no Dynamo, no
 ``torch._inductor`` import: a few milliseconds) and hands it the eager model's own weight
 tensors (``user_managed``: no copy, no second set of weights in memory).
 
 Built by ``qkv compile MODEL`` (``scripts/setup.sh`` builds the default model's: about a
-minute on 2 quiet cores, SmolLM2) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
+minute on 2 quiet cores for SmolLM2; Gemma 3 270M: ``qkv compile gemma3-270m``) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
 (``aot_decode=None``, the default) and runs eagerly otherwise. The package is keyed by the
 model file (resolved path, size, modification time), the weight quantization, dtype and KV
 cache layout, torch's version, the CPU's instruction set and the source of the step's code,
@@ -19,7 +22,7 @@ the engine runs eagerly: a package can make decode faster, never make the engine
 
 Only one-sequence decode steps run the package (the README's first command, ``qkv chat``);
 a step of several sequences, prefill and mixed steps run eagerly, as without it. The eager
-model is the oracle: tests/test_cpu_aoti.py compares the two.
+model is the oracle: tests/test_cpu_aoti.py (Llama) and tests/test_cpu_aoti_gemma3.py compare the two.
 """
 
 from __future__ import annotations

@@ -17,9 +17,13 @@ a later process re-traces in a few seconds): opt-in, not the default, since it w
 the first token that long. engine/cpu_aoti.py compiles the same step (``decode_layers``) ahead
 of time, once per model, and is the default where that package exists.
 
-Covered: the Llama family (Llama, Mistral, Qwen2, SmolLM2) with RoPE from a table (no
-dynamic/longrope scaling), full attention in float (or fp8) pages, one layer group. Anything
-else is refused by name when the engine is built (``unsupported``).
+Covered: the Llama family (Llama, Mistral, Qwen2, Qwen3, SmolLM2) and Gemma 3 (QK norms, its
+(1 + w) sandwich norms and embedding scale, GeGLU) with RoPE from tables (no dynamic/longrope
+scaling; Gemma's local and global tables both), attention in float (or fp8) pages, full or in
+an undilated sliding window, any number of layer groups. The step gathers each attention view's
+keys (a cache group with its window, ``plan``) once, as the eager layers do
+(``reference.step_indices``). Anything else is refused by name when the engine is built
+(``unsupported``).
 """
 
 from __future__ import annotations
