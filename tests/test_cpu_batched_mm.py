@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qkv import LLM, SamplingParams
-from qkv.model import int4, quant
+from qkv.model import int4, int8_onednn, quant
 from qkv.model.int4 import GROUP, Int4Linear, unpack
 from qkv.model.quant import Int8Linear, int8_rows_mm
 
@@ -84,6 +84,7 @@ def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypat
     def llm():  # a fresh engine each time: a prefix-cache hit would skip the prefill
         return LLM(path, device="cpu", block_size=4, num_kv_blocks=256, quantization="int4")
 
+    monkeypatch.setattr(int8_onednn, "available", lambda: False)  # the lm_head on these paths, not oneDNN's
     monkeypatch.setattr(int4, "DENSE_ROWS", 64)  # each prompt alone stays on the kernel
     monkeypatch.setattr(quant, "INT_MM_ROWS", 2)  # and its one-row lm_head too; 4 rows do not
     rows_mm = []

@@ -35,6 +35,6 @@ def test_compiled_decode_matches_the_eager_model(tiny_model, family):
 
 
 def test_compile_decode_refuses_what_it_does_not_cover(tiny_model):
-    path, _ = tiny_model("qwen3")
-    with pytest.raises(ValueError, match="compile_decode does not cover QK norms"):
+    path, _ = tiny_model("llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match="compile_decode does not cover length-dependent RoPE scaling"):
         LLM(path, device="cpu", compile_decode=True)

@@ -79,19 +79,21 @@ def tiny_with_tokenizer(tiny_model, smollm2):
     return path, hf
 
 
-@pytest.mark.parametrize("bos", [False, True])
-def test_cli_on_a_text_file(tiny_with_tokenizer, smollm2, tmp_path, capsys, bos):
+@pytest.mark.parametrize("bos,decode", [(False, False), (True, False), (False, True)])
+def test_cli_on_a_text_file(tiny_with_tokenizer, smollm2, tmp_path, capsys, bos, decode):
+    """``--decode``: one token a step, every position after a window's first through decode steps."""
     path, hf = tiny_with_tokenizer
     text = tmp_path / "t.txt"
     text.write_text(default_corpus()[:4000], encoding="utf-8")
     argv = ["perplexity", path, "--text", str(text), "--window", "64", "--max-tokens", "200", "--quiet"]
-    assert main(argv + (["--bos"] if bos else [])) == 0
+    assert main(argv + (["--bos"] if bos else []) + (["--decode"] if decode else [])) == 0
     out = capsys.readouterr().out
     ours = float(re.search(r"perplexity ([\d.]+)", out).group(1))
     ids = smollm2.tokenizer.encode(text.read_text(encoding="utf-8"), add_special_tokens=False)
     ref = hf_perplexity(hf, ids, 64, 200, bos=smollm2.tokenizer.bos_token_id if bos else None)
     assert abs(ours / ref - 1) < 1e-3, (ours, ref)
     assert f"{(200 // 64) * (64 - 1 + bos) + 8 - 1 + bos:,} predictions" in out
+    assert ("one token a step" in out) == decode
 
 
 def test_cli_errors(tiny_model, capsys):

@@ -126,6 +126,15 @@ def decode_mask(ix: StepIndices, num_seqs: int, window: int | None) -> torch.Ten
     return None if num_seqs == 1 and window is None else ix.mask[:, None]
 
 
+def visible_pages(batch: AttentionBatch, group: int, window: int | None) -> torch.Tensor:
+    """For a decode step of one sequence: the slots of exactly the keys its query sees, [1, L],
+    so ``decode_pages`` needs no mask. ``gather_keys`` starts a window's keys one position early
+    (``window + 1`` of them once the sequence is longer than the window, the first hidden by
+    ``window_mask``); the visible ones are the last ``window`` (undilated windows only)."""
+    pages = step_indices(batch, group, window).from_pages
+    return pages if window is None else pages[:, -window:]
+
+
 def decode_pages(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mask: torch.Tensor | None,
                  scale: float) -> torch.Tensor:
     """``decode_attention``'s core for K and V planes of one width, from the step's tensors only

@@ -1,15 +1,18 @@
 """The CPU decode step compiled ahead of time (AOTInductor): built once, loaded in milliseconds.
 
-``engine/cpu_compile.py``'s one-graph decode step, exported with ``torch.export`` (one
-sequence, the key count and the number of cache pages symbolic; each layer's paged cache an
-input the step writes in place) and compiled by ``torch._inductor.aoti_compile_and_package``
-into a ``.pt2`` package under ``cache_dir()/aoti`` (``QKV_CACHE_DIR``, else ``~/.cache/qkv``).
+``engine/cpu_compile.py``'s one-graph decode step, exported with ``torch.export`` for one
+sequence: its inputs are the token, each RoPE table's rows at its position, each attention
+view's slot and the slots of the keys it sees (``reference.visible_pages``: a sliding window's
+without a mask), and each layer's paged cache, which the step writes in place; the key counts
+and each cache group's page count are symbolic. AOTInductor
+(``torch._inductor.aoti_compile_and_package``) compiles it into a ``.pt2`` package under
+``cache_dir()/aoti`` (``QKV_CACHE_DIR``, else ``~/.cache/qkv``).
 A later process loads the package's shared library with torch's C++ loader (no Dynamo, no
 ``torch._inductor`` import: a few milliseconds) and hands it the eager model's own weight
 tensors (``user_managed``: no copy, no second set of weights in memory).
 
 Built by ``qkv compile MODEL`` (``scripts/setup.sh`` builds the default model's: about a
-minute on 2 quiet cores, SmolLM2) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
+minute on 2 quiet cores for SmolLM2; Gemma 3 270M: ``qkv compile gemma3-270m``) or ``build(llm)``; ``LLM(...)`` on a CPU uses a package when one matches
 (``aot_decode=None``, the default) and runs eagerly otherwise. The package is keyed by the
 model file (resolved path, size, modification time), the weight quantization, dtype and KV
 cache layout, torch's version, the CPU's instruction set and the source of the step's code,
@@ -19,7 +22,7 @@ the engine runs eagerly: a package can make decode faster, never make the engine
 
 Only one-sequence decode steps run the package (the README's first command, ``qkv chat``);
 a step of several sequences, prefill and mixed steps run eagerly, as without it. The eager
-model is the oracle: tests/test_cpu_aoti.py compares the two.
+model is the oracle: tests/test_cpu_aoti.py (Llama) and tests/test_cpu_aoti_gemma3.py compare the two.
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ from pathlib import Path
 import torch
 
 from qkv.attention import reference
-from qkv.engine.cpu_compile import decode_layers, unsupported
+from qkv.engine.cpu_compile import decode_layers, plan, unsupported
 
 # The files whose code the exported step runs: an edit to any makes old packages stale.
 STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/reference.py", "model/layers.py",
-                "model/int4.py", "model/quant.py", "model/llama.py", "kvcache/kv_pages.py")
+                "model/int4.py", "model/quant.py", "model/llama.py", "model/gemma3.py", "kvcache/kv_pages.py")
 QKV_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,24 +99,37 @@ def package_path(llm) -> Path | None:
 
 
 class _Step(torch.nn.Module):
-    """The exported function: ``decode_layers`` for one sequence, caches as inputs."""
+    """The exported function: ``decode_layers`` for one sequence, its inputs flat (``_inputs``)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self.plan = plan(model)
 
-    def forward(self, input_ids, cos, sin, slots, pages, *caches):
-        return decode_layers(self.model, input_ids, cos, sin, slots, pages, None, caches)
+    def forward(self, input_ids, *args):
+        r, v = 2 * len(self.plan.ropes), 2 * len(self.plan.views)
+        ropes = [(args[i], args[i + 1]) for i in range(0, r, 2)]
+        views = [(args[i], args[i + 1], None) for i in range(r, r + v, 2)]
+        return decode_layers(self.model, self.plan, input_ids, ropes, views, args[r + v :])
 
 
-def _inputs(model, input_ids, positions, slots, pages, caches) -> list[torch.Tensor]:
-    rope = model.model.layers[0].self_attn.rope
-    return [input_ids, rope.cos[positions][:, None, :], rope.sin[positions][:, None, :], slots, pages, *caches]
+def _inputs(step, input_ids, positions, views, caches) -> list[torch.Tensor]:
+    """The package's inputs: the token, each RoPE table's cos and sin rows at its position, each
+    attention view's (slots, visible pages), each layer's cache. ``step``: ``plan(model)``."""
+    ropes = [t for r in step.ropes for t in (r.cos[positions][:, None, :], r.sin[positions][:, None, :])]
+    return [input_ids, *ropes, *(t for view in views for t in view), *caches]
 
 
-def _example(model, caches) -> list[torch.Tensor]:
-    """The inputs the step is exported with (their dtypes are the ones it takes)."""
-    return _inputs(model, torch.tensor([1]), torch.tensor([1]), torch.tensor([1]), torch.tensor([[0, 1]]), caches)
+def _example(step, caches) -> list[torch.Tensor]:
+    """The inputs the step is exported with (their dtypes are the ones it takes). The views'
+    key counts and the groups' page counts differ, so that no two symbolic sizes start equal."""
+    views = [(torch.tensor([1]), torch.arange(2 + i)[None]) for i in range(len(step.views))]
+    return _inputs(step, torch.tensor([1]), torch.tensor([1]), views, caches)
+
+
+def _fixed(step) -> int:
+    """How many of the inputs come before the caches."""
+    return 1 + 2 * len(step.ropes) + 2 * len(step.views)
 
 
 @contextlib.contextmanager
@@ -154,10 +170,17 @@ def build(llm, path: Path | None = None) -> Path:
         raise ValueError(f"{llm.source}: not a file or directory, so a package cannot be keyed to it")
     import torch._inductor
 
-    model, caches = engine.model, _caches(engine.model)
-    example = _example(model, caches)
-    keys, pages = torch.export.Dim("keys", min=2), torch.export.Dim("pages", min=2)
-    shapes = (None, None, None, None, {1: keys}, ({1: pages},) * len(caches))  # *caches: one entry
+    model, step = engine.model, plan(engine.model)
+    groups = [layer.self_attn.group for layer in model.model.layers]
+    # Example caches of each group's shape with a page count of its own (a few pages: the
+    # export does not run them), so that each group's count is its own symbolic size.
+    real = _caches(model)
+    caches = [torch.zeros((2, 3 + len(step.views) + g, *c.shape[2:]), dtype=c.dtype) for c, g in zip(real, groups)]
+    example = _example(step, caches)
+    keys = [{1: torch.export.Dim(f"keys{i}", min=2)} for i in range(len(step.views))]
+    blocks = {g: torch.export.Dim(f"blocks{g}", min=2) for g in sorted(set(groups))}
+    shapes = (None, tuple([None] * 2 * len(step.ropes) + [x for k in keys for x in (None, k)]
+                          + [{1: blocks[g]} for g in groups]))  # input_ids, then *args as one tuple
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's deprecation notices about its own internals
         ep = torch.export.export(_Step(model).eval(), tuple(example), dynamic_shapes=shapes, strict=False)
@@ -197,23 +220,26 @@ class AOTDecode:
 
     def __init__(self, loader, model, caches):
         self.loader, self.model, self.caches = loader, model, list(caches)
+        self.plan = plan(model)
         self.checked = False
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
-        ix = reference.step_indices(batch, 0)
-        # (Exported for 2 keys or more: a first step from a one-token prompt runs eagerly.)
-        if batch.num_seqs == 1 and ix.from_pages.shape[1] >= 2 and self.loader is not None:
-            args = _inputs(self.model, input_ids, positions, batch.slot_mappings[0], ix.from_pages, self.caches)
-            try:
-                if not self.checked:  # the library reads raw pointers: the dtypes it was built for, once
-                    got, want = [a.dtype for a in args[:5]], [a.dtype for a in _example(self.model, [])[:5]]
-                    if got != want or not all(a.is_contiguous() for a in args[:5]):
-                        raise ValueError(f"inputs of dtypes {got}, built for {want}")
-                    self.checked = True
-                return self.loader.boxed_run(args)[0]
-            except Exception as e:  # never fail a request for it: this step and the rest run eagerly
-                log(f"compiled decode step failed ({_first_line(e)}); decoding eagerly from now on")
-                self.loader = None
+        if batch.num_seqs == 1 and self.loader is not None:
+            views = [(batch.slot_mappings[g], reference.visible_pages(batch, g, w)) for g, w in self.plan.views]
+            # (Exported for 2 keys or more: a first step from a one-token prompt runs eagerly.)
+            if all(pages.shape[1] >= 2 for _, pages in views):
+                args = _inputs(self.plan, input_ids, positions, views, self.caches)
+                try:
+                    if not self.checked:  # the library reads raw pointers: the dtypes it was built for, once
+                        n = _fixed(self.plan)
+                        got, want = [a.dtype for a in args[:n]], [a.dtype for a in _example(self.plan, [])[:n]]
+                        if got != want or not all(a.is_contiguous() for a in args[:n]):
+                            raise ValueError(f"inputs of dtypes {got}, built for {want}")
+                        self.checked = True
+                    return self.loader.boxed_run(args)[0]
+                except Exception as e:  # never fail a request for it: this step and the rest run eagerly
+                    log(f"compiled decode step failed ({_first_line(e)}); decoding eagerly from now on")
+                    self.loader = None
         return self.model(input_ids, positions, batch)
 
 

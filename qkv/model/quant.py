@@ -88,10 +88,18 @@ def int8_rows_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch
 class Int8Linear(nn.Module):
     """``y = x @ (w_int8 * scale)^T + b``, with ``scale[o] = max|w[o, :]| / 127``."""
 
-    def __init__(self, linear: nn.Linear | None = None, *, parts: tuple | None = None, bias=None):
+    def __init__(self, linear: nn.Linear | None = None, *, parts: tuple | None = None, bias=None,
+                  onednn: bool = False):
         """From ``linear`` (its weight rounded now), or from ``parts``, ``quantize_int8``'s
-        result, and ``bias`` (a tensor or None)."""
+        result, and ``bias`` (a tensor or None). ``onednn``: multiply through oneDNN's int8 GEMM
+        where torch has it (model/int8_onednn.py; the lm_head): the weight is packed for it at the
+        first call and ``weight_int8`` then left on the meta device (shape only: no second copy);
+        its output is float32 whatever x's dtype."""
         super().__init__()
+        from qkv.model import int8_onednn
+
+        self.onednn = onednn and int8_onednn.available()
+        self._packed = None  # (packed weight, float32 scale, zero points) once packed
         if linear is not None:
             parts, bias = quantize_int8(linear.weight.detach()), linear.bias
         q, scale = parts
@@ -103,7 +111,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if x2.shape[0] >= DENSE_ROWS:
+        if self.onednn:
+            from qkv.model import int8_onednn
+
+            if self._packed is None:
+                self._packed = (int8_onednn.pack(self.weight_int8), self.scale.float(),
+                                torch.zeros(self.out_features, dtype=torch.int64))
+                self.weight_int8 = self.weight_int8.to("meta")
+            # float32, not x's dtype: its one caller (compute_logits) wants float32 logits, and
+            # rounding them to bf16 on the way would lose what the GEMM kept.
+            y = int8_onednn.mm(x2, *self._packed)
+        elif x2.shape[0] >= DENSE_ROWS:
             y = torch.mm(x2.to(torch.bfloat16), self.weight_int8.to(torch.bfloat16).t()).mul_(self.scale).to(x.dtype)
         elif x2.shape[0] >= INT_MM_ROWS:
             y = int8_rows_mm(x2, self.weight_int8, self.scale).to(x.dtype)
@@ -157,6 +175,9 @@ def quantize(model: nn.Module, method: str, device: torch.device) -> nn.Module:
             if isinstance(child, nn.Linear):
                 kind, *parts = child.__dict__.pop(ROUNDED, None) or quantize_weight(
                     method, child_name, child, child.weight.detach())
-                cls = Int4Linear if kind == "int4" else Int8Linear
-                setattr(module, child_name, cls(parts=tuple(parts), bias=child.bias))
+                if kind == "int4":
+                    setattr(module, child_name, Int4Linear(parts=tuple(parts), bias=child.bias))
+                else:  # the lm_head runs outside the compiled decode step: oneDNN's int8 GEMM there
+                    setattr(module, child_name, Int8Linear(parts=tuple(parts), bias=child.bias,
+                                                           onednn=child_name == "lm_head"))
     return model

@@ -3,6 +3,7 @@
     qkv perplexity smollm2                          # built-in corpus, 16 windows of 512 tokens
     qkv perplexity ./smollm2-mqa --text book.txt --max-tokens 4096
     qkv perplexity gemma3-270m --bos                # every window starts with BOS
+    qkv perplexity gemma3-270m --decode --max-tokens 2048   # one token a step: the decode path
 
 The text is tokenized whole (no special tokens), cut to its first ``--max-tokens`` tokens and
 split into consecutive, non-overlapping windows of ``--window`` tokens. Each window is scored
@@ -10,7 +11,11 @@ on its own (its cache starts empty) and every next-token prediction inside it co
 ``window - 1`` predictions per window, or ``window`` with ``--bos``, where BOS is put in front
 of each window and the window's first token is predicted from it. Perplexity is
 ``exp(total negative log-likelihood / number of predictions)`` over all windows; logits are
-fp32 from ``LLM.logits`` (the paged-cache forward pass the engine serves with).
+fp32 from ``LLM.logits`` (the paged-cache forward pass the engine serves with). By default a
+window is one prefill chunk; ``--decode`` scores it one token a step (a token budget of 1), so
+every position after the first goes through the decode step generation runs: on a CPU the
+compiled decode step where ``qkv compile`` has built one (engine/cpu_aoti.py), eager with
+``--no-aot-decode``. Same predictions, the other code path (and many times slower).
 
 Built-in corpus: CPython's ``pydoc_data.topics`` (English prose about Python that ships with
 every Python), ``"\\n\\n".join(topics.values())`` in the dict's order.
@@ -87,6 +92,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=8192, help="score the first N tokens (0: all; default 8192)")
     p.add_argument("--bos", action="store_true", help="start every window with the BOS token")
     p.add_argument("--quiet", action="store_true", help="no per-window progress on stderr")
+    p.add_argument("--decode", action="store_true",
+                   help="score one token a step, through decode steps (the compiled decode step where built)")
 
 
 def run(args) -> int:
@@ -100,7 +107,8 @@ def run(args) -> int:
     from qkv.engine.budget import resolve
 
     device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")  # as LLM picks it
-    kw["max_num_batched_tokens"] = max(resolve(kw["max_num_batched_tokens"], device)[0], args.window + 1)
+    kw["max_num_batched_tokens"] = 1 if args.decode else max(resolve(kw["max_num_batched_tokens"], device)[0],
+                                                             args.window + 1)
     llm = LLM(model, **kw)
     if llm.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: perplexity needs one to tokenize the text")
@@ -118,5 +126,6 @@ def run(args) -> int:
     r = perplexity(llm.logits, ids, args.window, args.max_tokens or None, bos, progress)
     print(f"{model}: perplexity {r.perplexity:.4f} over {r.num_predictions:,} predictions in "
           f"{r.num_windows} windows of {args.window} tokens ({'BOS + ' if bos is not None else ''}"
-          f"text: {'pydoc_data.topics' if not args.text else args.text}); {r.seconds:.1f} s")
+          f"text: {'pydoc_data.topics' if not args.text else args.text})"
+          f"{', one token a step' if args.decode else ''}; {r.seconds:.1f} s")
     return 0
