@@ -366,7 +366,9 @@ def lazy_weights(tensors: list[TensorInfo], arch: str, cfg: ModelConfig, path: s
         shapes[hf] = tuple(reversed(t.shape)) if needs_whole(t.name, arch) and arch == "gpt2" else tuple(t.shape)
         if t.qtype == GGMLQuantizationType.Q4_1 and len(t.shape) == 2 and arch != "gpt2":  # gpt2's are transposed
             q4_1[hf] = partial(read_q4_1, t, arch, cfg.num_heads, cfg.num_kv_heads)
-    return LazyWeights(readers, shapes, q4_1)
+    weights = LazyWeights(readers, shapes, q4_1)
+    weights.source = path
+    return weights
 
 
 def _convert(t: TensorInfo, arch: str, cfg: ModelConfig, path: str) -> torch.Tensor:
