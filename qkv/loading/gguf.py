@@ -509,12 +509,17 @@ def _build_backend(meta: dict, path: str):
     arch = meta.get("general.architecture")
     tokens = list(meta["tokenizer.ggml.tokens"])
     types = list(meta.get("tokenizer.ggml.token_type") or [])
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    # (a, b) pairs split at the first space, in C (``map``): 49k merges 26 -> ~8 ms
+    merges = list(map(tuple, map(str.split, meta.get("tokenizer.ggml.merges") or [], itertools.repeat(" "),
+                                 itertools.repeat(1))))
     add_bos = meta.get("tokenizer.ggml.add_bos_token")
     if kind == "gpt2":
         spelling = _bytes_to_unicode()
         spelled = _byte_alphabet().fullmatch  # a regex: a set per token cost 0.2 s for 49k tokens
-        vocab = {(t if spelled(t) else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
+        if spelled("".join(tokens)):  # every token spelled so (llama.cpp's files): one match, no per-token test
+            vocab = dict(zip(tokens, range(len(tokens))))
+        else:
+            vocab = {(t if spelled(t) else "".join(spelling[b] for b in t.encode())): i for i, t in enumerate(tokens)}
         backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
