@@ -32,7 +32,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -237,6 +236,7 @@ def tensors_of(model: nn.Module) -> dict[str, torch.Tensor]:
 def save(model: nn.Module, e: Entry) -> bool:
     """Write ``model``'s converted tensors under ``e`` (whole, then renamed into place) and
     prune stale files; False, silently, when the cache cannot be written."""
+    import tempfile  # here: a load that reads the cache never needs it
     tensors = tensors_of(model)
     if any(t.device.type != "cpu" or t.dtype not in _DTYPES for t in tensors.values()):
         return False
