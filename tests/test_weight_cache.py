@@ -81,6 +81,8 @@ def assert_same_weights(a: LLM, b: LLM) -> None:
     for name in ta:
         assert ta[name].dtype == tb[name].dtype and torch.equal(ta[name], tb[name]), name
     assert [type(m) for m in a.engine.model.modules()] == [type(m) for m in b.engine.model.modules()]
+    sa, sb = a.engine.model.state_dict(), b.engine.model.state_dict()  # buffers (RoPE tables) too
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def no_conversion(monkeypatch):
