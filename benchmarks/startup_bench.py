@@ -58,13 +58,13 @@ def main() -> None:
                 argv = ["generate", args.prompt, "--max-tokens", str(args.max_tokens), *shlex.split(extra)]
                 runs.setdefault((c, label), []).append(run_once(c, argv))
     print(f"load average {os.getloadavg()[0]:.1f}, {os.cpu_count()} CPUs; medians of {args.repeat}")
-    print(f"| checkout | run | time to first token (s) | wall (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|")
+    print(f"| checkout | run | time to first token (s) | wall (s) | peak RSS (MB) | each run's first token (s) |")
+    print("|---|---|---|---|---|---|")
     for (c, label), rs in runs.items():
         ttft = [r[0] for r in rs if r[0] is not None]
         cell = f"{statistics.median(ttft):.2f}" if ttft else "-"
         print(f"| {c} | {label} | {cell} | {statistics.median(r[1] for r in rs):.2f} | "
-              f"{statistics.median(r[2] for r in rs):.0f} |")
+              f"{statistics.median(r[2] for r in rs):.0f} | {' '.join(f'{t:.2f}' for t in ttft)} |")
 
 
 if __name__ == "__main__":

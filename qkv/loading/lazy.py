@@ -29,6 +29,9 @@ class LazyWeights(Mapping):
         # The safetensors files holding exactly these tensors, untransformed (set by the HF
         # loader; distributed/checkpoint.py reads each rank's slices from them); else None.
         self.safetensors_files: list | None = None
+        # The GGUF file these tensors are read from (set by the GGUF loader; the key of
+        # model/weight_cache.py's converted weights); else None.
+        self.source: str | None = None
 
     def has_q4_1(self, name: str) -> bool:
         """Whether ``q4_1(name)`` reads the tensor's blocks (the file stores it as Q4_1)."""

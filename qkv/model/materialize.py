@@ -90,11 +90,19 @@ def build(config, groups: list[int], weights: Mapping | None, dtype: torch.dtype
         with parameters_on_meta():
             model = build_model(config, groups)
         if supported(model):
-            materialize(model, weights, dtype, quantization)
+            from qkv.model import weight_cache
+
+            # A GGUF's int4/int8 weights converted by an earlier load (model/weight_cache.py).
+            cached = weight_cache.entry(weights, model, groups, dtype, quantization)
+            hit = cached is not None and weight_cache.load(model, cached, dtype, quantization)
+            if not hit:
+                materialize(model, weights, dtype, quantization)
             model = model.to(dtype)  # buffers (RoPE tables) as the eager cast leaves them
             if quantization:
                 with one_thread():  # what is left to round (a tied lm_head) in blocks of a few MB
                     quantize(model, quantization, cpu)
+            if cached is not None and not hit:
+                weight_cache.save(model, cached)
             return model
     model = build_model(config, groups)
     if weights is not None:
