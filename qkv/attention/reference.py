@@ -116,8 +116,25 @@ def decode_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
     else:  # both planes in one write and one gather
         ix = step_indices(batch, group, window)
         return decode_pages(q, k, v, kv_cache, batch.slot_mappings[group], ix.from_pages,
-                            decode_mask(ix, T, window), scale)
-    return _decode_sdpa(q, keys, values, decode_mask(ix, T, window), scale)
+                            decode_bias(ix, batch, group, window, kvh, H // kvh), scale)
+    return _decode_sdpa(q, keys, values, decode_bias(ix, batch, group, window, kvh, H // kvh), scale)
+
+
+def decode_bias(ix: StepIndices, batch: AttentionBatch, group: int, window: int | None, kvh: int,
+                per_kv: int) -> torch.Tensor | None:
+    """``decode_mask`` as an additive float32 bias, [B * KVH, H / KVH, L] of 0 and -inf, built
+    once a step (``batch.scratch``) for every layer of the group: ``_decode_sdpa`` adds it in
+    the scores' ``baddbmm``, where a bool mask cost each layer a scale multiply, a negation
+    and a ``masked_fill`` (a 16-sequence SmolLM2 step: 30 layers of [48, 3, ~250])."""
+    mask = decode_mask(ix, ix.mask.shape[0], window)
+    if mask is None:
+        return None
+    key = ("decode_bias", group, window, kvh, per_kv)
+    if key not in batch.scratch:
+        B, L = mask.shape[0], mask.shape[-1]
+        bias = torch.zeros(B, 1, 1, L).masked_fill_(~mask, float("-inf"))
+        batch.scratch[key] = bias.expand(B, kvh, per_kv, L).reshape(B * kvh, per_kv, L)
+    return batch.scratch[key]
 
 
 def decode_mask(ix: StepIndices, num_seqs: int, window: int | None) -> torch.Tensor | None:
@@ -147,23 +164,38 @@ def decode_pages(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tenso
     # (what _decode_sdpa multiplies in), where an advanced index, a reshape copy and a float copy
     # each passed over the keys (16 sequences x 250 keys, microbenchmark: 1.6 -> 1.0 ms a layer).
     B, L = from_pages.shape
-    kv = planes.flatten(2).index_select(1, from_pages.flatten()).view(2, B, L, k.shape[1], D)
+    if torch.compiler.is_compiling():  # the traced step (engine/cpu_compile.py): one op, as before
+        kv = planes.flatten(2).index_select(1, from_pages.flatten()).view(2, B, L, k.shape[1], D)
+    else:
+        # Each plane gathered along its first dimension, into one buffer: that index_select runs
+        # on both threads, the one along dimension 1 on one (16 x 258 keys, cold pages: 0.39 ->
+        # 0.23 ms a layer, 2 threads).
+        rows = planes.flatten(2)
+        kv = torch.empty(2, B * L, rows.shape[2], dtype=rows.dtype)
+        for i in (0, 1):
+            torch.index_select(rows[i], 0, from_pages.flatten(), out=kv[i])
+        kv = kv.view(2, B, L, k.shape[1], D)
     keys, values = kv.transpose(2, 3).to(torch.float32, memory_format=torch.contiguous_format).unbind(0)
     return _decode_sdpa(q, keys, values, mask, scale)  # keys, values [B, KVH, L, D]
 
 
 def _decode_sdpa(q, keys, values, mask, scale: float) -> torch.Tensor:
     """softmax(q K^T * scale) V for one query per sequence, in float32: q [T, H, D], keys and
-    values [T, KVH, L, D] (query head h reads KV head h // (H / KVH)), mask None or [T, 1, 1, L].
+    values [T, KVH, L, D] (query head h reads KV head h // (H / KVH)), mask None, bool [T, 1, 1, L]
+    or ``decode_bias``'s float32 [T * KVH, H / KVH, L].
     Plain matmuls: torch's fused CPU attention costs ~3x more for one query per sequence at a
     few hundred keys or several sequences (docs/benchmarks.md, 2026-12-03)."""
     T, H, D = q.shape
     kvh = keys.shape[1]
     L = keys.shape[2]
-    scores = torch.bmm(q.reshape(T * kvh, H // kvh, D).float(), keys.reshape(T * kvh, L, D).float().transpose(1, 2))
-    scores = scores.view(T, kvh, H // kvh, L) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    qf = q.float().reshape(T * kvh, H // kvh, D)  # widened first: a strided bf16 q is copied once, not twice
+    kt = keys.reshape(T * kvh, L, D).float().transpose(1, 2)
+    if mask is not None and mask.dtype != torch.bool:  # decode_bias: scale and mask in the product
+        scores = torch.baddbmm(mask, qf, kt, alpha=scale)
+    else:
+        scores = torch.bmm(qf, kt).view(T, kvh, H // kvh, L).mul_(scale)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).view(T * kvh, H // kvh, L)
     out = torch.bmm(probs, values.reshape(T * kvh, L, -1).float())  # [T * KVH, H / KVH, Dv]
     return out.to(q.dtype).view(T, H, -1)
