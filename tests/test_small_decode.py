@@ -127,6 +127,33 @@ def test_qk_norm_rope_matches_norms_then_rope():
     assert torch.equal(got_q, out_q) and torch.equal(got_k, out_k) and torch.equal(cache, want)
 
 
+@pytest.mark.parametrize("static", [False, True])
+def test_rope_kv_write_without_norms_matches_rope_then_write(static):
+    """Llama (no q/k norms): ``qk_norm_rope`` without weights is ``rope_qk`` bit for bit, and the
+    cache rows it writes are ``write_kv``'s of the rotated k and v."""
+    from qkv.attention.triton.kv_write import write_kv
+
+    gen = torch.Generator().manual_seed(11)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    D, H, KVH, T = 32, 8, 2, 4
+    rope = RotaryEmbedding(D, 500000.0).to(DEV)
+    qkv = torch.randn(T, (H + 2 * KVH) * D, generator=gen).to(DEV, dtype)
+    q, k, v = (t.view(T, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], -1))
+    pos = torch.tensor([0, 5, 130, 2], device=DEV)
+    ref_q, ref_k = rope(pos, q, k)
+    want_q, want_k = fused.rope_qk(pos, rope.cos, rope.sin, q, k)
+    close(want_q, ref_q)
+    close(want_k, ref_k)
+    slots = torch.tensor([4, 17, -1, 0], device=DEV)
+    cache = torch.zeros(2, 3, 8, KVH, D, dtype=dtype, device=DEV)
+    want = torch.zeros_like(cache)
+    write_kv(want, want_k, v, slots)
+    got_q, got_k = fused.qk_norm_rope(pos, rope.cos, rope.sin, q, k, None, None, 0.0, v=v, kv_cache=cache,
+                                      slot_mapping=slots, static=static)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(cache, want) and cache.abs().sum() > 0
+
+
 def _greedy(path: str, fused_on: bool, monkeypatch, lens: tuple[int, ...] = (7, 19)) -> list[list[int]]:
     from qkv.engine.engine import LLMEngine
     from qkv.engine.request import SamplingParams

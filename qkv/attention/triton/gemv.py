@@ -44,12 +44,27 @@ DEFAULT_SHAPES = LLAMA_8B_SHAPES | QWEN3_06B_SHAPES
 ENABLED_SHAPES: set[tuple[int, int]] = set(DEFAULT_SHAPES)
 ALL_SHAPES = False  # "all": every shape, not only the listed ones
 FUSE_NORM = True  # RMSNorm folded into the following projection (norm_linear)
-NORM_MAX_K = 2048
+NORM_MAX_K = int(os.environ.get("QKV_GEMV_NORM_MAX_K", "2048"))  # widest row the norm prologue holds
 # Whole-row tiles (one chunk of up to 8K elements a program) without PDL too (QKV_GEMV_FULL_K=1).
 FULL_K = os.environ.get("QKV_GEMV_FULL_K", "0") == "1"
 PDL_FULL_K = os.environ.get("QKV_GEMV_PDL_FULL_K", "1") == "1"  # with PDL (0: only the first chunk before the wait)
 PDL_BLOCK_N = int(os.environ.get("QKV_GEMV_PDL_BLOCK_N", "4"))  # rows a program of N > 2048 with PDL
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
+
+
+def parse_tiles(spec: str | None) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """``QKV_GEMV_TILES`` = ``NxK:BLOCK_N:BLOCK_K:WARPS,...`` -> {(N, K): tile}: per-shape tiles
+    that replace ``tile``'s choice (sweeps; BLOCK_K 0 keeps the default chunk)."""
+    out = {}
+    for item in (spec or "").split(","):
+        if item.strip():
+            shape, bn, bk, w = item.strip().lower().split(":")
+            n, k = (int(v) for v in shape.split("x"))
+            out[(n, k)] = (int(bn), int(bk), int(w))
+    return out
+
+
+TILES = parse_tiles(os.environ.get("QKV_GEMV_TILES"))
 
 
 def parse(spec: str | None) -> tuple[set[tuple[int, int]], bool]:
@@ -94,6 +109,9 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight. Narrow outputs take 2 rows per program
     (N = 1024 with 4 rows is 256 programs, under two per SM of an H200). With PDL a program's
     whole tile (up to 8K elements) is one chunk, all of it loaded before the wait."""
+    fixed = TILES.get((n, k))
+    if fixed is not None and not INTERPRET:
+        return fixed[0], fixed[1] or min(1024, triton.next_power_of_2(k)), fixed[2]
     block_n = 2 if n <= 2048 else (PDL_BLOCK_N if pdl_mode else 4)
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
@@ -258,11 +276,12 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         return None
     mode, kw = pdl.launch(x.device)
     bn = tile(N, K, mode)[0]
+    warps = 8 if K > 2048 else 4  # the whole row in registers: wider rows, more threads
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     ro = torch.empty_like(x) if residual is not None else x
     _norm_gemv_kernel[(triton.cdiv(N, bn),)](x, residual if residual is not None else x, norm_weight, w, y, ro, N, K,
                                              w.stride(0), eps, HAS_RES=residual is not None, BLOCK_N=bn,
                                              BLOCK_K=triton.next_power_of_2(K),
                                              EVEN=N % bn == 0 and K == triton.next_power_of_2(K), PDL=mode,
-                                             num_warps=4, **kw)
+                                             num_warps=warps, **kw)
     return y, ro
