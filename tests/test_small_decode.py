@@ -196,6 +196,53 @@ def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, 
     assert _greedy(path, True, monkeypatch) == _greedy(path, False, monkeypatch)
 
 
+@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3", marks=gpu)])
+def test_stream_kernels_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family):
+    """The residual stream added in the o_proj / down GEMVs' epilogue and normalized in the qkv /
+    gate-up GEMVs from the producers' sums of squares (triton/stream.py, forced on at the tiny
+    models' widths) gives the plain torch path's greedy tokens."""
+    from qkv.attention.triton import stream
+
+    path, _ = tiny_model(family)
+    want = _greedy(path, False, monkeypatch)
+    monkeypatch.setattr(stream, "ALL_WIDTHS", True)
+    monkeypatch.setattr(stream, "ON", True)
+    calls = []
+    real = stream.res_linear
+    monkeypatch.setattr(stream, "res_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    from qkv.attention.triton import fused as fused_mod
+    monkeypatch.setattr(fused_mod, "res_linear", stream.res_linear)
+    got = _greedy(path, True, monkeypatch)
+    assert calls, "the stream kernels did not run"
+    assert got == want
+
+
+@pytest.mark.parametrize("K,N", [(64, 256), (96, 40)])
+def test_stream_kernels_match_add_norm_then_linear(K, N):
+    """``res_linear`` = residual + layer(x) (and with SiLU: layer(silu(g) * u)) with the sums of
+    squares of the new stream; ``normed_linear`` over it = layer(rms_norm(stream))."""
+    from qkv.attention.triton import stream
+
+    gen = torch.Generator().manual_seed(K + N)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    o = torch.nn.Linear(N, K, bias=False).to(DEV, dtype)
+    down = torch.nn.Linear(N, K, bias=False).to(DEV, dtype)
+    up = torch.nn.Linear(K, N, bias=False).to(DEV, dtype)
+    norm = RMSNorm(K, 1e-5).to(DEV, dtype)
+    norm.weight.data = torch.randn(K, generator=gen).to(DEV, dtype)
+    x = torch.randn(1, N, generator=gen).to(DEV, dtype)
+    gu = torch.randn(1, 2 * N, generator=gen).to(DEV, dtype)
+    r = torch.randn(1, K, generator=gen).to(DEV, dtype)
+    st = stream.res_linear(x, o, r)
+    close(st.s, r + o(x))
+    close(st.p.sum(), st.s.float().pow(2).sum(), 1e-5)
+    close(stream.normed_linear(st, norm.weight, norm.eps, up), up(norm(r + o(x))))
+    g, u = gu.chunk(2, -1)
+    st = stream.res_linear(gu, down, r, silu=True)
+    close(st.s, r + down(torch.nn.functional.silu(g) * u))
+    close(st.p.sum(), st.s.float().pow(2).sum(), 1e-5)
+
+
 @gpu
 @pytest.mark.parametrize("family,pdl_mode,switch", [("qwen3", 1, None), ("qwen3", 2, "MERGE"), ("qwen3", 0, "MERGE"),
                                                     ("qwen3", 0, "FUSE_ATTEND"), ("qwen3", 2, "FUSE_ATTEND"),

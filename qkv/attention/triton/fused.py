@@ -16,6 +16,7 @@ import triton.language as tl
 
 from qkv.attention.triton import pdl
 from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
+from qkv.attention.triton.stream import applies as stream_applies, normed_linear, res_linear  # noqa: F401
 
 # q/k RMSNorm and RoPE in one launch (``qk_norm_rope``); QKV_FUSE_QK_NORM_ROPE=0: three launches.
 FUSE_QK_NORM_ROPE = os.environ.get("QKV_FUSE_QK_NORM_ROPE", "1") != "0"
