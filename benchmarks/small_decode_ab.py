@@ -81,6 +81,11 @@ VARIANTS.update({
     "o2": dict(_S, tiles="4096x4096:2:4096:4"), "o8": dict(_S, tiles="4096x4096:8:512:4"),
     "qkv8": dict(_S, tiles="6144x4096:8:512:4"), "gu8": dict(_S, tiles="28672x4096:8:512:4"),
     "gu2": dict(_S, tiles="28672x4096:2:4096:4"), "down8": dict(_S, tiles="4096x14336:8:512:4"),
+    # L2 prefetch (gemv.py QKV_GEMV_PREFETCH): o_proj's whole rows before its wait; every GEMV
+    # whole rows; every GEMV 2 / 4 chunks ahead; o_proj whole rows and the rest 2 ahead.
+    "pf_o": dict(_S, prefetch="4096x4096"), "pf_all": dict(_S, prefetch="all"),
+    "pf2": dict(_S, prefetch="all:2"), "pf4": dict(_S, prefetch="all:4"),
+    "pf_o2": dict(_S, prefetch="4096x4096,all:2"),
     "w8": dict(_S, tiles="28672x4096:4:1024:8,4096x14336:4:1024:8,6144x4096:4:1024:8,4096x4096:4:1024:8"),
 })
 
@@ -99,6 +104,8 @@ def use(variant: str, eng) -> None:
     gemv_mod.NORM_MAX_K = v.get("norm_max_k", 2048)
     gemv_mod.TILES.clear()
     gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
+    gemv_mod.PREFETCH.clear()
+    gemv_mod.PREFETCH.update(gemv_mod.parse_prefetch(v.get("prefetch")))
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     stream_mod.ON = v.get("stream", False)
     pdl.configure(v.get("pdl", 0))
@@ -288,6 +295,7 @@ def main() -> None:
               f"{floor:.1f} tok/s ({1e3 / floor:.3f} ms); read-only {rates.get('read_Bps', 0) / 1e12:.3f} TB/s",
               flush=True)
     floor = rates["copy_Bps"] / step_bytes if args.copy_rate else None
+    todo = [v for v in args.profile_variants.split(",") if v]
     results, ref_tokens = {}, None
     for name in args.variants.split(","):
         t = time.perf_counter()
@@ -309,21 +317,28 @@ def main() -> None:
         record(kind="decode_b1", shape=args.shape, variant=name, switches=VARIANTS[name], capture_s=cap,
                same_tokens_as_first=same, **r)
         share = f"{r['tok_s'] / floor:6.1%} " if floor else ""
-        print(f"## {args.shape} {name:>10}: {r['tok_s']:8.1f} tok/s {share} step {r['step_p50_ms']:.3f} ms  "
-              f"replay {r['replay_ms']:.3f} ms  kernels/step {r.get('kernels_per_step', '-')}  "
-              f"kernel ms {r.get('kernel_ms', float('nan')):.3f}  tokens#{zlib.crc32(str(r['tokens']).encode()):08x}",
-              flush=True)
-    todo = [v for v in args.profile_variants.split(",") if v]
+        count = f"kernels {r['kernels_per_step']:.0f} ({r['kernel_ms']:.3f} ms) " if "kernels_per_step" in r else ""
+        print(f"## {name:>10}: {r['tok_s']:7.1f} tok/s {share}step {r['step_p50_ms']:.3f} replay "
+              f"{r['replay_ms']:.3f} ms {count}tok#{zlib.crc32(str(r['tokens']).encode()):08x}", flush=True)
+        if name in todo:  # profiled now: a timeout later cuts no profile already taken
+            show_profile(name, eng, args.shape, record)
+            todo.remove(name)
     if args.profile and results:
-        todo.append(max(results, key=lambda k: results[k]["tok_s"]))
-    for name in dict.fromkeys(todo):
-        use(name, eng)
+        best = max(results, key=lambda k: results[k]["tok_s"])
+        use(best, eng)
+        show_profile(best, eng, args.shape, record)
+
+
+def show_profile(name: str, eng, shape: str, record, rows: int = 8) -> None:
+    try:
         prof = profile(eng)
-        record(kind="profile", shape=args.shape, variant=name, **prof)
-        print(f"## profile {name}: {prof['kernel_ms']:.3f} ms of kernels, {prof['kernels_per_step']:.0f} a step",
-              flush=True)
-        for row in prof["top"][:10]:
-            print(f"##   {row['us']:8.1f} us {row['calls']:5.0f}x  {row['name'][:70]}", flush=True)
+    except Exception as e:  # noqa: BLE001
+        print(f"## profile {name}: FAILED {repr(e)[:200]}", flush=True)
+        return
+    record(kind="profile", shape=shape, variant=name, **prof)
+    print(f"## profile {name}: {prof['kernel_ms']:.3f} ms of kernels, {prof['kernels_per_step']:.0f} a step", flush=True)
+    for row in prof["top"][:rows]:
+        print(f"##   {row['us']:8.1f} us {row['calls']:5.0f}x  {row['name'][:70]}", flush=True)
 
 
 if __name__ == "__main__":

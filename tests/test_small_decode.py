@@ -244,6 +244,25 @@ def test_stream_kernels_match_add_norm_then_linear(K, N):
 
 
 @gpu
+@pytest.mark.parametrize("spec", ["all", "all:2", "64x4096:1"])
+def test_gemv_l2_prefetch_changes_nothing(spec, monkeypatch):
+    """The L2 prefetch (inline PTX, GPU only) of whole rows or chunks ahead: the same results."""
+    from qkv.attention.triton import stream
+
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 4096, generator=gen).to(DEV, torch.bfloat16)
+    w = (torch.randn(64, 4096, generator=gen) * 0.02).to(DEV, torch.bfloat16)
+    r = torch.randn(1, 64, generator=gen).to(DEV, torch.bfloat16)
+    layer = torch.nn.Linear(4096, 64, bias=False).to(DEV, torch.bfloat16)
+    layer.weight.data = w
+    want = gemv_mod.gemv(x, w), stream.res_linear(x, layer, r)
+    monkeypatch.setattr(gemv_mod, "PREFETCH", gemv_mod.parse_prefetch(spec))
+    assert gemv_mod.prefetch(64, 4096, 1024) > 0
+    got = gemv_mod.gemv(x, w), stream.res_linear(x, layer, r)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1].s, want[1].s) and torch.equal(got[1].p, want[1].p)
+
+
+@gpu
 @pytest.mark.parametrize("family,pdl_mode,switch", [("qwen3", 1, None), ("qwen3", 2, "MERGE"), ("qwen3", 0, "MERGE"),
                                                     ("qwen3", 0, "FUSE_ATTEND"), ("qwen3", 2, "FUSE_ATTEND"),
                                                     ("llama", 1, None)])

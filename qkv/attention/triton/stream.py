@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton import gemv, pdl
-from qkv.attention.triton.gemv import _silu_x, _v_chunk, _w_chunk
+from qkv.attention.triton.gemv import _prefetch_chunk, _prefetch_start, _silu_x, _v_chunk, _w_chunk
 
 _MODE = os.environ.get("QKV_GEMV_STREAM", "1").strip().lower()
 ON = _MODE != "0"
@@ -41,11 +41,13 @@ class Stream(NamedTuple):
 
 @triton.jit
 def _res_gemv_kernel(X, W, R, S, P, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+                     EVEN: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); P[pid] = sum of s^2 over its rows."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
+    if PREFETCH > 0:
+        _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
     pdl.sync(PDL)
     if SILU:
@@ -53,6 +55,9 @@ def _res_gemv_kernel(X, W, R, S, P, N, stride_w, K: tl.constexpr, BLOCK_N: tl.co
     else:
         acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
+        if PREFETCH > 0 and PREFETCH * BLOCK_K < K:  # chunk k0 + PREFETCH - 1 chunks ahead (gemv.py)
+            if k0 + (PREFETCH - 1) * BLOCK_K < K:
+                _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         if SILU:
             x = _silu_x(X, k0, k, K, EVEN)
         else:
@@ -69,11 +74,13 @@ def _res_gemv_kernel(X, W, R, S, P, N, stride_w, K: tl.constexpr, BLOCK_N: tl.co
 @triton.jit
 def _normed_gemv_kernel(S, P, NW, W, Y, N, stride_w, eps, K: tl.constexpr, NP: tl.constexpr,
                         NP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                        PDL: tl.constexpr):
+                        PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
     """y = rmsnorm(s) W^T with rmsnorm's statistics from the producer's sums P[:NP]."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
+    if PREFETCH > 0:
+        _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
     nw = _v_chunk(NW, 0, k, K, EVEN).to(tl.float32)
     pdl.sync(PDL)
@@ -83,6 +90,9 @@ def _normed_gemv_kernel(S, P, NW, W, Y, N, stride_w, eps, K: tl.constexpr, NP: t
     h = ((_v_chunk(S, 0, k, K, EVEN).to(tl.float32) * rstd).to(dt).to(tl.float32) * nw).to(dt).to(tl.float32)
     acc = w.to(tl.float32) * h[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
+        if PREFETCH > 0 and PREFETCH * BLOCK_K < K:
+            if k0 + (PREFETCH - 1) * BLOCK_K < K:
+                _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         nw = _v_chunk(NW, k0, k, K, EVEN).to(tl.float32)
         h = ((_v_chunk(S, k0, k, K, EVEN).to(tl.float32) * rstd).to(dt).to(tl.float32) * nw).to(dt).to(tl.float32)
         acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * h[None, :]
@@ -114,7 +124,8 @@ def res_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Tensor, 
     s = torch.empty((1, N), dtype=x.dtype, device=x.device)
     p = torch.empty((grid,), dtype=torch.float32, device=x.device)
     _res_gemv_kernel[(grid,)](x, w, residual, s, p, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
-                              EVEN=N % bn == 0 and K % bk == 0, SILU=silu, PDL=mode, num_warps=nw, num_stages=3, **kw)
+                              EVEN=N % bn == 0 and K % bk == 0, SILU=silu, PDL=mode, PREFETCH=gemv.prefetch(N, K, bk),
+                              num_warps=nw, num_stages=3, **kw)
     return Stream(s, p)
 
 
@@ -130,6 +141,6 @@ def normed_linear(stream: Stream, norm_weight: torch.Tensor, eps: float, layer: 
     np_ = p.shape[0]
     _normed_gemv_kernel[(triton.cdiv(N, bn),)](s, p, norm_weight, w, y, N, w.stride(0), eps, K=K, NP=np_,
                                                NP_PAD=triton.next_power_of_2(np_), BLOCK_N=bn, BLOCK_K=bk,
-                                               EVEN=N % bn == 0 and K % bk == 0, PDL=mode, num_warps=nw,
-                                               num_stages=3, **kw)
+                                               EVEN=N % bn == 0 and K % bk == 0, PDL=mode,
+                                               PREFETCH=gemv.prefetch(N, K, bk), num_warps=nw, num_stages=3, **kw)
     return y
