@@ -6,7 +6,7 @@ set -u
 OUT_DIR=${OUT_DIR:-out}
 mkdir -p "$OUT_DIR"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc_b18b}
-VARIANTS=${VARIANTS:-main,default,pf_o,pf2,pf_all,pf_o2,pf4,ropekv,wide,s8,s16,o2,gu8}
+VARIANTS=${VARIANTS:-main,default,pf_o,pf2,pf_all,ef,pf_o_ef,pf2_ef,pf_o2,pf4,ropekv,wide}
 PROFILE=${PROFILE:-main,default}
 RUNS=${RUNS:-2}
 T_BENCH=${T_BENCH:-150}

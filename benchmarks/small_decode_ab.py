@@ -86,6 +86,9 @@ VARIANTS.update({
     "pf_o": dict(_S, prefetch="4096x4096"), "pf_all": dict(_S, prefetch="all"),
     "pf2": dict(_S, prefetch="all:2"), "pf4": dict(_S, prefetch="all:4"),
     "pf_o2": dict(_S, prefetch="4096x4096,all:2"),
+    # weight loads evict-first from L2 (QKV_GEMV_EVICT_FIRST), alone and with the prefetches
+    "ef": dict(_S, evict=True), "pf_o_ef": dict(_S, prefetch="4096x4096", evict=True),
+    "pf2_ef": dict(_S, prefetch="all:2", evict=True), "pf_all_ef": dict(_S, prefetch="all", evict=True),
     "w8": dict(_S, tiles="28672x4096:4:1024:8,4096x14336:4:1024:8,6144x4096:4:1024:8,4096x4096:4:1024:8"),
 })
 
@@ -104,6 +107,7 @@ def use(variant: str, eng) -> None:
     gemv_mod.NORM_MAX_K = v.get("norm_max_k", 2048)
     gemv_mod.TILES.clear()
     gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
+    gemv_mod.EVICT_FIRST = v.get("evict", False)
     gemv_mod.PREFETCH.clear()
     gemv_mod.PREFETCH.update(gemv_mod.parse_prefetch(v.get("prefetch")))
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)

@@ -85,6 +85,8 @@ def parse_prefetch(spec: str | None) -> dict:
 
 
 PREFETCH = parse_prefetch(os.environ.get("QKV_GEMV_PREFETCH"))
+# Weight loads with L2's evict-first policy (QKV_GEMV_EVICT_FIRST=1; see _w_chunk).
+EVICT_FIRST = os.environ.get("QKV_GEMV_EVICT_FIRST", "0") == "1"
 
 
 def prefetch(n: int, k: int, block_k: int) -> int:
@@ -157,7 +159,14 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
 # Each kernel loads its first weight chunk before ``pdl.sync``: with programmatic dependent
 # launch (pdl.py) that load overlaps the previous kernel; the activation is read after it.
 @triton.jit
-def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr):
+def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr = False):
+    # ``EVICT``: weights are read once a step, so their lines go first from L2 (what stays is
+    # what the step reads again: activations, KV, prefetched rows not yet read).
+    if EVICT:
+        if EVEN:
+            return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], eviction_policy="evict_first")
+        return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :],
+                       mask=(n < N)[:, None] & ((k0 + k) < K)[None, :], other=0.0, eviction_policy="evict_first")
     if EVEN:  # unmasked: full 16-byte vector loads
         return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :])
     return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & ((k0 + k) < K)[None, :],
@@ -193,13 +202,14 @@ def _v_chunk(X, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                 EVICT: tl.constexpr = False):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     if PREFETCH > 0:
         _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
-    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -207,7 +217,7 @@ def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, B
             if k0 + (PREFETCH - 1) * BLOCK_K < K:
                 _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1).to(X.dtype.element_ty)
     if OUT_F32:  # the logits: rounded to the model's dtype first, as torch's ``linear(x).float()``
         y = y.to(tl.float32)
@@ -225,14 +235,15 @@ def _silu_x(GU, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def _silu_gemv_kernel(GU, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                      EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                 EVICT: tl.constexpr = False):
     """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     if PREFETCH > 0:
         _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
-    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     acc = w.to(tl.float32) * _silu_x(GU, 0, k, K, EVEN)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
@@ -240,7 +251,7 @@ def _silu_gemv_kernel(GU, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.conste
             if k0 + (PREFETCH - 1) * BLOCK_K < K:
                 _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         x = _silu_x(GU, k0, k, K, EVEN)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
 
 
@@ -292,7 +303,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, bloc
     _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, weight.stride(0), K=K, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0,
                                              OUT_F32=y.dtype == torch.float32 and x.dtype != torch.float32,
-                                             PDL=mode, PREFETCH=prefetch(N, K, block_k), num_warps=num_warps,
+                                             PDL=mode, PREFETCH=prefetch(N, K, block_k), EVICT=EVICT_FIRST,
+                                             num_warps=num_warps,
                                              num_stages=num_stages, **kw)
     return y
 
@@ -320,7 +332,7 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tens
     y = torch.empty((1, N), dtype=gate_up.dtype, device=gate_up.device)
     _silu_gemv_kernel[(triton.cdiv(N, bn),)](gate_up, w, y, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
                                              EVEN=N % bn == 0 and K % bk == 0, PDL=mode, PREFETCH=prefetch(N, K, bk),
-                                             num_warps=nw, num_stages=3, **kw)
+                                             EVICT=EVICT_FIRST, num_warps=nw, num_stages=3, **kw)
     return y
 
 

@@ -1,5 +1,6 @@
 """Decode attention of a q/k-norm model (Qwen3) with the KV write folded into the q/k norm +
-RoPE kernel (and of a model without q/k norms, Llama, with it folded into the RoPE kernel): one launch of ``fused.qk_norm_rope`` normalizes and rotates q and k and stores
+RoPE kernel (of a model without q/k norms, Llama, into the RoPE kernel): one launch of
+``fused.qk_norm_rope`` normalizes and rotates q and k and stores
 k and v at their cache slots, then the decode kernel runs as ``backend.paged_attention`` runs it
 for a decode step (which would otherwise launch ``kv_write.write_kv`` first). Applies to
 decode steps of the Triton backend over a float cache of the model's dtype without window,

@@ -41,14 +41,15 @@ class Stream(NamedTuple):
 
 @triton.jit
 def _res_gemv_kernel(X, W, R, S, P, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                     EVEN: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                 EVICT: tl.constexpr = False):
     """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); P[pid] = sum of s^2 over its rows."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     if PREFETCH > 0:
         _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
-    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     if SILU:
         acc = w.to(tl.float32) * _silu_x(X, 0, k, K, EVEN)[None, :]
@@ -62,7 +63,7 @@ def _res_gemv_kernel(X, W, R, S, P, N, stride_w, K: tl.constexpr, BLOCK_N: tl.co
             x = _silu_x(X, k0, k, K, EVEN)
         else:
             x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     nm = n < N
     y = tl.sum(acc, 1).to(S.dtype.element_ty).to(tl.float32)  # the branch's output, rounded
     s = (tl.load(R + n, mask=nm, other=0.0).to(tl.float32) + y).to(S.dtype.element_ty)
@@ -74,14 +75,15 @@ def _res_gemv_kernel(X, W, R, S, P, N, stride_w, K: tl.constexpr, BLOCK_N: tl.co
 @triton.jit
 def _normed_gemv_kernel(S, P, NW, W, Y, N, stride_w, eps, K: tl.constexpr, NP: tl.constexpr,
                         NP_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-                        PDL: tl.constexpr, PREFETCH: tl.constexpr = 0):
+                        PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                 EVICT: tl.constexpr = False):
     """y = rmsnorm(s) W^T with rmsnorm's statistics from the producer's sums P[:NP]."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     if PREFETCH > 0:
         _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
-    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     nw = _v_chunk(NW, 0, k, K, EVEN).to(tl.float32)
     pdl.sync(PDL)
     i = tl.arange(0, NP_PAD)
@@ -95,7 +97,7 @@ def _normed_gemv_kernel(S, P, NW, W, Y, N, stride_w, eps, K: tl.constexpr, NP: t
                 _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         nw = _v_chunk(NW, k0, k, K, EVEN).to(tl.float32)
         h = ((_v_chunk(S, k0, k, K, EVEN).to(tl.float32) * rstd).to(dt).to(tl.float32) * nw).to(dt).to(tl.float32)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * h[None, :]
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * h[None, :]
     tl.store(Y + n, tl.sum(acc, 1).to(dt), mask=n < N)
 
 
@@ -124,7 +126,8 @@ def res_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Tensor, 
     s = torch.empty((1, N), dtype=x.dtype, device=x.device)
     p = torch.empty((grid,), dtype=torch.float32, device=x.device)
     _res_gemv_kernel[(grid,)](x, w, residual, s, p, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
-                              EVEN=N % bn == 0 and K % bk == 0, SILU=silu, PDL=mode, PREFETCH=gemv.prefetch(N, K, bk),
+                              EVEN=N % bn == 0 and K % bk == 0, SILU=silu, PDL=mode,
+                              PREFETCH=gemv.prefetch(N, K, bk), EVICT=gemv.EVICT_FIRST,
                               num_warps=nw, num_stages=3, **kw)
     return Stream(s, p)
 
@@ -142,5 +145,6 @@ def normed_linear(stream: Stream, norm_weight: torch.Tensor, eps: float, layer: 
     _normed_gemv_kernel[(triton.cdiv(N, bn),)](s, p, norm_weight, w, y, N, w.stride(0), eps, K=K, NP=np_,
                                                NP_PAD=triton.next_power_of_2(np_), BLOCK_N=bn, BLOCK_K=bk,
                                                EVEN=N % bn == 0 and K % bk == 0, PDL=mode,
-                                               PREFETCH=gemv.prefetch(N, K, bk), num_warps=nw, num_stages=3, **kw)
+                                               PREFETCH=gemv.prefetch(N, K, bk), EVICT=gemv.EVICT_FIRST,
+                                               num_warps=nw, num_stages=3, **kw)
     return y
