@@ -87,6 +87,9 @@ VARIANTS.update({
     "pf2": dict(_S, prefetch="all:2"), "pf4": dict(_S, prefetch="all:4"),
     "pf_o2": dict(_S, prefetch="4096x4096,all:2"),
     # weight loads evict-first from L2 (QKV_GEMV_EVICT_FIRST), alone and with the prefetches
+    # Llama's RoPE + KV write in the qkv GEMV's epilogue (qkv_rope.py), alone and with prefetches
+    "qr": dict(_S, qkv_rope=True), "qr_pf_o": dict(_S, qkv_rope=True, prefetch="4096x4096"),
+    "qr_pf2": dict(_S, qkv_rope=True, prefetch="all:2"),
     "ef": dict(_S, evict=True), "pf_o_ef": dict(_S, prefetch="4096x4096", evict=True),
     "pf2_ef": dict(_S, prefetch="all:2", evict=True), "pf_all_ef": dict(_S, prefetch="all", evict=True),
     "w8": dict(_S, tiles="28672x4096:4:1024:8,4096x14336:4:1024:8,6144x4096:4:1024:8,4096x4096:4:1024:8"),
@@ -112,6 +115,7 @@ def use(variant: str, eng) -> None:
     gemv_mod.PREFETCH.update(gemv_mod.parse_prefetch(v.get("prefetch")))
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     stream_mod.ON = v.get("stream", False)
+    qk_decode.FUSE_QKV_ROPE = v.get("qkv_rope", False)
     pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
 

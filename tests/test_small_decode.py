@@ -196,15 +196,17 @@ def test_fused_decode_greedy_matches_torch(tiny_model, all_shapes, monkeypatch, 
     assert _greedy(path, True, monkeypatch) == _greedy(path, False, monkeypatch)
 
 
-@pytest.mark.parametrize("family", ["llama", pytest.param("qwen3", marks=gpu)])
-def test_stream_kernels_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family):
+@pytest.mark.parametrize("family,qkv_rope", [("llama", False), pytest.param("qwen3", False, marks=gpu),
+                                             pytest.param("llama", True, marks=gpu)])
+def test_stream_kernels_greedy_match_torch(tiny_model, all_shapes, monkeypatch, family, qkv_rope):
     """The residual stream added in the o_proj / down GEMVs' epilogue and normalized in the qkv /
     gate-up GEMVs from the producers' sums of squares (triton/stream.py, forced on at the tiny
     models' widths) gives the plain torch path's greedy tokens."""
-    from qkv.attention.triton import stream
+    from qkv.attention.triton import qk_decode, stream
 
     path, _ = tiny_model(family)
     want = _greedy(path, False, monkeypatch)
+    monkeypatch.setattr(qk_decode, "FUSE_QKV_ROPE", qkv_rope)  # RoPE + KV write in the qkv GEMV (GPU)
     monkeypatch.setattr(stream, "ALL_WIDTHS", True)
     monkeypatch.setattr(stream, "ON", True)
     calls = []
@@ -241,6 +243,42 @@ def test_stream_kernels_match_add_norm_then_linear(K, N):
     st = stream.res_linear(gu, down, r, silu=True)
     close(st.s, r + down(torch.nn.functional.silu(g) * u))
     close(st.p.sum(), st.s.float().pow(2).sum(), 1e-5)
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_qkv_rope_matches_normed_linear_then_rope_kv(static):
+    """The qkv GEMV with RoPE and the KV write in its epilogue (qkv_rope.py) == the stream's
+    normed GEMV, then ``qk_norm_rope`` without norms writing the cache: q, the cache, bit for bit
+    given the same projection (fp32 on the CPU; bf16 on the GPU, where sums may differ in order)."""
+    from qkv.attention.triton import stream
+    from qkv.attention.triton.qkv_rope import qkv_rope
+
+    gen = torch.Generator().manual_seed(13)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    H, KVH, D, K = 4, 2, 32, 64
+    layer = torch.nn.Linear(K, (H + 2 * KVH) * D, bias=False).to(DEV, dtype)
+    o = torch.nn.Linear(K, K, bias=False).to(DEV, dtype)
+    nw = torch.randn(K, generator=gen).to(DEV, dtype)
+    st = stream.res_linear(torch.randn(1, K, generator=gen).to(DEV, dtype), o,
+                           torch.randn(1, K, generator=gen).to(DEV, dtype))
+    rope = RotaryEmbedding(D, 10000.0).to(DEV)
+    pos, slots = torch.tensor([37], device=DEV), torch.tensor([21], device=DEV)
+    qkv = stream.normed_linear(st, nw, 1e-5, layer)
+    q, k, v = (t.view(1, -1, D) for t in qkv.split([H * D, KVH * D, KVH * D], -1))
+    want = torch.zeros(2, 3, 8, KVH, D, dtype=dtype, device=DEV)
+    want_q, _ = fused.qk_norm_rope(pos, rope.cos, rope.sin, q, k, None, None, 0.0, v=v, kv_cache=want,
+                                   slot_mapping=slots)
+    got = torch.zeros_like(want)
+    got_q = qkv_rope(st, nw, 1e-5, layer, H, KVH, D, pos, rope.cos, rope.sin, got, slots, static=static)
+    if CUDA:
+        close(got_q, want_q)
+        close(got, want)
+    else:
+        assert torch.equal(got_q, want_q) and torch.equal(got, want)
+    assert got.abs().sum() > 0
+    got.zero_()
+    qkv_rope(st, nw, 1e-5, layer, H, KVH, D, pos, rope.cos, rope.sin, got, torch.tensor([-1], device=DEV))
+    assert got.abs().sum() == 0  # slot -1: nothing stored
 
 
 @gpu

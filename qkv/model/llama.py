@@ -62,11 +62,16 @@ class LlamaLayer(nn.Module):
         the projection), attention, o_proj + residual add, norm + gate/up, SiLU + down + add."""
         ops = stream_ops(h if stream is None else stream.s)
         attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if stream is None:
-            residual, qkv = h, linear(attn.qkv_proj, n1(h))
+        if stream is not None and ops.rope_attend_applies(attn, stream, batch):  # RoPE + KV write in the qkv GEMV
+            a = ops.rope_attend(attn, stream, n1, positions, batch)
+            residual = stream.s
         else:
-            residual, qkv = stream.s, ops.normed_linear(stream, n1.weight, n1.eps, attn.qkv_proj)
-        stream = ops.res_linear(attn(None, positions, batch, qkv=qkv, project=False), attn.o_proj, residual)
+            if stream is None:
+                residual, qkv = h, linear(attn.qkv_proj, n1(h))
+            else:
+                residual, qkv = stream.s, ops.normed_linear(stream, n1.weight, n1.eps, attn.qkv_proj)
+            a = attn(None, positions, batch, qkv=qkv, project=False)
+        stream = ops.res_linear(a, attn.o_proj, residual)
         gate_up = ops.normed_linear(stream, n2.weight, n2.eps, mlp.gate_up_proj)
         return None, ops.res_linear(gate_up, mlp.down_proj, stream.s, silu=True)
 

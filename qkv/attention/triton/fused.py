@@ -18,6 +18,20 @@ from qkv.attention.triton import pdl
 from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
 from qkv.attention.triton.stream import applies as stream_applies, normed_linear, res_linear  # noqa: F401
 
+def rope_attend_applies(attn, stream, batch) -> bool:
+    """qk_decode.rope_attend_applies (imported here lazily: qk_decode imports this module)."""
+    from qkv.attention.triton import qk_decode
+
+    return qk_decode.rope_attend_applies(attn, stream, batch)
+
+
+def rope_attend(attn, stream, norm, positions, batch):
+    """qk_decode.rope_attend: the normed qkv projection with RoPE + KV write, then decode."""
+    from qkv.attention.triton import qk_decode
+
+    return qk_decode.rope_attend(attn, stream, norm, positions, batch)
+
+
 # q/k RMSNorm and RoPE in one launch (``qk_norm_rope``); QKV_FUSE_QK_NORM_ROPE=0: three launches.
 FUSE_QK_NORM_ROPE = os.environ.get("QKV_FUSE_QK_NORM_ROPE", "1") != "0"
 # In decode steps over a float cache, the same launch also writes K and V (triton/qk_decode.py);
