@@ -6,12 +6,12 @@ set -u
 OUT_DIR=${OUT_DIR:-out}
 mkdir -p "$OUT_DIR"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc_b18b}
-VARIANTS=${VARIANTS:-main,default,pf_o,pf2,pf_all,ef,pf_o_ef,pf2_ef,pf_o2,pf4,ropekv,wide}
+VARIANTS=${VARIANTS:-main,default,qr,pf_o,pf2,pf_all,ef,pf_o_ef,qr_pf_o,pf2_ef,pf4,ropekv,wide}
 PROFILE=${PROFILE:-main,default}
 RUNS=${RUNS:-2}
 T_BENCH=${T_BENCH:-150}
 T_TEST=${T_TEST:-40}
-TESTS=${TESTS:-stream or rope_kv or prefetch or (fused_decode and llama)}
+TESTS=${TESTS:-stream or rope_kv or qkv_rope or prefetch or (fused_decode and llama)}
 python3 -c "import torch, triton, subprocess; print('## torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), 'driver', subprocess.run(['nvidia-smi','--query-gpu=driver_version','--format=csv,noheader'],capture_output=True,text=True).stdout.strip())"
 date -u +"## tests %H:%M:%S"
 timeout "$T_TEST" python3 -m pytest -q tests/test_small_decode.py -k "$TESTS" 2>&1 | grep -E "passed|failed|FAILED|Error" | head -6
