@@ -9,7 +9,7 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention
 from qkv.model.base import CausalLM
-from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear, norm_linear, stream_ops
+from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear, stream_ops
 
 
 class LlamaLayer(nn.Module):
@@ -29,9 +29,9 @@ class LlamaLayer(nn.Module):
         last GEMV instead (triton/stream.py): then this returns (None, the stream with its
         norm statistics), and so does every following layer."""
         if isinstance(residual, tuple):  # the layer before ran the stream kernels
-            return self._stream(None, positions, batch, residual)
+            return self._stream(residual, positions, batch)
         if residual is None and self._streams(h):
-            return self._stream(h, positions, batch, None)
+            return self._stream(stream_ops(h).stream_start(h), positions, batch)
         # At batch 1 on CUDA each norm runs inside the projection that reads it (norm_linear).
         fused = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, h, residual)
         if fused is not None:
@@ -57,21 +57,18 @@ class LlamaLayer(nn.Module):
                 and not self.post_attention_layernorm.offset
                 and ops.stream_applies(h, self.hidden, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
 
-    def _stream(self, h: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch, stream):
-        """One row through the stream kernels: norm + qkv (the first layer: the norm kernel, then
-        the projection), attention, o_proj + residual add, norm + gate/up, SiLU + down + add."""
-        ops = stream_ops(h if stream is None else stream.s)
+    def _stream(self, stream, positions: torch.Tensor, batch: AttentionBatch):
+        """One row through the stream kernels: norm + qkv (the first layer's stream is its input
+        with its sum of squares, ``stream_start``), attention, o_proj + residual add, norm +
+        gate/up, SiLU + down + add."""
+        ops = stream_ops(stream.s)
         attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if stream is not None and ops.rope_attend_applies(attn, stream, batch):  # RoPE + KV write in the qkv GEMV
+        if ops.rope_attend_applies(attn, stream, batch):  # RoPE + KV write in the qkv GEMV's epilogue
             a = ops.rope_attend(attn, stream, n1, positions, batch)
-            residual = stream.s
         else:
-            if stream is None:
-                residual, qkv = h, linear(attn.qkv_proj, n1(h))
-            else:
-                residual, qkv = stream.s, ops.normed_linear(stream, n1.weight, n1.eps, attn.qkv_proj)
+            qkv = ops.normed_linear(stream, n1.weight, n1.eps, attn.qkv_proj)
             a = attn(None, positions, batch, qkv=qkv, project=False)
-        stream = ops.res_linear(a, attn.o_proj, residual)
+        stream = ops.res_linear(a, attn.o_proj, stream.s)
         gate_up = ops.normed_linear(stream, n2.weight, n2.eps, mlp.gate_up_proj)
         return None, ops.res_linear(gate_up, mlp.down_proj, stream.s, silu=True)
 

@@ -17,6 +17,7 @@ import triton.language as tl
 from qkv.attention.triton import pdl
 from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
 from qkv.attention.triton.stream import applies as stream_applies, normed_linear, res_linear  # noqa: F401
+from qkv.attention.triton.stream import start as stream_start  # noqa: F401
 
 def rope_attend_applies(attn, stream, batch) -> bool:
     """qk_decode.rope_attend_applies (imported here lazily: qk_decode imports this module)."""

@@ -101,6 +101,25 @@ def _normed_gemv_kernel(S, P, NW, W, Y, N, stride_w, eps, K: tl.constexpr, NP: t
     tl.store(Y + n, tl.sum(acc, 1).to(dt), mask=n < N)
 
 
+@triton.jit
+def _start_kernel(X, P, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """P[0] = sum of x^2 over the row: the first layer's stream is its input as it is."""
+    pdl.sync(PDL)
+    i = tl.arange(0, BLOCK)
+    x = tl.load(X + i, mask=i < K, other=0.0).to(tl.float32)
+    tl.store(P, tl.sum(x * x, 0))
+
+
+def start(x: torch.Tensor) -> Stream:
+    """The stream of the first layer: ``x`` (one row) and its sum of squares, one small launch
+    (instead of a norm kernel and a projection that cannot take the norm)."""
+    p = torch.empty((1,), dtype=torch.float32, device=x.device)
+    mode, kw = pdl.launch(x.device)
+    K = x.shape[1]
+    _start_kernel[(1,)](x, p, K=K, BLOCK=triton.next_power_of_2(K), PDL=mode, num_warps=8 if K > 2048 else 4, **kw)
+    return Stream(x, p)
+
+
 def _row(x: torch.Tensor, w: torch.Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] == 1 and x.is_contiguous() and w.stride(1) == 1 and w.dtype == x.dtype
 
