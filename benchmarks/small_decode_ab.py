@@ -38,6 +38,7 @@ from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
 from qkv.attention.triton import stream as stream_mod
+from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
 from qkv.tools.shapes import random_engine
@@ -51,8 +52,11 @@ VARIANTS = {
     "qk": dict(gemv="default", norm=True, qk=True, kv=False),
     "prev": dict(gemv="default", norm=True, qk=True, kv=True),  # the default before PDL and the merge
     # the default of session 6 (before the Llama RoPE + KV write launch and the stream kernels)
-    "main": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
-    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, rope_kv=True, stream=True),
+    "main": dict(gemv=OLD + ",4096x1024,1024x2048,6144x1024,1024x3072,151936x1024", norm=True, qk=True, kv=True,
+                 pdl=2, merge=True, torch_argmax=True),
+    # session 7: Llama-8B's qkv and gate/up on the Triton GEMV, greedy tokens by the Triton argmax
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
+    "stream": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, rope_kv=True, stream=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
@@ -73,8 +77,13 @@ VARIANTS.update({
 # GEMV; ``o2``: o_proj 2 rows a program, whole rows before the wait; ``qkv8``/``gu8``: 8 rows.
 _W = "+6144x4096,28672x4096"
 _M = VARIANTS["main"]
-_S = VARIANTS["default"]
+_S = VARIANTS["stream"]
+_D = VARIANTS["default"]
+_T8 = "6144x4096:8:512:4,28672x4096:8:512:4,4096x4096:8:512:4,4096x14336:8:512:4"
 VARIANTS.update({
+    "wide_torch": dict(_D, torch_argmax=True), "wide_rk": dict(_D, rope_kv=True),
+    "wide_gu8": dict(_D, tiles="28672x4096:8:512:4"), "wide_t8": dict(_D, tiles=_T8),
+    "st8": dict(_S, qkv_rope=True, tiles=_T8),
     "ropekv": dict(_M, rope_kv=True), "wide": dict(_M, gemv=_W), "widenorm": dict(_M, gemv=_W, norm_max_k=4096),
     "stream_off": dict(_S, stream=False), "s8": dict(_S, splits=8), "s16": dict(_S, splits=16),
     "s4": dict(_S, splits=4), "bn2": dict(_S, pdl_block_n=2), "bn8s": dict(_S, pdl_block_n=8),
@@ -116,6 +125,7 @@ def use(variant: str, eng) -> None:
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     stream_mod.ON = v.get("stream", False)
     qk_decode.FUSE_QKV_ROPE = v.get("qkv_rope", False)
+    sampler.FAST_ARGMAX = not v.get("torch_argmax", False)
     pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
 

@@ -424,3 +424,16 @@ def test_qk_attend_matches_norm_rope_then_decode(splits, static):
         assert not torch.equal(flat_got[:, slots], cache.view(2, -1, KVH, D)[:, slots])
         flat_got[:, slots] = flat_want[:, slots]
         assert torch.equal(got_cache, want_cache)
+
+
+@pytest.mark.parametrize("V,block", [(128256, 4096), (1000, 256), (5, 4096)])
+def test_triton_argmax_is_torch_argmax(V, block):
+    """The two-launch greedy argmax: torch's index, the first of tied maxima included."""
+    from qkv.attention.triton.argmax import argmax
+
+    gen = torch.Generator().manual_seed(V)
+    x = torch.randn(4, V, generator=gen).to(DEV)
+    x[1] = 0.0  # all tied: index 0
+    x[2, V // 2] = x[2, V - 1] = 50.0  # tied across chunks: the first
+    x[3, -1] = 60.0
+    assert torch.equal(argmax(x, block=block), x.argmax(-1))

@@ -35,7 +35,10 @@ from qkv.attention.triton import pdl
 # model (cuBLAS 20.7 us, Triton 14.2 us); the larger projections were as fast or faster in cuBLAS.
 # The down projection (4096 x 14336) runs fused with SiLU-and-mul (one launch instead of two).
 # lm_head (128256 x 4096): 348 us against cuBLAS's 370-380 us.
-LLAMA_8B_SHAPES = {(4096, 4096), (4096, 14336), (128256, 4096)}
+# qkv (6144 x 4096) and gate/up (28672 x 4096) joined them with programmatic dependent launch
+# (H200, 2026-12-03 session 7: 225.4 -> 237.0 tok/s for the step, cuBLAS's kernels launch
+# without PDL).
+LLAMA_8B_SHAPES = {(4096, 4096), (4096, 14336), (128256, 4096), (6144, 4096), (28672, 4096)}
 # Qwen3-0.6B: qkv, o, gate/up, down, lm_head. cuBLAS reads down_proj at 0.54 TB/s and the others
 # at 1.6-2.6 TB/s (H200 profile, 2026-12-03); here the norms and SiLU fold into them as well.
 QWEN3_06B_SHAPES = {(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)}

@@ -31,9 +31,9 @@ MERGE = os.environ.get("QKV_DECODE_MERGE", "1") == "1"
 # QKV_FUSE_QK_ATTEND=1: norms, RoPE, KV write, decode and its merge in one launch (qk_attend.py).
 FUSE_ATTEND = os.environ.get("QKV_FUSE_QK_ATTEND", "0") == "1"
 # Models without q/k norms (Llama): RoPE of q and k and the KV write in one launch, then the
-# decode kernel with the merge above (QKV_FUSE_ROPE_KV=0: rope_qk, write_kv, decode and, past 8
-# splits, its combine: four launches).
-FUSE_ROPE_KV = os.environ.get("QKV_FUSE_ROPE_KV", "1") == "1"
+# decode kernel with the merge above (QKV_FUSE_ROPE_KV=1; else rope_qk, write_kv, decode and,
+# past 8 splits, its combine: four launches).
+FUSE_ROPE_KV = os.environ.get("QKV_FUSE_ROPE_KV", "0") == "1"  # off: no gain measured (benchmarks.md)
 # With the stream kernels (stream.py), Llama's RoPE and KV write run in the epilogue of the qkv
 # projection itself (qkv_rope.py): QKV_FUSE_QKV_ROPE=1.
 FUSE_QKV_ROPE = os.environ.get("QKV_FUSE_QKV_ROPE", "0") == "1"

@@ -12,8 +12,11 @@ each chunk of ``s`` as it multiplies it, so it streams its weight in K-chunks li
 The norm's math and rounding are ``fused._add_rms_norm_kernel``'s; only the order in which the
 squares are summed differs (per program, then across programs).
 
-Switch: ``QKV_GEMV_STREAM`` = ``1`` (default: where the whole-row norm prologue does not
-apply, rows wider than ``gemv.NORM_MAX_K``), ``all`` (every row width; tests), ``0`` (off).
+Switch: ``QKV_GEMV_STREAM`` = ``1`` (where the whole-row norm prologue does not apply, rows
+wider than ``gemv.NORM_MAX_K``), ``all`` (every row width; tests), ``0`` (off, the default:
+on an H200 the Llama-8B step was slower with it than with the norm kernels and plain Triton
+GEMVs, 230.6 against 237.0 tok/s; each normed program reads the sums, the stream and the norm
+weight from L2, 2.5x the vector bytes of a plain GEMV program; docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import triton.language as tl
 from qkv.attention.triton import gemv, pdl
 from qkv.attention.triton.gemv import _prefetch_chunk, _prefetch_start, _silu_x, _v_chunk, _w_chunk
 
-_MODE = os.environ.get("QKV_GEMV_STREAM", "1").strip().lower()
+_MODE = os.environ.get("QKV_GEMV_STREAM", "0").strip().lower()
 ON = _MODE != "0"
 ALL_WIDTHS = _MODE == "all"
 
