@@ -11,7 +11,7 @@ PROFILE=${PROFILE:-main,default}
 RUNS=${RUNS:-2}
 T_BENCH=${T_BENCH:-150}
 T_TEST=${T_TEST:-40}
-TESTS=${TESTS:-stream or rope_kv or qkv_rope or prefetch or (fused_decode and llama)}
+TESTS=${TESTS:-stream or rope_kv or qkv_rope or prefetch or argmax or (fused_decode and llama)}
 python3 -c "import torch, triton, subprocess; print('## torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(), 'driver', subprocess.run(['nvidia-smi','--query-gpu=driver_version','--format=csv,noheader'],capture_output=True,text=True).stdout.strip())"
 date -u +"## tests %H:%M:%S"
 timeout "$T_TEST" python3 -m pytest -q tests/test_small_decode.py -k "$TESTS" 2>&1 | grep -E "passed|failed|FAILED|Error" | head -6

@@ -83,6 +83,9 @@ _T8 = "6144x4096:8:512:4,28672x4096:8:512:4,4096x4096:8:512:4,4096x14336:8:512:4
 VARIANTS.update({
     "wide_torch": dict(_D, torch_argmax=True), "wide_rk": dict(_D, rope_kv=True),
     "wide_gu8": dict(_D, tiles="28672x4096:8:512:4"), "wide_t8": dict(_D, tiles=_T8),
+    "wide_k2": dict(_D, tiles="6144x4096:4:2048:8,28672x4096:4:2048:8,4096x4096:4:2048:8,4096x14336:4:2048:8"),
+    "wide_bn2": dict(_D, pdl_block_n=2), "wide_ef": dict(_D, evict=True),
+    "wide_w8": dict(_D, tiles="6144x4096:4:1024:8,28672x4096:4:1024:8,4096x4096:4:1024:8,4096x14336:4:1024:8"),
     "st8": dict(_S, qkv_rope=True, tiles=_T8),
     "ropekv": dict(_M, rope_kv=True), "wide": dict(_M, gemv=_W), "widenorm": dict(_M, gemv=_W, norm_max_k=4096),
     "stream_off": dict(_S, stream=False), "s8": dict(_S, splits=8), "s16": dict(_S, splits=16),
