@@ -37,6 +37,8 @@ from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
+from qkv.attention.triton import stream as stream_mod
+from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
 from qkv.tools.shapes import random_engine
@@ -49,7 +51,12 @@ VARIANTS = {
     "norm": dict(gemv="default", norm=True, qk=False, kv=False),
     "qk": dict(gemv="default", norm=True, qk=True, kv=False),
     "prev": dict(gemv="default", norm=True, qk=True, kv=True),  # the default before PDL and the merge
+    # the default of session 6 (before the Llama RoPE + KV write launch and the stream kernels)
+    "main": dict(gemv=OLD + ",4096x1024,1024x2048,6144x1024,1024x3072,151936x1024", norm=True, qk=True, kv=True,
+                 pdl=2, merge=True, torch_argmax=True),
+    # session 7: Llama-8B's qkv and gate/up on the Triton GEMV, greedy tokens by the Triton argmax
     "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
+    "stream": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, rope_kv=True, stream=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
@@ -62,6 +69,42 @@ VARIANTS.update({
     "attend": dict(_D, attend=True), "pdl_attend": dict(_D, pdl=1, attend=True),
     "pdl2_attend": dict(_D, pdl=2, attend=True), "fullk": dict(_D, full_k=True),
     "k1024": dict(VARIANTS["default"], pdl_full_k=False), "bn8": dict(VARIANTS["default"], pdl_block_n=8),
+})
+# Llama-8B (session 7), over ``main``: ``ropekv`` RoPE + KV write in one launch and the decode
+# merge; ``wide`` qkv and gate/up on the Triton GEMV (PDL) instead of cuBLAS; ``widenorm`` also
+# the whole-row norm prologue at K = 4096; ``default`` = ropekv + the stream kernels
+# (stream.py); ``s8``/``s16`` its decode splits; ``bn2``/``bn8`` rows a program of every N > 2048
+# GEMV; ``o2``: o_proj 2 rows a program, whole rows before the wait; ``qkv8``/``gu8``: 8 rows.
+_W = "+6144x4096,28672x4096"
+_M = VARIANTS["main"]
+_S = VARIANTS["stream"]
+_D = VARIANTS["default"]
+_T8 = "6144x4096:8:512:4,28672x4096:8:512:4,4096x4096:8:512:4,4096x14336:8:512:4"
+VARIANTS.update({
+    "wide_torch": dict(_D, torch_argmax=True), "wide_rk": dict(_D, rope_kv=True),
+    "wide_gu8": dict(_D, tiles="28672x4096:8:512:4"), "wide_t8": dict(_D, tiles=_T8),
+    "wide_k2": dict(_D, tiles="6144x4096:4:2048:8,28672x4096:4:2048:8,4096x4096:4:2048:8,4096x14336:4:2048:8"),
+    "wide_bn2": dict(_D, pdl_block_n=2), "wide_ef": dict(_D, evict=True),
+    "wide_w8": dict(_D, tiles="6144x4096:4:1024:8,28672x4096:4:1024:8,4096x4096:4:1024:8,4096x14336:4:1024:8"),
+    "st8": dict(_S, qkv_rope=True, tiles=_T8),
+    "ropekv": dict(_M, rope_kv=True), "wide": dict(_M, gemv=_W), "widenorm": dict(_M, gemv=_W, norm_max_k=4096),
+    "stream_off": dict(_S, stream=False), "s8": dict(_S, splits=8), "s16": dict(_S, splits=16),
+    "s4": dict(_S, splits=4), "bn2": dict(_S, pdl_block_n=2), "bn8s": dict(_S, pdl_block_n=8),
+    "o2": dict(_S, tiles="4096x4096:2:4096:4"), "o8": dict(_S, tiles="4096x4096:8:512:4"),
+    "qkv8": dict(_S, tiles="6144x4096:8:512:4"), "gu8": dict(_S, tiles="28672x4096:8:512:4"),
+    "gu2": dict(_S, tiles="28672x4096:2:4096:4"), "down8": dict(_S, tiles="4096x14336:8:512:4"),
+    # L2 prefetch (gemv.py QKV_GEMV_PREFETCH): o_proj's whole rows before its wait; every GEMV
+    # whole rows; every GEMV 2 / 4 chunks ahead; o_proj whole rows and the rest 2 ahead.
+    "pf_o": dict(_S, prefetch="4096x4096"), "pf_all": dict(_S, prefetch="all"),
+    "pf2": dict(_S, prefetch="all:2"), "pf4": dict(_S, prefetch="all:4"),
+    "pf_o2": dict(_S, prefetch="4096x4096,all:2"),
+    # weight loads evict-first from L2 (QKV_GEMV_EVICT_FIRST), alone and with the prefetches
+    # Llama's RoPE + KV write in the qkv GEMV's epilogue (qkv_rope.py), alone and with prefetches
+    "qr": dict(_S, qkv_rope=True), "qr_pf_o": dict(_S, qkv_rope=True, prefetch="4096x4096"),
+    "qr_pf2": dict(_S, qkv_rope=True, prefetch="all:2"),
+    "ef": dict(_S, evict=True), "pf_o_ef": dict(_S, prefetch="4096x4096", evict=True),
+    "pf2_ef": dict(_S, prefetch="all:2", evict=True), "pf_all_ef": dict(_S, prefetch="all", evict=True),
+    "w8": dict(_S, tiles="28672x4096:4:1024:8,4096x14336:4:1024:8,6144x4096:4:1024:8,4096x4096:4:1024:8"),
 })
 
 
@@ -76,8 +119,54 @@ def use(variant: str, eng) -> None:
     gemv_mod.FULL_K = v.get("full_k", False)
     gemv_mod.PDL_FULL_K = v.get("pdl_full_k", True)
     gemv_mod.PDL_BLOCK_N = v.get("pdl_block_n", 4)
+    gemv_mod.NORM_MAX_K = v.get("norm_max_k", 2048)
+    gemv_mod.TILES.clear()
+    gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
+    gemv_mod.EVICT_FIRST = v.get("evict", False)
+    gemv_mod.PREFETCH.clear()
+    gemv_mod.PREFETCH.update(gemv_mod.parse_prefetch(v.get("prefetch")))
+    qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
+    stream_mod.ON = v.get("stream", False)
+    qk_decode.FUSE_QKV_ROPE = v.get("qkv_rope", False)
+    sampler.FAST_ARGMAX = not v.get("torch_argmax", False)
     pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
+
+
+def bytes_per_step(eng, context: int) -> int:
+    """Bytes a batch-1 decode step reads: every weight but the input embedding (one row of it;
+    a tied lm_head is read as lm_head) and the K/V of ``context`` tokens."""
+    m = eng.model
+    emb = m.embedding_weight()
+    tied = getattr(m, "lm_head", None) is not None and m.lm_head.weight is emb
+    n = sum(p.numel() * p.element_size() for p in m.parameters() if tied or p is not emb)
+    cfg = eng.config
+    return n + 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * context * emb.element_size()
+
+
+def read_rate(dev, gib: float = 2.0, reps: int = 10) -> float:
+    """Bytes/s of reading a ``gib`` GiB bf16 tensor (a sum: reads only), best of ``reps``."""
+    x = torch.ones(int(gib * 2**30 / 2), dtype=torch.bfloat16, device=dev)
+    x.sum()
+    best = float("inf")
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        x.sum()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    del x
+    return gib * 2**30 / best
+
+
+def driver() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return "?"
 
 
 def decode_b1(eng, prompt_len: int, new: int, runs: int, rng: torch.Generator) -> dict:
@@ -189,14 +278,17 @@ def main() -> None:
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--profile", action="store_true", help="per-kernel profile of the fastest variant")
+    p.add_argument("--profile-variants", default="", help="also profile these variants (comma-separated)")
     p.add_argument("--count", action="store_true", help="kernels and kernel ms a step of every variant")
     p.add_argument("--copy-rate", action="store_true", help="measure the copy rate first")
     p.add_argument("--json", default=None)
+    p.add_argument("--quiet", action="store_true", help="records only into --json; stdout gets the summary lines")
     p.add_argument("--tiles", action="store_true", help="only the GEMV tile sweep of the Qwen3-0.6B shapes")
     args = p.parse_args()
 
     def record(**r):
-        print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
+        if not args.quiet:
+            print(json.dumps({k: v for k, v in r.items() if k != "tokens"}), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
@@ -207,12 +299,24 @@ def main() -> None:
         return
     if args.copy_rate:
         rates = measure(dev)
-        record(kind="rates", device=torch.cuda.get_device_name(dev), torch=torch.__version__, **rates)
+        rates["read_Bps"] = read_rate(dev)
+        import triton
+        record(kind="rates", device=torch.cuda.get_device_name(dev), torch=torch.__version__,
+               triton=triton.__version__, driver=driver(), **rates)
     t = time.perf_counter()
     eng = random_engine(args.shape, max_num_seqs=1, max_model_len=2048, num_kv_blocks=256)
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())  # tied: counted once
+    step_bytes = bytes_per_step(eng, args.prompt_len + args.new // 2)
     record(kind="engine", shape=args.shape, build_s=time.perf_counter() - t, weight_bytes=weight_bytes,
-           async_scheduling=eng.async_scheduling)
+           step_bytes=step_bytes, async_scheduling=eng.async_scheduling)
+    if args.copy_rate:
+        floor = rates["copy_Bps"] / step_bytes
+        print(f"## {args.shape}: {step_bytes / 1e9:.3f} GB read a step (weights but the embedding, KV at "
+              f"{args.prompt_len + args.new // 2} tokens); copy {rates['copy_Bps'] / 1e12:.3f} TB/s -> floor "
+              f"{floor:.1f} tok/s ({1e3 / floor:.3f} ms); read-only {rates.get('read_Bps', 0) / 1e12:.3f} TB/s",
+              flush=True)
+    floor = rates["copy_Bps"] / step_bytes if args.copy_rate else None
+    todo = [v for v in args.profile_variants.split(",") if v]
     results, ref_tokens = {}, None
     for name in args.variants.split(","):
         t = time.perf_counter()
@@ -233,14 +337,29 @@ def main() -> None:
         results[name] = r
         record(kind="decode_b1", shape=args.shape, variant=name, switches=VARIANTS[name], capture_s=cap,
                same_tokens_as_first=same, **r)
-        print(f"## {args.shape} {name:>10}: {r['tok_s']:8.1f} tok/s  step {r['step_p50_ms']:.3f} ms  "
-              f"replay {r['replay_ms']:.3f} ms  kernels/step {r.get('kernels_per_step', '-')}  "
-              f"kernel ms {r.get('kernel_ms', float('nan')):.3f}  tokens#{zlib.crc32(str(r['tokens']).encode()):08x}",
-              flush=True)
-    if args.profile:
+        share = f"{r['tok_s'] / floor:6.1%} " if floor else ""
+        count = f"kernels {r['kernels_per_step']:.0f} ({r['kernel_ms']:.3f} ms) " if "kernels_per_step" in r else ""
+        print(f"## {name:>10}: {r['tok_s']:7.1f} tok/s {share}step {r['step_p50_ms']:.3f} replay "
+              f"{r['replay_ms']:.3f} ms {count}tok#{zlib.crc32(str(r['tokens']).encode()):08x}", flush=True)
+        if name in todo:  # profiled now: a timeout later cuts no profile already taken
+            show_profile(name, eng, args.shape, record)
+            todo.remove(name)
+    if args.profile and results:
         best = max(results, key=lambda k: results[k]["tok_s"])
         use(best, eng)
-        record(kind="profile", shape=args.shape, variant=best, **profile(eng))
+        show_profile(best, eng, args.shape, record)
+
+
+def show_profile(name: str, eng, shape: str, record, rows: int = 8) -> None:
+    try:
+        prof = profile(eng)
+    except Exception as e:  # noqa: BLE001
+        print(f"## profile {name}: FAILED {repr(e)[:200]}", flush=True)
+        return
+    record(kind="profile", shape=shape, variant=name, **prof)
+    print(f"## profile {name}: {prof['kernel_ms']:.3f} ms of kernels, {prof['kernels_per_step']:.0f} a step", flush=True)
+    for row in prof["top"][:rows]:
+        print(f"##   {row['us']:8.1f} us {row['calls']:5.0f}x  {row['name'][:70]}", flush=True)
 
 
 if __name__ == "__main__":

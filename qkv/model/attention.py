@@ -42,11 +42,22 @@ class Attention(nn.Module):
         self._k_offset: torch.Tensor | None = None  # int K planes of a biased model (kvcache/key_offset.py)
 
     def forward(self, x: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
-                qkv: torch.Tensor | None = None) -> torch.Tensor:
-        """``qkv``: ``qkv_proj(x)`` already computed (the norm fused into it, layers.norm_linear)."""
+                qkv: torch.Tensor | None = None, project: bool = True) -> torch.Tensor:
+        """``qkv``: ``qkv_proj(x)`` already computed (the norm fused into it, layers.norm_linear).
+        ``project=False``: the attention output [T, H * D] before ``o_proj`` (the caller runs
+        it, fused with the residual add: llama.py)."""
         if qkv is None:
             qkv = linear(self.qkv_proj, x)
         T = qkv.shape[0]
+        if self.q_norm is None and self.rope is not None and qkv.is_cuda and fused_ops(qkv) is not None:
+            from qkv.attention.triton import qk_decode
+
+            if qk_decode.applies(self, qkv, batch):  # one launch for RoPE and the KV write (Llama)
+                q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+                out = qk_decode.attend(self, q.view(T, self.num_heads, self.head_dim),
+                                       k.view(T, self.num_kv_heads, self.head_dim),
+                                       v.view(T, self.num_kv_heads, self.head_dim), positions, batch)
+                return self._project(out.reshape(T, self.q_size), project)
         if self.q_norm is None and self.rope is not None and not qkv.is_cuda:
             # Q and K sit side by side in the projection: rotate them as one [T, H + KVH, D]
             # tensor, half the ops of two calls (the CPU decode step is op-bound).
@@ -65,8 +76,8 @@ class Attention(nn.Module):
                     from qkv.attention.triton import qk_decode
 
                     if qk_decode.applies(self, qkv, batch):  # one launch for norms, RoPE and KV write
-                        return linear(self.o_proj, qk_decode.attend(self, q, k, v, positions, batch, qkv)
-                                      .reshape(T, self.q_size))
+                        return self._project(qk_decode.attend(self, q, k, v, positions, batch, qkv)
+                                             .reshape(T, self.q_size), project)
                 q, k = qk_norm_rope(self.rope, positions, q, k, self.q_norm, self.k_norm, batch)
             else:
                 if self.q_norm is not None:
@@ -78,7 +89,10 @@ class Attention(nn.Module):
             k = (k.float() - offset).to(k.dtype)
         out = backend.attention(q, k, v, self.kv_cache, batch, self.group, self.scale, self.window,
                                 dilation=self.dilation, name=self.attention_backend)
-        return linear(self.o_proj, out.reshape(T, self.q_size))
+        return self._project(out.reshape(T, self.q_size), project)
+
+    def _project(self, out: torch.Tensor, project: bool) -> torch.Tensor:
+        return linear(self.o_proj, out) if project else out
 
     def _key_offset(self) -> torch.Tensor | None:
         """The key bias's mean, removed before an integer K plane stores keys (softmax does not

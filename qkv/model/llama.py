@@ -9,7 +9,7 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention
 from qkv.model.base import CausalLM
-from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear
+from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear, stream_ops
 
 
 class LlamaLayer(nn.Module):
@@ -19,11 +19,19 @@ class LlamaLayer(nn.Module):
         self.self_attn = Attention(cfg, layer, rope, group)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, cfg.mlp_bias)
+        self.hidden = cfg.hidden_size
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
-                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
+                residual=None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it): the stream's
-        additions happen inside the next norm (``add_norm``), one fused kernel on the GPU."""
+        additions happen inside the next norm (``add_norm``), one fused kernel on the GPU.
+        At batch 1 on CUDA with a wide hidden size they happen in the epilogue of the branch's
+        last GEMV instead (triton/stream.py): then this returns (None, the stream with its
+        norm statistics), and so does every following layer."""
+        if isinstance(residual, tuple):  # the layer before ran the stream kernels
+            return self._stream(residual, positions, batch)
+        if residual is None and self._streams(h):
+            return self._stream(stream_ops(h).stream_start(h), positions, batch)
         # At batch 1 on CUDA each norm runs inside the projection that reads it (norm_linear).
         fused = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, h, residual)
         if fused is not None:
@@ -41,6 +49,28 @@ class LlamaLayer(nn.Module):
             return self.mlp(None, gate_up=gate_up), residual
         h, residual = self.post_attention_layernorm.add_norm(h, residual)
         return self.mlp(h), residual
+
+    def _streams(self, h: torch.Tensor) -> bool:
+        ops = stream_ops(h)
+        mlp, attn = self.mlp, self.self_attn
+        return (ops is not None and mlp.act_name == "silu" and not self.input_layernorm.offset
+                and not self.post_attention_layernorm.offset
+                and ops.stream_applies(h, self.hidden, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+
+    def _stream(self, stream, positions: torch.Tensor, batch: AttentionBatch):
+        """One row through the stream kernels: norm + qkv (the first layer's stream is its input
+        with its sum of squares, ``stream_start``), attention, o_proj + residual add, norm +
+        gate/up, SiLU + down + add."""
+        ops = stream_ops(stream.s)
+        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        if ops.rope_attend_applies(attn, stream, batch):  # RoPE + KV write in the qkv GEMV's epilogue
+            a = ops.rope_attend(attn, stream, n1, positions, batch)
+        else:
+            qkv = ops.normed_linear(stream, n1.weight, n1.eps, attn.qkv_proj)
+            a = attn(None, positions, batch, qkv=qkv, project=False)
+        stream = ops.res_linear(a, attn.o_proj, stream.s)
+        gate_up = ops.normed_linear(stream, n2.weight, n2.eps, mlp.gate_up_proj)
+        return None, ops.res_linear(gate_up, mlp.down_proj, stream.s, silu=True)
 
 
 class LlamaBody(nn.Module):
@@ -70,4 +100,6 @@ class LlamaForCausalLM(CausalLM):
         residual = None
         for layer in self.model.layers:
             x, residual = layer(x, positions, batch, residual)
+        if isinstance(residual, tuple):  # the stream kernels' (triton/stream.py): already added
+            return self.model.norm(residual.s)
         return self.model.norm.add_norm(x, residual)[0]

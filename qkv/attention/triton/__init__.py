@@ -55,3 +55,17 @@ def gpu_sampling():
             sampling = None
         _SAMPLING.append(sampling)
     return _SAMPLING[0]
+
+
+_ARGMAX: list = []
+
+
+def gpu_argmax():
+    """The two-launch GPU argmax module (greedy tokens), or None when triton is missing."""
+    if not _ARGMAX:
+        try:
+            from qkv.attention.triton import argmax
+        except ImportError:
+            argmax = None
+        _ARGMAX.append(argmax)
+    return _ARGMAX[0]

@@ -16,6 +16,22 @@ import triton.language as tl
 
 from qkv.attention.triton import pdl
 from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
+from qkv.attention.triton.stream import applies as stream_applies, normed_linear, res_linear  # noqa: F401
+from qkv.attention.triton.stream import start as stream_start  # noqa: F401
+
+def rope_attend_applies(attn, stream, batch) -> bool:
+    """qk_decode.rope_attend_applies (imported here lazily: qk_decode imports this module)."""
+    from qkv.attention.triton import qk_decode
+
+    return qk_decode.rope_attend_applies(attn, stream, batch)
+
+
+def rope_attend(attn, stream, norm, positions, batch):
+    """qk_decode.rope_attend: the normed qkv projection with RoPE + KV write, then decode."""
+    from qkv.attention.triton import qk_decode
+
+    return qk_decode.rope_attend(attn, stream, norm, positions, batch)
+
 
 # q/k RMSNorm and RoPE in one launch (``qk_norm_rope``); QKV_FUSE_QK_NORM_ROPE=0: three launches.
 FUSE_QK_NORM_ROPE = os.environ.get("QKV_FUSE_QK_NORM_ROPE", "1") != "0"
@@ -189,7 +205,9 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, sqt, sqh, skt, skh, svt,
                          oqt, oqh, okt, okh, stride_c, stride_cs, stride_ch, NQ, NK, eps,
                          HALF: tl.constexpr, HQ_PAD: tl.constexpr, HK_PAD: tl.constexpr,
-                         WRITE: tl.constexpr, W_PAD: tl.constexpr, PDL: tl.constexpr = 0, PRE: tl.constexpr = False):
+                         WRITE: tl.constexpr, W_PAD: tl.constexpr, PDL: tl.constexpr = 0, PRE: tl.constexpr = False,
+                         NORM: tl.constexpr = True):
+    # ``NORM=False``: RoPE only (a model without q/k norms, Llama): QW/KW are not read.
     # ``PRE`` (a CUDA graph's decode step over fixed RoPE tables): positions and slots are static
     # inputs, so they, the tables' rows and the norm weights load before the PDL wait (pdl.py).
     if not PRE:
@@ -202,16 +220,22 @@ def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, s
     cos2 = tl.load(COS + pos * stride_c + HALF + i).to(tl.float32)[None, :]
     sin1 = tl.load(SIN + pos * stride_c + i).to(tl.float32)[None, :]
     sin2 = tl.load(SIN + pos * stride_c + HALF + i).to(tl.float32)[None, :]
-    qw1 = tl.load(QW + i).to(tl.float32)[None, :]
-    qw2 = tl.load(QW + HALF + i).to(tl.float32)[None, :]
-    kw1 = tl.load(KW + i).to(tl.float32)[None, :]
-    kw2 = tl.load(KW + HALF + i).to(tl.float32)[None, :]
+    if NORM:
+        qw1 = tl.load(QW + i).to(tl.float32)[None, :]
+        qw2 = tl.load(QW + HALF + i).to(tl.float32)[None, :]
+        kw1 = tl.load(KW + i).to(tl.float32)[None, :]
+        kw2 = tl.load(KW + HALF + i).to(tl.float32)[None, :]
+    else:  # unused
+        qw1 = cos1
+        qw2 = cos1
+        kw1 = cos1
+        kw2 = cos1
     if PRE:
         pdl.sync(PDL)
     _norm_rope_rows(Q + t * sqt, YQ + t * oqt, qw1, qw2, cos1, cos2, sin1, sin2, sqh, oqh, NQ, eps, HALF, HQ_PAD,
-                    KC, slot, stride_cs, stride_ch, False)
+                    KC, slot, stride_cs, stride_ch, False, NORM)
     _norm_rope_rows(K + t * skt, YK + t * okt, kw1, kw2, cos1, cos2, sin1, sin2, skh, okh, NK, eps, HALF, HK_PAD,
-                    KC, slot, stride_cs, stride_ch, WRITE)
+                    KC, slot, stride_cs, stride_ch, WRITE, NORM)
     if WRITE:
         if slot >= 0:  # V as it is, heads contiguous (kv_write's _store_row); -1: store nothing
             w = tl.arange(0, W_PAD)
@@ -222,20 +246,26 @@ def _qk_norm_rope_kernel(Q, K, V, YQ, YK, QW, KW, COS, SIN, POS, KC, VC, SLOT, s
 
 @triton.jit
 def _norm_rope_rows(X, Y, w1, w2, cos1, cos2, sin1, sin2, stride_xh, stride_yh, NH, eps,
-                    HALF: tl.constexpr, H_PAD: tl.constexpr, C, slot, stride_cs, stride_ch, WRITE: tl.constexpr):
+                    HALF: tl.constexpr, H_PAD: tl.constexpr, C, slot, stride_cs, stride_ch, WRITE: tl.constexpr,
+                    NORM: tl.constexpr = True):
     """RMSNorm of each head (``_rms_norm_kernel``'s math and rounding, no offset; weight halves
     w1, w2 [1, HALF] in fp32), then neox RoPE of the rounded result (``_rope_rows``'s, this
-    token's table rows given); ``WRITE``: also stored at cache ``slot``."""
+    token's table rows given); ``WRITE``: also stored at cache ``slot``. ``NORM=False``: RoPE
+    of x as it is (``_rope_rows``'s math)."""
     h = tl.arange(0, H_PAD)
     i = tl.arange(0, HALF)
     hmask = (h < NH)[:, None]
     base = X + h[:, None] * stride_xh + i[None, :]
     x1 = tl.load(base, mask=hmask, other=0.0).to(tl.float32)
     x2 = tl.load(base + HALF, mask=hmask, other=0.0).to(tl.float32)
-    rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
     dt = Y.dtype.element_ty
-    n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
-    n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+        n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    else:
+        n1 = x1
+        n2 = x2
     y1 = (n1 * cos1 - n2 * sin1).to(dt)
     y2 = (n2 * cos2 + n1 * sin2).to(dt)
     out = Y + h[:, None] * stride_yh + i[None, :]
@@ -249,7 +279,7 @@ def _norm_rope_rows(X, Y, w1, w2, cos1, cos2, sin1, sin2, stride_xh, stride_yh, 
 
 
 def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                 q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, v: torch.Tensor | None = None,
+                 q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float, v: torch.Tensor | None = None,
                  kv_cache: torch.Tensor | None = None, slot_mapping: torch.Tensor | None = None,
                  static: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``rope_qk(..., rms_norm(q, q_weight), rms_norm(k, k_weight))`` (per-head norms over the
@@ -257,8 +287,12 @@ def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     With ``kv_cache`` [2, blocks, bs, KVH, D] (a float cache of k's dtype), ``v`` and
     ``slot_mapping``: also ``kv_write.write_kv(kv_cache, rotated k, v, slot_mapping)``.
     ``static``: positions, slots and the tables are inputs no kernel of the step writes (a CUDA
-    graph with fixed tables): read before the PDL wait."""
+    graph with fixed tables): read before the PDL wait. ``q_weight=None``: no norms, RoPE only
+    (``rope_qk``'s math; with the cache, Llama's RoPE and KV write in one launch)."""
     T, NQ, D = q.shape
+    norm = q_weight is not None
+    if not norm:
+        q_weight = k_weight = cos  # not read
     NK = k.shape[1]
     assert q.stride(2) == 1 and k.stride(2) == 1 and D % 2 == 0
     yq = torch.empty((T, NQ, D), dtype=q.dtype, device=q.device)
@@ -279,5 +313,6 @@ def qk_norm_rope(positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
                                    yq.stride(1), yk.stride(0), yk.stride(1), cos.stride(0), cs, ch, NQ, NK, eps,
                                    HALF=D // 2, HQ_PAD=triton.next_power_of_2(NQ),
                                    HK_PAD=triton.next_power_of_2(NK), WRITE=write,
-                                   W_PAD=triton.next_power_of_2(NK * D), num_warps=4, PDL=mode, PRE=static, **kw)
+                                   W_PAD=triton.next_power_of_2(NK * D), num_warps=4, PDL=mode, PRE=static, NORM=norm,
+                                   **kw)
     return yq, yk

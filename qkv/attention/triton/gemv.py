@@ -35,7 +35,10 @@ from qkv.attention.triton import pdl
 # model (cuBLAS 20.7 us, Triton 14.2 us); the larger projections were as fast or faster in cuBLAS.
 # The down projection (4096 x 14336) runs fused with SiLU-and-mul (one launch instead of two).
 # lm_head (128256 x 4096): 348 us against cuBLAS's 370-380 us.
-LLAMA_8B_SHAPES = {(4096, 4096), (4096, 14336), (128256, 4096)}
+# qkv (6144 x 4096) and gate/up (28672 x 4096) joined them with programmatic dependent launch
+# (H200, 2026-12-03 session 7: 225.4 -> 237.0 tok/s for the step, cuBLAS's kernels launch
+# without PDL).
+LLAMA_8B_SHAPES = {(4096, 4096), (4096, 14336), (128256, 4096), (6144, 4096), (28672, 4096)}
 # Qwen3-0.6B: qkv, o, gate/up, down, lm_head. cuBLAS reads down_proj at 0.54 TB/s and the others
 # at 1.6-2.6 TB/s (H200 profile, 2026-12-03); here the norms and SiLU fold into them as well.
 QWEN3_06B_SHAPES = {(4096, 1024), (1024, 2048), (6144, 1024), (1024, 3072), (151936, 1024)}
@@ -44,12 +47,60 @@ DEFAULT_SHAPES = LLAMA_8B_SHAPES | QWEN3_06B_SHAPES
 ENABLED_SHAPES: set[tuple[int, int]] = set(DEFAULT_SHAPES)
 ALL_SHAPES = False  # "all": every shape, not only the listed ones
 FUSE_NORM = True  # RMSNorm folded into the following projection (norm_linear)
-NORM_MAX_K = 2048
+NORM_MAX_K = int(os.environ.get("QKV_GEMV_NORM_MAX_K", "2048"))  # widest row the norm prologue holds
 # Whole-row tiles (one chunk of up to 8K elements a program) without PDL too (QKV_GEMV_FULL_K=1).
 FULL_K = os.environ.get("QKV_GEMV_FULL_K", "0") == "1"
 PDL_FULL_K = os.environ.get("QKV_GEMV_PDL_FULL_K", "1") == "1"  # with PDL (0: only the first chunk before the wait)
 PDL_BLOCK_N = int(os.environ.get("QKV_GEMV_PDL_BLOCK_N", "4"))  # rows a program of N > 2048 with PDL
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # the prologue holds the whole row in one tile: small hidden sizes only
+
+
+def parse_tiles(spec: str | None) -> dict[tuple[int, int], tuple[int, int, int]]:
+    """``QKV_GEMV_TILES`` = ``NxK:BLOCK_N:BLOCK_K:WARPS,...`` -> {(N, K): tile}: per-shape tiles
+    that replace ``tile``'s choice (sweeps; BLOCK_K 0 keeps the default chunk)."""
+    out = {}
+    for item in (spec or "").split(","):
+        if item.strip():
+            shape, bn, bk, w = item.strip().lower().split(":")
+            n, k = (int(v) for v in shape.split("x"))
+            out[(n, k)] = (int(bn), int(bk), int(w))
+    return out
+
+
+TILES = parse_tiles(os.environ.get("QKV_GEMV_TILES"))
+
+
+# L2 prefetch of the weight rows (``QKV_GEMV_PREFETCH`` = ``all[:D]`` or ``NxK[:D],...``; empty:
+# none). D = 0 (the default): each program prefetches its whole rows before the PDL wait, so a
+# kernel launched early behind latency-bound ones (o_proj behind RoPE and attention) keeps DRAM
+# busy while it waits and its chunk loads after the wait hit L2; D > 0: the first D chunks
+# before the wait, then chunk i + D at chunk i (more bytes in flight than the one chunk a
+# program's loop otherwise waits on, without holding whole rows of wide K in L2). Off under
+# the interpreter (inline PTX).
+def parse_prefetch(spec: str | None) -> dict:
+    out = {}
+    for item in (spec or "").strip().lower().split(","):
+        if item.strip():
+            shape, _, d = item.strip().partition(":")
+            key = "all" if shape == "all" else tuple(int(v) for v in shape.split("x"))
+            out[key] = int(d or 0)
+    return out
+
+
+PREFETCH = parse_prefetch(os.environ.get("QKV_GEMV_PREFETCH"))
+# Weight loads with L2's evict-first policy (QKV_GEMV_EVICT_FIRST=1; see _w_chunk).
+EVICT_FIRST = os.environ.get("QKV_GEMV_EVICT_FIRST", "0") == "1"
+
+
+def prefetch(n: int, k: int, block_k: int) -> int:
+    """Chunks a program of an N x K GEMV prefetches ahead (0: none; all of them: whole rows)."""
+    if INTERPRET:
+        return 0
+    d = PREFETCH.get((n, k), PREFETCH.get("all"))
+    if d is None:
+        return 0
+    chunks = triton.cdiv(k, block_k)
+    return chunks if d <= 0 else min(d, chunks)
 
 
 def parse(spec: str | None) -> tuple[set[tuple[int, int]], bool]:
@@ -94,6 +145,9 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) for an N x K weight. Narrow outputs take 2 rows per program
     (N = 1024 with 4 rows is 256 programs, under two per SM of an H200). With PDL a program's
     whole tile (up to 8K elements) is one chunk, all of it loaded before the wait."""
+    fixed = TILES.get((n, k))
+    if fixed is not None and not INTERPRET:
+        return fixed[0], fixed[1] or min(1024, triton.next_power_of_2(k)), fixed[2]
     block_n = 2 if n <= 2048 else (PDL_BLOCK_N if pdl_mode else 4)
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
@@ -108,11 +162,38 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
 # Each kernel loads its first weight chunk before ``pdl.sync``: with programmatic dependent
 # launch (pdl.py) that load overlaps the previous kernel; the activation is read after it.
 @triton.jit
-def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr):
+def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr = False):
+    # ``EVICT``: weights are read once a step, so their lines go first from L2 (what stays is
+    # what the step reads again: activations, KV, prefetched rows not yet read).
+    if EVICT:
+        if EVEN:
+            return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], eviction_policy="evict_first")
+        return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :],
+                       mask=(n < N)[:, None] & ((k0 + k) < K)[None, :], other=0.0, eviction_policy="evict_first")
     if EVEN:  # unmasked: full 16-byte vector loads
         return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :])
     return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], mask=(n < N)[:, None] & ((k0 + k) < K)[None, :],
                    other=0.0)
+
+
+@triton.jit
+def _prefetch_chunk(W, n, k0, stride_w, N, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``prefetch.global.L2`` of the 128-byte lines of columns [k0, k0 + BLOCK_K) of rows ``n``
+    (clamped into the matrix: lines past it repeat a real one). The asm's result is a dummy; it
+    is not pure, so it is kept."""
+    LINE: tl.constexpr = 128 // (W.dtype.element_ty.primitive_bitwidth // 8)
+    NL: tl.constexpr = (BLOCK_K + LINE - 1) // LINE
+    col = tl.minimum(k0 + tl.arange(0, NL) * LINE, ((K - 1) // LINE) * LINE)
+    ptrs = W + tl.minimum(n, N - 1)[:, None] * stride_w + col[None, :]
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_start(W, n, stride_w, N, K: tl.constexpr, BLOCK_K: tl.constexpr, PF: tl.constexpr):
+    """The first ``PF`` chunks (before the PDL wait)."""
+    for c in tl.static_range(PF):
+        _prefetch_chunk(W, n, c * BLOCK_K, stride_w, N, K, BLOCK_K)
 
 
 @triton.jit
@@ -124,16 +205,22 @@ def _v_chunk(X, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr):
+                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                 EVICT: tl.constexpr = False):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    if PREFETCH > 0:
+        _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
+        if PREFETCH > 0 and PREFETCH * BLOCK_K < K:
+            if k0 + (PREFETCH - 1) * BLOCK_K < K:
+                _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1).to(X.dtype.element_ty)
     if OUT_F32:  # the logits: rounded to the model's dtype first, as torch's ``linear(x).float()``
         y = y.to(tl.float32)
@@ -151,17 +238,23 @@ def _silu_x(GU, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def _silu_gemv_kernel(GU, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr):
+                      EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
+                 EVICT: tl.constexpr = False):
     """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN)
+    if PREFETCH > 0:
+        _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
+    w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     acc = w.to(tl.float32) * _silu_x(GU, 0, k, K, EVEN)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
+        if PREFETCH > 0 and PREFETCH * BLOCK_K < K:
+            if k0 + (PREFETCH - 1) * BLOCK_K < K:
+                _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         x = _silu_x(GU, k0, k, K, EVEN)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN).to(tl.float32) * x[None, :]
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
 
 
@@ -213,7 +306,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, bloc
     _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, weight.stride(0), K=K, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0,
                                              OUT_F32=y.dtype == torch.float32 and x.dtype != torch.float32,
-                                             PDL=mode, num_warps=num_warps, num_stages=num_stages, **kw)
+                                             PDL=mode, PREFETCH=prefetch(N, K, block_k), EVICT=EVICT_FIRST,
+                                             num_warps=num_warps,
+                                             num_stages=num_stages, **kw)
     return y
 
 
@@ -239,8 +334,8 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tens
     bn, bk, nw = tile(N, K, mode)
     y = torch.empty((1, N), dtype=gate_up.dtype, device=gate_up.device)
     _silu_gemv_kernel[(triton.cdiv(N, bn),)](gate_up, w, y, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
-                                             EVEN=N % bn == 0 and K % bk == 0, PDL=mode, num_warps=nw,
-                                             num_stages=3, **kw)
+                                             EVEN=N % bn == 0 and K % bk == 0, PDL=mode, PREFETCH=prefetch(N, K, bk),
+                                             EVICT=EVICT_FIRST, num_warps=nw, num_stages=3, **kw)
     return y
 
 
@@ -258,11 +353,12 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
         return None
     mode, kw = pdl.launch(x.device)
     bn = tile(N, K, mode)[0]
+    warps = 8 if K > 2048 else 4  # the whole row in registers: wider rows, more threads
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     ro = torch.empty_like(x) if residual is not None else x
     _norm_gemv_kernel[(triton.cdiv(N, bn),)](x, residual if residual is not None else x, norm_weight, w, y, ro, N, K,
                                              w.stride(0), eps, HAS_RES=residual is not None, BLOCK_N=bn,
                                              BLOCK_K=triton.next_power_of_2(K),
                                              EVEN=N % bn == 0 and K == triton.next_power_of_2(K), PDL=mode,
-                                             num_warps=4, **kw)
+                                             num_warps=warps, **kw)
     return y, ro

@@ -1,5 +1,6 @@
 """Decode attention of a q/k-norm model (Qwen3) with the KV write folded into the q/k norm +
-RoPE kernel: one launch of ``fused.qk_norm_rope`` normalizes and rotates q and k and stores
+RoPE kernel (of a model without q/k norms, Llama, into the RoPE kernel): one launch of
+``fused.qk_norm_rope`` normalizes and rotates q and k and stores
 k and v at their cache slots, then the decode kernel runs as ``backend.paged_attention`` runs it
 for a decode step (which would otherwise launch ``kv_write.write_kv`` first). Applies to
 decode steps of the Triton backend over a float cache of the model's dtype without window,
@@ -29,16 +30,27 @@ SPLITS = int(os.environ.get("QKV_DECODE_SPLITS", "0")) or None
 MERGE = os.environ.get("QKV_DECODE_MERGE", "1") == "1"
 # QKV_FUSE_QK_ATTEND=1: norms, RoPE, KV write, decode and its merge in one launch (qk_attend.py).
 FUSE_ATTEND = os.environ.get("QKV_FUSE_QK_ATTEND", "0") == "1"
+# Models without q/k norms (Llama): RoPE of q and k and the KV write in one launch, then the
+# decode kernel with the merge above (QKV_FUSE_ROPE_KV=1; else rope_qk, write_kv, decode and,
+# past 8 splits, its combine: four launches).
+FUSE_ROPE_KV = os.environ.get("QKV_FUSE_ROPE_KV", "0") == "1"  # off: no gain measured (benchmarks.md)
+# With the stream kernels (stream.py), Llama's RoPE and KV write run in the epilogue of the qkv
+# projection itself (qkv_rope.py): QKV_FUSE_QKV_ROPE=1.
+FUSE_QKV_ROPE = os.environ.get("QKV_FUSE_QKV_ROPE", "0") == "1"
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
     """Whether ``attend`` can replace norms + RoPE + ``backend.attention`` for module ``attn``."""
     cache = attn.kv_cache
-    return (fused.FUSE_KV_WRITE and fused.FUSE_QK_NORM_ROPE and attn.attention_backend == "triton"
+    if attn.q_norm is None:
+        norms = FUSE_ROPE_KV and attn.rope is not None
+    else:
+        norms = (fused.FUSE_QK_NORM_ROPE and not attn.q_norm.offset and not attn.k_norm.offset
+                 and attn.q_norm.eps == attn.k_norm.eps)
+    return (norms and fused.FUSE_KV_WRITE and attn.attention_backend == "triton"
             and batch.is_decode and cache is not None and qkv.is_cuda and cache.dtype == qkv.dtype
             and attn.window is None and attn.dilation == 1 and batch.ring_blocks[attn.group] is None
-            and layout_of(cache) is None and not attn.q_norm.offset and not attn.k_norm.offset
-            and attn.q_norm.eps == attn.k_norm.eps and attn._key_offset() is None)
+            and layout_of(cache) is None and attn._key_offset() is None)
 
 
 def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
@@ -49,6 +61,15 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     g = attn.group
     _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
     D = attn.head_dim
+    qn, kn = attn.q_norm, attn.k_norm
+    if qn is None:  # Llama: RoPE and the KV write in one launch, then the decode kernel
+        static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
+        q, _ = fused.qk_norm_rope(index, cos_t, sin_t, q, k, None, None, 0.0, v=v, kv_cache=attn.kv_cache,
+                                  slot_mapping=batch.slot_mappings[g], static=static)
+        return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
+                            max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
+                            query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
+                            static_inputs=batch.graph and pdl.MODE != 0)
     if FUSE_ATTEND and qkv is not None and D & (D - 1) == 0 and qkv.stride(1) == 1:
         splits = SPLITS or num_splits(batch.num_seqs, attn.num_kv_heads, decode_keys(batch, batch.max_seq_len), 64)
         return qk_attend(qkv, attn.num_heads, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, index, cos_t,
@@ -62,3 +83,28 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
                         query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
                         static_inputs=batch.graph and pdl.MODE != 0)
+
+
+def rope_attend_applies(attn, stream, batch: AttentionBatch) -> bool:
+    """Whether ``rope_attend`` takes this layer's attention (Llama, the stream kernels' input)."""
+    from qkv.attention.triton import qkv_rope
+
+    return (FUSE_QKV_ROPE and attn.q_norm is None and applies(attn, stream.s, batch)
+            and qkv_rope.fits(attn.qkv_proj, attn.num_heads, attn.num_kv_heads, attn.head_dim))
+
+
+def rope_attend(attn, stream, norm, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+    """Attention output [1, H * D] of one decode row: the normed qkv projection with RoPE and
+    the KV write in its epilogue (qkv_rope.py), then the decode kernel (with the merge)."""
+    from qkv.attention.triton.qkv_rope import qkv_rope
+
+    g = attn.group
+    _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
+    static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
+    q = qkv_rope(stream, norm.weight, norm.eps, attn.qkv_proj, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                 index, cos_t, sin_t, attn.kv_cache, batch.slot_mappings[g], static=static)
+    out = paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
+                       max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
+                       query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
+                       static_inputs=batch.graph and pdl.MODE != 0)
+    return out.reshape(1, attn.q_size)
