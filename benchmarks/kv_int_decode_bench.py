@@ -48,6 +48,12 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_words1": dict(fast=True, keys_on_m=True, v_words=1),
     "fast_m_words": dict(fast=True, keys_on_m=True, v_words=2),
     "fast_m_pf": dict(fast=True, keys_on_m=True, v_words=0, prefetch=True),
+    "fast_m_f": dict(fast=True, keys_on_m=True, v_words=0, fused=True),
+    "fast_m_w3": dict(fast=True, keys_on_m=True, v_words=3),
+    "fast_m_w3f": dict(fast=True, keys_on_m=True, v_words=3, fused=True),
+    "fast_m_w3f_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, maxnreg=96),
+    "fast_m_w3f_r112": dict(fast=True, keys_on_m=True, v_words=3, fused=True, maxnreg=112),
+    "fast_m_r96": dict(fast=True, keys_on_m=True, v_words=0, maxnreg=96),
 }
 SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
     "int4": [("plain", 64, 4, 3, 8),
@@ -74,19 +80,33 @@ SWEEP2 = {  # after SWEEP1 (2026-12-03): keys on M with V in halves was best; fe
     "int8": [("plain", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 128, 4, 2, 4), ("fast_m", 64, 2, 2, 8),
              ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 16), ("fast_m", 128, 2, 2, 8)],
 }
-SWEEPS = {"1": SWEEP1, "2": SWEEP2}
+SWEEP3 = {  # session 7 (2026-12-03): the fused widening, V by words into halves, deeper copy rings, capped registers
+    "int4": [("fast_m", 16, 1, 2, 16), ("fast_m", 16, 1, 3, 16), ("fast_m", 16, 1, 4, 16), ("fast_m_f", 16, 1, 2, 16),
+             ("fast_m_w3", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 3, 16),
+             ("fast_m_w3f", 16, 1, 4, 16), ("fast_m_w3f", 16, 1, 2, 32), ("fast_m_w3f", 16, 1, 3, 32),
+             ("fast_m_w3f", 16, 1, 2, 8), ("fast_m_w3f", 32, 1, 2, 16), ("fast_m_w3f", 32, 1, 3, 16),
+             ("fast_m_w3f", 32, 2, 2, 16), ("fast_m_w3f", 32, 2, 3, 16), ("fast_m_w3f", 64, 2, 2, 8),
+             ("fast_m_w3f", 64, 4, 3, 8), ("fast_m_w3f_r96", 16, 1, 2, 16), ("fast_m_w3f_r112", 16, 1, 3, 16),
+             ("fast_m_r96", 16, 1, 2, 16)],
+    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m", 32, 1, 3, 16), ("fast_m", 32, 1, 4, 16), ("fast_m", 16, 1, 2, 16),
+             ("fast_m", 16, 1, 3, 32), ("fast_m_r96", 32, 1, 2, 16)],
+}
+SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sweep", default="2", choices=sorted(SWEEPS), help="which list of tilings")
+    ap.add_argument("--quiet", action="store_true", help="records to the file only")
+    ap.add_argument("--no-peers", action="store_true", help="skip the engine default and the bf16/fp8 kernels")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_bench.jsonl")
     open(path, "w").close()
 
     def record(**kw):  # appended as it comes: a run cut short keeps what it measured
-        print(json.dumps(kw), flush=True)
+        if not args.quiet:
+            print(json.dumps(kw), flush=True)
         with open(path, "a") as f:
             f.write(json.dumps(kw) + "\n")
 
@@ -130,7 +150,7 @@ def main():
             _, kw, tag = best
             ms = bench_graph(lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, **kw))
             record(**tag, what="with_rotation", us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
-        for maxlen in (ctx, None):  # the engine's launch: eager steps know the longest sequence, graphs do not
+        for maxlen in (() if args.no_peers else (ctx, None)):  # the engine's launch: eager steps know the longest sequence, graphs do not
             try:
                 fn = lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=maxlen)  # noqa: E731
                 ms = bench_graph(fn)

@@ -81,15 +81,29 @@ def test_packed_decode_equals_reference(kv, case):
 # The fast kernel (tiles in halves, widened in PTX on the GPU, by Triton ops in the
 # interpreter), keys on the MMA's M or N dimension, and the plain kernel: each equals the reference.
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch", [
-    (False, False, 0, False), (True, False, 0, False), (True, True, 0, False), (True, True, 0, True),
-    (True, False, 2, False), (True, True, 1, False), (True, True, 2, False)])
+@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch,fused", [
+    (False, False, 0, False, False), (True, False, 0, False, False), (True, True, 0, False, False),
+    (True, True, 0, True, False), (True, False, 2, False, False), (True, True, 1, False, False),
+    (True, True, 2, False, False), (True, True, 3, False, False), (True, True, 3, False, True),
+    (True, True, 0, False, True)])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
-def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, case):
-    if kv == "int8" and (v_words or prefetch):
-        pytest.skip("v_words and prefetch read int4 V planes only")
+def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, fused, case):
+    if kv == "int8" and (v_words or prefetch or fused):
+        pytest.skip("v_words, prefetch and fused read int4 planes only")
     # 32-key tiles: two or more tiles per split (the prefetch crosses tiles and the ragged end)
-    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, block_n=32)
+    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, fused=fused,
+                 block_n=32)
+
+
+@gpu
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("block_n,warps,stages", [(16, 1, 2), (16, 1, 3), (32, 2, 2)])
+def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages):
+    """The fast kernel's single-warp tilings (the defaults' shape) and a deeper copy ring, with the
+    fused widening and V by words (int4), against the reference."""
+    extra = dict(fused=True, v_words=3) if kv == "int4" else {}
+    check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
+                 num_stages=stages, **extra)
 
 
 @gpu

@@ -61,6 +61,17 @@ I4_ASM_BF16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x43004300").replace("ONE",
                            .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
 I4_ASM_F16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
                           .replace("OFF", "0xE408E408").replace(".T", ".f16x2"))
+# int4 in bf16 with one fma per value pair (``ASM`` 2): (128 + n) * s + (-136 s) ($7, $8: -136 s,
+# exact in bf16: 8 significant bits) is (n - 8) * s exactly, so the fused fma rounds nothing and
+# the separate offset fma of I4_ASM goes (4 of its 12 float instructions per 8 values). Not for
+# fp16: 1032 s overflows fp16 from s = 64 on.
+I4F_ASM_BF16 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 h4r, h4t;", "prmt.b32 h4r, $4, 0, 0x3120;"]
+    + [line for sh, out, sc, off in ((0, 0, 5, 7), (4, 2, 5, 7), (8, 1, 6, 8), (12, 3, 6, 8)) for line in (
+        ([f"shr.b32 h4t, h4r, {sh};"] if sh else [])
+        + [f"lop3.b32 h4t, {'h4t' if sh else 'h4r'}, 0x000F000F, 0x43004300, 0xea;",
+           f"fma.rn.bf16x2 ${out}, h4t, ${sc}, ${off};"])]
+    + ["}"]))
 # int8: byte ^ 0x80 placed under 0x4B (fp32 2^23 + u) by a byte permute, minus 2^23 + 128: the
 # signed byte in fp32 exactly; times the fp32 scale, rounded once to DT (the reference's order).
 _I8_ASM = """{
@@ -106,7 +117,13 @@ def _int4_halves(x, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
     NG: tl.constexpr = D // 16
     HALF: tl.constexpr = D // 2
     s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
-    if ASM:
+    if ASM == 2 and DT == tl.bfloat16:  # one fma per pair (I4F_ASM_BF16)
+        sb = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
+        sn = tl.reshape(tl.broadcast_to((s.to(tl.float32) * -136.0).to(DT)[:, :, None], (BLOCK_N, NG, 8)),
+                        (BLOCK_N, HALF))
+        lo, hi = tl.inline_asm_elementwise(I4F_ASM_BF16, "=r,=r,=r,=r,r,r,r,r,r", [x, sb, sn],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    elif ASM:
         sb = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
         if DT == tl.bfloat16:
             lo, hi = tl.inline_asm_elementwise(I4_ASM_BF16, "=r,=r,=r,=r,r,r,r", [x, sb],
@@ -264,13 +281,70 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
     return nmask, blk * page_bytes, (pos % BS) * KVH + kvh
 
 
+# int4 by words in bf16, one fma per value pair (as mla_packed.I4F_ASM): pack=2 over words
+# w0 ($8), w1 ($9) of one key; output m holds nibble m of both; $10 the scales, $11 -136 s.
+I4WF_ASM_BF16 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 g4lo, g4hi, g4t;", "prmt.b32 g4lo, $8, $9, 0x5410;", "prmt.b32 g4hi, $8, $9, 0x7632;"]
+    + [line for half, word in ((0, "g4lo"), (4, "g4hi")) for j in range(4) for line in (
+        ([f"shr.b32 g4t, {word}, {4 * j};"] if j else [])
+        + [f"lop3.b32 g4t, {'g4t' if j else word}, 0x000F000F, 0x43004300, 0xea;",
+           f"fma.rn.bf16x2 ${half + j}, g4t, $10, $11;"])]
+    + ["}"]))
+
+
+@triton.jit
+def _int4_word_halves(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """An int4 plane's tile as ``_int4_halves`` returns it (even columns, odd columns), loaded
+    as 32-bit words: a register holds 8 packed values as loaded (no byte is split out and
+    repacked, as a byte tile carried to the next iteration in registers is), widened by words
+    (I4WF_ASM_BF16 for bf16, else I4W_ASM) and joined in-thread into the halves."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
+    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    soff = tl.multiple_of(base + scales_at + row * NG, 8)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
+    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    if ASM:
+        sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        if DT == tl.bfloat16:
+            sn = tl.reshape(tl.broadcast_to((s.to(tl.float32) * -136.0).to(DT)[:, :, None], (BLOCK_N, NG, 2)),
+                            (BLOCK_N, W))
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+    # word j's even columns 8j, 8j + 2, 8j + 4, 8j + 6 are nibbles 0, 2, 4, 6: half columns 4j .. 4j + 3
+    # (nested joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
+    lo = tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (BLOCK_N, D // 2))
+    hi = tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (BLOCK_N, D // 2))
+    return lo, hi
+
+
 @triton.jit
 def _v_tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
             D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
             V_WORDS: tl.constexpr):
     """One V tile as ``_pv_acc`` takes it: (va, vb, v), the two halves, or the whole tile by
     words (``V_WORDS``; then va = vb = v)."""
-    if V_WORDS:
+    if V_WORDS == 3:  # halves, loaded as words
+        va, vb = _int4_word_halves(C32, C8, base, vals_at, scales_at, row, nmask, D, BLOCK_N, ALIGN, DT, ASM)
+        v = va
+    elif V_WORDS:
         v = _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
         va = v
         vb = v
@@ -281,13 +355,13 @@ def _v_tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constex
 
 
 @triton.jit
-def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr,
+def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, WHOLE: tl.constexpr,
             PREC: tl.constexpr):
     """The accumulators after one tile: acc * alpha + P @ V (V^T @ P^T with KEYS_ON_M 2; with
-    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). V_WORDS: one full tile
+    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). WHOLE: one full tile
     ``v`` and one accumulator ``acc_a``; else halves ``va``/``vb`` into ``acc_a``/``acc_b``."""
     if KEYS_ON_M == 2:
-        if V_WORDS:
+        if WHOLE:
             acc_a = tl.dot(tl.trans(v), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
         else:
             acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
@@ -295,7 +369,7 @@ def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS
     else:
         if KEYS_ON_M == 1:
             pd = tl.trans(pd)
-        if V_WORDS:
+        if WHOLE:
             acc_a = tl.dot(pd, v, acc=acc_a * alpha[:, None], input_precision=PREC)
         else:
             acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
@@ -330,7 +404,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     DT = Q.dtype.element_ty
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     HALF: tl.constexpr = D // 2
-    VW: tl.constexpr = D if V_WORDS else HALF  # columns per V accumulator
+    WHOLE: tl.constexpr = V_WORDS == 1 or V_WORDS == 2  # one V accumulator of D columns (else halves)
+    VW: tl.constexpr = D if WHOLE else HALF  # columns per V accumulator
     BT_ROW = BT + b * stride_bt
 
     g = tl.arange(0, G_PAD)
@@ -340,7 +415,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     if V_WORDS == 2:
         va_c = _words_cols(D)
         vb_c = va_c
-    elif V_WORDS:
+    elif WHOLE:
         va_c = tl.arange(0, D)
         vb_c = va_c
     else:
@@ -383,7 +458,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             else:
                 va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                     ALIGN, DT, ASM, V_WORDS)
-            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
             m_i = m_new
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
@@ -398,7 +473,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             l_i = l_i * alpha + tl.sum(p, 1)
             va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                 ALIGN, DT, ASM, V_WORDS)
-            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
             m_i = m_new
     if KEYS_ON_M == 2:
         out_a = tl.trans(acc_a)
@@ -409,12 +484,12 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     if S == 1:
         ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
         tl.store(ob + va_c[None, :], (out_a / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-        if not V_WORDS:
+        if not WHOLE:
             tl.store(ob + vb_c[None, :], (out_b / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
     else:  # partial state for decode._combine_kernel, rows (b * H + head) * S + split
         rowc = (b * KVH * G + heads) * S + split
         tl.store(ACC + rowc[:, None] * D + va_c[None, :], out_a, mask=gmask[:, None])
-        if not V_WORDS:
+        if not WHOLE:
             tl.store(ACC + rowc[:, None] * D + vb_c[None, :], out_b, mask=gmask[:, None])
         tl.store(ML + rowc * 2, m_i, mask=gmask)
         tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
