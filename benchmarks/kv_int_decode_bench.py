@@ -48,12 +48,15 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_words1": dict(fast=True, keys_on_m=True, v_words=1),
     "fast_m_words": dict(fast=True, keys_on_m=True, v_words=2),
     "fast_m_pf": dict(fast=True, keys_on_m=True, v_words=0, prefetch=True),
+    # session 7: f the one-fma widening, w3 V as words into halves, L the lazy rescale (8), rN maxnreg N
     "fast_m_f": dict(fast=True, keys_on_m=True, v_words=0, fused=True),
-    "fast_m_w3": dict(fast=True, keys_on_m=True, v_words=3),
     "fast_m_w3f": dict(fast=True, keys_on_m=True, v_words=3, fused=True),
-    "fast_m_w3f_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, maxnreg=96),
-    "fast_m_w3f_r112": dict(fast=True, keys_on_m=True, v_words=3, fused=True, maxnreg=112),
-    "fast_m_r96": dict(fast=True, keys_on_m=True, v_words=0, maxnreg=96),
+    "fast_m_w3fL": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8),
+    "fast_m_w3fL_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=96),
+    "fast_m_w3fL_r88": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=88),
+    "fast_m_w3fL_r80": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=80),
+    "fast_m_L": dict(fast=True, keys_on_m=True, v_words=0, lazy=8),
+    "fast_m_L_r96": dict(fast=True, keys_on_m=True, v_words=0, lazy=8, maxnreg=96),
 }
 SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
     "int4": [("plain", 64, 4, 3, 8),
@@ -80,16 +83,16 @@ SWEEP2 = {  # after SWEEP1 (2026-12-03): keys on M with V in halves was best; fe
     "int8": [("plain", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 128, 4, 2, 4), ("fast_m", 64, 2, 2, 8),
              ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 16), ("fast_m", 128, 2, 2, 8)],
 }
-SWEEP3 = {  # session 7 (2026-12-03): the fused widening, V by words into halves, deeper copy rings, capped registers
-    "int4": [("fast_m", 16, 1, 2, 16), ("fast_m", 16, 1, 3, 16), ("fast_m", 16, 1, 4, 16), ("fast_m_f", 16, 1, 2, 16),
-             ("fast_m_w3", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 3, 16),
-             ("fast_m_w3f", 16, 1, 4, 16), ("fast_m_w3f", 16, 1, 2, 32), ("fast_m_w3f", 16, 1, 3, 32),
-             ("fast_m_w3f", 16, 1, 2, 8), ("fast_m_w3f", 32, 1, 2, 16), ("fast_m_w3f", 32, 1, 3, 16),
-             ("fast_m_w3f", 32, 2, 2, 16), ("fast_m_w3f", 32, 2, 3, 16), ("fast_m_w3f", 64, 2, 2, 8),
-             ("fast_m_w3f", 64, 4, 3, 8), ("fast_m_w3f_r96", 16, 1, 2, 16), ("fast_m_w3f_r112", 16, 1, 3, 16),
-             ("fast_m_r96", 16, 1, 2, 16)],
-    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m", 32, 1, 3, 16), ("fast_m", 32, 1, 4, 16), ("fast_m", 16, 1, 2, 16),
-             ("fast_m", 16, 1, 3, 32), ("fast_m_r96", 32, 1, 2, 16)],
+SWEEP3 = {  # session 7 (2026-12-03): fewer instructions a tile, deeper copy rings, more programs per SM
+    "int4": [("fast_m", 16, 1, 2, 16), ("fast_m_f", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16),
+             ("fast_m_w3fL", 16, 1, 2, 16), ("fast_m_w3fL", 16, 1, 3, 16), ("fast_m_w3fL", 16, 1, 2, 8),
+             ("fast_m_w3fL", 16, 1, 2, 32), ("fast_m_w3fL_r96", 16, 1, 2, 10), ("fast_m_w3fL_r96", 16, 1, 2, 21),
+             ("fast_m_w3fL_r96", 16, 1, 3, 10), ("fast_m_w3fL_r96", 16, 1, 3, 21), ("fast_m_w3fL_r88", 16, 1, 2, 11),
+             ("fast_m_w3fL_r80", 16, 1, 2, 12), ("fast_m_w3fL_r80", 16, 1, 3, 25), ("fast_m_w3fL", 32, 1, 2, 16),
+             ("fast_m_w3fL", 32, 2, 2, 16), ("fast_m_w3fL", 32, 2, 3, 8), ("fast_m_w3fL", 64, 2, 2, 8),
+             ("fast_m_w3fL", 64, 4, 3, 8), ("fast_m", 16, 1, 3, 16)],
+    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m", 32, 1, 3, 16), ("fast_m_L", 32, 1, 2, 16),
+             ("fast_m_L", 16, 1, 2, 16), ("fast_m_L_r96", 32, 1, 2, 10), ("fast_m_L_r96", 32, 1, 3, 21)],
 }
 SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3}
 
@@ -150,7 +153,8 @@ def main():
             _, kw, tag = best
             ms = bench_graph(lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, **kw))
             record(**tag, what="with_rotation", us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
-        for maxlen in (() if args.no_peers else (ctx, None)):  # the engine's launch: eager steps know the longest sequence, graphs do not
+        # the engine's launch: eager steps know the longest sequence, graphs do not
+        for maxlen in (() if args.no_peers else (ctx, None)):
             try:
                 fn = lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=maxlen)  # noqa: E731
                 ms = bench_graph(fn)

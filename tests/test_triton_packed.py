@@ -103,7 +103,16 @@ def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages):
     fused widening and V by words (int4), against the reference."""
     extra = dict(fused=True, v_words=3) if kv == "int4" else {}
     check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
-                 num_stages=stages, **extra)
+                 num_stages=stages, lazy=8, **extra)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("case", ["gqa", "mqa-splits", "window-softcap"])
+@pytest.mark.parametrize("lazy", [1, 8])
+def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
+    """The running max moved only past a threshold (the accumulators' rescale skipped on the
+    other tiles): the reference's values. 16-key tiles: many tiles a split, both branches taken."""
+    check_decode(kv, case, fast=True, keys_on_m=True, v_words=3 if kv == "int4" else 0, lazy=lazy, block_n=16)
 
 
 @gpu

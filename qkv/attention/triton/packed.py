@@ -43,6 +43,7 @@ FAST_TILING = {4: (16, 1, 2), 8: (32, 1, 2)}
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 FUSED = False  # int4 widened with one fma per value pair (bf16 queries; packed_fast.I4F_ASM_BF16)
 MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
+LAZY = 0  # > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units)
 
 
 @triton.jit
@@ -315,6 +316,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None,
                   prefetch: bool | None = None, fused: bool | None = None, maxnreg: int | None = None,
+                  lazy: int | None = None,
                   rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
@@ -324,7 +326,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
     tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
     0: as halves), ``prefetch`` (int4 V in halves, keys on M) its V bytes loaded one tile
-    ahead, ``fused`` (int4, bf16 queries) one fma per widened value pair, ``maxnreg`` caps the
+    ahead (3: V as words into halves), ``fused`` (int4,
+    bf16 queries) one fma per widened value pair, ``lazy`` (keys on M) moves the running max only
+    when a tile's exceeds it by more than ``lazy`` (log2 units), ``maxnreg`` caps the
     fast kernel's registers per thread (more programs per SM); all variants give the reference's values
     (tests/test_triton_packed.py). ``rotate=False``: q is already rotated (for rotated K) and
     ``out`` is left in the rotated space (for rotated V), for a caller that rotates it
@@ -342,6 +346,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
     prefetch = bool(keys_on_m and not v_words and vp.fmt.bits == 4 and (PREFETCH if prefetch is None else prefetch))
     fused = bool(FUSED if fused is None else fused)
+    # (the lazy rescale: keys on M, V in halves)
+    lazy = int((LAZY if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and not prefetch else 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
@@ -374,7 +380,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if fast:
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                         *common, ASM=0 if INTERPRET else 2 if fused else 1,
-                                        KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch,
+                                        KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),

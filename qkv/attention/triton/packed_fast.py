@@ -386,7 +386,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                        ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
-                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr):
+                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
+                       LAZY: tl.constexpr = 0):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -443,23 +444,43 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
             s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
             s = tl.where(nmask[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            if PREFETCH:
-                nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                         HAS_RING)
-                nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
-                va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
-                v = va
-                vx = nx
-                vc = nc
-            else:
+            if LAZY:
+                # The running max moves only when a tile's exceeds it by more than LAZY (log2
+                # units): p <= 2^LAZY, and the accumulators' rescale (2 x D/2 x G_PAD products
+                # per tile) is skipped on every other tile, one branch for the whole program.
+                m_t = tl.max(s, 0)
+                if tl.max(m_t - m_i, 0) > LAZY:
+                    m_new = tl.maximum(m_i, m_t)
+                    alpha = tl.exp2(m_i - m_new)
+                    l_i = l_i * alpha
+                    acc_a = acc_a * alpha[None, :]
+                    acc_b = acc_b * alpha[None, :]
+                    m_i = m_new
+                p = tl.exp2(s - m_i[None, :])
+                l_i = l_i + tl.sum(p, 0)
                 va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                     ALIGN, DT, ASM, V_WORDS)
-            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
-            m_i = m_new
+                pd = p.to(DT)
+                acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
+                acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 0))
+                alpha = tl.exp2(m_i - m_new)
+                p = tl.exp2(s - m_new[None, :])
+                l_i = l_i * alpha + tl.sum(p, 0)
+                if PREFETCH:
+                    nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                             HAS_RING)
+                    nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
+                    va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
+                    v = va
+                    vx = nx
+                    vc = nc
+                else:
+                    va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                        ALIGN, DT, ASM, V_WORDS)
+                acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
+                m_i = m_new
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
