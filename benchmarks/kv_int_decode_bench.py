@@ -55,6 +55,8 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_w3fL_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=96),
     "fast_m_w3fL_r88": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=88),
     "fast_m_w3fL_r80": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=80),
+    "fast_m_pf2L": dict(fast=True, keys_on_m=True, prefetch=2, fused=True, lazy=8),
+    "fast_m_pf2": dict(fast=True, keys_on_m=True, prefetch=2, fused=True),
     "fast_m_L": dict(fast=True, keys_on_m=True, v_words=0, lazy=8),
     "fast_m_L_r96": dict(fast=True, keys_on_m=True, v_words=0, lazy=8, maxnreg=96),
 }
@@ -84,15 +86,16 @@ SWEEP2 = {  # after SWEEP1 (2026-12-03): keys on M with V in halves was best; fe
              ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 16), ("fast_m", 128, 2, 2, 8)],
 }
 SWEEP3 = {  # session 7 (2026-12-03): fewer instructions a tile, deeper copy rings, more programs per SM
-    "int4": [("fast_m", 16, 1, 2, 16), ("fast_m_f", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16),
-             ("fast_m_w3fL", 16, 1, 2, 16), ("fast_m_w3fL", 16, 1, 3, 16), ("fast_m_w3fL", 16, 1, 2, 8),
-             ("fast_m_w3fL", 16, 1, 2, 32), ("fast_m_w3fL_r96", 16, 1, 2, 10), ("fast_m_w3fL_r96", 16, 1, 2, 21),
-             ("fast_m_w3fL_r96", 16, 1, 3, 10), ("fast_m_w3fL_r96", 16, 1, 3, 21), ("fast_m_w3fL_r88", 16, 1, 2, 11),
-             ("fast_m_w3fL_r80", 16, 1, 2, 12), ("fast_m_w3fL_r80", 16, 1, 3, 25), ("fast_m_w3fL", 32, 1, 2, 16),
-             ("fast_m_w3fL", 32, 2, 2, 16), ("fast_m_w3fL", 32, 2, 3, 8), ("fast_m_w3fL", 64, 2, 2, 8),
-             ("fast_m_w3fL", 64, 4, 3, 8), ("fast_m", 16, 1, 3, 16)],
-    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m", 32, 1, 3, 16), ("fast_m_L", 32, 1, 2, 16),
-             ("fast_m_L", 16, 1, 2, 16), ("fast_m_L_r96", 32, 1, 2, 10), ("fast_m_L_r96", 32, 1, 3, 21)],
+    "int4": [("fast_m", 16, 1, 2, 16), ("fast_m_w3fL", 16, 1, 2, 16), ("fast_m_w3fL", 16, 1, 3, 16),
+             ("fast_m_w3fL_r96", 16, 1, 3, 21), ("fast_m_w3fL_r96", 16, 1, 3, 10), ("fast_m_pf2L", 16, 1, 1, 16),
+             ("fast_m_pf2L", 16, 1, 1, 8), ("fast_m_w3fL_r96", 16, 1, 2, 21), ("fast_m_w3fL_r96", 16, 1, 2, 10),
+             ("fast_m_w3fL", 16, 1, 2, 8), ("fast_m_w3fL", 16, 1, 2, 32), ("fast_m_w3fL", 16, 1, 3, 32),
+             ("fast_m_f", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16), ("fast_m_pf2", 16, 1, 1, 16),
+             ("fast_m_w3fL_r80", 16, 1, 3, 25), ("fast_m_w3fL_r88", 16, 1, 2, 11), ("fast_m_w3fL", 32, 1, 2, 16),
+             ("fast_m_w3fL", 32, 1, 3, 16), ("fast_m_w3fL", 32, 2, 2, 16), ("fast_m_w3fL", 64, 2, 2, 8),
+             ("fast_m", 16, 1, 3, 16), ("fast_m_w3fL", 32, 2, 3, 8)],
+    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m_L", 32, 1, 2, 16), ("fast_m_L", 32, 1, 3, 16),
+             ("fast_m_L_r96", 32, 1, 3, 21), ("fast_m_L_r96", 32, 1, 2, 10), ("fast_m", 32, 1, 3, 16)],
 }
 SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3}
 

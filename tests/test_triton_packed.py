@@ -85,7 +85,7 @@ def test_packed_decode_equals_reference(kv, case):
     (False, False, 0, False, False), (True, False, 0, False, False), (True, True, 0, False, False),
     (True, True, 0, True, False), (True, False, 2, False, False), (True, True, 1, False, False),
     (True, True, 2, False, False), (True, True, 3, False, False), (True, True, 3, False, True),
-    (True, True, 0, False, True)])
+    (True, True, 0, False, True), (True, True, 0, 2, True)])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
 def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, fused, case):
     if kv == "int8" and (v_words or prefetch or fused):
@@ -97,11 +97,11 @@ def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, pr
 
 @gpu
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("block_n,warps,stages", [(16, 1, 2), (16, 1, 3), (32, 2, 2)])
-def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages):
-    """The fast kernel's single-warp tilings (the defaults' shape) and a deeper copy ring, with the
-    fused widening and V by words (int4), against the reference."""
-    extra = dict(fused=True, v_words=3) if kv == "int4" else {}
+@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2)])
+def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefetch):
+    """The fast kernel's single-warp tilings (the defaults' shape), a deeper copy ring and the
+    register prefetch of K and V, with the fused widening and V by words (int4), lazy rescale."""
+    extra = dict(fused=True, v_words=3, prefetch=prefetch) if kv == "int4" else {}
     check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
                  num_stages=stages, lazy=8, **extra)
 

@@ -315,7 +315,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None,
-                  prefetch: bool | None = None, fused: bool | None = None, maxnreg: int | None = None,
+                  prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
                   lazy: int | None = None,
                   rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
@@ -325,8 +325,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
     halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
     tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
-    0: as halves), ``prefetch`` (int4 V in halves, keys on M) its V bytes loaded one tile
-    ahead (3: V as words into halves), ``fused`` (int4,
+    0: as halves), ``prefetch`` (keys on M) 1: int4 V bytes loaded one tile ahead, 2: int4 K and V
+    one tile ahead and the block table two (run it with ``num_stages=1``) (3: V as words into halves), ``fused`` (int4,
     bf16 queries) one fma per widened value pair, ``lazy`` (keys on M) moves the running max only
     when a tile's exceeds it by more than ``lazy`` (log2 units), ``maxnreg`` caps the
     fast kernel's registers per thread (more programs per SM); all variants give the reference's values
@@ -344,10 +344,14 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
-    prefetch = bool(keys_on_m and not v_words and vp.fmt.bits == 4 and (PREFETCH if prefetch is None else prefetch))
+    prefetch = int(PREFETCH if prefetch is None else prefetch) if keys_on_m else 0
+    if prefetch == 2 and not (kp.fmt.bits == 4 and vp.fmt.bits == 4):
+        prefetch = 0
+    elif prefetch == 1 and (v_words or vp.fmt.bits != 4):
+        prefetch = 0
     fused = bool(FUSED if fused is None else fused)
     # (the lazy rescale: keys on M, V in halves)
-    lazy = int((LAZY if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and not prefetch else 0
+    lazy = int((LAZY if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)

@@ -299,13 +299,28 @@ def _int4_word_halves(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.const
     as 32-bit words: a register holds 8 packed values as loaded (no byte is split out and
     repacked, as a byte tile carried to the next iteration in registers is), widened by words
     (I4WF_ASM_BF16 for bf16, else I4W_ASM) and joined in-thread into the halves."""
+    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    return _widen_word_halves(w, c, D, BLOCK_N, DT, ASM)
+
+
+@triton.jit
+def _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
+    """An int4 plane's packed words [BLOCK_N, D/8] and e5m3 codes [BLOCK_N, D/16] (masked keys: zeros)."""
     W: tl.constexpr = D // 8
     NG: tl.constexpr = D // 16
     voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
     w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
     soff = tl.multiple_of(base + scales_at + row * NG, 8)
-    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0)
+    return w, c
+
+
+@triton.jit
+def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Words and codes (as ``_int4_words_raw``) -> the even and the odd half, as ``_int4_word_halves``."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
     if ASM:
         sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
         if DT == tl.bfloat16:
@@ -377,6 +392,42 @@ def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, WHOLE: 
     return acc_a, acc_b
 
 
+@triton.jit
+def _pages(BT_ROW, pos, hi, ring, BS: tl.constexpr, HAS_RING: tl.constexpr):
+    """The block-table entries of key positions ``pos`` (0 past ``hi``), as int64."""
+    pg = pos // BS
+    if HAS_RING:
+        pg = pg % ring
+    return tl.load(BT_ROW + pg, mask=pos < hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY: tl.constexpr):
+    """One tile's scores [keys, heads] into the online softmax: (p, m, l, acc_a, acc_b), l and the
+    accumulators [columns, heads] rescaled to the new running max. ``LAZY`` > 0: the running max
+    moves only when the tile's exceeds it by more than LAZY (log2 units; p <= 2^LAZY), so the
+    accumulators' rescale (D x G_PAD products a tile) is skipped on most tiles, one uniform
+    branch for the program."""
+    if LAZY:
+        m_t = tl.max(s, 0)
+        if tl.max(m_t - m_i, 0) > LAZY:
+            m_new = tl.maximum(m_i, m_t)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc_a = acc_a * alpha[None, :]
+            acc_b = acc_b * alpha[None, :]
+            m_i = m_new
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc_a = acc_a * alpha[None, :]
+        acc_b = acc_b * alpha[None, :]
+        m_i = m_new
+    p = tl.exp2(s - m_i[None, :])
+    return p, m_i, l_i + tl.sum(p, 0), acc_a, acc_b
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
 def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
@@ -435,52 +486,71 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     if KEYS_ON_M:  # scores [keys, heads]
         qaT = tl.trans(qa)
         qbT = tl.trans(qb)
-        if PREFETCH:  # int4 V in halves: the next tile's bytes load while this one is widened
-            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-            vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
-        for start in range(lo, hi, BLOCK_N):
-            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
-            s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
-            s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-            s = tl.where(nmask[:, None], s, float("-inf"))
-            if LAZY:
-                # The running max moves only when a tile's exceeds it by more than LAZY (log2
-                # units): p <= 2^LAZY, and the accumulators' rescale (2 x D/2 x G_PAD products
-                # per tile) is skipped on every other tile, one branch for the whole program.
-                m_t = tl.max(s, 0)
-                if tl.max(m_t - m_i, 0) > LAZY:
-                    m_new = tl.maximum(m_i, m_t)
-                    alpha = tl.exp2(m_i - m_new)
-                    l_i = l_i * alpha
-                    acc_a = acc_a * alpha[None, :]
-                    acc_b = acc_b * alpha[None, :]
-                    m_i = m_new
-                p = tl.exp2(s - m_i[None, :])
-                l_i = l_i + tl.sum(p, 0)
-                va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
-                                    ALIGN, DT, ASM, V_WORDS)
+        if PREFETCH == 2:
+            # int4 K and V: the next tile's packed words load into registers at
+            # the top of this tile's iteration, and the block table a tile earlier still, so no
+            # load waits on another and a whole iteration of work covers each load's latency
+            # (Triton's two-stage ring issues the next tile's copies after this tile's work and
+            # waits for them first thing in the next iteration). Run with num_stages=1.
+            ar = tl.arange(0, BLOCK_N)
+            pos = lo + ar
+            base0 = _pages(BT_ROW, pos, hi, ring, BS, HAS_RING) * page_bytes
+            row0 = (pos % BS) * KVH + kvh
+            kx, kc = _int4_words_raw(C32, C8, base0, k_vals, k_scales, row0, pos < hi, D, ALIGN)
+            vw, vc = _int4_words_raw(C32, C8, base0, v_vals, v_scales, row0, pos < hi, D, ALIGN)
+            blk_n = _pages(BT_ROW, pos + BLOCK_N, hi, ring, BS, HAS_RING)
+            for start in range(lo, hi, BLOCK_N):
+                nmask = start + ar < hi
+                ckx, ckc, cvw, cvc = kx, kc, vw, vc
+                nxt = start + BLOCK_N + ar
+                row1 = (nxt % BS) * KVH + kvh
+                kx, kc = _int4_words_raw(C32, C8, blk_n * page_bytes, k_vals, k_scales, row1, nxt < hi, D, ALIGN)
+                vw, vc = _int4_words_raw(C32, C8, blk_n * page_bytes, v_vals, v_scales, row1, nxt < hi, D, ALIGN)
+                blk_n = _pages(BT_ROW, nxt + BLOCK_N, hi, ring, BS, HAS_RING)
+                ka, kb = _widen_word_halves(ckx, ckc, D, BLOCK_N, DT, ASM)
+                s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+                s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+                s = tl.where(nmask[:, None], s, float("-inf"))
+                p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
+                va, vb = _widen_word_halves(cvw, cvc, D, BLOCK_N, DT, ASM)
                 pd = p.to(DT)
                 acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
                 acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                alpha = tl.exp2(m_i - m_new)
-                p = tl.exp2(s - m_new[None, :])
-                l_i = l_i * alpha + tl.sum(p, 0)
-                if PREFETCH:
-                    nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                             HAS_RING)
-                    nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
-                    va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
-                    v = va
-                    vx = nx
-                    vc = nc
-                else:
+        if PREFETCH == 1:  # int4 V in halves: the next tile's bytes load while this one is widened
+            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
+        if PREFETCH != 2:
+            for start in range(lo, hi, BLOCK_N):
+                nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+                ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
+                s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+                s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+                s = tl.where(nmask[:, None], s, float("-inf"))
+                if LAZY:
+                    p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
                     va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                         ALIGN, DT, ASM, V_WORDS)
-                acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
-                m_i = m_new
+                    pd = p.to(DT)
+                    acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
+                    acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
+                else:
+                    m_new = tl.maximum(m_i, tl.max(s, 0))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[None, :])
+                    l_i = l_i * alpha + tl.sum(p, 0)
+                    if PREFETCH:
+                        nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                                 HAS_RING)
+                        nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
+                        va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
+                        v = va
+                        vx = nx
+                        vc = nc
+                    else:
+                        va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                            ALIGN, DT, ASM, V_WORDS)
+                    acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
+                    m_i = m_new
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
