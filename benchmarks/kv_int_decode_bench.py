@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_bench import bench_graph  # noqa: E402
 
 from qkv.attention.triton.decode import paged_decode  # noqa: E402
+from qkv.attention.triton import packed  # noqa: E402
 from qkv.attention.triton.packed import packed_decode, write_packed  # noqa: E402
 from qkv.kvcache import kv_pages  # noqa: E402
 from qkv.kvcache.kv_int import resolve  # noqa: E402
@@ -137,6 +138,7 @@ def main():
         plain.kv_layout = dataclasses.replace(
             cache.kv_layout, planes=tuple(dataclasses.replace(p, rotated=False) for p in cache.kv_layout.planes))
         ref = packed_decode(q, plain, table, nc, scale, max_seq_len=ctx, fast=False, splits=8).float()
+        ref_rot = packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, fast=False, splits=8).float()
         best = None
         for variant, block_n, warps, stages, splits in SWEEPS[args.sweep][kv]:
             kw = dict(VARIANTS[variant], block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
@@ -154,8 +156,18 @@ def main():
                 record(**tag, error=f"{type(e).__name__}: {str(e)[:300]}")
         if best is not None:
             _, kw, tag = best
-            ms = bench_graph(lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, **kw))
-            record(**tag, what="with_rotation", us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
+            fn = lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, **kw)  # noqa: E731
+            rot = packed.ROT_IN_KERNEL
+            for in_kernel in (True, False):  # the rotations in the kernel's registers, or as GEMMs around it
+                packed.ROT_IN_KERNEL = in_kernel
+                try:
+                    diff = (fn().float() - ref_rot).abs().max().item()
+                    ms = bench_graph(fn)
+                    record(**tag, what="with_rotation" + ("" if in_kernel else "_gemm"), us=ms * 1e3,
+                           packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw, max_abs_diff=diff)
+                except Exception as e:
+                    record(**tag, what="with_rotation", error=f"{type(e).__name__}: {str(e)[:300]}")
+            packed.ROT_IN_KERNEL = rot
         # the engine's launch: eager steps know the longest sequence, graphs do not
         for maxlen in (() if args.no_peers else (ctx, None)):
             try:

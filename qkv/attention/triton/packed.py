@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
-from qkv.attention.triton.packed_fast import fast_decode_kernel
+from qkv.attention.triton.packed_fast import _fwht, fast_decode_kernel
 from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
@@ -44,6 +44,7 @@ PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 FUSED = False  # int4 widened with one fma per value pair (bf16 queries; packed_fast.I4F_ASM_BF16)
 MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
 LAZY = 0  # > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units)
+ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
 
 
 @triton.jit
@@ -366,9 +367,14 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ml = torch.empty((rows, 2), dtype=torch.float32, device=q.device)
     if query_start_loc is None:
         query_start_loc = torch.arange(B + 1, device=q.device)
-    if kp.rotated and rotate:  # scores of the rotated query against the rotated keys (kv_pages): one GEMM
+    # Rotated planes (kv_pages): the rotated query scores the rotated keys and the output is
+    # rotated back; the fast kernel rotates both in registers (with splits, the merge rotates the
+    # output), the others by a GEMM each here.
+    rot_q = bool(fast and kp.rotated and rotate and ROT_IN_KERNEL)
+    rot_o = bool(fast and vp.rotated and rotate and v_words in (0, 3) and ROT_IN_KERNEL)
+    if kp.rotated and rotate and not rot_q:
         q = _rotate(q)
-    if out is None or (vp.rotated and rotate):
+    if out is None or (vp.rotated and rotate and not rot_o):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32  # the narrower plane's words per row
@@ -385,14 +391,41 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                         *common, ASM=0 if INTERPRET else 2 if fused else 1,
                                         KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
+                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                            *common, **consts)
-    if S > 1:
+    if S > 1 and rot_o:
+        _combine_rot_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, S=S,
+                                    S_PAD=triton.next_power_of_2(S), LOG2D=D.bit_length() - 1, num_warps=4)
+    elif S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
-    return _rotate(out) if vp.rotated and rotate else out
+    return _rotate(out) if vp.rotated and rotate and not rot_o else out
+
+
+@triton.jit
+def _combine_rot_kernel(ACC, ML, OUT, QSL, stride_ot, stride_oh, H, D: tl.constexpr, S: tl.constexpr,
+                        S_PAD: tl.constexpr, LOG2D: tl.constexpr):
+    """decode._combine_kernel's merge of the splits' partial states, rotated back (V stored
+    rotated) in fp32 before the one rounding to the output's dtype."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    qrow = tl.load(QSL + b)
+    if tl.load(QSL + b + 1) - qrow != 1:
+        return
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D)
+    smask = s < S
+    row = (b * H + h) * S + s
+    m = tl.load(ML + row * 2, mask=smask, other=float("-inf"))
+    l = tl.load(ML + row * 2 + 1, mask=smask, other=0.0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - tl.max(m, 0)), 0.0)
+    acc = tl.load(ACC + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    out = tl.reshape(_fwht(tl.reshape(out, (1, D)), 1, D, LOG2D), (D,))
+    tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 
 
 _H: dict = {}

@@ -393,6 +393,17 @@ def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, WHOLE: 
 
 
 @triton.jit
+def _fwht(x, R: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
+    """x [R, D] (fp32) times the normalized Sylvester Hadamard matrix: kv_int.hadamard's
+    butterflies (pairs h apart: sum in the first, difference in the second), in registers."""
+    for k in tl.static_range(LOG2D):
+        y = tl.permute(tl.reshape(x, (R, D // (2 << k), 2, 1 << k)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, D))
+    return x * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
 def _pages(BT_ROW, pos, hi, ring, BS: tl.constexpr, HAS_RING: tl.constexpr):
     """The block-table entries of key positions ``pos`` (0 past ``hi``), as int64."""
     pg = pos // BS
@@ -438,7 +449,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
                        KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
-                       LAZY: tl.constexpr = 0):
+                       LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
+                       LOG2D: tl.constexpr = 7):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -473,8 +485,16 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     else:
         va_c, vb_c = _half_cols(V_BITS, D)
     qp = Q + qrow * stride_qt + heads[:, None] * stride_qh
-    qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
-    qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
+    if ROT_Q:  # K stored rotated (kv_int.hadamard): the query rotated here, in fp32, then cast as _rotate's
+        qn = tl.load(qp + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        qn = _fwht(qn, G_PAD, D, LOG2D).to(DT)
+        if K_BITS == 4:  # even and odd columns
+            qa, qb = tl.split(tl.reshape(qn, (G_PAD, HALF, 2)))
+        else:  # first and second half
+            qa, qb = tl.split(tl.permute(tl.reshape(qn, (G_PAD, 2, HALF)), (0, 2, 1)))
+    else:
+        qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
+        qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     if KEYS_ON_M == 2:  # accumulators [columns, heads]
@@ -572,7 +592,15 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     else:
         out_a = acc_a
         out_b = acc_b
-    if S == 1:
+    if S == 1 and ROT_O:  # V stored rotated: the output rotated back here, in fp32 (halves, not WHOLE)
+        if V_BITS == 4:  # even and odd columns
+            on = tl.reshape(tl.join(out_a / l_i[:, None], out_b / l_i[:, None]), (G_PAD, D))
+        else:  # first and second half
+            on = tl.reshape(tl.permute(tl.join(out_a / l_i[:, None], out_b / l_i[:, None]), (0, 2, 1)), (G_PAD, D))
+        on = _fwht(on, G_PAD, D, LOG2D)
+        tl.store(OUT + qrow * stride_ot + heads[:, None] * stride_oh + tl.arange(0, D)[None, :],
+                 on.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    elif S == 1:
         ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
         tl.store(ob + va_c[None, :], (out_a / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
         if not WHOLE:
