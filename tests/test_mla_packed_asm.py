@@ -83,6 +83,8 @@ def emulate(asm: str, args: list[int], n_out: int) -> list[int]:
             r = v[0] ^ v[1]
         elif op == "shr.b32":
             r = v[0] >> v[1]
+        elif op == "shl.b32":
+            r = v[0] << v[1]
         elif op == "prmt.b32":
             r = _prmt(v[0], v[1], v[2])
         elif op == "lop3.b32":

@@ -14,6 +14,8 @@ from qkv.kvcache.kv_int import e5m3_decode
 from test_mla_packed_asm import _bits, _f, _halves, emulate
 
 packed_fast = pytest.importorskip("qkv.attention.triton.packed_fast")  # needs triton to import
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 
 def _scales(g, n):
@@ -53,3 +55,34 @@ def test_int4_words_fused_is_the_reference(seed):
         for m in range(8):
             want = tuple(_want((w[k] >> 4 * m) & 15, s[k]) for k in range(2))
             assert _halves(out[m], "bf16") == want, (m, w, s)
+
+
+def test_e5m3_to_bf16_scales_is_exact():
+    """SC_ASM_BF16: every code pair (all 248 codes, subnormal ones included) -> (s, -136 s) in bf16,
+    exactly the decoded scale and its multiple (lanes as the codes')."""
+    codes = list(range(248))
+    s = e5m3_decode(torch.tensor(codes, dtype=torch.uint8)).double().tolist()
+    for i in range(0, 248, 2):
+        out = emulate(packed_fast.SC_ASM_BF16.value, [codes[i + 1] << 16 | codes[i]], 2)
+        assert _halves(out[0], "bf16") == (s[i], s[i + 1]), i
+        assert _halves(out[1], "bf16") == (-136 * s[i], -136 * s[i + 1]), i
+
+
+@triton.jit
+def _scales_kernel(C, S1, S2, N: tl.constexpr):
+    i = tl.arange(0, N)
+    s1, s2 = packed_fast._fused_scales(tl.load(C + i))
+    tl.store(S1 + i, s1)
+    tl.store(S2 + i, s2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the PTX on the device)")
+def test_e5m3_to_bf16_scales_on_gpu():
+    """The same on the device: bf16 multiplies keep subnormal inputs (codes 1..7), not flush them."""
+    c = torch.arange(256, device="cuda").clamp(max=247).to(torch.uint8)
+    s1 = torch.empty(256, dtype=torch.bfloat16, device="cuda")
+    s2 = torch.empty_like(s1)
+    _scales_kernel[(1,)](c, s1, s2, N=256)
+    want = e5m3_decode(c)
+    assert torch.equal(s1.double(), want.double())
+    assert torch.equal(s2.double(), -136 * want.double())

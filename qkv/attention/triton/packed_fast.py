@@ -97,6 +97,22 @@ I8_ASM_BF16 = tl.constexpr(_I8_ASM.replace(".T", ".bf16x2"))
 I8_ASM_F16 = tl.constexpr(_I8_ASM.replace(".T", ".f16x2"))
 
 
+# e5m3 codes to bf16 scales for the one-fma widening, 2 codes per asm block (16-bit lanes of $2):
+# the code shifted left by 4 is a bf16 bit pattern 2^-112 times the code's value (e5m3 is fp16
+# shifted right by 7; bf16's exponent bias is 112 more than fp16's, its mantissa 3 bits shorter),
+# subnormal codes included; one exact paired multiply by 2^112 (0x7780) gives s, one by
+# -136 * 2^112 (0xFB08) gives -136 s. $0: s, $1: -136 s.
+SC_ASM_BF16 = tl.constexpr("{\n.reg .b32 e5t, e5a, e5b;\nmov.b32 e5a, 0x77807780;\nmov.b32 e5b, 0xFB08FB08;\n"
+                           "shl.b32 e5t, $2, 4;\nmul.rn.bf16x2 $0, e5t, e5a;\nmul.rn.bf16x2 $1, e5t, e5b;\n}")
+
+
+@triton.jit
+def _fused_scales(c):
+    """(s, -136 s) in bf16 from e5m3 codes ``c`` (uint8), for I4F_ASM_BF16/I4WF_ASM_BF16."""
+    return tl.inline_asm_elementwise(SC_ASM_BF16, "=r,=r,r", [c.to(tl.int16)], dtype=(tl.bfloat16, tl.bfloat16),
+                                     is_pure=True, pack=2)
+
+
 @triton.jit
 def _int4_raw(C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
     """An int4 plane's packed bytes [BLOCK_N, D/2] and e5m3 codes [BLOCK_N, D/16] for keys at
@@ -118,9 +134,9 @@ def _int4_halves(x, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
     HALF: tl.constexpr = D // 2
     s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
     if ASM == 2 and DT == tl.bfloat16:  # one fma per pair (I4F_ASM_BF16)
-        sb = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
-        sn = tl.reshape(tl.broadcast_to((s.to(tl.float32) * -136.0).to(DT)[:, :, None], (BLOCK_N, NG, 8)),
-                        (BLOCK_N, HALF))
+        s1, s2 = _fused_scales(c)
+        sb = tl.reshape(tl.broadcast_to(s1[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
+        sn = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
         lo, hi = tl.inline_asm_elementwise(I4F_ASM_BF16, "=r,=r,=r,=r,r,r,r,r,r", [x, sb, sn],
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     elif ASM:
@@ -230,6 +246,7 @@ def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, 
                 I4W_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.bfloat16,) * 8, is_pure=True,
                 pack=2)
         else:
+            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
                 pack=2)
@@ -322,10 +339,10 @@ def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.cons
     NG: tl.constexpr = D // 16
     s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
     if ASM:
-        sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
         if DT == tl.bfloat16:
-            sn = tl.reshape(tl.broadcast_to((s.to(tl.float32) * -136.0).to(DT)[:, :, None], (BLOCK_N, NG, 2)),
-                            (BLOCK_N, W))
+            s1, s2 = _fused_scales(c)
+            sw = tl.reshape(tl.broadcast_to(s1[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+            sn = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
                 is_pure=True, pack=2)
