@@ -59,6 +59,7 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_pf2L": dict(fast=True, keys_on_m=True, prefetch=2, fused=True, lazy=8),
     "fast_m_pf2": dict(fast=True, keys_on_m=True, prefetch=2, fused=True),
     "fast_m_L": dict(fast=True, keys_on_m=True, v_words=0, lazy=8),
+    "fast_m_fL": dict(fast=True, keys_on_m=True, v_words=0, fused=True, lazy=8),  # int8: by words, one fma
     "fast_m_L_r96": dict(fast=True, keys_on_m=True, v_words=0, lazy=8, maxnreg=96),
 }
 SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
@@ -95,8 +96,9 @@ SWEEP3 = {  # session 7 (2026-12-03): fewer instructions a tile, deeper copy rin
              ("fast_m_w3fL_r80", 16, 1, 3, 25), ("fast_m_w3fL_r88", 16, 1, 2, 11), ("fast_m_w3fL", 32, 1, 2, 16),
              ("fast_m_w3fL", 32, 1, 3, 16), ("fast_m_w3fL", 32, 2, 2, 16), ("fast_m_w3fL", 64, 2, 2, 8),
              ("fast_m", 16, 1, 3, 16), ("fast_m_w3fL", 32, 2, 3, 8)],
-    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m_L", 32, 1, 2, 16), ("fast_m_L", 32, 1, 3, 16),
-             ("fast_m_L_r96", 32, 1, 3, 21), ("fast_m_L_r96", 32, 1, 2, 10), ("fast_m", 32, 1, 3, 16)],
+    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m_fL", 32, 1, 2, 16), ("fast_m_L", 32, 1, 2, 16),
+             ("fast_m_fL", 32, 1, 3, 16), ("fast_m_fL", 16, 1, 2, 16), ("fast_m_fL", 32, 1, 2, 8),
+             ("fast_m_L_r96", 32, 1, 3, 21)],
 }
 SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3}
 

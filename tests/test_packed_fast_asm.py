@@ -57,6 +57,24 @@ def test_int4_words_fused_is_the_reference(seed):
             assert _halves(out[m], "bf16") == want, (m, w, s)
 
 
+def test_int8_words_fused_is_the_reference():
+    """I8WF_ASM_BF16 (pack=2 words $4, $5; fp32 s / 256 $6, $7 and -(2^15 + 2^7) s $8, $9):
+    output m holds byte m of each word, = the signed byte times its fp16 scale rounded once to bf16."""
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        w = torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64).tolist()
+        s = (torch.rand(2, generator=g, dtype=torch.float64) * 2.0 ** torch.randint(-24, 16, (2,), generator=g))
+        s = s.to(torch.float16).double().tolist()  # the cache's fp16 scales, subnormal ones too
+        args = [w[0], w[1], _bits(s[0] / 256, "f32"), _bits(s[1] / 256, "f32"), _bits(-32896 * s[0], "f32"),
+                _bits(-32896 * s[1], "f32")]
+        out = emulate(packed_fast.I8WF_ASM_BF16.value, args, 4)
+        for m in range(4):
+            v = [((w[k] >> 8 * m) & 255) for k in range(2)]
+            v = [b - 256 if b >= 128 else b for b in v]
+            want = tuple(_f(_bits(v[k] * s[k], "bf16"), "bf16") for k in range(2))
+            assert _halves(out[m], "bf16") == want, (m, w, s)
+
+
 def test_e5m3_to_bf16_scales_is_exact():
     """SC_ASM_BF16: every code pair (all 248 codes, subnormal ones included) -> (s, -136 s) in bf16,
     exactly the decoded scale and its multiple (lanes as the codes')."""

@@ -88,8 +88,8 @@ def test_packed_decode_equals_reference(kv, case):
     (True, True, 0, False, True), (True, True, 0, 2, True)])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
 def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, fused, case):
-    if kv == "int8" and (v_words or prefetch or fused):
-        pytest.skip("v_words, prefetch and fused read int4 planes only")
+    if kv == "int8" and (v_words or prefetch):
+        pytest.skip("v_words and prefetch read int4 planes only")
     # 32-key tiles: two or more tiles per split (the prefetch crosses tiles and the ragged end)
     check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, fused=fused,
                  block_n=32)
@@ -101,7 +101,7 @@ def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, pr
 def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefetch):
     """The fast kernel's single-warp tilings (the defaults' shape), a deeper copy ring and the
     register prefetch of K and V, with the fused widening and V by words (int4), lazy rescale."""
-    extra = dict(fused=True, v_words=3, prefetch=prefetch) if kv == "int4" else {}
+    extra = dict(fused=True, v_words=3, prefetch=prefetch) if kv == "int4" else dict(fused=True)
     check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
                  num_stages=stages, lazy=8, **extra)
 

@@ -174,9 +174,46 @@ def _int8_half(C8, C16, boff, soff, nmask, NGH: tl.constexpr, HALF: tl.constexpr
         return (x.to(tl.int8, bitcast=True).to(tl.float32) * sb).to(DT)
 
 
+# int8 by words in bf16, one fma per value (``ASM`` 2): pack=2 over words w0 ($4), w1 ($5) with
+# fp32 scales s / 256 ($6, $7) and -(2^15 + 2^7) s ($8, $9, exact: 9 x 11 bits); byte m ^ 0x80 = u
+# permuted under 0x4B into bits 8..15 reads as 2^23 + 256 u, and the fma gives (u - 128) s, the
+# signed byte times its scale exactly (19 bits), rounded once to bf16 (the reference's fp32
+# product, cast). Output m holds byte m of both words (w0's in the low lane).
+I8WF_ASM_BF16 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 k8a, k8b, k8f, k8g, k8hi;", "mov.b32 k8hi, 0x4B000000;",
+     "xor.b32 k8a, $4, 0x80808080;", "xor.b32 k8b, $5, 0x80808080;"]
+    + [line for m in range(4) for line in (
+        f"prmt.b32 k8f, k8a, k8hi, 0x76{m}4;", f"prmt.b32 k8g, k8b, k8hi, 0x76{m}4;",
+        "fma.rn.f32 k8f, k8f, $6, $8;", "fma.rn.f32 k8g, k8g, $7, $9;", f"cvt.rn.bf16x2.f32 ${m}, k8g, k8f;")]
+    + ["}"]))
+
+
+@triton.jit
+def _int8_half_words(C32, C16, woff, soff, nmask, NGH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DT: tl.constexpr, ASM: tl.constexpr):
+    """``_int8_half``'s columns loaded as 32-bit words (``woff``: word offsets; no byte is split
+    out and repacked) and widened by I8WF_ASM_BF16 (the interpreter: Triton ops, the same values)."""
+    W: tl.constexpr = HALF // 4
+    w = tl.load(C32 + woff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    s = tl.load(C16 + soff[:, None] + tl.arange(0, NGH)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+    sw = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NGH, W // NGH)), (BLOCK_N, W))
+    if ASM:
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(I8WF_ASM_BF16, "=r,=r,=r,=r,r,r,r,r,r,r",
+                                                   [w, sw * 0.00390625, sw * -32896.0],
+                                                   dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    else:
+        o0 = (((w << 24) >> 24).to(tl.float32) * sw).to(DT)  # byte m, sign-extended
+        o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
+        o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
+        o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
+    # word j's bytes are columns 4j .. 4j + 3 (joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
+    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_N, HALF))
+
+
 @triton.jit
 def _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
-            D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+            D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+            C32=None):
     """One plane's tile as two [BLOCK_N, D/2] halves (columns as ``_half_cols``)."""
     HALF: tl.constexpr = D // 2
     if BITS == 4:
@@ -185,10 +222,15 @@ def _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, G
     else:
         NG: tl.constexpr = D // GRP
         NGH: tl.constexpr = NG // 2 if NG > 1 else 1
-        boff = tl.multiple_of(base + vals_at + row * D, ALIGN * 4)
         soff = (base + scales_at) // 2 + row * NG
-        a = _int8_half(C8, C16, boff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
-        b = _int8_half(C8, C16, boff + HALF, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
+        if ASM == 2 and DT == tl.bfloat16:  # by words, one fma a value
+            woff = tl.multiple_of((base + vals_at) // 4 + row * (D // 4), ALIGN)
+            a = _int8_half_words(C32, C16, woff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
+            b = _int8_half_words(C32, C16, woff + HALF // 4, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
+        else:
+            boff = tl.multiple_of(base + vals_at + row * D, ALIGN * 4)
+            a = _int8_half(C8, C16, boff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
+            b = _int8_half(C8, C16, boff + HALF, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
         return a, b
 
 
@@ -381,7 +423,8 @@ def _v_tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constex
         va = v
         vb = v
     else:
-        va, vb = _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS, GRP, D, BLOCK_N, ALIGN, DT, ASM)
+        va, vb = _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS, GRP, D, BLOCK_N, ALIGN, DT, ASM,
+                         C32)
         v = va
     return va, vb, v
 
@@ -559,7 +602,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
         if PREFETCH != 2:
             for start in range(lo, hi, BLOCK_N):
                 nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-                ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
+                ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
+                                 C32)
                 s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
                 s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
                 s = tl.where(nmask[:, None], s, float("-inf"))
@@ -591,7 +635,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
+            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
+                             C32)
             s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
             s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
             s = tl.where(nmask[None, :], s, float("-inf"))
