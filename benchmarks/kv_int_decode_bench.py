@@ -60,6 +60,11 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_pf2": dict(fast=True, keys_on_m=True, prefetch=2, fused=True),
     "fast_m_L": dict(fast=True, keys_on_m=True, v_words=0, lazy=8),
     "fast_m_fL": dict(fast=True, keys_on_m=True, v_words=0, fused=True, lazy=8),  # int8: by words, one fma
+    "fast_m_f0": dict(fast=True, keys_on_m=True, v_words=0, fused=True, lazy=0),
+    "fast_m_w3": dict(fast=True, keys_on_m=True, v_words=3, fused=False, lazy=0),
+    "fast_m_w3_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=False, lazy=0, maxnreg=96),
+    "fast_m_w3f_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=0, maxnreg=96),
+    "fast_m_0": dict(fast=True, keys_on_m=True, v_words=0, fused=False, lazy=0),
     "fast_m_L_r96": dict(fast=True, keys_on_m=True, v_words=0, lazy=8, maxnreg=96),
 }
 SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
@@ -100,7 +105,15 @@ SWEEP3 = {  # session 7 (2026-12-03): fewer instructions a tile, deeper copy rin
              ("fast_m_fL", 32, 1, 3, 16), ("fast_m_fL", 16, 1, 2, 16), ("fast_m_fL", 32, 1, 2, 8),
              ("fast_m_L_r96", 32, 1, 3, 21)],
 }
-SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3}
+SWEEP4 = {  # session 7, round 2: V as words behind an opaque mov (round 1's were wrong with 16-key tiles)
+    "int4": [("fast_m_0", 16, 1, 2, 16), ("fast_m_w3", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16),
+             ("fast_m_w3_r96", 16, 1, 2, 10), ("fast_m_w3f_r96", 16, 1, 2, 10), ("fast_m_w3", 16, 1, 2, 8),
+             ("fast_m_w3f", 16, 1, 2, 8), ("fast_m_L", 16, 1, 2, 16), ("fast_m_0", 16, 1, 2, 8),
+             ("fast_m_w3_r96", 16, 1, 2, 21), ("fast_m_w3", 32, 1, 2, 16)],
+    "int8": [("fast_m_fL", 16, 1, 2, 16), ("fast_m_f0", 16, 1, 2, 16), ("fast_m_fL", 16, 1, 2, 8),
+             ("fast_m_fL", 16, 1, 3, 16), ("fast_m_0", 32, 1, 2, 16)],
+}
+SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4}
 
 
 def main():

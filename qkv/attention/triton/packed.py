@@ -39,11 +39,16 @@ V_WORDS = 0  # V in halves: 220.6 us against 233.4 as words (128-key tiles; 2026
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
-FAST_TILING = {4: (16, 1, 2), 8: (32, 1, 2)}
+FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
-FUSED = False  # int4 widened with one fma per value pair (bf16 queries; packed_fast.I4F_ASM_BF16)
+# By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
+# 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair: 198.7 us against
+# 183.4 (it takes 144 registers, not 128), so off.
+FUSED = {4: False, 8: True}
 MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
-LAZY = 0  # > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units)
+# > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units); by bits
+# as FUSED. int8: 272.0 us against 276.7 without (session 7); int4 (V as words): 174.5 against 171.1.
+LAZY = {4: 0, 8: 8}
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
 
 
@@ -350,9 +355,10 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         prefetch = 0
     elif prefetch == 1 and (v_words or vp.fmt.bits != 4):
         prefetch = 0
-    fused = bool(FUSED if fused is None else fused)
+    nbits = min(kp.fmt.bits, vp.fmt.bits)
+    fused = bool(FUSED[nbits] if fused is None else fused)
     # (the lazy rescale: keys on M, V in halves)
-    lazy = int((LAZY if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
+    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)

@@ -359,7 +359,19 @@ def _int4_word_halves(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.const
     repacked, as a byte tile carried to the next iteration in registers is), widened by words
     (I4WF_ASM_BF16 for bf16, else I4W_ASM) and joined in-thread into the halves."""
     w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
-    return _widen_word_halves(w, c, D, BLOCK_N, DT, ASM)
+    lo, hi = _widen_word_halves(w, c, D, BLOCK_N, DT, ASM)
+    # (through a no-op Triton cannot see into, as mla_packed._opaque: with 16-key tiles the halves
+    # fed the transposed dot straight from the joins gave wrong values on the H200, session 7
+    # round 1, max |error| 0.14; with 32-key tiles and in the register-prefetch path they were right)
+    return _opaque(lo, ASM), _opaque(hi, ASM)
+
+
+@triton.jit
+def _opaque(t, ASM: tl.constexpr):
+    """t through a non-pure ``mov`` (mla_packed._opaque): Triton's layout analysis stops here."""
+    if ASM:
+        t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [t], dtype=t.dtype, is_pure=False, pack=2)
+    return t
 
 
 @triton.jit
