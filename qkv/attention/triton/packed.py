@@ -35,16 +35,18 @@ from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (benchmarks/kv_int_decode_bench.py)
-V_WORDS = 0  # V in halves: 220.6 us against 233.4 as words (128-key tiles; 2026-12-03, batch 32 x 8k)
+# int4 V read as 32-bit words into halves (3): 152.5 us against 180.7 as bytes at batch 32 x 8k (H200,
+# session 7 round 2, 16-key tiles, 8 splits, fused); V_WORDS 0 keeps the bytes.
+V_WORDS = 3
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
 FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 # By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
-# 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair: 198.7 us against
-# 183.4 (it takes 144 registers, not 128), so off.
-FUSED = {4: False, 8: True}
+# 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
+# it was slower: 198.7 us against 183.4, 144 registers).
+FUSED = {4: True, 8: True}  # int4 with V as words: 152.5 us fused, 155.2 not (round 2)
 MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
 # > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units); by bits
 # as FUSED. int8: 272.0 us against 276.7 without (session 7); int4 (V as words): 174.5 against 171.1.
@@ -366,7 +368,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
     # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
     # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
-    S = splits or num_splits(B, kvh, max_seq_len, block_n, num_sms=132 * 8 // num_warps)
+    # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
+    S = splits or num_splits(B, kvh, max_seq_len, block_n,
+                             num_sms=132 * (4 if fast and nbits == 4 else 8) // num_warps)
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
