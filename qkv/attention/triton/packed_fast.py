@@ -12,10 +12,12 @@ with less work per cached element:
 - ``KEYS_ON_M``: keys on the MMA's M dimension (transposed dots, heads padded to 8): a tile
   widened in registers is the A operand as it is (as decode.py's fp8 path).
 
-Options measured against these (benchmarks/kv_int_decode_bench.py; slower at batch 32 x 8k on the
-H200, kept for the record and the tests): ``V_WORDS`` (an int4 V tile read as 32-bit words, 8
-nibbles per asm output pair) and ``PREFETCH`` (the next int4 V tile's bytes loaded one tile
-ahead). The tiling (single-warp programs) is ``packed.FAST_TILING``.
+Defaults (``packed``): int4 V read as 32-bit words into the halves (``V_WORDS`` 3, through an
+opaque mov: fed straight to the dot it gave wrong values with 16-key tiles on the H200), int8
+planes by words, one fma a value (pair) (``ASM`` 2), the rotations in registers (``ROT_Q``,
+``ROT_O``), the lazy rescale for int8 (``LAZY``). Options kept for the record and the tests:
+``V_WORDS`` 1/2, ``PREFETCH`` 1 (int4 V bytes a tile ahead) and 2 (K and V words a tile ahead
+in registers; slower at batch 32 x 8k). The tiling (single-warp programs) is ``packed.FAST_TILING``.
 
 Without ``ASM`` (Triton's interpreter, which runs no PTX) the tiles are widened by Triton ops:
 the same values, so the tests check the kernel's structure on the CPU too.
