@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu_bench import bench_graph  # noqa: E402
 
 from qkv.attention.triton.decode import paged_decode  # noqa: E402
+from qkv.attention.triton import packed  # noqa: E402
 from qkv.attention.triton.packed import packed_decode, write_packed  # noqa: E402
 from qkv.kvcache import kv_pages  # noqa: E402
 from qkv.kvcache.kv_int import resolve  # noqa: E402
@@ -48,6 +49,23 @@ VARIANTS = {  # name -> packed_decode's kernel choice
     "fast_m_words1": dict(fast=True, keys_on_m=True, v_words=1),
     "fast_m_words": dict(fast=True, keys_on_m=True, v_words=2),
     "fast_m_pf": dict(fast=True, keys_on_m=True, v_words=0, prefetch=True),
+    # session 7: f the one-fma widening, w3 V as words into halves, L the lazy rescale (8), rN maxnreg N
+    "fast_m_f": dict(fast=True, keys_on_m=True, v_words=0, fused=True),
+    "fast_m_w3f": dict(fast=True, keys_on_m=True, v_words=3, fused=True),
+    "fast_m_w3fL": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8),
+    "fast_m_w3fL_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=96),
+    "fast_m_w3fL_r88": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=88),
+    "fast_m_w3fL_r80": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=8, maxnreg=80),
+    "fast_m_pf2L": dict(fast=True, keys_on_m=True, prefetch=2, fused=True, lazy=8),
+    "fast_m_pf2": dict(fast=True, keys_on_m=True, prefetch=2, fused=True),
+    "fast_m_L": dict(fast=True, keys_on_m=True, v_words=0, lazy=8),
+    "fast_m_fL": dict(fast=True, keys_on_m=True, v_words=0, fused=True, lazy=8),  # int8: by words, one fma
+    "fast_m_f0": dict(fast=True, keys_on_m=True, v_words=0, fused=True, lazy=0),
+    "fast_m_w3": dict(fast=True, keys_on_m=True, v_words=3, fused=False, lazy=0),
+    "fast_m_w3_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=False, lazy=0, maxnreg=96),
+    "fast_m_w3f_r96": dict(fast=True, keys_on_m=True, v_words=3, fused=True, lazy=0, maxnreg=96),
+    "fast_m_0": dict(fast=True, keys_on_m=True, v_words=0, fused=False, lazy=0),
+    "fast_m_L_r96": dict(fast=True, keys_on_m=True, v_words=0, lazy=8, maxnreg=96),
 }
 SWEEP1 = {  # kv -> [(variant, keys per tile, warps, stages, splits or None: decode.num_splits)]
     "int4": [("plain", 64, 4, 3, 8),
@@ -74,19 +92,43 @@ SWEEP2 = {  # after SWEEP1 (2026-12-03): keys on M with V in halves was best; fe
     "int8": [("plain", 64, 4, 3, 4), ("fast_m", 128, 4, 3, 4), ("fast_m", 128, 4, 2, 4), ("fast_m", 64, 2, 2, 8),
              ("fast_m", 32, 2, 2, 16), ("fast_m", 32, 1, 2, 16), ("fast_m", 128, 2, 2, 8)],
 }
-SWEEPS = {"1": SWEEP1, "2": SWEEP2}
+SWEEP3 = {  # session 7 (2026-12-03): fewer instructions a tile, deeper copy rings, more programs per SM
+    "int4": [("fast_m", 16, 1, 2, 16), ("fast_m_w3fL", 16, 1, 2, 16), ("fast_m_w3fL", 16, 1, 3, 16),
+             ("fast_m_w3fL_r96", 16, 1, 3, 21), ("fast_m_w3fL_r96", 16, 1, 3, 10), ("fast_m_pf2L", 16, 1, 1, 16),
+             ("fast_m_pf2L", 16, 1, 1, 8), ("fast_m_w3fL_r96", 16, 1, 2, 21), ("fast_m_w3fL_r96", 16, 1, 2, 10),
+             ("fast_m_w3fL", 16, 1, 2, 8), ("fast_m_w3fL", 16, 1, 2, 32), ("fast_m_w3fL", 16, 1, 3, 32),
+             ("fast_m_f", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16), ("fast_m_pf2", 16, 1, 1, 16),
+             ("fast_m_w3fL_r80", 16, 1, 3, 25), ("fast_m_w3fL_r88", 16, 1, 2, 11), ("fast_m_w3fL", 32, 1, 2, 16),
+             ("fast_m_w3fL", 32, 1, 3, 16), ("fast_m_w3fL", 32, 2, 2, 16), ("fast_m_w3fL", 64, 2, 2, 8),
+             ("fast_m", 16, 1, 3, 16), ("fast_m_w3fL", 32, 2, 3, 8)],
+    "int8": [("fast_m", 32, 1, 2, 16), ("fast_m_fL", 32, 1, 2, 16), ("fast_m_L", 32, 1, 2, 16),
+             ("fast_m_fL", 32, 1, 3, 16), ("fast_m_fL", 16, 1, 2, 16), ("fast_m_fL", 32, 1, 2, 8),
+             ("fast_m_L_r96", 32, 1, 3, 21)],
+}
+SWEEP4 = {  # session 7, round 2: V as words behind an opaque mov (round 1's were wrong with 16-key tiles)
+    "int4": [("fast_m_0", 16, 1, 2, 16), ("fast_m_w3", 16, 1, 2, 16), ("fast_m_w3f", 16, 1, 2, 16),
+             ("fast_m_w3_r96", 16, 1, 2, 10), ("fast_m_w3f_r96", 16, 1, 2, 10), ("fast_m_w3", 16, 1, 2, 8),
+             ("fast_m_w3f", 16, 1, 2, 8), ("fast_m_L", 16, 1, 2, 16), ("fast_m_0", 16, 1, 2, 8),
+             ("fast_m_w3_r96", 16, 1, 2, 21), ("fast_m_w3", 32, 1, 2, 16)],
+    "int8": [("fast_m_fL", 16, 1, 2, 16), ("fast_m_f0", 16, 1, 2, 16), ("fast_m_fL", 16, 1, 2, 8),
+             ("fast_m_fL", 16, 1, 3, 16), ("fast_m_0", 32, 1, 2, 16)],
+}
+SWEEPS = {"1": SWEEP1, "2": SWEEP2, "3": SWEEP3, "4": SWEEP4}
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--sweep", default="2", choices=sorted(SWEEPS), help="which list of tilings")
+    ap.add_argument("--quiet", action="store_true", help="records to the file only")
+    ap.add_argument("--no-peers", action="store_true", help="skip the engine default and the bf16/fp8 kernels")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_bench.jsonl")
     open(path, "w").close()
 
     def record(**kw):  # appended as it comes: a run cut short keeps what it measured
-        print(json.dumps(kw), flush=True)
+        if not args.quiet:
+            print(json.dumps(kw), flush=True)
         with open(path, "a") as f:
             f.write(json.dumps(kw) + "\n")
 
@@ -111,6 +153,7 @@ def main():
         plain.kv_layout = dataclasses.replace(
             cache.kv_layout, planes=tuple(dataclasses.replace(p, rotated=False) for p in cache.kv_layout.planes))
         ref = packed_decode(q, plain, table, nc, scale, max_seq_len=ctx, fast=False, splits=8).float()
+        ref_rot = packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, fast=False, splits=8).float()
         best = None
         for variant, block_n, warps, stages, splits in SWEEPS[args.sweep][kv]:
             kw = dict(VARIANTS[variant], block_n=block_n, num_warps=warps, num_stages=stages, splits=splits)
@@ -128,9 +171,20 @@ def main():
                 record(**tag, error=f"{type(e).__name__}: {str(e)[:300]}")
         if best is not None:
             _, kw, tag = best
-            ms = bench_graph(lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, **kw))
-            record(**tag, what="with_rotation", us=ms * 1e3, packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw)
-        for maxlen in (ctx, None):  # the engine's launch: eager steps know the longest sequence, graphs do not
+            fn = lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=ctx, **kw)  # noqa: E731
+            rot = packed.ROT_IN_KERNEL
+            for in_kernel in (True, False):  # the rotations in the kernel's registers, or as GEMMs around it
+                packed.ROT_IN_KERNEL = in_kernel
+                try:
+                    diff = (fn().float() - ref_rot).abs().max().item()
+                    ms = bench_graph(fn)
+                    record(**tag, what="with_rotation" + ("" if in_kernel else "_gemm"), us=ms * 1e3,
+                           packed_bytes=nbytes, frac_of_copy=nbytes / (ms / 1e3) / bw, max_abs_diff=diff)
+                except Exception as e:
+                    record(**tag, what="with_rotation", error=f"{type(e).__name__}: {str(e)[:300]}")
+            packed.ROT_IN_KERNEL = rot
+        # the engine's launch: eager steps know the longest sequence, graphs do not
+        for maxlen in (() if args.no_peers else (ctx, None)):
             try:
                 fn = lambda: packed_decode(q, cache, table, nc, scale, max_seq_len=maxlen)  # noqa: E731
                 ms = bench_graph(fn)

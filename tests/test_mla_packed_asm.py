@@ -83,6 +83,8 @@ def emulate(asm: str, args: list[int], n_out: int) -> list[int]:
             r = v[0] ^ v[1]
         elif op == "shr.b32":
             r = v[0] >> v[1]
+        elif op == "shl.b32":
+            r = v[0] << v[1]
         elif op == "prmt.b32":
             r = _prmt(v[0], v[1], v[2])
         elif op == "lop3.b32":
@@ -91,6 +93,8 @@ def emulate(asm: str, args: list[int], n_out: int) -> list[int]:
             r = _pair(lambda a, b, c: a * b + c, m.group(1), *v)
         elif m := re.fullmatch(r"mul\.rn\.(bf16|f16)x2", op):
             r = _pair(lambda a, b: a * b, m.group(1), *v)
+        elif op == "fma.rn.f32":
+            r = _bits(_f(v[0], "f32") * _f(v[1], "f32") + _f(v[2], "f32"), "f32")
         elif op in ("sub.rn.f32", "mul.rn.f32"):
             a, b = _f(v[0], "f32"), _f(v[1], "f32")
             r = _bits(a - b if op.startswith("sub") else a * b, "f32")

@@ -81,15 +81,38 @@ def test_packed_decode_equals_reference(kv, case):
 # The fast kernel (tiles in halves, widened in PTX on the GPU, by Triton ops in the
 # interpreter), keys on the MMA's M or N dimension, and the plain kernel: each equals the reference.
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch", [
-    (False, False, 0, False), (True, False, 0, False), (True, True, 0, False), (True, True, 0, True),
-    (True, False, 2, False), (True, True, 1, False), (True, True, 2, False)])
+@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch,fused", [
+    (False, False, 0, False, False), (True, False, 0, False, False), (True, True, 0, False, False),
+    (True, True, 0, True, False), (True, False, 2, False, False), (True, True, 1, False, False),
+    (True, True, 2, False, False), (True, True, 3, False, False), (True, True, 3, False, True),
+    (True, True, 0, False, True), (True, True, 0, 2, True)])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
-def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, case):
+def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, fused, case):
     if kv == "int8" and (v_words or prefetch):
-        pytest.skip("v_words and prefetch read int4 V planes only")
+        pytest.skip("v_words and prefetch read int4 planes only")
     # 32-key tiles: two or more tiles per split (the prefetch crosses tiles and the ragged end)
-    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, block_n=32)
+    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, fused=fused,
+                 block_n=32)
+
+
+@gpu
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2)])
+def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefetch):
+    """The fast kernel's single-warp tilings (the defaults' shape), a deeper copy ring and the
+    register prefetch of K and V, with the fused widening and V by words (int4), lazy rescale."""
+    extra = dict(fused=True, v_words=3, prefetch=prefetch) if kv == "int4" else dict(fused=True)
+    check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
+                 num_stages=stages, lazy=8, **extra)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("case", ["gqa", "mqa-splits", "window-softcap"])
+@pytest.mark.parametrize("lazy", [1, 8])
+def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
+    """The running max moved only past a threshold (the accumulators' rescale skipped on the
+    other tiles): the reference's values. 16-key tiles: many tiles a split, both branches taken."""
+    check_decode(kv, case, fast=True, keys_on_m=True, v_words=3 if kv == "int4" else 0, lazy=lazy, block_n=16)
 
 
 @gpu

@@ -29,18 +29,29 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
-from qkv.attention.triton.packed_fast import fast_decode_kernel
+from qkv.attention.triton.packed_fast import _fwht, fast_decode_kernel
 from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (benchmarks/kv_int_decode_bench.py)
-V_WORDS = 0  # V in halves: 220.6 us against 233.4 as words (128-key tiles; 2026-12-03, batch 32 x 8k)
+# int4 V read as 32-bit words into halves (3): 152.5 us against 180.7 as bytes at batch 32 x 8k (H200,
+# session 7 round 2, 16-key tiles, 8 splits, fused); V_WORDS 0 keeps the bytes.
+V_WORDS = 3
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
-FAST_TILING = {4: (16, 1, 2), 8: (32, 1, 2)}
+FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
+# By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
+# 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
+# it was slower: 198.7 us against 183.4, 144 registers).
+FUSED = {4: True, 8: True}  # int4 with V as words: 152.5 us fused, 155.2 not (round 2)
+MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
+# > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units); by bits
+# as FUSED. int8: 272.0 us against 276.7 without (session 7); int4 (V as words): 174.5 against 171.1.
+LAZY = {4: 0, 8: 8}
+ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
 
 
 @triton.jit
@@ -312,7 +323,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None,
-                  prefetch: bool | None = None, rotate: bool = True) -> torch.Tensor:
+                  prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
+                  lazy: int | None = None,
+                  rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
@@ -320,8 +333,11 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
     halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
     tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
-    0: as halves), ``prefetch`` (int4 V in halves, keys on M) its V bytes loaded one tile
-    ahead; all variants give the reference's values
+    0: as halves), ``prefetch`` (keys on M) 1: int4 V bytes loaded one tile ahead, 2: int4 K and V
+    one tile ahead and the block table two (run it with ``num_stages=1``) (3: V as words into halves), ``fused`` (int4,
+    bf16 queries) one fma per widened value pair, ``lazy`` (keys on M) moves the running max only
+    when a tile's exceeds it by more than ``lazy`` (log2 units), ``maxnreg`` caps the
+    fast kernel's registers per thread (more programs per SM); all variants give the reference's values
     (tests/test_triton_packed.py). ``rotate=False``: q is already rotated (for rotated K) and
     ``out`` is left in the rotated space (for rotated V), for a caller that rotates it
     (packed_prefill's mixed steps)."""
@@ -336,23 +352,39 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
-    prefetch = bool(keys_on_m and not v_words and vp.fmt.bits == 4 and (PREFETCH if prefetch is None else prefetch))
+    prefetch = int(PREFETCH if prefetch is None else prefetch) if keys_on_m else 0
+    if prefetch == 2 and not (kp.fmt.bits == 4 and vp.fmt.bits == 4):
+        prefetch = 0
+    elif prefetch == 1 and (v_words or vp.fmt.bits != 4):
+        prefetch = 0
+    nbits = min(kp.fmt.bits, vp.fmt.bits)
+    fused = bool(FUSED[nbits] if fused is None else fused)
+    # (the lazy rescale: keys on M, V in halves)
+    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
+    maxnreg = MAXNREG if maxnreg is None else maxnreg
     tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
         tiling = (16,) + tiling[1:]
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
     # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
     # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
-    S = splits or num_splits(B, kvh, max_seq_len, block_n, num_sms=132 * 8 // num_warps)
+    # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
+    S = splits or num_splits(B, kvh, max_seq_len, block_n,
+                             num_sms=132 * (4 if fast and nbits == 4 else 8) // num_warps)
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((rows, 2), dtype=torch.float32, device=q.device)
     if query_start_loc is None:
         query_start_loc = torch.arange(B + 1, device=q.device)
-    if kp.rotated and rotate:  # scores of the rotated query against the rotated keys (kv_pages): one GEMM
+    # Rotated planes (kv_pages): the rotated query scores the rotated keys and the output is
+    # rotated back; the fast kernel rotates both in registers (with splits, the merge rotates the
+    # output), the others by a GEMM each here.
+    rot_q = bool(fast and kp.rotated and rotate and ROT_IN_KERNEL)
+    rot_o = bool(fast and vp.rotated and rotate and v_words in (0, 3) and ROT_IN_KERNEL)
+    if kp.rotated and rotate and not rot_q:
         q = _rotate(q)
-    if out is None or (vp.rotated and rotate):
+    if out is None or (vp.rotated and rotate and not rot_o):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     # Word offsets are multiples of ALIGN (<= 4 words: 16-byte vector loads) on every page.
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32  # the narrower plane's words per row
@@ -367,15 +399,43 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   num_stages=num_stages)
     if fast:
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
-                                        *common, ASM=not INTERPRET, KEYS_ON_M=2 if keys_on_m else 0,
-                                        V_WORDS=v_words, PREFETCH=prefetch, **consts)
+                                        *common, ASM=0 if INTERPRET else 2 if fused else 1,
+                                        KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
+                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1,
+                                        **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                            *common, **consts)
-    if S > 1:
+    if S > 1 and rot_o:
+        _combine_rot_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, S=S,
+                                    S_PAD=triton.next_power_of_2(S), LOG2D=D.bit_length() - 1, num_warps=4)
+    elif S > 1:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
-    return _rotate(out) if vp.rotated and rotate else out
+    return _rotate(out) if vp.rotated and rotate and not rot_o else out
+
+
+@triton.jit
+def _combine_rot_kernel(ACC, ML, OUT, QSL, stride_ot, stride_oh, H, D: tl.constexpr, S: tl.constexpr,
+                        S_PAD: tl.constexpr, LOG2D: tl.constexpr):
+    """decode._combine_kernel's merge of the splits' partial states, rotated back (V stored
+    rotated) in fp32 before the one rounding to the output's dtype."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    qrow = tl.load(QSL + b)
+    if tl.load(QSL + b + 1) - qrow != 1:
+        return
+    s = tl.arange(0, S_PAD)
+    d = tl.arange(0, D)
+    smask = s < S
+    row = (b * H + h) * S + s
+    m = tl.load(ML + row * 2, mask=smask, other=float("-inf"))
+    l = tl.load(ML + row * 2 + 1, mask=smask, other=0.0)
+    w = tl.where(m > float("-inf"), tl.exp2(m - tl.max(m, 0)), 0.0)
+    acc = tl.load(ACC + row[:, None] * D + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    out = tl.reshape(_fwht(tl.reshape(out, (1, D)), 1, D, LOG2D), (D,))
+    tl.store(OUT + qrow * stride_ot + h * stride_oh + d, out.to(OUT.dtype.element_ty))
 
 
 _H: dict = {}

@@ -12,10 +12,12 @@ with less work per cached element:
 - ``KEYS_ON_M``: keys on the MMA's M dimension (transposed dots, heads padded to 8): a tile
   widened in registers is the A operand as it is (as decode.py's fp8 path).
 
-Options measured against these (benchmarks/kv_int_decode_bench.py; slower at batch 32 x 8k on the
-H200, kept for the record and the tests): ``V_WORDS`` (an int4 V tile read as 32-bit words, 8
-nibbles per asm output pair) and ``PREFETCH`` (the next int4 V tile's bytes loaded one tile
-ahead). The tiling (single-warp programs) is ``packed.FAST_TILING``.
+Defaults (``packed``): int4 V read as 32-bit words into the halves (``V_WORDS`` 3, through an
+opaque mov: fed straight to the dot it gave wrong values with 16-key tiles on the H200), int8
+planes by words, one fma a value (pair) (``ASM`` 2), the rotations in registers (``ROT_Q``,
+``ROT_O``), the lazy rescale for int8 (``LAZY``). Options kept for the record and the tests:
+``V_WORDS`` 1/2, ``PREFETCH`` 1 (int4 V bytes a tile ahead) and 2 (K and V words a tile ahead
+in registers; slower at batch 32 x 8k). The tiling (single-warp programs) is ``packed.FAST_TILING``.
 
 Without ``ASM`` (Triton's interpreter, which runs no PTX) the tiles are widened by Triton ops:
 the same values, so the tests check the kernel's structure on the CPU too.
@@ -61,6 +63,17 @@ I4_ASM_BF16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x43004300").replace("ONE",
                            .replace("OFF", "0xC308C308").replace(".T", ".bf16x2"))
 I4_ASM_F16 = tl.constexpr(_I4_ASM.replace("MAGIC", "0x64006400").replace("ONE", "0x3C003C00")
                           .replace("OFF", "0xE408E408").replace(".T", ".f16x2"))
+# int4 in bf16 with one fma per value pair (``ASM`` 2): (128 + n) * s + (-136 s) ($7, $8: -136 s,
+# exact in bf16: 8 significant bits) is (n - 8) * s exactly, so the fused fma rounds nothing and
+# the separate offset fma of I4_ASM goes (4 of its 12 float instructions per 8 values). Not for
+# fp16: 1032 s overflows fp16 from s = 64 on.
+I4F_ASM_BF16 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 h4r, h4t;", "prmt.b32 h4r, $4, 0, 0x3120;"]
+    + [line for sh, out, sc, off in ((0, 0, 5, 7), (4, 2, 5, 7), (8, 1, 6, 8), (12, 3, 6, 8)) for line in (
+        ([f"shr.b32 h4t, h4r, {sh};"] if sh else [])
+        + [f"lop3.b32 h4t, {'h4t' if sh else 'h4r'}, 0x000F000F, 0x43004300, 0xea;",
+           f"fma.rn.bf16x2 ${out}, h4t, ${sc}, ${off};"])]
+    + ["}"]))
 # int8: byte ^ 0x80 placed under 0x4B (fp32 2^23 + u) by a byte permute, minus 2^23 + 128: the
 # signed byte in fp32 exactly; times the fp32 scale, rounded once to DT (the reference's order).
 _I8_ASM = """{
@@ -86,6 +99,22 @@ I8_ASM_BF16 = tl.constexpr(_I8_ASM.replace(".T", ".bf16x2"))
 I8_ASM_F16 = tl.constexpr(_I8_ASM.replace(".T", ".f16x2"))
 
 
+# e5m3 codes to bf16 scales for the one-fma widening, 2 codes per asm block (16-bit lanes of $2):
+# the code shifted left by 4 is a bf16 bit pattern 2^-112 times the code's value (e5m3 is fp16
+# shifted right by 7; bf16's exponent bias is 112 more than fp16's, its mantissa 3 bits shorter),
+# subnormal codes included; one exact paired multiply by 2^112 (0x7780) gives s, one by
+# -136 * 2^112 (0xFB08) gives -136 s. $0: s, $1: -136 s.
+SC_ASM_BF16 = tl.constexpr("{\n.reg .b32 e5t, e5a, e5b;\nmov.b32 e5a, 0x77807780;\nmov.b32 e5b, 0xFB08FB08;\n"
+                           "shl.b32 e5t, $2, 4;\nmul.rn.bf16x2 $0, e5t, e5a;\nmul.rn.bf16x2 $1, e5t, e5b;\n}")
+
+
+@triton.jit
+def _fused_scales(c):
+    """(s, -136 s) in bf16 from e5m3 codes ``c`` (uint8), for I4F_ASM_BF16/I4WF_ASM_BF16."""
+    return tl.inline_asm_elementwise(SC_ASM_BF16, "=r,=r,r", [c.to(tl.int16)], dtype=(tl.bfloat16, tl.bfloat16),
+                                     is_pure=True, pack=2)
+
+
 @triton.jit
 def _int4_raw(C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
     """An int4 plane's packed bytes [BLOCK_N, D/2] and e5m3 codes [BLOCK_N, D/16] for keys at
@@ -106,7 +135,13 @@ def _int4_halves(x, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr,
     NG: tl.constexpr = D // 16
     HALF: tl.constexpr = D // 2
     s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
-    if ASM:
+    if ASM == 2 and DT == tl.bfloat16:  # one fma per pair (I4F_ASM_BF16)
+        s1, s2 = _fused_scales(c)
+        sb = tl.reshape(tl.broadcast_to(s1[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
+        sn = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
+        lo, hi = tl.inline_asm_elementwise(I4F_ASM_BF16, "=r,=r,=r,=r,r,r,r,r,r", [x, sb, sn],
+                                           dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    elif ASM:
         sb = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 8)), (BLOCK_N, HALF))
         if DT == tl.bfloat16:
             lo, hi = tl.inline_asm_elementwise(I4_ASM_BF16, "=r,=r,=r,=r,r,r,r", [x, sb],
@@ -141,9 +176,46 @@ def _int8_half(C8, C16, boff, soff, nmask, NGH: tl.constexpr, HALF: tl.constexpr
         return (x.to(tl.int8, bitcast=True).to(tl.float32) * sb).to(DT)
 
 
+# int8 by words in bf16, one fma per value (``ASM`` 2): pack=2 over words w0 ($4), w1 ($5) with
+# fp32 scales s / 256 ($6, $7) and -(2^15 + 2^7) s ($8, $9, exact: 9 x 11 bits); byte m ^ 0x80 = u
+# permuted under 0x4B into bits 8..15 reads as 2^23 + 256 u, and the fma gives (u - 128) s, the
+# signed byte times its scale exactly (19 bits), rounded once to bf16 (the reference's fp32
+# product, cast). Output m holds byte m of both words (w0's in the low lane).
+I8WF_ASM_BF16 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 k8a, k8b, k8f, k8g, k8hi;", "mov.b32 k8hi, 0x4B000000;",
+     "xor.b32 k8a, $4, 0x80808080;", "xor.b32 k8b, $5, 0x80808080;"]
+    + [line for m in range(4) for line in (
+        f"prmt.b32 k8f, k8a, k8hi, 0x76{m}4;", f"prmt.b32 k8g, k8b, k8hi, 0x76{m}4;",
+        "fma.rn.f32 k8f, k8f, $6, $8;", "fma.rn.f32 k8g, k8g, $7, $9;", f"cvt.rn.bf16x2.f32 ${m}, k8g, k8f;")]
+    + ["}"]))
+
+
+@triton.jit
+def _int8_half_words(C32, C16, woff, soff, nmask, NGH: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                     DT: tl.constexpr, ASM: tl.constexpr):
+    """``_int8_half``'s columns loaded as 32-bit words (``woff``: word offsets; no byte is split
+    out and repacked) and widened by I8WF_ASM_BF16 (the interpreter: Triton ops, the same values)."""
+    W: tl.constexpr = HALF // 4
+    w = tl.load(C32 + woff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    s = tl.load(C16 + soff[:, None] + tl.arange(0, NGH)[None, :], mask=nmask[:, None], other=0.0).to(tl.float32)
+    sw = tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NGH, W // NGH)), (BLOCK_N, W))
+    if ASM:
+        o0, o1, o2, o3 = tl.inline_asm_elementwise(I8WF_ASM_BF16, "=r,=r,=r,=r,r,r,r,r,r,r",
+                                                   [w, sw * 0.00390625, sw * -32896.0],
+                                                   dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
+    else:
+        o0 = (((w << 24) >> 24).to(tl.float32) * sw).to(DT)  # byte m, sign-extended
+        o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
+        o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
+        o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
+    # word j's bytes are columns 4j .. 4j + 3 (joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
+    return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_N, HALF))
+
+
 @triton.jit
 def _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
-            D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+            D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+            C32=None):
     """One plane's tile as two [BLOCK_N, D/2] halves (columns as ``_half_cols``)."""
     HALF: tl.constexpr = D // 2
     if BITS == 4:
@@ -152,10 +224,15 @@ def _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, G
     else:
         NG: tl.constexpr = D // GRP
         NGH: tl.constexpr = NG // 2 if NG > 1 else 1
-        boff = tl.multiple_of(base + vals_at + row * D, ALIGN * 4)
         soff = (base + scales_at) // 2 + row * NG
-        a = _int8_half(C8, C16, boff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
-        b = _int8_half(C8, C16, boff + HALF, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
+        if ASM == 2 and DT == tl.bfloat16:  # by words, one fma a value
+            woff = tl.multiple_of((base + vals_at) // 4 + row * (D // 4), ALIGN)
+            a = _int8_half_words(C32, C16, woff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
+            b = _int8_half_words(C32, C16, woff + HALF // 4, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
+        else:
+            boff = tl.multiple_of(base + vals_at + row * D, ALIGN * 4)
+            a = _int8_half(C8, C16, boff, soff, nmask, NGH, HALF, BLOCK_N, DT, ASM)
+            b = _int8_half(C8, C16, boff + HALF, soff + (NG - NGH), nmask, NGH, HALF, BLOCK_N, DT, ASM)
         return a, b
 
 
@@ -213,6 +290,7 @@ def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, 
                 I4W_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.bfloat16,) * 8, is_pure=True,
                 pack=2)
         else:
+            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
                 pack=2)
@@ -264,30 +342,115 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
     return nmask, blk * page_bytes, (pos % BS) * KVH + kvh
 
 
+# int4 by words in bf16, one fma per value pair (as mla_packed.I4F_ASM): pack=2 over words
+# w0 ($8), w1 ($9) of one key; output m holds nibble m of both; $10 the scales, $11 -136 s.
+I4WF_ASM_BF16 = tl.constexpr("\n".join(
+    ["{", ".reg .b32 g4lo, g4hi, g4t;", "prmt.b32 g4lo, $8, $9, 0x5410;", "prmt.b32 g4hi, $8, $9, 0x7632;"]
+    + [line for half, word in ((0, "g4lo"), (4, "g4hi")) for j in range(4) for line in (
+        ([f"shr.b32 g4t, {word}, {4 * j};"] if j else [])
+        + [f"lop3.b32 g4t, {'g4t' if j else word}, 0x000F000F, 0x43004300, 0xea;",
+           f"fma.rn.bf16x2 ${half + j}, g4t, $10, $11;"])]
+    + ["}"]))
+
+
+@triton.jit
+def _int4_word_halves(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                      ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """An int4 plane's tile as ``_int4_halves`` returns it (even columns, odd columns), loaded
+    as 32-bit words: a register holds 8 packed values as loaded (no byte is split out and
+    repacked, as a byte tile carried to the next iteration in registers is), widened by words
+    (I4WF_ASM_BF16 for bf16, else I4W_ASM) and joined in-thread into the halves."""
+    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    lo, hi = _widen_word_halves(w, c, D, BLOCK_N, DT, ASM)
+    # (through a no-op Triton cannot see into, as mla_packed._opaque: with 16-key tiles the halves
+    # fed the transposed dot straight from the joins gave wrong values on the H200, session 7
+    # round 1, max |error| 0.14; with 32-key tiles and in the register-prefetch path they were right)
+    return _opaque(lo, ASM), _opaque(hi, ASM)
+
+
+@triton.jit
+def _opaque(t, ASM: tl.constexpr):
+    """t through a non-pure ``mov`` (mla_packed._opaque): Triton's layout analysis stops here."""
+    if ASM:
+        t = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [t], dtype=t.dtype, is_pure=False, pack=2)
+    return t
+
+
+@triton.jit
+def _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
+    """An int4 plane's packed words [BLOCK_N, D/8] and e5m3 codes [BLOCK_N, D/16] (masked keys: zeros)."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
+    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    soff = tl.multiple_of(base + scales_at + row * NG, 8)
+    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0)
+    return w, c
+
+
+@triton.jit
+def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Words and codes (as ``_int4_words_raw``) -> the even and the odd half, as ``_int4_word_halves``."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    if ASM:
+        if DT == tl.bfloat16:
+            s1, s2 = _fused_scales(c)
+            sw = tl.reshape(tl.broadcast_to(s1[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+            sn = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=2)
+        else:
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+    # word j's even columns 8j, 8j + 2, 8j + 4, 8j + 6 are nibbles 0, 2, 4, 6: half columns 4j .. 4j + 3
+    # (nested joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
+    lo = tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (BLOCK_N, D // 2))
+    hi = tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (BLOCK_N, D // 2))
+    return lo, hi
+
+
 @triton.jit
 def _v_tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constexpr, GRP: tl.constexpr,
             D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
             V_WORDS: tl.constexpr):
     """One V tile as ``_pv_acc`` takes it: (va, vb, v), the two halves, or the whole tile by
     words (``V_WORDS``; then va = vb = v)."""
-    if V_WORDS:
+    if V_WORDS == 3:  # halves, loaded as words
+        va, vb = _int4_word_halves(C32, C8, base, vals_at, scales_at, row, nmask, D, BLOCK_N, ALIGN, DT, ASM)
+        v = va
+    elif V_WORDS:
         v = _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D, BLOCK_N, ALIGN, DT, ASM, V_WORDS)
         va = v
         vb = v
     else:
-        va, vb = _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS, GRP, D, BLOCK_N, ALIGN, DT, ASM)
+        va, vb = _halves(C8, C16, base, vals_at, scales_at, row, nmask, BITS, GRP, D, BLOCK_N, ALIGN, DT, ASM,
+                         C32)
         v = va
     return va, vb, v
 
 
 @triton.jit
-def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr,
+def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, WHOLE: tl.constexpr,
             PREC: tl.constexpr):
     """The accumulators after one tile: acc * alpha + P @ V (V^T @ P^T with KEYS_ON_M 2; with
-    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). V_WORDS: one full tile
+    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). WHOLE: one full tile
     ``v`` and one accumulator ``acc_a``; else halves ``va``/``vb`` into ``acc_a``/``acc_b``."""
     if KEYS_ON_M == 2:
-        if V_WORDS:
+        if WHOLE:
             acc_a = tl.dot(tl.trans(v), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
         else:
             acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
@@ -295,12 +458,59 @@ def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, V_WORDS
     else:
         if KEYS_ON_M == 1:
             pd = tl.trans(pd)
-        if V_WORDS:
+        if WHOLE:
             acc_a = tl.dot(pd, v, acc=acc_a * alpha[:, None], input_precision=PREC)
         else:
             acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
             acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
     return acc_a, acc_b
+
+
+@triton.jit
+def _fwht(x, R: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
+    """x [R, D] (fp32) times the normalized Sylvester Hadamard matrix: kv_int.hadamard's
+    butterflies (pairs h apart: sum in the first, difference in the second), in registers."""
+    for k in tl.static_range(LOG2D):
+        y = tl.permute(tl.reshape(x, (R, D // (2 << k), 2, 1 << k)), (0, 1, 3, 2))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 1, 3, 2)), (R, D))
+    return x * (1.0 / tl.sqrt(D * 1.0))
+
+
+@triton.jit
+def _pages(BT_ROW, pos, hi, ring, BS: tl.constexpr, HAS_RING: tl.constexpr):
+    """The block-table entries of key positions ``pos`` (0 past ``hi``), as int64."""
+    pg = pos // BS
+    if HAS_RING:
+        pg = pg % ring
+    return tl.load(BT_ROW + pg, mask=pos < hi, other=0).to(tl.int64)
+
+
+@triton.jit
+def _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY: tl.constexpr):
+    """One tile's scores [keys, heads] into the online softmax: (p, m, l, acc_a, acc_b), l and the
+    accumulators [columns, heads] rescaled to the new running max. ``LAZY`` > 0: the running max
+    moves only when the tile's exceeds it by more than LAZY (log2 units; p <= 2^LAZY), so the
+    accumulators' rescale (D x G_PAD products a tile) is skipped on most tiles, one uniform
+    branch for the program."""
+    if LAZY:
+        m_t = tl.max(s, 0)
+        if tl.max(m_t - m_i, 0) > LAZY:
+            m_new = tl.maximum(m_i, m_t)
+            alpha = tl.exp2(m_i - m_new)
+            l_i = l_i * alpha
+            acc_a = acc_a * alpha[None, :]
+            acc_b = acc_b * alpha[None, :]
+            m_i = m_new
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha
+        acc_a = acc_a * alpha[None, :]
+        acc_b = acc_b * alpha[None, :]
+        m_i = m_new
+    p = tl.exp2(s - m_i[None, :])
+    return p, m_i, l_i + tl.sum(p, 0), acc_a, acc_b
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
@@ -312,7 +522,9 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                        ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
-                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr):
+                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
+                       LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
+                       LOG2D: tl.constexpr = 7):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -330,7 +542,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     DT = Q.dtype.element_ty
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     HALF: tl.constexpr = D // 2
-    VW: tl.constexpr = D if V_WORDS else HALF  # columns per V accumulator
+    WHOLE: tl.constexpr = V_WORDS == 1 or V_WORDS == 2  # one V accumulator of D columns (else halves)
+    VW: tl.constexpr = D if WHOLE else HALF  # columns per V accumulator
     BT_ROW = BT + b * stride_bt
 
     g = tl.arange(0, G_PAD)
@@ -340,14 +553,22 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     if V_WORDS == 2:
         va_c = _words_cols(D)
         vb_c = va_c
-    elif V_WORDS:
+    elif WHOLE:
         va_c = tl.arange(0, D)
         vb_c = va_c
     else:
         va_c, vb_c = _half_cols(V_BITS, D)
     qp = Q + qrow * stride_qt + heads[:, None] * stride_qh
-    qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
-    qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
+    if ROT_Q:  # K stored rotated (kv_int.hadamard): the query rotated here, in fp32, then cast as _rotate's
+        qn = tl.load(qp + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
+        qn = _fwht(qn, G_PAD, D, LOG2D).to(DT)
+        if K_BITS == 4:  # even and odd columns
+            qa, qb = tl.split(tl.reshape(qn, (G_PAD, HALF, 2)))
+        else:  # first and second half
+            qa, qb = tl.split(tl.permute(tl.reshape(qn, (G_PAD, 2, HALF)), (0, 2, 1)))
+    else:
+        qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
+        qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     if KEYS_ON_M == 2:  # accumulators [columns, heads]
@@ -359,36 +580,77 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     if KEYS_ON_M:  # scores [keys, heads]
         qaT = tl.trans(qa)
         qbT = tl.trans(qb)
-        if PREFETCH:  # int4 V in halves: the next tile's bytes load while this one is widened
+        if PREFETCH == 2:
+            # int4 K and V: the next tile's packed words load into registers at
+            # the top of this tile's iteration, and the block table a tile earlier still, so no
+            # load waits on another and a whole iteration of work covers each load's latency
+            # (Triton's two-stage ring issues the next tile's copies after this tile's work and
+            # waits for them first thing in the next iteration). Run with num_stages=1.
+            ar = tl.arange(0, BLOCK_N)
+            pos = lo + ar
+            base0 = _pages(BT_ROW, pos, hi, ring, BS, HAS_RING) * page_bytes
+            row0 = (pos % BS) * KVH + kvh
+            kx, kc = _int4_words_raw(C32, C8, base0, k_vals, k_scales, row0, pos < hi, D, ALIGN)
+            vw, vc = _int4_words_raw(C32, C8, base0, v_vals, v_scales, row0, pos < hi, D, ALIGN)
+            blk_n = _pages(BT_ROW, pos + BLOCK_N, hi, ring, BS, HAS_RING)
+            for start in range(lo, hi, BLOCK_N):
+                nmask = start + ar < hi
+                ckx, ckc, cvw, cvc = kx, kc, vw, vc
+                nxt = start + BLOCK_N + ar
+                row1 = (nxt % BS) * KVH + kvh
+                kx, kc = _int4_words_raw(C32, C8, blk_n * page_bytes, k_vals, k_scales, row1, nxt < hi, D, ALIGN)
+                vw, vc = _int4_words_raw(C32, C8, blk_n * page_bytes, v_vals, v_scales, row1, nxt < hi, D, ALIGN)
+                blk_n = _pages(BT_ROW, nxt + BLOCK_N, hi, ring, BS, HAS_RING)
+                ka, kb = _widen_word_halves(ckx, ckc, D, BLOCK_N, DT, ASM)
+                s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+                s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+                s = tl.where(nmask[:, None], s, float("-inf"))
+                p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
+                va, vb = _widen_word_halves(cvw, cvc, D, BLOCK_N, DT, ASM)
+                pd = p.to(DT)
+                acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
+                acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
+        if PREFETCH == 1:  # int4 V in halves: the next tile's bytes load while this one is widened
             nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
             vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
-        for start in range(lo, hi, BLOCK_N):
-            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
-            s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
-            s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-            s = tl.where(nmask[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p, 0)
-            if PREFETCH:
-                nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                         HAS_RING)
-                nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
-                va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
-                v = va
-                vx = nx
-                vc = nc
-            else:
-                va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
-                                    ALIGN, DT, ASM, V_WORDS)
-            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
-            m_i = m_new
+        if PREFETCH != 2:
+            for start in range(lo, hi, BLOCK_N):
+                nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+                ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
+                                 C32)
+                s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+                s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+                s = tl.where(nmask[:, None], s, float("-inf"))
+                if LAZY:
+                    p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
+                    va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                        ALIGN, DT, ASM, V_WORDS)
+                    pd = p.to(DT)
+                    acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
+                    acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
+                else:
+                    m_new = tl.maximum(m_i, tl.max(s, 0))
+                    alpha = tl.exp2(m_i - m_new)
+                    p = tl.exp2(s - m_new[None, :])
+                    l_i = l_i * alpha + tl.sum(p, 0)
+                    if PREFETCH:
+                        nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                                 HAS_RING)
+                        nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
+                        va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
+                        v = va
+                        vx = nx
+                        vc = nc
+                    else:
+                        va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                            ALIGN, DT, ASM, V_WORDS)
+                    acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
+                    m_i = m_new
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
             nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM)
+            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
+                             C32)
             s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
             s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
             s = tl.where(nmask[None, :], s, float("-inf"))
@@ -398,7 +660,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             l_i = l_i * alpha + tl.sum(p, 1)
             va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                 ALIGN, DT, ASM, V_WORDS)
-            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, V_WORDS, PREC)
+            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
             m_i = m_new
     if KEYS_ON_M == 2:
         out_a = tl.trans(acc_a)
@@ -406,15 +668,23 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     else:
         out_a = acc_a
         out_b = acc_b
-    if S == 1:
+    if S == 1 and ROT_O:  # V stored rotated: the output rotated back here, in fp32 (halves, not WHOLE)
+        if V_BITS == 4:  # even and odd columns
+            on = tl.reshape(tl.join(out_a / l_i[:, None], out_b / l_i[:, None]), (G_PAD, D))
+        else:  # first and second half
+            on = tl.reshape(tl.permute(tl.join(out_a / l_i[:, None], out_b / l_i[:, None]), (0, 2, 1)), (G_PAD, D))
+        on = _fwht(on, G_PAD, D, LOG2D)
+        tl.store(OUT + qrow * stride_ot + heads[:, None] * stride_oh + tl.arange(0, D)[None, :],
+                 on.to(OUT.dtype.element_ty), mask=gmask[:, None])
+    elif S == 1:
         ob = OUT + qrow * stride_ot + heads[:, None] * stride_oh
         tl.store(ob + va_c[None, :], (out_a / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
-        if not V_WORDS:
+        if not WHOLE:
             tl.store(ob + vb_c[None, :], (out_b / l_i[:, None]).to(OUT.dtype.element_ty), mask=gmask[:, None])
     else:  # partial state for decode._combine_kernel, rows (b * H + head) * S + split
         rowc = (b * KVH * G + heads) * S + split
         tl.store(ACC + rowc[:, None] * D + va_c[None, :], out_a, mask=gmask[:, None])
-        if not V_WORDS:
+        if not WHOLE:
             tl.store(ACC + rowc[:, None] * D + vb_c[None, :], out_b, mask=gmask[:, None])
         tl.store(ML + rowc * 2, m_i, mask=gmask)
         tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
