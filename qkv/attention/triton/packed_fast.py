@@ -403,6 +403,7 @@ def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.cons
                 I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
                 is_pure=True, pack=2)
         else:
+            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
                 pack=2)
