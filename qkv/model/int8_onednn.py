@@ -9,7 +9,7 @@ for one row, 36 against 59 ms for 16, 1.05 against 1.49 s for 512 (docs/benchmar
 
 The activations are not rounded to 8 bits (as dynamic int8 quantization would: SmolLM2 3.5x
 perplexity): each row is split into two int8 planes, ``x ~= s * (hi + lo / 254)`` with
-``s = max|x_row| / 127`` (quant.py's ``int8_rows_mm``), both planes go through one GEMM with
+``s = max|x_row| / 127`` (quant.py's ``int8_planes``), both planes go through one GEMM with
 a unit activation scale, and the row's ``s`` multiplies the float32 result. Against the exact
 product of the int8 weight the result is ~100x closer than ``_weight_int8pack_mm``'s bf16
 output (2.5e-5 against 4.5e-3 of the largest logit, Gemma's shape, random weights).
@@ -40,12 +40,10 @@ _ONE, _ZERO_POINT = torch.tensor(1.0), torch.tensor(128)  # the planes' scale an
 def mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
     """``x @ (q * scale)^T`` in float32 for x [M, K] (any float dtype); ``packed``: ``pack(q)``,
     ``scale`` [N] float32, ``zero_points`` [N] int64 zeros (the weight's, symmetric)."""
-    m = x.shape[0]
-    xf = x.float()
-    s = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(127)
-    hi = torch.round(xf / s)
-    lo = torch.round((xf - hi * s).mul_(254).div_(s))  # the remainder, |.| <= s / 2: in [-127, 127]
-    planes = torch.cat([hi, lo]).add_(128).to(torch.uint8)  # uint8 with zero point 128
+    from qkv.model.quant import int8_planes, join_planes
+
+    planes, s = int8_planes(x)
+    planes = planes.add_(128).to(torch.uint8)  # uint8 with zero point 128
     acc = torch.ops.onednn.qlinear_pointwise.tensor(planes, _ONE, _ZERO_POINT, packed, scale, zero_points, None,
                                                     1.0, 0, torch.float32, "none", [], "")
-    return acc[m:].div_(254).add_(acc[:m]).mul_(s)
+    return join_planes(acc, s)

@@ -73,16 +73,28 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(w.dtype)
 
 
-def int8_rows_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x @ (q * scale)^T`` in float32 for x [M, K] (any float dtype), q [N, K] int8, scale [N]:
-    x split per row into two int8 planes (module docstring), one ``torch._int_mm`` of 2M rows."""
-    m = x.shape[0]
+def int8_planes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype) split per row into two int8 planes, ``x ~= s * (hi + lo / 254)``
+    with ``s = max|x_row| / 127``: ([hi; lo] [2M, K] float32 holding integers in [-127, 127], s [M, 1])."""
     xf = x.float()
     s = xf.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30).div_(127)
     hi = torch.round(xf / s)
     lo = torch.round((xf - hi * s).mul_(254).div_(s))  # the remainder, |.| <= s / 2: in [-127, 127]
-    acc = torch._int_mm(torch.cat([hi, lo]).to(torch.int8), q.t())  # [2M, N] int32
-    return acc[m:].float().div_(254).add_(acc[:m]).mul_(s).mul_(scale.float())
+    return torch.cat([hi, lo]), s
+
+
+def join_planes(acc: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The [2M, N] products of ``int8_planes``' rows -> x's [M, N] product in float32."""
+    m = s.shape[0]
+    return acc[m:].float().div_(254).add_(acc[:m]).mul_(s)
+
+
+def int8_rows_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x @ (q * scale)^T`` in float32 for x [M, K] (any float dtype), q [N, K] int8, scale [N]:
+    x as ``int8_planes`` (module docstring), one ``torch._int_mm`` of 2M rows."""
+    planes, s = int8_planes(x)
+    acc = torch._int_mm(planes.to(torch.int8), q.t())  # [2M, N] int32
+    return join_planes(acc, s).mul_(scale.float())
 
 
 class Int8Linear(nn.Module):
