@@ -110,7 +110,49 @@ def unpack(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | N
     """``pack``'s result -> the weight transposed, [K, N] bf16: ``(q - 8) * scale + zero`` in
     float32, rounded once. None where N is not a multiple of TILE_ROWS (a layout this does not
     read). The packed layout (ATen's, this torch): per tile of 64 rows, [K, 32] bytes, byte
-    (k, j) holding row j's code in its low nibble and row j + 32's in its high one."""
+    (k, j) holding row j's code in its low nibble and row j + 32's in its high one.
+
+    One pass of C (model/csrc/int4_unpack.c, built by model/native.py) where it compiled:
+    equal to ``unpack_torch`` bit for bit (tests/test_int4_native.py) and 6-8x faster
+    (SmolLM2's gate/up at one thread 2.5 -> 0.37 ms: torch's five passes over the weight were
+    ~18% of a 512-token prefill, docs/benchmarks.md); else, and while tracing, ``unpack_torch``."""
+    k, n = scales_zeros.shape[0] * GROUP, scales_zeros.shape[1]
+    if n % TILE_ROWS or packed.shape != (n, k // 2):
+        return None
+    native_ok = packed.dtype == torch.uint8 and scales_zeros.dtype == torch.bfloat16
+    if native_ok and packed.is_contiguous() and scales_zeros.is_contiguous() and not torch.compiler.is_compiling():
+        fn = _native_unpack()
+        if fn is not None:
+            out = torch.empty(k, n, dtype=torch.bfloat16)
+            scratch = torch.empty(2, n)  # each group's scale and zero - 8 * scale, in float32
+            fn(packed.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), k, n, 0, k,
+               scratch.data_ptr(), scratch[1].data_ptr())
+            return out
+    return unpack_torch(packed, scales_zeros)
+
+
+_native = []
+
+
+def _native_unpack():
+    """The C unpack's function, or None (no compiler, QKV_NATIVE=0: model/native.py)."""
+    if not _native:
+        import ctypes
+
+        from qkv.model import native
+
+        lib = native.library("int4_unpack")
+        fn = None
+        if lib is not None:
+            fn = lib.qkv_int4_unpack
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+        _native.append(fn)
+    return _native[0]
+
+
+def unpack_torch(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
+    """``unpack`` in torch ops (the reference the C kernel is held to)."""
     k, n = scales_zeros.shape[0] * GROUP, scales_zeros.shape[1]
     if n % TILE_ROWS or packed.shape != (n, k // 2):
         return None

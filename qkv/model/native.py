@@ -1,0 +1,84 @@
+"""Small C kernels for the CPU path, compiled on first use with the system's C compiler.
+
+A few CPU steps are one simple loop that torch can only run as several full passes over
+memory (model/int4.py's int4 -> bf16 unpack: five ops, each reading and writing the whole
+weight). Their C source lives in ``model/csrc/``; ``library(name)`` compiles it once with
+``cc -O3 -march=native`` (about 0.1 s) into ``cache_dir()/native`` (``QKV_CACHE_DIR``, else
+``~/.cache/qkv``) and loads it with ctypes. The file name is a hash of the source, the flags
+and this CPU's model and flags, so an edited source or another machine sharing the cache
+directory builds its own copy and never loads one built for other instructions.
+
+Optional by design: no compiler, a failed build, or ``QKV_NATIVE=0`` gives ``None`` and the
+callers run their torch code, which the tests hold these kernels equal to bit for bit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCES = Path(__file__).resolve().parent / "csrc"
+FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return os.environ.get("QKV_NATIVE", "1") != "0"
+
+
+def _cpu_id() -> str:
+    """This CPU's model and instruction-set flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+
+
+def _build(name: str) -> ctypes.CDLL | None:
+    from qkv.loading.models import cache_dir
+
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        return None
+    src = SOURCES / f"{name}.c"
+    h = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(FLAGS).encode(), _cpu_id().encode(), cc.encode()]))
+    out = cache_dir() / "native" / f"{name}-{h.hexdigest()[:24]}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp.so")
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                print(f"[qkv] {src.name} did not compile, using torch ops: {r.stderr.strip()[:300]}",
+                      file=sys.stderr, flush=True)
+                return None
+            os.replace(tmp, out)  # atomic: a concurrent process sees no file or a whole one
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return ctypes.CDLL(str(out))
+
+
+def library(name: str) -> ctypes.CDLL | None:
+    """``model/csrc/NAME.c`` compiled and loaded (once a process), or None (module docstring)."""
+    if not enabled():
+        return None
+    with _lock:
+        if name not in _loaded:
+            try:
+                _loaded[name] = _build(name)
+            except (OSError, subprocess.SubprocessError) as e:
+                print(f"[qkv] {name}.c: {e}; using torch ops", file=sys.stderr, flush=True)
+                _loaded[name] = None
+        return _loaded[name]
