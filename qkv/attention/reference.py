@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import torch
 
+from qkv.attention import decode_native
 from qkv.attention.batch import AttentionBatch
 from qkv.kvcache import kv_pages
 from qkv.kvcache.kv_int import hadamard
@@ -115,6 +116,9 @@ def decode_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
         values = kv_cache[1].view(-1, kvh, v.shape[2])[ix.from_pages].transpose(1, 2)
     else:  # both planes in one write and one gather
         ix = step_indices(batch, group, window)
+        if decode_native.usable(q, kv_cache):  # bf16 pages read in place (C; attention/decode_native.py)
+            return decode_native.attend(q, k, v, kv_cache, batch.slot_mappings[group], ix.from_pages,
+                                        decode_mask(ix, ix.mask.shape[0], window), scale)
         return decode_pages(q, k, v, kv_cache, batch.slot_mappings[group], ix.from_pages,
                             decode_bias(ix, batch, group, window, kvh, H // kvh), scale)
     return _decode_sdpa(q, keys, values, decode_bias(ix, batch, group, window, kvh, H // kvh), scale)

@@ -26,6 +26,9 @@ from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+# Per source, after FLAGS: decode_attn's softmax takes glibc's vectorized expf (libmvec), which
+# GCC calls only under -ffast-math; its C is written for that (no infinities, no NaN tests).
+EXTRA = {"decode_attn": (("-ffast-math",), ("-lm",))}  # (compiler flags, libraries)
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _lock = threading.Lock()
@@ -51,14 +54,16 @@ def _build(name: str) -> ctypes.CDLL | None:
     if cc is None:
         return None
     src = SOURCES / f"{name}.c"
-    h = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(FLAGS).encode(), _cpu_id().encode(), cc.encode()]))
+    cflags, libs = EXTRA.get(name, ((), ()))
+    flags = (*FLAGS, *cflags)
+    h = hashlib.sha256(b"\0".join([src.read_bytes(), " ".join(flags + libs).encode(), _cpu_id().encode(), cc.encode()]))
     out = cache_dir() / "native" / f"{name}-{h.hexdigest()[:24]}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp.so")
         os.close(fd)
         try:
-            r = subprocess.run([cc, *FLAGS, "-o", tmp, str(src)], capture_output=True, text=True, timeout=120)
+            r = subprocess.run([cc, *flags, "-o", tmp, str(src), *libs], capture_output=True, text=True, timeout=120)
             if r.returncode != 0:
                 print(f"[qkv] {src.name} did not compile, using torch ops: {r.stderr.strip()[:300]}",
                       file=sys.stderr, flush=True)

@@ -1,0 +1,70 @@
+"""Batched CPU decode attention read in place from bf16 pages (model/csrc/decode_attn.c).
+
+``reference.decode_pages`` gathers every key and value a step's sequences see into a new
+tensor, widens it to float32 in a transposing copy, and multiplies with ``bmm``: at 16
+sequences of ~250 keys those copies were most of the attention, and the attention half of a
+SmolLM2 16-row decode step on 2 cores (docs/benchmarks.md, issue 19). The C kernel reads each
+key and value row where its page holds it, once, and keeps scores, softmax and the weighted
+sum in float32 for one (sequence, KV head) at a time; the output is rounded to bf16 as the
+torch path's. It agrees with ``decode_pages`` to float32 summation order, not bit for bit
+(tests/test_decode_native.py). Only bf16 pages and a bf16 query; anything else, no compiler,
+``QKV_NATIVE=0`` or a traced step: ``attend`` returns None and the torch path runs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from qkv.kvcache.kv_quant import to_cache
+
+MAX_HEAD_DIM = 512  # the kernel keeps one row of a head in a stack array (decode_attn.c)
+
+_fn: list = []
+
+
+def _kernel():
+    if not _fn:
+        from qkv.model import native
+
+        lib = native.library("decode_attn")
+        fn = None
+        if lib is not None:
+            fn = lib.qkv_decode_attn
+            fn.restype = None
+            fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                            ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 6
+                           + [ctypes.c_float] + [ctypes.c_void_p] * 5)
+        _fn.append(fn)
+    return _fn[0]
+
+
+def usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    H, D = q.shape[1], q.shape[2]
+    kvh = kv_cache.shape[-2]
+    return (q.dtype == torch.bfloat16 and kv_cache.dtype == torch.bfloat16 and not q.is_cuda
+            and q.stride(2) == 1 and kv_cache.is_contiguous() and kv_cache.shape[-1] == D
+            and D <= MAX_HEAD_DIM and H % kvh == 0
+            and not torch.compiler.is_compiling() and _kernel() is not None)
+
+
+def attend(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """``reference.decode_pages`` (write k/v [T, KVH, D] at ``slots``, then attend over the keys
+    at ``from_pages`` [B, L], ``mask`` None or bool [B, 1, 1, L]) for ``usable`` inputs."""
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    planes = kv_cache.view(2, -1, kvh, D)
+    planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
+    B, L = from_pages.shape
+    pages = from_pages.contiguous()
+    keep = None if mask is None else mask.reshape(B, L).to(torch.uint8).contiguous()
+    out = torch.empty(T, H, D, dtype=torch.bfloat16)
+    scratch = torch.empty(H * (L + 2 * D))  # scores [H, L], the scaled q and the sums [H, D]
+    index = torch.empty(L, dtype=torch.int32)
+    _kernel()(q.data_ptr(), q.stride(0), q.stride(1), planes[0].data_ptr(), planes[1].data_ptr(),
+              pages.data_ptr(), 0 if keep is None else keep.data_ptr(), 0, B, L, H, kvh, D, scale,
+              out.data_ptr(), scratch.data_ptr(), scratch[H * L:].data_ptr(), scratch[H * (L + D):].data_ptr(),
+              index.data_ptr())
+    return out

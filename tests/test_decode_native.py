@@ -1,0 +1,87 @@
+"""attention/decode_native.py (model/csrc/decode_attn.c): batched decode attention read in
+place from bf16 pages agrees with reference.decode_pages (gather, float32 bmm) to the bf16
+rounding of the output, masked and padded keys included, and writes the step's K/V as it does;
+an engine's greedy tokens are the same with the kernel and with the torch path."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from qkv import LLM, SamplingParams
+from qkv.attention import decode_native, reference
+from qkv.model import native
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(decode_native, "_fn", [])
+
+
+@pytest.mark.parametrize("B,H,kvh,D,masked", [(16, 9, 3, 64, True), (1, 9, 3, 64, False), (5, 4, 1, 256, True),
+                                              (3, 8, 8, 32, True)])
+def test_matches_decode_pages(fresh, B, H, kvh, D, masked):
+    torch.manual_seed(B * H + D)
+    blocks, bs, L = 64, 16, 70
+    cache = torch.randn(2, blocks, bs, kvh, D).bfloat16()
+    qkv = torch.randn(B, H + 2 * kvh, D).bfloat16()  # q a strided view, as the engine's
+    q, k, v = qkv[:, :H], qkv[:, H:H + kvh], qkv[:, H + kvh:]
+    slots = torch.randperm(blocks * bs)[:B]
+    pages = torch.randint(0, blocks * bs, (B, L))
+    pages[:, -1] = slots  # each sequence sees its own new key
+    mask = None
+    if masked:
+        n = torch.randint(1, L, (B,))
+        mask = (torch.arange(L)[None] >= L - 1 - n[:, None])[:, None, None]  # a window's / padding's gaps
+        mask[0, ..., :3] = False
+        pages = torch.where(mask[:, 0, 0], pages, 0)
+    assert decode_native.usable(q, cache)
+    c1, c2 = cache.clone(), cache.clone()
+    got = decode_native.attend(q, k, v, c1, slots, pages, mask, 0.125)
+    bias = None if mask is None else torch.zeros(B, 1, 1, L).masked_fill_(~mask, float("-inf")).expand(
+        B, kvh, H // kvh, L).reshape(B * kvh, H // kvh, L)
+    ref = reference.decode_pages(q, k, v, c2, slots, pages, bias, 0.125)
+    assert torch.equal(c1, c2)  # the same K/V written
+    # float64 truth from the written cache
+    kp, vp = c2[0].view(-1, kvh, D).double(), c2[1].view(-1, kvh, D).double()
+    s = torch.einsum("bhgd,blhd->bhgl", q.double().view(B, kvh, H // kvh, D), kp[pages]) * 0.125
+    if mask is not None:
+        s = s.masked_fill(~mask.view(B, 1, 1, L), float("-inf"))
+    truth = torch.einsum("bhgl,blhd->bhgd", s.softmax(-1), vp[pages]).reshape(B, H, D)
+    tol = truth.abs().amax() / 256  # one bf16 rounding of the output's largest
+    assert (ref.double() - truth).abs().max() <= tol
+    assert (got.double() - truth).abs().max() <= tol
+    assert (got.double() - ref.double()).abs().max() <= tol
+
+
+def test_not_usable_for_float32_or_when_disabled(fresh, monkeypatch):
+    cache = torch.zeros(2, 4, 16, 3, 64, dtype=torch.bfloat16)
+    assert not decode_native.usable(torch.zeros(2, 9, 64), cache)
+    assert not decode_native.usable(torch.zeros(2, 9, 64, dtype=torch.bfloat16), cache.float())
+    monkeypatch.setenv("QKV_NATIVE", "0")
+    assert not decode_native.usable(torch.zeros(2, 9, 64, dtype=torch.bfloat16), cache)
+
+
+@torch.no_grad()
+def test_engine_greedy_tokens_same_with_and_without(tiny_model, monkeypatch, tmp_path):
+    """A bf16 engine's batched greedy decode (several sequences: decode_attention's batched
+    path) gives the same tokens with the kernel as with QKV_NATIVE=0."""
+    path, _ = tiny_model("llama")
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    prompts = [[1, 5, 9, 2], [3, 3, 7], [8, 1, 4, 4, 6, 2, 9], [2]]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("QKV_NATIVE", flag)
+        monkeypatch.setattr(native, "_loaded", {})
+        monkeypatch.setattr(decode_native, "_fn", [])
+        llm = LLM(path, device="cpu", dtype="bfloat16", aot_decode=False)
+        outs.append([o.token_ids for o in llm.generate(prompts, params)])
+        assert (decode_native._fn[0] is not None) == (flag == "1")
+    assert outs[0] == outs[1]
