@@ -34,8 +34,8 @@ def _kernel():
             fn = lib.qkv_decode_attn
             fn.restype = None
             fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 6
-                           + [ctypes.c_float] + [ctypes.c_void_p] * 5)
+                            ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
+                           + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int])
         _fn.append(fn)
     return _fn[0]
 
@@ -61,10 +61,10 @@ def attend(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mas
     pages = from_pages.contiguous()
     keep = None if mask is None else mask.reshape(B, L).to(torch.uint8).contiguous()
     out = torch.empty(T, H, D, dtype=torch.bfloat16)
-    scratch = torch.empty(H * (L + 2 * D))  # scores [H, L], the scaled q and the sums [H, D]
-    index = torch.empty(L, dtype=torch.int32)
+    threads = max(1, min(torch.get_num_threads(), B))
+    scratch = torch.empty(threads, H * (L + 2 * D))  # a thread's scores [H, L], scaled q and sums [H, D]
+    index = torch.empty(threads, L, dtype=torch.int32)
     _kernel()(q.data_ptr(), q.stride(0), q.stride(1), planes[0].data_ptr(), planes[1].data_ptr(),
-              pages.data_ptr(), 0 if keep is None else keep.data_ptr(), 0, B, L, H, kvh, D, scale,
-              out.data_ptr(), scratch.data_ptr(), scratch[H * L:].data_ptr(), scratch[H * (L + D):].data_ptr(),
-              index.data_ptr())
+              pages.data_ptr(), 0 if keep is None else keep.data_ptr(), B, L, H, kvh, D, scale,
+              out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)
     return out

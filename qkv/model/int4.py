@@ -124,9 +124,9 @@ def unpack(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | N
         fn = _native_unpack()
         if fn is not None:
             out = torch.empty(k, n, dtype=torch.bfloat16)
-            scratch = torch.empty(2, n)  # each group's scale and zero - 8 * scale, in float32
-            fn(packed.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), k, n, 0, k,
-               scratch.data_ptr(), scratch[1].data_ptr())
+            threads = max(1, min(torch.get_num_threads(), k // GROUP))
+            scratch = torch.empty(threads, 2, n)  # a thread's group's scale and zero - 8 * scale
+            fn(packed.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), k, n, scratch.data_ptr(), threads)
             return out
     return unpack_torch(packed, scales_zeros)
 
@@ -146,7 +146,7 @@ def _native_unpack():
         if lib is not None:
             fn = lib.qkv_int4_unpack
             fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 2
+            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int]
         _native.append(fn)
     return _native[0]
 

@@ -28,7 +28,10 @@ SOURCES = Path(__file__).resolve().parent / "csrc"
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
 # Per source, after FLAGS: decode_attn's softmax takes glibc's vectorized expf (libmvec), which
 # GCC calls only under -ffast-math; its C is written for that (no infinities, no NaN tests).
-EXTRA = {"decode_attn": (("-ffast-math",), ("-lm",))}  # (compiler flags, libraries)
+# -fopenmp: the library needs libgomp.so.1, the soname torch's own copy already loaded has,
+# so its parallel loops run on torch's thread pool (loaded after torch, never before).
+EXTRA = {"decode_attn": (("-ffast-math", "-fopenmp"), ("-lm",)),
+         "int4_unpack": (("-fopenmp",), ())}  # (compiler flags, libraries)
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _lock = threading.Lock()

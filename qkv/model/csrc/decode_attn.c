@@ -4,13 +4,16 @@
  * q: element (b, h, d) at q[b * q_sb + h * q_sh + d], bf16. kp, vp: the K and V planes,
  * [slots, KVH, D] bf16. pages: [B, L] slot of each key; mask: [B, L] bytes, 0 for a key the
  * query does not see (skipped: never read), or NULL. out: [B, H, D] bf16. Query head h reads
- * KV head h / (H / KVH). Sequences [b0, b1). Scratch from the caller: scores H * L floats,
- * qf and acc H * D floats each, keep L int32.
+ * KV head h / (H / KVH). Scratch from the caller, per thread: H * (L + 2 * D) floats (scores,
+ * the scaled q, the sums) and L int32. Sequences split over ``threads`` OpenMP threads: built
+ * with -fopenmp, this library shares torch's libgomp.so.1 (loaded first), so its threads are
+ * torch's own pool, not a second one competing for the cores.
  * A key's whole row (every KV head) is read at once and the rows a few keys ahead are
  * prefetched: pages are scattered blocks, so the loop waits on memory, not arithmetic.
  * Built with -ffast-math (vectorized expf from libmvec): no infinity is ever formed, masked
  * keys are skipped instead of given -inf. */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -34,12 +37,11 @@ static inline void prefetch_row(const uint16_t *row, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch((const char *)row + o);
 }
 
-void qkv_decode_attn(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *kp, const uint16_t *vp,
-                     const int64_t *pages, const uint8_t *mask, int64_t b0, int64_t b1, int64_t L, int64_t H,
-                     int64_t KVH, int64_t D, float scale, uint16_t *out, float *scores, float *qf, float *acc,
-                     int32_t *keep) {
+static void one(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *kp, const uint16_t *vp,
+                const int64_t *pages, const uint8_t *mask, int64_t b, int64_t L, int64_t H, int64_t KVH, int64_t D,
+                float scale, uint16_t *out, float *scores, float *qf, float *acc, int32_t *keep) {
     const int64_t g = H / KVH, row = KVH * D;
-    for (int64_t b = b0; b < b1; b++) {
+    {
         const int64_t *pg = pages + b * L;
         int64_t n = 0;
         for (int64_t l = 0; l < L; l++)
@@ -87,5 +89,18 @@ void qkv_decode_attn(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16
         }
         for (int64_t h = 0; h < H; h++)
             for (int64_t d = 0; d < D; d++) out[(b * H + h) * D + d] = to_bf(acc[h * D + d]);
+    }
+}
+
+void qkv_decode_attn(const uint16_t *q, int64_t q_sb, int64_t q_sh, const uint16_t *kp, const uint16_t *vp,
+                     const int64_t *pages, const uint8_t *mask, int64_t B, int64_t L, int64_t H, int64_t KVH,
+                     int64_t D, float scale, uint16_t *out, float *scratch, int32_t *keep, int threads) {
+    const int64_t per = H * (L + 2 * D);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) if (threads > 1 && B > 1)
+    for (int64_t b = 0; b < B; b++) {
+        int t = omp_get_thread_num();
+        float *s = scratch + t * per;
+        one(q, q_sb, q_sh, kp, vp, pages, mask, b, L, H, KVH, D, scale, out, s, s + H * L, s + H * (L + D),
+            keep + t * L);
     }
 }

@@ -5,7 +5,8 @@
  * weight transposed: (q - 8) * scale + zero computed as q * scale + (zero - 8 * scale) in
  * float32 and rounded to nearest even, as int4.unpack does (q * scale is exact in float32: a
  * 4-bit code times a bf16 scale, so a fused multiply-add rounds the same). Plain C the
- * compiler vectorizes; rows [k0, k1) of the output, so callers may split the work. */
+ * compiler vectorizes. */
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -24,19 +25,21 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
-/* scale and shifted: caller's scratch of n floats each. */
+/* Groups of 32 rows of the output split over ``threads`` OpenMP threads (torch's own pool:
+ * model/native.py); scratch: 2 * n floats per thread (a group's scale and zero - 8 * scale). */
 void qkv_int4_unpack(const uint8_t *packed, const uint16_t *sz, uint16_t *out, int64_t k, int64_t n,
-                     int64_t k0, int64_t k1, float *scale, float *shifted) {
+                     float *scratch, int threads) {
     const int64_t tiles = n / 64;
-    for (int64_t g = k0 / 32; g * 32 < k1; g++) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t g = 0; g < k / 32; g++) {
+        float *scale = scratch + (int64_t)omp_get_thread_num() * 2 * n, *shifted = scale + n;
         const uint16_t *row = sz + g * n * 2;
         for (int64_t i = 0; i < n; i++) {
             float s = bf16_to_f32(row[2 * i]);
             scale[i] = s;
             shifted[i] = bf16_to_f32(row[2 * i + 1]) - 8.0f * s;
         }
-        int64_t lo = g * 32 > k0 ? g * 32 : k0, hi = g * 32 + 32 < k1 ? g * 32 + 32 : k1;
-        for (int64_t kk = lo; kk < hi; kk++) {
+        for (int64_t kk = g * 32; kk < g * 32 + 32; kk++) {
             uint16_t *o = out + kk * n;
             for (int64_t t = 0; t < tiles; t++) {
                 const uint8_t *p = packed + (t * k + kk) * 32;
