@@ -59,7 +59,7 @@ def attend(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mas
     planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
     B, L = from_pages.shape
     pages = from_pages.contiguous()
-    keep = None if mask is None else mask.reshape(B, L).to(torch.uint8).contiguous()
+    keep = None if mask is None else mask.reshape(B, L).to(torch.bool).contiguous()  # one byte, 0 or 1: as the C reads
     out = torch.empty(T, H, D, dtype=torch.bfloat16)
     threads = max(1, min(torch.get_num_threads(), B))
     scratch = torch.empty(threads, H * (L + 2 * D))  # a thread's scores [H, L], scaled q and sums [H, D]
