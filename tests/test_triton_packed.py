@@ -108,6 +108,17 @@ def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefe
 
 @pytest.mark.parametrize("kv", ["int4", "int8"])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits", "window-softcap"])
+@pytest.mark.parametrize("qk_split,l_defer", [(1, False), (0, True), (1, True)])
+def test_packed_decode_split_chains_and_deferred_sum_equal_reference(kv, case, qk_split, l_defer):
+    """The scores as two independent MMA chains, the softmax denominators summed across lanes
+    once after the loop (16-key tiles: many tiles a split, ragged last tiles): the reference's values."""
+    extra = dict(fused=True, v_words=3) if kv == "int4" else dict(fused=True)
+    check_decode(kv, case, fast=True, keys_on_m=True, block_n=16, num_warps=1, lazy=0, qk_split=qk_split,
+                 l_defer=l_defer, **extra)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("case", ["gqa", "mqa-splits", "window-softcap"])
 @pytest.mark.parametrize("lazy", [1, 8])
 def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
     """The running max moved only past a threshold (the accumulators' rescale skipped on the

@@ -52,6 +52,11 @@ MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
 # as FUSED. int8: 272.0 us against 276.7 without (session 7); int4 (V as words): 174.5 against 171.1.
 LAZY = {4: 0, 8: 8}
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
+# Keys on M, not LAZY (issue 16, session 8): QK_SPLIT the scores as two independent MMA chains (one
+# per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
+# reduced across lanes once after the loop instead of once a tile.
+QK_SPLIT = {4: 0, 8: 0}
+L_DEFER = {4: False, 8: False}
 
 
 @triton.jit
@@ -324,7 +329,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None,
                   prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
-                  lazy: int | None = None,
+                  lazy: int | None = None, qk_split: int | None = None, l_defer: bool | None = None,
                   rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
@@ -362,6 +367,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # (the lazy rescale: keys on M, V in halves)
     lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
+    qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
+    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if keys_on_m and not lazy and prefetch != 2 else False
     tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
         tiling = (16,) + tiling[1:]
@@ -401,7 +408,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                         *common, ASM=0 if INTERPRET else 2 if fused else 1,
                                         KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
-                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1,
+                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1, QK_SPLIT=qk_split,
+                                        L_DEFER=l_defer,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
