@@ -43,8 +43,23 @@ INT4 = {
     "ld": dict(l_defer=True),  # session 8: the softmax sums across lanes once, after the loop
     "qsld": dict(qk_split=1, l_defer=True),
     "qsld_st3": dict(qk_split=1, l_defer=True, num_stages=3),
+    "n32s2": dict(block_n=32, splits=2),
+    "n32qsld": dict(block_n=32, qk_split=1, l_defer=True),
+    "n32qslds2": dict(block_n=32, qk_split=1, l_defer=True, splits=2),
+    "n64": dict(block_n=64),
+    "n64s2": dict(block_n=64, splits=2),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
+# each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
+KNOBS = {
+    "default": {}, "s2": {"MIN_SPLITS": {"4": 2}}, "n32": {"FAST_TILING": {"4": [32, 1, 2]}},
+    "qsld": {"QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True}},
+    "n32s2": {"FAST_TILING": {"4": [32, 1, 2]}, "MIN_SPLITS": {"4": 2}},
+    "n32qsld": {"FAST_TILING": {"4": [32, 1, 2]}, "QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True}},
+    "n32qslds2": {"FAST_TILING": {"4": [32, 1, 2]}, "QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True},
+                  "MIN_SPLITS": {"4": 2}},
+    "n64": {"FAST_TILING": {"4": [64, 1, 2]}}, "n64s2": {"FAST_TILING": {"4": [64, 1, 2]}, "MIN_SPLITS": {"4": 2}},
+}
 
 
 def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000):
@@ -65,6 +80,8 @@ def main():
     ap.add_argument("--variants", default="default,s2,n32,qsld,r96")
     ap.add_argument("--big-variants", default=BIG)
     ap.add_argument("--peers", default="fp8", help="float caches timed beside: fp8,bf16")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="for ncu: the first shape only, each variant launched twice, nothing timed")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_engine_shape.jsonl")
@@ -79,7 +96,7 @@ def main():
     dev = args.device
     cpu = dev == "cpu"
     timed = (lambda fn: 1.0) if cpu else bench_graph
-    if cpu:
+    if cpu or args.profile_only:
         bw = 1.0
     else:
         from qkv.tools.bench_rates import measure
@@ -111,6 +128,12 @@ def main():
             k = torch.randn(n, KVH, D, dtype=torch.bfloat16, device=dev, generator=g)
             write_packed(cache, k, k.flip(0), torch.arange(s0, s0 + n, device=dev))
         per_tok = cache.numel() // (nblk * BS)  # packed bytes of one token (all KV heads, K and V)
+        if args.profile_only:
+            for name in args.variants.split(","):
+                for _ in range(2):
+                    packed_decode(q, cache, table, nc, scale, **INT4[name])
+            torch.cuda.synchronize()
+            return
         ref = packed_decode(q, cache, table, nc, scale, max_seq_len=int(lens.max()), fast=False).float()
         for name in (args.big_variants if label.startswith("32x") else args.variants).split(","):
             kw = INT4[name]

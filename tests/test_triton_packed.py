@@ -97,7 +97,8 @@ def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, pr
 
 @gpu
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2)])
+@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2),
+                                                           (32, 1, 2, 0), (64, 1, 2, 0)])
 def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefetch):
     """The fast kernel's single-warp tilings (the defaults' shape), a deeper copy ring and the
     register prefetch of K and V, with the fused widening and V by words (int4), lazy rescale."""

@@ -56,6 +56,9 @@ ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotate
 # per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
 # reduced across lanes once after the loop instead of once a tile.
 QK_SPLIT = {4: 0, 8: 0}
+# At least this many splits (fast kernel, long or unknown contexts; by bits): many rows of 1-2k
+# keys leave single-split programs unevenly long (benchmarks/kv_int_engine_shape_bench.py).
+MIN_SPLITS = {4: 1, 8: 1}
 L_DEFER = {4: False, 8: False}
 
 
@@ -378,6 +381,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
     S = splits or num_splits(B, kvh, max_seq_len, block_n,
                              num_sms=132 * (4 if fast and nbits == 4 else 8) // num_warps)
+    if not splits and fast and (max_seq_len is None or max_seq_len >= 16 * block_n):
+        S = max(S, MIN_SPLITS[nbits])
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
