@@ -42,6 +42,11 @@ V_WORDS = 3
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
 FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
+# Many (sequence, KV head) rows (one split each, e.g. the 1000 in / 1000 out run's 384 x 8): int4
+# 32-key tiles, 361.2 us against 425.2 with 16 at 384 rows x 1-2k keys (224.2 / 246.6 at 1,070 keys;
+# 8 rows of 16-key tiles were 162.6 / 151.6 at 32 x 8k, where 16 stay; H200, session 8).
+MANY_ROWS = 1024
+FAST_TILING_MANY_ROWS = {4: (32, 1, 2)}
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 # By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
 # 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
@@ -372,7 +377,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
     l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if keys_on_m and not lazy and prefetch != 2 else False
-    tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
+    tiling = FAST_TILING[nbits] if fast else (64, 4, 3)
+    if fast and B * kvh >= MANY_ROWS and nbits in FAST_TILING_MANY_ROWS:
+        tiling = FAST_TILING_MANY_ROWS[nbits]
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
         tiling = (16,) + tiling[1:]
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]

@@ -27,13 +27,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
-from qkv.attention.triton.packed import INTERPRET, _layout_args, _rotate, _tile, packed_decode, write_packed
-from qkv.attention.triton.packed_fast import _int4_words
-
-# int4 tiles widened by words (packed_fast._int4_words: PTX on the GPU for bf16/fp16 queries) rather
-# than by packed._tile's Triton ops (issue 16, session 8: the 768 x 1000/1000 engine run's prefill
-# steps took 26.1 s over int4 pages against 20.0 s over fp8 ones).
-FAST_WIDEN = True
+from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_decode, write_packed
 
 
 @triton.jit
@@ -60,19 +54,11 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
 @triton.jit
 def _kv(P32, P8, P16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS: tl.constexpr,
         K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        ALIGN: tl.constexpr, DT: tl.constexpr, FAST: tl.constexpr = 0):
+        ALIGN: tl.constexpr, DT: tl.constexpr):
     """A key tile and its value tile, widened from the packed planes of pages ``P*`` (the cache's
-    or the scratch pages): rows ``row`` of the pages at byte offsets ``base``. ``FAST`` (int4
-    planes): widened by words as the fast decode kernel's (``packed_fast._int4_words``, natural
-    column order; FAST 2: in PTX, bf16/fp16), the same values as ``packed._tile``'s."""
-    if FAST and K_BITS == 4:
-        k = _int4_words(P32, P8, base, k_vals, k_scales, row, nmask, D, BLOCK_N, ALIGN, DT, FAST - 1, 1)
-    else:
-        k = _tile(P32, P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
-    if FAST and V_BITS == 4:
-        v = _int4_words(P32, P8, base, v_vals, v_scales, row, nmask, D, BLOCK_N, ALIGN, DT, FAST - 1, 1)
-    else:
-        v = _tile(P32, P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+    or the scratch pages): rows ``row`` of the pages at byte offsets ``base``."""
+    k = _tile(P32, P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
+    v = _tile(P32, P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
     return k, v
 
 
@@ -85,7 +71,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
                            K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                            ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, STEP_IN_CACHE: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                           IEEE: tl.constexpr, FAST: tl.constexpr = 0):
+                           IEEE: tl.constexpr):
     mblk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
     b = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -133,7 +119,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             row = (k_pos % BS) * KVH + kvh
             base = blk * page_bytes
             k, v = _kv(C32, C8, C16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
-                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, FAST)
+                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
             m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
                                     HAS_WINDOW, HAS_SOFTCAP, PREC, MASKED=False)
     for start in range(full_end, end, BLOCK_N):
@@ -146,7 +132,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
         row = (k_pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
         base = blk * page_bytes
         k, v = _kv(C32, C8, C16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
-                   V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, FAST)
+                   V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
         m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
                                 HAS_WINDOW, HAS_SOFTCAP, PREC)
     # Phase 2 (rings): this step's keys [nc, q_hi) from the scratch pages, row r at slot r.
@@ -162,7 +148,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             base = (r // BS).to(tl.int64) * page_bytes
             row = (r % BS) * KVH + kvh
             k, v = _kv(S32, S8, S16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
-                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, FAST)
+                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
             m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
                                     HAS_WINDOW, HAS_SOFTCAP, PREC)
 
@@ -177,7 +163,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    ring: int | None = None, softcap: float | None = None, mixed: bool = False,
                    max_seq_len: int | None = None,
                    block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None, fast: bool | None = None) -> torch.Tensor:
+                   num_stages: int | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
@@ -226,7 +212,6 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
-        FAST=0 if not (FAST_WIDEN if fast is None else fast) else 1 if INTERPRET or q.dtype == torch.float32 else 2,
         num_warps=num_warps or (4 if big else 8), num_stages=num_stages or (2 if big else 3))
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
