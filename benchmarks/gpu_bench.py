@@ -555,6 +555,21 @@ def engine_bench(bw, flops, args):
     record("prefix_speedup", ratio=on / off)
 
 
+def set_packed_defaults(knobs: dict) -> None:
+    """Override ``attention/triton/packed.py``'s module defaults (an A/B of a kernel variant in the
+    engine without changing the code): a dict default (by plane bits) is updated per key."""
+    from qkv.attention.triton import packed
+
+    for name, value in knobs.items():
+        cur = getattr(packed, name)
+        if isinstance(cur, dict):
+            cur = dict(cur)
+            cur.update({int(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()})
+            value = cur
+        setattr(packed, name, value)
+        record("packed_default", knob=name, value=str(value))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -573,7 +588,11 @@ def main():
     ap.add_argument("--tput-requests", type=int, default=256, help="requests of the 512 in / 256 out run")
     ap.add_argument("--async-scheduling", choices=["on", "off"], default=None, help="default: the engine's")
     ap.add_argument("--kernels", default="decode,gemv,mla", help="kernels section: decode,gemv,mla")
+    ap.add_argument("--packed-set", default=None,
+                    help='JSON: packed-decode defaults for this run, e.g. {"L_DEFER": {"4": true}} (a dict default is updated by bits)')
     args = ap.parse_args()
+    if args.packed_set:
+        set_packed_defaults(json.loads(args.packed_set))
     secs = args.sections.split(",")
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     bw, flops = 3.0e12, 785e12

@@ -97,13 +97,25 @@ def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, pr
 
 @gpu
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2)])
+@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2),
+                                                           (32, 1, 2, 0), (64, 1, 2, 0)])
 def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefetch):
     """The fast kernel's single-warp tilings (the defaults' shape), a deeper copy ring and the
     register prefetch of K and V, with the fused widening and V by words (int4), lazy rescale."""
     extra = dict(fused=True, v_words=3, prefetch=prefetch) if kv == "int4" else dict(fused=True)
     check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
                  num_stages=stages, lazy=8, **extra)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+@pytest.mark.parametrize("case", ["gqa", "mqa-splits", "window-softcap"])
+@pytest.mark.parametrize("qk_split,l_defer", [(1, False), (0, True), (1, True)])
+def test_packed_decode_split_chains_and_deferred_sum_equal_reference(kv, case, qk_split, l_defer):
+    """The scores as two independent MMA chains, the softmax denominators summed across lanes
+    once after the loop (16-key tiles: many tiles a split, ragged last tiles): the reference's values."""
+    extra = dict(fused=True, v_words=3) if kv == "int4" else dict(fused=True)
+    check_decode(kv, case, fast=True, keys_on_m=True, block_n=16, num_warps=1, lazy=0, qk_split=qk_split,
+                 l_defer=l_defer, **extra)
 
 
 @pytest.mark.parametrize("kv", ["int4", "int8"])

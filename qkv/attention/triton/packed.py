@@ -42,6 +42,11 @@ V_WORDS = 3
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
 FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
+# Many (sequence, KV head) rows (one split each, e.g. the 1000 in / 1000 out run's 384 x 8): int4
+# 32-key tiles, 361.2 us against 425.2 with 16 at 384 rows x 1-2k keys (224.2 / 246.6 at 1,070 keys;
+# 8 rows of 16-key tiles were 162.6 / 151.6 at 32 x 8k, where 16 stay; H200, session 8).
+MANY_ROWS = 1024
+FAST_TILING_MANY_ROWS = {4: (32, 1, 2)}
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 # By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
 # 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
@@ -52,6 +57,14 @@ MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
 # as FUSED. int8: 272.0 us against 276.7 without (session 7); int4 (V as words): 174.5 against 171.1.
 LAZY = {4: 0, 8: 8}
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
+# Keys on M, not LAZY (issue 16, session 8): QK_SPLIT the scores as two independent MMA chains (one
+# per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
+# reduced across lanes once after the loop instead of once a tile.
+QK_SPLIT = {4: 0, 8: 0}
+# At least this many splits (fast kernel, long or unknown contexts; by bits): many rows of 1-2k
+# keys leave single-split programs unevenly long (benchmarks/kv_int_engine_shape_bench.py).
+MIN_SPLITS = {4: 1, 8: 1}
+L_DEFER = {4: False, 8: False}
 
 
 @triton.jit
@@ -324,7 +337,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
                   keys_on_m: bool | None = None, v_words: int | None = None,
                   prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
-                  lazy: int | None = None,
+                  lazy: int | None = None, qk_split: int | None = None, l_defer: bool | None = None,
                   rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
@@ -362,7 +375,11 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # (the lazy rescale: keys on M, V in halves)
     lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
-    tiling = FAST_TILING[min(kp.fmt.bits, vp.fmt.bits)] if fast else (64, 4, 3)
+    qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
+    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if keys_on_m and not lazy and prefetch != 2 else False
+    tiling = FAST_TILING[nbits] if fast else (64, 4, 3)
+    if fast and B * kvh >= MANY_ROWS and nbits in FAST_TILING_MANY_ROWS:
+        tiling = FAST_TILING_MANY_ROWS[nbits]
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
         tiling = (16,) + tiling[1:]
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
@@ -371,6 +388,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
     S = splits or num_splits(B, kvh, max_seq_len, block_n,
                              num_sms=132 * (4 if fast and nbits == 4 else 8) // num_warps)
+    if not splits and fast and (max_seq_len is None or max_seq_len >= 16 * block_n):
+        S = max(S, MIN_SPLITS[nbits])
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
@@ -401,7 +420,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                         *common, ASM=0 if INTERPRET else 2 if fused else 1,
                                         KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
-                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1,
+                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1, QK_SPLIT=qk_split,
+                                        L_DEFER=l_defer,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),

@@ -525,7 +525,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
                        KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
                        LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
-                       LOG2D: tl.constexpr = 7):
+                       LOG2D: tl.constexpr = 7, QK_SPLIT: tl.constexpr = 0, L_DEFER: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -572,6 +572,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
         qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
+    if L_DEFER:  # per-element partial sums of p (keys on M, not LAZY): summed over the keys once, after the loop
+        l_acc = tl.zeros([BLOCK_N, G_PAD], tl.float32)
     if KEYS_ON_M == 2:  # accumulators [columns, heads]
         acc_a = tl.zeros([VW, G_PAD], tl.float32)
         acc_b = tl.zeros([VW, G_PAD], tl.float32)
@@ -619,8 +621,14 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                 nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
                 ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
                                  C32)
-                s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
-                s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+                if QK_SPLIT and not HAS_SOFTCAP:
+                    # two independent MMA chains of depth D/2 (one per half), each scaled, then summed
+                    # (a plain sum of two dots is folded back into one chain by Triton's dot + add rewrite)
+                    c2 = sm_scale * 1.4426950408889634
+                    s = tl.dot(ka, qaT, input_precision=PREC) * c2 + tl.dot(kb, qbT, input_precision=PREC) * c2
+                else:  # one chain of depth D
+                    s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+                    s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
                 s = tl.where(nmask[:, None], s, float("-inf"))
                 if LAZY:
                     p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
@@ -633,7 +641,10 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                     m_new = tl.maximum(m_i, tl.max(s, 0))
                     alpha = tl.exp2(m_i - m_new)
                     p = tl.exp2(s - m_new[None, :])
-                    l_i = l_i * alpha + tl.sum(p, 0)
+                    if L_DEFER:  # no cross-lane sum in the loop
+                        l_acc = l_acc * alpha[None, :] + p
+                    else:
+                        l_i = l_i * alpha + tl.sum(p, 0)
                     if PREFETCH:
                         nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
                                                  HAS_RING)
@@ -663,6 +674,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                                 ALIGN, DT, ASM, V_WORDS)
             acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
             m_i = m_new
+    if L_DEFER:
+        l_i = tl.sum(l_acc, 0)
     if KEYS_ON_M == 2:
         out_a = tl.trans(acc_a)
         out_b = tl.trans(acc_b)

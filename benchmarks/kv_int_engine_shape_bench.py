@@ -1,0 +1,163 @@
+"""Decode attention at the shape of the `1000 in / 1000 out` engine run (issue 16): many rows
+of short contexts (384 sequences of 1,000-2,000 keys, Llama-3-8B's attention: 32 heads, 8 KV
+heads, head_dim 128, blocks of 16), where the 32 x 8k kernel bench says little about the
+split/tile choice. int4 pages through ``packed_decode`` (the engine's launch: no
+``max_seq_len`` inside a CUDA graph, and variants), the fp8 and bf16 caches through
+``decode.paged_decode`` (the engine's launch), each timed as a CUDA-graph replay.
+
+GB/s counts the bytes each format must read for the keys the rows attend to (values and
+scales); ``frac`` is that over the copy rate measured in the same run. Each int4 variant's
+output is compared with the plain kernel's (``d``: max |difference|).
+
+    PYTHONPATH=. python benchmarks/kv_int_engine_shape_bench.py --out $OUT [--rows 384] [--big]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_bench import bench_graph  # noqa: E402
+
+from qkv.attention.triton.decode import paged_decode  # noqa: E402
+from qkv.attention.triton.packed import packed_decode, write_packed  # noqa: E402
+from qkv.kvcache import kv_pages  # noqa: E402
+from qkv.kvcache.kv_int import resolve  # noqa: E402
+from qkv.kvcache.spec import FullAttention  # noqa: E402
+
+H, KVH, D, BS = 32, 8, 128, 16
+# name -> packed_decode keyword arguments (none: the engine's default launch)
+INT4 = {
+    "default": {},
+    "s2": dict(splits=2),
+    "s4": dict(splits=4),
+    "n32": dict(block_n=32),
+    "r96": dict(maxnreg=96),
+    "qs": dict(qk_split=1),  # session 8: the scores as two MMA chains
+    "ld": dict(l_defer=True),  # session 8: the softmax sums across lanes once, after the loop
+    "qsld": dict(qk_split=1, l_defer=True),
+    "qsld_st3": dict(qk_split=1, l_defer=True, num_stages=3),
+    "n32s2": dict(block_n=32, splits=2),
+    "n32qsld": dict(block_n=32, qk_split=1, l_defer=True),
+    "n32qslds2": dict(block_n=32, qk_split=1, l_defer=True, splits=2),
+    "n64": dict(block_n=64),
+    "n64s2": dict(block_n=64, splits=2),
+}
+BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
+# each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
+KNOBS = {
+    "default": {}, "s2": {"MIN_SPLITS": {"4": 2}}, "n32": {"FAST_TILING": {"4": [32, 1, 2]}},
+    "qsld": {"QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True}},
+    "n32s2": {"FAST_TILING": {"4": [32, 1, 2]}, "MIN_SPLITS": {"4": 2}},
+    "n32qsld": {"FAST_TILING": {"4": [32, 1, 2]}, "QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True}},
+    "n32qslds2": {"FAST_TILING": {"4": [32, 1, 2]}, "QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True},
+                  "MIN_SPLITS": {"4": 2}},
+    "n64": {"FAST_TILING": {"4": [64, 1, 2]}}, "n64s2": {"FAST_TILING": {"4": [64, 1, 2]}, "MIN_SPLITS": {"4": 2}},
+}
+
+
+def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000):
+    """(label, per-row key counts): the run's steady state (prompts of 1,000, up to 1,000 generated)."""
+    g = torch.Generator().manual_seed(1)
+    out = [(f"{rows}x{lo}-{hi}", torch.randint(lo, hi + 1, (rows,), generator=g))]
+    if big:
+        out.append(("32x8192", torch.full((32,), 8192)))
+    return out + [(f"{rows}x{lo + 70}", torch.full((rows,), lo + 70))]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--rows", type=int, default=384)
+    ap.add_argument("--big", action="store_true", help="also batch 32 x 8k")
+    ap.add_argument("--keys", default="1000,2000", help="the rows' key counts: uniform in [LO, HI]")
+    ap.add_argument("--variants", default="default,s2,n32,qsld,r96")
+    ap.add_argument("--big-variants", default=BIG)
+    ap.add_argument("--peers", default="fp8", help="float caches timed beside: fp8,bf16")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="for ncu: the first shape only, each variant launched twice, nothing timed")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
+    args = ap.parse_args()
+    path = os.path.join(args.out, "kv_int_engine_shape.jsonl")
+    open(path, "w").close()
+
+    def record(**kw):
+        line = json.dumps(kw)
+        print(line, flush=True)
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+    dev = args.device
+    cpu = dev == "cpu"
+    timed = (lambda fn: 1.0) if cpu else bench_graph
+    if cpu or args.profile_only:
+        bw = 1.0
+    else:
+        from qkv.tools.bench_rates import measure
+
+        bw = measure(torch.device("cuda"))["copy_Bps"]
+        record(name="copy", TBps=bw / 1e12, device=torch.cuda.get_device_name())
+    g = torch.Generator(device=dev).manual_seed(0)
+    for label, lens in shapes(args.rows, args.big, *map(int, args.keys.split(","))):
+        B = lens.numel()
+        blocks = (lens + BS - 1) // BS
+        nblk = int(blocks.sum())
+        maxb = int(blocks.max())
+        perm = torch.randperm(nblk, generator=torch.Generator().manual_seed(2))
+        table = torch.zeros(B, maxb, dtype=torch.int32)
+        at = 0
+        for i, nb in enumerate(blocks.tolist()):
+            table[i, :nb] = perm[at:at + nb]
+            at += nb
+        table = table.to(dev)
+        nc = (lens - 1).to(dev)
+        keys = int(lens.sum())
+        q = torch.randn(B, H, D, dtype=torch.bfloat16, device=dev, generator=g)
+        scale = D ** -0.5
+        spec = FullAttention(KVH, D, 1, packed=resolve("int4", None, None, torch.bfloat16)[1])
+        cache = kv_pages.new_cache(spec, nblk, BS, torch.uint8, dev)
+        step = 1 << 16
+        for s0 in range(0, nblk * BS, step):
+            n = min(step, nblk * BS - s0)
+            k = torch.randn(n, KVH, D, dtype=torch.bfloat16, device=dev, generator=g)
+            write_packed(cache, k, k.flip(0), torch.arange(s0, s0 + n, device=dev))
+        per_tok = cache.numel() // (nblk * BS)  # packed bytes of one token (all KV heads, K and V)
+        if args.profile_only:
+            for name in args.variants.split(","):
+                for _ in range(2):
+                    packed_decode(q, cache, table, nc, scale, **INT4[name])
+            torch.cuda.synchronize()
+            return
+        ref = packed_decode(q, cache, table, nc, scale, max_seq_len=int(lens.max()), fast=False).float()
+        for name in (args.big_variants if label.startswith("32x") else args.variants).split(","):
+            kw = INT4[name]
+            try:
+                fn = lambda: packed_decode(q, cache, table, nc, scale, **kw)  # noqa: E731
+                d = (fn().float() - ref).abs().max().item()
+                ms = timed(fn)
+                nbytes = keys * per_tok
+                record(name="int4", shape=label, variant=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
+                       frac=nbytes / (ms / 1e3) / bw, d=d)
+            except Exception as e:
+                record(name="int4", shape=label, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        del cache
+        torch.cuda.empty_cache()
+        peers = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
+        for dt in [peers[p] for p in args.peers.split(",") if p]:
+            c = torch.randn(2, nblk, BS, KVH, D, dtype=torch.bfloat16, device=dev, generator=g).to(dt)
+            ms = timed(lambda: paged_decode(q, c, table, nc, scale))
+            nbytes = keys * 2 * KVH * D * c.element_size()
+            record(name=str(dt).split(".")[-1], shape=label, variant="default", us=ms * 1e3,
+                   GBps=nbytes / ms / 1e6, frac=nbytes / (ms / 1e3) / bw)
+            del c
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
