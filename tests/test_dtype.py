@@ -36,6 +36,11 @@ def test_auto_on_the_cpu_is_float32_unless_quantized(declared):
     assert resolve_dtype(None, config(declared), "cpu")[0] == torch.float32
     # int8 weights: bf16 activations, the CPU fast decode path (README, model/quant.py)
     assert resolve_dtype("auto", config(declared), "cpu", "int8")[0] == torch.bfloat16
+    # Gemma 3 with int8 weights: float32 activations (its outliers; engine/dtype.py)
+    gemma = ModelConfig(model_type="gemma3_text", vocab_size=256, hidden_size=64, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, intermediate_size=128, checkpoint_dtype=declared)
+    assert resolve_dtype("auto", gemma, "cpu", "int8")[0] == torch.float32
+    assert resolve_dtype("auto", gemma, "cpu", "int4")[0] == torch.bfloat16
 
 
 def test_a_named_dtype_wins_and_a_bad_one_is_refused_by_name():

@@ -19,7 +19,14 @@ def test_int8_linear_is_the_dequantized_matmul():
     # Rounding to the nearest of 255 levels per output channel: at most half a step off.
     assert ((w - lin.weight).abs() <= q.scale[:, None] / 2 + 1e-7).all()
     x = torch.randn(5, 64)
-    assert torch.allclose(q(x), x @ w.t() + lin.bias, atol=1e-5)
+    # A float32 x goes through the int8 kernel in bf16 (its float32 path is ~16x slower): the
+    # product of x rounded to bf16, itself rounded to bf16 (scales too: half a bf16 step each).
+    ref = x.bfloat16().float() @ w.t()
+    assert q.scale_bf16.dtype == torch.bfloat16
+    assert ((q(x) - lin.bias - ref).abs() <= ref.abs() * 2 ** -7 + 1e-6).all()
+    assert not torch.allclose(q(x), x @ w.t() + lin.bias, atol=1e-5)  # x really is rounded
+    xb = x.bfloat16()  # bf16 x: the kernel as is, bf16 result
+    assert torch.allclose(q(xb).float(), (xb.float() @ w.t() + lin.bias), rtol=2 ** -6, atol=1e-2)
     assert q(x[None]).shape == (1, 5, 48)
 
 
