@@ -1,0 +1,148 @@
+"""FP8 (e4m3) weights and activations for the linear layers: ``quantization="fp8"``.
+
+On the GPU the long mixed steps are GEMM-bound (docs/benchmarks.md: the 768 x 1000/1000 run's
+GEMMs at 94% of the bf16 matmul rate): the H200's fp8 tensor cores run twice the bf16 rate,
+and the weights read half the bytes. Each linear's weight is rounded once, at load, to
+float8_e4m3fn with one fp32 scale per output channel (``scale[o] = max|w[o, :]| / 448``);
+each step's activations are rounded per row (token) the same way, dynamically, and the
+product runs through ``torch._scaled_mm`` with row-wise scales (fp32 accumulation, the two
+scales applied in its epilogue, bf16 out). The rounding of one row: ``E4M3_MAX`` (448) maps
+to the row's largest magnitude, and every value keeps a 3-bit mantissa.
+
+Kept in their float dtype: the embedding and the output projection (``lm_head``: the logits
+are the layer most sensitive to rounding; vLLM's and TensorRT-LLM's fp8 checkpoints keep it
+too). Models: the Llama family, Gemma 3 and GPT-2 (plain nn.Linear layers); MoE and MLA
+models (DeepSeek) and the encoder-decoders are refused by name.
+
+The CPU runs the same rounding as an emulation (``emulated_mm``: the e4m3 values widened to
+fp32, an fp32 matmul, the scales after): slow, for measuring what the rounding costs
+(``qkv perplexity MODEL --quantization fp8``), not for serving. A product of two e4m3 values
+is exact in fp32, so the emulation differs from the GPU only in the order of its fp32 sums.
+
+Batch-1 decode goes through ``_scaled_mm`` too (one row); the Triton GEMV and the stream
+kernels of the bf16 path (triton/gemv.py, stream.py) take only nn.Linear, so they step aside.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+TINY = 1e-12  # an all-zero row's scale: its values stay 0
+ARCHS = ("llama", "gemma3", "gpt2")  # model families whose linears are plain nn.Linear
+# _scaled_mm's fast accumulation (Hopper's fp8 MMA summing in fewer bits between promotions):
+# off unless QKV_FP8_FAST_ACCUM=1 (measured in docs/benchmarks.md).
+FAST_ACCUM = os.environ.get("QKV_FP8_FAST_ACCUM", "0") == "1"
+ROW_BLOCK = 4096  # rows of a weight rounded at once (an fp32 block of 4096 x 14336: 235 MB)
+
+
+def check(config, device: torch.device) -> None:
+    """ValueError, by name, for a model family fp8 does not cover."""
+    arch = config.arch
+    if arch not in ARCHS:
+        why = {"deepseek": "its MLA attention and MoE experts have no fp8 path",
+               "whisper": "encoder-decoder models have no fp8 path",
+               "bart": "encoder-decoder models have no fp8 path"}.get(arch, "no fp8 path for this family")
+        raise ValueError(f"quantization='fp8' does not support {config.model_type} ({why}); "
+                         f"supported: {', '.join(ARCHS)} families")
+
+
+@torch.no_grad()
+def round_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any float dtype) -> (e4m3 [M, K], fp32 scale [M, 1]) with
+    ``scale = max|x_row| / 448``, ``q = e4m3(x / scale)`` rounded to nearest (torch ops;
+    on CUDA ``quantize_rows`` uses the one-kernel version of the same)."""
+    xf = x.float()
+    s = xf.abs().amax(dim=1, keepdim=True).clamp_(min=TINY).div_(E4M3_MAX)
+    return (xf / s).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3), s
+
+
+@torch.no_grad()
+def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (e4m3 [N, K], fp32 scale [N]): ``round_rows`` of the weight, one scale per
+    output channel, ``ROW_BLOCK`` rows at a time (no fp32 copy of the whole matrix)."""
+    n, k = w.shape
+    q = torch.empty(n, k, dtype=E4M3, device=w.device)
+    scale = torch.empty(n, dtype=torch.float32, device=w.device)
+    for r in range(0, n, ROW_BLOCK):
+        q[r:r + ROW_BLOCK], s = round_rows(w[r:r + ROW_BLOCK])
+        scale[r:r + ROW_BLOCK] = s[:, 0]
+    return q, scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``round_rows``, in one Triton kernel on CUDA (one read of x, one e4m3 write: the torch
+    ops are five passes over it), the torch ops elsewhere."""
+    if x.is_cuda:
+        from qkv.attention.triton.fp8_rows import quantize_rows as kernel
+
+        return kernel(x)
+    return round_rows(x)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """e4m3 [N, K] and its scales ([N] or [N, 1]) -> fp32 [N, K]."""
+    return q.float() * scale.reshape(-1, 1)
+
+
+def emulated_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """What the GPU computes for ``x @ (q * scale)^T``, in fp32: x's rows rounded to e4m3
+    (``round_rows``), the e4m3 values multiplied in fp32, both scales applied after."""
+    xq, xs = round_rows(x)
+    return (xq.float() @ q.float().t()).mul_(xs).mul_(scale.reshape(1, -1))
+
+
+def scaled_mm(x: torch.Tensor, q: torch.Tensor, scale_row: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (CUDA, 16-bit) @ (q [N, K] e4m3 * scale_row [1, N])^T -> bf16 [M, N]: x rounded
+    per row (``quantize_rows``), ``torch._scaled_mm`` with row-wise scales."""
+    xq, xs = quantize_rows(x)
+    return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale_row, out_dtype=torch.bfloat16,
+                            use_fast_accum=FAST_ACCUM)
+
+
+class Fp8Linear(nn.Module):
+    """``y = x @ (w_e4m3 * scale)^T + b`` with x rounded per row to e4m3 (module docstring).
+    ``weight_fp8`` [N, K] e4m3 and ``scale`` [1, N] fp32 are buffers: ``Module.to(dtype)``
+    leaves them as they are."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach()
+        self.out_features, self.in_features = w.shape
+        if w.is_cuda and (self.in_features % 16 or self.out_features % 16):  # _scaled_mm's rule
+            raise ValueError(f"quantization='fp8' needs linear shapes divisible by 16 on the GPU, "
+                             f"got {self.out_features} x {self.in_features}")
+        q, scale = quantize_weight(w)
+        self.register_buffer("weight_fp8", q)
+        self.register_buffer("scale", scale.reshape(1, -1).contiguous())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.is_cuda:
+            y = scaled_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight_fp8, self.scale)
+        else:
+            y = emulated_mm(x2, self.weight_fp8, self.scale)
+        y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 weights, per-row scales"
+
+
+def quantize(model: nn.Module) -> nn.Module:
+    """Replace every nn.Linear of ``model`` but ``lm_head`` with an ``Fp8Linear``, in place;
+    each bf16 weight is freed as its e4m3 copy is made."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and name != "lm_head":
+                setattr(module, name, Fp8Linear(child))
+                del child
+    if next(model.parameters()).is_cuda:
+        torch.cuda.empty_cache()
+    return model

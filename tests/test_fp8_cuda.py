@@ -1,0 +1,70 @@
+"""quantization="fp8" on the GPU (qkv/model/fp8.py): the row kernel's codes against torch's
+cast, ``_scaled_mm`` against the emulated product, and a tiny HF Llama end to end against the
+same model in bf16 and against the CPU's emulation of the fp8 rounding. Skips without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qkv.model import fp8
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("shape", [(1, 4096), (7, 64), (300, 14336), (33, 2048 + 96)])
+def test_row_kernel_rounds_as_torch(shape):
+    from qkv.attention.triton.fp8_rows import quantize_rows
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = (torch.randn(*shape, generator=g, device="cuda") * 5).to(torch.bfloat16)
+    x[0, :3] = 0.0
+    q, s = quantize_rows(x)
+    wq, ws = fp8.round_rows(x)
+    assert torch.equal(s, ws)
+    assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m", [1, 5, 384])
+def test_scaled_mm_equals_emulated_product(m):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    lin = torch.nn.Linear(512, 768, bias=False, device="cuda", dtype=torch.bfloat16)
+    torch.nn.init.normal_(lin.weight, std=0.02, generator=g)
+    layer = fp8.Fp8Linear(lin)
+    x = torch.randn(m, 512, generator=g, device="cuda").to(torch.bfloat16)
+    got = layer(x).float()
+    want = fp8.emulated_mm(x, layer.weight_fp8, layer.scale)  # fp32, on the GPU
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    print(f"\n_scaled_mm vs emulation, M={m}: max err {err:.2e} of max |y|")
+    assert err < 8e-3  # the bf16 rounding of the output (2^-8 relative)
+    exact = (x.float() @ lin.weight.float().t())
+    assert ((got - exact).norm() / exact.norm()).item() < 0.06
+
+
+def test_tiny_llama_fp8_tracks_bf16_and_the_emulation(tiny_model):
+    from qkv import LLM, SamplingParams
+
+    path, _ = tiny_model("llama")
+    kw = dict(block_size=16, num_kv_blocks=64, dtype="bfloat16", max_num_seqs=4)
+    ref = LLM(path, device="cuda", quantization="none", **kw)
+    q = LLM(path, device="cuda", quantization="fp8", **kw)
+    emu = LLM(path, device="cpu", quantization="fp8", **kw)
+    assert sum(isinstance(m, fp8.Fp8Linear) for m in q.engine.model.modules()) == 8
+    ids = torch.randint(2, 256, (48,), generator=torch.Generator().manual_seed(5)).tolist()
+    a, b, c = ref.logits(ids).float().cpu(), q.logits(ids).float().cpu(), emu.logits(ids).float().cpu()
+    vs_bf16 = ((a - b).abs().max() / a.abs().max()).item()
+    vs_emu = ((c - b).abs().max() / c.abs().max()).item()
+    agree = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    print(f"\ntiny Llama fp8 logits: max err {vs_bf16:.3e} vs bf16, {vs_emu:.3e} vs the CPU emulation; "
+          f"argmax agreement with bf16 {agree:.3f}")
+    assert not torch.equal(a, b)
+    assert vs_emu < 0.02 and vs_bf16 < 0.1 and agree > 0.85
+    greedy = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    prompts = [ids[:16], ids[16:40]]
+    ta = [o.token_ids for o in ref.generate(prompts, greedy)]
+    tb = [o.token_ids for o in q.generate(prompts, greedy)]  # batched decode through CUDA graphs
+    tb1 = [q.generate([p], greedy)[0].token_ids for p in prompts]  # batch 1
+    same = sum(x == y for s, t in zip(ta, tb) for x, y in zip(s, t)) / sum(len(s) for s in ta)
+    print(f"greedy tokens equal to bf16's: {same:.3f}; batch 1 equals batched: {tb1 == tb}")
+    assert same > 0.5
+    assert all(len(t) == 24 for t in tb)
