@@ -5,7 +5,8 @@
 For each M: one layer's qkv, o, gate/up and down products timed through a CUDA graph
 (``triton.testing.do_bench``, median): ``F.linear`` in bf16, ``torch._scaled_mm`` on e4m3
 operands with row-wise scales (fast accumulation off and on), the activation rounding kernel
-(triton/fp8_rows.py) alone, and Fp8Linear whole (rounding + product). Prints one line per M:
+(triton/fp8_rows.py) alone, and Fp8Linear whole (rounding + product; at M = 1 the fp8 GEMV,
+triton/fp8_gemv.py, and ``_scaled_mm`` for comparison). Prints one line per M:
 microseconds a layer and TFLOP/s, against the bf16 matmul rate measured as `qkv bench` does.
 """
 
@@ -57,13 +58,24 @@ def main():
                                                      scale_b=layers[s][1].scale, out_dtype=torch.bfloat16,
                                                      use_fast_accum=True) for s in SHAPES],
             "round_rows": lambda: [fp8.quantize_rows(xs[s]) for s in SHAPES],
-            "fp8_linear": lambda: [layers[s][1](xs[s]) for s in SHAPES],
+            "fp8_linear": lambda: [layers[s][1](xs[s]) for s in SHAPES],  # M = 1: the fp8 GEMV
         }
+        if m == 1:
+            from qkv.attention.triton import fp8_gemv
+
+            fp8_gemv.ON = False  # _scaled_mm at one row, for comparison
+            variants["fp8_linear_scaled_mm"] = lambda: [layers[s][1](xs[s]) for s in SHAPES]
         for key, fn in variants.items():
             try:
                 row[key + "_us"] = round(graph_ms(fn) * 1e3, 1)
             except Exception as e:  # report, keep measuring the rest
                 row[key + "_us"] = f"failed {type(e).__name__}: {str(e)[:80]}"
+        if m == 1:
+            fp8_gemv.ON = True
+            wbytes = sum(n * k for n, k in SHAPES.values())
+            for key in ("bf16", "fp8_linear", "fp8_linear_scaled_mm"):
+                if isinstance(row[key + "_us"], float):  # weight bytes read per second, TB/s
+                    row[key + "_TBps"] = round(wbytes * (2 if key == "bf16" else 1) / row[key + "_us"] / 1e6, 2)
         for key in ("bf16", "fp8_mm", "fp8_mm_fast", "fp8_linear"):
             if isinstance(row[key + "_us"], float):
                 row[key + "_TF"] = round(flops / (row[key + "_us"] / 1e6) / 1e12)

@@ -128,3 +128,18 @@ def test_row_kernel_equals_torch_ops(shape):
     wq, ws = fp8.round_rows(x)
     assert torch.equal(s, ws)
     assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("k,silu", [(64, False), (96, True), (1024 + 64, False)])
+def test_fp8_gemv_is_the_row_times_the_dequantized_weight(k, silu):
+    from qkv.attention.triton.fp8_gemv import fp8_gemv
+
+    g = torch.Generator().manual_seed(6)
+    q, s = fp8.quantize_weight(torch.randn(72, k, generator=g))
+    x = torch.randn(1, 2 * k if silu else k, generator=g).to(torch.bfloat16)
+    y = fp8_gemv(x, q, s.reshape(1, -1), silu=silu)
+    row = fp8.silu_mul(x) if silu else x  # batch 1: the row is not rounded to e4m3
+    want = row.double() @ fp8.dequantize(q, s).double().t()
+    assert y.dtype == torch.bfloat16
+    assert torch.allclose(y.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())

@@ -68,3 +68,28 @@ def test_tiny_llama_fp8_tracks_bf16_and_the_emulation(tiny_model):
     print(f"greedy tokens equal to bf16's: {same:.3f}; batch 1 equals batched: {tb1 == tb}")
     assert same > 0.5
     assert all(len(t) == 24 for t in tb)
+
+
+def test_silu_rows_and_batch1_gemv():
+    from qkv.attention.triton.fp8_gemv import fp8_gemv
+    from qkv.attention.triton.fp8_rows import quantize_rows
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    gu = (torch.randn(300, 2 * 1024, generator=g, device="cuda") * 2).to(torch.bfloat16)
+    q, s = quantize_rows(gu, silu=True)
+    wq, ws = fp8.round_rows(fp8.silu_mul(gu))
+    # tl.sigmoid and torch's silu may differ by an fp32 ulp, rarely a bf16 one after rounding
+    assert torch.allclose(s, ws, rtol=1e-2)
+    assert (q.view(torch.uint8) != wq.view(torch.uint8)).float().mean().item() < 1e-3
+    lin = torch.nn.Linear(1024, 512, bias=False, device="cuda", dtype=torch.bfloat16)
+    layer = fp8.Fp8Linear(lin)
+    for silu, x in ((False, gu[:1, :1024]), (True, gu[:1])):
+        x = x.contiguous()
+        y = fp8_gemv(x, layer.weight_fp8, layer.scale, silu=silu).float()
+        row = fp8.silu_mul(x) if silu else x
+        want = row.float() @ fp8.dequantize(layer.weight_fp8, layer.scale).t()
+        assert ((y - want).abs().max() / want.abs().max()).item() < 8e-3
+    # the module's batched SiLU path equals silu_mul then the layer
+    got = layer.silu_mul_linear(gu[:64].contiguous()).float()
+    ref = layer(fp8.silu_mul(gu[:64])).float()
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 2e-2

@@ -19,8 +19,12 @@ fp32, an fp32 matmul, the scales after): slow, for measuring what the rounding c
 (``qkv perplexity MODEL --quantization fp8``), not for serving. A product of two e4m3 values
 is exact in fp32, so the emulation differs from the GPU only in the order of its fp32 sums.
 
-Batch-1 decode goes through ``_scaled_mm`` too (one row); the Triton GEMV and the stream
-kernels of the bf16 path (triton/gemv.py, stream.py) take only nn.Linear, so they step aside.
+Batch-1 decode (one row) runs a GEMV over the e4m3 bytes instead (triton/fp8_gemv.py: the
+row stays bf16 there, weight-only fp8; ``QKV_FP8_GEMV=0`` sends it through ``_scaled_mm``).
+The bf16 path's fused batch-1 kernels (triton/gemv.py's norm prologue, stream.py, qkv_rope.py)
+take only nn.Linear, so they step aside. The down projection reads silu(gate) * up: its
+rounding kernel computes that itself (``silu_mul_linear``), so the SiLU's bf16 output is never
+written.
 """
 
 from __future__ import annotations
@@ -96,12 +100,24 @@ def emulated_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return (xq.float() @ q.float().t()).mul_(xs).mul_(scale.reshape(1, -1))
 
 
-def scaled_mm(x: torch.Tensor, q: torch.Tensor, scale_row: torch.Tensor) -> torch.Tensor:
+def scaled_mm(x: torch.Tensor, q: torch.Tensor, scale_row: torch.Tensor, silu: bool = False) -> torch.Tensor:
     """x [M, K] (CUDA, 16-bit) @ (q [N, K] e4m3 * scale_row [1, N])^T -> bf16 [M, N]: x rounded
-    per row (``quantize_rows``), ``torch._scaled_mm`` with row-wise scales."""
-    xq, xs = quantize_rows(x)
+    per row (``quantize_rows``; ``silu``: x is [gate | up], the rows are silu(gate) * up),
+    ``torch._scaled_mm`` with row-wise scales."""
+    if silu:
+        from qkv.attention.triton.fp8_rows import quantize_rows as kernel
+
+        xq, xs = kernel(x, silu=True)
+    else:
+        xq, xs = quantize_rows(x)
     return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale_row, out_dtype=torch.bfloat16,
                             use_fast_accum=FAST_ACCUM)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [.., 2K] = [gate | up], in its dtype (as GatedMLP computes it)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up
 
 
 class Fp8Linear(nn.Module):
@@ -125,10 +141,31 @@ class Fp8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if x2.is_cuda:
-            y = scaled_mm(x2 if x2.is_contiguous() else x2.contiguous(), self.weight_fp8, self.scale)
+            x2 = x2 if x2.is_contiguous() else x2.contiguous()
+            from qkv.attention.triton import fp8_gemv
+
+            if fp8_gemv.fits(x2, self.in_features):  # one row: weight-only, over the e4m3 bytes
+                y = fp8_gemv.fp8_gemv(x2, self.weight_fp8, self.scale)
+            else:
+                y = scaled_mm(x2, self.weight_fp8, self.scale)
         else:
             y = emulated_mm(x2, self.weight_fp8, self.scale)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor | None:
+        """``self(silu(gate) * up)`` for [M, 2K] = [gate | up] on CUDA in one rounding kernel
+        (or the batch-1 GEMV) plus the product; None elsewhere (the caller runs the two steps)."""
+        if not gate_up.is_cuda or gate_up.dim() != 2 or gate_up.shape[1] != 2 * self.in_features:
+            return None
+        gate_up = gate_up if gate_up.is_contiguous() else gate_up.contiguous()
+        from qkv.attention.triton import fp8_gemv
+
+        if fp8_gemv.fits(gate_up, self.in_features, silu=True):
+            y = fp8_gemv.fp8_gemv(gate_up, self.weight_fp8, self.scale, silu=True)
+        else:
+            y = scaled_mm(gate_up, self.weight_fp8, self.scale, silu=True)
+        y = y.to(gate_up.dtype)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
