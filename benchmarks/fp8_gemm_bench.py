@@ -63,15 +63,19 @@ def main():
         if m == 1:
             from qkv.attention.triton import fp8_gemv
 
-            fp8_gemv.ON = False  # _scaled_mm at one row, for comparison
-            variants["fp8_linear_scaled_mm"] = lambda: [layers[s][1](xs[s]) for s in SHAPES]
+            def through_scaled_mm():  # _scaled_mm at one row, for comparison
+                fp8_gemv.ON = False
+                out = [layers[s][1](xs[s]) for s in SHAPES]
+                fp8_gemv.ON = True
+                return out
+
+            variants["fp8_linear_scaled_mm"] = through_scaled_mm
         for key, fn in variants.items():
             try:
                 row[key + "_us"] = round(graph_ms(fn) * 1e3, 1)
             except Exception as e:  # report, keep measuring the rest
                 row[key + "_us"] = f"failed {type(e).__name__}: {str(e)[:80]}"
         if m == 1:
-            fp8_gemv.ON = True
             wbytes = sum(n * k for n, k in SHAPES.values())
             for key in ("bf16", "fp8_linear", "fp8_linear_scaled_mm"):
                 if isinstance(row[key + "_us"], float):  # weight bytes read per second, TB/s
