@@ -7,7 +7,9 @@ For each M: one layer's qkv, o, gate/up and down products timed through a CUDA g
 operands with row-wise scales (fast accumulation off and on), the activation rounding kernel
 (triton/fp8_rows.py) alone, and Fp8Linear whole (rounding + product; at M = 1 the fp8 GEMV,
 triton/fp8_gemv.py, and ``_scaled_mm`` for comparison). Prints one line per M:
-microseconds a layer and TFLOP/s, against the bf16 matmul rate measured as `qkv bench` does.
+microseconds a layer and TFLOP/s, against the bf16 matmul rate measured as `qkv bench` does, and
+(M > 1) the relative error of o's and down's products with and without fast accumulation
+against the float64 product of the same e4m3 operands (bf16 output rounding: ~1e-3).
 """
 
 from __future__ import annotations
@@ -84,6 +86,14 @@ def main():
             if isinstance(row[key + "_us"], float):
                 row[key + "_TF"] = round(flops / (row[key + "_us"] / 1e6) / 1e12)
         row["bf16_rate_TF"] = round(bf16_rate / 1e12)
+        if m > 1:  # fast accumulation's cost in accuracy: norm error against the float64 product
+            for s in ("o", "down"):
+                (xq, xs), layer = qx[s], layers[s][1]
+                exact = (xq.double() * xs.double()) @ (layer.weight_fp8.double() * layer.scale.double()).t()
+                for fast in (False, True):
+                    y = torch._scaled_mm(xq, layer.weight_fp8.t(), scale_a=xs, scale_b=layer.scale,
+                                         out_dtype=torch.bfloat16, use_fast_accum=fast).double()
+                    row[f"err_{s}{'_fast' if fast else ''}"] = float(f"{((y - exact).norm() / exact.norm()).item():.2e}")
         print(json.dumps(row), flush=True)
 
 

@@ -114,7 +114,7 @@ def test_cpu_quantizations_still_refused_on_a_gpu():
 # The rounding itself is checked on the GPU (tests/test_fp8_cuda.py: the kernel's codes equal
 # torch's for random rows).
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel under TRITON_INTERPRET=1")
-@pytest.mark.parametrize("shape", [(3, 64), (5, 2048 + 96), (1, 4096)])
+@pytest.mark.parametrize("shape", [(3, 64), (5, 2048 + 96), (1, 4096), (2, 8192 + 64)])
 def test_row_kernel_equals_torch_ops(shape):
     from qkv.attention.triton.fp8_rows import quantize_rows
 
@@ -143,3 +143,22 @@ def test_fp8_gemv_is_the_row_times_the_dequantized_weight(k, silu):
     want = row.double() @ fp8.dequantize(q, s).double().t()
     assert y.dtype == torch.bfloat16
     assert torch.allclose(y.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernel under TRITON_INTERPRET=1")
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_norm_rows_is_the_norm_then_the_row_rounding(with_residual):
+    """The fused norm + rounding equals the fused norm kernel followed by the rounding kernel
+    (both through the interpreter's cast: see above), and its residual the norm kernel's."""
+    from qkv.attention.triton import fused
+    from qkv.attention.triton.fp8_rows import norm_rows, quantize_rows
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 96, generator=g).to(torch.bfloat16)
+    r = torch.randn(5, 96, generator=g).to(torch.bfloat16) if with_residual else None
+    w = (1 + 0.1 * torch.randn(96, generator=g)).to(torch.bfloat16)
+    q, s, ro = norm_rows(x, r, w, 1e-5)
+    h, want_ro = fused.add_rms_norm(x, r, w, 1e-5) if with_residual else (fused.rms_norm(x, w, 1e-5), x)
+    wq, ws = quantize_rows(h)
+    assert torch.equal(ro, want_ro) and torch.equal(s, ws)
+    assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))

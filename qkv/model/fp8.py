@@ -22,9 +22,11 @@ is exact in fp32, so the emulation differs from the GPU only in the order of its
 Batch-1 decode (one row) runs a GEMV over the e4m3 bytes instead (triton/fp8_gemv.py: the
 row stays bf16 there, weight-only fp8; ``QKV_FP8_GEMV=0`` sends it through ``_scaled_mm``).
 The bf16 path's fused batch-1 kernels (triton/gemv.py's norm prologue, stream.py, qkv_rope.py)
-take only nn.Linear, so they step aside. The down projection reads silu(gate) * up: its
-rounding kernel computes that itself (``silu_mul_linear``), so the SiLU's bf16 output is never
-written.
+take only nn.Linear, so they step aside. The roundings fold into the kernels before them
+where those are ours: the RMSNorm before qkv and gate/up rounds its own output (``norm_linear``,
+Llama family) and the down projection's kernel computes silu(gate) * up itself
+(``silu_mul_linear``), so neither bf16 output is written; only o_proj's input (the attention
+output) has a rounding kernel of its own.
 """
 
 from __future__ import annotations
@@ -152,6 +154,23 @@ class Fp8Linear(nn.Module):
             y = emulated_mm(x2, self.weight_fp8, self.scale)
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(self(rms_norm(residual + x)), residual + x)`` (no residual: of ``rms_norm(x)``, and
+        x) with the norm and the rows' rounding in one kernel (triton/fp8_rows.py ``norm_rows``),
+        for several CUDA rows of 16-bit x; None elsewhere (one row: the GEMV reads the bf16 norm)."""
+        if (not x.is_cuda or x.dim() != 2 or x.shape[0] < 2 or x.shape[1] != self.in_features
+                or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1
+                or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                              or residual.stride(1) != 1))):
+            return None
+        from qkv.attention.triton.fp8_rows import norm_rows
+
+        xq, xs, residual = norm_rows(x, residual, norm_weight, eps)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.scale, out_dtype=torch.bfloat16,
+                             use_fast_accum=FAST_ACCUM).to(x.dtype)
+        return (y if self.bias is None else y + self.bias), residual
 
     def silu_mul_linear(self, gate_up: torch.Tensor) -> torch.Tensor | None:
         """``self(silu(gate) * up)`` for [M, 2K] = [gate | up] on CUDA in one rounding kernel
