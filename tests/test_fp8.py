@@ -162,3 +162,19 @@ def test_norm_rows_is_the_norm_then_the_row_rounding(with_residual):
     wq, ws = quantize_rows(h)
     assert torch.equal(ro, want_ro) and torch.equal(s, ws)
     assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
+
+
+def test_bench_random_weights_take_the_quantization(monkeypatch):
+    """``qkv bench ... --random-weights SHAPE --quantization fp8`` builds the shape with fp8 weights."""
+    import argparse
+
+    from qkv.tools import bench, bench_gpu, shapes
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    seen = {}
+    monkeypatch.setattr(shapes, "random_llm", lambda name, **kw: seen.update(kw, name=name))
+    for flag, want in (("fp8", "fp8"), ("auto", None), ("none", None)):
+        args = p.parse_args(["throughput", "--random-weights", "llama3-8b", "--quantization", flag])
+        bench_gpu.random_llm(args)
+        assert seen["name"] == "llama3-8b" and seen["quantization"] == want
