@@ -75,15 +75,16 @@ def test_emulated_mm_is_the_product_of_rounded_operands():
     assert 1e-4 < err < 0.06  # rounded (not the float product), by about e4m3's precision
 
 
-def test_fp8_linear_swaps_every_linear_but_lm_head(tiny_model):
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
+def test_fp8_linear_swaps_every_linear_but_lm_head(tiny_model, family):
     from qkv import LLM
 
-    path, _ = tiny_model("llama")
+    path, _ = tiny_model(family)
     ref = LLM(path, device="cpu", block_size=4, num_kv_blocks=64, dtype="bfloat16", quantization="none")
     q = LLM(path, device="cpu", block_size=4, num_kv_blocks=64, quantization="fp8")
     names = {n for n, m in q.engine.model.named_modules() if isinstance(m, fp8.Fp8Linear)}
     linears = {n for n, m in q.engine.model.named_modules() if isinstance(m, nn.Linear)}
-    assert linears == {"lm_head"} and len(names) == 2 * 4  # qkv, o, gate_up, down per layer
+    assert linears == {"lm_head"} and len(names) == 2 * 4  # qkv, o, gate_up (c_fc), down (c_proj) per layer
     ids = torch.randint(2, 256, (32,), generator=torch.Generator().manual_seed(5)).tolist()
     a, b = ref.logits(ids), q.logits(ids)
     assert not torch.equal(a, b)

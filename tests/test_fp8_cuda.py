@@ -116,3 +116,20 @@ def test_norm_rows_rounds_the_norm_as_torch(with_residual):
     wq, ws = fp8.round_rows(h)
     assert torch.equal(ro, want_ro) and torch.equal(s, ws)
     assert torch.equal(q.view(torch.uint8), wq.view(torch.uint8))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt2"])
+def test_other_families_track_bf16(tiny_model, family):
+    """Per-head q/k norms (Qwen3), biases and LayerNorm (GPT-2): the fp8 layers still track bf16."""
+    from qkv import LLM
+
+    path, _ = tiny_model(family)
+    kw = dict(block_size=16, num_kv_blocks=64, dtype="bfloat16", max_num_seqs=4)
+    a = LLM(path, device="cuda", quantization="none", **kw)
+    b = LLM(path, device="cuda", quantization="fp8", **kw)
+    ids = torch.randint(2, 256, (40,), generator=torch.Generator().manual_seed(6)).tolist()
+    x, y = a.logits(ids).float().cpu(), b.logits(ids).float().cpu()
+    err = ((x - y).abs().max() / x.abs().max()).item()
+    print(f"\ntiny {family} fp8 logits: max err {err:.3e} vs bf16")
+    assert not torch.equal(x, y) and err < 0.1
+    assert (x.argmax(-1) == y.argmax(-1)).float().mean().item() > 0.85
