@@ -89,7 +89,8 @@ def main():
         if m > 1:  # fast accumulation's cost in accuracy: norm error against the float64 product
             for s in ("o", "down"):
                 (xq, xs), layer = qx[s], layers[s][1]
-                exact = (xq.double() * xs.double()) @ (layer.weight_fp8.double() * layer.scale.double()).t()
+                w = layer.weight_fp8.double() * layer.scale.double().reshape(-1, 1)
+                exact = (xq.double() * xs.double()) @ w.t()
                 for fast in (False, True):
                     y = torch._scaled_mm(xq, layer.weight_fp8.t(), scale_a=xs, scale_b=layer.scale,
                                          out_dtype=torch.bfloat16, use_fast_accum=fast).double()
