@@ -45,7 +45,7 @@ ARCHS = ("llama", "gemma3", "gpt2")  # model families whose linears are plain nn
 # registers), on unless QKV_FP8_FAST_ACCUM=0. H200, 2026-12-04 (docs/benchmarks.md): the GEMMs
 # 9-10% faster, the 768 x 1000/1000 run 14,752 -> 15,264-15,352 out tok/s; the products' norm
 # error against float64 1.7e-3 -> 2.1e-3 (K = 4096) and 3.3e-3 (K = 14336), a tenth of what the
-# e4m3 rounding of the operands already costs (~3e-2). vLLM's fp8 kernels accumulate so too.
+# e4m3 rounding of the operands already costs (3.7e-2). vLLM's fp8 kernels accumulate so too.
 FAST_ACCUM = os.environ.get("QKV_FP8_FAST_ACCUM", "1") == "1"
 ROW_BLOCK = 4096  # rows of a weight rounded at once (an fp32 block of 4096 x 14336: 235 MB)
 
