@@ -310,7 +310,8 @@ def engine_bench(bw, flops, args):
     t0 = time.perf_counter()
     eng = random_engine(args.shape, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         max_model_len=4096, enforce_eager=args.eager, gpu_memory_utilization=0.9,
-                        kv_dtype=args.kv_dtype, **({} if args.async_scheduling is None else
+                        kv_dtype=args.kv_dtype, quantization=None if args.quantization == "none" else args.quantization,
+                        **({} if args.async_scheduling is None else
                                                    dict(async_scheduling=args.async_scheduling == "on")))
     t_build = time.perf_counter() - t0
     V = eng.config.vocab_size
@@ -324,6 +325,10 @@ def engine_bench(bw, flops, args):
     record("startup", shape=args.shape, build_s=t_build, first_token_s=time.perf_counter() - t0, eager=args.eager)
 
     params = sum(p.numel() * p.element_size() for n, p in eng.model.named_parameters() if "embed_tokens" not in n)
+    fp8_weights = [b for n, b in eng.model.named_buffers() if n.endswith("weight_fp8")]  # --quantization fp8
+    params += sum(b.numel() for b in fp8_weights)
+    n_weights = sum(p.numel() for n, p in eng.model.named_parameters() if "embed_tokens" not in n and p.dim() == 2)
+    n_weights += sum(b.numel() for b in fp8_weights)
     parts = set(args.parts.split(","))
     if "host" in parts:
         host_overhead(eng, prompt, greedy)
@@ -345,7 +350,7 @@ def engine_bench(bw, flops, args):
             while eng.has_unfinished():
                 eng.step()
         ms = sorted(times)[len(times) // 2] * 1e3
-        fl = 2 * params / 2 * n  # 2 FLOPs per weight (bf16 params: bytes / 2) per token
+        fl = 2 * n_weights * n  # 2 FLOPs per weight per token
         record("prefill", tokens=n, ms=ms, flops_frac=fl / (ms / 1e3) / flops)
     eng.kv.enable_prefix_caching = True
 
@@ -530,7 +535,7 @@ def engine_bench(bw, flops, args):
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         out = sum(len(r.output_token_ids) for r in reqs)
-        record("throughput", workload=label, kv_dtype=args.kv_dtype, max_num_seqs=args.max_num_seqs,
+        record("throughput", workload=label, kv_dtype=args.kv_dtype, weights=args.quantization, max_num_seqs=args.max_num_seqs,
                budget=args.max_num_batched_tokens, requests=n_req, out_tok_s=out / dt, total_tok_s=(out + n_req * (plen + len(prefix or []))) / dt,
                seconds=dt, preemptions=eng.scheduler.num_preemptions,
                ttft_mean_s=sum(ttft.values()) / len(ttft), ttft_p99_s=sorted(ttft.values())[int(0.99 * (len(ttft) - 1))],
@@ -582,6 +587,8 @@ def main():
                     help="engine parts: prefill,b1,gemv_ab (b1 again with cuBLAS only),sweep,profile,tput,prefix,host")
     ap.add_argument("--eager-too", action="store_true", help="also time batch-1 decode without CUDA graphs")
     ap.add_argument("--kv-dtype", default="auto", help="engine KV cache dtype: auto | fp8")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8"],
+                    help="engine weights: none (bf16) | fp8 (e4m3 weights and activations, qkv/model/fp8.py)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--long-requests", type=int, default=512, help="requests of the 1000 in / 1000 out run")

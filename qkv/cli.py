@@ -70,9 +70,10 @@ def add_model_arguments(p: argparse.ArgumentParser, model_flag: bool = True) -> 
                         "else 2048")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences running at once")
     p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse KV blocks across requests")
-    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "bf16"],
+    p.add_argument("--quantization", default="auto", choices=["auto", "none", "int4", "int8", "bf16", "fp8"],
                    help="CPU weights: auto keeps the file's precision class (a Q4 GGUF: int4; Q6/Q8: int8; "
-                        "F16/BF16: bf16; qkv/model/cpu_format.py); none: float32")
+                        "F16/BF16: bf16; qkv/model/cpu_format.py); none: float32. fp8: e4m3 weights and "
+                        "activations on the GPU (qkv/model/fp8.py; emulated on the CPU, for measuring)")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="launch step n+1 before reading step n's tokens (default: on with CUDA graphs)")
     from qkv.kvcache.kv_int import check_arg

@@ -60,7 +60,8 @@ class LLMEngine:
         group's count; else the budget (``kv_cache_memory``, 1 GiB on the CPU) is split.
         ``max_num_batched_tokens``: tokens a step (the prefill chunk); "auto"/None: 8192 on a
         CUDA device of at least 70 GiB, else 2048 (engine/budget.py).
-        ``quantization="int8"`` (CPU): int8 weights for the linear layers (model/quant.py).
+        ``quantization="int8"`` (CPU): int8 weights for the linear layers (model/quant.py);
+        "fp8" (GPU; an emulation on the CPU): e4m3 weights and activations (model/fp8.py).
         ``async_scheduling``: launch each step before reading the previous step's tokens on the
         host (engine/pending.py); same tokens, outputs one ``step`` later. None: on exactly when
         decode steps replay CUDA graphs (there the host would otherwise idle the GPU).
@@ -75,6 +76,14 @@ class LLMEngine:
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py
+        if quantization:  # refused by name before anything is built or read
+            from qkv.model.quant import check as check_quantization
+
+            check_quantization(quantization, self.device)
+            if quantization == "fp8":
+                from qkv.model import fp8
+
+                fp8.check(config, self.device)
         self.log_stats = log_stats
         if log_stats:
             print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)

@@ -130,7 +130,7 @@ def cpu_weight_format(source: str | Path, config=None) -> tuple[str | None, str]
     return None, f"the checkpoint is {declared or 'float32'}"
 
 
-CHOICES = ("auto", "none", "int4", "int8", "bf16")
+CHOICES = ("auto", "none", "int4", "int8", "bf16", "fp8")
 
 
 def resolve(quantization, source, config, device, dtype="auto", tensor_parallel_size: int = 1) -> str | None:

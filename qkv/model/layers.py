@@ -40,6 +40,9 @@ def norm_linear(norm: "RMSNorm", layer: nn.Linear, x: torch.Tensor,
     fused = fused_ops(x)
     if fused is None or norm.offset:
         return None
+    own = getattr(layer, "norm_linear", None)  # a layer of its own kind (model/fp8.py's: rows > 1)
+    if own is not None:
+        return own(x, residual, norm.weight, norm.eps)
     return fused.norm_linear(x, residual, norm.weight, norm.eps, layer)
 
 

@@ -9,7 +9,8 @@ activations. `qkv perplexity --quantization int8` measures what the rounding cos
 
 ``quantize`` also applies the other CPU weight formats: "int4" (model/int4.py; the lm_head
 int8) and "bf16" (nothing to swap: the engine casts the model). Which one "auto" picks:
-model/cpu_format.py.
+model/cpu_format.py. "fp8" (model/fp8.py) is the GPU's: e4m3 weights and activations through
+``torch._scaled_mm``; on the CPU an emulation of the same rounding, for measuring it.
 
 Memory: a weight is rounded in blocks of rows (``rows_per_chunk``), each block widened to
 float32, scaled and written into the int8 result, so no float32 copy of a whole matrix is
@@ -37,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-METHODS = ("int4", "int8", "bf16")
+METHODS = ("int4", "int8", "bf16", "fp8")  # fp8: model/fp8.py (the GPU; emulated on the CPU)
 
 # Rows from which Int8Linear goes through int8_rows_mm (measured, SmolLM2's lm_head, 2 threads:
 # the int8 kernel 3.9 ms at 4 rows, 8.9 at 8; int8_rows_mm ~5 at 4 and 8).
@@ -154,8 +155,8 @@ def check(method: str, device: torch.device) -> None:
     """ValueError for an unknown method or a device other than the CPU."""
     if method not in METHODS:
         raise ValueError(f"unknown quantization {method!r} (have: {', '.join(METHODS)})")
-    if device.type != "cpu":
-        raise ValueError(f"quantization={method!r} is the CPU decode path; on a GPU use bfloat16")
+    if device.type != "cpu" and method != "fp8":
+        raise ValueError(f"quantization={method!r} is the CPU decode path; on a GPU use bfloat16 or fp8")
 
 
 def uses_int4(method: str, name: str, linear: nn.Linear) -> bool:
@@ -187,6 +188,11 @@ def quantize(model: nn.Module, method: str, device: torch.device) -> nn.Module:
     check(method, device)
     if method == "bf16":
         return model
+    if method == "fp8":
+        from qkv.model import fp8
+
+        fp8.check(model.config, device)
+        return fp8.quantize(model)
     from qkv.model.int4 import Int4Linear
 
     for module in list(model.modules()):

@@ -45,7 +45,8 @@ def random_llm(args, **overrides):
               max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
               enable_prefix_caching=not args.no_prefix_caching, max_model_len=4096,
               kv_dtype=getattr(args, "kv_cache_dtype", "auto"),
-              async_scheduling=getattr(args, "async_scheduling", None))
+              async_scheduling=getattr(args, "async_scheduling", None),
+              quantization=None if getattr(args, "quantization", "auto") in ("auto", "none") else args.quantization)
     kw.update(overrides)
     return build(args.random_weights, device=args.device or "cuda", dtype=args.dtype, **kw)
 
@@ -60,9 +61,16 @@ def prompt_ids(llm, args) -> list[int] | None:
     return [rng.randrange(10, llm.config.vocab_size) for _ in range(n or 512)]
 
 
+def weights(llm) -> list[torch.Tensor]:
+    """The weights a decode step reads: parameters (the embedding only when tied) and the e4m3
+    weights of ``quantization="fp8"`` (buffers, model/fp8.py)."""
+    model = llm.engine.model
+    out = [p for n, p in model.named_parameters() if "embed_tokens" not in n or llm.config.tie_word_embeddings]
+    return out + [b for n, b in model.named_buffers() if n.endswith("weight_fp8")]
+
+
 def weight_bytes(llm) -> int:
-    return sum(p.numel() * p.element_size() for n, p in llm.engine.model.named_parameters()
-               if "embed_tokens" not in n or llm.config.tie_word_embeddings)
+    return sum(p.numel() * p.element_size() for p in weights(llm))
 
 
 def fill_rates(args, device) -> dict | None:
@@ -92,7 +100,7 @@ def roofline(llm, args, prompt_tokens: int, new_tokens: int, r: dict) -> dict:
            "decode_roofline_tok_s": args.bandwidth / step_bytes,
            "decode_bandwidth_fraction": r["decode_tok_s"] * step_bytes / args.bandwidth}
     if "prefill_s" in r:
-        flops = 2 * (wb / llm.engine.model.lm_head.weight.element_size()) * prompt_tokens
+        flops = 2 * sum(p.numel() for p in weights(llm) if p.dim() == 2) * prompt_tokens
         out["prefill_matmul_fraction"] = flops / r["prefill_s"] / args.matmul_flops
     return out
 

@@ -322,9 +322,11 @@ def linear(x: torch.Tensor, layer: torch.nn.Linear, out_dtype: torch.dtype | Non
 
 
 def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor | None:
-    """``layer(silu(gate) * up)`` for one row in one kernel when the shape is enabled, else None."""
+    """``layer(silu(gate) * up)`` for one row in one kernel when the shape is enabled, else None.
+    A layer of its own kind with a ``silu_mul_linear`` (model/fp8.py's, any number of rows) runs that."""
     if not isinstance(layer, torch.nn.Linear):
-        return None
+        own = getattr(layer, "silu_mul_linear", None)
+        return own(gate_up) if own is not None else None
     w = layer.weight
     N, K = w.shape
     if (gate_up.dim() != 2 or gate_up.shape[0] != 1 or gate_up.shape[1] != 2 * K or layer.bias is not None
