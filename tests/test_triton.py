@@ -197,6 +197,47 @@ def test_mla_decode_variants_match_torch(kernel, block_n):
         with pytest.raises(ValueError, match="not supported"):
             mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, block_n=8, kernel=kernel)
 
+@gpu
+def test_mla_decode_merge_in_graph_replays():
+    """The in-kernel merge of the splits (the last split of a sequence merges; its counter back
+    to zero for the next launch) and the L2 prefetch, replayed in a CUDA graph with new queries
+    each time: every replay equals the fp32 torch reference, as does the combine launch's."""
+    from qkv.attention.triton.mla import mla_decode
+
+    gen = torch.Generator().manual_seed(6)
+    B, H, R, P, bs = 24, 16, 512, 64, 16
+    computed = [int(c) for c in torch.randint(1, 1500, (B,), generator=gen)]
+    num_blocks = sum(-(-(c + 1) // bs) for c in computed) + 2
+    batch = make_batch(computed, [1] * B, bs, num_blocks, None, gen)
+    table = batch.block_tables[0]
+    cache = torch.randn(num_blocks, bs, R + P, generator=gen).to(DEV, torch.bfloat16)
+    q_lat = torch.empty(B, H, R, device=DEV, dtype=torch.bfloat16)
+    q_rope = torch.empty(B, H, P, device=DEV, dtype=torch.bfloat16)
+    flat = cache.view(-1, R + P).float()
+
+    def check(out, what):
+        for b, c in enumerate(computed):
+            pos = torch.arange(c + 1)
+            rows = flat[table[b][pos // bs].cpu() * bs + pos % bs]
+            s = (q_lat[b].float() @ rows[:, :R].T + q_rope[b].float() @ rows[:, R:].T) * 0.1
+            ref = s.softmax(-1) @ rows[:, :R]
+            err = (out[b].float() - ref).norm() / ref.norm()
+            assert err < 1e-2, f"{what}, sequence {b}: relative error {err:.2e}"
+
+    for kw in ({"splits": 4}, {"splits": 8, "prefetch": 2}, {"splits": 4, "merge": False}):
+        q_lat.copy_(torch.randn(B, H, R, generator=gen))
+        q_rope.copy_(torch.randn(B, H, P, generator=gen))
+        check(mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, **kw), f"{kw} eager")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, **kw)
+        for rep in range(3):
+            q_lat.copy_(torch.randn(B, H, R, generator=gen))
+            q_rope.copy_(torch.randn(B, H, P, generator=gen))
+            graph.replay()
+            check(out, f"{kw} replay {rep}")
+
+
 def test_fused_ops_match_torch():
     from qkv.attention.triton import fused
     from qkv.model.layers import RMSNorm, RotaryEmbedding

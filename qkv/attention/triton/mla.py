@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.decode import _combine_kernel
+from qkv.attention.triton.decode import MERGE_MAX_SPLITS, _combine_kernel, split_counters
 from qkv.attention.triton.kv_write import write_rows
 from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import compute_dtype
@@ -37,26 +37,65 @@ def _mla_q(QL, QR, b, h, hmask, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
 
 
 @triton.jit
-def _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R: tl.constexpr):
+def _prefetch_l2(ptr, skip, NBYTES: tl.constexpr):
+    """One bulk prefetch of ``NBYTES`` from ``ptr`` (a scalar) into L2 by thread 0 (sm_90
+    ``cp.async.bulk.prefetch``), unless ``skip``: no registers or shared memory held."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred %pp; .reg .u32 %tt; mov.u32 %tt, %tid.x; or.b32 %tt, %tt, $2; setp.eq.u32 %pp, %tt, 0; "
+        f"@%pp cp.async.bulk.prefetch.L2.global [$1], {NBYTES}; mov.u32 $0, 0; }}",
+        "=r,l,r", [ptr, skip.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R: tl.constexpr,
+               MERGE: tl.constexpr = 0):
     """A program's result: the output itself when it ran the whole sequence (one split), else its
-    fp32 partial state (acc, max, sum) for the combine."""
+    fp32 partial state (acc, max, sum); with ``MERGE`` (a power of two >= S) the last split of
+    the sequence to finish merges them all (no combine launch), else ``_combine_kernel`` does."""
     r = tl.arange(0, R)
+    out = OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :]
     if S == 1:
-        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
-                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+        tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
     else:
-        row = (b * H + h) * S + split
-        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
-        tl.store(ML + row * 2, m_i, mask=hmask)
-        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+        base = (b * H + h) * S
+        tl.store(ACC + (base + split)[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + (base + split) * 2, m_i, mask=hmask)
+        tl.store(ML + (base + split) * 2 + 1, l_i, mask=hmask)
+        if MERGE > 0:
+            # As decode.py's in-kernel merge: the barrier orders every thread's stores before the
+            # counter's release; the last program reads the partials through L2 (.cg), all
+            # MERGE slots' loads issued at once (slots past S masked off), and zeroes the counter
+            # for the next launch or graph replay.
+            tl.debug_barrier()
+            cnt = CNT + b * tl.num_programs(1) + tl.program_id(1)
+            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == S - 1:
+                m_max = tl.full(m_i.shape, float("-inf"), tl.float32)
+                for j in tl.static_range(MERGE):
+                    ok = hmask & (j < S)
+                    m_max = tl.maximum(m_max, tl.load(ML + (base + j) * 2, mask=ok, other=float("-inf"),
+                                                      cache_modifier=".cg"))
+                num = tl.zeros(acc.shape, tl.float32)
+                den = tl.zeros(m_i.shape, tl.float32)
+                for j in tl.static_range(MERGE):
+                    ok = hmask & (j < S)
+                    m_j = tl.load(ML + (base + j) * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.where(m_j > float("-inf"), tl.exp2(m_j - m_max), 0.0)
+                    den += w * tl.load(ML + (base + j) * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(ACC + (base + j)[:, None] * R + r[None, :], mask=ok[:, None],
+                                                other=0.0, cache_modifier=".cg")
+                tl.store(out, (num / den[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+                tl.store(cnt, 0)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
-def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
+def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
                        stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1):
+                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1,
+                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, EVICT: tl.constexpr = False,
+                       PREFETCH: tl.constexpr = 0, PF_BYTES: tl.constexpr = 0):
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
@@ -91,16 +130,41 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 below
     bt = BT + b * stride_bt
-    pos = lo + tl.arange(0, BLOCK_N)
-    blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0)
+    i = tl.arange(0, BLOCK_N)
+    if PAGED:  # tiles of whole pages (lo and BLOCK_N multiples of BS): the tile's BLOCK_N // BS
+        # table entries, one load each, not one per row (each thread's rows would load them again)
+        jp = tl.arange(0, BLOCK_N // BS)
+        blk_next = tl.load(bt + lo // BS + jp, mask=(lo // BS + jp) * BS < hi, other=0)
+        # PREFETCH: the pages of the tile that many tiles ahead are prefetched into L2 (their
+        # table entries read one iteration earlier): more bytes in flight than the ring holds.
+        pf_first = lo // BS + PREFETCH * (BLOCK_N // BS) + jp
+        pf_next = tl.load(bt + pf_first, mask=(PREFETCH > 0) & (pf_first * BS < hi), other=-1)
+    else:
+        blk_next = tl.load(bt + (lo + i) // BS, mask=lo + i < hi, other=0)
     for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
+        pos = start + i
         nmask = pos < hi
-        blk = blk_next.to(tl.int64)
-        blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
-        off = blk * stride_cb + (pos % BS) * stride_ct
-        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
-        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+        if PAGED:
+            pages = blk_next.to(tl.int64)
+            blk_next = tl.load(bt + (start + BLOCK_N) // BS + jp, mask=(start + BLOCK_N) // BS * BS + jp * BS < hi,
+                               other=0)
+            blk = tl.sum(tl.where((i // BS)[:, None] == jp[None, :], pages[None, :], 0), 1)
+            off = blk * stride_cb + (i % BS) * stride_ct
+            if PREFETCH > 0:
+                pf = pf_next
+                pf_at = (start + (PREFETCH + 1) * BLOCK_N) // BS + jp
+                pf_next = tl.load(bt + pf_at, mask=pf_at * BS < hi, other=-1)
+                for j in tl.static_range(BLOCK_N // BS):
+                    pg = tl.sum(tl.where(jp == j, pf, 0))
+                    _prefetch_l2(C + tl.maximum(pg, 0).to(tl.int64) * stride_cb, pg < 0, PF_BYTES)
+        else:
+            blk = blk_next.to(tl.int64)
+            blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
+            off = blk * stride_cb + (pos % BS) * stride_ct
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0,
+                      eviction_policy="evict_first" if EVICT else "").to(qlt.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0,
+                       eviction_policy="evict_first" if EVICT else "").to(qlt.dtype)
         if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
             lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
             s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
@@ -120,7 +184,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
         m_i = m_new
     if QA:
         l_i = tl.sum(l_i, 1)
-    _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
+    _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R, MERGE)
 
 
 
@@ -210,7 +274,7 @@ def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
         m_i = m_new
-    _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
+    _mla_store(OUT, ACC, ML, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
@@ -263,7 +327,8 @@ def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None,
-               variant: dict | None = None) -> torch.Tensor:
+               variant: dict | None = None, merge: bool | None = None, paged: bool | None = None,
+               evict: bool = False, prefetch: int | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -276,7 +341,12 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
     pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
     same with q the A operand of the score dot; ``"cp-ks"`` also splits that dot's R among
-    the warps (each holds one slice of q; the partial scores are summed across them)."""
+    the warps (each holds one slice of q; the partial scores are summed across them).
+    ``merge`` (None: up to ``MERGE_MAX_SPLITS`` splits): the last split of each sequence merges
+    the partials in the kernel instead of a combine launch; ``paged`` (None: whenever the tiles
+    are whole pages) reads the block table once per page of a tile instead of once per row;
+    ``evict``: the tiles' loads hint evict-first (the cp kernels); ``prefetch`` (paged tiles): the
+    pages that many tiles ahead are prefetched into L2 (0: none)."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -293,10 +363,23 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     else:
         S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
                                                                 block_n, num_warps, num_stages, kernel)
-    merge = S > 1 or regs
+    combine = S > 1 or regs
+    cp = lay is None and not regs and kern in ("cp", "cp-qa", "cp-ks")
+    if merge is None:
+        merge = S <= MERGE_MAX_SPLITS
+    merge = cp and S > 1 and merge
+    combine = combine and not merge
+    if paged is None:
+        paged = True
+    paged = cp and paged and block_n % bs == 0
+    # (an sm_90 instruction: CUDA devices only, never the interpreter's CPU tensors)
+    prefetch = (prefetch or 0) if q_lat.is_cuda and torch.cuda.get_device_capability(q_lat.device) >= (9, 0) else 0
+    # a page's bytes from its first row to its last value, in 16-byte units (the bulk copy's)
+    pf_bytes = triton.cdiv(((bs - 1) * kv_cache.stride(1) + R + P) * kv_cache.element_size(), 16) * 16
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
-    acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
-    ml = torch.empty((B * H * S, 2) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
+    acc = torch.empty((B * H * S, R) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
+    ml = torch.empty((B * H * S, 2) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
+    cnt = split_counters(B * hblocks, q_lat.device) if merge else ml
     cdt = q_lat.dtype if lay is not None else compute_dtype(q_lat.dtype, kv_cache.dtype)
     q_lat, q_rope = q_lat.to(cdt), q_rope.to(cdt)
     if lay is not None:
@@ -324,12 +407,14 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             num_warps=num_warps, num_stages=num_stages)
     else:
         _mla_decode_kernel[(B, hblocks, S)](
-            q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
+            q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, cnt, out,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kern in ("cp-qa", "cp-ks"),
-            KS=num_warps if kern == "cp-ks" else 1, num_warps=num_warps, num_stages=num_stages)
-    if merge:
+            KS=num_warps if kern == "cp-ks" else 1, MERGE=triton.next_power_of_2(S) if merge else 0,
+            PAGED=paged, EVICT=evict, PREFETCH=prefetch if paged else 0, PF_BYTES=pf_bytes,
+            num_warps=num_warps, num_stages=num_stages)
+    if combine:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
