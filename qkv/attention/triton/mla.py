@@ -88,30 +88,19 @@ def _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, strid
                 tl.store(cnt, 0)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
-def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
-                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
-                       stride_ot, stride_oh, H, sm_scale,
-                       R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1,
-                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, EVICT: tl.constexpr = False,
-                       PREFETCH: tl.constexpr = 0, PF_BYTES: tl.constexpr = 0):
+@triton.jit
+def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb,
+                stride_ct, stride_bt, sm_scale, R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr,
+                PAGED: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr, PF_BYTES: tl.constexpr):
+    """Sequence b's heads h over its keys [lo, hi) (lo a multiple of BLOCK_N): the unnormalized
+    output, the row max (log2 units) and the row sum."""
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
     # the other, never a register transpose, which kept the old kernel's loads synchronous).
     # The block table is read one tile ahead by hand: a gather whose addresses come from a load
     # of the same iteration spends a pipeline stage on that load.
-    b = tl.program_id(0)
-    hblk = tl.program_id(1)
-    split = tl.program_id(2)
-    S = tl.num_programs(2)  # splits per sequence
-    seq_len = tl.load(NC + b).to(tl.int32) + 1
-    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
-    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = h < H
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
     if KS > 1:  # q split along R into KS slices [KS, heads, R / KS], one per warp, kept in registers
@@ -184,6 +173,31 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
         m_i = m_new
     if QA:
         l_i = tl.sum(l_i, 1)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
+def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
+                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                       stride_ot, stride_oh, H, sm_scale,
+                       R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1,
+                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, EVICT: tl.constexpr = False,
+                       PREFETCH: tl.constexpr = 0, PF_BYTES: tl.constexpr = 0):
+    # One program: one sequence's head block over one of S equal key ranges (splits).
+    b = tl.program_id(0)
+    hblk = tl.program_id(1)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)  # splits per sequence
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    acc, m_i, l_i = _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
+                                stride_cb, stride_ct, stride_bt, sm_scale, R, P, BS, BLOCK_H, BLOCK_N, QA, KS,
+                                PAGED, EVICT, PREFETCH, PF_BYTES)
     _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R, MERGE)
 
 
