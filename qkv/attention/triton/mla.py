@@ -202,6 +202,81 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
 
 
 
+@triton.jit(do_not_specialize=["stride_bt", "NSEQ"])
+def _mla_decode_stream_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
+                              stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                              stride_ot, stride_oh, H, sm_scale, NSEQ,
+                              R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                              BLOCK_N: tl.constexpr, QA: tl.constexpr, B_PAD: tl.constexpr,
+                              MC: tl.constexpr = 2, PAGED: tl.constexpr = False, EVICT: tl.constexpr = False,
+                              PREFETCH: tl.constexpr = 0, PF_BYTES: tl.constexpr = 0):
+    # Stream-K: every sequence's tiles laid end to end and cut into G equal shares, one per
+    # program (G about the SMs' program slots): each SM gets the same number of tiles whatever
+    # the lengths (S equal splits of 64 sequences leave 8 of 264 slots idle). A share that
+    # crosses sequences runs one segment per sequence; each segment leaves its partial state in
+    # slot g + b (segments along the tile line raise g or b, so the slots are distinct), and the
+    # last program of a sequence to finish merges that sequence's slots. Every share holds at
+    # least one tile (G <= T), so the programs with a segment of b are consecutive.
+    g = tl.program_id(0)
+    hblk = tl.program_id(1)
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    r = tl.arange(0, R)
+    sq = tl.arange(0, B_PAD)
+    lens = tl.load(NC + sq, mask=sq < NSEQ, other=-1).to(tl.int32) + 1  # 0 past the batch
+    nt = tl.cdiv(lens, BLOCK_N)  # tiles per sequence
+    cum = tl.cumsum(nt, 0)  # each sequence's end on the tile line
+    first = cum - nt
+    T = tl.sum(nt)
+    G = tl.minimum(tl.num_programs(0), T)  # no empty shares: programs past T tiles have none
+    if g < G:
+        t0 = (g.to(tl.int64) * T // G).to(tl.int32)
+        t1 = ((g + 1).to(tl.int64) * T // G).to(tl.int32)
+        b_lo = tl.sum((cum <= t0).to(tl.int32))
+        b_hi = tl.sum((first < t1).to(tl.int32)) - 1
+        for b in range(b_lo, b_hi + 1):
+            sel = sq == b
+            f_b = tl.sum(tl.where(sel, first, 0))
+            c_b = tl.sum(tl.where(sel, cum, 0))
+            lo = (tl.maximum(t0, f_b) - f_b) * BLOCK_N
+            hi = tl.minimum((tl.minimum(t1, c_b) - f_b) * BLOCK_N, tl.sum(tl.where(sel, lens, 0)))
+            acc, m_i, l_i = _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt,
+                                        stride_qrh, stride_cb, stride_ct, stride_bt, sm_scale, R, P, BS, BLOCK_H,
+                                        BLOCK_N, QA, 1, PAGED, EVICT, PREFETCH, PF_BYTES)
+            row = (g + b) * H + h
+            tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+            tl.store(ML + row * 2, m_i, mask=hmask)
+            tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+            tl.debug_barrier()  # every thread's stores before the counter's release (decode.py's merge)
+            cnt = CNT + b * tl.num_programs(1) + hblk
+            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            # the programs with a segment of b: from the one holding its first tile to the one
+            # holding its last (program g holds tile t when g = ((t + 1) * G - 1) // T)
+            g_first = ((f_b + 1).to(tl.int64) * G - 1) // T
+            g_last = (c_b.to(tl.int64) * G - 1) // T
+            if done == g_last - g_first:
+                m_run = tl.full([BLOCK_H], float("-inf"), tl.float32)
+                den = tl.zeros([BLOCK_H], tl.float32)
+                num = tl.zeros([BLOCK_H, R], tl.float32)
+                for g0 in range(g_first, g_last + 1, MC):  # MC slots' loads at once, merged online
+                    for j in tl.static_range(MC):
+                        ok = hmask & (g0 + j <= g_last)
+                        rj = (g0 + j + b) * H + h
+                        m_j = tl.load(ML + rj * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                        l_j = tl.load(ML + rj * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                        a_j = tl.load(ACC + rj[:, None] * R + r[None, :], mask=ok[:, None], other=0.0,
+                                      cache_modifier=".cg")
+                        m_new = tl.maximum(m_run, m_j)
+                        keep = tl.where(m_run > float("-inf"), tl.exp2(m_run - m_new), 0.0)
+                        w = tl.where(m_j > float("-inf"), tl.exp2(m_j - m_new), 0.0)
+                        num = num * keep[:, None] + w[:, None] * a_j
+                        den = den * keep + w * l_j
+                        m_run = m_new
+                tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
+                         (num / den[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+                tl.store(cnt, 0)  # ready for the next launch or graph replay
+
+
 @triton.jit
 def _mla_tma_scores(DL, DR, row, qlt, qrt, QA: tl.constexpr):
     """One page's rows (TMA copies of its latent and rope parts) and their scores [BLOCK_H, BS]."""
@@ -342,7 +417,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None,
                variant: dict | None = None, merge: bool | None = None, paged: bool | None = None,
-               evict: bool = False, prefetch: int | None = None) -> torch.Tensor:
+               evict: bool = False, prefetch: int | None = None, stream: int | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -360,7 +435,9 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     the partials in the kernel instead of a combine launch; ``paged`` (None: whenever the tiles
     are whole pages) reads the block table once per page of a tile instead of once per row;
     ``evict``: the tiles' loads hint evict-first (the cp kernels); ``prefetch`` (paged tiles): the
-    pages that many tiles ahead are prefetched into L2 (0: none)."""
+    pages that many tiles ahead are prefetched into L2 (0: none); ``stream`` (bf16 ``cp-qa``): a
+    stream-K launch of that many programs (``_mla_decode_stream_kernel``), each an equal share
+    of all the sequences' tiles, instead of ``splits`` per sequence."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -377,6 +454,9 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     else:
         S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
                                                                 block_n, num_warps, num_stages, kernel)
+    if stream and lay is None and not regs and kern == "cp-qa" and block_n % bs == 0:
+        return _stream_launch(q_lat, q_rope.to(q_lat.dtype), kv_cache, block_table, num_computed, scale, stream,
+                              block_n, num_warps, num_stages, paged is not False, evict, prefetch)
     combine = S > 1 or regs
     cp = lay is None and not regs and kern in ("cp", "cp-qa", "cp-ks")
     if merge is None:
@@ -386,10 +466,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     if paged is None:
         paged = True
     paged = cp and paged and block_n % bs == 0
-    # (an sm_90 instruction: CUDA devices only, never the interpreter's CPU tensors)
-    prefetch = (prefetch or 0) if q_lat.is_cuda and torch.cuda.get_device_capability(q_lat.device) >= (9, 0) else 0
-    # a page's bytes from its first row to its last value, in 16-byte units (the bulk copy's)
-    pf_bytes = triton.cdiv(((bs - 1) * kv_cache.stride(1) + R + P) * kv_cache.element_size(), 16) * 16
+    prefetch, pf_bytes = _prefetch_distance(prefetch, q_lat), _page_bytes(kv_cache, R, P)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
@@ -432,6 +509,38 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
+    return out
+
+
+def _prefetch_distance(prefetch: int | None, q: torch.Tensor) -> int:
+    """``prefetch`` where the device runs ``cp.async.bulk.prefetch`` (sm_90 on), else 0 (also
+    under the interpreter, whose tensors are on the CPU)."""
+    return (prefetch or 0) if q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0) else 0
+
+
+def _page_bytes(kv_cache: torch.Tensor, R: int, P: int) -> int:
+    """A page's bytes from its first row to its last value, in 16-byte units (the bulk copy's)."""
+    return triton.cdiv(((kv_cache.shape[1] - 1) * kv_cache.stride(1) + R + P) * kv_cache.element_size(), 16) * 16
+
+
+def _stream_launch(q_lat, q_rope, kv_cache, block_table, num_computed, scale, G, block_n, num_warps, num_stages,
+                   paged, evict, prefetch):
+    """mla_decode's stream-K launch: G programs (per head block), each an equal share of the tiles."""
+    B, H, R = q_lat.shape
+    P = q_rope.shape[2]
+    bs = kv_cache.shape[1]
+    BLOCK_H = 16
+    hblocks = triton.cdiv(H, BLOCK_H)
+    out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
+    acc = torch.empty(((G + B) * H, R), dtype=torch.float32, device=q_lat.device)  # slots g + b
+    ml = torch.empty(((G + B) * H, 2), dtype=torch.float32, device=q_lat.device)
+    cnt = split_counters(B * hblocks, q_lat.device)
+    _mla_decode_stream_kernel[(G, hblocks)](
+        q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, cnt, out,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
+        kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale, B,
+        R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=True, B_PAD=triton.next_power_of_2(B), PAGED=paged, EVICT=evict, PREFETCH=_prefetch_distance(prefetch, q_lat),
+        PF_BYTES=_page_bytes(kv_cache, R, P), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
