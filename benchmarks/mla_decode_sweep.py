@@ -37,25 +37,25 @@ H, R, P, BS = 16, 512, 64, 16
 # Per (batch, context): the launches timed beside the default, (splits, kernel, BLOCK_N, warps,
 # stages, options of mla_decode): "merge" (the last split merges the partials in the kernel,
 # no combine launch), "paged" (the block table read once per page of a tile, not per row),
-# "evict" (evict-first hints on the tiles), "prefetch" (L2 prefetch that many tiles ahead),
-# "stream" (a stream-K launch of that many programs; splits unused). The first of each shape
-# is the default before them.
-OLD = {"merge": False, "paged": False}
+# "peel" (whole tiles unmasked, the partial last one apart), "lazy" (the output rescaled only
+# when a max grew). The first of each shape is the default before them (2026-12-03).
+OLD = {"merge": False, "paged": False, "peel": False, "lazy": False}
+P1 = {"peel": False, "lazy": False}
 RUNS = {
-    (64, 8192): [(4, "cp-qa", 32, 4, 3, OLD), (4, "cp-qa", 32, 4, 3, {"merge": False}),
-                 (4, "cp-qa", 32, 4, 3, {"paged": False}), (4, "cp-qa", 32, 4, 3, {}),
-                 (4, "cp-qa", 32, 4, 3, {"evict": True}), (4, "cp-qa", 32, 4, 3, {"prefetch": 2}),
-                 (4, "cp-qa", 32, 4, 3, {"prefetch": 4}), (4, "cp-qa", 32, 4, 3, {"prefetch": 8}),
-                 (8, "cp-qa", 32, 4, 3, {}), (2, "cp-qa", 64, 4, 3, {}), (2, "cp-qa", 64, 4, 3, {"prefetch": 2}),
-                 (1, "cp-qa", 32, 4, 3, {"stream": 264}), (1, "cp-qa", 32, 4, 3, {"stream": 256}),
-                 (1, "cp-qa", 32, 4, 3, {"stream": 264, "prefetch": 4}), (1, "cp-qa", 64, 4, 3, {"stream": 132}),
-                 (1, "cp-qa", 32, 4, 4, {"stream": 132, "prefetch": 4})],
-    (128, 640): [(1, "cp-qa", 32, 4, 4, OLD), (1, "cp-qa", 32, 4, 4, {}), (1, "cp-qa", 32, 4, 4, {"prefetch": 2}),
-                 (2, "cp-qa", 32, 4, 3, {}), (1, "cp-qa", 32, 4, 3, {"stream": 264}),
-                 (1, "cp-qa", 32, 4, 4, {"stream": 132})],
-    (1, 8192): [(64, "cp-qa", 32, 4, 4, OLD), (64, "cp-qa", 32, 4, 4, {}), (64, "cp-qa", 32, 4, 4, {"prefetch": 2}),
-                (8, "cp-qa", 32, 4, 4, {"prefetch": 4}), (16, "cp-qa", 32, 4, 4, {"merge": True})],
+    (64, 8192): [(4, "cp-qa", 32, 4, 3, OLD), (4, "cp-qa", 32, 4, 3, dict(P1, merge=False)),
+                 (4, "cp-qa", 32, 4, 3, P1), (4, "cp-qa", 32, 4, 3, {"lazy": False}),
+                 (4, "cp-qa", 32, 4, 3, {"peel": False}), (4, "cp-qa", 32, 4, 3, {"merge": False}),
+                 (4, "cp-qa", 32, 4, 3, {}), (4, "cp-qa", 32, 4, 3, {"paged": False}),
+                 (8, "cp-qa", 32, 4, 3, {}), (2, "cp-qa", 64, 4, 3, {}), (2, "cp-qa", 32, 4, 4, {})],
+    (128, 640): [(1, "cp-qa", 32, 4, 4, OLD), (1, "cp-qa", 32, 4, 4, P1), (1, "cp-qa", 32, 4, 4, {}),
+                 (1, "cp-qa", 32, 4, 4, {"paged": False}), (1, "cp-qa", 32, 4, 3, {}),
+                 (2, "cp-qa", 32, 4, 3, {})],
+    (1, 8192): [(64, "cp-qa", 32, 4, 4, OLD), (64, "cp-qa", 32, 4, 4, {}), (64, "cp-qa", 32, 4, 4, {"paged": False}),
+                (32, "cp-qa", 32, 4, 4, {})],
 }
+# Round 1 of 2026-12-04 (docs/benchmarks.md) also ran an L2 bulk prefetch of the pages 2-8
+# tiles ahead (181.8-261.2 us at 64 x 8k against 161.5), a stream-K launch (equal shares of
+# all the tiles, 132-264 programs: 174.0-239.5 us) and evict-first hints (no change).
 # The sweeps of 2026-12-03 (docs/benchmarks.md) also ran splits 1-64, cp tiles (16, 4, 5),
 # (32, 4, 2|4), (32, 8, 3|4), (64, 8, 2|3), a variant with rows on M throughout (the PV dot on
 # wgmma, commit 20b3066), TMA pages (kernels "tma", "tma-qa"), cp-qa (64, 8, 2), (32, 8, 3),

@@ -162,9 +162,12 @@ def test_mla_decode_matches_torch(fp8):
 
 
 
-@pytest.mark.parametrize("kernel,block_n", [("tma", 16), ("tma", 32), ("tma-qa", 16), ("cp", 32), ("cp-qa", 32),
-                                            ("cp-ks", 32)])
-def test_mla_decode_variants_match_torch(kernel, block_n):
+@pytest.mark.parametrize("kernel,block_n,opts", [("tma", 16, {}), ("tma", 32, {}), ("tma-qa", 16, {}), ("cp", 32, {}),
+                                                 ("cp-qa", 32, {}), ("cp-ks", 32, {}),
+                                                 ("cp-qa", 32, {"peel": True, "lazy": True}),
+                                                 ("cp-qa", 16, {"peel": True, "paged": False}),
+                                                 ("cp", 8, {"lazy": True})])
+def test_mla_decode_variants_match_torch(kernel, block_n, opts):
     """The bf16 kernel's variants: a partial last page whose unwritten rows hold NaN must not
     reach the output (the TMA kernel copies whole pages: its last partial tile runs masked
     loads), and splits past the keys stay empty."""
@@ -185,7 +188,7 @@ def test_mla_decode_variants_match_torch(kernel, block_n):
     flat = cache.view(-1, R + P).float()
     for splits in (1, 3, 8):
         out = mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, splits=splits, block_n=block_n,
-                         kernel=kernel)
+                         kernel=kernel, **opts)
         for b, c in enumerate(computed):
             pos = torch.arange(c + 1)
             rows = flat[table[b][pos // bs].cpu() * bs + pos % bs]
@@ -197,43 +200,11 @@ def test_mla_decode_variants_match_torch(kernel, block_n):
         with pytest.raises(ValueError, match="not supported"):
             mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, block_n=8, kernel=kernel)
 
-def test_mla_decode_stream_matches_torch():
-    """The stream-K launch (each program an equal share of all the sequences' tiles, segments
-    merged by each sequence's last program): sequences of one tile to many, shares inside one
-    sequence or across several, more programs than tiles (empty shares), NaN past the keys."""
-    from qkv.attention.triton.mla import mla_decode
-
-    gen = torch.Generator().manual_seed(7)
-    dtype = torch.bfloat16 if CUDA else torch.float32
-    H, R, P, bs = (16, 512, 64, 16) if CUDA else (4, 64, 16, 16)
-    computed = [700, 2100, 40, 5, 1300] if CUDA else [20, 90, 5, 33]
-    B = len(computed)
-    num_blocks = sum(-(-(c + 1) // bs) for c in computed) + 2
-    batch = make_batch(computed, [1] * B, bs, num_blocks, None, gen)
-    table = batch.block_tables[0]
-    cache = torch.randn(num_blocks, bs, R + P, generator=gen).to(DEV, dtype)
-    for b, c in enumerate(computed):  # rows past the keys in a sequence's last page: never written
-        cache[table[b][c // bs], (c + 1) % bs or bs:] = float("nan")
-    q_lat = torch.randn(B, H, R, generator=gen).to(DEV, dtype)
-    q_rope = torch.randn(B, H, P, generator=gen).to(DEV, dtype)
-    flat = cache.view(-1, R + P).float()
-    for programs in ((1, 3, 7, 40) if not CUDA else (1, 7, 132, 264, 1000)):
-        out = mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, block_n=32, kernel="cp-qa",
-                         stream=programs)
-        for b, c in enumerate(computed):
-            pos = torch.arange(c + 1)
-            rows = flat[table[b][pos // bs].cpu() * bs + pos % bs]
-            s = (q_lat[b].float() @ rows[:, :R].T + q_rope[b].float() @ rows[:, R:].T) * 0.1
-            ref = s.softmax(-1) @ rows[:, :R]
-            err = (out[b].float() - ref).norm() / ref.norm()
-            assert err < (1e-2 if CUDA else 1e-4), f"{programs} programs, sequence {b}: relative error {err:.2e}"
-
-
 @gpu
 def test_mla_decode_merge_in_graph_replays():
     """The in-kernel merge of the splits (the last split of a sequence merges; its counter back
-    to zero for the next launch) and the L2 prefetch, replayed in a CUDA graph with new queries
-    each time: every replay equals the fp32 torch reference, as does the combine launch's."""
+    to zero for the next launch), replayed in a CUDA graph with new queries each time: every
+    replay equals the fp32 torch reference, as does the combine launch's."""
     from qkv.attention.triton.mla import mla_decode
 
     gen = torch.Generator().manual_seed(6)
@@ -256,9 +227,7 @@ def test_mla_decode_merge_in_graph_replays():
             err = (out[b].float() - ref).norm() / ref.norm()
             assert err < 1e-2, f"{what}, sequence {b}: relative error {err:.2e}"
 
-    for kw in ({"splits": 4}, {"splits": 8, "prefetch": 2}, {"splits": 4, "merge": False},
-               {"stream": 132, "block_n": 32, "kernel": "cp-qa"}, {"stream": 264, "block_n": 32, "kernel": "cp-qa",
-                                                                    "prefetch": 4}):
+    for kw in ({"splits": 4}, {"splits": 8, "peel": True, "lazy": True}, {"splits": 4, "merge": False}):
         q_lat.copy_(torch.randn(B, H, R, generator=gen))
         q_rope.copy_(torch.randn(B, H, P, generator=gen))
         check(mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, **kw), f"{kw} eager")

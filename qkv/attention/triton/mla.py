@@ -37,16 +37,6 @@ def _mla_q(QL, QR, b, h, hmask, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
 
 
 @triton.jit
-def _prefetch_l2(ptr, skip, NBYTES: tl.constexpr):
-    """One bulk prefetch of ``NBYTES`` from ``ptr`` (a scalar) into L2 by thread 0 (sm_90
-    ``cp.async.bulk.prefetch``), unless ``skip``: no registers or shared memory held."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred %pp; .reg .u32 %tt; mov.u32 %tt, %tid.x; or.b32 %tt, %tt, $2; setp.eq.u32 %pp, %tt, 0; "
-        f"@%pp cp.async.bulk.prefetch.L2.global [$1], {NBYTES}; mov.u32 $0, 0; }}",
-        "=r,l,r", [ptr, skip.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R: tl.constexpr,
                MERGE: tl.constexpr = 0):
     """A program's result: the output itself when it ran the whole sequence (one split), else its
@@ -89,10 +79,83 @@ def _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, strid
 
 
 @triton.jit
+def _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+              PAGED: tl.constexpr):
+    """The row offsets of the tile at ``start`` (from ``blk_next``, its table entries read one
+    tile ahead) and the next tile's table entries."""
+    if PAGED:  # the tile's BLOCK_N // BS pages: one table entry each, not one per row
+        pages = blk_next.to(tl.int64)
+        nxt = (start + BLOCK_N) // BS + jp
+        blk_next = tl.load(bt + nxt, mask=nxt * BS < hi, other=0)
+        blk = tl.sum(tl.where((i // BS)[:, None] == jp[None, :], pages[None, :], 0), 1)
+        off = blk * stride_cb + (i % BS) * stride_ct
+    else:
+        pos = start + i
+        blk = blk_next.to(tl.int64)
+        blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
+        off = blk * stride_cb + (pos % BS) * stride_ct
+    return off, blk_next
+
+
+@triton.jit
+def _mla_tile(C, off, nmask, qlt, qrt, m_i, l_i, acc, qk_scale, R: tl.constexpr, P: tl.constexpr,
+              BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr, MASKED: tl.constexpr,
+              LAZY: tl.constexpr):
+    """One tile's online-softmax step. ``MASKED``: rows past the keys (``nmask`` false) are not
+    loaded and score -inf; else every row is a key and no mask is computed. ``LAZY``: the
+    output and sums are rescaled only when some head's max grew (one uniform branch), not
+    every tile."""
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    if MASKED:
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+    else:
+        lat = tl.load(C + off[:, None] + r[None, :]).to(qlt.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :]).to(qlt.dtype)
+    if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
+        lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
+        s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
+    elif QA:
+        s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+    else:
+        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
+    if MASKED:
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if LAZY:
+        if tl.max(m_new - m_i, 0) > 0:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            if QA:
+                l_i = l_i * alpha[:, None]
+            else:
+                l_i = l_i * alpha
+            m_i = m_new
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        if QA:
+            l_i = l_i * alpha[:, None]
+        else:
+            l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s - m_i[:, None])
+    if QA:
+        l_i = l_i + p
+    else:
+        l_i = l_i + tl.sum(p, 1)
+    acc = tl.dot(p.to(lat.dtype), lat, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb,
                 stride_ct, stride_bt, sm_scale, R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr,
-                PAGED: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr, PF_BYTES: tl.constexpr):
+                PAGED: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr):
     """Sequence b's heads h over its keys [lo, hi) (lo a multiple of BLOCK_N): the unnormalized
     output, the row max (log2 units) and the row sum."""
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
@@ -100,8 +163,8 @@ def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stri
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
     # the other, never a register transpose, which kept the old kernel's loads synchronous).
     # The block table is read one tile ahead by hand: a gather whose addresses come from a load
-    # of the same iteration spends a pipeline stage on that load.
-    r = tl.arange(0, R)
+    # of the same iteration spends a pipeline stage on that load. ``PEEL``: the whole tiles run
+    # unmasked, the last partial one (if any) in a second loop with masks.
     p_ = tl.arange(0, P)
     if KS > 1:  # q split along R into KS slices [KS, heads, R / KS], one per warp, kept in registers
         kk = tl.arange(0, KS)
@@ -120,57 +183,23 @@ def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stri
     qk_scale = sm_scale * 1.4426950408889634  # exp2 below
     bt = BT + b * stride_bt
     i = tl.arange(0, BLOCK_N)
-    if PAGED:  # tiles of whole pages (lo and BLOCK_N multiples of BS): the tile's BLOCK_N // BS
-        # table entries, one load each, not one per row (each thread's rows would load them again)
-        jp = tl.arange(0, BLOCK_N // BS)
+    jp = tl.arange(0, BLOCK_N // BS if PAGED else 1)
+    if PAGED:  # tiles of whole pages: lo and BLOCK_N multiples of BS
         blk_next = tl.load(bt + lo // BS + jp, mask=(lo // BS + jp) * BS < hi, other=0)
-        # PREFETCH: the pages of the tile that many tiles ahead are prefetched into L2 (their
-        # table entries read one iteration earlier): more bytes in flight than the ring holds.
-        pf_first = lo // BS + PREFETCH * (BLOCK_N // BS) + jp
-        pf_next = tl.load(bt + pf_first, mask=(PREFETCH > 0) & (pf_first * BS < hi), other=-1)
     else:
         blk_next = tl.load(bt + (lo + i) // BS, mask=lo + i < hi, other=0)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + i
-        nmask = pos < hi
-        if PAGED:
-            pages = blk_next.to(tl.int64)
-            blk_next = tl.load(bt + (start + BLOCK_N) // BS + jp, mask=(start + BLOCK_N) // BS * BS + jp * BS < hi,
-                               other=0)
-            blk = tl.sum(tl.where((i // BS)[:, None] == jp[None, :], pages[None, :], 0), 1)
-            off = blk * stride_cb + (i % BS) * stride_ct
-            if PREFETCH > 0:
-                pf = pf_next
-                pf_at = (start + (PREFETCH + 1) * BLOCK_N) // BS + jp
-                pf_next = tl.load(bt + pf_at, mask=pf_at * BS < hi, other=-1)
-                for j in tl.static_range(BLOCK_N // BS):
-                    pg = tl.sum(tl.where(jp == j, pf, 0))
-                    _prefetch_l2(C + tl.maximum(pg, 0).to(tl.int64) * stride_cb, pg < 0, PF_BYTES)
-        else:
-            blk = blk_next.to(tl.int64)
-            blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
-            off = blk * stride_cb + (pos % BS) * stride_ct
-        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0,
-                      eviction_policy="evict_first" if EVICT else "").to(qlt.dtype)
-        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0,
-                       eviction_policy="evict_first" if EVICT else "").to(qlt.dtype)
-        if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
-            lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
-            s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
-        elif QA:
-            s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
-        else:
-            s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
-        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        if QA:
-            l_i = l_i * alpha[:, None] + p
-        else:
-            l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
-        m_i = m_new
+    if PEEL:
+        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, full, BLOCK_N):
+            off, blk_next = _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS, BLOCK_N, PAGED)
+            m_i, l_i, acc = _mla_tile(C, off, i < BLOCK_N, qlt, qrt, m_i, l_i, acc, qk_scale, R, P, BLOCK_N, QA, KS,
+                                      False, LAZY)
+    else:
+        full = lo
+    for start in range(full, hi, BLOCK_N):
+        off, blk_next = _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS, BLOCK_N, PAGED)
+        m_i, l_i, acc = _mla_tile(C, off, start + i < hi, qlt, qrt, m_i, l_i, acc, qk_scale, R, P, BLOCK_N, QA, KS,
+                                  True, LAZY)
     if QA:
         l_i = tl.sum(l_i, 1)
     return acc, m_i, l_i
@@ -182,8 +211,8 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1,
-                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, EVICT: tl.constexpr = False,
-                       PREFETCH: tl.constexpr = 0, PF_BYTES: tl.constexpr = 0):
+                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, PEEL: tl.constexpr = False,
+                       LAZY: tl.constexpr = False):
     # One program: one sequence's head block over one of S equal key ranges (splits).
     b = tl.program_id(0)
     hblk = tl.program_id(1)
@@ -197,84 +226,9 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
     hmask = h < H
     acc, m_i, l_i = _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
                                 stride_cb, stride_ct, stride_bt, sm_scale, R, P, BS, BLOCK_H, BLOCK_N, QA, KS,
-                                PAGED, EVICT, PREFETCH, PF_BYTES)
+                                PAGED, PEEL, LAZY)
     _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R, MERGE)
 
-
-
-@triton.jit(do_not_specialize=["stride_bt", "NSEQ"])
-def _mla_decode_stream_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
-                              stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
-                              stride_ot, stride_oh, H, sm_scale, NSEQ,
-                              R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                              BLOCK_N: tl.constexpr, QA: tl.constexpr, B_PAD: tl.constexpr,
-                              MC: tl.constexpr = 2, PAGED: tl.constexpr = False, EVICT: tl.constexpr = False,
-                              PREFETCH: tl.constexpr = 0, PF_BYTES: tl.constexpr = 0):
-    # Stream-K: every sequence's tiles laid end to end and cut into G equal shares, one per
-    # program (G about the SMs' program slots): each SM gets the same number of tiles whatever
-    # the lengths (S equal splits of 64 sequences leave 8 of 264 slots idle). A share that
-    # crosses sequences runs one segment per sequence; each segment leaves its partial state in
-    # slot g + b (segments along the tile line raise g or b, so the slots are distinct), and the
-    # last program of a sequence to finish merges that sequence's slots. Every share holds at
-    # least one tile (G <= T), so the programs with a segment of b are consecutive.
-    g = tl.program_id(0)
-    hblk = tl.program_id(1)
-    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = h < H
-    r = tl.arange(0, R)
-    sq = tl.arange(0, B_PAD)
-    lens = tl.load(NC + sq, mask=sq < NSEQ, other=-1).to(tl.int32) + 1  # 0 past the batch
-    nt = tl.cdiv(lens, BLOCK_N)  # tiles per sequence
-    cum = tl.cumsum(nt, 0)  # each sequence's end on the tile line
-    first = cum - nt
-    T = tl.sum(nt)
-    G = tl.minimum(tl.num_programs(0), T)  # no empty shares: programs past T tiles have none
-    if g < G:
-        t0 = (g.to(tl.int64) * T // G).to(tl.int32)
-        t1 = ((g + 1).to(tl.int64) * T // G).to(tl.int32)
-        b_lo = tl.sum((cum <= t0).to(tl.int32))
-        b_hi = tl.sum((first < t1).to(tl.int32)) - 1
-        for b in range(b_lo, b_hi + 1):
-            sel = sq == b
-            f_b = tl.sum(tl.where(sel, first, 0))
-            c_b = tl.sum(tl.where(sel, cum, 0))
-            lo = (tl.maximum(t0, f_b) - f_b) * BLOCK_N
-            hi = tl.minimum((tl.minimum(t1, c_b) - f_b) * BLOCK_N, tl.sum(tl.where(sel, lens, 0)))
-            acc, m_i, l_i = _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt,
-                                        stride_qrh, stride_cb, stride_ct, stride_bt, sm_scale, R, P, BS, BLOCK_H,
-                                        BLOCK_N, QA, 1, PAGED, EVICT, PREFETCH, PF_BYTES)
-            row = (g + b) * H + h
-            tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
-            tl.store(ML + row * 2, m_i, mask=hmask)
-            tl.store(ML + row * 2 + 1, l_i, mask=hmask)
-            tl.debug_barrier()  # every thread's stores before the counter's release (decode.py's merge)
-            cnt = CNT + b * tl.num_programs(1) + hblk
-            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
-            # the programs with a segment of b: from the one holding its first tile to the one
-            # holding its last (program g holds tile t when g = ((t + 1) * G - 1) // T)
-            g_first = ((f_b + 1).to(tl.int64) * G - 1) // T
-            g_last = (c_b.to(tl.int64) * G - 1) // T
-            if done == g_last - g_first:
-                m_run = tl.full([BLOCK_H], float("-inf"), tl.float32)
-                den = tl.zeros([BLOCK_H], tl.float32)
-                num = tl.zeros([BLOCK_H, R], tl.float32)
-                for g0 in range(g_first, g_last + 1, MC):  # MC slots' loads at once, merged online
-                    for j in tl.static_range(MC):
-                        ok = hmask & (g0 + j <= g_last)
-                        rj = (g0 + j + b) * H + h
-                        m_j = tl.load(ML + rj * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
-                        l_j = tl.load(ML + rj * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
-                        a_j = tl.load(ACC + rj[:, None] * R + r[None, :], mask=ok[:, None], other=0.0,
-                                      cache_modifier=".cg")
-                        m_new = tl.maximum(m_run, m_j)
-                        keep = tl.where(m_run > float("-inf"), tl.exp2(m_run - m_new), 0.0)
-                        w = tl.where(m_j > float("-inf"), tl.exp2(m_j - m_new), 0.0)
-                        num = num * keep[:, None] + w[:, None] * a_j
-                        den = den * keep + w * l_j
-                        m_run = m_new
-                tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
-                         (num / den[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
-                tl.store(cnt, 0)  # ready for the next launch or graph replay
 
 
 @triton.jit
@@ -417,7 +371,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None,
                variant: dict | None = None, merge: bool | None = None, paged: bool | None = None,
-               evict: bool = False, prefetch: int | None = None, stream: int | None = None) -> torch.Tensor:
+               peel: bool | None = None, lazy: bool | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -431,13 +385,12 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
     same with q the A operand of the score dot; ``"cp-ks"`` also splits that dot's R among
     the warps (each holds one slice of q; the partial scores are summed across them).
-    ``merge`` (None: up to ``MERGE_MAX_SPLITS`` splits): the last split of each sequence merges
-    the partials in the kernel instead of a combine launch; ``paged`` (None: whenever the tiles
-    are whole pages) reads the block table once per page of a tile instead of once per row;
-    ``evict``: the tiles' loads hint evict-first (the cp kernels); ``prefetch`` (paged tiles): the
-    pages that many tiles ahead are prefetched into L2 (0: none); ``stream`` (bf16 ``cp-qa``): a
-    stream-K launch of that many programs (``_mla_decode_stream_kernel``), each an equal share
-    of all the sequences' tiles, instead of ``splits`` per sequence."""
+    The ``cp`` kernels' options (None: the defaults): ``merge`` (None: up to
+    ``MERGE_MAX_SPLITS`` splits), the last split of each sequence merges the partials in the
+    kernel instead of a combine launch; ``paged`` reads the block table once per page of a tile
+    instead of once per row (tiles of whole pages only); ``peel`` runs the whole tiles without
+    masks and the last partial one apart; ``lazy`` rescales the output only when a head's max
+    grew."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -454,19 +407,15 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     else:
         S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
                                                                 block_n, num_warps, num_stages, kernel)
-    if stream and lay is None and not regs and kern == "cp-qa" and block_n % bs == 0:
-        return _stream_launch(q_lat, q_rope.to(q_lat.dtype), kv_cache, block_table, num_computed, scale, stream,
-                              block_n, num_warps, num_stages, paged is not False, evict, prefetch)
     combine = S > 1 or regs
     cp = lay is None and not regs and kern in ("cp", "cp-qa", "cp-ks")
     if merge is None:
         merge = S <= MERGE_MAX_SPLITS
     merge = cp and S > 1 and merge
     combine = combine and not merge
-    if paged is None:
-        paged = True
-    paged = cp and paged and block_n % bs == 0
-    prefetch, pf_bytes = _prefetch_distance(prefetch, q_lat), _page_bytes(kv_cache, R, P)
+    paged = cp and (True if paged is None else paged) and block_n % bs == 0
+    peel = cp and (True if peel is None else peel)
+    lazy = cp and (True if lazy is None else lazy)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
@@ -503,44 +452,11 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kern in ("cp-qa", "cp-ks"),
             KS=num_warps if kern == "cp-ks" else 1, MERGE=triton.next_power_of_2(S) if merge else 0,
-            PAGED=paged, EVICT=evict, PREFETCH=prefetch if paged else 0, PF_BYTES=pf_bytes,
-            num_warps=num_warps, num_stages=num_stages)
+            PAGED=paged, PEEL=peel, LAZY=lazy, num_warps=num_warps, num_stages=num_stages)
     if combine:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
-    return out
-
-
-def _prefetch_distance(prefetch: int | None, q: torch.Tensor) -> int:
-    """``prefetch`` where the device runs ``cp.async.bulk.prefetch`` (sm_90 on), else 0 (also
-    under the interpreter, whose tensors are on the CPU)."""
-    return (prefetch or 0) if q.is_cuda and torch.cuda.get_device_capability(q.device) >= (9, 0) else 0
-
-
-def _page_bytes(kv_cache: torch.Tensor, R: int, P: int) -> int:
-    """A page's bytes from its first row to its last value, in 16-byte units (the bulk copy's)."""
-    return triton.cdiv(((kv_cache.shape[1] - 1) * kv_cache.stride(1) + R + P) * kv_cache.element_size(), 16) * 16
-
-
-def _stream_launch(q_lat, q_rope, kv_cache, block_table, num_computed, scale, G, block_n, num_warps, num_stages,
-                   paged, evict, prefetch):
-    """mla_decode's stream-K launch: G programs (per head block), each an equal share of the tiles."""
-    B, H, R = q_lat.shape
-    P = q_rope.shape[2]
-    bs = kv_cache.shape[1]
-    BLOCK_H = 16
-    hblocks = triton.cdiv(H, BLOCK_H)
-    out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
-    acc = torch.empty(((G + B) * H, R), dtype=torch.float32, device=q_lat.device)  # slots g + b
-    ml = torch.empty(((G + B) * H, 2), dtype=torch.float32, device=q_lat.device)
-    cnt = split_counters(B * hblocks, q_lat.device)
-    _mla_decode_stream_kernel[(G, hblocks)](
-        q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, cnt, out,
-        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
-        kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale, B,
-        R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=True, B_PAD=triton.next_power_of_2(B), PAGED=paged, EVICT=evict, PREFETCH=_prefetch_distance(prefetch, q_lat),
-        PF_BYTES=_page_bytes(kv_cache, R, P), num_warps=num_warps, num_stages=num_stages)
     return out
 
 
