@@ -413,9 +413,11 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
         merge = S <= MERGE_MAX_SPLITS
     merge = cp and S > 1 and merge
     combine = combine and not merge
-    paged = cp and (True if paged is None else paged) and block_n % bs == 0
-    peel = cp and (True if peel is None else peel)
-    lazy = cp and (True if lazy is None else lazy)
+    # paged by default where two programs share an SM (3 stages): at 4 stages (one program per
+    # SM) it measured slower on the H200 (docs/benchmarks.md, 2026-12-04)
+    paged = cp and (num_stages < 4 if paged is None else paged) and block_n % bs == 0
+    peel = cp and bool(peel)
+    lazy = cp and bool(lazy)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
@@ -470,7 +472,8 @@ def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block
     once there are as many programs as SMs (at 128 x 640 the merge's fp32 partials cost more
     than 4 idle SMs), and a third tile in flight (4 stages, 130 KB) while the programs fit one
     per SM. bf16 caches run ``cp-qa`` (fp32 caches, for tests, the ``cp`` shape); an fp8 cache
-    keeps the former kernel's tiles."""
+    keeps the former kernel's tiles. (mla_decode adds the per-page table reads at 3 stages and
+    the in-kernel merge up to 8 splits: 161.5 us at 64 x 8k, 87.7% of the copy rate.)"""
     if elem == 1:
         S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, programs))))
         wide = S >= 16
