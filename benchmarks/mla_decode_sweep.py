@@ -34,21 +34,33 @@ from qkv.attention.triton import mla as mla_mod  # noqa: E402
 from qkv.tools.bench_rates import measure  # noqa: E402
 
 H, R, P, BS = 16, 512, 64, 16
-# (BLOCK_N, warps, stages). The sweeps of 2026-12-03 (docs/benchmarks.md) also ran splits 1-64,
-# tiles (16, 4, 5), (32, 4, 2|4), (32, 8, 3|4), (64, 8, 2|3), and a variant with rows on M
-# throughout (the PV dot on wgmma, commit 20b3066): (32, 4, 3) won at every shape.
-# (kernel, BLOCK_N, warps, stages): "cp" gathers rows by cp.async, "tma" copies whole pages by
-# TMA ("-qa": q the A operand of the score dot; "cp-ks": that dot split along R across the
-# warps); see mla_decode.
-SHAPES = ((64, 8192, (2, 4, 8)), (128, 640, (1, 2)), (1, 8192, (32, 64)))
-TILES = (("cp", 32, 4, 3), ("cp-qa", 32, 4, 3), ("cp-qa", 32, 4, 4), ("cp-qa", 16, 4, 4), ("cp-qa", 16, 4, 5),
-         ("cp-ks", 32, 4, 3), ("cp-ks", 32, 4, 4), ("cp-ks", 16, 4, 4), ("cp-ks", 16, 4, 5), ("cp-ks", 32, 8, 3),
-         ("cp-ks", 64, 8, 2), ("cp-ks", 64, 8, 3), ("tma", 16, 4, 4))
-# The first call of 2026-12-03 17:33 UTC also ran cp-qa (64, 8, 2), (32, 8, 3), tma (16, 4, 3|5),
-# (32, 4, 3), (16, 8, 4) and tma-qa (16, 4, 3): all slower than cp-qa (32, 4, 3); the 2-warp tiles
-# and tma-qa on 32 rows spill (offline sm_90 compiles). The second (18:26 UTC, raw records in
-# docs/data/gpu-h200-2026-12-03-mla-decode-sweep3.jsonl): cp-ks at best 235.3 us at 64 x 8k
-# against cp-qa's 174.8 (its 3-D split-R dot is far slower than the two it replaces).
+# Per (batch, context): the launches timed beside the default, (splits, kernel, BLOCK_N, warps,
+# stages, options of mla_decode): "merge" (the last split merges the partials in the kernel,
+# no combine launch), "paged" (the block table read once per page of a tile, not per row),
+# "peel" (whole tiles unmasked, the partial last one apart), "lazy" (the output rescaled only
+# when a max grew). The first of each shape is the default before them (2026-12-03).
+OLD = {"merge": False, "paged": False, "peel": False, "lazy": False}
+P1 = {"peel": False, "lazy": False}
+RUNS = {
+    (64, 8192): [(4, "cp-qa", 32, 4, 3, OLD), (4, "cp-qa", 32, 4, 3, dict(P1, merge=False)),
+                 (4, "cp-qa", 32, 4, 3, P1), (4, "cp-qa", 32, 4, 3, {"lazy": False}),
+                 (4, "cp-qa", 32, 4, 3, {"peel": False}), (4, "cp-qa", 32, 4, 3, {"merge": False}),
+                 (4, "cp-qa", 32, 4, 3, {}), (4, "cp-qa", 32, 4, 3, {"paged": False}),
+                 (8, "cp-qa", 32, 4, 3, {}), (2, "cp-qa", 64, 4, 3, {}), (2, "cp-qa", 32, 4, 4, {})],
+    (128, 640): [(1, "cp-qa", 32, 4, 4, OLD), (1, "cp-qa", 32, 4, 4, P1), (1, "cp-qa", 32, 4, 4, {}),
+                 (1, "cp-qa", 32, 4, 4, {"paged": False}), (1, "cp-qa", 32, 4, 3, {}),
+                 (2, "cp-qa", 32, 4, 3, {})],
+    (1, 8192): [(64, "cp-qa", 32, 4, 4, OLD), (64, "cp-qa", 32, 4, 4, {}), (64, "cp-qa", 32, 4, 4, {"paged": False}),
+                (32, "cp-qa", 32, 4, 4, {})],
+}
+# Round 1 of 2026-12-04 (docs/benchmarks.md) also ran an L2 bulk prefetch of the pages 2-8
+# tiles ahead (181.8-261.2 us at 64 x 8k against 161.5), a stream-K launch (equal shares of
+# all the tiles, 132-264 programs: 174.0-239.5 us) and evict-first hints (no change).
+# The sweeps of 2026-12-03 (docs/benchmarks.md) also ran splits 1-64, cp tiles (16, 4, 5),
+# (32, 4, 2|4), (32, 8, 3|4), (64, 8, 2|3), a variant with rows on M throughout (the PV dot on
+# wgmma, commit 20b3066), TMA pages (kernels "tma", "tma-qa"), cp-qa (64, 8, 2), (32, 8, 3),
+# (16, 4, 5) and cp-ks (the score dot split along R across the warps; 235.3 us at best at
+# 64 x 8k): all slower than cp-qa (32, 4, 3) (docs/data/gpu-h200-2026-12-03-mla-decode-sweep*.jsonl).
 FP8 = ((64, 8192, (4, 8)), (("cp", 32, 4, 2), ("cp", 32, 4, 3)))  # the fp8 kernel (the former one)
 OUT = None
 
@@ -61,13 +73,14 @@ def record(**kw):
 
 
 def bench(fn, rep=60):
-    """Median ms of fn replayed through a CUDA graph (launch gaps removed)."""
+    """Median ms of fn replayed through a CUDA graph (launch gaps removed), and the output of
+    the graph's last replay."""
     fn()
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        fn()
-    return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median")
+        out = fn()
+    return triton.testing.do_bench(g.replay, warmup=10, rep=rep, return_mode="median"), out
 
 
 def load_baseline(path):
@@ -102,15 +115,15 @@ def reference(cache, table, ql, qr, scale):
 
 def _compile(task):
     """Worker: run one launch so that its kernels land in Triton's disk cache."""
-    kind, ctx, dtype, baseline, cfg = task
-    cache, table, nc, ql, qr = problem(1, ctx, getattr(torch, dtype))
+    kind, B, dtype, baseline, cfg = task
+    cache, table, nc, ql, qr = problem(B, 256, getattr(torch, dtype))  # B: the stream kernel's B_PAD
     try:
         if kind == "base":
             load_baseline(baseline).mla_decode(ql, qr, cache, table, nc, 0.07)
         else:
-            S, kern, bn, w, st = cfg
+            S, kern, bn, w, st, opts = cfg
             mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn, num_warps=w, num_stages=st,
-                               kernel=kern)
+                               kernel=kern, **dict(opts))
         torch.cuda.synchronize()
         return None
     except Exception as e:  # out of shared memory: the timed pass records it
@@ -120,24 +133,25 @@ def _compile(task):
 def precompile(workers, baseline, sections):
     tasks = []
     if "mla" in sections:
-        for B, ctx, splits in SHAPES:
-            tasks += [("new", ctx, "bfloat16", None, (2,) + t) for t in TILES]
-            tasks += [("new", ctx, "bfloat16", None, (S, "cp", 32, 4, 3)) for S in splits]  # the combines
+        for B, ctx in RUNS:
+            tasks += [("new", B, "bfloat16", None, run[:5] + (tuple(run[5].items()),)) for run in RUNS[B, ctx]]
+            S, bn, w, st, kern = mla_mod.default_tiles(B)
+            tasks.append(("new", B, "bfloat16", None, (S, kern, bn, w, st, ())))
             if baseline:
-                tasks.append(("base", ctx, "bfloat16", baseline, None))
+                tasks.append(("base", B, "bfloat16", baseline, None))
     if "fp8" in sections:
         (B, ctx, splits), tiles = FP8
-        tasks += [("new", ctx, "float8_e4m3fn", None, (2,) + t) for t in tiles]
+        tasks += [("new", B, "float8_e4m3fn", None, (2,) + t + ((),)) for t in tiles]  # its combine: S = 2
         if baseline:
-            tasks.append(("base", ctx, "float8_e4m3fn", baseline, None))
-    tasks = list(dict.fromkeys(tasks))  # the two 8k shapes share their kernels
+            tasks.append(("base", B, "float8_e4m3fn", baseline, None))
+    tasks = list(dict.fromkeys(tasks))  # duplicates dropped
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
         for err in pool.imap_unordered(_compile, tasks):
             if err:
                 print("precompile:", err, flush=True)
 
 
-def sweep(bw, B, ctx, splits, tiles, baseline, dtype=torch.bfloat16):
+def sweep(bw, B, ctx, runs, baseline, dtype=torch.bfloat16):
     cache, table, nc, ql, qr = problem(B, ctx, dtype)
     gb = cache.numel() * cache.element_size() / 1e9
     ref = reference(cache, table, ql, qr, 0.07)
@@ -146,7 +160,8 @@ def sweep(bw, B, ctx, splits, tiles, baseline, dtype=torch.bfloat16):
     def one(kernel, fn, cfg, default=False):
         try:
             err = ((fn().float() - ref).norm() / ref.norm()).item()
-            ms = bench(fn)
+            ms, out = bench(fn)  # the replays' output checked too (the in-kernel merge's counters)
+            err = max(err, ((out.float() - ref).norm() / ref.norm()).item())
         except Exception as e:  # out of shared memory for a tile: recorded, skipped
             record(name="mla_decode", B=B, ctx=ctx, cache=name, kernel=kernel, config=cfg, error=type(e).__name__)
             return None
@@ -159,10 +174,11 @@ def sweep(bw, B, ctx, splits, tiles, baseline, dtype=torch.bfloat16):
         rows.append(one("old", lambda: baseline.mla_decode(ql, qr, cache, table, nc, 0.07), "default", True))
     cfg = mla_mod.default_tiles(B, cache.element_size())  # H = 16: one head block per sequence
     rows.append(one("new", lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07), list(cfg), True))
-    for S, (kern, bn, w, st) in itertools.product(splits, tiles):
-        rows.append(one(kern, lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn,
-                                                         num_warps=w, num_stages=st,
-                                                         kernel=kern), [S, bn, w, st]))
+    for S, kern, bn, w, st, o in runs:
+        tag = kern + "".join(f"+{k}={v}" for k, v in o.items())
+        rows.append(one(tag, lambda: mla_mod.mla_decode(ql, qr, cache, table, nc, 0.07, splits=S, block_n=bn,
+                                                        num_warps=w, num_stages=st, kernel=kern, **o),
+                        [S, bn, w, st]))
     rows = sorted((r for r in rows if r), key=lambda r: r[0])
     default = next((r for r in rows if r[2] == "new"), None)
     print(f"MLA {name} B={B} ctx={ctx}: default {default[1] if default else None} "
@@ -185,11 +201,11 @@ def align() -> None:
         block_expert = torch.empty(bound // bm, dtype=torch.int32, device="cuda")
         num_padded = torch.empty(1, dtype=torch.int32, device="cuda")
         flat = idx.reshape(-1).contiguous()
-        out = [f"default {bench(lambda: moe.align(idx, E, bm)) * 1e3:.1f} us"]
+        out = [f"default {bench(lambda: moe.align(idx, E, bm))[0] * 1e3:.1f} us"]
         for chunk, w in itertools.product((16, 32, 64, 128, 256), (1, 2, 4, 8)):
             if chunk > triton.next_power_of_2(max(n, 16)) * 2:
                 continue
-            ms = bench(lambda: moe._align_kernel[(1,)](
+            ms, _ = bench(lambda: moe._align_kernel[(1,)](
                 flat, sorted_ids, block_expert, num_padded, n, bound, bound // bm, E=E, E_P2=E, BLOCK_M=bm,
                 CHUNK=chunk, num_warps=w))
             out.append(f"c{chunk}/w{w} {ms * 1e3:.1f}")
@@ -214,11 +230,11 @@ def main():
            copy_TBps=round(rates["copy_Bps"] / 1e12, 3), bf16_TFLOPs=round(rates["matmul_flops"] / 1e12, 1))
     baseline = load_baseline(args.baseline) if args.baseline else None
     if "mla" in sections:
-        for B, ctx, splits in SHAPES:
-            sweep(bw, B, ctx, splits, TILES, baseline)
+        for B, ctx in RUNS:
+            sweep(bw, B, ctx, RUNS[B, ctx], baseline)
     if "fp8" in sections:
         (B, ctx, splits), tiles = FP8
-        sweep(bw, B, ctx, splits, tiles, baseline, torch.float8_e4m3fn)
+        sweep(bw, B, ctx, [(S,) + t + ({},) for S in splits for t in tiles], baseline, torch.float8_e4m3fn)
     if "align" in sections:
         align()
 

@@ -162,9 +162,12 @@ def test_mla_decode_matches_torch(fp8):
 
 
 
-@pytest.mark.parametrize("kernel,block_n", [("tma", 16), ("tma", 32), ("tma-qa", 16), ("cp", 32), ("cp-qa", 32),
-                                            ("cp-ks", 32)])
-def test_mla_decode_variants_match_torch(kernel, block_n):
+@pytest.mark.parametrize("kernel,block_n,opts", [("tma", 16, {}), ("tma", 32, {}), ("tma-qa", 16, {}), ("cp", 32, {}),
+                                                 ("cp-qa", 32, {}), ("cp-ks", 32, {}),
+                                                 ("cp-qa", 32, {"peel": True, "lazy": True}),
+                                                 ("cp-qa", 16, {"peel": True, "paged": False}),
+                                                 ("cp", 8, {"lazy": True})])
+def test_mla_decode_variants_match_torch(kernel, block_n, opts):
     """The bf16 kernel's variants: a partial last page whose unwritten rows hold NaN must not
     reach the output (the TMA kernel copies whole pages: its last partial tile runs masked
     loads), and splits past the keys stay empty."""
@@ -185,7 +188,7 @@ def test_mla_decode_variants_match_torch(kernel, block_n):
     flat = cache.view(-1, R + P).float()
     for splits in (1, 3, 8):
         out = mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, splits=splits, block_n=block_n,
-                         kernel=kernel)
+                         kernel=kernel, **opts)
         for b, c in enumerate(computed):
             pos = torch.arange(c + 1)
             rows = flat[table[b][pos // bs].cpu() * bs + pos % bs]
@@ -196,6 +199,47 @@ def test_mla_decode_variants_match_torch(kernel, block_n):
     if kernel.startswith("tma"):  # tiles of whole pages only
         with pytest.raises(ValueError, match="not supported"):
             mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, block_n=8, kernel=kernel)
+
+@gpu
+def test_mla_decode_merge_in_graph_replays():
+    """The in-kernel merge of the splits (the last split of a sequence merges; its counter back
+    to zero for the next launch), replayed in a CUDA graph with new queries each time: every
+    replay equals the fp32 torch reference, as does the combine launch's."""
+    from qkv.attention.triton.mla import mla_decode
+
+    gen = torch.Generator().manual_seed(6)
+    B, H, R, P, bs = 24, 16, 512, 64, 16
+    computed = [int(c) for c in torch.randint(1, 1500, (B,), generator=gen)]
+    num_blocks = sum(-(-(c + 1) // bs) for c in computed) + 2
+    batch = make_batch(computed, [1] * B, bs, num_blocks, None, gen)
+    table = batch.block_tables[0]
+    cache = torch.randn(num_blocks, bs, R + P, generator=gen).to(DEV, torch.bfloat16)
+    q_lat = torch.empty(B, H, R, device=DEV, dtype=torch.bfloat16)
+    q_rope = torch.empty(B, H, P, device=DEV, dtype=torch.bfloat16)
+    flat = cache.view(-1, R + P).float()
+
+    def check(out, what):
+        for b, c in enumerate(computed):
+            pos = torch.arange(c + 1)
+            rows = flat[table[b][pos // bs].cpu() * bs + pos % bs]
+            s = (q_lat[b].float() @ rows[:, :R].T + q_rope[b].float() @ rows[:, R:].T) * 0.1
+            ref = s.softmax(-1) @ rows[:, :R]
+            err = (out[b].float() - ref).norm() / ref.norm()
+            assert err < 1e-2, f"{what}, sequence {b}: relative error {err:.2e}"
+
+    for kw in ({"splits": 4}, {"splits": 8, "peel": True, "lazy": True}, {"splits": 4, "merge": False}):
+        q_lat.copy_(torch.randn(B, H, R, generator=gen))
+        q_rope.copy_(torch.randn(B, H, P, generator=gen))
+        check(mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, **kw), f"{kw} eager")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, **kw)
+        for rep in range(3):
+            q_lat.copy_(torch.randn(B, H, R, generator=gen))
+            q_rope.copy_(torch.randn(B, H, P, generator=gen))
+            graph.replay()
+            check(out, f"{kw} replay {rep}")
+
 
 def test_fused_ops_match_torch():
     from qkv.attention.triton import fused

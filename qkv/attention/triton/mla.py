@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.decode import _combine_kernel
+from qkv.attention.triton.decode import MERGE_MAX_SPLITS, _combine_kernel, split_counters
 from qkv.attention.triton.kv_write import write_rows
 from qkv.kvcache.kv_pages import layout_of
 from qkv.kvcache.kv_quant import compute_dtype
@@ -37,43 +37,134 @@ def _mla_q(QL, QR, b, h, hmask, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
 
 
 @triton.jit
-def _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R: tl.constexpr):
+def _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R: tl.constexpr,
+               MERGE: tl.constexpr = 0):
     """A program's result: the output itself when it ran the whole sequence (one split), else its
-    fp32 partial state (acc, max, sum) for the combine."""
+    fp32 partial state (acc, max, sum); with ``MERGE`` (a power of two >= S) the last split of
+    the sequence to finish merges them all (no combine launch), else ``_combine_kernel`` does."""
     r = tl.arange(0, R)
+    out = OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :]
     if S == 1:
-        tl.store(OUT + b * stride_ot + h[:, None] * stride_oh + r[None, :],
-                 (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+        tl.store(out, (acc / l_i[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
     else:
-        row = (b * H + h) * S + split
-        tl.store(ACC + row[:, None] * R + r[None, :], acc, mask=hmask[:, None])
-        tl.store(ML + row * 2, m_i, mask=hmask)
-        tl.store(ML + row * 2 + 1, l_i, mask=hmask)
+        base = (b * H + h) * S
+        tl.store(ACC + (base + split)[:, None] * R + r[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + (base + split) * 2, m_i, mask=hmask)
+        tl.store(ML + (base + split) * 2 + 1, l_i, mask=hmask)
+        if MERGE > 0:
+            # As decode.py's in-kernel merge: the barrier orders every thread's stores before the
+            # counter's release; the last program reads the partials through L2 (.cg), all
+            # MERGE slots' loads issued at once (slots past S masked off), and zeroes the counter
+            # for the next launch or graph replay.
+            tl.debug_barrier()
+            cnt = CNT + b * tl.num_programs(1) + tl.program_id(1)
+            done = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+            if done == S - 1:
+                m_max = tl.full(m_i.shape, float("-inf"), tl.float32)
+                for j in tl.static_range(MERGE):
+                    ok = hmask & (j < S)
+                    m_max = tl.maximum(m_max, tl.load(ML + (base + j) * 2, mask=ok, other=float("-inf"),
+                                                      cache_modifier=".cg"))
+                num = tl.zeros(acc.shape, tl.float32)
+                den = tl.zeros(m_i.shape, tl.float32)
+                for j in tl.static_range(MERGE):
+                    ok = hmask & (j < S)
+                    m_j = tl.load(ML + (base + j) * 2, mask=ok, other=float("-inf"), cache_modifier=".cg")
+                    w = tl.where(m_j > float("-inf"), tl.exp2(m_j - m_max), 0.0)
+                    den += w * tl.load(ML + (base + j) * 2 + 1, mask=ok, other=0.0, cache_modifier=".cg")
+                    num += w[:, None] * tl.load(ACC + (base + j)[:, None] * R + r[None, :], mask=ok[:, None],
+                                                other=0.0, cache_modifier=".cg")
+                tl.store(out, (num / den[:, None]).to(OUT.dtype.element_ty), mask=hmask[:, None])
+                tl.store(cnt, 0)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
-def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
-                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
-                       stride_ot, stride_oh, H, sm_scale,
-                       R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
-                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1):
+@triton.jit
+def _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+              PAGED: tl.constexpr):
+    """The row offsets of the tile at ``start`` (from ``blk_next``, its table entries read one
+    tile ahead) and the next tile's table entries."""
+    if PAGED:  # the tile's BLOCK_N // BS pages: one table entry each, not one per row
+        pages = blk_next.to(tl.int64)
+        nxt = (start + BLOCK_N) // BS + jp
+        blk_next = tl.load(bt + nxt, mask=nxt * BS < hi, other=0)
+        blk = tl.sum(tl.where((i // BS)[:, None] == jp[None, :], pages[None, :], 0), 1)
+        off = blk * stride_cb + (i % BS) * stride_ct
+    else:
+        pos = start + i
+        blk = blk_next.to(tl.int64)
+        blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
+        off = blk * stride_cb + (pos % BS) * stride_ct
+    return off, blk_next
+
+
+@triton.jit
+def _mla_tile(C, off, nmask, qlt, qrt, m_i, l_i, acc, qk_scale, R: tl.constexpr, P: tl.constexpr,
+              BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr, MASKED: tl.constexpr,
+              LAZY: tl.constexpr):
+    """One tile's online-softmax step. ``MASKED``: rows past the keys (``nmask`` false) are not
+    loaded and score -inf; else every row is a key and no mask is computed. ``LAZY``: the
+    output and sums are rescaled only when some head's max grew (one uniform branch), not
+    every tile."""
+    r = tl.arange(0, R)
+    p_ = tl.arange(0, P)
+    if MASKED:
+        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
+    else:
+        lat = tl.load(C + off[:, None] + r[None, :]).to(qlt.dtype)
+        rope = tl.load(C + off[:, None] + R + p_[None, :]).to(qlt.dtype)
+    if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
+        lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
+        s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
+    elif QA:
+        s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
+    else:
+        s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
+    if MASKED:
+        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
+    else:
+        s = s * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if LAZY:
+        if tl.max(m_new - m_i, 0) > 0:
+            alpha = tl.exp2(m_i - m_new)
+            acc = acc * alpha[:, None]
+            if QA:
+                l_i = l_i * alpha[:, None]
+            else:
+                l_i = l_i * alpha
+            m_i = m_new
+    else:
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        if QA:
+            l_i = l_i * alpha[:, None]
+        else:
+            l_i = l_i * alpha
+        m_i = m_new
+    p = tl.exp2(s - m_i[:, None])
+    if QA:
+        l_i = l_i + p
+    else:
+        l_i = l_i + tl.sum(p, 1)
+    acc = tl.dot(p.to(lat.dtype), lat, acc)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb,
+                stride_ct, stride_bt, sm_scale, R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
+                BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr,
+                PAGED: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr):
+    """Sequence b's heads h over its keys [lo, hi) (lo a multiple of BLOCK_N): the unnormalized
+    output, the row max (log2 units) and the row sum."""
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
     # num_stages - 1 tiles): each tile of rows is loaded once, into shared memory, and both dots
     # read it there (scores as lat @ q^T, so the tile is the A operand of one dot and the B of
     # the other, never a register transpose, which kept the old kernel's loads synchronous).
     # The block table is read one tile ahead by hand: a gather whose addresses come from a load
-    # of the same iteration spends a pipeline stage on that load.
-    b = tl.program_id(0)
-    hblk = tl.program_id(1)
-    split = tl.program_id(2)
-    S = tl.num_programs(2)  # splits per sequence
-    seq_len = tl.load(NC + b).to(tl.int32) + 1
-    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
-    lo = split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
-    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
-    hmask = h < H
-    r = tl.arange(0, R)
+    # of the same iteration spends a pipeline stage on that load. ``PEEL``: the whole tiles run
+    # unmasked, the last partial one (if any) in a second loop with masks.
     p_ = tl.arange(0, P)
     if KS > 1:  # q split along R into KS slices [KS, heads, R / KS], one per warp, kept in registers
         kk = tl.arange(0, KS)
@@ -91,36 +182,52 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, OUT,
     acc = tl.zeros([BLOCK_H, R], tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # exp2 below
     bt = BT + b * stride_bt
-    pos = lo + tl.arange(0, BLOCK_N)
-    blk_next = tl.load(bt + pos // BS, mask=pos < hi, other=0)
-    for start in range(lo, hi, BLOCK_N):
-        pos = start + tl.arange(0, BLOCK_N)
-        nmask = pos < hi
-        blk = blk_next.to(tl.int64)
-        blk_next = tl.load(bt + (pos + BLOCK_N) // BS, mask=pos + BLOCK_N < hi, other=0)
-        off = blk * stride_cb + (pos % BS) * stride_ct
-        lat = tl.load(C + off[:, None] + r[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
-        rope = tl.load(C + off[:, None] + R + p_[None, :], mask=nmask[:, None], other=0.0).to(qlt.dtype)
-        if KS > 1:  # split-K score dot: [KS, heads, rows] partial scores, summed across the slices
-            lat3 = tl.permute(tl.reshape(lat, [BLOCK_N, KS, R // KS]), [1, 2, 0])
-            s = tl.sum(tl.dot(qlt, lat3), 0) + tl.dot(qrt, tl.trans(rope))
-        elif QA:
-            s = tl.dot(qlt, tl.trans(lat)) + tl.dot(qrt, tl.trans(rope))
-        else:
-            s = tl.trans(tl.dot(lat, qlt) + tl.dot(rope, qrt))  # [BLOCK_H, BLOCK_N]
-        s = tl.where(nmask[None, :], s * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        if QA:
-            l_i = l_i * alpha[:, None] + p
-        else:
-            l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
-        m_i = m_new
+    i = tl.arange(0, BLOCK_N)
+    jp = tl.arange(0, BLOCK_N // BS if PAGED else 1)
+    if PAGED:  # tiles of whole pages: lo and BLOCK_N multiples of BS
+        blk_next = tl.load(bt + lo // BS + jp, mask=(lo // BS + jp) * BS < hi, other=0)
+    else:
+        blk_next = tl.load(bt + (lo + i) // BS, mask=lo + i < hi, other=0)
+    if PEEL:
+        full = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+        for start in range(lo, full, BLOCK_N):
+            off, blk_next = _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS, BLOCK_N, PAGED)
+            m_i, l_i, acc = _mla_tile(C, off, i < BLOCK_N, qlt, qrt, m_i, l_i, acc, qk_scale, R, P, BLOCK_N, QA, KS,
+                                      False, LAZY)
+    else:
+        full = lo
+    for start in range(full, hi, BLOCK_N):
+        off, blk_next = _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS, BLOCK_N, PAGED)
+        m_i, l_i, acc = _mla_tile(C, off, start + i < hi, qlt, qrt, m_i, l_i, acc, qk_scale, R, P, BLOCK_N, QA, KS,
+                                  True, LAZY)
     if QA:
         l_i = tl.sum(l_i, 1)
-    _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
+    return acc, m_i, l_i
+
+
+@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
+def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
+                       stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb, stride_ct, stride_bt,
+                       stride_ot, stride_oh, H, sm_scale,
+                       R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
+                       BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1,
+                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, PEEL: tl.constexpr = False,
+                       LAZY: tl.constexpr = False):
+    # One program: one sequence's head block over one of S equal key ranges (splits).
+    b = tl.program_id(0)
+    hblk = tl.program_id(1)
+    split = tl.program_id(2)
+    S = tl.num_programs(2)  # splits per sequence
+    seq_len = tl.load(NC + b).to(tl.int32) + 1
+    per_split = tl.cdiv(tl.cdiv(seq_len, S), BLOCK_N) * BLOCK_N
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    h = hblk * BLOCK_H + tl.arange(0, BLOCK_H)
+    hmask = h < H
+    acc, m_i, l_i = _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
+                                stride_cb, stride_ct, stride_bt, sm_scale, R, P, BS, BLOCK_H, BLOCK_N, QA, KS,
+                                PAGED, PEEL, LAZY)
+    _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R, MERGE)
 
 
 
@@ -210,7 +317,7 @@ def _mla_decode_tma_kernel(QL, QR, C, DL, DR, BT, NC, ACC, ML, OUT,
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(lat.dtype), lat)
         m_i = m_new
-    _mla_store(OUT, ACC, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
+    _mla_store(OUT, ACC, ML, ML, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
@@ -263,7 +370,8 @@ def _mla_decode_kernel_fp8(QL, QR, C, BT, NC, ACC, ML,
 def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None,
-               variant: dict | None = None) -> torch.Tensor:
+               variant: dict | None = None, merge: bool | None = None, paged: bool | None = None,
+               peel: bool | None = None, lazy: bool | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -276,7 +384,13 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``kernel`` picks the bf16 kernel: ``"cp"`` (rows gathered by ``cp.async``), ``"tma"`` (whole
     pages copied by TMA, ``block_n`` one or two pages); ``"cp-qa"`` and ``"tma-qa"`` are the
     same with q the A operand of the score dot; ``"cp-ks"`` also splits that dot's R among
-    the warps (each holds one slice of q; the partial scores are summed across them)."""
+    the warps (each holds one slice of q; the partial scores are summed across them).
+    The ``cp`` kernels' options (None: the defaults): ``merge`` (None: up to
+    ``MERGE_MAX_SPLITS`` splits), the last split of each sequence merges the partials in the
+    kernel instead of a combine launch; ``paged`` reads the block table once per page of a tile
+    instead of once per row (tiles of whole pages only); ``peel`` runs the whole tiles without
+    masks and the last partial one apart; ``lazy`` rescales the output only when a head's max
+    grew."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -293,10 +407,21 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     else:
         S, block_n, num_warps, num_stages, kern = default_tiles(B * hblocks, kv_cache.element_size(), splits,
                                                                 block_n, num_warps, num_stages, kernel)
-    merge = S > 1 or regs
+    combine = S > 1 or regs
+    cp = lay is None and not regs and kern in ("cp", "cp-qa", "cp-ks")
+    if merge is None:
+        merge = S <= MERGE_MAX_SPLITS
+    merge = cp and S > 1 and merge
+    combine = combine and not merge
+    # paged by default where two programs share an SM (3 stages): at 4 stages (one program per
+    # SM) it measured slower on the H200 (docs/benchmarks.md, 2026-12-04)
+    paged = cp and (num_stages < 4 if paged is None else paged) and block_n % bs == 0
+    peel = cp and bool(peel)
+    lazy = cp and bool(lazy)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
-    acc = torch.empty((B * H * S, R) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
-    ml = torch.empty((B * H * S, 2) if merge else (1, 1), dtype=torch.float32, device=q_lat.device)
+    acc = torch.empty((B * H * S, R) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
+    ml = torch.empty((B * H * S, 2) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
+    cnt = split_counters(B * hblocks, q_lat.device) if merge else ml
     cdt = q_lat.dtype if lay is not None else compute_dtype(q_lat.dtype, kv_cache.dtype)
     q_lat, q_rope = q_lat.to(cdt), q_rope.to(cdt)
     if lay is not None:
@@ -324,12 +449,13 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             num_warps=num_warps, num_stages=num_stages)
     else:
         _mla_decode_kernel[(B, hblocks, S)](
-            q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, out,
+            q_lat, q_rope, kv_cache, block_table, num_computed, acc, ml, cnt, out,
             q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1), kv_cache.stride(0),
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kern in ("cp-qa", "cp-ks"),
-            KS=num_warps if kern == "cp-ks" else 1, num_warps=num_warps, num_stages=num_stages)
-    if merge:
+            KS=num_warps if kern == "cp-ks" else 1, MERGE=triton.next_power_of_2(S) if merge else 0,
+            PAGED=paged, PEEL=peel, LAZY=lazy, num_warps=num_warps, num_stages=num_stages)
+    if combine:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
                                 S=S, S_PAD=triton.next_power_of_2(S), num_warps=4)
@@ -346,7 +472,8 @@ def default_tiles(programs: int, elem: int = 2, splits: int | None = None, block
     once there are as many programs as SMs (at 128 x 640 the merge's fp32 partials cost more
     than 4 idle SMs), and a third tile in flight (4 stages, 130 KB) while the programs fit one
     per SM. bf16 caches run ``cp-qa`` (fp32 caches, for tests, the ``cp`` shape); an fp8 cache
-    keeps the former kernel's tiles."""
+    keeps the former kernel's tiles. (mla_decode adds the per-page table reads at 3 stages and
+    the in-kernel merge up to 8 splits: 161.5 us at 64 x 8k, 87.7% of the copy rate.)"""
     if elem == 1:
         S = splits or min(32, max(1, triton.next_power_of_2(triton.cdiv(2 * 132, programs))))
         wide = S >= 16
