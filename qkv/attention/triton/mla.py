@@ -416,6 +416,8 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     # paged by default where two programs share an SM (3 stages): at 4 stages (one program per
     # SM) it measured slower on the H200 (docs/benchmarks.md, 2026-12-04)
     paged = cp and (num_stages < 4 if paged is None else paged) and block_n % bs == 0
+    if cp and q_lat.is_cuda and block_n < 16:  # the PV dot's K is the tile's rows: tl.dot needs 16
+        raise ValueError(f"mla_decode: block_n {block_n} is below 16, the smallest tile tl.dot takes on the GPU")
     peel = cp and bool(peel)
     lazy = cp and bool(lazy)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
