@@ -164,9 +164,9 @@ def test_mla_decode_matches_torch(fp8):
 
 @pytest.mark.parametrize("kernel,block_n,opts", [("tma", 16, {}), ("tma", 32, {}), ("tma-qa", 16, {}), ("cp", 32, {}),
                                                  ("cp-qa", 32, {}), ("cp-ks", 32, {}),
-                                                 ("cp-qa", 32, {"peel": True, "lazy": True}),
+                                                 ("cp-qa", 32, {"peel": True}),
                                                  ("cp-qa", 16, {"peel": True, "paged": False}),
-                                                 ("cp", 16, {"lazy": True})])
+                                                 ("cp", 16, {"peel": True})])
 def test_mla_decode_variants_match_torch(kernel, block_n, opts):
     """The bf16 kernel's variants: a partial last page whose unwritten rows hold NaN must not
     reach the output (the TMA kernel copies whole pages: its last partial tile runs masked
@@ -227,7 +227,7 @@ def test_mla_decode_merge_in_graph_replays():
             err = (out[b].float() - ref).norm() / ref.norm()
             assert err < 1e-2, f"{what}, sequence {b}: relative error {err:.2e}"
 
-    for kw in ({"splits": 4}, {"splits": 8, "peel": True, "lazy": True}, {"splits": 4, "merge": False}):
+    for kw in ({"splits": 4}, {"splits": 8, "peel": True}, {"splits": 4, "merge": False}):
         q_lat.copy_(torch.randn(B, H, R, generator=gen))
         q_rope.copy_(torch.randn(B, H, P, generator=gen))
         check(mla_decode(q_lat, q_rope, cache, table, batch.num_computed, 0.1, **kw), f"{kw} eager")

@@ -99,12 +99,9 @@ def _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS: tl.const
 
 @triton.jit
 def _mla_tile(C, off, nmask, qlt, qrt, m_i, l_i, acc, qk_scale, R: tl.constexpr, P: tl.constexpr,
-              BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr, MASKED: tl.constexpr,
-              LAZY: tl.constexpr):
+              BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr, MASKED: tl.constexpr):
     """One tile's online-softmax step. ``MASKED``: rows past the keys (``nmask`` false) are not
-    loaded and score -inf; else every row is a key and no mask is computed. ``LAZY``: the
-    output and sums are rescaled only when some head's max grew (one uniform branch), not
-    every tile."""
+    loaded and score -inf; else every row is a key and no mask is computed."""
     r = tl.arange(0, R)
     p_ = tl.arange(0, P)
     if MASKED:
@@ -125,23 +122,13 @@ def _mla_tile(C, off, nmask, qlt, qrt, m_i, l_i, acc, qk_scale, R: tl.constexpr,
     else:
         s = s * qk_scale
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    if LAZY:
-        if tl.max(m_new - m_i, 0) > 0:
-            alpha = tl.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            if QA:
-                l_i = l_i * alpha[:, None]
-            else:
-                l_i = l_i * alpha
-            m_i = m_new
+    alpha = tl.exp2(m_i - m_new)
+    acc = acc * alpha[:, None]
+    if QA:
+        l_i = l_i * alpha[:, None]
     else:
-        alpha = tl.exp2(m_i - m_new)
-        acc = acc * alpha[:, None]
-        if QA:
-            l_i = l_i * alpha[:, None]
-        else:
-            l_i = l_i * alpha
-        m_i = m_new
+        l_i = l_i * alpha
+    m_i = m_new
     p = tl.exp2(s - m_i[:, None])
     if QA:
         l_i = l_i + p
@@ -155,7 +142,7 @@ def _mla_tile(C, off, nmask, qlt, qrt, m_i, l_i, acc, qk_scale, R: tl.constexpr,
 def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh, stride_cb,
                 stride_ct, stride_bt, sm_scale, R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr,
                 BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, QA: tl.constexpr, KS: tl.constexpr,
-                PAGED: tl.constexpr, PEEL: tl.constexpr, LAZY: tl.constexpr):
+                PAGED: tl.constexpr, PEEL: tl.constexpr):
     """Sequence b's heads h over its keys [lo, hi) (lo a multiple of BLOCK_N): the unnormalized
     output, the row max (log2 units) and the row sum."""
     # Shaped for Triton's software pipeliner (checked in the TTGIR: async copies into a ring of
@@ -193,13 +180,13 @@ def _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stri
         for start in range(lo, full, BLOCK_N):
             off, blk_next = _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS, BLOCK_N, PAGED)
             m_i, l_i, acc = _mla_tile(C, off, i < BLOCK_N, qlt, qrt, m_i, l_i, acc, qk_scale, R, P, BLOCK_N, QA, KS,
-                                      False, LAZY)
+                                      False)
     else:
         full = lo
     for start in range(full, hi, BLOCK_N):
         off, blk_next = _mla_rows(bt, start, hi, blk_next, i, jp, stride_cb, stride_ct, BS, BLOCK_N, PAGED)
         m_i, l_i, acc = _mla_tile(C, off, start + i < hi, qlt, qrt, m_i, l_i, acc, qk_scale, R, P, BLOCK_N, QA, KS,
-                                  True, LAZY)
+                                  True)
     if QA:
         l_i = tl.sum(l_i, 1)
     return acc, m_i, l_i
@@ -211,8 +198,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
                        stride_ot, stride_oh, H, sm_scale,
                        R: tl.constexpr, P: tl.constexpr, BS: tl.constexpr, BLOCK_H: tl.constexpr,
                        BLOCK_N: tl.constexpr, QA: tl.constexpr = False, KS: tl.constexpr = 1,
-                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, PEEL: tl.constexpr = False,
-                       LAZY: tl.constexpr = False):
+                       MERGE: tl.constexpr = 0, PAGED: tl.constexpr = False, PEEL: tl.constexpr = False):
     # One program: one sequence's head block over one of S equal key ranges (splits).
     b = tl.program_id(0)
     hblk = tl.program_id(1)
@@ -226,7 +212,7 @@ def _mla_decode_kernel(QL, QR, C, BT, NC, ACC, ML, CNT, OUT,
     hmask = h < H
     acc, m_i, l_i = _mla_attend(QL, QR, C, BT, b, h, hmask, lo, hi, stride_qlt, stride_qlh, stride_qrt, stride_qrh,
                                 stride_cb, stride_ct, stride_bt, sm_scale, R, P, BS, BLOCK_H, BLOCK_N, QA, KS,
-                                PAGED, PEEL, LAZY)
+                                PAGED, PEEL)
     _mla_store(OUT, ACC, ML, CNT, acc, m_i, l_i, b, h, hmask, split, S, H, stride_ot, stride_oh, R, MERGE)
 
 
@@ -371,7 +357,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
                num_computed: torch.Tensor, scale: float, splits: int | None = None, block_n: int | None = None,
                num_warps: int | None = None, num_stages: int | None = None, kernel: str | None = None,
                variant: dict | None = None, merge: bool | None = None, paged: bool | None = None,
-               peel: bool | None = None, lazy: bool | None = None) -> torch.Tensor:
+               peel: bool | None = None) -> torch.Tensor:
     """q_lat [B, H, R], q_rope [B, H, P]; kv_cache [blocks, bs, R + P] already holding this step's
     row; keys ``[0, num_computed[b]]``. Returns the latent output ``P @ c_KV`` [B, H, R]
     (the caller applies ``W_UV``). R and P must be powers of two (512 and 64 for DeepSeek).
@@ -389,8 +375,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     ``MERGE_MAX_SPLITS`` splits), the last split of each sequence merges the partials in the
     kernel instead of a combine launch; ``paged`` reads the block table once per page of a tile
     instead of once per row (tiles of whole pages only); ``peel`` runs the whole tiles without
-    masks and the last partial one apart; ``lazy`` rescales the output only when a head's max
-    grew."""
+    masks and the last partial one apart (measured no faster: off)."""
     from qkv.attention.triton import mla_packed
 
     B, H, R = q_lat.shape
@@ -419,7 +404,6 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
     if cp and q_lat.is_cuda and block_n < 16:  # the PV dot's K is the tile's rows: tl.dot needs 16
         raise ValueError(f"mla_decode: block_n {block_n} is below 16, the smallest tile tl.dot takes on the GPU")
     peel = cp and bool(peel)
-    lazy = cp and bool(lazy)
     out = torch.empty((B, H, R), dtype=q_lat.dtype, device=q_lat.device)
     acc = torch.empty((B * H * S, R) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
     ml = torch.empty((B * H * S, 2) if S > 1 or regs else (1, 1), dtype=torch.float32, device=q_lat.device)
@@ -456,7 +440,7 @@ def mla_decode(q_lat: torch.Tensor, q_rope: torch.Tensor, kv_cache: torch.Tensor
             kv_cache.stride(1), block_table.stride(0), out.stride(0), out.stride(1), H, scale,
             R=R, P=P, BS=bs, BLOCK_H=BLOCK_H, BLOCK_N=block_n, QA=kern in ("cp-qa", "cp-ks"),
             KS=num_warps if kern == "cp-ks" else 1, MERGE=triton.next_power_of_2(S) if merge else 0,
-            PAGED=paged, PEEL=peel, LAZY=lazy, num_warps=num_warps, num_stages=num_stages)
+            PAGED=paged, PEEL=peel, num_warps=num_warps, num_stages=num_stages)
     if combine:
         rows = torch.arange(B + 1, device=q_lat.device)
         _combine_kernel[(B, H)](acc, ml, out, rows, out.stride(0), out.stride(1), H, D=R, D_PAD=R,
