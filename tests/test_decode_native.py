@@ -85,3 +85,21 @@ def test_engine_greedy_tokens_same_with_and_without(tiny_model, monkeypatch, tmp
         outs.append([o.token_ids for o in llm.generate(prompts, params)])
         assert (decode_native._fn[0] is not None) == (flag == "1")
     assert outs[0] == outs[1]
+
+
+def test_loading_the_kernels_keeps_subnormals(tmp_path):
+    """A library built with -ffast-math on its link line turns on flush-to-zero for the whole
+    process when it loads (crtfastmath.o): every float op after it, torch's too, would lose
+    subnormals. native.py links without it; a fresh process checks."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from qkv.model import native\n"
+            "assert all(native.library(n) is not None for n in ('decode_attn', 'int4_unpack'))\n"
+            "print((torch.tensor([1e-40]) * 1.0).item() > 0, sys.float_info.min / 2 > 0)\n")
+    env = dict(os.environ, QKV_CACHE_DIR=str(tmp_path), QKV_NATIVE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"], r.stdout

@@ -25,9 +25,12 @@ import threading
 from pathlib import Path
 
 SOURCES = Path(__file__).resolve().parent / "csrc"
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fPIC")
 # Per source, after FLAGS: decode_attn's softmax takes glibc's vectorized expf (libmvec), which
 # GCC calls only under -ffast-math; its C is written for that (no infinities, no NaN tests).
+# The object is compiled and linked in two steps: -ffast-math on a link line adds crtfastmath.o,
+# whose constructor turns on flush-to-zero and denormals-are-zero for the whole process when the
+# library loads (every torch op after it would lose subnormals; tests/test_decode_native.py).
 # -fopenmp: the library needs libgomp.so.1, the soname torch's own copy already loaded has,
 # so its parallel loops run on torch's thread pool (loaded after torch, never before).
 EXTRA = {"decode_attn": (("-ffast-math", "-fopenmp"), ("-lm",)),
@@ -66,7 +69,14 @@ def _build(name: str) -> ctypes.CDLL | None:
         fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.stem, suffix=".tmp.so")
         os.close(fd)
         try:
-            r = subprocess.run([cc, *flags, "-o", tmp, str(src), *libs], capture_output=True, text=True, timeout=120)
+            obj = tmp[:-3] + ".o"
+            r = subprocess.run([cc, "-c", *flags, "-o", obj, str(src)], capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:  # the link without the compile-only flags (no crtfastmath.o)
+                link = ("-fopenmp",) if "-fopenmp" in flags else ()
+                r = subprocess.run([cc, "-shared", *link, "-o", tmp, obj, *libs], capture_output=True, text=True,
+                                   timeout=120)
+            if os.path.exists(obj):
+                os.unlink(obj)
             if r.returncode != 0:
                 print(f"[qkv] {src.name} did not compile, using torch ops: {r.stderr.strip()[:300]}",
                       file=sys.stderr, flush=True)
