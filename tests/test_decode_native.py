@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compile
 def fresh(monkeypatch, tmp_path):
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(decode_native, "_fn", [])
+    monkeypatch.setattr(native, "_functions", {})
 
 
 @pytest.mark.parametrize("B,H,kvh,D,masked", [(16, 9, 3, 64, True), (1, 9, 3, 64, False), (5, 4, 1, 256, True),
@@ -80,10 +80,10 @@ def test_engine_greedy_tokens_same_with_and_without(tiny_model, monkeypatch, tmp
     for flag in ("1", "0"):
         monkeypatch.setenv("QKV_NATIVE", flag)
         monkeypatch.setattr(native, "_loaded", {})
-        monkeypatch.setattr(decode_native, "_fn", [])
+        monkeypatch.setattr(native, "_functions", {})
         llm = LLM(path, device="cpu", dtype="bfloat16", aot_decode=False)
         outs.append([o.token_ids for o in llm.generate(prompts, params)])
-        assert (decode_native._fn[0] is not None) == (flag == "1")
+        assert (decode_native._kernel() is not None) == (flag == "1")
     assert outs[0] == outs[1]
 
 

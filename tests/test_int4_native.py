@@ -21,7 +21,7 @@ def fresh(monkeypatch, tmp_path):
     """A private cache directory and no kernel loaded yet in this process."""
     monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(native, "_loaded", {})
-    monkeypatch.setattr(int4, "_native", [])
+    monkeypatch.setattr(native, "_functions", {})
     return tmp_path
 
 
@@ -63,7 +63,7 @@ def test_native_unpack_in_the_layer(fresh):
 def test_disabled_or_no_compiler_runs_torch(fresh, monkeypatch):
     monkeypatch.setenv("QKV_NATIVE", "0")
     assert native.library("int4_unpack") is None and int4._native_unpack() is None
-    monkeypatch.setattr(int4, "_native", [])
+    monkeypatch.setattr(native, "_functions", {})
     monkeypatch.delenv("QKV_NATIVE")
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setenv("CC", "qkv-no-such-compiler")

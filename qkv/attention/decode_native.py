@@ -21,23 +21,14 @@ from qkv.kvcache.kv_quant import to_cache
 
 MAX_HEAD_DIM = 512  # the kernel keeps one row of a head in a stack array (decode_attn.c)
 
-_fn: list = []
+ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+             ctypes.c_void_p] + [ctypes.c_int64] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int])
 
 
 def _kernel():
-    if not _fn:
-        from qkv.model import native
+    from qkv.model import native
 
-        lib = native.library("decode_attn")
-        fn = None
-        if lib is not None:
-            fn = lib.qkv_decode_attn
-            fn.restype = None
-            fn.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                            ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 5
-                           + [ctypes.c_float] + [ctypes.c_void_p] * 3 + [ctypes.c_int])
-        _fn.append(fn)
-    return _fn[0]
+    return native.function("decode_attn", "qkv_decode_attn", ARGTYPES)
 
 
 def usable(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:

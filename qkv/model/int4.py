@@ -131,24 +131,14 @@ def unpack(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | N
     return unpack_torch(packed, scales_zeros)
 
 
-_native = []
-
-
 def _native_unpack():
     """The C unpack's function, or None (no compiler, QKV_NATIVE=0: model/native.py)."""
-    if not _native:
-        import ctypes
+    import ctypes
 
-        from qkv.model import native
+    from qkv.model import native
 
-        lib = native.library("int4_unpack")
-        fn = None
-        if lib is not None:
-            fn = lib.qkv_int4_unpack
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int]
-        _native.append(fn)
-    return _native[0]
+    args = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int]
+    return native.function("int4_unpack", "qkv_int4_unpack", args)
 
 
 def unpack_torch(packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:

@@ -37,6 +37,7 @@ EXTRA = {"decode_attn": (("-ffast-math", "-fopenmp"), ("-lm",)),
          "int4_unpack": (("-fopenmp",), ())}  # (compiler flags, libraries)
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
+_functions: dict[str, object] = {}  # "library:symbol" -> the typed ctypes function, or None
 _lock = threading.Lock()
 
 
@@ -100,3 +101,18 @@ def library(name: str) -> ctypes.CDLL | None:
                 print(f"[qkv] {name}.c: {e}; using torch ops", file=sys.stderr, flush=True)
                 _loaded[name] = None
         return _loaded[name]
+
+
+def function(name: str, symbol: str, argtypes: list):
+    """``symbol`` of ``library(name)`` typed with ``argtypes`` (returning nothing), looked up
+    once a process; None where the library is not there (the caller runs its torch code)."""
+    key = f"{name}:{symbol}"
+    if key not in _functions:
+        lib = library(name)
+        fn = None
+        if lib is not None:
+            fn = getattr(lib, symbol)
+            fn.restype = None
+            fn.argtypes = argtypes
+        _functions[key] = fn
+    return _functions[key]
