@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qkv.model import int4_rows
 from qkv.model.quant import rows_per_chunk
 
 GROUP = 32
@@ -183,8 +184,10 @@ class Int4Linear(nn.Module):
         wt = unpack(self.weight_int4, self.scales_zeros) if x2.shape[0] >= DENSE_ROWS else None
         if wt is not None:
             y = torch.mm(x2, wt)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, GROUP, self.scales_zeros)
+        else:  # a few rows: the C kernel (model/int4_rows.py) where it applies, else ATen's
+            y = int4_rows.product(x2, self.weight_int4, self.scales_zeros)
+            if y is None:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight_int4, GROUP, self.scales_zeros)
         if self.bias is not None:
             y += self.bias
         if x.dim() != 2:

@@ -34,7 +34,7 @@ FLAGS = ("-O3", "-march=native", "-fPIC")
 # -fopenmp: the library needs libgomp.so.1, the soname torch's own copy already loaded has,
 # so its parallel loops run on torch's thread pool (loaded after torch, never before).
 EXTRA = {"decode_attn": (("-ffast-math", "-fopenmp"), ("-lm",)),
-         "int4_unpack": (("-fopenmp",), ())}  # (compiler flags, libraries)
+         "int4_unpack": (("-fopenmp",), ()), "int4_rows": (("-fopenmp",), ())}  # (compiler flags, libraries)
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _functions: dict[str, object] = {}  # "library:symbol" -> the typed ctypes function, or None

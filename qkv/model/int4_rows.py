@@ -1,0 +1,58 @@
+"""A few rows times an int4 weight without unpacking it: model/csrc/int4_rows.c.
+
+A batched decode step multiplies 2-64 rows of activations by every int4 layer. ATen's
+``_weight_int4pack_mm_for_cpu`` ran those at ~35 GMAC/s on this project's 2-core AVX-512
+machine (a third of a SmolLM2 16-row step: docs/benchmarks.md, issue 19); unpacking the
+weight to bf16 for oneDNN's GEMM (``int4.unpack``) costs as much as the product at so few
+rows. The C kernel unpacks each group of codes into registers' layout in L1 and multiplies
+with AVX-512 BF16's vdpbf16ps, the codes entering as the exact bf16 number 128 + q; the
+weight is never rounded (as in ATen's kernel), only the float32 summation order differs, and
+the output is rounded once to bf16 (tests/test_int4_rows.py).
+
+Needs avx512_bf16 (the source does not compile without it: then, with no compiler or
+``QKV_NATIVE=0``, ``product`` returns None and the caller runs ATen's kernel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+GROUP, TILE_ROWS = 32, 64  # model/int4.py's group and packing tile
+
+# Rows for which the kernel runs (from 2: batch-1 decode is the AOTI package's, and ATen's
+# kernel is a matrix-vector product there; up to int4.DENSE_ROWS, where the bf16 GEMM takes
+# over). Measured at SmolLM2's shapes: docs/benchmarks.md, session 9.
+MIN_ROWS = 2
+
+ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+            + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+
+
+def _kernel():
+    from qkv.model import native
+
+    return native.function("int4_rows", "qkv_int4_rows", ARGTYPES)
+
+
+def product(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
+    """``x`` [M, K] bf16 times the weight of ``int4.pack``'s (packed, scales_zeros), [M, N]
+    bf16; None where the kernel does not apply (the caller runs ATen's)."""
+    m, k = x.shape
+    n = scales_zeros.shape[1]
+    if (m < MIN_ROWS or n % TILE_ROWS or k % GROUP or x.dtype != torch.bfloat16 or x.stride(1) != 1
+            or packed.dtype != torch.uint8 or packed.shape != (n, k // 2) or not packed.is_contiguous()
+            or scales_zeros.dtype != torch.bfloat16 or not scales_zeros.is_contiguous()
+            or scales_zeros.shape[0] * GROUP != k or torch.compiler.is_compiling()):
+        return None
+    fn = _kernel()
+    if fn is None:
+        return None
+    threads = max(1, min(torch.get_num_threads(), n // TILE_ROWS))
+    base = (m * (k // GROUP) + 15) // 16 * 16
+    scratch = torch.empty(base + threads * (1024 + m * TILE_ROWS))  # 64-byte aligned (c10's CPU allocator)
+    y = torch.empty(m, n, dtype=torch.bfloat16)
+    fn(x.data_ptr(), m, x.stride(0), packed.data_ptr(), scales_zeros.data_ptr(), k, n, y.data_ptr(), n,
+       scratch.data_ptr(), threads)
+    return y
