@@ -16,7 +16,7 @@ from qkv import LLM, SamplingParams
 from qkv.model import int4, int4_rows, native
 from qkv.model.int4 import GROUP, Int4Linear
 
-needs_kernel = pytest.mark.skipif(shutil.which("cc") is None or "avx512_bf16" not in open("/proc/cpuinfo").read(),
+needs_kernel = pytest.mark.skipif(shutil.which("cc") is None or not int4_rows._has_bf16_dot(),
                                   reason="no C compiler or no AVX-512 BF16")
 
 
@@ -101,3 +101,13 @@ def test_int4_engine_greedy_tokens_same_with_and_without(tiny_model, monkeypatch
         assert (int4_rows._kernel() is not None) == on
     assert outs[0] == outs[1]
     assert int4.DENSE_ROWS > 4
+
+
+def test_no_avx512_bf16_no_build(fresh, monkeypatch):
+    """A CPU without vdpbf16ps: nothing is compiled (it would fail in every process), ATen runs."""
+    monkeypatch.setattr(int4_rows, "_bf16_dot", [False])
+    lin = Int4Linear(nn.Linear(64, 64, bias=False))
+    x = torch.randn(4, 64).bfloat16()
+    assert int4_rows.product(x, lin.weight_int4, lin.scales_zeros) is None
+    assert torch.equal(lin(x), torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight_int4, GROUP, lin.scales_zeros))
+    assert not (fresh / "native").exists()

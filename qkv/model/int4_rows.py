@@ -9,8 +9,9 @@ with AVX-512 BF16's vdpbf16ps, the codes entering as the exact bf16 number 128 +
 weight is never rounded (as in ATen's kernel), only the float32 summation order differs, and
 the output is rounded once to bf16 (tests/test_int4_rows.py).
 
-Needs avx512_bf16 (the source does not compile without it: then, with no compiler or
-``QKV_NATIVE=0``, ``product`` returns None and the caller runs ATen's kernel).
+Needs avx512_bf16 (checked in /proc/cpuinfo before building: the source does not compile
+without it); without it, with no compiler or with ``QKV_NATIVE=0``, ``product`` returns None
+and the caller runs ATen's kernel.
 """
 
 from __future__ import annotations
@@ -33,7 +34,21 @@ ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, c
 def _kernel():
     from qkv.model import native
 
+    if not _has_bf16_dot():  # no build attempted: it would fail, in every process
+        return None
     return native.function("int4_rows", "qkv_int4_rows", ARGTYPES)
+
+
+_bf16_dot: list[bool] = []
+
+
+def _has_bf16_dot() -> bool:
+    """Whether this CPU has AVX-512 BF16 (vdpbf16ps), read once from /proc/cpuinfo."""
+    if not _bf16_dot:
+        from qkv.model import native
+
+        _bf16_dot.append("avx512_bf16" in native._cpu_id().split())
+    return _bf16_dot[0]
 
 
 def product(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor | None:
