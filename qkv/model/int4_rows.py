@@ -1,8 +1,8 @@
 """A few rows times an int4 weight without unpacking it: model/csrc/int4_rows.c.
 
-A batched decode step multiplies 2-64 rows of activations by every int4 layer. ATen's
+A batched decode step multiplies a few rows of activations by every int4 layer. ATen's
 ``_weight_int4pack_mm_for_cpu`` ran those at ~35 GMAC/s on this project's 2-core AVX-512
-machine (a third of a SmolLM2 16-row step: docs/benchmarks.md, issue 19); unpacking the
+machine (half of a SmolLM2 16-row step: docs/benchmarks.md, issue 19); unpacking the
 weight to bf16 for oneDNN's GEMM (``int4.unpack``) costs as much as the product at so few
 rows. The C kernel unpacks each group of codes into registers' layout in L1 and multiplies
 with AVX-512 BF16's vdpbf16ps, the codes entering as the exact bf16 number 128 + q; the
