@@ -44,6 +44,10 @@ METHODS = ("int4", "int8", "bf16", "fp8")  # fp8: model/fp8.py (the GPU; emulate
 # the int8 kernel 3.9 ms at 4 rows, 8.9 at 8; int8_rows_mm ~5 at 4 and 8).
 INT_MM_ROWS = 8
 DENSE_ROWS = 256  # from here: the weight widened to bf16 and oneDNN's GEMM (module docstring)
+# Rows up to which the lm_head goes through the C kernel (model/int8_gemv.py), above through
+# oneDNN (Gemma 3's 262,144 x 640, 2 threads: C 7.0 / 6.8 / 8.8 / 15.2 ms at 1 / 2 / 4 / 8 rows,
+# oneDNN 10.6 / 8.9 / 11.3 / 13.9).
+GEMV_ROWS = 4
 
 # float32 scratch of one block of rows: small next to any weight worth quantizing, large
 # enough that the per-block Python costs nothing (SmolLM2's lm_head: 28 blocks).
@@ -105,14 +109,18 @@ class Int8Linear(nn.Module):
                   onednn: bool = False):
         """From ``linear`` (its weight rounded now), or from ``parts``, ``quantize_int8``'s
         result, and ``bias`` (a tensor or None). ``onednn``: multiply through oneDNN's int8 GEMM
-        where torch has it (model/int8_onednn.py; the lm_head): the weight is packed for it at the
-        first call and ``weight_int8`` then left on the meta device (shape only: no second copy);
-        its output is float32 whatever x's dtype."""
+        where torch has it (model/int8_onednn.py; the lm_head), and up to ``GEMV_ROWS`` rows through
+        the C kernel (model/int8_gemv.py) where it builds: the weight is packed for oneDNN at its
+        first call and ``weight_int8`` then left on the meta device (shape only: no second copy)
+        unless the C kernel reads it; the output is float32 whatever x's dtype."""
         super().__init__()
         from qkv.model import int8_onednn
 
         self.onednn = onednn and int8_onednn.available()
         self._packed = None  # (packed weight, float32 scale, zero points) once packed
+        # The lm_head's few-row steps through the C kernel (model/int8_gemv.py) where it builds:
+        # (function, row sums, float32 scale) once made, False where not (None: not yet asked).
+        self._gemv = None if onednn else False
         if linear is not None:
             parts, bias = quantize_int8(linear.weight.detach()), linear.bias
         q, scale = parts
@@ -126,13 +134,19 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.onednn:
+        gemv = self._gemv if self._gemv is not None else self._make_gemv()
+        if gemv and x2.shape[0] <= GEMV_ROWS:
+            from qkv.model import int8_gemv
+
+            y = int8_gemv.mm(x2, self.weight_int8, gemv[2], gemv[1], gemv[0])  # float32, as oneDNN's
+        elif self.onednn:
             from qkv.model import int8_onednn
 
             if self._packed is None:
                 self._packed = (int8_onednn.pack(self.weight_int8), self.scale.float(),
                                 torch.zeros(self.out_features, dtype=torch.int64))
-                self.weight_int8 = self.weight_int8.to("meta")
+                if not gemv:  # the plain copy only stays for the C kernel's few-row steps
+                    self.weight_int8 = self.weight_int8.to("meta")
             # float32, not x's dtype: its one caller (compute_logits) wants float32 logits, and
             # rounding them to bf16 on the way would lose what the GEMM kept.
             y = int8_onednn.mm(x2, *self._packed)
@@ -149,6 +163,14 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(x.dtype))
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+    def _make_gemv(self):
+        from qkv.model import int8_gemv
+
+        fn = int8_gemv.function() if int8_gemv.supports(self.weight_int8) else None
+        self._gemv = (fn, int8_gemv.rowsum(self.weight_int8), self.scale.float()) if fn else False
+        return self._gemv
 
 
 def check(method: str, device: torch.device) -> None:

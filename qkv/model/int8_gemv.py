@@ -1,0 +1,60 @@
+"""The int8 lm_head's few-row product in C (model/csrc/int8_gemv.c): ``x @ (q * scale)^T`` in float32.
+
+A one-sequence decode step multiplies one row by the lm_head, and for Gemma 3 270M that
+weight (262,144 x 640 int8, 168 MB) was half the step. oneDNN's int8 GEMM
+(model/int8_onednn.py) read it at ~14 GB/s (11-13 ms) where this machine streams ~30 GB/s
+with 2 threads. The C kernel reads the plain int8 rows with AVX-512 VNNI dot products and
+software prefetch: 6.4-9 ms for the same product (docs/benchmarks.md, session 9). Without the
+prefetch it ran at oneDNN's speed: the hardware prefetcher alone did not keep one core's
+stream going.
+
+The arithmetic is oneDNN's path's: x split per row into two int8 planes (quant.py's
+``int8_planes``), exact integer dot products, ``s * (hi + lo / 254) * scale``; its results
+agree with it to float32 rounding (tests/test_int8_gemv.py). The kernel needs each weight
+row's sum (``rowsum``: the planes enter VNNI offset by 128), one int32 per row, made once.
+
+Optional like every native kernel (model/native.py): None from ``function()`` and the
+caller keeps oneDNN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+MAX_ROWS = 64  # the kernel's bound on rows of x (its stack array of plane scales)
+
+
+def function():
+    """The C entry point, or None (no compiler, QKV_NATIVE=0)."""
+    from qkv.model import native
+
+    args = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    return native.function("int8_gemv", "qkv_int8_gemv", args, restype=ctypes.c_int)
+
+
+def supports(q: torch.Tensor) -> bool:
+    """Whether the kernel takes this weight: int8 [N, K], N a multiple of 4, contiguous."""
+    return q.dtype == torch.int8 and q.dim() == 2 and q.shape[0] % 4 == 0 and q.is_contiguous()
+
+
+def rowsum(q: torch.Tensor) -> torch.Tensor:
+    """Each weight row's sum, int32 [N] (exact: |sum| <= 127 * K)."""
+    return q.sum(dim=1, dtype=torch.int32)
+
+
+def mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor, fn=None) -> torch.Tensor:
+    """``x @ (q * scale)^T`` float32 [M, N] for x [M, K] (M <= MAX_ROWS, any float dtype);
+    ``scale`` float32 [N], ``sums`` = ``rowsum(q)``; ``fn``: ``function()``'s result."""
+    fn = fn or function()
+    xf = x.float().contiguous()
+    m, k = xf.shape
+    if m > MAX_ROWS or not supports(q):
+        raise ValueError(f"int8_gemv takes up to {MAX_ROWS} rows and an int8 [N, K] weight with N % 4 == 0")
+    n = q.shape[0]
+    y = torch.empty(m, n)
+    if fn(xf.data_ptr(), m, q.data_ptr(), scale.data_ptr(), sums.data_ptr(), y.data_ptr(), n, k,
+          torch.get_num_threads()):
+        raise MemoryError("int8_gemv: no memory for the activation planes")
+    return y
