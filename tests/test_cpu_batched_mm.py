@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qkv import LLM, SamplingParams
-from qkv.model import int4, int8_onednn, quant
+from qkv.model import int4, int8_gemv, int8_onednn, quant
 from qkv.model.int4 import GROUP, Int4Linear, unpack
 from qkv.model.quant import Int8Linear, int8_rows_mm
 
@@ -73,7 +73,12 @@ def test_int8_rows_mm_matches_the_int8_kernel(m):
     assert not torch.equal(y, ref)
     assert ((y.float() - truth).abs().max() / truth.abs().max()).item() < 1e-2
     assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 1e-2
-    assert torch.equal(q(x[:1]), ref[:1])  # one row: the kernel
+    few = quant.GEMV_ROWS + 1  # below INT_MM_ROWS, above the C kernel's rows: torch's int8 kernel
+    assert torch.equal(q(x[:few]), ref[:few])
+    if q.rowsum is not None:  # up to GEMV_ROWS: the C kernel (model/int8_gemv.py), x not rounded to bf16
+        one = int8_gemv.mm(x[:1], q.weight_int8, q.scale.float(), q.rowsum).bfloat16()
+        assert torch.equal(q(x[:1]), one)
+        assert ((one.float() - truth[:1]).abs().max() / truth[:1].abs().max()).item() < 1e-2
 
 
 def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypatch):

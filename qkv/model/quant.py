@@ -114,18 +114,22 @@ class Int8Linear(nn.Module):
         first call and ``weight_int8`` then left on the meta device (shape only: no second copy)
         unless the C kernel reads it; the output is float32 whatever x's dtype."""
         super().__init__()
-        from qkv.model import int8_onednn
+        from qkv.model import int8_gemv, int8_onednn
 
         self.onednn = onednn and int8_onednn.available()
         self._packed = None  # (packed weight, float32 scale, zero points) once packed
-        # The lm_head's few-row steps through the C kernel (model/int8_gemv.py) where it builds:
-        # (function, row sums, float32 scale) once made, False where not (None: not yet asked).
-        self._gemv = None if onednn else False
+        self.lm_head = onednn
         if linear is not None:
             parts, bias = quantize_int8(linear.weight.detach()), linear.bias
         q, scale = parts
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
+        # Up to GEMV_ROWS rows go through the C kernel (model/int8_gemv.py) where it builds: it
+        # needs each row's sum (not saved: made again from the codes). None: torch's kernels.
+        self.register_buffer("rowsum", None, persistent=False)
+        if not q.is_meta and q.device.type == "cpu" and int8_gemv.supports(q) and int8_gemv.function():
+            self.rowsum = int8_gemv.rowsum(q)
+        self._scale32 = None  # the scale in float32, for the kernel's eager calls
         if scale.dtype == torch.float32:  # float32 x goes through the kernel in bf16 (forward)
             self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
@@ -134,18 +138,17 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        gemv = self._gemv if self._gemv is not None else self._make_gemv()
-        if gemv and x2.shape[0] <= GEMV_ROWS:
-            from qkv.model import int8_gemv
-
-            y = int8_gemv.mm(x2, self.weight_int8, gemv[2], gemv[1], gemv[0])  # float32, as oneDNN's
+        if self.rowsum is not None and x2.shape[0] <= GEMV_ROWS:
+            y = self._gemv(x2)  # float32; x in full (two int8 planes), not rounded to bf16
+            if not self.lm_head:
+                y = y.to(x.dtype)
         elif self.onednn:
             from qkv.model import int8_onednn
 
             if self._packed is None:
                 self._packed = (int8_onednn.pack(self.weight_int8), self.scale.float(),
                                 torch.zeros(self.out_features, dtype=torch.int64))
-                if not gemv:  # the plain copy only stays for the C kernel's few-row steps
+                if self.rowsum is None:  # the plain copy only stays for the C kernel's few-row steps
                     self.weight_int8 = self.weight_int8.to("meta")
             # float32, not x's dtype: its one caller (compute_logits) wants float32 logits, and
             # rounding them to bf16 on the way would lose what the GEMM kept.
@@ -164,13 +167,14 @@ class Int8Linear(nn.Module):
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
-
-    def _make_gemv(self):
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         from qkv.model import int8_gemv
 
-        fn = int8_gemv.function() if int8_gemv.supports(self.weight_int8) else None
-        self._gemv = (fn, int8_gemv.rowsum(self.weight_int8), self.scale.float()) if fn else False
-        return self._gemv
+        if torch.compiler.is_compiling():  # one graph node the compiled step calls back (int8_gemv.op)
+            return int8_gemv.op()(x2, self.weight_int8, self.scale.float(), self.rowsum)
+        if self._scale32 is None:
+            self._scale32 = self.scale.float()
+        return int8_gemv.mm(x2, self.weight_int8, self._scale32, self.rowsum)
 
 
 def check(method: str, device: torch.device) -> None:
