@@ -92,6 +92,7 @@ def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypat
     monkeypatch.setattr(int8_onednn, "available", lambda: False)  # the lm_head on these paths, not oneDNN's
     monkeypatch.setattr(int4, "DENSE_ROWS", 64)  # each prompt alone stays on the kernel
     monkeypatch.setattr(quant, "INT_MM_ROWS", 2)  # and its one-row lm_head too; 4 rows do not
+    monkeypatch.setattr(quant, "GEMV_ROWS", 0)  # no row through the C kernel (model/int8_gemv.py)
     rows_mm = []
     real_rows_mm = quant.int8_rows_mm
     monkeypatch.setattr(quant, "int8_rows_mm", lambda *a: rows_mm.append(1) or real_rows_mm(*a))

@@ -71,7 +71,8 @@ def test_gemv_refuses_what_it_does_not_take(fresh):
     with pytest.raises(ValueError):
         int8_gemv.mm(torch.randn(int8_gemv.MAX_ROWS + 1, 64), q, scale, int8_gemv.rowsum(q))
     with pytest.raises(ValueError):
-        int8_gemv.mm(x[:1, :64], q[:62], scale[:62], int8_gemv.rowsum(q[:62]))
+        int8_gemv.mm(x[:1, :32], q, scale, int8_gemv.rowsum(q))
+    assert not int8_gemv.supports(q[:62]) and not int8_gemv.supports(q.t())
 
 
 @pytest.mark.skipif(not int8_onednn.available(), reason="this torch has no oneDNN int8 linear")

@@ -47,16 +47,17 @@ def rowsum(q: torch.Tensor) -> torch.Tensor:
 
 def mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor, fn=None) -> torch.Tensor:
     """``x @ (q * scale)^T`` float32 [M, N] for x [M, K] (M <= MAX_ROWS, any float dtype);
-    ``scale`` float32 [N], ``sums`` = ``rowsum(q)``; ``fn``: ``function()``'s result."""
-    fn = fn or function()
-    xf = x.float().contiguous()
-    m, k = xf.shape
-    if m > MAX_ROWS or not supports(q):
-        raise ValueError(f"int8_gemv takes up to {MAX_ROWS} rows and an int8 [N, K] weight with N % 4 == 0")
+    q a weight ``supports`` takes (checked once by the caller: this runs 73 times a Gemma
+    decode step), ``scale`` float32 [N], ``sums`` = ``rowsum(q)``; ``fn``: ``function()``'s result."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    m, k = x.shape
+    if m > MAX_ROWS or k != q.shape[1]:
+        raise ValueError(f"int8_gemv takes up to {MAX_ROWS} rows of the weight's width {q.shape[1]}, got {m} x {k}")
     n = q.shape[0]
     y = torch.empty(m, n)
-    if fn(xf.data_ptr(), m, q.data_ptr(), scale.data_ptr(), sums.data_ptr(), y.data_ptr(), n, k,
-          torch.get_num_threads()):
+    if (fn or function())(x.data_ptr(), m, q.data_ptr(), scale.data_ptr(), sums.data_ptr(), y.data_ptr(), n, k,
+                          torch.get_num_threads()):
         raise MemoryError("int8_gemv: no memory for the activation planes")
     return y
 
