@@ -44,7 +44,8 @@ from qkv.engine.cpu_compile import decode_layers, plan, unsupported
 
 # The files whose code the exported step runs: an edit to any makes old packages stale.
 STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/reference.py", "model/layers.py",
-                "model/int4.py", "model/quant.py", "model/llama.py", "model/gemma3.py", "kvcache/kv_pages.py")
+                "model/int4.py", "model/quant.py", "model/int8_gemv.py", "model/llama.py", "model/gemma3.py",
+                "kvcache/kv_pages.py")
 QKV_ROOT = Path(__file__).resolve().parent.parent
 
 
