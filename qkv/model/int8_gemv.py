@@ -1,20 +1,24 @@
-"""The int8 lm_head's few-row product in C (model/csrc/int8_gemv.c): ``x @ (q * scale)^T`` in float32.
+"""Int8 products of a few rows in C (model/csrc/int8_gemv.c): ``x @ (q * scale)^T`` in float32.
 
-A one-sequence decode step multiplies one row by the lm_head, and for Gemma 3 270M that
-weight (262,144 x 640 int8, 168 MB) was half the step. oneDNN's int8 GEMM
-(model/int8_onednn.py) read it at ~14 GB/s (11-13 ms) where this machine streams ~30 GB/s
-with 2 threads. The C kernel reads the plain int8 rows with AVX-512 VNNI dot products and
-software prefetch: 6.4-9 ms for the same product (docs/benchmarks.md, session 9). Without the
+A one-sequence decode step multiplies one row by each int8 weight, reading every weight once:
+its speed is how fast the weights stream from memory. For Gemma 3 270M the lm_head (262,144 x
+640 int8, 168 MB) went through oneDNN's int8 GEMM (model/int8_onednn.py) at ~14 GB/s (11-13
+ms) and the 72 layer products (100 MB) through torch's ``_weight_int8pack_mm`` at ~9 GB/s,
+where this machine streams ~30 GB/s with 2 threads. The C kernel reads the plain int8 rows,
+one after the other, with AVX-512 VNNI dot products and software prefetch: the lm_head ~5.5
+ms and the layers ~4.8 ms in a decode step (docs/benchmarks.md, session 9). Without the
 prefetch it ran at oneDNN's speed: the hardware prefetcher alone did not keep one core's
 stream going.
 
 The arithmetic is oneDNN's path's: x split per row into two int8 planes (quant.py's
 ``int8_planes``), exact integer dot products, ``s * (hi + lo / 254) * scale``; its results
-agree with it to float32 rounding (tests/test_int8_gemv.py). The kernel needs each weight
-row's sum (``rowsum``: the planes enter VNNI offset by 128), one int32 per row, made once.
+agree with ``int8_rows_mm`` to float32 rounding (tests/test_int8_gemv.py). The kernel needs
+each weight row's sum (``rowsum``: the planes enter VNNI offset by 128), one int32 per row,
+made once. ``Int8Linear`` (quant.py) calls it for up to ``GEMV_ROWS`` rows, eagerly through
+ctypes and inside the compiled decode step as the operator ``op()``.
 
 Optional like every native kernel (model/native.py): None from ``function()`` and the
-caller keeps oneDNN.
+callers keep torch's kernels.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ On a CPU, batch-1 decode is bound by memory bandwidth: each token reads every we
 SmolLM2 is 540 MB per token in fp32 and 270 MB in bf16; int8 weights with one scale per
 output channel read 135 MB. Activations stay in the model's dtype, so only the weights are
 rounded (activation quantization, as in FBGEMM's dynamic int8, cost SmolLM2 3.5x in
-perplexity). The matmul is torch's own ``_weight_int8pack_mm`` kernel, fastest with bf16
-activations. `qkv perplexity --quantization int8` measures what the rounding costs.
+perplexity). The matmul of one to ``GEMV_ROWS`` rows (a decode step) is a C kernel
+(model/int8_gemv.py: x as two int8 planes, VNNI dot products, ~2x torch's
+``_weight_int8pack_mm`` from memory), torch's kernel where it is not built.
+`qkv perplexity --quantization int8` measures what the rounding costs.
 
 ``quantize`` also applies the other CPU weight formats: "int4" (model/int4.py; the lm_head
 int8) and "bf16" (nothing to swap: the engine casts the model). Which one "auto" picks:
