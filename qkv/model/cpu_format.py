@@ -18,9 +18,8 @@ other tensor is read as bf16 and rounded as it is read (model/materialize.py).
 With int4 and int8 the output projection (lm_head) is int8: the logits are the layer most
 sensitive to rounding, and the GGUF files keep their embedding at 6-8 bits anyway. The
 activations of every quantized class are bfloat16 (engine/dtype.py), except Gemma 3's with
-int8 weights: float32, the int8 products alone taking x in bf16 (a prefill) or as two int8
-planes (a decode step: model/int8_gemv.py); its perplexity moved -1.94% from float32 with bf16
-activations, -0.92% so (docs/benchmarks.md).
+int8 weights: float32, the int8 products alone taking x in bf16 (its perplexity moved -1.94%
+from float32 with bf16 activations, -0.92% / -0.59% so: docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -141,9 +141,13 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.rowsum is not None and x2.shape[0] <= GEMV_ROWS:
-            y = self._gemv(x2)  # float32; x in full (two int8 planes), not rounded to bf16
-            if not self.lm_head:
-                y = y.to(x.dtype)
+            if self.lm_head:
+                y = self._gemv(x2)  # float32 from x in full (two int8 planes), as oneDNN's below
+            else:
+                # x and the product in bf16, as torch's int8 kernel and a prefill's bf16 GEMM round
+                # them (engine/dtype.py's rule for Gemma 3): without, Gemma 3's decode perplexity
+                # moved -1.36% from float32's, -0.59% with (docs/benchmarks.md, session 9).
+                y = self._gemv(x2.to(torch.bfloat16)).to(torch.bfloat16).to(x.dtype)
         elif self.onednn:
             from qkv.model import int8_onednn
 
