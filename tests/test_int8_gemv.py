@@ -1,6 +1,6 @@
-"""The int8 lm_head's few-row C kernel (qkv/model/csrc/int8_gemv.c, model/int8_gemv.py): against
-torch's product of the same int8 weight (float64) and against quant.py's ``int8_rows_mm`` (the
-same two int8 planes through ``torch._int_mm``), for widths that are and are not multiples of
+"""The int8 few-row C kernel (qkv/model/csrc/int8_gemv.c, model/int8_gemv.py): against torch's
+product of the same int8 weight (float64), and closer to it than quant.py's ``int8_rows_mm``
+(two int8 planes through ``torch._int_mm``; the kernel takes three), for widths that are and are not multiples of
 its 64-byte loads, one to four rows, one and two threads; and ``Int8Linear``'s lm_head taking
 it for few rows and oneDNN for more."""
 
@@ -44,12 +44,13 @@ def test_gemv_matches_the_int8_product(fresh, n, k, m):
     y = int8_gemv.mm(x, q, scale, int8_gemv.rowsum(q))
     assert list((fresh / "native").glob("int8_gemv-*.so"))
     assert y.dtype == torch.float32 and y.shape == (m, n)
-    truth = (x.double() @ (q.double() * scale.double()[:, None]).t()).float()
-    # Two int8 planes carry ~15 bits of each row (int8_onednn's bound).
-    assert ((y - truth).abs().max() / truth.abs().max()).item() < 5e-4
-    # The same planes and integer sums as torch._int_mm's: equal up to the float32 join.
-    ref = int8_rows_mm(x, q, scale)
-    assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-6
+    truth = x.double() @ (q.double() * scale.double()[:, None]).t()
+    err = ((y.double() - truth).abs().max() / truth.abs().max()).item()
+    # Three int8 planes carry ~22 bits of each row's range: within float32 summation of the
+    # exact product, ~1e-7 here; quant.py's two planes (int8_rows_mm) are off by ~1e-4.
+    assert err < 2e-6
+    two = int8_rows_mm(x, q, scale).double()
+    assert err < ((two - truth).abs().max() / truth.abs().max()).item() / 10
 
 
 def test_gemv_does_not_depend_on_the_thread_count(fresh):
