@@ -176,10 +176,13 @@ class Int8Linear(nn.Module):
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
         from qkv.model import int8_gemv
 
+        # The layers' scale as torch's int8 kernel takes it from a float32 model (bf16, forward):
+        # the same products as before the C kernel, bit for bit up to float32 summation order.
+        scale = self.scale if self.lm_head or not hasattr(self, "scale_bf16") else self.scale_bf16
         if torch.compiler.is_compiling():  # one graph node the compiled step calls back (int8_gemv.op)
-            return int8_gemv.op()(x2, self.weight_int8, self.scale.float(), self.rowsum)
+            return int8_gemv.op()(x2, self.weight_int8, scale.float(), self.rowsum)
         if self._scale32 is None:
-            self._scale32 = self.scale.float()
+            self._scale32 = scale.float()
         return int8_gemv.mm(x2, self.weight_int8, self._scale32, self.rowsum)
 
 
