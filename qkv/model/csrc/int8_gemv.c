@@ -11,8 +11,8 @@
  * by 128 (as uint8) and 128 * rowsum is taken off after. Three planes, not quant.py's two: the
  * planes' error is a fraction of the row's largest element (two: 1 / 64,516 of it), and
  * Gemma 3's hidden states have channels hundreds of times their median, so with two the
- * typical elements were held to fewer bits than bf16 gives them (decode perplexity -1.3% from
- * float32's). Widening the weight to float32 instead was compute-bound on this project's AMD
+ * typical elements are held to fewer bits than bf16 gives them (tests/test_int8_gemv.py: three
+ * within 2e-6 of the exact product, ten times closer than two; ~0.6 ms more a Gemma step). Widening the weight to float32 instead was compute-bound on this project's AMD
  * EPYC (one thread 5.5 GB/s, where memory gives 25). Without VNNI the same integers are summed
  * in plain C: the two paths give the same bits. */
 #include <math.h>
