@@ -76,7 +76,8 @@ def test_int8_rows_mm_matches_the_int8_kernel(m):
     few = quant.GEMV_ROWS + 1  # below INT_MM_ROWS, above the C kernel's rows: torch's int8 kernel
     assert torch.equal(q(x[:few]), ref[:few])
     if q.rowsum is not None:  # up to GEMV_ROWS: the C kernel (model/int8_gemv.py), x not rounded to bf16
-        one = int8_gemv.mm(x[:1], q.weight_int8, q.scale.float(), q.rowsum).bfloat16()
+        scale = q.scale_bf16 if hasattr(q, "scale_bf16") else q.scale  # a float32 model's: as the int8 kernel's
+        one = int8_gemv.mm(x[:1], q.weight_int8, scale.float(), q.rowsum).bfloat16()
         assert torch.equal(q(x[:1]), one)
         assert ((one.float() - truth[:1]).abs().max() / truth[:1].abs().max()).item() < 1e-2
 

@@ -49,8 +49,10 @@ def rowsum(q: torch.Tensor) -> torch.Tensor:
     return q.sum(dim=1, dtype=torch.int32)
 
 
-def mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor, fn=None) -> torch.Tensor:
-    """``x @ (q * scale)^T`` float32 [M, N] for x [M, K] (M <= MAX_ROWS, any float dtype);
+def mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor, fn=None,
+       out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x @ (q * scale)^T`` [M, N] in ``out_dtype`` (computed in float32, rounded once) for x
+    [M, K] (M <= MAX_ROWS, any float dtype);
     q a weight ``supports`` takes (checked once by the caller: this runs 73 times a Gemma
     decode step), ``scale`` float32 [N], ``sums`` = ``rowsum(q)``; ``fn``: ``function()``'s result."""
     if x.dtype != torch.float32 or not x.is_contiguous():
@@ -63,11 +65,11 @@ def mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, sums: torch.Tensor
     if (fn or function())(x.data_ptr(), m, q.data_ptr(), scale.data_ptr(), sums.data_ptr(), y.data_ptr(), n, k,
                           torch.get_num_threads()):
         raise MemoryError("int8_gemv: no memory for the activation planes")
-    return y
+    return y if out_dtype == torch.float32 else y.to(out_dtype)
 
 
 def op():
-    """``mm`` as the torch operator ``qkv::int8_gemv`` (x, q, scale, sums) -> float32, or None
+    """``mm`` as the torch operator ``qkv::int8_gemv`` (x, q, scale, sums) -> x's dtype, or None
     where the kernel is not there: what the compiled decode step calls (engine/cpu_aoti.py), so
     the exported graph holds one node the package calls back into (AOTInductor's proxy executor;
     ~10 us a call, measured against 3 for ctypes alone). Defined once a process, before a package
@@ -79,8 +81,11 @@ def op():
         else:
             lib = torch.library.Library("qkv", "DEF")
             lib.define("int8_gemv(Tensor x, Tensor q, Tensor scale, Tensor sums) -> Tensor")
-            lib.impl("int8_gemv", lambda x, q, scale, sums: mm(x, q, scale, sums, fn), "CPU")
+            # The result in x's dtype, rounded here: inside a compiled graph a bf16 rounding of a
+            # float32 result can be fused away (inductor computes bf16 casts in float32), and
+            # then the package's tokens were not eager's (tests/test_cpu_aoti_gemma3.py).
+            lib.impl("int8_gemv", lambda x, q, scale, sums: mm(x, q, scale, sums, fn, x.dtype), "CPU")
             torch.library.register_fake("qkv::int8_gemv", lib=lib)(
-                lambda x, q, scale, sums: x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32))
+                lambda x, q, scale, sums: x.new_empty(x.shape[0], q.shape[0]))
             _op.append((lib, torch.ops.qkv.int8_gemv))  # the Library kept alive: it owns the definition
     return _op[0][1] if _op[0] else None

@@ -147,7 +147,7 @@ class Int8Linear(nn.Module):
                 # x and the product in bf16, as torch's int8 kernel and a prefill's bf16 GEMM round
                 # them (engine/dtype.py's rule for Gemma 3): without, Gemma 3's decode perplexity
                 # moved -1.36% from float32's, -0.59% with (docs/benchmarks.md, session 9).
-                y = self._gemv(x2.to(torch.bfloat16)).to(torch.bfloat16).to(x.dtype)
+                y = self._gemv(x2.to(torch.bfloat16)).to(x.dtype)
         elif self.onednn:
             from qkv.model import int8_onednn
 
@@ -174,16 +174,19 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        """The C kernel's product: float32 for the lm_head (which never runs compiled), else
+        in x's dtype (rounded in the kernel's wrapper, eagerly and in the compiled step alike)."""
         from qkv.model import int8_gemv
 
         # The layers' scale as torch's int8 kernel takes it from a float32 model (bf16, forward):
         # the same products as before the C kernel, bit for bit up to float32 summation order.
         scale = self.scale if self.lm_head or not hasattr(self, "scale_bf16") else self.scale_bf16
         if torch.compiler.is_compiling():  # one graph node the compiled step calls back (int8_gemv.op)
-            return int8_gemv.op()(x2, self.weight_int8, scale.float(), self.rowsum)
+            return int8_gemv.op()(x2, self.weight_int8, scale.float(), self.rowsum)  # in x's dtype
         if self._scale32 is None:
             self._scale32 = scale.float()
-        return int8_gemv.mm(x2, self.weight_int8, self._scale32, self.rowsum)
+        return int8_gemv.mm(x2, self.weight_int8, self._scale32, self.rowsum,
+                            out_dtype=torch.float32 if self.lm_head else x2.dtype)
 
 
 def check(method: str, device: torch.device) -> None:
