@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from qkv import LLM, SamplingParams
-from qkv.model import int4, int4_rows, int8_onednn, quant
+from qkv.model import int4, int4_rows, int8_gemv, int8_onednn, quant
 from qkv.model.int4 import GROUP, Int4Linear, unpack
 from qkv.model.quant import Int8Linear, int8_rows_mm
 
@@ -80,7 +80,13 @@ def test_int8_rows_mm_matches_the_int8_kernel(m):
     assert not torch.equal(y, ref)
     assert ((y.float() - truth).abs().max() / truth.abs().max()).item() < 1e-2
     assert ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item() < 1e-2
-    assert torch.equal(q(x[:1]), ref[:1])  # one row: the kernel
+    few = quant.GEMV_ROWS + 1  # below INT_MM_ROWS, above the C kernel's rows: torch's int8 kernel
+    assert torch.equal(q(x[:few]), ref[:few])
+    if q.rowsum is not None:  # up to GEMV_ROWS: the C kernel (model/int8_gemv.py), x not rounded to bf16
+        scale = q.scale_bf16 if hasattr(q, "scale_bf16") else q.scale  # a float32 model's: as the int8 kernel's
+        one = int8_gemv.mm(x[:1], q.weight_int8, scale.float(), q.rowsum).bfloat16()
+        assert torch.equal(q(x[:1]), one)
+        assert ((one.float() - truth[:1]).abs().max() / truth[:1].abs().max()).item() < 1e-2
 
 
 def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypatch):
@@ -94,6 +100,7 @@ def test_greedy_tokens_batched_prefill_equal_one_at_a_time(tiny_model, monkeypat
     monkeypatch.setattr(int8_onednn, "available", lambda: False)  # the lm_head on these paths, not oneDNN's
     monkeypatch.setattr(int4, "DENSE_ROWS", 64)  # each prompt alone stays on the kernel
     monkeypatch.setattr(quant, "INT_MM_ROWS", 2)  # and its one-row lm_head too; 4 rows do not
+    monkeypatch.setattr(quant, "GEMV_ROWS", 0)  # no row through the C kernel (model/int8_gemv.py)
     rows_mm = []
     real_rows_mm = quant.int8_rows_mm
     monkeypatch.setattr(quant, "int8_rows_mm", lambda *a: rows_mm.append(1) or real_rows_mm(*a))

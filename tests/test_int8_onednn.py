@@ -8,11 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from qkv.model import int8_onednn
+from qkv.model import int8_onednn, native
 from qkv.model.quant import Int8Linear
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(not int8_onednn.available(), reason="this torch has no oneDNN int8 linear")]
+
+
+@pytest.fixture(autouse=True)
+def no_c_kernel(monkeypatch):
+    """oneDNN alone: the lm_head's few-row C kernel (model/int8_gemv.py) off."""
+    monkeypatch.setenv("QKV_NATIVE", "0")
+    monkeypatch.setattr(native, "_functions", {})
 
 
 @pytest.mark.parametrize("m", [1, 16, 300])

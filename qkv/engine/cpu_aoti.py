@@ -44,7 +44,8 @@ from qkv.engine.cpu_compile import decode_layers, plan, unsupported
 
 # The files whose code the exported step runs: an edit to any makes old packages stale.
 STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/reference.py", "model/layers.py",
-                "model/int4.py", "model/quant.py", "model/llama.py", "model/gemma3.py", "kvcache/kv_pages.py")
+                "model/int4.py", "model/quant.py", "model/int8_gemv.py", "model/llama.py", "model/gemma3.py",
+                "kvcache/kv_pages.py")
 QKV_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -210,8 +211,11 @@ def _caches(model) -> list[torch.Tensor]:
 
 
 def _fqns(model) -> dict[str, torch.Tensor]:
-    """The model's tensors by the names the package gives them (the step holds it as ``model``)."""
-    return {f"model.{n}": t for n, t in model.state_dict(keep_vars=True).items()}
+    """The model's tensors by the names the package gives them (the step holds it as ``model``):
+    its state dict and its buffers that are not saved (Int8Linear's row sums)."""
+    named = dict(model.state_dict(keep_vars=True))
+    named.update(model.named_buffers())
+    return {f"model.{n}": t for n, t in named.items()}
 
 
 class AOTDecode:
@@ -262,6 +266,9 @@ def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | No
             log("decode steps run eagerly: no compiled step for this model and settings (build it: qkv compile)")
         return None
     try:
+        from qkv.model import int8_gemv
+
+        int8_gemv.op()  # the operator a package's int8 products call back into: defined before it loads
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         found = loader.get_metadata().get("qkv_key")
         if found != k:

@@ -12,8 +12,8 @@
   bfloat16, the activations its int8 matmul kernel is fastest with (model/quant.py; README:
   the fast decode path). A CPU path that wants another dtype changes ``_cpu``, nothing else.
   One exception: **Gemma 3 with int8 weights computes in float32** (its residual stream,
-  norms, attention and cache), and only the int8 products round their input to bfloat16
-  (model/quant.py's ``Int8Linear``). Gemma's activations have large outliers, and its
+  norms, attention and cache), and only the int8 products round their input and output to
+  bfloat16 (model/quant.py's ``Int8Linear``). Gemma's activations have large outliers, and its
   perplexity moved with int8 weights and bf16 activations together (-1.94% from float32
   over 2,048 tokens; bf16 weights with bf16 activations +0.10%, int8 weights with float32
   activations -0.92%: docs/benchmarks.md); the step's vectors are 640 wide, so float32

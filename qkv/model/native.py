@@ -34,7 +34,8 @@ FLAGS = ("-O3", "-march=native", "-fPIC")
 # -fopenmp: the library needs libgomp.so.1, the soname torch's own copy already loaded has,
 # so its parallel loops run on torch's thread pool (loaded after torch, never before).
 EXTRA = {"decode_attn": (("-ffast-math", "-fopenmp"), ("-lm",)),
-         "int4_unpack": (("-fopenmp",), ()), "int4_rows": (("-fopenmp",), ())}  # (compiler flags, libraries)
+         "int4_unpack": (("-fopenmp",), ()), "int4_rows": (("-fopenmp",), ()),
+         "int8_gemv": (("-fopenmp",), ())}  # (compiler flags, libraries)
 
 _loaded: dict[str, ctypes.CDLL | None] = {}
 _functions: dict[str, object] = {}  # "library:symbol" -> the typed ctypes function, or None
@@ -103,8 +104,8 @@ def library(name: str) -> ctypes.CDLL | None:
         return _loaded[name]
 
 
-def function(name: str, symbol: str, argtypes: list):
-    """``symbol`` of ``library(name)`` typed with ``argtypes`` (returning nothing), looked up
+def function(name: str, symbol: str, argtypes: list, restype=None):
+    """``symbol`` of ``library(name)`` typed with ``argtypes`` and ``restype``, looked up
     once a process; None where the library is not there (the caller runs its torch code)."""
     key = f"{name}:{symbol}"
     if key not in _functions:
@@ -112,7 +113,7 @@ def function(name: str, symbol: str, argtypes: list):
         fn = None
         if lib is not None:
             fn = getattr(lib, symbol)
-            fn.restype = None
+            fn.restype = restype
             fn.argtypes = argtypes
         _functions[key] = fn
     return _functions[key]

@@ -4,8 +4,10 @@ On a CPU, batch-1 decode is bound by memory bandwidth: each token reads every we
 SmolLM2 is 540 MB per token in fp32 and 270 MB in bf16; int8 weights with one scale per
 output channel read 135 MB. Activations stay in the model's dtype, so only the weights are
 rounded (activation quantization, as in FBGEMM's dynamic int8, cost SmolLM2 3.5x in
-perplexity). The matmul is torch's own ``_weight_int8pack_mm`` kernel, fastest with bf16
-activations. `qkv perplexity --quantization int8` measures what the rounding costs.
+perplexity). The matmul of one to ``GEMV_ROWS`` rows (a decode step) is a C kernel
+(model/int8_gemv.py: x as two int8 planes, VNNI dot products, ~2x torch's
+``_weight_int8pack_mm`` from memory), torch's kernel where it is not built.
+`qkv perplexity --quantization int8` measures what the rounding costs.
 
 ``quantize`` also applies the other CPU weight formats: "int4" (model/int4.py; the lm_head
 int8) and "bf16" (nothing to swap: the engine casts the model). Which one "auto" picks:
@@ -44,6 +46,10 @@ METHODS = ("int4", "int8", "bf16", "fp8")  # fp8: model/fp8.py (the GPU; emulate
 # the int8 kernel 3.9 ms at 4 rows, 8.9 at 8; int8_rows_mm ~5 at 4 and 8).
 INT_MM_ROWS = 8
 DENSE_ROWS = 256  # from here: the weight widened to bf16 and oneDNN's GEMM (module docstring)
+# Rows up to which the lm_head goes through the C kernel (model/int8_gemv.py), above through
+# oneDNN (Gemma 3's 262,144 x 640, 2 threads: C 7.0 / 6.8 / 8.8 / 15.2 ms at 1 / 2 / 4 / 8 rows,
+# oneDNN 10.6 / 8.9 / 11.3 / 13.9).
+GEMV_ROWS = 4
 
 # float32 scratch of one block of rows: small next to any weight worth quantizing, large
 # enough that the per-block Python costs nothing (SmolLM2's lm_head: 28 blocks).
@@ -105,19 +111,27 @@ class Int8Linear(nn.Module):
                   onednn: bool = False):
         """From ``linear`` (its weight rounded now), or from ``parts``, ``quantize_int8``'s
         result, and ``bias`` (a tensor or None). ``onednn``: multiply through oneDNN's int8 GEMM
-        where torch has it (model/int8_onednn.py; the lm_head): the weight is packed for it at the
-        first call and ``weight_int8`` then left on the meta device (shape only: no second copy);
-        its output is float32 whatever x's dtype."""
+        where torch has it (model/int8_onednn.py; the lm_head), and up to ``GEMV_ROWS`` rows through
+        the C kernel (model/int8_gemv.py) where it builds: the weight is packed for oneDNN at its
+        first call and ``weight_int8`` then left on the meta device (shape only: no second copy)
+        unless the C kernel reads it; the output is float32 whatever x's dtype."""
         super().__init__()
-        from qkv.model import int8_onednn
+        from qkv.model import int8_gemv, int8_onednn
 
         self.onednn = onednn and int8_onednn.available()
         self._packed = None  # (packed weight, float32 scale, zero points) once packed
+        self.lm_head = onednn
         if linear is not None:
             parts, bias = quantize_int8(linear.weight.detach()), linear.bias
         q, scale = parts
         self.register_buffer("weight_int8", q)
         self.register_buffer("scale", scale)
+        # Up to GEMV_ROWS rows go through the C kernel (model/int8_gemv.py) where it builds: it
+        # needs each row's sum (not saved: made again from the codes). None: torch's kernels.
+        self.register_buffer("rowsum", None, persistent=False)
+        if not q.is_meta and q.device.type == "cpu" and int8_gemv.supports(q) and int8_gemv.function():
+            self.rowsum = int8_gemv.rowsum(q)
+        self._scale32 = None  # the scale in float32, for the kernel's eager calls
         if scale.dtype == torch.float32:  # float32 x goes through the kernel in bf16 (forward)
             self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
@@ -126,13 +140,22 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if self.onednn:
+        if self.rowsum is not None and x2.shape[0] <= GEMV_ROWS:
+            if self.lm_head:
+                y = self._gemv(x2)  # float32 from x in full (two int8 planes), as oneDNN's below
+            else:
+                # x and the product in bf16, as torch's int8 kernel and a prefill's bf16 GEMM round
+                # them (engine/dtype.py's rule for Gemma 3): without, Gemma 3's decode perplexity
+                # moved -1.36% from float32's, -0.59% with (docs/benchmarks.md, session 9).
+                y = self._gemv(x2.to(torch.bfloat16)).to(x.dtype)
+        elif self.onednn:
             from qkv.model import int8_onednn
 
             if self._packed is None:
                 self._packed = (int8_onednn.pack(self.weight_int8), self.scale.float(),
                                 torch.zeros(self.out_features, dtype=torch.int64))
-                self.weight_int8 = self.weight_int8.to("meta")
+                if self.rowsum is None:  # the plain copy only stays for the C kernel's few-row steps
+                    self.weight_int8 = self.weight_int8.to("meta")
             # float32, not x's dtype: its one caller (compute_logits) wants float32 logits, and
             # rounding them to bf16 on the way would lose what the GEMM kept.
             y = int8_onednn.mm(x2, *self._packed)
@@ -149,6 +172,21 @@ class Int8Linear(nn.Module):
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight_int8, self.scale.to(x.dtype))
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+    def _gemv(self, x2: torch.Tensor) -> torch.Tensor:
+        """The C kernel's product: float32 for the lm_head (which never runs compiled), else
+        in x's dtype (rounded in the kernel's wrapper, eagerly and in the compiled step alike)."""
+        from qkv.model import int8_gemv
+
+        # The layers' scale as torch's int8 kernel takes it from a float32 model (bf16, forward):
+        # the same products as before the C kernel, bit for bit up to float32 summation order.
+        scale = self.scale if self.lm_head or not hasattr(self, "scale_bf16") else self.scale_bf16
+        if torch.compiler.is_compiling():  # one graph node the compiled step calls back (int8_gemv.op)
+            return int8_gemv.op()(x2, self.weight_int8, scale.float(), self.rowsum)  # in x's dtype
+        if self._scale32 is None:
+            self._scale32 = scale.float()
+        return int8_gemv.mm(x2, self.weight_int8, self._scale32, self.rowsum,
+                            out_dtype=torch.float32 if self.lm_head else x2.dtype)
 
 
 def check(method: str, device: torch.device) -> None:
