@@ -220,15 +220,48 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
 
 # Issue 16, session 9: K/V tiles as halves widened in PTX (packed_fast._halves, the decode
 # kernel's widening: bytes, one fma a value pair) instead of natural-order tiles widened by
-# Triton's int->float conversions; the query's and the output's rotations inside the kernel
-# (dots with a +-1 matrix) instead of two fp32 GEMMs over the step's q and output.
+# Triton's int->float conversions (sm_90 build, 128 x 64 tiles, 8 warps: 197 registers and
+# 3,328 SASS lines against 240 and 4,688 with 128 I2F). ROT_IN_KERNEL: the query's and the
+# output's rotations inside the kernel (dots with a +-1 matrix): it spills at that tiling (255
+# registers + stack), so off; ROT_KERNEL: they run as ``_rot_rows_kernel`` (one read and one
+# write of bf16 rows) instead of packed._rotate's fp32 GEMM and casts.
 HALVES = True
-ROT_IN_KERNEL = True
+ROT_IN_KERNEL = False
+ROT_KERNEL = True
 # (query tokens x heads rows per program, keys per tile, warps, stages) for bf16/fp16 queries,
 # head_dim <= 128; wider heads and fp32 keep (64 rows, 32 keys, 4 warps, 2 stages).
 TILING = (128, 64, 8, 3)
 
 _HPM: dict = {}
+
+
+@triton.jit
+def _rot_rows_kernel(X, HPM, Y, N, RSQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """Rows of X [N, D] times kv_int.hadamard's matrix (RSQ * HPM, HPM +-1 in X's dtype: the
+    products exact, the sum in fp32, one scaling, one rounding to X's dtype)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    m = r < N
+    x = tl.load(X + r[:, None] * D + d[None, :], mask=m[:, None], other=0.0)
+    y = tl.dot(x, tl.load(HPM + d[:, None] * D + d[None, :]), input_precision="ieee" if IEEE else "tf32") * RSQ
+    tl.store(Y + r[:, None] * D + d[None, :], y.to(Y.dtype.element_ty), mask=m[:, None])
+
+
+def rotate_rows(x: torch.Tensor) -> torch.Tensor:
+    """``packed._rotate(x)`` (a query or an output: no stored byte depends on it) up to fp32
+    summation order, as one Triton kernel; packed._rotate itself when ROT_KERNEL is off."""
+    if not ROT_KERNEL:
+        return _rotate(x)
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if x2.stride(0) != D or x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    N = x2.shape[0]
+    block = 64 if D <= 128 else 32
+    _rot_rows_kernel[(triton.cdiv(N, block),)](x2, _hpm(D, x.dtype, x.device), y, N, RSQ=float(D ** -0.5), D=D,
+                                                BLOCK=block, IEEE=x.dtype == torch.float32, num_warps=4)
+    return y
 
 
 def _hpm(D: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -280,7 +313,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     rot_q, rot_o = kp.rotated and rot_in, vp.rotated and rot_in
     q_in = q
     if kp.rotated and not rot_q:  # scores of the rotated query against the rotated keys (kv_pages)
-        q = _rotate(q)
+        q = rotate_rows(q)
     hpm = _hpm(D, q.dtype, q.device) if rot_q or rot_o else q
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     G_PAD = triton.next_power_of_2(G)
@@ -307,12 +340,12 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
     if not mixed:
-        return _rotate(out) if vp.rotated and not rot_o else out
+        return rotate_rows(out) if vp.rotated and not rot_o else out
     # The one-token rows: the split-K decode kernel, in the space q and out are in here.
     if not (rot_q or rot_o):
         packed_decode(q, kv_cache, block_table, num_computed, scale, window, ring, softcap, max_seq_len=max_seq_len,
                       query_start_loc=query_start_loc, out=out, rotate=False)
-        return _rotate(out) if vp.rotated else out
+        return rotate_rows(out) if vp.rotated else out
     if rot_q != kp.rotated or rot_o != vp.rotated:  # (one plane rotated in the kernel, the other not)
         raise NotImplementedError("packed_prefill rotates both planes in the kernel or neither")
     dec = packed_decode(q_in, kv_cache, block_table, num_computed, scale, window, ring, softcap,
