@@ -94,8 +94,22 @@ def _unrot(oa, ob, HPM, a_rows, b_rows, D: tl.constexpr, RSQ: tl.constexpr, PREC
     return o * RSQ
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
-def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
+@triton.jit
+def _tile_of(CUM, p, B):
+    """Program ``p`` of a compact grid -> (sequence, its tile counted from its last, valid):
+    CUM [B] the inclusive running count of each sequence's query tiles (0 for a sequence the
+    kernel leaves alone); the sequence is the number of entries <= p, found with wide loads."""
+    cnt = 0
+    for c0 in range(0, B, 128):
+        c = c0 + tl.arange(0, 128)
+        cnt += tl.sum((tl.load(CUM + c, mask=c < B, other=2 ** 30) <= p).to(tl.int32), 0)
+    b = tl.minimum(cnt, B - 1)
+    end = tl.load(CUM + b)
+    return b, end - 1 - p, cnt < B
+
+
+@triton.jit(do_not_specialize=["stride_bt", "B"])  # the table's width varies per step: one variant
+def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM, CUM, B,
                            stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                            k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
                            KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -104,10 +118,16 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                            ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, STEP_IN_CACHE: tl.constexpr, SKIP_DECODE: tl.constexpr,
                            IEEE: tl.constexpr, HALVES: tl.constexpr = False, ASM: tl.constexpr = 0,
-                           ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False, RSQ: tl.constexpr = 1.0):
-    mblk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
-    b = tl.program_id(1)
+                           ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False, RSQ: tl.constexpr = 1.0,
+                           COMPACT: tl.constexpr = False):
     kvh = tl.program_id(2)
+    if COMPACT:  # one program per query tile of a sequence this kernel computes (CUM), the last tile first
+        b, mblk, valid = _tile_of(CUM, tl.program_id(0), B)
+        if not valid:
+            return
+    else:  # every (tile, sequence); programs past a sequence's tiles, or on its one-token row, return
+        mblk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
+        b = tl.program_id(1)
     row0 = tl.load(QSL + b).to(tl.int32)
     qlen = tl.load(QSL + b + 1).to(tl.int32) - row0
     if mblk * BLOCK_T >= qlen:
@@ -228,6 +248,11 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
 HALVES = True
 ROT_IN_KERNEL = False
 ROT_KERNEL = True
+# A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
+# once (376 one-token rows x 32 tiles x 8 heads = 96k of them in the 1000/1000 run's mixed steps,
+# at one resident program per SM); COMPACT launches one program per real query tile, each finding
+# its sequence in a running count of tiles (made once per step, in the batch's scratch).
+COMPACT = True
 # (query tokens x heads rows per program, keys per tile, warps, stages) for bf16/fp16 queries,
 # head_dim <= 128; wider heads and fp32 keep (64 rows, 32 keys, 4 warps, 2 stages).
 TILING = (128, 64, 8, 3)
@@ -279,7 +304,8 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    max_seq_len: int | None = None,
                    block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None, halves: bool | None = None,
-                   rot_in_kernel: bool | None = None) -> torch.Tensor:
+                   rot_in_kernel: bool | None = None, compact: bool | None = None,
+                   scratch: dict | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
@@ -289,7 +315,9 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     alone), sized by ``max_seq_len`` (the most keys a sequence sees; None: any). ``block_t``
     (query tokens per program), ``block_n`` (keys per tile), ``num_warps``, ``num_stages``: the
     launch (defaults: ``TILING``); ``halves`` / ``rot_in_kernel``: the kernel's variants
-    (defaults ``HALVES`` / ``ROT_IN_KERNEL``), all giving the reference's values."""
+    (defaults ``HALVES`` / ``ROT_IN_KERNEL``), ``compact`` the grid (default ``COMPACT``), all
+    giving the reference's values; ``scratch``: a dict that lives for the step (the batch's), where
+    the compact grid's tile count is kept for the step's other layers."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -305,11 +333,11 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     step_in_cache = ring is None
     if step_in_cache:  # every position has its own slot: store first, read every key from pages
         write_packed(kv_cache, k, v, slot_mapping)
-        scratch = kv_cache
+        pages = kv_cache
     else:  # read before writing (see the module doc): the step's K/V as stored, in scratch pages
-        scratch = torch.empty((triton.cdiv(T, bs), page_bytes), dtype=torch.uint8, device=q.device)
-        scratch.kv_layout = lay
-        write_packed(scratch, k, v, torch.arange(T, device=q.device))
+        pages = torch.empty((triton.cdiv(T, bs), page_bytes), dtype=torch.uint8, device=q.device)
+        pages.kv_layout = lay
+        write_packed(pages, k, v, torch.arange(T, device=q.device))
     rot_q, rot_o = kp.rotated and rot_in, vp.rotated and rot_in
     q_in = q
     if kp.rotated and not rot_q:  # scores of the rotated query against the rotated keys (kv_pages)
@@ -324,18 +352,34 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     block_n = block_n or bn
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
-    grid = (triton.cdiv(max_query_len, block_t), B, kvh)
+    compact = COMPACT if compact is None else compact
+    if compact:
+        key = ("packed_prefill_tiles", block_t, mixed)
+        cum = None if scratch is None else scratch.get(key)
+        if cum is None:
+            qlens = query_start_loc[1:] - query_start_loc[:-1]
+            tiles = (qlens + block_t - 1) // block_t
+            if mixed:
+                tiles = torch.where(qlens == 1, 0, tiles)
+            cum = torch.cumsum(tiles, 0).to(torch.int32)
+            if scratch is not None:
+                scratch[key] = cum
+        # (sum over sequences of cdiv(len, block_t) <= cdiv(T, block_t) + B)
+        grid = (min(B * triton.cdiv(max_query_len, block_t), triton.cdiv(T, block_t) + B), 1, kvh)
+    else:
+        cum = query_start_loc
+        grid = (triton.cdiv(max_query_len, block_t), B, kvh)
     _packed_prefill_kernel[grid](
         q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
-        scratch, scratch.view(torch.float16), scratch.view(torch.int32),
-        block_table, query_start_loc, num_computed, out, hpm,
+        pages, pages.view(torch.float16), pages.view(torch.int32),
+        block_table, query_start_loc, num_computed, out, hpm, cum, B,
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), page_bytes,
         kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1,
         KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=bs, BLOCK_T=block_t, BLOCK_N=block_n,
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
-        HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5),
+        HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact,
         num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
