@@ -42,7 +42,9 @@ N_DEC, N_PROMPT, PLEN = 376, 8, 1000
 S8 = {"packed.WRITE_ROT_IN_KERNEL": False, "pp.ROT_KERNEL": False}
 VARIANTS = {
     "default": ({}, {}),
-    "session8 (no halves, rotations as GEMMs, write rot in torch)": (dict(halves=False, rot_in_kernel=False), S8),
+    "session8 (no halves, rotations as GEMMs, write rot in torch)": (dict(halves=False, rot_in_kernel=False,
+                                                                       compact=False), S8),
+    "full grid": (dict(compact=False), {}),
     "write rot in kernel only": (dict(halves=False, rot_in_kernel=False), {"pp.ROT_KERNEL": False}),
     "halves only": (dict(halves=True, rot_in_kernel=False), S8),
     "rot kernel only": (dict(halves=False, rot_in_kernel=False), {"packed.WRITE_ROT_IN_KERNEL": False}),

@@ -18,8 +18,8 @@ import time
 
 import torch
 
-# name -> module defaults: (packed_prefill.HALVES, packed_prefill.ROT_KERNEL, packed.WRITE_ROT_IN_KERNEL)
-VARIANTS = {"default": (True, True, True), "session8": (False, False, False)}
+# name -> module defaults: (packed_prefill.HALVES, .ROT_KERNEL, .COMPACT, packed.WRITE_ROT_IN_KERNEL)
+VARIANTS = {"default": (True, True, True, True), "session8": (False, False, False, False)}
 
 
 def table(prof, top_n):
@@ -64,7 +64,8 @@ def main():
     print(f"# {args.kv_dtype}: engine and {args.decodes} prompts in {time.perf_counter() - t0:.1f} s", flush=True)
     out = []
     for name in (args.variants.split(",") if args.kv_dtype == "int4" else ["default"]):
-        packed_prefill.HALVES, packed_prefill.ROT_KERNEL, packed.WRITE_ROT_IN_KERNEL = VARIANTS[name]
+        (packed_prefill.HALVES, packed_prefill.ROT_KERNEL, packed_prefill.COMPACT,
+         packed.WRITE_ROT_IN_KERNEL) = VARIANTS[name]
         for rnd in range(2):  # a warm-up window (compiles), then the profiled one
             new = []
             for _ in range(8):
