@@ -2,9 +2,12 @@
 
 Grid ``(cdiv(max_query_len, BLOCK_T), B, KVH)``: each program takes ``BLOCK_T`` query tokens
 of one sequence and all ``G`` query heads of one KV head (``BLOCK_T * G_PAD`` rows of one
-MMA), so every K/V tile is read and widened in registers once per KV head, by
-``packed._tile`` (no dequantized copy of the cache). Causal and window masks come from the
-key and query positions; the softmax is online (exp2), as ``prefill._attend``.
+MMA), so every K/V tile is read and widened in registers once per KV head (no dequantized copy
+of the cache): as two halves by ``packed_fast._halves`` (the decode kernel's PTX widening; the
+query's and the output's columns matched to them), or with ``HALVES`` off in natural order by
+``packed._tile``. A mixed step's grid holds only the real query tiles (``COMPACT``). Causal and
+window masks come from the key and query positions; the softmax is online (exp2), as
+``prefill._attend``.
 
 This step's own K/V must be seen as stored (quantized, then dequantized: the reference's
 ``kv_pages.stored``). They are quantized by ``packed.write_packed``, which stores the very
@@ -15,7 +18,8 @@ bytes ``kv_pages.write`` stores, so reading them back from pages equals the refe
     first queries still read, so, as the bf16 prefill kernel reads before writing, the step's
     K/V are quantized into scratch pages (the step's row r at slot r), read from there in a
     second phase, and written into the ring after the kernel.
-Rotated (Hadamard) planes: the rotated query is scored and the output rotated back.
+Rotated (Hadamard) planes: the rotated query is scored and the output rotated back
+(``rotate_rows``: one Triton kernel each, or inside this kernel with ``ROT_IN_KERNEL``).
 """
 
 from __future__ import annotations
