@@ -563,16 +563,19 @@ def engine_bench(bw, flops, args):
 def set_packed_defaults(knobs: dict) -> None:
     """Override ``attention/triton/packed.py``'s module defaults (an A/B of a kernel variant in the
     engine without changing the code): a dict default (by plane bits) is updated per key."""
-    from qkv.attention.triton import packed
+    import importlib
 
-    for name, value in knobs.items():
-        cur = getattr(packed, name)
+    for key, value in knobs.items():
+        # "NAME": packed.py's; "module.NAME": that module's under qkv.attention.triton (packed_prefill.HALVES)
+        mod_name, _, name = key.rpartition(".")
+        mod = importlib.import_module(f"qkv.attention.triton.{mod_name or 'packed'}")
+        cur = getattr(mod, name)
         if isinstance(cur, dict):
             cur = dict(cur)
             cur.update({int(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()})
             value = cur
-        setattr(packed, name, value)
-        record("packed_default", knob=name, value=str(value))
+        setattr(mod, name, value)
+        record("packed_default", knob=key, value=str(value))
 
 
 def main():

@@ -48,21 +48,33 @@ def cache_for(kv: str, kvh: int, D: int, num_blocks: int, bs: int):
     return kv_pages.new_cache(spec, num_blocks, bs, torch.uint8, DEV)
 
 
+@pytest.mark.parametrize("rot_in_kernel", [True, False])
 @pytest.mark.parametrize("kv", FORMATS)
-def test_write_kernel_stores_the_reference_bytes(kv):
+def test_write_kernel_stores_the_reference_bytes(kv, rot_in_kernel, dtype=torch.float32, D=64):
+    """Both ways of rotating (in the kernel's registers, or kv_int.hadamard first) store the
+    reference's bytes."""
     gen = torch.Generator().manual_seed(1)
-    T, kvh, D, bs, nb = 7, 2, 64, 4, 5
+    T, kvh, bs, nb = 7, 2, 4, 5
     k = (torch.randn(T, kvh, D, generator=gen) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0, 2.0, 0.5])[:, None, None])
     v = torch.randn(T, kvh, D, generator=gen)
     k[1, 0, :32] = 0.0  # an all-zero group
-    k, v = k.to(DEV), v.to(DEV)
+    k, v = k.to(DEV, dtype), v.to(DEV, dtype)
     slots = torch.tensor([3, 0, -1, 17, 8, 19, 12], device=DEV)
     ref, got = cache_for(kv, kvh, D, nb, bs), cache_for(kv, kvh, D, nb, bs)
+    assert ref.kv_layout.planes[0].rotated  # (a power-of-two width: the rotation is exercised)
     keep = slots >= 0
     kv_pages.write(ref, 0, k[keep], slots[keep])
     kv_pages.write(ref, 1, v[keep], slots[keep])
-    write_packed(got, k, v, slots)
+    write_packed(got, k, v, slots, rot_in_kernel=rot_in_kernel)
     assert torch.equal(ref, got)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 is not the GPU's)")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("kv", FORMATS)
+def test_write_kernel_bf16_rotated_in_kernel_stores_the_reference_bytes(kv, D):
+    """The engine's case: bf16 K/V rotated in the kernel and rounded to bf16 as hadamard() does."""
+    test_write_kernel_stores_the_reference_bytes(kv, True, torch.bfloat16, D)
 
 
 DECODE = {

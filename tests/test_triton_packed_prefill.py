@@ -47,7 +47,7 @@ def unrotated(cache):
     return cache
 
 
-def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0):
+def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0, **variant):
     c = dict(CASES[case])
     computed, qlens, H, KVH, D = c.pop("computed"), c.pop("qlens"), c.pop("H"), c.pop("KVH"), c.pop("D")
     window, softcap, ring, bs = c.pop("window", None), c.pop("softcap", None), c.pop("ring", None), c.pop("bs", 16)
@@ -72,7 +72,7 @@ def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0):
     else:
         out = packed_prefill(q, k, v, cache, batch.block_tables[0], batch.slot_mappings[0], batch.query_start_loc,
                              batch.num_computed, batch.max_query_len, D ** -0.5, window, ring, softcap,
-                             block_t=4, block_n=16)  # several query and key tiles; one-token rows here too
+                             block_t=4, block_n=16, **variant)  # several query and key tiles; one-token rows here too
     assert torch.equal(cache, ref_cache), "the K/V writes differ from the reference's bytes"
     tol = {torch.bfloat16: 2e-2, torch.float16: 5e-3}.get(dtype, 1e-4)
     assert out.isfinite().all()
@@ -83,6 +83,15 @@ def run_case(case, kv, rotated=True, dtype=None, via_backend=False, seed=0):
 @pytest.mark.parametrize("case", list(CASES))
 def test_packed_prefill_equals_reference(kv, case):
     run_case(case, kv)
+
+
+@pytest.mark.parametrize("halves,rot_in_kernel", [(False, False), (True, True), (False, True)])
+@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+@pytest.mark.parametrize("case", ["mixed", "window-ring"])
+def test_packed_prefill_variants_equal_reference(kv, case, halves, rot_in_kernel):
+    """The kernel's other variants: natural-order tiles (the session-8 kernel), the rotations of
+    the query and the output inside the kernel (mixed: the decode rows then rotate their own)."""
+    run_case(case, kv, halves=halves, rot_in_kernel=rot_in_kernel)
 
 
 @pytest.mark.parametrize("kv", ["int4", "int8,int4"])

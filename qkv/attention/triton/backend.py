@@ -37,7 +37,8 @@ def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
         return packed_prefill(q, k, v, kv_cache, batch.block_tables[group], batch.slot_mappings[group],
                               batch.query_start_loc, batch.num_computed, batch.max_query_len, scale, window,
                               batch.ring_blocks[group], softcap, mixed=batch.num_seqs > 1,
-                              max_seq_len=batch.max_seq_len if window is None else min(batch.max_seq_len, window))
+                              max_seq_len=batch.max_seq_len if window is None else min(batch.max_seq_len, window),
+                              scratch=batch.scratch)
     write_packed(kv_cache, k, v, batch.slot_mappings[group])
     return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,
                          batch.ring_blocks[group], softcap, max_seq_len=decode_keys(batch, batch.max_seq_len),

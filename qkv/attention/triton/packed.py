@@ -56,6 +56,9 @@ MAXNREG = None  # registers per thread, capped (None: the compiler's choice)
 # > 0: the running max moves only when a tile's exceeds it by more than LAZY (log2 units); by bits
 # as FUSED. int8: 272.0 us against 276.7 without (session 7); int4 (V as words): 174.5 against 171.1.
 LAZY = {4: 0, 8: 8}
+# The quantizing write rotates each row in registers (one kernel) instead of kv_int.hadamard's ~20
+# torch ops over the step's K and V first (issue 16, session 9).
+WRITE_ROT_IN_KERNEL = True
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
 # Keys on M, not LAZY (issue 16, session 8): QK_SPLIT the scores as two independent MMA chains (one
 # per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
@@ -127,9 +130,15 @@ def _e5m3(c):
 def _store_int4(X, VALS, SC, D: tl.constexpr, EXACT: tl.constexpr):
     """One vector of D elements at X -> int4 bytes at VALS and e5m3 codes at SC: the
     least-squares scale among six codes around absmax / 7, as kv_int._int4_groups."""
+    _store_int4_x(tl.load(X + tl.arange(0, D)).to(tl.float32), VALS, SC, D, EXACT)
+
+
+@triton.jit
+def _store_int4_x(x, VALS, SC, D: tl.constexpr, EXACT: tl.constexpr):
+    """``_store_int4`` of a vector x [D] already loaded (fp32)."""
     NG: tl.constexpr = D // 16
     HALF: tl.constexpr = D // 2
-    x = tl.reshape(tl.load(X + tl.arange(0, D)).to(tl.float32), (NG, 16))
+    x = tl.reshape(x, (NG, 16))
     absmax = tl.max(tl.abs(x), 1)
     s0 = tl.minimum(tl.math.div_rn(absmax, tl.full(absmax.shape, 7.0, tl.float32)), 61440.0)
     bits = s0.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
@@ -155,9 +164,14 @@ def _store_int4(X, VALS, SC, D: tl.constexpr, EXACT: tl.constexpr):
 @triton.jit
 def _store_int8(X, VALS, SC16, D: tl.constexpr, GRP: tl.constexpr):
     """One vector of D elements at X -> int8 bytes at VALS and fp16 scales at SC16."""
+    _store_int8_x(tl.load(X + tl.arange(0, D)).to(tl.float32), VALS, SC16, D, GRP)
+
+
+@triton.jit
+def _store_int8_x(x, VALS, SC16, D: tl.constexpr, GRP: tl.constexpr):
+    """``_store_int8`` of a vector x [D] already loaded (fp32)."""
     NG: tl.constexpr = D // GRP
     d = tl.arange(0, D)
-    x = tl.load(X + d).to(tl.float32)
     xg = tl.reshape(x, (NG, GRP))
     s = _scale(tl.max(tl.abs(xg), 1), 127.0, SCALE_MAX)
     q = _quant(xg, s, 127.0)
@@ -166,29 +180,50 @@ def _store_int8(X, VALS, SC16, D: tl.constexpr, GRP: tl.constexpr):
 
 
 @triton.jit
+def _fwht_row(x, D: tl.constexpr, LOG2D: tl.constexpr, RSQ: tl.constexpr):
+    """x [D] (fp32) -> kv_int.hadamard's result in fp32: the same butterflies in the same order
+    (pairs h apart, sum first, difference second, h = 1, 2, 4, ...), each one fp32 rounding, then
+    one multiply by RSQ = D ** -0.5 rounded to fp32 (torch's scalar), so equal bit for bit."""
+    for k in tl.static_range(LOG2D):
+        y = tl.permute(tl.reshape(x, (D // (2 << k), 2, 1 << k)), (0, 2, 1))
+        a, b = tl.split(y)
+        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), (D,))
+    return x * RSQ
+
+
+@triton.jit
+def _row(X, D: tl.constexpr, ROT: tl.constexpr, LOG2D: tl.constexpr, RSQ: tl.constexpr):
+    """The vector a plane stores, in fp32: X's row, or with ROT ``hadamard(x)`` as kv_pages.write
+    forms it (rotated in fp32, rounded to x's dtype), so the bytes equal the reference's."""
+    x = tl.load(X + tl.arange(0, D))
+    if ROT:
+        x = _fwht_row(x.to(tl.float32), D, LOG2D, RSQ).to(X.dtype.element_ty)
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _packed_write_kernel(K, V, C8, C16, SLOT, stride_kt, stride_kh, stride_vt, stride_vh, page_bytes,
                          k_vals, k_scales, v_vals, v_scales,
                          KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
-                         EXACT: tl.constexpr):
+                         EXACT: tl.constexpr, ROT_K: tl.constexpr = False, ROT_V: tl.constexpr = False,
+                         LOG2D: tl.constexpr = 7, RSQ: tl.constexpr = 1.0):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(SLOT + t)
     if slot >= 0:
         page = (slot // BS) * page_bytes
         row = (slot % BS) * KVH + h
+        x = _row(K + t * stride_kt + h * stride_kh, D, ROT_K, LOG2D, RSQ)
         if K_BITS == 4:
-            _store_int4(K + t * stride_kt + h * stride_kh, C8 + page + k_vals + row * (D // 2),
-                        C8 + page + k_scales + row * (D // 16), D, EXACT)
+            _store_int4_x(x, C8 + page + k_vals + row * (D // 2), C8 + page + k_scales + row * (D // 16), D, EXACT)
         else:
-            _store_int8(K + t * stride_kt + h * stride_kh, C8 + page + k_vals + row * D,
-                        C16 + (page + k_scales) // 2 + row * (D // K_GRP), D, K_GRP)
+            _store_int8_x(x, C8 + page + k_vals + row * D, C16 + (page + k_scales) // 2 + row * (D // K_GRP), D, K_GRP)
+        x = _row(V + t * stride_vt + h * stride_vh, D, ROT_V, LOG2D, RSQ)
         if V_BITS == 4:
-            _store_int4(V + t * stride_vt + h * stride_vh, C8 + page + v_vals + row * (D // 2),
-                        C8 + page + v_scales + row * (D // 16), D, EXACT)
+            _store_int4_x(x, C8 + page + v_vals + row * (D // 2), C8 + page + v_scales + row * (D // 16), D, EXACT)
         else:
-            _store_int8(V + t * stride_vt + h * stride_vh, C8 + page + v_vals + row * D,
-                        C16 + (page + v_scales) // 2 + row * (D // V_GRP), D, V_GRP)
+            _store_int8_x(x, C8 + page + v_vals + row * D, C16 + (page + v_scales) // 2 + row * (D // V_GRP), D, V_GRP)
 
 
 def _layout_args(kv_cache: torch.Tensor):
@@ -203,21 +238,31 @@ def _layout_args(kv_cache: torch.Tensor):
     return lay, kp, vp
 
 
-def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """k/v [T, KVH, D] -> quantized into the packed pages; slot -1 rows are skipped in the kernel."""
+def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+                 rot_in_kernel: bool | None = None) -> None:
+    """k/v [T, KVH, D] -> quantized into the packed pages; slot -1 rows are skipped in the kernel.
+    Rotated planes: ``rot_in_kernel`` (default ``WRITE_ROT_IN_KERNEL``) rotates each row in the
+    kernel's registers, else ``kv_int.hadamard`` runs first in torch (the same bytes)."""
     T, kvh, D = k.shape
     if T == 0:
         return
     lay, kp, vp = _layout_args(kv_cache)
-    if kp.rotated:  # (torch, row by row: the bytes equal kv_pages.write's)
+    rot = WRITE_ROT_IN_KERNEL if rot_in_kernel is None else rot_in_kernel
+    rot_k, rot_v = kp.rotated and rot, vp.rotated and rot
+    if kp.rotated and not rot_k:  # (torch, row by row: the bytes equal kv_pages.write's)
         k = hadamard(k)
-    if vp.rotated:
+    if vp.rotated and not rot_v:
         v = hadamard(v)
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
     _packed_write_kernel[(T, kvh)](
         k, v, kv_cache, kv_cache.view(torch.float16), slot_mapping, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,
         KVH=kvh, D=D, BS=lay.block_size, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D),
-        V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), EXACT=not INTERPRET, num_warps=1)
+        V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), EXACT=not INTERPRET, ROT_K=rot_k, ROT_V=rot_v,
+        LOG2D=D.bit_length() - 1, RSQ=float(D ** -0.5), num_warps=1)
 
 
 @triton.jit

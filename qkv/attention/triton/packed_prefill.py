@@ -2,9 +2,12 @@
 
 Grid ``(cdiv(max_query_len, BLOCK_T), B, KVH)``: each program takes ``BLOCK_T`` query tokens
 of one sequence and all ``G`` query heads of one KV head (``BLOCK_T * G_PAD`` rows of one
-MMA), so every K/V tile is read and widened in registers once per KV head, by
-``packed._tile`` (no dequantized copy of the cache). Causal and window masks come from the
-key and query positions; the softmax is online (exp2), as ``prefill._attend``.
+MMA), so every K/V tile is read and widened in registers once per KV head (no dequantized copy
+of the cache): as two halves by ``packed_fast._halves`` (the decode kernel's PTX widening; the
+query's and the output's columns matched to them), or with ``HALVES`` off in natural order by
+``packed._tile``. A mixed step's grid holds only the real query tiles (``COMPACT``). Causal and
+window masks come from the key and query positions; the softmax is online (exp2), as
+``prefill._attend``.
 
 This step's own K/V must be seen as stored (quantized, then dequantized: the reference's
 ``kv_pages.stored``). They are quantized by ``packed.write_packed``, which stores the very
@@ -15,7 +18,8 @@ bytes ``kv_pages.write`` stores, so reading them back from pages equals the refe
     first queries still read, so, as the bf16 prefill kernel reads before writing, the step's
     K/V are quantized into scratch pages (the step's row r at slot r), read from there in a
     second phase, and written into the ring after the kernel.
-Rotated (Hadamard) planes: the rotated query is scored and the output rotated back.
+Rotated (Hadamard) planes: the rotated query is scored and the output rotated back
+(``rotate_rows``: one Triton kernel each, or inside this kernel with ``ROT_IN_KERNEL``).
 """
 
 from __future__ import annotations
@@ -27,18 +31,35 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
+from qkv.attention.triton import packed
 from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_decode, write_packed
+from qkv.attention.triton.packed_fast import _half_cols, _halves
+from qkv.kvcache.kv_int import hadamard
 
 
 @triton.jit
-def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, window,
-            HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr = True):
-    """One key tile of the online softmax (scores in log2 units). ``MASKED=False``: the caller
-    guarantees every key of the tile is valid and visible to every query row."""
-    s = _scores(tl.dot(q, tl.trans(k), input_precision=PREC), sm_scale, softcap, HAS_SOFTCAP)
+def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a, acc_b, sm_scale, softcap, window,
+          k_vals, k_scales, v_vals, v_scales, K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr,
+          V_GRP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr,
+          HALVES: tl.constexpr, ASM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+          PREC: tl.constexpr, MASKED: tl.constexpr = True):
+    """One key tile of the online softmax (scores in log2 units), its K and V tiles widened from
+    the packed planes of pages ``P*`` (the cache's or the scratch pages) at byte offsets ``base``,
+    rows ``row``. HALVES: each tile as two halves of D/2 columns (packed_fast._halves: int4 the
+    even and the odd columns, int8 the first and the second half; ASM widens them in PTX), two
+    dots of depth D/2 against the query's matching columns ``qa``/``qb``, and two accumulators
+    of the output's matching columns; else one tile in natural order (``qa`` the query, ``acc_a``
+    the accumulator). ``MASKED=False``: every key of the tile is valid and visible to every row."""
+    if HALVES:
+        ka, kb = _halves(P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM, P32)
+        s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
+    else:
+        k = _tile(P32, P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
+        s = tl.dot(qa, tl.trans(k), input_precision=PREC)
+    s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
     if MASKED:
         dist = q_pos[:, None] - k_pos[None, :]
-        allowed = (dist >= 0) & kmask[None, :]
+        allowed = (dist >= 0) & nmask[None, :]
         if HAS_WINDOW:
             allowed = allowed & (dist < window)
         s = tl.where(allowed, s, float("-inf"))
@@ -47,23 +68,52 @@ def _attend(q, k, v, q_pos, k_pos, kmask, m_i, l_i, acc, sm_scale, softcap, wind
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    return m_new, l_i, acc
+    pd = p.to(DT)
+    if HALVES:
+        va, vb = _halves(P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, ASM, P32)
+        acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
+        acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
+    else:
+        v = _tile(P32, P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
+        acc_a = tl.dot(pd, v, acc=acc_a * alpha[:, None], input_precision=PREC)
+    return m_new, l_i, acc_a, acc_b
 
 
 @triton.jit
-def _kv(P32, P8, P16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS: tl.constexpr,
-        K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-        ALIGN: tl.constexpr, DT: tl.constexpr):
-    """A key tile and its value tile, widened from the packed planes of pages ``P*`` (the cache's
-    or the scratch pages): rows ``row`` of the pages at byte offsets ``base``."""
-    k = _tile(P32, P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
-    v = _tile(P32, P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
-    return k, v
+def _rot_cols(x, HPM, cols, D: tl.constexpr, RSQ: tl.constexpr, PREC: tl.constexpr):
+    """Columns ``cols`` of ``x [M, D] @ H`` (H = kv_int.hadamard's matrix = RSQ * HPM, HPM of
+    +-1 in x's dtype: every product exact, the sum in fp32, one scaling), in x's dtype: packed._rotate's
+    values up to the fp32 summation order."""
+    h = tl.load(HPM + tl.arange(0, D)[:, None] * D + cols[None, :])
+    return (tl.dot(x, h, input_precision=PREC) * RSQ).to(x.dtype)
 
 
-@triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per step: one variant
-def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
+@triton.jit
+def _unrot(oa, ob, HPM, a_rows, b_rows, D: tl.constexpr, RSQ: tl.constexpr, PREC: tl.constexpr):
+    """``[oa | ob] @ H`` for an output whose columns ``a_rows``/``b_rows`` are oa and ob."""
+    d = tl.arange(0, D)
+    ha = tl.load(HPM + a_rows[:, None] * D + d[None, :])
+    hb = tl.load(HPM + b_rows[:, None] * D + d[None, :])
+    o = tl.dot(ob, hb, acc=tl.dot(oa, ha, input_precision=PREC), input_precision=PREC)
+    return o * RSQ
+
+
+@triton.jit
+def _tile_of(CUM, p, B):
+    """Program ``p`` of a compact grid -> (sequence, its tile counted from its last, valid):
+    CUM [B] the inclusive running count of each sequence's query tiles (0 for a sequence the
+    kernel leaves alone); the sequence is the number of entries <= p, found with wide loads."""
+    cnt = 0
+    for c0 in range(0, B, 128):
+        c = c0 + tl.arange(0, 128)
+        cnt += tl.sum((tl.load(CUM + c, mask=c < B, other=2 ** 30) <= p).to(tl.int32), 0)
+    b = tl.minimum(cnt, B - 1)
+    end = tl.load(CUM + b)
+    return b, end - 1 - p, cnt < B
+
+
+@triton.jit(do_not_specialize=["stride_bt", "B"])  # the table's width varies per step: one variant
+def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM, CUM, B,
                            stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                            k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
                            KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -71,10 +121,17 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
                            K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                            ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                            HAS_SOFTCAP: tl.constexpr, STEP_IN_CACHE: tl.constexpr, SKIP_DECODE: tl.constexpr,
-                           IEEE: tl.constexpr):
-    mblk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
-    b = tl.program_id(1)
+                           IEEE: tl.constexpr, HALVES: tl.constexpr = False, ASM: tl.constexpr = 0,
+                           ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False, RSQ: tl.constexpr = 1.0,
+                           COMPACT: tl.constexpr = False):
     kvh = tl.program_id(2)
+    if COMPACT:  # one program per query tile of a sequence this kernel computes (CUM), the last tile first
+        b, mblk, valid = _tile_of(CUM, tl.program_id(0), B)
+        if not valid:
+            return
+    else:  # every (tile, sequence); programs past a sequence's tiles, or on its one-token row, return
+        mblk = tl.num_programs(0) - 1 - tl.program_id(0)  # the last query tiles (the most keys) start first
+        b = tl.program_id(1)
     row0 = tl.load(QSL + b).to(tl.int32)
     qlen = tl.load(QSL + b + 1).to(tl.int32) - row0
     if mblk * BLOCK_T >= qlen:
@@ -85,18 +142,38 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
     DT = Q.dtype.element_ty
     PREC: tl.constexpr = "ieee" if IEEE else "tf32"
     BLOCK_M: tl.constexpr = BLOCK_T * G_PAD
+    VW: tl.constexpr = D // 2 if HALVES else D  # columns per accumulator
     i = tl.arange(0, BLOCK_M)
     t = mblk * BLOCK_T + i // G_PAD  # row i: token t, query head kvh * G + g
     g = i % G_PAD
     mmask = (t < qlen) & (g < G)
     heads = kvh * G + g
     d = tl.arange(0, D)
-    q = tl.load(Q + (row0 + t)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
-                mask=mmask[:, None], other=0.0)
+    if HALVES:
+        ka_c, kb_c = _half_cols(K_BITS, D)
+        va_c, vb_c = _half_cols(V_BITS, D)
+    else:
+        ka_c = d
+        kb_c = d
+        va_c = d
+        vb_c = d
+    qp = Q + (row0 + t)[:, None] * stride_qt + heads[:, None] * stride_qh
+    if ROT_Q:  # K stored rotated: the rotated query's columns of K's halves, rotated here
+        qn = tl.load(qp + d[None, :], mask=mmask[:, None], other=0.0)
+        qa = _rot_cols(qn, HPM, ka_c, D, RSQ, PREC)
+        qb = qa
+        if HALVES:
+            qb = _rot_cols(qn, HPM, kb_c, D, RSQ, PREC)
+    else:
+        qa = tl.load(qp + ka_c[None, :], mask=mmask[:, None], other=0.0)
+        qb = qa
+        if HALVES:
+            qb = tl.load(qp + kb_c[None, :], mask=mmask[:, None], other=0.0)
     q_pos = tl.where(mmask, nc + t, -1)  # padding rows see nothing (dropped at the store)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc_a = tl.zeros([BLOCK_M, VW], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, VW], tl.float32)
 
     q_lo = nc + mblk * BLOCK_T
     q_hi = nc + tl.minimum(mblk * BLOCK_T + BLOCK_T, qlen)  # exclusive
@@ -117,11 +194,10 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             nmask = k_pos < full_end  # (all true: the loads' mask)
             blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
             row = (k_pos % BS) * KVH + kvh
-            base = blk * page_bytes
-            k, v = _kv(C32, C8, C16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
-                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
-            m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
-                                    HAS_WINDOW, HAS_SOFTCAP, PREC, MASKED=False)
+            m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, blk * page_bytes, row, nmask, k_pos, qa, qb, q_pos, m_i,
+                                           l_i, acc_a, acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals,
+                                           v_scales, K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES,
+                                           ASM, HAS_WINDOW, HAS_SOFTCAP, PREC, MASKED=False)
     for start in range(full_end, end, BLOCK_N):
         k_pos = start + tl.arange(0, BLOCK_N)
         nmask = k_pos < end
@@ -130,11 +206,10 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             pg = pg % ring
         blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
         row = (k_pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
-        base = blk * page_bytes
-        k, v = _kv(C32, C8, C16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
-                   V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
-        m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
-                                HAS_WINDOW, HAS_SOFTCAP, PREC)
+        m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, blk * page_bytes, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i,
+                                       acc_a, acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales,
+                                       K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM, HAS_WINDOW,
+                                       HAS_SOFTCAP, PREC)
     # Phase 2 (rings): this step's keys [nc, q_hi) from the scratch pages, row r at slot r.
     if not STEP_IN_CACHE:
         lo2 = nc
@@ -145,16 +220,85 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT,
             k_pos = start + tl.arange(0, BLOCK_N)
             nmask = k_pos < q_hi
             r = tl.where(nmask, row0 + (k_pos - nc), 0)
-            base = (r // BS).to(tl.int64) * page_bytes
             row = (r % BS) * KVH + kvh
-            k, v = _kv(S32, S8, S16, base, row, nmask, k_vals, k_scales, v_vals, v_scales, K_BITS, K_GRP,
-                       V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT)
-            m_i, l_i, acc = _attend(q, k, v, q_pos, k_pos, nmask, m_i, l_i, acc, sm_scale, softcap, window,
-                                    HAS_WINDOW, HAS_SOFTCAP, PREC)
+            m_i, l_i, acc_a, acc_b = _step(S32, S8, S16, (r // BS).to(tl.int64) * page_bytes, row, nmask, k_pos, qa,
+                                           qb, q_pos, m_i, l_i, acc_a, acc_b, sm_scale, softcap, window, k_vals,
+                                           k_scales, v_vals, v_scales, K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN,
+                                           DT, HALVES, ASM, HAS_WINDOW, HAS_SOFTCAP, PREC)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # (padding rows: 0, not 0/0; not stored)
-    tl.store(OUT + (row0 + t)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
-             out.to(OUT.dtype.element_ty), mask=mmask[:, None])
+    inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # (padding rows: 0, not 0/0; not stored)
+    op = OUT + (row0 + t)[:, None] * stride_ot + heads[:, None] * stride_oh
+    ODT = OUT.dtype.element_ty
+    if ROT_O:  # V stored rotated: the output (rounded as the kernel's would be) rotated back here
+        oa = (acc_a * inv[:, None]).to(ODT)
+        if HALVES:
+            o = _unrot(oa, (acc_b * inv[:, None]).to(ODT), HPM, va_c, vb_c, D, RSQ, PREC)
+        else:
+            o = tl.dot(oa, tl.load(HPM + d[:, None] * D + d[None, :]), input_precision=PREC) * RSQ
+        tl.store(op + d[None, :], o.to(ODT), mask=mmask[:, None])
+    else:
+        tl.store(op + va_c[None, :], (acc_a * inv[:, None]).to(ODT), mask=mmask[:, None])
+        if HALVES:
+            tl.store(op + vb_c[None, :], (acc_b * inv[:, None]).to(ODT), mask=mmask[:, None])
+
+
+# Issue 16, session 9: K/V tiles as halves widened in PTX (packed_fast._halves, the decode
+# kernel's widening: bytes, one fma a value pair) instead of natural-order tiles widened by
+# Triton's int->float conversions (sm_90 build, 128 x 64 tiles, 8 warps: 197 registers and
+# 3,328 SASS lines against 240 and 4,688 with 128 I2F). ROT_IN_KERNEL: the query's and the
+# output's rotations inside the kernel (dots with a +-1 matrix): it spills at that tiling (255
+# registers + stack), so off; ROT_KERNEL: they run as ``_rot_rows_kernel`` (one read and one
+# write of bf16 rows) instead of packed._rotate's fp32 GEMM and casts.
+HALVES = True
+ROT_IN_KERNEL = False
+ROT_KERNEL = True
+# A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
+# once (376 one-token rows x 32 tiles x 8 heads = 96k of them in the 1000/1000 run's mixed steps,
+# at one resident program per SM); COMPACT launches one program per real query tile, each finding
+# its sequence in a running count of tiles (made once per step, in the batch's scratch).
+COMPACT = True
+# (query tokens x heads rows per program, keys per tile, warps, stages) for bf16/fp16 queries,
+# head_dim <= 128; wider heads and fp32 keep (64 rows, 32 keys, 4 warps, 2 stages).
+TILING = (128, 64, 8, 3)
+
+_HPM: dict = {}
+
+
+@triton.jit
+def _rot_rows_kernel(X, HPM, Y, N, RSQ: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, IEEE: tl.constexpr):
+    """Rows of X [N, D] times kv_int.hadamard's matrix (RSQ * HPM, HPM +-1 in X's dtype: the
+    products exact, the sum in fp32, one scaling, one rounding to X's dtype)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    d = tl.arange(0, D)
+    m = r < N
+    x = tl.load(X + r[:, None] * D + d[None, :], mask=m[:, None], other=0.0)
+    y = tl.dot(x, tl.load(HPM + d[:, None] * D + d[None, :]), input_precision="ieee" if IEEE else "tf32") * RSQ
+    tl.store(Y + r[:, None] * D + d[None, :], y.to(Y.dtype.element_ty), mask=m[:, None])
+
+
+def rotate_rows(x: torch.Tensor) -> torch.Tensor:
+    """``packed._rotate(x)`` (a query or an output: no stored byte depends on it) up to fp32
+    summation order, as one Triton kernel; packed._rotate itself when ROT_KERNEL is off."""
+    if not ROT_KERNEL:
+        return _rotate(x)
+    D = x.shape[-1]
+    x2 = x.reshape(-1, D)
+    if x2.stride(0) != D or x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    N = x2.shape[0]
+    block = 64 if D <= 128 else 32
+    _rot_rows_kernel[(triton.cdiv(N, block),)](x2, _hpm(D, x.dtype, x.device), y, N, RSQ=float(D ** -0.5), D=D,
+                                                BLOCK=block, IEEE=x.dtype == torch.float32, num_warps=4)
+    return y
+
+
+def _hpm(D: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """kv_int.hadamard's matrix times sqrt(D): entries +-1, exact in any float dtype."""
+    key = (D, dtype, device)
+    if key not in _HPM:
+        _HPM[key] = (hadamard(torch.eye(D, device=device)) * D ** 0.5).round().to(dtype).contiguous()
+    return _HPM[key]
 
 
 def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -163,7 +307,9 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    ring: int | None = None, softcap: float | None = None, mixed: bool = False,
                    max_seq_len: int | None = None,
                    block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
-                   num_stages: int | None = None) -> torch.Tensor:
+                   num_stages: int | None = None, halves: bool | None = None,
+                   rot_in_kernel: bool | None = None, compact: bool | None = None,
+                   scratch: dict | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
@@ -172,7 +318,10 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     ``packed_decode`` after the write (one program per KV head would walk a long context
     alone), sized by ``max_seq_len`` (the most keys a sequence sees; None: any). ``block_t``
     (query tokens per program), ``block_n`` (keys per tile), ``num_warps``, ``num_stages``: the
-    launch (defaults: 128 MMA rows, 64 keys)."""
+    launch (defaults: ``TILING``); ``halves`` / ``rot_in_kernel``: the kernel's variants
+    (defaults ``HALVES`` / ``ROT_IN_KERNEL``), ``compact`` the grid (default ``COMPACT``), all
+    giving the reference's values; ``scratch``: a dict that lives for the step (the batch's), where
+    the compact grid's tile count is kept for the step's other layers."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -181,41 +330,77 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     G = H // kvh
     B = query_start_loc.shape[0] - 1
     bs, page_bytes = lay.block_size, lay.page_bytes
+    halves = HALVES if halves is None else halves
+    rot_in = ROT_IN_KERNEL if rot_in_kernel is None else rot_in_kernel
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    asm = 2 if half and halves and not packed.INTERPRET else 0
     step_in_cache = ring is None
     if step_in_cache:  # every position has its own slot: store first, read every key from pages
         write_packed(kv_cache, k, v, slot_mapping)
-        scratch = kv_cache
+        pages = kv_cache
     else:  # read before writing (see the module doc): the step's K/V as stored, in scratch pages
-        scratch = torch.empty((triton.cdiv(T, bs), page_bytes), dtype=torch.uint8, device=q.device)
-        scratch.kv_layout = lay
-        write_packed(scratch, k, v, torch.arange(T, device=q.device))
-    if kp.rotated:  # scores of the rotated query against the rotated keys (kv_pages)
-        q = _rotate(q)
+        pages = torch.empty((triton.cdiv(T, bs), page_bytes), dtype=torch.uint8, device=q.device)
+        pages.kv_layout = lay
+        write_packed(pages, k, v, torch.arange(T, device=q.device))
+    rot_q, rot_o = kp.rotated and rot_in, vp.rotated and rot_in
+    q_in = q
+    if kp.rotated and not rot_q:  # scores of the rotated query against the rotated keys (kv_pages)
+        q = rotate_rows(q)
+    hpm = _hpm(D, q.dtype, q.device) if rot_q or rot_o else q
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     G_PAD = triton.next_power_of_2(G)
     big = D > 128 or q.dtype == torch.float32
-    # BLOCK_T tokens x G_PAD heads = 128 rows of one MMA (64 for wide heads or fp32).
-    rows = 64 if big else 128
+    rows, bn, nw, ns = (64, 32, 4, 2) if big else TILING
     block_t = block_t or max(1, rows // G_PAD)
     block_t = max(block_t, triton.cdiv(16, G_PAD))  # tl.dot needs M >= 16
-    block_n = block_n or (32 if big else 64)
+    block_n = block_n or bn
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
-    grid = (triton.cdiv(max_query_len, block_t), B, kvh)
+    compact = COMPACT if compact is None else compact
+    if compact:
+        key = ("packed_prefill_tiles", block_t, mixed)
+        cum = None if scratch is None else scratch.get(key)
+        if cum is None:
+            qlens = query_start_loc[1:] - query_start_loc[:-1]
+            tiles = (qlens + block_t - 1) // block_t
+            if mixed:
+                tiles = torch.where(qlens == 1, 0, tiles)
+            cum = torch.cumsum(tiles, 0).to(torch.int32)
+            if scratch is not None:
+                scratch[key] = cum
+        # (sum over sequences of cdiv(len, block_t) <= cdiv(T, block_t) + B)
+        grid = (min(B * triton.cdiv(max_query_len, block_t), triton.cdiv(T, block_t) + B), 1, kvh)
+    else:
+        cum = query_start_loc
+        grid = (triton.cdiv(max_query_len, block_t), B, kvh)
     _packed_prefill_kernel[grid](
         q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
-        scratch, scratch.view(torch.float16), scratch.view(torch.int32),
-        block_table, query_start_loc, num_computed, out,
+        pages, pages.view(torch.float16), pages.view(torch.int32),
+        block_table, query_start_loc, num_computed, out, hpm, cum, B,
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), page_bytes,
         kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1,
         KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=bs, BLOCK_T=block_t, BLOCK_N=block_n,
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
-        num_warps=num_warps or (4 if big else 8), num_stages=num_stages or (2 if big else 3))
+        HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact,
+        num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
-    if mixed:  # the one-token rows: the split-K decode kernel, in the rotated space as q and out are
+    if not mixed:
+        return rotate_rows(out) if vp.rotated and not rot_o else out
+    # The one-token rows: the split-K decode kernel, in the space q and out are in here.
+    if not (rot_q or rot_o):
         packed_decode(q, kv_cache, block_table, num_computed, scale, window, ring, softcap, max_seq_len=max_seq_len,
                       query_start_loc=query_start_loc, out=out, rotate=False)
-    return _rotate(out) if vp.rotated else out
+        return rotate_rows(out) if vp.rotated else out
+    if rot_q != kp.rotated or rot_o != vp.rotated:  # (one plane rotated in the kernel, the other not)
+        raise NotImplementedError("packed_prefill rotates both planes in the kernel or neither")
+    dec = packed_decode(q_in, kv_cache, block_table, num_computed, scale, window, ring, softcap,
+                        max_seq_len=max_seq_len, query_start_loc=query_start_loc, out=out, rotate=True)
+    if dec is out:  # (the fast decode kernel rotates in registers and wrote its rows into out)
+        return out
+    # (other decode kernels rotate the output by a GEMM into a new tensor: take its one-token rows)
+    qlens = query_start_loc[1:] - query_start_loc[:-1]
+    one = torch.repeat_interleave(qlens == 1, qlens, output_size=T)
+    return torch.where(one[:, None, None], dec, out)
