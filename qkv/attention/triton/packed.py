@@ -65,9 +65,9 @@ QK_SPLIT = {4: 0, 8: 0}
 # keys leave single-split programs unevenly long (benchmarks/kv_int_engine_shape_bench.py).
 MIN_SPLITS = {4: 1, 8: 1}
 L_DEFER = {4: False, 8: False}
-# Fast kernel, keys on M, no window (issue 16, session 9): a tile of BLOCK_N <= block_size keys lies in
-# one page, so its block-table entry is one scalar load and its page offset one scalar.
-ONE_PAGE = False
+# Fast kernel, keys on M, no window (issue 16, session 9): tiles aligned to pages (BLOCK_N divides the
+# block size or is twice it) read their block-table entries as scalars (1), loaded a tile ahead (2).
+ONE_PAGE = 0
 # int4 K loaded as words and scored as eight dots of depth D/8, one per nibble position (D >= 128;
 # keys on M, not LAZY): no byte is split out of the words and no join repacks the widened values.
 K_WORDS = 0
@@ -344,7 +344,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   keys_on_m: bool | None = None, v_words: int | None = None,
                   prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
                   lazy: int | None = None, qk_split: int | None = None, l_defer: bool | None = None,
-                  one_page: bool | None = None, k_words: int | None = None, rotate: bool = True) -> torch.Tensor:
+                  one_page: int | None = None, k_words: int | None = None, rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
@@ -381,23 +381,25 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     nbits = min(kp.fmt.bits, vp.fmt.bits)
     fused = bool(FUSED[nbits] if fused is None else fused)
     # (the lazy rescale: keys on M, V in halves)
-    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
+    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3, 4) and prefetch != 1 else 0
     if v_words == 4:
         prefetch = 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
-    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if keys_on_m and not lazy and prefetch != 2 else False
+    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if (
+        keys_on_m and (not lazy or v_words == 4) and prefetch != 2) else False
     tiling = FAST_TILING[nbits] if fast else (64, 4, 3)
     if fast and B * kvh >= MANY_ROWS and nbits in FAST_TILING_MANY_ROWS:
         tiling = FAST_TILING_MANY_ROWS[nbits]
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
         tiling = (16,) + tiling[1:]
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
-    one_page = bool((ONE_PAGE if one_page is None else one_page) and keys_on_m and prefetch != 2 and window is None
-                    and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size))
+    one_page = int((ONE_PAGE if one_page is None else one_page) or 0) if (
+        keys_on_m and prefetch != 2 and window is None
+        and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size)) else 0
     # (int4 K as eight dots of depth D/8: D >= 128)
     k_words = int((K_WORDS if k_words is None else k_words) or 0) if (
-        keys_on_m and kp.fmt.bits == 4 and D >= 128 and prefetch != 2 and not lazy) else 0
+        keys_on_m and kp.fmt.bits == 4 and D >= 128 and prefetch != 2) else 0
     # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
     # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
     # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)

@@ -343,6 +343,35 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
 
 
 @triton.jit
+def _page_entries(BT_ROW, start, hi, ring, BS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
+    """The block-table entries (scalars) of a page-aligned tile's page(s): (first, second; the
+    second is the first when BLOCK_N <= BS). Past ``hi``: 0 (not read)."""
+    pg = start // BS
+    if HAS_RING:
+        pg = pg % ring
+    e0 = tl.load(BT_ROW + pg, mask=start < hi, other=0)
+    e1 = e0
+    if BLOCK_N > BS:
+        pg2 = start // BS + 1
+        if HAS_RING:
+            pg2 = pg2 % ring
+        e1 = tl.load(BT_ROW + pg2, mask=start + BS < hi, other=0)
+    return e0, e1
+
+
+@triton.jit
+def _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_keys_one_page`` from entries ``_page_entries`` loaded earlier (``ONE_PAGE`` 2: a tile
+    ahead, so the copies' addresses never wait on a block-table load)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    if BLOCK_N > BS:
+        base = tl.where(tl.arange(0, BLOCK_N) < BS, e0.to(tl.int64) * page_bytes, e1.to(tl.int64) * page_bytes)
+    else:
+        base = tl.zeros([BLOCK_N], tl.int64) + e0.to(tl.int64) * page_bytes
+    return pos < hi, base, (pos % BS) * KVH + kvh
+
+
+@triton.jit
 def _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
                    BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
     """``_keys`` for tiles aligned to pages (``ONE_PAGE``: tiles start at multiples of BLOCK_N,
@@ -508,7 +537,7 @@ def _qk_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, q0, q1, q2, q3, q
 @triton.jit
 def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1, a2, a3, a4, a5, a6, a7,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
-                PREC: tl.constexpr, OPQ: tl.constexpr):
+                PREC: tl.constexpr, OPQ: tl.constexpr, RESCALE: tl.constexpr):
     """``V_WORDS`` 4: an int4 V tile's P @ V as eight dots of M = D/8, one per nibble position
     (accumulator m [D/8, heads]: columns 8j + m), so the widened words go to the dots as the
     asm leaves them: no join repacks each value pair into natural column order (32 PRMT a
@@ -526,14 +555,30 @@ def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1
         o5 = _opaque(o5, ASM)
         o6 = _opaque(o6, ASM)
         o7 = _opaque(o7, ASM)
-    a0 = tl.dot(tl.trans(o0), pd, acc=a0 * alpha[None, :], input_precision=PREC)
-    a1 = tl.dot(tl.trans(o1), pd, acc=a1 * alpha[None, :], input_precision=PREC)
-    a2 = tl.dot(tl.trans(o2), pd, acc=a2 * alpha[None, :], input_precision=PREC)
-    a3 = tl.dot(tl.trans(o3), pd, acc=a3 * alpha[None, :], input_precision=PREC)
-    a4 = tl.dot(tl.trans(o4), pd, acc=a4 * alpha[None, :], input_precision=PREC)
-    a5 = tl.dot(tl.trans(o5), pd, acc=a5 * alpha[None, :], input_precision=PREC)
-    a6 = tl.dot(tl.trans(o6), pd, acc=a6 * alpha[None, :], input_precision=PREC)
-    a7 = tl.dot(tl.trans(o7), pd, acc=a7 * alpha[None, :], input_precision=PREC)
+    if RESCALE:
+        a0 = a0 * alpha[None, :]
+    a0 = tl.dot(tl.trans(o0), pd, acc=a0, input_precision=PREC)
+    if RESCALE:
+        a1 = a1 * alpha[None, :]
+    a1 = tl.dot(tl.trans(o1), pd, acc=a1, input_precision=PREC)
+    if RESCALE:
+        a2 = a2 * alpha[None, :]
+    a2 = tl.dot(tl.trans(o2), pd, acc=a2, input_precision=PREC)
+    if RESCALE:
+        a3 = a3 * alpha[None, :]
+    a3 = tl.dot(tl.trans(o3), pd, acc=a3, input_precision=PREC)
+    if RESCALE:
+        a4 = a4 * alpha[None, :]
+    a4 = tl.dot(tl.trans(o4), pd, acc=a4, input_precision=PREC)
+    if RESCALE:
+        a5 = a5 * alpha[None, :]
+    a5 = tl.dot(tl.trans(o5), pd, acc=a5, input_precision=PREC)
+    if RESCALE:
+        a6 = a6 * alpha[None, :]
+    a6 = tl.dot(tl.trans(o6), pd, acc=a6, input_precision=PREC)
+    if RESCALE:
+        a7 = a7 * alpha[None, :]
+    a7 = tl.dot(tl.trans(o7), pd, acc=a7, input_precision=PREC)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -754,8 +799,15 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
             vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
         if PREFETCH != 2:
+            if ONE_PAGE == 2:
+                e0, e1 = _page_entries(BT_ROW, lo, hi, ring, BS, BLOCK_N, HAS_RING)
             for start in range(lo, hi, BLOCK_N):
-                if ONE_PAGE:
+                if ONE_PAGE == 2:  # this tile's entries were loaded a tile ago; the next tile's now
+                    n0, n1 = _page_entries(BT_ROW, start + BLOCK_N, hi, ring, BS, BLOCK_N, HAS_RING)
+                    nmask, base, row = _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH, BS, BLOCK_N)
+                    e0 = n0
+                    e1 = n1
+                elif ONE_PAGE:
                     nmask, base, row = _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
                                                       HAS_RING)
                 else:
@@ -778,7 +830,33 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                     s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
                     s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
                 s = tl.where(nmask[:, None], s, float("-inf"))
-                if LAZY:
+                if LAZY and V_WORDS == 4:  # (as _rescaled, over the eight accumulators)
+                    m_t = tl.max(s, 0)
+                    if tl.max(m_t - m_i, 0) > LAZY:
+                        m_new = tl.maximum(m_i, m_t)
+                        alpha = tl.exp2(m_i - m_new)
+                        if L_DEFER:
+                            l_acc = l_acc * alpha[None, :]
+                        else:
+                            l_i = l_i * alpha
+                        a0 = a0 * alpha[None, :]
+                        a1 = a1 * alpha[None, :]
+                        a2 = a2 * alpha[None, :]
+                        a3 = a3 * alpha[None, :]
+                        a4 = a4 * alpha[None, :]
+                        a5 = a5 * alpha[None, :]
+                        a6 = a6 * alpha[None, :]
+                        a7 = a7 * alpha[None, :]
+                        m_i = m_new
+                    p = tl.exp2(s - m_i[None, :])
+                    if L_DEFER:
+                        l_acc = l_acc + p
+                    else:
+                        l_i = l_i + tl.sum(p, 0)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
+                        C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), m_i, a0, a1, a2, a3, a4, a5, a6,
+                        a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ, False)
+                elif LAZY:
                     p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
                     va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                         ALIGN, DT, ASM, V_WORDS)
@@ -807,7 +885,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                     if V_WORDS == 4:
                         a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
                             C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), alpha, a0, a1, a2, a3, a4, a5, a6,
-                            a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ)
+                            a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ, True)
                     else:
                         acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
                     m_i = m_new
