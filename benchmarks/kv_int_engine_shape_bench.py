@@ -62,6 +62,16 @@ INT4 = {
     "opw4kw_n32st3": dict(one_page=True, v_words=4, k_words=1, block_n=32, num_stages=3),
     "opw4kwld_n32": dict(one_page=True, v_words=4, k_words=1, block_n=32, l_defer=True),
     "opw4kw_n16": dict(one_page=True, v_words=4, k_words=1, block_n=16),
+    # session 9, round 2: block-table entries a tile ahead (one_page 2), deferred sums (D), lazy rescale (L8)
+    "p2": dict(one_page=2, v_words=4, k_words=1),
+    "p2D": dict(one_page=2, v_words=4, k_words=1, l_defer=True),
+    "p2L8D": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8),
+    "p2D_r96": dict(one_page=2, v_words=4, k_words=1, l_defer=True, maxnreg=96),
+    "p2L8D_r96": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8, maxnreg=96),
+    "p2D_n32": dict(one_page=2, v_words=4, k_words=1, l_defer=True, block_n=32),
+    "p2L8D_n32": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8, block_n=32),
+    "p2D_n16": dict(one_page=2, v_words=4, k_words=1, l_defer=True, block_n=16),
+    "p2L8D_n16": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8, block_n=16),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
@@ -95,6 +105,7 @@ def main():
     ap.add_argument("--big-variants", default=BIG)
     ap.add_argument("--repeat", type=int, default=1, help="time each variant this many times (interleaved rounds)")
     ap.add_argument("--peers", default="fp8", help="float caches timed beside: fp8,bf16")
+    ap.add_argument("--profile-shape", default=None, help="with --profile-only: the shape's label (e.g. 32x8192)")
     ap.add_argument("--profile-only", action="store_true",
                     help="for ncu: the first shape only, each variant launched twice, nothing timed")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
@@ -120,6 +131,8 @@ def main():
         record(name="copy", TBps=bw / 1e12, device=torch.cuda.get_device_name())
     g = torch.Generator(device=dev).manual_seed(0)
     for label, lens in shapes(args.rows, args.big, *map(int, args.keys.split(","))):
+        if args.profile_only and args.profile_shape and label != args.profile_shape:
+            continue
         B = lens.numel()
         blocks = (lens + BS - 1) // BS
         nblk = int(blocks.sum())
