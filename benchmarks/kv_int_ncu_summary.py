@@ -18,6 +18,13 @@ KEYS = ("gpu__time_duration.sum", "smsp__issue_active.avg.pct_of_peak_sustained_
         "gpc__cycles_elapsed.avg.per_second", "smsp__average_warp_latency_per_inst_issued.ratio")
 
 
+def num(x):
+    try:
+        return float((x or "0").replace(",", ""))
+    except ValueError:
+        return 0.0
+
+
 def main(path):
     text = open(path).read()
     start = text.find('"ID"')
@@ -31,10 +38,10 @@ def main(path):
         u = dict(zip(head, units))
         print(f"ncu kernel {v.get('Kernel Name', '?')[:30]} id={v.get('ID')}")
         print("  " + " ".join(f"{k.split('__')[1][:40]}={v[k]}{u.get(k, '')}" for k in KEYS if k in v))
-        pipes = sorted(((float(v[k] or 0), k) for k in head if k.startswith("sm__inst_executed_pipe_")
-                        and k.endswith("pct_of_peak_sustained_active") and (v[k] or "0") != "0"), reverse=True)[:6]
+        pipes = sorted(((num(v[k]), k) for k in head if k.startswith("sm__inst_executed_pipe_")
+                        and k.endswith("pct_of_peak_sustained_active")), reverse=True)[:6]
         print("  pipes: " + " ".join(f"{k[len('sm__inst_executed_pipe_'):].split('.')[0]}={x:.1f}%" for x, k in pipes))
-        stalls = sorted(((float(v[k] or 0), k) for k in head if k.startswith("smsp__average_warps_issue_stalled_")
+        stalls = sorted(((num(v[k]), k) for k in head if k.startswith("smsp__average_warps_issue_stalled_")
                          and k.endswith("per_issue_active.ratio")), reverse=True)[:9]
         print("  stalls/issue: " + " ".join(
             f"{k[len('smsp__average_warps_issue_stalled_'):-len('_per_issue_active.ratio')]}={x:.2f}" for x, k in stalls))
