@@ -48,6 +48,30 @@ INT4 = {
     "n32qslds2": dict(block_n=32, qk_split=1, l_defer=True, splits=2),
     "n64": dict(block_n=64),
     "n64s2": dict(block_n=64, splits=2),
+    # session 9: op one_page (scalar block-table entries), w4 V as eight nibble-position dots, kw the same for K
+    "op": dict(one_page=True),
+    "w4": dict(v_words=4),
+    "kw": dict(k_words=1),
+    "opw4kw": dict(one_page=True, v_words=4, k_words=1),
+    "opw4kw_s16": dict(one_page=True, v_words=4, k_words=1, splits=16),
+    "opw4kw_s4": dict(one_page=True, v_words=4, k_words=1, splits=4),
+    "opw4kw_st3": dict(one_page=True, v_words=4, k_words=1, num_stages=3),
+    "opw4kwld": dict(one_page=True, v_words=4, k_words=1, l_defer=True),
+    "opw4kw_n32": dict(one_page=True, v_words=4, k_words=1, block_n=32),
+    "opw4kw_n32s2": dict(one_page=True, v_words=4, k_words=1, block_n=32, splits=2),
+    "opw4kw_n32st3": dict(one_page=True, v_words=4, k_words=1, block_n=32, num_stages=3),
+    "opw4kwld_n32": dict(one_page=True, v_words=4, k_words=1, block_n=32, l_defer=True),
+    "opw4kw_n16": dict(one_page=True, v_words=4, k_words=1, block_n=16),
+    # session 9, round 2: block-table entries a tile ahead (one_page 2), deferred sums (D), lazy rescale (L8)
+    "p2": dict(one_page=2, v_words=4, k_words=1),
+    "p2D": dict(one_page=2, v_words=4, k_words=1, l_defer=True),
+    "p2L8D": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8),
+    "p2D_r96": dict(one_page=2, v_words=4, k_words=1, l_defer=True, maxnreg=96),
+    "p2L8D_r96": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8, maxnreg=96),
+    "p2D_n32": dict(one_page=2, v_words=4, k_words=1, l_defer=True, block_n=32),
+    "p2L8D_n32": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8, block_n=32),
+    "p2D_n16": dict(one_page=2, v_words=4, k_words=1, l_defer=True, block_n=16),
+    "p2L8D_n16": dict(one_page=2, v_words=4, k_words=1, l_defer=True, lazy=8, block_n=16),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
@@ -79,7 +103,9 @@ def main():
     ap.add_argument("--keys", default="1000,2000", help="the rows' key counts: uniform in [LO, HI]")
     ap.add_argument("--variants", default="default,s2,n32,qsld,r96")
     ap.add_argument("--big-variants", default=BIG)
+    ap.add_argument("--repeat", type=int, default=1, help="time each variant this many times (interleaved rounds)")
     ap.add_argument("--peers", default="fp8", help="float caches timed beside: fp8,bf16")
+    ap.add_argument("--profile-shape", default=None, help="with --profile-only: the shape's label (e.g. 32x8192)")
     ap.add_argument("--profile-only", action="store_true",
                     help="for ncu: the first shape only, each variant launched twice, nothing timed")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
@@ -105,6 +131,8 @@ def main():
         record(name="copy", TBps=bw / 1e12, device=torch.cuda.get_device_name())
     g = torch.Generator(device=dev).manual_seed(0)
     for label, lens in shapes(args.rows, args.big, *map(int, args.keys.split(","))):
+        if args.profile_only and args.profile_shape and label != args.profile_shape:
+            continue
         B = lens.numel()
         blocks = (lens + BS - 1) // BS
         nblk = int(blocks.sum())
@@ -135,17 +163,18 @@ def main():
             torch.cuda.synchronize()
             return
         ref = packed_decode(q, cache, table, nc, scale, max_seq_len=int(lens.max()), fast=False).float()
-        for name in (args.big_variants if label.startswith("32x") else args.variants).split(","):
-            kw = INT4[name]
-            try:
-                fn = lambda: packed_decode(q, cache, table, nc, scale, **kw)  # noqa: E731
-                d = (fn().float() - ref).abs().max().item()
-                ms = timed(fn)
-                nbytes = keys * per_tok
-                record(name="int4", shape=label, variant=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
-                       frac=nbytes / (ms / 1e3) / bw, d=d)
-            except Exception as e:
-                record(name="int4", shape=label, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+        for rep in range(args.repeat):
+            for name in (args.big_variants if label.startswith("32x") else args.variants).split(","):
+                kw = INT4[name]
+                try:
+                    fn = lambda: packed_decode(q, cache, table, nc, scale, **kw)  # noqa: E731
+                    d = (fn().float() - ref).abs().max().item()
+                    ms = timed(fn)
+                    nbytes = keys * per_tok
+                    record(name="int4", shape=label, variant=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
+                           frac=nbytes / (ms / 1e3) / bw, d=d, rep=rep)
+                except Exception as e:
+                    record(name="int4", shape=label, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
         del cache
         torch.cuda.empty_cache()
         peers = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}

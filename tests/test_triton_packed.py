@@ -81,6 +81,9 @@ DECODE = {
     "gqa": dict(computed=[5, 40, 17], H=8, KVH=2, D=64),
     "mqa-splits": dict(computed=[130, 3], H=4, KVH=1, D=32, splits=4),
     "window-softcap": dict(computed=[50, 9], H=4, KVH=2, D=64, window=16, softcap=30.0),
+    "d128": dict(computed=[40, 70, 3], H=8, KVH=2, D=128),  # (the nibble-position dots need D >= 128)
+    "d128-splits": dict(computed=[130, 17], H=4, KVH=1, D=128, splits=3),
+    "d128-window": dict(computed=[50, 9], H=4, KVH=2, D=128, window=21, softcap=30.0),
 }
 
 
@@ -137,6 +140,22 @@ def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
     """The running max moved only past a threshold (the accumulators' rescale skipped on the
     other tiles): the reference's values. 16-key tiles: many tiles a split, both branches taken."""
     check_decode(kv, case, fast=True, keys_on_m=True, v_words=3 if kv == "int4" else 0, lazy=lazy, block_n=16)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int4,int8", "int8,int4"])
+@pytest.mark.parametrize("case", ["d128", "d128-splits", "d128-window"])
+@pytest.mark.parametrize("block_n", [16, 32])
+@pytest.mark.parametrize("v_words,k_words,one_page,lazy,l_defer", [
+    (4, 0, 0, 0, False), (3, 1, 0, 0, False), (3, 0, 1, 0, False), (4, 1, 1, 0, False), (4, 1, 2, 0, False),
+    (4, 1, 2, 1, False), (4, 1, 2, 1, True)])
+def test_packed_decode_nibble_dots_and_page_tiles_equal_reference(kv, case, block_n, v_words, k_words, one_page, lazy,
+                                                                   l_defer):
+    """Issue 16, session 9: int4 V (``v_words`` 4) and K (``k_words``) as eight dots, one per
+    nibble position, tiles' block-table entries read as scalars (``one_page`` 1; 32-key tiles
+    span two pages of 16), a tile ahead (2), the lazy rescale over the eight accumulators: the
+    reference's values, ragged last tiles and splits included."""
+    check_decode(kv, case, fast=True, keys_on_m=True, fused=True, lazy=lazy, block_n=block_n, num_warps=1,
+                 v_words=v_words, k_words=k_words, one_page=one_page, l_defer=l_defer)
 
 
 @gpu

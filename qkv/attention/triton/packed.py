@@ -68,6 +68,12 @@ QK_SPLIT = {4: 0, 8: 0}
 # keys leave single-split programs unevenly long (benchmarks/kv_int_engine_shape_bench.py).
 MIN_SPLITS = {4: 1, 8: 1}
 L_DEFER = {4: False, 8: False}
+# Fast kernel, keys on M, no window (issue 16, session 9): tiles aligned to pages (BLOCK_N divides the
+# block size or is twice it) read their block-table entries as scalars (1), loaded a tile ahead (2).
+ONE_PAGE = 0
+# int4 K loaded as words and scored as eight dots of depth D/8, one per nibble position (D >= 128;
+# keys on M, not LAZY): no byte is split out of the words and no join repacks the widened values.
+K_WORDS = 0
 
 
 @triton.jit
@@ -383,7 +389,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   keys_on_m: bool | None = None, v_words: int | None = None,
                   prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
                   lazy: int | None = None, qk_split: int | None = None, l_defer: bool | None = None,
-                  rotate: bool = True) -> torch.Tensor:
+                  one_page: int | None = None, k_words: int | None = None, rotate: bool = True) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
@@ -410,6 +416,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
+    if v_words == 4 and not (keys_on_m and D >= 128):  # (dots of M = D/8 >= 16 rows, keys on M)
+        v_words = 3
     prefetch = int(PREFETCH if prefetch is None else prefetch) if keys_on_m else 0
     if prefetch == 2 and not (kp.fmt.bits == 4 and vp.fmt.bits == 4):
         prefetch = 0
@@ -418,16 +426,25 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     nbits = min(kp.fmt.bits, vp.fmt.bits)
     fused = bool(FUSED[nbits] if fused is None else fused)
     # (the lazy rescale: keys on M, V in halves)
-    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3) and prefetch != 1 else 0
+    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3, 4) and prefetch != 1 else 0
+    if v_words == 4:
+        prefetch = 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
-    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if keys_on_m and not lazy and prefetch != 2 else False
+    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if (
+        keys_on_m and (not lazy or v_words == 4) and prefetch != 2) else False
     tiling = FAST_TILING[nbits] if fast else (64, 4, 3)
     if fast and B * kvh >= MANY_ROWS and nbits in FAST_TILING_MANY_ROWS:
         tiling = FAST_TILING_MANY_ROWS[nbits]
     if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
         tiling = (16,) + tiling[1:]
     block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
+    one_page = int((ONE_PAGE if one_page is None else one_page) or 0) if (
+        keys_on_m and prefetch != 2 and window is None
+        and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size)) else 0
+    # (int4 K as eight dots of depth D/8: D >= 128)
+    k_words = int((K_WORDS if k_words is None else k_words) or 0) if (
+        keys_on_m and kp.fmt.bits == 4 and D >= 128 and prefetch != 2) else 0
     # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
     # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
     # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
@@ -445,7 +462,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # rotated back; the fast kernel rotates both in registers (with splits, the merge rotates the
     # output), the others by a GEMM each here.
     rot_q = bool(fast and kp.rotated and rotate and ROT_IN_KERNEL)
-    rot_o = bool(fast and vp.rotated and rotate and v_words in (0, 3) and ROT_IN_KERNEL)
+    rot_o = bool(fast and vp.rotated and rotate and v_words in (0, 3, 4) and ROT_IN_KERNEL)
     if kp.rotated and rotate and not rot_q:
         q = _rotate(q)
     if out is None or (vp.rotated and rotate and not rot_o):
@@ -466,7 +483,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                                         *common, ASM=0 if INTERPRET else 2 if fused else 1,
                                         KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
                                         ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1, QK_SPLIT=qk_split,
-                                        L_DEFER=l_defer,
+                                        L_DEFER=l_defer, ONE_PAGE=one_page, K_WORDS=k_words,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),

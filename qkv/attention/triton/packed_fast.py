@@ -342,6 +342,58 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
     return nmask, blk * page_bytes, (pos % BS) * KVH + kvh
 
 
+@triton.jit
+def _page_entries(BT_ROW, start, hi, ring, BS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
+    """The block-table entries (scalars) of a page-aligned tile's page(s): (first, second; the
+    second is the first when BLOCK_N <= BS). Past ``hi``: 0 (not read)."""
+    pg = start // BS
+    if HAS_RING:
+        pg = pg % ring
+    e0 = tl.load(BT_ROW + pg, mask=start < hi, other=0)
+    e1 = e0
+    if BLOCK_N > BS:
+        pg2 = start // BS + 1
+        if HAS_RING:
+            pg2 = pg2 % ring
+        e1 = tl.load(BT_ROW + pg2, mask=start + BS < hi, other=0)
+    return e0, e1
+
+
+@triton.jit
+def _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``_keys_one_page`` from entries ``_page_entries`` loaded earlier (``ONE_PAGE`` 2: a tile
+    ahead, so the copies' addresses never wait on a block-table load)."""
+    pos = start + tl.arange(0, BLOCK_N)
+    if BLOCK_N > BS:
+        base = tl.where(tl.arange(0, BLOCK_N) < BS, e0.to(tl.int64) * page_bytes, e1.to(tl.int64) * page_bytes)
+    else:
+        base = tl.zeros([BLOCK_N], tl.int64) + e0.to(tl.int64) * page_bytes
+    return pos < hi, base, (pos % BS) * KVH + kvh
+
+
+@triton.jit
+def _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
+                   BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
+    """``_keys`` for tiles aligned to pages (``ONE_PAGE``: tiles start at multiples of BLOCK_N,
+    and BLOCK_N divides BS or is 2 BS): a tile's block-table entries are one or two scalar
+    loads and its page offsets scalars (splat), not a load and a 64-bit product per key."""
+    pos = start + tl.arange(0, BLOCK_N)
+    pg = start // BS
+    if BLOCK_N > BS:  # two pages
+        pg2 = pg + 1
+        if HAS_RING:
+            pg2 = pg2 % ring
+        blk2 = tl.load(BT_ROW + pg2, mask=start + BS < hi, other=0).to(tl.int64) * page_bytes
+    if HAS_RING:
+        pg = pg % ring
+    blk = tl.load(BT_ROW + pg).to(tl.int64) * page_bytes
+    if BLOCK_N > BS:
+        base = tl.where(tl.arange(0, BLOCK_N) < BS, blk, blk2)
+    else:
+        base = tl.zeros([BLOCK_N], tl.int64) + blk
+    return pos < hi, base, (pos % BS) * KVH + kvh
+
+
 # int4 by words in bf16, one fma per value pair (as mla_packed.I4F_ASM): pack=2 over words
 # w0 ($8), w1 ($9) of one key; output m holds nibble m of both; $10 the scales, $11 -136 s.
 I4WF_ASM_BF16 = tl.constexpr("\n".join(
@@ -391,6 +443,18 @@ def _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constex
 @triton.jit
 def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
     """Words and codes (as ``_int4_words_raw``) -> the even and the odd half, as ``_int4_word_halves``."""
+    o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM)
+    # word j's even columns 8j, 8j + 2, 8j + 4, 8j + 6 are nibbles 0, 2, 4, 6: half columns 4j .. 4j + 3
+    # (nested joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
+    lo = tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (BLOCK_N, D // 2))
+    hi = tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (BLOCK_N, D // 2))
+    return lo, hi
+
+
+@triton.jit
+def _widen_words8(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """Words and codes (as ``_int4_words_raw``) -> eight [BLOCK_N, D/8] tiles, tile m holding
+    nibble m of every word (column 8j + m of word j), dequantized to DT."""
     W: tl.constexpr = D // 8
     NG: tl.constexpr = D // 16
     s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
@@ -417,11 +481,105 @@ def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.cons
         o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
         o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
         o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
-    # word j's even columns 8j, 8j + 2, 8j + 4, 8j + 6 are nibbles 0, 2, 4, 6: half columns 4j .. 4j + 3
-    # (nested joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
-    lo = tl.reshape(tl.join(tl.join(o0, o4), tl.join(o2, o6)), (BLOCK_N, D // 2))
-    hi = tl.reshape(tl.join(tl.join(o1, o5), tl.join(o3, o7)), (BLOCK_N, D // 2))
-    return lo, hi
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+@triton.jit
+def _natural8(t0, t1, t2, t3, t4, t5, t6, t7, R: tl.constexpr, D: tl.constexpr):
+    """Eight [R, D/8] tiles (tile m: columns 8j + m) -> [R, D] in natural column order: the nested
+    joins' innermost pairs are (m, m + 4), then + 2, then + 1, so the flat index is 8j + m."""
+    t = tl.join(tl.join(tl.join(t0, t4), tl.join(t2, t6)), tl.join(tl.join(t1, t5), tl.join(t3, t7)))
+    return tl.reshape(t, (R, D))
+
+
+@triton.jit
+def _split8(x, R: tl.constexpr, D: tl.constexpr):
+    """[R, D] -> eight [R, D/8] tiles, tile m holding columns 8j + m (``_natural8``'s inverse)."""
+    c0, c1 = tl.split(tl.reshape(x, (R, D // 8, 2, 2, 2)))  # the last dim is bit 0 of m, then bit 1, bit 2
+    c0b0, c0b1 = tl.split(c0)
+    c1b0, c1b1 = tl.split(c1)
+    t0, t4 = tl.split(c0b0)
+    t2, t6 = tl.split(c0b1)
+    t1, t5 = tl.split(c1b0)
+    t3, t7 = tl.split(c1b1)
+    return t0, t1, t2, t3, t4, t5, t6, t7
+
+
+@triton.jit
+def _qk_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, q0, q1, q2, q3, q4, q5, q6, q7,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+                PREC: tl.constexpr, OPQ: tl.constexpr):
+    """``K_WORDS``: an int4 K tile's scores [keys, heads] as one chain of eight dots of depth
+    D/8, one per nibble position (``q<m>`` [D/8, heads]: the query's columns 8j + m), the widened
+    words straight from the asm (no byte split out of the words, no join)."""
+    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM)
+    if OPQ == 2:
+        o0 = _opaque(o0, ASM)
+        o1 = _opaque(o1, ASM)
+        o2 = _opaque(o2, ASM)
+        o3 = _opaque(o3, ASM)
+        o4 = _opaque(o4, ASM)
+        o5 = _opaque(o5, ASM)
+        o6 = _opaque(o6, ASM)
+        o7 = _opaque(o7, ASM)
+    s = tl.dot(o0, q0, input_precision=PREC)
+    s = tl.dot(o1, q1, acc=s, input_precision=PREC)
+    s = tl.dot(o2, q2, acc=s, input_precision=PREC)
+    s = tl.dot(o3, q3, acc=s, input_precision=PREC)
+    s = tl.dot(o4, q4, acc=s, input_precision=PREC)
+    s = tl.dot(o5, q5, acc=s, input_precision=PREC)
+    s = tl.dot(o6, q6, acc=s, input_precision=PREC)
+    s = tl.dot(o7, q7, acc=s, input_precision=PREC)
+    return s
+
+
+@triton.jit
+def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1, a2, a3, a4, a5, a6, a7,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+                PREC: tl.constexpr, OPQ: tl.constexpr, RESCALE: tl.constexpr):
+    """``V_WORDS`` 4: an int4 V tile's P @ V as eight dots of M = D/8, one per nibble position
+    (accumulator m [D/8, heads]: columns 8j + m), so the widened words go to the dots as the
+    asm leaves them: no join repacks each value pair into natural column order (32 PRMT a
+    16-key tile), the output's columns are permuted once, after the loop (``_natural8``)."""
+    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    if OPQ == 1 and ASM:
+        w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM)
+    if OPQ == 2:
+        o0 = _opaque(o0, ASM)
+        o1 = _opaque(o1, ASM)
+        o2 = _opaque(o2, ASM)
+        o3 = _opaque(o3, ASM)
+        o4 = _opaque(o4, ASM)
+        o5 = _opaque(o5, ASM)
+        o6 = _opaque(o6, ASM)
+        o7 = _opaque(o7, ASM)
+    if RESCALE:
+        a0 = a0 * alpha[None, :]
+    a0 = tl.dot(tl.trans(o0), pd, acc=a0, input_precision=PREC)
+    if RESCALE:
+        a1 = a1 * alpha[None, :]
+    a1 = tl.dot(tl.trans(o1), pd, acc=a1, input_precision=PREC)
+    if RESCALE:
+        a2 = a2 * alpha[None, :]
+    a2 = tl.dot(tl.trans(o2), pd, acc=a2, input_precision=PREC)
+    if RESCALE:
+        a3 = a3 * alpha[None, :]
+    a3 = tl.dot(tl.trans(o3), pd, acc=a3, input_precision=PREC)
+    if RESCALE:
+        a4 = a4 * alpha[None, :]
+    a4 = tl.dot(tl.trans(o4), pd, acc=a4, input_precision=PREC)
+    if RESCALE:
+        a5 = a5 * alpha[None, :]
+    a5 = tl.dot(tl.trans(o5), pd, acc=a5, input_precision=PREC)
+    if RESCALE:
+        a6 = a6 * alpha[None, :]
+    a6 = tl.dot(tl.trans(o6), pd, acc=a6, input_precision=PREC)
+    if RESCALE:
+        a7 = a7 * alpha[None, :]
+    a7 = tl.dot(tl.trans(o7), pd, acc=a7, input_precision=PREC)
+    return a0, a1, a2, a3, a4, a5, a6, a7
 
 
 @triton.jit
@@ -525,7 +683,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
                        KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
                        LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
-                       LOG2D: tl.constexpr = 7, QK_SPLIT: tl.constexpr = 0, L_DEFER: tl.constexpr = False):
+                       LOG2D: tl.constexpr = 7, QK_SPLIT: tl.constexpr = 0, L_DEFER: tl.constexpr = False,
+                       ONE_PAGE: tl.constexpr = False, V_OPQ: tl.constexpr = 2, K_WORDS: tl.constexpr = 0):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -570,10 +729,33 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     else:
         qa = tl.load(qp + ka_c[None, :], mask=gmask[:, None], other=0.0)  # the query's columns of K's halves
         qb = tl.load(qp + kb_c[None, :], mask=gmask[:, None], other=0.0)
+    if K_WORDS:  # the query's columns 8j + m for nibble position m, [D/8, heads] (_qk_nibbles)
+        if ROT_Q:
+            qw = qn
+        else:
+            qw = tl.load(qp + tl.arange(0, D)[None, :], mask=gmask[:, None], other=0.0)
+        q0, q1, q2, q3, q4, q5, q6, q7 = _split8(qw, G_PAD, D)
+        q0 = tl.trans(q0)
+        q1 = tl.trans(q1)
+        q2 = tl.trans(q2)
+        q3 = tl.trans(q3)
+        q4 = tl.trans(q4)
+        q5 = tl.trans(q5)
+        q6 = tl.trans(q6)
+        q7 = tl.trans(q7)
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     if L_DEFER:  # per-element partial sums of p (keys on M, not LAZY): summed over the keys once, after the loop
         l_acc = tl.zeros([BLOCK_N, G_PAD], tl.float32)
+    if V_WORDS == 4:  # one accumulator [D/8, heads] per nibble position (_pv_nibbles)
+        a0 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a1 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a2 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a3 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a4 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a5 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a6 = tl.zeros([D // 8, G_PAD], tl.float32)
+        a7 = tl.zeros([D // 8, G_PAD], tl.float32)
     if KEYS_ON_M == 2:  # accumulators [columns, heads]
         acc_a = tl.zeros([VW, G_PAD], tl.float32)
         acc_b = tl.zeros([VW, G_PAD], tl.float32)
@@ -617,11 +799,29 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
             vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
         if PREFETCH != 2:
+            if ONE_PAGE == 2:
+                e0, e1 = _page_entries(BT_ROW, lo, hi, ring, BS, BLOCK_N, HAS_RING)
             for start in range(lo, hi, BLOCK_N):
-                nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
-                ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
-                                 C32)
-                if QK_SPLIT and not HAS_SOFTCAP:
+                if ONE_PAGE == 2:  # this tile's entries were loaded a tile ago; the next tile's now
+                    n0, n1 = _page_entries(BT_ROW, start + BLOCK_N, hi, ring, BS, BLOCK_N, HAS_RING)
+                    nmask, base, row = _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH, BS, BLOCK_N)
+                    e0 = n0
+                    e1 = n1
+                elif ONE_PAGE:
+                    nmask, base, row = _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                                      HAS_RING)
+                else:
+                    nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+                if K_WORDS:
+                    s = _qk_nibbles(C32, C8, base, k_vals, k_scales, row, nmask, q0, q1, q2, q3, q4, q5, q6, q7, D,
+                                    BLOCK_N, ALIGN, DT, ASM, PREC, K_WORDS)
+                    s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+                else:
+                    ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT,
+                                     ASM, C32)
+                if K_WORDS:
+                    pass
+                elif QK_SPLIT and not HAS_SOFTCAP:
                     # two independent MMA chains of depth D/2 (one per half), each scaled, then summed
                     # (a plain sum of two dots is folded back into one chain by Triton's dot + add rewrite)
                     c2 = sm_scale * 1.4426950408889634
@@ -630,7 +830,33 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                     s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
                     s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
                 s = tl.where(nmask[:, None], s, float("-inf"))
-                if LAZY:
+                if LAZY and V_WORDS == 4:  # (as _rescaled, over the eight accumulators)
+                    m_t = tl.max(s, 0)
+                    if tl.max(m_t - m_i, 0) > LAZY:
+                        m_new = tl.maximum(m_i, m_t)
+                        alpha = tl.exp2(m_i - m_new)
+                        if L_DEFER:
+                            l_acc = l_acc * alpha[None, :]
+                        else:
+                            l_i = l_i * alpha
+                        a0 = a0 * alpha[None, :]
+                        a1 = a1 * alpha[None, :]
+                        a2 = a2 * alpha[None, :]
+                        a3 = a3 * alpha[None, :]
+                        a4 = a4 * alpha[None, :]
+                        a5 = a5 * alpha[None, :]
+                        a6 = a6 * alpha[None, :]
+                        a7 = a7 * alpha[None, :]
+                        m_i = m_new
+                    p = tl.exp2(s - m_i[None, :])
+                    if L_DEFER:
+                        l_acc = l_acc + p
+                    else:
+                        l_i = l_i + tl.sum(p, 0)
+                    a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
+                        C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), m_i, a0, a1, a2, a3, a4, a5, a6,
+                        a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ, False)
+                elif LAZY:
                     p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
                     va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                         ALIGN, DT, ASM, V_WORDS)
@@ -653,10 +879,15 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                         v = va
                         vx = nx
                         vc = nc
-                    else:
+                    elif V_WORDS != 4:
                         va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                             ALIGN, DT, ASM, V_WORDS)
-                    acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
+                    if V_WORDS == 4:
+                        a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
+                            C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), alpha, a0, a1, a2, a3, a4, a5, a6,
+                            a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ, True)
+                    else:
+                        acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
                     m_i = m_new
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
@@ -676,6 +907,21 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             m_i = m_new
     if L_DEFER:
         l_i = tl.sum(l_acc, 0)
+    if V_WORDS == 4:  # the nibble positions' accumulators -> [heads, D] in natural column order
+        on = _natural8(tl.trans(a0), tl.trans(a1), tl.trans(a2), tl.trans(a3), tl.trans(a4), tl.trans(a5),
+                       tl.trans(a6), tl.trans(a7), G_PAD, D)
+        if S == 1:
+            on = on / l_i[:, None]
+            if ROT_O:
+                on = _fwht(on, G_PAD, D, LOG2D)
+            tl.store(OUT + qrow * stride_ot + heads[:, None] * stride_oh + tl.arange(0, D)[None, :],
+                     on.to(OUT.dtype.element_ty), mask=gmask[:, None])
+        else:
+            rowc = (b * KVH * G + heads) * S + split
+            tl.store(ACC + rowc[:, None] * D + tl.arange(0, D)[None, :], on, mask=gmask[:, None])
+            tl.store(ML + rowc * 2, m_i, mask=gmask)
+            tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
+        return
     if KEYS_ON_M == 2:
         out_a = tl.trans(acc_a)
         out_b = tl.trans(acc_b)
