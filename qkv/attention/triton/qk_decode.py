@@ -34,9 +34,6 @@ FUSE_ATTEND = os.environ.get("QKV_FUSE_QK_ATTEND", "0") == "1"
 # decode kernel with the merge above (QKV_FUSE_ROPE_KV=1; else rope_qk, write_kv, decode and,
 # past 8 splits, its combine: four launches).
 FUSE_ROPE_KV = os.environ.get("QKV_FUSE_ROPE_KV", "0") == "1"  # off: no gain measured (benchmarks.md)
-# With the stream kernels (stream.py), Llama's RoPE and KV write run in the epilogue of the qkv
-# projection itself (qkv_rope.py): QKV_FUSE_QKV_ROPE=1.
-FUSE_QKV_ROPE = os.environ.get("QKV_FUSE_QKV_ROPE", "0") == "1"
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -83,28 +80,3 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
                         query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
                         static_inputs=batch.graph and pdl.MODE != 0)
-
-
-def rope_attend_applies(attn, stream, batch: AttentionBatch) -> bool:
-    """Whether ``rope_attend`` takes this layer's attention (Llama, the stream kernels' input)."""
-    from qkv.attention.triton import qkv_rope
-
-    return (FUSE_QKV_ROPE and attn.q_norm is None and applies(attn, stream.s, batch)
-            and qkv_rope.fits(attn.qkv_proj, attn.num_heads, attn.num_kv_heads, attn.head_dim))
-
-
-def rope_attend(attn, stream, norm, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-    """Attention output [1, H * D] of one decode row: the normed qkv projection with RoPE and
-    the KV write in its epilogue (qkv_rope.py), then the decode kernel (with the merge)."""
-    from qkv.attention.triton.qkv_rope import qkv_rope
-
-    g = attn.group
-    _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
-    static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
-    q = qkv_rope(stream, norm.weight, norm.eps, attn.qkv_proj, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                 index, cos_t, sin_t, attn.kv_cache, batch.slot_mappings[g], static=static)
-    out = paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
-                       max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
-                       query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
-                       static_inputs=batch.graph and pdl.MODE != 0)
-    return out.reshape(1, attn.q_size)
