@@ -15,9 +15,13 @@ dependent launch (pdl.py's modes 1 and 2), ``merge`` lets the decode kernel merg
 splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` runs q/k norm,
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
-PDL. ``default`` (the shipped default) is ``pdl2_merge``; ``k1024`` is it with PDL's GEMVs on
-the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a program for
-N > 2048 (4 otherwise). Records, one JSON
+PDL. ``s7`` (session 7's default) is ``pdl2_merge`` with Llama-8B's qkv and gate/up on the
+Triton GEMV and the Triton argmax; ``default`` (the shipped default) adds, for hidden sizes past
+the norm prologue's (Llama-8B), the residual add + next norm in the o_proj / down GEMVs
+(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is it with
+PDL's GEMVs on the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a
+program for N > 2048 (4 otherwise); the Llama-8B variants are listed above their table below.
+``--timeline``/``--gemv-sweep``: step_timeline.py. Records, one JSON
 line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
 with ``--profile`` the per-kernel profile of the best variant.
