@@ -80,6 +80,7 @@ VARIANTS.update({
 # Llama-8B (sessions 7 and 9), over ``s7`` (session 7's default) or ``default``: ``rk`` Llama's
 # RoPE + KV write in one launch with the decode kernel merging its splits; ``ef`` weight loads
 # evict-first; ``k2`` every 8B GEMV in 2048-wide chunks with 8 warps; ``torch`` torch's argmax;
+# ``att`` RoPE, KV write, decode and merge in one launch (qk_attend.py without norms);
 # ``ropekv``/``wide`` over ``main`` (session 7's round 1).
 _K2 = "6144x4096:4:2048:8,28672x4096:4:2048:8,4096x4096:4:2048:8,4096x14336:4:2048:8"
 _T8 = "6144x4096:8:512:4,28672x4096:8:512:4,4096x4096:8:512:4,4096x14336:8:512:4"
@@ -93,7 +94,8 @@ VARIANTS.update({
     "rk_ef": dict(_7, rope_kv=True, evict=True), "rk_ef_k2": dict(_7, rope_kv=True, evict=True, tiles=_K2),
     "tail": dict(_D, gus=False), "d_rk": dict(_D, rope_kv=True), "d_rk_ef": dict(_D, rope_kv=True, evict=True),
     "d_rk_ef_k2": dict(_D, rope_kv=True, evict=True, tiles=_K2), "d_ef": dict(_D, evict=True),
-    "d_k2": dict(_D, tiles=_K2),
+    "d_k2": dict(_D, tiles=_K2), "d_att": dict(_D, rope_kv=True, attend=True),
+    "d_att_ef": dict(_D, rope_kv=True, attend=True, evict=True),
 })
 
 

@@ -258,6 +258,27 @@ def test_gate_up_silu_matches_linear_then_silu_mul(I, K):
 
 
 @gpu
+@pytest.mark.parametrize("attend", [False, True])
+def test_llama_rope_kv_and_one_launch_attention_greedy_match_torch(tiny_model, all_shapes, monkeypatch, attend):
+    """Llama's RoPE + KV write in one launch with the decode kernel's in-kernel merge, or all
+    of it in one launch (qk_attend.py without norms), with the tail norms forced on, in CUDA
+    graphs with PDL: the plain torch path's greedy tokens (a 150-token prompt: 3 splits)."""
+    from qkv.attention.triton import qk_decode, tail_norm
+
+    path, _ = tiny_model("llama")
+    want = _greedy(path, False, monkeypatch, lens=(7, 150))
+    monkeypatch.setattr(tail_norm, "ALL_WIDTHS", True)
+    monkeypatch.setattr(tail_norm, "ON", True)
+    monkeypatch.setattr(qk_decode, "FUSE_ROPE_KV", True)
+    monkeypatch.setattr(qk_decode, "FUSE_ATTEND", attend)
+    calls = []
+    real = qk_decode.qk_attend
+    monkeypatch.setattr(qk_decode, "qk_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _greedy(path, True, monkeypatch, lens=(7, 150)) == want
+    assert bool(calls) == attend
+
+
+@gpu
 @pytest.mark.parametrize("family,pdl_mode,switch", [("qwen3", 1, None), ("qwen3", 2, "MERGE"), ("qwen3", 0, "MERGE"),
                                                     ("qwen3", 0, "FUSE_ATTEND"), ("qwen3", 2, "FUSE_ATTEND"),
                                                     ("llama", 1, None)])

@@ -61,6 +61,11 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     qn, kn = attn.q_norm, attn.k_norm
     if qn is None:  # Llama: RoPE and the KV write in one launch, then the decode kernel
         static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
+        if FUSE_ATTEND and qkv is not None and D & (D - 1) == 0 and qkv.stride(1) == 1:  # or all in one
+            splits = SPLITS or num_splits(batch.num_seqs, attn.num_kv_heads, decode_keys(batch, batch.max_seq_len), 64)
+            return qk_attend(qkv, attn.num_heads, None, None, 0.0, index, cos_t, sin_t, attn.kv_cache,
+                             batch.slot_mappings[g], batch.block_tables[g], batch.num_computed,
+                             batch.query_start_loc, attn.scale, splits, static=static)
         q, _ = fused.qk_norm_rope(index, cos_t, sin_t, q, k, None, None, 0.0, v=v, kv_cache=attn.kv_cache,
                                   slot_mapping=batch.slot_mappings[g], static=static)
         return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
