@@ -9,8 +9,8 @@ set -u
 export OUT_DIR=${OUT_DIR:-out}
 mkdir -p "$OUT_DIR"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/tc_b18b}
-VARIANTS=${VARIANTS:-s7,default,d_rk,d_rk_ef,d_att}
-TIMELINE=${TIMELINE:-default}
+VARIANTS=${VARIANTS:-default,s9,d_rk,d_rk_ef,d_att}
+TIMELINE=${TIMELINE:-s9}
 SWEEP=${SWEEP:-}
 RUNS=${RUNS:-3}
 TOTAL=${TOTAL:-322}

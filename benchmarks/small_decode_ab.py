@@ -15,10 +15,10 @@ dependent launch (pdl.py's modes 1 and 2), ``merge`` lets the decode kernel merg
 splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` runs q/k norm,
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
-PDL. ``s7`` (session 7's default) is ``pdl2_merge`` with Llama-8B's qkv and gate/up on the
-Triton GEMV and the Triton argmax; ``default`` (the shipped default) adds, for hidden sizes past
+PDL. ``default`` (the shipped default, = ``s7``, session 7's) is ``pdl2_merge`` with Llama-8B's
+qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` adds, for hidden sizes past
 the norm prologue's (Llama-8B), the residual add + next norm in the o_proj / down GEMVs
-(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is it with
+(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is ``default`` with
 PDL's GEMVs on the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a
 program for N > 2048 (4 otherwise); the Llama-8B variants are listed above their table below.
 ``--timeline``/``--gemv-sweep``: step_timeline.py. Records, one JSON
@@ -61,9 +61,10 @@ VARIANTS = {
                  pdl=2, merge=True, torch_argmax=True),
     # session 7: Llama-8B's qkv and gate/up on the Triton GEMV, greedy tokens by the Triton argmax
     "s7": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),  # the shipped one (= s7)
     # session 9: the residual add and next norm in the o_proj / down GEMVs' last program (tail_norm.py),
     # SiLU-and-mul in the gate/up GEMV (gate_up_silu.py)
-    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
+    "s9": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
@@ -77,7 +78,7 @@ VARIANTS.update({
     "pdl2_attend": dict(_D, pdl=2, attend=True), "fullk": dict(_D, full_k=True),
     "k1024": dict(VARIANTS["default"], pdl_full_k=False), "bn8": dict(VARIANTS["default"], pdl_block_n=8),
 })
-# Llama-8B (sessions 7 and 9), over ``s7`` (session 7's default) or ``default``: ``rk`` Llama's
+# Llama-8B (sessions 7 and 9), over ``s7`` (session 7's default) or ``s9`` (the ``d_`` ones): ``rk`` Llama's
 # RoPE + KV write in one launch with the decode kernel merging its splits; ``ef`` weight loads
 # evict-first; ``k2`` every 8B GEMV in 2048-wide chunks with 8 warps; ``torch`` torch's argmax;
 # ``att`` RoPE, KV write, decode and merge in one launch (qk_attend.py without norms);
@@ -86,7 +87,7 @@ _K2 = "6144x4096:4:2048:8,28672x4096:4:2048:8,4096x4096:4:2048:8,4096x14336:4:20
 _T8 = "6144x4096:8:512:4,28672x4096:8:512:4,4096x4096:8:512:4,4096x14336:8:512:4"
 _M = VARIANTS["main"]
 _7 = VARIANTS["s7"]
-_D = VARIANTS["default"]
+_D = VARIANTS["s9"]
 VARIANTS.update({
     "ropekv": dict(_M, rope_kv=True), "wide": dict(_M, gemv="+6144x4096,28672x4096"),
     "wide_torch": dict(_7, torch_argmax=True), "wide_rk": dict(_7, rope_kv=True), "wide_ef": dict(_7, evict=True),

@@ -5,8 +5,8 @@ its programs (``gemv.silu_mul_linear``: each of 1,024 programs at Llama-8B's sha
 14,336 sigmoids and reads 57 KB of activations). Rounded where torch rounds: g and u as the
 projection's bf16 outputs, silu's output, the product.
 
-Switch: ``QKV_GATE_UP_SILU`` = ``1`` (on, default) / ``0``; it applies where the tail norms
-(tail_norm.py) run the layer.
+Switch: ``QKV_GATE_UP_SILU`` = ``1`` (default) / ``0``; it applies only where the tail norms
+(tail_norm.py, off by default) run the layer.
 """
 
 from __future__ import annotations
