@@ -15,9 +15,13 @@ dependent launch (pdl.py's modes 1 and 2), ``merge`` lets the decode kernel merg
 splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` runs q/k norm,
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
-PDL. ``default`` (the shipped default) is ``pdl2_merge``; ``k1024`` is it with PDL's GEMVs on
-the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a program for
-N > 2048 (4 otherwise). Records, one JSON
+PDL. ``default`` (the shipped default, = ``s7``, session 7's) is ``pdl2_merge`` with Llama-8B's
+qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` adds, for hidden sizes past
+the norm prologue's (Llama-8B), the residual add + next norm in the o_proj / down GEMVs
+(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is ``default`` with
+PDL's GEMVs on the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a
+program for N > 2048 (4 otherwise); the Llama-8B variants are listed above their table below.
+``--timeline``/``--gemv-sweep``: step_timeline.py. Records, one JSON
 line each: the copy rate, per variant decode tok/s (512-token prompt, prefill excluded, median of runs), the step's
 p50 wall, the bare graph replay time (device time of a step; wall - replay = host time), and
 with ``--profile`` the per-kernel profile of the best variant.
@@ -33,11 +37,12 @@ import zlib
 
 import torch
 
+import step_timeline
 from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
-from qkv.attention.triton import stream as stream_mod
+from qkv.attention.triton import gate_up_silu, tail_norm
 from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
@@ -55,8 +60,11 @@ VARIANTS = {
     "main": dict(gemv=OLD + ",4096x1024,1024x2048,6144x1024,1024x3072,151936x1024", norm=True, qk=True, kv=True,
                  pdl=2, merge=True, torch_argmax=True),
     # session 7: Llama-8B's qkv and gate/up on the Triton GEMV, greedy tokens by the Triton argmax
-    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
-    "stream": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, rope_kv=True, stream=True),
+    "s7": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),  # the shipped one (= s7)
+    # session 9: the residual add and next norm in the o_proj / down GEMVs' last program (tail_norm.py),
+    # SiLU-and-mul in the gate/up GEMV (gate_up_silu.py)
+    "s9": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
@@ -70,41 +78,25 @@ VARIANTS.update({
     "pdl2_attend": dict(_D, pdl=2, attend=True), "fullk": dict(_D, full_k=True),
     "k1024": dict(VARIANTS["default"], pdl_full_k=False), "bn8": dict(VARIANTS["default"], pdl_block_n=8),
 })
-# Llama-8B (session 7), over ``main``: ``ropekv`` RoPE + KV write in one launch and the decode
-# merge; ``wide`` qkv and gate/up on the Triton GEMV (PDL) instead of cuBLAS; ``widenorm`` also
-# the whole-row norm prologue at K = 4096; ``default`` = ropekv + the stream kernels
-# (stream.py); ``s8``/``s16`` its decode splits; ``bn2``/``bn8`` rows a program of every N > 2048
-# GEMV; ``o2``: o_proj 2 rows a program, whole rows before the wait; ``qkv8``/``gu8``: 8 rows.
-_W = "+6144x4096,28672x4096"
-_M = VARIANTS["main"]
-_S = VARIANTS["stream"]
-_D = VARIANTS["default"]
+# Llama-8B (sessions 7 and 9), over ``s7`` (session 7's default) or ``s9`` (the ``d_`` ones): ``rk`` Llama's
+# RoPE + KV write in one launch with the decode kernel merging its splits; ``ef`` weight loads
+# evict-first; ``k2`` every 8B GEMV in 2048-wide chunks with 8 warps; ``torch`` torch's argmax;
+# ``att`` RoPE, KV write, decode and merge in one launch (qk_attend.py without norms);
+# ``ropekv``/``wide`` over ``main`` (session 7's round 1).
+_K2 = "6144x4096:4:2048:8,28672x4096:4:2048:8,4096x4096:4:2048:8,4096x14336:4:2048:8"
 _T8 = "6144x4096:8:512:4,28672x4096:8:512:4,4096x4096:8:512:4,4096x14336:8:512:4"
+_M = VARIANTS["main"]
+_7 = VARIANTS["s7"]
+_D = VARIANTS["s9"]
 VARIANTS.update({
-    "wide_torch": dict(_D, torch_argmax=True), "wide_rk": dict(_D, rope_kv=True),
-    "wide_gu8": dict(_D, tiles="28672x4096:8:512:4"), "wide_t8": dict(_D, tiles=_T8),
-    "wide_k2": dict(_D, tiles="6144x4096:4:2048:8,28672x4096:4:2048:8,4096x4096:4:2048:8,4096x14336:4:2048:8"),
-    "wide_bn2": dict(_D, pdl_block_n=2), "wide_ef": dict(_D, evict=True),
-    "wide_w8": dict(_D, tiles="6144x4096:4:1024:8,28672x4096:4:1024:8,4096x4096:4:1024:8,4096x14336:4:1024:8"),
-    "st8": dict(_S, qkv_rope=True, tiles=_T8),
-    "ropekv": dict(_M, rope_kv=True), "wide": dict(_M, gemv=_W), "widenorm": dict(_M, gemv=_W, norm_max_k=4096),
-    "stream_off": dict(_S, stream=False), "s8": dict(_S, splits=8), "s16": dict(_S, splits=16),
-    "s4": dict(_S, splits=4), "bn2": dict(_S, pdl_block_n=2), "bn8s": dict(_S, pdl_block_n=8),
-    "o2": dict(_S, tiles="4096x4096:2:4096:4"), "o8": dict(_S, tiles="4096x4096:8:512:4"),
-    "qkv8": dict(_S, tiles="6144x4096:8:512:4"), "gu8": dict(_S, tiles="28672x4096:8:512:4"),
-    "gu2": dict(_S, tiles="28672x4096:2:4096:4"), "down8": dict(_S, tiles="4096x14336:8:512:4"),
-    # L2 prefetch (gemv.py QKV_GEMV_PREFETCH): o_proj's whole rows before its wait; every GEMV
-    # whole rows; every GEMV 2 / 4 chunks ahead; o_proj whole rows and the rest 2 ahead.
-    "pf_o": dict(_S, prefetch="4096x4096"), "pf_all": dict(_S, prefetch="all"),
-    "pf2": dict(_S, prefetch="all:2"), "pf4": dict(_S, prefetch="all:4"),
-    "pf_o2": dict(_S, prefetch="4096x4096,all:2"),
-    # weight loads evict-first from L2 (QKV_GEMV_EVICT_FIRST), alone and with the prefetches
-    # Llama's RoPE + KV write in the qkv GEMV's epilogue (qkv_rope.py), alone and with prefetches
-    "qr": dict(_S, qkv_rope=True), "qr_pf_o": dict(_S, qkv_rope=True, prefetch="4096x4096"),
-    "qr_pf2": dict(_S, qkv_rope=True, prefetch="all:2"),
-    "ef": dict(_S, evict=True), "pf_o_ef": dict(_S, prefetch="4096x4096", evict=True),
-    "pf2_ef": dict(_S, prefetch="all:2", evict=True), "pf_all_ef": dict(_S, prefetch="all", evict=True),
-    "w8": dict(_S, tiles="28672x4096:4:1024:8,4096x14336:4:1024:8,6144x4096:4:1024:8,4096x4096:4:1024:8"),
+    "ropekv": dict(_M, rope_kv=True), "wide": dict(_M, gemv="+6144x4096,28672x4096"),
+    "wide_torch": dict(_7, torch_argmax=True), "wide_rk": dict(_7, rope_kv=True), "wide_ef": dict(_7, evict=True),
+    "wide_k2": dict(_7, tiles=_K2), "wide_t8": dict(_7, tiles=_T8), "wide_bn2": dict(_7, pdl_block_n=2),
+    "rk_ef": dict(_7, rope_kv=True, evict=True), "rk_ef_k2": dict(_7, rope_kv=True, evict=True, tiles=_K2),
+    "tail": dict(_D, gus=False), "d_rk": dict(_D, rope_kv=True), "d_rk_ef": dict(_D, rope_kv=True, evict=True),
+    "d_rk_ef_k2": dict(_D, rope_kv=True, evict=True, tiles=_K2), "d_ef": dict(_D, evict=True),
+    "d_k2": dict(_D, tiles=_K2), "d_att": dict(_D, rope_kv=True, attend=True),
+    "d_att_ef": dict(_D, rope_kv=True, attend=True, evict=True),
 })
 
 
@@ -123,11 +115,9 @@ def use(variant: str, eng) -> None:
     gemv_mod.TILES.clear()
     gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
     gemv_mod.EVICT_FIRST = v.get("evict", False)
-    gemv_mod.PREFETCH.clear()
-    gemv_mod.PREFETCH.update(gemv_mod.parse_prefetch(v.get("prefetch")))
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
-    stream_mod.ON = v.get("stream", False)
-    qk_decode.FUSE_QKV_ROPE = v.get("qkv_rope", False)
+    tail_norm.ON = v.get("tail", False)
+    gate_up_silu.ON = v.get("gus", False)
     sampler.FAST_ARGMAX = not v.get("torch_argmax", False)
     pdl.configure(v.get("pdl", 0))
     eng.runner.graphs.capture()
@@ -283,6 +273,9 @@ def main() -> None:
     p.add_argument("--copy-rate", action="store_true", help="measure the copy rate first")
     p.add_argument("--json", default=None)
     p.add_argument("--quiet", action="store_true", help="records only into --json; stdout gets the summary lines")
+    p.add_argument("--timeline", default="", help="kernel-by-kernel increments of a graph replay of these variants")
+    p.add_argument("--gemv-sweep", action="store_true", help="after the variants: each 8B GEMV shape alone per tile, "
+                   "and the step's projections alone (step_timeline.py)")
     p.add_argument("--tiles", action="store_true", help="only the GEMV tile sweep of the Qwen3-0.6B shapes")
     args = p.parse_args()
 
@@ -341,9 +334,21 @@ def main() -> None:
         count = f"kernels {r['kernels_per_step']:.0f} ({r['kernel_ms']:.3f} ms) " if "kernels_per_step" in r else ""
         print(f"## {name:>10}: {r['tok_s']:7.1f} tok/s {share}step {r['step_p50_ms']:.3f} replay "
               f"{r['replay_ms']:.3f} ms {count}tok#{zlib.crc32(str(r['tokens']).encode()):08x}", flush=True)
+        if name in args.timeline.split(","):
+            try:
+                step_timeline.timeline(eng, record, copy_Bps=rates["copy_Bps"] if args.copy_rate else None, label=name)
+            except Exception as e:  # noqa: BLE001  (a diagnostic failing: the A/B goes on)
+                print(f"## timeline {name}: FAILED {repr(e)[:200]}", flush=True)
         if name in todo:  # profiled now: a timeout later cuts no profile already taken
             show_profile(name, eng, args.shape, record)
             todo.remove(name)
+    if args.gemv_sweep and args.copy_rate:
+        use("default", eng)
+        for fn in (step_timeline.gemv_chain, step_timeline.gemv_sweep):
+            try:
+                fn(*((eng,) if fn is step_timeline.gemv_chain else ()), record, rates["copy_Bps"])
+            except Exception as e:  # noqa: BLE001
+                print(f"## {fn.__name__}: FAILED {repr(e)[:200]}", flush=True)
     if args.profile and results:
         best = max(results, key=lambda k: results[k]["tok_s"])
         use(best, eng)

@@ -56,7 +56,7 @@ class Attention(nn.Module):
                 q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
                 out = qk_decode.attend(self, q.view(T, self.num_heads, self.head_dim),
                                        k.view(T, self.num_kv_heads, self.head_dim),
-                                       v.view(T, self.num_kv_heads, self.head_dim), positions, batch)
+                                       v.view(T, self.num_kv_heads, self.head_dim), positions, batch, qkv)
                 return self._project(out.reshape(T, self.q_size), project)
         if self.q_norm is None and self.rope is not None and not qkv.is_cuda:
             # Q and K sit side by side in the projection: rotate them as one [T, H + KVH, D]

@@ -22,7 +22,7 @@ is exact in fp32, so the emulation differs from the GPU only in the order of its
 
 Batch-1 decode (one row) runs a GEMV over the e4m3 bytes instead (triton/fp8_gemv.py: the
 row stays bf16 there, weight-only fp8; ``QKV_FP8_GEMV=0`` sends it through ``_scaled_mm``).
-The bf16 path's fused batch-1 kernels (triton/gemv.py's norm prologue, stream.py, qkv_rope.py)
+The bf16 path's fused batch-1 kernels (triton/gemv.py's norm prologue, tail_norm.py)
 take only nn.Linear, so they step aside. The roundings fold into the kernels before them
 where those are ours: the RMSNorm before qkv and gate/up rounds its own output (``norm_linear``,
 Llama family) and the down projection's kernel computes silu(gate) * up itself

@@ -17,11 +17,6 @@ def fused_ops(x: torch.Tensor):
     return get()
 
 
-def stream_ops(x: torch.Tensor):
-    """``fused_ops(x)``, looked up here at call time (tests swap ``fused_ops`` in this module)."""
-    return fused_ops(x)
-
-
 def linear(layer: nn.Linear, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``layer(x)`` (then ``.to(out_dtype)``); on CUDA a one-row x may go through the Triton
     GEMV (see triton/gemv.py), which then stores the widened result itself."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -9,7 +11,8 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.model.attention import Attention
 from qkv.model.base import CausalLM
-from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear, stream_ops
+from qkv.model import layers as _layers  # fused_ops looked up at call time: tests swap it there
+from qkv.model.layers import GatedMLP, RMSNorm, RotaryEmbedding, norm_linear
 
 
 class LlamaLayer(nn.Module):
@@ -22,16 +25,17 @@ class LlamaLayer(nn.Module):
         self.hidden = cfg.hidden_size
 
     def forward(self, h: torch.Tensor | None, positions: torch.Tensor, batch: AttentionBatch,
-                residual=None) -> tuple[torch.Tensor | None, torch.Tensor]:
+                residual=None, next_norm: RMSNorm | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Returns (this layer's MLP output, the residual stream before it): the stream's
         additions happen inside the next norm (``add_norm``), one fused kernel on the GPU.
         At batch 1 on CUDA with a wide hidden size they happen in the epilogue of the branch's
-        last GEMV instead (triton/stream.py): then this returns (None, the stream with its
-        norm statistics), and so does every following layer."""
-        if isinstance(residual, tuple):  # the layer before ran the stream kernels
-            return self._stream(residual, positions, batch)
-        if residual is None and self._streams(h):
-            return self._stream(stream_ops(h).stream_start(h), positions, batch)
+        last GEMV instead, with the norm after it (triton/tail_norm.py; ``next_norm``: the next
+        layer's input norm or the final one): then this returns (None, ``Normed``), and the next
+        layer starts from its normalized input."""
+        if isinstance(residual, Normed):  # the layer before ran the tail norms
+            return self._tail(residual.h, residual.r, positions, batch, next_norm)
+        if residual is None and next_norm is not None and self._tails(h, next_norm):
+            return self._tail(self.input_layernorm(h), h, positions, batch, next_norm)
         # At batch 1 on CUDA each norm runs inside the projection that reads it (norm_linear).
         fused = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, h, residual)
         if fused is not None:
@@ -50,27 +54,37 @@ class LlamaLayer(nn.Module):
         h, residual = self.post_attention_layernorm.add_norm(h, residual)
         return self.mlp(h), residual
 
-    def _streams(self, h: torch.Tensor) -> bool:
-        ops = stream_ops(h)
+    def _tails(self, h: torch.Tensor, next_norm: RMSNorm) -> bool:
+        ops = _layers.fused_ops(h)
         mlp, attn = self.mlp, self.self_attn
         return (ops is not None and mlp.act_name == "silu" and not self.input_layernorm.offset
-                and not self.post_attention_layernorm.offset
-                and ops.stream_applies(h, self.hidden, attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj))
+                and not self.post_attention_layernorm.offset and not next_norm.offset
+                and ops.tail_applies(h, self.hidden, next_norm.weight, attn.qkv_proj, attn.o_proj,
+                                     mlp.gate_up_proj, mlp.down_proj))
 
-    def _stream(self, stream, positions: torch.Tensor, batch: AttentionBatch):
-        """One row through the stream kernels: norm + qkv (the first layer's stream is its input
-        with its sum of squares, ``stream_start``), attention, o_proj + residual add, norm +
-        gate/up, SiLU + down + add."""
-        ops = stream_ops(stream.s)
-        attn, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if ops.rope_attend_applies(attn, stream, batch):  # RoPE + KV write in the qkv GEMV's epilogue
-            a = ops.rope_attend(attn, stream, n1, positions, batch)
+    def _tail(self, h: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch,
+              next_norm: RMSNorm) -> tuple[None, "Normed"]:
+        """One row whose input ``h`` is normalized already: qkv, attention, o_proj + residual add
+        + post-attention norm, gate/up (+ SiLU-and-mul), down + residual add + ``next_norm``."""
+        ops = _layers.fused_ops(h)
+        n2, mlp, attn = self.post_attention_layernorm, self.mlp, self.self_attn
+        a = attn(h, positions, batch, project=False)
+        h, residual = ops.res_norm_linear(a, attn.o_proj, residual, n2.weight, n2.eps)
+        if ops.gate_up_silu_applies(h, mlp.gate_up_proj):  # SiLU-and-mul in the gate/up GEMV's epilogue
+            act = ops.gate_up_silu(h, mlp.gate_up_proj)
+            h, residual = ops.res_norm_linear(act, mlp.down_proj, residual, next_norm.weight, next_norm.eps)
         else:
-            qkv = ops.normed_linear(stream, n1.weight, n1.eps, attn.qkv_proj)
-            a = attn(None, positions, batch, qkv=qkv, project=False)
-        stream = ops.res_linear(a, attn.o_proj, stream.s)
-        gate_up = ops.normed_linear(stream, n2.weight, n2.eps, mlp.gate_up_proj)
-        return None, ops.res_linear(gate_up, mlp.down_proj, stream.s, silu=True)
+            gate_up = ops.linear(h, mlp.gate_up_proj)
+            h, residual = ops.res_norm_linear(gate_up, mlp.down_proj, residual, next_norm.weight, next_norm.eps,
+                                              silu=True)
+        return None, Normed(h, residual)
+
+
+class Normed(NamedTuple):
+    """A layer's output when its branch ends ran the tail norms: the next layer's normalized
+    input ``h`` and the residual stream ``r`` it came from."""
+    h: torch.Tensor
+    r: torch.Tensor
 
 
 class LlamaBody(nn.Module):
@@ -98,8 +112,10 @@ class LlamaForCausalLM(CausalLM):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         residual = None
-        for layer in self.model.layers:
-            x, residual = layer(x, positions, batch, residual)
-        if isinstance(residual, tuple):  # the stream kernels' (triton/stream.py): already added
-            return self.model.norm(residual.s)
+        layers = self.model.layers
+        for i, layer in enumerate(layers):
+            nxt = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.model.norm
+            x, residual = layer(x, positions, batch, residual, next_norm=nxt)
+        if isinstance(residual, Normed):  # the last layer's down GEMV applied the final norm
+            return residual.h
         return self.model.norm.add_norm(x, residual)[0]

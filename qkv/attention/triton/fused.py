@@ -16,21 +16,8 @@ import triton.language as tl
 
 from qkv.attention.triton import pdl
 from qkv.attention.triton.gemv import linear, norm_linear, silu_mul_linear  # noqa: F401  (re-exported)
-from qkv.attention.triton.stream import applies as stream_applies, normed_linear, res_linear  # noqa: F401
-from qkv.attention.triton.stream import start as stream_start  # noqa: F401
-
-def rope_attend_applies(attn, stream, batch) -> bool:
-    """qk_decode.rope_attend_applies (imported here lazily: qk_decode imports this module)."""
-    from qkv.attention.triton import qk_decode
-
-    return qk_decode.rope_attend_applies(attn, stream, batch)
-
-
-def rope_attend(attn, stream, norm, positions, batch):
-    """qk_decode.rope_attend: the normed qkv projection with RoPE + KV write, then decode."""
-    from qkv.attention.triton import qk_decode
-
-    return qk_decode.rope_attend(attn, stream, norm, positions, batch)
+from qkv.attention.triton.gate_up_silu import applies as gate_up_silu_applies, gate_up_silu  # noqa: F401
+from qkv.attention.triton.tail_norm import applies as tail_applies, res_norm_linear  # noqa: F401
 
 
 # q/k RMSNorm and RoPE in one launch (``qk_norm_rope``); QKV_FUSE_QK_NORM_ROPE=0: three launches.

@@ -70,37 +70,8 @@ def parse_tiles(spec: str | None) -> dict[tuple[int, int], tuple[int, int, int]]
 TILES = parse_tiles(os.environ.get("QKV_GEMV_TILES"))
 
 
-# L2 prefetch of the weight rows (``QKV_GEMV_PREFETCH`` = ``all[:D]`` or ``NxK[:D],...``; empty:
-# none). D = 0 (the default): each program prefetches its whole rows before the PDL wait, so a
-# kernel launched early behind latency-bound ones (o_proj behind RoPE and attention) keeps DRAM
-# busy while it waits and its chunk loads after the wait hit L2; D > 0: the first D chunks
-# before the wait, then chunk i + D at chunk i (more bytes in flight than the one chunk a
-# program's loop otherwise waits on, without holding whole rows of wide K in L2). Off under
-# the interpreter (inline PTX).
-def parse_prefetch(spec: str | None) -> dict:
-    out = {}
-    for item in (spec or "").strip().lower().split(","):
-        if item.strip():
-            shape, _, d = item.strip().partition(":")
-            key = "all" if shape == "all" else tuple(int(v) for v in shape.split("x"))
-            out[key] = int(d or 0)
-    return out
-
-
-PREFETCH = parse_prefetch(os.environ.get("QKV_GEMV_PREFETCH"))
 # Weight loads with L2's evict-first policy (QKV_GEMV_EVICT_FIRST=1; see _w_chunk).
 EVICT_FIRST = os.environ.get("QKV_GEMV_EVICT_FIRST", "0") == "1"
-
-
-def prefetch(n: int, k: int, block_k: int) -> int:
-    """Chunks a program of an N x K GEMV prefetches ahead (0: none; all of them: whole rows)."""
-    if INTERPRET:
-        return 0
-    d = PREFETCH.get((n, k), PREFETCH.get("all"))
-    if d is None:
-        return 0
-    chunks = triton.cdiv(k, block_k)
-    return chunks if d <= 0 else min(d, chunks)
 
 
 def parse(spec: str | None) -> tuple[set[tuple[int, int]], bool]:
@@ -164,7 +135,7 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
 @triton.jit
 def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr, EVICT: tl.constexpr = False):
     # ``EVICT``: weights are read once a step, so their lines go first from L2 (what stays is
-    # what the step reads again: activations, KV, prefetched rows not yet read).
+    # what the step reads again: activations, KV).
     if EVICT:
         if EVEN:
             return tl.load(W + n[:, None] * stride_w + (k0 + k)[None, :], eviction_policy="evict_first")
@@ -177,26 +148,6 @@ def _w_chunk(W, n, k0, k, stride_w, N, K: tl.constexpr, EVEN: tl.constexpr, EVIC
 
 
 @triton.jit
-def _prefetch_chunk(W, n, k0, stride_w, N, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``prefetch.global.L2`` of the 128-byte lines of columns [k0, k0 + BLOCK_K) of rows ``n``
-    (clamped into the matrix: lines past it repeat a real one). The asm's result is a dummy; it
-    is not pure, so it is kept."""
-    LINE: tl.constexpr = 128 // (W.dtype.element_ty.primitive_bitwidth // 8)
-    NL: tl.constexpr = (BLOCK_K + LINE - 1) // LINE
-    col = tl.minimum(k0 + tl.arange(0, NL) * LINE, ((K - 1) // LINE) * LINE)
-    ptrs = W + tl.minimum(n, N - 1)[:, None] * stride_w + col[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_start(W, n, stride_w, N, K: tl.constexpr, BLOCK_K: tl.constexpr, PF: tl.constexpr):
-    """The first ``PF`` chunks (before the PDL wait)."""
-    for c in tl.static_range(PF):
-        _prefetch_chunk(W, n, c * BLOCK_K, stride_w, N, K, BLOCK_K)
-
-
-@triton.jit
 def _v_chunk(X, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
     if EVEN:
         return tl.load(X + k0 + k)
@@ -205,20 +156,14 @@ def _v_chunk(X, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                 EVICT: tl.constexpr = False):
+                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = False):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    if PREFETCH > 0:
-        _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        if PREFETCH > 0 and PREFETCH * BLOCK_K < K:
-            if k0 + (PREFETCH - 1) * BLOCK_K < K:
-                _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
         acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     y = tl.sum(acc, 1).to(X.dtype.element_ty)
@@ -238,21 +183,15 @@ def _silu_x(GU, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 @triton.jit
 def _silu_gemv_kernel(GU, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      EVEN: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr = 0,
-                 EVICT: tl.constexpr = False):
+                      EVEN: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = False):
     """y = (silu(g) * u) W^T with [g | u] = GU: the activation is applied while loading x."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
-    if PREFETCH > 0:
-        _prefetch_start(W, n, stride_w, N, K, BLOCK_K, PREFETCH)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     acc = w.to(tl.float32) * _silu_x(GU, 0, k, K, EVEN)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
-        if PREFETCH > 0 and PREFETCH * BLOCK_K < K:
-            if k0 + (PREFETCH - 1) * BLOCK_K < K:
-                _prefetch_chunk(W, n, k0 + (PREFETCH - 1) * BLOCK_K, stride_w, N, K, BLOCK_K)
         x = _silu_x(GU, k0, k, K, EVEN)
         acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     tl.store(Y + n, tl.sum(acc, 1).to(Y.dtype.element_ty), mask=n < N)
@@ -306,7 +245,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, bloc
     _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, weight.stride(0), K=K, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0,
                                              OUT_F32=y.dtype == torch.float32 and x.dtype != torch.float32,
-                                             PDL=mode, PREFETCH=prefetch(N, K, block_k), EVICT=EVICT_FIRST,
+                                             PDL=mode, EVICT=EVICT_FIRST,
                                              num_warps=num_warps,
                                              num_stages=num_stages, **kw)
     return y
@@ -336,7 +275,7 @@ def silu_mul_linear(gate_up: torch.Tensor, layer: torch.nn.Linear) -> torch.Tens
     bn, bk, nw = tile(N, K, mode)
     y = torch.empty((1, N), dtype=gate_up.dtype, device=gate_up.device)
     _silu_gemv_kernel[(triton.cdiv(N, bn),)](gate_up, w, y, N, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
-                                             EVEN=N % bn == 0 and K % bk == 0, PDL=mode, PREFETCH=prefetch(N, K, bk),
+                                             EVEN=N % bn == 0 and K % bk == 0, PDL=mode,
                                              EVICT=EVICT_FIRST, num_warps=nw, num_stages=3, **kw)
     return y
 

@@ -1,5 +1,6 @@
 """A q/k-norm model's (Qwen3's) whole decode attention in one launch per layer: per-head q/k
-RMSNorm, RoPE, the K/V write and paged decode attention with its splits merged in the kernel.
+RMSNorm, RoPE, the K/V write and paged decode attention with its splits merged in the kernel
+(Llama's the same without the norms).
 
 Where ``qk_decode.attend`` runs ``fused.qk_norm_rope`` (which stores the rotated q and k and
 writes k and v into the cache) and then the decode kernel (and, past 8 splits, its combine),
@@ -26,13 +27,17 @@ from qkv.attention.triton.decode import _merge_vec, _online, _tile, split_counte
 
 
 @triton.jit
-def _norm_rope(x, xr, w, wr, cos, sin, sgn, eps, D: tl.constexpr, DT: tl.constexpr):
+def _norm_rope(x, xr, w, wr, cos, sin, sgn, eps, D: tl.constexpr, DT: tl.constexpr, NORM: tl.constexpr = True):
     """Rows x [R, D] (fp32; xr: each element's RoPE partner, column (d + D/2) % D) -> RMSNorm
     then neox RoPE, rounded as ``fused._norm_rope_rows`` rounds: the norm's output to DT, times
-    the weight to DT, the rotation to DT."""
-    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
-    n = ((x * rstd).to(DT).to(tl.float32) * w[None, :]).to(DT).to(tl.float32)
-    nr = ((xr * rstd).to(DT).to(tl.float32) * wr[None, :]).to(DT).to(tl.float32)
+    the weight to DT, the rotation to DT. ``NORM=False`` (Llama): the rotation alone (w unused)."""
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
+        n = ((x * rstd).to(DT).to(tl.float32) * w[None, :]).to(DT).to(tl.float32)
+        nr = ((xr * rstd).to(DT).to(tl.float32) * wr[None, :]).to(DT).to(tl.float32)
+    else:
+        n = x
+        nr = xr
     return (n * cos[None, :] + (sgn[None, :] * nr) * sin[None, :]).to(DT)
 
 
@@ -41,7 +46,8 @@ def _qk_attend_kernel(QKV, QW, KW, COS, SIN, POS, SLOT, KC, VC, BT, NC, QSL, ACC
                       stride_x, stride_c, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
                       sm_scale, eps, H: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, G2: tl.constexpr,
                       D: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
-                      S2: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr):
+                      S2: tl.constexpr, SC: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
+                      NORM: tl.constexpr = True):
     if not PRE:  # pdl.py's contract: sync before reading what earlier kernels wrote, before any return
         pdl.sync(PDL)
     b = tl.program_id(0)
@@ -79,11 +85,12 @@ def _qk_attend_kernel(QKV, QW, KW, COS, SIN, POS, SLOT, KC, VC, BT, NC, QSL, ACC
     qb = row + (kvh * G + g)[:, None] * D
     q = _norm_rope(tl.load(qb + d[None, :], mask=gmask, other=0.0).to(tl.float32),
                    tl.load(qb + dr[None, :], mask=gmask, other=0.0).to(tl.float32),
-                   tl.load(QW + d).to(tl.float32), tl.load(QW + dr).to(tl.float32), cos, sin, sgn, eps, D, DT)
+                   tl.load(QW + d).to(tl.float32), tl.load(QW + dr).to(tl.float32), cos, sin, sgn, eps, D, DT, NORM)
     # The step's own key and value (of this KV head).
     kb = row + H * D + kvh * D + tl.arange(0, 1)[:, None] * 0
     k_new = _norm_rope(tl.load(kb + d[None, :]).to(tl.float32), tl.load(kb + dr[None, :]).to(tl.float32),
-                       tl.load(KW + d).to(tl.float32), tl.load(KW + dr).to(tl.float32), cos, sin, sgn, eps, D, DT)
+                       tl.load(KW + d).to(tl.float32), tl.load(KW + dr).to(tl.float32), cos, sin, sgn, eps, D, DT,
+                       NORM)
     v_new = tl.load(row + (H + KVH) * D + kvh * D + d)[None, :].to(DT)
     if (own_pos >= lo) & (own_pos < hi):  # this split holds the own key: it writes the cache row
         slot = tl.load(SLOT + qrow)
@@ -129,7 +136,8 @@ def _qk_attend_kernel(QKV, QW, KW, COS, SIN, POS, SLOT, KC, VC, BT, NC, QSL, ACC
             tl.store(CNT + b * KVH + kvh, 0)  # ready for the next launch or replay
 
 
-def qk_attend(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+def qk_attend(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+              eps: float,
               positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
               slot_mapping: torch.Tensor, block_table: torch.Tensor, num_computed: torch.Tensor,
               query_start_loc: torch.Tensor, scale: float, splits: int, static: bool = False,
@@ -138,7 +146,7 @@ def qk_attend(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor, k_weigh
     other lengths are skipped), ``positions`` [T] indexing the ``cos``/``sin`` tables, a float
     ``kv_cache`` [2, blocks, bs, KVH, D] of qkv's dtype, ``slot_mapping`` [T] (-1: no write).
     Returns the attention output [T, H, D]; the cache holds the step's k (normalized, rotated)
-    and v at their slots."""
+    and v at their slots. ``q_weight=None``: no q/k norms (Llama), RoPE only."""
     T = qkv.shape[0]
     _, _, bs, kvh, D = kv_cache.shape
     H = num_heads
@@ -154,11 +162,14 @@ def qk_attend(qkv: torch.Tensor, num_heads: int, q_weight: torch.Tensor, k_weigh
     acc = torch.empty((rows, D), dtype=torch.float32, device=qkv.device)
     ml = torch.empty((rows, 2), dtype=torch.float32, device=qkv.device)
     cnt = split_counters(B * kvh, qkv.device)
+    norm = q_weight is not None
+    if not norm:
+        q_weight = k_weight = cos  # not read
     mode, kw = pdl.launch(qkv.device)
     _qk_attend_kernel[(B, kvh, S)](
         qkv, q_weight, k_weight, cos, sin, positions, slot_mapping, kc, vc, block_table, num_computed,
         query_start_loc, acc, ml, cnt, out, qkv.stride(0), cos.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
         block_table.stride(0), out.stride(0), out.stride(1), scale, eps, H=H, G=G, G_PAD=G_PAD, G2=G2, D=D, BS=bs,
-        BLOCK_N=block_n, S=S, S2=S2, SC=max(1, min(S2, 8192 // (G2 * D))), PDL=mode, PRE=static, num_warps=4,
-        num_stages=3, **kw)
+        BLOCK_N=block_n, S=S, S2=S2, SC=max(1, min(S2, 8192 // (G2 * D))), PDL=mode, PRE=static, NORM=norm,
+        num_warps=4, num_stages=3, **kw)
     return out

@@ -34,9 +34,6 @@ FUSE_ATTEND = os.environ.get("QKV_FUSE_QK_ATTEND", "0") == "1"
 # decode kernel with the merge above (QKV_FUSE_ROPE_KV=1; else rope_qk, write_kv, decode and,
 # past 8 splits, its combine: four launches).
 FUSE_ROPE_KV = os.environ.get("QKV_FUSE_ROPE_KV", "0") == "1"  # off: no gain measured (benchmarks.md)
-# With the stream kernels (stream.py), Llama's RoPE and KV write run in the epilogue of the qkv
-# projection itself (qkv_rope.py): QKV_FUSE_QKV_ROPE=1.
-FUSE_QKV_ROPE = os.environ.get("QKV_FUSE_QKV_ROPE", "0") == "1"
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -64,6 +61,11 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     qn, kn = attn.q_norm, attn.k_norm
     if qn is None:  # Llama: RoPE and the KV write in one launch, then the decode kernel
         static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
+        if FUSE_ATTEND and qkv is not None and D & (D - 1) == 0 and qkv.stride(1) == 1:  # or all in one
+            splits = SPLITS or num_splits(batch.num_seqs, attn.num_kv_heads, decode_keys(batch, batch.max_seq_len), 64)
+            return qk_attend(qkv, attn.num_heads, None, None, 0.0, index, cos_t, sin_t, attn.kv_cache,
+                             batch.slot_mappings[g], batch.block_tables[g], batch.num_computed,
+                             batch.query_start_loc, attn.scale, splits, static=static)
         q, _ = fused.qk_norm_rope(index, cos_t, sin_t, q, k, None, None, 0.0, v=v, kv_cache=attn.kv_cache,
                                   slot_mapping=batch.slot_mappings[g], static=static)
         return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
@@ -83,28 +85,3 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
                         query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
                         static_inputs=batch.graph and pdl.MODE != 0)
-
-
-def rope_attend_applies(attn, stream, batch: AttentionBatch) -> bool:
-    """Whether ``rope_attend`` takes this layer's attention (Llama, the stream kernels' input)."""
-    from qkv.attention.triton import qkv_rope
-
-    return (FUSE_QKV_ROPE and attn.q_norm is None and applies(attn, stream.s, batch)
-            and qkv_rope.fits(attn.qkv_proj, attn.num_heads, attn.num_kv_heads, attn.head_dim))
-
-
-def rope_attend(attn, stream, norm, positions: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-    """Attention output [1, H * D] of one decode row: the normed qkv projection with RoPE and
-    the KV write in its epilogue (qkv_rope.py), then the decode kernel (with the merge)."""
-    from qkv.attention.triton.qkv_rope import qkv_rope
-
-    g = attn.group
-    _, index, cos_t, sin_t = attn.rope._tables(positions, batch)[:4]
-    static = batch.graph and pdl.MODE != 0 and attn.rope.threshold is None
-    q = qkv_rope(stream, norm.weight, norm.eps, attn.qkv_proj, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                 index, cos_t, sin_t, attn.kv_cache, batch.slot_mappings[g], static=static)
-    out = paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
-                       max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
-                       query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
-                       static_inputs=batch.graph and pdl.MODE != 0)
-    return out.reshape(1, attn.q_size)
