@@ -15,8 +15,8 @@ dependent launch (pdl.py's modes 1 and 2), ``merge`` lets the decode kernel merg
 splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` runs q/k norm,
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
-PDL. ``default`` (the shipped default, = ``s7``, session 7's) is ``pdl2_merge`` with Llama-8B's
-qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` adds, for hidden sizes past
+PDL. ``s7`` (session 7's default) is ``pdl2_merge`` with Llama-8B's
+qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` (``default``, the shipped one) adds, for hidden sizes past
 the norm prologue's (Llama-8B), the residual add + next norm in the o_proj / down GEMVs
 (tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is ``default`` with
 PDL's GEMVs on the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a
@@ -61,10 +61,10 @@ VARIANTS = {
                  pdl=2, merge=True, torch_argmax=True),
     # session 7: Llama-8B's qkv and gate/up on the Triton GEMV, greedy tokens by the Triton argmax
     "s7": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),
-    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True),  # the shipped one (= s7)
     # session 9: the residual add and next norm in the o_proj / down GEMVs' last program (tail_norm.py),
     # SiLU-and-mul in the gate/up GEMV (gate_up_silu.py)
     "s9": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }

@@ -6,7 +6,7 @@ its programs (``gemv.silu_mul_linear``: each of 1,024 programs at Llama-8B's sha
 projection's bf16 outputs, silu's output, the product.
 
 Switch: ``QKV_GATE_UP_SILU`` = ``1`` (default) / ``0``; it applies only where the tail norms
-(tail_norm.py, off by default) run the layer.
+(tail_norm.py) run the layer.
 """
 
 from __future__ import annotations

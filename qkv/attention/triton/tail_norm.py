@@ -9,9 +9,9 @@ and the last of their programs to finish (an atomic counter, as the decode kerne
 merge) normalizes the whole row: the next projection is a plain GEMV and the norm launch is
 gone. The math and rounding points are ``fused._add_rms_norm_kernel``'s.
 
-Switch: ``QKV_GEMV_TAIL_NORM`` = ``1`` (where the whole-row prologue does not apply, rows wider
-than ``gemv.NORM_MAX_K``), ``all`` (every width; tests), ``0`` (off, the default until an H200
-measurement shows it faster: none has run yet, docs/benchmarks.md session 9).
+Switch: ``QKV_GEMV_TAIL_NORM`` = ``1`` (the default: where the whole-row prologue does not
+apply, rows wider than ``gemv.NORM_MAX_K``), ``all`` (every width; tests), ``0`` (off). On the
+H200 it took the Llama-8B batch-1 step from 4.190 to 4.113 ms (docs/benchmarks.md, session 9).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import triton.language as tl
 from qkv.attention.triton import gemv, pdl
 from qkv.attention.triton.gemv import _silu_x, _v_chunk, _w_chunk
 
-_MODE = os.environ.get("QKV_GEMV_TAIL_NORM", "0").strip().lower()
+_MODE = os.environ.get("QKV_GEMV_TAIL_NORM", "1").strip().lower()
 ON = _MODE != "0"
 ALL_WIDTHS = _MODE == "all"
 
