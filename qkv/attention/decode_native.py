@@ -44,13 +44,27 @@ def attend(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mas
            scale: float) -> torch.Tensor:
     """``reference.decode_pages`` (write k/v [T, KVH, D] at ``slots``, then attend over the keys
     at ``from_pages`` [B, L], ``mask`` None or bool [B, 1, 1, L]) for ``usable`` inputs."""
-    T, H, D = q.shape
-    kvh = k.shape[1]
-    planes = kv_cache.view(2, -1, kvh, D)
+    write(k, v, kv_cache, slots)
+    B, L = from_pages.shape
+    keep = None if mask is None else mask.reshape(B, L).to(torch.bool).contiguous()  # one byte, 0 or 1: as the C reads
+    return _attend(q, kv_cache, from_pages, keep, scale)
+
+
+def write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slots: torch.Tensor) -> None:
+    """This step's k/v [T, KVH, D] into the pages at ``slots`` (traced too: an in-place store)."""
+    planes = kv_cache.view(2, -1, k.shape[1], k.shape[2])
     planes[:, slots] = to_cache(torch.stack((k, v)), kv_cache.dtype)
+
+
+def _attend(q, kv_cache, from_pages, keep, scale: float) -> torch.Tensor:
+    """The kernel over the keys at ``from_pages`` [B, L] (int64), ``keep`` None or bool [B, L]."""
+    T, H, D = q.shape
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    kvh = kv_cache.shape[-2]
+    planes = kv_cache.view(2, -1, kvh, D)
     B, L = from_pages.shape
     pages = from_pages.contiguous()
-    keep = None if mask is None else mask.reshape(B, L).to(torch.bool).contiguous()  # one byte, 0 or 1: as the C reads
     out = torch.empty(T, H, D, dtype=torch.bfloat16)
     threads = max(1, min(torch.get_num_threads(), B))
     scratch = torch.empty(threads, H * (L + 2 * D))  # a thread's scores [H, L], scaled q and sums [H, D]
@@ -59,3 +73,25 @@ def attend(q, k, v, kv_cache, slots: torch.Tensor, from_pages: torch.Tensor, mas
               pages.data_ptr(), 0 if keep is None else keep.data_ptr(), B, L, H, kvh, D, scale,
               out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)
     return out
+
+
+_op: list = []  # [(Library, torch.ops.qkv.decode_attn) or None] once asked (``op``)
+
+
+def op():
+    """``_attend`` as the torch operator ``qkv::decode_attn`` (q bf16 [B, H, D], the bf16 pages,
+    from_pages int64 [B, L], keep bool [B, L], scale) -> bf16 [B, H, D], reading the pages only
+    (the step writes them before, in the graph): what the compiled batched decode step calls
+    (engine/cpu_aoti.py). None where the kernel is not there."""
+    if not _op:
+        if _kernel() is None:
+            _op.append(None)
+        else:
+            lib = torch.library.Library("qkv", "FRAGMENT")
+            lib.define("decode_attn(Tensor q, Tensor kv_cache, Tensor from_pages, Tensor keep, float scale) -> Tensor")
+            lib.impl("decode_attn", lambda q, kv_cache, from_pages, keep, scale:
+                     _attend(q, kv_cache, from_pages, keep.contiguous(), scale), "CPU")
+            torch.library.register_fake("qkv::decode_attn", lib=lib)(
+                lambda q, kv_cache, from_pages, keep, scale: q.new_empty(q.shape, dtype=torch.bfloat16))
+            _op.append((lib, torch.ops.qkv.decode_attn))
+    return _op[0][1] if _op[0] else None

@@ -41,11 +41,15 @@ import torch
 
 from qkv.attention import reference
 from qkv.engine.cpu_compile import decode_layers, plan, unsupported
+from qkv.model import int4_rows
 
 # The files whose code the exported step runs: an edit to any makes old packages stale.
 STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/reference.py", "model/layers.py",
                 "model/int4.py", "model/quant.py", "model/int8_gemv.py", "model/llama.py", "model/gemma3.py",
-                "kvcache/kv_pages.py")
+                "kvcache/kv_pages.py", "model/int4_rows.py", "attention/decode_native.py")
+# The batched package's batch sizes: from 2 (one sequence is the other package's) to where
+# Int4Linear's products leave the few-row kernel for the bf16 GEMM (model/int4.py).
+MAX_BATCH = 255
 QKV_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -92,11 +96,16 @@ def _prune(directory: Path, keep: str, settings: str) -> None:
             continue  # unreadable or foreign: not ours to judge
 
 
-def package_path(llm) -> Path | None:
+def package_path(llm, batched: bool = False) -> Path | None:
+    """Where this LLM's one-sequence package is (``batched``: its package for steps of 2 to
+    ``MAX_BATCH`` sequences)."""
     from qkv.loading.models import cache_dir
 
     k = key(llm)
-    return None if k is None else cache_dir() / "aoti" / f"{k}.pt2"
+    return None if k is None else cache_dir() / "aoti" / f"{k}{BATCH_SUFFIX if batched else ''}.pt2"
+
+
+BATCH_SUFFIX = "-batch"  # the batched package's file name and key: the one-sequence one's plus this
 
 
 class _Step(torch.nn.Module):
@@ -114,6 +123,46 @@ class _Step(torch.nn.Module):
         return decode_layers(self.model, self.plan, input_ids, ropes, views, args[r + v :])
 
 
+class _BatchStep(torch.nn.Module):
+    """The batched package's function: ``decode_layers`` for 2 to ``MAX_BATCH`` sequences, each
+    view's inputs (slots [B], pages [B, L], keep bool [B, L]); ``native``: the C attention
+    operator (bf16 pages), else ``decode_pages`` with the mask."""
+
+    def __init__(self, model, native: bool):
+        super().__init__()
+        self.model, self.native = model, native
+        self.plan = plan(model)
+
+    def forward(self, input_ids, *args):
+        r, v = 2 * len(self.plan.ropes), 3 * len(self.plan.views)
+        ropes = [(args[i], args[i + 1]) for i in range(0, r, 2)]
+        views = [(args[i], args[i + 1], args[i + 2] if self.native else args[i + 2][:, None, None, :])
+                 for i in range(r, r + v, 3)]
+        return decode_layers(self.model, self.plan, input_ids, ropes, views, args[r + v :], self.native)
+
+
+def _native_attention(model) -> bool:
+    """Whether the batched step attends with the C kernel's operator, as the eager step does
+    (attention/decode_native.py: bf16 pages of one width and a bf16 query)."""
+    from qkv.attention import decode_native
+
+    caches = _caches(model)
+    a = model.model.layers[0].self_attn
+    return (all(c.dtype == torch.bfloat16 and c.shape[-1] == a.head_dim for c in caches)
+            and model.model.embed_tokens.weight.dtype == torch.bfloat16
+            and a.head_dim <= decode_native.MAX_HEAD_DIM and decode_native.op() is not None)
+
+
+def _batch_views(step, batch) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Each view's (slots, pages, keep) for a step of several sequences, as the eager layers
+    compute them (``reference.step_indices``, once a step)."""
+    views = []
+    for g, w in step.views:
+        ix = reference.step_indices(batch, g, w)
+        views.append((batch.slot_mappings[g], ix.from_pages, ix.mask.reshape(ix.from_pages.shape)))
+    return views
+
+
 def _inputs(step, input_ids, positions, views, caches) -> list[torch.Tensor]:
     """The package's inputs: the token, each RoPE table's cos and sin rows at its position, each
     attention view's (slots, visible pages), each layer's cache. ``step``: ``plan(model)``."""
@@ -128,9 +177,18 @@ def _example(step, caches) -> list[torch.Tensor]:
     return _inputs(step, torch.tensor([1]), torch.tensor([1]), views, caches)
 
 
-def _fixed(step) -> int:
+def _batch_example(step, caches) -> list[torch.Tensor]:
+    """The batched package's example inputs: 3 sequences, each view's key count its own (7, 8,
+    ...) and none equal to the batch or a page count, so that each stays its own symbolic size."""
+    b = 3
+    views = [(torch.arange(b), torch.arange(7 + i).repeat(b, 1), torch.ones(b, 7 + i, dtype=torch.bool))
+             for i in range(len(step.views))]
+    return _inputs(step, torch.arange(b), torch.arange(b), views, caches)
+
+
+def _fixed(step, batched: bool = False) -> int:
     """How many of the inputs come before the caches."""
-    return 1 + 2 * len(step.ropes) + 2 * len(step.views)
+    return 1 + 2 * len(step.ropes) + (3 if batched else 2) * len(step.views)
 
 
 @contextlib.contextmanager
@@ -156,19 +214,23 @@ def _captured_constants():
         GraphLowering.allocate_non_dup_const_name = orig
 
 
-def build(llm, path: Path | None = None) -> Path:
-    """Export and compile this LLM's one-sequence decode step into its package (minutes).
-    ValueError for a model or device it does not cover."""
+def build(llm, path: Path | None = None, batched: bool = False) -> Path:
+    """Export and compile this LLM's one-sequence decode step into its package (minutes);
+    ``batched``: its step of 2 to ``MAX_BATCH`` sequences (another package). ValueError for a
+    model or device it does not cover."""
     engine = llm.engine
     if engine.device.type != "cpu" or engine.tp is not None:
         raise ValueError("the compiled decode step is the CPU path (one process)")
     why = unsupported(engine.model, engine.runner)
     if why is not None:
         raise ValueError(f"the compiled decode step does not cover {why}")
+    if batched and _has_int8_layers(engine.model):
+        raise ValueError("the batched compiled step covers int4 and float layers (not int8 ones)")
     k = key(llm)
-    path = path or package_path(llm)
+    path = path or package_path(llm, batched)
     if k is None or path is None:
         raise ValueError(f"{llm.source}: not a file or directory, so a package cannot be keyed to it")
+    k, settings = (k + BATCH_SUFFIX, _settings(llm) + BATCH_SUFFIX) if batched else (k, _settings(llm))
     import torch._inductor
 
     model, step = engine.model, plan(engine.model)
@@ -177,14 +239,24 @@ def build(llm, path: Path | None = None) -> Path:
     # export does not run them), so that each group's count is its own symbolic size.
     real = _caches(model)
     caches = [torch.zeros((2, 3 + len(step.views) + g, *c.shape[2:]), dtype=c.dtype) for c, g in zip(real, groups)]
-    example = _example(step, caches)
-    keys = [{1: torch.export.Dim(f"keys{i}", min=2)} for i in range(len(step.views))]
     blocks = {g: torch.export.Dim(f"blocks{g}", min=2) for g in sorted(set(groups))}
-    shapes = (None, tuple([None] * 2 * len(step.ropes) + [x for k in keys for x in (None, k)]
-                          + [{1: blocks[g]} for g in groups]))  # input_ids, then *args as one tuple
-    with torch.no_grad(), warnings.catch_warnings():
+    if batched:
+        example = _batch_example(step, caches)
+        rows = torch.export.Dim("rows", min=2, max=MAX_BATCH)
+        keys = [torch.export.Dim(f"keys{i}", min=2) for i in range(len(step.views))]
+        shapes = ({0: rows}, tuple([{0: rows}] * 2 * len(step.ropes)
+                                   + [x for k in keys for x in ({0: rows}, {0: rows, 1: k}, {0: rows, 1: k})]
+                                   + [{1: blocks[g]} for g in groups]))
+        module, tracing = _BatchStep(model, _native_attention(model)), int4_rows.as_op()
+    else:
+        example = _example(step, caches)
+        keys = [{1: torch.export.Dim(f"keys{i}", min=2)} for i in range(len(step.views))]
+        shapes = (None, tuple([None] * 2 * len(step.ropes) + [x for k in keys for x in (None, k)]
+                              + [{1: blocks[g]} for g in groups]))  # input_ids, then *args as one tuple
+        module, tracing = _Step(model), contextlib.nullcontext()
+    with torch.no_grad(), warnings.catch_warnings(), tracing:
         warnings.simplefilter("ignore")  # torch's deprecation notices about its own internals
-        ep = torch.export.export(_Step(model).eval(), tuple(example), dynamic_shapes=shapes, strict=False)
+        ep = torch.export.export(module.eval(), tuple(example), dynamic_shapes=shapes, strict=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.pt2")
     os.close(fd)
@@ -197,13 +269,19 @@ def build(llm, path: Path | None = None) -> Path:
         wanted = torch._C._aoti.AOTIModelPackageLoader(tmp, "model", False, 1, -1).get_constant_fqns()
         extra = {n: {"dtype": str(seen[n].dtype).removeprefix("torch."), "shape": list(seen[n].shape),
                      "values": seen[n].flatten().tolist()} for n in wanted if n not in mine}
-        path.with_suffix(".json").write_text(json.dumps({"settings": _settings(llm), "constants": extra}))
+        path.with_suffix(".json").write_text(json.dumps({"settings": settings, "constants": extra}))
         os.replace(tmp, path)  # last: a package on disk always has its constants beside it
-        _prune(path.parent, path.stem, _settings(llm))
+        _prune(path.parent, path.stem, settings)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _has_int8_layers(model) -> bool:
+    from qkv.model.quant import Int8Linear
+
+    return any(isinstance(m, Int8Linear) for m in model.model.layers.modules())
 
 
 def _caches(model) -> list[torch.Tensor]:
@@ -220,14 +298,32 @@ def _fqns(model) -> dict[str, torch.Tensor]:
 
 class AOTDecode:
     """``run(input_ids, positions, batch)`` for a decode batch, as CompiledDecode: the
-    package for one sequence, the eager model for several."""
+    package for one sequence, the batched package (``batched``, where built) for 2 to
+    ``MAX_BATCH``, the eager model otherwise."""
 
-    def __init__(self, loader, model, caches):
+    def __init__(self, loader, model, caches, batched=None):
         self.loader, self.model, self.caches = loader, model, list(caches)
+        self.batched = batched
         self.plan = plan(model)
-        self.checked = False
+        self.checked = self.batch_checked = False
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, batch) -> torch.Tensor:
+        if 1 < batch.num_seqs <= MAX_BATCH and self.batched is not None:
+            views = _batch_views(self.plan, batch)
+            if all(pages.shape[1] >= 2 for _, pages, _ in views):  # (exported for 2 keys or more)
+                args = _inputs(self.plan, input_ids, positions, views, self.caches)
+                try:
+                    if not self.batch_checked:  # as below, for the batched package
+                        n = _fixed(self.plan, batched=True)
+                        got = [a.dtype for a in args[:n]]
+                        want = [a.dtype for a in _batch_example(self.plan, [])[:n]]
+                        if got != want or not all(a.is_contiguous() for a in args[:n]):
+                            raise ValueError(f"inputs of dtypes {got}, built for {want}")
+                        self.batch_checked = True
+                    return self.batched.boxed_run(args)[0]
+                except Exception as e:  # never fail a request for it: batched steps run eagerly from now on
+                    log(f"compiled batched decode step failed ({_first_line(e)}); decoding batches eagerly from now on")
+                    self.batched = None
         if batch.num_seqs == 1 and self.loader is not None:
             views = [(batch.slot_mappings[g], reference.visible_pages(batch, g, w)) for g, w in self.plan.views]
             # (Exported for 2 keys or more: a first step from a one-token prompt runs eagerly.)
@@ -260,22 +356,40 @@ def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | No
     if engine.device.type != "cpu" or engine.tp is not None or unsupported(engine.model, engine.runner):
         return None
     k = key(llm)
-    path = path or package_path(llm)
-    if k is None or path is None or not path.is_file():
+    one = path or package_path(llm)
+    two = None if path is not None else package_path(llm, batched=True)  # a path given: that package alone
+    if k is None or one is None or not (one.is_file() or (two is not None and two.is_file())):
         if verbose:
             log("decode steps run eagerly: no compiled step for this model and settings (build it: qkv compile)")
         return None
-    try:
-        from qkv.model import int8_gemv
+    loader = _open(one, k, engine.model) if one.is_file() else None
+    batched = _open(two, k + BATCH_SUFFIX, engine.model) if two is not None and two.is_file() else None
+    if loader is None and batched is None:
+        return None
+    if verbose:
+        said = [f"{what} decode steps run the compiled step {p}" for what, p, ld in
+                (("one-sequence", one, loader), ("batched", two, batched)) if ld is not None]
+        log(f"{'; '.join(said)} (loaded in {time.perf_counter() - t:.3f} s)")
+    return AOTDecode(loader, engine.model, _caches(engine.model), batched)
 
-        int8_gemv.op()  # the operator a package's int8 products call back into: defined before it loads
+
+def _open(path: Path, k: str, model):
+    """The package at ``path``, its constants loaded from ``model``; None with one line on
+    stderr when it cannot be used."""
+    try:
+        from qkv.attention import decode_native
+        from qkv.model import int4_rows, int8_gemv
+
+        # The operators a package calls back into (its int8 and int4 products, the batched
+        # step's attention): defined before it loads.
+        int8_gemv.op(), int4_rows.op(), decode_native.op()
         loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         found = loader.get_metadata().get("qkv_key")
         if found != k:
             raise ValueError(f"it was built for another model or settings (key {found}, want {k})")
         consts = {n: torch.tensor(c["values"], dtype=getattr(torch, c["dtype"])).view(c["shape"])
                   for n, c in json.loads(path.with_suffix(".json").read_text())["constants"].items()}
-        mine = _fqns(engine.model)
+        mine = _fqns(model)
         want = loader.get_constant_fqns()
         missing = [n for n in want if n not in mine and n not in consts]
         if missing:
@@ -284,6 +398,4 @@ def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | No
     except Exception as e:  # a corrupt, foreign or stale file: run eagerly, say so once
         log(f"compiled decode step {path} not used ({_first_line(e)}); running eagerly (rebuild: qkv compile)")
         return None
-    if verbose:
-        log(f"one-sequence decode steps run the compiled step {path} (loaded in {time.perf_counter() - t:.3f} s)")
-    return AOTDecode(loader, engine.model, _caches(engine.model))
+    return loader

@@ -127,18 +127,20 @@ class CompiledDecode:
         return decode_layers(self.model, self.plan, input_ids, ropes, list(zip(slots, pages, masks)), caches)
 
 
-def decode_layers(model, step: Plan, input_ids, ropes, views, caches):
+def decode_layers(model, step: Plan, input_ids, ropes, views, caches, native: bool = False):
     """The model's forward for a decode step with the attention inlined (same modules, same
     math). ``ropes``: (cos, sin) [T, 1, head_dim] (the table's rows at the positions) of each of
     ``plan(model).ropes``; ``views``: (slots [T], pages [B, L], mask [B, 1, 1, L] or None) of each
     of its views, as ``reference.decode_pages`` takes them; each layer's K/V written into
-    ``caches[i]``; ``step``: ``plan(model)``. Also the function engine/cpu_aoti.py exports."""
+    ``caches[i]``; ``step``: ``plan(model)``. Also the function engine/cpu_aoti.py exports.
+    ``native``: the attention is the C kernel's operator ``qkv::decode_attn`` (bf16 pages and
+    activations; each view's mask then bool [B, L]), as the eager batched step runs it."""
     body = model.model
     x = body.embed_tokens(input_ids)
     if step.embed_scale is not None:  # Gemma 3: its sandwich norms, no fused residual adds
         x = x * step.embed_scale
         for layer, cache, (r, w) in zip(body.layers, caches, step.layers):
-            h = _attention(layer.self_attn, layer.input_layernorm(x), ropes[r], views[w], cache)
+            h = _attention(layer.self_attn, layer.input_layernorm(x), ropes[r], views[w], cache, native)
             x = x + layer.post_attention_layernorm(h)
             x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
         return body.norm(x)
@@ -148,16 +150,16 @@ def decode_layers(model, step: Plan, input_ids, ropes, views, caches):
             residual, h = x, layer.input_layernorm(x)
         else:
             h, residual = layer.input_layernorm.add_norm(x, residual)
-        h = _attention(layer.self_attn, h, ropes[r], views[w], cache)
+        h = _attention(layer.self_attn, h, ropes[r], views[w], cache, native)
         h, residual = layer.post_attention_layernorm.add_norm(h, residual)
         x = layer.mlp(h)
     return body.norm.add_norm(x, residual)[0]
 
 
-def _attention(a, h, rope, view, cache):
+def _attention(a, h, rope, view, cache, native: bool = False):
     """``Attention.forward`` for a decode step (reference backend, float pages): the QKV
-    projection, QK norms if any, RoPE by the gathered cos/sin, ``decode_pages``, the output
-    projection."""
+    projection, QK norms if any, RoPE by the gathered cos/sin, ``decode_pages`` (``native``: the
+    k/v write, then ``qkv::decode_attn``), the output projection."""
     (cos, sin), (slots, pages, mask) = rope, view
     qkv = a.qkv_proj(h)
     T = qkv.shape[0]
@@ -169,5 +171,11 @@ def _attention(a, h, rope, view, cache):
         q = rotate(a.q_norm(qkv[:, : a.q_size].view(T, H, D)), cos, sin)
         k = rotate(a.k_norm(qkv[:, a.q_size : a.q_size + a.kv_size].view(T, KVH, D)), cos, sin)
     v = qkv[:, a.q_size + a.kv_size :].view(T, KVH, D)
-    out = reference.decode_pages(q, k, v, cache, slots, pages, mask, a.scale)
+    if native:
+        from qkv.attention import decode_native
+
+        decode_native.write(k, v, cache, slots)
+        out = decode_native.op()(q, cache, pages, mask, a.scale)
+    else:
+        out = reference.decode_pages(q, k, v, cache, slots, pages, mask, a.scale)
     return a.o_proj(out.reshape(T, a.q_size))

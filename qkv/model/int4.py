@@ -188,6 +188,8 @@ class Int4Linear(nn.Module):
         wt = unpack(self.weight_int4, self.scales_zeros) if x2.shape[0] >= DENSE_ROWS else None
         if wt is not None:
             y = torch.mm(x2, wt)
+        elif int4_rows.traced():  # the batched step's export: the C kernel as a graph node
+            y = int4_rows.op()(x2, self.weight_int4, self.scales_zeros)
         else:  # a few rows: the C kernel (model/int4_rows.py) where it applies, else ATen's
             y = int4_rows.product(x2, self.weight_int4, self.scales_zeros)
             if y is None:

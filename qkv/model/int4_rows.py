@@ -12,10 +12,16 @@ the output is rounded once to bf16 (tests/test_int4_rows.py).
 Needs avx512_bf16 (checked in /proc/cpuinfo before building: the source does not compile
 without it); without it, with no compiler or with ``QKV_NATIVE=0``, ``product`` returns None
 and the caller runs ATen's kernel.
+
+Inside the compiled batched decode step (engine/cpu_aoti.py) the product is the operator
+``qkv::int4_rows`` (``op()``), one node of the exported graph that the package calls back into,
+as model/int8_gemv.py's ``qkv::int8_gemv``; ``Int4Linear`` traces it only inside ``as_op()``
+(that export), so the one-sequence package and ``--compile`` keep ATen's traced kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 import torch
@@ -26,6 +32,8 @@ GROUP, TILE_ROWS = 32, 64  # model/int4.py's group and packing tile
 # kernel is a matrix-vector product there; up to int4.DENSE_ROWS, where the bf16 GEMM takes
 # over). Measured at SmolLM2's shapes: docs/benchmarks.md, session 9.
 MIN_ROWS = 2
+_op: list = []  # [(Library, torch.ops.qkv.int4_rows) or None] once asked (``op``)
+_tracing: list[bool] = [False]  # inside ``as_op()``: Int4Linear traces the operator
 
 ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
             + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
@@ -71,3 +79,47 @@ def product(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -
     fn(x.data_ptr(), m, x.stride(0), packed.data_ptr(), scales_zeros.data_ptr(), k, n, y.data_ptr(), n,
        scratch.data_ptr(), threads)
     return y
+
+
+def _call(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """The operator's CPU kernel: ``product``, or ATen's kernel where it does not apply (a
+    strided x from the graph is made contiguous first)."""
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = product(x, packed, scales_zeros)
+    if y is None:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, scales_zeros)
+    return y
+
+
+def op():
+    """``product`` as the torch operator ``qkv::int4_rows`` (x bf16 [M, K], packed, scales_zeros)
+    -> bf16 [M, N], or None where the kernel is not there. Defined once a process, before a
+    package that calls it is loaded (engine/cpu_aoti.py)."""
+    if not _op:
+        if _kernel() is None:
+            _op.append(None)
+        else:
+            lib = torch.library.Library("qkv", "FRAGMENT")
+            lib.define("int4_rows(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor")
+            lib.impl("int4_rows", _call, "CPU")
+            torch.library.register_fake("qkv::int4_rows", lib=lib)(
+                lambda x, packed, scales_zeros: x.new_empty(x.shape[0], scales_zeros.shape[1]))
+            _op.append((lib, torch.ops.qkv.int4_rows))  # the Library kept alive: it owns the definition
+    return _op[0][1] if _op[0] else None
+
+
+def traced() -> bool:
+    """Whether ``Int4Linear`` should put ``op()`` in the graph being traced (inside ``as_op``)."""
+    return _tracing[0] and torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def as_op():
+    """Trace the few-row products as ``qkv::int4_rows`` (the batched step's export) where the
+    kernel is there."""
+    _tracing[0] = op() is not None
+    try:
+        yield
+    finally:
+        _tracing[0] = False

@@ -3,10 +3,11 @@
     qkv compile                      # the default model (scripts/setup.sh runs this)
     qkv compile ./my-llama --quantization int8
 
-Exports the one-sequence decode step and compiles it into a package under
-``~/.cache/qkv/aoti`` (engine/cpu_aoti.py; minutes on 2 cores). Later ``qkv generate``,
+Exports the one-sequence decode step and the step of 2 to 255 sequences (int4 and float
+layers) and compiles each into a package under ``~/.cache/qkv/aoti`` (engine/cpu_aoti.py;
+minutes on 2 cores). Later ``qkv generate``,
 ``qkv chat`` and ``LLM(...)`` with the same model and settings (quantization, dtype, KV cache
-dtype and block size) load it in milliseconds and run one-sequence decode steps through it.
+dtype and block size) load it in milliseconds and run their decode steps through them.
 A package already there for these settings is kept (``--force`` rebuilds it).
 """
 
@@ -35,11 +36,21 @@ def run(args) -> int:
     kw.update(device=kw["device"] or "cpu", aot_decode=False, log_stats=False, compile_decode=False)
     kw["num_kv_blocks"] = kw["num_kv_blocks"] or 64  # the package's page count is symbolic: a small cache will do
     llm = LLM(args.model, **kw)
-    path = cpu_aoti.package_path(llm)
-    if path is not None and path.is_file() and not args.force and cpu_aoti.load(llm) is not None:
-        print(f"compiled decode step already built: {path}", file=sys.stderr)
-        return 0
-    t = time.perf_counter()
-    path = cpu_aoti.build(llm)
-    print(f"compiled decode step built in {time.perf_counter() - t:.0f} s: {path}", file=sys.stderr)
+    for batched in (False, True):  # the one-sequence step, then the step of 2 to MAX_BATCH sequences
+        what = "batched decode step" if batched else "decode step"
+        path = cpu_aoti.package_path(llm, batched)
+        k = cpu_aoti.key(llm)
+        if (path is not None and path.is_file() and not args.force
+                and cpu_aoti._open(path, k + (cpu_aoti.BATCH_SUFFIX if batched else ""), llm.engine.model) is not None):
+            print(f"compiled {what} already built: {path}", file=sys.stderr)
+            continue
+        t = time.perf_counter()
+        try:
+            path = cpu_aoti.build(llm, batched=batched)
+        except ValueError as e:
+            if not batched:
+                raise
+            print(f"no compiled {what}: {e}", file=sys.stderr)  # batched steps run eagerly
+            continue
+        print(f"compiled {what} built in {time.perf_counter() - t:.0f} s: {path}", file=sys.stderr)
     return 0
