@@ -103,3 +103,24 @@ def test_loading_the_kernels_keeps_subnormals(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["True", "True"], r.stdout
+
+
+def test_the_operator_is_the_kernel(fresh):
+    """``qkv::decode_attn`` (what the compiled batched step calls, after writing the pages
+    itself) gives ``attend``'s output bit for bit, from a strided q as the graph passes it."""
+    torch.manual_seed(1)
+    B, H, kvh, D, L = 6, 9, 3, 64, 40
+    cache = torch.randn(2, 16, 16, kvh, D).bfloat16()
+    qkv = torch.randn(B, H + 2 * kvh, D).bfloat16()
+    q, k, v = qkv[:, :H], qkv[:, H:H + kvh], qkv[:, H + kvh:]
+    slots = torch.randperm(256)[:B]
+    pages = torch.randint(0, 256, (B, L))
+    pages[:, -1] = slots
+    keep = torch.rand(B, L) > 0.3
+    keep[:, -1] = True
+    c1, c2 = cache.clone(), cache.clone()
+    want = decode_native.attend(q, k, v, c1, slots, pages, keep[:, None, None], 0.125)
+    decode_native.write(k, v, c2, slots)
+    assert torch.equal(c1, c2)
+    got = decode_native.op()(q, c2, pages, keep, 0.125)
+    assert torch.equal(got, want)

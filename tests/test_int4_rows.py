@@ -111,3 +111,26 @@ def test_no_avx512_bf16_no_build(fresh, monkeypatch):
     assert int4_rows.product(x, lin.weight_int4, lin.scales_zeros) is None
     assert torch.equal(lin(x), torch.ops.aten._weight_int4pack_mm_for_cpu(x, lin.weight_int4, GROUP, lin.scales_zeros))
     assert not (fresh / "native").exists()
+
+
+@needs_kernel
+def test_the_operator_is_the_kernel_and_only_traced_inside_as_op(fresh):
+    """``qkv::int4_rows`` (the compiled batched step's int4 products) gives ``product``'s
+    output bit for bit; ``Int4Linear`` puts it in a traced graph only inside ``as_op()`` (the
+    batched export), ATen's op otherwise (the one-sequence package, ``--compile``)."""
+    packed, sz, _ = random_layer(192, 96, 3)
+    x = torch.randn(7, 96, generator=torch.Generator().manual_seed(3)).bfloat16()
+    assert torch.equal(int4_rows.op()(x, packed, sz), int4_rows.product(x, packed, sz))
+    layer = Int4Linear(parts=(packed, sz))
+
+    def ops(ctx):
+        with ctx, torch.no_grad():
+            gm = torch.export.export(layer, (x,), dynamic_shapes=({0: torch.export.Dim("rows", min=2, max=255)},),
+                                     strict=False).graph_module
+        return {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+
+    import contextlib
+
+    assert "qkv.int4_rows.default" in ops(int4_rows.as_op())
+    assert not any("qkv" in t for t in ops(contextlib.nullcontext()))
+    assert not int4_rows.traced()  # the switch is off again after the export
