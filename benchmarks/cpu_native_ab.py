@@ -6,13 +6,15 @@ One engine (``LLM("smollm2", threads=...)``, its defaults: int4 layers, bf16, th
 one-sequence step if built); each round runs the arms in turn: ``torch`` (model/int4.py's
 ``unpack_torch``, ATen's int4 kernel, reference.py's ``decode_pages``: as ``QKV_NATIVE=0``),
 ``native`` (session 8's C kernels: the int4 unpack and decode attention), ``rows`` (those and
-model/int4_rows.py's few-row int4 product: everything, the default), then llama.cpp
+model/int4_rows.py's few-row int4 product, batched decode steps eager), ``aot`` (``rows`` with
+the batched decode steps through the compiled batched package, engine/cpu_aoti.py: the
+default where ``qkv compile`` built it), then llama.cpp
 (llama-cpp-python, same GGUF, same thread count), so a busy machine slows all alike within a
 round. Prints each round and the medians.
 
     python benchmarks/cpu_native_ab.py prefill --rounds 5      # 512 random ids, prefill only
     python benchmarks/cpu_native_ab.py throughput --rounds 3   # qkv bench throughput's 16 requests
-    python benchmarks/cpu_native_ab.py throughput --arms native,rows
+    python benchmarks/cpu_native_ab.py throughput --arms rows,aot
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--arms", default="torch,native,rows", help="comma-separated: torch, native, rows")
+    ap.add_argument("--arms", default="torch,native,rows", help="comma-separated: torch, native, rows, aot")
     args = ap.parse_args()
     arms = args.arms.split(",")
     llm = LLM("smollm2", device="cpu", threads=args.threads, enable_prefix_caching=False)
@@ -47,11 +49,17 @@ def main() -> None:
                "int4_rows:qkv_int4_rows": int4_rows._kernel()}
     if None in kernels.values():
         raise SystemExit("the C kernels did not build (model/native.py)")
-    arm_kernels = {"torch": (), "native": tuple(kernels)[:2], "rows": tuple(kernels)}
+    arm_kernels = {"torch": (), "native": tuple(kernels)[:2], "rows": tuple(kernels), "aot": tuple(kernels)}
+    step = llm.engine.runner.compiled
+    batched = getattr(step, "batched", None)
+    if "aot" in arms and batched is None:
+        raise SystemExit("no compiled batched decode step for smollm2 (build it: qkv compile)")
 
     def use(arm: str) -> None:  # native.function's cache: None makes the callers run torch/ATen
         for name, fn in kernels.items():
             native._functions[name] = fn if name in arm_kernels[arm] else None
+        if step is not None:  # the batched package only in the aot arm
+            step.batched = batched if arm == "aot" else None
 
     if args.what == "prefill":
         ids = [random.Random(0).randrange(100, llm.config.vocab_size - 100) for _ in range(args.prompt_len)]
