@@ -20,9 +20,15 @@ so a changed file or a new torch means another key: the old package is never use
 key does not match its file, or that fails to load, is refused with one line on stderr and
 the engine runs eagerly: a package can make decode faster, never make the engine fail.
 
-Only one-sequence decode steps run the package (the README's first command, ``qkv chat``);
-a step of several sequences, prefill and mixed steps run eagerly, as without it. The eager
-model is the oracle: tests/test_cpu_aoti.py (Llama) and tests/test_cpu_aoti_gemma3.py compare the two.
+One-sequence decode steps run that package (the README's first command, ``qkv chat``).
+Steps of 2 to ``MAX_BATCH`` sequences run a second one (``build(..., batched=True)``,
+``KEY-batch.pt2``; int4 and float layers): the same ``decode_layers`` exported with the
+batch size symbolic and each view's mask an input, its few-row int4 products and (bf16 pages)
+its attention the eager step's C kernels as the torch operators ``qkv::int4_rows`` and
+``qkv::decode_attn``, which the package calls back into; what it saves is the eager step's
+~25 small ops a layer (a SmolLM2 16-row step ~47 -> ~37 ms, docs/benchmarks.md). Prefill and
+mixed steps run eagerly. The eager model is the oracle: tests/test_cpu_aoti.py (Llama),
+tests/test_cpu_aoti_gemma3.py and tests/test_cpu_aoti_batch.py compare the two.
 """
 
 from __future__ import annotations
