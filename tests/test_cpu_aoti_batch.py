@@ -44,7 +44,7 @@ def built(tmp_path_factory):
 def _counting(llm):
     """The engine's batched package, its calls counted."""
     step = llm.engine.runner.compiled
-    assert isinstance(step, cpu_aoti.AOTDecode) and step.batched is not None and step.loader is None
+    assert isinstance(step, cpu_aoti.AOTDecode) and step.batched is not None
 
     class Counted:
         calls = 0
@@ -87,3 +87,17 @@ def test_a_failing_batched_step_falls_back_to_eager_for_good(built, capsys):
     assert run_greedy(llm, PROMPTS[:2]) == want
     assert step.batched is None
     assert capsys.readouterr().err.count("compiled batched decode step failed (bad input)") == 1
+
+
+def test_qkv_compile_builds_what_is_missing_of_the_two(built, capsys):
+    """``qkv compile`` keeps the batched package the fixture built and builds the one-sequence
+    one; an LLM then loads both."""
+    from qkv.cli import main
+
+    path, package = built["float32"]
+    capsys.readouterr()
+    assert main(["compile", path, "--quantization", "int4", "--dtype", "float32"]) == 0
+    err = capsys.readouterr().err
+    assert "compiled decode step built" in err and f"compiled batched decode step already built: {package}" in err
+    step = LLM(path, device="cpu", quantization="int4", dtype="float32", num_kv_blocks=32).engine.runner.compiled
+    assert step.loader is not None and step.batched is not None
