@@ -35,7 +35,8 @@ def built(tmp_path_factory):
     cls(cfg).eval().save_pretrained(root / "llama")
     out = {}
     for dtype in ("float32", "bfloat16"):
-        llm = LLM(str(root / "llama"), device="cpu", quantization="int4", dtype=dtype, num_kv_blocks=32, log_stats=False)
+        llm = LLM(str(root / "llama"), device="cpu", quantization="int4", dtype=dtype, num_kv_blocks=32,
+                  log_stats=False)
         out[dtype] = (str(root / "llama"), cpu_aoti.build(llm, batched=True))
     yield out
     del os.environ["QKV_CACHE_DIR"]
