@@ -22,57 +22,124 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton import gemv, pdl
+from qkv.attention.triton import gemv, l2_prefetch, pdl
 from qkv.attention.triton.gemv import _silu_x, _v_chunk, _w_chunk
 
 _MODE = os.environ.get("QKV_GEMV_TAIL_NORM", "1").strip().lower()
 ON = _MODE != "0"
 ALL_WIDTHS = _MODE == "all"
+# The norm weight prefetched into L2 before the last program reads it (QKV_TAIL_NORM_PREFETCH=1;
+# l2_prefetch.py; off until measured).
+PF_NW = os.environ.get("QKV_TAIL_NORM_PREFETCH", "0") == "1"
+# The last program's norm in TAIL_BLOCK-wide pieces over per-program partial sums of squares
+# (QKV_TAIL_NORM_CHUNKED=1; off until measured): at Llama-8B's width the whole-row tail holds
+# 4,096 floats a 128-thread program, so o_proj's kernel takes 96 registers a thread (sm_90
+# ptxas): 5 programs an SM, 660 of its 1,024 at once; with 1,024-wide pieces 72, as the plain
+# GEMV: 7 an SM, 924 at once. The sum of squares runs in another (fixed) order.
+CHUNKED = os.environ.get("QKV_TAIL_NORM_CHUNKED", "0") == "1"
+TAIL_BLOCK = int(os.environ.get("QKV_TAIL_NORM_BLOCK", "1024"))
+# Row sums per weight chunk instead of a [BLOCK_N, BLOCK_K] accumulator (QKV_TAIL_NORM_ROW_SUMS=1;
+# off until measured): with CHUNKED 64 registers (8 programs an SM: o_proj's 1,024 in one wave,
+# so all of them load their first chunk before the PDL wait); one more reduction a chunk.
+ROW_SUMS = os.environ.get("QKV_TAIL_NORM_ROW_SUMS", "0") == "1"
 
 
 @triton.jit
 def _res_norm_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, EVEN: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
-                          EVICT: tl.constexpr = False):
-    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, False, N_PAD, PDL, EVICT)
+                          EVICT: tl.constexpr = False, NW_BYTES=0, PF_NW: tl.constexpr = False,
+                          TPB: tl.constexpr = 128, P=None, NP_PAD: tl.constexpr = 0, TB: tl.constexpr = 0,
+                          RED: tl.constexpr = 0):
+    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, False, N_PAD, PDL, EVICT,
+                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED)
 
 
 @triton.jit
 def _res_norm_silu_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
-                               EVICT: tl.constexpr = False):
+                               EVICT: tl.constexpr = False, NW_BYTES=0, PF_NW: tl.constexpr = False,
+                               TPB: tl.constexpr = 128, P=None, NP_PAD: tl.constexpr = 0, TB: tl.constexpr = 0,
+                               RED: tl.constexpr = 0):
     # (its own name: profiles tell the down projection from o_proj)
-    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, True, N_PAD, PDL, EVICT)
+    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, True, N_PAD, PDL, EVICT,
+                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED)
+
+
+@triton.jit
+def _fold(p, RED: tl.constexpr):
+    """A chunk's products [BLOCK_N, BLOCK_K] -> the accumulator: kept whole (row sums at the
+    end), or with ``RED`` summed to [BLOCK_N] per chunk (a reduction a chunk; the accumulator
+    takes 1 register a row instead of BLOCK_K / threads)."""
+    if RED:
+        return tl.sum(p, 1)
+    else:
+        return p
+
+
+@triton.jit
+def _row_sums(acc, RED: tl.constexpr):
+    if RED:
+        return acc
+    else:
+        return tl.sum(acc, 1)
 
 
 @triton.jit
 def _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SILU: tl.constexpr, N_PAD: tl.constexpr,
-                   PDL: tl.constexpr, EVICT: tl.constexpr):
-    """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); the last program: y = rmsnorm(s) * nw."""
+                   PDL: tl.constexpr, EVICT: tl.constexpr, NW_BYTES, PF_NW: tl.constexpr,
+                   TPB: tl.constexpr, P, NP_PAD: tl.constexpr, TB: tl.constexpr, RED: tl.constexpr):
+    """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); the last program: y = rmsnorm(s) * nw.
+    ``PF_NW``: the program that finishes an eighth of the grid before the last brings nw into L2.
+    ``TB`` > 0 (``CHUNKED``): each program stores the sum of squares of its rows in P, the last
+    one sums those (NP_PAD wide, a fixed order) and normalizes the row TB elements at a time:
+    no whole-row vectors, so fewer registers a program (more programs resident at once).
+    ``RED`` (``ROW_SUMS``): see ``_fold``."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
     if SILU:
-        acc = w.to(tl.float32) * _silu_x(X, 0, k, K, EVEN)[None, :]
+        acc = _fold(w.to(tl.float32) * _silu_x(X, 0, k, K, EVEN)[None, :], RED)
     else:
-        acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
+        acc = _fold(w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :], RED)
     for k0 in range(BLOCK_K, K, BLOCK_K):
         if SILU:
             x = _silu_x(X, k0, k, K, EVEN)
         else:
             x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
-        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
+        acc += _fold(_w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :], RED)
     nm = n < N
-    y = tl.sum(acc, 1).to(S.dtype.element_ty).to(tl.float32)  # the branch's output, rounded
-    tl.store(S + n, (tl.load(R + n, mask=nm, other=0.0).to(tl.float32) + y).to(S.dtype.element_ty), mask=nm)
+    y = _row_sums(acc, RED).to(S.dtype.element_ty).to(tl.float32)  # the branch's output, rounded
+    sn = (tl.load(R + n, mask=nm, other=0.0).to(tl.float32) + y).to(S.dtype.element_ty)
+    tl.store(S + n, sn, mask=nm)
+    if TB > 0:
+        sf = tl.where(nm, sn.to(tl.float32), 0.0)
+        tl.store(P + pid, tl.sum(sf * sf, 0))
     # The barrier orders every thread's stores before the counter's release; the last program
     # reads the row through L2 (.cg): no stale L1 line from an earlier replay.
     tl.debug_barrier()
     done = tl.atomic_add(CNT, 1, sem="acq_rel", scope="gpu")
-    if done == tl.num_programs(0) - 1:
+    if PF_NW:  # the last program's norm weight: an L2 hit by the time it reads it, not a DRAM miss
+        if done == tl.num_programs(0) - 1 - tl.num_programs(0) // 8:
+            l2_prefetch.lines(NW, NW_BYTES, 0, TPB)
+            if NW_BYTES > 128 * TPB:
+                l2_prefetch.lines(NW, NW_BYTES, TPB, TPB)
+    if TB > 0:
+        if done == tl.num_programs(0) - 1:
+            j = tl.arange(0, NP_PAD)
+            ps = tl.load(P + j, mask=j < tl.num_programs(0), other=0.0, cache_modifier=".cg")
+            rstd = tl.rsqrt(tl.sum(ps, 0) / N + eps)
+            i = tl.arange(0, TB)
+            for c in tl.static_range(0, N_PAD, TB):
+                im = (c + i) < N
+                s = tl.load(S + c + i, mask=im, other=0.0, cache_modifier=".cg").to(tl.float32)
+                nw = tl.load(NW + c + i, mask=im, other=0.0).to(tl.float32)
+                h = (s * rstd).to(Y.dtype.element_ty).to(tl.float32) * nw
+                tl.store(Y + c + i, h.to(Y.dtype.element_ty), mask=im)
+            tl.store(CNT, 0)
+    elif done == tl.num_programs(0) - 1:
         i = tl.arange(0, N_PAD)
         im = i < N
         s = tl.load(S + i, mask=im, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -120,8 +187,13 @@ def res_norm_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Ten
     s = torch.empty((1, N), dtype=x.dtype, device=x.device)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     kernel = _res_norm_silu_gemv_kernel if silu else _res_norm_gemv_kernel
-    kernel[(triton.cdiv(N, bn),)](x, w, residual, norm_weight, s, y, _counter(x.device), N, w.stride(0), eps, K=K,
-                                  BLOCK_N=bn, BLOCK_K=bk, EVEN=N % bn == 0 and K % bk == 0,
-                                  N_PAD=triton.next_power_of_2(N), PDL=mode, EVICT=gemv.EVICT_FIRST, num_warps=nw,
-                                  num_stages=3, **kw)
+    pf = l2_prefetch.region(norm_weight) if PF_NW and l2_prefetch.supported(x.device) else None
+    tpb = 32 * nw
+    grid = triton.cdiv(N, bn)
+    tb = min(TAIL_BLOCK, triton.next_power_of_2(N)) if CHUNKED else 0
+    part = torch.empty(grid if tb else 1, dtype=torch.float32, device=x.device)
+    kernel[(grid,)](x, w, residual, norm_weight, s, y, _counter(x.device), N, w.stride(0), eps, K=K, BLOCK_N=bn,
+                    BLOCK_K=bk, EVEN=N % bn == 0 and K % bk == 0, N_PAD=triton.next_power_of_2(N), PDL=mode,
+                    EVICT=gemv.EVICT_FIRST, NW_BYTES=pf[1] if pf else 0, PF_NW=pf is not None, TPB=tpb, P=part,
+                    NP_PAD=triton.next_power_of_2(grid), TB=tb, RED=ROW_SUMS, num_warps=nw, num_stages=3, **kw)
     return y, s
