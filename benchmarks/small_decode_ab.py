@@ -42,7 +42,7 @@ from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
-from qkv.attention.triton import gate_up_silu, tail_norm
+from qkv.attention.triton import gate_up_silu, l2_prefetch, tail_norm
 from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
@@ -98,6 +98,19 @@ VARIANTS.update({
     "d_k2": dict(_D, tiles=_K2), "d_att": dict(_D, rope_kv=True, attend=True),
     "d_att_ef": dict(_D, rope_kv=True, attend=True, evict=True),
 })
+# Session 10, over ``d_rk``: ``pf`` the decode kernel prefetching o_proj's weight into L2
+# (l2_prefetch.py; ``pfl`` per-line prefetches instead of the bulk instruction); ``ch`` the tail
+# norms over per-program partial sums in 1,024-wide pieces, ``r`` with row sums per weight chunk
+# (o_proj's kernel 96 -> 72 -> 64 registers: 660 -> 924 -> 1,024 programs at once), ``nw`` the tail's
+# norm weight prefetched into L2 by the program an eighth before the last; ``ef`` evict-first weights.
+_R = VARIANTS["d_rk"]
+VARIANTS.update({
+    "d_rk_pf": dict(_R, l2pf="1"), "d_rk_pfl": dict(_R, l2pf="lines"), "d_rk_ch": dict(_R, chunked=True),
+    "d_rk_chr": dict(_R, chunked=True, row_sums=True), "d_rk_chr_nw": dict(_R, chunked=True, row_sums=True, pf_nw=True),
+    "d_rk_pf_chr_nw": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True),
+    "d_rk_pfl_chr_nw": dict(_R, l2pf="lines", chunked=True, row_sums=True, pf_nw=True),
+    "d_rk_pf_chr_nw_ef": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, evict=True),
+})
 
 
 def use(variant: str, eng) -> None:
@@ -117,6 +130,11 @@ def use(variant: str, eng) -> None:
     gemv_mod.EVICT_FIRST = v.get("evict", False)
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     tail_norm.ON = v.get("tail", False)
+    tail_norm.CHUNKED = v.get("chunked", False)
+    tail_norm.ROW_SUMS = v.get("row_sums", False)
+    tail_norm.PF_NW = v.get("pf_nw", False)
+    l2_prefetch.ON = v.get("l2pf", "0") != "0"
+    l2_prefetch.LINES = v.get("l2pf") == "lines"
     gate_up_silu.ON = v.get("gus", False)
     sampler.FAST_ARGMAX = not v.get("torch_argmax", False)
     pdl.configure(v.get("pdl", 0))

@@ -433,13 +433,16 @@ def test_triton_argmax_is_torch_argmax(V, block):
 
 def test_l2_prefetch_chunks_cover_the_bytes():
     """Bulk prefetch chunks: 16-byte multiples covering the region with the given instructions,
-    capped at the instruction's size field; only contiguous, 16-byte aligned tensors qualify."""
+    capped at the instruction's size field; lines a thread for the per-line mode; only
+    contiguous, 16-byte aligned tensors qualify."""
     from qkv.attention.triton import l2_prefetch
 
     assert l2_prefetch.chunk_bytes(4096 * 4096 * 2, 256 * 128) == 1024  # o_proj over the decode grid
     assert l2_prefetch.chunk_bytes(100, 128) == 16
     assert l2_prefetch.chunk_bytes(1000, 3) % 16 == 0 and 3 * l2_prefetch.chunk_bytes(1000, 3) >= 1000
     assert l2_prefetch.chunk_bytes(1 << 40, 1) == l2_prefetch.MAX_CHUNK
+    assert l2_prefetch.lines_per_thread(4096 * 4096 * 2, 256 * 128) == 8
+    assert l2_prefetch.lines_per_thread(100, 128) == 1 and l2_prefetch.lines_per_thread(129 * 128, 128) == 2
     w = torch.zeros(64, 32)
     assert l2_prefetch.region(w) == (w.data_ptr(), 64 * 32 * 4)
     assert l2_prefetch.region(w.t()) is None and l2_prefetch.region(w[:, :3]) is None
@@ -471,19 +474,24 @@ d = build(decode._decode_kernel, dict(Q=P, KC=P, VC=P, BT="*i32", NC="*i32", QSL
           CNT="*i32", OUT=P, sm_scale="fp32", softcap="fp32", PF=P, PF_BYTES="i32", PF_CHUNK="i32"),
           dict(G=4, G_PAD=16, D=128, D_PAD=128, BS=16, BLOCK_N=64, S=32, HAS_WINDOW=False, HAS_RING=False,
                HAS_SOFTCAP=False, MERGE=True, KEYS_ON_M=False, DOT_F16=False, DILATED=False, MERGE_VEC=True, G2=4,
-               S2=32, SC=16, PDL=2, PRE=True, PF_ON=True, TPB=128))
+               S2=32, SC=16, PDL=2, PRE=True, PF_ON=True, TPB=128, PF_LINES=0))
 t = build(tail_norm._res_norm_gemv_kernel, dict(X=P, W=P, R=P, NW=P, S=P, Y=P, CNT="*i32", eps="fp32", P="*fp32",
           NW_BYTES="i32"), dict(K=4096, BLOCK_N=4, BLOCK_K=1024, EVEN=True, N_PAD=4096, PDL=2, EVICT=False,
           PF_NW=True, TPB=128, NP_PAD=1024, TB=1024, RED=True))
+dl = build(decode._decode_kernel, dict(Q=P, KC=P, VC=P, BT="*i32", NC="*i32", QSL="*i32", ACC="*fp32", ML="*fp32",
+           CNT="*i32", OUT=P, sm_scale="fp32", softcap="fp32", PF=P, PF_BYTES="i32", PF_CHUNK="i32"),
+           dict(G=4, G_PAD=16, D=128, D_PAD=128, BS=16, BLOCK_N=64, S=32, HAS_WINDOW=False, HAS_RING=False,
+                HAS_SOFTCAP=False, MERGE=True, KEYS_ON_M=False, DOT_F16=False, DILATED=False, MERGE_VEC=True, G2=4,
+                S2=32, SC=16, PDL=2, PRE=True, PF_ON=True, TPB=128, PF_LINES=8))
 print(int("cp.async.bulk.prefetch.L2" in d.asm["ptx"]), int("prefetch.global.L2" in t.asm["ptx"]),
-      len(d.asm["cubin"]) > 0 and len(t.asm["cubin"]) > 0)
+      dl.asm["ptx"].count("prefetch.global.L2"), all(len(c.asm["cubin"]) > 0 for c in (d, t, dl)))
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["1", "1", "True"], r.stdout
+    assert r.stdout.split() == ["1", "1", "8", "True"], r.stdout  # lines: one inline block each
 
 
 @gpu

@@ -79,12 +79,18 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr,
                    DILATED: tl.constexpr, MERGE_VEC: tl.constexpr = False, G2: tl.constexpr = 1,
                    S2: tl.constexpr = 1, SC: tl.constexpr = 1, PDL: tl.constexpr = 0, PRE: tl.constexpr = False,
-                   PF=None, PF_BYTES=0, PF_CHUNK=0, PF_ON: tl.constexpr = False, TPB: tl.constexpr = 128):
+                   PF=None, PF_BYTES=0, PF_CHUNK=0, PF_ON: tl.constexpr = False, TPB: tl.constexpr = 128,
+                   PF_LINES: tl.constexpr = 0):
     # ``PF_ON``: every program first brings its slice of PF (a weight the next kernel reads) into
     # L2 (l2_prefetch.py); weights are never written in the step, so it may precede the wait.
+    # ``PF_LINES`` > 0: that many 128-byte lines a thread, else one bulk prefetch a thread.
     if PF_ON:
         pf_id = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        l2_prefetch.bulk(PF, PF_BYTES, PF_CHUNK, pf_id * TPB, TPB)
+        if PF_LINES > 0:
+            for j in tl.static_range(PF_LINES):
+                l2_prefetch.lines(PF, PF_BYTES, (pf_id * PF_LINES + j) * TPB, TPB)
+        else:
+            l2_prefetch.bulk(PF, PF_BYTES, PF_CHUNK, pf_id * TPB, TPB)
     # pdl.py's contract: every program syncs once, before reading what the previous kernel
     # wrote and before it can return. ``PRE`` (a CUDA graph's decode step, where the block
     # table, lengths and row starts are static inputs no kernel writes, and every cached key
@@ -381,6 +387,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         PRE=static_inputs and not keys_on_m and dilation == 1,
         PF=prefetch if pf else q, PF_BYTES=pf[1] if pf else 0,
         PF_CHUNK=l2_prefetch.chunk_bytes(pf[1], B * kvh * S * tpb) if pf else 0, PF_ON=pf is not None, TPB=tpb,
+        PF_LINES=l2_prefetch.lines_per_thread(pf[1], B * kvh * S * tpb) if pf and l2_prefetch.LINES else 0,
         num_warps=num_warps, num_stages=num_stages, **kw)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,

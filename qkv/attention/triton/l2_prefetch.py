@@ -14,7 +14,7 @@ its effect is time only.
 prefetches the norm weight the last program reads (an HBM miss otherwise, on the serial tail).
 
 Switch (read at import; the module flags change it before graph capture): ``QKV_L2_PREFETCH`` =
-``1`` / ``0`` (default ``0`` until measured). Off under Triton's interpreter (inline PTX) and
+``1`` (bulk) / ``lines`` (per-line prefetches) / ``0`` (default until measured). Off under Triton's interpreter (inline PTX) and
 below compute capability 9.0.
 """
 
@@ -25,7 +25,11 @@ import os
 import triton
 import triton.language as tl
 
-ON = os.environ.get("QKV_L2_PREFETCH", "0") == "1"
+_MODE = os.environ.get("QKV_L2_PREFETCH", "0").strip().lower()
+ON = _MODE != "0"
+# ``lines``: per-line ``prefetch.global.L2`` from every thread instead of the bulk instruction
+# (which one SM's copy engine serves in turn: 33.6 MB is ~2,000 lines an SM over the grid).
+LINES = _MODE == "lines"
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _CAPABLE: dict = {}
 
@@ -55,6 +59,11 @@ def chunk_bytes(nbytes: int, threads: int) -> int:
     the first ``threads * MAX_CHUNK`` bytes are prefetched)."""
     per = -(-nbytes // max(threads, 1))
     return min(MAX_CHUNK, max(16, -(-per // 16) * 16))
+
+
+def lines_per_thread(nbytes: int, threads: int) -> int:
+    """128-byte lines each of ``threads`` threads prefetches to cover ``nbytes``."""
+    return -(-(-(-nbytes // 128)) // max(threads, 1))
 
 
 def region(t) -> tuple[int, int] | None:
