@@ -102,7 +102,8 @@ VARIANTS.update({
 # (l2_prefetch.py; ``pfl`` per-line prefetches instead of the bulk instruction); ``ch`` the tail
 # norms over per-program partial sums in 1,024-wide pieces, ``r`` with row sums per weight chunk
 # (o_proj's kernel 96 -> 72 -> 64 registers: 660 -> 924 -> 1,024 programs at once), ``nw`` the tail's
-# norm weight prefetched into L2 by the program an eighth before the last; ``ef`` evict-first weights.
+# norm weight prefetched into L2 by the program an eighth before the last; ``ef`` evict-first weights;
+# ``nx4``/``nx8`` o_proj's programs prefetching the first 4 / 8 MB of each gate/up half after their wait.
 _R = VARIANTS["d_rk"]
 VARIANTS.update({
     "d_rk_pf": dict(_R, l2pf="1"), "d_rk_pfl": dict(_R, l2pf="lines"), "d_rk_ch": dict(_R, chunked=True),
@@ -110,6 +111,8 @@ VARIANTS.update({
     "d_rk_pf_chr_nw": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True),
     "d_rk_pfl_chr_nw": dict(_R, l2pf="lines", chunked=True, row_sums=True, pf_nw=True),
     "d_rk_pf_chr_nw_ef": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, evict=True),
+    "d_rk_pf_chr_nw_nx4": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=4.0),
+    "d_rk_pf_chr_nw_nx8": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0),
 })
 
 
@@ -133,6 +136,7 @@ def use(variant: str, eng) -> None:
     tail_norm.CHUNKED = v.get("chunked", False)
     tail_norm.ROW_SUMS = v.get("row_sums", False)
     tail_norm.PF_NW = v.get("pf_nw", False)
+    tail_norm.NEXT_MB = v.get("next_mb", 0.0)
     l2_prefetch.ON = v.get("l2pf", "0") != "0"
     l2_prefetch.LINES = v.get("l2pf") == "lines"
     gate_up_silu.ON = v.get("gus", False)

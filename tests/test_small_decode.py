@@ -227,7 +227,7 @@ def test_tail_norm_matches_linear_then_add_norm(K, N, chunked, monkeypatch):
     """``res_norm_linear`` = add_norm(layer(x), residual) (and with SiLU: of layer(silu(g) * u)),
     twice in a row (the counter is left zero for the next launch); ``chunked``: the norm from
     per-program partial sums in pieces of 32 (1,024 at K = 4096), row sums per weight chunk,
-    and (on a GPU) the norm weight's L2 prefetch."""
+    and (on a GPU) the L2 prefetches of the norm weight and of a next weight's first rows."""
     from qkv.attention.triton import tail_norm
     from qkv.attention.triton.tail_norm import res_norm_linear
 
@@ -235,6 +235,7 @@ def test_tail_norm_matches_linear_then_add_norm(K, N, chunked, monkeypatch):
     monkeypatch.setattr(tail_norm, "TAIL_BLOCK", 1024 if K == 4096 else 32)
     monkeypatch.setattr(tail_norm, "PF_NW", chunked)
     monkeypatch.setattr(tail_norm, "ROW_SUMS", chunked)
+    monkeypatch.setattr(tail_norm, "NEXT_MB", 1.0 if chunked else 0.0)
     if K == 4096 and not CUDA:
         pytest.skip("Llama-8B's width: GPU only (the interpreter runs each program in numpy)")
     gen = torch.Generator().manual_seed(K + N)
@@ -247,7 +248,7 @@ def test_tail_norm_matches_linear_then_add_norm(K, N, chunked, monkeypatch):
         x = torch.randn(1, N, generator=gen).to(DEV, dtype)
         gu = torch.randn(1, 2 * N, generator=gen).to(DEV, dtype)
         r = torch.randn(1, K, generator=gen).to(DEV, dtype)
-        h, s = res_norm_linear(x, o, r, norm.weight, norm.eps)
+        h, s = res_norm_linear(x, o, r, norm.weight, norm.eps, next_weight=down.weight)  # (prefetched: GPU)
         close(s, r + o(x))
         close(h, norm(s), 1e-2 if CUDA else 1e-6)  # the norm of the stored stream
         g, u = gu.chunk(2, -1)
@@ -476,14 +477,14 @@ d = build(decode._decode_kernel, dict(Q=P, KC=P, VC=P, BT="*i32", NC="*i32", QSL
                HAS_SOFTCAP=False, MERGE=True, KEYS_ON_M=False, DOT_F16=False, DILATED=False, MERGE_VEC=True, G2=4,
                S2=32, SC=16, PDL=2, PRE=True, PF_ON=True, TPB=128, PF_LINES=0))
 t = build(tail_norm._res_norm_gemv_kernel, dict(X=P, W=P, R=P, NW=P, S=P, Y=P, CNT="*i32", eps="fp32", P="*fp32",
-          NW_BYTES="i32"), dict(K=4096, BLOCK_N=4, BLOCK_K=1024, EVEN=True, N_PAD=4096, PDL=2, EVICT=False,
-          PF_NW=True, TPB=128, NP_PAD=1024, TB=1024, RED=True))
+          NW_BYTES="i32", NX=P, NX_BYTES="i32", NX_HALF="i32"), dict(K=4096, BLOCK_N=4, BLOCK_K=1024, EVEN=True,
+          N_PAD=4096, PDL=2, EVICT=False, PF_NW=True, TPB=128, NP_PAD=1024, TB=1024, RED=True, PF_NX=True))
 dl = build(decode._decode_kernel, dict(Q=P, KC=P, VC=P, BT="*i32", NC="*i32", QSL="*i32", ACC="*fp32", ML="*fp32",
            CNT="*i32", OUT=P, sm_scale="fp32", softcap="fp32", PF=P, PF_BYTES="i32", PF_CHUNK="i32"),
            dict(G=4, G_PAD=16, D=128, D_PAD=128, BS=16, BLOCK_N=64, S=32, HAS_WINDOW=False, HAS_RING=False,
                 HAS_SOFTCAP=False, MERGE=True, KEYS_ON_M=False, DOT_F16=False, DILATED=False, MERGE_VEC=True, G2=4,
                 S2=32, SC=16, PDL=2, PRE=True, PF_ON=True, TPB=128, PF_LINES=8))
-print(int("cp.async.bulk.prefetch.L2" in d.asm["ptx"]), int("prefetch.global.L2" in t.asm["ptx"]),
+print(int("cp.async.bulk.prefetch.L2" in d.asm["ptx"]), t.asm["ptx"].count("prefetch.global.L2"),
       dl.asm["ptx"].count("prefetch.global.L2"), all(len(c.asm["cubin"]) > 0 for c in (d, t, dl)))
 '''
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -491,7 +492,7 @@ print(int("cp.async.bulk.prefetch.L2" in d.asm["ptx"]), int("prefetch.global.L2"
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["1", "1", "8", "True"], r.stdout  # lines: one inline block each
+    assert r.stdout.split() == ["1", "4", "8", "True"], r.stdout  # lines: one inline block each
 
 
 @gpu
@@ -524,15 +525,15 @@ def test_decode_prefetch_changes_no_value():
 @gpu
 def test_llama_l2_prefetch_greedy_match_torch(tiny_model, all_shapes, monkeypatch):
     """Llama's RoPE + KV write launch and the merging decode kernel prefetching o_proj's weight,
-    with the chunked tail norms prefetching their norm weights, in CUDA graphs with PDL: the
-    plain torch path's greedy tokens (150-token prompt: 3 splits)."""
+    with the chunked tail norms prefetching their norm weights and o_proj gate/up's first rows,
+    in CUDA graphs with PDL: the plain torch path's greedy tokens (150-token prompt: 3 splits)."""
     from qkv.attention.triton import l2_prefetch, qk_decode, tail_norm
 
     path, _ = tiny_model("llama")
     want = _greedy(path, False, monkeypatch, lens=(7, 150))
     for mod, name, value in ((tail_norm, "ALL_WIDTHS", True), (tail_norm, "ON", True), (tail_norm, "CHUNKED", True),
                              (tail_norm, "TAIL_BLOCK", 16), (tail_norm, "PF_NW", True), (tail_norm, "ROW_SUMS", True),
-                             (qk_decode, "FUSE_ROPE_KV", True), (l2_prefetch, "ON", True)):
+                             (tail_norm, "NEXT_MB", 1.0), (qk_decode, "FUSE_ROPE_KV", True), (l2_prefetch, "ON", True)):
         monkeypatch.setattr(mod, name, value)
     calls = []
     real = qk_decode.paged_decode

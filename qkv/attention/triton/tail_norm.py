@@ -42,6 +42,10 @@ TAIL_BLOCK = int(os.environ.get("QKV_TAIL_NORM_BLOCK", "1024"))
 # off until measured): with CHUNKED 64 registers (8 programs an SM: o_proj's 1,024 in one wave,
 # so all of them load their first chunk before the PDL wait); one more reduction a chunk.
 ROW_SUMS = os.environ.get("QKV_TAIL_NORM_ROW_SUMS", "0") == "1"
+# MB of each half of the gate/up weight o_proj's programs prefetch into L2 after their wait
+# (QKV_L2_PREFETCH_NEXT_MB; 0: off, the default until measured): with o_proj's weight in L2
+# (l2_prefetch.py) DRAM idles while o_proj runs; this fetches the rows gate/up's first programs read.
+NEXT_MB = float(os.environ.get("QKV_L2_PREFETCH_NEXT_MB", "0"))
 
 
 @triton.jit
@@ -49,9 +53,9 @@ def _res_norm_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.conste
                           BLOCK_K: tl.constexpr, EVEN: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
                           EVICT: tl.constexpr = False, NW_BYTES=0, PF_NW: tl.constexpr = False,
                           TPB: tl.constexpr = 128, P=None, NP_PAD: tl.constexpr = 0, TB: tl.constexpr = 0,
-                          RED: tl.constexpr = 0):
+                          RED: tl.constexpr = 0, NX=None, NX_BYTES=0, NX_HALF=0, PF_NX: tl.constexpr = False):
     _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, False, N_PAD, PDL, EVICT,
-                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED)
+                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED, NX, NX_BYTES, NX_HALF, PF_NX)
 
 
 @triton.jit
@@ -59,10 +63,10 @@ def _res_norm_silu_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.c
                                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
                                EVICT: tl.constexpr = False, NW_BYTES=0, PF_NW: tl.constexpr = False,
                                TPB: tl.constexpr = 128, P=None, NP_PAD: tl.constexpr = 0, TB: tl.constexpr = 0,
-                               RED: tl.constexpr = 0):
+                               RED: tl.constexpr = 0, NX=None, NX_BYTES=0, NX_HALF=0, PF_NX: tl.constexpr = False):
     # (its own name: profiles tell the down projection from o_proj)
     _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, True, N_PAD, PDL, EVICT,
-                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED)
+                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED, NX, NX_BYTES, NX_HALF, PF_NX)
 
 
 @triton.jit
@@ -88,18 +92,24 @@ def _row_sums(acc, RED: tl.constexpr):
 def _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SILU: tl.constexpr, N_PAD: tl.constexpr,
                    PDL: tl.constexpr, EVICT: tl.constexpr, NW_BYTES, PF_NW: tl.constexpr,
-                   TPB: tl.constexpr, P, NP_PAD: tl.constexpr, TB: tl.constexpr, RED: tl.constexpr):
+                   TPB: tl.constexpr, P, NP_PAD: tl.constexpr, TB: tl.constexpr, RED: tl.constexpr, NX, NX_BYTES,
+                   NX_HALF, PF_NX: tl.constexpr):
     """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); the last program: y = rmsnorm(s) * nw.
     ``PF_NW``: the program that finishes an eighth of the grid before the last brings nw into L2.
     ``TB`` > 0 (``CHUNKED``): each program stores the sum of squares of its rows in P, the last
     one sums those (NP_PAD wide, a fixed order) and normalizes the row TB elements at a time:
     no whole-row vectors, so fewer registers a program (more programs resident at once).
-    ``RED`` (``ROW_SUMS``): see ``_fold``."""
+    ``RED`` (``ROW_SUMS``): see ``_fold``. ``PF_NX``: after the wait each program brings one
+    128-byte line of the first NX_BYTES of both halves of NX (the next projection's [gate | up]
+    weight, the second half NX_HALF elements on) into L2: the rows its first programs read."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
+    if PF_NX:
+        l2_prefetch.lines(NX, NX_BYTES, pid * TPB, TPB)
+        l2_prefetch.lines(NX + NX_HALF, NX_BYTES, pid * TPB, TPB)
     if SILU:
         acc = _fold(w.to(tl.float32) * _silu_x(X, 0, k, K, EVEN)[None, :], RED)
     else:
@@ -176,9 +186,12 @@ def applies(x: torch.Tensor, hidden: int, norm_weight: torch.Tensor, *layers: to
 
 
 def res_norm_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Tensor, norm_weight: torch.Tensor,
-                    eps: float, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float, silu: bool = False,
+                    next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(s) * norm_weight, s)`` with ``s = residual + layer(x)`` (``silu``: x = [gate |
-    up], the layer reads silu(gate) * up: the down projection), one launch."""
+    up], the layer reads silu(gate) * up: the down projection), one launch.
+    ``next_weight``: the [gate | up] weight the next projection reads; with ``NEXT_MB`` > 0 the
+    first ``NEXT_MB`` MB of each half are prefetched into L2 while this one runs (l2_prefetch.py)."""
     w = layer.weight
     N, K = w.shape
     assert residual.shape == (1, N) and residual.is_contiguous() and x.shape[1] == (2 * K if silu else K)
@@ -192,8 +205,14 @@ def res_norm_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Ten
     grid = triton.cdiv(N, bn)
     tb = min(TAIL_BLOCK, triton.next_power_of_2(N)) if CHUNKED else 0
     part = torch.empty(grid if tb else 1, dtype=torch.float32, device=x.device)
+    nx = next_weight if NEXT_MB > 0 and next_weight is not None and l2_prefetch.supported(x.device) else None
+    if nx is not None and (not nx.is_contiguous() or nx.shape[0] % 2 or nx.data_ptr() % 128):
+        nx = None
+    nx_bytes = min(int(NEXT_MB * 2**20), nx.numel() * nx.element_size() // 2) if nx is not None else 0
     kernel[(grid,)](x, w, residual, norm_weight, s, y, _counter(x.device), N, w.stride(0), eps, K=K, BLOCK_N=bn,
                     BLOCK_K=bk, EVEN=N % bn == 0 and K % bk == 0, N_PAD=triton.next_power_of_2(N), PDL=mode,
                     EVICT=gemv.EVICT_FIRST, NW_BYTES=pf[1] if pf else 0, PF_NW=pf is not None, TPB=tpb, P=part,
-                    NP_PAD=triton.next_power_of_2(grid), TB=tb, RED=ROW_SUMS, num_warps=nw, num_stages=3, **kw)
+                    NP_PAD=triton.next_power_of_2(grid), TB=tb, RED=ROW_SUMS, NX=nx if nx is not None else w,
+                    NX_BYTES=nx_bytes, NX_HALF=nx.numel() // 2 if nx is not None else 0, PF_NX=nx is not None,
+                    num_warps=nw, num_stages=3, **kw)
     return y, s
