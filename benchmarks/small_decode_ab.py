@@ -103,7 +103,8 @@ VARIANTS.update({
 # norms over per-program partial sums in 1,024-wide pieces, ``r`` with row sums per weight chunk
 # (o_proj's kernel 96 -> 72 -> 64 registers: 660 -> 924 -> 1,024 programs at once), ``nw`` the tail's
 # norm weight prefetched into L2 by the program an eighth before the last; ``ef`` evict-first weights;
-# ``nx4``/``nx8`` o_proj's programs prefetching the first 4 / 8 MB of each gate/up half after their wait.
+# ``nx4``/``nx8`` o_proj's programs prefetching the first 4 / 8 MB of each gate/up half after their wait;
+# ``rs`` row sums per chunk in the plain GEMVs and gate/up + SiLU too (gemv.ROW_SUMS).
 _R = VARIANTS["d_rk"]
 VARIANTS.update({
     "d_rk_pf": dict(_R, l2pf="1"), "d_rk_pfl": dict(_R, l2pf="lines"), "d_rk_ch": dict(_R, chunked=True),
@@ -113,6 +114,9 @@ VARIANTS.update({
     "d_rk_pf_chr_nw_ef": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, evict=True),
     "d_rk_pf_chr_nw_nx4": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=4.0),
     "d_rk_pf_chr_nw_nx8": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0),
+    "d_rk_pf_chr_nw_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, gemv_rs=True),
+    "d_rk_pf_chr_nw_nx8_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0, gemv_rs=True),
+    "d_rk_chr_rs": dict(_R, chunked=True, row_sums=True, gemv_rs=True),
 })
 
 
@@ -131,6 +135,7 @@ def use(variant: str, eng) -> None:
     gemv_mod.TILES.clear()
     gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
     gemv_mod.EVICT_FIRST = v.get("evict", False)
+    gemv_mod.ROW_SUMS = v.get("gemv_rs", False)
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     tail_norm.ON = v.get("tail", False)
     tail_norm.CHUNKED = v.get("chunked", False)

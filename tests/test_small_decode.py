@@ -68,6 +68,24 @@ def test_gemv_and_silu_gemv_any_shape(all_shapes, N, K):
     close(gemv_mod.silu_mul_linear(gu, layer), layer(torch.nn.functional.silu(g) * u))
 
 
+@pytest.mark.parametrize("row_sums", [False, True])
+def test_row_sums_per_chunk_match_linear(row_sums, monkeypatch):
+    """``gemv._fold``: row sums per weight chunk (QKV_GEMV_ROW_SUMS) in the plain GEMV and the
+    gate/up SiLU GEMV over several 32-wide chunks and a ragged last one == torch."""
+    from qkv.attention.triton.gate_up_silu import gate_up_silu
+
+    monkeypatch.setattr(gemv_mod, "ROW_SUMS", row_sums)
+    real = gemv_mod.tile
+    monkeypatch.setattr(gemv_mod, "tile", lambda n, k, mode=0: (real(n, k, mode)[0], 32, 4))
+    gen = torch.Generator().manual_seed(3)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    layer = torch.nn.Linear(100, 48, bias=False).to(DEV, dtype)
+    x = torch.randn(1, 100, generator=gen).to(DEV, dtype)
+    close(gemv_mod.gemv(x, layer.weight), layer(x))
+    g, u = layer(x).chunk(2, -1)
+    close(gate_up_silu(x, layer), torch.nn.functional.silu(g) * u)
+
+
 @pytest.mark.parametrize("K,N", [(64, 256), (64, 194), (96, 64)])  # full tiles, ragged rows, ragged K
 @pytest.mark.parametrize("with_residual", [True, False])
 def test_norm_linear_matches_norm_then_linear(all_shapes, K, N, with_residual):
@@ -526,14 +544,16 @@ def test_decode_prefetch_changes_no_value():
 def test_llama_l2_prefetch_greedy_match_torch(tiny_model, all_shapes, monkeypatch):
     """Llama's RoPE + KV write launch and the merging decode kernel prefetching o_proj's weight,
     with the chunked tail norms prefetching their norm weights and o_proj gate/up's first rows,
-    in CUDA graphs with PDL: the plain torch path's greedy tokens (150-token prompt: 3 splits)."""
+    row sums per chunk in every GEMV, in CUDA graphs with PDL: the plain torch path's greedy
+    tokens (150-token prompt: 3 splits)."""
     from qkv.attention.triton import l2_prefetch, qk_decode, tail_norm
 
     path, _ = tiny_model("llama")
     want = _greedy(path, False, monkeypatch, lens=(7, 150))
     for mod, name, value in ((tail_norm, "ALL_WIDTHS", True), (tail_norm, "ON", True), (tail_norm, "CHUNKED", True),
                              (tail_norm, "TAIL_BLOCK", 16), (tail_norm, "PF_NW", True), (tail_norm, "ROW_SUMS", True),
-                             (tail_norm, "NEXT_MB", 1.0), (qk_decode, "FUSE_ROPE_KV", True), (l2_prefetch, "ON", True)):
+                             (tail_norm, "NEXT_MB", 1.0), (qk_decode, "FUSE_ROPE_KV", True), (l2_prefetch, "ON", True),
+                             (gemv_mod, "ROW_SUMS", True)):
         monkeypatch.setattr(mod, name, value)
     calls = []
     real = qk_decode.paged_decode

@@ -69,6 +69,18 @@ def _online(q, k, v, nmask, m_i, l_i, acc, sm_scale, softcap, HAS_SOFTCAP: tl.co
     return m_new, l_i, acc
 
 
+@triton.jit
+def _prefetch(PF, PF_BYTES, PF_CHUNK, TPB: tl.constexpr, PF_LINES: tl.constexpr):
+    """This program's slice of PF into L2: ``PF_LINES`` 128-byte lines a thread, or (0) one bulk
+    prefetch of PF_CHUNK bytes a thread (l2_prefetch.py)."""
+    pf_id = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    if PF_LINES > 0:
+        for j in tl.static_range(PF_LINES):
+            l2_prefetch.lines(PF, PF_BYTES, (pf_id * PF_LINES + j) * TPB, TPB)
+    else:
+        l2_prefetch.bulk(PF, PF_BYTES, PF_CHUNK, pf_id * TPB, TPB)
+
+
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per eager step: one variant for all
 def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
@@ -81,16 +93,11 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    S2: tl.constexpr = 1, SC: tl.constexpr = 1, PDL: tl.constexpr = 0, PRE: tl.constexpr = False,
                    PF=None, PF_BYTES=0, PF_CHUNK=0, PF_ON: tl.constexpr = False, TPB: tl.constexpr = 128,
                    PF_LINES: tl.constexpr = 0):
-    # ``PF_ON``: every program first brings its slice of PF (a weight the next kernel reads) into
-    # L2 (l2_prefetch.py); weights are never written in the step, so it may precede the wait.
-    # ``PF_LINES`` > 0: that many 128-byte lines a thread, else one bulk prefetch a thread.
-    if PF_ON:
-        pf_id = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-        if PF_LINES > 0:
-            for j in tl.static_range(PF_LINES):
-                l2_prefetch.lines(PF, PF_BYTES, (pf_id * PF_LINES + j) * TPB, TPB)
-        else:
-            l2_prefetch.bulk(PF, PF_BYTES, PF_CHUNK, pf_id * TPB, TPB)
+    # ``PF_ON``: every program brings its slice of PF (a weight the next kernel reads) into L2
+    # (l2_prefetch.py) before its wait (weights are never written in the step), with ``PRE``
+    # after its own first K/V tile's loads: those go to DRAM first, not behind 33 MB.
+    if PF_ON and not PRE:
+        _prefetch(PF, PF_BYTES, PF_CHUNK, TPB, PF_LINES)
     # pdl.py's contract: every program syncs once, before reading what the previous kernel
     # wrote and before it can return. ``PRE`` (a CUDA graph's decode step, where the block
     # table, lengths and row starts are static inputs no kernel writes, and every cached key
@@ -128,6 +135,8 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                           BS, BLOCK_N, HAS_RING)
         k0 = tl.load(KC + off0[:, None] + d[None, :], mask=nm0[:, None] & dmask[None, :], other=0.0)
         v0 = tl.load(VC + off0[:, None] + d[None, :], mask=nm0[:, None] & dmask[None, :], other=0.0)
+        if PF_ON:
+            _prefetch(PF, PF_BYTES, PF_CHUNK, TPB, PF_LINES)
         pdl.sync(PDL)
         if tl.load(QSL + b + 1) - qrow != 1:
             return

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton import gemv, l2_prefetch, pdl
-from qkv.attention.triton.gemv import _silu_x, _v_chunk, _w_chunk
+from qkv.attention.triton.gemv import _fold, _row_sums, _silu_x, _v_chunk, _w_chunk
 
 _MODE = os.environ.get("QKV_GEMV_TAIL_NORM", "1").strip().lower()
 ON = _MODE != "0"
@@ -32,15 +32,13 @@ ALL_WIDTHS = _MODE == "all"
 # l2_prefetch.py; off until measured).
 PF_NW = os.environ.get("QKV_TAIL_NORM_PREFETCH", "0") == "1"
 # The last program's norm in TAIL_BLOCK-wide pieces over per-program partial sums of squares
-# (QKV_TAIL_NORM_CHUNKED=1; off until measured): at Llama-8B's width the whole-row tail holds
-# 4,096 floats a 128-thread program, so o_proj's kernel takes 96 registers a thread (sm_90
-# ptxas): 5 programs an SM, 660 of its 1,024 at once; with 1,024-wide pieces 72, as the plain
-# GEMV: 7 an SM, 924 at once. The sum of squares runs in another (fixed) order.
+# (QKV_TAIL_NORM_CHUNKED=1; off until measured): no whole-row vectors in the serial tail (4,096
+# floats a 128-thread program at Llama-8B's width). The sum of squares runs in another (fixed) order.
 CHUNKED = os.environ.get("QKV_TAIL_NORM_CHUNKED", "0") == "1"
 TAIL_BLOCK = int(os.environ.get("QKV_TAIL_NORM_BLOCK", "1024"))
-# Row sums per weight chunk instead of a [BLOCK_N, BLOCK_K] accumulator (QKV_TAIL_NORM_ROW_SUMS=1;
-# off until measured): with CHUNKED 64 registers (8 programs an SM: o_proj's 1,024 in one wave,
-# so all of them load their first chunk before the PDL wait); one more reduction a chunk.
+# Row sums per weight chunk instead of a [BLOCK_N, BLOCK_K] accumulator (gemv._fold;
+# QKV_TAIL_NORM_ROW_SUMS=1, off until measured): o_proj's kernel 78 -> 32 registers a thread
+# (sm_90 ptxas, 16-byte-aligned arguments): its 1,024 programs fit the SMs at once with room left.
 ROW_SUMS = os.environ.get("QKV_TAIL_NORM_ROW_SUMS", "0") == "1"
 # MB of each half of the gate/up weight o_proj's programs prefetch into L2 after their wait
 # (QKV_L2_PREFETCH_NEXT_MB; 0: off, the default until measured): with o_proj's weight in L2
@@ -67,25 +65,6 @@ def _res_norm_silu_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.c
     # (its own name: profiles tell the down projection from o_proj)
     _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, True, N_PAD, PDL, EVICT,
                    NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED, NX, NX_BYTES, NX_HALF, PF_NX)
-
-
-@triton.jit
-def _fold(p, RED: tl.constexpr):
-    """A chunk's products [BLOCK_N, BLOCK_K] -> the accumulator: kept whole (row sums at the
-    end), or with ``RED`` summed to [BLOCK_N] per chunk (a reduction a chunk; the accumulator
-    takes 1 register a row instead of BLOCK_K / threads)."""
-    if RED:
-        return tl.sum(p, 1)
-    else:
-        return p
-
-
-@triton.jit
-def _row_sums(acc, RED: tl.constexpr):
-    if RED:
-        return acc
-    else:
-        return tl.sum(acc, 1)
 
 
 @triton.jit
