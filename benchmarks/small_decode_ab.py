@@ -16,9 +16,10 @@ splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` run
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
 PDL. ``s7`` (session 7's default) is ``pdl2_merge`` with Llama-8B's
-qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` (``default``, the shipped one) adds, for hidden sizes past
+qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` adds, for hidden sizes past
 the norm prologue's (Llama-8B), the residual add + next norm in the o_proj / down GEMVs
-(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is ``default`` with
+(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``s10`` (``default``, the
+shipped one) Llama's RoPE + KV write in one launch with the in-kernel merge (= ``d_rk``); ``k1024`` is ``default`` with
 PDL's GEMVs on the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a
 program for N > 2048 (4 otherwise); the Llama-8B variants are listed above their table below.
 ``--timeline``/``--gemv-sweep``: step_timeline.py. Records, one JSON
@@ -64,7 +65,10 @@ VARIANTS = {
     # session 9: the residual add and next norm in the o_proj / down GEMVs' last program (tail_norm.py),
     # SiLU-and-mul in the gate/up GEMV (gate_up_silu.py)
     "s9": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
-    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
+    # session 10: and Llama's RoPE + KV write in one launch with the decode kernel merging its splits
+    "s10": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True, rope_kv=True),
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True,
+                    rope_kv=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }

@@ -72,9 +72,9 @@ TILES = parse_tiles(os.environ.get("QKV_GEMV_TILES"))
 
 # Weight loads with L2's evict-first policy (QKV_GEMV_EVICT_FIRST=1; see _w_chunk).
 EVICT_FIRST = os.environ.get("QKV_GEMV_EVICT_FIRST", "0") == "1"
-# Row sums per chunk (``_fold``) in the plain GEMV and gate_up_silu.py (QKV_GEMV_ROW_SUMS=1; off
-# until measured): Llama-8B's qkv kernel 80 -> 48 registers a thread, gate/up + SiLU 89 -> 37
-# (sm_90 ptxas, 16-byte-aligned arguments): 10 and 13 programs an SM instead of 6 and 5.
+# Row sums per chunk (``_fold``) in the plain GEMV and gate_up_silu.py (QKV_GEMV_ROW_SUMS=1; off:
+# measured slower, H200 session 10, qkv 12.1 -> 12.6 us): Llama-8B's qkv kernel 80 -> 48 registers a
+# thread, gate/up + SiLU 89 -> 37 (sm_90 ptxas), but the chunk loop is no longer pipelined.
 ROW_SUMS = os.environ.get("QKV_GEMV_ROW_SUMS", "0") == "1"
 
 

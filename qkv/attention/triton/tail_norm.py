@@ -29,19 +29,21 @@ _MODE = os.environ.get("QKV_GEMV_TAIL_NORM", "1").strip().lower()
 ON = _MODE != "0"
 ALL_WIDTHS = _MODE == "all"
 # The norm weight prefetched into L2 before the last program reads it (QKV_TAIL_NORM_PREFETCH=1;
-# l2_prefetch.py; off until measured).
+# l2_prefetch.py; off: measured only with the two switches below, slower).
 PF_NW = os.environ.get("QKV_TAIL_NORM_PREFETCH", "0") == "1"
 # The last program's norm in TAIL_BLOCK-wide pieces over per-program partial sums of squares
-# (QKV_TAIL_NORM_CHUNKED=1; off until measured): no whole-row vectors in the serial tail (4,096
-# floats a 128-thread program at Llama-8B's width). The sum of squares runs in another (fixed) order.
+# (QKV_TAIL_NORM_CHUNKED=1; off: with ROW_SUMS and the prefetches 236.4 against 244.6 tok/s on the
+# H200, session 10): no whole-row vectors in the serial tail (4,096 floats a 128-thread program at
+# Llama-8B's width). The sum of squares runs in another (fixed) order.
 CHUNKED = os.environ.get("QKV_TAIL_NORM_CHUNKED", "0") == "1"
 TAIL_BLOCK = int(os.environ.get("QKV_TAIL_NORM_BLOCK", "1024"))
 # Row sums per weight chunk instead of a [BLOCK_N, BLOCK_K] accumulator (gemv._fold;
-# QKV_TAIL_NORM_ROW_SUMS=1, off until measured): o_proj's kernel 78 -> 32 registers a thread
-# (sm_90 ptxas, 16-byte-aligned arguments): its 1,024 programs fit the SMs at once with room left.
+# QKV_TAIL_NORM_ROW_SUMS=1, off: measured slower): o_proj's kernel 78 -> 32 registers a thread
+# (sm_90 ptxas, 16-byte-aligned arguments), all 1,024 programs at once, but the chunk loop is no
+# longer software-pipelined: the 14-chunk down GEMV took 30.5 instead of 28.6 us (H200, session 10).
 ROW_SUMS = os.environ.get("QKV_TAIL_NORM_ROW_SUMS", "0") == "1"
 # MB of each half of the gate/up weight o_proj's programs prefetch into L2 after their wait
-# (QKV_L2_PREFETCH_NEXT_MB; 0: off, the default until measured): with o_proj's weight in L2
+# (QKV_L2_PREFETCH_NEXT_MB; 0: off, the default: 8 MB measured slower, session 10): with o_proj's weight in L2
 # (l2_prefetch.py) DRAM idles while o_proj runs; this fetches the rows gate/up's first programs read.
 NEXT_MB = float(os.environ.get("QKV_L2_PREFETCH_NEXT_MB", "0"))
 
