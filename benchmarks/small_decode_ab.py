@@ -122,6 +122,16 @@ VARIANTS.update({
     "d_rk_pf_chr_nw_nx8_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0, gemv_rs=True),
     "d_rk_chr_rs": dict(_R, chunked=True, row_sums=True, gemv_rs=True),
 })
+# Over ``s10`` (the default since session 10, = ``d_rk``): ``s16``/``s8``/``s4`` the decode kernel's
+# splits at batch 1 (32 in a graph otherwise: 9 of them hold keys at 576 tokens); ``o48``/``o24``/``o2``
+# o_proj's tile alone (4 rows x 4096 with 8 warps, 4 x 2048 with 8, 2 x 4096 with 4: more of its
+# weight loaded before the PDL wait).
+_S = VARIANTS["s10"]
+VARIANTS.update({
+    "d_s16": dict(_S, splits=16), "d_s8": dict(_S, splits=8), "d_s4": dict(_S, splits=4),
+    "d_o48": dict(_S, tiles="4096x4096:4:4096:8"), "d_o24": dict(_S, tiles="4096x4096:4:2048:8"),
+    "d_o2": dict(_S, tiles="4096x4096:2:4096:4"),
+})
 
 
 def use(variant: str, eng) -> None:
