@@ -66,7 +66,8 @@ VARIANTS = {
     # SiLU-and-mul in the gate/up GEMV (gate_up_silu.py)
     "s9": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
     # session 10: and Llama's RoPE + KV write in one launch with the decode kernel merging its splits
-    "s10": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True, rope_kv=True),
+    "s10": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True, rope_kv=True,
+                tiles="4096x4096:4:1024:4"),  # (session 11: o_proj's tile 4 x 2048 with 8 warps by default)
     "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True,
                     rope_kv=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
@@ -131,6 +132,9 @@ VARIANTS.update({
     "d_s16": dict(_S, splits=16), "d_s8": dict(_S, splits=8), "d_s4": dict(_S, splits=4),
     "d_o48": dict(_S, tiles="4096x4096:4:4096:8"), "d_o24": dict(_S, tiles="4096x4096:4:2048:8"),
     "d_o2": dict(_S, tiles="4096x4096:2:4096:4"),
+    # session 11: the two best of session 10's round 2 together
+    "d_s16_o24": dict(_S, splits=16, tiles="4096x4096:4:2048:8"),
+    "d_s8_o24": dict(_S, splits=8, tiles="4096x4096:4:2048:8"),
 })
 
 

@@ -68,6 +68,17 @@ def test_gemv_and_silu_gemv_any_shape(all_shapes, N, K):
     close(gemv_mod.silu_mul_linear(gu, layer), layer(torch.nn.functional.silu(g) * u))
 
 
+def test_tile_rule_pdl_tiles_and_overrides(monkeypatch):
+    """``gemv.tile``: o_proj's measured tile only with PDL; ``QKV_GEMV_TILES`` (``TILES``) over both."""
+    monkeypatch.setattr(gemv_mod, "INTERPRET", False)
+    monkeypatch.setattr(gemv_mod, "TILES", {})
+    assert gemv_mod.tile(4096, 4096, 2) == (4, 2048, 8)
+    assert gemv_mod.tile(4096, 4096, 0) == (4, 1024, 4)
+    assert gemv_mod.tile(6144, 4096, 2) == (4, 1024, 4)  # another shape keeps the rule
+    monkeypatch.setattr(gemv_mod, "TILES", gemv_mod.parse_tiles("4096x4096:2:0:4"))
+    assert gemv_mod.tile(4096, 4096, 2) == (2, 1024, 4)
+
+
 @pytest.mark.parametrize("row_sums", [False, True])
 def test_row_sums_per_chunk_match_linear(row_sums, monkeypatch):
     """``gemv._fold``: row sums per weight chunk (QKV_GEMV_ROW_SUMS) in the plain GEMV and the

@@ -68,6 +68,11 @@ def parse_tiles(spec: str | None) -> dict[tuple[int, int], tuple[int, int, int]]
 
 
 TILES = parse_tiles(os.environ.get("QKV_GEMV_TILES"))
+# With PDL, shapes whose measured best tile differs from ``tile``'s rule. Llama-8B's o_proj
+# (4096 x 4096, the tail-norm kernel at batch 1): 4 rows x 2048 with 8 warps loads twice the
+# weight before the wait of the attention it follows; H200, batch-1 step 242.7 -> 247.3 tok/s
+# (4 x 1024, 4 warps before; session 11, benchmarks.md). QKV_GEMV_TILES still wins over this.
+PDL_TILES: dict[tuple[int, int], tuple[int, int, int]] = {(4096, 4096): (4, 2048, 8)}
 
 
 # Weight loads with L2's evict-first policy (QKV_GEMV_EVICT_FIRST=1; see _w_chunk).
@@ -123,6 +128,9 @@ def tile(n: int, k: int, pdl_mode: int = 0) -> tuple[int, int, int]:
     fixed = TILES.get((n, k))
     if fixed is not None and not INTERPRET:
         return fixed[0], fixed[1] or min(1024, triton.next_power_of_2(k)), fixed[2]
+    fixed = PDL_TILES.get((n, k)) if pdl_mode else None
+    if fixed is not None and not INTERPRET:
+        return fixed
     block_n = 2 if n <= 2048 else (PDL_BLOCK_N if pdl_mode else 4)
     if INTERPRET:  # each program runs in numpy on the CPU: few wide ones (same math, other tiling)
         block_n = 32
