@@ -24,13 +24,16 @@ date -u +"## gpt-fast compile + tests %H:%M:%S"
 timeout "$T_PEER" python3 benchmarks/gptfast_peer.py --fast-compile --after "$FLAG" --json "$OUT_DIR/ab.jsonl" \
     > "$OUT_DIR/peer.log" 2>&1 &
 GF=$!
-timeout "$T_TEST" python3 -m pytest -q tests/test_small_decode.py -k "$TESTS" 2>&1 | grep -E "passed|failed|FAILED|Error" | head -6
+# (the whole pytest log goes to bench.err, the bench's stderr appended after it)
+timeout "$T_TEST" python3 -m pytest -q -rfx tests/test_small_decode.py -k "$TESTS" > "$OUT_DIR/bench.err" 2>&1
+echo "## tests rc $?"; grep -E "passed|failed|FAILED|XFAIL|Error" "$OUT_DIR/bench.err" | head -6 | cut -c1-400
 touch "$FLAG"
 date -u +"## tests done %H:%M:%S"
 wait $GF; echo "## gpt-fast rc $?"; grep -E "^## |Error" "$OUT_DIR/peer.log" | tail -3
 LEFT=$(( TOTAL - ($(date +%s) - T0) ))
+NT=$(wc -l < "$OUT_DIR/bench.err")
 date -u +"## bench %H:%M:%S (limit ${LEFT} s)"
 timeout "$LEFT" python3 benchmarks/small_decode_ab.py --shape llama3-8b --copy-rate --new 128 --runs "$RUNS" \
-    --variants "$VARIANTS" --timeline "$TIMELINE" $SWEEP --json "$OUT_DIR/ab.jsonl" --quiet 2>"$OUT_DIR/bench.err"
-echo "## bench rc $?"; grep -E "Error|error" "$OUT_DIR/bench.err" | tail -3
+    --variants "$VARIANTS" --timeline "$TIMELINE" $SWEEP --json "$OUT_DIR/ab.jsonl" --quiet 2>>"$OUT_DIR/bench.err"
+echo "## bench rc $?"; tail -n +$((NT + 1)) "$OUT_DIR/bench.err" | grep -E "Error|error" | tail -3
 date -u +"## end %H:%M:%S"

@@ -16,9 +16,10 @@ splits (no combine launch), ``pdl_merge``/``pdl2_merge`` do both; ``attend`` run
 RoPE, the KV write, decode attention and its merge in one launch (qk_attend.py),
 ``pdl_attend``/``pdl2_attend`` with PDL; ``fullk``: the GEMVs' whole-row tiles (PDL's) without
 PDL. ``s7`` (session 7's default) is ``pdl2_merge`` with Llama-8B's
-qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` (``default``, the shipped one) adds, for hidden sizes past
+qkv and gate/up on the Triton GEMV and the Triton argmax; ``s9`` adds, for hidden sizes past
 the norm prologue's (Llama-8B), the residual add + next norm in the o_proj / down GEMVs
-(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``k1024`` is ``default`` with
+(tail_norm.py) and SiLU-and-mul in the gate/up GEMV (gate_up_silu.py); ``s10`` (``default``, the
+shipped one) Llama's RoPE + KV write in one launch with the in-kernel merge (= ``d_rk``); ``k1024`` is ``default`` with
 PDL's GEMVs on the 1024-wide chunks (only the first before the wait), ``bn8`` with 8 rows a
 program for N > 2048 (4 otherwise); the Llama-8B variants are listed above their table below.
 ``--timeline``/``--gemv-sweep``: step_timeline.py. Records, one JSON
@@ -42,7 +43,7 @@ from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
-from qkv.attention.triton import gate_up_silu, tail_norm
+from qkv.attention.triton import gate_up_silu, l2_prefetch, tail_norm
 from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
@@ -64,7 +65,11 @@ VARIANTS = {
     # session 9: the residual add and next norm in the o_proj / down GEMVs' last program (tail_norm.py),
     # SiLU-and-mul in the gate/up GEMV (gate_up_silu.py)
     "s9": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
-    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True),
+    # session 10: and Llama's RoPE + KV write in one launch with the decode kernel merging its splits
+    "s10": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True, rope_kv=True,
+                tiles="4096x4096:4:1024:4"),  # (session 11: o_proj's tile 4 x 2048 with 8 warps by default)
+    "default": dict(gemv="default", norm=True, qk=True, kv=True, pdl=2, merge=True, tail=True, gus=True,
+                    rope_kv=True),
     "split8": dict(gemv="default", norm=True, qk=True, kv=True, splits=8),
     "cublas": dict(gemv="off", norm=False, qk=False, kv=False),
 }
@@ -98,6 +103,39 @@ VARIANTS.update({
     "d_k2": dict(_D, tiles=_K2), "d_att": dict(_D, rope_kv=True, attend=True),
     "d_att_ef": dict(_D, rope_kv=True, attend=True, evict=True),
 })
+# Session 10, over ``d_rk``: ``pf`` the decode kernel prefetching o_proj's weight into L2
+# (l2_prefetch.py; ``pfl`` per-line prefetches instead of the bulk instruction); ``ch`` the tail
+# norms over per-program partial sums in 1,024-wide pieces, ``r`` with row sums per weight chunk
+# (o_proj's kernel 96 -> 72 -> 64 registers: 660 -> 924 -> 1,024 programs at once), ``nw`` the tail's
+# norm weight prefetched into L2 by the program an eighth before the last; ``ef`` evict-first weights;
+# ``nx4``/``nx8`` o_proj's programs prefetching the first 4 / 8 MB of each gate/up half after their wait;
+# ``rs`` row sums per chunk in the plain GEMVs and gate/up + SiLU too (gemv.ROW_SUMS).
+_R = VARIANTS["d_rk"]
+VARIANTS.update({
+    "d_rk_pf": dict(_R, l2pf="1"), "d_rk_pfl": dict(_R, l2pf="lines"), "d_rk_ch": dict(_R, chunked=True),
+    "d_rk_chr": dict(_R, chunked=True, row_sums=True), "d_rk_chr_nw": dict(_R, chunked=True, row_sums=True, pf_nw=True),
+    "d_rk_pf_chr_nw": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True),
+    "d_rk_pfl_chr_nw": dict(_R, l2pf="lines", chunked=True, row_sums=True, pf_nw=True),
+    "d_rk_pf_chr_nw_ef": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, evict=True),
+    "d_rk_pf_chr_nw_nx4": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=4.0),
+    "d_rk_pf_chr_nw_nx8": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0),
+    "d_rk_pf_chr_nw_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, gemv_rs=True),
+    "d_rk_pf_chr_nw_nx8_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0, gemv_rs=True),
+    "d_rk_chr_rs": dict(_R, chunked=True, row_sums=True, gemv_rs=True),
+})
+# Over ``s10`` (the default since session 10, = ``d_rk``): ``s16``/``s8``/``s4`` the decode kernel's
+# splits at batch 1 (32 in a graph otherwise: 9 of them hold keys at 576 tokens); ``o48``/``o24``/``o2``
+# o_proj's tile alone (4 rows x 4096 with 8 warps, 4 x 2048 with 8, 2 x 4096 with 4: more of its
+# weight loaded before the PDL wait).
+_S = VARIANTS["s10"]
+VARIANTS.update({
+    "d_s16": dict(_S, splits=16), "d_s8": dict(_S, splits=8), "d_s4": dict(_S, splits=4),
+    "d_o48": dict(_S, tiles="4096x4096:4:4096:8"), "d_o24": dict(_S, tiles="4096x4096:4:2048:8"),
+    "d_o2": dict(_S, tiles="4096x4096:2:4096:4"),
+    # session 11: the two best of session 10's round 2 together
+    "d_s16_o24": dict(_S, splits=16, tiles="4096x4096:4:2048:8"),
+    "d_s8_o24": dict(_S, splits=8, tiles="4096x4096:4:2048:8"),
+})
 
 
 def use(variant: str, eng) -> None:
@@ -115,8 +153,15 @@ def use(variant: str, eng) -> None:
     gemv_mod.TILES.clear()
     gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
     gemv_mod.EVICT_FIRST = v.get("evict", False)
+    gemv_mod.ROW_SUMS = v.get("gemv_rs", False)
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     tail_norm.ON = v.get("tail", False)
+    tail_norm.CHUNKED = v.get("chunked", False)
+    tail_norm.ROW_SUMS = v.get("row_sums", False)
+    tail_norm.PF_NW = v.get("pf_nw", False)
+    tail_norm.NEXT_MB = v.get("next_mb", 0.0)
+    l2_prefetch.ON = v.get("l2pf", "0") != "0"
+    l2_prefetch.LINES = v.get("l2pf") == "lines"
     gate_up_silu.ON = v.get("gus", False)
     sampler.FAST_ARGMAX = not v.get("torch_argmax", False)
     pdl.configure(v.get("pdl", 0))
