@@ -36,7 +36,9 @@ def set_knobs(knobs: dict) -> dict:
         mod_name, _, name = key.rpartition(".")
         mod = importlib.import_module(f"qkv.attention.triton.{mod_name}")
         old[key] = getattr(mod, name)
-        setattr(mod, name, tuple(map(tuple, value)) if isinstance(value, list) else value)
+        if isinstance(value, list):  # JSON lists back to the tuples the modules hold, nested or flat
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        setattr(mod, name, value)
     return old
 
 

@@ -63,7 +63,10 @@ WRITE_ROT_IN_KERNEL = True
 # rows a program, warps) that applies. Rows > 0 run packed_write's kernel (a reciprocal-based
 # int4 search and permute-free butterflies: 158 SASS instructions a value at 16 rows and 4
 # warps against 383 here, sm_90 build; issue 16, session 9); rows 0 this file's one-row programs.
-WRITE_TILES = ((16384, 16, 4), (0, 8, 4))
+# Picked on the H200 (session 11, every tiling's bytes equal to the one-row kernel's): 65,600 rows
+# (8,200 tokens x 8 heads) 8 rows x 4 warps 99.2 us against one-row 216.9 (fp8's write 32.5);
+# 3,072 rows 2 x 1 29.6 us against 31.9 (fp8 27.9).
+WRITE_TILES = ((34336, 8, 4), (0, 2, 1))
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
 # Keys on M, not LAZY (issue 16, session 8): QK_SPLIT the scores as two independent MMA chains (one
 # per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
