@@ -18,8 +18,28 @@ import time
 
 import torch
 
-# name -> module defaults: (packed_prefill.HALVES, .ROT_KERNEL, .COMPACT, packed.WRITE_ROT_IN_KERNEL)
-VARIANTS = {"default": (True, True, True, True), "session8": (False, False, False, False)}
+# name -> module defaults set for its window ("module.NAME" under qkv.attention.triton), over the
+# defaults as they stand (the code's, and --set's)
+VARIANTS = {"default": {},
+            "session8": {"packed_prefill.HALVES": False, "packed_prefill.ROT_KERNEL": False,
+                         "packed_prefill.COMPACT": False, "packed.WRITE_ROT_IN_KERNEL": False,
+                         "packed.WRITE_TILES": ((0, 0, 1),)},
+            "onerow_write": {"packed.WRITE_TILES": ((0, 0, 1),)}}
+
+
+def set_knobs(knobs: dict) -> dict:
+    """Set module defaults ("module.NAME": value); returns the values they replaced."""
+    import importlib
+
+    old = {}
+    for key, value in knobs.items():
+        mod_name, _, name = key.rpartition(".")
+        mod = importlib.import_module(f"qkv.attention.triton.{mod_name}")
+        old[key] = getattr(mod, name)
+        if isinstance(value, list):  # JSON lists back to the tuples the modules hold, nested or flat
+            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        setattr(mod, name, value)
+    return old
 
 
 def table(prof, top_n):
@@ -39,10 +59,12 @@ def main():
     ap.add_argument("--decodes", type=int, default=376)
     ap.add_argument("--variants", default="default,session8")
     ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--set", default=None, help='JSON: module defaults for the run, e.g. {"packed.WRITE_TILES": [[0, 8, 4]]}')
     args = ap.parse_args()
+    if args.set:
+        set_knobs(json.loads(args.set))
     from torch.profiler import ProfilerActivity, profile
 
-    from qkv.attention.triton import packed, packed_prefill
     from qkv.engine.request import SamplingParams
     from qkv.tools.shapes import random_engine
 
@@ -64,8 +86,7 @@ def main():
     print(f"# {args.kv_dtype}: engine and {args.decodes} prompts in {time.perf_counter() - t0:.1f} s", flush=True)
     out = []
     for name in (args.variants.split(",") if args.kv_dtype == "int4" else ["default"]):
-        (packed_prefill.HALVES, packed_prefill.ROT_KERNEL, packed_prefill.COMPACT,
-         packed.WRITE_ROT_IN_KERNEL) = VARIANTS[name]
+        saved = set_knobs(VARIANTS[name])
         for rnd in range(2):  # a warm-up window (compiles), then the profiled one
             new = []
             for _ in range(8):
@@ -81,6 +102,7 @@ def main():
             wall = (time.perf_counter() - t) * 1e3
             while not all(r.finished for r in new):
                 eng.step()
+        set_knobs(saved)
         total, top = table(prof, args.top)
         rec = dict(kv=args.kv_dtype, variant=name, steps=steps, wall_ms=round(wall, 1), gpu_ms=total, top=top)
         out.append(rec)

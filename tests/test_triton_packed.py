@@ -34,7 +34,11 @@ if not CUDA:  # Triton 3.6's interpreter reads a scalar loop bound with int(arra
     _interp._patch_lang_tensor = _patch_lang_tensor
 
 from qkv.attention import reference  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from qkv.attention.triton.packed import packed_decode, write_packed  # noqa: E402
+from qkv.attention.triton.packed_write import _rint_div  # noqa: E402
 from qkv.kvcache import kv_pages  # noqa: E402
 from qkv.kvcache.kv_int import resolve  # noqa: E402
 from qkv.kvcache.spec import FullAttention  # noqa: E402
@@ -43,16 +47,29 @@ from test_triton import DEV, gpu, make_batch  # noqa: E402
 FORMATS = ["int4", "int8", "int4,int8", "int8,int4"]
 
 
+@triton.jit
+def _quot_kernel(X, S, OUT, n, BLOCK: tl.constexpr):
+    """packed_write._rint_div over x [n] and scales s [n] (test_rint_div_equals_rounded_division)."""
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < n
+    x = tl.load(X + i, mask=m, other=0.0)
+    s = tl.load(S + i, mask=m, other=1.0)
+    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)
+    tl.store(OUT + i, _rint_div(x, s, r, True), mask=m)
+
+
 def cache_for(kv: str, kvh: int, D: int, num_blocks: int, bs: int):
     spec = FullAttention(kvh, D, 1, packed=resolve(kv, None, None, torch.float32)[1])
     return kv_pages.new_cache(spec, num_blocks, bs, torch.uint8, DEV)
 
 
+@pytest.mark.parametrize("rows", [0, 4, 16])
 @pytest.mark.parametrize("rot_in_kernel", [True, False])
 @pytest.mark.parametrize("kv", FORMATS)
-def test_write_kernel_stores_the_reference_bytes(kv, rot_in_kernel, dtype=torch.float32, D=64):
+def test_write_kernel_stores_the_reference_bytes(kv, rot_in_kernel, rows, dtype=torch.float32, D=64):
     """Both ways of rotating (in the kernel's registers, or kv_int.hadamard first) store the
-    reference's bytes."""
+    reference's bytes, with one-row programs (rows 0) or packed_write's many-row ones (14 rows:
+    a partial last program)."""
     gen = torch.Generator().manual_seed(1)
     T, kvh, bs, nb = 7, 2, 4, 5
     k = (torch.randn(T, kvh, D, generator=gen) * torch.tensor([0.01, 1.0, 30.0, 1.0, 1.0, 2.0, 0.5])[:, None, None])
@@ -65,16 +82,71 @@ def test_write_kernel_stores_the_reference_bytes(kv, rot_in_kernel, dtype=torch.
     keep = slots >= 0
     kv_pages.write(ref, 0, k[keep], slots[keep])
     kv_pages.write(ref, 1, v[keep], slots[keep])
-    write_packed(got, k, v, slots, rot_in_kernel=rot_in_kernel)
+    write_packed(got, k, v, slots, rot_in_kernel=rot_in_kernel, rows=rows)
     assert torch.equal(ref, got)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 is not the GPU's)")
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("kv", FORMATS)
-def test_write_kernel_bf16_rotated_in_kernel_stores_the_reference_bytes(kv, D):
+@pytest.mark.parametrize("rows", [0, 16])
+def test_write_kernel_bf16_rotated_in_kernel_stores_the_reference_bytes(kv, D, rows):
     """The engine's case: bf16 K/V rotated in the kernel and rounded to bf16 as hadamard() does."""
-    test_write_kernel_stores_the_reference_bytes(kv, True, torch.bfloat16, D)
+    test_write_kernel_stores_the_reference_bytes(kv, True, rows, torch.bfloat16, D)
+
+
+@gpu
+@pytest.mark.parametrize("rot_in_kernel", [True, False])
+@pytest.mark.parametrize("kv", ["int4", "int8"])
+def test_write_rows_kernel_many_tokens_store_the_reference_bytes(kv, rot_in_kernel):
+    """packed_write's kernel at an engine step's size (2,000 tokens x 8 KV heads, D 128, bf16)
+    over values that stress the int4 search: magnitudes over 2^-30 .. 2^10, rows of small
+    multiples of 1/8 (quotients exactly half-way between integers: round half to even), zero
+    groups and subnormal bf16; with rot_in_kernel off the kernel quantizes them unrotated."""
+    gen = torch.Generator().manual_seed(5)
+    T, kvh, D, bs = 2000, 8, 128, 16
+    nb = T // bs + 1
+
+    def values():
+        x = torch.randn(T, kvh, D, generator=gen) * torch.exp2(torch.randint(-30, 11, (T, kvh, 1), generator=gen))
+        x[::5] = torch.randint(-64, 64, (len(x[::5]), kvh, D), generator=gen) / 8.0  # ties
+        x[1::7, :, 16:48] = 0.0
+        x[2::11] *= 2.0 ** -120  # bf16 subnormals among normals
+        return x.to(DEV, torch.bfloat16)
+
+    k, v = values(), values()
+    slots = torch.randperm(nb * bs, generator=gen)[:T].to(DEV)
+    slots[3::97] = -1
+    ref, got = cache_for(kv, kvh, D, nb, bs), cache_for(kv, kvh, D, nb, bs)
+    keep = slots >= 0
+    kv_pages.write(ref, 0, k[keep], slots[keep])
+    kv_pages.write(ref, 1, v[keep], slots[keep])
+    write_packed(got, k, v, slots, rot_in_kernel=rot_in_kernel, rows=16)
+    assert torch.equal(ref, got)
+
+
+@gpu
+def test_rint_div_equals_rounded_division():
+    """packed_write's quotient (a reciprocal and two fma corrections, then rint) against torch's
+    ``(x / s).round()`` for every bf16 value x and every e5m3 code's scale s, and for 4M random
+    fp32 values over 2^-40 .. 2^40."""
+    scales = (torch.arange(1, 248, dtype=torch.int16, device=DEV) << 7).view(torch.float16).float()
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32, device=DEV).to(torch.int16).view(torch.bfloat16).float()
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    rand32 = torch.randn(1 << 22, generator=gen, device=DEV) * torch.exp2(
+        torch.randint(-40, 41, (1 << 22,), generator=gen, device=DEV).float())
+    for xs in (every_bf16[every_bf16.isfinite()], rand32):
+        for s0 in range(0, 247, 16):
+            s = scales[s0:s0 + 16]
+            x, sb = torch.broadcast_tensors(xs[:, None], s[None, :])
+            x, sb = x.contiguous().reshape(-1), sb.contiguous().reshape(-1)
+            out = torch.empty_like(x)
+            _quot_kernel[(triton.cdiv(x.numel(), 1024),)](x, sb, out, x.numel(), BLOCK=1024)
+            ref = (x / sb).round()
+            # (quotients past fp32's range are left out: the write's never exceed ~2^34, its
+            # smallest scales being those of groups whose largest value is below 2^-10)
+            bad = (out != ref) & ref.isfinite()
+            assert not bad.any(), (x[bad][:4], sb[bad][:4], out[bad][:4], ref[bad][:4])
 
 
 DECODE = {

@@ -59,6 +59,14 @@ LAZY = {4: 0, 8: 8}
 # The quantizing write rotates each row in registers (one kernel) instead of kv_int.hadamard's ~20
 # torch ops over the step's K and V first (issue 16, session 9).
 WRITE_ROT_IN_KERNEL = True
+# The write's launch by its (token, KV head) row count: the first (at least this many rows,
+# rows a program, warps) that applies. Rows > 0 run packed_write's kernel (a reciprocal-based
+# int4 search and permute-free butterflies: 158 SASS instructions a value at 16 rows and 4
+# warps against 383 here, sm_90 build; issue 16, session 9); rows 0 this file's one-row programs.
+# Picked on the H200 (session 11, every tiling's bytes equal to the one-row kernel's): 65,600 rows
+# (8,200 tokens x 8 heads) 8 rows x 4 warps 99.2 us against one-row 216.9 (fp8's write 32.5);
+# 3,072 rows 2 x 1 29.6 us against 31.9 (fp8 27.9).
+WRITE_TILES = ((34336, 8, 4), (0, 2, 1))
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
 # Keys on M, not LAZY (issue 16, session 8): QK_SPLIT the scores as two independent MMA chains (one
 # per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
@@ -245,10 +253,12 @@ def _layout_args(kv_cache: torch.Tensor):
 
 
 def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                 rot_in_kernel: bool | None = None) -> None:
+                 rot_in_kernel: bool | None = None, rows: int | None = None, num_warps: int | None = None) -> None:
     """k/v [T, KVH, D] -> quantized into the packed pages; slot -1 rows are skipped in the kernel.
     Rotated planes: ``rot_in_kernel`` (default ``WRITE_ROT_IN_KERNEL``) rotates each row in the
-    kernel's registers, else ``kv_int.hadamard`` runs first in torch (the same bytes)."""
+    kernel's registers, else ``kv_int.hadamard`` runs first in torch (the same bytes). ``rows``
+    (default by ``WRITE_TILES``): rows a program of ``packed_write``'s kernel (0: one-row programs
+    here), ``num_warps`` its warps; all store the same bytes."""
     T, kvh, D = k.shape
     if T == 0:
         return
@@ -263,6 +273,19 @@ def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_
         k = k.contiguous()
     if v.stride(-1) != 1:
         v = v.contiguous()
+    n = T * kvh
+    tile = next((t for t in WRITE_TILES if n >= t[0]), (0, 0, 1))
+    rows = tile[1] if rows is None else rows
+    if rows:
+        from qkv.attention.triton.packed_write import packed_write_rows_kernel
+
+        packed_write_rows_kernel[(triton.cdiv(n, rows),)](
+            k, v, kv_cache, kv_cache.view(torch.float16), slot_mapping, n, k.stride(0), k.stride(1), v.stride(0),
+            v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,
+            KVH=kvh, D=D, BS=lay.block_size, BLOCK_R=rows, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D),
+            V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), EXACT=not INTERPRET, ROT_K=rot_k, ROT_V=rot_v,
+            LOG2D=D.bit_length() - 1, RSQ=float(D ** -0.5), num_warps=num_warps or tile[2] or 4)
+        return
     _packed_write_kernel[(T, kvh)](
         k, v, kv_cache, kv_cache.view(torch.float16), slot_mapping, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,

@@ -260,6 +260,8 @@ COMPACT = True
 # (query tokens x heads rows per program, keys per tile, warps, stages) for bf16/fp16 queries,
 # head_dim <= 128; wider heads and fp32 keep (64 rows, 32 keys, 4 warps, 2 stages).
 TILING = (128, 64, 8, 3)
+# rotate_rows' launch, head_dim <= 128: (rows a program, warps); wider heads take 32 rows.
+ROT_TILING = (64, 4)
 
 _HPM: dict = {}
 
@@ -287,9 +289,9 @@ def rotate_rows(x: torch.Tensor) -> torch.Tensor:
         x2 = x2.contiguous()
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     N = x2.shape[0]
-    block = 64 if D <= 128 else 32
+    block, warps = ROT_TILING if D <= 128 else (32, 4)
     _rot_rows_kernel[(triton.cdiv(N, block),)](x2, _hpm(D, x.dtype, x.device), y, N, RSQ=float(D ** -0.5), D=D,
-                                                BLOCK=block, IEEE=x.dtype == torch.float32, num_warps=4)
+                                                BLOCK=block, IEEE=x.dtype == torch.float32, num_warps=warps)
     return y
 
 
