@@ -136,6 +136,7 @@ VARIANTS.update({
     "d_s16_o24": dict(_S, splits=16, tiles="4096x4096:4:2048:8"),
     "d_s8_o24": dict(_S, splits=8, tiles="4096x4096:4:2048:8"),
 })
+VARIANTS["s16"] = dict(VARIANTS["default"], splits=16)  # today's default with 16 splits
 
 
 def use(variant: str, eng) -> None:
@@ -342,7 +343,8 @@ def main() -> None:
         record(kind="rates", device=torch.cuda.get_device_name(dev), torch=torch.__version__,
                triton=triton.__version__, driver=driver(), **rates)
     t = time.perf_counter()
-    eng = random_engine(args.shape, max_num_seqs=1, max_model_len=2048, num_kv_blocks=256)
+    max_len = max(2048, args.prompt_len + args.new + 64)  # long prompts: the pool grows with them
+    eng = random_engine(args.shape, max_num_seqs=1, max_model_len=max_len, num_kv_blocks=max(256, max_len // 8))
     weight_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())  # tied: counted once
     step_bytes = bytes_per_step(eng, args.prompt_len + args.new // 2)
     record(kind="engine", shape=args.shape, build_s=time.perf_counter() - t, weight_bytes=weight_bytes,

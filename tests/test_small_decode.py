@@ -16,6 +16,7 @@ from test_triton import CUDA, DEV, gpu  # noqa: I001  (sets TRITON_INTERPRET; sk
 from qkv.attention.triton import fused  # noqa: E402
 from qkv.attention.triton import gemv as gemv_mod  # noqa: E402
 from qkv.model.layers import RMSNorm, RotaryEmbedding  # noqa: E402
+from qkv.model.layers import fused_ops as _FUSED_OPS  # noqa: E402
 
 
 @pytest.fixture
@@ -191,8 +192,8 @@ def _greedy(path: str, fused_on: bool, monkeypatch, lens: tuple[int, ...] = (7, 
     import qkv.model.layers as layers
 
     loaded = load(path)
-    if not fused_on:  # the plain torch path, on either device
-        monkeypatch.setattr(layers, "fused_ops", lambda x: None)
+    # (set both ways: a test that ran the torch path first would otherwise run it again here)
+    monkeypatch.setattr(layers, "fused_ops", _FUSED_OPS if fused_on else (lambda x: None))
     if CUDA:
         kw = (dict(attention_backend="triton", enforce_eager=False) if fused_on
               else dict(attention_backend="reference", enforce_eager=True))
