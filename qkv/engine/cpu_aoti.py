@@ -320,11 +320,7 @@ class AOTDecode:
                 args = _inputs(self.plan, input_ids, positions, views, self.caches)
                 try:
                     if not self.batch_checked:  # as below, for the batched package
-                        n = _fixed(self.plan, batched=True)
-                        got = [a.dtype for a in args[:n]]
-                        want = [a.dtype for a in _batch_example(self.plan, [])[:n]]
-                        if got != want or not all(a.is_contiguous() for a in args[:n]):
-                            raise ValueError(f"inputs of dtypes {got}, built for {want}")
+                        _check_inputs(args, _batch_example(self.plan, []), _fixed(self.plan, batched=True))
                         self.batch_checked = True
                     return self.batched.boxed_run(args)[0]
                 except Exception as e:  # never fail a request for it: batched steps run eagerly from now on
@@ -337,16 +333,21 @@ class AOTDecode:
                 args = _inputs(self.plan, input_ids, positions, views, self.caches)
                 try:
                     if not self.checked:  # the library reads raw pointers: the dtypes it was built for, once
-                        n = _fixed(self.plan)
-                        got, want = [a.dtype for a in args[:n]], [a.dtype for a in _example(self.plan, [])[:n]]
-                        if got != want or not all(a.is_contiguous() for a in args[:n]):
-                            raise ValueError(f"inputs of dtypes {got}, built for {want}")
+                        _check_inputs(args, _example(self.plan, []), _fixed(self.plan))
                         self.checked = True
                     return self.loader.boxed_run(args)[0]
                 except Exception as e:  # never fail a request for it: this step and the rest run eagerly
                     log(f"compiled decode step failed ({_first_line(e)}); decoding eagerly from now on")
                     self.loader = None
         return self.model(input_ids, positions, batch)
+
+
+def _check_inputs(args: list, example: list, n: int) -> None:
+    """Raise ValueError unless the first ``n`` inputs have the example's dtypes and are
+    contiguous: a compiled package reads raw pointers."""
+    got, want = [a.dtype for a in args[:n]], [a.dtype for a in example[:n]]
+    if got != want or not all(a.is_contiguous() for a in args[:n]):
+        raise ValueError(f"inputs of dtypes {got}, built for {want}")
 
 
 def _first_line(e: Exception) -> str:
