@@ -43,6 +43,7 @@ from qkv.attention.triton import fused
 from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
+from qkv.attention.triton import decode as decode_mod
 from qkv.attention.triton import gate_up_silu, l2_prefetch, tail_norm
 from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
@@ -137,6 +138,7 @@ VARIANTS.update({
     "d_s8_o24": dict(_S, splits=8, tiles="4096x4096:4:2048:8"),
 })
 VARIANTS["s16"] = dict(VARIANTS["default"], splits=16)  # today's default with 16 splits
+VARIANTS["noskip"] = dict(VARIANTS["default"], chunk_skip=False)  # the merge's chunks all issued (before session 11)
 
 
 def use(variant: str, eng) -> None:
@@ -145,6 +147,7 @@ def use(variant: str, eng) -> None:
     fused.FUSE_QK_NORM_ROPE = v["qk"]
     fused.FUSE_KV_WRITE = v["kv"]
     qk_decode.SPLITS = v.get("splits")
+    decode_mod.MERGE_CHUNK_SKIP = v.get("chunk_skip", True)
     qk_decode.MERGE = v.get("merge", False)
     qk_decode.FUSE_ATTEND = v.get("attend", False)
     gemv_mod.FULL_K = v.get("full_k", False)

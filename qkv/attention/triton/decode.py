@@ -16,6 +16,8 @@ new token never overwrites a key its own query sees, even in a sliding-window ri
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -92,7 +94,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    DILATED: tl.constexpr, MERGE_VEC: tl.constexpr = False, G2: tl.constexpr = 1,
                    S2: tl.constexpr = 1, SC: tl.constexpr = 1, PDL: tl.constexpr = 0, PRE: tl.constexpr = False,
                    PF=None, PF_BYTES=0, PF_CHUNK=0, PF_ON: tl.constexpr = False, TPB: tl.constexpr = 128,
-                   PF_LINES: tl.constexpr = 0):
+                   PF_LINES: tl.constexpr = 0, CHUNK_SKIP: tl.constexpr = True):
     # ``PF_ON``: every program brings its slice of PF (a weight the next kernel reads) into L2
     # (l2_prefetch.py) before its wait (weights are never written in the step), with ``PRE``
     # after its own first K/V tile's loads: those go to DRAM first, not behind 33 MB.
@@ -217,7 +219,8 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
             if done == n_active - 1:
                 g2 = tl.arange(0, G2)
                 tl.store(OUT + qrow * stride_ot + (kvh * G + g2)[:, None] * stride_oh + d[None, :],
-                         _merge_vec(ACC, ML, base, n_active, d, G_PAD, G2, D_PAD, S2, SC).to(OUT.dtype.element_ty),
+                         _merge_vec(ACC, ML, base, n_active, d, G_PAD, G2, D_PAD, S2, SC,
+                                    CHUNK_SKIP).to(OUT.dtype.element_ty),
                          mask=(g2 < G)[:, None] & dmask[None, :])
                 tl.store(CNT + b * tl.num_programs(1) + kvh, 0)
         else:
@@ -239,7 +242,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
 
 @triton.jit
 def _merge_vec(ACC, ML, base, n_active, d, G_PAD: tl.constexpr, G2: tl.constexpr, D_PAD: tl.constexpr,
-               S: tl.constexpr, SC: tl.constexpr):
+               S: tl.constexpr, SC: tl.constexpr, CHUNK_SKIP: tl.constexpr = True):
     """The merged output [G2, D_PAD] of the first ``n_active`` splits' partial states (``S``: a
     power of two at least that), all loads issued at once (``SC`` splits a chunk, ``S / SC``
     chunks unrolled): the serial merge's loop waits one L2 round trip per split, this about one.
@@ -254,14 +257,21 @@ def _merge_vec(ACC, ML, base, n_active, d, G_PAD: tl.constexpr, G2: tl.constexpr
     den = tl.sum(tl.where(m_s > float("-inf"), tl.exp2(m_s - m_max[None, :]), 0.0) * l_s, 0)
     num = tl.zeros([G2, D_PAD], tl.float32)
     for s0 in tl.static_range(0, S, SC):
-        sc = s0 + tl.arange(0, SC)
-        r = (base + sc)[:, None] * G_PAD + g2[None, :]  # [SC, G2]
-        cm = (sc < n_active)[:, None]
-        m_c = tl.load(ML + r * 2, mask=cm, other=float("-inf"), cache_modifier=".cg")
-        w = tl.where(m_c > float("-inf"), tl.exp2(m_c - m_max[None, :]), 0.0)
-        a = tl.load(ACC + r[:, :, None] * D_PAD + d[None, None, :], mask=cm[:, :, None], other=0.0,
-                    cache_modifier=".cg")
-        num += tl.sum(w[:, :, None] * a, 0)
+        # (a graph sizes S for long contexts: chunks past the splits with keys are skipped, not
+        # issued masked; Llama-8B at 576 tokens has 9 of 32)
+        if CHUNK_SKIP and s0 > 0:
+            go = s0 < n_active
+        else:
+            go = True
+        if go:
+            sc = s0 + tl.arange(0, SC)
+            r = (base + sc)[:, None] * G_PAD + g2[None, :]  # [SC, G2]
+            cm = (sc < n_active)[:, None]
+            m_c = tl.load(ML + r * 2, mask=cm, other=float("-inf"), cache_modifier=".cg")
+            w = tl.where(m_c > float("-inf"), tl.exp2(m_c - m_max[None, :]), 0.0)
+            a = tl.load(ACC + r[:, :, None] * D_PAD + d[None, None, :], mask=cm[:, :, None], other=0.0,
+                        cache_modifier=".cg")
+            num += tl.sum(w[:, :, None] * a, 0)
     return num / den[:, None]
 
 
@@ -288,6 +298,9 @@ def _combine_kernel(ACC, ML, OUT, QSL, stride_ot, stride_oh, H, D: tl.constexpr,
 
 
 MERGE_MAX_SPLITS = 8
+# The vectorized merge skips its chunks of splits past the last one with keys at run time
+# (QKV_DECODE_CHUNK_SKIP=0: every chunk issued, masked).
+MERGE_CHUNK_SKIP = os.environ.get("QKV_DECODE_CHUNK_SKIP", "1") == "1"
 _COUNTERS: dict = {}
 
 
@@ -397,7 +410,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         PF=prefetch if pf else q, PF_BYTES=pf[1] if pf else 0,
         PF_CHUNK=l2_prefetch.chunk_bytes(pf[1], B * kvh * S * tpb) if pf else 0, PF_ON=pf is not None, TPB=tpb,
         PF_LINES=l2_prefetch.lines_per_thread(pf[1], B * kvh * S * tpb) if pf and l2_prefetch.LINES else 0,
-        num_warps=num_warps, num_stages=num_stages, **kw)
+        CHUNK_SKIP=MERGE_CHUNK_SKIP, num_warps=num_warps, num_stages=num_stages, **kw)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
                                 S=S, S_PAD=S2, PDL=mode, num_warps=4, **kw)
