@@ -44,7 +44,7 @@ from qkv.attention.triton import gemv as gemv_mod
 from qkv.attention.triton import pdl
 from qkv.attention.triton import qk_decode
 from qkv.attention.triton import decode as decode_mod
-from qkv.attention.triton import gate_up_silu, l2_prefetch, tail_norm
+from qkv.attention.triton import gate_up_silu, tail_norm
 from qkv.engine import sampler
 from qkv.engine.request import SamplingParams
 from qkv.tools.bench_rates import measure
@@ -104,26 +104,8 @@ VARIANTS.update({
     "d_k2": dict(_D, tiles=_K2), "d_att": dict(_D, rope_kv=True, attend=True),
     "d_att_ef": dict(_D, rope_kv=True, attend=True, evict=True),
 })
-# Session 10, over ``d_rk``: ``pf`` the decode kernel prefetching o_proj's weight into L2
-# (l2_prefetch.py; ``pfl`` per-line prefetches instead of the bulk instruction); ``ch`` the tail
-# norms over per-program partial sums in 1,024-wide pieces, ``r`` with row sums per weight chunk
-# (o_proj's kernel 96 -> 72 -> 64 registers: 660 -> 924 -> 1,024 programs at once), ``nw`` the tail's
-# norm weight prefetched into L2 by the program an eighth before the last; ``ef`` evict-first weights;
-# ``nx4``/``nx8`` o_proj's programs prefetching the first 4 / 8 MB of each gate/up half after their wait;
-# ``rs`` row sums per chunk in the plain GEMVs and gate/up + SiLU too (gemv.ROW_SUMS).
-_R = VARIANTS["d_rk"]
-VARIANTS.update({
-    "d_rk_pf": dict(_R, l2pf="1"), "d_rk_pfl": dict(_R, l2pf="lines"), "d_rk_ch": dict(_R, chunked=True),
-    "d_rk_chr": dict(_R, chunked=True, row_sums=True), "d_rk_chr_nw": dict(_R, chunked=True, row_sums=True, pf_nw=True),
-    "d_rk_pf_chr_nw": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True),
-    "d_rk_pfl_chr_nw": dict(_R, l2pf="lines", chunked=True, row_sums=True, pf_nw=True),
-    "d_rk_pf_chr_nw_ef": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, evict=True),
-    "d_rk_pf_chr_nw_nx4": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=4.0),
-    "d_rk_pf_chr_nw_nx8": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0),
-    "d_rk_pf_chr_nw_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, gemv_rs=True),
-    "d_rk_pf_chr_nw_nx8_rs": dict(_R, l2pf="1", chunked=True, row_sums=True, pf_nw=True, next_mb=8.0, gemv_rs=True),
-    "d_rk_chr_rs": dict(_R, chunked=True, row_sums=True, gemv_rs=True),
-})
+# Session 10's variants over ``d_rk`` (the L2 prefetches, chunked tail norms, row sums per
+# chunk) all measured slower (benchmarks.md) and their switches left the code in session 11.
 # Over ``s10`` (the default since session 10, = ``d_rk``): ``s16``/``s8``/``s4`` the decode kernel's
 # splits at batch 1 (32 in a graph otherwise: 9 of them hold keys at 576 tokens); ``o48``/``o24``/``o2``
 # o_proj's tile alone (4 rows x 4096 with 8 warps, 4 x 2048 with 8, 2 x 4096 with 4: more of its
@@ -157,15 +139,8 @@ def use(variant: str, eng) -> None:
     gemv_mod.TILES.clear()
     gemv_mod.TILES.update(gemv_mod.parse_tiles(v.get("tiles")))
     gemv_mod.EVICT_FIRST = v.get("evict", False)
-    gemv_mod.ROW_SUMS = v.get("gemv_rs", False)
     qk_decode.FUSE_ROPE_KV = v.get("rope_kv", False)
     tail_norm.ON = v.get("tail", False)
-    tail_norm.CHUNKED = v.get("chunked", False)
-    tail_norm.ROW_SUMS = v.get("row_sums", False)
-    tail_norm.PF_NW = v.get("pf_nw", False)
-    tail_norm.NEXT_MB = v.get("next_mb", 0.0)
-    l2_prefetch.ON = v.get("l2pf", "0") != "0"
-    l2_prefetch.LINES = v.get("l2pf") == "lines"
     gate_up_silu.ON = v.get("gus", False)
     sampler.FAST_ARGMAX = not v.get("torch_argmax", False)
     pdl.configure(v.get("pdl", 0))

@@ -69,9 +69,7 @@ class LlamaLayer(nn.Module):
         ops = _layers.fused_ops(h)
         n2, mlp, attn = self.post_attention_layernorm, self.mlp, self.self_attn
         a = attn(h, positions, batch, project=False)
-        # (gate/up's weight: o_proj may bring its first rows into L2, tail_norm.NEXT_MB)
-        h, residual = ops.res_norm_linear(a, attn.o_proj, residual, n2.weight, n2.eps,
-                                          next_weight=getattr(mlp.gate_up_proj, "weight", None))
+        h, residual = ops.res_norm_linear(a, attn.o_proj, residual, n2.weight, n2.eps)
         if ops.gate_up_silu_applies(h, mlp.gate_up_proj):  # SiLU-and-mul in the gate/up GEMV's epilogue
             act = ops.gate_up_silu(h, mlp.gate_up_proj)
             h, residual = ops.res_norm_linear(act, mlp.down_proj, residual, next_norm.weight, next_norm.eps)

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton import l2_prefetch, pdl
+from qkv.attention.triton import pdl
 from qkv.kvcache.kv_quant import compute_dtype, is_fp8
 
 LOG2E = 1.4426950408889634
@@ -71,18 +71,6 @@ def _online(q, k, v, nmask, m_i, l_i, acc, sm_scale, softcap, HAS_SOFTCAP: tl.co
     return m_new, l_i, acc
 
 
-@triton.jit
-def _prefetch(PF, PF_BYTES, PF_CHUNK, TPB: tl.constexpr, PF_LINES: tl.constexpr):
-    """This program's slice of PF into L2: ``PF_LINES`` 128-byte lines a thread, or (0) one bulk
-    prefetch of PF_CHUNK bytes a thread (l2_prefetch.py)."""
-    pf_id = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
-    if PF_LINES > 0:
-        for j in tl.static_range(PF_LINES):
-            l2_prefetch.lines(PF, PF_BYTES, (pf_id * PF_LINES + j) * TPB, TPB)
-    else:
-        l2_prefetch.bulk(PF, PF_BYTES, PF_CHUNK, pf_id * TPB, TPB)
-
-
 @triton.jit(do_not_specialize=["stride_bt"])  # the table's width varies per eager step: one variant for all
 def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    stride_qt, stride_qh, stride_cb, stride_ct, stride_ch, stride_bt, stride_ot, stride_oh,
@@ -93,13 +81,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr,
                    DILATED: tl.constexpr, MERGE_VEC: tl.constexpr = False, G2: tl.constexpr = 1,
                    S2: tl.constexpr = 1, SC: tl.constexpr = 1, PDL: tl.constexpr = 0, PRE: tl.constexpr = False,
-                   PF=None, PF_BYTES=0, PF_CHUNK=0, PF_ON: tl.constexpr = False, TPB: tl.constexpr = 128,
-                   PF_LINES: tl.constexpr = 0, CHUNK_SKIP: tl.constexpr = True):
-    # ``PF_ON``: every program brings its slice of PF (a weight the next kernel reads) into L2
-    # (l2_prefetch.py) before its wait (weights are never written in the step), with ``PRE``
-    # after its own first K/V tile's loads: those go to DRAM first, not behind 33 MB.
-    if PF_ON and not PRE:
-        _prefetch(PF, PF_BYTES, PF_CHUNK, TPB, PF_LINES)
+                   CHUNK_SKIP: tl.constexpr = True):
     # pdl.py's contract: every program syncs once, before reading what the previous kernel
     # wrote and before it can return. ``PRE`` (a CUDA graph's decode step, where the block
     # table, lengths and row starts are static inputs no kernel writes, and every cached key
@@ -137,8 +119,6 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                           BS, BLOCK_N, HAS_RING)
         k0 = tl.load(KC + off0[:, None] + d[None, :], mask=nm0[:, None] & dmask[None, :], other=0.0)
         v0 = tl.load(VC + off0[:, None] + d[None, :], mask=nm0[:, None] & dmask[None, :], other=0.0)
-        if PF_ON:
-            _prefetch(PF, PF_BYTES, PF_CHUNK, TPB, PF_LINES)
         pdl.sync(PDL)
         if tl.load(QSL + b + 1) - qrow != 1:
             return
@@ -335,7 +315,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
                  num_warps: int = 4, num_stages: int | None = None, query_start_loc: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, dot_dtype: torch.dtype | None = None,
                  keys_on_m: bool | None = None, dilation: int = 1, merge: bool | None = None,
-                 static_inputs: bool = False, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                 static_inputs: bool = False) -> torch.Tensor:
     """q [T, H, D]; sequence b's query is row ``query_start_loc[b]`` (default: row b) and sees
     keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached); with a
     ``window`` W the last W of them, and dilated by d the positions p, p-d, ..., p-(W-1)*d of
@@ -351,9 +331,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     launch); False always launches the combine kernel. ``static_inputs``: the table, lengths and
     row starts are a CUDA graph's inputs, written by no kernel of the step, and every cached key
     but the step's own is older than the step: the kernel reads them and its first K/V tile
-    before it waits for the previous kernel (with programmatic dependent launch, pdl.py).
-    ``prefetch``: a tensor the next kernel reads and no kernel of the step writes (the o_proj
-    weight) that the programs bring into L2 first (l2_prefetch.py; ignored where unsupported)."""
+    before it waits for the previous kernel (with programmatic dependent launch, pdl.py)."""
     if dilation > 1 and window is None:
         raise ValueError(f"dilation={dilation} needs a window")
     B = num_computed.shape[0]
@@ -395,8 +373,6 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     mode, kw = pdl.launch(q.device)
     S2 = triton.next_power_of_2(S)
     G2 = triton.next_power_of_2(G)
-    pf = l2_prefetch.region(prefetch) if prefetch is not None and l2_prefetch.supported(q.device) else None
-    tpb = 32 * num_warps
     _decode_kernel[(B, kvh, S)](
         q, kc, vc, block_table, num_computed, query_start_loc, acc, ml, cnt, out,
         q.stride(0), q.stride(1), kc.stride(0), kc.stride(1), kc.stride(2), block_table.stride(0),
@@ -406,11 +382,8 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, DILATED=dilation > 1, MERGE_VEC=merge_vec, G2=G2,
         S2=S2, SC=max(1, min(S2, 8192 // (G2 * D_PAD))), PDL=mode,
-        PRE=static_inputs and not keys_on_m and dilation == 1,
-        PF=prefetch if pf else q, PF_BYTES=pf[1] if pf else 0,
-        PF_CHUNK=l2_prefetch.chunk_bytes(pf[1], B * kvh * S * tpb) if pf else 0, PF_ON=pf is not None, TPB=tpb,
-        PF_LINES=l2_prefetch.lines_per_thread(pf[1], B * kvh * S * tpb) if pf and l2_prefetch.LINES else 0,
-        CHUNK_SKIP=MERGE_CHUNK_SKIP, num_warps=num_warps, num_stages=num_stages, **kw)
+        PRE=static_inputs and not keys_on_m and dilation == 1, CHUNK_SKIP=MERGE_CHUNK_SKIP,
+        num_warps=num_warps, num_stages=num_stages, **kw)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,
                                 S=S, S_PAD=S2, PDL=mode, num_warps=4, **kw)

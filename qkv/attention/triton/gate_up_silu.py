@@ -18,14 +18,14 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton import gemv, pdl
-from qkv.attention.triton.gemv import _fold, _row_sums, _v_chunk, _w_chunk
+from qkv.attention.triton.gemv import _v_chunk, _w_chunk
 
 ON = os.environ.get("QKV_GATE_UP_SILU", "1") != "0"
 
 
 @triton.jit
 def _gate_up_silu_kernel(X, W, Y, I, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         EVEN: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = False, RED: tl.constexpr = False):
+                         EVEN: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = False):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
@@ -33,15 +33,15 @@ def _gate_up_silu_kernel(X, W, Y, I, stride_w, K: tl.constexpr, BLOCK_N: tl.cons
     wu = _w_chunk(W + I * stride_w, n, 0, k, stride_w, I, K, EVEN, EVICT)
     pdl.sync(PDL)
     x = _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
-    ag = _fold(wg.to(tl.float32) * x, RED)
-    au = _fold(wu.to(tl.float32) * x, RED)
+    ag = wg.to(tl.float32) * x
+    au = wu.to(tl.float32) * x
     for k0 in range(BLOCK_K, K, BLOCK_K):
         x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)[None, :]
-        ag += _fold(_w_chunk(W, n, k0, k, stride_w, I, K, EVEN, EVICT).to(tl.float32) * x, RED)
-        au += _fold(_w_chunk(W + I * stride_w, n, k0, k, stride_w, I, K, EVEN, EVICT).to(tl.float32) * x, RED)
+        ag += _w_chunk(W, n, k0, k, stride_w, I, K, EVEN, EVICT).to(tl.float32) * x
+        au += _w_chunk(W + I * stride_w, n, k0, k, stride_w, I, K, EVEN, EVICT).to(tl.float32) * x
     dt = Y.dtype.element_ty
-    g = _row_sums(ag, RED).to(dt).to(tl.float32)
-    u = _row_sums(au, RED).to(dt).to(tl.float32)
+    g = tl.sum(ag, 1).to(dt).to(tl.float32)
+    u = tl.sum(au, 1).to(dt).to(tl.float32)
     a = (g * tl.sigmoid(g)).to(dt).to(tl.float32)
     tl.store(Y + n, (a * u).to(dt), mask=n < I)
 
@@ -65,6 +65,5 @@ def gate_up_silu(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     y = torch.empty((1, I), dtype=x.dtype, device=x.device)
     _gate_up_silu_kernel[(triton.cdiv(I, bn),)](x, w, y, I, w.stride(0), K=K, BLOCK_N=bn, BLOCK_K=bk,
                                                 EVEN=I % bn == 0 and K % bk == 0, PDL=mode,
-                                                EVICT=gemv.EVICT_FIRST, RED=gemv.ROW_SUMS, num_warps=nw,
-                                                num_stages=3, **kw)
+                                                EVICT=gemv.EVICT_FIRST, num_warps=nw, num_stages=3, **kw)
     return y

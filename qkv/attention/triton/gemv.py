@@ -77,10 +77,6 @@ PDL_TILES: dict[tuple[int, int], tuple[int, int, int]] = {(4096, 4096): (4, 2048
 
 # Weight loads with L2's evict-first policy (QKV_GEMV_EVICT_FIRST=1; see _w_chunk).
 EVICT_FIRST = os.environ.get("QKV_GEMV_EVICT_FIRST", "0") == "1"
-# Row sums per chunk (``_fold``) in the plain GEMV and gate_up_silu.py (QKV_GEMV_ROW_SUMS=1; off:
-# measured slower, H200 session 10, qkv 12.1 -> 12.6 us): Llama-8B's qkv kernel 80 -> 48 registers a
-# thread, gate/up + SiLU 89 -> 37 (sm_90 ptxas), but the chunk loop is no longer pipelined.
-ROW_SUMS = os.environ.get("QKV_GEMV_ROW_SUMS", "0") == "1"
 
 
 def parse(spec: str | None) -> tuple[set[tuple[int, int]], bool]:
@@ -167,39 +163,18 @@ def _v_chunk(X, k0, k, K: tl.constexpr, EVEN: tl.constexpr):
 
 
 @triton.jit
-def _fold(p, RED: tl.constexpr):
-    """A chunk's products [BLOCK_N, BLOCK_K] -> the accumulator: kept whole (row sums at the
-    end), or with ``RED`` summed to [BLOCK_N] per chunk (a reduction a chunk; the accumulator
-    takes 1 register a row instead of BLOCK_N * BLOCK_K / threads: fewer registers, more
-    programs resident at once, each with its first chunk loaded before the PDL wait)."""
-    if RED:
-        return tl.sum(p, 1)
-    else:
-        return p
-
-
-@triton.jit
-def _row_sums(acc, RED: tl.constexpr):
-    if RED:
-        return acc
-    else:
-        return tl.sum(acc, 1)
-
-
-@triton.jit
 def _gemv_kernel(X, W, Y, N, stride_w, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = False,
-                 RED: tl.constexpr = False):
+                 EVEN: tl.constexpr, OUT_F32: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr = False):
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
-    acc = _fold(w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :], RED)
+    acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
-        acc += _fold(_w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :], RED)
-    y = _row_sums(acc, RED).to(X.dtype.element_ty)
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
+    y = tl.sum(acc, 1).to(X.dtype.element_ty)
     if OUT_F32:  # the logits: rounded to the model's dtype first, as torch's ``linear(x).float()``
         y = y.to(tl.float32)
     tl.store(Y + n, y, mask=n < N)
@@ -278,7 +253,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, block_n: int | None = None, bloc
     _gemv_kernel[(triton.cdiv(N, block_n),)](x, weight, y, N, weight.stride(0), K=K, BLOCK_N=block_n,
                                              BLOCK_K=block_k, EVEN=N % block_n == 0 and K % block_k == 0,
                                              OUT_F32=y.dtype == torch.float32 and x.dtype != torch.float32,
-                                             PDL=mode, EVICT=EVICT_FIRST, RED=ROW_SUMS,
+                                             PDL=mode, EVICT=EVICT_FIRST,
                                              num_warps=num_warps,
                                              num_stages=num_stages, **kw)
     return y

@@ -14,7 +14,7 @@ import os
 import torch
 
 from qkv.attention.batch import AttentionBatch
-from qkv.attention.triton import fused, l2_prefetch, pdl
+from qkv.attention.triton import fused, pdl
 from qkv.attention.triton.backend import decode_keys
 from qkv.attention.triton.decode import num_splits, paged_decode
 from qkv.attention.triton.qk_attend import qk_attend
@@ -35,15 +35,6 @@ FUSE_ATTEND = os.environ.get("QKV_FUSE_QK_ATTEND", "0") == "1"
 # decode and, past 8 splits, its combine: four launches). Llama-8B batch 1 on the H200: 242.7 ->
 # 244.9 and 242.0 -> 244.6 tok/s in two device calls (benchmarks.md, sessions 9 and 10).
 FUSE_ROPE_KV = os.environ.get("QKV_FUSE_ROPE_KV", "1") == "1"
-
-
-def _next_weight(attn) -> torch.Tensor | None:
-    """The o_proj weight for the decode kernel to bring into L2 (``l2_prefetch.ON``): the bytes
-    the next kernel streams, fetched while attention leaves DRAM idle."""
-    o = getattr(attn, "o_proj", None)
-    if not l2_prefetch.ON or not isinstance(o, torch.nn.Linear):
-        return None
-    return o.weight
 
 
 def applies(attn, qkv: torch.Tensor, batch: AttentionBatch) -> bool:
@@ -81,7 +72,7 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
         return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
                             max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
                             query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
-                            static_inputs=batch.graph and pdl.MODE != 0, prefetch=_next_weight(attn))
+                            static_inputs=batch.graph and pdl.MODE != 0)
     if FUSE_ATTEND and qkv is not None and D & (D - 1) == 0 and qkv.stride(1) == 1:
         splits = SPLITS or num_splits(batch.num_seqs, attn.num_kv_heads, decode_keys(batch, batch.max_seq_len), 64)
         return qk_attend(qkv, attn.num_heads, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, index, cos_t,
@@ -94,4 +85,4 @@ def attend(attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: t
     return paged_decode(q, attn.kv_cache, batch.block_tables[g], batch.num_computed, attn.scale, None, None, None,
                         max_seq_len=decode_keys(batch, batch.max_seq_len), splits=SPLITS,
                         query_start_loc=batch.query_start_loc, merge=True if MERGE else None,
-                        static_inputs=batch.graph and pdl.MODE != 0, prefetch=_next_weight(attn))
+                        static_inputs=batch.graph and pdl.MODE != 0)

@@ -22,115 +22,57 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton import gemv, l2_prefetch, pdl
-from qkv.attention.triton.gemv import _fold, _row_sums, _silu_x, _v_chunk, _w_chunk
+from qkv.attention.triton import gemv, pdl
+from qkv.attention.triton.gemv import _silu_x, _v_chunk, _w_chunk
 
 _MODE = os.environ.get("QKV_GEMV_TAIL_NORM", "1").strip().lower()
 ON = _MODE != "0"
 ALL_WIDTHS = _MODE == "all"
-# The norm weight prefetched into L2 before the last program reads it (QKV_TAIL_NORM_PREFETCH=1;
-# l2_prefetch.py; off: measured only with the two switches below, slower).
-PF_NW = os.environ.get("QKV_TAIL_NORM_PREFETCH", "0") == "1"
-# The last program's norm in TAIL_BLOCK-wide pieces over per-program partial sums of squares
-# (QKV_TAIL_NORM_CHUNKED=1; off: with ROW_SUMS and the prefetches 236.4 against 244.6 tok/s on the
-# H200, session 10): no whole-row vectors in the serial tail (4,096 floats a 128-thread program at
-# Llama-8B's width). The sum of squares runs in another (fixed) order.
-CHUNKED = os.environ.get("QKV_TAIL_NORM_CHUNKED", "0") == "1"
-TAIL_BLOCK = int(os.environ.get("QKV_TAIL_NORM_BLOCK", "1024"))
-# Row sums per weight chunk instead of a [BLOCK_N, BLOCK_K] accumulator (gemv._fold;
-# QKV_TAIL_NORM_ROW_SUMS=1, off: measured slower): o_proj's kernel 78 -> 32 registers a thread
-# (sm_90 ptxas, 16-byte-aligned arguments), all 1,024 programs at once, but the chunk loop is no
-# longer software-pipelined: the 14-chunk down GEMV took 30.5 instead of 28.6 us (H200, session 10).
-ROW_SUMS = os.environ.get("QKV_TAIL_NORM_ROW_SUMS", "0") == "1"
-# MB of each half of the gate/up weight o_proj's programs prefetch into L2 after their wait
-# (QKV_L2_PREFETCH_NEXT_MB; 0: off, the default: 8 MB measured slower, session 10): with o_proj's weight in L2
-# (l2_prefetch.py) DRAM idles while o_proj runs; this fetches the rows gate/up's first programs read.
-NEXT_MB = float(os.environ.get("QKV_L2_PREFETCH_NEXT_MB", "0"))
 
 
 @triton.jit
 def _res_norm_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, EVEN: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
-                          EVICT: tl.constexpr = False, NW_BYTES=0, PF_NW: tl.constexpr = False,
-                          TPB: tl.constexpr = 128, P=None, NP_PAD: tl.constexpr = 0, TB: tl.constexpr = 0,
-                          RED: tl.constexpr = 0, NX=None, NX_BYTES=0, NX_HALF=0, PF_NX: tl.constexpr = False):
-    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, False, N_PAD, PDL, EVICT,
-                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED, NX, NX_BYTES, NX_HALF, PF_NX)
+                          EVICT: tl.constexpr = False):
+    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, False, N_PAD, PDL, EVICT)
 
 
 @triton.jit
 def _res_norm_silu_gemv_kernel(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, EVEN: tl.constexpr, N_PAD: tl.constexpr, PDL: tl.constexpr,
-                               EVICT: tl.constexpr = False, NW_BYTES=0, PF_NW: tl.constexpr = False,
-                               TPB: tl.constexpr = 128, P=None, NP_PAD: tl.constexpr = 0, TB: tl.constexpr = 0,
-                               RED: tl.constexpr = 0, NX=None, NX_BYTES=0, NX_HALF=0, PF_NX: tl.constexpr = False):
+                               EVICT: tl.constexpr = False):
     # (its own name: profiles tell the down projection from o_proj)
-    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, True, N_PAD, PDL, EVICT,
-                   NW_BYTES, PF_NW, TPB, P, NP_PAD, TB, RED, NX, NX_BYTES, NX_HALF, PF_NX)
+    _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K, BLOCK_N, BLOCK_K, EVEN, True, N_PAD, PDL, EVICT)
 
 
 @triton.jit
 def _res_norm_gemv(X, W, R, NW, S, Y, CNT, N, stride_w, eps, K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_K: tl.constexpr, EVEN: tl.constexpr, SILU: tl.constexpr, N_PAD: tl.constexpr,
-                   PDL: tl.constexpr, EVICT: tl.constexpr, NW_BYTES, PF_NW: tl.constexpr,
-                   TPB: tl.constexpr, P, NP_PAD: tl.constexpr, TB: tl.constexpr, RED: tl.constexpr, NX, NX_BYTES,
-                   NX_HALF, PF_NX: tl.constexpr):
-    """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); the last program: y = rmsnorm(s) * nw.
-    ``PF_NW``: the program that finishes an eighth of the grid before the last brings nw into L2.
-    ``TB`` > 0 (``CHUNKED``): each program stores the sum of squares of its rows in P, the last
-    one sums those (NP_PAD wide, a fixed order) and normalizes the row TB elements at a time:
-    no whole-row vectors, so fewer registers a program (more programs resident at once).
-    ``RED`` (``ROW_SUMS``): see ``_fold``. ``PF_NX``: after the wait each program brings one
-    128-byte line of the first NX_BYTES of both halves of NX (the next projection's [gate | up]
-    weight, the second half NX_HALF elements on) into L2: the rows its first programs read."""
+                   PDL: tl.constexpr, EVICT: tl.constexpr):
+    """s = r + x W^T (``SILU``: x = silu(g) * u of X = [g | u]); the last program: y = rmsnorm(s) * nw."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     k = tl.arange(0, BLOCK_K)
     w = _w_chunk(W, n, 0, k, stride_w, N, K, EVEN, EVICT)
     pdl.sync(PDL)
-    if PF_NX:
-        l2_prefetch.lines(NX, NX_BYTES, pid * TPB, TPB)
-        l2_prefetch.lines(NX + NX_HALF, NX_BYTES, pid * TPB, TPB)
     if SILU:
-        acc = _fold(w.to(tl.float32) * _silu_x(X, 0, k, K, EVEN)[None, :], RED)
+        acc = w.to(tl.float32) * _silu_x(X, 0, k, K, EVEN)[None, :]
     else:
-        acc = _fold(w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :], RED)
+        acc = w.to(tl.float32) * _v_chunk(X, 0, k, K, EVEN).to(tl.float32)[None, :]
     for k0 in range(BLOCK_K, K, BLOCK_K):
         if SILU:
             x = _silu_x(X, k0, k, K, EVEN)
         else:
             x = _v_chunk(X, k0, k, K, EVEN).to(tl.float32)
-        acc += _fold(_w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :], RED)
+        acc += _w_chunk(W, n, k0, k, stride_w, N, K, EVEN, EVICT).to(tl.float32) * x[None, :]
     nm = n < N
-    y = _row_sums(acc, RED).to(S.dtype.element_ty).to(tl.float32)  # the branch's output, rounded
-    sn = (tl.load(R + n, mask=nm, other=0.0).to(tl.float32) + y).to(S.dtype.element_ty)
-    tl.store(S + n, sn, mask=nm)
-    if TB > 0:
-        sf = tl.where(nm, sn.to(tl.float32), 0.0)
-        tl.store(P + pid, tl.sum(sf * sf, 0))
+    y = tl.sum(acc, 1).to(S.dtype.element_ty).to(tl.float32)  # the branch's output, rounded
+    tl.store(S + n, (tl.load(R + n, mask=nm, other=0.0).to(tl.float32) + y).to(S.dtype.element_ty), mask=nm)
     # The barrier orders every thread's stores before the counter's release; the last program
     # reads the row through L2 (.cg): no stale L1 line from an earlier replay.
     tl.debug_barrier()
     done = tl.atomic_add(CNT, 1, sem="acq_rel", scope="gpu")
-    if PF_NW:  # the last program's norm weight: an L2 hit by the time it reads it, not a DRAM miss
-        if done == tl.num_programs(0) - 1 - tl.num_programs(0) // 8:
-            l2_prefetch.lines(NW, NW_BYTES, 0, TPB)
-            if NW_BYTES > 128 * TPB:
-                l2_prefetch.lines(NW, NW_BYTES, TPB, TPB)
-    if TB > 0:
-        if done == tl.num_programs(0) - 1:
-            j = tl.arange(0, NP_PAD)
-            ps = tl.load(P + j, mask=j < tl.num_programs(0), other=0.0, cache_modifier=".cg")
-            rstd = tl.rsqrt(tl.sum(ps, 0) / N + eps)
-            i = tl.arange(0, TB)
-            for c in tl.static_range(0, N_PAD, TB):
-                im = (c + i) < N
-                s = tl.load(S + c + i, mask=im, other=0.0, cache_modifier=".cg").to(tl.float32)
-                nw = tl.load(NW + c + i, mask=im, other=0.0).to(tl.float32)
-                h = (s * rstd).to(Y.dtype.element_ty).to(tl.float32) * nw
-                tl.store(Y + c + i, h.to(Y.dtype.element_ty), mask=im)
-            tl.store(CNT, 0)
-    elif done == tl.num_programs(0) - 1:
+    if done == tl.num_programs(0) - 1:
         i = tl.arange(0, N_PAD)
         im = i < N
         s = tl.load(S + i, mask=im, other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -167,12 +109,9 @@ def applies(x: torch.Tensor, hidden: int, norm_weight: torch.Tensor, *layers: to
 
 
 def res_norm_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Tensor, norm_weight: torch.Tensor,
-                    eps: float, silu: bool = False,
-                    next_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    eps: float, silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(rms_norm(s) * norm_weight, s)`` with ``s = residual + layer(x)`` (``silu``: x = [gate |
-    up], the layer reads silu(gate) * up: the down projection), one launch.
-    ``next_weight``: the [gate | up] weight the next projection reads; with ``NEXT_MB`` > 0 the
-    first ``NEXT_MB`` MB of each half are prefetched into L2 while this one runs (l2_prefetch.py)."""
+    up], the layer reads silu(gate) * up: the down projection), one launch."""
     w = layer.weight
     N, K = w.shape
     assert residual.shape == (1, N) and residual.is_contiguous() and x.shape[1] == (2 * K if silu else K)
@@ -181,19 +120,8 @@ def res_norm_linear(x: torch.Tensor, layer: torch.nn.Linear, residual: torch.Ten
     s = torch.empty((1, N), dtype=x.dtype, device=x.device)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     kernel = _res_norm_silu_gemv_kernel if silu else _res_norm_gemv_kernel
-    pf = l2_prefetch.region(norm_weight) if PF_NW and l2_prefetch.supported(x.device) else None
-    tpb = 32 * nw
-    grid = triton.cdiv(N, bn)
-    tb = min(TAIL_BLOCK, triton.next_power_of_2(N)) if CHUNKED else 0
-    part = torch.empty(grid if tb else 1, dtype=torch.float32, device=x.device)
-    nx = next_weight if NEXT_MB > 0 and next_weight is not None and l2_prefetch.supported(x.device) else None
-    if nx is not None and (not nx.is_contiguous() or nx.shape[0] % 2 or nx.data_ptr() % 128):
-        nx = None
-    nx_bytes = min(int(NEXT_MB * 2**20), nx.numel() * nx.element_size() // 2) if nx is not None else 0
-    kernel[(grid,)](x, w, residual, norm_weight, s, y, _counter(x.device), N, w.stride(0), eps, K=K, BLOCK_N=bn,
-                    BLOCK_K=bk, EVEN=N % bn == 0 and K % bk == 0, N_PAD=triton.next_power_of_2(N), PDL=mode,
-                    EVICT=gemv.EVICT_FIRST, NW_BYTES=pf[1] if pf else 0, PF_NW=pf is not None, TPB=tpb, P=part,
-                    NP_PAD=triton.next_power_of_2(grid), TB=tb, RED=ROW_SUMS, NX=nx if nx is not None else w,
-                    NX_BYTES=nx_bytes, NX_HALF=nx.numel() // 2 if nx is not None else 0, PF_NX=nx is not None,
-                    num_warps=nw, num_stages=3, **kw)
+    kernel[(triton.cdiv(N, bn),)](x, w, residual, norm_weight, s, y, _counter(x.device), N, w.stride(0), eps, K=K,
+                                  BLOCK_N=bn, BLOCK_K=bk, EVEN=N % bn == 0 and K % bk == 0,
+                                  N_PAD=triton.next_power_of_2(N), PDL=mode, EVICT=gemv.EVICT_FIRST, num_warps=nw,
+                                  num_stages=3, **kw)
     return y, s
