@@ -75,23 +75,15 @@ def _attend(q, kv_cache, from_pages, keep, scale: float) -> torch.Tensor:
     return out
 
 
-_op: list = []  # [(Library, torch.ops.qkv.decode_attn) or None] once asked (``op``)
-
-
 def op():
     """``_attend`` as the torch operator ``qkv::decode_attn`` (q bf16 [B, H, D], the bf16 pages,
     from_pages int64 [B, L], keep bool [B, L], scale) -> bf16 [B, H, D], reading the pages only
     (the step writes them before, in the graph): what the compiled batched decode step calls
     (engine/cpu_aoti.py). None where the kernel is not there."""
-    if not _op:
-        if _kernel() is None:
-            _op.append(None)
-        else:
-            lib = torch.library.Library("qkv", "FRAGMENT")
-            lib.define("decode_attn(Tensor q, Tensor kv_cache, Tensor from_pages, Tensor keep, float scale) -> Tensor")
-            lib.impl("decode_attn", lambda q, kv_cache, from_pages, keep, scale:
-                     _attend(q, kv_cache, from_pages, keep.contiguous(), scale), "CPU")
-            torch.library.register_fake("qkv::decode_attn", lib=lib)(
-                lambda q, kv_cache, from_pages, keep, scale: q.new_empty(q.shape, dtype=torch.bfloat16))
-            _op.append((lib, torch.ops.qkv.decode_attn))
-    return _op[0][1] if _op[0] else None
+    from qkv.model import native
+
+    return native.operator(
+        "decode_attn(Tensor q, Tensor kv_cache, Tensor from_pages, Tensor keep, float scale) -> Tensor",
+        lambda q, kv_cache, from_pages, keep, scale: _attend(q, kv_cache, from_pages, keep.contiguous(), scale),
+        lambda q, kv_cache, from_pages, keep, scale: q.new_empty(q.shape, dtype=torch.bfloat16),
+        lambda: _kernel() is not None)

@@ -32,7 +32,6 @@ GROUP, TILE_ROWS = 32, 64  # model/int4.py's group and packing tile
 # kernel is a matrix-vector product there; up to int4.DENSE_ROWS, where the bf16 GEMM takes
 # over). Measured at SmolLM2's shapes: docs/benchmarks.md, session 9.
 MIN_ROWS = 2
-_op: list = []  # [(Library, torch.ops.qkv.int4_rows) or None] once asked (``op``)
 _tracing: list[bool] = [False]  # inside ``as_op()``: Int4Linear traces the operator
 
 ARGTYPES = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
@@ -96,17 +95,11 @@ def op():
     """``product`` as the torch operator ``qkv::int4_rows`` (x bf16 [M, K], packed, scales_zeros)
     -> bf16 [M, N], or None where the kernel is not there. Defined once a process, before a
     package that calls it is loaded (engine/cpu_aoti.py)."""
-    if not _op:
-        if _kernel() is None:
-            _op.append(None)
-        else:
-            lib = torch.library.Library("qkv", "FRAGMENT")
-            lib.define("int4_rows(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor")
-            lib.impl("int4_rows", _call, "CPU")
-            torch.library.register_fake("qkv::int4_rows", lib=lib)(
-                lambda x, packed, scales_zeros: x.new_empty(x.shape[0], scales_zeros.shape[1]))
-            _op.append((lib, torch.ops.qkv.int4_rows))  # the Library kept alive: it owns the definition
-    return _op[0][1] if _op[0] else None
+    from qkv.model import native
+
+    return native.operator("int4_rows(Tensor x, Tensor packed, Tensor scales_zeros) -> Tensor", _call,
+                           lambda x, packed, scales_zeros: x.new_empty(x.shape[0], scales_zeros.shape[1]),
+                           lambda: _kernel() is not None)
 
 
 def traced() -> bool:

@@ -28,7 +28,6 @@ import ctypes
 import torch
 
 MAX_ROWS = 64  # the kernel's bound on rows of x (its stack array of plane scales)
-_op: list = []  # [torch.ops.qkv.int8_gemv or None] once asked (``op``)
 
 
 def function():
@@ -74,18 +73,13 @@ def op():
     the exported graph holds one node the package calls back into (AOTInductor's proxy executor;
     ~10 us a call, measured against 3 for ctypes alone). Defined once a process, before a package
     that uses it is loaded."""
-    if not _op:
-        fn = function()
-        if fn is None:
-            _op.append(None)
-        else:
-            lib = torch.library.Library("qkv", "DEF")
-            lib.define("int8_gemv(Tensor x, Tensor q, Tensor scale, Tensor sums) -> Tensor")
-            # The result in x's dtype, rounded here: inside a compiled graph a bf16 rounding of a
-            # float32 result can be fused away (inductor computes bf16 casts in float32), and
-            # then the package's tokens were not eager's (tests/test_cpu_aoti_gemma3.py).
-            lib.impl("int8_gemv", lambda x, q, scale, sums: mm(x, q, scale, sums, fn, x.dtype), "CPU")
-            torch.library.register_fake("qkv::int8_gemv", lib=lib)(
-                lambda x, q, scale, sums: x.new_empty(x.shape[0], q.shape[0]))
-            _op.append((lib, torch.ops.qkv.int8_gemv))  # the Library kept alive: it owns the definition
-    return _op[0][1] if _op[0] else None
+    from qkv.model import native
+
+    fn = function()
+    # The result in x's dtype, rounded here: inside a compiled graph a bf16 rounding of a float32
+    # result can be fused away (inductor computes bf16 casts in float32), and then the package's
+    # tokens were not eager's (tests/test_cpu_aoti_gemma3.py).
+    return native.operator("int8_gemv(Tensor x, Tensor q, Tensor scale, Tensor sums) -> Tensor",
+                           lambda x, q, scale, sums: mm(x, q, scale, sums, fn, x.dtype),
+                           lambda x, q, scale, sums: x.new_empty(x.shape[0], q.shape[0]),
+                           lambda: fn is not None)

@@ -117,3 +117,28 @@ def function(name: str, symbol: str, argtypes: list, restype=None):
             fn.argtypes = argtypes
         _functions[key] = fn
     return _functions[key]
+
+
+_operators: dict[str, tuple | None] = {}  # name -> (Library, torch.ops.qkv.<name>) or None
+
+
+def operator(schema: str, impl, fake, available) -> object | None:
+    """The torch operator ``qkv::<name>`` of ``schema`` ("name(Tensor x, ...) -> Tensor"), its
+    CPU kernel ``impl`` and its shape function ``fake`` (for export), defined once a process,
+    or None when ``available()`` says the C kernel behind it is not there. What a compiled
+    decode step calls (engine/cpu_aoti.py): the exported graph holds one node the package calls
+    back into, so the operator must exist before a package that uses it is loaded."""
+    name = schema.split("(", 1)[0]
+    if name not in _operators:
+        if not available():
+            _operators[name] = None
+        else:
+            import torch
+
+            lib = torch.library.Library("qkv", "FRAGMENT")
+            lib.define(schema)
+            lib.impl(name, impl, "CPU")
+            torch.library.register_fake(f"qkv::{name}", lib=lib)(fake)
+            _operators[name] = (lib, getattr(torch.ops.qkv, name))  # the Library kept alive: it owns the definition
+    entry = _operators[name]
+    return entry[1] if entry else None
