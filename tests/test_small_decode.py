@@ -283,11 +283,27 @@ def test_llama_rope_kv_and_one_launch_attention_greedy_match_torch(tiny_model, a
     monkeypatch.setattr(tail_norm, "ON", True)
     monkeypatch.setattr(qk_decode, "FUSE_ROPE_KV", True)
     monkeypatch.setattr(qk_decode, "FUSE_ATTEND", attend)
-    calls = []
-    real = qk_decode.qk_attend
+    calls, refused, seen = [], [], []
+    real, applies = qk_decode.qk_attend, qk_decode.applies
     monkeypatch.setattr(qk_decode, "qk_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def recorded(attn, qkv, batch):  # why the fused path did not run, for the failure message
+        ok = applies(attn, qkv, batch)
+        seen.append(ok)
+        if not ok and batch.is_decode:
+            cache = attn.kv_cache
+            refused.append(dict(backend=attn.attention_backend, cuda=qkv.is_cuda, graph=batch.graph,
+                                cache=None if cache is None else cache.dtype, dtype=qkv.dtype,
+                                rope_kv=qk_decode.FUSE_ROPE_KV, kv_write=qk_decode.fused.FUSE_KV_WRITE,
+                                window=attn.window, ring=batch.ring_blocks[attn.group] is not None))
+        return ok
+
+    monkeypatch.setattr(qk_decode, "applies", recorded)
     assert _greedy(path, True, monkeypatch, lens=(7, 150)) == want
-    assert bool(calls) == attend
+    # (both ways the fused path must have run: a module that bound fused_ops at import while a
+    # test had swapped it once kept the torch path for the whole process, and this passed)
+    assert any(seen) and bool(calls) == attend, (f"qk_attend calls {len(calls)}, applies asked {len(seen)} times "
+                                    f"({sum(seen)} yes); refused decode steps {refused[:2]}")
 
 
 @gpu

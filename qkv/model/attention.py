@@ -15,7 +15,8 @@ from qkv.attention.batch import AttentionBatch
 from qkv.config import ModelConfig
 from qkv.kvcache.key_offset import key_offset
 from qkv.kvcache.kv_pages import layout_of
-from qkv.model.layers import RMSNorm, RotaryEmbedding, fused_ops, linear, qk_norm_rope
+from qkv.model import layers as _layers  # fused_ops looked up at call time: tests swap it there
+from qkv.model.layers import RMSNorm, RotaryEmbedding, linear, qk_norm_rope
 
 
 class Attention(nn.Module):
@@ -49,7 +50,7 @@ class Attention(nn.Module):
         if qkv is None:
             qkv = linear(self.qkv_proj, x)
         T = qkv.shape[0]
-        if self.q_norm is None and self.rope is not None and qkv.is_cuda and fused_ops(qkv) is not None:
+        if self.q_norm is None and self.rope is not None and qkv.is_cuda and _layers.fused_ops(qkv) is not None:
             from qkv.attention.triton import qk_decode
 
             if qk_decode.applies(self, qkv, batch):  # one launch for RoPE and the KV write (Llama)
@@ -72,7 +73,7 @@ class Attention(nn.Module):
             k = k.view(T, self.num_kv_heads, self.head_dim)
             v = v.view(T, self.num_kv_heads, self.head_dim)
             if self.q_norm is not None and self.rope is not None:
-                if fused_ops(qkv) is not None:  # CUDA, triton installed
+                if _layers.fused_ops(qkv) is not None:  # CUDA, triton installed
                     from qkv.attention.triton import qk_decode
 
                     if qk_decode.applies(self, qkv, batch):  # one launch for norms, RoPE and KV write
