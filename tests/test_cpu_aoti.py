@@ -25,6 +25,9 @@ def built(tmp_path_factory):
     """(model dir, package path): a tiny Llama (int4 layers, float32 activations: bf16 ones round
     differently where inductor fuses, ~4e-3 in log-probability) and its package,
     built once for the module (the compile is the test's cost: ~20 s on 2 cores)."""
+    why = cpu_aoti.torch_unsupported()
+    if why is not None:  # (refused by name: test_an_older_torch_is_refused_by_name)
+        pytest.skip(why)
     import torch
 
     from tests.conftest import tiny_config
@@ -106,3 +109,20 @@ def test_a_rebuild_deletes_the_stale_packages_of_the_same_settings_only(tmp_path
     cpu_aoti._prune(tmp_path, "new", "m|int4")
     assert sorted(f.name for f in tmp_path.iterdir()) == ["foreign.json", "foreign.pt2", "new.json", "new.pt2",
                                                           "other.json", "other.pt2"]
+
+
+def test_an_older_torch_is_refused_by_name(tiny_model, monkeypatch, capsys):
+    """torch below ``MIN_TORCH`` (2.11's package loader segfaulted, H200 machine): no package is
+    built or opened, the reason is one line, and the engine decodes eagerly."""
+    assert cpu_aoti.torch_unsupported("2.13.0+cpu") is None and cpu_aoti.torch_unsupported("2.14.1") is None
+    why = cpu_aoti.torch_unsupported("2.11.0+cu130")
+    assert why is not None and "torch >= 2.13" in why and "2.11.0+cu130" in why
+    assert cpu_aoti.torch_unsupported("nightly") is not None  # unreadable: unverified
+    monkeypatch.setattr(cpu_aoti.torch, "__version__", "2.11.0+cu130")
+    path, _ = tiny_model("llama")
+    llm = LLM(path, device="cpu", quantization="int4", dtype="float32", num_kv_blocks=32)
+    assert llm.engine.runner.compiled is None
+    assert "decode steps run eagerly: the compiled CPU decode step needs torch >= 2.13" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"needs torch >= 2\.13 \(this is torch 2\.11\.0\+cu130\)"):
+        cpu_aoti.build(llm)
+    assert len(_run(llm, [[5, 6, 7]])[0][0]) == 12  # and it answers

@@ -109,6 +109,20 @@ def test_gguf_sizes_are_checked_before_allocating(tmp_path):
         assert out[path].startswith(f"LoadError: {path}: "), (path, out[path])
 
 
+def test_gguf_without_the_gguf_package_is_a_load_error(tmp_path, monkeypatch):
+    """A machine without the ``gguf`` package (a dependency; the GPU machine lacks it) gets a
+    LoadError naming the package and the pip line, not a ModuleNotFoundError trace."""
+    from qkv.loading.errors import LoadError
+    from qkv.loading.gguf import read_gguf
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(next(iter(HOSTILE.values())))
+    for name in ("gguf", "gguf.quants"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises, as if not installed
+    with pytest.raises(LoadError, match=r"needs the gguf package .*pip install 'gguf>=0\.10'"):
+        read_gguf(str(path))
+
+
 # ---------------------------------------------------------------- chat template bounds
 
 HOSTILE_TEMPLATES = [

@@ -57,6 +57,23 @@ STEP_SOURCES = ("engine/cpu_aoti.py", "engine/cpu_compile.py", "attention/refere
 # Int4Linear's products leave the few-row kernel for the bf16 GEMM (model/int4.py).
 MAX_BATCH = 255
 QKV_ROOT = Path(__file__).resolve().parent.parent
+# The package is built and opened through torch's private AOTI API (torch._C._aoti), which
+# changes between releases: verified on torch 2.13 (CI); on torch 2.11 (the H200 machine,
+# 2026-12-04) AOTIModelPackageLoader segfaulted on a freshly built package. Older torch decodes
+# eagerly: refused by name, never a crash.
+MIN_TORCH = (2, 13)
+
+
+def torch_unsupported(version: str | None = None) -> str | None:
+    """Why this torch cannot build or open packages (one line), or None when it can."""
+    version = version or torch.__version__
+    try:
+        have = tuple(int(p) for p in version.split("+")[0].split(".")[:2])
+    except ValueError:
+        have = (0, 0)  # a version string we cannot read: treat as unverified
+    if have >= MIN_TORCH:
+        return None
+    return f"the compiled CPU decode step needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]} (this is torch {version})"
 
 
 def log(msg: str) -> None:
@@ -230,6 +247,9 @@ def build(llm, path: Path | None = None, batched: bool = False) -> Path:
     why = unsupported(engine.model, engine.runner)
     if why is not None:
         raise ValueError(f"the compiled decode step does not cover {why}")
+    old_torch = torch_unsupported()
+    if old_torch is not None:
+        raise ValueError(old_torch)
     if batched and _has_int8_layers(engine.model):
         raise ValueError("the batched compiled step covers int4 and float layers (not int8 ones)")
     k = key(llm)
@@ -361,6 +381,11 @@ def load(llm, path: Path | None = None, verbose: bool = False) -> AOTDecode | No
     t = time.perf_counter()
     engine = llm.engine
     if engine.device.type != "cpu" or engine.tp is not None or unsupported(engine.model, engine.runner):
+        return None
+    old_torch = torch_unsupported()
+    if old_torch is not None:
+        if verbose:
+            log(f"decode steps run eagerly: {old_torch}")
         return None
     k = key(llm)
     one = path or package_path(llm)

@@ -91,6 +91,17 @@ _U64 = struct.Struct("<Q")
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
+
+def gguf_lib():
+    """The ``gguf`` package (a dependency, imported when a GGUF file is read), or LoadError
+    naming it: a missing package is a clear message, not a ModuleNotFoundError trace."""
+    try:
+        import gguf
+        import gguf.quants  # noqa: F401
+    except ImportError as e:
+        raise LoadError(f"reading GGUF files needs the gguf package ({e}): pip install 'gguf>=0.10'") from None
+    return gguf
+
 def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
     """Parse a GGUF file's metadata and tensor table; tensor data stays memory-mapped.
 
@@ -99,7 +110,8 @@ def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
     Raises LoadError for a bad magic, a truncated header or tensor data
     lying past the end of the file.
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    lib = gguf_lib()
+    GGML_QUANT_SIZES, GGMLQuantizationType = lib.GGML_QUANT_SIZES, lib.GGMLQuantizationType
 
     try:
         buf = np.memmap(path, dtype=np.uint8, mode="r")
@@ -349,8 +361,8 @@ def hf_name(arch: str, name: str) -> str | None:
 
 def lazy_weights(tensors: list[TensorInfo], arch: str, cfg: ModelConfig, path: str) -> LazyWeights:
     """The tensors under their HF names, each dequantized when read (loading/gguf_dequant.py)."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import _type_traits
+    lib = gguf_lib()
+    GGMLQuantizationType, _type_traits = lib.GGMLQuantizationType, lib.quants._type_traits
 
     readable = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, *_type_traits}
     readers, shapes, q4_1 = {}, {}, {}

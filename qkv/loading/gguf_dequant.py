@@ -97,7 +97,9 @@ def _plain(data: np.ndarray) -> np.ndarray:
 
 
 def _dequantize(t, data: np.ndarray, path: str) -> np.ndarray:
-    from gguf.quants import dequantize
+    from qkv.loading.gguf import gguf_lib
+
+    dequantize = gguf_lib().quants.dequantize
 
     try:
         w = dequantize(data, t.qtype)

@@ -121,7 +121,7 @@ class GatedMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------- RoPE
-from qkv.model.rope import length_threshold, long_inv_freq, rope_inv_freq  # noqa: E402  (re-exported)
+from qkv.model.rope import length_threshold, long_inv_freq, rope_inv_freq, rope_kind  # noqa: E402  (re-exported)
 
 
 class RotaryEmbedding(nn.Module):
@@ -138,6 +138,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.threshold = length_threshold(scaling, max_position_embeddings)
         self._long_args = (dim, base, scaling, max_position_embeddings)
+        # longrope's long frequencies are fixed: kept on the module's device, because a
+        # host-to-device copy per step cannot be captured into a CUDA graph
+        long = long_inv_freq(*self._long_args, torch.zeros(1))[0] if rope_kind(scaling) == "longrope" else None
+        self.register_buffer("long_inv", long, persistent=False)
         self._memo: tuple | None = None  # (positions, index, cos, sin) of the current step
         self._build(max_positions)
 
@@ -166,7 +170,8 @@ class RotaryEmbedding(nn.Module):
         else:
             seq = torch.searchsorted(batch.query_start_loc[1:], rows, right=True).clamp(max=batch.num_seqs - 1)
             seq_len = (batch.num_computed + batch.query_lens)[seq]
-        long = long_inv_freq(*self._long_args, seq_len)
+        long = (self.long_inv[None].expand(T, -1) if self.long_inv is not None
+                else long_inv_freq(*self._long_args, seq_len))
         inv = torch.where((seq_len > self.threshold)[:, None], long, self.inv_freq[None])
         freqs = positions.float()[:, None] * inv
         emb = torch.cat([freqs, freqs], dim=-1)
