@@ -291,6 +291,8 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new", type=int, default=128)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1, help="variants interleaved this many times (each recaptured "
+                   "every round): an order or placement effect shows as spread between rounds, not as a gap")
     p.add_argument("--profile", action="store_true", help="per-kernel profile of the fastest variant")
     p.add_argument("--profile-variants", default="", help="also profile these variants (comma-separated)")
     p.add_argument("--count", action="store_true", help="kernels and kernel ms a step of every variant")
@@ -335,8 +337,9 @@ def main() -> None:
               flush=True)
     floor = rates["copy_Bps"] / step_bytes if args.copy_rate else None
     todo = [v for v in args.profile_variants.split(",") if v]
-    results, ref_tokens = {}, None
-    for name in args.variants.split(","):
+    results, ref_tokens, rounds = {}, None, {}
+    order = [(rnd, name) for rnd in range(args.rounds) for name in args.variants.split(",")]
+    for rnd, name in order:
         t = time.perf_counter()
         try:
             use(name, eng)
@@ -353,12 +356,15 @@ def main() -> None:
         same = None if ref_tokens is None else r["tokens"] == ref_tokens
         ref_tokens = ref_tokens or r["tokens"]
         results[name] = r
+        rounds.setdefault(name, []).append(r)
         record(kind="decode_b1", shape=args.shape, variant=name, switches=VARIANTS[name], capture_s=cap,
-               same_tokens_as_first=same, **r)
+               same_tokens_as_first=same, round=rnd, **r)
         share = f"{r['tok_s'] / floor:6.1%} " if floor else ""
         count = f"kernels {r['kernels_per_step']:.0f} ({r['kernel_ms']:.3f} ms) " if "kernels_per_step" in r else ""
         print(f"## {name:>10}: {r['tok_s']:7.1f} tok/s {share}step {r['step_p50_ms']:.3f} replay "
               f"{r['replay_ms']:.3f} ms {count}tok#{zlib.crc32(str(r['tokens']).encode()):08x}", flush=True)
+        if rnd < args.rounds - 1:
+            continue  # timelines and profiles once, in the last round
         if name in args.timeline.split(","):
             try:
                 step_timeline.timeline(eng, record, copy_Bps=rates["copy_Bps"] if args.copy_rate else None, label=name)
@@ -367,6 +373,16 @@ def main() -> None:
         if name in todo:  # profiled now: a timeout later cuts no profile already taken
             show_profile(name, eng, args.shape, record)
             todo.remove(name)
+    if args.rounds > 1:  # the medians over rounds, each round's figure a median of its runs
+        for name, rs in rounds.items():
+            tok = statistics.median(r["tok_s"] for r in rs)
+            rep = statistics.median(r["replay_ms"] for r in rs)
+            share = f"{tok / floor:6.1%} " if floor else ""
+            record(kind="decode_b1_rounds", shape=args.shape, variant=name, tok_s=tok, replay_ms=rep,
+                   round_tok_s=[r["tok_s"] for r in rs], round_replay_ms=[r["replay_ms"] for r in rs])
+            print(f"## {name:>10}: median of {len(rs)} rounds {tok:7.1f} tok/s {share}replay {rep:.3f} ms "
+                  f"(rounds {', '.join(format(r['tok_s'], '.1f') for r in rs)}; replays "
+                  f"{', '.join(format(r['replay_ms'], '.3f') for r in rs)})", flush=True)
     if args.gemv_sweep and args.copy_rate:
         use("default", eng)
         for fn in (step_timeline.gemv_chain, step_timeline.gemv_sweep):
