@@ -91,7 +91,6 @@ _U64 = struct.Struct("<Q")
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
-
 def gguf_lib():
     """The ``gguf`` package (a dependency, imported when a GGUF file is read), or LoadError
     naming it: a missing package is a clear message, not a ModuleNotFoundError trace."""
@@ -101,6 +100,7 @@ def gguf_lib():
     except ImportError as e:
         raise LoadError(f"reading GGUF files needs the gguf package ({e}): pip install 'gguf>=0.10'") from None
     return gguf
+
 
 def read_gguf(path: str) -> tuple[dict, list[TensorInfo]]:
     """Parse a GGUF file's metadata and tensor table; tensor data stays memory-mapped.
