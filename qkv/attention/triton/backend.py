@@ -14,6 +14,7 @@ from qkv.attention.batch import AttentionBatch
 from qkv.attention.triton import pdl
 from qkv.attention.triton.decode import paged_decode
 from qkv.attention.triton.kv_write import write_kv
+from qkv.attention.triton import order as launch_order  # looked up at call time
 from qkv.attention.triton.prefill import paged_prefill
 from qkv.kvcache.kv_pages import layout_of
 
@@ -42,7 +43,8 @@ def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
     write_packed(kv_cache, k, v, batch.slot_mappings[group])
     return packed_decode(q, kv_cache, batch.block_tables[group], batch.num_computed, scale, window,
                          batch.ring_blocks[group], softcap, max_seq_len=decode_keys(batch, batch.max_seq_len),
-                         query_start_loc=batch.query_start_loc)
+                         query_start_loc=batch.query_start_loc,
+                         order=launch_order.longest_first(batch.num_computed, k.shape[1], batch.scratch))
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -62,7 +64,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         return paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
                             max_seq_len=decode_keys(batch, max_keys),
                             query_start_loc=batch.query_start_loc, dilation=dilation,
-                            static_inputs=batch.graph and pdl.MODE != 0)
+                            static_inputs=batch.graph and pdl.MODE != 0,
+                            order=launch_order.longest_first(batch.num_computed, k.shape[1], batch.scratch))
     # A mixed step (decodes beside prefill chunks): the prefill kernel takes the multi-token
     # sequences and reads before the write; the GQA decode kernel takes the one-token ones
     # after it. Which is which is read on the device, so the host never waits.
@@ -73,5 +76,5 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if mixed:
         paged_decode(q, kv_cache, table, batch.num_computed, scale, window, ring, softcap,
                      max_seq_len=max_keys, query_start_loc=batch.query_start_loc, out=out,
-                     dilation=dilation)
+                     dilation=dilation, order=launch_order.longest_first(batch.num_computed, k.shape[1], batch.scratch))
     return out

@@ -81,7 +81,7 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
                    MERGE: tl.constexpr, KEYS_ON_M: tl.constexpr, DOT_F16: tl.constexpr,
                    DILATED: tl.constexpr, MERGE_VEC: tl.constexpr = False, G2: tl.constexpr = 1,
                    S2: tl.constexpr = 1, SC: tl.constexpr = 1, PDL: tl.constexpr = 0, PRE: tl.constexpr = False,
-                   CHUNK_SKIP: tl.constexpr = True):
+                   CHUNK_SKIP: tl.constexpr = True, ORDER=None, HAS_ORDER: tl.constexpr = False):
     # pdl.py's contract: every program syncs once, before reading what the previous kernel
     # wrote and before it can return. ``PRE`` (a CUDA graph's decode step, where the block
     # table, lengths and row starts are static inputs no kernel writes, and every cached key
@@ -91,6 +91,10 @@ def _decode_kernel(Q, KC, VC, BT, NC, QSL, ACC, ML, CNT, OUT,
         pdl.sync(PDL)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    if HAS_ORDER:  # longest first (order.py; never with PRE: ORDER is the step's own): the (sequence,
+        lin = b + tl.num_programs(0) * kvh  # KV head) grid in ORDER's sequence order, heads together
+        b = tl.load(ORDER + lin // tl.num_programs(1))
+        kvh = lin % tl.num_programs(1)
     split = tl.program_id(2)
     qrow = tl.load(QSL + b)
     if not PRE:
@@ -315,7 +319,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
                  num_warps: int = 4, num_stages: int | None = None, query_start_loc: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, dot_dtype: torch.dtype | None = None,
                  keys_on_m: bool | None = None, dilation: int = 1, merge: bool | None = None,
-                 static_inputs: bool = False) -> torch.Tensor:
+                 static_inputs: bool = False, order: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D]; sequence b's query is row ``query_start_loc[b]`` (default: row b) and sees
     keys ``[0, num_computed[b]]`` (inclusive: the new token is already cached); with a
     ``window`` W the last W of them, and dilated by d the positions p, p-d, ..., p-(W-1)*d of
@@ -331,7 +335,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
     launch); False always launches the combine kernel. ``static_inputs``: the table, lengths and
     row starts are a CUDA graph's inputs, written by no kernel of the step, and every cached key
     but the step's own is older than the step: the kernel reads them and its first K/V tile
-    before it waits for the previous kernel (with programmatic dependent launch, pdl.py)."""
+    before it waits for the previous kernel (with programmatic dependent launch, pdl.py).
+    ``order`` (order.longest_first): program b takes sequence order[b] (the same values, another
+    start order; not with ``static_inputs``' prologue, which reads the lengths before the wait)."""
     if dilation > 1 and window is None:
         raise ValueError(f"dilation={dilation} needs a window")
     B = num_computed.shape[0]
@@ -371,6 +377,9 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         q = q.to(dot_dtype)
     cnt = split_counters(B * kvh, q.device)
     mode, kw = pdl.launch(q.device)
+    pre = static_inputs and not keys_on_m and dilation == 1
+    if pre:
+        order = None
     S2 = triton.next_power_of_2(S)
     G2 = triton.next_power_of_2(G)
     _decode_kernel[(B, kvh, S)](
@@ -382,7 +391,7 @@ def paged_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Ten
         HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         MERGE=merge, KEYS_ON_M=keys_on_m, DOT_F16=dot_f16, DILATED=dilation > 1, MERGE_VEC=merge_vec, G2=G2,
         S2=S2, SC=max(1, min(S2, 8192 // (G2 * D_PAD))), PDL=mode,
-        PRE=static_inputs and not keys_on_m and dilation == 1, CHUNK_SKIP=MERGE_CHUNK_SKIP,
+        PRE=pre, CHUNK_SKIP=MERGE_CHUNK_SKIP, ORDER=order, HAS_ORDER=order is not None,
         num_warps=num_warps, num_stages=num_stages, **kw)
     if S > 1 and not merge:
         _combine_kernel[(B, H)](acc, ml, out, query_start_loc, out.stride(0), out.stride(1), H, D=D, D_PAD=D_PAD,

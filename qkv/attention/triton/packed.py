@@ -412,7 +412,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   keys_on_m: bool | None = None, v_words: int | None = None,
                   prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
                   lazy: int | None = None, qk_split: int | None = None, l_defer: bool | None = None,
-                  one_page: int | None = None, k_words: int | None = None, rotate: bool = True) -> torch.Tensor:
+                  one_page: int | None = None, k_words: int | None = None, rotate: bool = True,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
@@ -427,7 +428,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast kernel's registers per thread (more programs per SM); all variants give the reference's values
     (tests/test_triton_packed.py). ``rotate=False``: q is already rotated (for rotated K) and
     ``out`` is left in the rotated space (for rotated V), for a caller that rotates it
-    (packed_prefill's mixed steps)."""
+    (packed_prefill's mixed steps). ``order`` (order.longest_first): the fast kernel's program b
+    takes sequence order[b] (the same values, another start order)."""
     lay, kp, vp = _layout_args(kv_cache)
     B = num_computed.shape[0]
     _, H, D = q.shape
@@ -507,6 +509,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                                         KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
                                         ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1, QK_SPLIT=qk_split,
                                         L_DEFER=l_defer, ONE_PAGE=one_page, K_WORDS=k_words,
+                                        ORDER=order, HAS_ORDER=order is not None,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))
     else:
         _packed_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),

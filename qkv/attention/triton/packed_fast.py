@@ -684,9 +684,14 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
                        LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
                        LOG2D: tl.constexpr = 7, QK_SPLIT: tl.constexpr = 0, L_DEFER: tl.constexpr = False,
-                       ONE_PAGE: tl.constexpr = False, V_OPQ: tl.constexpr = 2, K_WORDS: tl.constexpr = 0):
+                       ONE_PAGE: tl.constexpr = False, V_OPQ: tl.constexpr = 2, K_WORDS: tl.constexpr = 0,
+                       ORDER=None, HAS_ORDER: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
+    if HAS_ORDER:  # longest first (order.py): the (sequence, KV head) grid in ORDER's sequence order,
+        lin = b + tl.num_programs(0) * kvh  # every KV head of a sequence before the next one's
+        b = tl.load(ORDER + lin // tl.num_programs(1))
+        kvh = lin % tl.num_programs(1)
     split = tl.program_id(2)
     qrow = tl.load(QSL + b)
     if tl.load(QSL + b + 1) - qrow != 1:  # a prefill row of a mixed batch

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
 from qkv.attention.triton import packed
+from qkv.attention.triton import order as launch_order  # looked up at call time
 from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_decode, write_packed
 from qkv.attention.triton.packed_fast import _half_cols, _halves
 from qkv.kvcache.kv_int import hadamard
@@ -392,14 +393,16 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     if not mixed:
         return rotate_rows(out) if vp.rotated and not rot_o else out
     # The one-token rows: the split-K decode kernel, in the space q and out are in here.
+    order = launch_order.longest_first(num_computed, kp.rows, scratch)
     if not (rot_q or rot_o):
         packed_decode(q, kv_cache, block_table, num_computed, scale, window, ring, softcap, max_seq_len=max_seq_len,
-                      query_start_loc=query_start_loc, out=out, rotate=False)
+                      query_start_loc=query_start_loc, out=out, rotate=False, order=order)
         return rotate_rows(out) if vp.rotated else out
     if rot_q != kp.rotated or rot_o != vp.rotated:  # (one plane rotated in the kernel, the other not)
         raise NotImplementedError("packed_prefill rotates both planes in the kernel or neither")
     dec = packed_decode(q_in, kv_cache, block_table, num_computed, scale, window, ring, softcap,
-                        max_seq_len=max_seq_len, query_start_loc=query_start_loc, out=out, rotate=True)
+                        max_seq_len=max_seq_len, query_start_loc=query_start_loc, out=out, rotate=True,
+                        order=order)
     if dec is out:  # (the fast decode kernel rotates in registers and wrote its rows into out)
         return out
     # (other decode kernels rotate the output by a GEMM into a new tensor: take its one-token rows)
