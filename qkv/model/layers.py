@@ -121,7 +121,8 @@ class GatedMLP(nn.Module):
 
 
 # ---------------------------------------------------------------------------- RoPE
-from qkv.model.rope import length_threshold, long_inv_freq, rope_inv_freq, rope_kind  # noqa: E402  (re-exported)
+from qkv.model.rope import (fixed_long_inv_freq, length_threshold, long_inv_freq,  # noqa: E402  (re-exported)
+                            rope_inv_freq)
 
 
 class RotaryEmbedding(nn.Module):
@@ -138,10 +139,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.threshold = length_threshold(scaling, max_position_embeddings)
         self._long_args = (dim, base, scaling, max_position_embeddings)
-        # longrope's long frequencies are fixed: kept on the module's device, because a
-        # host-to-device copy per step cannot be captured into a CUDA graph
-        long = long_inv_freq(*self._long_args, torch.zeros(1))[0] if rope_kind(scaling) == "longrope" else None
-        self.register_buffer("long_inv", long, persistent=False)
+        self.register_buffer("long_inv", fixed_long_inv_freq(dim, base, scaling), persistent=False)
         self._memo: tuple | None = None  # (positions, index, cos, sin) of the current step
         self._build(max_positions)
 

@@ -87,14 +87,22 @@ def length_threshold(scaling: dict | None, max_position_embeddings: int) -> int 
     return None
 
 
+def fixed_long_inv_freq(dim: int, base: float, scaling: dict | None) -> torch.Tensor | None:
+    """longrope's long-sequence frequencies [dim/2] (fp32, CPU): the same for every sequence
+    past the threshold, so a module keeps them on its device (a host-to-device copy per step
+    cannot be captured into a CUDA graph). None for the kinds whose frequencies follow the length."""
+    if rope_kind(scaling) != "longrope":
+        return None
+    return _longrope(dim, base, scaling, "long_factor")[0]
+
+
 def long_inv_freq(dim: int, base: float, scaling: dict, max_position_embeddings: int,
                   seq_len: torch.Tensor) -> torch.Tensor:
     """Inverse frequencies [T, dim/2] for tokens of sequences of length ``seq_len`` [T]
     (only rows longer than ``length_threshold`` are used). fp32 in HF's order of operations."""
-    kind = rope_kind(scaling)
-    if kind == "longrope":
-        inv, _ = _longrope(dim, base, scaling, "long_factor")
-        return inv.to(seq_len.device)[None].expand(seq_len.shape[0], -1)
+    fixed = fixed_long_inv_freq(dim, base, scaling)
+    if fixed is not None:
+        return fixed.to(seq_len.device)[None].expand(seq_len.shape[0], -1)
     factor = scaling["factor"]
     length = torch.clamp(seq_len.float(), min=float(max_position_embeddings))
     scaled = base * ((factor * length / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
