@@ -520,6 +520,7 @@ def engine_bench(bw, flops, args):
         # loop (qkv bench's): walking all 768 requests twice a step and slicing each one's
         # output list (``output_token_ids`` copies it) cost ~1.2 ms of host time a step.
         unprefilled = list(reqs)
+        trace = []  # steps with prompt tokens: (ms, prompt tokens computed, outputs returned)
 
         while eng.has_unfinished():
             # A step counts as "prefill" when prompt tokens were computed in it, not merely
@@ -533,6 +534,8 @@ def engine_bench(bw, flops, args):
             split[kind][0] += 1
             now = time.perf_counter()
             split[kind][1] += now - s0
+            if kind == "prefill":
+                trace.append((round((now - s0) * 1e3, 1), after - before, len(outs)))
             for o in outs:
                 if o.request_id not in ttft:
                     ttft[o.request_id] = now - t
@@ -543,7 +546,7 @@ def engine_bench(bw, flops, args):
                budget=args.max_num_batched_tokens, requests=n_req, out_tok_s=out / dt, total_tok_s=(out + n_req * (plen + len(prefix or []))) / dt,
                seconds=dt, preemptions=eng.scheduler.num_preemptions,
                ttft_mean_s=sum(ttft.values()) / len(ttft), ttft_p99_s=sorted(ttft.values())[int(0.99 * (len(ttft) - 1))],
-               steps={k: (n, round(sec, 3)) for k, (n, sec) in split.items()})
+               steps={k: (n, round(sec, 3)) for k, (n, sec) in split.items()}, prompt_steps=trace)
         return out / dt
 
     if "tput" in parts or args.long:  # warm-up: JIT-compile every kernel variant mixed steps use

@@ -75,6 +75,12 @@ INT4 = {
     # session 12: longest sequences first (attention/triton/order.py; the argsort, once a step in the
     # engine, is not in the timed launch)
     "lpt": dict(lpt=True),
+    # session 13: the order with more programs (2 splits), more resident ones (96 registers), other tilings
+    "lpt_s2": dict(lpt=True, splits=2),
+    "lpt_r96": dict(lpt=True, maxnreg=96),
+    "lpt_n16": dict(lpt=True, block_n=16),
+    "lpt_st3": dict(lpt=True, num_stages=3),
+    "lpt_n64": dict(lpt=True, block_n=64),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)

@@ -51,6 +51,28 @@ def test_warm_lengths_give_every_split_count(block_n):
             assert all(s & (s - 1) == 0 for s in seen)  # powers of two: six variants at most
 
 
+@pytest.mark.parametrize("kvh", [1, 5, 8, 32])
+def test_warm_batches_give_every_packed_launch_shape(kvh):
+    """Every (tiling, split count, launch order) the int8/int4 decode kernel can pick for a step
+    of any sequence count up to ``max_num_seqs`` and any length up to ``max_model_len`` is one
+    that a warm-up step picks (the 1000/1000 run compiled two late: 66 and 131 sequences)."""
+    from qkv.attention.triton import order, packed
+
+    for D in (128, 256):
+        for nbits in (4, 8):
+            def shape(b, n):
+                return packed.launch_shape(b, kvh, D, nbits, n, True) + (b * kvh >= order.MIN_ROWS,)
+
+            for max_model_len in (100, 4096):
+                for max_num_seqs in (8, 131, 384):
+                    steps = [(1, n) for n in gpu.warm_lengths(max_model_len)]
+                    steps += [(2, n) for n in gpu.warm_lengths(max_model_len)]
+                    steps += gpu.warm_batches(max_model_len, max_num_seqs, kvh)
+                    warm = {shape(b, n) for b, n in steps}
+                    seen = {shape(b, n) for b in range(1, max_num_seqs + 1) for n in range(1, max_model_len + 1, 97)}
+                    assert seen <= warm, (D, nbits, max_model_len, max_num_seqs, sorted(seen - warm))
+
+
 class _Recorder:
     """Stands in for a Triton kernel: records each launch's specialization key, then launches."""
 

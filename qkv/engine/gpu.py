@@ -152,14 +152,32 @@ WARM_MID = 256  # ... except the fused MoE's, whose tiles depend on the token co
 
 
 def warm_lengths(max_model_len: int) -> list[int]:
-    """The longest-sequence lengths the warm-up steps claim: 256 * 2^i up to ``max_model_len``,
+    """The longest-sequence lengths the warm-up steps claim: 64 * 2^i up to ``max_model_len``,
     which give every split count the decode kernel picks (a power of two, from
-    ``cdiv(len, 4 * block_n)``, block_n 64 or 128 with fp8) for sequences up to it."""
-    lengths, n = [], 256
+    ``cdiv(len, 4 * block_n)``; block_n 64 or 128 with fp8, 16 or 32 over int4 pages) for
+    sequences up to it."""
+    lengths, n = [], 64
     while n < max_model_len and n <= 256 * 64:
         lengths.append(n)
         n *= 2
     return lengths + [max_model_len]
+
+
+def warm_batches(max_model_len: int, max_num_seqs: int, kv_heads: int) -> list[tuple[int, int]]:
+    """(sequences, longest length) of the warm-up's mixed steps of many sequences: a prefill
+    chunk beside one-token decodes. The packed decode kernel picks its tiling and split count
+    by ``sequences * kv_heads`` against the SMs (``packed.launch_shape``: a power of two of
+    splits, 32-key tiles from 1,024 rows), so sequence counts whose row counts sit at each
+    power of two and 1.5x it reach every band, each at every ``warm_lengths`` length (the
+    split count is the smaller of the batch's and the length's). Without them the
+    1000/1000 run's mixed steps of 66 and 131 sequences compiled a variant each (0.56 and
+    0.87 s, H200, 2026-12-04)."""
+    counts, rows = set(), 1
+    while rows <= 2 * max(1, max_num_seqs) * kv_heads:
+        counts |= {-(-rows // kv_heads), -(-3 * rows // (2 * kv_heads))}
+        rows *= 2
+    counts = sorted(b for b in counts if 3 <= b <= max_num_seqs)
+    return [(b, n) for b in counts for n in warm_lengths(max_model_len)]
 
 
 def budget_lengths(max_num_batched_tokens: int) -> list[int]:
@@ -223,6 +241,8 @@ def warm_kernels(runner, max_model_len: int, max_num_batched_tokens: int | None 
     for n in warm_lengths(max_model_len):
         dummy_step(runner.model, [WARM_CHUNK, 1], rings, bs, runner.device, max_seq_len=n)
         dummy_step(runner.model, [1], rings, bs, runner.device, max_seq_len=n)
+    for b, n in warm_batches(max_model_len, max_num_seqs, runner.model.config.num_kv_heads):
+        dummy_step(runner.model, [WARM_CHUNK] + [1] * (b - 1), rings, bs, runner.device, max_seq_len=n)
     if max_num_batched_tokens:
         for n in budget_lengths(max_num_batched_tokens):
             full_step(runner, n, max_num_seqs, max_model_len)

@@ -7,15 +7,16 @@ started last set its end. The 768 x 1000 in / 1000 out run has 384 sequences x 8
 1,000-2,000 keys each, taken in index order, end at ~1.57x the time of the same work spread
 evenly. Longest first, every KV head of a sequence before the next sequence, they end at ~1.22x.
 Sorted within each head's run of the grid instead, ~1.51x. These are list-scheduling
-simulations (benchmarks/decode_order_sim.py), an upper bound on the gain, not a measurement.
+simulations (benchmarks/decode_order_sim.py). Measured on an H200 (2026-12-04, docs/benchmarks.md):
+the int4 kernel at that shape takes 285 us instead of 371 (42.5% -> 55.3% of the copy rate),
+fp8's 344.5 instead of 362.3, and the whole run gains 1.4% (int4) and 0.4% (fp8).
 
-``QKV_DECODE_LPT=1`` makes the kernels walk their (sequence, KV head) grid in ``order``'s
-sequence order, heads together, where ``order`` sorts the step's sequences by length, longest
-first. It costs one argsort a step, kept in the batch's scratch, inside CUDA graphs too. Each
+By default (``QKV_DECODE_LPT=0`` switches it off) the kernels walk their (sequence, KV head)
+grid in ``order``'s sequence order, heads together, where ``order`` sorts the step's sequences
+by length, longest first. It costs one argsort a step, kept in the batch's scratch, inside CUDA graphs too. Each
 program computes what it computed before, so outputs are the same bit for bit. The packed decode
 kernel (packed_fast.py) and the float one (decode.py) use it. The float one does not use it in its
-batch-1 graph prologue, which reads the lengths before the previous kernel ends. Off by default:
-it is not measured on the device yet.
+batch-1 graph prologue, which reads the lengths before the previous kernel ends.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import os
 
 import torch
 
-ON = os.environ.get("QKV_DECODE_LPT", "0") == "1"
+ON = os.environ.get("QKV_DECODE_LPT", "1") != "0"
 MIN_ROWS = 1024  # (sequence, KV head) rows of a launch below which all programs are resident anyway
 
 

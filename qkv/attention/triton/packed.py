@@ -44,7 +44,9 @@ V_WORDS = 3
 FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
 # Many (sequence, KV head) rows (one split each, e.g. the 1000 in / 1000 out run's 384 x 8): int4
 # 32-key tiles, 361.2 us against 425.2 with 16 at 384 rows x 1-2k keys (224.2 / 246.6 at 1,070 keys;
-# 8 rows of 16-key tiles were 162.6 / 151.6 at 32 x 8k, where 16 stay; H200, session 8).
+# 8 rows of 16-key tiles were 162.6 / 151.6 at 32 x 8k, where 16 stay; H200, session 8). 3 stages
+# were faster alone (275.0 us against 285.3, longest first) but slower in the engine's decode steps
+# (41.77 and 41.83 s against 41.19 over the run's 1,953; session 13): 2 stay.
 MANY_ROWS = 1024
 FAST_TILING_MANY_ROWS = {4: (32, 1, 2)}
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
@@ -404,6 +406,29 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
         tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
 
 
+def launch_shape(B: int, kvh: int, D: int, nbits: int, max_seq_len: int | None, fast: bool,
+                 block_n: int | None = None, num_warps: int | None = None, num_stages: int | None = None,
+                 splits: int | None = None) -> tuple[int, int, int, int]:
+    """(keys per tile, warps, stages, splits) of a packed decode launch over B sequences of
+    ``kvh`` KV heads (``nbits``: the narrower plane's), where the arguments leave them open.
+    Each distinct result is a compiled kernel variant: engine/gpu.py ``warm_kernels`` compiles
+    every one a run can pick (tests/test_warm_start.py checks it against this function)."""
+    tiling = FAST_TILING[nbits] if fast else (64, 4, 3)
+    if fast and B * kvh >= MANY_ROWS and nbits in FAST_TILING_MANY_ROWS:
+        tiling = FAST_TILING_MANY_ROWS[nbits]
+    if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
+        tiling = (16,) + tiling[1:]
+    block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
+    # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
+    # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
+    # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
+    S = splits or num_splits(B, kvh, max_seq_len, block_n,
+                             num_sms=132 * (4 if fast and nbits == 4 else 8) // num_warps)
+    if not splits and fast and (max_seq_len is None or max_seq_len >= 16 * block_n):
+        S = max(S, MIN_SPLITS[nbits])
+    return block_n, num_warps, num_stages, S
+
+
 def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor, num_computed: torch.Tensor,
                   scale: float, window: int | None = None, ring: int | None = None, softcap: float | None = None,
                   max_seq_len: int | None = None, query_start_loc: torch.Tensor | None = None,
@@ -458,25 +483,14 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
     l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if (
         keys_on_m and (not lazy or v_words == 4) and prefetch != 2) else False
-    tiling = FAST_TILING[nbits] if fast else (64, 4, 3)
-    if fast and B * kvh >= MANY_ROWS and nbits in FAST_TILING_MANY_ROWS:
-        tiling = FAST_TILING_MANY_ROWS[nbits]
-    if fast and D > 128:  # wider rows: 16-key tiles keep a single warp's registers from spilling (sm_90)
-        tiling = (16,) + tiling[1:]
-    block_n, num_warps, num_stages = block_n or tiling[0], num_warps or tiling[1], num_stages or tiling[2]
+    block_n, num_warps, num_stages, S = launch_shape(B, kvh, D, nbits, max_seq_len, fast, block_n, num_warps,
+                                                     num_stages, splits)
     one_page = int((ONE_PAGE if one_page is None else one_page) or 0) if (
         keys_on_m and prefetch != 2 and window is None
         and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size)) else 0
     # (int4 K as eight dots of depth D/8: D >= 128)
     k_words = int((K_WORDS if k_words is None else k_words) or 0) if (
         keys_on_m and kp.fmt.bits == 4 and D >= 128 and prefetch != 2) else 0
-    # Splits to fill the SMs about twice over with programs of num_warps warps (counted as
-    # 4-warp programs on 132 SMs: 1 warp, 8x the programs; batch 32 x 8 KV heads: 16 splits).
-    # (int4: 8 splits at batch 32 x 8 KV heads, 152.5 us against 156.1 with 16, round 2)
-    S = splits or num_splits(B, kvh, max_seq_len, block_n,
-                             num_sms=132 * (4 if fast and nbits == 4 else 8) // num_warps)
-    if not splits and fast and (max_seq_len is None or max_seq_len >= 16 * block_n):
-        S = max(S, MIN_SPLITS[nbits])
     G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
