@@ -625,6 +625,7 @@ def main():
         if "engine" in secs:
             engine_bench(bw, flops, args)
     finally:
+        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "results.jsonl"), "a") as f:
             for r in RESULTS:
                 f.write(json.dumps(r) + "\n")

@@ -4,13 +4,16 @@
 Times, in the same run and on the same step (CUDA events, median of ``--iters``), each entry
 point as the engine calls it (the step's K/V write included):
   * ``packed``: the Triton packed prefill kernel (triton.backend.packed_attention), and a few
-    of its launch tilings (query tokens x keys per tile, warps, stages);
+    of its launch tilings (query tokens x keys per tile, warps, stages), each also with this
+    step's keys read back into bf16 rows (``own``: packed_prefill.OWN_FLOAT);
   * ``reference``: reference.packed_attention on the device (gathers and dequantizes the
     visible keys, then a dense softmax), the path prefill steps took before the kernel;
   * ``bf16`` / ``fp8``: the Triton backend's paged prefill over a bf16 / fp8 cache.
 Each packed output's max abs difference from the reference is printed, so a wrong tiling shows.
 
     PYTHONPATH=. python benchmarks/kv_int_prefill_bench.py [--out DIR] [--iters 10]
+    PYTHONPATH=. python benchmarks/kv_int_prefill_bench.py --new 1000 --cached 0 \
+        --tilings "64,64,8,3;16,64,4,3;32,32,4,3;32,128,8,2;64,32,8,2"   # the 1000/1000 run's prompt step
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def timed(fn, iters):
 
 
 def make_step(dev):
-    per = (CACHED + NEW) // BS
+    per = -(-(CACHED + NEW) // BS)  # (a partial last block: 1,000 tokens take 63)
     perm = torch.randperm(B * per, device=dev)
     table = perm.view(B, per)
     pos = torch.arange(CACHED, CACHED + NEW, device=dev)
@@ -66,18 +69,26 @@ def make_step(dev):
 
 
 def main():
+    global B, NEW, CACHED, H, KVH, TILINGS
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run with TRITON_INTERPRET=1)")
+    ap.add_argument("--new", type=int, default=None, help="new tokens a sequence (1000: the 1000/1000 run's prompts)")
+    ap.add_argument("--cached", type=int, default=None, help="cached tokens a sequence before them")
+    ap.add_argument("--tilings", default=None,
+                    help="block_t,block_n,warps,stages;... (block_t: query tokens, x 4 heads = the MMA's rows)")
     args = ap.parse_args()
-    global B, NEW, CACHED, H, KVH, TILINGS
+    if args.tilings:
+        TILINGS = [tuple(int(x) for x in t.split(",")) for t in args.tilings.split(";")]
     if args.small:  # (fp32: Triton 3.6's interpreter computes bf16 kernels wrongly, the decode kernel's too)
         B, NEW, CACHED, H, KVH, TILINGS = 2, 32, 32, 4, 2, []
+    NEW = NEW if args.new is None else args.new
+    CACHED = CACHED if args.cached is None else args.cached
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     batch = make_step(dev)
-    nb = B * (CACHED + NEW) // BS
+    nb = B * -(-(CACHED + NEW) // BS)
     T = B * NEW
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     q, k, v = (torch.randn(T, n, D, device=dev, dtype=dtype) for n in (H, KVH, KVH))
@@ -108,8 +119,9 @@ def main():
         rec(f"reference packed_attention ({kv})", us)
         del ref_cache
         torch.cuda.empty_cache()
-        for tiling in [None] + TILINGS:
+        for tiling, own in [(t, o) for t in [None] + TILINGS for o in (False, True)]:
             kw = {} if tiling is None else dict(zip(("block_t", "block_n", "num_warps", "num_stages"), tiling))
+            kw["own_float"] = own  # this step's keys read back once into bf16 rows (packed_prefill.OWN_FLOAT)
 
             def step():
                 return packed_prefill(q, k, v, cache, batch.block_tables[0], batch.slot_mappings[0],
@@ -120,7 +132,7 @@ def main():
             except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory)
                 print(f"packed {kv} {tiling}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            rec(f"triton packed prefill ({kv}) {'default' if tiling is None else tiling}", us,
+            rec(f"triton packed prefill ({kv}) {'default' if tiling is None else tiling}{' own' if own else ''}", us,
                 max_abs_diff=f"{err:.2e}")
         del cache
         torch.cuda.empty_cache()

@@ -94,6 +94,38 @@ def test_packed_prefill_variants_equal_reference(kv, case, halves, rot_in_kernel
     run_case(case, kv, halves=halves, rot_in_kernel=rot_in_kernel)
 
 
+@pytest.mark.parametrize("halves", [True, False])
+@pytest.mark.parametrize("kv", ["int4", "int8,int4", "int4,int8"])
+@pytest.mark.parametrize("case", ["prefill-gqa", "chunk-prefix", "mixed", "group-3-softcap", "window", "window-ring"])
+def test_packed_prefill_own_keys_as_float_rows_equal_reference(kv, case, halves):
+    """``own_float`` (staged, off by default): this step's keys read back once into rows of the
+    query's dtype and scored from there, the pages read for the cached prefix only (rings keep
+    their scratch pages: the flag leaves them alone)."""
+    run_case(case, kv, halves=halves, own_float=True)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8", "int4,int8"])
+def test_read_back_is_the_pages_values(kv):
+    """``_read_back``: each slot's K and V exactly as the reference reads them from the pages
+    (kv_pages.read; rotated planes stay rotated); slot -1 rows are zeros."""
+    from qkv.attention.triton.packed_prefill import _read_back
+
+    KVH, D, nb, bs = 2, 64, 4, 16
+    gen = torch.Generator().manual_seed(7)
+    cache = cache_for(kv, KVH, D, nb, bs)
+    slots_all = torch.arange(nb * bs, device=DEV)
+    for plane in (0, 1):
+        kv_pages.write(cache, plane, torch.randn(nb * bs, KVH, D, generator=gen).to(DEV), slots_all)
+    slots = torch.tensor([5, 17, -1, 40, 63, 0, 33], device=DEV)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    kf, vf = _read_back(cache, slots, dtype, 4)
+    ok = slots >= 0
+    for plane, got in ((0, kf), (1, vf)):
+        want = kv_pages.read(cache, plane, slots[ok], torch.float32).to(dtype)
+        assert torch.equal(got[ok], want)
+        assert not got[~ok].any()
+
+
 @pytest.mark.parametrize("kv", ["int4", "int8,int4"])
 @pytest.mark.parametrize("case", ["chunk-prefix", "window-ring"])
 def test_packed_prefill_unrotated_equals_reference(kv, case):

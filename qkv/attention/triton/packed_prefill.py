@@ -43,15 +43,25 @@ def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
           k_vals, k_scales, v_vals, v_scales, K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr,
           V_GRP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr,
           HALVES: tl.constexpr, ASM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-          PREC: tl.constexpr, MASKED: tl.constexpr = True):
+          PREC: tl.constexpr, MASKED: tl.constexpr = True, KF=None, VF=None, frow=None, ka_c=None, kb_c=None,
+          va_c=None, vb_c=None, FLOAT: tl.constexpr = False):
     """One key tile of the online softmax (scores in log2 units), its K and V tiles widened from
     the packed planes of pages ``P*`` (the cache's or the scratch pages) at byte offsets ``base``,
     rows ``row``. HALVES: each tile as two halves of D/2 columns (packed_fast._halves: int4 the
     even and the odd columns, int8 the first and the second half; ASM widens them in PTX), two
     dots of depth D/2 against the query's matching columns ``qa``/``qb``, and two accumulators
     of the output's matching columns; else one tile in natural order (``qa`` the query, ``acc_a``
-    the accumulator). ``MASKED=False``: every key of the tile is valid and visible to every row."""
-    if HALVES:
+    the accumulator). ``MASKED=False``: every key of the tile is valid and visible to every row.
+    ``FLOAT``: the tiles are rows ``frow`` (element offsets) of ``KF``/``VF``, this step's own
+    keys as stored (``_read_back``), loaded in the halves' columns ``ka_c``.. (or whole)."""
+    if FLOAT:
+        ka = tl.load(KF + frow[:, None] + ka_c[None, :], mask=nmask[:, None], other=0.0)
+        if HALVES:
+            kb = tl.load(KF + frow[:, None] + kb_c[None, :], mask=nmask[:, None], other=0.0)
+            s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
+        else:
+            s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
+    elif HALVES:
         ka, kb = _halves(P8, P16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM, P32)
         s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
     else:
@@ -70,7 +80,13 @@ def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     pd = p.to(DT)
-    if HALVES:
+    if FLOAT:
+        va = tl.load(VF + frow[:, None] + va_c[None, :], mask=nmask[:, None], other=0.0)
+        acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
+        if HALVES:
+            vb = tl.load(VF + frow[:, None] + vb_c[None, :], mask=nmask[:, None], other=0.0)
+            acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
+    elif HALVES:
         va, vb = _halves(P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, ASM, P32)
         acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
         acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
@@ -114,7 +130,7 @@ def _tile_of(CUM, p, B):
 
 
 @triton.jit(do_not_specialize=["stride_bt", "B"])  # the table's width varies per step: one variant
-def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM, CUM, B,
+def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM, CUM, KF, VF, B,
                            stride_qt, stride_qh, stride_bt, stride_ot, stride_oh, page_bytes,
                            k_vals, k_scales, v_vals, v_scales, sm_scale, softcap, window, ring,
                            KVH: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
@@ -124,7 +140,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                            HAS_SOFTCAP: tl.constexpr, STEP_IN_CACHE: tl.constexpr, SKIP_DECODE: tl.constexpr,
                            IEEE: tl.constexpr, HALVES: tl.constexpr = False, ASM: tl.constexpr = 0,
                            ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False, RSQ: tl.constexpr = 1.0,
-                           COMPACT: tl.constexpr = False):
+                           COMPACT: tl.constexpr = False, OWN_FLOAT: tl.constexpr = False):
     kvh = tl.program_id(2)
     if COMPACT:  # one program per query tile of a sequence this kernel computes (CUM), the last tile first
         b, mblk, valid = _tile_of(CUM, tl.program_id(0), B)
@@ -185,7 +201,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
     # Phase 1: keys from the cache's pages through the block table (ring-indexed): the cached
     # prefix, and with STEP_IN_CACHE this step's keys too (already written).
     end = nc
-    if STEP_IN_CACHE:
+    if STEP_IN_CACHE and not OWN_FLOAT:
         end = q_hi
     full_end = lo  # [lo, full_end): whole tiles every query row sees, unmasked (none with a window)
     if not HAS_WINDOW:
@@ -227,6 +243,32 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                                            k_scales, v_vals, v_scales, K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN,
                                            DT, HALVES, ASM, HAS_WINDOW, HAS_SOFTCAP, PREC)
 
+    # Phase 2 (OWN_FLOAT): this step's keys [nc, q_hi) as stored, rows of KF/VF (row r: token r).
+    if OWN_FLOAT:
+        full2 = nc
+        if not HAS_WINDOW:  # whole tiles below the first query row: unmasked
+            full2 = nc + ((q_lo - nc) // BLOCK_N) * BLOCK_N
+            for start in range(nc, full2, BLOCK_N):
+                k_pos = start + tl.arange(0, BLOCK_N)
+                nmask = k_pos < full2
+                frow = (row0 + (k_pos - nc)).to(tl.int64) * (KVH * D) + kvh * D
+                m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, 0, 0, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
+                                               acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales,
+                                               K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM,
+                                               HAS_WINDOW, HAS_SOFTCAP, PREC, False, KF, VF, frow, ka_c, kb_c, va_c,
+                                               vb_c, True)
+        else:
+            full2 = tl.maximum(nc, q_lo - window + 1)
+            full2 = nc + ((full2 - nc) // BLOCK_N) * BLOCK_N
+        for start in range(full2, q_hi, BLOCK_N):
+            k_pos = start + tl.arange(0, BLOCK_N)
+            nmask = k_pos < q_hi
+            frow = tl.where(nmask, row0 + (k_pos - nc), 0).to(tl.int64) * (KVH * D) + kvh * D
+            m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, 0, 0, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a, acc_b,
+                                           sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales, K_BITS,
+                                           K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM, HAS_WINDOW,
+                                           HAS_SOFTCAP, PREC, True, KF, VF, frow, ka_c, kb_c, va_c, vb_c, True)
+
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # (padding rows: 0, not 0/0; not stored)
     op = OUT + (row0 + t)[:, None] * stride_ot + heads[:, None] * stride_oh
     ODT = OUT.dtype.element_ty
@@ -253,6 +295,14 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
 HALVES = True
 ROT_IN_KERNEL = False
 ROT_KERNEL = True
+# Issue 16, session 13 (staged for the device, off): full-attention layers read this step's own
+# keys from bf16 rows instead of widening them from the pages in every program that sees them.
+# The rows are the pages' values (``_read_back``: the just-written slots dequantized once, as
+# kv_pages.stored), so the outputs are the pages path's up to summation order; the pages are
+# then read for the cached prefix only. A pure prefill step of the 1000/1000 run (8 prompts of
+# 1,000 tokens) spent 30.9 ms in this kernel against fp8's prefill kernel's 15.9 (H200).
+OWN_FLOAT = False
+READ_BACK_ROWS = 32  # tokens a read-back program takes
 # A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
 # once (376 one-token rows x 32 tiles x 8 heads = 96k of them in the 1000/1000 run's mixed steps,
 # at one resident program per SM); COMPACT launches one program per real query tile, each finding
@@ -277,6 +327,43 @@ def _rot_rows_kernel(X, HPM, Y, N, RSQ: tl.constexpr, D: tl.constexpr, BLOCK: tl
     x = tl.load(X + r[:, None] * D + d[None, :], mask=m[:, None], other=0.0)
     y = tl.dot(x, tl.load(HPM + d[:, None] * D + d[None, :]), input_precision="ieee" if IEEE else "tf32") * RSQ
     tl.store(Y + r[:, None] * D + d[None, :], y.to(Y.dtype.element_ty), mask=m[:, None])
+
+
+@triton.jit
+def _read_back_kernel(C8, C16, C32, SLOT, KF, VF, N, page_bytes, k_vals, k_scales, v_vals, v_scales,
+                      KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
+                      K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
+                      ALIGN: tl.constexpr):
+    """Rows r of KF/VF [N, KVH, D] (KV head: program_id 1) <- the K and V values that slot
+    SLOT[r] of the pages holds, dequantized to KF's dtype (slot -1: zeros)."""
+    r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    kvh = tl.program_id(1)
+    slot = tl.load(SLOT + r, mask=r < N, other=-1)
+    ok = slot >= 0
+    slot = tl.where(ok, slot, 0)
+    base = (slot // BS).to(tl.int64) * page_bytes
+    row = (slot % BS) * KVH + kvh
+    DT = KF.dtype.element_ty
+    off = r[:, None].to(tl.int64) * (KVH * D) + kvh * D + tl.arange(0, D)[None, :]
+    kt = _tile(C32, C8, C16, base, k_vals, k_scales, row, ok, K_BITS, K_GRP, D, BLOCK, ALIGN, DT)
+    tl.store(KF + off, kt, mask=(r < N)[:, None])
+    vt = _tile(C32, C8, C16, base, v_vals, v_scales, row, ok, V_BITS, V_GRP, D, BLOCK, ALIGN, DT)
+    tl.store(VF + off, vt, mask=(r < N)[:, None])
+
+
+def _read_back(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dtype: torch.dtype, align: int):
+    """This step's K and V as its slots of ``kv_cache`` hold them: two new [T, KVH, D] tensors of
+    ``dtype`` (rotated planes stay rotated). Allocated here, freed with the step."""
+    lay, kp, vp = _layout_args(kv_cache)
+    T, kvh, D = slot_mapping.shape[0], kp.rows, kp.width
+    kf = torch.empty((T, kvh, D), dtype=dtype, device=kv_cache.device)
+    vf = torch.empty_like(kf)
+    _read_back_kernel[(triton.cdiv(T, READ_BACK_ROWS), kvh)](
+        kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), slot_mapping, kf, vf, T,
+        lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, KVH=kvh, D=D, BS=lay.block_size,
+        BLOCK=READ_BACK_ROWS, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits,
+        V_GRP=vp.fmt.group_for(D), ALIGN=align, num_warps=4)
+    return kf, vf
 
 
 def rotate_rows(x: torch.Tensor) -> torch.Tensor:
@@ -312,7 +399,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None, halves: bool | None = None,
                    rot_in_kernel: bool | None = None, compact: bool | None = None,
-                   scratch: dict | None = None) -> torch.Tensor:
+                   scratch: dict | None = None, own_float: bool | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
@@ -324,7 +411,9 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     launch (defaults: ``TILING``); ``halves`` / ``rot_in_kernel``: the kernel's variants
     (defaults ``HALVES`` / ``ROT_IN_KERNEL``), ``compact`` the grid (default ``COMPACT``), all
     giving the reference's values; ``scratch``: a dict that lives for the step (the batch's), where
-    the compact grid's tile count is kept for the step's other layers."""
+    the compact grid's tile count is kept for the step's other layers; ``own_float`` (default
+    ``OWN_FLOAT``; full-attention layers): this step's keys read back once into rows of q's
+    dtype and scored from there."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -360,6 +449,8 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
     compact = COMPACT if compact is None else compact
+    own = bool(OWN_FLOAT if own_float is None else own_float) and step_in_cache
+    kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align) if own else (q, q)
     if compact:
         key = ("packed_prefill_tiles", block_t, mixed)
         cum = None if scratch is None else scratch.get(key)
@@ -379,14 +470,14 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     _packed_prefill_kernel[grid](
         q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
         pages, pages.view(torch.float16), pages.view(torch.int32),
-        block_table, query_start_loc, num_computed, out, hpm, cum, B,
+        block_table, query_start_loc, num_computed, out, hpm, cum, kf, vf, B,
         q.stride(0), q.stride(1), block_table.stride(0), out.stride(0), out.stride(1), page_bytes,
         kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, scale, softcap or 0.0, window or 0, ring or 1,
         KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=bs, BLOCK_T=block_t, BLOCK_N=block_n,
         K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
-        HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact,
+        HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact, OWN_FLOAT=own,
         num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
