@@ -165,3 +165,45 @@ def test_engine_window_chunked_prefix_triton_equals_reference(tiny_model, kv):
                   enable_prefix_caching=True)
         outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, p)]
     assert outs["triton"] == outs["reference"]
+
+
+def test_own_float_variants_build_for_sm90():
+    """The prefill kernel with and without ``OWN_FLOAT`` (Llama-3-8B's int4 constants, the
+    default tiling) and the read-back kernel assemble for sm_90 (ptxas, no GPU needed); the
+    own-keys kernel loads more (the float rows). In a subprocess: the interpreter is on here."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    script = r'''
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qkv.attention.triton import packed_prefill as pp
+
+def build(fn, types, const, warps, stages):
+    sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
+    k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": warps, "num_stages": stages})
+    assert len(k.asm["cubin"]) > 0
+    return k.asm["ptx"].count("ld.global")
+
+ptrs = dict(Q="*bf16", C8="*u8", C16="*fp16", C32="*i32", S8="*u8", S16="*fp16", S32="*i32", BT="*i64",
+            QSL="*i64", NC="*i64", OUT="*bf16", HPM="*bf16", CUM="*i32", KF="*bf16", VF="*bf16", SLOT="*i64",
+            sm_scale="fp32", softcap="fp32")
+const = dict(KVH=8, G=4, G_PAD=4, D=128, BS=16, BLOCK_T=32, BLOCK_N=64, K_BITS=4, K_GRP=16, V_BITS=4, V_GRP=16,
+             ALIGN=4, HAS_WINDOW=False, HAS_RING=False, HAS_SOFTCAP=False, STEP_IN_CACHE=True, SKIP_DECODE=True,
+             IEEE=False, HALVES=True, ASM=2, ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True)
+pages = build(pp._packed_prefill_kernel, ptrs, dict(const, OWN_FLOAT=False), 8, 3)
+own = build(pp._packed_prefill_kernel, ptrs, dict(const, OWN_FLOAT=True), 8, 3)
+rb = build(pp._read_back_kernel, ptrs, dict(KVH=8, D=128, BS=16, BLOCK=32, K_BITS=4, K_GRP=16, V_BITS=4, V_GRP=16,
+                                           ALIGN=4), 4, 1)
+print(own > pages, rb > 0)
+'''
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["True", "True"], r.stdout
