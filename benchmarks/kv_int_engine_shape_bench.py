@@ -81,6 +81,16 @@ INT4 = {
     "lpt_n16": dict(lpt=True, block_n=16),
     "lpt_st3": dict(lpt=True, num_stages=3),
     "lpt_n64": dict(lpt=True, block_n=64),
+    # session 13: session 9's fewer-instruction options (never timed), with the order; static SASS of the
+    # many-row tiling's main loop (sm_90, built here): 2,202 instructions a 32-key tile by default,
+    # 1,758 with one_page 1, 1,323 with one_page 1 + k_words (1,422 with v_words 4 as well)
+    "lpt_op": dict(lpt=True, one_page=1),
+    "lpt_opkw": dict(lpt=True, one_page=1, k_words=1),
+    "lpt_op2kw": dict(lpt=True, one_page=2, k_words=1),
+    "lpt_opw4kw": dict(lpt=True, one_page=1, v_words=4, k_words=1),
+    "lpt_opkw_st3": dict(lpt=True, one_page=1, k_words=1, num_stages=3),
+    "opkw": dict(one_page=1, k_words=1),  # 32 x 8k (16-key tiles, 8 splits): 1,156 -> 703 a tile
+    "op2kw": dict(one_page=2, k_words=1),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)

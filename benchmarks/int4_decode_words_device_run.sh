@@ -1,0 +1,33 @@
+#!/bin/bash
+# Session 9's fewer-instruction options of the int4 decode kernel (one_page: scalar block-table
+# entries; k_words: K as eight nibble-position dots; v_words 4: V the same), prepared then but never
+# timed, in one device call (issue 16, session 13): the kernel at the 1000/1000 run's shape with the
+# launch order and at 32 x 8k, then the 1000/1000 engine run with ONE_PAGE 1 + K_WORDS against the
+# default (each its own process). Run from the repository root with OUT_DIR set. ~7 min.
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT_DIR=${OUT_DIR:-out}
+mkdir -p "$OUT_DIR"
+date -u +"## kernels %H:%M:%S"
+timeout 200 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt --repeat 2 \
+    --variants lpt,lpt_op,lpt_opkw,lpt_op2kw,lpt_opw4kw,lpt_opkw_st3 \
+    --big-variants default,op,opkw,op2kw,opw4kw > "$OUT_DIR/kernels.log" 2>&1
+echo "## kernels rc $?"
+python3 - "$OUT_DIR/kv_int_engine_shape.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "us" in r:
+        print(f"##   {r['name'][:5]:>5} {r['shape']:>14} {r['variant']:>13} {r['us']:8.1f} us {r['frac']:6.1%}"
+              + (f" d={r['d']:.1e}" if "d" in r else ""))
+    elif "error" in r:
+        print("##   error", r["variant"], r["error"][:200])
+PY
+for run in opkw default opkw2; do
+  date -u +"## engine int4 $run %H:%M:%S"
+  set_=$([ "$run" = default ] && echo '{}' || echo '{"ONE_PAGE": 1, "K_WORDS": 1}')
+  timeout 130 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
+      --max-num-seqs 384 --long-requests 768 --kv-dtype int4 --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
+  echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330
+done
+date -u +"## end %H:%M:%S"
