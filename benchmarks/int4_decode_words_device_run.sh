@@ -10,7 +10,7 @@ OUT_DIR=${OUT_DIR:-out}
 mkdir -p "$OUT_DIR"
 date -u +"## kernels %H:%M:%S"
 timeout 200 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt --repeat 2 \
-    --variants lpt,lpt_op,lpt_opkw,lpt_op2kw,lpt_opw4kw,lpt_opkw_st3 \
+    --variants lpt,lpt_op,lpt_opkw,lpt_op2kw,lpt_opw4kw,lpt_opkw_st3,lpt_opkw_r168,lpt_opkw_r128 \
     --big-variants default,op,opkw,op2kw,opw4kw > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 - "$OUT_DIR/kv_int_engine_shape.jsonl" <<'PY'

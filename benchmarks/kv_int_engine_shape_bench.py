@@ -89,6 +89,9 @@ INT4 = {
     "lpt_op2kw": dict(lpt=True, one_page=2, k_words=1),
     "lpt_opw4kw": dict(lpt=True, one_page=1, v_words=4, k_words=1),
     "lpt_opkw_st3": dict(lpt=True, one_page=1, k_words=1, num_stages=3),
+    # registers capped: 12 warps an SM at 168 (14 local loads a tile in the loop), 16 at 128 (43)
+    "lpt_opkw_r168": dict(lpt=True, one_page=1, k_words=1, maxnreg=168),
+    "lpt_opkw_r128": dict(lpt=True, one_page=1, k_words=1, maxnreg=128),
     "opkw": dict(one_page=1, k_words=1),  # 32 x 8k (16-key tiles, 8 splits): 1,156 -> 703 a tile
     "op2kw": dict(one_page=2, k_words=1),
 }
