@@ -218,7 +218,9 @@ def warm_kernels(runner, max_model_len: int, max_num_batched_tokens: int | None 
     ``qkv bench throughput``): a one-sequence prefill, then for each ``warm_lengths`` a
     mixed step (a prefill chunk beside a decode: the prefill kernel skipping decode rows, the
     decode kernel with that length's split count, and the combine kernel past 8 splits) and a
-    one-sequence eager decode. Pure decode steps in CUDA graphs are compiled by the capture.
+    one-sequence eager decode, then mixed steps of many sequences (``warm_batches``: the packed
+    decode kernel's tiling and splits also depend on the sequence count). Pure decode steps in
+    CUDA graphs are compiled by the capture.
     Variants are also kept on disk by Triton (``triton_cache_dir``), so a second process loads
     them instead of compiling. With ``max_num_batched_tokens``: mixed steps of every
     ``budget_lengths`` count up to that budget, so the first load's large steps (2,049 to 8,192
@@ -242,6 +244,8 @@ def warm_kernels(runner, max_model_len: int, max_num_batched_tokens: int | None 
         dummy_step(runner.model, [WARM_CHUNK, 1], rings, bs, runner.device, max_seq_len=n)
         dummy_step(runner.model, [1], rings, bs, runner.device, max_seq_len=n)
     for b, n in warm_batches(max_model_len, max_num_seqs, runner.model.config.num_kv_heads):
+        if max_num_batched_tokens and WARM_CHUNK + b - 1 > max_num_batched_tokens:
+            continue  # (no step holds more tokens than the budget the memory was profiled for)
         dummy_step(runner.model, [WARM_CHUNK] + [1] * (b - 1), rings, bs, runner.device, max_seq_len=n)
     if max_num_batched_tokens:
         for n in budget_lengths(max_num_batched_tokens):
