@@ -167,6 +167,27 @@ def test_engine_window_chunked_prefix_triton_equals_reference(tiny_model, kv):
     assert outs["triton"] == outs["reference"]
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+def test_engine_own_float_triton_equals_reference(tiny_model, monkeypatch, kv):
+    """``OWN_FLOAT`` through the engine (full attention: chunked prefill, mixed steps, prefix
+    hits, CUDA graphs for the decodes): the same greedy tokens as the reference backend."""
+    from qkv import LLM, SamplingParams
+    from qkv.attention.triton import packed_prefill as pp
+
+    monkeypatch.setattr(pp, "OWN_FLOAT", True)
+    path, _ = tiny_model("llama", head_dim=64, seed=4)
+    base = list(range(5, 5 + 40))
+    prompts = [base + [3, 4], list(range(9, 9 + 70)), base + [7] * 9, [11] * 5]
+    p = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = {}
+    for backend in ("reference", "triton"):
+        llm = LLM(path, dtype="float32", device="cuda", block_size=16, num_kv_blocks=64, kv_dtype=kv,
+                  attention_backend=backend, max_num_batched_tokens=32, enable_prefix_caching=True)
+        outs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, p)]
+    assert outs["triton"] == outs["reference"]
+
+
 def test_own_float_variants_build_for_sm90():
     """The prefill kernel with and without ``OWN_FLOAT`` (Llama-3-8B's int4 constants, the
     default tiling) and the read-back kernel assemble for sm_90 (ptxas, no GPU needed); the
