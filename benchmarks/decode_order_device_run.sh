@@ -16,14 +16,7 @@ date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --variants default,lpt \
     --peers fp8,fp8lpt --repeat 2 > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
-python3 - "$OUT_DIR/kv_int_engine_shape.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if "us" in r:
-        print(f"##   {r['name']:>6} {r['shape']:>14} {r['variant']:>8} {r['us']:8.1f} us {r['frac']:6.1%}"
-              + (f" d={r['d']:.1e}" if "d" in r else ""))
-PY
+python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 for kv in int4 fp8; do
   for lpt in 1 $([ "$PAIR" = 1 ] && echo 0); do
     date -u +"## engine $kv lpt=$lpt %H:%M:%S"

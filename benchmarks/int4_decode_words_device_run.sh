@@ -13,16 +13,7 @@ timeout 200 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --b
     --variants lpt,lpt_op,lpt_opkw,lpt_op2kw,lpt_opw4kw,lpt_opkw_st3,lpt_opkw_r168,lpt_opkw_r128 \
     --big-variants default,op,opkw,op2kw,opw4kw > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
-python3 - "$OUT_DIR/kv_int_engine_shape.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if "us" in r:
-        print(f"##   {r['name'][:5]:>5} {r['shape']:>14} {r['variant']:>13} {r['us']:8.1f} us {r['frac']:6.1%}"
-              + (f" d={r['d']:.1e}" if "d" in r else ""))
-    elif "error" in r:
-        print("##   error", r["variant"], r["error"][:200])
-PY
+python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 for run in opkw default opkw2; do
   date -u +"## engine int4 $run %H:%M:%S"
   set_=$([ "$run" = default ] && echo '{}' || echo '{"ONE_PAGE": 1, "K_WORDS": 1}')

@@ -86,9 +86,7 @@ def test_ordered_kernels_compile_for_sm90():
     """The int4 fast kernel (the defaults' constants) and the fp8 float kernel assemble for sm_90
     (ptxas, no GPU needed) with the order, one global load more than without. In a subprocess:
     the interpreter is on in this one."""
-    import os
-    import subprocess
-    import sys
+    from compiled_run import run_uninterpreted
 
     pytest.importorskip("triton.backends.nvidia")
     script = r'''
@@ -120,12 +118,7 @@ flt = (decode._decode_kernel,
             S2=1, SC=1, PDL=0, PRE=False, CHUNK_SKIP=True), 4)
 print(*[build(fn, t, c, True, w) == build(fn, t, c, False, w) + 1 for fn, t, c, w in (fast, flt)])  # one load more
 '''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["True"] * 2, r.stdout
+    assert run_uninterpreted(script) == ["True"] * 2
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

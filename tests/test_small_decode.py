@@ -449,9 +449,7 @@ def test_merge_chunk_skip_compiles_for_sm90():
     """The decode kernel's vectorized merge at 32 splits (a graph's batch-1 launch) assembles
     for sm_90 (ptxas, no GPU needed) with and without the run-time skip of its chunks past the
     last split with keys, the skip adding a branch. In a subprocess: the interpreter is on in this one."""
-    import os
-    import subprocess
-    import sys
+    from compiled_run import run_uninterpreted
 
     pytest.importorskip("triton.backends.nvidia")
     script = r'''
@@ -467,7 +465,7 @@ def build(skip):
                  sm_scale="fp32", softcap="fp32")
     const = dict(G=4, G_PAD=16, D=128, D_PAD=128, BS=16, BLOCK_N=64, S=32, HAS_WINDOW=False, HAS_RING=False,
                  HAS_SOFTCAP=False, MERGE=True, KEYS_ON_M=False, DOT_F16=False, DILATED=False, MERGE_VEC=True, G2=4,
-                 S2=32, SC=16, PDL=2, PRE=True, CHUNK_SKIP=skip)
+                 S2=32, SC=16, PDL=2, PRE=True, CHUNK_SKIP=skip, HAS_ORDER=False, ORDER=None)
     sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
     return triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": 4, "num_stages": 3})
@@ -475,9 +473,4 @@ def build(skip):
 on, off = build(True), build(False)
 print(len(on.asm["cubin"]) > 0 and len(off.asm["cubin"]) > 0, on.asm["ptx"].count("bra") > off.asm["ptx"].count("bra"))
 '''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["True", "True"], r.stdout
+    assert run_uninterpreted(script, timeout=600) == ["True", "True"]

@@ -192,9 +192,7 @@ def test_own_float_variants_build_for_sm90():
     """The prefill kernel with and without ``OWN_FLOAT`` (Llama-3-8B's int4 constants, the
     default tiling) and the read-back kernel assemble for sm_90 (ptxas, no GPU needed); the
     own-keys kernel loads more (the float rows). In a subprocess: the interpreter is on here."""
-    import os
-    import subprocess
-    import sys
+    from compiled_run import run_uninterpreted
 
     pytest.importorskip("triton.backends.nvidia")
     script = r'''
@@ -222,9 +220,4 @@ rb = build(pp._read_back_kernel, ptrs, dict(KVH=8, D=128, BS=16, BLOCK=32, K_BIT
                                            ALIGN=4), 4, 1)
 print(own > pages, rb > 0)
 '''
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["True", "True"], r.stdout
+    assert run_uninterpreted(script) == ["True", "True"]

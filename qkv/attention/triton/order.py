@@ -13,10 +13,11 @@ fp8's 344.5 instead of 362.3, and the whole run gains 1.4% (int4) and 0.4% (fp8)
 
 By default (``QKV_DECODE_LPT=0`` switches it off) the kernels walk their (sequence, KV head)
 grid in ``order``'s sequence order, heads together, where ``order`` sorts the step's sequences
-by length, longest first. It costs one argsort a step, kept in the batch's scratch, inside CUDA graphs too. Each
-program computes what it computed before, so outputs are the same bit for bit. The packed decode
-kernel (packed_fast.py) and the float one (decode.py) use it. The float one does not use it in its
-batch-1 graph prologue, which reads the lengths before the previous kernel ends.
+by length, longest first. It costs one argsort a step, kept in the batch's scratch, inside CUDA
+graphs too. Each program computes what it computed before, so outputs are the same bit for bit.
+The packed decode kernel (packed_fast.py) and the float one (decode.py) use it. The float one
+does not use it in its batch-1 graph prologue, which reads the lengths before the previous
+kernel ends.
 """
 
 from __future__ import annotations
