@@ -3,7 +3,8 @@
 # entries; k_words: K as eight nibble-position dots; v_words 4: V the same), prepared then but never
 # timed, in one device call (issue 16, session 13): the kernel at the 1000/1000 run's shape with the
 # launch order and at 32 x 8k, then the 1000/1000 engine run with ONE_PAGE 1 + K_WORDS against the
-# default (each its own process). Run from the repository root with OUT_DIR set. ~7 min.
+# default, the int4 prefill tiling of session 14 and fp8 (each its own process). Run from the
+# repository root with OUT_DIR set. ~9 min.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT_DIR=${OUT_DIR:-out}
@@ -14,11 +15,18 @@ timeout 200 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --b
     --big-variants default,op,opkw,op2kw,opw4kw > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
-for run in opkw default opkw2; do
-  date -u +"## engine int4 $run %H:%M:%S"
-  set_=$([ "$run" = default ] && echo '{}' || echo '{"ONE_PAGE": 1, "K_WORDS": 1}')
+# RUNS: opkw (ONE_PAGE + K_WORDS), default, pt64 (the prefill kernel at 64 rows x 64 keys, 4 warps,
+# 3 stages, which session 14 timed faster for int4 alone), fp8 (the peer, same call).
+for run in ${RUNS:-opkw default pt64 fp8}; do
+  date -u +"## engine $run %H:%M:%S"
+  case $run in
+    opkw*) set_='{"ONE_PAGE": 1, "K_WORDS": 1}' ;;
+    pt64*) set_='{"packed_prefill.TILING": [64, 64, 4, 3]}' ;;
+    *) set_='{}' ;;
+  esac
+  dt=$([ "$run" = fp8 ] && echo fp8 || echo int4)
   timeout 130 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
-      --max-num-seqs 384 --long-requests 768 --kv-dtype int4 --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
+      --max-num-seqs 384 --long-requests 768 --kv-dtype "$dt" --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
   echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330
 done
 date -u +"## end %H:%M:%S"
