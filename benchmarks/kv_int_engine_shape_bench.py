@@ -94,6 +94,11 @@ INT4 = {
     "lpt_opkw_r128": dict(lpt=True, one_page=1, k_words=1, maxnreg=128),
     "opkw": dict(one_page=1, k_words=1),  # 32 x 8k (16-key tiles, 8 splits): 1,156 -> 703 a tile
     "op2kw": dict(one_page=2, k_words=1),
+    # session 14: one_page 1 + k_words + v_words 4 became the defaults; s13 is session 13's defaults
+    "s13": dict(one_page=0, k_words=0, v_words=3),
+    "lpt_s13": dict(lpt=True, one_page=0, k_words=0, v_words=3),
+    "op2w4kw": dict(one_page=2, v_words=4, k_words=1),
+    "lpt_op2w4kw": dict(lpt=True, one_page=2, v_words=4, k_words=1),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)

@@ -168,14 +168,14 @@ def test_engine_window_chunked_prefix_triton_equals_reference(tiny_model, kv):
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+@pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
 def test_engine_own_float_triton_equals_reference(tiny_model, monkeypatch, kv):
     """``OWN_FLOAT`` through the engine (full attention: chunked prefill, mixed steps, prefix
     hits, CUDA graphs for the decodes): the same greedy tokens as the reference backend."""
     from qkv import LLM, SamplingParams
     from qkv.attention.triton import packed_prefill as pp
 
-    monkeypatch.setattr(pp, "OWN_FLOAT", True)
+    monkeypatch.setattr(pp, "OWN_FLOAT", {4: True, 8: True})
     path, _ = tiny_model("llama", head_dim=64, seed=4)
     base = list(range(5, 5 + 40))
     prompts = [base + [3, 4], list(range(9, 9 + 70)), base + [7] * 9, [11] * 5]

@@ -36,8 +36,10 @@ SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a conste
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 KEYS_ON_M = True  # the fast kernel's defaults (benchmarks/kv_int_decode_bench.py)
 # int4 V read as 32-bit words into halves (3): 152.5 us against 180.7 as bytes at batch 32 x 8k (H200,
-# session 7 round 2, 16-key tiles, 8 splits, fused); V_WORDS 0 keeps the bytes.
-V_WORDS = 3
+# session 7 round 2, 16-key tiles, 8 splits, fused); V_WORDS 0 keeps the bytes. 4 (eight dots of M = D/8,
+# one per nibble position; D >= 128, else 3) with ONE_PAGE and K_WORDS, H200 session 14, launch order on:
+# 384 rows x 1-2k keys 262.0 us against 286.0 (3 alone), 32 x 8k 136.4 against 152.1.
+V_WORDS = 4
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
@@ -80,10 +82,13 @@ MIN_SPLITS = {4: 1, 8: 1}
 L_DEFER = {4: False, 8: False}
 # Fast kernel, keys on M, no window (issue 16, session 9): tiles aligned to pages (BLOCK_N divides the
 # block size or is twice it) read their block-table entries as scalars (1), loaded a tile ahead (2).
-ONE_PAGE = 0
+# H200, session 14 (V_WORDS 3, no K_WORDS): 384 rows x 1-2k keys 284.2 us against 284.2; 32 x 8k 145.1
+# against 151.9. Ahead (2, with K_WORDS): 269.1 against 282.1 for 1. By bits as FUSED (int8 untimed).
+ONE_PAGE = {4: 1, 8: 0}
 # int4 K loaded as words and scored as eight dots of depth D/8, one per nibble position (D >= 128;
 # keys on M, not LAZY): no byte is split out of the words and no join repacks the widened values.
-K_WORDS = 0
+# H200, session 14, with ONE_PAGE 1: 282.1 us against 284.2; 32 x 8k 144.4 against 145.1.
+K_WORDS = 1
 
 
 @triton.jit
@@ -485,7 +490,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         keys_on_m and (not lazy or v_words == 4) and prefetch != 2) else False
     block_n, num_warps, num_stages, S = launch_shape(B, kvh, D, nbits, max_seq_len, fast, block_n, num_warps,
                                                      num_stages, splits)
-    one_page = int((ONE_PAGE if one_page is None else one_page) or 0) if (
+    one_page = int((ONE_PAGE[nbits] if one_page is None else one_page) or 0) if (
         keys_on_m and prefetch != 2 and window is None
         and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size)) else 0
     # (int4 K as eight dots of depth D/8: D >= 128)

@@ -295,13 +295,14 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
 HALVES = True
 ROT_IN_KERNEL = False
 ROT_KERNEL = True
-# Issue 16, session 13 (staged for the device, off): full-attention layers read this step's own
-# keys from bf16 rows instead of widening them from the pages in every program that sees them.
-# The rows are the pages' values (``_read_back``: the just-written slots dequantized once, as
-# kv_pages.stored), so the outputs are the pages path's up to summation order; the pages are
-# then read for the cached prefix only. A pure prefill step of the 1000/1000 run (8 prompts of
-# 1,000 tokens) spent 30.9 ms in this kernel against fp8's prefill kernel's 15.9 (H200).
-OWN_FLOAT = False
+# By the narrower plane's bits: full-attention layers read this step's own keys from rows of q's
+# dtype instead of widening them from the pages in every program that sees them (issue 16,
+# session 13). The rows are the pages' values (``_read_back``: the just-written slots dequantized
+# once, as kv_pages.stored), so the outputs are the pages path's up to summation order; the pages
+# are then read for the cached prefix only. H200, session 14, default tiling: int8 1,003.6 ->
+# 646.8 us at 8 x 1,000 new tokens (the 1000/1000 run's prompt step), 4,797 -> 3,937 at 8 x 2,048
+# over 2,048 cached; int4 1,459 -> 2,710 and 4,895 -> 9,770 (slower: int4 stays off).
+OWN_FLOAT = {4: False, 8: True}
 READ_BACK_ROWS = 32  # tokens a read-back program takes
 # A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
 # once (376 one-token rows x 32 tiles x 8 heads = 96k of them in the 1000/1000 run's mixed steps,
@@ -412,8 +413,8 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     (defaults ``HALVES`` / ``ROT_IN_KERNEL``), ``compact`` the grid (default ``COMPACT``), all
     giving the reference's values; ``scratch``: a dict that lives for the step (the batch's), where
     the compact grid's tile count is kept for the step's other layers; ``own_float`` (default
-    ``OWN_FLOAT``; full-attention layers): this step's keys read back once into rows of q's
-    dtype and scored from there."""
+    ``OWN_FLOAT`` by the narrower plane's bits; full-attention layers): this step's keys read
+    back once into rows of q's dtype and scored from there."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -449,7 +450,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     words = D * min(kp.fmt.bits, vp.fmt.bits) // 32
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
     compact = COMPACT if compact is None else compact
-    own = bool(OWN_FLOAT if own_float is None else own_float) and step_in_cache
+    own = bool(OWN_FLOAT[min(kp.fmt.bits, vp.fmt.bits)] if own_float is None else own_float) and step_in_cache
     kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align) if own else (q, q)
     if compact:
         key = ("packed_prefill_tiles", block_t, mixed)
