@@ -1,15 +1,15 @@
 """Decode attention at the shape of the `1000 in / 1000 out` engine run (issue 16): many rows
 of short contexts (384 sequences of 1,000-2,000 keys, Llama-3-8B's attention: 32 heads, 8 KV
 heads, head_dim 128, blocks of 16), where the 32 x 8k kernel bench says little about the
-split/tile choice. int4 pages through ``packed_decode`` (the engine's launch: no
-``max_seq_len`` inside a CUDA graph, and variants), the fp8 and bf16 caches through
+split/tile choice. int4 pages (``--kv``: any packed format) through ``packed_decode`` (the
+engine's launch: no ``max_seq_len`` inside a CUDA graph, and variants), the fp8 and bf16 caches through
 ``decode.paged_decode`` (the engine's launch), each timed as a CUDA-graph replay.
 
 GB/s counts the bytes each format must read for the keys the rows attend to (values and
 scales); ``frac`` is that over the copy rate measured in the same run. Each int4 variant's
 output is compared with the plain kernel's (``d``: max |difference|).
 
-    PYTHONPATH=. python benchmarks/kv_int_engine_shape_bench.py --out $OUT [--rows 384] [--big]
+    PYTHONPATH=. python benchmarks/kv_int_engine_shape_bench.py --out $OUT [--rows 384] [--big] [--kv int8]
 """
 
 from __future__ import annotations
@@ -99,6 +99,13 @@ INT4 = {
     "lpt_s13": dict(lpt=True, one_page=0, k_words=0, v_words=3),
     "op2w4kw": dict(one_page=2, v_words=4, k_words=1),
     "lpt_op2w4kw": dict(lpt=True, one_page=2, v_words=4, k_words=1),
+    # session 14, for --kv int8 (its decode-only steps took 56.6 s of the 1000/1000 run against fp8's
+    # 43.9): the int4 many-row tiling's 32-key tiles, scalar block-table entries
+    "lpt_n32": dict(lpt=True, block_n=32),
+    "lpt_n32op": dict(lpt=True, block_n=32, one_page=1),
+    "lpt_n32op2": dict(lpt=True, block_n=32, one_page=2),
+    "lpt_n32st3": dict(lpt=True, block_n=32, num_stages=3),
+    "n32op": dict(block_n=32, one_page=1),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
@@ -136,6 +143,7 @@ def main():
     ap.add_argument("--profile-only", action="store_true",
                     help="for ncu: the first shape only, each variant launched twice, nothing timed")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
+    ap.add_argument("--kv", default="int4", help="the packed cache's format: int4, int8 or K,V (int8,int4)")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_engine_shape.jsonl")
     open(path, "w").close()
@@ -175,7 +183,7 @@ def main():
         keys = int(lens.sum())
         q = torch.randn(B, H, D, dtype=torch.bfloat16, device=dev, generator=g)
         scale = D ** -0.5
-        spec = FullAttention(KVH, D, 1, packed=resolve("int4", None, None, torch.bfloat16)[1])
+        spec = FullAttention(KVH, D, 1, packed=resolve(args.kv, None, None, torch.bfloat16)[1])
         cache = kv_pages.new_cache(spec, nblk, BS, torch.uint8, dev)
         step = 1 << 16
         for s0 in range(0, nblk * BS, step):
@@ -200,10 +208,10 @@ def main():
                     d = (fn().float() - ref).abs().max().item()
                     ms = timed(fn)
                     nbytes = keys * per_tok
-                    record(name="int4", shape=label, variant=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
+                    record(name=args.kv, shape=label, variant=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
                            frac=nbytes / (ms / 1e3) / bw, d=d, rep=rep)
                 except Exception as e:
-                    record(name="int4", shape=label, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
+                    record(name=args.kv, shape=label, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
         del cache
         torch.cuda.empty_cache()
         peers = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}

@@ -3,7 +3,9 @@
 # call: its GPU tests, the prefill kernel alone at the 1000/1000 run's prompt step (8 x 1,000 new
 # tokens, nothing cached) and at 8 x 2,048 over 2,048 cached, with and without it, one pure
 # prefill step profiled, then the 1000/1000 engine run: int4 with it, int4 without, fp8 (each its
-# own process). Run from the repository root with OUT_DIR set. ~8 min.
+# own process). Run from the repository root with OUT_DIR set. ~8 min. Session 14 ran it: int8
+# gained (now its default), int4 lost 2-3.5x (its own rows loaded as 2-byte even/odd columns);
+# after the read-back's halves order, this script is int4's re-run.
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT_DIR=${OUT_DIR:-out}
@@ -17,10 +19,10 @@ timeout 100 python3 benchmarks/kv_int_prefill_bench.py --new 1000 --cached 0 \
 timeout 60 python3 benchmarks/kv_int_prefill_bench.py 2>&1 | grep -E "default|paged" | cut -c1-120
 date -u +"## profile %H:%M:%S"
 timeout 100 python3 benchmarks/mixed_step_profile.py --kv-dtype int4 --decodes 0 --variants default --top 8 \
-    --set '{"packed_prefill.OWN_FLOAT": true}' --out "$OUT_DIR" 2>&1 | grep -v "^\[" | tail -10
+    --set '{"packed_prefill.OWN_FLOAT": {"4": true}}' --out "$OUT_DIR" 2>&1 | grep -v "^\[" | tail -10
 for run in int4-own int4 fp8; do
   date -u +"## engine $run %H:%M:%S"
-  set_=$([ "$run" = int4-own ] && echo '{"packed_prefill.OWN_FLOAT": true}' || echo '{}')
+  set_=$([ "$run" = int4-own ] && echo '{"packed_prefill.OWN_FLOAT": {"4": true}}' || echo '{}')
   timeout 130 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
       --max-num-seqs 384 --long-requests 768 --kv-dtype "${run%-own}" --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
   echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330

@@ -95,19 +95,21 @@ def test_packed_prefill_variants_equal_reference(kv, case, halves, rot_in_kernel
 
 
 @pytest.mark.parametrize("halves", [True, False])
-@pytest.mark.parametrize("kv", ["int4", "int8,int4", "int4,int8"])
+@pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4", "int4,int8"])
 @pytest.mark.parametrize("case", ["prefill-gqa", "chunk-prefix", "mixed", "group-3-softcap", "window", "window-ring"])
 def test_packed_prefill_own_keys_as_float_rows_equal_reference(kv, case, halves):
-    """``own_float`` (staged, off by default): this step's keys read back once into rows of the
-    query's dtype and scored from there, the pages read for the cached prefix only (rings keep
+    """``own_float`` (int8's default): this step's keys read back once into rows of the
+    query's dtype (in the halves' column order) and scored from there, the pages read for the cached prefix only (rings keep
     their scratch pages: the flag leaves them alone)."""
     run_case(case, kv, halves=halves, own_float=True)
 
 
-@pytest.mark.parametrize("kv", ["int4", "int8", "int4,int8"])
-def test_read_back_is_the_pages_values(kv):
+@pytest.mark.parametrize("half_order", [False, True])
+@pytest.mark.parametrize("kv", ["int4", "int8", "int4,int8", "int8,int4"])
+def test_read_back_is_the_pages_values(kv, half_order):
     """``_read_back``: each slot's K and V exactly as the reference reads them from the pages
-    (kv_pages.read; rotated planes stay rotated); slot -1 rows are zeros."""
+    (kv_pages.read; rotated planes stay rotated); slot -1 rows are zeros. ``half_order``: an
+    int4 plane's rows hold the even columns, then the odd ones; an int8 plane's are unchanged."""
     from qkv.attention.triton.packed_prefill import _read_back
 
     KVH, D, nb, bs = 2, 64, 4, 16
@@ -118,10 +120,13 @@ def test_read_back_is_the_pages_values(kv):
         kv_pages.write(cache, plane, torch.randn(nb * bs, KVH, D, generator=gen).to(DEV), slots_all)
     slots = torch.tensor([5, 17, -1, 40, 63, 0, 33], device=DEV)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    kf, vf = _read_back(cache, slots, dtype, 4)
+    kf, vf = _read_back(cache, slots, dtype, 4, half_order)
     ok = slots >= 0
+    bits = [4 if f == "int4" else 8 for f in (kv.split(",") * 2)[:2]]
     for plane, got in ((0, kf), (1, vf)):
         want = kv_pages.read(cache, plane, slots[ok], torch.float32).to(dtype)
+        if half_order and bits[plane] == 4:
+            want = torch.cat([want[..., 0::2], want[..., 1::2]], -1)
         assert torch.equal(got[ok], want)
         assert not got[~ok].any()
 
@@ -191,7 +196,11 @@ def test_engine_own_float_triton_equals_reference(tiny_model, monkeypatch, kv):
 def test_own_float_variants_build_for_sm90():
     """The prefill kernel with and without ``OWN_FLOAT`` (Llama-3-8B's int4 constants, the
     default tiling) and the read-back kernel assemble for sm_90 (ptxas, no GPU needed); the
-    own-keys kernel loads more (the float rows). In a subprocess: the interpreter is on here."""
+    own-keys kernel loads more (the float rows). With pointers 16-byte aligned (as the JIT
+    specializes them), int4's own rows load as wide as int8's: no more 2-byte loads than int8's
+    build (before the read-back's halves order, int4's even/odd columns loaded 2 bytes at a time:
+    196 against 72), and the read-back stores 16-byte vectors. In a subprocess: the interpreter
+    is on here."""
     from compiled_run import run_uninterpreted
 
     pytest.importorskip("triton.backends.nvidia")
@@ -203,21 +212,25 @@ from qkv.attention.triton import packed_prefill as pp
 
 def build(fn, types, const, warps, stages):
     sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in const and sig[n].startswith("*")}
+    k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps, "num_stages": stages})
     assert len(k.asm["cubin"]) > 0
-    return k.asm["ptx"].count("ld.global")
+    return k.asm["ptx"]
 
 ptrs = dict(Q="*bf16", C8="*u8", C16="*fp16", C32="*i32", S8="*u8", S16="*fp16", S32="*i32", BT="*i64",
             QSL="*i64", NC="*i64", OUT="*bf16", HPM="*bf16", CUM="*i32", KF="*bf16", VF="*bf16", SLOT="*i64",
             sm_scale="fp32", softcap="fp32")
-const = dict(KVH=8, G=4, G_PAD=4, D=128, BS=16, BLOCK_T=32, BLOCK_N=64, K_BITS=4, K_GRP=16, V_BITS=4, V_GRP=16,
-             ALIGN=4, HAS_WINDOW=False, HAS_RING=False, HAS_SOFTCAP=False, STEP_IN_CACHE=True, SKIP_DECODE=True,
-             IEEE=False, HALVES=True, ASM=2, ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True)
-pages = build(pp._packed_prefill_kernel, ptrs, dict(const, OWN_FLOAT=False), 8, 3)
-own = build(pp._packed_prefill_kernel, ptrs, dict(const, OWN_FLOAT=True), 8, 3)
-rb = build(pp._read_back_kernel, ptrs, dict(KVH=8, D=128, BS=16, BLOCK=32, K_BITS=4, K_GRP=16, V_BITS=4, V_GRP=16,
-                                           ALIGN=4), 4, 1)
-print(own > pages, rb > 0)
+const = dict(KVH=8, G=4, G_PAD=4, D=128, BS=16, BLOCK_T=32, BLOCK_N=64, ALIGN=4, HAS_WINDOW=False,
+             HAS_RING=False, HAS_SOFTCAP=False, STEP_IN_CACHE=True, SKIP_DECODE=True, IEEE=False, HALVES=True, ASM=2,
+             ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True)
+fmt = {b: dict(K_BITS=b, K_GRP=16 if b == 4 else 64, V_BITS=b, V_GRP=16 if b == 4 else 64) for b in (4, 8)}
+pages = build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[4], OWN_FLOAT=False), 8, 3)
+own = {b: build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[b], OWN_FLOAT=True), 8, 3) for b in (4, 8)}
+rb = build(pp._read_back_kernel, ptrs, dict(KVH=8, D=128, BS=16, BLOCK=32, ALIGN=4, HALF_ORDER=True, **fmt[4]), 4, 1)
+loads = lambda ptx: ptx.count("ld.global") + ptx.count("cp.async.c")  # noqa: E731
+print(loads(own[4]) > loads(pages), own[4].count("ld.global.b16") <= own[8].count("ld.global.b16"),
+      rb.count("st.global.v4") > 0 and "st.global.b16" not in rb)
 '''
-    assert run_uninterpreted(script) == ["True", "True"]
+    assert run_uninterpreted(script) == ["True", "True", "True"]

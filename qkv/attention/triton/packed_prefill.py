@@ -243,8 +243,15 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                                            k_scales, v_vals, v_scales, K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN,
                                            DT, HALVES, ASM, HAS_WINDOW, HAS_SOFTCAP, PREC)
 
-    # Phase 2 (OWN_FLOAT): this step's keys [nc, q_hi) as stored, rows of KF/VF (row r: token r).
+    # Phase 2 (OWN_FLOAT): this step's keys [nc, q_hi) as stored, rows of KF/VF (row r: token r),
+    # each row in its halves' column order (_read_back): every half loads as contiguous columns
+    # (int4's even and odd columns as strided 2-byte loads were 2-3.5x slower, session 14).
     if OWN_FLOAT:
+        fa_c = d
+        fb_c = d
+        if HALVES:
+            fa_c = tl.arange(0, D // 2)
+            fb_c = fa_c + D // 2
         full2 = nc
         if not HAS_WINDOW:  # whole tiles below the first query row: unmasked
             full2 = nc + ((q_lo - nc) // BLOCK_N) * BLOCK_N
@@ -255,8 +262,8 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                 m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, 0, 0, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
                                                acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales,
                                                K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM,
-                                               HAS_WINDOW, HAS_SOFTCAP, PREC, False, KF, VF, frow, ka_c, kb_c, va_c,
-                                               vb_c, True)
+                                               HAS_WINDOW, HAS_SOFTCAP, PREC, False, KF, VF, frow, fa_c, fb_c, fa_c,
+                                               fb_c, True)
         else:
             full2 = tl.maximum(nc, q_lo - window + 1)
             full2 = nc + ((full2 - nc) // BLOCK_N) * BLOCK_N
@@ -267,7 +274,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
             m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, 0, 0, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a, acc_b,
                                            sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales, K_BITS,
                                            K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM, HAS_WINDOW,
-                                           HAS_SOFTCAP, PREC, True, KF, VF, frow, ka_c, kb_c, va_c, vb_c, True)
+                                           HAS_SOFTCAP, PREC, True, KF, VF, frow, fa_c, fb_c, fa_c, fb_c, True)
 
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # (padding rows: 0, not 0/0; not stored)
     op = OUT + (row0 + t)[:, None] * stride_ot + heads[:, None] * stride_oh
@@ -334,9 +341,11 @@ def _rot_rows_kernel(X, HPM, Y, N, RSQ: tl.constexpr, D: tl.constexpr, BLOCK: tl
 def _read_back_kernel(C8, C16, C32, SLOT, KF, VF, N, page_bytes, k_vals, k_scales, v_vals, v_scales,
                       KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
                       K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
-                      ALIGN: tl.constexpr):
+                      ALIGN: tl.constexpr, HALF_ORDER: tl.constexpr = False):
     """Rows r of KF/VF [N, KVH, D] (KV head: program_id 1) <- the K and V values that slot
-    SLOT[r] of the pages holds, dequantized to KF's dtype (slot -1: zeros)."""
+    SLOT[r] of the pages holds, dequantized to KF's dtype (slot -1: zeros). HALF_ORDER: each
+    plane's row in its halves' column order (``_half_cols``: int4 the even columns then the odd,
+    int8 unchanged), so the prefill kernel loads each half as contiguous columns."""
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     kvh = tl.program_id(1)
     slot = tl.load(SLOT + r, mask=r < N, other=-1)
@@ -345,16 +354,31 @@ def _read_back_kernel(C8, C16, C32, SLOT, KF, VF, N, page_bytes, k_vals, k_scale
     base = (slot // BS).to(tl.int64) * page_bytes
     row = (slot % BS) * KVH + kvh
     DT = KF.dtype.element_ty
-    off = r[:, None].to(tl.int64) * (KVH * D) + kvh * D + tl.arange(0, D)[None, :]
+    off = r.to(tl.int64) * (KVH * D) + kvh * D
     kt = _tile(C32, C8, C16, base, k_vals, k_scales, row, ok, K_BITS, K_GRP, D, BLOCK, ALIGN, DT)
-    tl.store(KF + off, kt, mask=(r < N)[:, None])
+    _store_row(KF, off, kt, r < N, D, BLOCK, HALF_ORDER and K_BITS == 4)
     vt = _tile(C32, C8, C16, base, v_vals, v_scales, row, ok, V_BITS, V_GRP, D, BLOCK, ALIGN, DT)
-    tl.store(VF + off, vt, mask=(r < N)[:, None])
+    _store_row(VF, off, vt, r < N, D, BLOCK, HALF_ORDER and V_BITS == 4)
 
 
-def _read_back(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dtype: torch.dtype, align: int):
+@triton.jit
+def _store_row(X, off, x, rmask, D: tl.constexpr, BLOCK: tl.constexpr, EVEN_ODD: tl.constexpr):
+    """x [BLOCK, D] into rows ``off`` of X; EVEN_ODD: its even columns, then its odd ones (each
+    half stored as contiguous columns)."""
+    if EVEN_ODD:
+        ev, od = tl.split(tl.reshape(x, (BLOCK, D // 2, 2)))
+        h = tl.arange(0, D // 2)
+        tl.store(X + off[:, None] + h[None, :], ev, mask=rmask[:, None])
+        tl.store(X + off[:, None] + (D // 2 + h)[None, :], od, mask=rmask[:, None])
+    else:
+        tl.store(X + off[:, None] + tl.arange(0, D)[None, :], x, mask=rmask[:, None])
+
+
+def _read_back(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dtype: torch.dtype, align: int,
+               half_order: bool = False):
     """This step's K and V as its slots of ``kv_cache`` hold them: two new [T, KVH, D] tensors of
-    ``dtype`` (rotated planes stay rotated). Allocated here, freed with the step."""
+    ``dtype`` (rotated planes stay rotated; ``half_order``: each row's columns in its plane's
+    halves' order, see ``_read_back_kernel``). Allocated here, freed with the step."""
     lay, kp, vp = _layout_args(kv_cache)
     T, kvh, D = slot_mapping.shape[0], kp.rows, kp.width
     kf = torch.empty((T, kvh, D), dtype=dtype, device=kv_cache.device)
@@ -363,7 +387,7 @@ def _read_back(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dtype: torch.
         kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), slot_mapping, kf, vf, T,
         lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, KVH=kvh, D=D, BS=lay.block_size,
         BLOCK=READ_BACK_ROWS, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits,
-        V_GRP=vp.fmt.group_for(D), ALIGN=align, num_warps=4)
+        V_GRP=vp.fmt.group_for(D), ALIGN=align, HALF_ORDER=half_order, num_warps=4)
     return kf, vf
 
 
@@ -451,7 +475,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
     compact = COMPACT if compact is None else compact
     own = bool(OWN_FLOAT[min(kp.fmt.bits, vp.fmt.bits)] if own_float is None else own_float) and step_in_cache
-    kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align) if own else (q, q)
+    kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align, halves) if own else (q, q)
     if compact:
         key = ("packed_prefill_tiles", block_t, mixed)
         cum = None if scratch is None else scratch.get(key)

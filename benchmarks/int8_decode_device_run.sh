@@ -1,0 +1,30 @@
+#!/bin/bash
+# The int8 decode kernel at the 1000/1000 run's shape (issue 16, staged in session 14): int8's
+# decode-only steps took 56.6 s of that run against fp8's 43.9 and int4's 40.0 (H200, session 14),
+# and int8 has neither int4's many-row tiling (32-key tiles from 1,024 rows) nor scalar
+# block-table entries (ONE_PAGE is by bits; int8's 0, never timed). One device call: the kernels
+# at the run's shape (longest first, as the engine launches them) and at 32 x 8k, then the
+# 1000/1000 engine run: int8 as it is, with 32-key many-row tiles, with those and ONE_PAGE, and
+# fp8 (each its own process; RUNS picks). Run from the repository root with OUT_DIR set. ~8 min.
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT_DIR=${OUT_DIR:-out}
+mkdir -p "$OUT_DIR"
+date -u +"## kernels %H:%M:%S"
+timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --kv int8 --big --peers fp8lpt --repeat 2 \
+    --variants lpt,lpt_op,lpt_n32,lpt_n32op,lpt_n32op2,lpt_n32st3 --big-variants default,op,n32,n32op \
+    > "$OUT_DIR/kernels.log" 2>&1
+echo "## kernels rc $?"
+python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
+for run in ${RUNS:-int8 int8-n32 int8-n32op fp8}; do
+  date -u +"## engine $run %H:%M:%S"
+  case $run in
+    int8-n32) set_='{"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}}' ;;
+    int8-n32op) set_='{"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}, "ONE_PAGE": {"8": 1}}' ;;
+    *) set_='{}' ;;
+  esac
+  timeout 140 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
+      --max-num-seqs 384 --long-requests 768 --kv-dtype "${run%%-*}" --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
+  echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330
+done
+date -u +"## end %H:%M:%S"
