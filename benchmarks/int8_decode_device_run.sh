@@ -12,7 +12,7 @@ OUT_DIR=${OUT_DIR:-out}
 mkdir -p "$OUT_DIR"
 date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --kv int8 --big --peers fp8lpt --repeat 2 \
-    --variants lpt,lpt_op,lpt_n32,lpt_n32op,lpt_n32op2,lpt_n32st3 --big-variants default,op,n32,n32op \
+    --variants lpt,lpt_op,lpt_n32,lpt_n32op,lpt_n32op2,lpt_n32st3,lpt_n32op_r128 --big-variants default,op,n32,n32op \
     > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"

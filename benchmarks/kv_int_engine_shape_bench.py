@@ -105,6 +105,8 @@ INT4 = {
     "lpt_n32op": dict(lpt=True, block_n=32, one_page=1),
     "lpt_n32op2": dict(lpt=True, block_n=32, one_page=2),
     "lpt_n32st3": dict(lpt=True, block_n=32, num_stages=3),
+    # (sm_90 builds: int8 32-key tiles take 243 registers, 8 warps an SM; 193 with one_page; 16-key 127)
+    "lpt_n32op_r128": dict(lpt=True, block_n=32, one_page=1, maxnreg=128),
     "n32op": dict(block_n=32, one_page=1),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
