@@ -22,15 +22,13 @@ if [ -z "${NO_KERNELS:-}" ]; then
   echo "## kernels rc $?"
   python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 fi
+. benchmarks/engine_1000.sh
 for run in ${RUNS:-int4 int4-s13 fp8}; do
-  date -u +"## engine $run %H:%M:%S"
   case $run in
     int4-s13) set_='{"ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}' ;;
     int8-noown) set_='{"packed_prefill.OWN_FLOAT": {"8": false}}' ;;
     *) set_='{}' ;;
   esac
-  timeout 130 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
-      --max-num-seqs 384 --long-requests 768 --kv-dtype "${run%%-*}" --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
-  echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330
+  engine_1000 "$run" "${run%%-*}" "$set_"
 done
 date -u +"## end %H:%M:%S"

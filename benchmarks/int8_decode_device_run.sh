@@ -16,15 +16,13 @@ timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --k
     > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
+. benchmarks/engine_1000.sh
 for run in ${RUNS:-int8 int8-n32 int8-n32op fp8}; do
-  date -u +"## engine $run %H:%M:%S"
   case $run in
     int8-n32) set_='{"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}}' ;;
     int8-n32op) set_='{"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}, "ONE_PAGE": {"8": 1}}' ;;
     *) set_='{}' ;;
   esac
-  timeout 140 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
-      --max-num-seqs 384 --long-requests 768 --kv-dtype "${run%%-*}" --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
-  echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330
+  engine_1000 "$run" "${run%%-*}" "$set_"
 done
 date -u +"## end %H:%M:%S"

@@ -20,11 +20,8 @@ timeout 60 python3 benchmarks/kv_int_prefill_bench.py 2>&1 | grep -E "default|pa
 date -u +"## profile %H:%M:%S"
 timeout 100 python3 benchmarks/mixed_step_profile.py --kv-dtype int4 --decodes 0 --variants default --top 8 \
     --set '{"packed_prefill.OWN_FLOAT": {"4": true}}' --out "$OUT_DIR" 2>&1 | grep -v "^\[" | tail -10
-for run in int4-own int4 fp8; do
-  date -u +"## engine $run %H:%M:%S"
-  set_=$([ "$run" = int4-own ] && echo '{"packed_prefill.OWN_FLOAT": {"4": true}}' || echo '{}')
-  timeout 130 python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$run" --sections engine --parts none --long \
-      --max-num-seqs 384 --long-requests 768 --kv-dtype "${run%-own}" --packed-set "$set_" > "$OUT_DIR/$run.log" 2>&1
-  echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$run.log" | head -1 | cut -c1-330
-done
+. benchmarks/engine_1000.sh
+engine_1000 int4-own int4 '{"packed_prefill.OWN_FLOAT": {"4": true}}'
+engine_1000 int4 int4 '{}'
+engine_1000 fp8 fp8 '{}'
 date -u +"## end %H:%M:%S"
