@@ -108,6 +108,18 @@ INT4 = {
     # (sm_90 builds: int8 32-key tiles take 243 registers, 8 warps an SM; 193 with one_page; 16-key 127)
     "lpt_n32op_r128": dict(lpt=True, block_n=32, one_page=1, maxnreg=128),
     "n32op": dict(block_n=32, one_page=1),
+    # session 14: Triton's pipeliner keeps a tile's K/V data one tile ahead whatever num_stages is
+    # while the tile's block-table entry is loaded in the same iteration (one_page 1: buffers
+    # 1x16x16xi32 at 2, 3 and 4 stages); with the entries a tile ahead in registers (one_page 2) it
+    # keeps 2 tiles ahead at 3 stages and 3 at 4 (sm_90 builds, 16-key tiles: 96 registers at 3 and
+    # 4 stages against 128, 21 warps an SM against 16; 8.7 / 11.0 KB shared a warp)
+    "p2st3": dict(one_page=2, num_stages=3),
+    "p2st4": dict(one_page=2, num_stages=4),
+    "p2n32st3": dict(one_page=2, block_n=32, num_stages=3),
+    "lpt_p2st3": dict(lpt=True, one_page=2, num_stages=3),
+    "lpt_p2st4": dict(lpt=True, one_page=2, num_stages=4),
+    "lpt_p2n16st3": dict(lpt=True, one_page=2, block_n=16, num_stages=3),
+    "lpt_p2n16st4": dict(lpt=True, one_page=2, block_n=16, num_stages=4),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)

@@ -230,6 +230,17 @@ def test_packed_decode_nibble_dots_and_page_tiles_equal_reference(kv, case, bloc
                  v_words=v_words, k_words=k_words, one_page=one_page, l_defer=l_defer)
 
 
+@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+@pytest.mark.parametrize("case", ["d128", "d128-splits"])
+@pytest.mark.parametrize("block_n,num_stages", [(16, 3), (16, 4), (32, 3)])
+def test_packed_decode_pages_ahead_deeper_pipeline_equals_reference(kv, case, block_n, num_stages):
+    """Block-table entries a tile ahead (``one_page`` 2) let the pipeliner keep 2-3 tiles of K/V
+    in flight at 3-4 stages (issue 16, session 14): the reference's values, ragged tiles and
+    splits included."""
+    check_decode(kv, case, fast=True, keys_on_m=True, fused=True, block_n=block_n, num_warps=1, num_stages=num_stages,
+                 v_words=4, k_words=1, one_page=2)
+
+
 @gpu
 @pytest.mark.parametrize("kv", ["int4", "int8"])
 def test_packed_decode_fp16_query_equals_reference(kv):
