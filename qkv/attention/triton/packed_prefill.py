@@ -308,7 +308,9 @@ ROT_KERNEL = True
 # once, as kv_pages.stored), so the outputs are the pages path's up to summation order; the pages
 # are then read for the cached prefix only. H200, session 14, default tiling: int8 1,003.6 ->
 # 646.8 us at 8 x 1,000 new tokens (the 1000/1000 run's prompt step), 4,797 -> 3,937 at 8 x 2,048
-# over 2,048 cached; int4 1,459 -> 2,710 and 4,895 -> 9,770 (slower: int4 stays off).
+# over 2,048 cached; int4 1,459 -> 2,710 and 4,895 -> 9,770: its even/odd half columns loaded 2
+# bytes at a time. The read-back now stores rows in the halves' order (16-byte loads, as int8's);
+# int4 stays off until that is timed (benchmarks/packed_prefill_device_run.sh).
 OWN_FLOAT = {4: False, 8: True}
 READ_BACK_ROWS = 32  # tokens a read-back program takes
 # A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
