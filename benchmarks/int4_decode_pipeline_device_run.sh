@@ -22,7 +22,7 @@ fi
 date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt --repeat 2 \
     --variants lpt,lpt_op2w4kw,lpt_p2st3,lpt_p2st4,lpt_p2n16st3,lpt_p2n16st4 \
-    --big-variants default,op2w4kw,p2st3,p2st4,p2n32st3 > "$OUT_DIR/kernels.log" 2>&1
+    --big-variants default,op2w4kw,p2st3,p2st4,p2n32st3,p2st3s16 > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 . benchmarks/engine_1000.sh

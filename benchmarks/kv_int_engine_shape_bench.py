@@ -116,6 +116,7 @@ INT4 = {
     "p2st3": dict(one_page=2, num_stages=3),
     "p2st4": dict(one_page=2, num_stages=4),
     "p2n32st3": dict(one_page=2, block_n=32, num_stages=3),
+    "p2st3s16": dict(one_page=2, num_stages=3, splits=16),  # (32 x 8k: 4,096 programs for 21 x 132 places)
     "lpt_p2st3": dict(lpt=True, one_page=2, num_stages=3),
     "lpt_p2st4": dict(lpt=True, one_page=2, num_stages=4),
     "lpt_p2n16st3": dict(lpt=True, one_page=2, block_n=16, num_stages=3),
