@@ -230,7 +230,7 @@ def test_packed_decode_nibble_dots_and_page_tiles_equal_reference(kv, case, bloc
                  v_words=v_words, k_words=k_words, one_page=one_page, l_defer=l_defer)
 
 
-@pytest.mark.parametrize("kv", ["int4", "int8,int4"])
+@pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
 @pytest.mark.parametrize("case", ["d128", "d128-splits"])
 @pytest.mark.parametrize("block_n,num_stages", [(16, 3), (16, 4), (32, 3)])
 def test_packed_decode_pages_ahead_deeper_pipeline_equals_reference(kv, case, block_n, num_stages):
