@@ -20,7 +20,7 @@ if [ -z "${NO_TESTS:-}" ]; then
   echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -12 | cut -c1-300
 fi
 date -u +"## kernels %H:%M:%S"
-timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt --repeat 2 \
+timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt,fp8 --repeat 2 \
     --variants lpt,lpt_op2w4kw,lpt_p2st3,lpt_p2st4,lpt_p2n16st3,lpt_p2n16st4 \
     --big-variants default,op2w4kw,p2st3,p2st4,p2n32st3,p2st3s16 > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
