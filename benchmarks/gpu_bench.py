@@ -578,6 +578,9 @@ def set_packed_defaults(knobs: dict) -> None:
         mod = importlib.import_module(f"qkv.attention.triton.{mod_name or 'packed'}")
         cur = getattr(mod, name)
         if isinstance(cur, dict):
+            if not isinstance(value, dict):
+                raise SystemExit(f"--packed-set {key}: a default by bits ({cur}); give a dict such as "
+                                 f'{{"{key}": {{"4": ...}}}}, not {value!r}')
             cur = dict(cur)
             cur.update({int(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()})
             value = cur

@@ -38,7 +38,10 @@ def set_knobs(knobs: dict) -> dict:
         old[key] = getattr(mod, name)
         if isinstance(value, list):  # JSON lists back to the tuples the modules hold, nested or flat
             value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        if isinstance(old[key], dict) and isinstance(value, dict):  # a default by bits: update those keys
+        if isinstance(old[key], dict):  # a default by bits: update those keys
+            if not isinstance(value, dict):
+                raise SystemExit(f"--set {key}: a default by bits ({old[key]}); give a dict such as "
+                                 f'{{"{key}": {{"4": ...}}}}, not {value!r}')
             value = {**old[key], **{int(k): v for k, v in value.items()}}
         setattr(mod, name, value)
     return old
