@@ -5,7 +5,8 @@ Times, in the same run and on the same step (CUDA events, median of ``--iters``)
 point as the engine calls it (the step's K/V write included):
   * ``packed``: the Triton packed prefill kernel (triton.backend.packed_attention), and a few
     of its launch tilings (query tokens x keys per tile, warps, stages), each also with this
-    step's keys read back into bf16 rows (``own``: packed_prefill.OWN_FLOAT);
+    step's keys read back into bf16 rows (``own``: packed_prefill.OWN_FLOAT), and the default with
+    the cached prefix's page entries a tile ahead (``ahead``: packed_prefill.PAGES_AHEAD);
   * ``reference``: reference.packed_attention on the device (gathers and dequantizes the
     visible keys, then a dense softmax), the path prefill steps took before the kernel;
   * ``bf16`` / ``fp8``: the Triton backend's paged prefill over a bf16 / fp8 cache.
@@ -119,9 +120,12 @@ def main():
         rec(f"reference packed_attention ({kv})", us)
         del ref_cache
         torch.cuda.empty_cache()
-        for tiling, own in [(t, o) for t in [None] + TILINGS for o in (False, True)]:
+        runs = [(t, o, False) for t in [None] + TILINGS for o in (False, True)]
+        runs += [(None, o, True) for o in (False, True)]  # the prefix's page entries a tile ahead
+        for tiling, own, ahead in runs:
             kw = {} if tiling is None else dict(zip(("block_t", "block_n", "num_warps", "num_stages"), tiling))
             kw["own_float"] = own  # this step's keys read back once into bf16 rows (packed_prefill.OWN_FLOAT)
+            kw["pages_ahead"] = ahead  # (packed_prefill.PAGES_AHEAD)
 
             def step():
                 return packed_prefill(q, k, v, cache, batch.block_tables[0], batch.slot_mappings[0],
@@ -132,7 +136,8 @@ def main():
             except Exception as e:  # noqa: BLE001 - a tiling that does not compile (shared memory)
                 print(f"packed {kv} {tiling}: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
-            rec(f"triton packed prefill ({kv}) {'default' if tiling is None else tiling}{' own' if own else ''}", us,
+            rec(f"triton packed prefill ({kv}) {'default' if tiling is None else tiling}{' own' if own else ''}"
+                f"{' ahead' if ahead else ''}", us,
                 max_abs_diff=f"{err:.2e}")
         del cache
         torch.cuda.empty_cache()

@@ -104,6 +104,15 @@ def test_packed_prefill_own_keys_as_float_rows_equal_reference(kv, case, halves)
     run_case(case, kv, halves=halves, own_float=True)
 
 
+@pytest.mark.parametrize("own", [False, True])
+@pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
+@pytest.mark.parametrize("case", ["prefill-gqa", "chunk-prefix", "mixed", "group-3-softcap"])
+def test_packed_prefill_pages_ahead_equals_reference(kv, case, own):
+    """``pages_ahead`` (staged, off by default): the cached prefix's whole tiles take their
+    block-table entries a tile ahead; the reference's values, with and without own rows."""
+    run_case(case, kv, own_float=own, pages_ahead=True)
+
+
 @pytest.mark.parametrize("half_order", [False, True])
 @pytest.mark.parametrize("kv", ["int4", "int8", "int4,int8", "int8,int4"])
 def test_read_back_is_the_pages_values(kv, half_order):
@@ -199,8 +208,9 @@ def test_own_float_variants_build_for_sm90():
     own-keys kernel loads more (the float rows). With pointers 16-byte aligned (as the JIT
     specializes them), int4's own rows load as wide as int8's: no more 2-byte loads than int8's
     build (before the read-back's halves order, int4's even/odd columns loaded 2 bytes at a time:
-    196 against 72), and the read-back stores 16-byte vectors. In a subprocess: the interpreter
-    is on here."""
+    196 against 72), and the read-back stores 16-byte vectors. ``PAGES_AHEAD`` gives the cached
+    prefix's page data two pipeline buffers at 3 stages instead of one. In a subprocess: the
+    interpreter is on here."""
     from compiled_run import run_uninterpreted
 
     pytest.importorskip("triton.backends.nvidia")
@@ -210,21 +220,21 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from qkv.attention.triton import packed_prefill as pp
 
-def build(fn, types, const, warps, stages):
+def build(fn, types, const, warps, stages, ttgir=False):
     sig = {n: ("constexpr" if n in const else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in const and sig[n].startswith("*")}
     k = triton.compile(ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps, "num_stages": stages})
     assert len(k.asm["cubin"]) > 0
-    return k.asm["ptx"]
+    return k.asm["ptx"] if not ttgir else k.asm["ttgir"]
 
 ptrs = dict(Q="*bf16", C8="*u8", C16="*fp16", C32="*i32", S8="*u8", S16="*fp16", S32="*i32", BT="*i64",
             QSL="*i64", NC="*i64", OUT="*bf16", HPM="*bf16", CUM="*i32", KF="*bf16", VF="*bf16", SLOT="*i64",
             sm_scale="fp32", softcap="fp32")
 const = dict(KVH=8, G=4, G_PAD=4, D=128, BS=16, BLOCK_T=32, BLOCK_N=64, ALIGN=4, HAS_WINDOW=False,
              HAS_RING=False, HAS_SOFTCAP=False, STEP_IN_CACHE=True, SKIP_DECODE=True, IEEE=False, HALVES=True, ASM=2,
-             ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True)
+             ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True, PAGES_AHEAD=False)
 fmt = {b: dict(K_BITS=b, K_GRP=16 if b == 4 else 64, V_BITS=b, V_GRP=16 if b == 4 else 64) for b in (4, 8)}
 pages = build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[4], OWN_FLOAT=False), 8, 3)
 own = {b: build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[b], OWN_FLOAT=True), 8, 3) for b in (4, 8)}
@@ -232,5 +242,9 @@ rb = build(pp._read_back_kernel, ptrs, dict(KVH=8, D=128, BS=16, BLOCK=32, ALIGN
 loads = lambda ptx: ptx.count("ld.global") + ptx.count("cp.async.c")  # noqa: E731
 print(loads(own[4]) > loads(pages), own[4].count("ld.global.b16") <= own[8].count("ld.global.b16"),
       rb.count("st.global.v4") > 0 and "st.global.b16" not in rb)
+# the cached prefix's page data: one buffer with the entries loaded in the tile's iteration, two a tile ahead
+bufs = [build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[4], OWN_FLOAT=True, PAGES_AHEAD=a), 8, 3, True)
+        for a in (False, True)]
+print("2x64x64xi8" not in bufs[0] and "2x64x64xi8" in bufs[1])
 '''
-    assert run_uninterpreted(script) == ["True", "True", "True"]
+    assert run_uninterpreted(script) == ["True"] * 4

@@ -140,7 +140,8 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                            HAS_SOFTCAP: tl.constexpr, STEP_IN_CACHE: tl.constexpr, SKIP_DECODE: tl.constexpr,
                            IEEE: tl.constexpr, HALVES: tl.constexpr = False, ASM: tl.constexpr = 0,
                            ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False, RSQ: tl.constexpr = 1.0,
-                           COMPACT: tl.constexpr = False, OWN_FLOAT: tl.constexpr = False):
+                           COMPACT: tl.constexpr = False, OWN_FLOAT: tl.constexpr = False,
+                           PAGES_AHEAD: tl.constexpr = False):
     kvh = tl.program_id(2)
     if COMPACT:  # one program per query tile of a sequence this kernel computes (CUM), the last tile first
         b, mblk, valid = _tile_of(CUM, tl.program_id(0), B)
@@ -206,10 +207,17 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
     full_end = lo  # [lo, full_end): whole tiles every query row sees, unmasked (none with a window)
     if not HAS_WINDOW:
         full_end = (tl.minimum(q_lo, end) // BLOCK_N) * BLOCK_N
+        if PAGES_AHEAD:  # the first tile's entries; each iteration loads the next tile's
+            nxt = tl.load(BT + b * stride_bt + tl.minimum(lo + tl.arange(0, BLOCK_N), full_end - 1) // BS,
+                          mask=lo < full_end, other=0)
         for start in range(lo, full_end, BLOCK_N):
             k_pos = start + tl.arange(0, BLOCK_N)
             nmask = k_pos < full_end  # (all true: the loads' mask)
-            blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
+            if PAGES_AHEAD:
+                blk = nxt.to(tl.int64)
+                nxt = tl.load(BT + b * stride_bt + tl.minimum(k_pos + BLOCK_N, full_end - 1) // BS)
+            else:
+                blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
             row = (k_pos % BS) * KVH + kvh
             m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, blk * page_bytes, row, nmask, k_pos, qa, qb, q_pos, m_i,
                                            l_i, acc_a, acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals,
@@ -313,6 +321,10 @@ ROT_KERNEL = True
 # int4 stays off until that is timed (benchmarks/packed_prefill_device_run.sh).
 OWN_FLOAT = {4: False, 8: True}
 READ_BACK_ROWS = 32  # tokens a read-back program takes
+# The cached prefix's whole tiles take their block-table entries a tile ahead (issue 16, session
+# 14, staged, off): loaded in the same iteration, they leave the pipeliner one buffer of page data
+# at any num_stages (TTGIR 1x64x64xi8 at 3 stages); a tile ahead, two (sm_90 builds, int4 and int8).
+PAGES_AHEAD = False
 # A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
 # once (376 one-token rows x 32 tiles x 8 heads = 96k of them in the 1000/1000 run's mixed steps,
 # at one resident program per SM); COMPACT launches one program per real query tile, each finding
@@ -426,7 +438,8 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
                    block_t: int | None = None, block_n: int | None = None, num_warps: int | None = None,
                    num_stages: int | None = None, halves: bool | None = None,
                    rot_in_kernel: bool | None = None, compact: bool | None = None,
-                   scratch: dict | None = None, own_float: bool | None = None) -> torch.Tensor:
+                   scratch: dict | None = None, own_float: bool | None = None,
+                   pages_ahead: bool | None = None) -> torch.Tensor:
     """q [T, H, D], k/v [T, KVH, D] packed by ``query_start_loc``: sequence b's queries sit at
     positions ``num_computed[b]`` onwards and see the cached prefix and this step's keys up to
     their own (within ``window``). Writes k/v (quantized) at ``slot_mapping`` (-1: skipped) and
@@ -440,7 +453,8 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     giving the reference's values; ``scratch``: a dict that lives for the step (the batch's), where
     the compact grid's tile count is kept for the step's other layers; ``own_float`` (default
     ``OWN_FLOAT`` by the narrower plane's bits; full-attention layers): this step's keys read
-    back once into rows of q's dtype and scored from there."""
+    back once into rows of q's dtype and scored from there; ``pages_ahead`` (default
+    ``PAGES_AHEAD``): the cached prefix's block-table entries loaded a tile ahead."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -505,6 +519,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
         HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact, OWN_FLOAT=own,
+        PAGES_AHEAD=PAGES_AHEAD if pages_ahead is None else pages_ahead,
         num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
