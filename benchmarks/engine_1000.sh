@@ -1,4 +1,4 @@
-# Sourced by the device scripts: engine_1000 NAME KV SET runs the 768 x 1000 in / 1000 out engine
+# Sourced by the device scripts. engine_1000 NAME KV SET runs the 768 x 1000 in / 1000 out engine
 # run (Llama-3-8B's shape, random bf16 weights, 384 sequences at once) in its own process, with
 # SET (JSON) as gpu_bench.py --packed-set, its output in $OUT_DIR/NAME{,.log}, and prints its
 # result line. ENGINE_TIMEOUT (s, default 140) bounds it.
@@ -7,4 +7,16 @@ engine_1000() {
   timeout "${ENGINE_TIMEOUT:-140}" python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$1" --sections engine --parts none \
       --long --max-num-seqs 384 --long-requests 768 --kv-dtype "$2" --packed-set "$3" > "$OUT_DIR/$1.log" 2>&1
   echo "## rc $?"; grep -E '"workload": "768x1000' "$OUT_DIR/$1.log" | head -1 | cut -c1-330
+}
+
+# engine_runs DEFAULT: stdin is a table of runs, one "NAME KV SET" a line; runs those RUNS names
+# (DEFAULT when RUNS is unset), in that order, with engine_1000.
+engine_runs() {
+  local table name kv set_ n
+  table=$(cat)
+  for n in ${RUNS:-$1}; do
+    read -r name kv set_ <<< "$(awk -v n="$n" '$1 == n' <<< "$table")"
+    if [ -z "$name" ]; then echo "## no run named $n"; continue; fi
+    engine_1000 "$name" "$kv" "$set_"
+  done
 }

@@ -23,12 +23,11 @@ if [ -z "${NO_KERNELS:-}" ]; then
   python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 fi
 . benchmarks/engine_1000.sh
-for run in ${RUNS:-int4 int4-s13 fp8}; do
-  case $run in
-    int4-s13) set_='{"ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}' ;;
-    int8-noown) set_='{"packed_prefill.OWN_FLOAT": {"8": false}}' ;;
-    *) set_='{}' ;;
-  esac
-  engine_1000 "$run" "${run%%-*}" "$set_"
-done
+engine_runs "int4 int4-s13 fp8" <<'RUNS'
+int4 int4 {}
+int4-s13 int4 {"ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}
+fp8 fp8 {}
+int8 int8 {}
+int8-noown int8 {"packed_prefill.OWN_FLOAT": {"8": false}}
+RUNS
 date -u +"## end %H:%M:%S"

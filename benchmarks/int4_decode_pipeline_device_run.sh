@@ -26,12 +26,10 @@ timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --b
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 . benchmarks/engine_1000.sh
-for run in ${RUNS:-int4-p2st3 int4 fp8 int4-p2n16st3}; do
-  case $run in
-    int4-p2st3) set_='{"ONE_PAGE": {"4": 2}, "FAST_TILING": {"4": [16, 1, 3]}, "FAST_TILING_MANY_ROWS": {"4": [32, 1, 3]}}' ;;
-    int4-p2n16st3) set_='{"ONE_PAGE": {"4": 2}, "FAST_TILING": {"4": [16, 1, 3]}, "FAST_TILING_MANY_ROWS": {"4": [16, 1, 3]}}' ;;
-    *) set_='{}' ;;
-  esac
-  engine_1000 "$run" "${run%%-*}" "$set_"
-done
+engine_runs "int4-p2st3 int4 fp8 int4-p2n16st3" <<'RUNS'
+int4-p2st3 int4 {"ONE_PAGE": {"4": 2}, "FAST_TILING": {"4": [16, 1, 3]}, "FAST_TILING_MANY_ROWS": {"4": [32, 1, 3]}}
+int4 int4 {}
+fp8 fp8 {}
+int4-p2n16st3 int4 {"ONE_PAGE": {"4": 2}, "FAST_TILING": {"4": [16, 1, 3]}, "FAST_TILING_MANY_ROWS": {"4": [16, 1, 3]}}
+RUNS
 date -u +"## end %H:%M:%S"

@@ -19,12 +19,10 @@ python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 # RUNS: opkw (ONE_PAGE + K_WORDS), default, pt64 (the prefill kernel at 64 rows x 64 keys, 4 warps,
 # 3 stages, which session 14 timed faster for int4 alone), fp8 (the peer, same call).
 . benchmarks/engine_1000.sh
-for run in ${RUNS:-opkw default pt64 fp8}; do
-  case $run in
-    opkw*) set_='{"ONE_PAGE": {"4": 1}, "K_WORDS": 1, "V_WORDS": 3}' ;;
-    pt64*) set_='{"packed_prefill.TILING": [64, 64, 4, 3], "ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}' ;;
-    *) set_='{"ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}' ;;  # (session 13's defaults)
-  esac
-  engine_1000 "$run" "$([ "$run" = fp8 ] && echo fp8 || echo int4)" "$set_"
-done
+engine_runs "opkw default pt64 fp8" <<'RUNS'
+opkw int4 {"ONE_PAGE": {"4": 1}, "K_WORDS": 1, "V_WORDS": 3}
+default int4 {"ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}
+pt64 int4 {"packed_prefill.TILING": [64, 64, 4, 3], "ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}
+fp8 fp8 {}
+RUNS
 date -u +"## end %H:%M:%S"

@@ -20,13 +20,11 @@ timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --k
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 . benchmarks/engine_1000.sh
-for run in ${RUNS:-int8 int8-n32 int8-p2st3 fp8}; do
-  case $run in
-    int8-n32) set_='{"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}}' ;;
-    int8-n32op) set_='{"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}, "ONE_PAGE": {"8": 1}}' ;;
-    int8-p2st3) set_='{"FAST_TILING": {"8": [16, 1, 3]}, "ONE_PAGE": {"8": 2}}' ;;
-    *) set_='{}' ;;
-  esac
-  engine_1000 "$run" "${run%%-*}" "$set_"
-done
+engine_runs "int8 int8-n32 int8-p2st3 fp8" <<'RUNS'
+int8 int8 {}
+int8-n32 int8 {"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}}
+int8-p2st3 int8 {"FAST_TILING": {"8": [16, 1, 3]}, "ONE_PAGE": {"8": 2}}
+fp8 fp8 {}
+int8-n32op int8 {"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}, "ONE_PAGE": {"8": 1}}
+RUNS
 date -u +"## end %H:%M:%S"

@@ -118,7 +118,8 @@ def test_packed_prefill_pages_ahead_equals_reference(kv, case, own):
 def test_read_back_is_the_pages_values(kv, half_order):
     """``_read_back``: each slot's K and V exactly as the reference reads them from the pages
     (kv_pages.read; rotated planes stay rotated); slot -1 rows are zeros. ``half_order``: an
-    int4 plane's rows hold the even columns, then the odd ones; an int8 plane's are unchanged."""
+    int4 plane's rows hold the even columns, then the odd ones; an int8 plane's are unchanged.
+    With the step's scratch, a second read-back writes the first's rows (its own values)."""
     from qkv.attention.triton.packed_prefill import _read_back
 
     KVH, D, nb, bs = 2, 64, 4, 16
@@ -129,7 +130,10 @@ def test_read_back_is_the_pages_values(kv, half_order):
         kv_pages.write(cache, plane, torch.randn(nb * bs, KVH, D, generator=gen).to(DEV), slots_all)
     slots = torch.tensor([5, 17, -1, 40, 63, 0, 33], device=DEV)
     dtype = torch.bfloat16 if CUDA else torch.float32
-    kf, vf = _read_back(cache, slots, dtype, 4, half_order)
+    scratch = {}  # a step's: the second layer's read-back reuses the first's rows
+    first = _read_back(cache, slots.flip(0), dtype, 4, half_order, scratch)
+    kf, vf = _read_back(cache, slots, dtype, 4, half_order, scratch)
+    assert kf.data_ptr() == first[0].data_ptr() and vf.data_ptr() == first[1].data_ptr()
     ok = slots >= 0
     bits = [4 if f == "int4" else 8 for f in (kv.split(",") * 2)[:2]]
     for plane, got in ((0, kf), (1, vf)):

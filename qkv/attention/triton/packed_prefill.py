@@ -43,8 +43,8 @@ def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
           k_vals, k_scales, v_vals, v_scales, K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr,
           V_GRP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr,
           HALVES: tl.constexpr, ASM: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-          PREC: tl.constexpr, MASKED: tl.constexpr = True, KF=None, VF=None, frow=None, ka_c=None, kb_c=None,
-          va_c=None, vb_c=None, FLOAT: tl.constexpr = False):
+          PREC: tl.constexpr, MASKED: tl.constexpr = True, KF=None, VF=None, frow=None, fa_c=None, fb_c=None,
+          FLOAT: tl.constexpr = False):
     """One key tile of the online softmax (scores in log2 units), its K and V tiles widened from
     the packed planes of pages ``P*`` (the cache's or the scratch pages) at byte offsets ``base``,
     rows ``row``. HALVES: each tile as two halves of D/2 columns (packed_fast._halves: int4 the
@@ -53,11 +53,12 @@ def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
     of the output's matching columns; else one tile in natural order (``qa`` the query, ``acc_a``
     the accumulator). ``MASKED=False``: every key of the tile is valid and visible to every row.
     ``FLOAT``: the tiles are rows ``frow`` (element offsets) of ``KF``/``VF``, this step's own
-    keys as stored (``_read_back``), loaded in the halves' columns ``ka_c``.. (or whole)."""
+    keys as stored (``_read_back``, rows in the halves' order), each half at columns ``fa_c`` /
+    ``fb_c`` of both (or whole at ``fa_c``)."""
     if FLOAT:
-        ka = tl.load(KF + frow[:, None] + ka_c[None, :], mask=nmask[:, None], other=0.0)
+        ka = tl.load(KF + frow[:, None] + fa_c[None, :], mask=nmask[:, None], other=0.0)
         if HALVES:
-            kb = tl.load(KF + frow[:, None] + kb_c[None, :], mask=nmask[:, None], other=0.0)
+            kb = tl.load(KF + frow[:, None] + fb_c[None, :], mask=nmask[:, None], other=0.0)
             s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
         else:
             s = tl.dot(qa, tl.trans(ka), input_precision=PREC)
@@ -81,10 +82,10 @@ def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
     l_i = l_i * alpha + tl.sum(p, 1)
     pd = p.to(DT)
     if FLOAT:
-        va = tl.load(VF + frow[:, None] + va_c[None, :], mask=nmask[:, None], other=0.0)
+        va = tl.load(VF + frow[:, None] + fa_c[None, :], mask=nmask[:, None], other=0.0)
         acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
         if HALVES:
-            vb = tl.load(VF + frow[:, None] + vb_c[None, :], mask=nmask[:, None], other=0.0)
+            vb = tl.load(VF + frow[:, None] + fb_c[None, :], mask=nmask[:, None], other=0.0)
             acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
     elif HALVES:
         va, vb = _halves(P8, P16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, ASM, P32)
@@ -270,8 +271,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                 m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, 0, 0, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
                                                acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales,
                                                K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM,
-                                               HAS_WINDOW, HAS_SOFTCAP, PREC, False, KF, VF, frow, fa_c, fb_c, fa_c,
-                                               fb_c, True)
+                                               HAS_WINDOW, HAS_SOFTCAP, PREC, False, KF, VF, frow, fa_c, fb_c, True)
         else:
             full2 = tl.maximum(nc, q_lo - window + 1)
             full2 = nc + ((full2 - nc) // BLOCK_N) * BLOCK_N
@@ -282,7 +282,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
             m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, 0, 0, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a, acc_b,
                                            sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales, K_BITS,
                                            K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM, HAS_WINDOW,
-                                           HAS_SOFTCAP, PREC, True, KF, VF, frow, fa_c, fb_c, fa_c, fb_c, True)
+                                           HAS_SOFTCAP, PREC, True, KF, VF, frow, fa_c, fb_c, True)
 
     inv = 1.0 / tl.where(l_i > 0, l_i, 1.0)  # (padding rows: 0, not 0/0; not stored)
     op = OUT + (row0 + t)[:, None] * stride_ot + heads[:, None] * stride_oh
@@ -389,14 +389,21 @@ def _store_row(X, off, x, rmask, D: tl.constexpr, BLOCK: tl.constexpr, EVEN_ODD:
 
 
 def _read_back(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dtype: torch.dtype, align: int,
-               half_order: bool = False):
-    """This step's K and V as its slots of ``kv_cache`` hold them: two new [T, KVH, D] tensors of
+               half_order: bool = False, scratch: dict | None = None):
+    """This step's K and V as its slots of ``kv_cache`` hold them: two [T, KVH, D] tensors of
     ``dtype`` (rotated planes stay rotated; ``half_order``: each row's columns in its plane's
-    halves' order, see ``_read_back_kernel``). Allocated here, freed with the step."""
+    halves' order, see ``_read_back_kernel``). Allocated here once a step: with ``scratch`` (the
+    batch's, freed with the step) every layer reuses them, each layer's kernels having read
+    them, in stream order, before the next layer's read-back writes them."""
     lay, kp, vp = _layout_args(kv_cache)
     T, kvh, D = slot_mapping.shape[0], kp.rows, kp.width
-    kf = torch.empty((T, kvh, D), dtype=dtype, device=kv_cache.device)
-    vf = torch.empty_like(kf)
+    key = ("packed_prefill_read_back", T, kvh, D, dtype)
+    kf, vf = (None, None) if scratch is None else scratch.get(key, (None, None))
+    if kf is None:
+        kf = torch.empty((T, kvh, D), dtype=dtype, device=kv_cache.device)
+        vf = torch.empty_like(kf)
+        if scratch is not None:
+            scratch[key] = (kf, vf)
     _read_back_kernel[(triton.cdiv(T, READ_BACK_ROWS), kvh)](
         kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), slot_mapping, kf, vf, T,
         lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, KVH=kvh, D=D, BS=lay.block_size,
@@ -491,7 +498,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
     compact = COMPACT if compact is None else compact
     own = bool(OWN_FLOAT[min(kp.fmt.bits, vp.fmt.bits)] if own_float is None else own_float) and step_in_cache
-    kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align, halves) if own else (q, q)
+    kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align, halves, scratch) if own else (q, q)
     if compact:
         key = ("packed_prefill_tiles", block_t, mixed)
         cum = None if scratch is None else scratch.get(key)
