@@ -121,6 +121,9 @@ INT4 = {
     "lpt_p2st4": dict(lpt=True, one_page=2, num_stages=4),
     "lpt_p2n16st3": dict(lpt=True, one_page=2, block_n=16, num_stages=3),
     "lpt_p2n16st4": dict(lpt=True, one_page=2, block_n=16, num_stages=4),
+    # session 15: one_page 2 at 3 stages became the int4 default; s14 is session 14's
+    "s14": dict(one_page=1, num_stages=2),
+    "lpt_s14": dict(lpt=True, one_page=1, num_stages=2),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
@@ -135,13 +138,20 @@ KNOBS = {
 }
 
 
-def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000):
-    """(label, per-row key counts): the run's steady state (prompts of 1,000, up to 1,000 generated)."""
+def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000, probe: bool = False):
+    """(label, per-row key counts, query heads, KV heads, distinct pages or 0): the run's steady
+    state (prompts of 1,000, up to 1,000 generated). ``probe``: 32 x 8k's bytes where the reads
+    cannot be what bounds the kernel (the table's entries modulo 256 pages, ~4 MB: L2-resident)
+    and laid out as one KV head a sequence (256 x 8k, 4 query heads: a tile's 16 rows of a head
+    are contiguous in the page, 1 KB, not 64 B every 512)."""
     g = torch.Generator().manual_seed(1)
-    out = [(f"{rows}x{lo}-{hi}", torch.randint(lo, hi + 1, (rows,), generator=g))]
+    out = [(f"{rows}x{lo}-{hi}", torch.randint(lo, hi + 1, (rows,), generator=g), H, KVH, 0)]
     if big:
-        out.append(("32x8192", torch.full((32,), 8192)))
-    return out + [(f"{rows}x{lo + 70}", torch.full((rows,), lo + 70))]
+        out.append(("32x8192", torch.full((32,), 8192), H, KVH, 0))
+    if probe:
+        out += [("32x8192/L2", torch.full((32,), 8192), H, KVH, 256),
+                ("256x8192/kvh1", torch.full((256,), 8192), H // KVH, 1, 0)]
+    return out + [(f"{rows}x{lo + 70}", torch.full((rows,), lo + 70), H, KVH, 0)]
 
 
 def main():
@@ -149,6 +159,8 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--rows", type=int, default=384)
     ap.add_argument("--big", action="store_true", help="also batch 32 x 8k")
+    ap.add_argument("--probe", action="store_true",
+                    help="also 32 x 8k from L2 and as one KV head a sequence (what bounds the kernel)")
     ap.add_argument("--keys", default="1000,2000", help="the rows' key counts: uniform in [LO, HI]")
     ap.add_argument("--variants", default="default,s2,n32,qsld,r96")
     ap.add_argument("--big-variants", default=BIG)
@@ -180,7 +192,7 @@ def main():
         bw = measure(torch.device("cuda"))["copy_Bps"]
         record(name="copy", TBps=bw / 1e12, device=torch.cuda.get_device_name())
     g = torch.Generator(device=dev).manual_seed(0)
-    for label, lens in shapes(args.rows, args.big, *map(int, args.keys.split(","))):
+    for label, lens, H, KVH, l2 in shapes(args.rows, args.big, *map(int, args.keys.split(",")), probe=args.probe):
         if args.profile_only and args.profile_shape and label != args.profile_shape:
             continue
         B = lens.numel()
@@ -193,6 +205,8 @@ def main():
         for i, nb in enumerate(blocks.tolist()):
             table[i, :nb] = perm[at:at + nb]
             at += nb
+        if l2:  # every row reads the same few pages (the bytes counted are still every key's)
+            table %= l2
         table = table.to(dev)
         nc = (lens - 1).to(dev)
         keys = int(lens.sum())
@@ -214,7 +228,7 @@ def main():
             return
         ref = packed_decode(q, cache, table, nc, scale, max_seq_len=int(lens.max()), fast=False).float()
         for rep in range(args.repeat):
-            for name in (args.big_variants if label.startswith("32x") else args.variants).split(","):
+            for name in (args.big_variants if "x8192" in label else args.variants).split(","):
                 kw = dict(INT4[name])
                 if kw.pop("lpt", False):
                     kw["order"] = torch.argsort(nc, descending=True).to(torch.int32)

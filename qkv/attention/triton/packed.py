@@ -43,14 +43,18 @@ V_WORDS = 4
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
-FAST_TILING = {4: (16, 1, 2), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
+# int4 3 stages with ONE_PAGE 2 (the entries a tile ahead let the pipeliner keep 2 tiles in flight;
+# H200, session 15, in the same call: 32 x 8k 134.0 us against 136.0; 384 rows x 1-2k keys 255.9
+# against 262.3; 1000/1000 run 12,882 out tok/s against 12,822).
+FAST_TILING = {4: (16, 1, 3), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us against 235.3 with 32 (session 7)
 # Many (sequence, KV head) rows (one split each, e.g. the 1000 in / 1000 out run's 384 x 8): int4
 # 32-key tiles, 361.2 us against 425.2 with 16 at 384 rows x 1-2k keys (224.2 / 246.6 at 1,070 keys;
 # 8 rows of 16-key tiles were 162.6 / 151.6 at 32 x 8k, where 16 stay; H200, session 8). 3 stages
 # were faster alone (275.0 us against 285.3, longest first) but slower in the engine's decode steps
-# (41.77 and 41.83 s against 41.19 over the run's 1,953; session 13): 2 stay.
+# (41.77 and 41.83 s against 41.19 over the run's 1,953; session 13) with ONE_PAGE 1; with ONE_PAGE 2
+# they are faster in both (decode steps 38.17 s against 38.47 for ONE_PAGE 1 at 2; session 15).
 MANY_ROWS = 1024
-FAST_TILING_MANY_ROWS = {4: (32, 1, 2)}
+FAST_TILING_MANY_ROWS = {4: (32, 1, 3)}
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 # By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
 # 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
@@ -84,7 +88,9 @@ L_DEFER = {4: False, 8: False}
 # block size or is twice it) read their block-table entries as scalars (1), loaded a tile ahead (2).
 # H200, session 14 (V_WORDS 3, no K_WORDS): 384 rows x 1-2k keys 284.2 us against 284.2; 32 x 8k 145.1
 # against 151.9. Ahead (2, with K_WORDS): 269.1 against 282.1 for 1. By bits as FUSED (int8 untimed).
-ONE_PAGE = {4: 1, 8: 0}
+# int4 2 with 3 stages (FAST_TILING), session 15, same call: 384 rows x 1-2k keys 253.6 us (2 stages),
+# 255.9 (3) against 262.3 for 1; 32 x 8k 133.9 / 134.0 against 136.0. The engine ran the 3-stage one.
+ONE_PAGE = {4: 2, 8: 0}
 # int4 K loaded as words and scored as eight dots of depth D/8, one per nibble position (D >= 128;
 # keys on M, not LAZY): no byte is split out of the words and no join repacks the widened values.
 # H200, session 14, with ONE_PAGE 1: 282.1 us against 284.2; 32 x 8k 144.4 against 145.1.
