@@ -12,6 +12,17 @@ set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT_DIR=${OUT_DIR:-out}
 mkdir -p "$OUT_DIR"
+if [ -z "${NO_TESTS:-}" ]; then  # (session 15: int8's PAGES_AHEAD default)
+  date -u +"## tests %H:%M:%S"
+  timeout 100 python3 -m pytest -q -n 12 tests/test_triton_packed_prefill.py > "$OUT_DIR/tests.log" 2>&1
+  echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -8 | cut -c1-300
+fi
+if [ -n "${PROBE:-}" ]; then  # int4 at 32 x 8k from DRAM and from L2 in one call (session 15)
+  mkdir -p "$OUT_DIR/probe"
+  timeout 60 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR/probe" --big --probe --peers fp8 \
+      --rows 8 --variants default --big-variants default > "$OUT_DIR/probe.log" 2>&1
+  echo "## probe rc $?"; grep -E '"shape": "(32|256)x8192' "$OUT_DIR/probe.log" | cut -c1-160
+fi
 date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --kv int8 --big --peers fp8lpt --repeat 2 \
     --variants lpt,lpt_op,lpt_n32,lpt_n32op,lpt_n32op2,lpt_n32st3,lpt_n32op_r128,lpt_p2st3,lpt_p2st4 \
@@ -20,7 +31,7 @@ timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --k
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 . benchmarks/engine_1000.sh
-engine_runs "int8 int8-n32 int8-p2st3 fp8" <<'RUNS'
+engine_runs "int8 int8-n32 int8-p2st3" <<'RUNS'
 int8 int8 {}
 int8-n32 int8 {"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}}
 int8-p2st3 int8 {"FAST_TILING": {"8": [16, 1, 3]}, "ONE_PAGE": {"8": 2}}

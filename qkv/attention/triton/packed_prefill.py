@@ -318,13 +318,17 @@ ROT_KERNEL = True
 # 646.8 us at 8 x 1,000 new tokens (the 1000/1000 run's prompt step), 4,797 -> 3,937 at 8 x 2,048
 # over 2,048 cached; int4 1,459 -> 2,710 and 4,895 -> 9,770: its even/odd half columns loaded 2
 # bytes at a time. The read-back now stores rows in the halves' order (16-byte loads, as int8's);
-# int4 stays off until that is timed (benchmarks/packed_prefill_device_run.sh).
+# timed again (session 15, same call): int4 1,201 -> 1,319 us at 8 x 1,000 new, 4,902 -> 4,573 over
+# 2,048 cached, and the 1000/1000 run 12,450 -> 12,424 out tok/s: int4 stays off.
 OWN_FLOAT = {4: False, 8: True}
 READ_BACK_ROWS = 32  # tokens a read-back program takes
 # The cached prefix's whole tiles take their block-table entries a tile ahead (issue 16, session
-# 14, staged, off): loaded in the same iteration, they leave the pipeliner one buffer of page data
-# at any num_stages (TTGIR 1x64x64xi8 at 3 stages); a tile ahead, two (sm_90 builds, int4 and int8).
-PAGES_AHEAD = False
+# 14): loaded in the same iteration, they leave the pipeliner one buffer of page data at any
+# num_stages (TTGIR 1x64x64xi8 at 3 stages); a tile ahead, two (sm_90 builds, int4 and int8). By
+# the narrower plane's bits. H200, session 15, same call, 8 x 2,048 new over 2,048 cached: int8
+# (own rows) 4,022 -> 3,738 us, 8 x 1,000 with nothing cached 633 -> 639 (no prefix: neutral);
+# int4 4,902 -> 5,209 and 1,201 -> 1,510: off.
+PAGES_AHEAD = {4: False, 8: True}
 # A mixed step's grid of (query tiles x sequences x KV heads) is mostly programs that return at
 # once (376 one-token rows x 32 tiles x 8 heads = 96k of them in the 1000/1000 run's mixed steps,
 # at one resident program per SM); COMPACT launches one program per real query tile, each finding
@@ -461,7 +465,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     the compact grid's tile count is kept for the step's other layers; ``own_float`` (default
     ``OWN_FLOAT`` by the narrower plane's bits; full-attention layers): this step's keys read
     back once into rows of q's dtype and scored from there; ``pages_ahead`` (default
-    ``PAGES_AHEAD``): the cached prefix's block-table entries loaded a tile ahead."""
+    ``PAGES_AHEAD`` by the narrower plane's bits): the cached prefix's block-table entries loaded a tile ahead."""
     lay, kp, vp = _layout_args(kv_cache)
     T, H, D = q.shape
     kvh = kp.rows
@@ -526,7 +530,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
         HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact, OWN_FLOAT=own,
-        PAGES_AHEAD=PAGES_AHEAD if pages_ahead is None else pages_ahead,
+        PAGES_AHEAD=bool(PAGES_AHEAD[min(kp.fmt.bits, vp.fmt.bits)] if pages_ahead is None else pages_ahead),
         num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
