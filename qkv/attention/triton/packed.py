@@ -54,7 +54,10 @@ FAST_TILING = {4: (16, 1, 3), 8: (16, 1, 2)}  # int8 16-key tiles: 233.2 us agai
 # (41.77 and 41.83 s against 41.19 over the run's 1,953; session 13) with ONE_PAGE 1; with ONE_PAGE 2
 # they are faster in both (decode steps 38.17 s against 38.47 for ONE_PAGE 1 at 2; session 15).
 MANY_ROWS = 1024
-FAST_TILING_MANY_ROWS = {4: (32, 1, 3)}
+# int8 32-key tiles with ONE_PAGE 2 (H200, session 15, same call, longest first): 384 rows x 1-2k keys
+# 455 us against 600 (16-key tiles, ONE_PAGE 0) and 485 (32-key, 0); 1000/1000 run with 32-key tiles
+# (ONE_PAGE 0) 10,525 out tok/s against 10,053.
+FAST_TILING_MANY_ROWS = {4: (32, 1, 3), 8: (32, 1, 2)}
 PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 # By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
 # 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
@@ -90,7 +93,9 @@ L_DEFER = {4: False, 8: False}
 # against 151.9. Ahead (2, with K_WORDS): 269.1 against 282.1 for 1. By bits as FUSED (int8 untimed).
 # int4 2 with 3 stages (FAST_TILING), session 15, same call: 384 rows x 1-2k keys 253.6 us (2 stages),
 # 255.9 (3) against 262.3 for 1; 32 x 8k 133.9 / 134.0 against 136.0. The engine ran the 3-stage one.
-ONE_PAGE = {4: 2, 8: 0}
+# int8 2 (session 15): 32 x 8k 16-key tiles 225 us for 1 (2 stages), 229 for 2 (3 stages), 239 for 0;
+# the many-row tiling above.
+ONE_PAGE = {4: 2, 8: 2}
 # int4 K loaded as words and scored as eight dots of depth D/8, one per nibble position (D >= 128;
 # keys on M, not LAZY): no byte is split out of the words and no join repacks the widened values.
 # H200, session 14, with ONE_PAGE 1: 282.1 us against 284.2; 32 x 8k 144.4 against 145.1.
