@@ -573,9 +573,11 @@ def set_packed_defaults(knobs: dict) -> None:
     import importlib
 
     for key, value in knobs.items():
-        # "NAME": packed.py's; "module.NAME": that module's under qkv.attention.triton (packed_prefill.HALVES)
+        # "NAME": packed.py's; "module.NAME": that module's under qkv.attention.triton (packed_prefill.HALVES);
+        # "qkv.x.y.NAME": any module's (qkv.kvcache.kv_pages.HEAD_MAJOR)
         mod_name, _, name = key.rpartition(".")
-        mod = importlib.import_module(f"qkv.attention.triton.{mod_name or 'packed'}")
+        path = mod_name if mod_name.startswith("qkv.") else f"qkv.attention.triton.{mod_name or 'packed'}"
+        mod = importlib.import_module(path)
         cur = getattr(mod, name)
         if isinstance(cur, dict):
             if not isinstance(value, dict):

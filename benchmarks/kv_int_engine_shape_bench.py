@@ -124,6 +124,13 @@ INT4 = {
     # session 15: one_page 2 at 3 stages became the int4 default; s14 is session 14's
     "s14": dict(one_page=1, num_stages=2),
     "lpt_s14": dict(lpt=True, one_page=1, num_stages=2),
+    # session 15: 32 x 8k from L2 takes 119 us against 134 from HBM: the kernel's own work bounds it,
+    # issued by 16 single-warp programs an SM (2,048 for 15.5 places each). 16 splits at 64 registers:
+    # 4,096 programs, 31 an SM in one wave (32 fit by registers, 35 by shared at 2 stages), twice the
+    # warps a scheduler, for 20-22 spill loads a tile (sm_90 builds: 533-552 instructions a tile)
+    "s16r64": dict(one_page=1, num_stages=2, splits=16, maxnreg=64),
+    "s16r64p2": dict(one_page=2, num_stages=2, splits=16, maxnreg=64),
+    "s16r72": dict(one_page=1, num_stages=2, splits=16, maxnreg=72),  # (28 an SM: two waves)
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
@@ -138,12 +145,13 @@ KNOBS = {
 }
 
 
-def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000, probe: bool = False):
+def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000, probe: bool = False, head_major: bool = False):
     """(label, per-row key counts, query heads, KV heads, distinct pages or 0): the run's steady
     state (prompts of 1,000, up to 1,000 generated). ``probe``: 32 x 8k's bytes where the reads
     cannot be what bounds the kernel (the table's entries modulo 256 pages, ~4 MB: L2-resident)
     and laid out as one KV head a sequence (256 x 8k, 4 query heads: a tile's 16 rows of a head
-    are contiguous in the page, 1 KB, not 64 B every 512)."""
+    are contiguous in the page, 1 KB, not 64 B every 512). ``head_major``: each shape again over
+    head-major pages (label ``.../hm``; kv_pages.HEAD_MAJOR: the same contiguity at 8 KV heads)."""
     g = torch.Generator().manual_seed(1)
     out = [(f"{rows}x{lo}-{hi}", torch.randint(lo, hi + 1, (rows,), generator=g), H, KVH, 0)]
     if big:
@@ -151,7 +159,10 @@ def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000, probe: bool = F
     if probe:
         out += [("32x8192/L2", torch.full((32,), 8192), H, KVH, 256),
                 ("256x8192/kvh1", torch.full((256,), 8192), H // KVH, 1, 0)]
-    return out + [(f"{rows}x{lo + 70}", torch.full((rows,), lo + 70), H, KVH, 0)]
+    out.append((f"{rows}x{lo + 70}", torch.full((rows,), lo + 70), H, KVH, 0))
+    if head_major:
+        out += [(f"{label}/hm", *rest) for label, *rest in out if "/" not in label]
+    return out
 
 
 def main():
@@ -159,6 +170,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--rows", type=int, default=384)
     ap.add_argument("--big", action="store_true", help="also batch 32 x 8k")
+    ap.add_argument("--head-major", action="store_true", help="also every shape over head-major pages (/hm)")
     ap.add_argument("--probe", action="store_true",
                     help="also 32 x 8k from L2 and as one KV head a sequence (what bounds the kernel)")
     ap.add_argument("--keys", default="1000,2000", help="the rows' key counts: uniform in [LO, HI]")
@@ -192,7 +204,9 @@ def main():
         bw = measure(torch.device("cuda"))["copy_Bps"]
         record(name="copy", TBps=bw / 1e12, device=torch.cuda.get_device_name())
     g = torch.Generator(device=dev).manual_seed(0)
-    for label, lens, H, KVH, l2 in shapes(args.rows, args.big, *map(int, args.keys.split(",")), probe=args.probe):
+    for label, lens, H, KVH, l2 in shapes(args.rows, args.big, *map(int, args.keys.split(",")), probe=args.probe,
+                                          head_major=args.head_major):
+        kv_pages.HEAD_MAJOR = label.endswith("/hm")  # (read when the cache below is made)
         if args.profile_only and args.profile_shape and label != args.profile_shape:
             continue
         B = lens.numel()
@@ -244,7 +258,7 @@ def main():
         del cache
         torch.cuda.empty_cache()
         peers = {"fp8": torch.float8_e4m3fn, "bf16": torch.bfloat16}
-        for peer in [p for p in args.peers.split(",") if p]:  # "fp8lpt": the fp8 kernel, longest first
+        for peer in [p for p in args.peers.split(",") if p and not label.endswith("/hm")]:  # "fp8lpt": the fp8 kernel, longest first
             dt = peers[peer.removesuffix("lpt")]
             order = torch.argsort(nc, descending=True).to(torch.int32) if peer.endswith("lpt") else None
             c = torch.randn(2, nblk, BS, KVH, D, dtype=torch.bfloat16, device=dev, generator=g).to(dt)

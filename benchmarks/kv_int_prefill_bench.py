@@ -79,7 +79,9 @@ def main():
     ap.add_argument("--cached", type=int, default=None, help="cached tokens a sequence before them")
     ap.add_argument("--tilings", default=None,
                     help="block_t,block_n,warps,stages;... (block_t: query tokens, x 4 heads = the MMA's rows)")
+    ap.add_argument("--head-major", action="store_true", help="pages head-major (kv_pages.HEAD_MAJOR)")
     args = ap.parse_args()
+    kv_pages.HEAD_MAJOR = args.head_major
     if args.tilings:
         TILINGS = [tuple(int(x) for x in t.split(",")) for t in args.tilings.split(";")]
     if args.small:  # (fp32: Triton 3.6's interpreter computes bf16 kernels wrongly, the decode kernel's too)

@@ -241,3 +241,52 @@ def test_key_offset_leaves_a_float_cache_unchanged(tiny_model, monkeypatch):
     monkeypatch.setattr(Attention, "_key_offset", lambda self: key_offset(
         self.qkv_proj.bias[self.q_size:self.q_size + self.kv_size].view(self.num_kv_heads, -1), self.rope) + 3.0)
     torch.testing.assert_close(make(path).logits(ids), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "int4,int8"])
+def test_head_major_pages_put_a_heads_tokens_in_one_run(kv):
+    """``kv_pages.HEAD_MAJOR``: row ``h * block_size + t`` of each plane, values and scales, where
+    token-major pages put ``t * rows + h``; the same bytes land, permuted, and read back equal."""
+    from qkv.kvcache import kv_pages
+    from qkv.kvcache.spec import FullAttention
+
+    spec = FullAttention(3, 32, 1, packed=resolve(kv, None, None, torch.float32)[1])
+    bs, blocks = 4, 3
+    x = torch.randn(2, blocks * bs, 3, 32)
+    slots = torch.randperm(blocks * bs)
+    caches = {}
+    for hm in (False, True):
+        old, kv_pages.HEAD_MAJOR = kv_pages.HEAD_MAJOR, hm
+        try:
+            c = kv_pages.new_cache(spec, blocks, bs, torch.uint8, "cpu")
+        finally:
+            kv_pages.HEAD_MAJOR = old
+        assert c.kv_layout.head_major is hm
+        assert c.kv_layout.row_strides == ((1, bs) if hm else (3, 1))
+        for plane in (0, 1):
+            kv_pages.write(c, plane, x[plane], slots)
+        caches[hm] = c
+    tok, head = caches[False], caches[True]
+    assert tok.shape == head.shape and not torch.equal(tok, head)
+    for p in tok.kv_layout.planes:
+        for start, end in ((p.values_at, p.scales_at), (p.scales_at, p.end)):
+            per_row = (end - start) // (bs * p.rows)
+            a = tok[:, start:end].unflatten(1, (bs, p.rows, per_row))
+            b = head[:, start:end].unflatten(1, (p.rows, bs, per_row))
+            assert torch.equal(a, b.transpose(1, 2))  # token t of head h: the same bytes, moved
+    for plane in (0, 1):
+        assert torch.equal(kv_pages.read(tok, plane, slots, torch.float32),
+                           kv_pages.read(head, plane, slots, torch.float32))
+
+
+def test_head_major_pages_give_the_same_tokens(tiny_model, monkeypatch):
+    """The engine over head-major int4 pages (reference backend) equals token-major pages exactly."""
+    from qkv.kvcache import kv_pages
+
+    path = tiny(tiny_model, "llama")
+    jobs = work(make(path).config.vocab_size, count=3)
+    ref = drive(make(path, kv_dtype="int4").engine, jobs)
+    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+    llm = make(path, kv_dtype="int4")
+    assert all(c.kv_layout.head_major for c in llm.engine.runner.kv_caches)
+    assert drive(llm.engine, jobs) == ref

@@ -144,6 +144,23 @@ def test_read_back_is_the_pages_values(kv, half_order):
         assert not got[~ok].any()
 
 
+@pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
+@pytest.mark.parametrize("case", ["chunk-prefix", "mixed", "window-ring", "mixed-ring"])
+@pytest.mark.parametrize("own,ahead", [(False, False), (True, True)])
+def test_packed_prefill_head_major_equals_reference(kv, case, own, ahead, monkeypatch):
+    """Head-major pages (``kv_pages.HEAD_MAJOR``): the prefill kernel, its own rows' read-back,
+    entries a tile ahead, the scratch pages of a ring and the one-token rows' decode kernel give
+    the reference's values and bytes."""
+    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+    run_case(case, kv, own_float=own, pages_ahead=ahead)
+
+
+@pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
+def test_read_back_is_the_pages_values_head_major(kv, monkeypatch):
+    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+    test_read_back_is_the_pages_values(kv, True)
+
+
 @pytest.mark.parametrize("kv", ["int4", "int8,int4"])
 @pytest.mark.parametrize("case", ["chunk-prefix", "window-ring"])
 def test_packed_prefill_unrotated_equals_reference(kv, case):

@@ -30,6 +30,7 @@ from triton.language.extra import libdevice
 
 from qkv.attention.triton.decode import _combine_kernel, _scores, num_splits
 from qkv.attention.triton.packed_fast import _fwht, fast_decode_kernel
+from qkv.attention.triton.page_rows import page_row
 from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
@@ -239,13 +240,13 @@ def _packed_write_kernel(K, V, C8, C16, SLOT, stride_kt, stride_kh, stride_vt, s
                          KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
                          K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                          EXACT: tl.constexpr, ROT_K: tl.constexpr = False, ROT_V: tl.constexpr = False,
-                         LOG2D: tl.constexpr = 7, RSQ: tl.constexpr = 1.0):
+                         LOG2D: tl.constexpr = 7, RSQ: tl.constexpr = 1.0, HEAD_MAJOR: tl.constexpr = False):
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(SLOT + t)
     if slot >= 0:
         page = (slot // BS) * page_bytes
-        row = (slot % BS) * KVH + h
+        row = page_row(slot % BS, h, KVH, BS, HEAD_MAJOR)
         x = _row(K + t * stride_kt + h * stride_kh, D, ROT_K, LOG2D, RSQ)
         if K_BITS == 4:
             _store_int4_x(x, C8 + page + k_vals + row * (D // 2), C8 + page + k_scales + row * (D // 16), D, EXACT)
@@ -302,14 +303,15 @@ def write_packed(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_
             v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,
             KVH=kvh, D=D, BS=lay.block_size, BLOCK_R=rows, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D),
             V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), EXACT=not INTERPRET, ROT_K=rot_k, ROT_V=rot_v,
-            LOG2D=D.bit_length() - 1, RSQ=float(D ** -0.5), num_warps=num_warps or tile[2] or 4)
+            LOG2D=D.bit_length() - 1, RSQ=float(D ** -0.5), HEAD_MAJOR=lay.head_major,
+            num_warps=num_warps or tile[2] or 4)
         return
     _packed_write_kernel[(T, kvh)](
         k, v, kv_cache, kv_cache.view(torch.float16), slot_mapping, k.stride(0), k.stride(1), v.stride(0),
         v.stride(1), lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at,
         KVH=kvh, D=D, BS=lay.block_size, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D),
         V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D), EXACT=not INTERPRET, ROT_K=rot_k, ROT_V=rot_v,
-        LOG2D=D.bit_length() - 1, RSQ=float(D ** -0.5), num_warps=1)
+        LOG2D=D.bit_length() - 1, RSQ=float(D ** -0.5), HEAD_MAJOR=lay.head_major, num_warps=1)
 
 
 @triton.jit
@@ -366,7 +368,7 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                           BS: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
                           K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                           ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
-                          HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr):
+                          HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, HEAD_MAJOR: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -399,7 +401,7 @@ def _packed_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
         if HAS_RING:
             pg = pg % ring
         blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
-        row = (pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
+        row = page_row(pos % BS, kvh, KVH, BS, HEAD_MAJOR)  # the token's row of this head in its page's planes
         base = blk * page_bytes
         k = _tile(C32, C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT)
         s = tl.dot(q, tl.trans(k), input_precision=PREC)
@@ -531,7 +533,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     consts = dict(KVH=kvh, G=G, G_PAD=G_PAD, D=D, BS=lay.block_size, BLOCK_N=block_n, S=S,
                   K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits, V_GRP=vp.fmt.group_for(D),
                   ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None,
-                  HAS_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32, num_warps=num_warps,
+                  HAS_SOFTCAP=softcap is not None, IEEE=q.dtype == torch.float32, HEAD_MAJOR=lay.head_major,
+                  num_warps=num_warps,
                   num_stages=num_stages)
     if fast:
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),

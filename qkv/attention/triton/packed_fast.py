@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
+from qkv.attention.triton.page_rows import page_row
 
 # Unpacking in PTX (ASM): each asm block takes 4 packed bytes in one register and widens them
 # with bit operations and paired 16-bit arithmetic (2 elements per instruction), where the
@@ -330,7 +331,7 @@ def _words_cols(D: tl.constexpr):
 
 @triton.jit
 def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
-          BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
+          BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr, HEAD_MAJOR: tl.constexpr):
     """Keys [start, start + BLOCK_N): (valid mask, byte offset of each key's page, its row in
     the page's planes for this KV head)."""
     pos = start + tl.arange(0, BLOCK_N)
@@ -339,7 +340,7 @@ def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.co
     if HAS_RING:
         pg = pg % ring
     blk = tl.load(BT_ROW + pg, mask=nmask, other=0).to(tl.int64)
-    return nmask, blk * page_bytes, (pos % BS) * KVH + kvh
+    return nmask, blk * page_bytes, page_row(pos % BS, kvh, KVH, BS, HEAD_MAJOR)
 
 
 @triton.jit
@@ -360,7 +361,8 @@ def _page_entries(BT_ROW, start, hi, ring, BS: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HEAD_MAJOR: tl.constexpr):
     """``_keys_one_page`` from entries ``_page_entries`` loaded earlier (``ONE_PAGE`` 2: a tile
     ahead, so the copies' addresses never wait on a block-table load)."""
     pos = start + tl.arange(0, BLOCK_N)
@@ -368,12 +370,12 @@ def _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH: tl.constexpr, BS: tl.
         base = tl.where(tl.arange(0, BLOCK_N) < BS, e0.to(tl.int64) * page_bytes, e1.to(tl.int64) * page_bytes)
     else:
         base = tl.zeros([BLOCK_N], tl.int64) + e0.to(tl.int64) * page_bytes
-    return pos < hi, base, (pos % BS) * KVH + kvh
+    return pos < hi, base, page_row(pos % BS, kvh, KVH, BS, HEAD_MAJOR)
 
 
 @triton.jit
 def _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
-                   BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr):
+                   BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr, HEAD_MAJOR: tl.constexpr):
     """``_keys`` for tiles aligned to pages (``ONE_PAGE``: tiles start at multiples of BLOCK_N,
     and BLOCK_N divides BS or is 2 BS): a tile's block-table entries are one or two scalar
     loads and its page offsets scalars (splat), not a load and a 64-bit product per key."""
@@ -391,7 +393,7 @@ def _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, 
         base = tl.where(tl.arange(0, BLOCK_N) < BS, blk, blk2)
     else:
         base = tl.zeros([BLOCK_N], tl.int64) + blk
-    return pos < hi, base, (pos % BS) * KVH + kvh
+    return pos < hi, base, page_row(pos % BS, kvh, KVH, BS, HEAD_MAJOR)
 
 
 # int4 by words in bf16, one fma per value pair (as mla_packed.I4F_ASM): pack=2 over words
@@ -685,7 +687,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
                        LOG2D: tl.constexpr = 7, QK_SPLIT: tl.constexpr = 0, L_DEFER: tl.constexpr = False,
                        ONE_PAGE: tl.constexpr = False, V_OPQ: tl.constexpr = 2, K_WORDS: tl.constexpr = 0,
-                       ORDER=None, HAS_ORDER: tl.constexpr = False):
+                       ORDER=None, HAS_ORDER: tl.constexpr = False, HEAD_MAJOR: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     if HAS_ORDER:  # longest first (order.py): the (sequence, KV head) grid in ORDER's sequence order,
@@ -779,7 +781,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             ar = tl.arange(0, BLOCK_N)
             pos = lo + ar
             base0 = _pages(BT_ROW, pos, hi, ring, BS, HAS_RING) * page_bytes
-            row0 = (pos % BS) * KVH + kvh
+            row0 = page_row(pos % BS, kvh, KVH, BS, HEAD_MAJOR)
             kx, kc = _int4_words_raw(C32, C8, base0, k_vals, k_scales, row0, pos < hi, D, ALIGN)
             vw, vc = _int4_words_raw(C32, C8, base0, v_vals, v_scales, row0, pos < hi, D, ALIGN)
             blk_n = _pages(BT_ROW, pos + BLOCK_N, hi, ring, BS, HAS_RING)
@@ -787,7 +789,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                 nmask = start + ar < hi
                 ckx, ckc, cvw, cvc = kx, kc, vw, vc
                 nxt = start + BLOCK_N + ar
-                row1 = (nxt % BS) * KVH + kvh
+                row1 = page_row(nxt % BS, kvh, KVH, BS, HEAD_MAJOR)
                 kx, kc = _int4_words_raw(C32, C8, blk_n * page_bytes, k_vals, k_scales, row1, nxt < hi, D, ALIGN)
                 vw, vc = _int4_words_raw(C32, C8, blk_n * page_bytes, v_vals, v_scales, row1, nxt < hi, D, ALIGN)
                 blk_n = _pages(BT_ROW, nxt + BLOCK_N, hi, ring, BS, HAS_RING)
@@ -801,7 +803,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                 acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
                 acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
         if PREFETCH == 1:  # int4 V in halves: the next tile's bytes load while this one is widened
-            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING, HEAD_MAJOR)
             vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
         if PREFETCH != 2:
             if ONE_PAGE == 2:
@@ -809,14 +811,15 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             for start in range(lo, hi, BLOCK_N):
                 if ONE_PAGE == 2:  # this tile's entries were loaded a tile ago; the next tile's now
                     n0, n1 = _page_entries(BT_ROW, start + BLOCK_N, hi, ring, BS, BLOCK_N, HAS_RING)
-                    nmask, base, row = _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH, BS, BLOCK_N)
+                    nmask, base, row = _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH, BS, BLOCK_N, HEAD_MAJOR)
                     e0 = n0
                     e1 = n1
                 elif ONE_PAGE:
                     nmask, base, row = _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                                      HAS_RING)
+                                                      HAS_RING, HEAD_MAJOR)
                 else:
-                    nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+                    nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING,
+                                             HEAD_MAJOR)
                 if K_WORDS:
                     s = _qk_nibbles(C32, C8, base, k_vals, k_scales, row, nmask, q0, q1, q2, q3, q4, q5, q6, q7, D,
                                     BLOCK_N, ALIGN, DT, ASM, PREC, K_WORDS)
@@ -878,7 +881,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                         l_i = l_i * alpha + tl.sum(p, 0)
                     if PREFETCH:
                         nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                                 HAS_RING)
+                                                 HAS_RING, HEAD_MAJOR)
                         nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
                         va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
                         v = va
@@ -896,7 +899,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                     m_i = m_new
     else:  # scores [heads, keys]
         for start in range(lo, hi, BLOCK_N):
-            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING)
+            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING, HEAD_MAJOR)
             ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
                              C32)
             s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)

@@ -35,6 +35,7 @@ from qkv.attention.triton import packed
 from qkv.attention.triton import order as launch_order  # looked up at call time
 from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_decode, write_packed
 from qkv.attention.triton.packed_fast import _half_cols, _halves
+from qkv.attention.triton.page_rows import page_row
 from qkv.kvcache.kv_int import hadamard
 
 
@@ -142,7 +143,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                            IEEE: tl.constexpr, HALVES: tl.constexpr = False, ASM: tl.constexpr = 0,
                            ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False, RSQ: tl.constexpr = 1.0,
                            COMPACT: tl.constexpr = False, OWN_FLOAT: tl.constexpr = False,
-                           PAGES_AHEAD: tl.constexpr = False):
+                           PAGES_AHEAD: tl.constexpr = False, HEAD_MAJOR: tl.constexpr = False):
     kvh = tl.program_id(2)
     if COMPACT:  # one program per query tile of a sequence this kernel computes (CUM), the last tile first
         b, mblk, valid = _tile_of(CUM, tl.program_id(0), B)
@@ -219,7 +220,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
                 nxt = tl.load(BT + b * stride_bt + tl.minimum(k_pos + BLOCK_N, full_end - 1) // BS)
             else:
                 blk = tl.load(BT + b * stride_bt + k_pos // BS).to(tl.int64)
-            row = (k_pos % BS) * KVH + kvh
+            row = page_row(k_pos % BS, kvh, KVH, BS, HEAD_MAJOR)
             m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, blk * page_bytes, row, nmask, k_pos, qa, qb, q_pos, m_i,
                                            l_i, acc_a, acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals,
                                            v_scales, K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES,
@@ -231,7 +232,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
         if HAS_RING:
             pg = pg % ring
         blk = tl.load(BT + b * stride_bt + pg, mask=nmask, other=0).to(tl.int64)
-        row = (k_pos % BS) * KVH + kvh  # the token's row of this head in its page's planes
+        row = page_row(k_pos % BS, kvh, KVH, BS, HEAD_MAJOR)  # the token's row of this head in its page's planes
         m_i, l_i, acc_a, acc_b = _step(C32, C8, C16, blk * page_bytes, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i,
                                        acc_a, acc_b, sm_scale, softcap, window, k_vals, k_scales, v_vals, v_scales,
                                        K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN, DT, HALVES, ASM, HAS_WINDOW,
@@ -246,7 +247,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
             k_pos = start + tl.arange(0, BLOCK_N)
             nmask = k_pos < q_hi
             r = tl.where(nmask, row0 + (k_pos - nc), 0)
-            row = (r % BS) * KVH + kvh
+            row = page_row(r % BS, kvh, KVH, BS, HEAD_MAJOR)
             m_i, l_i, acc_a, acc_b = _step(S32, S8, S16, (r // BS).to(tl.int64) * page_bytes, row, nmask, k_pos, qa,
                                            qb, q_pos, m_i, l_i, acc_a, acc_b, sm_scale, softcap, window, k_vals,
                                            k_scales, v_vals, v_scales, K_BITS, K_GRP, V_BITS, V_GRP, D, BLOCK_N, ALIGN,
@@ -359,7 +360,7 @@ def _rot_rows_kernel(X, HPM, Y, N, RSQ: tl.constexpr, D: tl.constexpr, BLOCK: tl
 def _read_back_kernel(C8, C16, C32, SLOT, KF, VF, N, page_bytes, k_vals, k_scales, v_vals, v_scales,
                       KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK: tl.constexpr,
                       K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
-                      ALIGN: tl.constexpr, HALF_ORDER: tl.constexpr = False):
+                      ALIGN: tl.constexpr, HALF_ORDER: tl.constexpr = False, HEAD_MAJOR: tl.constexpr = False):
     """Rows r of KF/VF [N, KVH, D] (KV head: program_id 1) <- the K and V values that slot
     SLOT[r] of the pages holds, dequantized to KF's dtype (slot -1: zeros). HALF_ORDER: each
     plane's row in its halves' column order (``_half_cols``: int4 the even columns then the odd,
@@ -370,7 +371,7 @@ def _read_back_kernel(C8, C16, C32, SLOT, KF, VF, N, page_bytes, k_vals, k_scale
     ok = slot >= 0
     slot = tl.where(ok, slot, 0)
     base = (slot // BS).to(tl.int64) * page_bytes
-    row = (slot % BS) * KVH + kvh
+    row = page_row(slot % BS, kvh, KVH, BS, HEAD_MAJOR)
     DT = KF.dtype.element_ty
     off = r.to(tl.int64) * (KVH * D) + kvh * D
     kt = _tile(C32, C8, C16, base, k_vals, k_scales, row, ok, K_BITS, K_GRP, D, BLOCK, ALIGN, DT)
@@ -412,7 +413,7 @@ def _read_back(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, dtype: torch.
         kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32), slot_mapping, kf, vf, T,
         lay.page_bytes, kp.values_at, kp.scales_at, vp.values_at, vp.scales_at, KVH=kvh, D=D, BS=lay.block_size,
         BLOCK=READ_BACK_ROWS, K_BITS=kp.fmt.bits, K_GRP=kp.fmt.group_for(D), V_BITS=vp.fmt.bits,
-        V_GRP=vp.fmt.group_for(D), ALIGN=align, HALF_ORDER=half_order, num_warps=4)
+        V_GRP=vp.fmt.group_for(D), ALIGN=align, HALF_ORDER=half_order, HEAD_MAJOR=lay.head_major, num_warps=4)
     return kf, vf
 
 
@@ -531,7 +532,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
         HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact, OWN_FLOAT=own,
         PAGES_AHEAD=bool(PAGES_AHEAD[min(kp.fmt.bits, vp.fmt.bits)] if pages_ahead is None else pages_ahead),
-        num_warps=num_warps or nw, num_stages=num_stages or ns)
+        HEAD_MAJOR=lay.head_major, num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
     if not mixed:

@@ -31,6 +31,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from qkv.attention.triton.packed import SCALE_MAX, _e5m3, _mul, _rne, _scale
+from qkv.attention.triton.page_rows import page_row
 
 
 @triton.jit
@@ -137,7 +138,7 @@ def packed_write_rows_kernel(K, V, C8, C16, SLOT, N, stride_kt, stride_kh, strid
                              KVH: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, BLOCK_R: tl.constexpr,
                              K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                              EXACT: tl.constexpr, ROT_K: tl.constexpr, ROT_V: tl.constexpr,
-                             LOG2D: tl.constexpr, RSQ: tl.constexpr):
+                             LOG2D: tl.constexpr, RSQ: tl.constexpr, HEAD_MAJOR: tl.constexpr = False):
     """Rows i = token * KVH + head of k/v [T, KVH, D], BLOCK_R a program; slot -1 skipped."""
     i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     t = i // KVH
@@ -146,7 +147,7 @@ def packed_write_rows_kernel(K, V, C8, C16, SLOT, N, stride_kt, stride_kh, strid
     ok = slot >= 0
     slot = tl.where(ok, slot, 0)
     page = (slot // BS) * page_bytes
-    row = (slot % BS) * KVH + h
+    row = page_row(slot % BS, h, KVH, BS, HEAD_MAJOR)
     _plane_rows(K, t, h, stride_kt, stride_kh, C8, C16, page, row, ok, k_vals, k_scales, BLOCK_R, D, K_BITS, K_GRP,
                 ROT_K, LOG2D, RSQ, EXACT)
     _plane_rows(V, t, h, stride_vt, stride_vh, C8, C16, page, row, ok, v_vals, v_scales, BLOCK_R, D, V_BITS, V_GRP,
