@@ -1,7 +1,23 @@
-# Sourced by the device scripts. engine_1000 NAME KV SET runs the 768 x 1000 in / 1000 out engine
+# Sourced by the device scripts (which run from the repository root with OUT_DIR set): it sets up
+# the environment and $OUT_DIR. device_tests TIMEOUT ARGS... runs pytest ARGS on 12 workers (unless
+# NO_TESTS is set), its log in $OUT_DIR/tests.log, and prints its summary. engine_1000 NAME KV SET runs the 768 x 1000 in / 1000 out engine
 # run (Llama-3-8B's shape, random bf16 weights, 384 sequences at once) in its own process, with
 # SET (JSON) as gpu_bench.py --packed-set, its output in $OUT_DIR/NAME{,.log}, and prints its
 # result line. ENGINE_TIMEOUT (s, default 140) bounds it.
+set -u
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+OUT_DIR=${OUT_DIR:-out}
+mkdir -p "$OUT_DIR"
+
+device_tests() {
+  [ -n "${NO_TESTS:-}" ] && return
+  local limit=$1
+  shift
+  date -u +"## tests %H:%M:%S"
+  timeout "$limit" python3 -m pytest -q -n 12 "$@" > "$OUT_DIR/tests.log" 2>&1
+  echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -12 | cut -c1-300
+}
+
 engine_1000() {
   date -u +"## engine $1 %H:%M:%S"
   timeout "${ENGINE_TIMEOUT:-140}" python3 benchmarks/gpu_bench.py --out "$OUT_DIR/$1" --sections engine --parts none \

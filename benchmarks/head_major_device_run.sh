@@ -8,16 +8,8 @@
 # prefill over both layouts (8 x 2,048 over 2,048 cached); then the 1000/1000 run with token-major
 # and head-major int4 pages and fp8 (each its own process; RUNS picks). From the repository root
 # with OUT_DIR set. ~9 min.
-set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT_DIR=${OUT_DIR:-out}
-mkdir -p "$OUT_DIR"
-if [ -z "${NO_TESTS:-}" ]; then
-  date -u +"## tests %H:%M:%S"
-  timeout 120 python3 -m pytest -q -n 12 tests/test_triton_packed.py tests/test_triton_packed_prefill.py \
-      tests/test_kv_int.py -k "head_major" > "$OUT_DIR/tests.log" 2>&1
-  echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -12 | cut -c1-300
-fi
+. benchmarks/engine_1000.sh
+device_tests 120 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k head_major
 date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --head-major --peers fp8 --repeat 2 \
     --variants lpt --big-variants default,s16r64,s16r64p2,s16r72 > "$OUT_DIR/kernels.log" 2>&1
@@ -28,7 +20,6 @@ for hm in "" --head-major; do
   timeout 60 python3 benchmarks/kv_int_prefill_bench.py $hm 2>&1 | grep -E "packed prefill .* default( own)?( ahead)? " \
       | sed "s/^/${hm:-token-major} /" | cut -c1-130
 done
-. benchmarks/engine_1000.sh
 engine_runs "int4-hm int4 fp8" <<'RUNS'
 int4-hm int4 {"qkv.kvcache.kv_pages.HEAD_MAJOR": true}
 int4 int4 {}
