@@ -255,7 +255,7 @@ ptrs = dict(Q="*bf16", C8="*u8", C16="*fp16", C32="*i32", S8="*u8", S16="*fp16",
             sm_scale="fp32", softcap="fp32")
 const = dict(KVH=8, G=4, G_PAD=4, D=128, BS=16, BLOCK_T=32, BLOCK_N=64, ALIGN=4, HAS_WINDOW=False,
              HAS_RING=False, HAS_SOFTCAP=False, STEP_IN_CACHE=True, SKIP_DECODE=True, IEEE=False, HALVES=True, ASM=2,
-             ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True, PAGES_AHEAD=False)
+             ROT_Q=False, ROT_O=False, RSQ=128 ** -0.5, COMPACT=True, PAGES_AHEAD=False, HEAD_MAJOR=False)
 fmt = {b: dict(K_BITS=b, K_GRP=16 if b == 4 else 64, V_BITS=b, V_GRP=16 if b == 4 else 64) for b in (4, 8)}
 pages = build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[4], OWN_FLOAT=False), 8, 3)
 own = {b: build(pp._packed_prefill_kernel, ptrs, dict(const, **fmt[b], OWN_FLOAT=True), 8, 3) for b in (4, 8)}

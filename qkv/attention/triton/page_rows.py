@@ -11,5 +11,7 @@ import triton.language as tl
 def page_row(t, h, KVH: tl.constexpr, BS: tl.constexpr, HEAD_MAJOR: tl.constexpr):
     """Row of token ``t`` (its position in the page, < BS) of KV head ``h``."""
     if HEAD_MAJOR:
-        return h * BS + t
-    return t * KVH + h
+        row = h * BS + t
+    else:
+        row = t * KVH + h
+    return row
