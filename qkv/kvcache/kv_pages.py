@@ -9,15 +9,16 @@ its packed values first, then its scales:
     [K values: bs x rows x value_bytes(width)] [K scales: bs x rows x groups, fp16 (int8) or e5m3 bytes (int4)]
     [V values ...] [V scales ...]                       (no V plane for an MLA latent)
 
-Within a plane the rows are token-major (token t's row of head h is ``t * rows + h``) or, with
-``PageLayout.head_major`` (``HEAD_MAJOR`` when the layout is made), head-major (``h * bs + t``):
-a decode program reads one head's tokens, which then lie in one run (1 KB of int4 values for 16
-tokens of head_dim 128) instead of 64 B every 512. Same bytes either way; MLA's one row is both.
-
 with rows x width = kv heads x head_dim (MLA: 1 x (kv_lora_rank + rope_dim)). Values and
 scales apart keep a kernel's loads contiguous: a tile of tokens reads one run of packed
 bytes and one run of scales. ``page_bytes == block_size * spec.bytes_per_token`` exactly,
 so the pool, ``qkv memory`` and the runner's allocation agree to the byte.
+
+Within a plane the rows are token-major (token t's row of head h is ``t * rows + h``) or, with
+``PageLayout.head_major`` (``HEAD_MAJOR`` when the layout is made), head-major (``h * bs + t``):
+a decode program reads one head's tokens, which then lie in one run (1 KB of int4 values for 16
+tokens of head_dim 128) instead of 64 B every 512. Same bytes either way; MLA's one row is both.
+The Triton kernels compute rows in ``attention/triton/page_rows.py``.
 
 Every 16-bit region must start at an even byte: widths must be multiples of 4.
 
