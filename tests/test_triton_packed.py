@@ -252,14 +252,16 @@ def test_write_kernels_store_the_reference_bytes_head_major(kv, monkeypatch):
 
 @pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
 @pytest.mark.parametrize("case", ["gqa", "d128", "d128-splits", "d128-window"])
-@pytest.mark.parametrize("variant", ["default", "plain", "pages-ahead-st3", "tiles-32"])
+@pytest.mark.parametrize("variant", ["default", "plain", "pages-ahead-st3", "one-page-16", "tiles-32"])
 def test_packed_decode_head_major_equals_reference(kv, case, variant, monkeypatch):
     """The decode kernels over head-major pages: the reference's values, with the default launch,
-    the plain kernel, entries a tile ahead at 3 stages and 32-key tiles spanning two pages."""
+    the plain kernel, entries a tile ahead at 3 stages, one-page tiles (rows as one run) and
+    32-key tiles spanning two pages."""
     monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
     kw = {"default": {}, "plain": dict(fast=False),
           "pages-ahead-st3": dict(fast=True, keys_on_m=True, fused=True, block_n=16, num_warps=1, num_stages=3,
                                   v_words=4, k_words=1, one_page=2),
+          "one-page-16": dict(fast=True, keys_on_m=True, fused=True, block_n=16, num_warps=1, one_page=1),
           "tiles-32": dict(fast=True, keys_on_m=True, fused=True, block_n=32, num_warps=1, one_page=1)}[variant]
     check_decode(kv, case, **kw)
 
