@@ -66,12 +66,6 @@ class PageLayout:
     head_major: bool = False  # rows h * block_size + t, not t * rows + h (module doc)
 
     @property
-    def row_strides(self) -> tuple[int, int]:
-        """(token, head) strides of a row index in a plane: row = t * ROW_T + h * ROW_H."""
-        rows = self.planes[0].rows
-        return (1, self.block_size) if self.head_major else (rows, 1)
-
-    @property
     def page_bytes(self) -> int:
         return self.planes[-1].end
 
