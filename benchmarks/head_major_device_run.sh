@@ -12,7 +12,7 @@
 device_tests 120 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k head_major
 date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --head-major --peers fp8 --repeat 2 \
-    --variants lpt --big-variants default,s16r64,s16r64p2,s16r72 > "$OUT_DIR/kernels.log" 2>&1
+    --variants lpt --big-variants default,s16r64,s16r64p2,s16r72,p2st3L8D > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 date -u +"## prefill %H:%M:%S"

@@ -131,6 +131,8 @@ INT4 = {
     "s16r64": dict(one_page=1, num_stages=2, splits=16, maxnreg=64),
     "s16r64p2": dict(one_page=2, num_stages=2, splits=16, maxnreg=64),
     "s16r72": dict(one_page=1, num_stages=2, splits=16, maxnreg=72),  # (28 an SM: two waves)
+    # the lazy rescale (36 FMUL of the 492 a tile rescale the accumulators; session 9's p2L8D, never timed)
+    "p2st3L8D": dict(one_page=2, num_stages=3, lazy=8, l_defer=True),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
