@@ -1,9 +1,12 @@
-# Sourced by the device scripts (which run from the repository root with OUT_DIR set): it sets up
-# the environment and $OUT_DIR. device_tests TIMEOUT ARGS... runs pytest ARGS on 12 workers (unless
-# NO_TESTS is set), its log in $OUT_DIR/tests.log, and prints its summary. engine_1000 NAME KV SET runs the 768 x 1000 in / 1000 out engine
-# run (Llama-3-8B's shape, random bf16 weights, 384 sequences at once) in its own process, with
-# SET (JSON) as gpu_bench.py --packed-set, its output in $OUT_DIR/NAME{,.log}, and prints its
-# result line. ENGINE_TIMEOUT (s, default 140) bounds it.
+# Sourced by the device scripts (run from the repository root with OUT_DIR set): it sets up the
+# environment and $OUT_DIR, and defines
+#   device_tests TIMEOUT ARGS...: pytest ARGS on 12 workers (skipped when NO_TESTS is set), its log
+#     in $OUT_DIR/tests.log, its summary printed;
+#   engine_1000 NAME KV SET: the 768 x 1000 in / 1000 out engine run (Llama-3-8B's shape, random
+#     bf16 weights, 384 sequences at once) in its own process, with SET (JSON) as gpu_bench.py
+#     --packed-set, its output in $OUT_DIR/NAME{,.log}, its result line printed; ENGINE_TIMEOUT
+#     (s, default 140) bounds it;
+#   engine_runs DEFAULT (below).
 set -u
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT_DIR=${OUT_DIR:-out}

@@ -568,25 +568,11 @@ def engine_bench(bw, flops, args):
 
 
 def set_packed_defaults(knobs: dict) -> None:
-    """Override ``attention/triton/packed.py``'s module defaults (an A/B of a kernel variant in the
-    engine without changing the code): a dict default (by plane bits) is updated per key."""
-    import importlib
+    """Override module defaults (knobs.py; an A/B of a kernel variant in the engine), each recorded."""
+    from knobs import set_defaults
 
+    set_defaults(knobs, "--packed-set")
     for key, value in knobs.items():
-        # "NAME": packed.py's; "module.NAME": that module's under qkv.attention.triton (packed_prefill.HALVES);
-        # "qkv.x.y.NAME": any module's (qkv.kvcache.kv_pages.HEAD_MAJOR)
-        mod_name, _, name = key.rpartition(".")
-        path = mod_name if mod_name.startswith("qkv.") else f"qkv.attention.triton.{mod_name or 'packed'}"
-        mod = importlib.import_module(path)
-        cur = getattr(mod, name)
-        if isinstance(cur, dict):
-            if not isinstance(value, dict):
-                raise SystemExit(f"--packed-set {key}: a default by bits ({cur}); give a dict such as "
-                                 f'{{"{key}": {{"4": ...}}}}, not {value!r}')
-            cur = dict(cur)
-            cur.update({int(k): (tuple(v) if isinstance(v, list) else v) for k, v in value.items()})
-            value = cur
-        setattr(mod, name, value)
         record("packed_default", knob=key, value=str(value))
 
 

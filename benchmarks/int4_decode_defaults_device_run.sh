@@ -5,16 +5,8 @@
 # session 13's defaults (s13) and with block-table entries a tile ahead (op2w4kw), then the 1000/1000
 # engine run: int4, int4 with session 13's decode defaults, fp8 (each its own process; RUNS picks).
 # NO_TESTS / NO_KERNELS skip those parts. Run from the repository root with OUT_DIR set. ~8 min.
-set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT_DIR=${OUT_DIR:-out}
-mkdir -p "$OUT_DIR"
-if [ -z "${NO_TESTS:-}" ]; then
-  date -u +"## tests %H:%M:%S"
-  timeout 200 python3 -m pytest -q -n 8 tests/test_triton_packed.py tests/test_triton_packed_prefill.py \
-      tests/test_warm_start.py tests/test_decode_order.py > "$OUT_DIR/tests.log" 2>&1
-  echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -12 | cut -c1-300
-fi
+. benchmarks/engine_1000.sh  # (the environment, OUT_DIR, device_tests, engine_runs)
+device_tests 200 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_warm_start.py tests/test_decode_order.py
 if [ -z "${NO_KERNELS:-}" ]; then
   date -u +"## kernels %H:%M:%S"
   timeout 100 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt --repeat 2 \
@@ -22,7 +14,6 @@ if [ -z "${NO_KERNELS:-}" ]; then
   echo "## kernels rc $?"
   python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 fi
-. benchmarks/engine_1000.sh
 engine_runs "int4 int4-s13 fp8" <<'RUNS'
 int4 int4 {}
 int4-s13 int4 {"ONE_PAGE": {"4": 0}, "K_WORDS": 0, "V_WORDS": 3}

@@ -9,23 +9,14 @@
 # the kernels at 32 x 8k and at the 1000/1000 run's shape, then the 1000/1000 engine run with
 # them against the default and fp8 (each its own process; RUNS picks). From the repository root
 # with OUT_DIR set. ~8 min.
-set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT_DIR=${OUT_DIR:-out}
-mkdir -p "$OUT_DIR"
-if [ -z "${NO_TESTS:-}" ]; then
-  date -u +"## tests %H:%M:%S"
-  timeout 120 python3 -m pytest -q -n 8 tests/test_triton_packed.py -k "deeper_pipeline or nibble_dots" \
-      > "$OUT_DIR/tests.log" 2>&1
-  echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -12 | cut -c1-300
-fi
+. benchmarks/engine_1000.sh  # (the environment, OUT_DIR, device_tests, engine_runs)
+device_tests 120 tests/test_triton_packed.py -k "deeper_pipeline or nibble_dots"
 date -u +"## kernels %H:%M:%S"
 timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --peers fp8lpt,fp8 --repeat 2 \
     --variants lpt,lpt_op2w4kw,lpt_p2st3,lpt_p2st4,lpt_p2n16st3,lpt_p2n16st4 \
     --big-variants default,op2w4kw,p2st3,p2st4,p2n32st3,p2st3s16 > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
-. benchmarks/engine_1000.sh
 engine_runs "int4-p2st3 int4 fp8 int4-p2n16st3" <<'RUNS'
 int4-p2st3 int4 {"ONE_PAGE": {"4": 2}, "FAST_TILING": {"4": [16, 1, 3]}, "FAST_TILING_MANY_ROWS": {"4": [32, 1, 3]}}
 int4 int4 {}

@@ -8,15 +8,8 @@
 # (longest first, as the engine launches them) and at 32 x 8k, then the 1000/1000 engine run: int8
 # as it is, with 32-key many-row tiles, with entries a tile ahead at 3 stages, and fp8 (each its
 # own process; RUNS picks, int8-n32op too). Run from the repository root with OUT_DIR set. ~9 min.
-set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT_DIR=${OUT_DIR:-out}
-mkdir -p "$OUT_DIR"
-if [ -z "${NO_TESTS:-}" ]; then  # (session 15: int8's PAGES_AHEAD default)
-  date -u +"## tests %H:%M:%S"
-  timeout 100 python3 -m pytest -q -n 12 tests/test_triton_packed_prefill.py > "$OUT_DIR/tests.log" 2>&1
-  echo "## tests rc $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT_DIR/tests.log" | head -8 | cut -c1-300
-fi
+. benchmarks/engine_1000.sh  # (the environment, OUT_DIR, device_tests, engine_runs)
+device_tests 100 tests/test_triton_packed_prefill.py
 if [ -n "${PROBE:-}" ]; then  # int4 at 32 x 8k from DRAM and from L2 in one call (session 15)
   mkdir -p "$OUT_DIR/probe"
   timeout 60 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR/probe" --big --probe --peers fp8 \
@@ -30,7 +23,6 @@ timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --k
     > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
-. benchmarks/engine_1000.sh
 engine_runs "int8 int8-n32 int8-p2st3" <<'RUNS'
 int8 int8 {}
 int8-n32 int8 {"FAST_TILING_MANY_ROWS": {"8": [32, 1, 2]}}

@@ -28,23 +28,10 @@ VARIANTS = {"default": {},
 
 
 def set_knobs(knobs: dict) -> dict:
-    """Set module defaults ("module.NAME": value); returns the values they replaced."""
-    import importlib
+    """Set module defaults (knobs.py); returns the values they replaced."""
+    from knobs import set_defaults
 
-    old = {}
-    for key, value in knobs.items():
-        mod_name, _, name = key.rpartition(".")
-        mod = importlib.import_module(f"qkv.attention.triton.{mod_name}")
-        old[key] = getattr(mod, name)
-        if isinstance(value, list):  # JSON lists back to the tuples the modules hold, nested or flat
-            value = tuple(tuple(v) if isinstance(v, list) else v for v in value)
-        if isinstance(old[key], dict):  # a default by bits: update those keys
-            if not isinstance(value, dict):
-                raise SystemExit(f"--set {key}: a default by bits ({old[key]}); give a dict such as "
-                                 f'{{"{key}": {{"4": ...}}}}, not {value!r}')
-            value = {**old[key], **{int(k): v for k, v in value.items()}}
-        setattr(mod, name, value)
-    return old
+    return set_defaults(knobs)
 
 
 def table(prof, top_n):

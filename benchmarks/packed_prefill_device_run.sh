@@ -6,13 +6,8 @@
 # own process). Run from the repository root with OUT_DIR set. ~8 min. Session 14 ran it: int8
 # gained (now its default), int4 lost 2-3.5x (its own rows loaded as 2-byte even/odd columns);
 # after the read-back's halves order, this script is int4's re-run.
-set -u
-export PYTHONPATH=. PYTHONUNBUFFERED=1
-OUT_DIR=${OUT_DIR:-out}
-mkdir -p "$OUT_DIR"
-date -u +"## tests %H:%M:%S"
-timeout 150 python3 -m pytest -q -n 8 tests/test_triton_packed_prefill.py > "$OUT_DIR/tests.log" 2>&1
-echo "## tests rc $?"; grep -E "passed|failed|^FAILED" "$OUT_DIR/tests.log" | head -6 | cut -c1-300
+. benchmarks/engine_1000.sh  # (the environment, OUT_DIR, device_tests, engine_runs)
+device_tests 150 tests/test_triton_packed_prefill.py
 date -u +"## kernels %H:%M:%S"
 timeout 100 python3 benchmarks/kv_int_prefill_bench.py --new 1000 --cached 0 \
     --tilings "64,64,8,3;16,64,4,3;32,32,4,3;32,128,8,2" 2>&1 | grep -v "^#" | cut -c1-120
@@ -20,7 +15,6 @@ timeout 60 python3 benchmarks/kv_int_prefill_bench.py 2>&1 | grep -E "default|pa
 date -u +"## profile %H:%M:%S"
 timeout 100 python3 benchmarks/mixed_step_profile.py --kv-dtype int4 --decodes 0 --variants default --top 8 \
     --set '{"packed_prefill.OWN_FLOAT": {"4": true}}' --out "$OUT_DIR" 2>&1 | grep -v "^\[" | tail -10
-. benchmarks/engine_1000.sh
 engine_1000 int4-own int4 '{"packed_prefill.OWN_FLOAT": {"4": true}}'
 engine_1000 int4 int4 '{}'
 engine_1000 fp8 fp8 '{}'

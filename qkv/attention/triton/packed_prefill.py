@@ -499,10 +499,11 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
     block_t = block_t or max(1, rows // G_PAD)
     block_t = max(block_t, triton.cdiv(16, G_PAD))  # tl.dot needs M >= 16
     block_n = block_n or bn
-    words = D * min(kp.fmt.bits, vp.fmt.bits) // 32
+    nbits = min(kp.fmt.bits, vp.fmt.bits)  # the narrower plane's: the by-bits defaults' key
+    words = D * nbits // 32
     align = math.gcd(page_bytes // 4, kp.values_at // 4, vp.values_at // 4, words, 4)
     compact = COMPACT if compact is None else compact
-    own = bool(OWN_FLOAT[min(kp.fmt.bits, vp.fmt.bits)] if own_float is None else own_float) and step_in_cache
+    own = bool(OWN_FLOAT[nbits] if own_float is None else own_float) and step_in_cache
     kf, vf = _read_back(kv_cache, slot_mapping, q.dtype, align, halves, scratch) if own else (q, q)
     if compact:
         key = ("packed_prefill_tiles", block_t, mixed)
@@ -531,7 +532,7 @@ def packed_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: 
         ALIGN=align, HAS_WINDOW=window is not None, HAS_RING=ring is not None, HAS_SOFTCAP=softcap is not None,
         STEP_IN_CACHE=step_in_cache, SKIP_DECODE=mixed, IEEE=q.dtype == torch.float32,
         HALVES=halves, ASM=asm, ROT_Q=rot_q, ROT_O=rot_o, RSQ=float(D ** -0.5), COMPACT=compact, OWN_FLOAT=own,
-        PAGES_AHEAD=bool(PAGES_AHEAD[min(kp.fmt.bits, vp.fmt.bits)] if pages_ahead is None else pages_ahead),
+        PAGES_AHEAD=bool(PAGES_AHEAD[nbits] if pages_ahead is None else pages_ahead),
         HEAD_MAJOR=lay.head_major, num_warps=num_warps or nw, num_stages=num_stages or ns)
     if not step_in_cache:
         write_packed(kv_cache, k, v, slot_mapping)
