@@ -4,15 +4,16 @@
 # 32 x 8k over one-KV-head sequences (a tile's rows contiguous, as head-major pages make them at 8
 # KV heads) at 123 us against 134, and from L2 at 119: its own work bounds it, issued by 16
 # single-warp programs an SM. This call: the GPU tests of head-major pages; the decode kernels at the
-# run's shape and at 32 x 8k over both layouts, with the 64-register 16-split variants; the packed
+# run's shape and at 32 x 8k over both layouts, with the 64-register 16-split variants and V's words
+# loaded keys-fastest (v_words 5, session 16); the packed
 # prefill over both layouts (8 x 2,048 over 2,048 cached); then the 1000/1000 run with token-major
 # and head-major int4 pages (each its own process; RUNS picks: fp8 and int8-hm too). From the repository root
-# with OUT_DIR set. ~9 min.
+# with OUT_DIR set. ~10 min (near the call limit: NO_TESTS=1 or RUNS=int4-hm shorten it).
 . benchmarks/engine_1000.sh
-device_tests 120 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k head_major
+device_tests 150 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k "head_major or (nibble_dots and 5-)"
 date -u +"## kernels %H:%M:%S"
-timeout 150 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --head-major --peers fp8 --repeat 2 \
-    --variants lpt --big-variants default,s16r64,s16r64p2,s16r72,p2st3L8D > "$OUT_DIR/kernels.log" 2>&1
+timeout 170 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --head-major --peers fp8 --repeat 2 \
+    --variants lpt,lpt_w5 --big-variants default,w5,s16r64,s16r64p2,p2st3L8D,w5st3L8D > "$OUT_DIR/kernels.log" 2>&1
 echo "## kernels rc $?"
 python3 benchmarks/kv_int_shape_summary.py "$OUT_DIR/kv_int_engine_shape.jsonl"
 date -u +"## prefill %H:%M:%S"

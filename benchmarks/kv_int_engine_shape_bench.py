@@ -133,6 +133,12 @@ INT4 = {
     "s16r72": dict(one_page=1, num_stages=2, splits=16, maxnreg=72),  # (28 an SM: two waves)
     # the lazy rescale (36 FMUL of the 492 a tile rescale the accumulators; session 9's p2L8D, never timed)
     "p2st3L8D": dict(one_page=2, num_stages=3, lazy=8, l_defer=True),
+    # session 16: V's words loaded keys-fastest (v_words 5), so the widened pairs are the PV dots'
+    # A operand as they stand: no transpose through shared memory (16 STS, 8 LDSM.MT88), 488 -> 479
+    # instructions a 16-key tile, 473 -> 464 over head-major pages (sm_90 builds)
+    "w5": dict(v_words=5),
+    "lpt_w5": dict(lpt=True, v_words=5),
+    "w5st3L8D": dict(one_page=2, num_stages=3, lazy=8, l_defer=True, v_words=5),
 }
 BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)

@@ -219,11 +219,11 @@ def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
 @pytest.mark.parametrize("block_n", [16, 32])
 @pytest.mark.parametrize("v_words,k_words,one_page,lazy,l_defer", [
     (4, 0, 0, 0, False), (3, 1, 0, 0, False), (3, 0, 1, 0, False), (4, 1, 1, 0, False), (4, 1, 2, 0, False),
-    (4, 1, 2, 1, False), (4, 1, 2, 1, True)])
+    (4, 1, 2, 1, False), (4, 1, 2, 1, True), (5, 1, 2, 0, False), (5, 1, 2, 1, True), (5, 0, 0, 0, False)])
 def test_packed_decode_nibble_dots_and_page_tiles_equal_reference(kv, case, block_n, v_words, k_words, one_page, lazy,
                                                                    l_defer):
-    """Issue 16, session 9: int4 V (``v_words`` 4) and K (``k_words``) as eight dots, one per
-    nibble position, tiles' block-table entries read as scalars (``one_page`` 1; 32-key tiles
+    """Issue 16, session 9: int4 V (``v_words`` 4; 5: its words loaded keys-fastest, session 16)
+    and K (``k_words``) as eight dots, one per nibble position, tiles' block-table entries read as scalars (``one_page`` 1; 32-key tiles
     span two pages of 16), a tile ahead (2), the lazy rescale over the eight accumulators: the
     reference's values, ragged last tiles and splits included."""
     check_decode(kv, case, fast=True, keys_on_m=True, fused=True, lazy=lazy, block_n=block_n, num_warps=1,

@@ -464,8 +464,9 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
     halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
     tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
-    0: as halves), ``prefetch`` (keys on M) 1: int4 V bytes loaded one tile ahead, 2: int4 K and V
-    one tile ahead and the block table two (run it with ``num_stages=1``) (3: V as words into halves), ``fused`` (int4,
+    0: as halves; 3: as words into halves; 4: eight dots, one per nibble position; 5: those dots
+    over words loaded keys-fastest, no transpose), ``prefetch`` (keys on M) 1: int4 V bytes loaded one
+    tile ahead, 2: int4 K and V one tile ahead and the block table two (run it with ``num_stages=1``), ``fused`` (int4,
     bf16 queries) one fma per widened value pair, ``lazy`` (keys on M) moves the running max only
     when a tile's exceeds it by more than ``lazy`` (log2 units), ``maxnreg`` caps the
     fast kernel's registers per thread (more programs per SM); all variants give the reference's values
@@ -484,7 +485,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
     keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
-    if v_words == 4 and not (keys_on_m and D >= 128):  # (dots of M = D/8 >= 16 rows, keys on M)
+    if v_words >= 4 and not (keys_on_m and D >= 128):  # (dots of M = D/8 >= 16 rows, keys on M)
         v_words = 3
     prefetch = int(PREFETCH if prefetch is None else prefetch) if keys_on_m else 0
     if prefetch == 2 and not (kp.fmt.bits == 4 and vp.fmt.bits == 4):
@@ -494,13 +495,13 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     nbits = min(kp.fmt.bits, vp.fmt.bits)
     fused = bool(FUSED[nbits] if fused is None else fused)
     # (the lazy rescale: keys on M, V in halves)
-    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3, 4) and prefetch != 1 else 0
-    if v_words == 4:
+    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3, 4, 5) and prefetch != 1 else 0
+    if v_words >= 4:
         prefetch = 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
     qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
     l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if (
-        keys_on_m and (not lazy or v_words == 4) and prefetch != 2) else False
+        keys_on_m and (not lazy or v_words >= 4) and prefetch != 2) else False
     block_n, num_warps, num_stages, S = launch_shape(B, kvh, D, nbits, max_seq_len, fast, block_n, num_warps,
                                                      num_stages, splits)
     one_page = int((ONE_PAGE[nbits] if one_page is None else one_page) or 0) if (
@@ -519,7 +520,7 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     # rotated back; the fast kernel rotates both in registers (with splits, the merge rotates the
     # output), the others by a GEMM each here.
     rot_q = bool(fast and kp.rotated and rotate and ROT_IN_KERNEL)
-    rot_o = bool(fast and vp.rotated and rotate and v_words in (0, 3, 4) and ROT_IN_KERNEL)
+    rot_o = bool(fast and vp.rotated and rotate and v_words in (0, 3, 4, 5) and ROT_IN_KERNEL)
     if kp.rotated and rotate and not rot_q:
         q = _rotate(q)
     if out is None or (vp.rotated and rotate and not rot_o):

@@ -495,6 +495,53 @@ def _widen_words8(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr
 
 
 @triton.jit
+def _int4_words_raw_t(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
+    """``_int4_words_raw`` transposed: words [D/8, BLOCK_N] and codes [D/16, BLOCK_N], the keys
+    the fast dimension (so a pack=2 asm block pairs two keys' words, as the MMA's K pairs)."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
+    w = tl.load(C32 + voff[None, :] + tl.arange(0, W)[:, None], mask=nmask[None, :], other=0)
+    soff = tl.multiple_of(base + scales_at + row * NG, 8)
+    c = tl.load(C8 + soff[None, :] + tl.arange(0, NG)[:, None], mask=nmask[None, :], other=0)
+    return w, c
+
+
+@triton.jit
+def _widen_words8_t(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+    """``_widen_words8`` over transposed words and codes (``_int4_words_raw_t``): eight
+    [D/8, BLOCK_N] tiles, tile m holding nibble m of every word. The asm is elementwise, so
+    the values are ``_widen_words8``'s, transposed; only the pairs it packs differ."""
+    W: tl.constexpr = D // 8
+    NG: tl.constexpr = D // 16
+    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    if ASM:
+        if DT == tl.bfloat16:
+            s1, s2 = _fused_scales(c)
+            sw = tl.reshape(tl.broadcast_to(s1[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
+            sn = tl.reshape(tl.broadcast_to(s2[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
+                is_pure=True, pack=2)
+        else:
+            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
+            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
+                I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
+                pack=2)
+    else:
+        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
+        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+    return o0, o1, o2, o3, o4, o5, o6, o7
+
+
+@triton.jit
 def _natural8(t0, t1, t2, t3, t4, t5, t6, t7, R: tl.constexpr, D: tl.constexpr):
     """Eight [R, D/8] tiles (tile m: columns 8j + m) -> [R, D] in natural column order: the nested
     joins' innermost pairs are (m, m + 4), then + 2, then + 1, so the flat index is 8j + m."""
@@ -545,17 +592,35 @@ def _qk_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, q0, q1, q2, q3, q
 
 
 @triton.jit
+def _pv_dot(o, pd, acc, PREC: tl.constexpr, KEYS_FAST: tl.constexpr):
+    """acc + V_m^T @ P for one nibble position's widened V tile ``o`` ([keys, D/8], or
+    [D/8, keys] with KEYS_FAST)."""
+    if KEYS_FAST:
+        return tl.dot(o, pd, acc=acc, input_precision=PREC)
+    else:
+        return tl.dot(tl.trans(o), pd, acc=acc, input_precision=PREC)
+
+
+@triton.jit
 def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1, a2, a3, a4, a5, a6, a7,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
-                PREC: tl.constexpr, OPQ: tl.constexpr, RESCALE: tl.constexpr):
+                PREC: tl.constexpr, OPQ: tl.constexpr, RESCALE: tl.constexpr, KEYS_FAST: tl.constexpr = False):
     """``V_WORDS`` 4: an int4 V tile's P @ V as eight dots of M = D/8, one per nibble position
     (accumulator m [D/8, heads]: columns 8j + m), so the widened words go to the dots as the
     asm leaves them: no join repacks each value pair into natural column order (32 PRMT a
-    16-key tile), the output's columns are permuted once, after the loop (``_natural8``)."""
-    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    16-key tile), the output's columns are permuted once, after the loop (``_natural8``).
+    ``KEYS_FAST`` (``V_WORDS`` 5): the words load [D/8, keys], so each asm block widens two
+    keys' words and its outputs are the A operand's key pairs: no transpose before the dots."""
+    if KEYS_FAST:
+        w, c = _int4_words_raw_t(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    else:
+        w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
     if OPQ == 1 and ASM:
         w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
-    o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM)
+    if KEYS_FAST:
+        o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8_t(w, c, D, BLOCK_N, DT, ASM)
+    else:
+        o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM)
     if OPQ == 2:
         o0 = _opaque(o0, ASM)
         o1 = _opaque(o1, ASM)
@@ -567,28 +632,28 @@ def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1
         o7 = _opaque(o7, ASM)
     if RESCALE:
         a0 = a0 * alpha[None, :]
-    a0 = tl.dot(tl.trans(o0), pd, acc=a0, input_precision=PREC)
+    a0 = _pv_dot(o0, pd, a0, PREC, KEYS_FAST)
     if RESCALE:
         a1 = a1 * alpha[None, :]
-    a1 = tl.dot(tl.trans(o1), pd, acc=a1, input_precision=PREC)
+    a1 = _pv_dot(o1, pd, a1, PREC, KEYS_FAST)
     if RESCALE:
         a2 = a2 * alpha[None, :]
-    a2 = tl.dot(tl.trans(o2), pd, acc=a2, input_precision=PREC)
+    a2 = _pv_dot(o2, pd, a2, PREC, KEYS_FAST)
     if RESCALE:
         a3 = a3 * alpha[None, :]
-    a3 = tl.dot(tl.trans(o3), pd, acc=a3, input_precision=PREC)
+    a3 = _pv_dot(o3, pd, a3, PREC, KEYS_FAST)
     if RESCALE:
         a4 = a4 * alpha[None, :]
-    a4 = tl.dot(tl.trans(o4), pd, acc=a4, input_precision=PREC)
+    a4 = _pv_dot(o4, pd, a4, PREC, KEYS_FAST)
     if RESCALE:
         a5 = a5 * alpha[None, :]
-    a5 = tl.dot(tl.trans(o5), pd, acc=a5, input_precision=PREC)
+    a5 = _pv_dot(o5, pd, a5, PREC, KEYS_FAST)
     if RESCALE:
         a6 = a6 * alpha[None, :]
-    a6 = tl.dot(tl.trans(o6), pd, acc=a6, input_precision=PREC)
+    a6 = _pv_dot(o6, pd, a6, PREC, KEYS_FAST)
     if RESCALE:
         a7 = a7 * alpha[None, :]
-    a7 = tl.dot(tl.trans(o7), pd, acc=a7, input_precision=PREC)
+    a7 = _pv_dot(o7, pd, a7, PREC, KEYS_FAST)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 
@@ -719,6 +784,9 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     HALF: tl.constexpr = D // 2
     WHOLE: tl.constexpr = V_WORDS == 1 or V_WORDS == 2  # one V accumulator of D columns (else halves)
     VW: tl.constexpr = D if WHOLE else HALF  # columns per V accumulator
+    # V_WORDS 5 feeds the dots straight from the asm: an opaque mov there would pin the words' load
+    # layout and bring back the transpose through shared memory (the same SASS as V_WORDS 4)
+    PV_OPQ: tl.constexpr = 0 if V_WORDS == 5 else V_OPQ
     BT_ROW = BT + b * stride_bt
 
     g = tl.arange(0, G_PAD)
@@ -762,7 +830,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     l_i = tl.zeros([G_PAD], tl.float32)
     if L_DEFER:  # per-element partial sums of p (keys on M, not LAZY): summed over the keys once, after the loop
         l_acc = tl.zeros([BLOCK_N, G_PAD], tl.float32)
-    if V_WORDS == 4:  # one accumulator [D/8, heads] per nibble position (_pv_nibbles)
+    if V_WORDS >= 4:  # one accumulator [D/8, heads] per nibble position (_pv_nibbles)
         a0 = tl.zeros([D // 8, G_PAD], tl.float32)
         a1 = tl.zeros([D // 8, G_PAD], tl.float32)
         a2 = tl.zeros([D // 8, G_PAD], tl.float32)
@@ -846,7 +914,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                     s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
                     s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
                 s = tl.where(nmask[:, None], s, float("-inf"))
-                if LAZY and V_WORDS == 4:  # (as _rescaled, over the eight accumulators)
+                if LAZY and V_WORDS >= 4:  # (as _rescaled, over the eight accumulators)
                     m_t = tl.max(s, 0)
                     if tl.max(m_t - m_i, 0) > LAZY:
                         m_new = tl.maximum(m_i, m_t)
@@ -871,7 +939,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                         l_i = l_i + tl.sum(p, 0)
                     a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
                         C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), m_i, a0, a1, a2, a3, a4, a5, a6,
-                        a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ, False)
+                        a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, False, V_WORDS == 5)
                 elif LAZY:
                     p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
                     va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
@@ -895,13 +963,13 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                         v = va
                         vx = nx
                         vc = nc
-                    elif V_WORDS != 4:
+                    elif V_WORDS < 4:
                         va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                             ALIGN, DT, ASM, V_WORDS)
-                    if V_WORDS == 4:
+                    if V_WORDS >= 4:
                         a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
                             C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), alpha, a0, a1, a2, a3, a4, a5, a6,
-                            a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, V_OPQ, True)
+                            a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, True, V_WORDS == 5)
                     else:
                         acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
                     m_i = m_new
@@ -923,7 +991,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             m_i = m_new
     if L_DEFER:
         l_i = tl.sum(l_acc, 0)
-    if V_WORDS == 4:  # the nibble positions' accumulators -> [heads, D] in natural column order
+    if V_WORDS >= 4:  # the nibble positions' accumulators -> [heads, D] in natural column order
         on = _natural8(tl.trans(a0), tl.trans(a1), tl.trans(a2), tl.trans(a3), tl.trans(a4), tl.trans(a5),
                        tl.trans(a6), tl.trans(a7), G_PAD, D)
         if S == 1:
