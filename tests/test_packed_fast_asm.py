@@ -1,4 +1,4 @@
-"""The one-fma int4 widening PTX of ``attention/triton/packed_fast.py`` (``fused``: the byte
+"""The one-fma int4 widening PTX of ``attention/triton/packed_widen.py`` (``fused``: the byte
 form for K and V halves, and the word form for V read as words), run by the emulator of
 tests/test_mla_packed_asm.py against the reference dequantization: every widened value must
 equal ``kv_int``'s (the integer times its e5m3 scale, exact in bf16) bit for bit, in the
@@ -13,7 +13,7 @@ import torch
 from qkv.kvcache.kv_int import e5m3_decode
 from test_mla_packed_asm import _bits, _f, _halves, emulate
 
-packed_fast = pytest.importorskip("qkv.attention.triton.packed_fast")  # needs triton to import
+packed_widen = pytest.importorskip("qkv.attention.triton.packed_widen")  # needs triton to import
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
@@ -36,7 +36,7 @@ def test_int4_bytes_fused_is_the_reference(seed):
         word = torch.randint(0, 1 << 32, (1,), generator=g, dtype=torch.int64).item()
         s, sb, sn = _scales(g, 4)
         args = [word, sb[1] << 16 | sb[0], sb[3] << 16 | sb[2], sn[1] << 16 | sn[0], sn[3] << 16 | sn[2]]
-        out = emulate(packed_fast.I4F_ASM_BF16.value, args, 4)
+        out = emulate(packed_widen.I4F_ASM_BF16.value, args, 4)
         byte = [(word >> 8 * i) & 255 for i in range(4)]
         for reg, (e0, hi) in enumerate([(0, 0), (2, 0), (0, 1), (2, 1)]):
             want = tuple(_want((byte[e] >> 4 * hi) & 15, s[e]) for e in (e0, e0 + 1))
@@ -51,7 +51,7 @@ def test_int4_words_fused_is_the_reference(seed):
     for _ in range(40):
         w = torch.randint(0, 1 << 32, (2,), generator=g, dtype=torch.int64).tolist()
         s, sb, sn = _scales(g, 2)
-        out = emulate(packed_fast.I4WF_ASM_BF16.value, [w[0], w[1], sb[1] << 16 | sb[0], sn[1] << 16 | sn[0]], 8)
+        out = emulate(packed_widen.I4WF_ASM_BF16.value, [w[0], w[1], sb[1] << 16 | sb[0], sn[1] << 16 | sn[0]], 8)
         for m in range(8):
             want = tuple(_want((w[k] >> 4 * m) & 15, s[k]) for k in range(2))
             assert _halves(out[m], "bf16") == want, (m, w, s)
@@ -67,7 +67,7 @@ def test_int8_words_fused_is_the_reference():
         s = s.to(torch.float16).double().tolist()  # the cache's fp16 scales, subnormal ones too
         args = [w[0], w[1], _bits(s[0] / 256, "f32"), _bits(s[1] / 256, "f32"), _bits(-32896 * s[0], "f32"),
                 _bits(-32896 * s[1], "f32")]
-        out = emulate(packed_fast.I8WF_ASM_BF16.value, args, 4)
+        out = emulate(packed_widen.I8WF_ASM_BF16.value, args, 4)
         for m in range(4):
             v = [((w[k] >> 8 * m) & 255) for k in range(2)]
             v = [b - 256 if b >= 128 else b for b in v]
@@ -81,7 +81,7 @@ def test_e5m3_to_bf16_scales_is_exact():
     codes = list(range(248))
     s = e5m3_decode(torch.tensor(codes, dtype=torch.uint8)).double().tolist()
     for i in range(0, 248, 2):
-        out = emulate(packed_fast.SC_ASM_BF16.value, [codes[i + 1] << 16 | codes[i]], 2)
+        out = emulate(packed_widen.SC_ASM_BF16.value, [codes[i + 1] << 16 | codes[i]], 2)
         assert _halves(out[0], "bf16") == (s[i], s[i + 1]), i
         assert _halves(out[1], "bf16") == (-136 * s[i], -136 * s[i + 1]), i
 
@@ -89,7 +89,7 @@ def test_e5m3_to_bf16_scales_is_exact():
 @triton.jit
 def _scales_kernel(C, S1, S2, N: tl.constexpr):
     i = tl.arange(0, N)
-    s1, s2 = packed_fast._fused_scales(tl.load(C + i))
+    s1, s2 = packed_widen._fused_scales(tl.load(C + i))
     tl.store(S1 + i, s1)
     tl.store(S2 + i, s2)
 

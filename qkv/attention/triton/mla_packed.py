@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.packed import INTERPRET, _store_int4, _store_int8
-from qkv.attention.triton.packed_fast import I4W_ASM_F16
+from qkv.attention.triton.packed_widen import I4W_ASM_F16
 from qkv.kvcache.kv_pages import layout_of
 
 
@@ -113,7 +113,7 @@ def narrow(R: int, bits: int) -> bool:
 
 # int8 by words: pack=2 over two 32-bit words w0, w1 (4 bytes each, in one group: fp32 scales
 # s0, s1); output m holds byte m of both words (bf16x2/f16x2: w0's low, w1's high), widened as
-# packed_fast's int8 asm: byte ^ 0x80 permuted under an fp32 exponent, minus 2^23 + 128 (the
+# packed_widen's int8 asm: byte ^ 0x80 permuted under an fp32 exponent, minus 2^23 + 128 (the
 # signed byte, exact), times the scale, rounded once to DT (the reference's fp32 product, cast).
 _I8W_ASM = "\n".join(
     ["{", ".reg .b32 w8a, w8b, w8f, w8g, w8hi;", "mov.b32 w8hi, 0x4B000000;",
@@ -124,7 +124,7 @@ _I8W_ASM = "\n".join(
         "mul.rn.f32 w8f, w8f, $6;", "mul.rn.f32 w8g, w8g, $7;", f"cvt.rn.T.f32 ${m}, w8g, w8f;")]
     + ["}"])
 I8W_ASM_BF16 = tl.constexpr(_I8W_ASM.replace(".T", ".bf16x2"))
-# int4 by words in bf16, one fma per value pair (packed_fast.I4W_ASM takes two): the nibble
+# int4 by words in bf16, one fma per value pair (packed_widen.I4W_ASM takes two): the nibble
 # OR'd under 0x4300 reads as 128 + n; (128 + n) * s - 136 * s ($11: -136 s, exact: 6
 # significant bits) is (n - 8) * s exactly (8 significant bits), so the fused fma rounds nothing.
 # As I4W_ASM, output m holds nibble m of both words ($8, $9; scales $10).

@@ -3,7 +3,7 @@
 Grid ``(cdiv(max_query_len, BLOCK_T), B, KVH)``: each program takes ``BLOCK_T`` query tokens
 of one sequence and all ``G`` query heads of one KV head (``BLOCK_T * G_PAD`` rows of one
 MMA), so every K/V tile is read and widened in registers once per KV head (no dequantized copy
-of the cache): as two halves by ``packed_fast._halves`` (the decode kernel's PTX widening; the
+of the cache): as two halves by ``packed_widen._halves`` (the decode kernel's PTX widening; the
 query's and the output's columns matched to them), or with ``HALVES`` off in natural order by
 ``packed._tile``. A mixed step's grid holds only the real query tiles (``COMPACT``). Causal and
 window masks come from the key and query positions; the softmax is online (exp2), as
@@ -34,7 +34,7 @@ from qkv.attention.triton.decode import _scores
 from qkv.attention.triton import packed
 from qkv.attention.triton import order as launch_order  # looked up at call time
 from qkv.attention.triton.packed import _layout_args, _rotate, _tile, packed_decode, write_packed
-from qkv.attention.triton.packed_fast import _half_cols, _halves
+from qkv.attention.triton.packed_widen import _half_cols, _halves
 from qkv.attention.triton.page_rows import page_row
 from qkv.kvcache.kv_int import hadamard
 
@@ -48,7 +48,7 @@ def _step(P32, P8, P16, base, row, nmask, k_pos, qa, qb, q_pos, m_i, l_i, acc_a,
           FLOAT: tl.constexpr = False):
     """One key tile of the online softmax (scores in log2 units), its K and V tiles widened from
     the packed planes of pages ``P*`` (the cache's or the scratch pages) at byte offsets ``base``,
-    rows ``row``. HALVES: each tile as two halves of D/2 columns (packed_fast._halves: int4 the
+    rows ``row``. HALVES: each tile as two halves of D/2 columns (packed_widen._halves: int4 the
     even and the odd columns, int8 the first and the second half; ASM widens them in PTX), two
     dots of depth D/2 against the query's matching columns ``qa``/``qb``, and two accumulators
     of the output's matching columns; else one tile in natural order (``qa`` the query, ``acc_a``
@@ -301,7 +301,7 @@ def _packed_prefill_kernel(Q, C8, C16, C32, S8, S16, S32, BT, QSL, NC, OUT, HPM,
             tl.store(op + vb_c[None, :], (acc_b * inv[:, None]).to(ODT), mask=mmask[:, None])
 
 
-# Issue 16, session 9: K/V tiles as halves widened in PTX (packed_fast._halves, the decode
+# Issue 16, session 9: K/V tiles as halves widened in PTX (packed_widen._halves, the decode
 # kernel's widening: bytes, one fma a value pair) instead of natural-order tiles widened by
 # Triton's int->float conversions (sm_90 build, 128 x 64 tiles, 8 warps: 197 registers and
 # 3,328 SASS lines against 240 and 4,688 with 128 I2F). ROT_IN_KERNEL: the query's and the
