@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.packed import INTERPRET, _store_int4, _store_int8
-from qkv.attention.triton.packed_widen import I4W_ASM_F16
+from qkv.attention.triton.packed_widen import I4W_ASM_F16, I4WF_ASM_BF16
 from qkv.kvcache.kv_pages import layout_of
 
 
@@ -127,14 +127,8 @@ I8W_ASM_BF16 = tl.constexpr(_I8W_ASM.replace(".T", ".bf16x2"))
 # int4 by words in bf16, one fma per value pair (packed_widen.I4W_ASM takes two): the nibble
 # OR'd under 0x4300 reads as 128 + n; (128 + n) * s - 136 * s ($11: -136 s, exact: 6
 # significant bits) is (n - 8) * s exactly (8 significant bits), so the fused fma rounds nothing.
-# As I4W_ASM, output m holds nibble m of both words ($8, $9; scales $10).
-I4F_ASM = tl.constexpr("\n".join(
-    ["{", ".reg .b32 f4lo, f4hi, f4t;", "prmt.b32 f4lo, $8, $9, 0x5410;", "prmt.b32 f4hi, $8, $9, 0x7632;"]
-    + [line for half, word in ((0, "f4lo"), (4, "f4hi")) for j in range(4) for line in (
-        ([f"shr.b32 f4t, {word}, {4 * j};"] if j else [])
-        + [f"lop3.b32 f4t, {'f4t' if j else word}, 0x000F000F, 0x43004300, 0xea;",
-           f"fma.rn.bf16x2 ${half + j}, f4t, $10, $11;"])]
-    + ["}"]))
+# As I4W_ASM, output m holds nibble m of both words ($8, $9; scales $10). The decode kernel's.
+I4F_ASM = I4WF_ASM_BF16
 # int8 by words in fp16 (the F16 variant: the dots in fp16): byte m of both words gathered
 # into one register's halves under 0x64 (1024 + u, u = byte ^ 0x80); one paired fma takes
 # 1152 off (the signed byte, exact), one paired multiply applies the fp16 scales ($6: both

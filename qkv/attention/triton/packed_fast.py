@@ -29,8 +29,8 @@ import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
 from qkv.attention.triton.packed_widen import (_halves, _half_cols, _int4_halves, _int4_raw, _int4_word_halves,
-                                               _int4_words, _int4_words_raw, _int4_words_raw_t, _natural8, _opaque,
-                                               _split8, _widen_word_halves, _widen_words8, _widen_words8_t, _words_cols)
+                                               _int4_words, _int4_words_raw, _natural8, _opaque,
+                                               _split8, _widen_word_halves, _widen_words8, _words_cols)
 from qkv.attention.triton.page_rows import _keys, _keys_entries, _keys_one_page, _page_entries, _pages, page_row
 
 
@@ -83,16 +83,10 @@ def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1
     16-key tile), the output's columns are permuted once, after the loop (``_natural8``).
     ``KEYS_FAST`` (``V_WORDS`` 5): the words load [D/8, keys], so each asm block widens two
     keys' words and its outputs are the A operand's key pairs: no transpose before the dots."""
-    if KEYS_FAST:
-        w, c = _int4_words_raw_t(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
-    else:
-        w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN, KEYS_FAST)
     if OPQ == 1 and ASM:
         w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
-    if KEYS_FAST:
-        o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8_t(w, c, D, BLOCK_N, DT, ASM)
-    else:
-        o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM)
+    o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM, KEYS_FAST)
     if OPQ == 2:
         o0 = _opaque(o0, ASM)
         o1 = _opaque(o1, ASM)

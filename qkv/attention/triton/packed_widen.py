@@ -9,7 +9,7 @@ scales into bf16/fp16 operands, and the Triton loads that feed it.
   passes through the (quarter-rate) int->float unit, and the values equal the reference's.
 - A tile comes as two halves (``_halves``: even/odd columns for int4, first/second half for
   int8), as natural columns from words (``_int4_words``), or as eight tiles, one per nibble
-  position of the words (``_widen_words8``; ``_t``: keys the fast dimension), so no register
+  position of the words (``_widen_words8``; ``KEYS_FAST``: keys the fast dimension), so no register
   shuffle interleaves the widened values; the kernels permute the query's and the output's
   columns to match.
 
@@ -271,32 +271,20 @@ def _int4_words(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, 
     2 in ``_words_cols`` order (each asm output register's two values side by side)."""
     W: tl.constexpr = D // 8
     NG: tl.constexpr = D // 16
-    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
-    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
-    soff = tl.multiple_of(base + scales_at + row * NG, 8)
-    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0).to(tl.int32)
-    s = (c << 7).to(tl.int16).to(tl.float16, bitcast=True)
+    w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN)
+    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
     if ASM:
-        sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
+        sw = _per_word(s.to(DT), NG, BLOCK_N, False)
         if DT == tl.bfloat16:
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4W_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.bfloat16,) * 8, is_pure=True,
                 pack=2)
         else:
-            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
                 pack=2)
     else:
-        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
-        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_ops(w, _per_word(s.to(tl.float32), NG, BLOCK_N, False), DT)
     if ORDER == 1:  # nested joins: the innermost pairs (m, m + 4), then + 2, then + 1: flat index m
         t = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
         return tl.reshape(t, (BLOCK_N, D))
@@ -321,7 +309,7 @@ def _words_cols(D: tl.constexpr):
     return 8 * (2 * (f // 16) + f % 2) + (f // 2) % 8
 
 
-# int4 by words in bf16, one fma per value pair (as mla_packed.I4F_ASM): pack=2 over words
+# int4 by words in bf16, one fma per value pair (also mla_packed's I4F_ASM): pack=2 over words
 # w0 ($8), w1 ($9) of one key; output m holds nibble m of both; $10 the scales, $11 -136 s.
 I4WF_ASM_BF16 = tl.constexpr("\n".join(
     ["{", ".reg .b32 g4lo, g4hi, g4t;", "prmt.b32 g4lo, $8, $9, 0x5410;", "prmt.b32 g4hi, $8, $9, 0x7632;"]
@@ -356,14 +344,23 @@ def _opaque(t, ASM: tl.constexpr):
 
 
 @triton.jit
-def _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
-    """An int4 plane's packed words [BLOCK_N, D/8] and e5m3 codes [BLOCK_N, D/16] (masked keys: zeros)."""
+def _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr,
+                    KEYS_FAST: tl.constexpr = False):
+    """An int4 plane's packed words [BLOCK_N, D/8] and e5m3 codes [BLOCK_N, D/16] (masked keys:
+    zeros). KEYS_FAST: [D/8, BLOCK_N] and [D/16, BLOCK_N], the keys the fast dimension, so a
+    pack=2 asm block widens the same word of two keys (the PV dots' A operand pairs keys)."""
     W: tl.constexpr = D // 8
     NG: tl.constexpr = D // 16
     voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
-    w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
+    if KEYS_FAST:
+        w = tl.load(C32 + voff[None, :] + tl.arange(0, W)[:, None], mask=nmask[None, :], other=0)
+    else:
+        w = tl.load(C32 + voff[:, None] + tl.arange(0, W)[None, :], mask=nmask[:, None], other=0)
     soff = tl.multiple_of(base + scales_at + row * NG, 8)
-    c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0)
+    if KEYS_FAST:
+        c = tl.load(C8 + soff[None, :] + tl.arange(0, NG)[:, None], mask=nmask[None, :], other=0)
+    else:
+        c = tl.load(C8 + soff[:, None] + tl.arange(0, NG)[None, :], mask=nmask[:, None], other=0)
     return w, c
 
 
@@ -379,82 +376,53 @@ def _widen_word_halves(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.cons
 
 
 @triton.jit
-def _widen_words8(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
-    """Words and codes (as ``_int4_words_raw``) -> eight [BLOCK_N, D/8] tiles, tile m holding
-    nibble m of every word (column 8j + m of word j), dequantized to DT."""
-    W: tl.constexpr = D // 8
-    NG: tl.constexpr = D // 16
-    s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
-    if ASM:
-        if DT == tl.bfloat16:
-            s1, s2 = _fused_scales(c)
-            sw = tl.reshape(tl.broadcast_to(s1[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
-            sn = tl.reshape(tl.broadcast_to(s2[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
-                is_pure=True, pack=2)
-        else:
-            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
-            o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
-                I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
-                pack=2)
+def _per_word(s, NG: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_FAST: tl.constexpr):
+    """A group's value [BLOCK_N, NG] (KEYS_FAST: [NG, BLOCK_N]) for each of its two words."""
+    if KEYS_FAST:
+        return tl.reshape(tl.broadcast_to(s[:, None, :], (NG, 2, BLOCK_N)), (2 * NG, BLOCK_N))
     else:
-        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, W))
-        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+        return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, 2 * NG))
+
+
+@triton.jit
+def _nibbles_ops(w, sw, DT: tl.constexpr):
+    """The eight nibble positions of words ``w`` times fp32 scales ``sw`` by Triton ops (the
+    interpreter, which runs no PTX): the asm's values."""
+    o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
+    o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
     return o0, o1, o2, o3, o4, o5, o6, o7
 
 
 @triton.jit
-def _int4_words_raw_t(C32, C8, base, vals_at, scales_at, row, nmask, D: tl.constexpr, ALIGN: tl.constexpr):
-    """``_int4_words_raw`` transposed: words [D/8, BLOCK_N] and codes [D/16, BLOCK_N], the keys
-    the fast dimension (so a pack=2 asm block pairs two keys' words, as the MMA's K pairs)."""
-    W: tl.constexpr = D // 8
-    NG: tl.constexpr = D // 16
-    voff = tl.multiple_of((base + vals_at) // 4 + row * W, ALIGN)
-    w = tl.load(C32 + voff[None, :] + tl.arange(0, W)[:, None], mask=nmask[None, :], other=0)
-    soff = tl.multiple_of(base + scales_at + row * NG, 8)
-    c = tl.load(C8 + soff[None, :] + tl.arange(0, NG)[:, None], mask=nmask[None, :], other=0)
-    return w, c
-
-
-@triton.jit
-def _widen_words8_t(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
-    """``_widen_words8`` over transposed words and codes (``_int4_words_raw_t``): eight
-    [D/8, BLOCK_N] tiles, tile m holding nibble m of every word. The asm is elementwise, so
-    the values are ``_widen_words8``'s, transposed; only the pairs it packs differ."""
-    W: tl.constexpr = D // 8
+def _widen_words8(w, c, D: tl.constexpr, BLOCK_N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
+                  KEYS_FAST: tl.constexpr = False):
+    """Words and codes (as ``_int4_words_raw``) -> eight [BLOCK_N, D/8] tiles (KEYS_FAST:
+    [D/8, BLOCK_N]), tile m holding nibble m of every word (column 8j + m of word j), dequantized
+    to DT. The asm is elementwise: KEYS_FAST changes only which two values share a register
+    (two keys' instead of two words')."""
     NG: tl.constexpr = D // 16
     s = (c.to(tl.int32) << 7).to(tl.int16).to(tl.float16, bitcast=True)
     if ASM:
         if DT == tl.bfloat16:
             s1, s2 = _fused_scales(c)
-            sw = tl.reshape(tl.broadcast_to(s1[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
-            sn = tl.reshape(tl.broadcast_to(s2[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
+            sw = _per_word(s1, NG, BLOCK_N, KEYS_FAST)
+            sn = _per_word(s2, NG, BLOCK_N, KEYS_FAST)
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4WF_ASM_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [w, sw, sn], dtype=(tl.bfloat16,) * 8,
                 is_pure=True, pack=2)
         else:
-            sw = tl.reshape(tl.broadcast_to(s.to(DT)[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
+            sw = _per_word(s.to(DT), NG, BLOCK_N, KEYS_FAST)
             o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
                 I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw], dtype=(tl.float16,) * 8, is_pure=True,
                 pack=2)
     else:
-        sw = tl.reshape(tl.broadcast_to(s.to(tl.float32)[:, None, :], (NG, 2, BLOCK_N)), (W, BLOCK_N))
-        o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
-        o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+        o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_ops(w, _per_word(s.to(tl.float32), NG, BLOCK_N, KEYS_FAST), DT)
     return o0, o1, o2, o3, o4, o5, o6, o7
 
 
