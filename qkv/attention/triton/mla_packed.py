@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.packed import INTERPRET, _store_int4, _store_int8
-from qkv.attention.triton.packed_widen import I4W_ASM_F16, I4WF_ASM_BF16
+from qkv.attention.triton.packed_widen import I4W_ASM_F16, I4WF_ASM_BF16, _nibbles_ops
 from qkv.kvcache.kv_pages import layout_of
 
 
@@ -263,14 +263,7 @@ def _widen(w, s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N
                     I4W_ASM_F16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r", [w, sw.to(DT)], dtype=(tl.float16,) * 8,
                     is_pure=True, pack=2)
         else:
-            o0 = ((((w >> 0) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o1 = ((((w >> 4) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o2 = ((((w >> 8) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o3 = ((((w >> 12) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o4 = ((((w >> 16) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o5 = ((((w >> 20) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o6 = ((((w >> 24) & 15) - 8).to(tl.float32) * sw).to(DT)
-            o7 = ((((w >> 28) & 15) - 8).to(tl.float32) * sw).to(DT)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _nibbles_ops(w, sw, DT)
         t0, t1, t2, t3 = _group(o0, o1, o2, o3, o4, o5, o6, o7, BITS, CH)
     else:
         if ASM:
