@@ -39,13 +39,10 @@ INT4 = {
     "s4": dict(splits=4),
     "n32": dict(block_n=32),
     "r96": dict(maxnreg=96),
-    "qs": dict(qk_split=1),  # session 8: the scores as two MMA chains
-    "ld": dict(l_defer=True),  # session 8: the softmax sums across lanes once, after the loop
-    "qsld": dict(qk_split=1, l_defer=True),
-    "qsld_st3": dict(qk_split=1, l_defer=True, num_stages=3),
+    # session 8: the softmax sums across lanes once, after the loop (ld); the scores as two MMA
+    # chains (qs) measured slower and left the kernel in session 16
+    "ld": dict(l_defer=True),
     "n32s2": dict(block_n=32, splits=2),
-    "n32qsld": dict(block_n=32, qk_split=1, l_defer=True),
-    "n32qslds2": dict(block_n=32, qk_split=1, l_defer=True, splits=2),
     "n64": dict(block_n=64),
     "n64s2": dict(block_n=64, splits=2),
     # session 9: op one_page (scalar block-table entries), w4 V as eight nibble-position dots, kw the same for K
@@ -140,15 +137,12 @@ INT4 = {
     "lpt_w5": dict(lpt=True, v_words=5),
     "w5st3L8D": dict(one_page=2, num_stages=3, lazy=8, l_defer=True, v_words=5),
 }
-BIG = "default,qs,ld,qsld,qsld_st3"  # variants at 32 x 8k
+BIG = "default,ld"  # variants at 32 x 8k
 # each variant as packed.py module defaults (for gpu_bench.py --packed-set: the engine A/B)
 KNOBS = {
     "default": {}, "s2": {"MIN_SPLITS": {"4": 2}}, "n32": {"FAST_TILING": {"4": [32, 1, 2]}},
-    "qsld": {"QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True}},
+    "ld": {"L_DEFER": {"4": True}},
     "n32s2": {"FAST_TILING": {"4": [32, 1, 2]}, "MIN_SPLITS": {"4": 2}},
-    "n32qsld": {"FAST_TILING": {"4": [32, 1, 2]}, "QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True}},
-    "n32qslds2": {"FAST_TILING": {"4": [32, 1, 2]}, "QK_SPLIT": {"4": 1}, "L_DEFER": {"4": True},
-                  "MIN_SPLITS": {"4": 2}},
     "n64": {"FAST_TILING": {"4": [64, 1, 2]}}, "n64s2": {"FAST_TILING": {"4": [64, 1, 2]}, "MIN_SPLITS": {"4": 2}},
 }
 
@@ -182,7 +176,7 @@ def main():
     ap.add_argument("--probe", action="store_true",
                     help="also 32 x 8k from L2 and as one KV head a sequence (what bounds the kernel)")
     ap.add_argument("--keys", default="1000,2000", help="the rows' key counts: uniform in [LO, HI]")
-    ap.add_argument("--variants", default="default,s2,n32,qsld,r96")
+    ap.add_argument("--variants", default="default,s2,n32,ld,r96")
     ap.add_argument("--big-variants", default=BIG)
     ap.add_argument("--repeat", type=int, default=1, help="time each variant this many times (interleaved rounds)")
     ap.add_argument("--peers", default="fp8", help="float caches timed beside: fp8,bf16")

@@ -68,7 +68,7 @@ def test_packed_decode_in_another_order_is_the_same_bit_for_bit(kv):
     dtype = torch.bfloat16 if CUDA else torch.float32
     q = torch.randn(len(computed), H, D, generator=gen).to(DEV, dtype)
     for splits in (1, 2):
-        kw = dict(max_seq_len=batch.max_seq_len, splits=splits, fast=True, keys_on_m=True, block_n=16,
+        kw = dict(max_seq_len=batch.max_seq_len, splits=splits, fast=True, block_n=16,
                   num_warps=1)
         plain = packed_decode(q, cache, batch.block_tables[0], batch.num_computed, D ** -0.5, **kw)
         ordered = packed_decode(q, cache, batch.block_tables[0], batch.num_computed, D ** -0.5,
@@ -107,8 +107,8 @@ fast = (packed_fast.fast_decode_kernel,
         dict(Q="*bf16", C8="*u8", C16="*fp16", C32="*i32", BT="*i32", NC="*i64", QSL="*i64", ACC="*fp32",
              ML="*fp32", OUT="*bf16", ORDER="*i32", sm_scale="fp32", softcap="fp32"),
         dict(KVH=8, G=4, G_PAD=8, D=128, BS=16, BLOCK_N=32, S=1, K_BITS=4, K_GRP=16, V_BITS=4, V_GRP=16, ALIGN=4,
-             HAS_WINDOW=False, HAS_RING=False, HAS_SOFTCAP=False, IEEE=False, ASM=2, KEYS_ON_M=2,
-             V_WORDS=packed.V_WORDS, PREFETCH=0, LAZY=0, ROT_Q=True, ROT_O=True, LOG2D=7, QK_SPLIT=0,
+             HAS_WINDOW=False, HAS_RING=False, HAS_SOFTCAP=False, IEEE=False, ASM=2,
+             V_WORDS=packed.V_WORDS, LAZY=0, ROT_Q=True, ROT_O=True, LOG2D=7,
              L_DEFER=False, ONE_PAGE=packed.ONE_PAGE[4], V_OPQ=2, K_WORDS=packed.K_WORDS, HEAD_MAJOR=False), 1)
 flt = (decode._decode_kernel,
        dict(Q="*fp16", KC="*fp8e4nv", VC="*fp8e4nv", BT="*i32", NC="*i64", QSL="*i64", ACC="*fp32", ML="*fp32",

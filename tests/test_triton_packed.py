@@ -165,44 +165,38 @@ def test_packed_decode_equals_reference(kv, case):
     check_decode(kv, case)
 
 
-# The fast kernel (tiles in halves, widened in PTX on the GPU, by Triton ops in the
-# interpreter), keys on the MMA's M or N dimension, and the plain kernel: each equals the reference.
+# The fast kernel (tiles widened in PTX on the GPU, by Triton ops in the interpreter) with its
+# V tile options, and the plain kernel: each equals the reference.
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("fast,keys_on_m,v_words,prefetch,fused", [
-    (False, False, 0, False, False), (True, False, 0, False, False), (True, True, 0, False, False),
-    (True, True, 0, True, False), (True, False, 2, False, False), (True, True, 1, False, False),
-    (True, True, 2, False, False), (True, True, 3, False, False), (True, True, 3, False, True),
-    (True, True, 0, False, True), (True, True, 0, 2, True)])
+@pytest.mark.parametrize("fast,v_words,fused", [
+    (False, 0, False), (True, 0, False), (True, 1, False), (True, 2, False), (True, 3, False), (True, 3, True),
+    (True, 0, True)])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits"])
-def test_packed_decode_variants_equal_reference(kv, fast, keys_on_m, v_words, prefetch, fused, case):
-    if kv == "int8" and (v_words or prefetch):
-        pytest.skip("v_words and prefetch read int4 planes only")
-    # 32-key tiles: two or more tiles per split (the prefetch crosses tiles and the ragged end)
-    check_decode(kv, case, fast=fast, keys_on_m=keys_on_m, v_words=v_words, prefetch=prefetch, fused=fused,
-                 block_n=32)
+def test_packed_decode_variants_equal_reference(kv, fast, v_words, fused, case):
+    if kv == "int8" and v_words:
+        pytest.skip("v_words reads int4 planes only")
+    # 32-key tiles: two or more tiles per split (and the ragged end)
+    check_decode(kv, case, fast=fast, v_words=v_words, fused=fused, block_n=32)
 
 
 @gpu
 @pytest.mark.parametrize("kv", ["int4", "int8"])
-@pytest.mark.parametrize("block_n,warps,stages,prefetch", [(16, 1, 2, 0), (16, 1, 3, 0), (32, 2, 2, 0), (16, 1, 1, 2),
-                                                           (32, 1, 2, 0), (64, 1, 2, 0)])
-def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages, prefetch):
-    """The fast kernel's single-warp tilings (the defaults' shape), a deeper copy ring and the
-    register prefetch of K and V, with the fused widening and V by words (int4), lazy rescale."""
-    extra = dict(fused=True, v_words=3, prefetch=prefetch) if kv == "int4" else dict(fused=True)
-    check_decode(kv, "mqa-splits", fast=True, keys_on_m=True, block_n=block_n, num_warps=warps,
+@pytest.mark.parametrize("block_n,warps,stages", [(16, 1, 2), (16, 1, 3), (32, 2, 2), (32, 1, 2), (64, 1, 2)])
+def test_packed_decode_tilings_equal_reference(kv, block_n, warps, stages):
+    """The fast kernel's single-warp tilings (the defaults' shape) and a deeper copy ring, with
+    the fused widening and V by words (int4), lazy rescale."""
+    extra = dict(fused=True, v_words=3) if kv == "int4" else dict(fused=True)
+    check_decode(kv, "mqa-splits", fast=True, block_n=block_n, num_warps=warps,
                  num_stages=stages, lazy=8, **extra)
 
 
 @pytest.mark.parametrize("kv", ["int4", "int8"])
 @pytest.mark.parametrize("case", ["gqa", "mqa-splits", "window-softcap"])
-@pytest.mark.parametrize("qk_split,l_defer", [(1, False), (0, True), (1, True)])
-def test_packed_decode_split_chains_and_deferred_sum_equal_reference(kv, case, qk_split, l_defer):
-    """The scores as two independent MMA chains, the softmax denominators summed across lanes
-    once after the loop (16-key tiles: many tiles a split, ragged last tiles): the reference's values."""
+def test_packed_decode_deferred_sum_equals_reference(kv, case):
+    """The softmax denominators summed across lanes once, after the loop (16-key tiles: many
+    tiles a split, ragged last tiles): the reference's values."""
     extra = dict(fused=True, v_words=3) if kv == "int4" else dict(fused=True)
-    check_decode(kv, case, fast=True, keys_on_m=True, block_n=16, num_warps=1, lazy=0, qk_split=qk_split,
-                 l_defer=l_defer, **extra)
+    check_decode(kv, case, fast=True, block_n=16, num_warps=1, lazy=0, l_defer=True, **extra)
 
 
 @pytest.mark.parametrize("kv", ["int4", "int8"])
@@ -211,7 +205,7 @@ def test_packed_decode_split_chains_and_deferred_sum_equal_reference(kv, case, q
 def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
     """The running max moved only past a threshold (the accumulators' rescale skipped on the
     other tiles): the reference's values. 16-key tiles: many tiles a split, both branches taken."""
-    check_decode(kv, case, fast=True, keys_on_m=True, v_words=3 if kv == "int4" else 0, lazy=lazy, block_n=16)
+    check_decode(kv, case, fast=True, v_words=3 if kv == "int4" else 0, lazy=lazy, block_n=16)
 
 
 @pytest.mark.parametrize("kv", ["int4", "int4,int8", "int8,int4"])
@@ -226,7 +220,7 @@ def test_packed_decode_nibble_dots_and_page_tiles_equal_reference(kv, case, bloc
     and K (``k_words``) as eight dots, one per nibble position, tiles' block-table entries read as scalars (``one_page`` 1; 32-key tiles
     span two pages of 16), a tile ahead (2), the lazy rescale over the eight accumulators: the
     reference's values, ragged last tiles and splits included."""
-    check_decode(kv, case, fast=True, keys_on_m=True, fused=True, lazy=lazy, block_n=block_n, num_warps=1,
+    check_decode(kv, case, fast=True, fused=True, lazy=lazy, block_n=block_n, num_warps=1,
                  v_words=v_words, k_words=k_words, one_page=one_page, l_defer=l_defer)
 
 
@@ -237,7 +231,7 @@ def test_packed_decode_pages_ahead_deeper_pipeline_equals_reference(kv, case, bl
     """Block-table entries a tile ahead (``one_page`` 2) let the pipeliner keep 2-3 tiles of K/V
     in flight at 3-4 stages (issue 16, session 14): the reference's values, ragged tiles and
     splits included."""
-    check_decode(kv, case, fast=True, keys_on_m=True, fused=True, block_n=block_n, num_warps=1, num_stages=num_stages,
+    check_decode(kv, case, fast=True, fused=True, block_n=block_n, num_warps=1, num_stages=num_stages,
                  v_words=4, k_words=1, one_page=2)
 
 
@@ -259,10 +253,10 @@ def test_packed_decode_head_major_equals_reference(kv, case, variant, monkeypatc
     32-key tiles spanning two pages."""
     monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
     kw = {"default": {}, "plain": dict(fast=False),
-          "pages-ahead-st3": dict(fast=True, keys_on_m=True, fused=True, block_n=16, num_warps=1, num_stages=3,
+          "pages-ahead-st3": dict(fast=True, fused=True, block_n=16, num_warps=1, num_stages=3,
                                   v_words=4, k_words=1, one_page=2),
-          "one-page-16": dict(fast=True, keys_on_m=True, fused=True, block_n=16, num_warps=1, one_page=1),
-          "tiles-32": dict(fast=True, keys_on_m=True, fused=True, block_n=32, num_warps=1, one_page=1)}[variant]
+          "one-page-16": dict(fast=True, fused=True, block_n=16, num_warps=1, one_page=1),
+          "tiles-32": dict(fast=True, fused=True, block_n=32, num_warps=1, one_page=1)}[variant]
     check_decode(kv, case, **kw)
 
 

@@ -35,7 +35,6 @@ from qkv.kvcache.kv_int import SCALE_MAX as _SCALE_MAX, hadamard
 
 SCALE_MAX = tl.constexpr(_SCALE_MAX)  # a global a kernel reads must be a constexpr
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-KEYS_ON_M = True  # the fast kernel's defaults (benchmarks/kv_int_decode_bench.py)
 # int4 V read as 32-bit words into halves (3): 152.5 us against 180.7 as bytes at batch 32 x 8k (H200,
 # session 7 round 2, 16-key tiles, 8 splits, fused); V_WORDS 0 keeps the bytes. 4 (eight dots of M = D/8,
 # one per nibble position; D >= 128, else 3) with ONE_PAGE and K_WORDS, H200 session 14, launch order on:
@@ -59,7 +58,6 @@ MANY_ROWS = 1024
 # 455 us against 600 (16-key tiles, ONE_PAGE 0) and 485 (32-key, 0); 1000/1000 run with 32-key tiles
 # (ONE_PAGE 0) 10,525 out tok/s against 10,053.
 FAST_TILING_MANY_ROWS = {4: (32, 1, 3), 8: (32, 1, 2)}
-PREFETCH = False  # 214.5 us at best against 184.5 without (it costs registers)
 # By the narrower plane's bits (bf16 queries). int8: words, one fma a value (packed_fast.I8WF_ASM_BF16):
 # 233.2 us against 276.7 (batch 32 x 8k, H200, session 7). int4: one fma a value pair (with V as bytes
 # it was slower: 198.7 us against 183.4, 144 registers).
@@ -80,13 +78,11 @@ WRITE_ROT_IN_KERNEL = True
 # 3,072 rows 2 x 1 29.6 us against 31.9 (fp8 27.9).
 WRITE_TILES = ((34336, 8, 4), (0, 2, 1))
 ROT_IN_KERNEL = True  # the fast kernel rotates the query and the output (rotated planes) in registers
-# Keys on M, not LAZY (issue 16, session 8): QK_SPLIT the scores as two independent MMA chains (one
-# per half) instead of one of depth D; L_DEFER the softmax denominators as per-element partial sums,
-# reduced across lanes once after the loop instead of once a tile.
-QK_SPLIT = {4: 0, 8: 0}
 # At least this many splits (fast kernel, long or unknown contexts; by bits): many rows of 1-2k
 # keys leave single-split programs unevenly long (benchmarks/kv_int_engine_shape_bench.py).
 MIN_SPLITS = {4: 1, 8: 1}
+# Keys on M, not LAZY (issue 16, session 8): L_DEFER the softmax denominators as per-element partial
+# sums, reduced across lanes once after the loop instead of once a tile.
 L_DEFER = {4: False, 8: False}
 # Fast kernel, keys on M, no window (issue 16, session 9): tiles aligned to pages (BLOCK_N divides the
 # block size or is twice it) read their block-table entries as scalars (1), loaded a tile ahead (2).
@@ -452,23 +448,23 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   max_seq_len: int | None = None, query_start_loc: torch.Tensor | None = None,
                   out: torch.Tensor | None = None, splits: int | None = None, block_n: int | None = None,
                   num_warps: int | None = None, num_stages: int | None = None, fast: bool | None = None,
-                  keys_on_m: bool | None = None, v_words: int | None = None,
-                  prefetch: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
-                  lazy: int | None = None, qk_split: int | None = None, l_defer: bool | None = None,
+                  v_words: int | None = None, fused: bool | None = None, maxnreg: int | None = None,
+                  lazy: int | None = None, l_defer: bool | None = None,
                   one_page: int | None = None, k_words: int | None = None, rotate: bool = True,
                   order: torch.Tensor | None = None) -> torch.Tensor:
     """``decode.paged_decode`` over packed pages: q [T, H, D]; sequence b's query is row
     ``query_start_loc[b]`` and sees keys ``[0, num_computed[b]]`` (this step's already written,
     by ``write_packed``). Returns ``out`` [T, H, D] in q's dtype.
 
-    ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (tiles in
-    halves, widened in PTX), ``keys_on_m`` its transposed dots, ``v_words`` (int4 V) its V
-    tiles read as 32-bit words (1: in natural column order, 2: in the asm's register order;
-    0: as halves; 3: as words into halves; 4: eight dots, one per nibble position; 5: those dots
-    over words loaded keys-fastest, no transpose), ``prefetch`` (keys on M) 1: int4 V bytes loaded one
-    tile ahead, 2: int4 K and V one tile ahead and the block table two (run it with ``num_stages=1``), ``fused`` (int4,
-    bf16 queries) one fma per widened value pair, ``lazy`` (keys on M) moves the running max only
-    when a tile's exceeds it by more than ``lazy`` (log2 units), ``maxnreg`` caps the
+    ``fast`` (default: bf16/fp16 queries on the GPU) runs ``packed_fast``'s kernel (keys on the
+    MMA's M dimension, tiles widened in PTX), ``v_words`` (int4 V) its V tiles read as 32-bit
+    words (1: in natural column order, 2: in the asm's register order; 0: as halves; 3: as words
+    into halves; 4: eight dots, one per nibble position; 5: those dots over words loaded
+    keys-fastest, no transpose), ``fused`` (int4, bf16 queries) one fma per widened value pair,
+    ``lazy`` moves the running max only when a tile's exceeds it by more than ``lazy`` (log2
+    units), ``l_defer`` sums the softmax denominators across lanes once, after the loop,
+    ``one_page`` reads page-aligned tiles' block-table entries as scalars (2: a tile ahead),
+    ``k_words`` scores int4 K as eight dots, one per nibble position, ``maxnreg`` caps the
     fast kernel's registers per thread (more programs per SM); all variants give the reference's values
     (tests/test_triton_packed.py). ``rotate=False``: q is already rotated (for rotated K) and
     ``out`` is left in the rotated space (for rotated V), for a caller that rotates it
@@ -483,34 +479,23 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     G = H // kvh
     half = q.dtype in (torch.bfloat16, torch.float16)
     fast = (half and not INTERPRET) if fast is None else fast and (half or INTERPRET)
-    keys_on_m = bool(fast and (KEYS_ON_M if keys_on_m is None else keys_on_m))
     v_words = int(fast and vp.fmt.bits == 4 and (V_WORDS if v_words is None else v_words))
-    if v_words >= 4 and not (keys_on_m and D >= 128):  # (dots of M = D/8 >= 16 rows, keys on M)
+    if v_words >= 4 and D < 128:  # (dots of M = D/8 >= 16 rows)
         v_words = 3
-    prefetch = int(PREFETCH if prefetch is None else prefetch) if keys_on_m else 0
-    if prefetch == 2 and not (kp.fmt.bits == 4 and vp.fmt.bits == 4):
-        prefetch = 0
-    elif prefetch == 1 and (v_words or vp.fmt.bits != 4):
-        prefetch = 0
     nbits = min(kp.fmt.bits, vp.fmt.bits)
     fused = bool(FUSED[nbits] if fused is None else fused)
-    # (the lazy rescale: keys on M, V in halves)
-    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if keys_on_m and v_words in (0, 3, 4, 5) and prefetch != 1 else 0
-    if v_words >= 4:
-        prefetch = 0
+    # (the lazy rescale: V in halves or by nibble positions)
+    lazy = int((LAZY[nbits] if lazy is None else lazy) or 0) if fast and v_words in (0, 3, 4, 5) else 0
     maxnreg = MAXNREG if maxnreg is None else maxnreg
-    qk_split = int(QK_SPLIT[nbits] if qk_split is None else qk_split) if keys_on_m and prefetch != 2 else 0
-    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if (
-        keys_on_m and (not lazy or v_words >= 4) and prefetch != 2) else False
+    l_defer = bool(L_DEFER[nbits] if l_defer is None else l_defer) if fast and (not lazy or v_words >= 4) else False
     block_n, num_warps, num_stages, S = launch_shape(B, kvh, D, nbits, max_seq_len, fast, block_n, num_warps,
                                                      num_stages, splits)
     one_page = int((ONE_PAGE[nbits] if one_page is None else one_page) or 0) if (
-        keys_on_m and prefetch != 2 and window is None
-        and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size)) else 0
+        fast and window is None and (lay.block_size % block_n == 0 or block_n == 2 * lay.block_size)) else 0
     # (int4 K as eight dots of depth D/8: D >= 128)
     k_words = int((K_WORDS if k_words is None else k_words) or 0) if (
-        keys_on_m and kp.fmt.bits == 4 and D >= 128 and prefetch != 2) else 0
-    G_PAD = max(8 if keys_on_m else 16, triton.next_power_of_2(G))
+        fast and kp.fmt.bits == 4 and D >= 128) else 0
+    G_PAD = max(8 if fast else 16, triton.next_power_of_2(G))  # (the fast kernel's heads are the MMA's N)
     rows = B * kvh * G * S if S > 1 else 1
     acc = torch.empty((rows, D), dtype=torch.float32, device=q.device)
     ml = torch.empty((rows, 2), dtype=torch.float32, device=q.device)
@@ -540,8 +525,8 @@ def packed_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     if fast:
         fast_decode_kernel[(B, kvh, S)](q, kv_cache, kv_cache.view(torch.float16), kv_cache.view(torch.int32),
                                         *common, ASM=0 if INTERPRET else 2 if fused else 1,
-                                        KEYS_ON_M=2 if keys_on_m else 0, V_WORDS=v_words, PREFETCH=prefetch, LAZY=lazy,
-                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1, QK_SPLIT=qk_split,
+                                        V_WORDS=v_words, LAZY=lazy,
+                                        ROT_Q=rot_q, ROT_O=rot_o, LOG2D=D.bit_length() - 1,
                                         L_DEFER=l_defer, ONE_PAGE=one_page, K_WORDS=k_words,
                                         ORDER=order, HAS_ORDER=order is not None,
                                         **consts, **({"maxnreg": maxnreg} if maxnreg else {}))

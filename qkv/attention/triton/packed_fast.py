@@ -3,7 +3,7 @@ queries on the GPU): split-K decode attention over int8/int4 pages, as ``packed`
 with less work per cached element. Single-warp programs (``packed.FAST_TILING``), one per
 (sequence, KV head, split), each walking its keys in tiles:
 
-- ``KEYS_ON_M``: keys on the MMA's M dimension (transposed dots, heads padded to 8), so a tile
+- keys on the MMA's M dimension (transposed dots, heads padded to 8), so a tile
   widened in registers (``packed_widen``: PTX, the reference's values) is the A operand as it is;
 - int4 K and V as eight dots each, one per nibble position of the 32-bit words (``K_WORDS``,
   ``V_WORDS`` 4; 5: V's words loaded keys-fastest, no transpose): no byte is split out of the
@@ -14,9 +14,11 @@ with less work per cached element. Single-warp programs (``packed.FAST_TILING``)
 - the query's and the output's Hadamard rotations (rotated planes) in registers (``ROT_Q``,
   ``ROT_O``); the lazy rescale for int8 (``LAZY``).
 
-Options kept for the record and the tests (``packed.packed_decode``'s arguments; their timings
-are in docs/benchmarks.md): ``V_WORDS`` 0-3, ``PREFETCH`` 1 (int4 V bytes a tile ahead) and 2 (K
-and V words a tile ahead in registers), ``QK_SPLIT``, ``L_DEFER``, ``KEYS_ON_M`` 0.
+Options (``packed.packed_decode``'s arguments; their timings are in docs/benchmarks.md):
+``V_WORDS`` 0-3 (0 and 3 serve int8 planes and heads narrower than 128), ``L_DEFER``, ``LAZY``
+for int4, ``ONE_PAGE`` 0/1, registers capped. Options measured slower and removed in session 16
+(their code is in git before that): keys on the MMA's N dimension, K and V a tile ahead in
+registers (``prefetch`` 1/2), the scores as two MMA chains (``qk_split``).
 
 Without ``ASM`` (Triton's interpreter, which runs no PTX) the tiles are widened by Triton ops:
 the same values, so the tests check the kernel's structure on the CPU too.
@@ -28,10 +30,9 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.decode import _scores
-from qkv.attention.triton.packed_widen import (_halves, _half_cols, _int4_halves, _int4_raw, _int4_word_halves,
-                                               _int4_words, _int4_words_raw, _natural8, _opaque,
-                                               _split8, _widen_word_halves, _widen_words8, _words_cols)
-from qkv.attention.triton.page_rows import _keys, _keys_entries, _keys_one_page, _page_entries, _pages, page_row
+from qkv.attention.triton.packed_widen import (_halves, _half_cols, _int4_word_halves, _int4_words, _int4_words_raw,
+                                               _natural8, _opaque, _split8, _widen_words8, _words_cols)
+from qkv.attention.triton.page_rows import _keys, _keys_entries, _keys_one_page, _page_entries
 
 
 @triton.jit
@@ -144,25 +145,14 @@ def _v_tile(C32, C8, C16, base, vals_at, scales_at, row, nmask, BITS: tl.constex
 
 
 @triton.jit
-def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, KEYS_ON_M: tl.constexpr, WHOLE: tl.constexpr,
-            PREC: tl.constexpr):
-    """The accumulators after one tile: acc * alpha + P @ V (V^T @ P^T with KEYS_ON_M 2; with
-    KEYS_ON_M 1 the scores arrive [keys, heads] and are transposed). WHOLE: one full tile
-    ``v`` and one accumulator ``acc_a``; else halves ``va``/``vb`` into ``acc_a``/``acc_b``."""
-    if KEYS_ON_M == 2:
-        if WHOLE:
-            acc_a = tl.dot(tl.trans(v), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
-        else:
-            acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
-            acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b * alpha[None, :], input_precision=PREC)
+def _pv_acc(acc_a, acc_b, va, vb, v, pd, alpha, WHOLE: tl.constexpr, PREC: tl.constexpr):
+    """The accumulators [columns, heads] after one tile: acc * alpha + V^T @ P. WHOLE: one full
+    tile ``v`` and one accumulator ``acc_a``; else halves ``va``/``vb`` into ``acc_a``/``acc_b``."""
+    if WHOLE:
+        acc_a = tl.dot(tl.trans(v), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
     else:
-        if KEYS_ON_M == 1:
-            pd = tl.trans(pd)
-        if WHOLE:
-            acc_a = tl.dot(pd, v, acc=acc_a * alpha[:, None], input_precision=PREC)
-        else:
-            acc_a = tl.dot(pd, va, acc=acc_a * alpha[:, None], input_precision=PREC)
-            acc_b = tl.dot(pd, vb, acc=acc_b * alpha[:, None], input_precision=PREC)
+        acc_a = tl.dot(tl.trans(va), pd, acc=acc_a * alpha[None, :], input_precision=PREC)
+        acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b * alpha[None, :], input_precision=PREC)
     return acc_a, acc_b
 
 
@@ -214,9 +204,9 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        K_BITS: tl.constexpr, K_GRP: tl.constexpr, V_BITS: tl.constexpr, V_GRP: tl.constexpr,
                        ALIGN: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_RING: tl.constexpr,
                        HAS_SOFTCAP: tl.constexpr, IEEE: tl.constexpr, ASM: tl.constexpr,
-                       KEYS_ON_M: tl.constexpr, V_WORDS: tl.constexpr, PREFETCH: tl.constexpr,
+                       V_WORDS: tl.constexpr,
                        LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
-                       LOG2D: tl.constexpr = 7, QK_SPLIT: tl.constexpr = 0, L_DEFER: tl.constexpr = False,
+                       LOG2D: tl.constexpr = 7, L_DEFER: tl.constexpr = False,
                        ONE_PAGE: tl.constexpr = False, V_OPQ: tl.constexpr = 2, K_WORDS: tl.constexpr = 0,
                        ORDER=None, HAS_ORDER: tl.constexpr = False, HEAD_MAJOR: tl.constexpr = False):
     b = tl.program_id(0)
@@ -297,155 +287,82 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
         a5 = tl.zeros([D // 8, G_PAD], tl.float32)
         a6 = tl.zeros([D // 8, G_PAD], tl.float32)
         a7 = tl.zeros([D // 8, G_PAD], tl.float32)
-    if KEYS_ON_M == 2:  # accumulators [columns, heads]
-        acc_a = tl.zeros([VW, G_PAD], tl.float32)
-        acc_b = tl.zeros([VW, G_PAD], tl.float32)
-    else:
-        acc_a = tl.zeros([G_PAD, VW], tl.float32)
-        acc_b = tl.zeros([G_PAD, VW], tl.float32)
-    if KEYS_ON_M:  # scores [keys, heads]
-        qaT = tl.trans(qa)
-        qbT = tl.trans(qb)
-        if PREFETCH == 2:
-            # int4 K and V: the next tile's packed words load into registers at
-            # the top of this tile's iteration, and the block table a tile earlier still, so no
-            # load waits on another and a whole iteration of work covers each load's latency
-            # (Triton's two-stage ring issues the next tile's copies after this tile's work and
-            # waits for them first thing in the next iteration). Run with num_stages=1.
-            ar = tl.arange(0, BLOCK_N)
-            pos = lo + ar
-            base0 = _pages(BT_ROW, pos, hi, ring, BS, HAS_RING) * page_bytes
-            row0 = page_row(pos % BS, kvh, KVH, BS, HEAD_MAJOR)
-            kx, kc = _int4_words_raw(C32, C8, base0, k_vals, k_scales, row0, pos < hi, D, ALIGN)
-            vw, vc = _int4_words_raw(C32, C8, base0, v_vals, v_scales, row0, pos < hi, D, ALIGN)
-            blk_n = _pages(BT_ROW, pos + BLOCK_N, hi, ring, BS, HAS_RING)
-            for start in range(lo, hi, BLOCK_N):
-                nmask = start + ar < hi
-                ckx, ckc, cvw, cvc = kx, kc, vw, vc
-                nxt = start + BLOCK_N + ar
-                row1 = page_row(nxt % BS, kvh, KVH, BS, HEAD_MAJOR)
-                kx, kc = _int4_words_raw(C32, C8, blk_n * page_bytes, k_vals, k_scales, row1, nxt < hi, D, ALIGN)
-                vw, vc = _int4_words_raw(C32, C8, blk_n * page_bytes, v_vals, v_scales, row1, nxt < hi, D, ALIGN)
-                blk_n = _pages(BT_ROW, nxt + BLOCK_N, hi, ring, BS, HAS_RING)
-                ka, kb = _widen_word_halves(ckx, ckc, D, BLOCK_N, DT, ASM)
-                s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
-                s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-                s = tl.where(nmask[:, None], s, float("-inf"))
-                p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
-                va, vb = _widen_word_halves(cvw, cvc, D, BLOCK_N, DT, ASM)
-                pd = p.to(DT)
-                acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
-                acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
-        if PREFETCH == 1:  # int4 V in halves: the next tile's bytes load while this one is widened
-            nm0, base0, row0 = _keys(BT_ROW, lo, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING, HEAD_MAJOR)
-            vx, vc = _int4_raw(C8, base0, v_vals, v_scales, row0, nm0, D, ALIGN)
-        if PREFETCH != 2:
-            if ONE_PAGE == 2:
-                e0, e1 = _page_entries(BT_ROW, lo, hi, ring, BS, BLOCK_N, HAS_RING)
-            for start in range(lo, hi, BLOCK_N):
-                if ONE_PAGE == 2:  # this tile's entries were loaded a tile ago; the next tile's now
-                    n0, n1 = _page_entries(BT_ROW, start + BLOCK_N, hi, ring, BS, BLOCK_N, HAS_RING)
-                    nmask, base, row = _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH, BS, BLOCK_N, HEAD_MAJOR)
-                    e0 = n0
-                    e1 = n1
-                elif ONE_PAGE:
-                    nmask, base, row = _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                                      HAS_RING, HEAD_MAJOR)
+    acc_a = tl.zeros([VW, G_PAD], tl.float32)  # accumulators [columns, heads]
+    acc_b = tl.zeros([VW, G_PAD], tl.float32)
+    qaT = tl.trans(qa)  # scores [keys, heads]: keys on the MMA's M dimension
+    qbT = tl.trans(qb)
+    if ONE_PAGE == 2:
+        e0, e1 = _page_entries(BT_ROW, lo, hi, ring, BS, BLOCK_N, HAS_RING)
+    for start in range(lo, hi, BLOCK_N):
+        if ONE_PAGE == 2:  # this tile's entries were loaded a tile ago; the next tile's now
+            n0, n1 = _page_entries(BT_ROW, start + BLOCK_N, hi, ring, BS, BLOCK_N, HAS_RING)
+            nmask, base, row = _keys_entries(e0, e1, start, hi, page_bytes, kvh, KVH, BS, BLOCK_N, HEAD_MAJOR)
+            e0 = n0
+            e1 = n1
+        elif ONE_PAGE:
+            nmask, base, row = _keys_one_page(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
+                                              HAS_RING, HEAD_MAJOR)
+        else:
+            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING,
+                                     HEAD_MAJOR)
+        if K_WORDS:
+            s = _qk_nibbles(C32, C8, base, k_vals, k_scales, row, nmask, q0, q1, q2, q3, q4, q5, q6, q7, D,
+                            BLOCK_N, ALIGN, DT, ASM, PREC, K_WORDS)
+        else:  # one chain of depth D over the two halves
+            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT,
+                             ASM, C32)
+            s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
+        s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
+        s = tl.where(nmask[:, None], s, float("-inf"))
+        if LAZY and V_WORDS >= 4:  # (as _rescaled, over the eight accumulators)
+            m_t = tl.max(s, 0)
+            if tl.max(m_t - m_i, 0) > LAZY:
+                m_new = tl.maximum(m_i, m_t)
+                alpha = tl.exp2(m_i - m_new)
+                if L_DEFER:
+                    l_acc = l_acc * alpha[None, :]
                 else:
-                    nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING,
-                                             HEAD_MAJOR)
-                if K_WORDS:
-                    s = _qk_nibbles(C32, C8, base, k_vals, k_scales, row, nmask, q0, q1, q2, q3, q4, q5, q6, q7, D,
-                                    BLOCK_N, ALIGN, DT, ASM, PREC, K_WORDS)
-                    s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-                else:
-                    ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT,
-                                     ASM, C32)
-                if K_WORDS:
-                    pass
-                elif QK_SPLIT and not HAS_SOFTCAP:
-                    # two independent MMA chains of depth D/2 (one per half), each scaled, then summed
-                    # (a plain sum of two dots is folded back into one chain by Triton's dot + add rewrite)
-                    c2 = sm_scale * 1.4426950408889634
-                    s = tl.dot(ka, qaT, input_precision=PREC) * c2 + tl.dot(kb, qbT, input_precision=PREC) * c2
-                else:  # one chain of depth D
-                    s = tl.dot(kb, qbT, acc=tl.dot(ka, qaT, input_precision=PREC), input_precision=PREC)
-                    s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-                s = tl.where(nmask[:, None], s, float("-inf"))
-                if LAZY and V_WORDS >= 4:  # (as _rescaled, over the eight accumulators)
-                    m_t = tl.max(s, 0)
-                    if tl.max(m_t - m_i, 0) > LAZY:
-                        m_new = tl.maximum(m_i, m_t)
-                        alpha = tl.exp2(m_i - m_new)
-                        if L_DEFER:
-                            l_acc = l_acc * alpha[None, :]
-                        else:
-                            l_i = l_i * alpha
-                        a0 = a0 * alpha[None, :]
-                        a1 = a1 * alpha[None, :]
-                        a2 = a2 * alpha[None, :]
-                        a3 = a3 * alpha[None, :]
-                        a4 = a4 * alpha[None, :]
-                        a5 = a5 * alpha[None, :]
-                        a6 = a6 * alpha[None, :]
-                        a7 = a7 * alpha[None, :]
-                        m_i = m_new
-                    p = tl.exp2(s - m_i[None, :])
-                    if L_DEFER:
-                        l_acc = l_acc + p
-                    else:
-                        l_i = l_i + tl.sum(p, 0)
-                    a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
-                        C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), m_i, a0, a1, a2, a3, a4, a5, a6,
-                        a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, False, V_WORDS == 5)
-                elif LAZY:
-                    p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
-                    va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
-                                        ALIGN, DT, ASM, V_WORDS)
-                    pd = p.to(DT)
-                    acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
-                    acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
-                else:
-                    m_new = tl.maximum(m_i, tl.max(s, 0))
-                    alpha = tl.exp2(m_i - m_new)
-                    p = tl.exp2(s - m_new[None, :])
-                    if L_DEFER:  # no cross-lane sum in the loop
-                        l_acc = l_acc * alpha[None, :] + p
-                    else:
-                        l_i = l_i * alpha + tl.sum(p, 0)
-                    if PREFETCH:
-                        nm1, base1, row1 = _keys(BT_ROW, start + BLOCK_N, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N,
-                                                 HAS_RING, HEAD_MAJOR)
-                        nx, nc = _int4_raw(C8, base1, v_vals, v_scales, row1, nm1, D, ALIGN)
-                        va, vb = _int4_halves(vx, vc, D, BLOCK_N, DT, ASM)
-                        v = va
-                        vx = nx
-                        vc = nc
-                    elif V_WORDS < 4:
-                        va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
-                                            ALIGN, DT, ASM, V_WORDS)
-                    if V_WORDS >= 4:
-                        a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
-                            C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), alpha, a0, a1, a2, a3, a4, a5, a6,
-                            a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, True, V_WORDS == 5)
-                    else:
-                        acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
-                    m_i = m_new
-    else:  # scores [heads, keys]
-        for start in range(lo, hi, BLOCK_N):
-            nmask, base, row = _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH, BS, BLOCK_N, HAS_RING, HEAD_MAJOR)
-            ka, kb = _halves(C8, C16, base, k_vals, k_scales, row, nmask, K_BITS, K_GRP, D, BLOCK_N, ALIGN, DT, ASM,
-                             C32)
-            s = tl.dot(qb, tl.trans(kb), acc=tl.dot(qa, tl.trans(ka), input_precision=PREC), input_precision=PREC)
-            s = _scores(s, sm_scale, softcap, HAS_SOFTCAP)
-            s = tl.where(nmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+                    l_i = l_i * alpha
+                a0 = a0 * alpha[None, :]
+                a1 = a1 * alpha[None, :]
+                a2 = a2 * alpha[None, :]
+                a3 = a3 * alpha[None, :]
+                a4 = a4 * alpha[None, :]
+                a5 = a5 * alpha[None, :]
+                a6 = a6 * alpha[None, :]
+                a7 = a7 * alpha[None, :]
+                m_i = m_new
+            p = tl.exp2(s - m_i[None, :])
+            if L_DEFER:
+                l_acc = l_acc + p
+            else:
+                l_i = l_i + tl.sum(p, 0)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
+                C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), m_i, a0, a1, a2, a3, a4, a5, a6,
+                a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, False, V_WORDS == 5)
+        elif LAZY:
+            p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
             va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                 ALIGN, DT, ASM, V_WORDS)
-            acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, KEYS_ON_M, WHOLE, PREC)
+            pd = p.to(DT)
+            acc_a = tl.dot(tl.trans(va), pd, acc=acc_a, input_precision=PREC)
+            acc_b = tl.dot(tl.trans(vb), pd, acc=acc_b, input_precision=PREC)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[None, :])
+            if L_DEFER:  # no cross-lane sum in the loop
+                l_acc = l_acc * alpha[None, :] + p
+            else:
+                l_i = l_i * alpha + tl.sum(p, 0)
+            if V_WORDS >= 4:
+                a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
+                    C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), alpha, a0, a1, a2, a3, a4, a5, a6,
+                    a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, True, V_WORDS == 5)
+            else:
+                va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
+                                    ALIGN, DT, ASM, V_WORDS)
+                acc_a, acc_b = _pv_acc(acc_a, acc_b, va, vb, v, p.to(DT), alpha, WHOLE, PREC)
             m_i = m_new
     if L_DEFER:
         l_i = tl.sum(l_acc, 0)
@@ -464,12 +381,8 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             tl.store(ML + rowc * 2, m_i, mask=gmask)
             tl.store(ML + rowc * 2 + 1, l_i, mask=gmask)
         return
-    if KEYS_ON_M == 2:
-        out_a = tl.trans(acc_a)
-        out_b = tl.trans(acc_b)
-    else:
-        out_a = acc_a
-        out_b = acc_b
+    out_a = tl.trans(acc_a)  # [heads, columns]
+    out_b = tl.trans(acc_b)
     if S == 1 and ROT_O:  # V stored rotated: the output rotated back here, in fp32 (halves, not WHOLE)
         if V_BITS == 4:  # even and odd columns
             on = tl.reshape(tl.join(out_a / l_i[:, None], out_b / l_i[:, None]), (G_PAD, D))

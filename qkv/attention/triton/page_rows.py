@@ -22,15 +22,6 @@ def page_row(t, h, KVH: tl.constexpr, BS: tl.constexpr, HEAD_MAJOR: tl.constexpr
 
 
 @triton.jit
-def _pages(BT_ROW, pos, hi, ring, BS: tl.constexpr, HAS_RING: tl.constexpr):
-    """The block-table entries of key positions ``pos`` (0 past ``hi``), as int64."""
-    pg = pos // BS
-    if HAS_RING:
-        pg = pg % ring
-    return tl.load(BT_ROW + pg, mask=pos < hi, other=0).to(tl.int64)
-
-
-@triton.jit
 def _keys(BT_ROW, start, hi, ring, page_bytes, kvh, KVH: tl.constexpr, BS: tl.constexpr,
           BLOCK_N: tl.constexpr, HAS_RING: tl.constexpr, HEAD_MAJOR: tl.constexpr):
     """Keys [start, start + BLOCK_N): (valid mask, byte offset of each key's page, its row in
