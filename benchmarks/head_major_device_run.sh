@@ -7,7 +7,7 @@
 # run's shape and at 32 x 8k over both layouts, with the 64-register 16-split variants and V's words
 # loaded keys-fastest (v_words 5, session 16); the packed
 # prefill over both layouts (8 x 2,048 over 2,048 cached); then the 1000/1000 run with token-major
-# and head-major int4 pages (each its own process; RUNS picks: fp8 and int8-hm too). From the repository root
+# and head-major int4 pages (each its own process; RUNS picks: fp8, int8-hm, int4-w5 and int4-hm-w5 too). From the repository root
 # with OUT_DIR set. ~10 min (near the call limit: NO_TESTS=1 or RUNS=int4-hm shorten it).
 . benchmarks/engine_1000.sh
 device_tests 150 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k "head_major or (nibble_dots and 5-)"
@@ -26,5 +26,7 @@ int4-hm int4 {"qkv.kvcache.kv_pages.HEAD_MAJOR": true}
 int4 int4 {}
 fp8 fp8 {}
 int8-hm int8 {"qkv.kvcache.kv_pages.HEAD_MAJOR": true}
+int4-w5 int4 {"qkv.attention.triton.packed.V_WORDS": 5}
+int4-hm-w5 int4 {"qkv.kvcache.kv_pages.HEAD_MAJOR": true, "qkv.attention.triton.packed.V_WORDS": 5}
 RUNS
 date -u +"## end %H:%M:%S"
