@@ -156,6 +156,7 @@ DECODE = {
     "d128": dict(computed=[40, 70, 3], H=8, KVH=2, D=128),  # (the nibble-position dots need D >= 128)
     "d128-splits": dict(computed=[130, 17], H=4, KVH=1, D=128, splits=3),
     "d128-window": dict(computed=[50, 9], H=4, KVH=2, D=128, window=21, softcap=30.0),
+    "d256-splits": dict(computed=[70, 33], H=4, KVH=1, D=256, splits=2),  # (Gemma 3's head_dim)
 }
 
 
@@ -209,7 +210,7 @@ def test_packed_decode_lazy_rescale_equals_reference(kv, case, lazy):
 
 
 @pytest.mark.parametrize("kv", ["int4", "int4,int8", "int8,int4"])
-@pytest.mark.parametrize("case", ["d128", "d128-splits", "d128-window"])
+@pytest.mark.parametrize("case", ["d128", "d128-splits", "d128-window", "d256-splits"])
 @pytest.mark.parametrize("block_n", [16, 32])
 @pytest.mark.parametrize("v_words,k_words,one_page,lazy,l_defer", [
     (4, 0, 0, 0, False), (3, 1, 0, 0, False), (3, 0, 1, 0, False), (4, 1, 1, 0, False), (4, 1, 2, 0, False),
