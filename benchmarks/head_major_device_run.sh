@@ -8,8 +8,10 @@
 # loaded keys-fastest (v_words 5, session 16); the packed
 # prefill over both layouts (8 x 2,048 over 2,048 cached); then the 1000/1000 run with token-major
 # and head-major int4 pages (each its own process; RUNS picks: fp8, int8-hm, int4-w5 and int4-hm-w5 too). From the repository root
-# with OUT_DIR set. ~10 min (near the call limit: NO_TESTS=1 or RUNS=int4-hm shorten it).
+# with OUT_DIR set. ~10 min, near the call limit: PART=1 (tests, kernels, prefill, ~6 min) and PART=2
+# (the engine runs, ~2 min each) split it in two calls; NO_TESTS=1 and RUNS shorten it.
 . benchmarks/engine_1000.sh
+if [ "${PART:-all}" != 2 ]; then  # PART=1: tests, kernels, prefill; PART=2: the engine runs
 device_tests 150 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k "head_major or (nibble_dots and 5-)"
 date -u +"## kernels %H:%M:%S"
 timeout 170 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --head-major --peers fp8 --repeat 2 \
@@ -21,6 +23,8 @@ for hm in "" --head-major; do
   timeout 60 python3 benchmarks/kv_int_prefill_bench.py $hm 2>&1 | grep -E "packed prefill .* default( own)?( ahead)? " \
       | sed "s/^/${hm:-token-major} /" | cut -c1-130
 done
+fi
+[ "${PART:-all}" = 1 ] && exit 0
 engine_runs "int4-hm int4" <<'RUNS'
 int4-hm int4 {"qkv.kvcache.kv_pages.HEAD_MAJOR": true}
 int4 int4 {}
