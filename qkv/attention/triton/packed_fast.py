@@ -167,7 +167,6 @@ def _fwht(x, R: tl.constexpr, D: tl.constexpr, LOG2D: tl.constexpr):
     return x * (1.0 / tl.sqrt(D * 1.0))
 
 
-
 @triton.jit
 def _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY: tl.constexpr):
     """One tile's scores [keys, heads] into the online softmax: (p, m, l, acc_a, acc_b), l and the
