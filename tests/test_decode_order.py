@@ -109,7 +109,7 @@ fast = (packed_fast.fast_decode_kernel,
         dict(KVH=8, G=4, G_PAD=8, D=128, BS=16, BLOCK_N=32, S=1, K_BITS=4, K_GRP=16, V_BITS=4, V_GRP=16, ALIGN=4,
              HAS_WINDOW=False, HAS_RING=False, HAS_SOFTCAP=False, IEEE=False, ASM=2,
              V_WORDS=packed.V_WORDS, LAZY=0, ROT_Q=True, ROT_O=True, LOG2D=7,
-             L_DEFER=False, ONE_PAGE=packed.ONE_PAGE[4], V_OPQ=2, K_WORDS=packed.K_WORDS, HEAD_MAJOR=False), 1)
+             L_DEFER=False, ONE_PAGE=packed.ONE_PAGE[4], K_WORDS=packed.K_WORDS, HEAD_MAJOR=False), 1)
 flt = (decode._decode_kernel,
        dict(Q="*fp16", KC="*fp8e4nv", VC="*fp8e4nv", BT="*i32", NC="*i64", QSL="*i64", ACC="*fp32", ML="*fp32",
             CNT="*i32", OUT="*bf16", ORDER="*i32", sm_scale="fp32", softcap="fp32"),

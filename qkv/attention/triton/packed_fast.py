@@ -77,18 +77,19 @@ def _pv_dot(o, pd, acc, PREC: tl.constexpr, KEYS_FAST: tl.constexpr):
 @triton.jit
 def _pv_nibbles(C32, C8, base, vals_at, scales_at, row, nmask, pd, alpha, a0, a1, a2, a3, a4, a5, a6, a7,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr,
-                PREC: tl.constexpr, OPQ: tl.constexpr, RESCALE: tl.constexpr, KEYS_FAST: tl.constexpr = False):
+                PREC: tl.constexpr, RESCALE: tl.constexpr, KEYS_FAST: tl.constexpr = False):
     """``V_WORDS`` 4: an int4 V tile's P @ V as eight dots of M = D/8, one per nibble position
     (accumulator m [D/8, heads]: columns 8j + m), so the widened words go to the dots as the
     asm leaves them: no join repacks each value pair into natural column order (32 PRMT a
     16-key tile), the output's columns are permuted once, after the loop (``_natural8``).
     ``KEYS_FAST`` (``V_WORDS`` 5): the words load [D/8, keys], so each asm block widens two
-    keys' words and its outputs are the A operand's key pairs: no transpose before the dots."""
+    keys' words and its outputs are the A operand's key pairs: no transpose before the dots.
+    Without KEYS_FAST the widened tiles pass an opaque mov (``_opaque``: fed straight to the
+    transposed dots, session 7's 16-key tiles gave wrong values on the H200); with it they must
+    not, or the mov pins the words' load layout and the transpose comes back (the same SASS)."""
     w, c = _int4_words_raw(C32, C8, base, vals_at, scales_at, row, nmask, D, ALIGN, KEYS_FAST)
-    if OPQ == 1 and ASM:
-        w = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w], dtype=tl.int32, is_pure=False, pack=1)
     o0, o1, o2, o3, o4, o5, o6, o7 = _widen_words8(w, c, D, BLOCK_N, DT, ASM, KEYS_FAST)
-    if OPQ == 2:
+    if not KEYS_FAST:
         o0 = _opaque(o0, ASM)
         o1 = _opaque(o1, ASM)
         o2 = _opaque(o2, ASM)
@@ -206,7 +207,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                        V_WORDS: tl.constexpr,
                        LAZY: tl.constexpr = 0, ROT_Q: tl.constexpr = False, ROT_O: tl.constexpr = False,
                        LOG2D: tl.constexpr = 7, L_DEFER: tl.constexpr = False,
-                       ONE_PAGE: tl.constexpr = False, V_OPQ: tl.constexpr = 2, K_WORDS: tl.constexpr = 0,
+                       ONE_PAGE: tl.constexpr = False, K_WORDS: tl.constexpr = 0,
                        ORDER=None, HAS_ORDER: tl.constexpr = False, HEAD_MAJOR: tl.constexpr = False):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -231,9 +232,6 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
     HALF: tl.constexpr = D // 2
     WHOLE: tl.constexpr = V_WORDS == 1 or V_WORDS == 2  # one V accumulator of D columns (else halves)
     VW: tl.constexpr = D if WHOLE else HALF  # columns per V accumulator
-    # V_WORDS 5 feeds the dots straight from the asm: an opaque mov there would pin the words' load
-    # layout and bring back the transpose through shared memory (the same SASS as V_WORDS 4)
-    PV_OPQ: tl.constexpr = 0 if V_WORDS == 5 else V_OPQ
     BT_ROW = BT + b * stride_bt
 
     g = tl.arange(0, G_PAD)
@@ -338,7 +336,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
                 l_i = l_i + tl.sum(p, 0)
             a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
                 C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), m_i, a0, a1, a2, a3, a4, a5, a6,
-                a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, False, V_WORDS == 5)
+                a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, False, V_WORDS == 5)
         elif LAZY:
             p, m_i, l_i, acc_a, acc_b = _rescaled(s, m_i, l_i, acc_a, acc_b, LAZY)
             va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
@@ -357,7 +355,7 @@ def fast_decode_kernel(Q, C8, C16, C32, BT, NC, QSL, ACC, ML, OUT,
             if V_WORDS >= 4:
                 a0, a1, a2, a3, a4, a5, a6, a7 = _pv_nibbles(
                     C32, C8, base, v_vals, v_scales, row, nmask, p.to(DT), alpha, a0, a1, a2, a3, a4, a5, a6,
-                    a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, PV_OPQ, True, V_WORDS == 5)
+                    a7, D, BLOCK_N, ALIGN, DT, ASM, PREC, True, V_WORDS == 5)
             else:
                 va, vb, v = _v_tile(C32, C8, C16, base, v_vals, v_scales, row, nmask, V_BITS, V_GRP, D, BLOCK_N,
                                     ALIGN, DT, ASM, V_WORDS)
