@@ -234,9 +234,11 @@ class EngineClient:
                     s.logprobs.append(entry)
                     s.cumulative += entry[tok].logprob
                 delta, stopped = s.text.push(tok)
-            if stopped and reason is None:
+            if stopped:
+                if reason is None:  # the engine runs on until told
+                    finish.append(sid)
+                # As the engine's _append: a stop string wins over the length limit its token reached.
                 reason = "stop"
-                finish.append(sid)
             elif reason is not None:
                 delta += s.text.flush()
             num_prompt = len(route.prompts[head])

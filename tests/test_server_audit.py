@@ -1,0 +1,108 @@
+"""Less-travelled corners of the OpenAI server, against both servers (the in-process app and a
+real ``qkv serve`` with the engine in a process of its own): a stop string completed by the
+last token ``max_tokens`` allows, ... Each answer must be
+the offline engine's (or the non-streamed answer's), and no request may leak a block.
+
+The model is test_server's tiny random Llama (byte-level BPE, ChatML template).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from test_server import Server, make_model_dir  # noqa: E402
+from test_server_adversarial import assert_pool_whole, post, stream_all  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MAX_LEN = 256
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-audit"))
+
+
+@pytest.fixture(scope="module")
+def ref_llm(model_dir):
+    from qkv import LLM
+
+    return LLM(model_dir, device="cpu", num_kv_blocks=64, max_model_len=MAX_LEN)
+
+
+@pytest.fixture(scope="module")
+def inproc(model_dir):
+    from qkv import LLM
+    from qkv.server import ServerLimits, create_app
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=32, max_num_seqs=8, max_model_len=MAX_LEN)
+    s = Server(create_app(llm, "tiny", limits=ServerLimits(max_n=4)))
+    yield s.url
+    s.stop()
+    assert llm.stats()["num_blocks_in_use"] == 0
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    pytest.importorskip("zmq")
+    pytest.importorskip("msgpack")
+    from test_server_process import ServeProcess
+
+    s = ServeProcess(model_dir, "--num-kv-blocks", "32", "--max-num-seqs", "8", "--max-model-len", str(MAX_LEN),
+                     "--max-n", "4", "--threads", "1")
+    yield s.url
+    s.kill()
+
+
+@pytest.fixture(params=["in-process", "engine-process"])
+def url(request):
+    return request.getfixturevalue("inproc" if request.param == "in-process" else "served")
+
+
+# ---------------------------------------------------------------- stop string on the last token
+def _stop_on_last_token(ref_llm, prompt: str) -> tuple[int, str]:
+    """(k, stop): a stop string that greedy decoding of ``prompt`` completes with its k-th
+    output token (found by asking the offline engine), so max_tokens=k reaches the length
+    limit with the same token."""
+    from qkv import SamplingParams
+
+    greedy = dict(temperature=0, ignore_eos=True)
+    for k in range(2, 16):
+        text = ref_llm.generate([prompt], SamplingParams(max_tokens=k, **greedy))[0].text
+        for stop in (text[-1:], text[-2:]):
+            if not stop.strip() or "\ufffd" in stop:
+                continue
+            out = ref_llm.generate([prompt], SamplingParams(max_tokens=k, stop=[stop], **greedy))[0]
+            if out.finish_reason == "stop" and len(out.token_ids) == k:
+                return k, stop
+    raise AssertionError(f"no stop string ends greedy decoding of {prompt!r} on a later token")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_stop_string_on_the_last_allowed_token_is_stop(url, ref_llm, path):
+    # Under qkv serve the front end matches stop strings, and a stop string completed by the
+    # token that also reached max_tokens was reported as "length" (the offline engine and the
+    # in-process server: "stop", as vLLM).
+    from qkv import SamplingParams
+
+    chat = path.endswith("chat/completions")
+    prompt = "hello world, how are"
+    messages = [{"role": "user", "content": prompt}]
+    ids = ref_llm.chat_prompt(messages) if chat else ref_llm.encode(prompt)
+    k, stop = _stop_on_last_token(ref_llm, ids)
+    want = ref_llm.generate([ids], SamplingParams(max_tokens=k, stop=[stop], temperature=0, ignore_eos=True))[0]
+    assert (want.finish_reason, len(want.token_ids)) == ("stop", k) and stop not in want.text
+    body = {"max_tokens": k, "stop": [stop], "temperature": 0, "ignore_eos": True,
+            **({"messages": messages} if chat else {"prompt": prompt})}
+    r = post(url, body, path)
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    text = c["message"]["content"] if chat else c["text"]
+    assert (text, c["finish_reason"]) == (want.text, "stop")
+    assert r.json()["usage"]["completion_tokens"] == k
+    assert stream_all(url, body, path) == [(want.text, "stop")]
+    assert_pool_whole(url)
