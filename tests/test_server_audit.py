@@ -1,6 +1,6 @@
 """Less-travelled corners of the OpenAI server, against both servers (the in-process app and a
 real ``qkv serve`` with the engine in a process of its own): a stop string completed by the
-last token ``max_tokens`` allows, ... Each answer must be
+last token ``max_tokens`` allows, streamed logprobs' ``text_offset``, ... Each answer must be
 the offline engine's (or the non-streamed answer's), and no request may leak a block.
 
 The model is test_server's tiny random Llama (byte-level BPE, ChatML template).
@@ -105,4 +105,44 @@ def test_a_stop_string_on_the_last_allowed_token_is_stop(url, ref_llm, path):
     assert (text, c["finish_reason"]) == (want.text, "stop")
     assert r.json()["usage"]["completion_tokens"] == k
     assert stream_all(url, body, path) == [(want.text, "stop")]
+    assert_pool_whole(url)
+
+
+# ---------------------------------------------------------------- streamed logprobs
+def _streamed_logprobs(url: str, body: dict) -> dict[int, dict]:
+    """Each choice's completions ``logprobs``, joined over the chunks of a stream."""
+    import json
+
+    got: dict[int, dict] = {}
+    with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    if c["logprobs"]:
+                        acc = got.setdefault(c["index"], {k: [] for k in c["logprobs"]})
+                        for k, v in c["logprobs"].items():
+                            acc[k] += v
+    return got
+
+
+@pytest.mark.parametrize("kw", [
+    {"prompt": "count: one two", "max_tokens": 10, "logprobs": 2},
+    {"prompt": "count: one two", "max_tokens": 10, "logprobs": 1, "echo": True},
+    {"prompt": ["🙂 count", "hello"], "max_tokens": 6, "logprobs": 0, "echo": True, "n": 2, "seed": 1,
+     "temperature": 1.0},
+], ids=["plain", "echo", "two-prompts-n2"])
+def test_streamed_text_offsets_equal_non_streamed(url, kw):
+    # Each chunk's text_offset restarted at 0 (or at the echoed prompt's length) instead of
+    # going on from the choice's previous chunk.
+    body = {"temperature": 0, "ignore_eos": True, **kw}
+    r = post(url, body)
+    assert r.status_code == 200, r.text
+    whole = {c["index"]: c["logprobs"] for c in r.json()["choices"]}
+    streamed = _streamed_logprobs(url, body)
+    assert sorted(streamed) == sorted(whole)
+    for i, lp in whole.items():
+        assert streamed[i]["tokens"] == lp["tokens"]
+        assert streamed[i]["text_offset"] == lp["text_offset"]
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and len(set(lp["text_offset"])) > 1
     assert_pool_whole(url)

@@ -544,6 +544,7 @@ class _Answer:
         self.cached_tokens = 0
         self.finished = 0
         self.sent: dict[int, int] = {}  # choice -> output tokens whose logprobs were streamed
+        self.offsets: dict[int, int] = {}  # choice -> text_offset of its next streamed token
         self.tools = tools  # parse <tool_call> blocks out of chat answers (None: no tools)
         self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
         self._error: BaseException | None = None  # met by _drain after outputs it returned
@@ -570,12 +571,18 @@ class _Answer:
         tokens, entries = out.token_ids[start:], out.logprobs[start:]
         if self.chat:
             return P.chat_logprobs(tokens, entries, self.logprobs)
+        i = self._index(out)
         if with_prompt and self.echo is not None:
             prompt = out.prompt_token_ids
-            return P.completion_logprobs(prompt + tokens, (out.prompt_logprobs or []) + entries,
-                                         first_text=self.token_text(prompt[0]))
-        offset = len(self.echo[self._index(out) // self.n]) if self.echo is not None else 0
-        return P.completion_logprobs(tokens, entries, offset)
+            lps = P.completion_logprobs(prompt + tokens, (out.prompt_logprobs or []) + entries,
+                                        first_text=self.token_text(prompt[0]))
+        else:
+            # A stream's chunk goes on where the choice's previous chunk ended, not at its start.
+            offset = self.offsets.get(i, len(self._echo(out)))
+            lps = P.completion_logprobs(tokens, entries, offset)
+        if lps["tokens"]:
+            self.offsets[i] = lps["text_offset"][-1] + len(lps["tokens"][-1])
+        return lps
 
     def _echo(self, out) -> str:
         return self.echo[self._index(out) // self.n] if self.echo is not None else ""
