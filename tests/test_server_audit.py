@@ -146,3 +146,18 @@ def test_streamed_text_offsets_equal_non_streamed(url, kw):
         assert streamed[i]["text_offset"] == lp["text_offset"]
         assert lp["text_offset"] == sorted(lp["text_offset"]) and len(set(lp["text_offset"])) > 1
     assert_pool_whole(url)
+
+
+# ---------------------------------------------------------------- /tokenize's chat form
+@pytest.mark.parametrize("key", ["messages", "add_generation_prompt", "tools", "special_tokens_in_content"])
+def test_tokenize_refuses_reserved_template_variables_by_name(inproc, key):
+    # The chat endpoint refused these; /tokenize passed them on: a 500 (LLM.chat_prompt got two
+    # `messages`), or `tools` rendered past the tool checks.
+    messages = [{"role": "user", "content": "hi"}]
+    for path, extra in (("/tokenize", {}), ("/v1/chat/completions", {"max_tokens": 1})):
+        r = post(inproc, {"messages": messages, "chat_template_kwargs": {key: [1]}, **extra}, path)
+        assert r.status_code == 400, (path, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "chat_template_kwargs" and repr(key) in err["message"], err
+    r = post(inproc, {"messages": messages, "chat_template_kwargs": {"anything": [1]}}, "/tokenize")
+    assert r.status_code == 200 and r.json()["count"] > 0, r.text

@@ -330,6 +330,11 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
     def chat_inputs(messages: list[dict], kwargs: dict | None, tools: list | None) -> tuple[list[dict], dict]:
         """The template's messages and extra variables: tools (if any) and history tool calls
         as the template expects them; a 400 for what the template would drop."""
+        # /tokenize's chat form too: a reserved name was a 500 (a second `messages`) or slipped
+        # past the tool checks (`tools`).
+        if bad := [k for k in (kwargs or {}) if k in P.TEMPLATE_RESERVED]:
+            raise P.APIError(400, f"chat_template_kwargs: {bad[0]!r} is set by the server, not by the request",
+                             code="unsupported_parameter", param="chat_template_kwargs")
         try:
             TC.check_template(llm.tokenizer.chat_template, tools, messages)
             messages = TC.template_messages(messages)
