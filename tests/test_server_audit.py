@@ -161,3 +161,16 @@ def test_tokenize_refuses_reserved_template_variables_by_name(inproc, key):
         assert err["param"] == "chat_template_kwargs" and repr(key) in err["message"], err
     r = post(inproc, {"messages": messages, "chat_template_kwargs": {"anything": [1]}}, "/tokenize")
     assert r.status_code == 200 and r.json()["count"] > 0, r.text
+
+
+# ---------------------------------------------------------------- response_format's json_schema
+@pytest.mark.parametrize("key,value", [("strict", "no"), ("strict", 1), ("name", 5), ("description", ["x"])])
+def test_json_schema_options_of_the_wrong_type_are_refused_by_name(inproc, key, value):
+    # They were taken as given ("strict": "no" enforced the schema all the same).
+    spec = {"name": "n", "schema": {"type": "object"}, key: value}
+    r = post(inproc, {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": spec}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == f"response_format.json_schema.{key}", r.text
+    ok = {"name": "n", "schema": {"type": "object"}, "strict": False, "description": "d"}
+    r = post(inproc, {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": ok}})
+    assert r.status_code == 200, r.text

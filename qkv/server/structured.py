@@ -45,6 +45,11 @@ def _response_format(fmt: Any) -> StructuredOutputs | None:
         raise _bad(f"response_format.json_schema.{extra[0]}", "unknown field")
     if not isinstance(spec.get("schema"), dict):
         raise _bad("response_format.json_schema.schema", "a JSON schema (an object) is required")
+    # Types are strict here as everywhere: "strict": "no" was taken (and enforced) as a schema.
+    for key, kind, what in (("name", str, "a string"), ("description", str, "a string"),
+                            ("strict", bool, "true or false")):
+        if spec.get(key) is not None and not isinstance(spec[key], kind):
+            raise _bad(f"response_format.json_schema.{key}", f"must be {what}, got {type(spec[key]).__name__}")
     # strict: false is honoured as true: the schema is always enforced.
     return StructuredOutputs(json=spec["schema"])
 
