@@ -174,3 +174,50 @@ def test_json_schema_options_of_the_wrong_type_are_refused_by_name(inproc, key, 
     ok = {"name": "n", "schema": {"type": "object"}, "strict": False, "description": "d"}
     r = post(inproc, {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": ok}})
     assert r.status_code == 200, r.text
+
+
+# ---------------------------------------------------------------- /metrics against usage
+def test_generation_tokens_metric_counts_what_was_served(url, ref_llm):
+    # Under qkv serve the engine process runs on past a stop string until the front end's
+    # finish command reaches it: those tokens were never served, but qkv_generation_tokens_total
+    # counted them (34 for an answer of 23 tokens).
+    import time
+
+    from test_server import metrics
+
+    prompt = "hello world, how are"
+    k, stop = _stop_on_last_token(ref_llm, ref_llm.encode(prompt))
+    before = metrics(url)["qkv_generation_tokens_total"]
+    body = {"prompt": prompt, "max_tokens": MAX_LEN - 32, "stop": [stop], "temperature": 0, "ignore_eos": True}
+    served = 0
+    for _ in range(3):
+        r = post(url, body)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "stop", r.text
+        served += r.json()["usage"]["completion_tokens"]
+    assert served == 3 * k
+    assert_pool_whole(url)
+    deadline = time.monotonic() + 5  # the engine process's stats reach the front end when it idles
+    while (counted := metrics(url)["qkv_generation_tokens_total"] - before) != served and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted == served
+
+
+def test_engine_core_uncounts_tokens_made_past_a_finish(model_dir):
+    """The same accounting, deterministically: the engine process made 4 tokens before the
+    front end's finish (its stop string matched at token 2) came; 2 count as generated."""
+    from qkv import LLM, SamplingParams
+    from qkv.server import wire
+    from qkv.server.engine_core import EngineCore
+
+    llm = LLM(model_dir, device="cpu", num_kv_blocks=32)
+    core = EngineCore(llm.engine, "ipc://unused-in", "ipc://unused-out")
+    core._send_to = lambda i, msg, must=True: None
+    params = wire.params_to_wire(SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+    core._apply(["add", ["a"], [llm.encode("hello")], params, None, None], 0)
+    for _ in range(4):
+        core._entries(llm.engine.step())
+    assert llm.engine.stats()["num_generated_tokens"] == 4
+    core._apply(["finish", ["a"], [2]], 0)
+    s = llm.engine.stats()
+    assert s["num_generated_tokens"] == 2 and core.live == {} and core.produced == {}
+    assert not llm.engine.has_unfinished() and s["num_blocks_in_use"] == 0

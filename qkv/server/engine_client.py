@@ -204,7 +204,7 @@ class EngineClient:
 
     def _outputs(self, entries: list) -> None:
         now = time.monotonic()
-        routes, metrics, finish = self._routes, self.metrics, []
+        routes, metrics, finish, kept = self._routes, self.metrics, [], []
         for sid, index, tok, reason, cached, lp, plp in entries:
             head = sid.split("/", 1)[0]
             route = routes.get(head)
@@ -237,6 +237,7 @@ class EngineClient:
             if stopped:
                 if reason is None:  # the engine runs on until told
                     finish.append(sid)
+                    kept.append(len(s.tokens) - len(route.prompts[head]))
                 # As the engine's _append: a stop string wins over the length limit its token reached.
                 reason = "stop"
             elif reason is not None:
@@ -255,7 +256,7 @@ class EngineClient:
                     for rid in route.stream.request_ids:
                         routes.pop(rid, None)
         if finish and self.dead is None:
-            self._send(["finish", finish])
+            self._send(["finish", finish, kept])
 
     # ---------------------------------------------------------------- failures
     async def _watch(self) -> None:

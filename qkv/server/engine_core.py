@@ -45,6 +45,7 @@ class EngineCore:
         self.home: dict[str, int] = {}  # head id -> the front end that added it
         self.owner: dict[str, str] = {}  # sample id -> head id
         self.want_prompt_lps: set[str] = set()  # samples whose first output carries prompt logprobs
+        self.produced: dict[str, int] = {}  # sample id -> output tokens sent (each counted as generated)
         self.stopping = False
 
     # ---------------------------------------------------------------- the loop
@@ -155,10 +156,13 @@ class EngineCore:
                     self._forget(self.live.pop(head))
                     del self.home[head]
         elif kind == "finish":
-            for sid in msg[1]:
+            for sid, kept in zip(msg[1], msg[2]):
                 head = self.owner.get(sid)
                 samples = self.live.get(head) if head is not None else None
                 if samples is not None and sid in samples and self.home.get(head) == src:
+                    # Tokens made past the stop string before this command came were never served:
+                    # /metrics counts the served ones, as the in-process engine (which stops at once) does.
+                    self.engine.num_generated_tokens -= max(0, self.produced.get(sid, 0) - kept)
                     self.engine.finish(sid)
                     self._sample_done(head, sid)
         elif kind == "shutdown":
@@ -196,11 +200,13 @@ class EngineCore:
         for sid in samples:
             self.owner.pop(sid, None)
             self.want_prompt_lps.discard(sid)
+            self.produced.pop(sid, None)
 
     def _sample_done(self, head: str, sid: str) -> None:
         samples = self.live.get(head)
         self.owner.pop(sid, None)
         self.want_prompt_lps.discard(sid)
+        self.produced.pop(sid, None)
         if samples is not None:
             samples.discard(sid)
             if not samples:
@@ -225,6 +231,8 @@ class EngineCore:
                 plp = [wire.logprobs_to_wire(e) for e in (out.prompt_logprobs or [])]
             # A grammar's dead end ends the sample without a token (engine/structured.py): None.
             tok = None if out.finish_reason == DEAD_END else out.token_ids[-1]
+            if tok is not None:
+                self.produced[sid] = self.produced.get(sid, 0) + 1
             entries.append([sid, out.index, tok, out.finish_reason, out.num_cached_tokens,
                             wire.logprobs_to_wire(lps[-1]) if lps and tok is not None else None, plp])
             if out.finish_reason is not None:

@@ -4,7 +4,8 @@ Front end -> engine (one PUSH socket, engine PULLs):
 
     ["add", head_ids, prompts, params, cache_salt, features]   one submission (n samples per prompt)
     ["abort", head_ids]                                         end these requests and their samples
-    ["finish", sample_ids]                                      end these samples (a stop string matched)
+    ["finish", sample_ids, kept]                                end these samples: a stop string matched at
+                                                                output token kept[i] (later ones were not served)
 
 Engine -> front end (one PUSH socket, front end PULLs):
 
