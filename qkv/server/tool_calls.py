@@ -229,10 +229,11 @@ class Parsing:
 
 
 class ChoiceStream:
-    """One chat choice's OpenAI deltas with tool calls parsed out. Whitespace-only content
-    next to a call is dropped (the newlines between blocks); an answer without calls comes
-    out exactly as generated. A call is sent as two deltas: id, type and name, then its
-    arguments, as vLLM does. ``answer_choice`` runs the same code over a whole answer."""
+    """One chat choice's OpenAI deltas with tool calls parsed out. Whitespace before a call,
+    or ending an answer that has calls, is dropped (the newlines between blocks); an answer
+    without calls comes out exactly as generated. A call is sent as two deltas: id, type and
+    name, then its arguments, as vLLM does. ``answer_choice`` runs the same code over a whole
+    answer."""
 
     def __init__(self, parsing: Parsing):
         self.parser = StreamParser(parsing.max_calls)
@@ -245,10 +246,12 @@ class ChoiceStream:
         out: list[dict] = []
         for item in items:
             if isinstance(item, str):
+                # Trailing whitespace waits until what follows is known: sent at once, the answer
+                # depended on the split ("hello " + call kept the space, "hello" | " " + call not).
                 self._pending += item
-                if self._pending.strip():
-                    out.append({"content": self._pending})
-                    self._pending = ""
+                if body := self._pending.rstrip():
+                    out.append({"content": body})
+                    self._pending = self._pending[len(body):]
             else:
                 self._pending = ""
                 k = self.parser.calls.index(item)
