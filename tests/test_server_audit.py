@@ -221,3 +221,26 @@ def test_engine_core_uncounts_tokens_made_past_a_finish(model_dir):
     s = llm.engine.stats()
     assert s["num_generated_tokens"] == 2 and core.live == {} and core.produced == {}
     assert not llm.engine.has_unfinished() and s["num_blocks_in_use"] == 0
+
+
+# ---------------------------------------------------------------- chat logprobs' bytes
+def test_chat_logprobs_bytes_are_the_tokens_raw_bytes(url, ref_llm):
+    # Tokens that each hold part of a character decode alone to U+FFFD; OpenAI's ``bytes`` are
+    # the token's raw bytes so that clients can join them (they were U+FFFD's EF BF BD).
+    from qkv import SamplingParams
+
+    tok = ref_llm.tokenizer
+    allowed = sorted(set(tok.encode("🐦日本", add_special_tokens=False)))
+    messages = [{"role": "user", "content": "hi"}]
+    want = ref_llm.generate([ref_llm.chat_prompt(messages)], SamplingParams(
+        max_tokens=8, temperature=0, ignore_eos=True, allowed_token_ids=allowed))[0]
+    r = post(url, {"messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+                   "allowed_token_ids": allowed, "logprobs": True, "top_logprobs": 2}, "/v1/chat/completions")
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    assert [c["bytes"] for c in content] == [list(tok.token_bytes(t)) for t in want.token_ids]
+    assert any(c["token"] == "\ufffd" for c in content)  # the split case was exercised
+    # The top entries come from the raw logits (any token); none is U+FFFD's bytes in this vocabulary.
+    assert all(t["bytes"] != [0xEF, 0xBF, 0xBD] for c in content for t in c["top_logprobs"])
+    assert sum(t["token"] == "\ufffd" for c in content for t in c["top_logprobs"]) > 0
+    assert_pool_whole(url)

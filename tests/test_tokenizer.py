@@ -192,3 +192,35 @@ def test_decode_stream_raises_on_broken_byte_fallback(gemma):
     with pytest.raises(Exception, match="Invalid prefix"):
         _decode_stream(ours, GEMMA_BAD_BYTES, True)
     assert _ours(ours, GEMMA_BAD_BYTES, True).endswith(" Camera")
+
+
+# ---------------------------------------------------------------- a token's raw bytes
+SPLIT = SENTENCES + ["𓀀𓁐 hieroglyphs, \U0001FAE8 and \x00\x7f control bytes", "é🐦"]
+
+
+def _byte_fallback_tokenizer() -> Tokenizer:
+    """A tiny SentencePiece-style vocabulary: a few pieces, then <0xNN> for every other byte."""
+    import tokenizers
+    from tokenizers import decoders, models as tm, pre_tokenizers
+
+    vocab = {f"<0x{b:02X}>": b for b in range(256)}
+    for piece in ["▁", "é", "h", "▁h", "llo"]:
+        vocab[piece] = len(vocab)
+    backend = tokenizers.Tokenizer(tm.BPE(vocab=vocab, merges=[("▁", "h")], byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return Tokenizer(backend, name="tiny-byte-fallback")
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma", "tiny"])
+def test_token_bytes_join_to_the_text(which, request):
+    # OpenAI's logprobs ``bytes`` exist so a client can rebuild a character split across
+    # tokens: each such token alone decodes to U+FFFD, whose bytes (EF BF BD) would not join.
+    tok = _byte_fallback_tokenizer() if which == "tiny" else request.getfixturevalue(which)[0]
+    partial = 0
+    for text in SPLIT:
+        ids = tok.encode(text, add_special_tokens=False)
+        pieces = [tok.token_bytes(i) for i in ids]
+        assert b"".join(pieces) == text.encode("utf-8"), (which, text)
+        partial += sum("\ufffd" in tok.decode([i], skip_special_tokens=False) for i in ids)
+    assert partial > 0  # some token held part of a character: the case was exercised

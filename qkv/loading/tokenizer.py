@@ -64,12 +64,13 @@ class Tokenizer:
         self._plain_backend: tokenizers.Tokenizer | None = None  # built on first need
         self._specials: dict[str, int] | None = None
         self._special_pattern: re.Pattern | None = None
+        self._piece_bytes: dict[str, int] | None = None  # ByteLevel's char -> byte, built on first need
 
     def __getstate__(self) -> dict:
         # Pickled for the engine process's front end (server/engine_process.py): the compiled
         # template and the caches are rebuilt on the other side.
         return {**self.__dict__, "_template": None, "_plain_backend": None, "_specials": None,
-                "_special_pattern": None}
+                "_special_pattern": None, "_piece_bytes": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -106,6 +107,24 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (OpenAI's logprobs ``bytes``): its text's UTF-8, or,
+        where the token holds only part of a character (its text alone decodes to U+FFFD), the
+        raw bytes of its vocabulary piece, so that a client can join a character split across
+        tokens: GPT-2's byte-to-character map (ByteLevel) or a ``<0xNN>`` piece (byte fallback)."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.backend.id_to_token(token_id) or ""
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if self.__dict__.get("_piece_bytes") is None:
+            self._piece_bytes = {c: b for b, c in _bytes_to_unicode().items()} if _byte_level(self.backend) else {}
+        if piece and all(c in self._piece_bytes for c in piece):
+            return bytes(self._piece_bytes[c] for c in piece)
+        return text.encode("utf-8")  # no raw form known: what the text says
 
     def stream(self, skip_special_tokens: bool = True) -> "StreamDecoder":
         """A fresh incremental detokenizer for one generated sequence."""
@@ -209,6 +228,25 @@ class Tokenizer:
 # A special token's text inside message content, while the template renders it: private-use
 # characters that no tokenizer treats specially and no template looks for, with a nonce so that
 # content cannot write a marker of its own.
+def _byte_level(backend: tokenizers.Tokenizer) -> bool:
+    """Does the backend's decoder map pieces to bytes with GPT-2's table (ByteLevel, alone or in a Sequence)?"""
+    dec = json.loads(backend.to_str()).get("decoder") or {}
+    return any(d.get("type") == "ByteLevel" for d in [dec, *dec.get("decoders", [])])
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which ByteLevel pieces are written in."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def _marker(nonce: str, i: int) -> str:
     return f"\ue000{nonce}:{i}\ue001"
 

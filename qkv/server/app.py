@@ -398,6 +398,8 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         """One token's text, as the engine writes it in logprobs."""
         return llm.tokenizer.decode([token], skip_special_tokens=False) if llm.tokenizer is not None else ""
 
+    token_bytes = llm.tokenizer.token_bytes if llm.tokenizer is not None else None
+
     async def respond(request: Request, req: P._Sampling, prompts: list[list[int]], params: SamplingParams,
                       chat: bool, loop: EngineLoop, rid: str, stream: Stream, echo: list[str] | None,
                       tools: TC.Parsing | None = None):
@@ -419,7 +421,7 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
             loop.abort(stream)  # cancelled while waiting: whatever was added must not run on
             raise
         answer = _Answer(rid, model_name, prompts, params.n, stream, chat, params.logprobs, echo,
-                         req.prompt_logprobs is not None, tools, token_text)
+                         req.prompt_logprobs is not None, tools, token_text, token_bytes)
         if req.stream:
             return SSEResponse(answer.events(loop, req.include_usage), media_type="text/event-stream",
                                headers={"Cache-Control": "no-cache"}, on_close=done)
@@ -540,7 +542,7 @@ class _Answer:
 
     def __init__(self, rid: str, model: str, prompts: list[list[int]], n: int, stream: Stream, chat: bool,
                  logprobs: int | None = None, echo: list[str] | None = None, prompt_logprobs: bool = False,
-                 tools: TC.Parsing | None = None, token_text=lambda token: ""):
+                 tools: TC.Parsing | None = None, token_text=lambda token: "", token_bytes=None):
         self.rid, self.model, self.n, self.stream, self.chat = rid, model, n, stream, chat
         self.logprobs, self.echo, self.want_prompt_logprobs = logprobs, echo, prompt_logprobs
         self.prompt_tokens = sum(len(p) for p in prompts)
@@ -554,6 +556,7 @@ class _Answer:
         self.parsers: dict[int, TC.ChoiceStream] = {}  # choice -> its streaming tool-call parser
         self._error: BaseException | None = None  # met by _drain after outputs it returned
         self.token_text = token_text
+        self.token_bytes = token_bytes  # a token's raw bytes for chat logprobs (None: its text's UTF-8)
 
     def _index(self, out) -> int:
         return self.prompt_of[out.request_id.split("/", 1)[0]] * self.n + out.index
@@ -575,7 +578,7 @@ class _Answer:
             return None
         tokens, entries = out.token_ids[start:], out.logprobs[start:]
         if self.chat:
-            return P.chat_logprobs(tokens, entries, self.logprobs)
+            return P.chat_logprobs(tokens, entries, self.logprobs, self.token_bytes)
         i = self._index(out)
         if with_prompt and self.echo is not None:
             prompt = out.prompt_token_ids

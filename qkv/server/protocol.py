@@ -376,16 +376,20 @@ def completion_response(rid: str, model: str, choices: list[dict], use: dict | N
     return body
 
 
-def chat_logprobs(tokens: list[int], entries: list[dict], k: int) -> dict:
-    """OpenAI's chat ``logprobs``: per token its text, logprob, UTF-8 bytes and the top ``k``."""
-    def item(lp) -> dict:
+def chat_logprobs(tokens: list[int], entries: list[dict], k: int, token_bytes=None) -> dict:
+    """OpenAI's chat ``logprobs``: per token its text, logprob, bytes and the top ``k``.
+    ``token_bytes(id)``: a token's raw bytes (``Tokenizer.token_bytes``: part of a character
+    where the text alone is U+FFFD); without it, the text's UTF-8."""
+    def item(tid: int, lp) -> dict:
         text = lp.decoded_token or ""
-        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+        # Only a text with U+FFFD can differ from its bytes: the other tokens skip the lookup.
+        raw = token_bytes(tid) if token_bytes is not None and "\ufffd" in text else text.encode("utf-8")
+        return {"token": text, "logprob": lp.logprob, "bytes": list(raw)}
 
     content = []
     for t, e in zip(tokens, entries):
-        top = sorted(e.values(), key=lambda lp: lp.rank)[:k]
-        content.append({**item(e[t]), "top_logprobs": [item(lp) for lp in top]})
+        top = sorted(e.items(), key=lambda kv: kv[1].rank)[:k]
+        content.append({**item(t, e[t]), "top_logprobs": [item(tid, lp) for tid, lp in top]})
     return {"content": content, "refusal": None}
 
 
