@@ -209,6 +209,26 @@ def test_logprobs_match_hf(llm, tiny):
         assert len(out.prompt_logprobs[t]) >= 2
 
 
+def test_prompt_logprobs_count_only_what_was_cached_before(tiny):
+    # Scoring the prompt for prompt_logprobs computes and caches its blocks, so admission then
+    # found the whole prompt cached: a fresh prompt reported num_cached_tokens > 0 (the usage's
+    # cached_tokens) and the hit rate counted the request's own work as hits.
+    llm = LLM(tiny[0], device="cpu", num_kv_blocks=64, block_size=4)
+    prompt = list(range(5, 23))  # 4 full blocks before the last token
+    sp = SamplingParams(max_tokens=2, prompt_logprobs=1, ignore_eos=True)
+    first = llm.generate({"prompt_token_ids": prompt}, sampling_params=sp)[0]
+    assert first.num_cached_tokens == 0
+    assert llm.stats()["prefix_cache_hit_rate"] == 0
+    again = llm.generate({"prompt_token_ids": prompt}, sampling_params=sp)[0]
+    assert again.num_cached_tokens == 16  # this time the blocks were there before it came
+    longer = llm.generate({"prompt_token_ids": prompt + [30, 31, 32, 33]}, sampling_params=sp)[0]
+    assert longer.num_cached_tokens == 16  # its own fifth block was not
+    plain = llm.generate({"prompt_token_ids": prompt + [30, 31, 32, 33]},
+                         sampling_params=SamplingParams(max_tokens=2, ignore_eos=True))[0]
+    assert plain.num_cached_tokens == 20
+    assert llm.stats()["num_blocks_in_use"] == 0
+
+
 def test_vllm_python_api_shapes(llm):
     p = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
     by_ids = llm.generate([{"prompt_token_ids": [5, 6, 7]}], sampling_params=p)

@@ -265,6 +265,10 @@ class LLMEngine:
                     seed=None if base_seed is None else base_seed + i)
             for i in range(1, params.n)
         ]
+        if params.prompt_logprobs is not None:
+            # Scoring computes the prompt and caches its blocks: admission then finds them, but
+            # the request paid for them, so only what was cached before counts as cached.
+            head.cached_cap = self.kv.cached_prefix(head)
         prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs, cache_salt)
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
         bad = self._bad_words_ids(params.bad_words) if params.bad_words else []

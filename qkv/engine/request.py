@@ -257,6 +257,9 @@ class Request:
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at admission
+        # At most this many of them are reported as cached (None: no cap): a request whose
+        # prompt_logprobs pass computed (and so cached) its own prompt found no more than this.
+        self.cached_cap: int | None = None
         self.finish_reason: str | None = None
         self.arrival_time = time.monotonic()
         self.first_token_time: float | None = None

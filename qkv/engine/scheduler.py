@@ -161,9 +161,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             if req.num_preemptions == 0:
-                req.num_cached_tokens = hit
+                req.num_cached_tokens = hit if req.cached_cap is None else min(hit, req.cached_cap)
                 self.num_prompt_tokens += req.num_prompt_tokens
-                self.num_hit_tokens += hit
+                self.num_hit_tokens += req.num_cached_tokens
             req.status = Status.RUNNING
             self.running.append(req)
             seats += 1 + len(req.forks)

@@ -138,8 +138,33 @@ class KVCacheManager:
         assert request.request_id not in self._seqs, f"{request.request_id} already has blocks"
         seq = _Seq(tables=[[] for _ in self.groups], dropped=[0] * len(self.groups))
         self._seqs[request.request_id] = seq
-        if not (self.enable_prefix_caching and lookup):
+        if not lookup:
             return 0
+        keys = self._cached_keys(request)
+        n = len(keys)
+        for g, group in enumerate(self.groups):
+            if self.cross[g]:
+                continue  # allocated and written fresh for every request
+            first = 0 if self.window[g] is None else max(0, n - cdiv(self.window[g], self.block_size))
+            table = seq.tables[g]
+            table += [self.null[g]] * first
+            seq.dropped[g] = first
+            for k in keys[first:n]:
+                b = group.pool.lookup(k)
+                group.pool.ref(b)
+                table.append(b)
+        seq.keys = keys
+        return n * self.block_size
+
+    def cached_prefix(self, request) -> int:
+        """The tokens ``match_prefix`` would serve ``request`` now; takes nothing, changes nothing."""
+        return len(self._cached_keys(request)) * self.block_size
+
+    def _cached_keys(self, request) -> list:
+        """The keys of the longest prefix of full blocks (the last prompt token excluded) that
+        every group holds: full groups every block of it, window groups those their window sees."""
+        if not self.enable_prefix_caching:
+            return []
         tokens, bs = request.all_token_ids, self.block_size
         full = [g for g, w in enumerate(self.window) if w is None and not self.cross[g]]
         keys, parent = [], None
@@ -153,19 +178,7 @@ class KVCacheManager:
                             for g, w in enumerate(self.window) if w is not None
                             for k in keys[max(0, n - cdiv(w, bs)):n]):
             n -= 1
-        for g, group in enumerate(self.groups):
-            if self.cross[g]:
-                continue  # allocated and written fresh for every request
-            first = 0 if self.window[g] is None else max(0, n - cdiv(self.window[g], bs))
-            table = seq.tables[g]
-            table += [self.null[g]] * first
-            seq.dropped[g] = first
-            for k in keys[first:n]:
-                b = group.pool.lookup(k)
-                group.pool.ref(b)
-                table.append(b)
-        seq.keys = keys[:n]
-        return n * bs
+        return keys[:n]
 
     def cache_blocks(self, request) -> None:
         """After a step: key the request's new full, computed blocks so that later requests can
