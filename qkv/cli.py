@@ -344,7 +344,8 @@ def _main(parser: argparse.ArgumentParser, sub, argv: list[str], chosen: str | N
         if args.module == "qkv.cli":
             return run(args)
         return importlib.import_module(args.module).run(args) or 0
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        # A directory where a file was asked for (--text, --json) is the user's slip like a missing file.
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as e:

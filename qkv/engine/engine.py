@@ -38,6 +38,14 @@ def resolve_kv_dtype(kv_dtype, dtype: torch.dtype) -> torch.dtype:
     return dtype if kv_dtype in (None, "auto") else parse_dtype(kv_dtype, KV_DTYPES)
 
 
+def check_sizes(**sizes) -> None:
+    """Each of ``sizes`` (an engine argument's name -> value) is None or a positive whole
+    number; anything else is a ValueError naming the argument."""
+    for name, value in sizes.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+
+
 class LLMEngine:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
                  dtype="auto", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
@@ -73,6 +81,11 @@ class LLMEngine:
         (engine/cpu_compile.py); refused by name where it does not apply. ``log_stats=False``: no start-up or
         first-request lines on stderr (``qkv generate`` without ``--verbose``)."""
         t_start = time.perf_counter()
+        # Refused by name before anything is built: a block size of 0 failed deep in the pool
+        # planning with a TypeError, and 0 for an optional size meant "the default" unsaid.
+        check_sizes(block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
+                    kv_cache_memory=kv_cache_memory,
+                    num_kv_blocks=None if isinstance(num_kv_blocks, (list, tuple)) else num_kv_blocks)
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py
@@ -241,6 +254,10 @@ class LLMEngine:
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer; this model has none (use logit_bias)")
         prompt_token_ids = self.check_token_ids(prompt_token_ids, "prompt")
+        for name in ("logprobs", "prompt_logprobs"):  # a top-k past the vocabulary failed the whole step
+            k = getattr(params, name)
+            if k is not None and k > self.config.vocab_size:
+                raise ValueError(f"{name} ({k}) must not exceed the vocabulary size ({self.config.vocab_size})")
         if params.stop_token_ids:  # min_tokens bans them in the logits: one past the vocabulary fails the step
             self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         if params.logit_bias:

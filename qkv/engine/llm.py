@@ -57,7 +57,10 @@ class LLM:
         decode steps through this model's ahead-of-time compiled step when ``qkv compile`` has
         built it, else eagerly; False never: engine/cpu_aoti.py).
         ``attention_override``: e.g. ``{"dilation": 2}`` (qkv/attention_override.py; unknown keys refused)."""
-        if threads:
+        if threads is not None:  # 0 was skipped unsaid, and a negative count was torch's RuntimeError
+            from qkv.engine.engine import check_sizes
+
+            check_sizes(threads=threads)
             torch.set_num_threads(threads)
         check_device(device)  # before the load, which may take minutes
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")

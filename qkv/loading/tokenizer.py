@@ -157,6 +157,9 @@ class Tokenizer:
             raise ChatTemplateLimitError(f"{self.name}: {e}") from None
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.name}: chat template error: {e}") from e
+        except TypeError as e:  # the template's own operations on the messages: content None + a string
+            raise ChatTemplateError(f"{self.name}: chat template error: the template cannot render these "
+                                    f"messages ({e})") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
                     special_tokens_in_content: bool = False, **template_kwargs: Any) -> list[int]:

@@ -60,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             sp.add_argument("--passes", type=int, default=1,
                             help="run the workload this many times in one engine (new prompts each time): "
                                  "the first pass is cold, as a user's first run; later ones are warm")
-            sp.add_argument("--input-len", default="32:256", help="min:max random prompt length")
-            sp.add_argument("--output-len", default="16:128", help="min:max random output length")
+            sp.add_argument("--input-len", default="32:256", type=_range_arg, help="min:max random prompt length")
+            sp.add_argument("--output-len", default="16:128", type=_range_arg, help="min:max random output length")
             sp.add_argument("--seed", type=int, default=0)
         elif name == "prefix":
             sp.add_argument("--num-requests", type=int, default=16)
@@ -79,12 +79,32 @@ def run(args) -> int:
         from qkv.tools import bench_transcribe
 
         return bench_transcribe.run(args)
+    check_counts(args)
     check_peer(args)
     results = {"latency": latency, "throughput": throughput, "prefix": prefix}[args.bench](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
     return 0
+
+
+# The counts each benchmark needs, and their least values: refused by name before the model
+# loads (a --repeat of 0 was "max() arg is an empty sequence" after it, --max-tokens 1 a
+# ZeroDivisionError: the decode rate is timed from the first token to the last).
+LEAST = {"latency": {"max_tokens": 2, "repeat": 1, "prompt_len": 1},
+         "throughput": {"num_requests": 1, "passes": 1},
+         "prefix": {"num_requests": 1, "system_tokens": 1, "suffix_tokens": 0, "output_tokens": 1}}
+
+
+def check_counts(args) -> None:
+    for name, least in LEAST[args.bench].items():
+        value = getattr(args, name)
+        if value is not None and value < least:  # None: --prompt-len not given
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    for name in ("bandwidth", "matmul_flops"):
+        value = getattr(args, name, None)
+        if value is not None and not value > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 PEERS = {"hf": ("transformers", "pip install transformers"),
@@ -276,9 +296,22 @@ def _print_latency(res: dict) -> None:
 
 
 # ---------------------------------------------------------------------------- throughput / prefix
-def _range(text: str) -> tuple[int, int]:
+def _range(text) -> tuple[int, int]:
+    if isinstance(text, tuple):  # parsed by _range_arg
+        return text
     lo, _, hi = text.partition(":")
     return int(lo), int(hi or lo)
+
+
+def _range_arg(text: str) -> tuple[int, int]:
+    """``--input-len`` / ``--output-len``: "min:max" (or one count), 1 <= min <= max; argparse names the flag."""
+    try:
+        lo, hi = _range(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not MIN:MAX token counts: {text!r}") from None
+    if not 1 <= lo <= hi:
+        raise argparse.ArgumentTypeError(f"need 1 <= MIN <= MAX, got {text!r}")
+    return lo, hi
 
 
 def throughput(args) -> dict:

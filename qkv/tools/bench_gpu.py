@@ -172,5 +172,5 @@ def plot(res: dict, path: str, kind: str) -> None:
                             (i, res[n]["output_tok_s"]), ha="center", va="bottom", fontsize=7)
     ax.set_title(f"qkv bench {kind}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")  # without it a name with no suffix was written as NAME.png
     print(f"plot: {path}")

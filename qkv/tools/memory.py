@@ -204,7 +204,7 @@ def twins(config: ModelConfig, gqa_kv_heads: int | None = None) -> dict[str, Mod
                               layer_types=["full"] * config.num_layers)
     else:
         base = config
-    g = gqa_kv_heads or default_gqa_kv_heads(config)
+    g = default_gqa_kv_heads(config) if gqa_kv_heads is None else gqa_kv_heads  # 0 is refused, not the default
     if g is not None and (g < 1 or n % g):
         raise ValueError(f"--gqa-kv-heads {g} must divide the {n} query heads")
     out = {f"model ({config.attention_kind})": config, "MHA": base.replace(num_kv_heads=n)}
@@ -383,6 +383,11 @@ def run(args) -> int:
     # int8/int4 and K,V pairs: the engine's packed pages (scales included); --kv-bits: values only.
     packed = args.kv_dtype in ("int8", "int4") or args.kv_dtype not in DTYPE_BITS
     bits = args.kv_bits if args.kv_bits is not None else args.kv_dtype if packed else DTYPE_BITS[args.kv_dtype]
+    # The engine refuses these at 0; here they printed pools for a default (--context 0: the
+    # model's maximum) or for settings no engine runs with.
+    for name in ("context", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     context = args.context or config.max_context
     if args.tp != 1:  # every number below is then per rank (qkv/distributed/shard.py)
         from qkv.distributed.shard import Layout, rank_config

@@ -71,8 +71,9 @@ def perplexity(logits_fn, ids: list[int], window: int = 512, max_tokens: int | N
     start = time.perf_counter()
     total, count = 0.0, 0
     wins = windows(ids, window, max_tokens)
-    if not wins:
-        raise ValueError(f"the text has {len(ids)} tokens: too few to score")
+    if not wins:  # a window needs two tokens: one to predict from, one predicted
+        scored = f"{max_tokens} of the text's {len(ids)}" if max_tokens and max_tokens < len(ids) else f"{len(ids)}"
+        raise ValueError(f"{scored} tokens are too few to score (at least 2)")
     for i, w in enumerate(wins):
         seq = ([bos_id] if bos_id is not None else []) + w
         nll, n = window_nll(logits_fn(seq), seq)
@@ -80,6 +81,16 @@ def perplexity(logits_fn, ids: list[int], window: int = 512, max_tokens: int | N
         if progress:
             progress(i + 1, len(wins), math.exp(total / count))
     return Perplexity(math.exp(total / count), total, count, len(wins), time.perf_counter() - start)
+
+
+def read_text(path: str) -> str:
+    """The ``--text`` file, or a ValueError naming the flag and the file (before the model loads)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ValueError(f"--text {path}: cannot read it ({e.strerror or e})") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -101,7 +112,9 @@ def run(args) -> int:
     from qkv.cli import engine_kwargs
 
     model = args.model
-    text = Path(args.text).read_text(encoding="utf-8") if args.text else default_corpus()
+    if args.max_tokens < 0:  # a negative count sliced ids[:-n]: the text less its last n tokens, unsaid
+        raise ValueError(f"--max-tokens must be at least 0 (0: all), got {args.max_tokens}")
+    text = read_text(args.text) if args.text else default_corpus()
     kw = engine_kwargs(args)
     # One window is scored at a time: it must fit in one chunk and in the cache.
     from qkv.engine.budget import resolve

@@ -1,0 +1,182 @@
+"""Inputs the offline API and the CLI used to take badly: refused by name (a ValueError, or
+``qkv: error: ...`` with exit code 2), before the model loads where they can be, and never
+left to fail later as a traceback, to be skipped unsaid, or to break the engine for others."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from qkv import LLM, SamplingParams
+from qkv.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    import torch
+
+    from conftest import tiny_config
+
+    cfg, cls = tiny_config("llama")
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("audit") / "llama"
+    cls(cfg).eval().save_pretrained(path)
+    return str(path)
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_no_leak(llm) -> None:
+    s = llm.stats()
+    assert s["num_blocks_in_use"] == 0 and s["num_running"] == 0 and s["num_waiting"] == 0, s
+    assert s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"], s
+
+
+# ------------------------------------------------------------------ engine arguments
+@pytest.mark.parametrize("kw,name", [
+    (dict(block_size=0), "block_size"),  # was a TypeError from the pool planning
+    (dict(block_size=-1), "block_size"),  # was "the KV cache budget holds no block"
+    (dict(block_size=16.0), "block_size"),
+    (dict(max_model_len=0), "max_model_len"),  # was the model's context, unsaid
+    (dict(max_model_len=-5), "max_model_len"),  # was accepted, and every request refused
+    (dict(kv_cache_memory=0), "kv_cache_memory"),  # was 1 GiB, unsaid
+    (dict(num_kv_blocks=2.5), "num_kv_blocks"),
+    (dict(max_num_seqs=2.5), "max_num_seqs"),
+    (dict(threads=0), "threads"),  # was skipped unsaid
+    (dict(threads=-1), "threads"),  # was torch's RuntimeError (a traceback from the CLI)
+])
+def test_engine_sizes_are_refused_by_name(tiny_llama, kw, name):
+    with pytest.raises(ValueError, match=name):
+        LLM(tiny_llama, dtype="float32", device="cpu", log_stats=False, **kw)
+
+
+def test_threads_are_checked_before_the_load(tmp_path):
+    with pytest.raises(ValueError, match="threads must be a positive whole number, got -1"):
+        LLM(str(tmp_path / "missing.gguf"), threads=-1)
+
+
+def test_cli_threads_is_one_line(capsys, tiny_llama):
+    code, err = _cli(capsys, "generate", "hi", "--model", tiny_llama, "--raw", "--threads", "-1")
+    assert code == 2 and err.strip() == "qkv: error: threads must be a positive whole number, got -1"
+
+
+# ------------------------------------------------------------------ logprobs past the vocabulary
+def test_logprobs_past_the_vocabulary_are_refused_and_break_nothing(tiny_llama):
+    """A top-k wider than the vocabulary failed the step of every request in it, and the
+    engine stayed broken (the next step raised too)."""
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=64, log_stats=False)
+    vocab, e = llm.config.vocab_size, llm.engine
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], greedy)[0].token_ids
+    (good,) = e.add_request([5, 6, 7], greedy)
+    e.step()
+    for name in ("logprobs", "prompt_logprobs"):
+        with pytest.raises(ValueError, match=f"{name} \\({vocab + 1}\\) must not exceed the vocabulary size"):
+            e.add_request([5, 6, 7], SamplingParams(max_tokens=2, **{name: vocab + 1}))
+    got = {}
+    while e.has_unfinished():
+        for out in e.step():
+            got[out.request_id] = out.token_ids
+    assert got == {good.request_id: alone}
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, logprobs=vocab, prompt_logprobs=vocab))[0]
+    assert [len(d) for d in out.logprobs] == [vocab, vocab]  # the whole vocabulary, the sampled token in it
+    assert [len(d) for d in out.prompt_logprobs[1:]] == [vocab, vocab]
+    assert_no_leak(llm)
+
+
+# ------------------------------------------------------------------ chat messages
+def real_model(name: str) -> str:
+    """The named default's file, or a skip when its package is not installed."""
+    from qkv.loading import LoadError
+    from qkv.loading.models import resolve
+
+    try:
+        return str(resolve(name))
+    except LoadError as e:
+        pytest.skip(str(e))
+
+
+def test_chat_content_the_template_cannot_render_is_a_chat_template_error():
+    from qkv.loading.chat_template import ChatTemplateError
+
+    # SmolLM2's template joins strings with +: content None (or 5) was a TypeError from inside it.
+    llm = LLM(real_model("smollm2"), device="cpu", num_kv_blocks=16, log_stats=False, aot_decode=False)
+    for content in (None, 5):
+        with pytest.raises(ChatTemplateError, match="cannot render these messages"):
+            llm.chat([{"role": "user", "content": content}], SamplingParams(max_tokens=1))
+    assert_no_leak(llm)
+
+
+# ------------------------------------------------------------------ qkv perplexity
+def test_perplexity_text_flag_errors_name_the_flag(capsys, tmp_path):
+    """All refused before the model loads (the model here does not exist)."""
+    model = tmp_path / "m.gguf"
+    code, err = _cli(capsys, "perplexity", model, "--text", tmp_path)  # a directory: was IsADirectoryError
+    assert code == 2 and err.startswith(f"qkv: error: --text {tmp_path}: cannot read it") and "Traceback" not in err
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
+    code, err = _cli(capsys, "perplexity", model, "--text", bad)
+    assert code == 2 and err.strip() == f"qkv: error: --text {bad}: not UTF-8 text (invalid continuation byte at byte 3)"
+    code, err = _cli(capsys, "perplexity", model, "--text", bad, "--max-tokens", "-1")  # was ids[:-1], unsaid
+    assert code == 2 and err.strip() == "qkv: error: --max-tokens must be at least 0 (0: all), got -1"
+
+
+def test_perplexity_too_few_tokens_says_max_tokens_cut_them():
+    from qkv.tools.perplexity import perplexity
+
+    with pytest.raises(ValueError, match=r"^1 of the text's 5 tokens are too few to score"):
+        perplexity(lambda ids: None, [1, 2, 3, 4, 5], window=4, max_tokens=1)
+
+
+# ------------------------------------------------------------------ qkv bench
+@pytest.mark.parametrize("argv,line", [
+    (["latency", "--max-tokens", "1"], "--max-tokens must be >= 2, got 1"),  # was a ZeroDivisionError
+    (["latency", "--repeat", "0"], "--repeat must be >= 1, got 0"),  # was "max() arg is an empty sequence"
+    (["latency", "--prompt-len", "0"], "--prompt-len must be >= 1, got 0"),  # was a 512-token prompt, unsaid
+    (["latency", "--bandwidth", "-1"], "--bandwidth must be positive, got -1.0"),
+    (["prefix", "--num-requests", "0"], "--num-requests must be >= 1, got 0"),  # was "min() arg is an empty..."
+    (["prefix", "--system-tokens", "0"], "--system-tokens must be >= 1, got 0"),
+])
+def test_bench_counts_are_refused_before_the_load(capsys, tmp_path, argv, line):
+    code, err = _cli(capsys, "bench", *argv, "--model", tmp_path / "m.gguf")
+    assert code == 2 and err.strip() == f"qkv: error: {line}"
+
+
+@pytest.mark.parametrize("value", ["a:b", "8:4", "0"])
+def test_bench_length_ranges_name_the_flag(capsys, tmp_path, value):
+    with pytest.raises(SystemExit) as e:  # argparse: was int()'s or randrange()'s message after the load
+        main(["bench", "throughput", "--model", str(tmp_path / "m.gguf"), "--input-len", value])
+    assert e.value.code == 2 and "argument --input-len" in capsys.readouterr().err
+
+
+def test_bench_json_into_a_directory_is_one_line(capsys, tiny_llama, tmp_path):
+    code, err = _cli(capsys, "bench", "latency", "--model", tiny_llama, "--device", "cpu", "--prompt-len", "8",
+                     "--max-tokens", "2", "--repeat", "1", "--json", tmp_path)  # was an IsADirectoryError traceback
+    assert code == 2 and err.strip().splitlines()[-1] == f"qkv: error: [Errno 21] Is a directory: '{tmp_path}'"
+
+
+def test_bench_plot_writes_the_path_it_names(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    from qkv.tools.bench_gpu import plot
+
+    out = tmp_path / "chart"  # no suffix: was written as chart.png while it printed "plot: chart"
+    plot({"qkv": {"decode_tok_s": 10.0}}, str(out), "latency")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "chart.png").exists()
+
+
+# ------------------------------------------------------------------ qkv memory
+@pytest.mark.parametrize("flag", ["--context", "--gqa-kv-heads", "--max-num-seqs", "--max-num-batched-tokens"])
+def test_memory_zero_counts_are_refused(capsys, tmp_path, flag):
+    """0 meant the default (--context, --gqa-kv-heads) or pools no engine builds."""
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1000, "max_position_embeddings": 2048}))
+    code, err = _cli(capsys, "memory", tmp_path, flag, "0")
+    assert code == 2 and err.startswith(f"qkv: error: {flag}") and "Traceback" not in err
