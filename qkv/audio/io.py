@@ -40,8 +40,9 @@ def load_audio(source: AudioInput, sample_rate: int | None = None, name: str | N
     """16 kHz mono float32 samples as a 1-D CPU tensor.
 
     ``source`` is a file path, the file's bytes (an upload), or an array of samples. An
-    array is taken as 16 kHz unless ``sample_rate`` says otherwise; 2-D arrays are
-    ``(samples, channels)`` and are averaged to mono. ``name`` labels errors for bytes.
+    array is taken as 16 kHz unless ``sample_rate`` says otherwise (a file's header gives its
+    own: ``sample_rate`` with a file is refused); 2-D arrays are ``(samples, channels)`` and
+    are averaged to mono (more channels than samples is refused as the other layout). ``name`` labels errors for bytes.
     Raises ``AudioError`` naming the file for a missing, empty, unreadable or non-finite input.
     """
     if isinstance(source, (np.ndarray, torch.Tensor)):
@@ -49,9 +50,15 @@ def load_audio(source: AudioInput, sample_rate: int | None = None, name: str | N
         data = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
         if not np.issubdtype(data.dtype, np.floating):
             raise AudioError(f"{label}: samples must be floats in [-1, 1], got dtype {data.dtype}")
-        rate = sample_rate or SAMPLE_RATE
+        rate = SAMPLE_RATE if sample_rate is None else sample_rate  # 0 is refused, not read as "unset"
+        if data.ndim == 2 and data.shape[1] > data.shape[0] > 0:
+            # More channels than samples is a (channels, samples) array (torchaudio's layout):
+            # averaging its rows would leave a few samples of the time-mean, transcribed as silence.
+            raise AudioError(f"{label}: expected (samples, channels), got shape {data.shape}; transpose it")
     else:
         label = name or str(source)
+        if sample_rate is not None:
+            raise AudioError(f"{label}: sample_rate is for arrays; a file's own header gives its rate")
         data, rate = _read_file(source, label)
     data = np.asarray(data, dtype=np.float32)
     if data.ndim == 2:

@@ -47,6 +47,8 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
     ``engine_loop()`` is the running EngineLoop that owns ``llm.engine``."""
     from qkv.audio.speech_engine import check_whisper, speech_model, speech_params, suppression
 
+    from .app import _disconnected
+
     ids = itertools.count()
     suppress = suppression(llm.config, llm.source) if llm.config.model_type == "whisper" else ([], [])
 
@@ -64,7 +66,11 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
             form = await request.form(max_files=1, max_fields=16)
         except Exception as e:  # the multipart parser's errors: a malformed body
             raise P.APIError(400, f"malformed multipart body: {e}", code="invalid_value", param="file") from None
-        fields = {k: v for k, v in form.multi_items()}
+        fields = {}
+        for k, v in form.multi_items():  # a dict would keep the last value and drop the others unread
+            if k in fields and k in _KNOWN:
+                raise P.APIError(400, f"{k} is given more than once", code="invalid_value", param=k)
+            fields[k] = v
         for name in sorted(set(fields) - _KNOWN):
             raise P.APIError(400, f"{name} is not supported by this server", code="unsupported_parameter", param=name)
         check_model(_text(fields, "model"))
@@ -124,7 +130,19 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
         model = speech_model(llm, generate)
         state["inflight"] = state.get("inflight", 0) + 1  # a graceful shutdown waits for this answer
         try:
-            result = await asyncio.to_thread(_transcribe, model, samples, _text(fields, "language"), response_format)
+            # Uvicorn never cancels a handler whose client has gone: watch for the hang-up, or its
+            # windows would hold their pages and the engine's steps until they all finished.
+            work = asyncio.ensure_future(asyncio.to_thread(_transcribe, model, samples, _text(fields, "language"),
+                                                           response_format))
+            gone = asyncio.ensure_future(_disconnected(request))
+            try:
+                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                gone.cancel()
+            if not work.done():
+                work.cancel()
+                raise P.APIError(499, "client disconnected", code="client_closed")
+            result = work.result()
         except AudioError as e:
             field = str(e).partition(":")[0]
             raise P.APIError(400, str(e), code="invalid_value", param=field if field in _KNOWN else None) from None
