@@ -273,10 +273,15 @@ def _run_chat(args) -> int:
             break
         messages.append({"role": "user", "content": line})
         answer, last = "", None
-        for out in llm.stream(llm.chat_prompt(messages), params):
-            sys.stdout.write(out.text_delta)
-            sys.stdout.flush()
-            answer, last = out.text, out
+        try:
+            for out in llm.stream(llm.chat_prompt(messages), params):
+                sys.stdout.write(out.text_delta)
+                sys.stdout.flush()
+                answer, last = out.text, out
+        except ValueError as e:  # this turn is refused (not UTF-8, past the context): not the whole chat
+            messages.pop()
+            print(f"qkv chat: error: {e}", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         _say_why_it_ended(last, params)
         messages.append({"role": "assistant", "content": answer})

@@ -180,3 +180,35 @@ def test_memory_zero_counts_are_refused(capsys, tmp_path, flag):
         "num_key_value_heads": 2, "intermediate_size": 512, "vocab_size": 1000, "max_position_embeddings": 2048}))
     code, err = _cli(capsys, "memory", tmp_path, flag, "0")
     assert code == 2 and err.startswith(f"qkv: error: {flag}") and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ text that was not UTF-8
+def test_text_that_was_not_utf8_is_a_value_error():
+    """Python decodes argv and stdin with surrogateescape: such text reached the tokenizer as
+    "TypeError: TextInputSequence must be str" (a traceback from ``qkv generate``)."""
+    llm = LLM(real_model("smollm2"), device="cpu", num_kv_blocks=16, log_stats=False, aot_decode=False)
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match=r"not valid Unicode .*'\\udce9' at character 3"):
+        llm.generate(bad, SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="not valid Unicode"):
+        llm.chat([{"role": "user", "content": bad}], SamplingParams(max_tokens=1))
+    assert_no_leak(llm)
+
+
+def test_chat_repl_goes_on_after_a_refused_turn(capsys, monkeypatch):
+    """One bad line (not UTF-8, or past the context) ended the whole chat with a traceback
+    or an error; now that turn is refused and left out of the conversation."""
+    import io
+
+    model = real_model("smollm2")
+    bad = b"\xff\xfe".decode("utf-8", "surrogateescape")
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{bad}\nWhat is 2+2?\n\n"))
+    code, err = _cli(capsys, "chat", "--model", model, "--device", "cpu", "--no-aot-decode", "--max-tokens", "3",
+                     "--verbose")
+    assert code == 0
+    assert "qkv chat: error: the text is not valid Unicode" in err
+    turn = [line for line in err.splitlines() if line.startswith("[prompt ")]
+    # The answered turn's prompt is the good line alone: the refused one was dropped.
+    llm = LLM(model, device="cpu", num_kv_blocks=16, log_stats=False, aot_decode=False)
+    alone = len(llm.chat_prompt([{"role": "user", "content": "What is 2+2?"}]))
+    assert turn == [f"[prompt {alone} tokens, 0 served from the KV cache; 3 generated]"]

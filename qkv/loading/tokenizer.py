@@ -24,6 +24,18 @@ __all__ = ["Tokenizer", "StreamDecoder", "ChatTemplateError", "ChatTemplateLimit
 END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<turn|>")
 
 
+def check_unicode(text) -> None:
+    """A ValueError if ``text`` holds a lone surrogate: bytes that were not UTF-8, as Python
+    decodes them from argv and stdin (surrogateescape). The tokenizer's own error for it is
+    "TypeError: TextInputSequence must be str", which names neither the text nor the cause."""
+    if isinstance(text, str):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text is not valid Unicode (bytes that were not UTF-8?): "
+                             f"{text[e.start:e.end]!r} at character {e.start}") from None
+
+
 class Tokenizer:
     """Encode, decode and render chats for one model.
 
@@ -103,7 +115,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; with ``add_special_tokens`` the BOS (etc.) the model wants."""
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            check_unicode(text)
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -181,7 +197,11 @@ class Tokenizer:
         text = self.apply_chat_template(marked, add_generation_prompt=add_generation_prompt, **template_kwargs)
         if nonce is None:  # no content holds a special token's text
             return self.encode(text, add_special_tokens=False)
-        return self._encode_marked(text, specials, nonce)
+        try:
+            return self._encode_marked(text, specials, nonce)
+        except TypeError:
+            check_unicode(text)
+            raise
 
     def _special_tokens(self) -> dict[str, int]:
         """Text -> id of the tokens the backend matches as control tokens before tokenizing."""
