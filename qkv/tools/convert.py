@@ -37,10 +37,8 @@ HF_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwe
               "qwen3": "Qwen3ForCausalLM"}
 
 
-def pool_kv_heads(config: ModelConfig, weights: dict[str, torch.Tensor], kv_heads: int
-                  ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """A new config and weights with ``kv_heads`` KV heads, each the mean of its group.
-    ``weights`` (HF names) is not modified; unchanged tensors are shared, not copied."""
+def check_poolable(config: ModelConfig, kv_heads: int) -> None:
+    """ValueError unless ``config``'s KV heads can be pooled to ``kv_heads`` and written for HF."""
     if config.model_type not in HF_CLASSES:
         raise ValueError(f"qkv convert supports {', '.join(HF_CLASSES)} models, not {config.model_type!r}"
                          + (" (HF GPT-2 has no grouped KV heads)" if config.model_type == "gpt2" else ""))
@@ -48,6 +46,14 @@ def pool_kv_heads(config: ModelConfig, weights: dict[str, torch.Tensor], kv_head
     if kv_heads < 1 or n % kv_heads:
         raise ValueError(f"--kv-heads {kv_heads} must divide the model's {n} KV heads "
                          f"(divisors: {[d for d in range(1, n + 1) if n % d == 0]})")
+
+
+def pool_kv_heads(config: ModelConfig, weights: dict[str, torch.Tensor], kv_heads: int
+                  ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A new config and weights with ``kv_heads`` KV heads, each the mean of its group.
+    ``weights`` (HF names) is not modified; unchanged tensors are shared, not copied."""
+    check_poolable(config, kv_heads)
+    n = config.num_kv_heads
     hd = config.head_dim
     out = dict(weights)
     for i in range(config.num_layers):
@@ -146,7 +152,29 @@ def save_hf(dst: str | Path, config: ModelConfig, weights: dict[str, torch.Tenso
     return dst
 
 
+def check_conversion(src: str, dst: str | Path, config: ModelConfig, kv_heads: int, dtype: str,
+                     force: bool) -> Path:
+    """What can refuse a conversion before SRC's weights are read (``config`` is SRC's), checked
+    before anything is removed: ``--force`` empties DST, and a refusal after that would lose it."""
+    from qkv.engine.dtype import DTYPES
+    from qkv.loading.models import NAMED, resolve
+
+    check_poolable(config, kv_heads)
+    hf_config(config.replace(num_kv_heads=kv_heads))  # the bias layouts HF's config cannot say
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: DST's weights are written in one of {', '.join(DTYPES)}")
+    source = (resolve(src) if src in NAMED else Path(src).expanduser()).resolve()
+    target = Path(dst).expanduser().resolve()
+    if target == source or target in source.parents:
+        raise ValueError(f"DST {dst} is SRC or holds it: writing it would remove SRC, the model being converted")
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not force:
+        raise ValueError(f"{dst} exists and is not empty (use --force to overwrite)")
+    return dst
+
+
 def prepare_dst(dst: str | Path, force: bool) -> Path:
+    """Empty DST for writing (``check_conversion`` has refused a non-empty one without ``force``)."""
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         if not force:
@@ -158,11 +186,12 @@ def prepare_dst(dst: str | Path, force: bool) -> Path:
 def convert(src: str, dst: str | Path, kv_heads: int, dtype: str = "float32", force: bool = False) -> ModelConfig:
     """Load ``src``, pool its KV heads to ``kv_heads``, write ``dst``. Returns the new config."""
     from qkv.loading import load
+    from qkv.tools.memory import read_config
 
-    dst = prepare_dst(dst, force)
+    dst = check_conversion(src, dst, read_config(src), kv_heads, dtype, force)
     loaded = load(src)
     config, weights = pool_kv_heads(loaded.config, loaded.weights, kv_heads)
-    save_hf(dst, config, weights, loaded.tokenizer, dtype)
+    save_hf(prepare_dst(dst, force), config, weights, loaded.tokenizer, dtype)  # DST goes only now
     return config
 
 
@@ -185,7 +214,8 @@ def run(args) -> int:
     convert_uptrain.check_arguments(args)
     before = read_config(args.src)
     if args.uptrain or args.report:
-        after = convert_uptrain.run(args, prepare_dst(args.dst, args.force))
+        after = convert_uptrain.run(args, check_conversion(args.src, args.dst, before, args.kv_heads, args.dtype,
+                                                           args.force))
     else:
         after = convert(args.src, args.dst, args.kv_heads, args.dtype, args.force)
     b0 = footprint(before, 1, bits=16).bytes_per_token

@@ -106,10 +106,11 @@ def uptrain_config(args):
 
 
 def run(args, dst: Path) -> ModelConfig:
-    """Load SRC, pool, optionally uptrain and report, write DST (absent or emptied by the caller)."""
+    """Load SRC, pool, optionally uptrain and report, write DST (checked by the caller; emptied
+    here only once the model is ready to be written, so a refusal or a failed run keeps it)."""
     from qkv.loading import load
     from qkv.tools import uptrain as up
-    from qkv.tools.convert import pool_kv_heads, save_hf
+    from qkv.tools.convert import pool_kv_heads, prepare_dst, save_hf
     from qkv.tools.perplexity import default_corpus, perplexity
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -149,7 +150,7 @@ def run(args, dst: Path) -> ModelConfig:
         ppl_pooled = curve[0].perplexity
     else:
         ppl_pooled = evaluate(up.logits_fn(up.hf_model(config, weights, device), device))
-    save_hf(dst, config, weights, tok, args.dtype)
+    save_hf(prepare_dst(dst, args.force), config, weights, tok, args.dtype)
     if args.report:
         from qkv.tools import uptrain_report as rep
 
