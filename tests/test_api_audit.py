@@ -212,3 +212,13 @@ def test_chat_repl_goes_on_after_a_refused_turn(capsys, monkeypatch):
     llm = LLM(model, device="cpu", num_kv_blocks=16, log_stats=False, aot_decode=False)
     alone = len(llm.chat_prompt([{"role": "user", "content": "What is 2+2?"}]))
     assert turn == [f"[prompt {alone} tokens, 0 served from the KV cache; 3 generated]"]
+
+
+# ------------------------------------------------------------------ qkv convert --uptrain
+@pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1.0])
+def test_uptrain_lr_must_be_finite(lr):
+    from qkv.tools.uptrain import UptrainConfig
+
+    with pytest.raises(ValueError, match="--uptrain-lr must be positive and finite"):  # inf used to train (to NaNs)
+        UptrainConfig(tokens=1 << 20, lr=lr)
+    assert UptrainConfig(tokens=1 << 20, lr=1e-3).lr == 1e-3

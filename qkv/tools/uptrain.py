@@ -79,8 +79,8 @@ class UptrainConfig:
         if self.tokens < self.batch * self.seq_len:
             raise ValueError(f"--uptrain-tokens {self.tokens:,} is less than one step "
                              f"(--uptrain-batch {self.batch} x --uptrain-seq-len {self.seq_len})")
-        if not self.lr > 0:
-            raise ValueError(f"--uptrain-lr must be positive, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # inf passed "> 0" and trained the student into NaNs
+            raise ValueError(f"--uptrain-lr must be positive and finite, got {self.lr}")
 
     @property
     def steps(self) -> int:
