@@ -65,3 +65,21 @@ def test_dst_that_is_or_holds_src_is_refused(tiny_model, tmp_path, capsys):
     assert main(["convert", src, str(out), "--kv-heads", "2"]) == 0
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
 
+
+
+def test_sampling_defaults_survive_the_conversion(tiny_model, tmp_path):
+    """DST's generation_config.json held only bos/eos: the source's temperature, top_p and
+    max_new_tokens were dropped, so the converted model was served with other defaults."""
+    import transformers as tf
+
+    from qkv.loading.hf import generation_defaults
+
+    src, model = tiny_model("llama", num_key_value_heads=4)
+    tf.GenerationConfig(bos_token_id=0, eos_token_id=1, do_sample=True, temperature=0.6, top_p=0.9,
+                        max_new_tokens=77).save_pretrained(src)
+    dst = tmp_path / "gqa2"
+    assert main(["convert", src, str(dst), "--kv-heads", "2"]) == 0
+    assert generation_defaults(dst) == generation_defaults(src) == {"temperature": 0.6, "top_p": 0.9,
+                                                                    "max_tokens": 77}
+    hf = tf.GenerationConfig.from_pretrained(dst)
+    assert (hf.do_sample, hf.temperature, hf.top_p, hf.eos_token_id) == (True, 0.6, 0.9, [1])

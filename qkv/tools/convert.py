@@ -130,9 +130,23 @@ def save_tokenizer(tokenizer, dst: Path, model_max_length: int) -> None:
     (dst / "tokenizer_config.json").write_text(json.dumps(tc, indent=2, ensure_ascii=False))
 
 
+def source_generation(src: str) -> dict:
+    """SRC's generation_config.json ({} for a GGUF file or an HF directory without one)."""
+    from qkv.loading.hf import _read_json, model_file
+    from qkv.loading.models import NAMED, resolve
+
+    d = resolve(src) if src in NAMED else Path(src).expanduser()
+    if not d.is_dir():
+        return {}
+    gen = _read_json(model_file(d, "generation_config.json"), required=False)
+    return {k: v for k, v in gen.items() if k != "transformers_version"}
+
+
 def save_hf(dst: str | Path, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None,
-            dtype: str = "float32") -> Path:
-    """Write an HF model directory at ``dst`` (created; must be empty or absent)."""
+            dtype: str = "float32", generation: dict | None = None) -> Path:
+    """Write an HF model directory at ``dst`` (created; must be empty or absent). ``generation``:
+    the source's generation_config.json, kept (its sampling defaults are the model's, and qkv
+    and vLLM serve with them) under bos/eos from ``config``."""
     from safetensors.torch import save_file
 
     from qkv.engine.dtype import parse_dtype
@@ -142,7 +156,7 @@ def save_hf(dst: str | Path, config: ModelConfig, weights: dict[str, torch.Tenso
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(hf_config(config, dtype_name), indent=2))
-    gen = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids or None}
+    gen = {**(generation or {}), "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_ids or None}
     (dst / "generation_config.json").write_text(json.dumps(gen, indent=2))
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in weights.items()
                if not (config.tie_word_embeddings and k == "lm_head.weight")}  # HF re-ties it
@@ -191,7 +205,8 @@ def convert(src: str, dst: str | Path, kv_heads: int, dtype: str = "float32", fo
     dst = check_conversion(src, dst, read_config(src), kv_heads, dtype, force)
     loaded = load(src)
     config, weights = pool_kv_heads(loaded.config, loaded.weights, kv_heads)
-    save_hf(prepare_dst(dst, force), config, weights, loaded.tokenizer, dtype)  # DST goes only now
+    generation = source_generation(src)
+    save_hf(prepare_dst(dst, force), config, weights, loaded.tokenizer, dtype, generation)  # DST goes only now
     return config
 
 

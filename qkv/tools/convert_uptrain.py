@@ -110,7 +110,7 @@ def run(args, dst: Path) -> ModelConfig:
     here only once the model is ready to be written, so a refusal or a failed run keeps it)."""
     from qkv.loading import load
     from qkv.tools import uptrain as up
-    from qkv.tools.convert import pool_kv_heads, prepare_dst, save_hf
+    from qkv.tools.convert import pool_kv_heads, prepare_dst, save_hf, source_generation
     from qkv.tools.perplexity import default_corpus, perplexity
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
@@ -150,7 +150,8 @@ def run(args, dst: Path) -> ModelConfig:
         ppl_pooled = curve[0].perplexity
     else:
         ppl_pooled = evaluate(up.logits_fn(up.hf_model(config, weights, device), device))
-    save_hf(prepare_dst(dst, args.force), config, weights, tok, args.dtype)
+    generation = source_generation(args.src)
+    save_hf(prepare_dst(dst, args.force), config, weights, tok, args.dtype, generation)
     if args.report:
         from qkv.tools import uptrain_report as rep
 
