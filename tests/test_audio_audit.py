@@ -142,3 +142,20 @@ def test_arrays_in_the_wrong_layout_or_rate_are_refused_by_name(tmp_path):
         load_audio(path, sample_rate=8_000)
     with pytest.raises(AudioError, match="upload: sample_rate is for arrays"):
         load_audio(path.read_bytes(), sample_rate=8_000, name="upload")
+
+
+def test_a_zero_temperature_in_any_spelling_is_greedy(gated):
+    # A form sends numbers as text: "0.00" is greedy decoding as much as "0", and was refused.
+    server, llm, _, _ = gated
+    url = server.url + "/v1/audio/transcriptions"
+    good = {"file": ("talk.wav", _wav())}
+    want = httpx.post(url, files=good, data={"language": "en"}, timeout=60)
+    assert want.status_code == 200, want.text
+    for zero in ("0.00", "0e0", "-0"):
+        r = httpx.post(url, files=good, data={"temperature": zero, "language": "en"}, timeout=60)
+        assert r.status_code == 200, (zero, r.text)
+        assert r.json() == want.json()
+    for other in ("0.01", "nan", "zero"):
+        _err(httpx.post(url, files=good, data={"temperature": other, "language": "en"}, timeout=60), 400,
+             "unsupported_parameter", "temperature")
+    _balanced(llm)

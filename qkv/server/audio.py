@@ -79,7 +79,7 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
             raise P.APIError(400, f"response_format {response_format!r} is not supported (one of "
                              f"{', '.join(RESPONSE_FORMATS)})", code="unsupported_parameter", param="response_format")
         temperature = _text(fields, "temperature")
-        if temperature not in (None, "0", "0.0"):
+        if temperature is not None and _number(temperature) != 0:  # "0", "0.00", "0e0": all greedy
             raise P.APIError(400, "temperature: only greedy decoding (0) is supported", code="unsupported_parameter",
                              param="temperature")
         upload = fields.get("file")
@@ -177,3 +177,11 @@ def _text(fields: dict, name: str) -> str | None:
     if not isinstance(value, str):
         raise P.APIError(400, f"{name} must be a text field", code="invalid_value", param=name)
     return value.strip() or None
+
+
+def _number(text: str) -> float | None:
+    """A form field's number (None: not one; a form sends every value as text)."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
