@@ -159,3 +159,16 @@ def test_a_zero_temperature_in_any_spelling_is_greedy(gated):
         _err(httpx.post(url, files=good, data={"temperature": other, "language": "en"}, timeout=60), 400,
              "unsupported_parameter", "temperature")
     _balanced(llm)
+
+
+def test_llm_transcribe_takes_an_arrays_sample_rate(gated, tmp_path):
+    # LLM.transcribe had no sample_rate: samples at another rate could not be given as they are.
+    _, llm, _, _ = gated
+    t = np.arange(48_000) / 48_000
+    tone = (0.2 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    path = tmp_path / "tone48k.wav"
+    sf.write(path, tone, 48_000, subtype="FLOAT")
+    want = llm.transcribe(str(path), language="en", response_format="verbose_json")
+    got = llm.transcribe(tone, language="en", response_format="verbose_json", sample_rate=48_000)
+    assert got == want and got["duration"] == pytest.approx(1.0)
+    _balanced(llm)

@@ -255,9 +255,10 @@ class LLM:
                 self.engine.abort(req.request_id)
 
     def transcribe(self, audio, language: str | None = None, task: str = "transcribe",
-                   response_format: str = "json", timestamps: bool = False):
-        """Speech to text with a Whisper model: ``audio`` is a file path, a file's bytes or 16 kHz
-        samples; 30-s windows run as one batch of greedy requests. Returns OpenAI's shapes
+                   response_format: str = "json", timestamps: bool = False, sample_rate: int | None = None):
+        """Speech to text with a Whisper model: ``audio`` is a file path, a file's bytes or samples
+        (16 kHz unless ``sample_rate`` says otherwise: resampled to Whisper's 16 kHz; with a file,
+        refused: the file says its rate); 30-s windows run as one batch of greedy requests. Returns OpenAI's shapes
         (``text`` -> str; ``json`` -> {"text"}; ``verbose_json`` with segments). AudioError
         (a ValueError) names a bad argument or file; a model that is not Whisper is a ValueError.
         ``timestamps=True`` is refused: it needs Whisper's timestamp rules, not applied yet."""
@@ -265,7 +266,8 @@ class LLM:
         from qkv.audio.transcribe import transcribe
 
         check_timestamps(timestamps)
-        return transcribe(speech_model(self), audio, language, task, response_format, timestamps=timestamps)
+        return transcribe(speech_model(self), audio, language, task, response_format, timestamps=timestamps,
+                          sample_rate=sample_rate)
 
     def logits(self, token_ids: list[int]) -> torch.Tensor:
         """Float32 logits [len, vocab]; row t predicts token t+1, like HF ``model(ids).logits[0]``."""
