@@ -258,8 +258,8 @@ class LLM:
                    response_format: str = "json", timestamps: bool = False, sample_rate: int | None = None):
         """Speech to text with a Whisper model: ``audio`` is a file path, a file's bytes or samples
         (16 kHz unless ``sample_rate`` says otherwise: resampled to Whisper's 16 kHz; with a file,
-        refused: the file says its rate); 30-s windows run as one batch of greedy requests. Returns OpenAI's shapes
-        (``text`` -> str; ``json`` -> {"text"}; ``verbose_json`` with segments). AudioError
+        refused: the file says its rate); 30-s windows run as one batch of greedy requests.
+        Returns OpenAI's shapes (``text`` -> str; ``json`` -> {"text"}; ``verbose_json`` with segments). AudioError
         (a ValueError) names a bad argument or file; a model that is not Whisper is a ValueError.
         ``timestamps=True`` is refused: it needs Whisper's timestamp rules, not applied yet."""
         from qkv.audio.speech_engine import check_timestamps, speech_model
