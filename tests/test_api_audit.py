@@ -222,3 +222,13 @@ def test_uptrain_lr_must_be_finite(lr):
     with pytest.raises(ValueError, match="--uptrain-lr must be positive and finite"):  # inf used to train (to NaNs)
         UptrainConfig(tokens=1 << 20, lr=lr)
     assert UptrainConfig(tokens=1 << 20, lr=1e-3).lr == 1e-3
+
+
+@pytest.mark.parametrize("argv,line", [
+    (["--threads", "0"], "--threads must be at least 1, got 0"),  # was torch's RuntimeError, a traceback
+    (["--threads", "-1"], "--threads must be at least 1, got -1"),
+    (["--repeat", "0"], "--repeat must be at least 1, got 0"),  # was one timed run, unsaid
+])
+def test_bench_transcribe_counts_are_refused_first(capsys, tmp_path, argv, line):
+    code, err = _cli(capsys, "bench", "transcribe", tmp_path / "talk.wav", *argv)
+    assert code == 2 and err.strip() == f"qkv: error: {line}"

@@ -57,6 +57,9 @@ def run(args) -> int:
     from qkv.audio.features import SAMPLE_RATE
     from qkv.loading.models import NAMED, resolve
 
+    for name in ("threads", "repeat"):  # --threads 0 was torch's RuntimeError, --repeat 0 one timed run unsaid
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.device == "cuda":
         from qkv.tools import bench_transcribe_gpu
 
