@@ -232,3 +232,20 @@ def test_uptrain_lr_must_be_finite(lr):
 def test_bench_transcribe_counts_are_refused_first(capsys, tmp_path, argv, line):
     code, err = _cli(capsys, "bench", "transcribe", tmp_path / "talk.wav", *argv)
     assert code == 2 and err.strip() == f"qkv: error: {line}"
+
+
+# ------------------------------------------------------------------ qkv memory whisper-base
+def test_memory_of_the_named_whisper_equals_the_engines(capsys):
+    """``qkv memory whisper-base`` read the CTranslate2 config.json as HF's: "no 'model_type'
+    field". Its pools and bytes are now the engine's own."""
+    real_model("whisper-base")
+    budget = 256 << 20
+    code = main(["memory", "whisper-base", "--kv-dtype", "float32", "--max-num-seqs", "4",
+                 "--kv-cache-memory", str(budget), "--context", "448", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0, capsys.readouterr().err
+    r = json.loads(out)
+    assert [(g["kind"], g["blocks_per_sequence"]) for g in r["groups"]] == [("full", 28), ("cross", 94)]
+    llm = LLM("whisper-base", device="cpu", max_num_seqs=4, kv_cache_memory=budget, log_stats=False)
+    assert list(r["pools"]["blocks"].values()) == [g.pool.num_blocks for g in llm.engine.kv.groups]
+    assert r["pools"]["bytes"] == llm.engine.runner.kv_cache_bytes

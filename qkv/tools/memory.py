@@ -58,6 +58,12 @@ def read_config(model: str) -> ModelConfig:
     if not path.exists():
         raise LoadError(f"{path}: no such file or directory (known names: {', '.join(NAMED)})")
     if path.is_dir():
+        if (path / "model.bin").is_file() and not any(path.glob("*.safetensors")):  # as qkv.loading.load
+            from qkv.loading.ct2_whisper import load_ct2_dir
+
+            # A CTranslate2 Whisper directory (the named whisper-base): its config.json is not
+            # HF's ("no 'model_type' field"); the shapes come from model.bin's variables.
+            return load_ct2_dir(path)[0]
         path = path / "config.json"
     if path.suffix == ".json":
         from qkv.loading.hf import _read_json
