@@ -249,3 +249,12 @@ def test_memory_of_the_named_whisper_equals_the_engines(capsys):
     llm = LLM("whisper-base", device="cpu", max_num_seqs=4, kv_cache_memory=budget, log_stats=False)
     assert list(r["pools"]["blocks"].values()) == [g.pool.num_blocks for g in llm.engine.kv.groups]
     assert r["pools"]["bytes"] == llm.engine.runner.kv_cache_bytes
+
+
+def test_max_model_len_past_the_models_context_is_refused(tiny_llama):
+    """It was capped to the model's context without a word: a server asked for 100k tokens
+    silently served 512."""
+    with pytest.raises(ValueError, match=r"max_model_len \(513\) exceeds the model's context length \(512 tokens\)"):
+        LLM(tiny_llama, dtype="float32", device="cpu", max_model_len=513, log_stats=False)
+    assert LLM(tiny_llama, dtype="float32", device="cpu", max_model_len=512, num_kv_blocks=8,
+               log_stats=False).engine.max_model_len == 512

@@ -124,7 +124,10 @@ class LLMEngine:
             specs_config = rank_config(config, Layout.of(config, tensor_parallel_size))  # per-rank heads
         specs = with_packed(layer_specs(specs_config, kv_dtype.itemsize), self.kv_packed)
         self.specs = specs
-        self.max_model_len = min(max_model_len or config.max_context, config.max_context)
+        if max_model_len is not None and max_model_len > config.max_context:  # was capped to it, unsaid
+            raise ValueError(f"max_model_len ({max_model_len}) exceeds the model's context length "
+                             f"({config.max_context} tokens)")
+        self.max_model_len = max_model_len or config.max_context
         on_gpu = self.device.type == "cuda"
         encoder.check_device(config, self.device, self.kv_packed)  # encoder-decoder: float pages only
         if on_gpu:
