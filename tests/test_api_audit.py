@@ -258,3 +258,12 @@ def test_max_model_len_past_the_models_context_is_refused(tiny_llama):
         LLM(tiny_llama, dtype="float32", device="cpu", max_model_len=513, log_stats=False)
     assert LLM(tiny_llama, dtype="float32", device="cpu", max_model_len=512, num_kv_blocks=8,
                log_stats=False).engine.max_model_len == 512
+
+
+@pytest.mark.parametrize("name", ["enable_prefix_caching", "async_scheduling", "enforce_eager", "compile_decode",
+                                  "log_stats", "aot_decode"])
+def test_switches_take_booleans_only(tiny_llama, name):
+    """The string "false" was truthy: enable_prefix_caching="false" kept the prefix cache on,
+    async_scheduling="false" turned async scheduling on."""
+    with pytest.raises(ValueError, match=f"{name} must be true or false, got 'false'"):
+        LLM(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=8, **{name: "false"})

@@ -46,6 +46,14 @@ def check_sizes(**sizes) -> None:
             raise ValueError(f"{name} must be a positive whole number, got {value!r}")
 
 
+def check_flags(**flags) -> None:
+    """Each of ``flags`` is None (the default's own rule) or a bool: the string "false" was
+    truthy, and turned on what it was meant to turn off."""
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool) and not (isinstance(value, int) and value in (0, 1)):
+            raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
 class LLMEngine:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], tokenizer=None, *,
                  dtype="auto", device="cpu", block_size: int = 16, num_kv_blocks: int | list[int] | None = None,
@@ -86,6 +94,8 @@ class LLMEngine:
         check_sizes(block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
                     kv_cache_memory=kv_cache_memory,
                     num_kv_blocks=None if isinstance(num_kv_blocks, (list, tuple)) else num_kv_blocks)
+        check_flags(enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                    async_scheduling=async_scheduling, log_stats=log_stats, compile_decode=compile_decode)
         self.config, self.tokenizer = config, tokenizer
         self.device = torch.device(device)
         self.dtype, why = resolve_dtype(dtype, config, self.device, quantization)  # the rule: engine/dtype.py

@@ -85,6 +85,9 @@ class LLM:
                                                       loaded.config, device, dtype,
                                                       engine_kwargs.get("tensor_parallel_size", 1))
         aot_decode = engine_kwargs.pop("aot_decode", None)
+        from qkv.engine.engine import check_flags
+
+        check_flags(aot_decode=aot_decode)
         self.quantization = engine_kwargs["quantization"]
         self.engine = LLMEngine(loaded.config, loaded.weights, loaded.tokenizer, dtype=dtype, device=device,
                                 **engine_kwargs)
