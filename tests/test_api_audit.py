@@ -267,3 +267,24 @@ def test_switches_take_booleans_only(tiny_llama, name):
     async_scheduling="false" turned async scheduling on."""
     with pytest.raises(ValueError, match=f"{name} must be true or false, got 'false'"):
         LLM(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=8, **{name: "false"})
+
+
+# ------------------------------------------------------------------ options that leave nothing to sample
+def test_options_that_mask_every_allowed_token_are_refused():
+    """allowed_token_ids all banned (by bad_words, or by min_tokens as stop ids) left a row of
+    -inf, and the sampler drew the vocabulary's last id at every step: tokens outside
+    allowed_token_ids, finish_reason "length"."""
+    llm = LLM(real_model("smollm2"), device="cpu", num_kv_blocks=32, log_stats=False, aot_decode=False)
+    paren = llm.encode("()")
+    assert len(paren) == 1
+    cases = [(dict(allowed_token_ids=paren, bad_words=["()"]), "bad_words ban every token of allowed_token_ids"),
+             (dict(allowed_token_ids=paren, stop_token_ids=paren, min_tokens=2), r"min_tokens \(2\) bans every token"),
+             (dict(allowed_token_ids=sorted(llm.engine.eos_ids), min_tokens=1), r"min_tokens \(1\) bans every token")]
+    for kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            llm.generate("Hello", SamplingParams(max_tokens=3, temperature=1.0, seed=0, **kw))
+    assert_no_leak(llm)
+    # One allowed token left over, or min_tokens reached: it runs, inside allowed_token_ids.
+    out = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=1.0, seed=0, ignore_eos=True,
+                                               allowed_token_ids=paren + [42], bad_words=["()"]))[0]
+    assert out.token_ids == [42, 42, 42]

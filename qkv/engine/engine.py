@@ -299,9 +299,18 @@ class LLMEngine:
             # Scoring computes the prompt and caches its blocks: admission then finds them, but
             # the request paid for them, so only what was cached before counts as cached.
             head.cached_cap = self.kv.cached_prefix(head)
-        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs, cache_salt)
         stop_ids = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
         bad = self._bad_words_ids(params.bad_words) if params.bad_words else []
+        if params.allowed_token_ids is not None:
+            # Options that mask every allowed token leave a row of -inf: the sampler then drew
+            # the vocabulary's last id, a token outside allowed_token_ids, at every step.
+            left = set(params.allowed_token_ids) - {ids[0] for ids in bad if len(ids) == 1}
+            if not left:
+                raise ValueError("bad_words ban every token of allowed_token_ids: nothing could be sampled")
+            if params.min_tokens and left <= set(stop_ids):
+                raise ValueError(f"min_tokens ({params.min_tokens}) bans every token allowed_token_ids leaves "
+                                 f"(stop or end-of-sequence ids {sorted(left)}): nothing could be sampled")
+        prompt_lps = self._prompt_logprobs(prompt_token_ids, params.prompt_logprobs, cache_salt)
         for r in reqs:
             r.encoder_features, r.encoder_len = features, enc_len
         self.scheduler.add(head)
