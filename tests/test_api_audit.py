@@ -288,3 +288,35 @@ def test_options_that_mask_every_allowed_token_are_refused():
     out = llm.generate("Hello", SamplingParams(max_tokens=3, temperature=1.0, seed=0, ignore_eos=True,
                                                allowed_token_ids=paren + [42], bad_words=["()"]))[0]
     assert out.token_ids == [42, 42, 42]
+
+
+# ------------------------------------------------------------------ scoring more than the pool holds
+def test_scoring_past_the_whole_pool_is_request_too_large(tiny_llama):
+    """``LLM.logits`` (``qkv perplexity``) and prompt_logprobs raised PoolBusy, "retry later"
+    (a traceback from the CLI; a 429 to retry forever from the server), for a sequence that
+    even an empty pool can never hold."""
+    from qkv.engine.scheduler import PoolBusy, RequestTooLarge
+
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", block_size=4, num_kv_blocks=3, log_stats=False)
+    ids = list(range(3, 20))  # 17 tokens: 5 blocks of 4
+    with pytest.raises(RequestTooLarge, match=r"17 tokens need \[5\] KV blocks, but the pool has only \[3\]"):
+        llm.logits(ids)
+    with pytest.raises(RequestTooLarge):
+        llm.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=1))
+    assert_no_leak(llm)
+    assert llm.logits(ids[:12]).shape == (12, llm.config.vocab_size)  # what fits still scores
+    (busy,) = llm.engine.add_request(ids[:8], SamplingParams(max_tokens=2))
+    llm.engine.step()  # holds 2 of the 3 blocks
+    with pytest.raises(PoolBusy):  # fits an empty pool, not this one now: retry is right
+        llm.logits(ids[:12])
+    llm.engine.abort(busy.request_id)
+    assert_no_leak(llm)
+
+
+def test_cli_perplexity_past_the_pool_is_one_line(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 20)
+    code, err = _cli(capsys, "perplexity", real_model("smollm2"), "--text", text, "--window", "100", "--max-tokens",
+                     "100", "--num-kv-blocks", "3", "--device", "cpu", "--no-aot-decode", "--quiet")
+    assert code == 2 and err.strip().splitlines()[-1] == ("qkv: error: 100 tokens need [7] KV blocks, but the pool "
+                                                          "has only [3]; raise num_kv_blocks")
