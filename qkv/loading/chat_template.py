@@ -35,6 +35,12 @@ class ChatTemplateLimitError(ChatTemplateError):
     """The template's rendering ran past the time or size bound: the model's fault, not the request's."""
 
 
+class ChatTemplateRenderError(ChatTemplateError):
+    """An operation inside the template failed (a TypeError: content None joined to a string,
+    a string plus an int). Offline it is the caller's to see; a server cannot tell a template
+    bug from odd messages, so it answers 500, naming the template."""
+
+
 class _Budget:
     def __init__(self, time_limit_s: float | None, max_chars: int) -> None:
         self.deadline = None if time_limit_s is None else time.monotonic() + time_limit_s

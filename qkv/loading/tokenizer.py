@@ -15,7 +15,7 @@ from typing import Any
 
 import tokenizers
 
-from .chat_template import ChatTemplateError, ChatTemplateLimitError, compile_template, render
+from .chat_template import ChatTemplateError, ChatTemplateLimitError, ChatTemplateRenderError, compile_template, render
 
 __all__ = ["Tokenizer", "StreamDecoder", "ChatTemplateError", "ChatTemplateLimitError", "END_OF_TURN"]
 
@@ -174,8 +174,8 @@ class Tokenizer:
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"{self.name}: chat template error: {e}") from e
         except TypeError as e:  # the template's own operations on the messages: content None + a string
-            raise ChatTemplateError(f"{self.name}: chat template error: the template cannot render these "
-                                    f"messages ({e})") from e
+            raise ChatTemplateRenderError(f"{self.name}: chat template error: the template cannot render these "
+                                          f"messages ({type(e).__name__}: {e})") from e
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True, *,
                     special_tokens_in_content: bool = False, **template_kwargs: Any) -> list[int]:

@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from qkv.engine.request import SamplingParams
 from qkv.engine.scheduler import PoolBusy, RequestTooLarge
-from qkv.loading.chat_template import ChatTemplateLimitError
+from qkv.loading.chat_template import ChatTemplateLimitError, ChatTemplateRenderError
 from qkv.server import protocol as P
 from qkv.server import tokenize as T
 from qkv.server import tool_calls as TC
@@ -314,6 +314,10 @@ def create_app(llm, model_name: str = "qkv", api_key: str | Sequence[str] | None
         except ChatTemplateLimitError as e:  # a template that loops or balloons: the model's fault
             log.warning("chat template of %s stopped: %s", model_name, e)
             raise P.APIError(500, str(e), "server_error", "chat_template_error") from None
+        except ChatTemplateRenderError as e:  # broke inside on valid messages: the model's fault
+            log.warning("chat template of %s failed: %s", model_name, e)
+            raise P.APIError(500, f"the model's chat template failed to render: {e}",
+                             "server_error", "chat_template_error") from None
         except ValueError as e:  # ChatTemplateError: the template rejected the messages
             raise P.APIError(400, str(e), code="invalid_messages", param="messages") from None
         except Exception as e:  # jinja2 syntax errors, a TypeError inside the template, ...
