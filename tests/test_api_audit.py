@@ -320,3 +320,47 @@ def test_cli_perplexity_past_the_pool_is_one_line(capsys, tmp_path):
                      "100", "--num-kv-blocks", "3", "--device", "cpu", "--no-aot-decode", "--quiet")
     assert code == 2 and err.strip().splitlines()[-1] == ("qkv: error: 100 tokens need [7] KV blocks, but the pool "
                                                           "has only [3]; raise num_kv_blocks")
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("argv,budget", [([], 2048), (["--window", "3000"], 3001),
+                                         (["--max-num-batched-tokens", "7"], 7),  # was replaced by 2048, unsaid
+                                         (["--decode"], 1)])
+def test_perplexity_token_budget(monkeypatch, tmp_path, argv, budget):
+    import qkv
+
+    seen = {}
+
+    def fake_llm(model, **kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(qkv, "LLM", fake_llm)
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    from qkv.tools import perplexity
+
+    with pytest.raises(_Stop):
+        perplexity.run(_perplexity_args(text, argv))
+    assert seen["max_num_batched_tokens"] == budget
+
+
+def _perplexity_args(text, argv):
+    import argparse
+
+    from qkv.tools import perplexity
+
+    p = argparse.ArgumentParser()
+    perplexity.add_arguments(p)
+    return p.parse_args(["m.gguf", "--text", str(text), "--device", "cpu", *argv])
+
+
+def test_perplexity_decode_with_a_budget_is_refused(capsys, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("some text")
+    code, err = _cli(capsys, "perplexity", tmp_path / "m.gguf", "--text", text, "--decode",
+                     "--max-num-batched-tokens", "64")
+    assert code == 2 and "--decode scores one token a step" in err

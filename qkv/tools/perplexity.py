@@ -116,12 +116,17 @@ def run(args) -> int:
         raise ValueError(f"--max-tokens must be at least 0 (0: all), got {args.max_tokens}")
     text = read_text(args.text) if args.text else default_corpus()
     kw = engine_kwargs(args)
-    # One window is scored at a time: it must fit in one chunk and in the cache.
+    # By default a window is one prefill chunk (and must fit in the cache); --decode: one token a step.
     from qkv.engine.budget import resolve
 
     device = kw["device"] or ("cuda" if torch.cuda.is_available() else "cpu")  # as LLM picks it
-    kw["max_num_batched_tokens"] = 1 if args.decode else max(resolve(kw["max_num_batched_tokens"], device)[0],
-                                                             args.window + 1)
+    given = kw["max_num_batched_tokens"] != "auto"  # a budget given is honoured (scored in chunks), not replaced
+    if args.decode and given:
+        raise ValueError("--decode scores one token a step (a token budget of 1): drop --max-num-batched-tokens")
+    if args.decode:
+        kw["max_num_batched_tokens"] = 1
+    elif not given:
+        kw["max_num_batched_tokens"] = max(resolve("auto", device)[0], args.window + 1)
     llm = LLM(model, **kw)
     if llm.tokenizer is None:
         raise ValueError(f"{model} has no tokenizer: perplexity needs one to tokenize the text")
