@@ -364,3 +364,11 @@ def test_perplexity_decode_with_a_budget_is_refused(capsys, tmp_path):
     code, err = _cli(capsys, "perplexity", tmp_path / "m.gguf", "--text", text, "--decode",
                      "--max-num-batched-tokens", "64")
     assert code == 2 and "--decode scores one token a step" in err
+
+
+def test_memory_refuses_packed_pages_for_whisper_as_the_engine_does(capsys):
+    real_model("whisper-base")
+    with pytest.raises(ValueError, match="cross-attention cache does not read int8/int4 pages"):
+        LLM("whisper-base", device="cpu", kv_dtype="int4", log_stats=False)
+    code, err = _cli(capsys, "memory", "whisper-base", "--kv-dtype", "int4")  # printed pools the engine never builds
+    assert code == 2 and err.startswith("qkv: error: --kv-dtype int4: whisper's cross-attention cache")

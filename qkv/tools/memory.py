@@ -389,6 +389,12 @@ def run(args) -> int:
     # int8/int4 and K,V pairs: the engine's packed pages (scales included); --kv-bits: values only.
     packed = args.kv_dtype in ("int8", "int4") or args.kv_dtype not in DTYPE_BITS
     bits = args.kv_bits if args.kv_bits is not None else args.kv_dtype if packed else DTYPE_BITS[args.kv_dtype]
+    if isinstance(bits, str):  # packed pages: the engine refuses them for an encoder-decoder, so its pools do not exist
+        from qkv.engine.encoder import is_encoder_decoder
+
+        if is_encoder_decoder(config):
+            raise ValueError(f"--kv-dtype {args.kv_dtype}: {config.model_type}'s cross-attention cache does not read "
+                             f"int8/int4 pages, and the engine refuses them; use a float --kv-dtype")
     # The engine refuses these at 0; here they printed pools for a default (--context 0: the
     # model's maximum) or for settings no engine runs with.
     for name in ("context", "max_num_seqs", "max_num_batched_tokens"):
