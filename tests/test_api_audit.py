@@ -372,3 +372,9 @@ def test_memory_refuses_packed_pages_for_whisper_as_the_engine_does(capsys):
         LLM("whisper-base", device="cpu", kv_dtype="int4", log_stats=False)
     code, err = _cli(capsys, "memory", "whisper-base", "--kv-dtype", "int4")  # printed pools the engine never builds
     assert code == 2 and err.startswith("qkv: error: --kv-dtype int4: whisper's cross-attention cache")
+
+
+@pytest.mark.parametrize("flag", ["--compile", "--no-aot-decode"])
+def test_compile_refuses_the_decode_switches(capsys, tmp_path, flag):
+    code, err = _cli(capsys, "compile", tmp_path / "m.gguf", flag)  # were overridden unsaid, after the load
+    assert code == 2 and err.strip() == f"qkv: error: {flag} chooses how a run decodes, not what qkv compile builds: drop it"

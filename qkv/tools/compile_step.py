@@ -32,6 +32,9 @@ def run(args) -> int:
     from qkv.cli import engine_kwargs
     from qkv.engine import cpu_aoti
 
+    for flag, given in (("--compile", args.compile), ("--no-aot-decode", args.no_aot_decode)):
+        if given:  # they choose how a later run decodes; here they were overridden without a word
+            raise ValueError(f"{flag} chooses how a run decodes, not what qkv compile builds: drop it")
     kw = engine_kwargs(args)
     kw.update(device=kw["device"] or "cpu", aot_decode=False, log_stats=False, compile_decode=False)
     kw["num_kv_blocks"] = kw["num_kv_blocks"] or 64  # the package's page count is symbolic: a small cache will do
