@@ -143,6 +143,8 @@ def test_perplexity_too_few_tokens_says_max_tokens_cut_them():
     (["latency", "--bandwidth", "-1"], "--bandwidth must be positive, got -1.0"),
     (["prefix", "--num-requests", "0"], "--num-requests must be >= 1, got 0"),  # was "min() arg is an empty..."
     (["prefix", "--system-tokens", "0"], "--system-tokens must be >= 1, got 0"),
+    (["prefix", "--no-prefix-caching"],  # it runs both modes: was dropped unsaid
+     "--no-prefix-caching: bench prefix times the prefix cache on and off; drop it"),
 ])
 def test_bench_counts_are_refused_before_the_load(capsys, tmp_path, argv, line):
     code, err = _cli(capsys, "bench", *argv, "--model", tmp_path / "m.gguf")

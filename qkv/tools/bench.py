@@ -97,6 +97,8 @@ LEAST = {"latency": {"max_tokens": 2, "repeat": 1, "prompt_len": 1},
 
 
 def check_counts(args) -> None:
+    if args.bench == "prefix" and args.no_prefix_caching:  # it runs both modes: the flag was dropped unsaid
+        raise ValueError("--no-prefix-caching: bench prefix times the prefix cache on and off; drop it")
     for name, least in LEAST[args.bench].items():
         value = getattr(args, name)
         if value is not None and value < least:  # None: --prompt-len not given
