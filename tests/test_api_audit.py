@@ -380,3 +380,11 @@ def test_memory_refuses_packed_pages_for_whisper_as_the_engine_does(capsys):
 def test_compile_refuses_the_decode_switches(capsys, tmp_path, flag):
     code, err = _cli(capsys, "compile", tmp_path / "m.gguf", flag)  # were overridden unsaid, after the load
     assert code == 2 and err.strip() == f"qkv: error: {flag} chooses how a run decodes, not what qkv compile builds: drop it"
+
+
+def test_request_id_must_be_a_string(tiny_llama):
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", num_kv_blocks=16, log_stats=False)
+    with pytest.raises(ValueError, match="request_id must be a string, got int 5"):  # was a TypeError from "+"
+        llm.engine.add_request([5, 6], SamplingParams(max_tokens=1), request_id=5)
+    assert_no_leak(llm)
+    assert not llm.engine.has_unfinished()

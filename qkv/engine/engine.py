@@ -384,6 +384,8 @@ class LLMEngine:
     def _check_new_id(self, request_id: str, n: int) -> None:
         """Refuse an id that is live, or that shares the ``id/i`` sample namespace with a live
         one: ``abort(id)`` ends ``id/*``, so a clash would end or overwrite another request."""
+        if not isinstance(request_id, str):  # an int failed below as "unsupported operand type(s) for +"
+            raise ValueError(f"request_id must be a string, got {type(request_id).__name__} {request_id!r}")
         new = [request_id] + [f"{request_id}/{i}" for i in range(1, n)]
         clash = next((r for r in self._requests if r in new or r.startswith(request_id + "/")
                       or request_id.startswith(r + "/")), None)
