@@ -123,7 +123,8 @@ def test_perplexity_text_flag_errors_name_the_flag(capsys, tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
     code, err = _cli(capsys, "perplexity", model, "--text", bad)
-    assert code == 2 and err.strip() == f"qkv: error: --text {bad}: not UTF-8 text (invalid continuation byte at byte 3)"
+    assert code == 2
+    assert err.strip() == f"qkv: error: --text {bad}: not UTF-8 text (invalid continuation byte at byte 3)"
     code, err = _cli(capsys, "perplexity", model, "--text", bad, "--max-tokens", "-1")  # was ids[:-1], unsaid
     assert code == 2 and err.strip() == "qkv: error: --max-tokens must be at least 0 (0: all), got -1"
 
@@ -379,7 +380,8 @@ def test_memory_refuses_packed_pages_for_whisper_as_the_engine_does(capsys):
 @pytest.mark.parametrize("flag", ["--compile", "--no-aot-decode"])
 def test_compile_refuses_the_decode_switches(capsys, tmp_path, flag):
     code, err = _cli(capsys, "compile", tmp_path / "m.gguf", flag)  # were overridden unsaid, after the load
-    assert code == 2 and err.strip() == f"qkv: error: {flag} chooses how a run decodes, not what qkv compile builds: drop it"
+    assert code == 2
+    assert err.strip() == f"qkv: error: {flag} chooses how a run decodes, not what qkv compile builds: drop it"
 
 
 def test_request_id_must_be_a_string(tiny_llama):
@@ -388,3 +390,19 @@ def test_request_id_must_be_a_string(tiny_llama):
         llm.engine.add_request([5, 6], SamplingParams(max_tokens=1), request_id=5)
     assert_no_leak(llm)
     assert not llm.engine.has_unfinished()
+
+
+# ------------------------------------------------------------------ a CPU pool past the machine's memory
+def test_cpu_pool_past_the_machines_memory_is_refused(tiny_llama):
+    """num_kv_blocks=10**9 had the process killed for memory (the pool's bookkeeping) before it
+    printed a word; a pool past RAM cannot be mapped either. Checked with few, huge blocks
+    (2**20 tokens of 512 B: 512 MiB each), so that nothing large is ever allocated."""
+    import os
+
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    n = ram // (512 << 20) + 1
+    with pytest.raises(ValueError, match=rf"a KV cache of \[{n}\] blocks of 1048576 tokens takes .* GiB, more than "
+                                         r"this machine's .* GiB of memory"):
+        LLM(tiny_llama, dtype="float32", device="cpu", block_size=1 << 20, num_kv_blocks=n, log_stats=False)
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", block_size=1 << 20, num_kv_blocks=1, log_stats=False)
+    assert llm.engine.runner.kv_cache_bytes == 512 << 20  # what fits is built as asked (reserved, not resident)
