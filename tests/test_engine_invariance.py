@@ -354,3 +354,49 @@ def test_smollm2_session_engine(smollm2, smol_work):
                                      for i in range(4)])
     assert [s.token_ids for s in out.samples] == [s[0] for s in singles]
     assert_no_leak(smollm2)
+
+
+# ---------------------------------------------------------------- caches that round K/V
+@pytest.fixture(scope="module")
+def tiny_windowed(tmp_path_factory):
+    """A tiny Mistral with a 48-token sliding window, saved for qkv (float32)."""
+    import torch
+
+    from tests.conftest import tiny_config
+
+    cfg, cls = tiny_config("mistral", sliding_window=48)
+    torch.manual_seed(3)
+    d = tmp_path_factory.mktemp("tiny-windowed")
+    cls(cfg).eval().save_pretrained(d)
+    return str(d)
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4", "fp8", "int4,int8"])
+def test_rounding_caches_give_the_same_bits_however_a_prompt_is_chunked_or_cached(tiny_windowed, kv):
+    # A cache that rounds K/V turns a 1e-7 difference in a token's attention (from where its
+    # chunk began, or how much of its prompt was cached) into a flipped rounding, and the
+    # flips grow layer by layer: on Gemma 3 270M with int8 the first token's logprob moved by
+    # 0.05 between a cold and a prefix-cached run. Prompt steps over such caches read keys in
+    # whole blocks (attention/reference.py KEY_BLOCK): the same bits every way. (Chunks of
+    # 12 tokens or more: torch's float32 matmuls of 1-11 rows, but 4 and 8, take other code.)
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    prompt = [rng.randrange(2, 256) for _ in range(320)]
+    logits = {}
+    for budget in (512, 97, 40, 100):
+        llm = LLM(tiny_windowed, dtype="float32", device="cpu", kv_dtype=kv, block_size=16,
+                  max_num_batched_tokens=budget, num_kv_blocks=64)
+        logits[budget] = llm.logits(prompt)
+    for budget, got in logits.items():
+        assert torch.equal(got, logits[512]), (kv, budget, (got - logits[512]).abs().max().item())
+    sp = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    llm = LLM(tiny_windowed, dtype="float32", device="cpu", kv_dtype=kv, block_size=16, num_kv_blocks=64)
+    cold, warm = (llm.generate([{"prompt_token_ids": prompt}], sampling_params=sp)[0] for _ in range(2))
+    assert warm.num_cached_tokens == 304
+    assert warm.token_ids == cold.token_ids
+    assert [e[t].logprob for t, e in zip(warm.token_ids, warm.outputs[0].logprobs)] == \
+        [e[t].logprob for t, e in zip(cold.token_ids, cold.outputs[0].logprobs)]
+    assert_no_leak(llm)

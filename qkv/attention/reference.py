@@ -40,8 +40,11 @@ def window_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None = N
     return allowed
 
 
-def gather_keys(batch: AttentionBatch, group: int, window: int | None):
+def gather_keys(batch: AttentionBatch, group: int, window: int | None, align: int = 1):
     """Where each key a sequence may see lives, padded to [B, L].
+
+    ``align``: the keys start at a multiple of it (in positions) and L is one; the keys added
+    are masked (``valid`` False past the last one; before a window, ``window_mask`` hides them).
 
     Returns (cache slot, row of this step's k/v, whether it is this step's, key position, valid)."""
     bs = batch.block_size
@@ -50,9 +53,10 @@ def gather_keys(batch: AttentionBatch, group: int, window: int | None):
     ring = batch.ring_blocks[group]
     # Keys older than the window are not needed (and a ring no longer has them).
     kstart = (computed - window).clamp(min=0) if window is not None else torch.zeros_like(computed)
+    kstart = kstart // align * align
     n_cached = computed - kstart
     n_keys = n_cached + qlens
-    L = int(n_keys.max())
+    L = -(-int(n_keys.max()) // align) * align
     l_idx = torch.arange(L, device=computed.device)[None, :]
     kpos = kstart[:, None] + l_idx
     valid = l_idx < n_keys[:, None]
@@ -78,11 +82,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     # a key gives the same scores whether it was computed in this step or read from a page.
     if batch.is_decode and softcap is None and dilation == 1 and not q.is_cuda:
         return decode_attention(q, k, v, kv_cache, batch, group, scale, window)
+    aligned = kv_cache.dtype != k.dtype and not q.is_cuda  # the cache rounds K/V: KEY_BLOCK's note
     k, v = as_stored(k, kv_cache.dtype), as_stored(v, kv_cache.dtype)
     k_flat = kv_cache[0].view(-1, kvh, k.shape[2])
     v_flat = kv_cache[1].view(-1, kvh, v.shape[2])
 
-    ix = step_indices(batch, group, window, dilation)
+    ix = step_indices(batch, group, window, dilation, aligned)
     ring = batch.ring_blocks[group] is not None
     if ring:  # read before writing: this step may reuse slots its own first queries still read
         pick_new = ix.is_new[:, :, None, None]
@@ -222,6 +227,19 @@ def attend(q, keys, values, ix, batch: AttentionBatch, scale: float, softcap: fl
     return out.reshape(B * Qmax, H, -1).index_select(0, ix.q_packed).to(q.dtype)  # [T, H, Dv], packed order
 
 
+# torch's fused CPU attention walks the keys in blocks of KEY_BLOCK (its kv_split_size) with an
+# online softmax, and how it multiplies and sums a block depends on the block's length and on
+# the rows of a call (1-3 rows take other code). Over a cache that rounds K/V (fp8, int8/int4,
+# bf16 under float32) a step with prompt tokens gives it keys in whole KEY_BLOCKs from a
+# multiple of KEY_BLOCK in positions (masked keys added, which change nothing) and rows in
+# fours: every block then holds the same keys at the same offsets whatever the chunk's first
+# query or the prefix hit was, so a prompt token's K/V are the same bits however its prompt was
+# chunked or cached (tests/test_engine_invariance.py). Else a 1e-7 difference flips a rounding
+# of the cache, and the flips grow layer by layer (Gemma 3 270M, int8: first-token logprobs
+# 0.05 apart between a cold and a prefix-cached run). It costs keys: a 37-token prompt's
+# attention reads 512 of them (SmolLM2, 2 cores: ~30 ms more a prefill). Float caches that
+# round nothing keep the short calls (results equal to ~1e-6).
+KEY_BLOCK = 512
 # Query rows per call of torch's fused attention on the CPU: a block's keys end at its last
 # query, so the causal mask's upper triangle is mostly skipped (the kernel itself skips it only
 # for is_causal past 512 keys): a 512-token SmolLM2 prompt's attention 144 -> 110 ms (30 layers,
@@ -259,21 +277,37 @@ def _attend_cpu(q, keys, values, ix, batch: AttentionBatch, scale: float) -> tor
             continue
         if n > CAUSAL_ROWS and nkeys[b] == n and not ix.windowed:  # a whole prompt: plain causal
             qs = q[starts[b] : starts[b] + n].transpose(0, 1)[None].float()
-            kb, vb = (t[b, :n].transpose(0, 1)[None].float() for t in (keys, values))
-            ob = torch.nn.functional.scaled_dot_product_attention(qs, kb, vb, is_causal=True, scale=scale,
-                                                                  enable_gqa=H > kvh)
-            out[starts[b] : starts[b] + n] = ob[0].transpose(0, 1)
+            kb, vb = (t[b, :_keys_for(n, ix)].transpose(0, 1)[None].float() for t in (keys, values))
+            out[starts[b] : starts[b] + n] = _sdpa(qs, kb, vb, None, scale, H > kvh, ix.aligned)[0].transpose(0, 1)
             continue
         for a in range(0, n, QUERY_BLOCK):
             e = min(n, a + QUERY_BLOCK)
-            L = nkeys[b] - (n - e)  # keys up to this block's last query (later ones are masked)
+            L = _keys_for(nkeys[b] - (n - e), ix)  # keys up to this block's last query (later ones are masked)
             qb = q[starts[b] + a : starts[b] + e].transpose(0, 1)[None].float()  # [1, H, Q, D]
             kb = keys[b, :L].transpose(0, 1)[None].float()
             vb = values[b, :L].transpose(0, 1)[None].float()
-            ob = torch.nn.functional.scaled_dot_product_attention(
-                qb, kb, vb, attn_mask=ix.mask[b, None, None, a:e, :L], scale=scale, enable_gqa=H > kvh)
+            ob = _sdpa(qb, kb, vb, ix.mask[b, None, None, a:e, :L], scale, H > kvh, ix.aligned)
             out[starts[b] + a : starts[b] + e] = ob[0].transpose(0, 1)
     return out
+
+
+def _keys_for(n: int, ix: StepIndices) -> int:
+    """The keys a call reads for ``n`` needed: whole KEY_BLOCKs when ``ix.aligned``."""
+    return -(-n // KEY_BLOCK) * KEY_BLOCK if ix.aligned else n
+
+
+def _sdpa(q, k, v, mask, scale: float, gqa: bool, aligned: bool) -> torch.Tensor:
+    """torch's fused attention of q [1, H, Q, D] (``mask`` None: causal); ``aligned``: Q padded
+    to a multiple of 4 rows (copies of the last, dropped after), as KEY_BLOCK's note says."""
+    Q = q.shape[2]
+    pad = -Q % 4 if aligned else 0
+    if pad:
+        q = torch.cat([q, q[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
+        if mask is not None:
+            mask = torch.cat([mask, mask[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                           scale=scale, enable_gqa=gqa)
+    return out[:, :, :Q] if pad else out
 
 
 def _host_plan(ix: StepIndices, batch: AttentionBatch) -> tuple[list[int], list[int], list[int]]:
@@ -295,7 +329,7 @@ def packed_attention(q, k, v, kv_cache, batch: AttentionBatch, group: int, scale
     step's K/V are written (quantized) after they are read, as for a ring."""
     raw_k, raw_v = k, v
     k, v = kv_pages.stored(kv_cache, 0, k), kv_pages.stored(kv_cache, 1, v)
-    ix = step_indices(batch, group, window, dilation)
+    ix = step_indices(batch, group, window, dilation, aligned=not q.is_cuda)
     pick_new = ix.is_new[:, :, None, None]
     keys = torch.where(pick_new, k[ix.from_step], kv_pages.read(kv_cache, 0, ix.from_cache, k.dtype))
     values = torch.where(pick_new, v[ix.from_step], kv_pages.read(kv_cache, 1, ix.from_cache, v.dtype))
@@ -323,16 +357,21 @@ class StepIndices(NamedTuple):
     q_packed: torch.Tensor  # flat [B*Q] index of each valid query, in packed order
     mask: torch.Tensor  # causal & window & padding
     windowed: bool = False  # a window (or dilation) masks more than causality and padding
+    aligned: bool = False  # keys in whole KEY_BLOCKs from a multiple of it (gather_keys)
 
 
-def step_indices(batch: AttentionBatch, group: int, window: int | None = None, dilation: int = 1):
+def step_indices(batch: AttentionBatch, group: int, window: int | None = None, dilation: int = 1,
+                 aligned: bool = False):
     """Gather indices and the mask for one layer group, computed once per step (every layer of
-    the group reuses them from ``batch.scratch``).
+    the group reuses them from ``batch.scratch``). ``aligned``: keys in whole KEY_BLOCKs (a CPU
+    step with prompt tokens over a cache that rounds K/V; decode steps ignore it).
 
     Key indices are [B, L], query indices [B, Q], the mask [B, Q, L]."""
-    key = ("step_indices", group, window, dilation)
+    aligned = aligned and not batch.is_decode
+    key = ("step_indices", group, window, dilation, aligned)
     if key not in batch.scratch:
-        slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None)
+        slot, new_row, is_new, kpos, valid = gather_keys(batch, group, window * dilation if window else None,
+                                                         KEY_BLOCK if aligned else 1)
         from_pages = torch.where(valid, slot, 0)
         from_cache = torch.where(valid & ~is_new, slot, 0)
         from_step = torch.where(valid & is_new, new_row, 0)
@@ -343,7 +382,7 @@ def step_indices(batch: AttentionBatch, group: int, window: int | None = None, d
         mask = window_mask(q_pos[:, :, None], kpos[:, None, :], window, dilation) & valid[:, None, :]
         q_packed = q_valid.flatten().nonzero().squeeze(1)
         batch.scratch[key] = StepIndices(from_pages, from_cache, from_step, is_new, q_rows, q_valid, q_packed, mask,
-                                         window is not None or dilation > 1)
+                                         window is not None or dilation > 1, aligned)
     return batch.scratch[key]
 
 
