@@ -406,3 +406,22 @@ def test_cpu_pool_past_the_machines_memory_is_refused(tiny_llama):
         LLM(tiny_llama, dtype="float32", device="cpu", block_size=1 << 20, num_kv_blocks=n, log_stats=False)
     llm = LLM(tiny_llama, dtype="float32", device="cpu", block_size=1 << 20, num_kv_blocks=1, log_stats=False)
     assert llm.engine.runner.kv_cache_bytes == 512 << 20  # what fits is built as asked (reserved, not resident)
+
+
+def test_token_ids_as_a_tensor_are_taken_and_bad_tensors_named(tmp_path):
+    # LLM.logits(tensor) said the ids were "out of the vocabulary": a tensor's elements are
+    # 0-d tensors, not ints. A 1-D integer tensor is its list; anything else is named.
+    import torch
+
+    from qkv.loading.chat_template import ChatTemplateError, read_chat_template
+
+    llm = LLM(real_model("smollm2"), device="cpu", num_kv_blocks=16, log_stats=False, aot_decode=False)
+    ids = llm.encode("The capital of France is")
+    assert torch.equal(llm.logits(torch.tensor(ids)), llm.logits(ids))
+    for bad, words in ((torch.tensor([ids]), r"1-D of integers, got \(1, "), (torch.tensor(ids, dtype=torch.float32),
+                                                                            "torch.float32")):
+        with pytest.raises(ValueError, match=words):
+            llm.logits(bad)
+    assert_no_leak(llm)
+    with pytest.raises(ChatTemplateError, match="a directory, not a file"):  # was "no such file"
+        read_chat_template(str(tmp_path))

@@ -391,7 +391,12 @@ class LLMEngine:
     def check_token_ids(self, ids, what: str) -> list[int]:
         """``ids`` as a list of Python ints; ValueError unless it is a non-empty sequence of
         in-vocabulary integers (numpy ints count, bools do not). Reads only the config, so the
-        server calls it from its handlers, off the engine thread."""
+        server calls it from its handlers, off the engine thread. A 1-D integer tensor is taken
+        as its list (its elements are 0-d tensors, not ints, so they read as out of range)."""
+        if isinstance(ids, torch.Tensor):
+            if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+                raise ValueError(f"the {what} as a tensor must be 1-D of integers, got {tuple(ids.shape)} {ids.dtype}")
+            ids = ids.tolist()
         ids = list(ids)
         if not ids:
             raise ValueError(f"the {what} is empty: at least one token id is needed")

@@ -272,9 +272,10 @@ class LLM:
         return transcribe(speech_model(self), audio, language, task, response_format, timestamps=timestamps,
                           sample_rate=sample_rate)
 
-    def logits(self, token_ids: list[int]) -> torch.Tensor:
-        """Float32 logits [len, vocab]; row t predicts token t+1, like HF ``model(ids).logits[0]``."""
-        return self.engine.score(list(token_ids)).cpu()
+    def logits(self, token_ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """Float32 logits [len, vocab]; row t predicts token t+1, like HF ``model(ids).logits[0]``
+        (``token_ids`` a list or a 1-D integer tensor)."""
+        return self.engine.score(token_ids).cpu()
 
     def stats(self) -> dict:
         return self.engine.stats()

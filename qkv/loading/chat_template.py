@@ -263,7 +263,11 @@ def read_chat_template(value) -> tuple[str, str]:
             raise ChatTemplateError(f"chat template {path}: cannot read it as UTF-8 text ({e})") from None
     if isinstance(value, str) and ("{{" in value or "{%" in value):
         return value, "the chat_template string"
-    raise ChatTemplateError(f"chat template {str(value)!r}: no such file")
+    try:
+        is_dir = path.is_dir()
+    except (OSError, ValueError):
+        is_dir = False
+    raise ChatTemplateError(f"chat template {str(value)!r}: " + ("a directory, not a file" if is_dir else "no such file"))
 
 
 def render(template, variables: dict, *, time_limit_s: float | None = TIME_LIMIT_S,
