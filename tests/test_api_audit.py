@@ -146,6 +146,10 @@ def test_perplexity_too_few_tokens_says_max_tokens_cut_them():
     (["prefix", "--system-tokens", "0"], "--system-tokens must be >= 1, got 0"),
     (["prefix", "--no-prefix-caching"],  # it runs both modes: was dropped unsaid
      "--no-prefix-caching: bench prefix times the prefix cache on and off; drop it"),
+    (["latency", "--device", "cpu", "--bandwidth", "1e11"],  # the roofline's rates: dropped unsaid off CUDA
+     "--bandwidth: only bench latency on CUDA draws a roofline (this is bench latency on cpu)"),
+    (["throughput", "--device", "cpu", "--bandwidth", "1e11", "--matmul-flops", "1e12"],
+     "--bandwidth, --matmul-flops: only bench latency on CUDA draws a roofline (this is bench throughput on cpu)"),
 ])
 def test_bench_counts_are_refused_before_the_load(capsys, tmp_path, argv, line):
     code, err = _cli(capsys, "bench", *argv, "--model", tmp_path / "m.gguf")

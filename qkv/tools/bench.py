@@ -107,6 +107,12 @@ def check_counts(args) -> None:
         value = getattr(args, name, None)
         if value is not None and not value > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    given = [f"--{n.replace('_', '-')}" for n in ("bandwidth", "matmul_flops") if getattr(args, n, None) is not None]
+    if given:  # the roofline's rates: used by bench latency on CUDA only, else dropped unsaid
+        device = str(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.bench != "latency" or not device.startswith("cuda"):
+            raise ValueError(f"{', '.join(given)}: only bench latency on CUDA draws a roofline "
+                             f"(this is bench {args.bench} on {device})")
 
 
 PEERS = {"hf": ("transformers", "pip install transformers"),
