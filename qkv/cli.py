@@ -258,7 +258,7 @@ def _run_chat(args) -> int:
               "(or use 'qkv generate --raw' for plain text)", file=sys.stderr)
         return 2
     params = sampling_params(args)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
+    messages = [{"role": "system", "content": args.system}] if args.system is not None else []  # "" is a message too
     try:  # line editing and history for input() where the platform has GNU readline
         import readline  # noqa: F401
     except ImportError:

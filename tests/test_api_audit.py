@@ -221,6 +221,24 @@ def test_chat_repl_goes_on_after_a_refused_turn(capsys, monkeypatch):
     assert turn == [f"[prompt {alone} tokens, 0 served from the KV cache; 3 generated]"]
 
 
+def test_chat_repl_keeps_an_empty_system_message(capsys, monkeypatch):
+    """``--system ""`` was dropped, so SmolLM2's template put its own default system prompt in;
+    an empty system message is a choice (no system prompt) and is now sent."""
+    import io
+
+    model = real_model("smollm2")
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\n\n"))
+    code, err = _cli(capsys, "chat", "--model", model, "--device", "cpu", "--no-aot-decode", "--max-tokens", "2",
+                     "--verbose", "--system", "")
+    assert code == 0
+    llm = LLM(model, device="cpu", num_kv_blocks=16, log_stats=False, aot_decode=False)
+    user = {"role": "user", "content": "What is 2+2?"}
+    empty, default = (len(llm.chat_prompt(m)) for m in ([{"role": "system", "content": ""}, user], [user]))
+    assert empty != default  # the template's default system prompt is not what was asked
+    turn = [line for line in err.splitlines() if line.startswith("[prompt ")]
+    assert turn == [f"[prompt {empty} tokens, 0 served from the KV cache; 2 generated]"]
+
+
 # ------------------------------------------------------------------ qkv convert --uptrain
 @pytest.mark.parametrize("lr", [float("inf"), float("nan"), 0.0, -1.0])
 def test_uptrain_lr_must_be_finite(lr):
