@@ -172,3 +172,16 @@ def test_llm_transcribe_takes_an_arrays_sample_rate(gated, tmp_path):
     got = llm.transcribe(tone, language="en", response_format="verbose_json", sample_rate=48_000)
     assert got == want and got["duration"] == pytest.approx(1.0)
     _balanced(llm)
+
+
+def test_cli_refuses_an_unknown_language_before_the_load(tmp_path, capsys):
+    # `qkv transcribe --language klingon` loaded the model first (seconds, or a missing
+    # model's error), and only then said the language was unknown.
+    from qkv.cli import main
+
+    path = tmp_path / "tone.wav"
+    sf.write(path, np.zeros(1_600, np.float32), 16_000)
+    code = main(["transcribe", str(path), "--model", str(tmp_path / "no-such-model"), "--language", "klingon",
+                 "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("qkv: error: language: unknown language 'klingon'"), err

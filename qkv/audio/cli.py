@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .transcribe import RESPONSE_FORMATS, TASKS, render
+from .transcribe import RESPONSE_FORMATS, TASKS, language_code, render
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,6 +32,8 @@ def run(args) -> int:
     from .io import load_audio
 
     samples = load_audio(args.file)  # a malformed file fails here, before any model loads
+    if args.language is not None:
+        language_code(args.language)  # so does an unknown language (it was found after the load)
     llm = transcriber(args.model, args.device, args.threads)
     result = llm.transcribe(samples, language=args.language, task=args.task, response_format=args.response_format)
     print(render(result))
