@@ -430,6 +430,20 @@ def test_cpu_pool_past_the_machines_memory_is_refused(tiny_llama):
     assert llm.engine.runner.kv_cache_bytes == 512 << 20  # what fits is built as asked (reserved, not resident)
 
 
+def test_cpu_pool_check_counts_every_tensor_parallel_rank(tiny_llama):
+    # Under tensor parallelism each rank maps a pool of the (per-rank) specs: the check counted one.
+    import os
+
+    from qkv.engine.engine import check_cpu_pool
+
+    llm = LLM(tiny_llama, dtype="float32", device="cpu", block_size=1 << 20, num_kv_blocks=1, log_stats=False)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    n = ram // llm.engine.runner.kv_cache_bytes * 2 // 3  # one rank's pool fits, two do not
+    check_cpu_pool(llm.engine.specs, 1 << 20, [n])
+    with pytest.raises(ValueError, match=rf"\[{n}\] blocks of 1048576 tokens on each of 2 ranks takes"):
+        check_cpu_pool(llm.engine.specs, 1 << 20, [n], ranks=2)
+
+
 def test_token_ids_as_a_tensor_are_taken_and_bad_tensors_named(tmp_path):
     # LLM.logits(tensor) said the ids were "out of the vocabulary": a tensor's elements are
     # 0-d tensors, not ints. A 1-D integer tensor is its list; anything else is named.

@@ -54,20 +54,22 @@ def check_flags(**flags) -> None:
             raise ValueError(f"{name} must be true or false, got {value!r}")
 
 
-def check_cpu_pool(specs, block_size: int, n_blocks: list[int]) -> None:
+def check_cpu_pool(specs, block_size: int, n_blocks: list[int], ranks: int = 1) -> None:
     """Refuse CPU pools larger than the machine's memory: the pages are only reserved, but a
     mapping past RAM fails with ENOMEM, and a billion blocks' bookkeeping (num_kv_blocks=10**9)
-    had the process killed for memory before it printed a word."""
+    had the process killed for memory before it printed a word. ``specs`` are one rank's
+    (tensor parallelism): each of the ``ranks`` processes holds such a pool."""
     import os
 
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):  # no such sysconf here: nothing to compare with
         return
-    need = sum(n * spec.bytes_per_token * block_size * len(layers)
-               for n, (spec, layers) in zip(n_blocks, group_layers(specs)))
+    need = ranks * sum(n * spec.bytes_per_token * block_size * len(layers)
+                       for n, (spec, layers) in zip(n_blocks, group_layers(specs)))
     if need > ram:
-        raise ValueError(f"a KV cache of {n_blocks} blocks of {block_size} tokens takes "
+        raise ValueError(f"a KV cache of {n_blocks} blocks of {block_size} tokens"
+                         f"{f' on each of {ranks} ranks' if ranks > 1 else ''} takes "
                          f"{float(need) / 2**30:,.1f} GiB, more than this machine's {ram / 2**30:,.1f} GiB "
                          f"of memory; lower num_kv_blocks or kv_cache_memory")
 
@@ -213,7 +215,7 @@ class LLMEngine:
         if min(n_blocks) < 1:
             raise ValueError(f"the KV cache budget holds no block (groups got {n_blocks})")
         if self.device.type == "cpu":
-            check_cpu_pool(specs, block_size, n_blocks)
+            check_cpu_pool(specs, block_size, n_blocks, tensor_parallel_size)
         self.kv = KVCacheManager(specs, block_size, n_blocks, enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max_num_batched_tokens, max_num_seqs, self.max_model_len)
         self.runner = (ModelRunner(self.model, self.kv, self.device, kv_dtype) if self.tp is None else
