@@ -635,11 +635,9 @@ class _Answer:
                     final[self._index(out)] = out
 
         work = asyncio.ensure_future(gather())
-        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await until_done_or_gone(request, work)
         finally:
-            gone.cancel()
             if not work.done():
                 work.cancel()
                 loop.abort(self.stream)
@@ -733,6 +731,17 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def until_done_or_gone(request: Request, work: asyncio.Future) -> None:
+    """Wait for ``work`` or for the client to hang up, whichever comes first (``work.done()``
+    tells which). Uvicorn never cancels a handler whose client has gone, so a long wait must
+    watch for it, or its requests would hold their pages and the engine's steps to the end."""
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
 
 
 class SSEResponse(StreamingResponse):

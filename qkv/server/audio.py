@@ -47,7 +47,7 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
     ``engine_loop()`` is the running EngineLoop that owns ``llm.engine``."""
     from qkv.audio.speech_engine import check_whisper, speech_model, speech_params, suppression
 
-    from .app import _disconnected
+    from .app import until_done_or_gone
 
     ids = itertools.count()
     suppress = suppression(llm.config, llm.source) if llm.config.model_type == "whisper" else ([], [])
@@ -130,16 +130,10 @@ def add_transcription_route(app, llm, *, auth, check_model, state: dict, engine_
         model = speech_model(llm, generate)
         state["inflight"] = state.get("inflight", 0) + 1  # a graceful shutdown waits for this answer
         try:
-            # Uvicorn never cancels a handler whose client has gone: watch for the hang-up, or its
-            # windows would hold their pages and the engine's steps until they all finished.
             work = asyncio.ensure_future(asyncio.to_thread(_transcribe, model, samples, _text(fields, "language"),
                                                            response_format))
-            gone = asyncio.ensure_future(_disconnected(request))
-            try:
-                await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                gone.cancel()
-            if not work.done():
+            await until_done_or_gone(request, work)
+            if not work.done():  # the client hung up: the finally below aborts its windows
                 work.cancel()
                 raise P.APIError(499, "client disconnected", code="client_closed")
             result = work.result()
