@@ -38,10 +38,29 @@ class Router(nn.Module):
         self.n_group, self.topk_group = ex.get("n_group") or 1, ex.get("topk_group") or 1
         self.scaling = ex.get("routed_scaling_factor") or 1.0
         self.norm_topk_prob = bool(ex.get("norm_topk_prob")) and self.v3
-        if self.method not in ("greedy", "group_limited_greedy", "noaux_tc"):
-            raise ValueError(f"unsupported MoE topk_method {self.method!r}")
+        # Each version runs one scoring and its own choices: V3 always scores sigmoid with
+        # noaux_tc, V2 softmax with greedy or group_limited_greedy (HF's V2 has no noaux_tc), so
+        # a config asking for another would otherwise run silently as its version's routing.
+        methods, scoring = (("noaux_tc",), "sigmoid") if self.v3 else (("greedy", "group_limited_greedy"), "softmax")
+        if self.method not in methods:
+            raise ValueError(f"unsupported MoE topk_method {self.method!r} for {cfg.model_type} "
+                             f"(supported: {', '.join(methods)})")
+        if ex.get("scoring_func") not in (None, scoring):
+            raise ValueError(f"unsupported MoE scoring_func {ex['scoring_func']!r} for {cfg.model_type} "
+                             f"(supported: {scoring})")
+        if ex.get("moe_layer_freq") not in (None, 1):
+            raise ValueError(f"unsupported moe_layer_freq {ex['moe_layer_freq']!r} (supported: 1, as HF: "
+                             f"every layer from first_k_dense_replace on is MoE)")
         if num_experts % self.n_group:
             raise ValueError(f"{num_experts} experts do not split into n_group={self.n_group} groups")
+        if not 1 <= self.top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={self.top_k} must be between 1 and n_routed_experts={num_experts}")
+        # Otherwise the first forward pass fails in torch.topk with "selected index k out of range".
+        if self.method != "greedy" and not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be between 1 and n_group={self.n_group}")
+        if self.v3 and num_experts // self.n_group < 2:
+            raise ValueError(f"noaux_tc ranks each group by its top-2 experts: n_group={self.n_group} leaves "
+                             f"{num_experts // self.n_group} expert a group (n_routed_experts={num_experts})")
 
     def _group_mask(self, group_scores: torch.Tensor, n: int) -> torch.Tensor:
         idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]

@@ -1,0 +1,62 @@
+"""Less-travelled model paths on the CPU (tiny random-weight models, fp32): what an audit found."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from qkv import LLM
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    """One saved DeepSeek-V2 and one V3 with routed experts (8 experts in 2 groups)."""
+    from test_mla import MOE, tiny_deepseek
+
+    d = tmp_path_factory.mktemp("moe")
+    return {v: tiny_deepseek(d, v, q_lora_rank=None, **MOE)[0] for v in ("v2", "v3")}
+
+
+# (version, config.json edits, what the error must name): each is a routing the engine does not
+# run. Before, the first four loaded and ran their version's routing unsaid (HF's V2 has no
+# noaux_tc at all), the last three loaded and failed in the first step inside torch.topk
+# ("selected index k out of range").
+ROUTING = {
+    "v2-noaux_tc": ("v2", dict(topk_method="noaux_tc"), "topk_method 'noaux_tc'"),
+    "v3-greedy": ("v3", dict(topk_method="greedy"), "topk_method 'greedy'"),
+    "v2-sigmoid": ("v2", dict(scoring_func="sigmoid"), "scoring_func 'sigmoid'"),
+    "moe-layer-freq": ("v3", dict(moe_layer_freq=2), "moe_layer_freq 2"),
+    "v2-topk_group": ("v2", dict(topk_method="group_limited_greedy", topk_group=3), "topk_group=3"),
+    "v3-topk_group": ("v3", dict(topk_group=3), "topk_group=3"),
+    "v3-groups-of-one": ("v3", dict(n_group=8, topk_group=2), "n_group=8"),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTING))
+def test_moe_routing_the_engine_does_not_run_is_refused_by_name(tiny_moe, tmp_path, case):
+    version, edits, named = ROUTING[case]
+    path = tmp_path / "m"
+    shutil.copytree(tiny_moe[version], path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(edits)
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=named):
+        LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=16)
+
+
+def test_moe_routing_the_engine_runs_still_loads(tiny_moe, tmp_path):
+    from qkv import SamplingParams
+
+    for version, edits in (("v2", dict(topk_method="group_limited_greedy", topk_group=2, scoring_func="softmax")),
+                           ("v3", dict(topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1))):
+        path = tmp_path / version
+        shutil.copytree(tiny_moe[version], path)
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update(edits)
+        (path / "config.json").write_text(json.dumps(cfg))
+        llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=16)
+        assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
