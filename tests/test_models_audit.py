@@ -60,3 +60,23 @@ def test_moe_routing_the_engine_runs_still_loads(tiny_moe, tmp_path):
         (path / "config.json").write_text(json.dumps(cfg))
         llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=16)
         assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
+
+
+# ---------------------------------------------------------------- tensor parallelism options
+def test_tensor_parallel_size_true_is_refused_not_one_rank(tiny_model):
+    # True == 1 skipped the layout's check (only sizes != 1 reach it) and ran one process.
+    path, _ = tiny_model("llama")
+    with pytest.raises(ValueError, match="tensor_parallel_size must be a positive whole number, got True"):
+        LLM(path, device="cpu", num_kv_blocks=16, tensor_parallel_size=True)
+
+
+def test_compile_decode_under_tensor_parallelism_is_refused_before_the_ranks_start(tiny_model):
+    # Was refused only after both ranks had started and loaded, saying it was a CUDA matter.
+    from unittest import mock
+
+    from qkv.distributed import executor
+
+    path, _ = tiny_model("llama")
+    with mock.patch.object(executor, "TensorParallelExecutor", side_effect=AssertionError("ranks started")):
+        with pytest.raises(ValueError, match="compile_decode is not supported with tensor_parallel_size > 1"):
+            LLM(path, device="cpu", num_kv_blocks=16, tensor_parallel_size=2, compile_decode=True)

@@ -112,7 +112,7 @@ class LLMEngine:
         # Refused by name before anything is built: a block size of 0 failed deep in the pool
         # planning with a TypeError, and 0 for an optional size meant "the default" unsaid.
         check_sizes(block_size=block_size, max_num_seqs=max_num_seqs, max_model_len=max_model_len,
-                    kv_cache_memory=kv_cache_memory,
+                    kv_cache_memory=kv_cache_memory, tensor_parallel_size=tensor_parallel_size,
                     num_kv_blocks=None if isinstance(num_kv_blocks, (list, tuple)) else num_kv_blocks)
         check_flags(enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
                     async_scheduling=async_scheduling, log_stats=log_stats, compile_decode=compile_decode)
@@ -146,6 +146,9 @@ class LLMEngine:
 
             if quantization:
                 raise ValueError("quantization is not supported with tensor_parallel_size > 1")
+            if compile_decode:  # else refused only after the ranks had started, as a CUDA matter
+                raise ValueError("compile_decode is not supported with tensor_parallel_size > 1 "
+                                 "(it compiles one process's CPU decode step)")
             if self.kv_packed is not None:
                 raise ValueError(f"kv_dtype {self.kv_packed.label} (packed int8/int4 pages) is not supported with "
                                  f"tensor_parallel_size > 1; use a float kv_dtype")
