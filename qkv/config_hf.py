@@ -162,6 +162,9 @@ def hf_fields(d: dict, source: str) -> dict:
                      for i in range(n_layers)]
         cfg["layer_types"] = _layer_types(types, n_layers, source)
     if model_type in ("deepseek_v2", "deepseek_v3"):
+        if kv_heads != heads:  # MLA ran every head from the latent regardless; HF fails at its first step
+            raise ConfigError(f"{source}: num_key_value_heads={kv_heads} must equal num_attention_heads={heads} "
+                              f"for {model_type} (MLA has a latent, not KV heads)")
         cfg.update(
             q_lora_rank=d.get("q_lora_rank"),
             kv_lora_rank=need("kv_lora_rank"),

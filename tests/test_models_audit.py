@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from qkv import LLM
 
@@ -61,6 +62,21 @@ def test_moe_routing_the_engine_runs_still_loads(tiny_moe, tmp_path):
         llm = LLM(str(path), dtype="float32", device="cpu", num_kv_blocks=16)
         assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
 
+
+
+@pytest.mark.parametrize("version", ["v2", "v3"])
+def test_deepseek_kv_heads_other_than_heads_is_refused_by_name(tmp_path, version):
+    # HF's DeepSeek fails at its first forward on such a config (no reference to match); qkv
+    # loaded it and ran every query head from the latent, the field ignored.
+    from test_mla import MOE, tiny_deepseek
+
+    from qkv.loading.errors import LoadError
+
+    path, hf = tiny_deepseek(tmp_path, version, q_lora_rank=None, num_key_value_heads=2, **MOE)
+    with pytest.raises(RuntimeError):
+        hf(torch.tensor([[5, 6, 7]]))
+    with pytest.raises(LoadError, match="num_key_value_heads=2 must equal num_attention_heads=4"):
+        LLM(path, dtype="float32", device="cpu", num_kv_blocks=16)
 
 # ---------------------------------------------------------------- tensor parallelism options
 def test_tensor_parallel_size_true_is_refused_not_one_rank(tiny_model):
