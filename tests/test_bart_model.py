@@ -67,3 +67,21 @@ def test_bart_logits_and_batched_greedy_match_hf(bart_dir):
         llm.generate({"encoder_features": [5, 500], "prompt_token_ids": DECODER_PROMPT})
     with pytest.raises(ValueError, match="1 to 64 encoder token ids"):
         llm.generate({"encoder_features": list(range(65)), "prompt_token_ids": DECODER_PROMPT})
+
+
+def test_a_cross_pool_smaller_than_the_longest_input_runs_the_inputs_it_holds(bart_dir):
+    """Cross blocks are taken for the request's own encoder length: a pool of 8 blocks of 4
+    holds a 17-token input (5 blocks) but not the longest, 64 (16 blocks). That request was
+    refused as too large ("needs [.., 16]"); it now runs, one at a time beside a second, as HF."""
+    path, hf = bart_dir
+    llm = LLM(path, device="cpu", num_kv_blocks=[64, 8], block_size=4)
+    enc = [list(range(5, 22)), list(range(30, 47))]
+    want = [hf_greedy(hf, e, steps=6) for e in enc]
+    outs = llm.generate([{"encoder_features": torch.tensor(e), "prompt_token_ids": DECODER_PROMPT} for e in enc],
+                        SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    assert [o.token_ids for o in outs] == want
+    s = llm.stats()
+    assert s["num_blocks_in_use"] == 0 and s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"]
+    with pytest.raises(ValueError, match=r"over 33 encoder positions needs \[1, 9\] KV blocks"):
+        llm.generate({"encoder_features": list(range(5, 38)), "prompt_token_ids": DECODER_PROMPT},
+                     SamplingParams(max_tokens=2))

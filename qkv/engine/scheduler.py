@@ -80,12 +80,15 @@ class Scheduler:
         if req.params.n > self.max_num_seqs:
             raise RequestTooLarge(f"n={req.params.n} samples run as {req.params.n} sequences, but "
                                   f"max_num_seqs is {self.max_num_seqs}")
-        if not self.kv.can_ever_fit(total):
-            need = self.kv.blocks_needed(total)
+        # A BART request's cross blocks are its own encoder's, not the longest one's: a short
+        # input was refused by a cross pool that holds it.
+        enc = req.encoder_len or None
+        if not self.kv.can_ever_fit(total, enc):
+            need = self.kv.blocks_needed(total, enc)
             have = [g.pool.num_blocks for g in self.kv.groups]
             raise RequestTooLarge(
-                f"prompt + max_tokens = {total} tokens needs {need} KV blocks, but the pool has only "
-                f"{have}; raise num_kv_blocks or lower max_tokens")
+                f"prompt + max_tokens = {total} tokens{f' over {enc} encoder positions' if enc else ''} needs "
+                f"{need} KV blocks, but the pool has only {have}; raise num_kv_blocks or lower max_tokens")
         self.waiting.append(req)
 
     def finish(self, req: Request, reason: str) -> None:

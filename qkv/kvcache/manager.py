@@ -86,17 +86,19 @@ class KVCacheManager:
         """Pages the group's cache tensor holds: the pool's blocks, plus the null page."""
         return self.groups[group].pool.num_blocks + (self.null[group] is not None)
 
-    def blocks_needed(self, num_tokens: int) -> list[int]:
+    def blocks_needed(self, num_tokens: int, encoder_len: int | None = None) -> list[int]:
         """Per group: the most blocks a sequence of ``num_tokens`` tokens holds at once when
         it runs alone, one token per step at worst. A window table holds one block more than
         a ring: it lets go of a block only after the step that left it (``cache_blocks``),
-        so crossing into a new block briefly holds ``ring_blocks + 1``."""
+        so crossing into a new block briefly holds ``ring_blocks + 1``. Cross groups: the
+        blocks of ``encoder_len`` positions (what ``allocate`` takes), else of the longest."""
         bs = self.block_size
-        return [min(cdiv(num_tokens, bs), g.spec.ring_blocks(bs) + 1) if w is not None
-                else g.spec.blocks_needed(num_tokens, bs) for g, w in zip(self.groups, self.window)]
+        return [cdiv(encoder_len, bs) if c and encoder_len is not None
+                else min(cdiv(num_tokens, bs), g.spec.ring_blocks(bs) + 1) if w is not None
+                else g.spec.blocks_needed(num_tokens, bs) for g, w, c in zip(self.groups, self.window, self.cross)]
 
-    def can_ever_fit(self, num_tokens: int) -> bool:
-        return all(n <= g.pool.num_blocks for n, g in zip(self.blocks_needed(num_tokens), self.groups))
+    def can_ever_fit(self, num_tokens: int, encoder_len: int | None = None) -> bool:
+        return all(n <= g.pool.num_blocks for n, g in zip(self.blocks_needed(num_tokens, encoder_len), self.groups))
 
     def max_tokens(self) -> int | None:
         """The longest sequence ``can_ever_fit`` admits (None: any length, every group slides
