@@ -78,6 +78,20 @@ def test_deepseek_kv_heads_other_than_heads_is_refused_by_name(tmp_path, version
     with pytest.raises(LoadError, match="num_key_value_heads=2 must equal num_attention_heads=4"):
         LLM(path, dtype="float32", device="cpu", num_kv_blocks=16)
 
+
+@pytest.mark.parametrize("kv", ["int8,int4", "int4,int8", "bfloat16,int8"])
+def test_mla_kv_formats_for_k_and_v_apart_are_refused(tiny_moe, kv):
+    # The latent is one plane stored in K's format: "int8,int4" ran as int8 (same bytes, same
+    # tokens) and "bfloat16,int8" as bf16, the V format dropped unsaid.
+    from qkv.tools.memory import kv_specs
+
+    with pytest.raises(ValueError, match=f"kv_dtype {kv.replace('bfloat16', 'bf16')}: an MLA latent is one plane"):
+        LLM(tiny_moe["v3"], dtype="float32", device="cpu", num_kv_blocks=16, kv_dtype=kv)
+    k = kv.split(",")[0]
+    llm = LLM(tiny_moe["v3"], dtype="float32", device="cpu", num_kv_blocks=16, kv_dtype=f"{k},{k}")  # one format
+    with pytest.raises(ValueError, match="an MLA latent is one plane"):  # qkv memory's arithmetic too
+        kv_specs(llm.config, kv)
+
 # ---------------------------------------------------------------- tensor parallelism options
 def test_tensor_parallel_size_true_is_refused_not_one_rank(tiny_model):
     # True == 1 skipped the layout's check (only sizes != 1 reach it) and ran one process.

@@ -173,6 +173,10 @@ def with_packed(specs: list, packed: PackedKV | None) -> list:
     """``specs`` storing packed pages of ``packed`` (unchanged when None)."""
     if packed is None:
         return specs
+    if packed.k != packed.v and any(s.kind == "mla" for s in specs):
+        # The latent is stored in K's format: V's was dropped unsaid ("int8,int4" ran as int8).
+        raise ValueError(f"kv_dtype {packed.label}: an MLA latent is one plane, keys and values alike, so K and V "
+                         f"cannot be stored apart; give one format")
     from dataclasses import replace
 
     return [replace(s, packed=packed, dtype_bytes=1) for s in specs]
