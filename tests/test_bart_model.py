@@ -85,3 +85,34 @@ def test_a_cross_pool_smaller_than_the_longest_input_runs_the_inputs_it_holds(ba
     with pytest.raises(ValueError, match=r"over 33 encoder positions needs \[1, 9\] KV blocks"):
         llm.generate({"encoder_features": list(range(5, 38)), "prompt_token_ids": DECODER_PROMPT},
                      SamplingParams(max_tokens=2))
+
+
+def test_untied_embeddings_match_hf(tmp_path):
+    """tie_word_embeddings=False: HF's encoder and decoder each read their own token embedding
+    (and the lm_head its own), not model.shared; qkv read model.shared for both (logits off by
+    75% of their range)."""
+    import transformers as tf
+
+    cfg = tf.BartConfig(vocab_size=96, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = tf.BartForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() > 1:
+                p.mul_(4)
+    assert hf.model.encoder.embed_tokens.weight is not hf.model.shared.weight
+    hf.save_pretrained(tmp_path / "untied")
+    llm = LLM(str(tmp_path / "untied"), device="cpu", num_kv_blocks=32, block_size=4)
+    enc, dec = list(range(5, 25)), DECODER_PROMPT + [40, 41]
+    eng = llm.engine
+    (req,) = eng.add_request(dec, SamplingParams(max_tokens=1), encoder_features=enc)
+    ours = eng.runner.execute(eng.scheduler.schedule(), all_logits=True)
+    eng.abort(req.request_id)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([enc]), decoder_input_ids=torch.tensor([dec])).logits[0]
+    assert torch.allclose(ours, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    out = llm.generate({"encoder_features": torch.tensor(enc), "prompt_token_ids": DECODER_PROMPT},
+                       SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == hf_greedy(hf, enc, steps=6)

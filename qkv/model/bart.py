@@ -62,6 +62,9 @@ class _Stack(nn.Module):
         self.embed_positions = nn.Embedding(cfg.max_position_embeddings + POSITION_OFFSET, cfg.hidden_size)
         self.layernorm_embedding = nn.LayerNorm(cfg.hidden_size)
         self.layers = nn.ModuleList(layers)
+        # tie_word_embeddings=False unties HF's encoder and decoder token embeddings from
+        # model.shared too (each reads its own); tied, both are model.shared.
+        self.embed_tokens = None if cfg.tie_word_embeddings else nn.Embedding(cfg.vocab_size, cfg.hidden_size)
 
 
 class BartModel(nn.Module):
@@ -92,7 +95,8 @@ class BartForConditionalGeneration(CausalLM):
         return self.model.shared.weight
 
     def hf_name(self, name: str) -> str | None:
-        if name.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")):
+        if self.config.tie_word_embeddings and name.endswith(("encoder.embed_tokens.weight",
+                                                              "decoder.embed_tokens.weight")):
             return None  # tied to model.shared
         return name
 
@@ -108,7 +112,8 @@ class BartForConditionalGeneration(CausalLM):
         super().load_weights(weights)
 
     def _embed(self, stack: _Stack, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = self.model.shared(ids) * self.embed_scale + stack.embed_positions(positions + POSITION_OFFSET)
+        tokens = self.model.shared if stack.embed_tokens is None else stack.embed_tokens
+        x = tokens(ids) * self.embed_scale + stack.embed_positions(positions + POSITION_OFFSET)
         return stack.layernorm_embedding(x)
 
     def encode_requests(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
