@@ -92,6 +92,19 @@ def test_mla_kv_formats_for_k_and_v_apart_are_refused(tiny_moe, kv):
     with pytest.raises(ValueError, match="an MLA latent is one plane"):  # qkv memory's arithmetic too
         kv_specs(llm.config, kv)
 
+
+def test_deepseek_v2_ignores_rope_interleave_as_hf(tmp_path):
+    # HF's V2 always interleaves its RoPE dims (the flag is V3's); qkv read the field for V2
+    # too and rotated un-interleaved: logits off by 4e-3 of their range.
+    from test_mla import MOE, tiny_deepseek
+
+    path, hf = tiny_deepseek(tmp_path, "v2", q_lora_rank=None, rope_interleave=False, **MOE)
+    prompt = list(range(2, 30))
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0]
+    got = LLM(path, dtype="float32", device="cpu", num_kv_blocks=32).logits(prompt)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
 # ---------------------------------------------------------------- tensor parallelism options
 def test_tensor_parallel_size_true_is_refused_not_one_rank(tiny_model):
     # True == 1 skipped the layout's check (only sizes != 1 reach it) and ran one process.

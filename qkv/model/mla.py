@@ -64,7 +64,8 @@ class MLAAttention(nn.Module):
         self.rope = rope
         # DeepSeek lays RoPE dims out in (even, odd) pairs; de-interleaving q and k alike turns
         # that into the rotate-half form without changing any q.k product.
-        self.interleave = cfg.extra.get("rope_interleave") is not False  # V2 has no flag: always interleaved
+        # V2 has no flag: always interleaved, as HF's V2, which ignores a rope_interleave in its config.
+        self.interleave = cfg.model_type == "deepseek_v2" or cfg.extra.get("rope_interleave") is not False
         self.scale = qk ** -0.5 * softmax_scale_factor(cfg.rope_scaling)
         self.mode = mla_mode(cfg)
         self.layer, self.group = layer, group
