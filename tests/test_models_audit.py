@@ -105,6 +105,18 @@ def test_deepseek_v2_ignores_rope_interleave_as_hf(tmp_path):
     got = LLM(path, dtype="float32", device="cpu", num_kv_blocks=32).logits(prompt)
     assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
+
+@pytest.mark.parametrize("q", ["int8", "int4"])
+def test_integer_weights_for_mla_are_refused_by_name(tiny_moe, q):
+    # Loaded, then the first step failed: "'Int8Linear' object has no attribute 'weight'"
+    # (MLA reads kv_b_proj's weight, per head, in both modes).
+    from qkv import SamplingParams
+
+    with pytest.raises(ValueError, match=f"quantization='{q}' does not support deepseek_v3"):
+        LLM(tiny_moe["v3"], device="cpu", num_kv_blocks=16, quantization=q)
+    llm = LLM(tiny_moe["v3"], device="cpu", num_kv_blocks=16, quantization="bf16")  # the way it names
+    assert len(llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2, ignore_eos=True))[0].token_ids) == 2
+
 # ---------------------------------------------------------------- tensor parallelism options
 def test_tensor_parallel_size_true_is_refused_not_one_rank(tiny_model):
     # True == 1 skipped the layout's check (only sizes != 1 reach it) and ran one process.

@@ -127,6 +127,11 @@ class LLMEngine:
                 from qkv.model import fp8
 
                 fp8.check(config, self.device)
+            elif quantization in ("int8", "int4") and "mla" in config.layer_types:
+                # MLA splits kv_b_proj's weight per head itself, which an int8/int4 linear no
+                # longer holds: the first step failed with an AttributeError.
+                raise ValueError(f"quantization={quantization!r} does not support {config.model_type} (MLA reads "
+                                 f"kv_b_proj's float weight); use 'bf16' or 'none'")
         self.log_stats = log_stats
         if log_stats:
             print(f"[qkv] dtype {str(self.dtype).removeprefix('torch.')} ({why})", file=sys.stderr, flush=True)
