@@ -24,6 +24,7 @@ def describe(llm) -> dict:
         "generation_defaults": dict(getattr(llm, "generation_defaults", None) or {}),
         "max_model_len": e.max_model_len, "max_num_seqs": e.scheduler.max_num_seqs,
         "eos_ids": sorted(e.eos_ids), "block_size": kv.block_size, "window": list(kv.window),
+        "cross": list(kv.cross),
         "groups": [(g.spec, g.pool.num_blocks) for g in kv.groups], "stats": e.stats(),
         "device": str(e.device), "dtype": str(getattr(e, "dtype", "")),
     }
@@ -37,7 +38,7 @@ class RemoteKV:
     max_tokens = KVCacheManager.max_tokens
 
     def __init__(self, info: dict):
-        self.block_size, self.window = info["block_size"], info["window"]
+        self.block_size, self.window, self.cross = info["block_size"], info["window"], info["cross"]
         self.groups = [SimpleNamespace(spec=spec, pool=SimpleNamespace(num_blocks=n)) for spec, n in info["groups"]]
 
 

@@ -202,8 +202,11 @@ def default_gqa_kv_heads(config: ModelConfig) -> int | None:
     return (quarter or divisors or [None])[-1]
 
 
-def twins(config: ModelConfig, gqa_kv_heads: int | None = None) -> dict[str, ModelConfig]:
-    """The model under its own attention and as MHA, GQA-g, MQA and MLA (see module doc)."""
+def twins(config: ModelConfig, gqa_kv_heads: int | None = None,
+          bits: int | str | None = None) -> dict[str, ModelConfig]:
+    """The model under its own attention and as MHA, GQA-g, MQA and MLA (see module doc). No
+    MLA twin for K and V stored apart (``bits`` "int4,int8"): its latent is one plane, and the
+    engine refuses that (kv_pages.with_packed)."""
     n = config.num_heads
     if config.kv_lora_rank:  # an MLA model: its twins cache per-head K and V of v_head_dim
         base = config.replace(kv_lora_rank=None, q_lora_rank=None, head_dim=config.v_head_dim,
@@ -218,9 +221,20 @@ def twins(config: ModelConfig, gqa_kv_heads: int | None = None) -> dict[str, Mod
         out[f"GQA-{g}"] = base.replace(num_kv_heads=g)
     out["MQA"] = base.replace(num_kv_heads=1)
     hd = base.head_dim
-    out["MLA"] = base.replace(kv_lora_rank=4 * hd, qk_rope_head_dim=max(1, hd // 2),
-                              layer_types=["mla"] * config.num_layers, dilation=1)
+    if not _k_and_v_apart(bits):
+        out["MLA"] = base.replace(kv_lora_rank=4 * hd, qk_rope_head_dim=max(1, hd // 2),
+                                  layer_types=["mla"] * config.num_layers, dilation=1)
     return out
+
+
+def _k_and_v_apart(bits: int | str | None) -> bool:
+    """Does ``bits`` name different formats for K and V ("int4,int8")?"""
+    if not isinstance(bits, str):
+        return False
+    from qkv.kvcache.kv_int import resolve
+
+    packed = resolve(bits, None, None, None)[1]
+    return packed is not None and packed.k != packed.v
 
 
 # ---------------------------------------------------------------- report
@@ -273,7 +287,7 @@ def report(model: str, config: ModelConfig, context: int, batch: int, bits: int,
            "model_type": config.model_type, "num_layers": config.num_layers, "num_heads": config.num_heads,
            "context": context, "batch": batch, "kv_bits": bits, "block_size": block_size, **summary(own)}
     out["variants"] = {name: summary(footprint(c, context, batch, bits, block_size))
-                       for name, c in twins(config, gqa_kv_heads).items()}
+                       for name, c in twins(config, gqa_kv_heads, bits).items()}
     out["pools"] = engine_pools(config, bits, block_size, **(pools or {}))
     return out
 
@@ -327,7 +341,7 @@ def plot(config: ModelConfig, context: int, batch: int, bits: int, block_size: i
 
     xs = sorted({2 ** k for k in range(int(math.log2(max(block_size, 1))), int(math.log2(context)) + 1)} | {context})
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, c in twins(config, gqa_kv_heads).items():
+    for name, c in twins(config, gqa_kv_heads, bits).items():
         ys = [float(footprint(c, x, batch, bits, block_size).total_bytes) / (1 << 30) for x in xs]
         ax.plot(xs, ys, marker=".", linewidth=2.5 if name.startswith("model") else 1.2, label=name)
     ax.set_xscale("log", base=2)
