@@ -67,6 +67,12 @@ def test_bart_logits_and_batched_greedy_match_hf(bart_dir):
         llm.generate({"encoder_features": [5, 500], "prompt_token_ids": DECODER_PROMPT})
     with pytest.raises(ValueError, match="1 to 64 encoder token ids"):
         llm.generate({"encoder_features": list(range(65)), "prompt_token_ids": DECODER_PROMPT})
+    # Refused by name: score()'s message told a caller who had passed encoder_features to pass them.
+    with pytest.raises(ValueError, match=r"prompt_logprobs is not supported for bart \(encoder-decoder\)"):
+        llm.generate({"encoder_features": enc[0], "prompt_token_ids": DECODER_PROMPT},
+                     SamplingParams(max_tokens=1, prompt_logprobs=1))
+    s = llm.stats()
+    assert s["num_blocks_in_use"] == 0 and s["num_blocks_free"] + s["num_blocks_cached"] == s["num_blocks_total"]
 
 
 def test_a_cross_pool_smaller_than_the_longest_input_runs_the_inputs_it_holds(bart_dir):

@@ -297,6 +297,11 @@ class LLMEngine:
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words need a tokenizer; this model has none (use logit_bias)")
         prompt_token_ids = self.check_token_ids(prompt_token_ids, "prompt")
+        if params.prompt_logprobs is not None and encoder.is_encoder_decoder(self.config):
+            # Scoring runs the decoder alone; score()'s own refusal told a caller who had passed
+            # encoder_features to pass them.
+            raise ValueError(f"prompt_logprobs is not supported for {self.config.model_type} (encoder-decoder): "
+                             f"its scoring pass has no encoder input; use logprobs for the output")
         for name in ("logprobs", "prompt_logprobs"):  # a top-k past the vocabulary failed the whole step
             k = getattr(params, name)
             if k is not None and k > self.config.vocab_size:
