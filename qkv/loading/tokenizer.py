@@ -136,7 +136,7 @@ class Tokenizer:
         m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
         if m:
             return bytes([int(m.group(1), 16)])
-        if self.__dict__.get("_piece_bytes") is None:
+        if self._piece_bytes is None:
             self._piece_bytes = {c: b for b, c in _bytes_to_unicode().items()} if _byte_level(self.backend) else {}
         if piece and all(c in self._piece_bytes for c in piece):
             return bytes(self._piece_bytes[c] for c in piece)
@@ -248,9 +248,6 @@ class Tokenizer:
         return ids
 
 
-# A special token's text inside message content, while the template renders it: private-use
-# characters that no tokenizer treats specially and no template looks for, with a nonce so that
-# content cannot write a marker of its own.
 def _byte_level(backend: tokenizers.Tokenizer) -> bool:
     """Does the backend's decoder map pieces to bytes with GPT-2's table (ByteLevel, alone or in a Sequence)?"""
     dec = json.loads(backend.to_str()).get("decoder") or {}
@@ -270,6 +267,9 @@ def _bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+# A special token's text inside message content, while the template renders it: private-use
+# characters that no tokenizer treats specially and no template looks for, with a nonce so that
+# content cannot write a marker of its own.
 def _marker(nonce: str, i: int) -> str:
     return f"\ue000{nonce}:{i}\ue001"
 
