@@ -21,7 +21,7 @@ from qkv.engine.detokenizer import SampleText
 from qkv.engine.pending import PendingTokens
 from qkv.engine.request import Logprob, Request, RequestOutput, SamplingParams, Status
 from qkv.engine.runner import ModelRunner
-from qkv.engine.scheduler import PoolBusy, RequestTooLarge, ScheduledBatch, Scheduler
+from qkv.engine.scheduler import PoolBusy, ScheduledBatch, Scheduler
 from qkv.kvcache.manager import KVCacheManager, group_layers
 from qkv.kvcache.plan import capacity_line, plan_num_blocks  # noqa: F401 (plan_num_blocks: re-exported)
 from qkv.kvcache.kv_int import resolve as resolve_kv
@@ -588,10 +588,8 @@ class LLMEngine:
         if len(token_ids) > self.max_model_len:
             raise ValueError(f"{len(token_ids)} tokens exceed the maximum context length of "
                              f"{self.max_model_len} tokens (max_model_len); score at most that many")
-        if not self.kv.can_ever_fit(len(token_ids)):  # not PoolBusy, which says retry: it never fits
-            raise RequestTooLarge(f"{len(token_ids)} tokens need {self.kv.blocks_needed(len(token_ids))} KV blocks, "
-                                  f"but the pool has only {[g.pool.num_blocks for g in self.kv.groups]}; "
-                                  f"raise num_kv_blocks")
+        # Not PoolBusy, which says retry: it never fits.
+        self.scheduler.check_fits(len(token_ids), None, f"{len(token_ids)} tokens need")
         req = Request(token_ids, SamplingParams(max_tokens=1), cache_salt=cache_salt)
         try:
             self.kv.match_prefix(req, lookup=False)  # every position's logits are wanted

@@ -83,13 +83,18 @@ class Scheduler:
         # A BART request's cross blocks are its own encoder's, not the longest one's: a short
         # input was refused by a cross pool that holds it.
         enc = req.encoder_len or None
-        if not self.kv.can_ever_fit(total, enc):
-            need = self.kv.blocks_needed(total, enc)
-            have = [g.pool.num_blocks for g in self.kv.groups]
-            raise RequestTooLarge(
-                f"prompt + max_tokens = {total} tokens{f' over {enc} encoder positions' if enc else ''} needs "
-                f"{need} KV blocks, but the pool has only {have}; raise num_kv_blocks or lower max_tokens")
+        self.check_fits(total, enc, f"prompt + max_tokens = {total} tokens"
+                                    f"{f' over {enc} encoder positions' if enc else ''} needs", "or lower max_tokens")
         self.waiting.append(req)
+
+    def check_fits(self, num_tokens: int, encoder_len: int | None, what: str, advice: str = "") -> None:
+        """RequestTooLarge, "``what`` [blocks] KV blocks, but ...", unless a sequence of
+        ``num_tokens`` (over ``encoder_len`` encoder positions) fits the pool when it runs alone."""
+        if not self.kv.can_ever_fit(num_tokens, encoder_len):
+            need = self.kv.blocks_needed(num_tokens, encoder_len)
+            have = [g.pool.num_blocks for g in self.kv.groups]
+            raise RequestTooLarge(f"{what} {need} KV blocks, but the pool has only {have}; "
+                                  f"raise num_kv_blocks{f' {advice}' if advice else ''}")
 
     def finish(self, req: Request, reason: str) -> None:
         """End ``req`` (stop, length or abort) and give back its blocks."""
