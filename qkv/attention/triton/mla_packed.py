@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from qkv.attention.triton.packed import INTERPRET, _store_int4, _store_int8
-from qkv.attention.triton.packed_widen import I4W_ASM_F16, I4WF_ASM_BF16, _nibbles_ops
+from qkv.attention.triton.packed_widen import I4W_ASM_F16, I4WF_ASM_BF16, _bytes_ops, _nibbles_ops
 from qkv.kvcache.kv_pages import layout_of
 
 
@@ -274,10 +274,7 @@ def _widen(w, s, D: tl.constexpr, BITS: tl.constexpr, GRP: tl.constexpr, BLOCK_N
                 o0, o1, o2, o3 = tl.inline_asm_elementwise(I8H_ASM, "=r,=r,=r,=r,r,r,r", [w, sw.to(tl.float16)],
                                                            dtype=(tl.float16,) * 4, is_pure=True, pack=2)
         else:
-            o0 = (((w << 24) >> 24).to(tl.float32) * sw).to(DT)  # byte m, sign-extended
-            o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
-            o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
-            o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
+            o0, o1, o2, o3 = _bytes_ops(w, sw, DT)
         t0, t1, t2, t3 = _group(o0, o1, o2, o3, o0, o0, o0, o0, BITS, CH)
     shape: tl.constexpr = (BLOCK_N, D // CH)
     t0 = _opaque(tl.reshape(t0, shape), ASM)

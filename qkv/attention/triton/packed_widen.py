@@ -197,10 +197,7 @@ def _int8_half_words(C32, C16, woff, soff, nmask, NGH: tl.constexpr, HALF: tl.co
                                                    [w, sw * 0.00390625, sw * -32896.0],
                                                    dtype=(tl.bfloat16,) * 4, is_pure=True, pack=2)
     else:
-        o0 = (((w << 24) >> 24).to(tl.float32) * sw).to(DT)  # byte m, sign-extended
-        o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
-        o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
-        o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
+        o0, o1, o2, o3 = _bytes_ops(w, sw, DT)
     # word j's bytes are columns 4j .. 4j + 3 (joins lay out join(join(a, b), join(c, d)) as a, c, b, d)
     return tl.reshape(tl.join(tl.join(o0, o2), tl.join(o1, o3)), (BLOCK_N, HALF))
 
@@ -382,6 +379,17 @@ def _per_word(s, NG: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_FAST: tl.constexp
         return tl.reshape(tl.broadcast_to(s[:, None, :], (NG, 2, BLOCK_N)), (2 * NG, BLOCK_N))
     else:
         return tl.reshape(tl.broadcast_to(s[:, :, None], (BLOCK_N, NG, 2)), (BLOCK_N, 2 * NG))
+
+
+@triton.jit
+def _bytes_ops(w, sw, DT: tl.constexpr):
+    """The four int8 bytes of words ``w`` (sign-extended) times fp32 scales ``sw`` by Triton ops
+    (the interpreter, which runs no PTX): the asm's values."""
+    o0 = (((w << 24) >> 24).to(tl.float32) * sw).to(DT)
+    o1 = (((w << 16) >> 24).to(tl.float32) * sw).to(DT)
+    o2 = (((w << 8) >> 24).to(tl.float32) * sw).to(DT)
+    o3 = ((w >> 24).to(tl.float32) * sw).to(DT)
+    return o0, o1, o2, o3
 
 
 @triton.jit
