@@ -347,3 +347,68 @@ def test_server_refuses_bad_constraints_by_name(server, extra, field):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["message"].startswith(field) and err["param"].startswith(field.split(".")[0]), err
+
+
+def test_a_regex_that_matches_nothing_is_refused(llm):
+    """[^\\s\\S] compiles but matches no string: it ran as "" with finish_reason "stop"."""
+    with pytest.raises(StructuredOutputError, match=r"structured_outputs\.regex: matches no output"):
+        llm.engine.add_request([1, 2, 3], SamplingParams(structured_outputs=StructuredOutputs(regex=r"[^\s\S]")))
+    assert not llm.engine.has_unfinished()
+    (out,) = llm.generate("x", _params(StructuredOutputs(regex="a{0}"), 0))  # the empty string is an output
+    assert out.outputs[0].text == "" and out.outputs[0].finish_reason == "stop"
+
+
+def test_min_tokens_past_the_longest_choice_is_refused(llm):
+    """No output of choice ["yes", "no"] holds more than 3 tokens: min_tokens 4 cannot be met
+    (it ran, ended after "yes" and said "stop")."""
+    with pytest.raises(ValueError, match=r"min_tokens \(4\) exceeds the longest output structured_outputs\.choice"):
+        llm.generate("x", _params(StructuredOutputs(choice=["yes", "no"]), 0, min_tokens=4))
+    assert not llm.engine.has_unfinished()
+    _assert_pool_whole(llm)
+
+
+def test_a_grammar_complete_before_min_tokens_ends_as_error(llm):
+    """min_tokens 3 with choice ["yes", "no"]: the grammar is complete when the model takes
+    "yes" in fewer tokens, and nothing may follow. The valid text stays, every token in it,
+    and the finish_reason is "error" (it was "stop", as if min_tokens had been met)."""
+    seen = set()
+    for seed in range(12):
+        (out,) = llm.generate("x", _params(StructuredOutputs(choice=["yes", "no"]), seed, min_tokens=3))
+        o = out.outputs[0]
+        assert o.text in ("yes", "no") and llm.tokenizer.decode(o.token_ids) == o.text
+        assert o.finish_reason == ("stop" if len(o.token_ids) >= 3 else "error"), o
+        seen.add(o.finish_reason)
+    assert "error" in seen  # the test has power: some samples end short
+    _assert_pool_whole(llm)
+
+
+def test_the_engine_core_keeps_the_token_of_an_output_complete_before_min_tokens(llm):
+    """``qkv serve``'s engine core read finish_reason "error" as "no token this step": the
+    completing token of an output ended short of min_tokens fell out of what the front end got.
+    A dead end that rejects its token still sends none."""
+    pytest.importorskip("zmq")
+    pytest.importorskip("msgpack")
+    from qkv.server import wire
+    from qkv.server.engine_core import EngineCore
+
+    core = EngineCore(llm.engine, "ipc://unused-in", "ipc://unused-out")
+    core._send_to = lambda i, msg, must=True: None
+    y, dead = _dead_end_params(llm)
+    cases = {f"s{seed}": _params(StructuredOutputs(choice=["yes", "no"]), seed, min_tokens=3) for seed in range(6)}
+    cases["dead"] = dead
+    for rid, params in cases.items():
+        core._apply(["add", [rid], [[1, 2, 3]], wire.params_to_wire(params), None, None], 0)
+    got: dict[str, list] = {rid: [] for rid in cases}
+    while llm.engine.has_unfinished():
+        for e in core._entries(llm.engine.step())[0]:
+            got[e[0]].append(e)
+    for rid, entries in got.items():
+        tokens = [e[2] for e in entries if e[2] is not None]
+        reason = entries[-1][3]
+        if rid == "dead":
+            assert tokens == [y] and entries[-1][2] is None and reason == "error"
+        else:
+            assert llm.tokenizer.decode(tokens) in ("yes", "no") and entries[-1][2] is not None, entries
+            assert reason == ("stop" if len(tokens) >= 3 else "error")
+    assert any(es[-1][3] == "error" for rid, es in got.items() if rid != "dead")  # the test has power
+    _assert_pool_whole(llm)

@@ -320,6 +320,10 @@ class LLMEngine:
             raise ValueError("structured_outputs need a tokenizer; this model has none")
         if so is not None and params.allowed_token_ids is not None:
             self.grammars.check_allowed(so, params.allowed_token_ids)
+        bound = so.max_tokens_bound() if so is not None else None
+        if bound is not None and params.min_tokens > bound:
+            raise ValueError(f"min_tokens ({params.min_tokens}) exceeds the longest output structured_outputs."
+                             f"{so.kind} allows ({bound} bytes, so at most {bound} tokens)")
         matchers = [self.grammars.matcher(so) for _ in range(params.n)] if so is not None else None
         features, enc_len, cache_salt = encoder.encoder_input(self.config, encoder_features, cache_salt)
         base_seed = params.seed
@@ -545,6 +549,9 @@ class LLMEngine:
             reason = "stop" if stopped else None
         if reason is None:  # "stop" once the grammar is complete
             reason = grammar
+            if grammar == "stop" and num_tokens - req.num_prompt_tokens < p.min_tokens:
+                # Nothing may follow and min_tokens is not met: "stop" would say it was.
+                reason = structured.DEAD_END
         if reason is None and (num_tokens - req.num_prompt_tokens >= p.max_tokens or num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:

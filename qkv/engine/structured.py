@@ -21,6 +21,12 @@ tokens, text or logprobs) and ends the request with finish_reason ``DEAD_END`` (
 vLLM names a request ended by a failure rather than by stop, length or the client's abort):
 the text is the grammar-valid prefix written so far.
 
+``min_tokens`` bans the end of sequence, but a grammar can be complete (nothing may follow)
+sooner. Where that is sure at admission (a ``choice`` whose longest string has fewer bytes
+than min_tokens), the request is refused naming both fields. Otherwise the output ends where
+the grammar completes, with finish_reason ``DEAD_END``, not "stop": "stop" would say the
+request's min_tokens was met.
+
 Nothing here runs for a batch without a structured request (the engine checks a set first).
 With async scheduling the mask is still exact: ``LLMEngine.step`` reads step n's tokens (and
 advances the matchers) before it samples step n+1, and the mask is filled while the device
@@ -126,6 +132,12 @@ class StructuredOutputs:
             raise ValueError(f"structured_outputs.{unknown[0]}: not supported by qkv (use one of {', '.join(KINDS)})")
         return cls(**d)
 
+    def max_tokens_bound(self) -> int | None:
+        """An upper bound on the tokens of any output this allows, where one is cheap to know
+        (``choice``: its longest string's UTF-8 bytes, as every token holds at least one byte);
+        None otherwise."""
+        return max(len(c.encode()) for c in self.choice) if self.choice is not None else None
+
     @property
     def kind(self) -> str:
         return next(k for k in KINDS if (getattr(self, k) is not None if k != "json_object" else self.json_object))
@@ -222,6 +234,12 @@ class GrammarCache:
         matcher = llg.LLMatcher(lt, grammar, log_level=0)
         if matcher.is_error():
             raise StructuredOutputError(kind, matcher.get_error().strip())
+        # A regex such as [^\s\S] compiles but matches nothing: its first mask allows only the
+        # end of sequence, which would end the request at once with "" and "stop".
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_stopped() and not probe.is_accepting():
+            raise StructuredOutputError(kind, "matches no output at all, not even an empty one")
         with self._lock:
             self._compiled[key] = matcher
             while len(self._compiled) > self.max_entries:

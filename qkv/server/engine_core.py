@@ -25,7 +25,6 @@ import os
 import time
 
 from qkv.engine.scheduler import RequestTooLarge
-from qkv.engine.structured import DEAD_END
 from qkv.server import wire
 
 log = logging.getLogger("qkv.engine_core")
@@ -229,8 +228,8 @@ class EngineCore:
             if sid in self.want_prompt_lps:
                 self.want_prompt_lps.discard(sid)
                 plp = [wire.logprobs_to_wire(e) for e in (out.prompt_logprobs or [])]
-            # A grammar's dead end ends the sample without a token (engine/structured.py): None.
-            tok = None if out.finish_reason == DEAD_END else out.token_ids[-1]
+            # A grammar's dead end can end the sample without a token (engine/structured.py): None.
+            tok = out.token_ids[-1] if len(out.token_ids) > self.produced.get(sid, 0) else None
             if tok is not None:
                 self.produced[sid] = self.produced.get(sid, 0) + 1
             entries.append([sid, out.index, tok, out.finish_reason, out.num_cached_tokens,
