@@ -461,3 +461,42 @@ def test_token_ids_as_a_tensor_are_taken_and_bad_tensors_named(tmp_path):
     assert_no_leak(llm)
     with pytest.raises(ChatTemplateError, match="a directory, not a file"):  # was "no such file"
         read_chat_template(str(tmp_path))
+
+
+@pytest.mark.parametrize("where", ["execute", "sample"])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_raw_engine_after_a_step_raised(tiny_llama, monkeypatch, where, async_scheduling):
+    """A step that raised (here in the forward pass or in sampling, after the scheduler had
+    advanced its requests) once left them half advanced: a driver that went on stepping got
+    a token sampled from the wrong position. Now every unfinished request is aborted, its
+    blocks back in the pool, and new requests give what a fresh engine gives."""
+    from qkv import LLM, SamplingParams
+    from qkv.engine import engine as engine_mod
+
+    llm = LLM(tiny_llama, device="cpu", num_kv_blocks=64, async_scheduling=async_scheduling)
+    eng = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate([[5, 6, 7, 8], [9, 10]], params)]
+    eng.add_request([5, 6, 7, 8], params, request_id="a")
+    eng.add_request([9, 10], params, request_id="b")
+    eng.step()
+    eng.step()
+    target, name = (eng.runner, "execute") if where == "execute" else (engine_mod.sampler, "sample")
+    real = getattr(target, name)
+
+    def boom(*a, **kw):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(target, name, boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        eng.step()
+    monkeypatch.setattr(target, name, real)
+    assert not eng.has_unfinished()
+    assert_no_leak(llm)
+    eng.add_request([5, 6, 7, 8], params, request_id="c")
+    eng.add_request([9, 10], params, request_id="d")
+    done = {}
+    while eng.has_unfinished():
+        done.update({o.request_id: o.token_ids for o in eng.step() if o.finished})
+    assert [done["c"], done["d"]] == expected
+    assert_no_leak(llm)

@@ -470,18 +470,38 @@ class LLMEngine:
         """Run one forward pass; return an output for every request that got a token (or
         finished) since the last call. With async scheduling those are the tokens of the
         step launched by the previous call: this call launches its own step before reading
-        them, so the host's work overlaps the device's. The order of tokens is the same."""
-        sched = self.scheduler.schedule()
-        logits = None
-        with self.runner.step_threads(sched):
-            if sched:
-                logits = self.runner.execute(sched, prev_tokens=self._pending.tokens)
-            outputs = self._read_tokens() if self.async_scheduling else []
-            if logits is not None:
-                self._sample(sched, logits)
-            if not self.async_scheduling:
-                outputs = self._read_tokens()
-        return outputs
+        them, so the host's work overlaps the device's. The order of tokens is the same.
+
+        If the step raises, every unfinished request is aborted (its blocks go back to the
+        pool) before the error propagates: a failed step can leave a request half advanced
+        (blocks taken for tokens never computed, tokens computed but never read), and no later
+        step may build on that. The engine then takes new requests."""
+        try:
+            sched = self.scheduler.schedule()
+            logits = None
+            with self.runner.step_threads(sched):
+                if sched:
+                    logits = self.runner.execute(sched, prev_tokens=self._pending.tokens)
+                outputs = self._read_tokens() if self.async_scheduling else []
+                if logits is not None:
+                    self._sample(sched, logits)
+                if not self.async_scheduling:
+                    outputs = self._read_tokens()
+            return outputs
+        except BaseException:
+            self.abort_all()
+            raise
+
+    def abort_all(self) -> list[str]:
+        """Abort every unfinished request (``abort`` of each); returns their ids."""
+        ids = [rid for rid, r in self._requests.items() if not r.finished]
+        for rid in list(self._requests):
+            req = self._requests[rid]
+            if not req.finished:
+                self.scheduler.finish(req, "abort")
+            self._forget(req)
+        self._pending.drop_finished()
+        return ids
 
     def _sample(self, sched: ScheduledBatch, logits: torch.Tensor) -> None:
         """Advance the scheduled requests and launch sampling for those whose token is due;
