@@ -15,8 +15,8 @@ bytes and one run of scales. ``page_bytes == block_size * spec.bytes_per_token``
 so the pool, ``qkv memory`` and the runner's allocation agree to the byte.
 
 Within a plane the rows are token-major (token t's row of head h is ``t * rows + h``) or, with
-``PageLayout.head_major`` (``HEAD_MAJOR`` when the layout is made), head-major (``h * bs + t``):
-a decode program reads one head's tokens, which then lie in one run (1 KB of int4 values for 16
+``PageLayout.head_major`` (set by ``HEAD_MAJOR_BY_BITS`` when the layout is made: int4 pages are),
+head-major (``h * bs + t``): a decode program reads one head's tokens, which then lie in one run (1 KB of int4 values for 16
 tokens of head_dim 128) instead of 64 B every 512. Same bytes either way; MLA's one row is both.
 The Triton kernels compute rows in ``attention/triton/page_rows.py``.
 
@@ -42,10 +42,15 @@ import torch
 
 from qkv.kvcache.kv_int import SCALE_DTYPE, PackedKV, PlaneFormat, dequantize, hadamard, quantize
 
-# Layouts made from now on store each plane's rows head-major (see the module doc; staged, off:
-# at 32 x 8k the int4 decode kernel took 123 us over one-head rows against 134 us, H200, session 15,
-# measured as 256 sequences of one KV head, not yet with this layout).
-HEAD_MAJOR = False
+# Whether a layout stores each plane's rows head-major (the module doc), by the narrower plane's
+# bits, as the decode kernel picks its tiling. H200, session 18, one call: int4's decode kernel at
+# 32 x 8k 112.3 us head-major against 136.2 token-major (with V's words keys-fastest, packed.V_WORDS
+# 5), at the 1000/1000 run's shape 219 against 251 us, its prefill over 2,048 cached 4.94 against
+# 5.21 ms, the 1000/1000 run 12,910 out tok/s against 12,690. int8 stays token-major: its engine
+# run is the same (10,587 against 10,609) and its prefill's own rows 11% slower head-major.
+HEAD_MAJOR_BY_BITS = {4: True, 8: False}
+# None: HEAD_MAJOR_BY_BITS; True or False: every layout made from now on (tests, benchmarks).
+HEAD_MAJOR: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,9 @@ def layout(spec, block_size: int) -> PageLayout:
         rotated = fmt.is_int and spec.kind != "mla" and width & (width - 1) == 0
         planes.append(Plane(fmt, rows, width, at, at + vals, at + vals + scales, rotated))
         at += vals + scales
-    return PageLayout(block_size, tuple(planes), HEAD_MAJOR)
+    bits = min(p.fmt.bits for p in planes)
+    head_major = HEAD_MAJOR_BY_BITS.get(bits, False) if HEAD_MAJOR is None else bool(HEAD_MAJOR)
+    return PageLayout(block_size, tuple(planes), head_major)
 
 
 def new_cache(spec, num_blocks: int, block_size: int, dtype: torch.dtype, device) -> torch.Tensor:

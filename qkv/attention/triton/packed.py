@@ -39,7 +39,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # session 7 round 2, 16-key tiles, 8 splits, fused); V_WORDS 0 keeps the bytes. 4 (eight dots of M = D/8,
 # one per nibble position; D >= 128, else 3) with ONE_PAGE and K_WORDS, H200 session 14, launch order on:
 # 384 rows x 1-2k keys 262.0 us against 286.0 (3 alone), 32 x 8k 136.4 against 152.1.
-V_WORDS = 4
+# 5 (V's words loaded keys-fastest, no transpose), H200, session 18, one call: over head-major pages
+# (kv_pages.HEAD_MAJOR_BY_BITS, int4's default) 32 x 8k 112.3 us against 124.0, 384 rows x 1-2k keys
+# 219 against 230; over token-major pages 136.2 against 135.8 and 250 against 256.
+V_WORDS = 5
 # (keys per tile, warps, stages) by the narrower plane's bits: single-warp programs (no
 # cross-warp softmax reduction) with 16 splits were fastest at batch 32 x 8k on the H200:
 # int4 184.5 us with 16-key tiles (220.6 with 128 keys and 4 warps), int8 275.6 us with 32.
