@@ -153,7 +153,8 @@ def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000, probe: bool = F
     cannot be what bounds the kernel (the table's entries modulo 256 pages, ~4 MB: L2-resident)
     and laid out as one KV head a sequence (256 x 8k, 4 query heads: a tile's 16 rows of a head
     are contiguous in the page, 1 KB, not 64 B every 512). ``head_major``: each shape again over
-    head-major pages (label ``.../hm``; kv_pages.HEAD_MAJOR: the same contiguity at 8 KV heads)."""
+    head-major pages (label ``.../hm``; kv_pages.HEAD_MAJOR: the same contiguity at 8 KV heads),
+    the L2 probe too; shapes without it are token-major (HEAD_MAJOR forced off)."""
     g = torch.Generator().manual_seed(1)
     out = [(f"{rows}x{lo}-{hi}", torch.randint(lo, hi + 1, (rows,), generator=g), H, KVH, 0)]
     if big:
@@ -163,7 +164,7 @@ def shapes(rows: int, big: bool, lo: int = 1000, hi: int = 2000, probe: bool = F
                 ("256x8192/kvh1", torch.full((256,), 8192), H // KVH, 1, 0)]
     out.append((f"{rows}x{lo + 70}", torch.full((rows,), lo + 70), H, KVH, 0))
     if head_major:
-        out += [(f"{label}/hm", *rest) for label, *rest in out if "/" not in label]
+        out += [(f"{label}/hm", *rest) for label, *rest in out if "kvh1" not in label]  # (one head: the same)
     return out
 
 
@@ -185,6 +186,9 @@ def main():
                     help="for ncu: the first shape only, each variant launched twice, nothing timed")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
     ap.add_argument("--kv", default="int4", help="the packed cache's format: int4, int8 or K,V (int8,int4)")
+    ap.add_argument("--q-dtype", default="bf16", choices=("bf16", "fp16"),
+                    help="the queries' (and the packed kernel's operands') dtype: fp16 widens a high nibble "
+                         "without a shift (issue 16's lever past 64%% at 32 x 8k)")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_engine_shape.jsonl")
     open(path, "w").close()
@@ -226,14 +230,15 @@ def main():
         table = table.to(dev)
         nc = (lens - 1).to(dev)
         keys = int(lens.sum())
-        q = torch.randn(B, H, D, dtype=torch.bfloat16, device=dev, generator=g)
+        qdt = torch.float16 if args.q_dtype == "fp16" else torch.bfloat16
+        q = torch.randn(B, H, D, dtype=qdt, device=dev, generator=g)
         scale = D ** -0.5
-        spec = FullAttention(KVH, D, 1, packed=resolve(args.kv, None, None, torch.bfloat16)[1])
+        spec = FullAttention(KVH, D, 1, packed=resolve(args.kv, None, None, qdt)[1])
         cache = kv_pages.new_cache(spec, nblk, BS, torch.uint8, dev)
         step = 1 << 16
         for s0 in range(0, nblk * BS, step):
             n = min(step, nblk * BS - s0)
-            k = torch.randn(n, KVH, D, dtype=torch.bfloat16, device=dev, generator=g)
+            k = torch.randn(n, KVH, D, dtype=qdt, device=dev, generator=g)
             write_packed(cache, k, k.flip(0), torch.arange(s0, s0 + n, device=dev))
         per_tok = cache.numel() // (nblk * BS)  # packed bytes of one token (all KV heads, K and V)
         if args.profile_only:
@@ -253,7 +258,8 @@ def main():
                     d = (fn().float() - ref).abs().max().item()
                     ms = timed(fn)
                     nbytes = keys * per_tok
-                    record(name=args.kv, shape=label, variant=name, us=ms * 1e3, GBps=nbytes / ms / 1e6,
+                    record(name=args.kv + ("/fp16" if qdt == torch.float16 else ""), shape=label, variant=name,
+                           us=ms * 1e3, GBps=nbytes / ms / 1e6,
                            frac=nbytes / (ms / 1e3) / bw, d=d, rep=rep)
                 except Exception as e:
                     record(name=args.kv, shape=label, variant=name, error=f"{type(e).__name__}: {str(e)[:300]}")
