@@ -187,8 +187,7 @@ def main():
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run under TRITON_INTERPRET=1 (no timing)")
     ap.add_argument("--kv", default="int4", help="the packed cache's format: int4, int8 or K,V (int8,int4)")
     ap.add_argument("--q-dtype", default="bf16", choices=("bf16", "fp16"),
-                    help="the queries' (and the packed kernel's operands') dtype: fp16 widens a high nibble "
-                         "without a shift (issue 16's lever past 64%% at 32 x 8k)")
+                    help="the queries' dtype (and the packed kernel's operands': fp16 models take the fp16 path)")
     args = ap.parse_args()
     path = os.path.join(args.out, "kv_int_engine_shape.jsonl")
     open(path, "w").close()
