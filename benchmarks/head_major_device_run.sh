@@ -10,6 +10,9 @@
 # and head-major int4 pages (each its own process; RUNS picks: fp8, int8-hm, int4-w5 and int4-hm-w5 too). From the repository root
 # with OUT_DIR set. ~10 min, near the call limit: PART=1 (tests, kernels, prefill, ~6 min) and PART=2
 # (the engine runs, ~2 min each) split it in two calls; NO_TESTS=1 and RUNS shorten it.
+# Run in session 18 (docs/benchmarks.md). Since then int4's defaults are head-major pages and
+# v_words 5, so the table's "int4" run is "int4-hm-w5"; the kernel bench's token-major shapes
+# still force token-major pages (kv_pages.HEAD_MAJOR False).
 . benchmarks/engine_1000.sh
 if [ "${PART:-all}" != 2 ]; then  # PART=1: tests, kernels, prefill; PART=2: the engine runs
 device_tests 150 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k "head_major or (nibble_dots and 5-)"
