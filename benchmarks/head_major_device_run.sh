@@ -15,7 +15,7 @@
 # still force token-major pages (kv_pages.HEAD_MAJOR False).
 . benchmarks/engine_1000.sh
 if [ "${PART:-all}" != 2 ]; then  # PART=1: tests, kernels, prefill; PART=2: the engine runs
-device_tests 150 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k "head_major or (nibble_dots and 5-)"
+device_tests 150 tests/test_triton_packed.py tests/test_triton_packed_prefill.py tests/test_kv_int.py -k "head_major or other_layout or (nibble_dots and 5-)"
 date -u +"## kernels %H:%M:%S"
 timeout 170 python3 benchmarks/kv_int_engine_shape_bench.py --out "$OUT_DIR" --big --head-major --peers fp8 --repeat 2 \
     --variants lpt,lpt_w5 --big-variants default,w5,s16r64,s16r64p2,p2st3L8D,w5st3L8D > "$OUT_DIR/kernels.log" 2>&1

@@ -288,8 +288,25 @@ def test_head_major_pages_give_the_same_tokens(tiny_model, monkeypatch):
 
     path = tiny(tiny_model, "llama")
     jobs = work(make(path).config.vocab_size, count=3)
-    ref = drive(make(path, kv_dtype="int4").engine, jobs)
+    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", False)  # (int4's default is head-major)
+    token_major = make(path, kv_dtype="int4")
+    assert not any(c.kv_layout.head_major for c in token_major.engine.runner.kv_caches)
+    ref = drive(token_major.engine, jobs)
     monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
     llm = make(path, kv_dtype="int4")
     assert all(c.kv_layout.head_major for c in llm.engine.runner.kv_caches)
     assert drive(llm.engine, jobs) == ref
+
+
+@pytest.mark.parametrize("kv,head_major", [("int4", True), ("int8", False), ("int4,int8", True), ("int8,int4", True),
+                                           ("bf16,int4", True), ("int8,bf16", False)])
+def test_head_major_by_default_by_the_narrower_plane(kv, head_major):
+    """Layouts are head-major by ``kv_pages.HEAD_MAJOR_BY_BITS`` of the narrower plane (int4:
+    the decode kernel's rows of a head in one run), unless ``HEAD_MAJOR`` forces them."""
+    from qkv.kvcache import kv_pages
+    from qkv.kvcache.spec import FullAttention
+
+    assert kv_pages.HEAD_MAJOR is None
+    spec = FullAttention(2, 32, 1, packed=resolve(kv, None, None, torch.bfloat16)[1])
+    assert kv_pages.layout(spec, 16).head_major is head_major
+

@@ -236,11 +236,18 @@ def test_packed_decode_pages_ahead_deeper_pipeline_equals_reference(kv, case, bl
                  v_words=4, k_words=1, one_page=2)
 
 
+def other_layout(kv: str, monkeypatch) -> None:
+    """Force the page layout that ``kv``'s default does not take (``kv_pages.HEAD_MAJOR_BY_BITS``:
+    int4 head-major, int8 token-major), so that every format's kernels are tested over both."""
+    spec = FullAttention(1, 32, 1, packed=resolve(kv, None, None, torch.float32)[1])
+    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", not kv_pages.layout(spec, 16).head_major)
+
+
 @pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
-def test_write_kernels_store_the_reference_bytes_head_major(kv, monkeypatch):
-    """Head-major pages (``kv_pages.HEAD_MAJOR``): both write kernels store ``kv_pages.write``'s
-    bytes, each head's tokens in one run."""
-    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+def test_write_kernels_store_the_reference_bytes_in_the_other_layout(kv, monkeypatch):
+    """Pages in the layout the format's default does not take (int4 token-major, int8 head-major):
+    both write kernels store ``kv_pages.write``'s bytes."""
+    other_layout(kv, monkeypatch)
     for rows in (0, 4):
         test_write_kernel_stores_the_reference_bytes(kv, True, rows)
 
@@ -248,11 +255,11 @@ def test_write_kernels_store_the_reference_bytes_head_major(kv, monkeypatch):
 @pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
 @pytest.mark.parametrize("case", ["gqa", "d128", "d128-splits", "d128-window"])
 @pytest.mark.parametrize("variant", ["default", "plain", "pages-ahead-st3", "one-page-16", "tiles-32"])
-def test_packed_decode_head_major_equals_reference(kv, case, variant, monkeypatch):
-    """The decode kernels over head-major pages: the reference's values, with the default launch,
-    the plain kernel, entries a tile ahead at 3 stages, one-page tiles (rows as one run) and
-    32-key tiles spanning two pages."""
-    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+def test_packed_decode_in_the_other_layout_equals_reference(kv, case, variant, monkeypatch):
+    """The decode kernels over pages in the layout the format's default does not take: the
+    reference's values, with the default launch, the plain kernel, entries a tile ahead at 3
+    stages, one-page tiles and 32-key tiles spanning two pages."""
+    other_layout(kv, monkeypatch)
     kw = {"default": {}, "plain": dict(fast=False),
           "pages-ahead-st3": dict(fast=True, fused=True, block_n=16, num_warps=1, num_stages=3,
                                   v_words=4, k_words=1, one_page=2),

@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from test_triton_packed import CUDA, DEV, cache_for, make_batch  # noqa: I001  (patches the interpreter)
+from test_triton_packed import CUDA, DEV, cache_for, make_batch, other_layout  # noqa: I001  (patches the interpreter)
 from qkv.attention import reference
 from qkv.attention.triton.backend import packed_attention
 from qkv.attention.triton.packed_prefill import packed_prefill
@@ -147,17 +147,17 @@ def test_read_back_is_the_pages_values(kv, half_order):
 @pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
 @pytest.mark.parametrize("case", ["chunk-prefix", "mixed", "window-ring", "mixed-ring"])
 @pytest.mark.parametrize("own,ahead", [(False, False), (True, True)])
-def test_packed_prefill_head_major_equals_reference(kv, case, own, ahead, monkeypatch):
-    """Head-major pages (``kv_pages.HEAD_MAJOR``): the prefill kernel, its own rows' read-back,
-    entries a tile ahead, the scratch pages of a ring and the one-token rows' decode kernel give
-    the reference's values and bytes."""
-    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+def test_packed_prefill_in_the_other_layout_equals_reference(kv, case, own, ahead, monkeypatch):
+    """Pages in the layout the format's default does not take (``test_triton_packed.other_layout``):
+    the prefill kernel, its own rows' read-back, entries a tile ahead, the scratch pages of a ring
+    and the one-token rows' decode kernel give the reference's values and bytes."""
+    other_layout(kv, monkeypatch)
     run_case(case, kv, own_float=own, pages_ahead=ahead)
 
 
 @pytest.mark.parametrize("kv", ["int4", "int8", "int8,int4"])
-def test_read_back_is_the_pages_values_head_major(kv, monkeypatch):
-    monkeypatch.setattr(kv_pages, "HEAD_MAJOR", True)
+def test_read_back_is_the_pages_values_in_the_other_layout(kv, monkeypatch):
+    other_layout(kv, monkeypatch)
     test_read_back_is_the_pages_values(kv, True)
 
 
