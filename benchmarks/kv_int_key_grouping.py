@@ -11,6 +11,8 @@ causal attention row with quantized keys from the row with exact keys is average
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from qkv import LLM
@@ -76,6 +78,12 @@ def main():
         "int4 per token, groups of 16, e5m3 least-squares scales (0.5625 B/value)": lambda k: (per_token(k, i4), False),
         "int4 per token, groups of 16, e5m3 least-squares scales, rotated: stored (0.5625 B/value)":
             lambda k: (per_token(k, i4, True), True),
+        # One scale a token and head folds out of the widening (scores scaled once per key, after
+        # the dot): what a kernel with one instruction a value pair would need (issue 16, session 18).
+        "int4 per token, groups of 32, e5m3 least-squares scales, rotated (0.53 B/value)":
+            lambda k: (per_token(k, dataclasses.replace(i4, group=32), True), True),
+        "int4 per token, one e5m3 scale a head (64 values), rotated (0.516 B/value)":
+            lambda k: (per_token(k, dataclasses.replace(i4, group=k.shape[-1]), True), True),
         "int4 per channel, 32-token groups (0.5625 B/value)": lambda k: (per_channel(k, 4, 32), False),
         "int4 per channel, 16-token groups (0.625 B/value)": lambda k: (per_channel(k, 4, 16), False),
         "int8 per token, groups of 64 (1.03 B/value)": lambda k: (per_token(k, i8), False),
