@@ -438,7 +438,14 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """End a request (and its sibling samples) now; its blocks go back to the pool."""
-        for rid in [r for r in self._requests if r == request_id or r.startswith(request_id + "/")]:
+        self._abort([r for r in self._requests if r == request_id or r.startswith(request_id + "/")])
+
+    def abort_all(self) -> None:
+        """``abort`` every request the engine holds."""
+        self._abort(list(self._requests))
+
+    def _abort(self, sample_ids: list[str]) -> None:
+        for rid in sample_ids:
             req = self._requests[rid]
             if not req.finished:
                 self.scheduler.finish(req, "abort")
@@ -491,17 +498,6 @@ class LLMEngine:
         except BaseException:
             self.abort_all()
             raise
-
-    def abort_all(self) -> list[str]:
-        """Abort every unfinished request (``abort`` of each); returns their ids."""
-        ids = [rid for rid, r in self._requests.items() if not r.finished]
-        for rid in list(self._requests):
-            req = self._requests[rid]
-            if not req.finished:
-                self.scheduler.finish(req, "abort")
-            self._forget(req)
-        self._pending.drop_finished()
-        return ids
 
     def _sample(self, sched: ScheduledBatch, logits: torch.Tensor) -> None:
         """Advance the scheduled requests and launch sampling for those whose token is due;

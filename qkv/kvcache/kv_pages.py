@@ -16,8 +16,9 @@ so the pool, ``qkv memory`` and the runner's allocation agree to the byte.
 
 Within a plane the rows are token-major (token t's row of head h is ``t * rows + h``) or, with
 ``PageLayout.head_major`` (set by ``HEAD_MAJOR_BY_BITS`` when the layout is made: int4 pages are),
-head-major (``h * bs + t``): a decode program reads one head's tokens, which then lie in one run (1 KB of int4 values for 16
-tokens of head_dim 128) instead of 64 B every 512. Same bytes either way; MLA's one row is both.
+head-major (``h * bs + t``): a decode program reads one head's tokens, which then lie in one run
+(1 KB of int4 values for 16 tokens of head_dim 128) instead of 64 B every 512. Same bytes either
+way; MLA's one row is both.
 The Triton kernels compute rows in ``attention/triton/page_rows.py``.
 
 Every 16-bit region must start at an even byte: widths must be multiples of 4.
